@@ -1,0 +1,14 @@
+//! The node agent of an eBPF Kubernetes service load balancer.
+//!
+//! Data flow: a source ([`source`]) yields Kubernetes objects; [`translate`] turns them into
+//! the desired frontends ([`model`]); [`maps::writer`] writes the differences into the BPF
+//! maps that the programs loaded by [`loader`] read.
+pub mod agent;
+pub mod inspect;
+pub mod loader;
+pub mod maps;
+pub mod model;
+pub mod mounts;
+pub mod source;
+pub mod telemetry;
+pub mod translate;

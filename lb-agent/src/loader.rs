@@ -1,0 +1,196 @@
+//! Loading the eBPF object, pinning its maps, attaching its programs through pinned links,
+//! and taking all of it away again (`lb-agent cleanup`).
+//!
+//! Pin layout under `--bpf-pin-path`: one file per map (`LB4_SERVICES`, `LB4_BACKENDS`) and
+//! `links/<hook>` per attached program. Pinned maps are reused by the next agent, so the
+//! datapath keeps its state across restarts; pinned links keep the programs attached after
+//! the agent exits.
+use std::{
+    fs::{self, File},
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapData,
+    programs::{CgroupSockAddr, links::{CgroupAttachMode, FdLink, PinnedLink}},
+};
+use lb_common::{BACKENDS4_MAP, BACKENDS4_MAX_ENTRIES, PINNED_MAPS, SERVICES4_MAP, SERVICES4_MAX_ENTRIES};
+use tracing::{debug, info, warn};
+
+use crate::maps::bpf::BpfMaps;
+
+/// The eBPF object built from `lb-ebpf` by `build.rs` for this very build of the agent.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The cgroup socket programs: (program name in the object, pin name under `links/`).
+pub const CGROUP_PROGRAMS: [(&str, &str); 1] = [("lb_connect4", "connect4")];
+
+/// Directory under the pin path holding the pinned links.
+pub const LINKS_DIR: &str = "links";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("bpf filesystem at {path}: {source}")]
+    Bpffs { path: PathBuf, source: io::Error },
+    #[error(
+        "pinned map {path} does not match this agent ({found}; expected {expected}); \
+         it was left by an incompatible version: run `lb-agent cleanup` first"
+    )]
+    IncompatiblePin { path: PathBuf, found: String, expected: String },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("pinning link {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error(transparent)]
+    Map(#[from] crate::maps::MapError),
+}
+
+/// The loaded object and its maps.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    pub maps: BpfMaps,
+}
+
+/// Loads the object, reusing the maps pinned under `pin_dir` (or creating and pinning them).
+///
+/// # Errors
+/// When bpffs is unavailable, a pinned map is incompatible, or the kernel refuses the object.
+pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
+    crate::mounts::ensure_bpffs(pin_dir).map_err(|source| LoadError::Bpffs {
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    check_pinned_maps(pin_dir)?;
+    let mut loader = EbpfLoader::new();
+    for name in PINNED_MAPS {
+        loader.map_pin_path(name, pin_dir.join(name));
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    let mut take = |name: &'static str| ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
+    let maps = BpfMaps::new(take(SERVICES4_MAP)?, take(BACKENDS4_MAP)?)?;
+    Ok(Loaded { ebpf, maps })
+}
+
+/// Refuses to reuse a pinned map whose shape differs from what this agent's programs expect:
+/// the kernel would accept the programs and they would read garbage.
+fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
+    let expected = [
+        (SERVICES4_MAP, size_of::<lb_common::Service4Key>(), size_of::<lb_common::Service4Value>(), SERVICES4_MAX_ENTRIES),
+        (BACKENDS4_MAP, size_of::<u32>(), size_of::<lb_common::Backend4>(), BACKENDS4_MAX_ENTRIES),
+    ];
+    for (name, key, value, entries) in expected {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let shape = |k: usize, v: usize, n: usize| format!("key {k} B, value {v} B, {n} entries");
+        let info = MapData::from_pin(&path).and_then(|m| m.info());
+        let found = match info {
+            Ok(i) => shape(i.key_size() as usize, i.value_size() as usize, i.max_entries() as usize),
+            Err(e) => format!("unreadable: {e}"),
+        };
+        let expected = shape(key, value, entries);
+        if found != expected {
+            return Err(LoadError::IncompatiblePin { path, found, expected });
+        }
+    }
+    Ok(())
+}
+
+/// Attaches every cgroup program to `cgroup` through a link pinned under `pin_dir/links`.
+/// A link left by a previous agent is replaced only after the new one is attached, so
+/// connects are translated throughout.
+///
+/// # Errors
+/// When the cgroup cannot be opened or the kernel refuses the attachment.
+pub fn attach_cgroup_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), LoadError> {
+    let links = pin_dir.join(LINKS_DIR);
+    fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs { path: links.clone(), source })?;
+    let cgroup_fd = File::open(cgroup).map_err(|source| LoadError::Cgroup {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    for (name, pin_name) in CGROUP_PROGRAMS {
+        let program_error = |source| LoadError::Program { name, source };
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(program_error(aya::programs::ProgramError::NotLoaded))?
+            .try_into()
+            .map_err(program_error)?;
+        program.load().map_err(program_error)?;
+        let link_id = program.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(program_error)?;
+        let link = FdLink::try_from(program.take_link(link_id).map_err(program_error)?)
+            .map_err(|e| LoadError::Pin { path: links.join(pin_name), message: e.to_string() })?;
+        replace_pinned_link(&links.join(pin_name), link)?;
+        info!(program = name, cgroup = %cgroup.display(), "attached");
+    }
+    Ok(())
+}
+
+/// Pins `new` at `path`, detaching whatever link was pinned there before, after `new` runs.
+fn replace_pinned_link(path: &Path, new: FdLink) -> Result<(), LoadError> {
+    let pin_error = |message: String| LoadError::Pin { path: path.to_path_buf(), message };
+    // Unpinning returns the old link as an fd: it stays attached until dropped below.
+    let old = if path.exists() {
+        let old = PinnedLink::from_pin(path).map_err(|e| pin_error(e.to_string()))?;
+        Some(old.unpin().map_err(|e| pin_error(e.to_string()))?)
+    } else {
+        None
+    };
+    new.pin(path).map_err(|e| pin_error(e.to_string()))?;
+    if old.is_some() {
+        debug!(link = %path.display(), "replaced the previous agent's link");
+    }
+    drop(old);
+    Ok(())
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct CleanupReport {
+    pub links_detached: Vec<PathBuf>,
+    pub maps_removed: Vec<PathBuf>,
+}
+
+/// Detaches every pinned link and removes every pin under `pin_dir`, then the directory.
+///
+/// # Errors
+/// When a pin exists but cannot be removed.
+pub fn cleanup(pin_dir: &Path) -> io::Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    let links = pin_dir.join(LINKS_DIR);
+    if links.is_dir() {
+        for entry in fs::read_dir(&links)? {
+            let path = entry?.path();
+            match PinnedLink::from_pin(&path) {
+                // Unpin, then drop the last fd: the kernel detaches the program.
+                Ok(link) => drop(link.unpin()?),
+                Err(e) => {
+                    warn!(link = %path.display(), error = %e, "not a link; removing the pin");
+                    fs::remove_file(&path)?;
+                }
+            }
+            report.links_detached.push(path);
+        }
+        fs::remove_dir(&links)?;
+    }
+    for name in PINNED_MAPS {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            fs::remove_file(&path)?;
+            report.maps_removed.push(path);
+        }
+    }
+    if pin_dir.is_dir() {
+        fs::remove_dir(pin_dir)?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,103 @@
+//! `lb-agent`: command-line wiring only; the work is in the library modules.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use lb_agent::{agent, inspect, loader, mounts, telemetry};
+
+/// Node agent of an eBPF Kubernetes service load balancer (a kube-proxy replacement).
+///
+/// It attaches socket programs that translate a Service's virtual address to a ready
+/// backend at connect() time, and keeps their BPF maps in step with the cluster's
+/// Services, EndpointSlices and Pods.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Log format on stderr (the level comes from RUST_LOG, default info).
+    #[arg(long, global = true, env = "LB_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: telemetry::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load and attach the datapath, then program it from the manifests until stopped.
+    ///
+    /// On exit the programs stay attached and the maps pinned, so Services keep working;
+    /// the next `run` adopts them and applies what changed meanwhile.
+    Run {
+        /// Directory of Kubernetes YAML (*.yaml, *.yml; multi-document; v1 Services and
+        /// Pods, discovery.k8s.io/v1 EndpointSlices; other kinds are ignored), watched
+        /// for changes.
+        #[arg(long, env = "LB_MANIFESTS", value_name = "DIR")]
+        manifests: PathBuf,
+        /// cgroup v2 directory whose processes get Service translation
+        /// [default: the root of the cgroup2 mount, from /proc/self/mountinfo].
+        #[arg(long, env = "LB_CGROUP", value_name = "PATH")]
+        cgroup: Option<PathBuf>,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// List every frontend and its backends, read from the pinned maps (no agent needed).
+    Services {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: inspect::OutputFormat,
+    },
+    /// Detach the programs and remove the maps and every pin under --bpf-pin-path.
+    ///
+    /// Stop the agent first: Services are no longer translated afterwards.
+    Cleanup {
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct PinArgs {
+    /// Directory in a bpf filesystem for the pinned maps and links (bpffs is mounted at
+    /// /sys/fs/bpf if needed).
+    #[arg(long, env = "LB_BPF_PIN_PATH", value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
+    bpf_pin_path: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Run { manifests, cgroup, pins } => {
+            let cgroup = match cgroup {
+                Some(path) => path,
+                None => mounts::cgroup2_root().context("finding the cgroup2 mount for --cgroup")?,
+            };
+            let config = agent::RunConfig {
+                manifests,
+                cgroup,
+                pin_dir: pins.bpf_pin_path,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(agent::run(config))
+        }
+        Command::Services { pins, output } => {
+            print!("{}", inspect::services(&pins.bpf_pin_path, output)?);
+            Ok(())
+        }
+        Command::Cleanup { pins } => {
+            let report = loader::cleanup(&pins.bpf_pin_path)
+                .with_context(|| format!("cleaning up {}", pins.bpf_pin_path.display()))?;
+            println!(
+                "detached {} program link(s), removed {} map(s) from {}",
+                report.links_detached.len(),
+                report.maps_removed.len(),
+                pins.bpf_pin_path.display()
+            );
+            Ok(())
+        }
+    }
+}

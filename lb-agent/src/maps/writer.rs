@@ -1,0 +1,307 @@
+//! The one writer of the maps: it holds what is programmed, and turns each new desired
+//! state into the smallest ordered set of map operations.
+//!
+//! Order, per frontend (Cilium's `lb.h` discipline): backends are created first, then the
+//! backend slots `1..=n`, then the master entry with the new count; surplus slots are
+//! deleted after the master shrinks, and backends no frontend uses are deleted last. A
+//! removed frontend loses its master first, so connects stop using it before its slots go.
+//! [`super::fake::FakeMaps`] checks this after every operation.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use lb_common::{SVC_F_CLUSTER_IP, Service4Value};
+use tracing::{debug, warn};
+
+use super::{LbMaps, Result, backend_value, dump, service_key};
+use crate::model::{DesiredState, Frontend, L4Addr};
+
+/// A frontend as it is in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    rev_nat_id: u16,
+    flags: u32,
+    /// Backend ids by slot, `slots[0]` being slot 1.
+    slots: Vec<u32>,
+    /// Slots beyond `slots.len()` that exist in the map (only after adopting a map that a
+    /// previous agent left half-written); deleted on the next apply.
+    stray_slots: BTreeSet<u16>,
+}
+
+/// What one apply changed, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    pub frontends_added: usize,
+    pub frontends_updated: usize,
+    pub frontends_removed: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+    pub map_writes: usize,
+    pub map_deletes: usize,
+}
+
+impl ApplyStats {
+    #[must_use]
+    pub const fn is_noop(&self) -> bool {
+        self.map_writes == 0 && self.map_deletes == 0
+    }
+}
+
+/// Owns the maps and the record of what they hold.
+#[derive(Debug)]
+pub struct MapWriter<M> {
+    maps: M,
+    frontends: BTreeMap<L4Addr, Programmed>,
+    backend_ids: HashMap<L4Addr, u32>,
+    backends: BTreeMap<u32, L4Addr>,
+    next_backend_id: u32,
+    rev_nat_ids: BTreeSet<u16>,
+}
+
+impl<M: LbMaps> MapWriter<M> {
+    /// Takes over maps that may already hold entries (written by a previous agent): what
+    /// is there is recorded as programmed, so the first apply changes only what differs.
+    ///
+    /// # Errors
+    /// When the maps cannot be read.
+    pub fn adopt(maps: M) -> Result<Self> {
+        let contents = dump::read(&maps)?;
+        let mut writer = Self {
+            maps,
+            frontends: BTreeMap::new(),
+            backend_ids: HashMap::new(),
+            backends: BTreeMap::new(),
+            next_backend_id: 1,
+            rev_nat_ids: BTreeSet::new(),
+        };
+        for (&id, &backend) in &contents.backends {
+            // Two ids for one address can only come from a foreign writer: keep the first,
+            // the other is dropped as unused.
+            writer.backend_ids.entry(backend).or_insert(id);
+            writer.backends.insert(id, backend);
+            writer.next_backend_id = writer.next_backend_id.max(id.saturating_add(1));
+        }
+        for id in &contents.stray_backends {
+            writer.maps.delete_backend(*id)?;
+        }
+        for key in &contents.stray_services {
+            writer.maps.delete_service(*key)?;
+        }
+        for entry in contents.frontends {
+            let count = usize::from(entry.count);
+            let mut slots = Vec::with_capacity(count);
+            let mut stray_slots = BTreeSet::new();
+            for slot in &entry.slots {
+                if usize::from(slot.slot) == slots.len() + 1 && slots.len() < count {
+                    slots.push(slot.backend_id);
+                } else {
+                    stray_slots.insert(slot.slot);
+                }
+            }
+            if slots.len() < count {
+                // A master whose slots are missing: make the next apply rewrite it.
+                warn!(frontend = %entry.address, "adopted frontend is missing backend slots");
+                stray_slots.extend(entry.slots.iter().map(|s| s.slot));
+                stray_slots.extend(1..=entry.count);
+                slots.clear();
+            }
+            writer.rev_nat_ids.insert(entry.rev_nat_id);
+            writer.frontends.insert(
+                entry.address,
+                Programmed {
+                    rev_nat_id: entry.rev_nat_id,
+                    flags: entry.flags,
+                    slots,
+                    stray_slots,
+                },
+            );
+        }
+        debug!(
+            frontends = writer.frontends.len(),
+            backends = writer.backends.len(),
+            "adopted map contents"
+        );
+        Ok(writer)
+    }
+
+    /// The maps, for reading.
+    pub const fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// Makes the maps implement `desired`, writing only what differs.
+    ///
+    /// # Errors
+    /// When a map operation fails; the record stays consistent with what was written, so
+    /// the next apply retries the rest.
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        let removed: Vec<L4Addr> = self
+            .frontends
+            .keys()
+            .filter(|a| !desired.contains_key(a))
+            .copied()
+            .collect();
+        for address in removed {
+            self.remove_frontend(address, &mut stats)?;
+        }
+        for frontend in desired.values() {
+            self.upsert_frontend(frontend, &mut stats)?;
+        }
+        self.delete_unused_backends(&mut stats)?;
+        Ok(stats)
+    }
+
+    fn upsert_frontend(&mut self, frontend: &Frontend, stats: &mut ApplyStats) -> Result<()> {
+        let address = frontend.address;
+        let count = frontend.backends.len().min(usize::from(u16::MAX));
+        if count < frontend.backends.len() {
+            warn!(%address, backends = frontend.backends.len(), "more backends than slots; using the first 65535");
+        }
+        let wanted = &frontend.backends[..count];
+        let (old, is_new) = match self.frontends.get(&address) {
+            Some(p) => (p.clone(), false),
+            None => (
+                Programmed {
+                    rev_nat_id: match self.allocate_rev_nat_id() {
+                        Some(id) => id,
+                        None => {
+                            warn!(%address, "all 65535 frontend ids are in use; frontend not programmed");
+                            return Ok(());
+                        }
+                    },
+                    flags: SVC_F_CLUSTER_IP,
+                    slots: Vec::new(),
+                    stray_slots: BTreeSet::new(),
+                },
+                true,
+            ),
+        };
+        let mut ids = Vec::with_capacity(count);
+        for backend in wanted {
+            ids.push(self.ensure_backend(*backend, stats)?);
+        }
+        let slots = assign_slots(&old.slots, &ids);
+        let mut changed = is_new;
+        for (index, &id) in slots.iter().enumerate() {
+            if old.slots.get(index) != Some(&id) || old.stray_slots.contains(&slot_number(index)) {
+                self.maps.set_service(service_key(&address, slot_number(index)), Service4Value::slot(id))?;
+                stats.map_writes += 1;
+                changed = true;
+            }
+        }
+        let new = Programmed {
+            rev_nat_id: old.rev_nat_id,
+            flags: SVC_F_CLUSTER_IP,
+            slots,
+            stray_slots: BTreeSet::new(),
+        };
+        if is_new || new.slots.len() != old.slots.len() || new.flags != old.flags {
+            let count = u16::try_from(new.slots.len()).unwrap_or(u16::MAX);
+            self.maps
+                .set_service(service_key(&address, 0), Service4Value::master(count, new.rev_nat_id, new.flags))?;
+            stats.map_writes += 1;
+            changed = true;
+        }
+        let surplus = (new.slots.len() + 1..=old.slots.len()).map(slot_number_1);
+        let stray = old.stray_slots.iter().copied().filter(|&s| usize::from(s) > new.slots.len());
+        for slot in surplus.chain(stray).collect::<BTreeSet<_>>() {
+            self.maps.delete_service(service_key(&address, slot))?;
+            stats.map_deletes += 1;
+            changed = true;
+        }
+        if changed {
+            if is_new {
+                stats.frontends_added += 1;
+            } else {
+                stats.frontends_updated += 1;
+            }
+            debug!(%address, service = %frontend.service, backends = new.slots.len(), "programmed frontend");
+        }
+        self.frontends.insert(address, new);
+        Ok(())
+    }
+
+    fn remove_frontend(&mut self, address: L4Addr, stats: &mut ApplyStats) -> Result<()> {
+        let Some(old) = self.frontends.get(&address).cloned() else {
+            return Ok(());
+        };
+        self.maps.delete_service(service_key(&address, 0))?;
+        stats.map_deletes += 1;
+        let slots = (1..=old.slots.len()).map(slot_number_1).chain(old.stray_slots.iter().copied());
+        for slot in slots.collect::<BTreeSet<_>>() {
+            self.maps.delete_service(service_key(&address, slot))?;
+            stats.map_deletes += 1;
+        }
+        self.frontends.remove(&address);
+        self.rev_nat_ids.remove(&old.rev_nat_id);
+        stats.frontends_removed += 1;
+        debug!(%address, "removed frontend");
+        Ok(())
+    }
+
+    fn ensure_backend(&mut self, backend: L4Addr, stats: &mut ApplyStats) -> Result<u32> {
+        if let Some(&id) = self.backend_ids.get(&backend) {
+            return Ok(id);
+        }
+        let id = self.next_backend_id;
+        self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1).max(1);
+        self.maps.set_backend(id, backend_value(&backend))?;
+        stats.map_writes += 1;
+        stats.backends_added += 1;
+        self.backend_ids.insert(backend, id);
+        self.backends.insert(id, backend);
+        Ok(id)
+    }
+
+    fn delete_unused_backends(&mut self, stats: &mut ApplyStats) -> Result<()> {
+        let used: BTreeSet<u32> = self.frontends.values().flat_map(|p| p.slots.iter().copied()).collect();
+        let unused: Vec<u32> = self.backends.keys().filter(|id| !used.contains(id)).copied().collect();
+        for id in unused {
+            self.maps.delete_backend(id)?;
+            stats.map_deletes += 1;
+            stats.backends_removed += 1;
+            if let Some(backend) = self.backends.remove(&id) {
+                if self.backend_ids.get(&backend) == Some(&id) {
+                    self.backend_ids.remove(&backend);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a free reverse-NAT id (ids start at 1): one past the highest in use, or the
+    /// lowest free one once the top is reached.
+    fn allocate_rev_nat_id(&mut self) -> Option<u16> {
+        // Fast path: one past the highest id in use (ids are handed out in order).
+        let next = self.rev_nat_ids.last().map_or(Some(1), |last| last.checked_add(1));
+        let id = next.or_else(|| (1..=u16::MAX).find(|id| !self.rev_nat_ids.contains(id)))?;
+        self.rev_nat_ids.insert(id);
+        Some(id)
+    }
+}
+
+/// Places the wanted backend ids in slots: a backend that stays keeps its slot if that slot
+/// still exists, the others fill the free slots in order. This keeps writes to what changed.
+fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
+    let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
+    let mut slots: Vec<Option<u32>> = vec![None; wanted.len()];
+    let mut placed = BTreeSet::new();
+    for (index, id) in old.iter().enumerate().take(wanted.len()) {
+        if wanted_set.contains(id) && placed.insert(*id) {
+            slots[index] = Some(*id);
+        }
+    }
+    let mut rest = wanted.iter().filter(|id| !placed.contains(id));
+    slots
+        .into_iter()
+        .map(|slot| slot.or_else(|| rest.next().copied()).unwrap_or_default())
+        .collect()
+}
+
+/// The slot number of `slots[index]`.
+fn slot_number(index: usize) -> u16 {
+    slot_number_1(index + 1)
+}
+
+fn slot_number_1(slot: usize) -> u16 {
+    u16::try_from(slot).unwrap_or(u16::MAX)
+}

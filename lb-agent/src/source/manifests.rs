@@ -1,0 +1,302 @@
+//! The embedded source: a directory of Kubernetes YAML (`*.yaml`, `*.yml`, multi-document,
+//! `v1` `List`s) holding Services, EndpointSlices and Pods, watched for changes.
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    api::{core::v1::{Pod, Service}, discovery::v1::EndpointSlice},
+    serde::de::DeserializeOwned,
+};
+use notify_debouncer_full::{
+    DebounceEventResult, Debouncer, RecommendedCache, new_debouncer,
+    notify::{RecommendedWatcher, RecursiveMode},
+};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::translate::{ClusterObjects, Problem, Sourced};
+
+/// One object the source understands.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    Pod(Box<Pod>),
+}
+
+impl Object {
+    fn identity(&self) -> (&'static str, String, String) {
+        let (kind, meta) = match self {
+            Self::Service(o) => ("Service", &o.metadata),
+            Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
+            Self::Pod(o) => ("Pod", &o.metadata),
+        };
+        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+        (kind, namespace, meta.name.clone().unwrap_or_default())
+    }
+}
+
+/// What one file holds: the objects that parsed, and the problems of those that did not.
+#[derive(Clone, Debug, Default)]
+pub struct ParsedFile {
+    pub objects: Vec<Object>,
+    pub problems: Vec<Problem>,
+}
+
+/// Parses the text of one manifest file; `origin` names it in problems.
+#[must_use]
+pub fn parse_manifest(origin: &str, text: &str) -> ParsedFile {
+    let mut parsed = ParsedFile::default();
+    let documents: Vec<Value> = match serde_saphyr::from_multiple(text) {
+        Ok(documents) => documents,
+        Err(err) => {
+            parsed.problems.push(Problem {
+                origin: origin.to_string(),
+                object: "(file)".to_string(),
+                field: "(yaml)".to_string(),
+                message: first_line(&err.to_string()),
+            });
+            return parsed;
+        }
+    };
+    for (index, document) in documents.into_iter().enumerate() {
+        parse_document(origin, index, document, &mut parsed);
+    }
+    parsed
+}
+
+fn parse_document(origin: &str, index: usize, document: Value, parsed: &mut ParsedFile) {
+    if document.is_null() {
+        return;
+    }
+    let text = |key: &str| document.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
+    let (api_version, kind) = (text("apiVersion"), text("kind"));
+    let name = document
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("(unnamed)");
+    let namespace = document
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let object = format!("{} {namespace}/{name}", if kind.is_empty() { "document" } else { &kind });
+    let problem = |field: String, message: String| Problem {
+        origin: origin.to_string(),
+        object: object.clone(),
+        field,
+        message,
+    };
+    if api_version.is_empty() || kind.is_empty() {
+        let field = if api_version.is_empty() { "apiVersion" } else { "kind" };
+        parsed
+            .problems
+            .push(problem(field.into(), format!("missing in document {}", index + 1)));
+        return;
+    }
+    if document.pointer("/metadata/name").and_then(Value::as_str).is_none() && kind != "List" {
+        parsed.problems.push(problem("metadata.name".into(), "missing".into()));
+        return;
+    }
+    let result = match (api_version.as_str(), kind.as_str()) {
+        ("v1", "Service") => typed(document).map(|o| Object::Service(Box::new(o))),
+        ("v1", "Pod") => typed(document).map(|o| Object::Pod(Box::new(o))),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            typed(document).map(|o| Object::EndpointSlice(Box::new(o)))
+        }
+        ("v1", "List") => {
+            let items = match document {
+                Value::Object(mut map) => map.remove("items"),
+                _ => None,
+            };
+            for item in items.and_then(|v| match v {
+                Value::Array(items) => Some(items),
+                _ => None,
+            }).into_iter().flatten() {
+                parse_document(origin, index, item, parsed);
+            }
+            return;
+        }
+        _ => {
+            debug!(origin, %object, api_version, "skipping a kind the load balancer does not use");
+            return;
+        }
+    };
+    match result {
+        Ok(object) => parsed.objects.push(object),
+        Err((field, message)) => parsed.problems.push(problem(field, message)),
+    }
+}
+
+/// Deserializes into a k8s-openapi type; on failure returns the path of the field.
+fn typed<T: DeserializeOwned>(document: Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(document).map_err(|err| {
+        let path = err.path().to_string();
+        (path, first_line(&err.into_inner().to_string()))
+    })
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+/// Identity of a file's contents on disk: a change in any of these means a re-read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    fn of(metadata: &fs::Metadata) -> Self {
+        Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            len: metadata.len(),
+            mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
+        }
+    }
+}
+
+/// The manifests directory and the last parse of each file in it.
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, (Stamp, ParsedFile)>,
+}
+
+impl ManifestDir {
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads the files that changed since the last call (new, modified, removed).
+    /// Returns whether anything changed.
+    ///
+    /// # Errors
+    /// When the directory itself cannot be listed.
+    pub fn refresh(&mut self) -> std::io::Result<bool> {
+        let mut seen = HashSet::new();
+        let mut changed = false;
+        let mut paths: Vec<PathBuf> = fs::read_dir(&self.dir)?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| is_manifest(path))
+            .collect();
+        paths.sort();
+        for path in paths {
+            // `metadata` follows symlinks (ConfigMap volumes are symlinks into `..data`).
+            let Ok(metadata) = fs::metadata(&path) else { continue };
+            if !metadata.is_file() {
+                continue;
+            }
+            let stamp = Stamp::of(&metadata);
+            seen.insert(path.clone());
+            if self.files.get(&path).is_some_and(|(old, _)| *old == stamp) {
+                continue;
+            }
+            let origin = path.display().to_string();
+            let parsed = match fs::read_to_string(&path) {
+                Ok(text) => parse_manifest(&origin, &text),
+                Err(err) => {
+                    warn!(file = %origin, error = %err, "cannot read manifest");
+                    continue;
+                }
+            };
+            self.files.insert(path, (stamp, parsed));
+            changed = true;
+        }
+        let before = self.files.len();
+        self.files.retain(|path, _| seen.contains(path));
+        Ok(changed || self.files.len() != before)
+    }
+
+    /// The objects of every file, and the problems found in them. An object defined twice
+    /// (same kind, namespace and name) is a problem; the first file in name order wins.
+    #[must_use]
+    pub fn objects(&self) -> (ClusterObjects, Vec<Problem>) {
+        let mut objects = ClusterObjects::default();
+        let mut problems = Vec::new();
+        let mut defined = HashSet::new();
+        for (path, (_, parsed)) in &self.files {
+            let origin: Arc<str> = Arc::from(path.display().to_string());
+            problems.extend(parsed.problems.iter().cloned());
+            for object in &parsed.objects {
+                let (kind, namespace, name) = object.identity();
+                if !defined.insert((kind, namespace.clone(), name.clone())) {
+                    problems.push(Problem {
+                        origin: origin.to_string(),
+                        object: format!("{kind} {namespace}/{name}"),
+                        field: "metadata.name".to_string(),
+                        message: "defined more than once; the first definition is used".to_string(),
+                    });
+                    continue;
+                }
+                let origin = origin.clone();
+                match object {
+                    Object::Service(o) => objects.services.push(Sourced { origin, object: (**o).clone() }),
+                    Object::EndpointSlice(o) => objects.endpoint_slices.push(Sourced { origin, object: (**o).clone() }),
+                    Object::Pod(o) => objects.pods.push(Sourced { origin, object: (**o).clone() }),
+                }
+            }
+        }
+        (objects, problems)
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let yaml = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e == "yaml" || e == "yml");
+    !hidden && yaml
+}
+
+/// A watcher on the directory; each burst of changes (debounced) sends one `()`.
+pub type DirWatcher = Debouncer<RecommendedWatcher, RecommendedCache>;
+
+/// Starts watching `dir`. Keep the returned watcher alive for as long as events are wanted.
+///
+/// # Errors
+/// When the platform watcher cannot be set up on `dir`.
+pub fn watch(dir: &Path, debounce: Duration) -> notify_debouncer_full::notify::Result<(DirWatcher, mpsc::UnboundedReceiver<()>)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
+        match result {
+            Ok(events) if events.is_empty() => {}
+            Ok(_) => {
+                let _ = tx.send(());
+            }
+            Err(errors) => {
+                for error in errors {
+                    warn!(%error, "manifest watcher error");
+                }
+                // Re-read anyway: a rescan is cheap and corrects whatever was missed.
+                let _ = tx.send(());
+            }
+        }
+    })?;
+    debouncer.watch(dir, RecursiveMode::NonRecursive)?;
+    Ok((debouncer, rx))
+}

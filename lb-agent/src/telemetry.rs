@@ -1,0 +1,22 @@
+//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON.
+//! Log records from the eBPF programs (aya-log) arrive through the `log` bridge.
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber (once; later calls are ignored).
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).try_init(),
+    };
+    drop(result);
+}
