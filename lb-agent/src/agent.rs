@@ -7,7 +7,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
 use tracing::{debug, error, info, instrument, warn};
 
 use crate::{
@@ -38,8 +41,12 @@ pub struct RunConfig {
 /// When the datapath cannot be loaded or attached, or the manifests directory cannot be
 /// watched.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    let loader::Loaded { mut ebpf, maps } = loader::load(&config.pin_dir)
-        .with_context(|| format!("loading the datapath (pins in {})", config.pin_dir.display()))?;
+    let loader::Loaded { mut ebpf, maps } = loader::load(&config.pin_dir).with_context(|| {
+        format!(
+            "loading the datapath (pins in {})",
+            config.pin_dir.display()
+        )
+    })?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(tokio::spawn(forward_ebpf_logs(logger))),
         Err(e) => {
@@ -66,7 +73,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
         if let Err(e) = source.sync(&mut writer) {
-            error!(error = format!("{e:#}"), "sync failed; retrying on the next change");
+            error!(
+                error = format!("{e:#}"),
+                "sync failed; retrying on the next change"
+            );
         }
     }
     if let Some(task) = logger {

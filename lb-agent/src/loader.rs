@@ -14,9 +14,14 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
-    programs::{CgroupSockAddr, links::{CgroupAttachMode, FdLink, PinnedLink}},
+    programs::{
+        CgroupSockAddr,
+        links::{CgroupAttachMode, FdLink, PinnedLink},
+    },
 };
-use lb_common::{BACKENDS4_MAP, BACKENDS4_MAX_ENTRIES, PINNED_MAPS, SERVICES4_MAP, SERVICES4_MAX_ENTRIES};
+use lb_common::{
+    BACKENDS4_MAP, BACKENDS4_MAX_ENTRIES, PINNED_MAPS, SERVICES4_MAP, SERVICES4_MAX_ENTRIES,
+};
 use tracing::{debug, info, warn};
 
 use crate::maps::bpf::BpfMaps;
@@ -38,11 +43,18 @@ pub enum LoadError {
         "pinned map {path} does not match this agent ({found}; expected {expected}); \
          it was left by an incompatible version: run `lb-agent cleanup` first"
     )]
-    IncompatiblePin { path: PathBuf, found: String, expected: String },
+    IncompatiblePin {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("pinning link {path}: {message}")]
@@ -83,8 +95,18 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
 /// the kernel would accept the programs and they would read garbage.
 fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
     let expected = [
-        (SERVICES4_MAP, size_of::<lb_common::Service4Key>(), size_of::<lb_common::Service4Value>(), SERVICES4_MAX_ENTRIES),
-        (BACKENDS4_MAP, size_of::<u32>(), size_of::<lb_common::Backend4>(), BACKENDS4_MAX_ENTRIES),
+        (
+            SERVICES4_MAP,
+            size_of::<lb_common::Service4Key>(),
+            size_of::<lb_common::Service4Value>(),
+            SERVICES4_MAX_ENTRIES,
+        ),
+        (
+            BACKENDS4_MAP,
+            size_of::<u32>(),
+            size_of::<lb_common::Backend4>(),
+            BACKENDS4_MAX_ENTRIES,
+        ),
     ];
     for (name, key, value, entries) in expected {
         let path = pin_dir.join(name);
@@ -94,12 +116,20 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
         let shape = |k: usize, v: usize, n: usize| format!("key {k} B, value {v} B, {n} entries");
         let info = MapData::from_pin(&path).and_then(|m| m.info());
         let found = match info {
-            Ok(i) => shape(i.key_size() as usize, i.value_size() as usize, i.max_entries() as usize),
+            Ok(i) => shape(
+                i.key_size() as usize,
+                i.value_size() as usize,
+                i.max_entries() as usize,
+            ),
             Err(e) => format!("unreadable: {e}"),
         };
         let expected = shape(key, value, entries);
         if found != expected {
-            return Err(LoadError::IncompatiblePin { path, found, expected });
+            return Err(LoadError::IncompatiblePin {
+                path,
+                found,
+                expected,
+            });
         }
     }
     Ok(())
@@ -111,9 +141,16 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
 ///
 /// # Errors
 /// When the cgroup cannot be opened or the kernel refuses the attachment.
-pub fn attach_cgroup_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) -> Result<(), LoadError> {
+pub fn attach_cgroup_programs(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+    pin_dir: &Path,
+) -> Result<(), LoadError> {
     let links = pin_dir.join(LINKS_DIR);
-    fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs { path: links.clone(), source })?;
+    fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs {
+        path: links.clone(),
+        source,
+    })?;
     let cgroup_fd = File::open(cgroup).map_err(|source| LoadError::Cgroup {
         path: cgroup.to_path_buf(),
         source,
@@ -126,9 +163,16 @@ pub fn attach_cgroup_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) ->
             .try_into()
             .map_err(program_error)?;
         program.load().map_err(program_error)?;
-        let link_id = program.attach(&cgroup_fd, CgroupAttachMode::Single).map_err(program_error)?;
-        let link = FdLink::try_from(program.take_link(link_id).map_err(program_error)?)
-            .map_err(|e| LoadError::Pin { path: links.join(pin_name), message: e.to_string() })?;
+        let link_id = program
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        let link =
+            FdLink::try_from(program.take_link(link_id).map_err(program_error)?).map_err(|e| {
+                LoadError::Pin {
+                    path: links.join(pin_name),
+                    message: e.to_string(),
+                }
+            })?;
         replace_pinned_link(&links.join(pin_name), link)?;
         info!(program = name, cgroup = %cgroup.display(), "attached");
     }
@@ -137,7 +181,10 @@ pub fn attach_cgroup_programs(ebpf: &mut Ebpf, cgroup: &Path, pin_dir: &Path) ->
 
 /// Pins `new` at `path`, detaching whatever link was pinned there before, after `new` runs.
 fn replace_pinned_link(path: &Path, new: FdLink) -> Result<(), LoadError> {
-    let pin_error = |message: String| LoadError::Pin { path: path.to_path_buf(), message };
+    let pin_error = |message: String| LoadError::Pin {
+        path: path.to_path_buf(),
+        message,
+    };
     // Unpinning returns the old link as an fd: it stays attached until dropped below.
     let old = if path.exists() {
         let old = PinnedLink::from_pin(path).map_err(|e| pin_error(e.to_string()))?;

@@ -14,7 +14,13 @@ use lb_agent::{agent, inspect, loader, mounts, telemetry};
 #[command(version, propagate_version = true)]
 struct Cli {
     /// Log format on stderr (the level comes from RUST_LOG, default info).
-    #[arg(long, global = true, env = "LB_LOG_FORMAT", value_enum, default_value_t)]
+    #[arg(
+        long,
+        global = true,
+        env = "LB_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
     log_format: telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -60,7 +66,12 @@ enum Command {
 struct PinArgs {
     /// Directory in a bpf filesystem for the pinned maps and links (bpffs is mounted at
     /// /sys/fs/bpf if needed).
-    #[arg(long, env = "LB_BPF_PIN_PATH", value_name = "DIR", default_value = "/sys/fs/bpf/lb")]
+    #[arg(
+        long,
+        env = "LB_BPF_PIN_PATH",
+        value_name = "DIR",
+        default_value = "/sys/fs/bpf/lb"
+    )]
     bpf_pin_path: PathBuf,
 }
 
@@ -68,7 +79,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     match cli.command {
-        Command::Run { manifests, cgroup, pins } => {
+        Command::Run {
+            manifests,
+            cgroup,
+            pins,
+        } => {
             let cgroup = match cgroup {
                 Some(path) => path,
                 None => mounts::cgroup2_root().context("finding the cgroup2 mount for --cgroup")?,

@@ -60,7 +60,10 @@ impl L4Addr {
 }
 
 impl serde::Serialize for L4Addr {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let mut s = serializer.serialize_struct("L4Addr", 3)?;
         s.serialize_field("address", &self.address.to_string())?;

@@ -13,7 +13,10 @@ use std::{
 /// # Errors
 /// When `/proc/self/mountinfo` cannot be read.
 pub fn mount_points(fstype: &str) -> io::Result<Vec<PathBuf>> {
-    Ok(parse_mountinfo(&fs::read_to_string("/proc/self/mountinfo")?, fstype))
+    Ok(parse_mountinfo(
+        &fs::read_to_string("/proc/self/mountinfo")?,
+        fstype,
+    ))
 }
 
 fn parse_mountinfo(text: &str, fstype: &str) -> Vec<PathBuf> {
@@ -34,7 +37,9 @@ fn unescape(field: &str) -> PathBuf {
     let mut i = 0;
     while i < bytes.len() {
         let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            std::str::from_utf8(d).ok().and_then(|d| u8::from_str_radix(d, 8).ok())
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
         });
         match (bytes[i], octal) {
             (b'\\', Some(byte)) => {
@@ -56,7 +61,10 @@ fn unescape(field: &str) -> PathBuf {
 /// When no cgroup2 filesystem is mounted.
 pub fn cgroup2_root() -> io::Result<PathBuf> {
     mount_points("cgroup2")?.into_iter().next().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem is mounted (see /proc/self/mountinfo)")
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no cgroup2 filesystem is mounted (see /proc/self/mountinfo)",
+        )
     })
 }
 
@@ -84,8 +92,20 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
 fn mount_bpffs(target: &Path) -> io::Result<()> {
     let target = CString::new(target.as_os_str().as_bytes())?;
     // SAFETY: NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]
@@ -104,9 +124,15 @@ mod tests {
     fn finds_cgroup2_on_a_hybrid_host() {
         assert_eq!(
             parse_mountinfo(MOUNTINFO, "cgroup2"),
-            [PathBuf::from("/sys/fs/cgroup/unified"), PathBuf::from("/mnt/with space")]
+            [
+                PathBuf::from("/sys/fs/cgroup/unified"),
+                PathBuf::from("/mnt/with space")
+            ]
         );
-        assert_eq!(parse_mountinfo(MOUNTINFO, "bpf"), [PathBuf::from("/sys/fs/bpf")]);
+        assert_eq!(
+            parse_mountinfo(MOUNTINFO, "bpf"),
+            [PathBuf::from("/sys/fs/bpf")]
+        );
         assert!(parse_mountinfo(MOUNTINFO, "ext4").is_empty());
     }
 }

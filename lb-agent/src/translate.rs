@@ -185,7 +185,10 @@ fn validate_service(sourced: &Sourced<Service>, out: &mut Translation) -> Option
         });
     };
     if let Some(proxy) = label(&svc.metadata, SERVICE_PROXY_NAME_LABEL) {
-        skip(out, &format!("{SERVICE_PROXY_NAME_LABEL}={proxy}: left to that proxy"));
+        skip(
+            out,
+            &format!("{SERVICE_PROXY_NAME_LABEL}={proxy}: left to that proxy"),
+        );
         return None;
     }
     let mut check = Checker::new(&sourced.origin, "Service", &svc.metadata);
@@ -212,7 +215,10 @@ fn validate_service(sourced: &Sourced<Service>, out: &mut Translation) -> Option
         Some(text) => match text.parse::<IpAddr>() {
             Ok(IpAddr::V4(ip)) => Some(ip),
             Ok(IpAddr::V6(_)) => {
-                check.fail("spec.clusterIP", format!("{text}: IPv6 is not supported yet"));
+                check.fail(
+                    "spec.clusterIP",
+                    format!("{text}: IPv6 is not supported yet"),
+                );
                 None
             }
             Err(_) => {
@@ -257,13 +263,19 @@ fn validate_service_port(
             return None;
         }
         other => {
-            check.fail(field("protocol"), format!("{other:?} is not TCP, UDP or SCTP"));
+            check.fail(
+                field("protocol"),
+                format!("{other:?} is not TCP, UDP or SCTP"),
+            );
             return None;
         }
     };
     let number = port_number(port.port);
     if number.is_none() {
-        check.fail(field("port"), format!("{} is out of range 1-65535", port.port));
+        check.fail(
+            field("port"),
+            format!("{} is out of range 1-65535", port.port),
+        );
     }
     let target = match &port.target_port {
         None => number.map(TargetPort::Number),
@@ -274,9 +286,14 @@ fn validate_service_port(
             }
             target.map(TargetPort::Number)
         }
-        Some(IntOrString::String(name)) if is_port_name(name) => Some(TargetPort::Name(name.clone())),
+        Some(IntOrString::String(name)) if is_port_name(name) => {
+            Some(TargetPort::Name(name.clone()))
+        }
         Some(IntOrString::String(name)) => {
-            check.fail(field("targetPort"), format!("{name:?} is neither a port number nor a port name"));
+            check.fail(
+                field("targetPort"),
+                format!("{name:?} is neither a port number nor a port name"),
+            );
             None
         }
     };
@@ -298,7 +315,10 @@ struct ValidPod {
     ports: Vec<(String, u16, Protocol)>,
 }
 
-fn index_pods(pods: &[Sourced<Pod>], problems: &mut Vec<Problem>) -> HashMap<String, Vec<ValidPod>> {
+fn index_pods(
+    pods: &[Sourced<Pod>],
+    problems: &mut Vec<Problem>,
+) -> HashMap<String, Vec<ValidPod>> {
     let mut by_namespace: HashMap<String, Vec<ValidPod>> = HashMap::new();
     for sourced in pods {
         let pod = &sourced.object;
@@ -318,7 +338,10 @@ fn index_pods(pods: &[Sourced<Pod>], problems: &mut Vec<Problem>) -> HashMap<Str
             Some(Ok(IpAddr::V4(ip))) => Some(ip),
             Some(Ok(IpAddr::V6(_))) => continue,
             Some(Err(_)) => {
-                check.fail("status.podIP", format!("{:?} is not an IP address", ip_text.unwrap_or_default()));
+                check.fail(
+                    "status.podIP",
+                    format!("{:?} is not an IP address", ip_text.unwrap_or_default()),
+                );
                 None
             }
         };
@@ -328,7 +351,10 @@ fn index_pods(pods: &[Sourced<Pod>], problems: &mut Vec<Problem>) -> HashMap<Str
             for (p, port) in container.ports.iter().flatten().enumerate() {
                 let field = format!("spec.containers[{c}].ports[{p}]");
                 let Some(number) = port_number(port.container_port) else {
-                    check.fail(format!("{field}.containerPort"), format!("{} is out of range 1-65535", port.container_port));
+                    check.fail(
+                        format!("{field}.containerPort"),
+                        format!("{} is out of range 1-65535", port.container_port),
+                    );
                     continue;
                 };
                 let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -413,7 +439,10 @@ fn index_slices(
                 by_service.entry(service).or_default().push(valid);
                 continue;
             }
-            other => check.fail("addressType", format!("{other:?} is not IPv4, IPv6 or FQDN")),
+            other => check.fail(
+                "addressType",
+                format!("{other:?} is not IPv4, IPv6 or FQDN"),
+            ),
         }
         for (e, endpoint) in slice.endpoints.iter().flatten().enumerate() {
             let mut addresses = Vec::new();
@@ -427,13 +456,20 @@ fn index_slices(
                 }
             }
             // An unknown readiness is to be read as ready (EndpointConditions API doc).
-            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
             valid.endpoints.push(ValidEndpoint { addresses, ready });
         }
         for (p, port) in slice.ports.iter().flatten().enumerate() {
             let Some(number) = port.port else { continue };
             let Some(number) = port_number(number) else {
-                check.fail(format!("ports[{p}].port"), format!("{number} is out of range 1-65535"));
+                check.fail(
+                    format!("ports[{p}].port"),
+                    format!("{number} is out of range 1-65535"),
+                );
                 continue;
             };
             let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -441,7 +477,9 @@ fn index_slices(
                 "UDP" => Protocol::Udp,
                 _ => continue,
             };
-            valid.ports.push((port.name.clone().unwrap_or_default(), number, protocol));
+            valid
+                .ports
+                .push((port.name.clone().unwrap_or_default(), number, protocol));
         }
         if check.finish(problems) {
             by_service.entry(service).or_default().push(valid);
@@ -472,7 +510,11 @@ fn backends_from_slices(port: &ValidPort, slices: &[ValidSlice]) -> BTreeSet<L4A
 
 /// What the EndpointSlice controller would publish: the ready pods of the Service's own
 /// namespace that its selector matches, on the resolved target port.
-fn backends_from_pods(service: &ValidService, port: &ValidPort, pods: Option<&Vec<ValidPod>>) -> BTreeSet<L4Addr> {
+fn backends_from_pods(
+    service: &ValidService,
+    port: &ValidPort,
+    pods: Option<&Vec<ValidPod>>,
+) -> BTreeSet<L4Addr> {
     let mut backends = BTreeSet::new();
     // A Service without a selector gets no endpoints from pods (they are managed by hand).
     let Some(selector) = service.selector.as_ref().filter(|s| !s.is_empty()) else {
@@ -505,7 +547,9 @@ fn port_number(n: i32) -> Option<u16> {
 /// letters, digits and '-', at least one letter, no leading, trailing or double '-'.
 fn is_port_name(name: &str) -> bool {
     (1..=15).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && name.chars().any(|c| c.is_ascii_lowercase())
         && !name.starts_with('-')
         && !name.ends_with('-')
@@ -513,7 +557,9 @@ fn is_port_name(name: &str) -> bool {
 }
 
 fn namespace(meta: &ObjectMeta) -> String {
-    meta.namespace.clone().unwrap_or_else(|| "default".to_string())
+    meta.namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string())
 }
 
 fn object_ref(meta: &ObjectMeta) -> ObjectRef {

@@ -6,7 +6,9 @@
 mod maps;
 mod sock;
 
-use aya_ebpf::{helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 
 use sock::Verdict;
 

@@ -34,7 +34,11 @@ pub fn connect4(ctx: &SockAddrContext) -> Verdict {
         return Verdict::NoBackends;
     }
     let Some(backend) = pick_backend(&key, master.count) else {
-        warn!(ctx, "service {:i}: backend slot missing", u32::from_be(key.address));
+        warn!(
+            ctx,
+            "service {:i}: backend slot missing",
+            u32::from_be(key.address)
+        );
         return Verdict::Pass;
     };
     sa.user_ip4 = backend.address;

@@ -25,8 +25,10 @@ impl BpfMaps {
     /// When a map has the wrong type or key/value size.
     pub fn new(services: Map, backends: Map) -> Result<Self> {
         Ok(Self {
-            services: HashMap::try_from(services).map_err(|e| aya_error("open", SERVICES4_MAP, e))?,
-            backends: HashMap::try_from(backends).map_err(|e| aya_error("open", BACKENDS4_MAP, e))?,
+            services: HashMap::try_from(services)
+                .map_err(|e| aya_error("open", SERVICES4_MAP, e))?,
+            backends: HashMap::try_from(backends)
+                .map_err(|e| aya_error("open", BACKENDS4_MAP, e))?,
         })
     }
 
@@ -53,10 +55,16 @@ fn aya_error(op: &'static str, map: &'static str, err: AyaMapError) -> MapError 
 }
 
 /// Deleting an absent key is fine: the writer's record and the map agree on the outcome.
-fn ignore_missing(result: Result<(), AyaMapError>, op: &'static str, map: &'static str) -> Result<()> {
+fn ignore_missing(
+    result: Result<(), AyaMapError>,
+    op: &'static str,
+    map: &'static str,
+) -> Result<()> {
     match result {
         Err(AyaMapError::KeyNotFound) => Ok(()),
-        Err(AyaMapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(AyaMapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
         other => other.map_err(|e| aya_error(op, map, e)),
     }
 }

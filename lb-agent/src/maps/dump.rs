@@ -53,7 +53,10 @@ pub fn read(maps: &impl LbMaps) -> Result<MapContents> {
 
 /// Decodes raw entries.
 #[must_use]
-pub fn decode(services: &[(Service4Key, Service4Value)], backends: &[(u32, Backend4)]) -> MapContents {
+pub fn decode(
+    services: &[(Service4Key, Service4Value)],
+    backends: &[(u32, Backend4)],
+) -> MapContents {
     let mut contents = MapContents::default();
     for (id, value) in backends {
         match backend_of(value) {
@@ -109,7 +112,10 @@ pub fn lines(contents: &MapContents) -> Vec<String> {
             f.address, f.count, f.rev_nat_id, f.flags
         ));
         for s in &f.slots {
-            out.push(format!("SVC {} SLOT={} BACKEND={}", f.address, s.slot, s.backend_id));
+            out.push(format!(
+                "SVC {} SLOT={} BACKEND={}",
+                f.address, s.slot, s.backend_id
+            ));
         }
     }
     for (id, backend) in &contents.backends {

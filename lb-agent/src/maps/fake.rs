@@ -24,7 +24,10 @@ impl FakeMaps {
                 let mut slot_key = *key;
                 slot_key.backend_slot = slot;
                 let entry = self.services.get(&slot_key).unwrap_or_else(|| {
-                    panic!("master {key:?} has count {} but slot {slot} is missing", value.count)
+                    panic!(
+                        "master {key:?} has count {} but slot {slot} is missing",
+                        value.count
+                    )
                 });
                 assert!(
                     self.backends.contains_key(&entry.backend_id),

@@ -183,7 +183,10 @@ impl<M: LbMaps> MapWriter<M> {
         let mut changed = is_new;
         for (index, &id) in slots.iter().enumerate() {
             if old.slots.get(index) != Some(&id) || old.stray_slots.contains(&slot_number(index)) {
-                self.maps.set_service(service_key(&address, slot_number(index)), Service4Value::slot(id))?;
+                self.maps.set_service(
+                    service_key(&address, slot_number(index)),
+                    Service4Value::slot(id),
+                )?;
                 stats.map_writes += 1;
                 changed = true;
             }
@@ -196,13 +199,19 @@ impl<M: LbMaps> MapWriter<M> {
         };
         if is_new || new.slots.len() != old.slots.len() || new.flags != old.flags {
             let count = u16::try_from(new.slots.len()).unwrap_or(u16::MAX);
-            self.maps
-                .set_service(service_key(&address, 0), Service4Value::master(count, new.rev_nat_id, new.flags))?;
+            self.maps.set_service(
+                service_key(&address, 0),
+                Service4Value::master(count, new.rev_nat_id, new.flags),
+            )?;
             stats.map_writes += 1;
             changed = true;
         }
         let surplus = (new.slots.len() + 1..=old.slots.len()).map(slot_number_1);
-        let stray = old.stray_slots.iter().copied().filter(|&s| usize::from(s) > new.slots.len());
+        let stray = old
+            .stray_slots
+            .iter()
+            .copied()
+            .filter(|&s| usize::from(s) > new.slots.len());
         for slot in surplus.chain(stray).collect::<BTreeSet<_>>() {
             self.maps.delete_service(service_key(&address, slot))?;
             stats.map_deletes += 1;
@@ -226,7 +235,9 @@ impl<M: LbMaps> MapWriter<M> {
         };
         self.maps.delete_service(service_key(&address, 0))?;
         stats.map_deletes += 1;
-        let slots = (1..=old.slots.len()).map(slot_number_1).chain(old.stray_slots.iter().copied());
+        let slots = (1..=old.slots.len())
+            .map(slot_number_1)
+            .chain(old.stray_slots.iter().copied());
         for slot in slots.collect::<BTreeSet<_>>() {
             self.maps.delete_service(service_key(&address, slot))?;
             stats.map_deletes += 1;
@@ -253,16 +264,25 @@ impl<M: LbMaps> MapWriter<M> {
     }
 
     fn delete_unused_backends(&mut self, stats: &mut ApplyStats) -> Result<()> {
-        let used: BTreeSet<u32> = self.frontends.values().flat_map(|p| p.slots.iter().copied()).collect();
-        let unused: Vec<u32> = self.backends.keys().filter(|id| !used.contains(id)).copied().collect();
+        let used: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|p| p.slots.iter().copied())
+            .collect();
+        let unused: Vec<u32> = self
+            .backends
+            .keys()
+            .filter(|id| !used.contains(id))
+            .copied()
+            .collect();
         for id in unused {
             self.maps.delete_backend(id)?;
             stats.map_deletes += 1;
             stats.backends_removed += 1;
-            if let Some(backend) = self.backends.remove(&id) {
-                if self.backend_ids.get(&backend) == Some(&id) {
-                    self.backend_ids.remove(&backend);
-                }
+            if let Some(backend) = self.backends.remove(&id)
+                && self.backend_ids.get(&backend) == Some(&id)
+            {
+                self.backend_ids.remove(&backend);
             }
         }
         Ok(())
@@ -272,7 +292,10 @@ impl<M: LbMaps> MapWriter<M> {
     /// lowest free one once the top is reached.
     fn allocate_rev_nat_id(&mut self) -> Option<u16> {
         // Fast path: one past the highest id in use (ids are handed out in order).
-        let next = self.rev_nat_ids.last().map_or(Some(1), |last| last.checked_add(1));
+        let next = self
+            .rev_nat_ids
+            .last()
+            .map_or(Some(1), |last| last.checked_add(1));
         let id = next.or_else(|| (1..=u16::MAX).find(|id| !self.rev_nat_ids.contains(id)))?;
         self.rev_nat_ids.insert(id);
         Some(id)

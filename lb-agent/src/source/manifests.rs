@@ -10,7 +10,10 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{core::v1::{Pod, Service}, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
     serde::de::DeserializeOwned,
 };
 use notify_debouncer_full::{
@@ -76,7 +79,13 @@ fn parse_document(origin: &str, index: usize, document: Value, parsed: &mut Pars
     if document.is_null() {
         return;
     }
-    let text = |key: &str| document.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
+    let text = |key: &str| {
+        document
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     let (api_version, kind) = (text("apiVersion"), text("kind"));
     let name = document
         .pointer("/metadata/name")
@@ -86,7 +95,10 @@ fn parse_document(origin: &str, index: usize, document: Value, parsed: &mut Pars
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
         .unwrap_or("default");
-    let object = format!("{} {namespace}/{name}", if kind.is_empty() { "document" } else { &kind });
+    let object = format!(
+        "{} {namespace}/{name}",
+        if kind.is_empty() { "document" } else { &kind }
+    );
     let problem = |field: String, message: String| Problem {
         origin: origin.to_string(),
         object: object.clone(),
@@ -94,14 +106,26 @@ fn parse_document(origin: &str, index: usize, document: Value, parsed: &mut Pars
         message,
     };
     if api_version.is_empty() || kind.is_empty() {
-        let field = if api_version.is_empty() { "apiVersion" } else { "kind" };
-        parsed
-            .problems
-            .push(problem(field.into(), format!("missing in document {}", index + 1)));
+        let field = if api_version.is_empty() {
+            "apiVersion"
+        } else {
+            "kind"
+        };
+        parsed.problems.push(problem(
+            field.into(),
+            format!("missing in document {}", index + 1),
+        ));
         return;
     }
-    if document.pointer("/metadata/name").and_then(Value::as_str).is_none() && kind != "List" {
-        parsed.problems.push(problem("metadata.name".into(), "missing".into()));
+    if document
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .is_none()
+        && kind != "List"
+    {
+        parsed
+            .problems
+            .push(problem("metadata.name".into(), "missing".into()));
         return;
     }
     let result = match (api_version.as_str(), kind.as_str()) {
@@ -115,10 +139,14 @@ fn parse_document(origin: &str, index: usize, document: Value, parsed: &mut Pars
                 Value::Object(mut map) => map.remove("items"),
                 _ => None,
             };
-            for item in items.and_then(|v| match v {
-                Value::Array(items) => Some(items),
-                _ => None,
-            }).into_iter().flatten() {
+            for item in items
+                .and_then(|v| match v {
+                    Value::Array(items) => Some(items),
+                    _ => None,
+                })
+                .into_iter()
+                .flatten()
+            {
                 parse_document(origin, index, item, parsed);
             }
             return;
@@ -161,7 +189,8 @@ impl Stamp {
             dev: metadata.dev(),
             ino: metadata.ino(),
             len: metadata.len(),
-            mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
+            mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000
+                + i128::from(metadata.mtime_nsec()),
         }
     }
 }
@@ -203,7 +232,9 @@ impl ManifestDir {
         paths.sort();
         for path in paths {
             // `metadata` follows symlinks (ConfigMap volumes are symlinks into `..data`).
-            let Ok(metadata) = fs::metadata(&path) else { continue };
+            let Ok(metadata) = fs::metadata(&path) else {
+                continue;
+            };
             if !metadata.is_file() {
                 continue;
             }
@@ -251,9 +282,18 @@ impl ManifestDir {
                 }
                 let origin = origin.clone();
                 match object {
-                    Object::Service(o) => objects.services.push(Sourced { origin, object: (**o).clone() }),
-                    Object::EndpointSlice(o) => objects.endpoint_slices.push(Sourced { origin, object: (**o).clone() }),
-                    Object::Pod(o) => objects.pods.push(Sourced { origin, object: (**o).clone() }),
+                    Object::Service(o) => objects.services.push(Sourced {
+                        origin,
+                        object: (**o).clone(),
+                    }),
+                    Object::EndpointSlice(o) => objects.endpoint_slices.push(Sourced {
+                        origin,
+                        object: (**o).clone(),
+                    }),
+                    Object::Pod(o) => objects.pods.push(Sourced {
+                        origin,
+                        object: (**o).clone(),
+                    }),
                 }
             }
         }
@@ -280,7 +320,10 @@ pub type DirWatcher = Debouncer<RecommendedWatcher, RecommendedCache>;
 ///
 /// # Errors
 /// When the platform watcher cannot be set up on `dir`.
-pub fn watch(dir: &Path, debounce: Duration) -> notify_debouncer_full::notify::Result<(DirWatcher, mpsc::UnboundedReceiver<()>)> {
+pub fn watch(
+    dir: &Path,
+    debounce: Duration,
+) -> notify_debouncer_full::notify::Result<(DirWatcher, mpsc::UnboundedReceiver<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
         match result {
@@ -299,4 +342,103 @@ pub fn watch(dir: &Path, debounce: Duration) -> notify_debouncer_full::notify::R
     })?;
     debouncer.watch(dir, RecursiveMode::NonRecursive)?;
     Ok((debouncer, rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        parse_manifest("f.yaml", text)
+            .problems
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn multi_document_files_lists_and_other_kinds() {
+        let text = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: webapp1}
+---
+apiVersion: extensions/v1beta1
+kind: Deployment
+metadata: {name: old}
+---
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Service, metadata: {name: a}, spec: {clusterIP: 10.96.0.1}}
+- {apiVersion: v1, kind: Pod, metadata: {name: p, namespace: ns}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: a-1}
+addressType: IPv4
+endpoints: []
+---
+";
+        let parsed = parse_manifest("f.yaml", text);
+        assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+        let kinds: Vec<_> = parsed.objects.iter().map(|o| o.identity()).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("Service", "default".into(), "a".into()),
+                ("Pod", "ns".into(), "p".into()),
+                ("EndpointSlice", "default".into(), "a-1".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_object_and_field() {
+        assert_eq!(
+            problems(
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: eighty}]}\n"
+            ),
+            [
+                "f.yaml: Service default/s: spec.ports[0].port: invalid type: string \"eighty\", expected i32"
+            ]
+        );
+        assert_eq!(
+            problems("apiVersion: v1\nkind: Service\nmetadata: {namespace: x}\n"),
+            ["f.yaml: Service x/(unnamed): metadata.name: missing"]
+        );
+        assert_eq!(
+            problems("kind: Service\nmetadata: {name: s}\n"),
+            ["f.yaml: Service default/s: apiVersion: missing in document 1"]
+        );
+        let yaml_error = problems("apiVersion: v1\nkind: [unclosed\n");
+        assert_eq!(yaml_error.len(), 1);
+        assert!(
+            yaml_error[0].starts_with("f.yaml: (file): (yaml): "),
+            "{yaml_error:?}"
+        );
+    }
+
+    #[test]
+    fn directory_refresh_rereads_only_changes() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let svc =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1}\n";
+        fs::write(dir.join("a.yaml"), svc).unwrap();
+        fs::write(dir.join("b.yml"), svc).unwrap();
+        fs::write(dir.join(".hidden.yaml"), "not: [yaml").unwrap();
+        fs::write(dir.join("notes.txt"), "ignored").unwrap();
+        let mut manifests = ManifestDir::new(&dir);
+        assert!(manifests.refresh().unwrap());
+        let (objects, problems) = manifests.objects();
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(problems.len(), 1, "the duplicate in b.yml: {problems:?}");
+        assert!(problems[0].origin.ends_with("b.yml"));
+        assert!(!manifests.refresh().unwrap(), "nothing changed");
+        fs::remove_file(dir.join("b.yml")).unwrap();
+        assert!(manifests.refresh().unwrap());
+        assert!(manifests.objects().1.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
