@@ -2,9 +2,12 @@
 //! agent (like `cilium-dbg bpf lb list`).
 use std::{fmt::Write as _, path::Path};
 
-use crate::maps::{
-    self,
-    dump::{FrontendEntry, MapContents},
+use crate::{
+    maps::{
+        self,
+        dump::{FrontendEntry, MapContents},
+    },
+    model::FrontendKind,
 };
 
 /// Output format of the inspection commands.
@@ -38,49 +41,53 @@ pub fn services(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> 
 /// The table rendering: one row per backend slot.
 #[must_use]
 pub fn table(contents: &MapContents) -> String {
-    let mut rows = vec![[
-        "FRONTEND".to_string(),
-        "ID".to_string(),
-        "SLOT".to_string(),
-        "BACKEND".to_string(),
-    ]];
+    let header = ["FRONTEND", "TYPE", "ID", "SLOT", "BACKEND"].map(String::from);
+    let mut rows = vec![header];
     for frontend in &contents.frontends {
         rows.extend(frontend_rows(frontend));
     }
-    let widths: Vec<usize> = (0..4)
+    let widths: Vec<usize> = (0..5)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
     for row in rows {
         let line = format!(
-            "{:w0$}  {:>w1$}  {:>w2$}  {}",
+            "{:w0$}  {:w1$}  {:>w2$}  {:>w3$}  {}",
             row[0],
             row[1],
             row[2],
             row[3],
+            row[4],
             w0 = widths[0],
             w1 = widths[1],
-            w2 = widths[2]
+            w2 = widths[2],
+            w3 = widths[3]
         );
         let _ = writeln!(out, "{}", line.trim_end());
     }
-    if !contents.stray_services.is_empty() || !contents.stray_backends.is_empty() {
+    if !contents.stray_slots.is_empty() {
         let _ = writeln!(
             out,
-            "\n{} stray service entries, {} undecodable backends (the next agent sync removes them)",
-            contents.stray_services.len(),
-            contents.stray_backends.len()
+            "\n{} backend slots without a frontend (the next agent sync removes them)",
+            contents.stray_slots.len()
         );
     }
     out
 }
 
-fn frontend_rows(frontend: &FrontendEntry) -> Vec<[String; 4]> {
+fn frontend_rows(frontend: &FrontendEntry) -> Vec<[String; 5]> {
     let name = frontend.address.to_string();
+    let kind = match frontend.kind {
+        Some(FrontendKind::ClusterIp) => "ClusterIP".to_string(),
+        Some(FrontendKind::ExternalIp) => "ExternalIP".to_string(),
+        Some(FrontendKind::LoadBalancer) => "LoadBalancer".to_string(),
+        None => format!("flags {:#x}", frontend.flags),
+    };
     let id = frontend.rev_nat_id.to_string();
     if frontend.count == 0 {
         return vec![[
             name,
+            kind,
             id,
             "-".into(),
             "(no endpoints: connections are refused)".into(),
@@ -93,12 +100,14 @@ fn frontend_rows(frontend: &FrontendEntry) -> Vec<[String; 4]> {
         .map(|(i, slot)| {
             let backend = slot.backend.map_or_else(
                 || format!("backend {} (missing)", slot.backend_id),
-                |b| format!("{b} (backend {})", slot.backend_id),
+                |b| format!("{b} [backend {}]", slot.backend_id),
             );
             let first = i == 0;
+            let only_first = |s: &String| if first { s.clone() } else { String::new() };
             [
-                if first { name.clone() } else { String::new() },
-                if first { id.clone() } else { String::new() },
+                only_first(&name),
+                only_first(&kind),
+                only_first(&id),
                 slot.slot.to_string(),
                 backend,
             ]

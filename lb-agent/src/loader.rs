@@ -15,12 +15,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupSockAddr,
+        CgroupSock, CgroupSockAddr,
         links::{CgroupAttachMode, FdLink, PinnedLink},
     },
 };
 use lb_common::{
-    BACKENDS4_MAP, BACKENDS4_MAX_ENTRIES, PINNED_MAPS, SERVICES4_MAP, SERVICES4_MAX_ENTRIES,
+    BACKENDS_MAX_ENTRIES, BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, PINNED_MAPS,
+    REVNAT_MAX_ENTRIES, REVNAT4_MAP, REVNAT6_MAP, RevNat4Key, RevNat4Value, RevNat6Key,
+    RevNat6Value, SERVICES_MAX_ENTRIES, SERVICES4_MAP, SERVICES6_MAP, Service4Key, Service6Key,
+    ServiceValue,
 };
 use tracing::{debug, info, warn};
 
@@ -29,8 +32,20 @@ use crate::maps::bpf::BpfMaps;
 /// The eBPF object built from `lb-ebpf` by `build.rs` for this very build of the agent.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// The cgroup socket programs: (program name in the object, pin name under `links/`).
-pub const CGROUP_PROGRAMS: [(&str, &str); 1] = [("lb_connect4", "connect4")];
+/// The `cgroup_sock_addr` programs: (program name in the object, pin name under `links/`).
+pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
+    ("lb_connect4", "connect4"),
+    ("lb_connect6", "connect6"),
+    ("lb_sendmsg4", "sendmsg4"),
+    ("lb_sendmsg6", "sendmsg6"),
+    ("lb_recvmsg4", "recvmsg4"),
+    ("lb_recvmsg6", "recvmsg6"),
+    ("lb_getpeername4", "getpeername4"),
+    ("lb_getpeername6", "getpeername6"),
+];
+
+/// The `cgroup_sock` programs: (program name, pin name).
+pub const SOCK_PROGRAMS: [(&str, &str); 1] = [("lb_sock_release", "sock_release")];
 
 /// Directory under the pin path holding the pinned links.
 pub const LINKS_DIR: &str = "links";
@@ -59,8 +74,6 @@ pub enum LoadError {
     Cgroup { path: PathBuf, source: io::Error },
     #[error("pinning link {path}: {message}")]
     Pin { path: PathBuf, message: String },
-    #[error("map {0} missing from the eBPF object")]
-    MissingMap(&'static str),
     #[error(transparent)]
     Map(#[from] crate::maps::MapError),
 }
@@ -86,8 +99,13 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
         loader.map_pin_path(name, pin_dir.join(name));
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    let mut take = |name: &'static str| ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
-    let maps = BpfMaps::new(take(SERVICES4_MAP)?, take(BACKENDS4_MAP)?)?;
+    let maps = BpfMaps::from_maps(|name| {
+        ebpf.take_map(name).ok_or_else(|| crate::maps::MapError {
+            op: "take",
+            map: name,
+            source: io::Error::new(io::ErrorKind::NotFound, "missing from the eBPF object"),
+        })
+    })?;
     Ok(Loaded { ebpf, maps })
 }
 
@@ -97,15 +115,39 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
     let expected = [
         (
             SERVICES4_MAP,
-            size_of::<lb_common::Service4Key>(),
-            size_of::<lb_common::Service4Value>(),
-            SERVICES4_MAX_ENTRIES,
+            size_of::<Service4Key>(),
+            size_of::<ServiceValue>(),
+            SERVICES_MAX_ENTRIES,
+        ),
+        (
+            SERVICES6_MAP,
+            size_of::<Service6Key>(),
+            size_of::<ServiceValue>(),
+            SERVICES_MAX_ENTRIES,
         ),
         (
             BACKENDS4_MAP,
             size_of::<u32>(),
-            size_of::<lb_common::Backend4>(),
-            BACKENDS4_MAX_ENTRIES,
+            size_of::<Backend4>(),
+            BACKENDS_MAX_ENTRIES,
+        ),
+        (
+            BACKENDS6_MAP,
+            size_of::<u32>(),
+            size_of::<Backend6>(),
+            BACKENDS_MAX_ENTRIES,
+        ),
+        (
+            REVNAT4_MAP,
+            size_of::<RevNat4Key>(),
+            size_of::<RevNat4Value>(),
+            REVNAT_MAX_ENTRIES,
+        ),
+        (
+            REVNAT6_MAP,
+            size_of::<RevNat6Key>(),
+            size_of::<RevNat6Value>(),
+            REVNAT_MAX_ENTRIES,
         ),
     ];
     for (name, key, value, entries) in expected {
@@ -114,8 +156,7 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
             continue;
         }
         let shape = |k: usize, v: usize, n: usize| format!("key {k} B, value {v} B, {n} entries");
-        let info = MapData::from_pin(&path).and_then(|m| m.info());
-        let found = match info {
+        let found = match MapData::from_pin(&path).and_then(|m| m.info()) {
             Ok(i) => shape(
                 i.key_size() as usize,
                 i.value_size() as usize,
@@ -155,44 +196,65 @@ pub fn attach_cgroup_programs(
         path: cgroup.to_path_buf(),
         source,
     })?;
-    for (name, pin_name) in CGROUP_PROGRAMS {
+    for (name, pin_name) in SOCK_ADDR_PROGRAMS {
         let program_error = |source| LoadError::Program { name, source };
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(program_error(aya::programs::ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(program_error)?;
+        let program: &mut CgroupSockAddr =
+            program_mut(ebpf, name)?.try_into().map_err(program_error)?;
         program.load().map_err(program_error)?;
         let link_id = program
             .attach(&cgroup_fd, CgroupAttachMode::Single)
             .map_err(program_error)?;
-        let link =
-            FdLink::try_from(program.take_link(link_id).map_err(program_error)?).map_err(|e| {
-                LoadError::Pin {
-                    path: links.join(pin_name),
-                    message: e.to_string(),
-                }
-            })?;
+        let link = program.take_link(link_id).map_err(program_error)?;
+        let link = FdLink::try_from(link).map_err(|e| pin_error(&links.join(pin_name), &e))?;
         replace_pinned_link(&links.join(pin_name), link)?;
-        info!(program = name, cgroup = %cgroup.display(), "attached");
     }
+    for (name, pin_name) in SOCK_PROGRAMS {
+        let program_error = |source| LoadError::Program { name, source };
+        let program: &mut CgroupSock =
+            program_mut(ebpf, name)?.try_into().map_err(program_error)?;
+        program.load().map_err(program_error)?;
+        let link_id = program
+            .attach(&cgroup_fd, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        let link = program.take_link(link_id).map_err(program_error)?;
+        let link = FdLink::try_from(link).map_err(|e| pin_error(&links.join(pin_name), &e))?;
+        replace_pinned_link(&links.join(pin_name), link)?;
+    }
+    info!(
+        programs = SOCK_ADDR_PROGRAMS.len() + SOCK_PROGRAMS.len(),
+        cgroup = %cgroup.display(),
+        "attached socket programs"
+    );
     Ok(())
+}
+
+fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::programs::Program, LoadError> {
+    ebpf.program_mut(name).ok_or(LoadError::Program {
+        name,
+        source: aya::programs::ProgramError::NotLoaded,
+    })
+}
+
+fn pin_error(path: &Path, error: &dyn std::fmt::Display) -> LoadError {
+    LoadError::Pin {
+        path: path.to_path_buf(),
+        message: error.to_string(),
+    }
 }
 
 /// Pins `new` at `path`, detaching whatever link was pinned there before, after `new` runs.
 fn replace_pinned_link(path: &Path, new: FdLink) -> Result<(), LoadError> {
-    let pin_error = |message: String| LoadError::Pin {
-        path: path.to_path_buf(),
-        message,
-    };
     // Unpinning returns the old link as an fd: it stays attached until dropped below.
     let old = if path.exists() {
-        let old = PinnedLink::from_pin(path).map_err(|e| pin_error(e.to_string()))?;
-        Some(old.unpin().map_err(|e| pin_error(e.to_string()))?)
+        let old = PinnedLink::from_pin(path).map_err(|e| pin_error(path, &e))?;
+        Some(old.unpin().map_err(|e| pin_error(path, &e))?)
     } else {
         None
     };
-    new.pin(path).map_err(|e| pin_error(e.to_string()))?;
+    new.pin(path).map_err(|e| pin_error(path, &e))?;
     if old.is_some() {
         debug!(link = %path.display(), "replaced the previous agent's link");
     }

@@ -1,6 +1,6 @@
 //! The desired state the datapath should implement, independent of where it came from
 //! (manifests or the API server) and of how the maps encode it.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 /// A transport protocol the load balancer programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -43,16 +43,16 @@ impl fmt::Display for Protocol {
 /// An address, port and protocol: a Service frontend or a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct L4Addr {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl L4Addr {
     #[must_use]
-    pub const fn new(address: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+    pub fn new(address: impl Into<IpAddr>, port: u16, protocol: Protocol) -> Self {
         Self {
-            address,
+            address: address.into(),
             port,
             protocol,
         }
@@ -60,22 +60,30 @@ impl L4Addr {
 }
 
 impl serde::Serialize for L4Addr {
-    fn serialize<S: serde::Serializer>(
-        &self,
-        serializer: S,
-    ) -> std::result::Result<S::Ok, S::Error> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut s = serializer.serialize_struct("L4Addr", 3)?;
+        let mut s = serializer.serialize_struct("L4Addr", 4)?;
         s.serialize_field("address", &self.address.to_string())?;
         s.serialize_field("port", &self.port)?;
         s.serialize_field("protocol", &self.protocol)?;
+        s.serialize_field(
+            "family",
+            if self.address.is_ipv4() {
+                "IPv4"
+            } else {
+                "IPv6"
+            },
+        )?;
         s.end()
     }
 }
 
 impl fmt::Display for L4Addr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.address, self.port, self.protocol)
+        match self.address {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
+        }
     }
 }
 
@@ -92,17 +100,137 @@ impl fmt::Display for ObjectRef {
     }
 }
 
+/// Which Service field a frontend comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum FrontendKind {
+    /// `spec.clusterIP(s)`.
+    ClusterIp,
+    /// `spec.externalIPs`.
+    ExternalIp,
+    /// `status.loadBalancer.ingress[].ip`.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// The `SVC_F_*` flag of the kind.
+    #[must_use]
+    pub const fn flag(self) -> u32 {
+        match self {
+            Self::ClusterIp => lb_common::SVC_F_CLUSTER_IP,
+            Self::ExternalIp => lb_common::SVC_F_EXTERNAL_IP,
+            Self::LoadBalancer => lb_common::SVC_F_LOADBALANCER,
+        }
+    }
+
+    /// The kind a flags word names (the lowest kind flag set).
+    #[must_use]
+    pub const fn from_flags(flags: u32) -> Option<Self> {
+        if flags & lb_common::SVC_F_CLUSTER_IP != 0 {
+            Some(Self::ClusterIp)
+        } else if flags & lb_common::SVC_F_EXTERNAL_IP != 0 {
+            Some(Self::ExternalIp)
+        } else if flags & lb_common::SVC_F_LOADBALANCER != 0 {
+            Some(Self::LoadBalancer)
+        } else {
+            None
+        }
+    }
+}
+
+/// The state of an endpoint that receives new connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum EndpointState {
+    /// Ready: takes new connections.
+    #[default]
+    Ready,
+    /// Serving but terminating: takes new connections only because no endpoint of the
+    /// Service is ready (kube-proxy's terminating-endpoint fallback).
+    Terminating,
+}
+
+impl EndpointState {
+    /// The `BE_F_*` flags of the state.
+    #[must_use]
+    pub const fn flags(self) -> u8 {
+        match self {
+            Self::Ready => 0,
+            Self::Terminating => lb_common::BE_F_TERMINATING,
+        }
+    }
+
+    #[must_use]
+    pub const fn from_flags(flags: u8) -> Self {
+        if flags & lb_common::BE_F_TERMINATING != 0 {
+            Self::Terminating
+        } else {
+            Self::Ready
+        }
+    }
+}
+
+/// A backend as the datapath knows it: where to send, and in which state it was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: L4Addr,
+    pub state: EndpointState,
+}
+
+impl serde::Serialize for Backend {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("Backend", 5)?;
+        s.serialize_field("address", &self.addr.address.to_string())?;
+        s.serialize_field("port", &self.addr.port)?;
+        s.serialize_field("protocol", &self.addr.protocol)?;
+        s.serialize_field(
+            "family",
+            if self.addr.address.is_ipv4() {
+                "IPv4"
+            } else {
+                "IPv6"
+            },
+        )?;
+        s.serialize_field("state", &self.state)?;
+        s.end()
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.state {
+            EndpointState::Ready => write!(f, "{}", self.addr),
+            EndpointState::Terminating => write!(f, "{} (terminating)", self.addr),
+        }
+    }
+}
+
+/// Where an endpoint came from and where it runs: kept for inspection and for the
+/// node-local traffic policies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointInfo {
+    /// The EndpointSlice, or `pod/<name>` when the endpoint was derived from a Pod.
+    pub source: String,
+    /// `nodeName` of the endpoint (or the Pod's `spec.nodeName`).
+    pub node_name: Option<String>,
+    /// `zone` of the endpoint.
+    pub zone: Option<String>,
+}
+
 /// One Service port on one virtual address, and the backends that serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     /// The virtual address clients dial.
     pub address: L4Addr,
+    pub kind: FrontendKind,
     /// The Service it belongs to.
     pub service: ObjectRef,
     /// `spec.ports[].name` (empty for a single unnamed port).
     pub port_name: String,
-    /// Backends that take new connections, sorted and without duplicates.
-    pub backends: Vec<L4Addr>,
+    /// Backends that take new connections, sorted and without duplicates, all of the
+    /// frontend's address family.
+    pub backends: Vec<Backend>,
+    /// What is known of each backend, in the same order.
+    pub backend_info: Vec<EndpointInfo>,
 }
 
 /// Every frontend the node should serve, by virtual address.

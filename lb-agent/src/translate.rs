@@ -2,9 +2,9 @@
 //! addresses exist and which backends take new connections for each, with kube-proxy's
 //! semantics. No I/O here: both sources feed it, and the tests drive it directly.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -16,7 +16,10 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use crate::model::{DesiredState, Frontend, L4Addr, ObjectRef, Protocol};
+use crate::model::{
+    Backend, DesiredState, EndpointInfo, EndpointState, Frontend, FrontendKind, L4Addr, ObjectRef,
+    Protocol,
+};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -92,40 +95,90 @@ pub fn translate(objects: &ClusterObjects) -> Translation {
         };
         let service_slices = slices.get(&service.id);
         for port in &service.ports {
-            let backends = match service_slices {
-                Some(slices) => backends_from_slices(port, slices),
-                None => backends_from_pods(&service, port, pods.get(&service.id.namespace)),
+            let candidates = match service_slices {
+                Some(slices) => candidates_from_slices(port, slices),
+                None => candidates_from_pods(&service, port, pods.get(&service.id.namespace)),
             };
-            let address = L4Addr::new(service.cluster_ip, port.port, port.protocol);
-            if let Some(existing) = out.frontends.get(&address) {
-                out.problems.push(Problem {
-                    origin: sourced.origin.to_string(),
-                    object: format!("Service {}", service.id),
-                    field: format!("spec.ports[{}]", port.index),
-                    message: format!("{address} is already taken by Service {}", existing.service),
-                });
-                continue;
-            }
-            out.frontends.insert(
-                address,
-                Frontend {
+            for &(ip, kind) in &service.frontend_ips {
+                let address = L4Addr::new(ip, port.port, port.protocol);
+                if let Some(existing) = out.frontends.get(&address) {
+                    out.problems.push(Problem {
+                        origin: sourced.origin.to_string(),
+                        object: format!("Service {}", service.id),
+                        field: format!("spec.ports[{}]", port.index),
+                        message: format!(
+                            "{address} is already taken by Service {}",
+                            existing.service
+                        ),
+                    });
+                    continue;
+                }
+                let same_family = candidates
+                    .iter()
+                    .filter(|c| c.addr.address.is_ipv4() == ip.is_ipv4());
+                let (backends, backend_info) = select_endpoints(same_family).into_iter().unzip();
+                out.frontends.insert(
                     address,
-                    service: service.id.clone(),
-                    port_name: port.name.clone(),
-                    backends: backends.into_iter().collect(),
-                },
-            );
+                    Frontend {
+                        address,
+                        kind,
+                        service: service.id.clone(),
+                        port_name: port.name.clone(),
+                        backends,
+                        backend_info,
+                    },
+                );
+            }
         }
     }
     out
 }
 
+/// An endpoint before selection, with its EndpointSlice conditions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub addr: L4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub info: EndpointInfo,
+}
+
+/// kube-proxy's choice of the endpoints that get new connections: the ready ones; when
+/// none is ready, the serving ones that are terminating (so a rolling update or a scale
+/// to zero drains instead of failing); otherwise none, and connects are refused.
+/// The result is sorted by address, without duplicates.
+#[must_use]
+pub fn select_endpoints<'a>(
+    candidates: impl IntoIterator<Item = &'a Candidate>,
+) -> Vec<(Backend, EndpointInfo)> {
+    let candidates: Vec<&Candidate> = candidates.into_iter().collect();
+    let pick = |state: EndpointState, keep: &dyn Fn(&Candidate) -> bool| {
+        let mut chosen: BTreeMap<L4Addr, EndpointInfo> = BTreeMap::new();
+        for c in candidates.iter().filter(|c| keep(c)) {
+            chosen.entry(c.addr).or_insert_with(|| c.info.clone());
+        }
+        chosen
+            .into_iter()
+            .map(|(addr, info)| (Backend { addr, state }, info))
+            .collect::<Vec<_>>()
+    };
+    let ready = pick(EndpointState::Ready, &|c| c.ready);
+    if ready.is_empty() {
+        pick(EndpointState::Terminating, &|c| c.serving && c.terminating)
+    } else {
+        ready
+    }
+}
+
 /// A Service that passed validation.
 struct ValidService {
     id: ObjectRef,
-    cluster_ip: Ipv4Addr,
+    /// Every virtual address: ClusterIPs, external IPs, LoadBalancer ingress IPs.
+    frontend_ips: Vec<(IpAddr, FrontendKind)>,
     ports: Vec<ValidPort>,
     selector: Option<BTreeMap<String, String>>,
+    publish_not_ready: bool,
 }
 
 struct ValidPort {
@@ -167,6 +220,15 @@ impl<'a> Checker<'a> {
         });
     }
 
+    /// Parses an IP address field, reporting it when it is not one.
+    fn ip(&mut self, field: impl Into<String>, text: &str) -> Option<IpAddr> {
+        let parsed = text.parse::<IpAddr>().ok();
+        if parsed.is_none() {
+            self.fail(field, format!("{text:?} is not an IP address"));
+        }
+        parsed
+    }
+
     /// Hands the problems over; true when there were none.
     fn finish(self, sink: &mut Vec<Problem>) -> bool {
         let ok = self.problems.is_empty();
@@ -192,41 +254,42 @@ fn validate_service(sourced: &Sourced<Service>, out: &mut Translation) -> Option
         return None;
     }
     let mut check = Checker::new(&sourced.origin, "Service", &svc.metadata);
-    if svc.metadata.name.as_deref().unwrap_or_default().is_empty() {
-        check.fail("metadata.name", "missing");
-    }
     let spec = svc.spec.clone().unwrap_or_default();
     if spec.type_.as_deref() == Some("ExternalName") {
         skip(out, "type ExternalName: answered by DNS, not proxied");
         return None;
     }
-    let cluster_ip = match spec.cluster_ip.as_deref() {
-        Some("None") => {
-            skip(out, "headless (clusterIP: None): no virtual address");
-            return None;
-        }
-        None | Some("") => {
-            check.fail(
-                "spec.clusterIP",
-                "missing: no ClusterIP is allocated without an API server; set one from the service CIDR",
-            );
-            None
-        }
-        Some(text) => match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(ip)) => Some(ip),
-            Ok(IpAddr::V6(_)) => {
-                check.fail(
-                    "spec.clusterIP",
-                    format!("{text}: IPv6 is not supported yet"),
-                );
-                None
-            }
-            Err(_) => {
-                check.fail("spec.clusterIP", format!("{text:?} is not an IP address"));
-                None
-            }
-        },
+    let Some(cluster_ips) = cluster_ips(&spec, &mut check) else {
+        skip(out, "headless (clusterIP: None): no virtual address");
+        return None;
     };
+    let mut frontend_ips: Vec<(IpAddr, FrontendKind)> = cluster_ips
+        .into_iter()
+        .map(|ip| (ip, FrontendKind::ClusterIp))
+        .collect();
+    for (i, text) in spec.external_ips.iter().flatten().enumerate() {
+        if let Some(ip) = check.ip(format!("spec.externalIPs[{i}]"), text) {
+            frontend_ips.push((ip, FrontendKind::ExternalIp));
+        }
+    }
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        let ingress = svc.status.iter().filter_map(|s| s.load_balancer.as_ref());
+        for (i, ingress) in ingress
+            .flat_map(|lb| lb.ingress.iter().flatten())
+            .enumerate()
+        {
+            // ipMode Proxy: the load balancer proxies and sends to the nodes, so the
+            // address must not be short-circuited on the node (KEP-1860).
+            if ingress.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            if let Some(text) = &ingress.ip
+                && let Some(ip) = check.ip(format!("status.loadBalancer.ingress[{i}].ip"), text)
+            {
+                frontend_ips.push((ip, FrontendKind::LoadBalancer));
+            }
+        }
+    }
     let mut ports = Vec::new();
     for (index, port) in spec.ports.iter().flatten().enumerate() {
         if let Some(valid) = validate_service_port(index, port, &mut check, out, &id) {
@@ -238,10 +301,83 @@ fn validate_service(sourced: &Sourced<Service>, out: &mut Translation) -> Option
     }
     Some(ValidService {
         id,
-        cluster_ip: cluster_ip?,
+        frontend_ips,
         ports,
         selector: spec.selector,
+        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
     })
+}
+
+/// The ClusterIPs of a Service (one per family), `None` when it is headless. Problems go to
+/// `check`, which then rejects the Service.
+fn cluster_ips(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    check: &mut Checker<'_>,
+) -> Option<Vec<IpAddr>> {
+    let primary = spec.cluster_ip.as_deref().unwrap_or_default();
+    let listed: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if primary == "None" || listed.first() == Some(&"None") {
+        return None;
+    }
+    let (field, texts): (&str, Vec<&str>) = if listed.is_empty() {
+        (
+            "spec.clusterIP",
+            if primary.is_empty() {
+                vec![]
+            } else {
+                vec![primary]
+            },
+        )
+    } else {
+        if !primary.is_empty() && listed[0] != primary {
+            check.fail(
+                "spec.clusterIPs[0]",
+                format!("{} differs from spec.clusterIP {primary}", listed[0]),
+            );
+        }
+        ("spec.clusterIPs", listed)
+    };
+    if texts.is_empty() {
+        check.fail(
+            "spec.clusterIP",
+            "missing: no ClusterIP is allocated without an API server; set one from the service CIDR",
+        );
+    }
+    let mut ips = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let field = if field == "spec.clusterIP" {
+            field.to_string()
+        } else {
+            format!("{field}[{i}]")
+        };
+        if let Some(ip) = check.ip(field, text) {
+            ips.push(ip);
+        }
+    }
+    let families = |ip: &&IpAddr| ip.is_ipv4();
+    if ips.len() > 2 || (ips.len() == 2 && families(&&ips[0]) == families(&&ips[1])) {
+        check.fail("spec.clusterIPs", "at most one IPv4 and one IPv6 address");
+    }
+    if spec.ip_family_policy.as_deref() == Some("SingleStack") && ips.len() > 1 {
+        check.fail("spec.ipFamilyPolicy", "SingleStack with two clusterIPs");
+    }
+    for (i, family) in spec.ip_families.iter().flatten().enumerate() {
+        let matches = ips
+            .get(i)
+            .is_none_or(|ip| (family == "IPv4") == ip.is_ipv4());
+        if !matches || (family != "IPv4" && family != "IPv6") {
+            check.fail(
+                format!("spec.ipFamilies[{i}]"),
+                format!("{family:?} does not match spec.clusterIPs[{i}]"),
+            );
+        }
+    }
+    Some(ips)
 }
 
 fn validate_service_port(
@@ -306,11 +442,16 @@ fn validate_service_port(
     })
 }
 
-/// A Pod that passed validation.
+/// A Pod that passed validation and may be an endpoint.
 struct ValidPod {
-    ip: Ipv4Addr,
+    name: String,
+    ips: Vec<IpAddr>,
     labels: BTreeMap<String, String>,
-    ready: bool,
+    /// The `Ready` condition.
+    serving: bool,
+    /// Being deleted.
+    terminating: bool,
+    node_name: Option<String>,
     /// Container ports: (name, number, protocol).
     ports: Vec<(String, u16, Protocol)>,
 }
@@ -324,27 +465,32 @@ fn index_pods(
         let pod = &sourced.object;
         let mut check = Checker::new(&sourced.origin, "Pod", &pod.metadata);
         let status = pod.status.clone().unwrap_or_default();
-        let ip_text = status
+        // Finished pods are no endpoints (the EndpointSlice controller drops them).
+        if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            continue;
+        }
+        let mut ips = Vec::new();
+        let listed: Vec<(String, &str)> = status
             .pod_ips
             .iter()
             .flatten()
-            .map(|ip| ip.ip.as_str())
-            .chain(status.pod_ip.as_deref())
-            .find(|ip| ip.parse::<Ipv4Addr>().is_ok())
-            .or(status.pod_ip.as_deref());
-        let ip = match ip_text.map(str::parse::<IpAddr>) {
-            // A pod that has no address yet (Pending) is simply no endpoint.
-            None => continue,
-            Some(Ok(IpAddr::V4(ip))) => Some(ip),
-            Some(Ok(IpAddr::V6(_))) => continue,
-            Some(Err(_)) => {
-                check.fail(
-                    "status.podIP",
-                    format!("{:?} is not an IP address", ip_text.unwrap_or_default()),
-                );
-                None
-            }
+            .enumerate()
+            .map(|(i, ip)| (format!("status.podIPs[{i}].ip"), ip.ip.as_str()))
+            .collect();
+        let texts = if listed.is_empty() {
+            status
+                .pod_ip
+                .iter()
+                .map(|ip| ("status.podIP".to_string(), ip.as_str()))
+                .collect()
+        } else {
+            listed
         };
+        for (field, text) in texts {
+            if let Some(ip) = check.ip(field, text) {
+                ips.push(ip);
+            }
+        }
         let mut ports = Vec::new();
         let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
         for (c, container) in containers.enumerate() {
@@ -365,16 +511,23 @@ fn index_pods(
                 ports.push((port.name.clone().unwrap_or_default(), number, protocol));
             }
         }
-        let ready = pod_is_ready(pod);
-        if check.finish(problems) {
-            let Some(ip) = ip else { continue };
+        let serving = status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        // A pod that has no address yet (Pending) is simply no endpoint.
+        if check.finish(problems) && !ips.is_empty() {
             by_namespace
                 .entry(namespace(&pod.metadata))
                 .or_default()
                 .push(ValidPod {
-                    ip,
+                    name: pod.metadata.name.clone().unwrap_or_default(),
+                    ips,
                     labels: pod.metadata.labels.clone().unwrap_or_default(),
-                    ready,
+                    serving,
+                    terminating: pod.metadata.deletion_timestamp.is_some(),
+                    node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
                     ports,
                 });
         }
@@ -382,35 +535,21 @@ fn index_pods(
     by_namespace
 }
 
-/// Ready as the EndpointSlice controller sees it: running, not being deleted, and its
-/// `Ready` condition true.
-fn pod_is_ready(pod: &Pod) -> bool {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
-    let Some(status) = &pod.status else {
-        return false;
-    };
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return false;
-    }
-    status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True")
-}
-
 /// An EndpointSlice that passed validation.
 struct ValidSlice {
+    name: String,
     endpoints: Vec<ValidEndpoint>,
     /// (name, number, protocol); ports without a number are left out.
     ports: Vec<(String, u16, Protocol)>,
 }
 
 struct ValidEndpoint {
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     ready: bool,
+    serving: bool,
+    terminating: bool,
+    node_name: Option<String>,
+    zone: Option<String>,
 }
 
 fn index_slices(
@@ -429,39 +568,49 @@ fn index_slices(
         };
         let mut check = Checker::new(&sourced.origin, "EndpointSlice", &slice.metadata);
         let mut valid = ValidSlice {
+            name: slice.metadata.name.clone().unwrap_or_default(),
             endpoints: Vec::new(),
             ports: Vec::new(),
         };
-        match slice.address_type.as_str() {
-            "IPv4" => {}
-            "IPv6" | "FQDN" => {
-                // Counts as "the Service has slices", with no IPv4 endpoints in it.
+        let want_v4 = match slice.address_type.as_str() {
+            "IPv4" => true,
+            "IPv6" => false,
+            "FQDN" => {
+                // Counts as "the Service has slices", with no address the proxy can use.
                 by_service.entry(service).or_default().push(valid);
                 continue;
             }
-            other => check.fail(
-                "addressType",
-                format!("{other:?} is not IPv4, IPv6 or FQDN"),
-            ),
-        }
+            other => {
+                check.fail(
+                    "addressType",
+                    format!("{other:?} is not IPv4, IPv6 or FQDN"),
+                );
+                true
+            }
+        };
         for (e, endpoint) in slice.endpoints.iter().flatten().enumerate() {
             let mut addresses = Vec::new();
             for (a, text) in endpoint.addresses.iter().enumerate() {
-                match text.parse::<Ipv4Addr>() {
-                    Ok(ip) => addresses.push(ip),
-                    Err(_) => check.fail(
+                match text.parse::<IpAddr>() {
+                    Ok(ip) if ip.is_ipv4() == want_v4 => addresses.push(ip),
+                    _ => check.fail(
                         format!("endpoints[{e}].addresses[{a}]"),
-                        format!("{text:?} is not an IPv4 address"),
+                        format!("{text:?} is not an {} address", slice.address_type),
                     ),
                 }
             }
-            // An unknown readiness is to be read as ready (EndpointConditions API doc).
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
-            valid.endpoints.push(ValidEndpoint { addresses, ready });
+            // Unknown readiness is to be read as ready; unknown serving as the readiness
+            // (EndpointConditions API documentation).
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            let ready = conditions.ready.unwrap_or(true);
+            valid.endpoints.push(ValidEndpoint {
+                addresses,
+                ready,
+                serving: conditions.serving.unwrap_or(ready),
+                terminating: conditions.terminating.unwrap_or(false),
+                node_name: endpoint.node_name.clone(),
+                zone: endpoint.zone.clone(),
+            });
         }
         for (p, port) in slice.ports.iter().flatten().enumerate() {
             let Some(number) = port.port else { continue };
@@ -485,12 +634,17 @@ fn index_slices(
             by_service.entry(service).or_default().push(valid);
         }
     }
+    // Slices in name order, so that the first of duplicated endpoints is deterministic.
+    for slices in by_service.values_mut() {
+        slices.sort_by(|a, b| a.name.cmp(&b.name));
+    }
     by_service
 }
 
-/// The ready endpoints of the slices, on the slice port with the Service port's name.
-fn backends_from_slices(port: &ValidPort, slices: &[ValidSlice]) -> BTreeSet<L4Addr> {
-    let mut backends = BTreeSet::new();
+/// The endpoints of the slices on the slice port with the Service port's name and
+/// protocol: one Service port may map to different numbers in different slices.
+fn candidates_from_slices(port: &ValidPort, slices: &[ValidSlice]) -> Vec<Candidate> {
+    let mut candidates = Vec::new();
     for slice in slices {
         let Some(&(_, number, _)) = slice
             .ports
@@ -499,29 +653,39 @@ fn backends_from_slices(port: &ValidPort, slices: &[ValidSlice]) -> BTreeSet<L4A
         else {
             continue;
         };
-        for endpoint in slice.endpoints.iter().filter(|e| e.ready) {
+        for endpoint in &slice.endpoints {
             for &ip in &endpoint.addresses {
-                backends.insert(L4Addr::new(ip, number, port.protocol));
+                candidates.push(Candidate {
+                    addr: L4Addr::new(ip, number, port.protocol),
+                    ready: endpoint.ready,
+                    serving: endpoint.serving,
+                    terminating: endpoint.terminating,
+                    info: EndpointInfo {
+                        source: slice.name.clone(),
+                        node_name: endpoint.node_name.clone(),
+                        zone: endpoint.zone.clone(),
+                    },
+                });
             }
         }
     }
-    backends
+    candidates
 }
 
-/// What the EndpointSlice controller would publish: the ready pods of the Service's own
-/// namespace that its selector matches, on the resolved target port.
-fn backends_from_pods(
+/// What the EndpointSlice controller would publish: the pods of the Service's own
+/// namespace that its selector matches, on the resolved target port, with its conditions.
+fn candidates_from_pods(
     service: &ValidService,
     port: &ValidPort,
     pods: Option<&Vec<ValidPod>>,
-) -> BTreeSet<L4Addr> {
-    let mut backends = BTreeSet::new();
+) -> Vec<Candidate> {
+    let mut candidates = Vec::new();
     // A Service without a selector gets no endpoints from pods (they are managed by hand).
     let Some(selector) = service.selector.as_ref().filter(|s| !s.is_empty()) else {
-        return backends;
+        return candidates;
     };
     for pod in pods.into_iter().flatten() {
-        if !pod.ready || !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
+        if !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
             continue;
         }
         let number = match &port.target {
@@ -532,11 +696,24 @@ fn backends_from_pods(
                 .find(|(n, _, protocol)| n == name && *protocol == port.protocol)
                 .map(|&(_, number, _)| number),
         };
-        if let Some(number) = number {
-            backends.insert(L4Addr::new(pod.ip, number, port.protocol));
+        let Some(number) = number else { continue };
+        for &ip in &pod.ips {
+            candidates.push(Candidate {
+                addr: L4Addr::new(ip, number, port.protocol),
+                // The controller never calls a terminating pod ready, unless the Service
+                // publishes not-ready addresses.
+                ready: service.publish_not_ready || (pod.serving && !pod.terminating),
+                serving: pod.serving,
+                terminating: pod.terminating,
+                info: EndpointInfo {
+                    source: format!("pod/{}", pod.name),
+                    node_name: pod.node_name.clone(),
+                    zone: None,
+                },
+            });
         }
     }
-    backends
+    candidates
 }
 
 fn port_number(n: i32) -> Option<u16> {

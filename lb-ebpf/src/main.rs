@@ -5,33 +5,92 @@
 
 mod maps;
 mod sock;
+mod xlate;
 
 use aya_ebpf::{
-    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
+    helpers::generated::bpf_set_retval,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 
-use sock::Verdict;
+use sock::{Hook, Verdict};
 
-/// Return value of a `cgroup_sock_addr` program that lets the call go on.
-const SOCK_ALLOW: i32 = 1;
+/// Return value of a cgroup socket program that lets the call go on.
+const ALLOW: i32 = 1;
 /// Return value that rejects the call; the errno comes from `bpf_set_retval`.
-const SOCK_REJECT: i32 = 0;
+const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
-/// `connect()` on an IPv4 socket (TCP, and UDP sockets that connect): translate a Service
-/// frontend to one of its backends.
-#[cgroup_sock_addr(connect4)]
-pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    match sock::connect4(&ctx) {
-        Verdict::Pass | Verdict::Translated => SOCK_ALLOW,
+/// Maps a forward verdict to the hook's return value. kube-proxy REJECTs traffic to a
+/// Service without endpoints: the caller must get ECONNREFUSED at once, not a hang.
+fn forward_result(verdict: Verdict) -> i32 {
+    match verdict {
+        Verdict::Pass => ALLOW,
         Verdict::NoBackends => {
-            // kube-proxy REJECTs traffic to a Service without endpoints: the client must
-            // see ECONNREFUSED at once, not a hang.
-            // SAFETY: helper call with a constant; allowed in connect hooks (kernel 5.18+).
+            // SAFETY: helper call with a constant; allowed in connect and sendmsg hooks.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
-            SOCK_REJECT
+            REJECT
         }
     }
+}
+
+/// `connect()` on an IPv4 socket (TCP and UDP).
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    forward_result(sock::forward4(&ctx, Hook::Connect))
+}
+
+/// `connect()` on an IPv6 socket, IPv4-mapped destinations included.
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    forward_result(sock::forward6(&ctx, Hook::Connect))
+}
+
+/// `sendto()`/`sendmsg()` with a destination on an unconnected IPv4 UDP socket.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward_result(sock::forward4(&ctx, Hook::SendMsg))
+}
+
+/// `sendto()`/`sendmsg()` with a destination on an unconnected IPv6 UDP socket.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward_result(sock::forward6(&ctx, Hook::SendMsg))
+}
+
+/// `recvfrom()`/`recvmsg()` on an IPv4 UDP socket: replies appear to come from the Service.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx);
+    ALLOW // recvmsg programs must return 1
+}
+
+/// `recvfrom()`/`recvmsg()` on an IPv6 UDP socket.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx);
+    ALLOW
+}
+
+/// `getpeername()` on an IPv4 socket: the Service address it dialled, not the backend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx);
+    ALLOW
+}
+
+/// `getpeername()` on an IPv6 socket.
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx);
+    ALLOW
+}
+
+/// A socket is released: drop its reverse-NAT record.
+#[cgroup_sock(sock_release)]
+pub fn lb_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx);
+    ALLOW
 }
 
 #[cfg(not(test))]

@@ -1,64 +1,348 @@
-//! Socket-level translation (Cilium's `bpf_sock.c`): at `connect()` time a Service frontend
-//! is replaced by a backend, so the packets themselves never carry the virtual address and
-//! need no NAT.
-use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::SockAddrContext};
-use aya_log_ebpf::warn;
-use lb_common::{Backend4, PROTO_TCP, PROTO_UDP, Service4Key, Service4Value};
+//! Socket-level translation (Cilium's `bpf_sock.c`): at `connect()`/`sendmsg()` time a
+//! Service frontend is replaced by a backend, so the packets themselves never carry the
+//! virtual address and need no NAT; `recvmsg()` and `getpeername()` translate back, so the
+//! application only ever sees the Service address it used.
+//!
+//! Every translated socket records `(cookie, backend) -> frontend` in the reverse-NAT map of
+//! the backend's family; `sock_release` drops the record of a connected socket.
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use crate::maps::{LB4_BACKENDS, LB4_SERVICES};
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::generated::bpf_get_socket_cookie,
+    programs::{SockAddrContext, SockContext},
+};
+use lb_common::{
+    PROTO_TCP, PROTO_UDP, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, Service4Key,
+    Service6Key, to_v4_mapped, v4_mapped,
+};
 
-/// What a socket hook decided.
+use crate::{
+    maps::{LB4_BACKENDS, LB4_REVNAT, LB4_SERVICES, LB6_BACKENDS, LB6_REVNAT, LB6_SERVICES},
+    xlate::{Forward, Pick, forward, frontend_is_current},
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// What a forward hook decided.
 pub enum Verdict {
-    /// Not a Service frontend (or an inconsistent one): leave the call untouched.
+    /// Not a Service frontend: leave the call untouched (also after a translation).
     Pass,
-    /// The destination was rewritten to a backend.
-    Translated,
     /// A Service frontend without endpoints: refuse the call.
     NoBackends,
 }
 
-/// Forward translation for `connect4`.
-pub fn connect4(ctx: &SockAddrContext) -> Verdict {
-    // SAFETY: the kernel hands the hook a valid `bpf_sock_addr` for its whole run.
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let proto = sa.protocol as u8;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return Verdict::Pass;
-    }
-    // `user_port` carries the port in network order in its low 16 bits.
-    let key = Service4Key::new(sa.user_ip4, sa.user_port as u16, proto, 0);
-    let Some(master) = lookup_service(&key) else {
-        return Verdict::Pass;
-    };
-    if master.count == 0 {
-        return Verdict::NoBackends;
-    }
-    let Some(backend) = pick_backend(&key, master.count) else {
-        warn!(
-            ctx,
-            "service {:i}: backend slot missing",
-            u32::from_be(key.address)
-        );
-        return Verdict::Pass;
-    };
-    sa.user_ip4 = backend.address;
-    sa.user_port = u32::from(backend.port);
-    Verdict::Translated
+/// How a forward hook picks a backend.
+#[derive(Clone, Copy)]
+pub enum Hook {
+    /// `connect()`: TCP and connected UDP, a random backend per connection.
+    Connect,
+    /// `sendmsg()` on an unconnected UDP socket: a backend per socket and Service.
+    SendMsg,
 }
 
-/// A random backend among the frontend's `count` slots (kube-proxy's `statistic --mode
-/// random`, Cilium's default for the socket path).
-fn pick_backend(frontend: &Service4Key, count: u16) -> Option<Backend4> {
-    // SAFETY: helper without arguments.
-    let slot = (unsafe { bpf_get_prandom_u32() } % u32::from(count)) as u16 + 1;
-    let mut slot_key = *frontend;
-    slot_key.backend_slot = slot;
-    let backend_id = lookup_service(&slot_key)?.backend_id;
-    // SAFETY: the value is copied out before the program can be preempted by an update.
-    unsafe { LB4_BACKENDS.get(backend_id) }.copied()
+/// Forward translation of an IPv4 `connect()`/`sendmsg()`.
+pub fn forward4(ctx: &SockAddrContext, hook: Hook) -> Verdict {
+    let sa = ctx.sock_addr;
+    let Some(proto) = protocol(sa, hook) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: `sa` is the kernel's context for the whole run of the program.
+    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    match forward_v4(ctx, ip, port, proto, hook) {
+        Forward::To {
+            backend: (ip, port),
+            ..
+        } => {
+            // SAFETY: as above; these fields are writable in the forward hooks.
+            unsafe {
+                (*sa).user_ip4 = ip;
+                (*sa).user_port = u32::from(port);
+            }
+            Verdict::Pass
+        }
+        Forward::NoBackends => Verdict::NoBackends,
+        Forward::Pass => Verdict::Pass,
+    }
 }
 
-fn lookup_service(key: &Service4Key) -> Option<Service4Value> {
-    // SAFETY: as above, the value is copied out at once.
-    unsafe { LB4_SERVICES.get(key) }.copied()
+/// Forward translation of an IPv6 `connect()`/`sendmsg()`, including IPv4 Services dialled
+/// through an IPv4-mapped address (`::ffff:10.96.0.10`).
+pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
+    let sa = ctx.sock_addr;
+    let Some(proto) = protocol(sa, hook) else {
+        return Verdict::Pass;
+    };
+    let ip = read_user_ip6(sa);
+    // SAFETY: as in `forward4`.
+    let port = unsafe { (*sa).user_port } as u16;
+    let outcome = match v4_mapped(&ip) {
+        Some(ip4) => match forward_v4(ctx, ip4, port, proto, hook) {
+            Forward::To {
+                backend: (ip, port),
+                rev_nat_id,
+            } => Forward::To {
+                backend: (to_v4_mapped(ip), port),
+                rev_nat_id,
+            },
+            Forward::NoBackends => Forward::NoBackends,
+            Forward::Pass => Forward::Pass,
+        },
+        None => forward_v6(ctx, ip, port, proto, hook),
+    };
+    match outcome {
+        Forward::To {
+            backend: (ip, port),
+            ..
+        } => {
+            write_user_ip6(sa, &ip);
+            // SAFETY: as in `forward4`.
+            unsafe { (*sa).user_port = u32::from(port) };
+            Verdict::Pass
+        }
+        Forward::NoBackends => Verdict::NoBackends,
+        Forward::Pass => Verdict::Pass,
+    }
+}
+
+/// Reverse translation of an IPv4 `recvmsg()`/`getpeername()`: a backend's address becomes
+/// the frontend the socket dialled.
+pub fn reverse4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in `forward4`.
+    let (ip, port, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    if let Some((ip, port)) = reverse_v4(ctx, ip, port, proto) {
+        // SAFETY: writable in recvmsg and getpeername hooks.
+        unsafe {
+            (*sa).user_ip4 = ip;
+            (*sa).user_port = u32::from(port);
+        }
+    }
+}
+
+/// Reverse translation of an IPv6 `recvmsg()`/`getpeername()`.
+pub fn reverse6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let ip = read_user_ip6(sa);
+    // SAFETY: as in `forward4`.
+    let (port, proto) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
+    let frontend = match v4_mapped(&ip) {
+        Some(ip4) => reverse_v4(ctx, ip4, port, proto).map(|(ip, port)| (to_v4_mapped(ip), port)),
+        None => reverse_v6(ctx, ip, port, proto),
+    };
+    if let Some((ip, port)) = frontend {
+        write_user_ip6(sa, &ip);
+        // SAFETY: as in `reverse4`.
+        unsafe { (*sa).user_port = u32::from(port) };
+    }
+}
+
+/// `sock_release`: forget the reverse-NAT record of a connected socket. (Records of
+/// unconnected UDP sockets, one per backend they sent to, age out of the LRU map.)
+pub fn release(ctx: &SockContext) {
+    let sk: *mut bpf_sock = ctx.sock;
+    // SAFETY: the kernel's context for the whole run of the program; read-only fields.
+    let (family, port) = unsafe { ((*sk).family, (*sk).dst_port) };
+    if port == 0 {
+        return;
+    }
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    if family == AF_INET {
+        // SAFETY: as above.
+        let ip = unsafe { (*sk).dst_ip4 };
+        let _ = LB4_REVNAT.remove(rev4_key(cookie, ip, port));
+    } else if family == AF_INET6 {
+        // SAFETY: as above; each word read on its own, as the verifier requires.
+        let ip = unsafe {
+            let p = addr_of!((*sk).dst_ip6);
+            [
+                read_volatile(&(*p)[0]),
+                read_volatile(&(*p)[1]),
+                read_volatile(&(*p)[2]),
+                read_volatile(&(*p)[3]),
+            ]
+        };
+        let _ = match v4_mapped(&ip) {
+            Some(ip4) => LB4_REVNAT.remove(rev4_key(cookie, ip4, port)),
+            None => LB6_REVNAT.remove(rev6_key(cookie, ip, port)),
+        };
+    }
+}
+
+#[inline(always)]
+fn forward_v4(
+    ctx: &SockAddrContext,
+    ip: u32,
+    port: u16,
+    proto: u8,
+    hook: Hook,
+) -> Forward<(u32, u16)> {
+    let frontend = Service4Key::new(ip, port, proto, 0);
+    match forward(
+        ctx,
+        &LB4_SERVICES,
+        &LB4_BACKENDS,
+        &frontend,
+        pick(ctx, hook),
+    ) {
+        Forward::To {
+            backend,
+            rev_nat_id,
+        } => {
+            let key = rev4_key(cookie(ctx), backend.address, backend.port);
+            let value = RevNat4Value {
+                address: ip,
+                port,
+                rev_nat_id,
+            };
+            // A failed insert only costs the reverse view (getpeername/recvmsg): go on.
+            let _ = LB4_REVNAT.insert(key, value, 0);
+            Forward::To {
+                backend: (backend.address, backend.port),
+                rev_nat_id,
+            }
+        }
+        Forward::NoBackends => Forward::NoBackends,
+        Forward::Pass => Forward::Pass,
+    }
+}
+
+#[inline(always)]
+fn forward_v6(
+    ctx: &SockAddrContext,
+    ip: [u32; 4],
+    port: u16,
+    proto: u8,
+    hook: Hook,
+) -> Forward<([u32; 4], u16)> {
+    let frontend = Service6Key::new(ip, port, proto, 0);
+    match forward(
+        ctx,
+        &LB6_SERVICES,
+        &LB6_BACKENDS,
+        &frontend,
+        pick(ctx, hook),
+    ) {
+        Forward::To {
+            backend,
+            rev_nat_id,
+        } => {
+            let key = rev6_key(cookie(ctx), backend.address, backend.port);
+            let value = RevNat6Value {
+                address: ip,
+                port,
+                rev_nat_id,
+            };
+            let _ = LB6_REVNAT.insert(key, value, 0);
+            Forward::To {
+                backend: (backend.address, backend.port),
+                rev_nat_id,
+            }
+        }
+        Forward::NoBackends => Forward::NoBackends,
+        Forward::Pass => Forward::Pass,
+    }
+}
+
+#[inline(always)]
+fn reverse_v4(ctx: &SockAddrContext, ip: u32, port: u16, proto: u8) -> Option<(u32, u16)> {
+    // SAFETY: copied out at once.
+    let entry = unsafe { LB4_REVNAT.get(rev4_key(cookie(ctx), ip, port)) }.copied()?;
+    let frontend = Service4Key::new(entry.address, entry.port, proto, 0);
+    frontend_is_current(&LB4_SERVICES, &frontend, entry.rev_nat_id)
+        .then_some((entry.address, entry.port))
+}
+
+#[inline(always)]
+fn reverse_v6(
+    ctx: &SockAddrContext,
+    ip: [u32; 4],
+    port: u16,
+    proto: u8,
+) -> Option<([u32; 4], u16)> {
+    // SAFETY: copied out at once.
+    let entry = unsafe { LB6_REVNAT.get(rev6_key(cookie(ctx), ip, port)) }.copied()?;
+    let frontend = Service6Key::new(entry.address, entry.port, proto, 0);
+    frontend_is_current(&LB6_SERVICES, &frontend, entry.rev_nat_id)
+        .then_some((entry.address, entry.port))
+}
+
+#[inline(always)]
+const fn rev4_key(cookie: u64, address: u32, port: u16) -> RevNat4Key {
+    RevNat4Key {
+        cookie,
+        address,
+        port,
+        pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+const fn rev6_key(cookie: u64, address: [u32; 4], port: u16) -> RevNat6Key {
+    RevNat6Key {
+        cookie,
+        address,
+        port,
+        pad: [0; 6],
+    }
+}
+
+/// The protocol of the call, if this hook translates it: TCP and UDP at connect, only UDP
+/// at sendmsg (a TCP sendmsg with an address is a TFO connect, which connect handles).
+#[inline(always)]
+fn protocol(sa: *mut bpf_sock_addr, hook: Hook) -> Option<u8> {
+    // SAFETY: as in `forward4`.
+    let proto = unsafe { (*sa).protocol } as u8;
+    match (hook, proto) {
+        (Hook::Connect, PROTO_TCP | PROTO_UDP) | (Hook::SendMsg, PROTO_UDP) => Some(proto),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn pick(ctx: &SockAddrContext, hook: Hook) -> Pick {
+    match hook {
+        Hook::Connect => Pick::Random,
+        // Fold the 64-bit cookie; the low bits alone are sequential.
+        Hook::SendMsg => {
+            let c = cookie(ctx);
+            Pick::Hash(((c >> 32) as u32 ^ c as u32).wrapping_mul(0x9e37_79b1))
+        }
+    }
+}
+
+#[inline(always)]
+fn cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: helper on the program's own context.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+}
+
+/// `user_ip6`, read one word at a time (the verifier rejects a wider access).
+#[inline(always)]
+fn read_user_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: in-bounds reads of the context.
+    unsafe {
+        let p = addr_of!((*sa).user_ip6);
+        [
+            read_volatile(&(*p)[0]),
+            read_volatile(&(*p)[1]),
+            read_volatile(&(*p)[2]),
+            read_volatile(&(*p)[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_user_ip6(sa: *mut bpf_sock_addr, ip: &[u32; 4]) {
+    // SAFETY: in-bounds writes of the context, one word at a time.
+    unsafe {
+        let p = addr_of_mut!((*sa).user_ip6);
+        write_volatile(&mut (*p)[0], ip[0]);
+        write_volatile(&mut (*p)[1], ip[1]);
+        write_volatile(&mut (*p)[2], ip[2]);
+        write_volatile(&mut (*p)[3], ip[3]);
+    }
 }

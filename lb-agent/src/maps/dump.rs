@@ -2,17 +2,18 @@
 //! the writer adopting what a previous agent left, and for the golden tests.
 use std::collections::BTreeMap;
 
-use lb_common::{Backend4, Service4Key, Service4Value};
 use serde::Serialize;
 
-use super::{LbMaps, Result, backend_of, frontend_of};
-use crate::model::L4Addr;
+use super::{LbMaps, Result, ServiceEntry};
+use crate::model::{Backend, EndpointState, FrontendKind, L4Addr};
 
 /// One frontend as the maps hold it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FrontendEntry {
     #[serde(flatten)]
     pub address: L4Addr,
+    /// Which Service field the frontend comes from (`None`: flags the agent never writes).
+    pub kind: Option<FrontendKind>,
     pub rev_nat_id: u16,
     pub flags: u32,
     /// The master's backend count.
@@ -29,18 +30,16 @@ pub struct SlotEntry {
     pub backend_id: u32,
     /// `None` when the slot names a backend the backends map does not hold.
     #[serde(flatten)]
-    pub backend: Option<L4Addr>,
+    pub backend: Option<Backend>,
 }
 
 /// Everything in the maps, decoded.
 #[derive(Clone, Debug, Default)]
 pub struct MapContents {
     pub frontends: Vec<FrontendEntry>,
-    pub backends: BTreeMap<u32, L4Addr>,
-    /// Entries no frontend explains: slots without a master, unknown protocols.
-    pub stray_services: Vec<Service4Key>,
-    /// Backend ids whose value cannot be decoded.
-    pub stray_backends: Vec<u32>,
+    pub backends: BTreeMap<u32, Backend>,
+    /// Backend slots without a master entry.
+    pub stray_slots: Vec<(L4Addr, u16)>,
 }
 
 /// Reads and decodes the maps.
@@ -51,58 +50,49 @@ pub fn read(maps: &impl LbMaps) -> Result<MapContents> {
     Ok(decode(&maps.services()?, &maps.backends()?))
 }
 
-/// Decodes raw entries.
+/// Decodes entries.
 #[must_use]
-pub fn decode(
-    services: &[(Service4Key, Service4Value)],
-    backends: &[(u32, Backend4)],
-) -> MapContents {
-    let mut contents = MapContents::default();
-    for (id, value) in backends {
-        match backend_of(value) {
-            Some(backend) => {
-                contents.backends.insert(*id, backend);
-            }
-            None => contents.stray_backends.push(*id),
-        }
-    }
+pub fn decode(services: &[ServiceEntry], backends: &[(u32, Backend)]) -> MapContents {
+    let mut contents = MapContents {
+        backends: backends.iter().copied().collect(),
+        ..MapContents::default()
+    };
     let mut frontends: BTreeMap<L4Addr, FrontendEntry> = BTreeMap::new();
-    for (key, value) in services.iter().filter(|(k, _)| k.is_master()) {
-        let Some(address) = frontend_of(key) else {
-            contents.stray_services.push(*key);
-            continue;
-        };
+    for entry in services.iter().filter(|e| e.slot == 0) {
         frontends.insert(
-            address,
+            entry.frontend,
             FrontendEntry {
-                address,
-                rev_nat_id: value.rev_nat_id,
-                flags: value.flags,
-                count: value.count,
+                address: entry.frontend,
+                kind: FrontendKind::from_flags(entry.value.flags),
+                rev_nat_id: entry.value.rev_nat_id,
+                flags: entry.value.flags,
+                count: entry.value.count,
                 slots: Vec::new(),
             },
         );
     }
-    for (key, value) in services.iter().filter(|(k, _)| !k.is_master()) {
-        match frontend_of(key).and_then(|a| frontends.get_mut(&a)) {
+    for entry in services.iter().filter(|e| e.slot != 0) {
+        match frontends.get_mut(&entry.frontend) {
             Some(frontend) => frontend.slots.push(SlotEntry {
-                slot: key.backend_slot,
-                backend_id: value.backend_id,
-                backend: contents.backends.get(&value.backend_id).copied(),
+                slot: entry.slot,
+                backend_id: entry.value.backend_id,
+                backend: contents.backends.get(&entry.value.backend_id).copied(),
             }),
-            None => contents.stray_services.push(*key),
+            None => contents.stray_slots.push((entry.frontend, entry.slot)),
         }
     }
     for frontend in frontends.values_mut() {
         frontend.slots.sort_by_key(|s| s.slot);
     }
     contents.frontends = frontends.into_values().collect();
+    contents.stray_slots.sort();
     contents
 }
 
 /// The maps as sorted one-line entries, the format of the golden files:
 /// `SVC 10.96.0.10:80/TCP SLOT=0 COUNT=2 REVNAT=1 FLAGS=0x1`,
-/// `SVC 10.96.0.10:80/TCP SLOT=1 BACKEND=3`, `BE 3 10.244.0.2:8080/TCP`.
+/// `SVC 10.96.0.10:80/TCP SLOT=1 BACKEND=3`, `BE 3 10.244.0.2:8080/TCP` (with ` TERMINATING`
+/// for a terminating backend).
 #[must_use]
 pub fn lines(contents: &MapContents) -> Vec<String> {
     let mut out = Vec::new();
@@ -119,13 +109,14 @@ pub fn lines(contents: &MapContents) -> Vec<String> {
         }
     }
     for (id, backend) in &contents.backends {
-        out.push(format!("BE {id} {backend}"));
+        let state = match backend.state {
+            EndpointState::Ready => "",
+            EndpointState::Terminating => " TERMINATING",
+        };
+        out.push(format!("BE {id} {}{state}", backend.addr));
     }
-    for key in &contents.stray_services {
-        out.push(format!("STRAY SVC {key:?}"));
-    }
-    for id in &contents.stray_backends {
-        out.push(format!("STRAY BE {id}"));
+    for (frontend, slot) in &contents.stray_slots {
+        out.push(format!("STRAY SVC {frontend} SLOT={slot}"));
     }
     out
 }

@@ -3,14 +3,17 @@
 //! a backend that exists. A writer that ever leaves a half-written Service fails the test.
 use std::collections::BTreeMap;
 
-use lb_common::{Backend4, Service4Key, Service4Value};
+use lb_common::ServiceValue;
 
-use super::{LbMaps, Result};
+use super::{LbMaps, Result, ServiceEntry};
+use crate::model::{Backend, L4Addr};
 
 #[derive(Debug, Default, Clone)]
 pub struct FakeMaps {
-    pub services: BTreeMap<Service4Key, Service4Value>,
-    pub backends: BTreeMap<u32, Backend4>,
+    /// (frontend, slot) to value, both families.
+    pub services: BTreeMap<(L4Addr, u16), ServiceValue>,
+    /// (is IPv6, id) to backend: like the real maps, one backends map per family.
+    pub backends: BTreeMap<(bool, u32), Backend>,
     /// Number of writes and deletes performed, to check that only changes are written.
     pub operations: usize,
 }
@@ -19,19 +22,18 @@ impl FakeMaps {
     /// Panics if a connect could, at this instant, read a master whose slots or backends
     /// are missing.
     fn check_consistent(&self) {
-        for (key, value) in self.services.iter().filter(|(k, _)| k.is_master()) {
-            for slot in 1..=value.count {
-                let mut slot_key = *key;
-                slot_key.backend_slot = slot;
-                let entry = self.services.get(&slot_key).unwrap_or_else(|| {
+        for ((frontend, _), master) in self.services.iter().filter(|((_, slot), _)| *slot == 0) {
+            for slot in 1..=master.count {
+                let entry = self.services.get(&(*frontend, slot)).unwrap_or_else(|| {
                     panic!(
-                        "master {key:?} has count {} but slot {slot} is missing",
-                        value.count
+                        "master {frontend} has count {} but slot {slot} is missing",
+                        master.count
                     )
                 });
+                let family = frontend.address.is_ipv6();
                 assert!(
-                    self.backends.contains_key(&entry.backend_id),
-                    "slot {slot_key:?} names backend {} which does not exist",
+                    self.backends.contains_key(&(family, entry.backend_id)),
+                    "slot {slot} of {frontend} names backend {} which its family's map lacks",
                     entry.backend_id
                 );
             }
@@ -46,31 +48,40 @@ impl FakeMaps {
 }
 
 impl LbMaps for FakeMaps {
-    fn set_service(&mut self, key: Service4Key, value: Service4Value) -> Result<()> {
-        self.services.insert(key, value);
+    fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> Result<()> {
+        self.services.insert((*frontend, slot), value);
         self.done()
     }
 
-    fn delete_service(&mut self, key: Service4Key) -> Result<()> {
-        self.services.remove(&key);
+    fn delete_service(&mut self, frontend: &L4Addr, slot: u16) -> Result<()> {
+        self.services.remove(&(*frontend, slot));
         self.done()
     }
 
-    fn set_backend(&mut self, id: u32, backend: Backend4) -> Result<()> {
-        self.backends.insert(id, backend);
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends
+            .insert((backend.addr.address.is_ipv6(), id), *backend);
         self.done()
     }
 
-    fn delete_backend(&mut self, id: u32) -> Result<()> {
-        self.backends.remove(&id);
+    fn delete_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends.remove(&(backend.addr.address.is_ipv6(), id));
         self.done()
     }
 
-    fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>> {
-        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    fn services(&self) -> Result<Vec<ServiceEntry>> {
+        Ok(self
+            .services
+            .iter()
+            .map(|(&(frontend, slot), &value)| ServiceEntry {
+                frontend,
+                slot,
+                value,
+            })
+            .collect())
     }
 
-    fn backends(&self) -> Result<Vec<(u32, Backend4)>> {
-        Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+        Ok(self.backends.iter().map(|(&(_, id), b)| (id, *b)).collect())
     }
 }

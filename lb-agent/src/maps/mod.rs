@@ -1,12 +1,15 @@
-//! The datapath's maps as the control plane sees them: one small interface, a writer that
-//! turns the desired state into ordered map operations, an in-memory fake for tests, and
-//! the real BPF maps.
+//! The datapath's maps as the control plane sees them: one small interface over decoded
+//! entries (the per-family encoding stays inside the implementations), a writer that turns
+//! the desired state into ordered map operations, an in-memory fake for tests, and the
+//! real BPF maps.
 pub mod bpf;
 pub mod dump;
 pub mod fake;
 pub mod writer;
 
-use lb_common::{Backend4, Service4Key, Service4Value};
+use lb_common::ServiceValue;
+
+use crate::model::{Backend, L4Addr};
 
 /// A map operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,64 +23,180 @@ pub struct MapError {
 
 pub type Result<T, E = MapError> = std::result::Result<T, E>;
 
-/// The load-balancing maps. Implemented by the pinned BPF maps and by [`fake::FakeMaps`].
+/// One entry of a services map: `slot` 0 is the frontend's master.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub frontend: L4Addr,
+    pub slot: u16,
+    pub value: ServiceValue,
+}
+
+/// The load-balancing maps of both families. Implemented by the pinned BPF maps and by
+/// [`fake::FakeMaps`].
 pub trait LbMaps {
-    /// Creates or overwrites a services map entry.
-    fn set_service(&mut self, key: Service4Key, value: Service4Value) -> Result<()>;
+    /// Creates or overwrites a services map entry (in the frontend's family's map).
+    fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> Result<()>;
     /// Deletes a services map entry (absent is not an error).
-    fn delete_service(&mut self, key: Service4Key) -> Result<()>;
-    /// Creates or overwrites a backend.
-    fn set_backend(&mut self, id: u32, backend: Backend4) -> Result<()>;
-    /// Deletes a backend (absent is not an error).
-    fn delete_backend(&mut self, id: u32) -> Result<()>;
-    /// Every services map entry.
-    fn services(&self) -> Result<Vec<(Service4Key, Service4Value)>>;
-    /// Every backend.
-    fn backends(&self) -> Result<Vec<(u32, Backend4)>>;
+    fn delete_service(&mut self, frontend: &L4Addr, slot: u16) -> Result<()>;
+    /// Creates or overwrites a backend (in its family's map).
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
+    /// Deletes the backend `id` of `backend`'s family (absent is not an error).
+    fn delete_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
+    /// Every services map entry of both families.
+    fn services(&self) -> Result<Vec<ServiceEntry>>;
+    /// Every backend of both families.
+    fn backends(&self) -> Result<Vec<(u32, Backend)>>;
 }
 
-use std::net::Ipv4Addr;
+/// Encoding of the model's addresses in the maps' network-order words.
+pub mod codec {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{L4Addr, Protocol};
+    use lb_common::{Backend4, Backend6, Service4Key, Service6Key};
 
-/// The services map key of `slot` of a frontend.
-#[must_use]
-pub fn service_key(frontend: &L4Addr, slot: u16) -> Service4Key {
-    Service4Key::new(
-        u32::from(frontend.address).to_be(),
-        frontend.port.to_be(),
-        frontend.protocol.number(),
-        slot,
-    )
-}
+    use crate::model::{Backend, EndpointState, L4Addr, Protocol};
 
-/// The frontend a services map key belongs to (`None` for a protocol we never write).
-#[must_use]
-pub fn frontend_of(key: &Service4Key) -> Option<L4Addr> {
-    Some(L4Addr::new(
-        Ipv4Addr::from(u32::from_be(key.address)),
-        u16::from_be(key.dport),
-        Protocol::from_number(key.proto)?,
-    ))
-}
-
-/// The backends map value of a backend.
-#[must_use]
-pub fn backend_value(backend: &L4Addr) -> Backend4 {
-    Backend4 {
-        address: u32::from(backend.address).to_be(),
-        port: backend.port.to_be(),
-        proto: backend.protocol.number(),
-        flags: 0,
+    /// An IPv4 address as the maps hold it.
+    #[must_use]
+    pub fn ip4(ip: Ipv4Addr) -> u32 {
+        u32::from_ne_bytes(ip.octets())
     }
-}
 
-/// The backend a backends map value describes.
-#[must_use]
-pub fn backend_of(value: &Backend4) -> Option<L4Addr> {
-    Some(L4Addr::new(
-        Ipv4Addr::from(u32::from_be(value.address)),
-        u16::from_be(value.port),
-        Protocol::from_number(value.proto)?,
-    ))
+    /// An IPv6 address as the maps hold it.
+    #[must_use]
+    pub fn ip6(ip: Ipv6Addr) -> [u32; 4] {
+        let o = ip.octets();
+        std::array::from_fn(|i| {
+            u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+        })
+    }
+
+    #[must_use]
+    pub fn from_ip4(word: u32) -> Ipv4Addr {
+        Ipv4Addr::from(word.to_ne_bytes())
+    }
+
+    #[must_use]
+    pub fn from_ip6(words: [u32; 4]) -> Ipv6Addr {
+        let mut octets = [0; 16];
+        for (i, w) in words.iter().enumerate() {
+            octets[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        Ipv6Addr::from(octets)
+    }
+
+    /// The key of `slot` of an IPv4 frontend (`None` for an IPv6 one).
+    #[must_use]
+    pub fn service4_key(frontend: &L4Addr, slot: u16) -> Option<Service4Key> {
+        match frontend.address {
+            IpAddr::V4(ip) => Some(Service4Key::new(
+                ip4(ip),
+                frontend.port.to_be(),
+                frontend.protocol.number(),
+                slot,
+            )),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    /// The key of `slot` of an IPv6 frontend (`None` for an IPv4 one).
+    #[must_use]
+    pub fn service6_key(frontend: &L4Addr, slot: u16) -> Option<Service6Key> {
+        match frontend.address {
+            IpAddr::V6(ip) => Some(Service6Key::new(
+                ip6(ip),
+                frontend.port.to_be(),
+                frontend.protocol.number(),
+                slot,
+            )),
+            IpAddr::V4(_) => None,
+        }
+    }
+
+    /// The frontend and slot of an IPv4 key (`None` for a protocol never written).
+    #[must_use]
+    pub fn from_service4_key(key: &Service4Key) -> Option<(L4Addr, u16)> {
+        let protocol = Protocol::from_number(key.proto)?;
+        Some((
+            L4Addr::new(from_ip4(key.address), u16::from_be(key.dport), protocol),
+            key.backend_slot,
+        ))
+    }
+
+    /// The frontend and slot of an IPv6 key.
+    #[must_use]
+    pub fn from_service6_key(key: &Service6Key) -> Option<(L4Addr, u16)> {
+        let protocol = Protocol::from_number(key.proto)?;
+        Some((
+            L4Addr::new(from_ip6(key.address), u16::from_be(key.dport), protocol),
+            key.backend_slot,
+        ))
+    }
+
+    #[must_use]
+    pub fn backend4(backend: &Backend) -> Option<Backend4> {
+        match backend.addr.address {
+            IpAddr::V4(ip) => Some(Backend4 {
+                address: ip4(ip),
+                port: backend.addr.port.to_be(),
+                proto: backend.addr.protocol.number(),
+                flags: backend.state.flags(),
+            }),
+            IpAddr::V6(_) => None,
+        }
+    }
+
+    #[must_use]
+    pub fn backend6(backend: &Backend) -> Option<Backend6> {
+        match backend.addr.address {
+            IpAddr::V6(ip) => Some(Backend6 {
+                address: ip6(ip),
+                port: backend.addr.port.to_be(),
+                proto: backend.addr.protocol.number(),
+                flags: backend.state.flags(),
+            }),
+            IpAddr::V4(_) => None,
+        }
+    }
+
+    #[must_use]
+    pub fn from_backend4(value: &Backend4) -> Option<Backend> {
+        Some(Backend {
+            addr: L4Addr::new(
+                from_ip4(value.address),
+                u16::from_be(value.port),
+                Protocol::from_number(value.proto)?,
+            ),
+            state: EndpointState::from_flags(value.flags),
+        })
+    }
+
+    #[must_use]
+    pub fn from_backend6(value: &Backend6) -> Option<Backend> {
+        Some(Backend {
+            addr: L4Addr::new(
+                from_ip6(value.address),
+                u16::from_be(value.port),
+                Protocol::from_number(value.proto)?,
+            ),
+            state: EndpointState::from_flags(value.flags),
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn addresses_are_stored_in_network_order() {
+            let ip: Ipv4Addr = "10.96.0.10".parse().unwrap();
+            assert_eq!(ip4(ip).to_ne_bytes(), [10, 96, 0, 10]);
+            assert_eq!(from_ip4(ip4(ip)), ip);
+            let v6: Ipv6Addr = "fd00::1:2".parse().unwrap();
+            assert_eq!(from_ip6(ip6(v6)), v6);
+            let mapped: Ipv6Addr = "::ffff:10.96.0.10".parse().unwrap();
+            assert_eq!(lb_common::v4_mapped(&ip6(mapped)), Some(ip4(ip)));
+            assert_eq!(lb_common::to_v4_mapped(ip4(ip)), ip6(mapped));
+        }
+    }
 }

@@ -8,11 +8,11 @@
 //! [`super::fake::FakeMaps`] checks this after every operation.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use lb_common::{SVC_F_CLUSTER_IP, Service4Value};
+use lb_common::ServiceValue;
 use tracing::{debug, warn};
 
-use super::{LbMaps, Result, backend_value, dump, service_key};
-use crate::model::{DesiredState, Frontend, L4Addr};
+use super::{LbMaps, Result, dump};
+use crate::model::{Backend, DesiredState, Frontend, L4Addr};
 
 /// A frontend as it is in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,8 +50,10 @@ impl ApplyStats {
 pub struct MapWriter<M> {
     maps: M,
     frontends: BTreeMap<L4Addr, Programmed>,
-    backend_ids: HashMap<L4Addr, u32>,
-    backends: BTreeMap<u32, L4Addr>,
+    backend_ids: HashMap<Backend, u32>,
+    backends: BTreeMap<u32, Backend>,
+    /// Number of slots naming each backend id.
+    backend_refs: HashMap<u32, usize>,
     next_backend_id: u32,
     rev_nat_ids: BTreeSet<u16>,
 }
@@ -69,39 +71,44 @@ impl<M: LbMaps> MapWriter<M> {
             frontends: BTreeMap::new(),
             backend_ids: HashMap::new(),
             backends: BTreeMap::new(),
+            backend_refs: HashMap::new(),
             next_backend_id: 1,
             rev_nat_ids: BTreeSet::new(),
         };
         for (&id, &backend) in &contents.backends {
-            // Two ids for one address can only come from a foreign writer: keep the first,
+            // Two ids for one backend can only come from a foreign writer: keep the first,
             // the other is dropped as unused.
             writer.backend_ids.entry(backend).or_insert(id);
             writer.backends.insert(id, backend);
+            writer.backend_refs.insert(id, 0);
             writer.next_backend_id = writer.next_backend_id.max(id.saturating_add(1));
         }
-        for id in &contents.stray_backends {
-            writer.maps.delete_backend(*id)?;
-        }
-        for key in &contents.stray_services {
-            writer.maps.delete_service(*key)?;
+        for (frontend, slot) in &contents.stray_slots {
+            writer.maps.delete_service(frontend, *slot)?;
         }
         for entry in contents.frontends {
             let count = usize::from(entry.count);
             let mut slots = Vec::with_capacity(count);
             let mut stray_slots = BTreeSet::new();
             for slot in &entry.slots {
-                if usize::from(slot.slot) == slots.len() + 1 && slots.len() < count {
+                if usize::from(slot.slot) == slots.len() + 1
+                    && slots.len() < count
+                    && slot.backend.is_some()
+                {
                     slots.push(slot.backend_id);
                 } else {
                     stray_slots.insert(slot.slot);
                 }
             }
             if slots.len() < count {
-                // A master whose slots are missing: make the next apply rewrite it.
+                // A master whose slots are missing: make the next apply rewrite all of it.
                 warn!(frontend = %entry.address, "adopted frontend is missing backend slots");
                 stray_slots.extend(entry.slots.iter().map(|s| s.slot));
                 stray_slots.extend(1..=entry.count);
                 slots.clear();
+            }
+            for id in &slots {
+                *writer.backend_refs.entry(*id).or_default() += 1;
             }
             writer.rev_nat_ids.insert(entry.rev_nat_id);
             writer.frontends.insert(
@@ -140,148 +147,198 @@ impl<M: LbMaps> MapWriter<M> {
             .filter(|a| !desired.contains_key(a))
             .copied()
             .collect();
+        let mut released = BTreeSet::new();
         for address in removed {
-            self.remove_frontend(address, &mut stats)?;
+            self.remove_frontend(address, &mut released, &mut stats)?;
         }
         for frontend in desired.values() {
-            self.upsert_frontend(frontend, &mut stats)?;
+            self.upsert_frontend(frontend, &mut released, &mut stats)?;
         }
-        self.delete_unused_backends(&mut stats)?;
+        self.delete_unused_backends(released, &mut stats)?;
         Ok(stats)
     }
 
-    fn upsert_frontend(&mut self, frontend: &Frontend, stats: &mut ApplyStats) -> Result<()> {
+    fn upsert_frontend(
+        &mut self,
+        frontend: &Frontend,
+        released: &mut BTreeSet<u32>,
+        stats: &mut ApplyStats,
+    ) -> Result<()> {
         let address = frontend.address;
         let count = frontend.backends.len().min(usize::from(u16::MAX));
         if count < frontend.backends.len() {
             warn!(%address, backends = frontend.backends.len(), "more backends than slots; using the first 65535");
         }
-        let wanted = &frontend.backends[..count];
-        let (old, is_new) = match self.frontends.get(&address) {
-            Some(p) => (p.clone(), false),
-            None => (
+        let flags = frontend.kind.flag();
+        let old = match self.frontends.get(&address) {
+            Some(old)
+                if old.stray_slots.is_empty()
+                    && old.flags == flags
+                    && self.same_backends(old, &frontend.backends) =>
+            {
+                return Ok(());
+            }
+            Some(old) => Some(old.clone()),
+            None => None,
+        };
+        let is_new = old.is_none();
+        let old = match old {
+            Some(old) => old,
+            None => {
+                let Some(rev_nat_id) = self.allocate_rev_nat_id() else {
+                    warn!(%address, "all 65535 frontend ids are in use; frontend not programmed");
+                    return Ok(());
+                };
                 Programmed {
-                    rev_nat_id: match self.allocate_rev_nat_id() {
-                        Some(id) => id,
-                        None => {
-                            warn!(%address, "all 65535 frontend ids are in use; frontend not programmed");
-                            return Ok(());
-                        }
-                    },
-                    flags: SVC_F_CLUSTER_IP,
+                    rev_nat_id,
+                    flags,
                     slots: Vec::new(),
                     stray_slots: BTreeSet::new(),
-                },
-                true,
-            ),
+                }
+            }
         };
         let mut ids = Vec::with_capacity(count);
-        for backend in wanted {
+        for backend in &frontend.backends[..count] {
             ids.push(self.ensure_backend(*backend, stats)?);
         }
         let slots = assign_slots(&old.slots, &ids);
-        let mut changed = is_new;
         for (index, &id) in slots.iter().enumerate() {
             if old.slots.get(index) != Some(&id) || old.stray_slots.contains(&slot_number(index)) {
-                self.maps.set_service(
-                    service_key(&address, slot_number(index)),
-                    Service4Value::slot(id),
-                )?;
+                self.maps
+                    .set_service(&address, slot_number(index), ServiceValue::slot(id))?;
                 stats.map_writes += 1;
-                changed = true;
             }
         }
-        let new = Programmed {
-            rev_nat_id: old.rev_nat_id,
-            flags: SVC_F_CLUSTER_IP,
-            slots,
-            stray_slots: BTreeSet::new(),
-        };
-        if is_new || new.slots.len() != old.slots.len() || new.flags != old.flags {
-            let count = u16::try_from(new.slots.len()).unwrap_or(u16::MAX);
+        if is_new || slots.len() != old.slots.len() || flags != old.flags {
+            let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
             self.maps.set_service(
-                service_key(&address, 0),
-                Service4Value::master(count, new.rev_nat_id, new.flags),
+                &address,
+                0,
+                ServiceValue::master(count, old.rev_nat_id, flags),
             )?;
             stats.map_writes += 1;
-            changed = true;
         }
-        let surplus = (new.slots.len() + 1..=old.slots.len()).map(slot_number_1);
+        let surplus = (slots.len() + 1..=old.slots.len()).map(slot_number_1);
         let stray = old
             .stray_slots
             .iter()
             .copied()
-            .filter(|&s| usize::from(s) > new.slots.len());
+            .filter(|&s| usize::from(s) > slots.len());
         for slot in surplus.chain(stray).collect::<BTreeSet<_>>() {
-            self.maps.delete_service(service_key(&address, slot))?;
+            self.maps.delete_service(&address, slot)?;
             stats.map_deletes += 1;
-            changed = true;
         }
-        if changed {
-            if is_new {
-                stats.frontends_added += 1;
-            } else {
-                stats.frontends_updated += 1;
-            }
-            debug!(%address, service = %frontend.service, backends = new.slots.len(), "programmed frontend");
+        for id in &slots {
+            *self.backend_refs.entry(*id).or_default() += 1;
         }
-        self.frontends.insert(address, new);
+        self.release(&old.slots, released);
+        if is_new {
+            stats.frontends_added += 1;
+        } else {
+            stats.frontends_updated += 1;
+        }
+        debug!(%address, service = %frontend.service, backends = slots.len(), "programmed frontend");
+        self.frontends.insert(
+            address,
+            Programmed {
+                rev_nat_id: old.rev_nat_id,
+                flags,
+                slots,
+                stray_slots: BTreeSet::new(),
+            },
+        );
         Ok(())
     }
 
-    fn remove_frontend(&mut self, address: L4Addr, stats: &mut ApplyStats) -> Result<()> {
+    /// Whether `programmed` already holds exactly `wanted` (in any slot order).
+    fn same_backends(&self, programmed: &Programmed, wanted: &[Backend]) -> bool {
+        programmed.slots.len() == wanted.len()
+            && wanted.iter().all(|b| {
+                self.backend_ids
+                    .get(b)
+                    .is_some_and(|id| programmed.slots.contains(id))
+            })
+    }
+
+    fn remove_frontend(
+        &mut self,
+        address: L4Addr,
+        released: &mut BTreeSet<u32>,
+        stats: &mut ApplyStats,
+    ) -> Result<()> {
         let Some(old) = self.frontends.get(&address).cloned() else {
             return Ok(());
         };
-        self.maps.delete_service(service_key(&address, 0))?;
+        self.maps.delete_service(&address, 0)?;
         stats.map_deletes += 1;
         let slots = (1..=old.slots.len())
             .map(slot_number_1)
             .chain(old.stray_slots.iter().copied());
         for slot in slots.collect::<BTreeSet<_>>() {
-            self.maps.delete_service(service_key(&address, slot))?;
+            self.maps.delete_service(&address, slot)?;
             stats.map_deletes += 1;
         }
         self.frontends.remove(&address);
         self.rev_nat_ids.remove(&old.rev_nat_id);
+        self.release(&old.slots, released);
         stats.frontends_removed += 1;
         debug!(%address, "removed frontend");
         Ok(())
     }
 
-    fn ensure_backend(&mut self, backend: L4Addr, stats: &mut ApplyStats) -> Result<u32> {
+    /// Drops one reference per slot; ids left without any are candidates for deletion.
+    fn release(&mut self, ids: &[u32], released: &mut BTreeSet<u32>) {
+        for id in ids {
+            if let Some(refs) = self.backend_refs.get_mut(id) {
+                *refs = refs.saturating_sub(1);
+                if *refs == 0 {
+                    released.insert(*id);
+                }
+            }
+        }
+    }
+
+    fn ensure_backend(&mut self, backend: Backend, stats: &mut ApplyStats) -> Result<u32> {
         if let Some(&id) = self.backend_ids.get(&backend) {
             return Ok(id);
         }
         let id = self.next_backend_id;
         self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1).max(1);
-        self.maps.set_backend(id, backend_value(&backend))?;
+        self.maps.set_backend(id, &backend)?;
         stats.map_writes += 1;
         stats.backends_added += 1;
         self.backend_ids.insert(backend, id);
         self.backends.insert(id, backend);
+        self.backend_refs.insert(id, 0);
         Ok(id)
     }
 
-    fn delete_unused_backends(&mut self, stats: &mut ApplyStats) -> Result<()> {
-        let used: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|p| p.slots.iter().copied())
-            .collect();
-        let unused: Vec<u32> = self
-            .backends
-            .keys()
-            .filter(|id| !used.contains(id))
-            .copied()
-            .collect();
-        for id in unused {
-            self.maps.delete_backend(id)?;
+    /// Deletes the backends no slot names any more (after every frontend was written, so a
+    /// backend moving between Services is never deleted and re-created). On the first apply
+    /// after adopting, that includes backends a previous agent left unused.
+    fn delete_unused_backends(
+        &mut self,
+        mut released: BTreeSet<u32>,
+        stats: &mut ApplyStats,
+    ) -> Result<()> {
+        released.extend(
+            self.backend_refs
+                .iter()
+                .filter(|(_, refs)| **refs == 0)
+                .map(|(id, _)| *id),
+        );
+        for id in released {
+            if self.backend_refs.get(&id).is_some_and(|refs| *refs > 0) {
+                continue;
+            }
+            let Some(backend) = self.backends.remove(&id) else {
+                continue;
+            };
+            self.maps.delete_backend(id, &backend)?;
+            self.backend_refs.remove(&id);
             stats.map_deletes += 1;
             stats.backends_removed += 1;
-            if let Some(backend) = self.backends.remove(&id)
-                && self.backend_ids.get(&backend) == Some(&id)
-            {
+            if self.backend_ids.get(&backend) == Some(&id) {
                 self.backend_ids.remove(&backend);
             }
         }
@@ -291,7 +348,6 @@ impl<M: LbMaps> MapWriter<M> {
     /// Takes a free reverse-NAT id (ids start at 1): one past the highest in use, or the
     /// lowest free one once the top is reached.
     fn allocate_rev_nat_id(&mut self) -> Option<u16> {
-        // Fast path: one past the highest id in use (ids are handed out in order).
         let next = self
             .rev_nat_ids
             .last()

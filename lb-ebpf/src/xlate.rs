@@ -1,0 +1,87 @@
+//! Family-independent service lookup: frontend key in, backend out. The socket hooks in
+//! `sock.rs` read and write the addresses; this module only decides.
+use aya_ebpf::{EbpfContext, btf_maps::HashMap, helpers::bpf_get_prandom_u32};
+use aya_log_ebpf::warn;
+use lb_common::{BACKENDS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue};
+
+/// A family's services map.
+pub type Services<K> = HashMap<K, ServiceValue, SERVICES_MAX_ENTRIES>;
+/// A family's backends map.
+pub type Backends<B> = HashMap<u32, B, BACKENDS_MAX_ENTRIES>;
+
+/// The outcome of a forward lookup.
+pub enum Forward<B> {
+    /// Not a Service frontend, or one in an inconsistent state: leave the call alone.
+    Pass,
+    /// A frontend without endpoints: refuse.
+    NoBackends,
+    /// Translate to `backend`; `rev_nat_id` identifies the frontend for the reverse path.
+    To { backend: B, rev_nat_id: u16 },
+}
+
+/// How a backend slot is chosen.
+#[derive(Clone, Copy)]
+pub enum Pick {
+    /// At random, for each new connection (kube-proxy's `statistic --mode random`).
+    Random,
+    /// From a per-socket hash, so the datagrams an unconnected UDP socket sends to one
+    /// Service keep going to one backend while the backends stay the same, as they would
+    /// under kube-proxy's conntrack entry.
+    Hash(u32),
+}
+
+/// Looks `frontend` (a master key) up and picks one of its backends.
+#[inline(always)]
+pub fn forward<C: EbpfContext, K: ServiceKey, B: Copy>(
+    ctx: &C,
+    services: &Services<K>,
+    backends: &Backends<B>,
+    frontend: &K,
+    pick: Pick,
+) -> Forward<B> {
+    let Some(master) = lookup(services, frontend) else {
+        return Forward::Pass;
+    };
+    if master.count == 0 {
+        return Forward::NoBackends;
+    }
+    let seed = match pick {
+        // SAFETY: helper without arguments.
+        Pick::Random => unsafe { bpf_get_prandom_u32() },
+        Pick::Hash(hash) => hash,
+    };
+    let slot = (seed % u32::from(master.count)) as u16 + 1;
+    let Some(entry) = lookup(services, &frontend.with_slot(slot)) else {
+        // The writer never leaves a slot below the count missing: say so if it happens.
+        warn!(
+            ctx,
+            "lb: frontend has count {} but slot {} is missing", master.count, slot
+        );
+        return Forward::Pass;
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { backends.get(entry.backend_id) } {
+        Some(backend) => Forward::To {
+            backend: *backend,
+            rev_nat_id: master.rev_nat_id,
+        },
+        None => Forward::Pass,
+    }
+}
+
+/// Whether the frontend `master_key` still exists as the frontend `rev_nat_id` named: a
+/// reverse-NAT entry made for a frontend since deleted (or replaced) must not be used.
+#[inline(always)]
+pub fn frontend_is_current<K: ServiceKey>(
+    services: &Services<K>,
+    master_key: &K,
+    rev_nat_id: u16,
+) -> bool {
+    lookup(services, master_key).is_some_and(|m| m.rev_nat_id == rev_nat_id)
+}
+
+#[inline(always)]
+fn lookup<K: ServiceKey>(services: &Services<K>, key: &K) -> Option<ServiceValue> {
+    // SAFETY: the value is copied out before any other map operation.
+    unsafe { services.get(key) }.copied()
+}
