@@ -2,6 +2,7 @@
 //! manifests describe.
 use std::{
     collections::BTreeSet,
+    net::SocketAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -14,6 +15,7 @@ use tokio::{
 use tracing::{debug, error, info, instrument, warn};
 
 use crate::{
+    api::{self, SharedStatus},
     loader,
     maps::{LbMaps, writer::MapWriter},
     source::manifests::{self, ManifestDir},
@@ -32,6 +34,8 @@ pub struct RunConfig {
     pub manifests: PathBuf,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
+    /// Where to serve the HTTP API, if anywhere.
+    pub api_addr: Option<SocketAddr>,
 }
 
 /// Runs until SIGINT or SIGTERM. On exit the programs stay attached and the maps pinned:
@@ -41,6 +45,17 @@ pub struct RunConfig {
 /// When the datapath cannot be loaded or attached, or the manifests directory cannot be
 /// watched.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let status = SharedStatus::default();
+    let api = match config.api_addr {
+        Some(addr) => {
+            // Bind before anything else, so a taken port fails the start-up loudly.
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the API address {addr}"))?;
+            Some(tokio::spawn(api::serve(listener, status.clone())))
+        }
+        None => None,
+    };
     let loader::Loaded { mut ebpf, maps } = loader::load(&config.pin_dir).with_context(|| {
         format!(
             "loading the datapath (pins in {})",
@@ -58,9 +73,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Watch before the first read, so a change made in between is not lost.
     let (_watcher, mut changes) = manifests::watch(&config.manifests, DEBOUNCE)
         .with_context(|| format!("watching {}", config.manifests.display()))?;
-    let mut source = Source::new(config.manifests.clone());
+    let mut source = Source::new(config.manifests.clone(), status.clone());
     source.sync(&mut writer).context("initial sync")?;
     loader::attach_cgroup_programs(&mut ebpf, &config.cgroup, &config.pin_dir)?;
+    if let Ok(mut status) = status.write() {
+        status.ready = true;
+    }
     info!(manifests = %config.manifests.display(), "ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -82,6 +100,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     if let Some(task) = logger {
         task.abort();
     }
+    if let Some(task) = api {
+        task.abort();
+    }
     info!("exiting; programs stay attached and maps pinned (`lb-agent cleanup` removes them)");
     Ok(())
 }
@@ -91,14 +112,16 @@ struct Source {
     dir: ManifestDir,
     reported: BTreeSet<String>,
     retry: bool,
+    status: SharedStatus,
 }
 
 impl Source {
-    fn new(dir: PathBuf) -> Self {
+    fn new(dir: PathBuf, status: SharedStatus) -> Self {
         Self {
             dir: ManifestDir::new(dir),
             reported: BTreeSet::new(),
             retry: false,
+            status,
         }
     }
 
@@ -121,6 +144,9 @@ impl Source {
         self.retry = true;
         let stats = writer.apply(&translation.frontends)?;
         self.retry = false;
+        if let Ok(mut status) = self.status.write() {
+            status.frontends = api::views(&translation.frontends);
+        }
         if !stats.is_noop() {
             info!(
                 frontends = translation.frontends.len(),

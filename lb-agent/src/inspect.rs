@@ -1,8 +1,9 @@
 //! `lb-agent services`: the frontends and backends in the pinned maps, read without the
 //! agent (like `cilium-dbg bpf lb list`).
-use std::{fmt::Write as _, path::Path};
+use std::{collections::HashMap, fmt::Write as _, net::SocketAddr, path::Path};
 
 use crate::{
+    api::{self, BackendView, FrontendView},
     maps::{
         self,
         dump::{FrontendEntry, MapContents},
@@ -20,11 +21,16 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Reads the maps pinned under `pin_dir` and renders them.
+/// Reads the maps pinned under `pin_dir` and renders them; with `api`, adds what only the
+/// agent knows (Service and port names, endpoint sources) from its `/v1/frontends`.
 ///
 /// # Errors
-/// When the maps are not pinned there or cannot be read.
-pub fn services(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
+/// When the maps are not pinned there or cannot be read, or the agent cannot be reached.
+pub fn services(
+    pin_dir: &Path,
+    format: OutputFormat,
+    api: Option<SocketAddr>,
+) -> anyhow::Result<String> {
     let pinned = maps::bpf::BpfMaps::open_pinned(pin_dir).map_err(|e| {
         anyhow::anyhow!(
             "{e} (is an agent running with --bpf-pin-path {}?)",
@@ -32,19 +38,64 @@ pub fn services(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> 
         )
     })?;
     let contents = maps::dump::read(&pinned)?;
+    let views: HashMap<String, FrontendView> = match api {
+        Some(addr) => api::fetch_frontends(addr)
+            .map_err(|e| anyhow::anyhow!("asking the agent at {addr}: {e}"))?
+            .into_iter()
+            .map(|v| (v.frontend.clone(), v))
+            .collect(),
+        None => HashMap::new(),
+    };
     Ok(match format {
-        OutputFormat::Json => serde_json::to_string_pretty(&contents.frontends)? + "\n",
-        OutputFormat::Table => table(&contents),
+        OutputFormat::Json => serde_json::to_string_pretty(&json(&contents, &views)?)? + "\n",
+        OutputFormat::Table => table(&contents, &views),
     })
+}
+
+/// The frontends as JSON: the map entries, plus `service`, `port_name` and each backend's
+/// `source`, `node_name`, `zone` where the agent told them.
+fn json(
+    contents: &MapContents,
+    views: &HashMap<String, FrontendView>,
+) -> anyhow::Result<serde_json::Value> {
+    let mut list = Vec::new();
+    for frontend in &contents.frontends {
+        let mut value = serde_json::to_value(frontend)?;
+        if let Some(view) = views.get(&frontend.address.to_string()) {
+            value["service"] = view.service.clone().into();
+            value["port_name"] = view.port_name.clone().into();
+            let backends = value["backends"].as_array_mut().into_iter().flatten();
+            for (slot, backend) in frontend.slots.iter().zip(backends) {
+                let Some(known) = slot
+                    .backend
+                    .and_then(|b| backend_view(view, &b.addr.to_string()))
+                else {
+                    continue;
+                };
+                backend["source"] = known.source.clone().into();
+                backend["node_name"] = known.node_name.clone().into();
+                backend["zone"] = known.zone.clone().into();
+            }
+        }
+        list.push(value);
+    }
+    Ok(serde_json::Value::Array(list))
+}
+
+fn backend_view<'a>(view: &'a FrontendView, backend: &str) -> Option<&'a BackendView> {
+    view.backends.iter().find(|b| b.backend == backend)
 }
 
 /// The table rendering: one row per backend slot.
 #[must_use]
-pub fn table(contents: &MapContents) -> String {
+pub fn table(contents: &MapContents, views: &HashMap<String, FrontendView>) -> String {
     let header = ["FRONTEND", "TYPE", "ID", "SLOT", "BACKEND"].map(String::from);
     let mut rows = vec![header];
     for frontend in &contents.frontends {
-        rows.extend(frontend_rows(frontend));
+        rows.extend(frontend_rows(
+            frontend,
+            views.get(&frontend.address.to_string()),
+        ));
     }
     let widths: Vec<usize> = (0..5)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
@@ -75,8 +126,12 @@ pub fn table(contents: &MapContents) -> String {
     out
 }
 
-fn frontend_rows(frontend: &FrontendEntry) -> Vec<[String; 5]> {
-    let name = frontend.address.to_string();
+fn frontend_rows(frontend: &FrontendEntry, view: Option<&FrontendView>) -> Vec<[String; 5]> {
+    let name = match view {
+        Some(v) if v.port_name.is_empty() => format!("{} ({})", frontend.address, v.service),
+        Some(v) => format!("{} ({}:{})", frontend.address, v.service, v.port_name),
+        None => frontend.address.to_string(),
+    };
     let kind = match frontend.kind {
         Some(FrontendKind::ClusterIp) => "ClusterIP".to_string(),
         Some(FrontendKind::ExternalIp) => "ExternalIP".to_string(),
@@ -98,9 +153,15 @@ fn frontend_rows(frontend: &FrontendEntry) -> Vec<[String; 5]> {
         .iter()
         .enumerate()
         .map(|(i, slot)| {
+            let source = slot
+                .backend
+                .zip(view)
+                .and_then(|(b, v)| backend_view(v, &b.addr.to_string()))
+                .map(|b| format!(" from {}", b.source))
+                .unwrap_or_default();
             let backend = slot.backend.map_or_else(
                 || format!("backend {} (missing)", slot.backend_id),
-                |b| format!("{b} [backend {}]", slot.backend_id),
+                |b| format!("{b} [backend {}]{source}", slot.backend_id),
             );
             let first = i == 0;
             let only_first = |s: &String| if first { s.clone() } else { String::new() };

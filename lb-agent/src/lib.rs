@@ -4,6 +4,7 @@
 //! the desired frontends ([`model`]); [`maps::writer`] writes the differences into the BPF
 //! maps that the programs loaded by [`loader`] read.
 pub mod agent;
+pub mod api;
 pub mod inspect;
 pub mod loader;
 pub mod maps;

@@ -44,6 +44,8 @@ enum Command {
         cgroup: Option<PathBuf>,
         #[command(flatten)]
         pins: PinArgs,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// List every frontend and its backends, read from the pinned maps (no agent needed).
     Services {
@@ -52,6 +54,8 @@ enum Command {
         /// Output format.
         #[arg(long, short, value_enum, default_value_t)]
         output: inspect::OutputFormat,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Detach the programs and remove the maps and every pin under --bpf-pin-path.
     ///
@@ -60,6 +64,15 @@ enum Command {
         #[command(flatten)]
         pins: PinArgs,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// Address of the agent's HTTP API: `run` serves /healthz, /readyz and /v1/frontends
+    /// there; `services` asks it for Service and port names and endpoint sources.
+    /// Unset: no API (and `services` shows only what the maps hold).
+    #[arg(long, env = "LB_API_ADDR", value_name = "IP:PORT")]
+    api_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +96,7 @@ fn main() -> anyhow::Result<()> {
             manifests,
             cgroup,
             pins,
+            api,
         } => {
             let cgroup = match cgroup {
                 Some(path) => path,
@@ -92,6 +106,7 @@ fn main() -> anyhow::Result<()> {
                 manifests,
                 cgroup,
                 pin_dir: pins.bpf_pin_path,
+                api_addr: api.api_addr,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -99,8 +114,11 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(agent::run(config))
         }
-        Command::Services { pins, output } => {
-            print!("{}", inspect::services(&pins.bpf_pin_path, output)?);
+        Command::Services { pins, output, api } => {
+            print!(
+                "{}",
+                inspect::services(&pins.bpf_pin_path, output, api.api_addr)?
+            );
             Ok(())
         }
         Command::Cleanup { pins } => {

@@ -402,12 +402,18 @@ fn endpoint_selection_table() {
         ("no endpoints", vec![], ""),
         (
             "ready only",
-            vec![candidate("10.0.0.1", true, true, false), candidate("10.0.0.2", false, false, false)],
+            vec![
+                candidate("10.0.0.1", true, true, false),
+                candidate("10.0.0.2", false, false, false),
+            ],
             "10.0.0.1 R",
         ),
         (
             "ready beats terminating",
-            vec![candidate("10.0.0.1", true, true, false), candidate("10.0.0.2", false, true, true)],
+            vec![
+                candidate("10.0.0.1", true, true, false),
+                candidate("10.0.0.2", false, true, true),
+            ],
             "10.0.0.1 R",
         ),
         (
@@ -419,10 +425,17 @@ fn endpoint_selection_table() {
             ],
             "10.0.0.1 T",
         ),
-        ("not serving terminating is never used", vec![candidate("10.0.0.2", false, false, true)], ""),
+        (
+            "not serving terminating is never used",
+            vec![candidate("10.0.0.2", false, false, true)],
+            "",
+        ),
         (
             "duplicates across slices collapse",
-            vec![candidate("10.0.0.1", true, true, false), candidate("10.0.0.1", true, true, false)],
+            vec![
+                candidate("10.0.0.1", true, true, false),
+                candidate("10.0.0.1", true, true, false),
+            ],
             "10.0.0.1 R",
         ),
     ];
@@ -430,7 +443,11 @@ fn endpoint_selection_table() {
         let got: Vec<String> = select_endpoints(&candidates)
             .iter()
             .map(|(b, _)| {
-                let state = if b.state == EndpointState::Ready { "R" } else { "T" };
+                let state = if b.state == EndpointState::Ready {
+                    "R"
+                } else {
+                    "T"
+                };
                 format!("{} {state}", b.addr.address)
             })
             .collect();
@@ -441,20 +458,40 @@ fn endpoint_selection_table() {
 #[test]
 fn terminating_pods_serve_only_when_no_pod_is_ready() {
     let terminating = |name: &str, ip: &str| {
-        pod(name, "default", APP_WEB, ip, true, HTTP_8080)
-            .replace("namespace: default,", "namespace: default, deletionTimestamp: \"2026-01-01T00:00:00Z\",")
+        pod(name, "default", APP_WEB, ip, true, HTTP_8080).replace(
+            "namespace: default,",
+            "namespace: default, deletionTimestamp: \"2026-01-01T00:00:00Z\",",
+        )
     };
-    let only_terminating = [service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB), terminating("a", "10.244.0.2")].concat();
-    assert_eq!(frontends(&only_terminating), ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP (terminating)"]);
-    let with_ready = [only_terminating.clone(), pod("b", "default", APP_WEB, "10.244.0.3", true, HTTP_8080)].concat();
-    assert_eq!(frontends(&with_ready), ["10.96.0.10:80/TCP -> 10.244.0.3:8080/TCP"]);
+    let only_terminating = [
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        terminating("a", "10.244.0.2"),
+    ]
+    .concat();
+    assert_eq!(
+        frontends(&only_terminating),
+        ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP (terminating)"]
+    );
+    let with_ready = [
+        only_terminating.clone(),
+        pod("b", "default", APP_WEB, "10.244.0.3", true, HTTP_8080),
+    ]
+    .concat();
+    assert_eq!(
+        frontends(&with_ready),
+        ["10.96.0.10:80/TCP -> 10.244.0.3:8080/TCP"]
+    );
     // publishNotReadyAddresses: every matching pod is published as ready.
     let publish = [
-        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB).replace("spec:\n", "spec:\n  publishNotReadyAddresses: true\n"),
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB)
+            .replace("spec:\n", "spec:\n  publishNotReadyAddresses: true\n"),
         pod("c", "default", APP_WEB, "10.244.0.4", false, HTTP_8080),
     ]
     .concat();
-    assert_eq!(frontends(&publish), ["10.96.0.10:80/TCP -> 10.244.0.4:8080/TCP"]);
+    assert_eq!(
+        frontends(&publish),
+        ["10.96.0.10:80/TCP -> 10.244.0.4:8080/TCP"]
+    );
 }
 
 #[test]
@@ -466,7 +503,10 @@ fn dual_stack_services_get_a_frontend_per_family_with_backends_of_that_family() 
     .concat();
     assert_eq!(
         frontends(&yaml),
-        ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP", "[fd00:96::10]:80/TCP -> [fd00:244::2]:8080/TCP"]
+        [
+            "10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP",
+            "[fd00:96::10]:80/TCP -> [fd00:244::2]:8080/TCP"
+        ]
     );
 }
 
@@ -479,7 +519,10 @@ fn ipv6_endpoint_slices() {
         slice("web-v4", "default", "web", "[{addresses: [10.244.0.5]}]", "[{name: http, port: 8080}]"),
     ]
     .concat();
-    assert_eq!(frontends(&yaml), ["[fd00:96::10]:80/TCP -> [fd00:244::5]:8080/TCP"]);
+    assert_eq!(
+        frontends(&yaml),
+        ["[fd00:96::10]:80/TCP -> [fd00:244::5]:8080/TCP"]
+    );
 }
 
 #[test]
@@ -490,26 +533,61 @@ fn external_and_load_balancer_addresses_are_frontends_too() {
     ]
     .concat();
     let translation = translate(&objects(&yaml));
-    assert!(translation.problems.is_empty(), "{:?}", translation.problems);
-    let kinds: Vec<String> = translation.frontends.values().map(|f| format!("{} {:?}", f.address, f.kind)).collect();
+    assert!(
+        translation.problems.is_empty(),
+        "{:?}",
+        translation.problems
+    );
+    let kinds: Vec<String> = translation
+        .frontends
+        .values()
+        .map(|f| format!("{} {:?}", f.address, f.kind))
+        .collect();
     assert_eq!(
         kinds,
-        ["10.96.0.10:80/TCP ClusterIp", "192.168.50.10:80/TCP ExternalIp", "192.168.60.1:80/TCP LoadBalancer"]
+        [
+            "10.96.0.10:80/TCP ClusterIp",
+            "192.168.50.10:80/TCP ExternalIp",
+            "192.168.60.1:80/TCP LoadBalancer"
+        ]
     );
 }
 
 #[test]
 fn cluster_ips_are_validated() {
-    let svc = |spec: &str| format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec: {{{spec}, ports: [{{port: 80}}]}}\n");
+    let svc = |spec: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s}}\nspec: {{{spec}, ports: [{{port: 80}}]}}\n"
+        )
+    };
     let cases = [
-        ("clusterIP: 10.96.0.1, clusterIPs: [10.96.0.2]", "spec.clusterIPs[0]: 10.96.0.2 differs from spec.clusterIP 10.96.0.1"),
-        ("clusterIPs: [10.96.0.1, 10.96.0.2]", "spec.clusterIPs: at most one IPv4 and one IPv6 address"),
-        ("clusterIPs: [10.96.0.1, \"fd00::1\"], ipFamilyPolicy: SingleStack", "spec.ipFamilyPolicy: SingleStack with two clusterIPs"),
-        ("clusterIP: 10.96.0.1, ipFamilies: [IPv6]", "spec.ipFamilies[0]: \"IPv6\" does not match spec.clusterIPs[0]"),
-        ("clusterIP: 10.96.0.1, externalIPs: [not-an-ip]", "spec.externalIPs[0]: \"not-an-ip\" is not an IP address"),
+        (
+            "clusterIP: 10.96.0.1, clusterIPs: [10.96.0.2]",
+            "spec.clusterIPs[0]: 10.96.0.2 differs from spec.clusterIP 10.96.0.1",
+        ),
+        (
+            "clusterIPs: [10.96.0.1, 10.96.0.2]",
+            "spec.clusterIPs: at most one IPv4 and one IPv6 address",
+        ),
+        (
+            "clusterIPs: [10.96.0.1, \"fd00::1\"], ipFamilyPolicy: SingleStack",
+            "spec.ipFamilyPolicy: SingleStack with two clusterIPs",
+        ),
+        (
+            "clusterIP: 10.96.0.1, ipFamilies: [IPv6]",
+            "spec.ipFamilies[0]: \"IPv6\" does not match spec.clusterIPs[0]",
+        ),
+        (
+            "clusterIP: 10.96.0.1, externalIPs: [not-an-ip]",
+            "spec.externalIPs[0]: \"not-an-ip\" is not an IP address",
+        ),
     ];
     for (spec, expected) in cases {
         let problems = problems(&svc(spec));
-        assert_eq!(problems, [format!("test.yaml: Service default/s: {expected}")], "{spec}");
+        assert_eq!(
+            problems,
+            [format!("test.yaml: Service default/s: {expected}")],
+            "{spec}"
+        );
     }
 }

@@ -1,0 +1,139 @@
+//! The agent's HTTP endpoint (`--api-addr`): `/healthz` (the process serves), `/readyz`
+//! (the datapath is attached and the first sync done), and `/v1/frontends`, the desired
+//! state with what the maps cannot hold: Service and port names, where each endpoint came
+//! from, its node and zone. `lb-agent services --api-addr` merges it into its listing.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{DesiredState, EndpointInfo};
+
+/// A frontend as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FrontendView {
+    /// `address:port/PROTO` (`[v6]:port/PROTO`), as `lb-agent services` prints it.
+    pub frontend: String,
+    pub kind: String,
+    /// `namespace/name` of the Service.
+    pub service: String,
+    pub port_name: String,
+    pub backends: Vec<BackendView>,
+}
+
+/// A backend as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackendView {
+    /// `address:port/PROTO`.
+    pub backend: String,
+    /// `Ready` or `Terminating`.
+    pub state: String,
+    /// EndpointSlice name, or `pod/<name>` when derived from a Pod.
+    pub source: String,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// What the agent publishes.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub ready: bool,
+    pub frontends: Vec<FrontendView>,
+}
+
+pub type SharedStatus = Arc<RwLock<Status>>;
+
+/// The views of a desired state.
+#[must_use]
+pub fn views(desired: &DesiredState) -> Vec<FrontendView> {
+    desired
+        .values()
+        .map(|f| FrontendView {
+            frontend: f.address.to_string(),
+            kind: format!("{:?}", f.kind),
+            service: f.service.to_string(),
+            port_name: f.port_name.clone(),
+            backends: f
+                .backends
+                .iter()
+                .zip(&f.backend_info)
+                .map(
+                    |(
+                        b,
+                        EndpointInfo {
+                            source,
+                            node_name,
+                            zone,
+                        },
+                    )| BackendView {
+                        backend: b.addr.to_string(),
+                        state: format!("{:?}", b.state),
+                        source: source.clone(),
+                        node_name: node_name.clone(),
+                        zone: zone.clone(),
+                    },
+                )
+                .collect(),
+        })
+        .collect()
+}
+
+/// Serves the endpoint on `listener` until the task is dropped.
+///
+/// # Errors
+/// When accepting connections fails.
+pub async fn serve(listener: tokio::net::TcpListener, status: SharedStatus) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/frontends", get(frontends))
+        .with_state(status);
+    tracing::info!(addr = %listener.local_addr()?, "API listening");
+    axum::serve(listener, app).await
+}
+
+async fn readyz(State(status): State<SharedStatus>) -> (StatusCode, &'static str) {
+    let ready = status.read().is_ok_and(|s| s.ready);
+    if ready {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn frontends(State(status): State<SharedStatus>) -> Json<Vec<FrontendView>> {
+    Json(
+        status
+            .read()
+            .map(|s| s.frontends.clone())
+            .unwrap_or_default(),
+    )
+}
+
+/// Fetches `/v1/frontends` from a running agent (a plain blocking HTTP/1.0 GET: the CLI
+/// needs nothing more).
+///
+/// # Errors
+/// When the agent cannot be reached or answers something else.
+pub fn fetch_frontends(addr: SocketAddr) -> anyhow::Result<Vec<FrontendView>> {
+    let timeout = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(stream, "GET /v1/frontends HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed HTTP response from {addr}"))?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{addr}: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    Ok(serde_json::from_str(body)?)
+}
