@@ -1,0 +1,84 @@
+//! Everything one end-to-end test needs, dropped in the right order.
+
+use crate::agent::{Agent, AgentConfig};
+use crate::{Manifests, PinDir, TestCgroup, Topology};
+
+/// A node topology, a cgroup, a pin directory and a manifests directory.
+///
+/// Start the agent with [`TestEnv::agent`] and keep it in a local declared after the env, so it
+/// stops before the env's guards run. Fields drop in declaration order: the pins (after
+/// `lb-agent cleanup`), then the cgroup, the manifests, the namespaces.
+#[derive(Debug)]
+pub struct TestEnv {
+    pub pins: PinDir,
+    pub cgroup: TestCgroup,
+    pub manifests: Manifests,
+    pub topo: Topology,
+}
+
+impl TestEnv {
+    #[track_caller]
+    pub fn new() -> Self {
+        Self {
+            pins: PinDir::new(),
+            cgroup: TestCgroup::new(),
+            manifests: Manifests::new(),
+            topo: Topology::new(),
+        }
+    }
+
+    /// How the agent of this test is started: in the node namespace, attached to the test cgroup.
+    pub fn agent_config(&self) -> AgentConfig {
+        AgentConfig {
+            manifests: self.manifests.dir().to_path_buf(),
+            cgroup: self.cgroup.path().to_path_buf(),
+            pin_path: self.pins.path().to_path_buf(),
+            netns: Some(self.topo.node().name().to_owned()),
+            log: self.manifests.work_dir().join("agent.log"),
+        }
+    }
+
+    /// Starts `lb-agent run` for this test.
+    #[track_caller]
+    pub fn agent(&self) -> Agent {
+        let mut agent = Agent::new(self.agent_config());
+        agent.start();
+        agent
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A backend pod: its namespace and its running HTTP server.
+#[derive(Debug)]
+pub struct BackendPod {
+    pub pod: crate::Pod,
+    pub server: crate::Server,
+}
+
+impl TestEnv {
+    /// A pod `name` in namespace `default`, labelled `app: <app>`, with an HTTP server answering
+    /// as `name` on `port` (container port `http`), and its Pod manifest in `pod-<name>.yaml`.
+    #[track_caller]
+    pub fn add_backend(&self, name: &str, app: &str, port: u16) -> BackendPod {
+        let pod = self.topo.add_pod(name);
+        let server = pod.spawn_server(name, port);
+        self.manifests.write(
+            &Self::pod_file(name),
+            &crate::manifests::pod(name, pod.ip())
+                .label("app", app)
+                .container_port("http", i32::from(port))
+                .yaml(),
+        );
+        BackendPod { pod, server }
+    }
+
+    /// The file [`TestEnv::add_backend`] writes the Pod manifest of `name` to.
+    pub fn pod_file(name: &str) -> String {
+        format!("pod-{name}.yaml")
+    }
+}

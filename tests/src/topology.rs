@@ -1,0 +1,326 @@
+//! One simulated node: a node namespace with a bridge, and pods as namespaces on it.
+//!
+//! ```text
+//!   pod netns "…-webapp1"        node netns "…-node"            pod netns "…-client"
+//!   eth0 10.244.0.2/16  ── veth0 ─┐                   ┌─ veth1 ── eth0 10.244.0.3/16
+//!   default via 10.244.0.1        br0 10.244.0.1/16            default via 10.244.0.1
+//! ```
+//! The node namespace has no interface that leaves the machine and does not forward, and no
+//! namespace has a route for the ClusterIP range: an untranslated connect to a ClusterIP fails.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::agent::set_die_with_parent;
+use crate::testkit::ClientSummary;
+use crate::{TestCgroup, bins, cmd, names, netns::Netns};
+
+/// The bridge address in the node namespace, every pod's default gateway.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// How long a server may take to bind.
+const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A node namespace with bridge `br0` (10.244.0.1/16) and the pods added to it.
+#[derive(Debug)]
+pub struct Topology {
+    prefix: String,
+    // Dropped after the pods (fields drop in order): pods first, then the node with the bridge.
+    pods: Mutex<Vec<Netns>>,
+    node: Netns,
+}
+
+impl Topology {
+    #[track_caller]
+    pub fn new() -> Self {
+        let prefix = names::unique();
+        let node = Netns::create(&format!("{prefix}-node"));
+        node.ip(&["link", "add", "br0", "type", "bridge"]);
+        node.ip(&["addr", "add", &format!("{GATEWAY}/16"), "dev", "br0"]);
+        node.ip(&["link", "set", "br0", "up"]);
+        Self {
+            prefix,
+            pods: Mutex::new(Vec::new()),
+            node,
+        }
+    }
+
+    /// The node namespace (the agent runs here).
+    pub fn node(&self) -> &Netns {
+        &self.node
+    }
+
+    /// A pod namespace `<prefix>-<name>` on the bridge with the next free 10.244.0.x/16 address
+    /// (from .2) and a default route via 10.244.0.1.
+    #[track_caller]
+    pub fn add_pod(&self, name: &str) -> Pod {
+        let mut pods = self.pods.lock().expect("pods lock");
+        let index = pods.len();
+        let host = u8::try_from(index + 2)
+            .ok()
+            .filter(|h| *h < 255)
+            .expect("at most 253 pods");
+        let ip = Ipv4Addr::new(10, 244, 0, host);
+        let netns = Netns::create(&format!("{}-{name}", self.prefix));
+        // Inside the namespaces the names need no prefix: nothing lands in the host namespace.
+        let veth = format!("veth{index}");
+        self.node.ip(&[
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ]);
+        self.node.ip(&["link", "set", &veth, "master", "br0", "up"]);
+        netns.ip(&["addr", "add", &format!("{ip}/16"), "dev", "eth0"]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        netns.ip(&["route", "add", "default", "via", &GATEWAY.to_string()]);
+        let pod = Pod {
+            name: name.to_owned(),
+            netns: netns.name().to_owned(),
+            ip,
+        };
+        pods.push(netns);
+        pod
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A pod: a network namespace with one address. Processes are started in it with `lb-testkit`.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    name: String,
+    netns: String,
+    ip: Ipv4Addr,
+}
+
+impl Pod {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace name (`/run/netns/NAME`).
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// An HTTP backend on `<pod ip>:port` answering as `name`; killed on drop.
+    #[track_caller]
+    pub fn spawn_server(&self, name: &str, port: u16) -> Server {
+        Server::spawn(self, name, port, false)
+    }
+
+    /// A UDP backend on `<pod ip>:port` answering `name <peer>`; killed on drop.
+    #[track_caller]
+    pub fn spawn_udp_server(&self, name: &str, port: u16) -> Server {
+        Server::spawn(self, name, port, true)
+    }
+
+    /// `count` HTTP requests to `target` from this pod, from inside `cgroup` (as every process of
+    /// a real node is inside the cgroup the agent attached to).
+    #[track_caller]
+    pub fn client(&self, cgroup: &TestCgroup, target: &str, count: u32) -> ClientSummary {
+        Client::new(self).cgroup(cgroup).count(count).run(target)
+    }
+
+    /// A client with more options (timeouts, no cgroup).
+    pub fn client_with(&self) -> Client<'_> {
+        Client::new(self)
+    }
+}
+
+/// Options of one `lb-testkit client` run in a pod.
+#[derive(Debug, Clone)]
+pub struct Client<'a> {
+    pod: &'a Pod,
+    cgroup: Option<&'a Path>,
+    count: u32,
+    timeout_ms: u64,
+    interval_ms: u64,
+}
+
+impl<'a> Client<'a> {
+    fn new(pod: &'a Pod) -> Self {
+        Self {
+            pod,
+            cgroup: None,
+            count: 1,
+            timeout_ms: 1000,
+            interval_ms: 0,
+        }
+    }
+
+    /// Run inside this cgroup (without it, the client stays in the test's own cgroup).
+    pub fn cgroup(mut self, cgroup: &'a TestCgroup) -> Self {
+        self.cgroup = Some(cgroup.path());
+        self
+    }
+
+    pub fn count(mut self, count: u32) -> Self {
+        self.count = count;
+        self
+    }
+
+    /// Connect and request timeout of each connection.
+    pub fn timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.timeout_ms = timeout_ms;
+        self
+    }
+
+    pub fn interval_ms(mut self, interval_ms: u64) -> Self {
+        self.interval_ms = interval_ms;
+        self
+    }
+
+    /// Runs the client against `target` ("ip:port") and parses its summary.
+    #[track_caller]
+    pub fn run(&self, target: &str) -> ClientSummary {
+        let mut command = Command::new(bins::testkit());
+        if let Some(cgroup) = self.cgroup {
+            command.arg("--cgroup").arg(cgroup);
+        }
+        command
+            .args(["--netns", &self.pod.netns, "client", "--target", target])
+            .args(["--count", &self.count.to_string()])
+            .args(["--timeout-ms", &self.timeout_ms.to_string()])
+            .args(["--interval-ms", &self.interval_ms.to_string()]);
+        set_die_with_parent(&mut command);
+        // Each connection may take its connect timeout plus its request timeout.
+        let bound = Duration::from_millis(
+            u64::from(self.count) * (2 * self.timeout_ms + self.interval_ms) + 10_000,
+        );
+        let line = cmd::describe(&command);
+        let stdout = cmd::run(&mut command, bound).unwrap_or_else(|e| panic!("{e}"));
+        serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{line}: cannot parse summary ({e}): {stdout}"))
+    }
+}
+
+/// A backend process in a pod; killed on drop.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    name: String,
+    addr: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    #[track_caller]
+    fn spawn(pod: &Pod, name: &str, port: u16, udp: bool) -> Self {
+        let addr = format!("{}:{port}", pod.ip);
+        let bin = bins::testkit();
+        bins::require(&bin, "cargo build -p lb-tests, or set LB_TESTKIT_BIN");
+        let mut command = Command::new(&bin);
+        command
+            .args([
+                "--netns", &pod.netns, "serve", "--listen", &addr, "--name", name,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if udp {
+            command.arg("--udp");
+        }
+        set_die_with_parent(&mut command);
+        let line = cmd::describe(&command);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{line}: cannot start: {e}"));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        drain(
+            child.stderr.take().expect("piped stderr"),
+            Arc::clone(&stderr),
+        );
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let ready = lines.next().and_then(Result::ok);
+            let _ = tx.send(ready);
+            // Keep reading so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let mut server = Self {
+            child,
+            name: name.to_owned(),
+            addr,
+            stderr,
+        };
+        match rx.recv_timeout(SERVER_READY_TIMEOUT) {
+            Ok(Some(line)) if line.trim() == "listening" => server,
+            other => {
+                server.kill();
+                // Give the stderr reader a moment to collect the reason.
+                let deadline = Instant::now() + Duration::from_millis(200);
+                while Instant::now() < deadline
+                    && server.stderr.lock().map(|s| s.is_empty()).unwrap_or(false)
+                {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                panic!(
+                    "{line}: did not report listening ({other:?}); stderr: {}",
+                    server.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    /// The name the server answers with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip:port` it listens on.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Stops the server now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Collects a pipe into `buf` (bounded) on a thread.
+fn drain(mut pipe: impl Read + Send + 'static, buf: Arc<Mutex<String>>) {
+    thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut buf) = buf.lock()
+                && buf.len() < 64 * 1024
+            {
+                buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        }
+    });
+}

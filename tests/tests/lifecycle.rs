@@ -1,0 +1,193 @@
+//! Manifest changes while the agent runs: pods leave, Services go, broken files stay contained.
+
+use std::time::{Duration, Instant};
+
+use lb_tests::clock::monotonic_ns;
+use lb_tests::manifests::service;
+use lb_tests::{TestEnv, require_privileges};
+
+/// How long the agent may take to start and apply the manifests.
+const APPLY: Duration = Duration::from_secs(10);
+const VIP: &str = "10.96.0.10:80";
+/// The agent applies changes within a second; this much more is allowed for the file watcher.
+const FOLLOW_LIMIT: Duration = Duration::from_millis(1500);
+/// Consecutive connections that must avoid the removed pod.
+const STREAK: u32 = 20;
+
+#[test]
+fn removed_pod_gets_no_new_connections_within_a_second() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    // Its server keeps running: only the manifest goes, as when the API server drops the pod.
+    let _web2 = env.add_backend("webapp2", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 2, APPLY);
+    let before = client.client(&env.cgroup, VIP, 40);
+    assert_eq!(before.host_names(), ["webapp1", "webapp2"], "{before:?}");
+
+    let removed_at = monotonic_ns();
+    env.manifests.remove(&TestEnv::pod_file("webapp2"));
+
+    // Poll until STREAK consecutive connections all reached webapp1; the time of the first of
+    // them is when new connections followed the change.
+    let give_up = Instant::now() + FOLLOW_LIMIT + Duration::from_secs(2);
+    let mut streak = 0;
+    let mut streak_start = 0;
+    let mut seen_after = Vec::new();
+    while streak < STREAK {
+        assert!(
+            Instant::now() < give_up,
+            "still reaching webapp2 {:?} after removing its manifest; recent: {seen_after:?}",
+            FOLLOW_LIMIT + Duration::from_secs(2),
+        );
+        let batch = client
+            .client_with()
+            .cgroup(&env.cgroup)
+            .count(10)
+            .timeout_ms(500)
+            .run(VIP);
+        for attempt in &batch.attempts {
+            if attempt.host.as_deref() == Some("webapp1") {
+                if streak == 0 {
+                    streak_start = attempt.start_ns;
+                }
+                streak += 1;
+                if streak == STREAK {
+                    break;
+                }
+            } else {
+                streak = 0;
+            }
+            seen_after.push(
+                attempt
+                    .host
+                    .clone()
+                    .or_else(|| attempt.error.clone())
+                    .unwrap_or_default(),
+            );
+        }
+        if seen_after.len() > 40 {
+            seen_after.drain(..seen_after.len() - 40);
+        }
+    }
+    let followed = Duration::from_nanos(streak_start.saturating_sub(removed_at));
+    eprintln!(
+        "new connections avoided the removed pod {followed:?} after its manifest was removed"
+    );
+
+    assert!(
+        followed <= FOLLOW_LIMIT,
+        "new connections followed the removal only after {followed:?} (limit {FOLLOW_LIMIT:?})"
+    );
+    let frontend = agent.wait_for_frontend(VIP, 1, APPLY);
+    assert_eq!(frontend.backends[0].port, 8080);
+}
+
+#[test]
+fn deleted_service_is_no_longer_translated() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    let before = client.client(&env.cgroup, VIP, 5);
+    assert_eq!(before.ok, 5, "{before:?}");
+
+    env.manifests.remove("svc-webapp.yaml");
+    agent.wait_for_no_frontend(VIP, Duration::from_secs(3));
+
+    // Untranslated, the ClusterIP is routed nowhere: the node namespace drops the packets.
+    let after = client
+        .client_with()
+        .cgroup(&env.cgroup)
+        .count(3)
+        .timeout_ms(300)
+        .run(VIP);
+    assert_eq!(after.ok, 0, "the deleted Service still answers: {after:?}");
+    let unexpected: Vec<_> = after
+        .errors
+        .keys()
+        .filter(|e| !matches!(e.as_str(), "ETIMEDOUT" | "ENETUNREACH" | "EHOSTUNREACH"))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "a deleted Service must not be rejected by the agent (ECONNREFUSED means its frontend is \
+         still there): {after:?}"
+    );
+}
+
+#[test]
+fn malformed_manifests_leave_other_services_working() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let _api1 = env.add_backend("api1", "api", 8080);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: broken\n spec: [unclosed\n",
+    );
+    env.manifests.write(
+        "svc-bad-port.yaml",
+        &service("bad-port", "10.96.0.20")
+            .selector("app", "webapp")
+            .port(70000, 8080)
+            .yaml(),
+    );
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    let summary = client.client(&env.cgroup, VIP, 10);
+    assert_eq!(summary.host_names(), ["webapp1"], "{summary:?}");
+    assert_eq!(summary.ok, 10, "{summary:?}");
+
+    // The agent keeps applying changes with the broken files still there.
+    env.manifests.write(
+        "svc-api.yaml",
+        &service("api", "10.96.0.11")
+            .selector("app", "api")
+            .port(80, 8080)
+            .yaml(),
+    );
+    agent.wait_for_frontend("10.96.0.11:80", 1, APPLY);
+    let api = client.client(&env.cgroup, "10.96.0.11:80", 10);
+    let webapp = client.client(&env.cgroup, VIP, 10);
+
+    assert_eq!(api.ok, 10, "{api:?}");
+    assert_eq!(api.host_names(), ["api1"], "{api:?}");
+    assert_eq!(webapp.ok, 10, "{webapp:?}");
+    let listed = agent.services().expect("lb-agent services");
+    assert!(
+        listed.iter().all(|f| f.address != "10.96.0.20"),
+        "the Service with port 70000 must not be programmed: {listed:?}"
+    );
+}
