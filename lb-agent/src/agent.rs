@@ -1,5 +1,6 @@
 //! `lb-agent run`: load and attach the datapath, then keep its maps equal to what the
-//! manifests describe.
+//! source (a manifests directory or the API server) describes. Both sources feed one
+//! [`ClusterState`] and one [`MapWriter`] through the [`Reconciler`].
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
@@ -12,38 +13,51 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
-use tracing::{debug, error, info, instrument, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     api::{self, SharedStatus},
     loader,
     maps::{LbMaps, writer::MapWriter},
-    source::manifests::{self, ManifestDir},
-    translate,
+    source::{
+        kube as kube_source,
+        manifests::{self, ManifestDir},
+    },
+    state::ClusterState,
 };
 
 /// How long the watcher waits for a burst of file changes to settle.
 const DEBOUNCE: Duration = Duration::from_millis(50);
-/// A full rescan this often, in case a watch event was lost (cheap: unchanged files are
-/// not re-read).
+/// A full rescan of the manifests this often, in case a watch event was lost (cheap:
+/// unchanged files are not re-read).
 const RESCAN: Duration = Duration::from_secs(10);
+
+/// Where the Kubernetes objects come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of YAML, watched.
+    Manifests(PathBuf),
+    /// The API server, through this kubeconfig or else the inferred configuration.
+    Kube { kubeconfig: Option<PathBuf> },
+}
 
 /// What `run` needs.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     /// Where to serve the HTTP API, if anywhere.
     pub api_addr: Option<SocketAddr>,
+    /// This node's name (for the node-local traffic policies).
+    pub node_name: Option<String>,
 }
 
 /// Runs until SIGINT or SIGTERM. On exit the programs stay attached and the maps pinned:
 /// Services keep working, and the next agent adopts them.
 ///
 /// # Errors
-/// When the datapath cannot be loaded or attached, or the manifests directory cannot be
-/// watched.
+/// When the datapath cannot be loaded or attached, or the source cannot be set up.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let status = SharedStatus::default();
     let api = match config.api_addr {
@@ -69,110 +83,260 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             None
         }
     };
-    let mut writer = MapWriter::adopt(maps).context("reading the pinned maps")?;
-    // Watch before the first read, so a change made in between is not lost.
-    let (_watcher, mut changes) = manifests::watch(&config.manifests, DEBOUNCE)
-        .with_context(|| format!("watching {}", config.manifests.display()))?;
-    let mut source = Source::new(config.manifests.clone(), status.clone());
-    source.sync(&mut writer).context("initial sync")?;
-    loader::attach_cgroup_programs(&mut ebpf, &config.cgroup, &config.pin_dir)?;
-    if let Ok(mut status) = status.write() {
-        status.ready = true;
-    }
-    info!(manifests = %config.manifests.display(), "ready");
-
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut rescan = tokio::time::interval(RESCAN);
-    loop {
-        tokio::select! {
-            Some(()) = changes.recv() => {}
-            _ = rescan.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+    let writer = MapWriter::adopt(maps).context("reading the pinned maps")?;
+    let mut reconciler = Reconciler::new(writer, status.clone());
+    info!(
+        node = config.node_name.as_deref().unwrap_or("(unset)"),
+        "starting"
+    );
+    let attach = |ebpf: &mut aya::Ebpf| -> anyhow::Result<()> {
+        loader::attach_cgroup_programs(ebpf, &config.cgroup, &config.pin_dir)?;
+        if let Ok(mut status) = status.write() {
+            status.ready = true;
         }
-        if let Err(e) = source.sync(&mut writer) {
-            error!(
-                error = format!("{e:#}"),
-                "sync failed; retrying on the next change"
-            );
+        info!("ready");
+        Ok(())
+    };
+    let result = match &config.source {
+        SourceConfig::Manifests(dir) => {
+            run_manifests(dir, &mut reconciler, || attach(&mut ebpf)).await
         }
-    }
+        SourceConfig::Kube { kubeconfig } => {
+            run_kube(kubeconfig.as_deref(), &mut reconciler, || attach(&mut ebpf)).await
+        }
+    };
     if let Some(task) = logger {
         task.abort();
     }
     if let Some(task) = api {
         task.abort();
     }
+    result?;
     info!("exiting; programs stay attached and maps pinned (`lb-agent cleanup` removes them)");
     Ok(())
 }
 
-/// The manifests directory and what was last reported about it.
-struct Source {
-    dir: ManifestDir,
-    reported: BTreeSet<String>,
-    retry: bool,
-    status: SharedStatus,
+/// The manifests source: read the directory, program, attach, then follow its changes.
+async fn run_manifests<M: LbMaps>(
+    dir: &std::path::Path,
+    reconciler: &mut Reconciler<M>,
+    attach: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    // Watch before the first read, so a change made in between is not lost.
+    let (_watcher, mut changes) =
+        manifests::watch(dir, DEBOUNCE).with_context(|| format!("watching {}", dir.display()))?;
+    let mut manifests = ManifestDir::new(dir);
+    let read =
+        |manifests: &mut ManifestDir, reconciler: &mut Reconciler<M>| -> anyhow::Result<()> {
+            if !manifests
+                .refresh()
+                .with_context(|| format!("reading {}", dir.display()))?
+            {
+                return Ok(());
+            }
+            let (objects, problems) = manifests.objects();
+            reconciler.state.replace_services(objects.services);
+            reconciler.state.replace_slices(objects.endpoint_slices);
+            reconciler.state.replace_pods(objects.pods);
+            reconciler.source_problems = problems.iter().map(ToString::to_string).collect();
+            Ok(())
+        };
+    read(&mut manifests, reconciler)?;
+    reconciler
+        .sync(Sync::Full, Instant::now())
+        .context("initial sync")?;
+    attach()?;
+    let mut rescan = tokio::time::interval(RESCAN);
+    let mut stop = Stop::new()?;
+    loop {
+        tokio::select! {
+            Some(()) = changes.recv() => {}
+            _ = rescan.tick() => {}
+            () = stop.wait() => return Ok(()),
+        }
+        let started = Instant::now();
+        match read(&mut manifests, reconciler) {
+            Ok(()) => reconciler.sync_or_log(Sync::Changes, started),
+            Err(e) => error!(
+                error = format!("{e:#}"),
+                "reading the manifests failed; retrying on the next change"
+            ),
+        }
+    }
 }
 
-impl Source {
-    fn new(dir: PathBuf, status: SharedStatus) -> Self {
+/// The API server source: watch, wait for both initial lists, program, attach, then apply
+/// every event as it comes (in batches when they come faster than they are written).
+async fn run_kube<M: LbMaps>(
+    kubeconfig: Option<&std::path::Path>,
+    reconciler: &mut Reconciler<M>,
+    attach: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let client = kube_source::client(kubeconfig)
+        .await
+        .context("configuring the Kubernetes client")?;
+    let mut updates = kube_source::watch(&client);
+    let mut applier = kube_source::WatchApplier::default();
+    let mut stop = Stop::new()?;
+    let mut attach = Some(attach);
+    loop {
+        let first = tokio::select! {
+            update = updates.recv() => update.context("the watches ended")?,
+            () = stop.wait() => return Ok(()),
+        };
+        let started = Instant::now();
+        applier.apply(&mut reconciler.state, first);
+        // Take what else is already queued: one write pass for a burst of events.
+        while let Ok(update) = updates.try_recv() {
+            applier.apply(&mut reconciler.state, update);
+        }
+        if !applier.initial_lists_done() {
+            continue;
+        }
+        match attach.take() {
+            Some(attach) => {
+                let (services, slices, _) = reconciler.state.counts();
+                info!(services, slices, "initial lists complete");
+                reconciler
+                    .sync(Sync::Full, started)
+                    .context("initial sync")?;
+                attach()?;
+            }
+            None => reconciler.sync_or_log(Sync::Changes, started),
+        }
+    }
+}
+
+/// SIGINT or SIGTERM.
+struct Stop {
+    sigterm: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            sigterm: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = self.sigterm.recv() => {}
+        }
+    }
+}
+
+/// How much a sync writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sync {
+    /// Everything that differs from the maps (first sync, after adopting).
+    Full,
+    /// The frontends the model reports changed (and any whose write failed before).
+    Changes,
+}
+
+/// The model, the writer, and what was last reported.
+struct Reconciler<M> {
+    state: ClusterState,
+    writer: MapWriter<M>,
+    status: SharedStatus,
+    /// Problems found by the source itself (unparsable files), as text.
+    source_problems: Vec<String>,
+    reported: BTreeSet<String>,
+    /// Frontends whose write failed, to retry on the next sync.
+    pending: BTreeSet<crate::model::L4Addr>,
+    full_pending: bool,
+}
+
+impl<M: LbMaps> Reconciler<M> {
+    fn new(writer: MapWriter<M>, status: SharedStatus) -> Self {
         Self {
-            dir: ManifestDir::new(dir),
-            reported: BTreeSet::new(),
-            retry: false,
+            state: ClusterState::default(),
+            writer,
             status,
+            source_problems: Vec::new(),
+            reported: BTreeSet::new(),
+            pending: BTreeSet::new(),
+            full_pending: false,
         }
     }
 
-    /// Re-reads what changed, translates, and writes the differences to the maps.
-    #[instrument(skip_all)]
-    fn sync(&mut self, writer: &mut MapWriter<impl LbMaps>) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let changed = self
-            .dir
-            .refresh()
-            .with_context(|| format!("reading {}", self.dir.dir().display()))?;
-        if !changed && !self.retry {
+    fn sync_or_log(&mut self, kind: Sync, started: Instant) {
+        if let Err(e) = self.sync(kind, started) {
+            error!(
+                error = format!("{e:#}"),
+                "writing the maps failed; retrying on the next sync"
+            );
+        }
+    }
+
+    /// Translates what changed and writes it.
+    fn sync(&mut self, kind: Sync, started: Instant) -> anyhow::Result<()> {
+        let changed = self.state.recompute();
+        self.pending.extend(changed.iter().copied());
+        self.publish(&changed);
+        if kind == Sync::Full {
+            self.full_pending = true;
+        }
+        self.report();
+        if self.pending.is_empty() && !self.full_pending {
             return Ok(());
         }
-        let (objects, mut problems) = self.dir.objects();
-        let translation = translate::translate(&objects);
-        problems.extend(translation.problems);
-        self.report(&problems, &translation.skipped);
-        // Until an apply succeeds, every sync retries it even without a file change.
-        self.retry = true;
-        let stats = writer.apply(&translation.frontends)?;
-        self.retry = false;
-        if let Ok(mut status) = self.status.write() {
-            status.frontends = api::views(&translation.frontends);
-        }
-        if !stats.is_noop() {
+        let desired = self.state.desired();
+        let stats = if self.full_pending {
+            self.writer.apply(desired)?
+        } else {
+            let pending: Vec<_> = self.pending.iter().copied().collect();
+            self.writer.apply_changes(desired, &pending)?
+        };
+        self.pending.clear();
+        self.full_pending = false;
+        let elapsed_us = started.elapsed().as_micros();
+        if stats.is_noop() {
+            debug!(elapsed_us, "nothing to write");
+        } else {
             info!(
-                frontends = translation.frontends.len(),
+                frontends = desired.len(),
                 added = stats.frontends_added,
                 updated = stats.frontends_updated,
                 removed = stats.frontends_removed,
                 map_writes = stats.map_writes,
                 map_deletes = stats.map_deletes,
-                elapsed_us = started.elapsed().as_micros(),
+                elapsed_us,
                 "maps updated"
             );
         }
         Ok(())
     }
 
+    /// Updates what the API shows, for the changed frontends only.
+    fn publish(&self, changed: &[crate::model::L4Addr]) {
+        let Ok(mut status) = self.status.write() else {
+            return;
+        };
+        for address in changed {
+            match self.state.desired().get(address) {
+                Some(frontend) => status.desired.insert(*address, frontend.clone()),
+                None => status.desired.remove(address),
+            };
+        }
+    }
+
     /// Logs each problem once, when it appears, and says when it is gone.
-    fn report(&mut self, problems: &[translate::Problem], skipped: &[translate::Skipped]) {
-        let now: BTreeSet<String> = problems.iter().map(ToString::to_string).collect();
+    fn report(&mut self) {
+        let mut now: BTreeSet<String> = self
+            .state
+            .problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        now.extend(self.source_problems.iter().cloned());
         for problem in now.difference(&self.reported) {
             error!("invalid object, not programmed: {problem}");
         }
         for problem in self.reported.difference(&now) {
             info!("resolved: {problem}");
-        }
-        for skip in skipped {
-            debug!(object = %skip.object, reason = %skip.reason, "not programmed");
         }
         self.reported = now;
     }

@@ -43,7 +43,8 @@ pub struct BackendView {
 #[derive(Debug, Default)]
 pub struct Status {
     pub ready: bool,
-    pub frontends: Vec<FrontendView>,
+    /// The desired state, kept up to date frontend by frontend.
+    pub desired: DesiredState,
 }
 
 pub type SharedStatus = Arc<RwLock<Status>>;
@@ -107,12 +108,7 @@ async fn readyz(State(status): State<SharedStatus>) -> (StatusCode, &'static str
 }
 
 async fn frontends(State(status): State<SharedStatus>) -> Json<Vec<FrontendView>> {
-    Json(
-        status
-            .read()
-            .map(|s| s.frontends.clone())
-            .unwrap_or_default(),
-    )
+    Json(status.read().map(|s| views(&s.desired)).unwrap_or_default())
 }
 
 /// Fetches `/v1/frontends` from a running agent (a plain blocking HTTP/1.0 GET: the CLI

@@ -11,5 +11,6 @@ pub mod maps;
 pub mod model;
 pub mod mounts;
 pub mod source;
+pub mod state;
 pub mod telemetry;
 pub mod translate;

@@ -35,9 +35,22 @@ enum Command {
     Run {
         /// Directory of Kubernetes YAML (*.yaml, *.yml; multi-document; v1 Services and
         /// Pods, discovery.k8s.io/v1 EndpointSlices; other kinds are ignored), watched
-        /// for changes.
-        #[arg(long, env = "LB_MANIFESTS", value_name = "DIR")]
-        manifests: PathBuf,
+        /// for changes. Without it, the agent watches the API server.
+        #[arg(
+            long,
+            env = "LB_MANIFESTS",
+            value_name = "DIR",
+            conflicts_with = "kubeconfig"
+        )]
+        manifests: Option<PathBuf>,
+        /// kubeconfig for the API server [default: KUBECONFIG, ~/.kube/config, then the
+        /// in-cluster service account].
+        #[arg(long, value_name = "PATH")]
+        kubeconfig: Option<PathBuf>,
+        /// Name of this node (the DaemonSet passes it from the downward API), for the
+        /// node-local traffic policies.
+        #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+        node_name: Option<String>,
         /// cgroup v2 directory whose processes get Service translation
         /// [default: the root of the cgroup2 mount, from /proc/self/mountinfo].
         #[arg(long, env = "LB_CGROUP", value_name = "PATH")]
@@ -94,6 +107,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             manifests,
+            kubeconfig,
+            node_name,
             cgroup,
             pins,
             api,
@@ -102,8 +117,13 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => path,
                 None => mounts::cgroup2_root().context("finding the cgroup2 mount for --cgroup")?,
             };
+            let source = match manifests {
+                Some(dir) => agent::SourceConfig::Manifests(dir),
+                None => agent::SourceConfig::Kube { kubeconfig },
+            };
             let config = agent::RunConfig {
-                manifests,
+                source,
+                node_name,
                 cgroup,
                 pin_dir: pins.bpf_pin_path,
                 api_addr: api.api_addr,

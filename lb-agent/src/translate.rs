@@ -1,12 +1,7 @@
 //! The pure translation from Kubernetes objects to the desired state: which virtual
 //! addresses exist and which backends take new connections for each, with kube-proxy's
 //! semantics. No I/O here: both sources feed it, and the tests drive it directly.
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -80,55 +75,66 @@ pub struct Translation {
     pub skipped: Vec<Skipped>,
 }
 
-/// Translates the objects into the frontends this node serves.
+/// Translates the objects into the frontends this node serves: the whole-snapshot form of
+/// [`ClusterState`](crate::state::ClusterState), which does the same incrementally.
 #[must_use]
 pub fn translate(objects: &ClusterObjects) -> Translation {
-    let mut out = Translation::default();
-    let pods = index_pods(&objects.pods, &mut out.problems);
-    let slices = index_slices(&objects.endpoint_slices, &mut out.problems);
+    let mut state = crate::state::ClusterState::default();
+    state.replace_services(objects.services.iter().cloned());
+    state.replace_slices(objects.endpoint_slices.iter().cloned());
+    state.replace_pods(objects.pods.iter().cloned());
+    state.recompute();
+    Translation {
+        frontends: state.desired().clone(),
+        problems: state.problems(),
+        skipped: state.skipped(),
+    }
+}
 
-    let mut services: Vec<&Sourced<Service>> = objects.services.iter().collect();
-    services.sort_by_key(|s| object_ref(&s.object.metadata));
-    for sourced in services {
-        let Some(service) = validate_service(sourced, &mut out) else {
-            continue;
+/// What one Service translates to, before frontends are checked against other Services.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTranslation {
+    pub frontends: Vec<Frontend>,
+    pub problems: Vec<Problem>,
+    pub skipped: Vec<Skipped>,
+    /// Where each frontend comes from, for a conflict report: (frontend, `spec.ports[i]`).
+    pub fields: Vec<(L4Addr, String)>,
+}
+
+/// Translates one Service. `slices` is `Some` when the Service has EndpointSlices (then
+/// they alone give its endpoints, even when empty); otherwise its endpoints come from
+/// `pods` of its namespace, as the EndpointSlice controller would derive them.
+#[must_use]
+pub fn translate_service(
+    sourced: &Sourced<Service>,
+    slices: Option<&[&ValidSlice]>,
+    pods: &[&ValidPod],
+) -> ServiceTranslation {
+    let mut out = ServiceTranslation::default();
+    let Some(service) = validate_service(sourced, &mut out) else {
+        return out;
+    };
+    for port in &service.ports {
+        let candidates = match slices {
+            Some(slices) => candidates_from_slices(port, slices),
+            None => candidates_from_pods(&service, port, pods),
         };
-        let service_slices = slices.get(&service.id);
-        for port in &service.ports {
-            let candidates = match service_slices {
-                Some(slices) => candidates_from_slices(port, slices),
-                None => candidates_from_pods(&service, port, pods.get(&service.id.namespace)),
-            };
-            for &(ip, kind) in &service.frontend_ips {
-                let address = L4Addr::new(ip, port.port, port.protocol);
-                if let Some(existing) = out.frontends.get(&address) {
-                    out.problems.push(Problem {
-                        origin: sourced.origin.to_string(),
-                        object: format!("Service {}", service.id),
-                        field: format!("spec.ports[{}]", port.index),
-                        message: format!(
-                            "{address} is already taken by Service {}",
-                            existing.service
-                        ),
-                    });
-                    continue;
-                }
-                let same_family = candidates
-                    .iter()
-                    .filter(|c| c.addr.address.is_ipv4() == ip.is_ipv4());
-                let (backends, backend_info) = select_endpoints(same_family).into_iter().unzip();
-                out.frontends.insert(
-                    address,
-                    Frontend {
-                        address,
-                        kind,
-                        service: service.id.clone(),
-                        port_name: port.name.clone(),
-                        backends,
-                        backend_info,
-                    },
-                );
-            }
+        for &(ip, kind) in &service.frontend_ips {
+            let address = L4Addr::new(ip, port.port, port.protocol);
+            let same_family = candidates
+                .iter()
+                .filter(|c| c.addr.address.is_ipv4() == ip.is_ipv4());
+            let (backends, backend_info) = select_endpoints(same_family).into_iter().unzip();
+            out.fields
+                .push((address, format!("spec.ports[{}]", port.index)));
+            out.frontends.push(Frontend {
+                address,
+                kind,
+                service: service.id.clone(),
+                port_name: port.name.clone(),
+                backends,
+                backend_info,
+            });
         }
     }
     out
@@ -237,10 +243,13 @@ impl<'a> Checker<'a> {
     }
 }
 
-fn validate_service(sourced: &Sourced<Service>, out: &mut Translation) -> Option<ValidService> {
+fn validate_service(
+    sourced: &Sourced<Service>,
+    out: &mut ServiceTranslation,
+) -> Option<ValidService> {
     let svc = &sourced.object;
     let id = object_ref(&svc.metadata);
-    let skip = |out: &mut Translation, reason: &str| {
+    let skip = |out: &mut ServiceTranslation, reason: &str| {
         out.skipped.push(Skipped {
             object: format!("Service {id}"),
             reason: reason.to_string(),
@@ -384,7 +393,7 @@ fn validate_service_port(
     index: usize,
     port: &ServicePort,
     check: &mut Checker<'_>,
-    out: &mut Translation,
+    out: &mut ServiceTranslation,
     id: &ObjectRef,
 ) -> Option<ValidPort> {
     let field = |name: &str| format!("spec.ports[{index}].{name}");
@@ -443,8 +452,9 @@ fn validate_service_port(
 }
 
 /// A Pod that passed validation and may be an endpoint.
-struct ValidPod {
-    name: String,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidPod {
+    pub(crate) name: String,
     ips: Vec<IpAddr>,
     labels: BTreeMap<String, String>,
     /// The `Ready` condition.
@@ -456,18 +466,17 @@ struct ValidPod {
     ports: Vec<(String, u16, Protocol)>,
 }
 
-fn index_pods(
-    pods: &[Sourced<Pod>],
-    problems: &mut Vec<Problem>,
-) -> HashMap<String, Vec<ValidPod>> {
-    let mut by_namespace: HashMap<String, Vec<ValidPod>> = HashMap::new();
-    for sourced in pods {
+/// Validates a Pod; `None` when it is no endpoint (finished, no address yet) or invalid.
+#[must_use]
+pub fn validate_pod(sourced: &Sourced<Pod>) -> (Option<ValidPod>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    {
         let pod = &sourced.object;
         let mut check = Checker::new(&sourced.origin, "Pod", &pod.metadata);
         let status = pod.status.clone().unwrap_or_default();
         // Finished pods are no endpoints (the EndpointSlice controller drops them).
         if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-            continue;
+            return (None, problems);
         }
         let mut ips = Vec::new();
         let listed: Vec<(String, &str)> = status
@@ -517,32 +526,32 @@ fn index_pods(
             .flatten()
             .any(|c| c.type_ == "Ready" && c.status == "True");
         // A pod that has no address yet (Pending) is simply no endpoint.
-        if check.finish(problems) && !ips.is_empty() {
-            by_namespace
-                .entry(namespace(&pod.metadata))
-                .or_default()
-                .push(ValidPod {
-                    name: pod.metadata.name.clone().unwrap_or_default(),
-                    ips,
-                    labels: pod.metadata.labels.clone().unwrap_or_default(),
-                    serving,
-                    terminating: pod.metadata.deletion_timestamp.is_some(),
-                    node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-                    ports,
-                });
+        if check.finish(&mut problems) && !ips.is_empty() {
+            let valid = ValidPod {
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                ips,
+                labels: pod.metadata.labels.clone().unwrap_or_default(),
+                serving,
+                terminating: pod.metadata.deletion_timestamp.is_some(),
+                node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                ports,
+            };
+            return (Some(valid), problems);
         }
     }
-    by_namespace
+    (None, problems)
 }
 
 /// An EndpointSlice that passed validation.
-struct ValidSlice {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidSlice {
     name: String,
     endpoints: Vec<ValidEndpoint>,
     /// (name, number, protocol); ports without a number are left out.
     ports: Vec<(String, u16, Protocol)>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct ValidEndpoint {
     addresses: Vec<IpAddr>,
     ready: bool,
@@ -552,15 +561,17 @@ struct ValidEndpoint {
     zone: Option<String>,
 }
 
-fn index_slices(
-    slices: &[Sourced<EndpointSlice>],
-    problems: &mut Vec<Problem>,
-) -> HashMap<ObjectRef, Vec<ValidSlice>> {
-    let mut by_service: HashMap<ObjectRef, Vec<ValidSlice>> = HashMap::new();
-    for sourced in slices {
+/// Validates an EndpointSlice; returns the Service it belongs to with it, `None` when it
+/// has no `kubernetes.io/service-name` label or is invalid.
+#[must_use]
+pub fn validate_slice(
+    sourced: &Sourced<EndpointSlice>,
+) -> (Option<(ObjectRef, ValidSlice)>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    {
         let slice = &sourced.object;
         let Some(service) = label(&slice.metadata, SERVICE_NAME_LABEL) else {
-            continue;
+            return (None, problems);
         };
         let service = ObjectRef {
             namespace: namespace(&slice.metadata),
@@ -577,8 +588,7 @@ fn index_slices(
             "IPv6" => false,
             "FQDN" => {
                 // Counts as "the Service has slices", with no address the proxy can use.
-                by_service.entry(service).or_default().push(valid);
-                continue;
+                return (Some((service, valid)), problems);
             }
             other => {
                 check.fail(
@@ -630,20 +640,16 @@ fn index_slices(
                 .ports
                 .push((port.name.clone().unwrap_or_default(), number, protocol));
         }
-        if check.finish(problems) {
-            by_service.entry(service).or_default().push(valid);
+        if check.finish(&mut problems) {
+            return (Some((service, valid)), problems);
         }
     }
-    // Slices in name order, so that the first of duplicated endpoints is deterministic.
-    for slices in by_service.values_mut() {
-        slices.sort_by(|a, b| a.name.cmp(&b.name));
-    }
-    by_service
+    (None, problems)
 }
 
 /// The endpoints of the slices on the slice port with the Service port's name and
 /// protocol: one Service port may map to different numbers in different slices.
-fn candidates_from_slices(port: &ValidPort, slices: &[ValidSlice]) -> Vec<Candidate> {
+fn candidates_from_slices(port: &ValidPort, slices: &[&ValidSlice]) -> Vec<Candidate> {
     let mut candidates = Vec::new();
     for slice in slices {
         let Some(&(_, number, _)) = slice
@@ -677,14 +683,14 @@ fn candidates_from_slices(port: &ValidPort, slices: &[ValidSlice]) -> Vec<Candid
 fn candidates_from_pods(
     service: &ValidService,
     port: &ValidPort,
-    pods: Option<&Vec<ValidPod>>,
+    pods: &[&ValidPod],
 ) -> Vec<Candidate> {
     let mut candidates = Vec::new();
     // A Service without a selector gets no endpoints from pods (they are managed by hand).
     let Some(selector) = service.selector.as_ref().filter(|s| !s.is_empty()) else {
         return candidates;
     };
-    for pod in pods.into_iter().flatten() {
+    for pod in pods {
         if !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
             continue;
         }

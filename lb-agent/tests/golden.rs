@@ -1,6 +1,8 @@
 //! Golden tests of the control plane: a script of manifest changes is applied through the
-//! real manifests reader, translation and map writer to in-memory maps, and the maps are
-//! compared, as sorted one-line entries, with the expected contents after each step.
+//! real manifests reader, the incremental model and the map writer to in-memory maps, as
+//! the agent does (a full apply at start and after a restart, changes only otherwise), and
+//! the maps are compared, as sorted one-line entries, with the expected contents after
+//! each step.
 //!
 //! Script format (`tests/golden/*.txt`), Cilium-txtar style:
 //! `-- write NAME --` (file body follows), `-- remove NAME --`, `-- restart --` (a new
@@ -12,7 +14,7 @@ use std::{fs, path::Path};
 use lb_agent::{
     maps::{dump, fake::FakeMaps, writer::MapWriter},
     source::manifests::ManifestDir,
-    translate,
+    state::ClusterState,
 };
 
 enum Step {
@@ -62,6 +64,8 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
     fs::create_dir_all(&dir).unwrap();
     let mut manifests = ManifestDir::new(&dir);
     let mut writer = MapWriter::adopt(FakeMaps::default()).unwrap();
+    let mut state = ClusterState::default();
+    let mut full = true;
     let mut ops_before = 0;
     let mut comparisons = Vec::new();
     let mut actual_blocks = Vec::new();
@@ -74,13 +78,23 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
                 ops_before -= maps.operations;
                 writer = MapWriter::adopt(maps).unwrap();
                 ops_before += writer.maps().operations;
+                // A new agent starts from an empty model and applies it in full.
+                state = ClusterState::default();
+                full = true;
             }
             Step::Expect(expected) => {
                 manifests.refresh().unwrap();
                 let (objects, _) = manifests.objects();
-                writer
-                    .apply(&translate::translate(&objects).frontends)
-                    .unwrap();
+                state.replace_services(objects.services);
+                state.replace_slices(objects.endpoint_slices);
+                state.replace_pods(objects.pods);
+                let changed = state.recompute();
+                if full {
+                    writer.apply(state.desired()).unwrap();
+                    full = false;
+                } else {
+                    writer.apply_changes(state.desired(), &changed).unwrap();
+                }
                 let maps = writer.maps();
                 let mut actual = dump::lines(&dump::read(maps).unwrap());
                 actual.push(format!("OPS {}", maps.operations - ops_before));

@@ -134,24 +134,54 @@ impl<M: LbMaps> MapWriter<M> {
         &self.maps
     }
 
-    /// Makes the maps implement `desired`, writing only what differs.
+    /// Makes the maps implement `desired`, writing only what differs; also drops whatever
+    /// an adopted map held that `desired` lacks. Used for the first sync.
     ///
     /// # Errors
     /// When a map operation fails; the record stays consistent with what was written, so
     /// the next apply retries the rest.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<ApplyStats> {
-        let mut stats = ApplyStats::default();
-        let removed: Vec<L4Addr> = self
+        let stale = self
             .frontends
             .keys()
             .filter(|a| !desired.contains_key(a))
-            .copied()
-            .collect();
-        let mut released = BTreeSet::new();
-        for address in removed {
-            self.remove_frontend(address, &mut released, &mut stats)?;
+            .copied();
+        let changed: Vec<L4Addr> = stale.chain(desired.keys().copied()).collect();
+        // Backends no slot names (left by a previous agent) go too.
+        let unused = self
+            .backend_refs
+            .iter()
+            .filter(|(_, refs)| **refs == 0)
+            .map(|(id, _)| *id);
+        let released = unused.collect();
+        self.apply_with(desired, &changed, released)
+    }
+
+    /// Writes the frontends at `changed` as `desired` has them (removing those it lacks):
+    /// the incremental form of [`Self::apply`], for a watch event.
+    ///
+    /// # Errors
+    /// As [`Self::apply`].
+    pub fn apply_changes(
+        &mut self,
+        desired: &DesiredState,
+        changed: &[L4Addr],
+    ) -> Result<ApplyStats> {
+        self.apply_with(desired, changed, BTreeSet::new())
+    }
+
+    fn apply_with(
+        &mut self,
+        desired: &DesiredState,
+        changed: &[L4Addr],
+        mut released: BTreeSet<u32>,
+    ) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        // Removals first: an address that moves between Services is freed before reuse.
+        for address in changed.iter().filter(|a| !desired.contains_key(a)) {
+            self.remove_frontend(*address, &mut released, &mut stats)?;
         }
-        for frontend in desired.values() {
+        for frontend in changed.iter().filter_map(|a| desired.get(a)) {
             self.upsert_frontend(frontend, &mut released, &mut stats)?;
         }
         self.delete_unused_backends(released, &mut stats)?;
@@ -313,20 +343,13 @@ impl<M: LbMaps> MapWriter<M> {
         Ok(id)
     }
 
-    /// Deletes the backends no slot names any more (after every frontend was written, so a
-    /// backend moving between Services is never deleted and re-created). On the first apply
-    /// after adopting, that includes backends a previous agent left unused.
+    /// Deletes the `released` backends that no slot names any more (after every frontend
+    /// was written, so a backend moving between Services is never deleted and re-created).
     fn delete_unused_backends(
         &mut self,
-        mut released: BTreeSet<u32>,
+        released: BTreeSet<u32>,
         stats: &mut ApplyStats,
     ) -> Result<()> {
-        released.extend(
-            self.backend_refs
-                .iter()
-                .filter(|(_, refs)| **refs == 0)
-                .map(|(id, _)| *id),
-        );
         for id in released {
             if self.backend_refs.get(&id).is_some_and(|refs| *refs > 0) {
                 continue;

@@ -24,3 +24,143 @@ pub const API_ACCESS: [ApiAccess; 2] = [
         verbs: &["list", "watch"],
     },
 ];
+
+use std::{path::Path, sync::Arc};
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::{model::ObjectRef, state::ClusterState, translate::Sourced};
+
+/// The label selector of both watches, as kube-proxy's: Services another proxy owns, and
+/// the EndpointSlices of headless Services, are filtered by the API server.
+pub const LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// The `origin` of objects from the API server, in problem reports.
+const ORIGIN: &str = "api";
+
+/// A watch event of either resource.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once through a channel; boxing would cost an allocation per event"
+)]
+pub enum Update {
+    Service(watcher::Event<Service>),
+    Slice(watcher::Event<EndpointSlice>),
+    /// A watch failed; it retries with backoff on its own.
+    Error(String),
+}
+
+/// A client from `kubeconfig`, or else as kube-rs infers it (`KUBECONFIG`, `~/.kube/config`,
+/// then the in-cluster service account).
+///
+/// # Errors
+/// When no configuration can be found or it is invalid.
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?
+        }
+        None => Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Starts the two watches (with kube-rs's default backoff and bookmarks); their events
+/// arrive on the returned channel, in order per resource.
+pub fn watch(client: &Client) -> mpsc::Receiver<Update> {
+    let (tx, rx) = mpsc::channel(4096);
+    let config = watcher::Config::default().labels(LABEL_SELECTOR);
+    let services = watcher(Api::<Service>::all(client.clone()), config.clone()).default_backoff();
+    let slices = watcher(Api::<EndpointSlice>::all(client.clone()), config).default_backoff();
+    tokio::spawn(forward(services, tx.clone(), Update::Service));
+    tokio::spawn(forward(slices, tx, Update::Slice));
+    rx
+}
+
+async fn forward<K>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    tx: mpsc::Sender<Update>,
+    wrap: fn(watcher::Event<K>) -> Update,
+) {
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        let update = match item {
+            Ok(event) => wrap(event),
+            Err(e) => Update::Error(e.to_string()),
+        };
+        if tx.send(update).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Applies watch events to the model. A relist (`Init` … `InitDone`) is buffered and then
+/// replaces the resource's objects at once, so objects present before and after it are
+/// not touched and what was deleted meanwhile goes away.
+#[derive(Debug, Default)]
+pub struct WatchApplier {
+    services: Option<Vec<Sourced<Service>>>,
+    slices: Option<Vec<Sourced<EndpointSlice>>>,
+    services_listed: bool,
+    slices_listed: bool,
+}
+
+impl WatchApplier {
+    /// Whether both resources have completed their initial list: nothing may be
+    /// programmed before, or Services would flap to empty at start-up.
+    #[must_use]
+    pub const fn initial_lists_done(&self) -> bool {
+        self.services_listed && self.slices_listed
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, state: &mut ClusterState, update: Update) {
+        match update {
+            Update::Service(event) => match event {
+                watcher::Event::Init => self.services = Some(Vec::new()),
+                watcher::Event::InitApply(o) => {
+                    self.services.get_or_insert_default().push(sourced(o))
+                }
+                watcher::Event::InitDone => {
+                    state.replace_services(self.services.take().unwrap_or_default());
+                    self.services_listed = true;
+                }
+                watcher::Event::Apply(o) => state.apply_service(sourced(o)),
+                watcher::Event::Delete(o) => state.delete_service(&ObjectRef::of(&o.metadata)),
+            },
+            Update::Slice(event) => match event {
+                watcher::Event::Init => self.slices = Some(Vec::new()),
+                watcher::Event::InitApply(o) => {
+                    self.slices.get_or_insert_default().push(sourced(o))
+                }
+                watcher::Event::InitDone => {
+                    state.replace_slices(self.slices.take().unwrap_or_default());
+                    self.slices_listed = true;
+                }
+                watcher::Event::Apply(o) => state.apply_slice(sourced(o)),
+                watcher::Event::Delete(o) => state.delete_slice(&ObjectRef::of(&o.metadata)),
+            },
+            Update::Error(error) => {
+                warn!(%error, "watch failed; retrying with backoff (the maps stay as they are)")
+            }
+        }
+    }
+}
+
+fn sourced<T>(object: T) -> Sourced<T> {
+    Sourced {
+        origin: Arc::from(ORIGIN),
+        object,
+    }
+}
