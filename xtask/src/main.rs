@@ -1,0 +1,77 @@
+//! `cargo xtask`: the project's own automation, so a fresh machine needs nothing but Rust.
+//!
+//! - `build-ebpf`: install the eBPF toolchain where missing, then `cargo build -p lb-agent`
+//!   (its `build.rs` builds and embeds `lb-ebpf`).
+//! - `test`: what CI runs (`.ci/run`): fmt, clippy, build, then nextest with the privileged
+//!   end-to-end tests.
+//! - `demo`: the seed article's web-app scene played on network namespaces.
+mod build;
+mod cmd;
+mod demo;
+mod host;
+mod install;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, test and demo the eBPF service load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the eBPF toolchain where missing, then build lb-agent and its embedded eBPF object.
+    BuildEbpf(build::Args),
+    /// Install what is missing, then run fmt, clippy, build and nextest, as CI does.
+    Test(test::Args),
+    /// Play the seed's web-app scene on network namespaces (root; a couple of minutes).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    install::put_cargo_bin_on_path();
+    let result = match Cli::parse().command {
+        Command::BuildEbpf(args) => build::run(&args),
+        Command::Test(args) => test::run(&args),
+        Command::Demo => demo::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            report(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, one per line (no backtrace, even with `RUST_BACKTRACE=1`).
+fn report(error: &anyhow::Error) {
+    eprintln!("error: {error}");
+    for cause in error.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+}
+
+/// The workspace root (the parent of this crate).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR` when set, else `<root>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => repo_root().join(dir),
+        None => repo_root().join("target"),
+    }
+}

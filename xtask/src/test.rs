@@ -1,0 +1,102 @@
+//! `cargo xtask test`: what CI runs. Stops at the first failing step.
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context as _, Result};
+
+use crate::{cmd, host, install};
+
+/// Every host crate: `--workspace` alone would also compile `lb-ebpf` for the host, which fails
+/// (`default-members` leave it out, but `--workspace` overrides them). `lb-agent`'s build
+/// script still builds it for the BPF target.
+const HOST_CRATES: &[&str] = &["--workspace", "--exclude", "lb-ebpf"];
+
+/// What the end-to-end tests run besides the build prerequisites.
+const TEST_APT_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool"];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip `cargo fmt --check` and `cargo clippy` (for quick iterations).
+    #[arg(long)]
+    no_lint: bool,
+    /// Passed on to `cargo nextest run` (for example a filter): `cargo xtask test -- FILTER`.
+    #[arg(last = true, value_name = "NEXTEST_ARGS")]
+    nextest_args: Vec<String>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    install::ensure_build_prereqs()?;
+    install::ensure_apt(TEST_APT_PACKAGES)?;
+    if !args.no_lint {
+        step(
+            cmd::cargo().args(["fmt", "--all", "--check"]),
+            "formatting differs: run `cargo fmt --all`",
+        )?;
+        step(
+            cmd::cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+            "clippy found problems (warnings are errors)",
+        )?;
+    }
+    step(
+        cmd::cargo()
+            .arg("build")
+            .args(HOST_CRATES)
+            .arg("--all-targets"),
+        "the workspace does not build",
+    )?;
+    prepare_privileged_tests()?;
+    step(&mut nextest(&args.nextest_args), "tests failed")?;
+    println!("all steps passed");
+    Ok(())
+}
+
+/// Prints the command, runs it, and turns a failure into `why` plus the command's status.
+fn step(command: &mut Command, why: &str) -> Result<()> {
+    println!("==> {}", cmd::describe(command));
+    cmd::run(command).context(why.to_owned())
+}
+
+/// Mounts bpffs, the only machine change the privileged tests need from outside.
+fn prepare_privileged_tests() -> Result<()> {
+    if !host::is_root() {
+        println!(
+            "not root: bpffs left as it is; the privileged tests will say why they cannot run"
+        );
+        return Ok(());
+    }
+    host::ensure_bpffs()
+}
+
+fn nextest(extra: &[String]) -> Command {
+    let debug = crate::target_dir().join("debug");
+    let agent = binary(&debug, "lb-agent");
+    let testkit = binary(&debug, "lb-testkit");
+    let mut command = cmd::cargo();
+    command
+        .args(["nextest", "run"])
+        .args(HOST_CRATES)
+        .arg("--no-fail-fast")
+        .args(extra)
+        .env("LB_AGENT_BIN", agent)
+        .env("LB_TESTKIT_BIN", testkit);
+    command
+}
+
+/// `dir/name`, with a note when the build did not produce it.
+fn binary(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    if !path.is_file() {
+        println!(
+            "note: {} does not exist; tests that need it will fail",
+            path.display()
+        );
+    }
+    path
+}
