@@ -244,6 +244,8 @@ struct Reconciler<M> {
     /// Problems found by the source itself (unparsable files), as text.
     source_problems: Vec<String>,
     reported: BTreeSet<String>,
+    /// (model problems version, source problems) when last reported.
+    reported_version: Option<(u64, Vec<String>)>,
     /// Frontends whose write failed, to retry on the next sync.
     pending: BTreeSet<crate::model::L4Addr>,
     full_pending: bool,
@@ -257,6 +259,7 @@ impl<M: LbMaps> Reconciler<M> {
             status,
             source_problems: Vec::new(),
             reported: BTreeSet::new(),
+            reported_version: None,
             pending: BTreeSet::new(),
             full_pending: false,
         }
@@ -325,6 +328,11 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Logs each problem once, when it appears, and says when it is gone.
     fn report(&mut self) {
+        let version = (self.state.problems_version(), self.source_problems.clone());
+        if self.reported_version.as_ref() == Some(&version) {
+            return;
+        }
+        self.reported_version = Some(version);
         let mut now: BTreeSet<String> = self
             .state
             .problems()

@@ -48,6 +48,9 @@ pub struct ClusterState {
     desired: DesiredState,
     /// Services to translate again.
     dirty: BTreeSet<ObjectRef>,
+    /// Bumped whenever the set of problems may have changed, so reporting can skip the
+    /// work when it has not.
+    problems_version: u64,
 }
 
 impl ClusterState {
@@ -217,6 +220,11 @@ impl ClusterState {
                 Some(new) => self.results.insert(id.clone(), new),
                 None => self.results.remove(&id),
             };
+            let problems =
+                |r: Option<&ServiceTranslation>| r.map(|r| (r.problems.clone(), r.skipped.clone()));
+            if problems(old.as_ref()) != problems(self.results.get(&id)) {
+                self.problems_version += 1;
+            }
             for f in old.iter().flat_map(|r| &r.frontends) {
                 if let Some(set) = self.contenders.get_mut(&f.address) {
                     set.remove(&id);
@@ -235,6 +243,13 @@ impl ClusterState {
             }
         }
         let mut changed = Vec::new();
+        if touched
+            .iter()
+            .any(|a| self.contenders.get(a).is_some_and(|set| set.len() > 1))
+        {
+            // A conflict may have appeared, moved or gone (the reports name the owner).
+            self.problems_version += 1;
+        }
         for address in touched {
             let wanted = self
                 .contenders
@@ -322,11 +337,20 @@ impl ClusterState {
 
     fn set_problems(&mut self, kind: &'static str, id: &ObjectRef, problems: Vec<Problem>) {
         let key = (kind, id.clone());
-        if problems.is_empty() {
-            self.object_problems.remove(&key);
+        let old = if problems.is_empty() {
+            self.object_problems.remove(&key)
         } else {
-            self.object_problems.insert(key, problems);
+            self.object_problems.insert(key.clone(), problems)
+        };
+        if old.as_ref() != self.object_problems.get(&key) {
+            self.problems_version += 1;
         }
+    }
+
+    /// A number that changes whenever [`Self::problems`] may return something new.
+    #[must_use]
+    pub const fn problems_version(&self) -> u64 {
+        self.problems_version
     }
 }
 
