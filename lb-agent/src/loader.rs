@@ -20,8 +20,8 @@ use aya::{
     },
 };
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, PINNED_MAPS,
-    REVNAT_MAX_ENTRIES, REVNAT4_MAP, REVNAT6_MAP, RevNat4Key, RevNat4Value, RevNat6Key,
+    BACKENDS_MAX_ENTRIES, BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, MAP_F_NO_PREALLOC,
+    PINNED_MAPS, REVNAT4_MAP, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, REVNAT6_MAP, RevNat4Key, RevNat4Value, RevNat6Key,
     RevNat6Value, SERVICES_MAX_ENTRIES, SERVICES4_MAP, SERVICES6_MAP, Service4Key, Service6Key,
     ServiceValue,
 };
@@ -94,6 +94,7 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
         source,
     })?;
     check_pinned_maps(pin_dir)?;
+    raise_memlock_limit();
     let mut loader = EbpfLoader::new();
     for name in PINNED_MAPS {
         loader.map_pin_path(name, pin_dir.join(name));
@@ -109,68 +110,49 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
     Ok(Loaded { ebpf, maps })
 }
 
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; lift it (this needs
+/// `CAP_SYS_RESOURCE`, and is harmless where memory cgroups do the accounting).
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a plain syscall on a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
+        debug!(error = %io::Error::last_os_error(), "could not lift RLIMIT_MEMLOCK");
+    }
+}
+
 /// Refuses to reuse a pinned map whose shape differs from what this agent's programs expect:
 /// the kernel would accept the programs and they would read garbage.
 fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
+    let hash = MAP_F_NO_PREALLOC;
     let expected = [
-        (
-            SERVICES4_MAP,
-            size_of::<Service4Key>(),
-            size_of::<ServiceValue>(),
-            SERVICES_MAX_ENTRIES,
-        ),
-        (
-            SERVICES6_MAP,
-            size_of::<Service6Key>(),
-            size_of::<ServiceValue>(),
-            SERVICES_MAX_ENTRIES,
-        ),
-        (
-            BACKENDS4_MAP,
-            size_of::<u32>(),
-            size_of::<Backend4>(),
-            BACKENDS_MAX_ENTRIES,
-        ),
-        (
-            BACKENDS6_MAP,
-            size_of::<u32>(),
-            size_of::<Backend6>(),
-            BACKENDS_MAX_ENTRIES,
-        ),
-        (
-            REVNAT4_MAP,
-            size_of::<RevNat4Key>(),
-            size_of::<RevNat4Value>(),
-            REVNAT_MAX_ENTRIES,
-        ),
-        (
-            REVNAT6_MAP,
-            size_of::<RevNat6Key>(),
-            size_of::<RevNat6Value>(),
-            REVNAT_MAX_ENTRIES,
-        ),
+        (SERVICES4_MAP, size_of::<Service4Key>(), size_of::<ServiceValue>(), SERVICES_MAX_ENTRIES, hash),
+        (SERVICES6_MAP, size_of::<Service6Key>(), size_of::<ServiceValue>(), SERVICES_MAX_ENTRIES, hash),
+        (BACKENDS4_MAP, size_of::<u32>(), size_of::<Backend4>(), BACKENDS_MAX_ENTRIES, hash),
+        (BACKENDS6_MAP, size_of::<u32>(), size_of::<Backend6>(), BACKENDS_MAX_ENTRIES, hash),
+        (REVNAT4_MAP, size_of::<RevNat4Key>(), size_of::<RevNat4Value>(), REVNAT4_MAX_ENTRIES, 0),
+        (REVNAT6_MAP, size_of::<RevNat6Key>(), size_of::<RevNat6Value>(), REVNAT6_MAX_ENTRIES, 0),
     ];
-    for (name, key, value, entries) in expected {
+    for (name, key, value, entries, flags) in expected {
         let path = pin_dir.join(name);
         if !path.exists() {
             continue;
         }
-        let shape = |k: usize, v: usize, n: usize| format!("key {k} B, value {v} B, {n} entries");
+        let shape = |k: usize, v: usize, n: usize, f: usize| format!("key {k} B, value {v} B, {n} entries, flags {f:#x}");
         let found = match MapData::from_pin(&path).and_then(|m| m.info()) {
             Ok(i) => shape(
                 i.key_size() as usize,
                 i.value_size() as usize,
                 i.max_entries() as usize,
+                i.map_flags() as usize,
             ),
             Err(e) => format!("unreadable: {e}"),
         };
-        let expected = shape(key, value, entries);
+        let expected = shape(key, value, entries, flags);
         if found != expected {
-            return Err(LoadError::IncompatiblePin {
-                path,
-                found,
-                expected,
-            });
+            return Err(LoadError::IncompatiblePin { path, found, expected });
         }
     }
     Ok(())
