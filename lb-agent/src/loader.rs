@@ -15,15 +15,15 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupSock, CgroupSockAddr,
+        Program,
         links::{CgroupAttachMode, FdLink, PinnedLink},
     },
 };
 use lb_common::{
     BACKENDS_MAX_ENTRIES, BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, MAP_F_NO_PREALLOC,
-    PINNED_MAPS, REVNAT4_MAP, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, REVNAT6_MAP, RevNat4Key, RevNat4Value, RevNat6Key,
-    RevNat6Value, SERVICES_MAX_ENTRIES, SERVICES4_MAP, SERVICES6_MAP, Service4Key, Service6Key,
-    ServiceValue,
+    PINNED_MAPS, REVNAT4_MAP, REVNAT4_MAX_ENTRIES, REVNAT6_MAP, REVNAT6_MAX_ENTRIES, RevNat4Key,
+    RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES, SERVICES4_MAP, SERVICES6_MAP,
+    Service4Key, Service6Key, ServiceValue,
 };
 use tracing::{debug, info, warn};
 
@@ -32,8 +32,9 @@ use crate::maps::bpf::BpfMaps;
 /// The eBPF object built from `lb-ebpf` by `build.rs` for this very build of the agent.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// The `cgroup_sock_addr` programs: (program name in the object, pin name under `links/`).
-pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
+/// The cgroup programs (`cgroup_sock_addr` and `cgroup_sock`): (program name in the
+/// object, pin name under `links/`).
+pub const CGROUP_PROGRAMS: [(&str, &str); 9] = [
     ("lb_connect4", "connect4"),
     ("lb_connect6", "connect6"),
     ("lb_sendmsg4", "sendmsg4"),
@@ -42,10 +43,8 @@ pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
     ("lb_recvmsg6", "recvmsg6"),
     ("lb_getpeername4", "getpeername4"),
     ("lb_getpeername6", "getpeername6"),
+    ("lb_sock_release", "sock_release"),
 ];
-
-/// The `cgroup_sock` programs: (program name, pin name).
-pub const SOCK_PROGRAMS: [(&str, &str); 1] = [("lb_sock_release", "sock_release")];
 
 /// Directory under the pin path holding the pinned links.
 pub const LINKS_DIR: &str = "links";
@@ -65,11 +64,8 @@ pub enum LoadError {
     },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    #[error("attaching {name}: {message}")]
+    Attach { name: &'static str, message: String },
     #[error("cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("pinning link {path}: {message}")]
@@ -128,19 +124,57 @@ fn raise_memlock_limit() {
 fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
     let hash = MAP_F_NO_PREALLOC;
     let expected = [
-        (SERVICES4_MAP, size_of::<Service4Key>(), size_of::<ServiceValue>(), SERVICES_MAX_ENTRIES, hash),
-        (SERVICES6_MAP, size_of::<Service6Key>(), size_of::<ServiceValue>(), SERVICES_MAX_ENTRIES, hash),
-        (BACKENDS4_MAP, size_of::<u32>(), size_of::<Backend4>(), BACKENDS_MAX_ENTRIES, hash),
-        (BACKENDS6_MAP, size_of::<u32>(), size_of::<Backend6>(), BACKENDS_MAX_ENTRIES, hash),
-        (REVNAT4_MAP, size_of::<RevNat4Key>(), size_of::<RevNat4Value>(), REVNAT4_MAX_ENTRIES, 0),
-        (REVNAT6_MAP, size_of::<RevNat6Key>(), size_of::<RevNat6Value>(), REVNAT6_MAX_ENTRIES, 0),
+        (
+            SERVICES4_MAP,
+            size_of::<Service4Key>(),
+            size_of::<ServiceValue>(),
+            SERVICES_MAX_ENTRIES,
+            hash,
+        ),
+        (
+            SERVICES6_MAP,
+            size_of::<Service6Key>(),
+            size_of::<ServiceValue>(),
+            SERVICES_MAX_ENTRIES,
+            hash,
+        ),
+        (
+            BACKENDS4_MAP,
+            size_of::<u32>(),
+            size_of::<Backend4>(),
+            BACKENDS_MAX_ENTRIES,
+            hash,
+        ),
+        (
+            BACKENDS6_MAP,
+            size_of::<u32>(),
+            size_of::<Backend6>(),
+            BACKENDS_MAX_ENTRIES,
+            hash,
+        ),
+        (
+            REVNAT4_MAP,
+            size_of::<RevNat4Key>(),
+            size_of::<RevNat4Value>(),
+            REVNAT4_MAX_ENTRIES,
+            0,
+        ),
+        (
+            REVNAT6_MAP,
+            size_of::<RevNat6Key>(),
+            size_of::<RevNat6Value>(),
+            REVNAT6_MAX_ENTRIES,
+            0,
+        ),
     ];
     for (name, key, value, entries, flags) in expected {
         let path = pin_dir.join(name);
         if !path.exists() {
             continue;
         }
-        let shape = |k: usize, v: usize, n: usize, f: usize| format!("key {k} B, value {v} B, {n} entries, flags {f:#x}");
+        let shape = |k: usize, v: usize, n: usize, f: usize| {
+            format!("key {k} B, value {v} B, {n} entries, flags {f:#x}")
+        };
         let found = match MapData::from_pin(&path).and_then(|m| m.info()) {
             Ok(i) => shape(
                 i.key_size() as usize,
@@ -152,7 +186,11 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
         };
         let expected = shape(key, value, entries, flags);
         if found != expected {
-            return Err(LoadError::IncompatiblePin { path, found, expected });
+            return Err(LoadError::IncompatiblePin {
+                path,
+                found,
+                expected,
+            });
         }
     }
     Ok(())
@@ -178,45 +216,44 @@ pub fn attach_cgroup_programs(
         path: cgroup.to_path_buf(),
         source,
     })?;
-    for (name, pin_name) in SOCK_ADDR_PROGRAMS {
-        let program_error = |source| LoadError::Program { name, source };
-        let program: &mut CgroupSockAddr =
-            program_mut(ebpf, name)?.try_into().map_err(program_error)?;
-        program.load().map_err(program_error)?;
-        let link_id = program
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(program_error)?;
-        let link = program.take_link(link_id).map_err(program_error)?;
-        let link = FdLink::try_from(link).map_err(|e| pin_error(&links.join(pin_name), &e))?;
-        replace_pinned_link(&links.join(pin_name), link)?;
-    }
-    for (name, pin_name) in SOCK_PROGRAMS {
-        let program_error = |source| LoadError::Program { name, source };
-        let program: &mut CgroupSock =
-            program_mut(ebpf, name)?.try_into().map_err(program_error)?;
-        program.load().map_err(program_error)?;
-        let link_id = program
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(program_error)?;
-        let link = program.take_link(link_id).map_err(program_error)?;
-        let link = FdLink::try_from(link).map_err(|e| pin_error(&links.join(pin_name), &e))?;
-        replace_pinned_link(&links.join(pin_name), link)?;
+    for (name, pin_name) in CGROUP_PROGRAMS {
+        let path = links.join(pin_name);
+        let link = attach_to_cgroup(program_mut(ebpf, name)?, &cgroup_fd).map_err(|e| {
+            LoadError::Attach {
+                name,
+                message: e.to_string(),
+            }
+        })?;
+        replace_pinned_link(&path, link)?;
     }
     info!(
-        programs = SOCK_ADDR_PROGRAMS.len() + SOCK_PROGRAMS.len(),
+        programs = CGROUP_PROGRAMS.len(),
         cgroup = %cgroup.display(),
         "attached socket programs"
     );
     Ok(())
 }
 
-fn program_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut aya::programs::Program, LoadError> {
-    ebpf.program_mut(name).ok_or(LoadError::Program {
+/// Loads a cgroup program and attaches it to `cgroup` through a link the caller owns.
+fn attach_to_cgroup(program: &mut Program, cgroup: &File) -> anyhow::Result<FdLink> {
+    macro_rules! load_and_attach {
+        ($program:expr) => {{
+            $program.load()?;
+            let id = $program.attach(cgroup, CgroupAttachMode::Single)?;
+            FdLink::try_from($program.take_link(id)?)?
+        }};
+    }
+    Ok(match program {
+        Program::CgroupSockAddr(p) => load_and_attach!(p),
+        Program::CgroupSock(p) => load_and_attach!(p),
+        other => anyhow::bail!("{:?} is not a cgroup socket program", other.prog_type()),
+    })
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program, LoadError> {
+    ebpf.program_mut(name).ok_or_else(|| LoadError::Attach {
         name,
-        source: aya::programs::ProgramError::NotLoaded,
+        message: "not in the eBPF object".to_string(),
     })
 }
 

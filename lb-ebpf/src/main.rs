@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod family;
 mod maps;
 mod sock;
 mod xlate;

@@ -12,24 +12,38 @@ use lb_common::{
 
 /// IPv4 frontends and their backend slots (see `lb_common::maps`).
 #[btf_map]
-pub static LB4_SERVICES: HashMap<Service4Key, ServiceValue, SERVICES_MAX_ENTRIES, MAP_F_NO_PREALLOC> = HashMap::new();
+pub static LB4_SERVICES: HashMap<
+    Service4Key,
+    ServiceValue,
+    SERVICES_MAX_ENTRIES,
+    MAP_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// Backend id to IPv4 backend.
 #[btf_map]
-pub static LB4_BACKENDS: HashMap<u32, Backend4, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC> = HashMap::new();
+pub static LB4_BACKENDS: HashMap<u32, Backend4, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC> =
+    HashMap::new();
 
 /// (socket, IPv4 backend) to the frontend it dialled.
 #[btf_map]
-pub static LB4_REVNAT: LruHashMap<RevNat4Key, RevNat4Value, REVNAT4_MAX_ENTRIES> = LruHashMap::new();
+pub static LB4_REVNAT: LruHashMap<RevNat4Key, RevNat4Value, REVNAT4_MAX_ENTRIES> =
+    LruHashMap::new();
 
 /// IPv6 frontends and their backend slots.
 #[btf_map]
-pub static LB6_SERVICES: HashMap<Service6Key, ServiceValue, SERVICES_MAX_ENTRIES, MAP_F_NO_PREALLOC> = HashMap::new();
+pub static LB6_SERVICES: HashMap<
+    Service6Key,
+    ServiceValue,
+    SERVICES_MAX_ENTRIES,
+    MAP_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// Backend id to IPv6 backend.
 #[btf_map]
-pub static LB6_BACKENDS: HashMap<u32, Backend6, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC> = HashMap::new();
+pub static LB6_BACKENDS: HashMap<u32, Backend6, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC> =
+    HashMap::new();
 
 /// (socket, IPv6 backend) to the frontend it dialled.
 #[btf_map]
-pub static LB6_REVNAT: LruHashMap<RevNat6Key, RevNat6Value, REVNAT6_MAX_ENTRIES> = LruHashMap::new();
+pub static LB6_REVNAT: LruHashMap<RevNat6Key, RevNat6Value, REVNAT6_MAX_ENTRIES> =
+    LruHashMap::new();
