@@ -1,7 +1,15 @@
 //! Everything one end-to-end test needs, dropped in the right order.
 
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
 use crate::agent::{Agent, AgentConfig};
 use crate::{Manifests, PinDir, TestCgroup, Topology};
+
+/// Where [`TestEnv::agent_with_api`] serves the agent's API: the loopback of the test's own node
+/// namespace, where `lb-agent run` and `lb-agent services` both run. Every test has its own node
+/// namespace, so one fixed address cannot clash between parallel tests, nor with anything of the
+/// host.
+pub const API_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9901));
 
 /// A node topology, a cgroup, a pin directory and a manifests directory.
 ///
@@ -35,6 +43,7 @@ impl TestEnv {
             pin_path: self.pins.path().to_path_buf(),
             netns: Some(self.topo.node().name().to_owned()),
             log: self.manifests.work_dir().join("agent.log"),
+            api_addr: None,
         }
     }
 
@@ -42,6 +51,18 @@ impl TestEnv {
     #[track_caller]
     pub fn agent(&self) -> Agent {
         let mut agent = Agent::new(self.agent_config());
+        agent.start();
+        agent
+    }
+
+    /// Starts `lb-agent run --api-addr` [`API_ADDR`]; [`Agent::services`] then passes the same
+    /// `--api-addr`, so frontends carry Service and port names and backends their sources.
+    #[track_caller]
+    pub fn agent_with_api(&self) -> Agent {
+        let mut agent = Agent::new(AgentConfig {
+            api_addr: Some(API_ADDR),
+            ..self.agent_config()
+        });
         agent.start();
         agent
     }
