@@ -153,6 +153,8 @@ fn parse_addr(addr: &str) -> Result<SocketAddr, String> {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub manifests: PathBuf,
+    /// When set, the agent watches the API server of this kubeconfig instead of `manifests`.
+    pub kubeconfig: Option<PathBuf>,
     pub cgroup: PathBuf,
     pub pin_path: PathBuf,
     /// Network namespace to run in (`/run/netns/NAME`); the node namespace in [`crate::TestEnv`].
@@ -214,10 +216,12 @@ impl Agent {
         );
         let err_log = log.try_clone().expect("dup log fd");
         let mut command = Command::new(&self.bin);
+        command.arg("run");
+        match &self.config.kubeconfig {
+            Some(kubeconfig) => command.arg("--kubeconfig").arg(kubeconfig),
+            None => command.arg("--manifests").arg(&self.config.manifests),
+        };
         command
-            .arg("run")
-            .arg("--manifests")
-            .arg(&self.config.manifests)
             .arg("--cgroup")
             .arg(&self.config.cgroup)
             .arg("--bpf-pin-path")

@@ -39,6 +39,7 @@ impl TestEnv {
     pub fn agent_config(&self) -> AgentConfig {
         AgentConfig {
             manifests: self.manifests.dir().to_path_buf(),
+            kubeconfig: None,
             cgroup: self.cgroup.path().to_path_buf(),
             pin_path: self.pins.path().to_path_buf(),
             netns: Some(self.topo.node().name().to_owned()),
@@ -71,6 +72,22 @@ impl TestEnv {
 impl Default for TestEnv {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl TestEnv {
+    /// A fake API server in this test's node namespace, and an agent (not started yet)
+    /// that watches it instead of the manifests directory.
+    #[track_caller]
+    pub fn agent_on_api_server(&self) -> (crate::ApiServer, Agent) {
+        let api = crate::ApiServer::start_in(self.topo.node().name());
+        let kubeconfig = self.manifests.work_dir().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        let agent = Agent::new(AgentConfig {
+            kubeconfig: Some(kubeconfig),
+            ..self.agent_config()
+        });
+        (api, agent)
     }
 }
 

@@ -16,6 +16,7 @@
 //! starts with `if !require_privileges() { return; }`.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bins;
 pub mod bpffs;
 pub mod cgroup;
@@ -32,6 +33,7 @@ pub mod testkit;
 pub mod topology;
 
 pub use agent::{Agent, Backend, Frontend};
+pub use apiserver::ApiServer;
 pub use bpffs::PinDir;
 pub use cgroup::TestCgroup;
 pub use env::{API_ADDR, BackendPod, TestEnv};
