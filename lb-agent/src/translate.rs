@@ -94,7 +94,7 @@ pub fn translate(objects: &ClusterObjects) -> Translation {
 /// What one Service translates to, before frontends are checked against other Services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTranslation {
-    pub frontends: Vec<Frontend>,
+    pub frontends: Vec<Arc<Frontend>>,
     pub problems: Vec<Problem>,
     pub skipped: Vec<Skipped>,
     /// Where each frontend comes from, for a conflict report: (frontend, `spec.ports[i]`).
@@ -127,14 +127,14 @@ pub fn translate_service(
             let (backends, backend_info) = select_endpoints(same_family).into_iter().unzip();
             out.fields
                 .push((address, format!("spec.ports[{}]", port.index)));
-            out.frontends.push(Frontend {
+            out.frontends.push(Arc::new(Frontend {
                 address,
                 kind,
                 service: service.id.clone(),
                 port_name: port.name.clone(),
                 backends,
                 backend_info,
-            });
+            }));
         }
     }
     out

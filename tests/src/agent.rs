@@ -179,6 +179,7 @@ pub struct Agent {
     runs: u32,
     /// The run whose programs were seen attached by [`Agent::wait_attached`].
     attached_run: Option<u32>,
+    log_filter: String,
 }
 
 impl Agent {
@@ -190,11 +191,22 @@ impl Agent {
             child: None,
             runs: 0,
             attached_run: None,
+            log_filter: "debug".to_owned(),
         }
     }
 
     pub fn config(&self) -> &AgentConfig {
         &self.config
+    }
+
+    /// `RUST_LOG` of the next start (default `debug`).
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = filter.to_owned();
+    }
+
+    /// The process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Starts the agent (again, after [`Agent::kill`] or [`Agent::stop`]).
@@ -232,7 +244,7 @@ impl Agent {
                     .iter()
                     .flat_map(|addr| ["--api-addr".to_owned(), addr.to_string()]),
             )
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log));
