@@ -132,11 +132,15 @@ fn main() -> anyhow::Result<()> {
                 pin_dir: pins.bpf_pin_path,
                 api_addr: api.api_addr,
             };
-            tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
-                .build()?
-                .block_on(agent::run(config))
+                .build()?;
+            let result = runtime.block_on(agent::run(config));
+            // Exit promptly on SIGTERM even if a watch or a client connection is mid-flight:
+            // everything that matters (pinned maps and links) is already in the kernel.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+            result
         }
         Command::Services { pins, output, api } => {
             print!(

@@ -150,6 +150,15 @@ fn an_api_outage_changes_nothing_until_the_api_returns() {
     let before = agent.wait_for_frontend(VIP, 1, APPLY);
 
     api.api().set_unavailable(true);
+    // Wait until the agent's watches are cut, so the change below cannot reach it.
+    let cut = Instant::now();
+    while api.api().open_watches() > 0 {
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "watches still open during the outage"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
     // A change the agent cannot see while the API is away.
     api.apply(web_slice(
         "web-a",
