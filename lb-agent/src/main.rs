@@ -55,6 +55,17 @@ enum Command {
         /// [default: the root of the cgroup2 mount, from /proc/self/mountinfo].
         #[arg(long, env = "LB_CGROUP", value_name = "PATH")]
         cgroup: Option<PathBuf>,
+        /// External devices (comma-separated) whose ingress and egress get the tc datapath
+        /// for NodePorts, external and LoadBalancer IPs from outside the node, and whose IPv4
+        /// addresses are the node addresses a NodePort answers on [default: the devices of
+        /// the default route and those holding a global address, except bridges].
+        #[arg(
+            long,
+            env = "LB_DEVICES",
+            value_name = "DEV,...",
+            value_delimiter = ','
+        )]
+        devices: Vec<String>,
         #[command(flatten)]
         pins: PinArgs,
         #[command(flatten)]
@@ -110,6 +121,7 @@ fn main() -> anyhow::Result<()> {
             kubeconfig,
             node_name,
             cgroup,
+            devices,
             pins,
             api,
         } => {
@@ -127,6 +139,7 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 pin_dir: pins.bpf_pin_path,
                 api_addr: api.api_addr,
+                devices,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -2,7 +2,9 @@
 //! `sock.rs` read and write the addresses; this module only decides.
 use aya_ebpf::{EbpfContext, btf_maps::HashMap, helpers::bpf_get_prandom_u32};
 use aya_log_ebpf::warn;
-use lb_common::{BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue};
+use lb_common::{
+    BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue,
+};
 
 /// A family's services map.
 pub type Services<K> = HashMap<K, ServiceValue, SERVICES_MAX_ENTRIES, MAP_F_NO_PREALLOC>;
