@@ -63,6 +63,8 @@ pub struct AgentConfig {
     pub netns: Option<String>,
     /// stdout and stderr of every run, appended.
     pub log: PathBuf,
+    /// More arguments of `lb-agent run` (`--devices`, `--node-name`).
+    pub extra_args: Vec<String>,
 }
 
 /// `lb-agent run --manifests DIR --cgroup CG --bpf-pin-path PIN` with `RUST_LOG=debug`.
@@ -120,6 +122,7 @@ impl Agent {
             .arg(&self.config.cgroup)
             .arg("--bpf-pin-path")
             .arg(&self.config.pin_path)
+            .args(&self.config.extra_args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -207,11 +210,16 @@ impl Agent {
 
     /// The TCP frontend `addr` ("10.96.0.10:80"), if listed.
     pub fn frontend(&self, addr: &str) -> Result<Option<Frontend>, String> {
+        self.frontend_of(addr, "TCP")
+    }
+
+    /// The frontend `addr` of `protocol` ("TCP", "UDP"), if listed.
+    pub fn frontend_of(&self, addr: &str, protocol: &str) -> Result<Option<Frontend>, String> {
         let want: SocketAddrV4 = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
         Ok(self.services()?.into_iter().find(|f| {
             f.address == want.ip().to_string()
                 && f.port == want.port()
-                && f.protocol.eq_ignore_ascii_case("TCP")
+                && f.protocol.eq_ignore_ascii_case(protocol)
         }))
     }
 
@@ -223,10 +231,22 @@ impl Agent {
         backends: usize,
         timeout: Duration,
     ) -> Frontend {
+        self.wait_for_frontend_of(addr, "TCP", backends, timeout)
+    }
+
+    /// [`Agent::wait_for_frontend`] for a frontend of `protocol`.
+    #[track_caller]
+    pub fn wait_for_frontend_of(
+        &mut self,
+        addr: &str,
+        protocol: &str,
+        backends: usize,
+        timeout: Duration,
+    ) -> Frontend {
         let deadline = Instant::now() + timeout;
         loop {
             self.assert_running();
-            let last = match self.frontend(addr) {
+            let last = match self.frontend_of(addr, protocol) {
                 Ok(Some(f)) if f.backends.len() == backends => return f,
                 Ok(Some(f)) => format!("{f:?}"),
                 Ok(None) => format!("{addr} not listed"),

@@ -35,6 +35,7 @@ impl TestEnv {
             pin_path: self.pins.path().to_path_buf(),
             netns: Some(self.topo.node().name().to_owned()),
             log: self.manifests.work_dir().join("agent.log"),
+            extra_args: Vec::new(),
         }
     }
 
@@ -42,6 +43,16 @@ impl TestEnv {
     #[track_caller]
     pub fn agent(&self) -> Agent {
         let mut agent = Agent::new(self.agent_config());
+        agent.start();
+        agent
+    }
+
+    /// Starts `lb-agent run` with more arguments (`--devices ext0 --node-name node-a`).
+    #[track_caller]
+    pub fn agent_with(&self, args: &[&str]) -> Agent {
+        let mut config = self.agent_config();
+        config.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut agent = Agent::new(config);
         agent.start();
         agent
     }

@@ -141,6 +141,11 @@ pub struct ServiceBuilder {
     cluster_ip: String,
     ports: Vec<ServicePort>,
     selector: BTreeMap<String, String>,
+    type_: String,
+    external_ips: Vec<String>,
+    load_balancer_ips: Vec<String>,
+    external_traffic_policy: Option<String>,
+    health_check_node_port: Option<i32>,
 }
 
 /// A Service named `name` in namespace `default` with this `spec.clusterIP`.
@@ -151,6 +156,11 @@ pub fn service(name: &str, cluster_ip: &str) -> ServiceBuilder {
         cluster_ip: cluster_ip.to_owned(),
         ports: Vec::new(),
         selector: BTreeMap::new(),
+        type_: "ClusterIP".to_owned(),
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        external_traffic_policy: None,
+        health_check_node_port: None,
     }
 }
 
@@ -188,18 +198,85 @@ impl ServiceBuilder {
         self
     }
 
+    /// `spec.type` (`NodePort`, `LoadBalancer`); ClusterIP by default.
+    pub fn type_(mut self, type_: &str) -> Self {
+        type_.clone_into(&mut self.type_);
+        self
+    }
+
+    /// A port with a `nodePort` (for NodePort and LoadBalancer Services).
+    pub fn node_port(
+        mut self,
+        port: i32,
+        target: impl Into<TargetPort>,
+        node_port: i32,
+        protocol: &str,
+    ) -> Self {
+        self.ports.push(ServicePort {
+            port,
+            target_port: Some(target.into().into()),
+            node_port: Some(node_port),
+            protocol: Some(protocol.to_owned()),
+            ..ServicePort::default()
+        });
+        self
+    }
+
+    /// An entry of `spec.externalIPs`.
+    pub fn external_ip(mut self, ip: &str) -> Self {
+        self.external_ips.push(ip.to_owned());
+        self
+    }
+
+    /// An entry of `status.loadBalancer.ingress` (the type becomes LoadBalancer).
+    pub fn load_balancer_ip(mut self, ip: &str) -> Self {
+        self.load_balancer_ips.push(ip.to_owned());
+        "LoadBalancer".clone_into(&mut self.type_);
+        self
+    }
+
+    /// `spec.externalTrafficPolicy`.
+    pub fn external_traffic_policy(mut self, policy: &str) -> Self {
+        self.external_traffic_policy = Some(policy.to_owned());
+        self
+    }
+
+    /// `spec.healthCheckNodePort`.
+    pub fn health_check_node_port(mut self, port: i32) -> Self {
+        self.health_check_node_port = Some(port);
+        self
+    }
+
     pub fn build(&self) -> Service {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let status = (!self.load_balancer_ips.is_empty()).then(|| ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(
+                    self.load_balancer_ips
+                        .iter()
+                        .map(|ip| LoadBalancerIngress {
+                            ip: Some(ip.clone()),
+                            ..LoadBalancerIngress::default()
+                        })
+                        .collect(),
+                ),
+            }),
+            ..ServiceStatus::default()
+        });
         Service {
             metadata: meta(&self.name, &self.namespace, &BTreeMap::new()),
             spec: Some(ServiceSpec {
-                type_: Some("ClusterIP".to_owned()),
+                type_: Some(self.type_.clone()),
                 cluster_ip: Some(self.cluster_ip.clone()),
                 cluster_ips: Some(vec![self.cluster_ip.clone()]),
                 ports: Some(self.ports.clone()),
                 selector: (!self.selector.is_empty()).then(|| self.selector.clone()),
+                external_ips: (!self.external_ips.is_empty()).then(|| self.external_ips.clone()),
+                external_traffic_policy: self.external_traffic_policy.clone(),
+                health_check_node_port: self.health_check_node_port,
                 ..ServiceSpec::default()
             }),
-            status: None,
+            status,
         }
     }
 
@@ -218,6 +295,7 @@ pub struct PodBuilder {
     labels: BTreeMap<String, String>,
     ready: bool,
     ports: Vec<ContainerPort>,
+    node_name: Option<String>,
 }
 
 /// A ready Pod named `name` in namespace `default` with `status.podIP` `ip`.
@@ -229,6 +307,7 @@ pub fn pod(name: &str, ip: Ipv4Addr) -> PodBuilder {
         labels: BTreeMap::new(),
         ready: true,
         ports: Vec::new(),
+        node_name: None,
     }
 }
 
@@ -246,6 +325,12 @@ impl PodBuilder {
     /// The `Ready` condition.
     pub fn ready(mut self, ready: bool) -> Self {
         self.ready = ready;
+        self
+    }
+
+    /// `spec.nodeName`: the node the pod runs on.
+    pub fn node_name(mut self, node: &str) -> Self {
+        self.node_name = Some(node.to_owned());
         self
     }
 
@@ -271,6 +356,7 @@ impl PodBuilder {
                     ports: (!self.ports.is_empty()).then(|| self.ports.clone()),
                     ..Container::default()
                 }],
+                node_name: self.node_name.clone(),
                 ..PodSpec::default()
             }),
             status: Some(PodStatus {

@@ -23,6 +23,12 @@ use crate::{TestCgroup, bins, cmd, names, netns::Netns};
 
 /// The bridge address in the node namespace, every pod's default gateway.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The node's address on its external device, where NodePorts answer.
+pub const NODE_EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+/// The external client's address.
+pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+/// The node's external device (inside the node namespace).
+pub const EXT_DEVICE: &str = "ext0";
 /// How long a server may take to bind.
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,6 +99,63 @@ impl Topology {
         pods.push(netns);
         pod
     }
+}
+
+impl Topology {
+    /// An external client: a namespace `<prefix>-<name>` joined by a veth to the node's
+    /// external device `ext0` (192.168.50.1/24 in the node, 192.168.50.2/24 in the client,
+    /// default route via the node, so external and LoadBalancer IPs are routed to it too).
+    /// The node forwards (`ip_forward=1`), as a Kubernetes node does.
+    #[track_caller]
+    pub fn add_external_client(&self, name: &str) -> Pod {
+        let mut pods = self.pods.lock().expect("pods lock");
+        let netns = Netns::create(&format!("{}-{name}", self.prefix));
+        self.node.ip(&[
+            "link",
+            "add",
+            EXT_DEVICE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ]);
+        self.node.ip(&[
+            "addr",
+            "add",
+            &format!("{NODE_EXT_IP}/24"),
+            "dev",
+            EXT_DEVICE,
+        ]);
+        self.node.ip(&["link", "set", EXT_DEVICE, "up"]);
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{EXTERNAL_CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        netns.ip(&["route", "add", "default", "via", &NODE_EXT_IP.to_string()]);
+        sysctl(self.node.name(), "net.ipv4.ip_forward=1");
+        let pod = Pod {
+            name: name.to_owned(),
+            netns: netns.name().to_owned(),
+            ip: EXTERNAL_CLIENT_IP,
+        };
+        pods.push(netns);
+        pod
+    }
+}
+
+/// `sysctl -w` inside a namespace (`/proc/sys/net` is per network namespace).
+#[track_caller]
+pub fn sysctl(netns: &str, setting: &str) {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", netns, "sysctl", "-qw", setting]);
+    cmd::run(&mut command, cmd::PLUMBING_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
 }
 
 impl Default for Topology {
