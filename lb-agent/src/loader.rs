@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType,
+        Program, SchedClassifier, TcAttachType,
         links::{CgroupAttachMode, FdLink, PinnedLink},
     },
 };
@@ -33,8 +33,9 @@ use crate::maps::bpf::BpfMaps;
 /// The eBPF object built from `lb-ebpf` by `build.rs` for this very build of the agent.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// The `cgroup_sock_addr` programs: (program name in the object, pin name under `links/`).
-pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
+/// The cgroup programs (`cgroup_sock_addr` and `cgroup_sock`): (program name in the
+/// object, pin name under `links/`).
+pub const CGROUP_PROGRAMS: [(&str, &str); 9] = [
     ("lb_connect4", "connect4"),
     ("lb_connect6", "connect6"),
     ("lb_sendmsg4", "sendmsg4"),
@@ -43,10 +44,8 @@ pub const SOCK_ADDR_PROGRAMS: [(&str, &str); 8] = [
     ("lb_recvmsg6", "recvmsg6"),
     ("lb_getpeername4", "getpeername4"),
     ("lb_getpeername6", "getpeername6"),
+    ("lb_sock_release", "sock_release"),
 ];
-
-/// The `cgroup_sock` programs: (program name, pin name).
-pub const SOCK_PROGRAMS: [(&str, &str); 1] = [("lb_sock_release", "sock_release")];
 
 /// The tc programs: (program name, attach point, pin name prefix; the device's name follows).
 pub const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
@@ -72,11 +71,8 @@ pub enum LoadError {
     },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    #[error("attaching {name}: {message}")]
+    Attach { name: &'static str, message: String },
     #[error("cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("pinning link {path}: {message}")]
@@ -248,32 +244,18 @@ pub fn attach_cgroup_programs(
         path: cgroup.to_path_buf(),
         source,
     })?;
-    for (name, pin_name) in SOCK_ADDR_PROGRAMS {
-        let program_error = |source| LoadError::Program { name, source };
-        let program: &mut CgroupSockAddr =
-            program_mut(ebpf, name)?.try_into().map_err(program_error)?;
-        program.load().map_err(program_error)?;
-        let link_id = program
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(program_error)?;
-        let link = program.take_link(link_id).map_err(program_error)?;
-        let link = FdLink::try_from(link).map_err(|e| pin_error(&links.join(pin_name), &e))?;
-        replace_pinned_link(&links.join(pin_name), link)?;
-    }
-    for (name, pin_name) in SOCK_PROGRAMS {
-        let program_error = |source| LoadError::Program { name, source };
-        let program: &mut CgroupSock =
-            program_mut(ebpf, name)?.try_into().map_err(program_error)?;
-        program.load().map_err(program_error)?;
-        let link_id = program
-            .attach(&cgroup_fd, CgroupAttachMode::Single)
-            .map_err(program_error)?;
-        let link = program.take_link(link_id).map_err(program_error)?;
-        let link = FdLink::try_from(link).map_err(|e| pin_error(&links.join(pin_name), &e))?;
-        replace_pinned_link(&links.join(pin_name), link)?;
+    for (name, pin_name) in CGROUP_PROGRAMS {
+        let path = links.join(pin_name);
+        let link = attach_to_cgroup(program_mut(ebpf, name)?, &cgroup_fd).map_err(|e| {
+            LoadError::Attach {
+                name,
+                message: e.to_string(),
+            }
+        })?;
+        replace_pinned_link(&path, link)?;
     }
     info!(
-        programs = SOCK_ADDR_PROGRAMS.len() + SOCK_PROGRAMS.len(),
+        programs = CGROUP_PROGRAMS.len(),
         cgroup = %cgroup.display(),
         "attached socket programs"
     );
@@ -299,7 +281,10 @@ pub fn attach_tc_programs(
     })?;
     let mut wanted = std::collections::BTreeSet::new();
     for (name, attach_type, prefix) in TC_PROGRAMS {
-        let program_error = |source| LoadError::Program { name, source };
+        let program_error = |e: aya::programs::ProgramError| LoadError::Attach {
+            name,
+            message: e.to_string(),
+        };
         let program: &mut SchedClassifier =
             program_mut(ebpf, name)?.try_into().map_err(program_error)?;
         if program.fd().is_err() {
@@ -335,13 +320,26 @@ pub fn attach_tc_programs(
     Ok(())
 }
 
-fn program_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut aya::programs::Program, LoadError> {
-    ebpf.program_mut(name).ok_or(LoadError::Program {
+/// Loads a cgroup program and attaches it to `cgroup` through a link the caller owns.
+fn attach_to_cgroup(program: &mut Program, cgroup: &File) -> anyhow::Result<FdLink> {
+    macro_rules! load_and_attach {
+        ($program:expr) => {{
+            $program.load()?;
+            let id = $program.attach(cgroup, CgroupAttachMode::Single)?;
+            FdLink::try_from($program.take_link(id)?)?
+        }};
+    }
+    Ok(match program {
+        Program::CgroupSockAddr(p) => load_and_attach!(p),
+        Program::CgroupSock(p) => load_and_attach!(p),
+        other => anyhow::bail!("{:?} is not a cgroup socket program", other.prog_type()),
+    })
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Program, LoadError> {
+    ebpf.program_mut(name).ok_or_else(|| LoadError::Attach {
         name,
-        source: aya::programs::ProgramError::NotLoaded,
+        message: "not in the eBPF object".to_string(),
     })
 }
 

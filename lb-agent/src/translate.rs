@@ -353,11 +353,16 @@ fn validate_service(
         .into_iter()
         .map(|ip| (ip, FrontendKind::ClusterIp))
         .collect();
+    let mut extra = Vec::new();
     for (i, text) in spec.external_ips.iter().flatten().enumerate() {
         if let Some(ip) = check.ip(format!("spec.externalIPs[{i}]"), text) {
-            frontend_ips.push((ip, FrontendKind::ExternalIp));
+            extra.push((ip, FrontendKind::ExternalIp));
         }
     }
+    // Like kube-proxy, program external and LoadBalancer IPs only of a family the Service
+    // has a ClusterIP of: the Service has no endpoints of the other family.
+    let families: Vec<bool> = frontend_ips.iter().map(|(ip, _)| ip.is_ipv4()).collect();
+    let of_service_family = |ip: &IpAddr| families.contains(&ip.is_ipv4());
     if spec.type_.as_deref() == Some("LoadBalancer") {
         let ingress = svc.status.iter().filter_map(|s| s.load_balancer.as_ref());
         for (i, ingress) in ingress
@@ -372,8 +377,18 @@ fn validate_service(
             if let Some(text) = &ingress.ip
                 && let Some(ip) = check.ip(format!("status.loadBalancer.ingress[{i}].ip"), text)
             {
-                frontend_ips.push((ip, FrontendKind::LoadBalancer));
+                extra.push((ip, FrontendKind::LoadBalancer));
             }
+        }
+    }
+    for (ip, kind) in extra {
+        if of_service_family(&ip) {
+            frontend_ips.push((ip, kind));
+        } else {
+            skip(
+                out,
+                &format!("{kind:?} {ip}: the Service has no ClusterIP of that family"),
+            );
         }
     }
     let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));

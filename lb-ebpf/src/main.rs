@@ -4,6 +4,7 @@
 #![no_main]
 
 mod conntrack;
+mod family;
 mod maps;
 mod nat;
 mod sock;

@@ -12,13 +12,10 @@ use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie,
     programs::{SockAddrContext, SockContext},
 };
-use lb_common::{
-    PROTO_TCP, PROTO_UDP, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, Service4Key,
-    Service6Key, to_v4_mapped, v4_mapped,
-};
+use lb_common::{PROTO_TCP, PROTO_UDP, to_v4_mapped, v4_mapped};
 
 use crate::{
-    maps::{LB4_BACKENDS, LB4_REVNAT, LB4_SERVICES, LB6_BACKENDS, LB6_REVNAT, LB6_SERVICES},
+    family::{Family, V4, V6},
     xlate::{Forward, Pick, forward, frontend_is_current},
 };
 
@@ -50,7 +47,7 @@ pub fn forward4(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     };
     // SAFETY: `sa` is the kernel's context for the whole run of the program.
     let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
-    match forward_v4(ctx, ip, port, proto, hook) {
+    match forward_in::<V4>(ctx, ip, port, proto, hook) {
         Forward::To {
             backend: (ip, port),
             ..
@@ -78,7 +75,7 @@ pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     // SAFETY: as in `forward4`.
     let port = unsafe { (*sa).user_port } as u16;
     let outcome = match v4_mapped(&ip) {
-        Some(ip4) => match forward_v4(ctx, ip4, port, proto, hook) {
+        Some(ip4) => match forward_in::<V4>(ctx, ip4, port, proto, hook) {
             Forward::To {
                 backend: (ip, port),
                 rev_nat_id,
@@ -89,7 +86,7 @@ pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
             Forward::NoBackends => Forward::NoBackends,
             Forward::Pass => Forward::Pass,
         },
-        None => forward_v6(ctx, ip, port, proto, hook),
+        None => forward_in::<V6>(ctx, ip, port, proto, hook),
     };
     match outcome {
         Forward::To {
@@ -113,7 +110,7 @@ pub fn reverse4(ctx: &SockAddrContext) {
     // SAFETY: as in `forward4`.
     let (ip, port, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
-    if let Some((ip, port)) = reverse_v4(ctx, ip, port, proto) {
+    if let Some((ip, port)) = reverse_in::<V4>(ctx, ip, port, proto) {
         // SAFETY: writable in recvmsg and getpeername hooks.
         unsafe {
             (*sa).user_ip4 = ip;
@@ -129,8 +126,10 @@ pub fn reverse6(ctx: &SockAddrContext) {
     // SAFETY: as in `forward4`.
     let (port, proto) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
     let frontend = match v4_mapped(&ip) {
-        Some(ip4) => reverse_v4(ctx, ip4, port, proto).map(|(ip, port)| (to_v4_mapped(ip), port)),
-        None => reverse_v6(ctx, ip, port, proto),
+        Some(ip4) => {
+            reverse_in::<V4>(ctx, ip4, port, proto).map(|(ip, port)| (to_v4_mapped(ip), port))
+        }
+        None => reverse_in::<V6>(ctx, ip, port, proto),
     };
     if let Some((ip, port)) = frontend {
         write_user_ip6(sa, &ip);
@@ -153,7 +152,7 @@ pub fn release(ctx: &SockContext) {
     if family == AF_INET {
         // SAFETY: as above.
         let ip = unsafe { (*sk).dst_ip4 };
-        let _ = LB4_REVNAT.remove(rev4_key(cookie, ip, port));
+        let _ = V4::forget(cookie, (ip, port));
     } else if family == AF_INET6 {
         // SAFETY: as above; each word read on its own, as the verifier requires.
         let ip = unsafe {
@@ -166,25 +165,26 @@ pub fn release(ctx: &SockContext) {
             ]
         };
         let _ = match v4_mapped(&ip) {
-            Some(ip4) => LB4_REVNAT.remove(rev4_key(cookie, ip4, port)),
-            None => LB6_REVNAT.remove(rev6_key(cookie, ip, port)),
+            Some(ip4) => V4::forget(cookie, (ip4, port)),
+            None => V6::forget(cookie, (ip, port)),
         };
     }
 }
 
+/// Forward lookup in family `F`; on a hit, records the reverse translation.
 #[inline(always)]
-fn forward_v4(
+fn forward_in<F: Family>(
     ctx: &SockAddrContext,
-    ip: u32,
+    ip: F::Addr,
     port: u16,
     proto: u8,
     hook: Hook,
-) -> Forward<(u32, u16)> {
-    let frontend = Service4Key::new(ip, port, proto, 0);
+) -> Forward<(F::Addr, u16)> {
+    let frontend = F::frontend(ip, port, proto);
     match forward(
         ctx,
-        &LB4_SERVICES,
-        &LB4_BACKENDS,
+        F::services(),
+        F::backends(),
         &frontend,
         pick(ctx, hook),
     ) {
@@ -192,16 +192,10 @@ fn forward_v4(
             backend,
             rev_nat_id,
         } => {
-            let key = rev4_key(cookie(ctx), backend.address, backend.port);
-            let value = RevNat4Value {
-                address: ip,
-                port,
-                rev_nat_id,
-            };
-            // A failed insert only costs the reverse view (getpeername/recvmsg): go on.
-            let _ = LB4_REVNAT.insert(key, value, 0);
+            let backend = F::backend_addr(&backend);
+            F::remember(cookie(ctx), backend, (ip, port), rev_nat_id);
             Forward::To {
-                backend: (backend.address, backend.port),
+                backend,
                 rev_nat_id,
             }
         }
@@ -210,84 +204,22 @@ fn forward_v4(
     }
 }
 
+/// Reverse lookup in family `F`: the frontend this socket dialled to reach `ip:port`, if
+/// that frontend still exists as it was.
 #[inline(always)]
-fn forward_v6(
+fn reverse_in<F: Family>(
     ctx: &SockAddrContext,
-    ip: [u32; 4],
+    ip: F::Addr,
     port: u16,
     proto: u8,
-    hook: Hook,
-) -> Forward<([u32; 4], u16)> {
-    let frontend = Service6Key::new(ip, port, proto, 0);
-    match forward(
-        ctx,
-        &LB6_SERVICES,
-        &LB6_BACKENDS,
-        &frontend,
-        pick(ctx, hook),
-    ) {
-        Forward::To {
-            backend,
-            rev_nat_id,
-        } => {
-            let key = rev6_key(cookie(ctx), backend.address, backend.port);
-            let value = RevNat6Value {
-                address: ip,
-                port,
-                rev_nat_id,
-            };
-            let _ = LB6_REVNAT.insert(key, value, 0);
-            Forward::To {
-                backend: (backend.address, backend.port),
-                rev_nat_id,
-            }
-        }
-        Forward::NoBackends => Forward::NoBackends,
-        Forward::Pass => Forward::Pass,
-    }
-}
-
-#[inline(always)]
-fn reverse_v4(ctx: &SockAddrContext, ip: u32, port: u16, proto: u8) -> Option<(u32, u16)> {
-    // SAFETY: copied out at once.
-    let entry = unsafe { LB4_REVNAT.get(rev4_key(cookie(ctx), ip, port)) }.copied()?;
-    let frontend = Service4Key::new(entry.address, entry.port, proto, 0);
-    frontend_is_current(&LB4_SERVICES, &frontend, entry.rev_nat_id)
-        .then_some((entry.address, entry.port))
-}
-
-#[inline(always)]
-fn reverse_v6(
-    ctx: &SockAddrContext,
-    ip: [u32; 4],
-    port: u16,
-    proto: u8,
-) -> Option<([u32; 4], u16)> {
-    // SAFETY: copied out at once.
-    let entry = unsafe { LB6_REVNAT.get(rev6_key(cookie(ctx), ip, port)) }.copied()?;
-    let frontend = Service6Key::new(entry.address, entry.port, proto, 0);
-    frontend_is_current(&LB6_SERVICES, &frontend, entry.rev_nat_id)
-        .then_some((entry.address, entry.port))
-}
-
-#[inline(always)]
-const fn rev4_key(cookie: u64, address: u32, port: u16) -> RevNat4Key {
-    RevNat4Key {
-        cookie,
-        address,
-        port,
-        pad: [0; 2],
-    }
-}
-
-#[inline(always)]
-const fn rev6_key(cookie: u64, address: [u32; 4], port: u16) -> RevNat6Key {
-    RevNat6Key {
-        cookie,
-        address,
-        port,
-        pad: [0; 6],
-    }
+) -> Option<(F::Addr, u16)> {
+    let (address, port, rev_nat_id) = F::recall(cookie(ctx), (ip, port))?;
+    frontend_is_current(
+        F::services(),
+        &F::frontend(address, port, proto),
+        rev_nat_id,
+    )
+    .then_some((address, port))
 }
 
 /// The protocol of the call, if this hook translates it: TCP and UDP at connect, only UDP

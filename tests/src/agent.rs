@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -21,48 +21,149 @@ use crate::{bins, cmd};
 const SERVICES_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lines of the agent log printed when a test fails.
 const LOG_TAIL: usize = 300;
+/// How long the agent may take to attach its programs after it started.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(15);
+/// The socket hooks (bpftool's `attach_type`s) the agent attaches to its cgroup; a test only
+/// starts once all are there.
+pub const SOCKET_HOOKS: [&str; 9] = [
+    "cgroup_inet4_connect",
+    "cgroup_inet6_connect",
+    "cgroup_udp4_sendmsg",
+    "cgroup_udp6_sendmsg",
+    "cgroup_udp4_recvmsg",
+    "cgroup_udp6_recvmsg",
+    "cgroup_inet4_getpeername",
+    "cgroup_inet6_getpeername",
+    "cgroup_inet_sock_release",
+];
 
-/// One frontend (ClusterIP:port/protocol) of `lb-agent services --output json`.
+/// One frontend (virtual address:port/protocol) of `lb-agent services --output json`.
+///
+/// The fields after `protocol` are left empty (`None`, 0) when the agent does not print them, so
+/// a test that does not look at them does not depend on them; `service` and `port_name` are
+/// there only when `services` was given `--api-addr`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Frontend {
     pub address: String,
     pub port: u16,
     pub protocol: String,
+    /// `IPv4` or `IPv6`.
+    #[serde(default)]
+    pub family: Option<String>,
+    /// `ClusterIp`, `ExternalIp` or `LoadBalancer`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Backends taking new connections (the master entry's count).
+    #[serde(default)]
+    pub count: u16,
+    #[serde(default)]
+    pub rev_nat_id: u16,
+    /// `namespace/name` of the Service (with `--api-addr`).
+    #[serde(default)]
+    pub service: Option<String>,
+    /// `spec.ports[].name` (with `--api-addr`; empty for an unnamed port).
+    #[serde(default)]
+    pub port_name: Option<String>,
     pub backends: Vec<Backend>,
 }
 
-/// One backend of a [`Frontend`].
+/// One backend slot of a [`Frontend`].
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Backend {
+    #[serde(default)]
+    pub slot: u16,
+    #[serde(default)]
+    pub backend_id: u32,
     pub address: String,
     pub port: u16,
     #[serde(default)]
     pub protocol: String,
+    #[serde(default)]
+    pub family: Option<String>,
+    /// `Ready` or `Terminating`.
+    #[serde(default)]
+    pub state: Option<String>,
+    /// EndpointSlice name or `pod/<name>` (with `--api-addr`).
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+impl Backend {
+    /// `ip:port`, `[ipv6]:port`.
+    #[track_caller]
+    pub fn addr(&self) -> String {
+        socket_addr(&self.address, self.port)
+    }
 }
 
 impl Frontend {
-    /// `ip:port` of each backend, sorted.
+    /// `ip:port`, `[ipv6]:port`.
+    #[track_caller]
+    pub fn addr(&self) -> String {
+        socket_addr(&self.address, self.port)
+    }
+
+    /// Whether this is the frontend `addr` (`10.96.0.10:80`, `[fd00:96::10]:80`) of `protocol`.
+    pub fn is(&self, addr: SocketAddr, protocol: &str) -> bool {
+        self.address.parse::<IpAddr>().ok() == Some(addr.ip())
+            && self.port == addr.port()
+            && self.protocol.eq_ignore_ascii_case(protocol)
+    }
+
+    /// `ip:port` (`[ipv6]:port`) of each backend, sorted.
     pub fn backend_addrs(&self) -> Vec<String> {
-        let mut addrs: Vec<_> = self
-            .backends
-            .iter()
-            .map(|b| format!("{}:{}", b.address, b.port))
-            .collect();
+        let mut addrs: Vec<_> = self.backends.iter().map(Backend::addr).collect();
         addrs.sort();
         addrs
     }
+
+    /// The backend at `addr` (`10.244.0.2:8080`, `[fd00:244::2]:8080`), if listed.
+    pub fn backend(&self, addr: &str) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.addr() == addr)
+    }
+
+    /// `state` of each backend, by `ip:port`.
+    pub fn backend_states(&self) -> std::collections::BTreeMap<String, String> {
+        self.backends
+            .iter()
+            .map(|b| (b.addr(), b.state.clone().unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// `ip:port`, or `[ipv6]:port`, from the separate JSON fields.
+#[track_caller]
+fn socket_addr(address: &str, port: u16) -> String {
+    match address.parse::<IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{address}:{port}"),
+    }
+}
+
+/// Parses `ip:port` or `[ipv6]:port` for the frontend lookups.
+fn parse_addr(addr: &str) -> Result<SocketAddr, String> {
+    addr.parse().map_err(|e| format!("{addr}: {e}"))
 }
 
 /// What the agent is started with.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub manifests: PathBuf,
+    /// When set, the agent watches the API server of this kubeconfig instead of `manifests`.
+    pub kubeconfig: Option<PathBuf>,
     pub cgroup: PathBuf,
     pub pin_path: PathBuf,
     /// Network namespace to run in (`/run/netns/NAME`); the node namespace in [`crate::TestEnv`].
     pub netns: Option<String>,
     /// stdout and stderr of every run, appended.
     pub log: PathBuf,
+    /// `--api-addr` of `lb-agent run`, given to `lb-agent services` too (which then runs in
+    /// `netns` as well, where the address is reachable).
+    pub api_addr: Option<SocketAddr>,
     /// More arguments of `lb-agent run` (`--devices`, `--node-name`).
     pub extra_args: Vec<String>,
 }
@@ -78,6 +179,8 @@ pub struct Agent {
     config: AgentConfig,
     child: Option<Child>,
     runs: u32,
+    /// The run whose programs were seen attached by [`Agent::wait_attached`].
+    attached_run: Option<u32>,
 }
 
 impl Agent {
@@ -88,6 +191,7 @@ impl Agent {
             config,
             child: None,
             runs: 0,
+            attached_run: None,
         }
     }
 
@@ -114,19 +218,39 @@ impl Agent {
         );
         let err_log = log.try_clone().expect("dup log fd");
         let mut command = Command::new(&self.bin);
+        command.arg("run");
+        match &self.config.kubeconfig {
+            Some(kubeconfig) => command.arg("--kubeconfig").arg(kubeconfig),
+            None => command.arg("--manifests").arg(&self.config.manifests),
+        };
         command
-            .arg("run")
-            .arg("--manifests")
-            .arg(&self.config.manifests)
             .arg("--cgroup")
             .arg(&self.config.cgroup)
             .arg("--bpf-pin-path")
             .arg(&self.config.pin_path)
+            .args(
+                self.config
+                    .api_addr
+                    .iter()
+                    .flat_map(|addr| ["--api-addr".to_owned(), addr.to_string()]),
+            )
             .args(&self.config.extra_args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log));
+        let netns = self.enter_netns(&mut command);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        drop(netns);
+        self.child = Some(child);
+    }
+
+    /// Makes `command` die with the test and run in the agent's network namespace (only that
+    /// namespace: bpffs and cgroup2 stay visible). The returned file must live until the spawn.
+    #[track_caller]
+    fn enter_netns(&self, command: &mut Command) -> Option<File> {
         let netns = self.config.netns.as_ref().map(|name| {
             let path = Path::new("/run/netns").join(name);
             File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
@@ -144,11 +268,7 @@ impl Agent {
                 Ok(())
             });
         }
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
-        drop(netns);
-        self.child = Some(child);
+        netns
     }
 
     /// SIGKILL: the agent gets no chance to clean anything up (as in a crash or OOM kill).
@@ -188,17 +308,42 @@ impl Agent {
         }
     }
 
-    /// `lb-agent services --bpf-pin-path PIN --output json`; works while the agent is down too.
+    /// `lb-agent services --bpf-pin-path PIN --output FORMAT`, with the agent's `--api-addr`
+    /// when it has one, run in the agent's network namespace (where that address is reachable).
+    /// Works while the agent is down too, without the API.
+    pub fn services_output(&self, format: &str) -> Result<String, String> {
+        self.services_output_with(format, true)
+    }
+
+    /// `lb-agent services` as [`Agent::services_output`], with `--api-addr` only if `use_api`.
+    pub fn services_output_with(&self, format: &str, use_api: bool) -> Result<String, String> {
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("services")
+            .arg("--bpf-pin-path")
+            .arg(&self.config.pin_path)
+            .args(["--output", format]);
+        if let Some(addr) = self.config.api_addr
+            && use_api
+            && self.child.is_some()
+        {
+            command.arg("--api-addr").arg(addr.to_string());
+        }
+        let netns = self.enter_netns(&mut command);
+        let out = cmd::run(&mut command, SERVICES_TIMEOUT);
+        drop(netns);
+        out
+    }
+
+    /// [`Agent::services_output`] as JSON.
     pub fn services_json(&self) -> Result<serde_json::Value, String> {
-        let out = cmd::run(
-            Command::new(&self.bin)
-                .arg("services")
-                .arg("--bpf-pin-path")
-                .arg(&self.config.pin_path)
-                .args(["--output", "json"]),
-            SERVICES_TIMEOUT,
-        )?;
+        let out = self.services_output("json")?;
         serde_json::from_str(&out).map_err(|e| format!("lb-agent services: {e}: {out}"))
+    }
+
+    /// [`Agent::services_output`] as the table it prints for people.
+    pub fn services_table(&self) -> Result<String, String> {
+        self.services_output("table")
     }
 
     /// [`Agent::services_json`] as typed frontends.
@@ -208,19 +353,75 @@ impl Agent {
             .map_err(|e| format!("lb-agent services: unexpected JSON ({e}): {value}"))
     }
 
-    /// The TCP frontend `addr` ("10.96.0.10:80"), if listed.
+    /// The TCP frontend `addr` (`10.96.0.10:80`, `[fd00:96::10]:80`), if listed.
     pub fn frontend(&self, addr: &str) -> Result<Option<Frontend>, String> {
-        self.frontend_of(addr, "TCP")
+        self.frontend_proto(addr, "TCP")
     }
 
-    /// The frontend `addr` of `protocol` ("TCP", "UDP"), if listed.
-    pub fn frontend_of(&self, addr: &str, protocol: &str) -> Result<Option<Frontend>, String> {
-        let want: SocketAddrV4 = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-        Ok(self.services()?.into_iter().find(|f| {
-            f.address == want.ip().to_string()
-                && f.port == want.port()
-                && f.protocol.eq_ignore_ascii_case(protocol)
-        }))
+    /// The frontend `addr` of `protocol` (`TCP`, `UDP`), if listed.
+    pub fn frontend_proto(&self, addr: &str, protocol: &str) -> Result<Option<Frontend>, String> {
+        let want = parse_addr(addr)?;
+        Ok(self.services()?.into_iter().find(|f| f.is(want, protocol)))
+    }
+
+    /// Waits until every hook of [`SOCKET_HOOKS`] is attached to the agent's cgroup.
+    ///
+    /// The agent pins and fills its maps before it attaches its programs, one after the other, so
+    /// `lb-agent services` may list a frontend while connects are not yet translated (or
+    /// `sendmsg` is and `recvmsg` is not yet). Every `wait_for_*` waits for this first.
+    #[track_caller]
+    pub fn wait_attached(&mut self) {
+        if self.attached_run == Some(self.runs) {
+            return;
+        }
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        loop {
+            self.assert_running();
+            let attached = crate::cgroup::attach_types(&self.config.cgroup);
+            let missing: Vec<&str> = SOCKET_HOOKS
+                .into_iter()
+                .filter(|hook| !attached.contains(*hook))
+                .collect();
+            if missing.is_empty() {
+                self.attached_run = Some(self.runs);
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the agent did not attach {missing:?} to {} within {ATTACH_TIMEOUT:?}; \
+                     attached: {attached:?}",
+                    self.config.cgroup.display()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls `lb-agent services` until `ready` returns something for its frontends; panics with
+    /// `what` and the last listing after `timeout`. Waits for [`Agent::wait_attached`] first.
+    #[track_caller]
+    pub fn wait_until<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut(&[Frontend]) -> Option<T>,
+    ) -> T {
+        self.wait_attached();
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.assert_running();
+            let last = match self.services() {
+                Ok(frontends) => match ready(&frontends) {
+                    Some(found) => return found,
+                    None => format!("{frontends:#?}"),
+                },
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                panic!("{what}: not within {timeout:?}; last listing: {last}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Polls `lb-agent services` until the TCP frontend `addr` lists exactly `backends` backends.
@@ -231,52 +432,55 @@ impl Agent {
         backends: usize,
         timeout: Duration,
     ) -> Frontend {
-        self.wait_for_frontend_of(addr, "TCP", backends, timeout)
+        self.wait_for_frontend_proto(addr, "TCP", backends, timeout)
     }
 
-    /// [`Agent::wait_for_frontend`] for a frontend of `protocol`.
+    /// Polls `lb-agent services` until the frontend `addr` of `protocol` lists exactly `backends`
+    /// backends (with `--api-addr`: and carries its Service name).
     #[track_caller]
-    pub fn wait_for_frontend_of(
+    pub fn wait_for_frontend_proto(
         &mut self,
         addr: &str,
         protocol: &str,
         backends: usize,
         timeout: Duration,
     ) -> Frontend {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.assert_running();
-            let last = match self.frontend_of(addr, protocol) {
-                Ok(Some(f)) if f.backends.len() == backends => return f,
-                Ok(Some(f)) => format!("{f:?}"),
-                Ok(None) => format!("{addr} not listed"),
-                Err(e) => e,
-            };
-            if Instant::now() >= deadline {
-                panic!(
-                    "frontend {addr} did not get {backends} backends within {timeout:?}; last: {last}"
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        let want = parse_addr(addr).unwrap_or_else(|e| panic!("{e}"));
+        let api = self.config.api_addr.is_some();
+        self.wait_until(
+            &format!("frontend {addr}/{protocol} with {backends} backends"),
+            timeout,
+            |frontends| {
+                frontends
+                    .iter()
+                    .find(|f| {
+                        f.is(want, protocol)
+                            && f.backends.len() == backends
+                            // The API may publish a sync a moment after the maps show it.
+                            && (!api
+                                || (f.service.is_some()
+                                    && f.backends.iter().all(|b| b.source.is_some())))
+                    })
+                    .cloned()
+            },
+        )
     }
 
-    /// Polls `lb-agent services` until `addr` is not listed any more.
+    /// Polls `lb-agent services` until the TCP frontend `addr` is not listed any more.
     #[track_caller]
     pub fn wait_for_no_frontend(&mut self, addr: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.assert_running();
-            let last = match self.frontend(addr) {
-                Ok(None) => return,
-                Ok(Some(f)) => format!("{f:?}"),
-                Err(e) => e,
-            };
-            if Instant::now() >= deadline {
-                panic!("frontend {addr} still listed after {timeout:?}: {last}");
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_for_no_frontend_proto(addr, "TCP", timeout);
+    }
+
+    /// Polls `lb-agent services` until the frontend `addr` of `protocol` is not listed any more.
+    #[track_caller]
+    pub fn wait_for_no_frontend_proto(&mut self, addr: &str, protocol: &str, timeout: Duration) {
+        let want = parse_addr(addr).unwrap_or_else(|e| panic!("{e}"));
+        self.wait_until(
+            &format!("frontend {addr}/{protocol} gone"),
+            timeout,
+            |frontends| (!frontends.iter().any(|f| f.is(want, protocol))).then_some(()),
+        );
     }
 
     /// The whole log of all runs.

@@ -43,16 +43,30 @@ impl TestCgroup {
     /// object each, with `id`, `attach_type`, `name`, ...).
     #[track_caller]
     pub fn attached_programs(&self) -> Vec<serde_json::Value> {
-        let mut command = std::process::Command::new("bpftool");
-        command.arg("-j").arg("cgroup").arg("show").arg(&self.path);
-        let out = crate::cmd::run(&mut command, crate::cmd::PLUMBING_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e} (is bpftool installed? apt-get install bpftool)"));
-        if out.trim().is_empty() {
-            return Vec::new();
-        }
-        serde_json::from_str(out.trim())
-            .unwrap_or_else(|e| panic!("bpftool cgroup show: {e}: {out}"))
+        attached_programs(&self.path)
     }
+}
+
+/// Programs attached to the cgroup `dir` (`bpftool -j cgroup show DIR`).
+#[track_caller]
+pub fn attached_programs(dir: &Path) -> Vec<serde_json::Value> {
+    let mut command = std::process::Command::new("bpftool");
+    command.arg("-j").arg("cgroup").arg("show").arg(dir);
+    let out = crate::cmd::run(&mut command, crate::cmd::PLUMBING_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e} (is bpftool installed? apt-get install bpftool)"));
+    if out.trim().is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bpftool cgroup show: {e}: {out}"))
+}
+
+/// The `attach_type`s of the programs attached to the cgroup `dir` (`cgroup_inet4_connect`, ...).
+#[track_caller]
+pub fn attach_types(dir: &Path) -> std::collections::BTreeSet<String> {
+    attached_programs(dir)
+        .iter()
+        .filter_map(|p| p["attach_type"].as_str().map(str::to_owned))
+        .collect()
 }
 
 impl Default for TestCgroup {

@@ -1,7 +1,15 @@
 //! Everything one end-to-end test needs, dropped in the right order.
 
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
 use crate::agent::{Agent, AgentConfig};
 use crate::{Manifests, PinDir, TestCgroup, Topology};
+
+/// Where [`TestEnv::agent_with_api`] serves the agent's API: the loopback of the test's own node
+/// namespace, where `lb-agent run` and `lb-agent services` both run. Every test has its own node
+/// namespace, so one fixed address cannot clash between parallel tests, nor with anything of the
+/// host.
+pub const API_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9901));
 
 /// A node topology, a cgroup, a pin directory and a manifests directory.
 ///
@@ -31,10 +39,12 @@ impl TestEnv {
     pub fn agent_config(&self) -> AgentConfig {
         AgentConfig {
             manifests: self.manifests.dir().to_path_buf(),
+            kubeconfig: None,
             cgroup: self.cgroup.path().to_path_buf(),
             pin_path: self.pins.path().to_path_buf(),
             netns: Some(self.topo.node().name().to_owned()),
             log: self.manifests.work_dir().join("agent.log"),
+            api_addr: None,
             extra_args: Vec::new(),
         }
     }
@@ -50,9 +60,22 @@ impl TestEnv {
     /// Starts `lb-agent run` with more arguments (`--devices ext0 --node-name node-a`).
     #[track_caller]
     pub fn agent_with(&self, args: &[&str]) -> Agent {
-        let mut config = self.agent_config();
-        config.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
-        let mut agent = Agent::new(config);
+        let mut agent = Agent::new(AgentConfig {
+            extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
+            ..self.agent_config()
+        });
+        agent.start();
+        agent
+    }
+
+    /// Starts `lb-agent run --api-addr` [`API_ADDR`]; [`Agent::services`] then passes the same
+    /// `--api-addr`, so frontends carry Service and port names and backends their sources.
+    #[track_caller]
+    pub fn agent_with_api(&self) -> Agent {
+        let mut agent = Agent::new(AgentConfig {
+            api_addr: Some(API_ADDR),
+            ..self.agent_config()
+        });
         agent.start();
         agent
     }
@@ -61,6 +84,22 @@ impl TestEnv {
 impl Default for TestEnv {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl TestEnv {
+    /// A fake API server in this test's node namespace, and an agent (not started yet)
+    /// that watches it instead of the manifests directory.
+    #[track_caller]
+    pub fn agent_on_api_server(&self) -> (crate::ApiServer, Agent) {
+        let api = crate::ApiServer::start_in(self.topo.node().name());
+        let kubeconfig = self.manifests.work_dir().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig);
+        let agent = Agent::new(AgentConfig {
+            kubeconfig: Some(kubeconfig),
+            ..self.agent_config()
+        });
+        (api, agent)
     }
 }
 

@@ -1,12 +1,14 @@
 //! Fixtures for the load balancer's privileged end-to-end tests, and the `lb-testkit` command.
 //!
 //! A test simulates one Kubernetes node on this machine:
-//! - [`Topology`]: a node network namespace with a bridge (10.244.0.1/16) and one namespace per pod,
-//!   joined to the bridge by a veth, default route via the bridge. Nothing leaves the machine.
+//! - [`Topology`]: a node network namespace with a bridge (10.244.0.1/16, fd00:244::1/64) and one
+//!   dual-stack namespace per pod, joined to the bridge by a veth, default routes via the bridge.
+//!   Nothing leaves the machine.
 //! - [`TestCgroup`]: the cgroup the agent attaches its programs to; clients run inside it.
 //! - [`PinDir`]: the agent's bpffs pin directory.
 //! - [`Manifests`] and the builders in [`manifests`]: the directory the agent watches.
-//! - [`Agent`]: the `lb-agent` process under test, run in the node namespace.
+//! - [`Agent`]: the `lb-agent` process under test, run in the node namespace, and what
+//!   `lb-agent services` lists ([`Frontend`], [`Backend`]).
 //! - [`TestEnv`]: all of the above for one test, in the right drop order.
 //!
 //! Every guard cleans up on drop (also while panicking), everything is named with the prefix
@@ -14,6 +16,7 @@
 //! starts with `if !require_privileges() { return; }`.
 
 pub mod agent;
+pub mod apiserver;
 pub mod bins;
 pub mod bpffs;
 pub mod cgroup;
@@ -30,9 +33,10 @@ pub mod testkit;
 pub mod topology;
 
 pub use agent::{Agent, Backend, Frontend};
+pub use apiserver::ApiServer;
 pub use bpffs::PinDir;
 pub use cgroup::TestCgroup;
-pub use env::{BackendPod, TestEnv};
+pub use env::{API_ADDR, BackendPod, TestEnv};
 pub use leftovers::cleanup_leftovers;
 pub use manifests::Manifests;
 pub use netns::Netns;

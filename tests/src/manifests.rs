@@ -5,16 +5,17 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus, Service, ServicePort,
-    ServiceSpec,
+    Container, ContainerPort, LoadBalancerIngress, LoadBalancerStatus, Pod, PodCondition, PodIP,
+    PodSpec, PodStatus, Service, ServicePort, ServiceSpec, ServiceStatus,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
 use crate::names;
@@ -132,33 +133,44 @@ impl From<TargetPort> for IntOrString {
     }
 }
 
-/// Builds a v1 Service of type ClusterIP: `service("webapp", "10.96.0.10").selector("app",
-/// "webapp").port(80, 8080)`.
+/// Builds a v1 Service, by default of type ClusterIP: `service("webapp", "10.96.0.10")
+/// .selector("app", "webapp").port(80, 8080)`.
+///
+/// `ipFamilies` and `ipFamilyPolicy` are filled in from the ClusterIPs as the API server would
+/// (`SingleStack` for one address, `RequireDualStack` for two) unless set explicitly.
 #[derive(Debug, Clone)]
 pub struct ServiceBuilder {
     name: String,
     namespace: String,
-    cluster_ip: String,
+    type_: String,
+    cluster_ips: Vec<String>,
+    ip_families: Option<Vec<String>>,
+    ip_family_policy: Option<String>,
     ports: Vec<ServicePort>,
     selector: BTreeMap<String, String>,
-    type_: String,
+    labels: BTreeMap<String, String>,
     external_ips: Vec<String>,
-    load_balancer_ips: Vec<String>,
+    external_name: Option<String>,
+    ingress: Vec<LoadBalancerIngress>,
     external_traffic_policy: Option<String>,
     health_check_node_port: Option<i32>,
 }
 
-/// A Service named `name` in namespace `default` with this `spec.clusterIP`.
+/// A Service named `name` in namespace `default` with this `spec.clusterIP` (`"None"`: headless).
 pub fn service(name: &str, cluster_ip: &str) -> ServiceBuilder {
     ServiceBuilder {
         name: name.to_owned(),
         namespace: "default".to_owned(),
-        cluster_ip: cluster_ip.to_owned(),
+        type_: "ClusterIP".to_owned(),
+        cluster_ips: vec![cluster_ip.to_owned()],
+        ip_families: None,
+        ip_family_policy: None,
         ports: Vec::new(),
         selector: BTreeMap::new(),
-        type_: "ClusterIP".to_owned(),
+        labels: BTreeMap::new(),
         external_ips: Vec::new(),
-        load_balancer_ips: Vec::new(),
+        external_name: None,
+        ingress: Vec::new(),
         external_traffic_policy: None,
         health_check_node_port: None,
     }
@@ -172,6 +184,92 @@ impl ServiceBuilder {
 
     pub fn selector(mut self, key: &str, value: &str) -> Self {
         self.selector.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// A label on the Service itself (`metadata.labels`).
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// `spec.clusterIPs` (and `spec.clusterIP`, the first): one address, or one per family.
+    pub fn cluster_ips(mut self, ips: &[&str]) -> Self {
+        self.cluster_ips = ips.iter().map(|ip| (*ip).to_owned()).collect();
+        self
+    }
+
+    /// `spec.ipFamilies` as given (instead of the one derived from the ClusterIPs).
+    pub fn ip_families(mut self, families: &[&str]) -> Self {
+        self.ip_families = Some(families.iter().map(|f| (*f).to_owned()).collect());
+        self
+    }
+
+    /// `spec.ipFamilyPolicy`: `SingleStack`, `PreferDualStack` or `RequireDualStack`.
+    pub fn ip_family_policy(mut self, policy: &str) -> Self {
+        self.ip_family_policy = Some(policy.to_owned());
+        self
+    }
+
+    /// `spec.type`.
+    pub fn type_(mut self, type_: &str) -> Self {
+        type_.clone_into(&mut self.type_);
+        self
+    }
+
+    /// Type ExternalName with this `spec.externalName` (the ClusterIP given to [`service`] stays,
+    /// as in a manifest that was changed from type ClusterIP by hand).
+    pub fn external_name(mut self, name: &str) -> Self {
+        self.type_ = "ExternalName".to_owned();
+        self.external_name = Some(name.to_owned());
+        self
+    }
+
+    /// An entry of `spec.externalIPs`.
+    pub fn external_ip(mut self, ip: &str) -> Self {
+        self.external_ips.push(ip.to_owned());
+        self
+    }
+
+    /// Type LoadBalancer with this `status.loadBalancer.ingress[].ip` (and `ipMode`, `VIP` or
+    /// `Proxy`, when given).
+    pub fn load_balancer_ingress(mut self, ip: &str, ip_mode: Option<&str>) -> Self {
+        self.type_ = "LoadBalancer".to_owned();
+        self.ingress.push(LoadBalancerIngress {
+            ip: Some(ip.to_owned()),
+            ip_mode: ip_mode.map(str::to_owned),
+            ..LoadBalancerIngress::default()
+        });
+        self
+    }
+
+    /// A port with a `nodePort` (for NodePort and LoadBalancer Services).
+    pub fn node_port(
+        mut self,
+        port: i32,
+        target: impl Into<TargetPort>,
+        node_port: i32,
+        protocol: &str,
+    ) -> Self {
+        self.ports.push(ServicePort {
+            port,
+            target_port: Some(target.into().into()),
+            node_port: Some(node_port),
+            protocol: Some(protocol.to_owned()),
+            ..ServicePort::default()
+        });
+        self
+    }
+
+    /// `spec.externalTrafficPolicy`.
+    pub fn external_traffic_policy(mut self, policy: &str) -> Self {
+        self.external_traffic_policy = Some(policy.to_owned());
+        self
+    }
+
+    /// `spec.healthCheckNodePort`.
+    pub fn health_check_node_port(mut self, port: i32) -> Self {
+        self.health_check_node_port = Some(port);
         self
     }
 
@@ -198,80 +296,43 @@ impl ServiceBuilder {
         self
     }
 
-    /// `spec.type` (`NodePort`, `LoadBalancer`); ClusterIP by default.
-    pub fn type_(mut self, type_: &str) -> Self {
-        type_.clone_into(&mut self.type_);
-        self
-    }
-
-    /// A port with a `nodePort` (for NodePort and LoadBalancer Services).
-    pub fn node_port(
-        mut self,
-        port: i32,
-        target: impl Into<TargetPort>,
-        node_port: i32,
-        protocol: &str,
-    ) -> Self {
-        self.ports.push(ServicePort {
-            port,
-            target_port: Some(target.into().into()),
-            node_port: Some(node_port),
-            protocol: Some(protocol.to_owned()),
-            ..ServicePort::default()
-        });
-        self
-    }
-
-    /// An entry of `spec.externalIPs`.
-    pub fn external_ip(mut self, ip: &str) -> Self {
-        self.external_ips.push(ip.to_owned());
-        self
-    }
-
-    /// An entry of `status.loadBalancer.ingress` (the type becomes LoadBalancer).
-    pub fn load_balancer_ip(mut self, ip: &str) -> Self {
-        self.load_balancer_ips.push(ip.to_owned());
-        "LoadBalancer".clone_into(&mut self.type_);
-        self
-    }
-
-    /// `spec.externalTrafficPolicy`.
-    pub fn external_traffic_policy(mut self, policy: &str) -> Self {
-        self.external_traffic_policy = Some(policy.to_owned());
-        self
-    }
-
-    /// `spec.healthCheckNodePort`.
-    pub fn health_check_node_port(mut self, port: i32) -> Self {
-        self.health_check_node_port = Some(port);
-        self
-    }
-
     pub fn build(&self) -> Service {
-        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
-        let status = (!self.load_balancer_ips.is_empty()).then(|| ServiceStatus {
+        let families: Vec<String> = self
+            .cluster_ips
+            .iter()
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .map(|ip| if ip.is_ipv4() { "IPv4" } else { "IPv6" }.to_owned())
+            .collect();
+        let ip_families = self
+            .ip_families
+            .clone()
+            .or_else(|| (!families.is_empty()).then(|| families.clone()));
+        let ip_family_policy = self.ip_family_policy.clone().or_else(|| {
+            let policy = if families.len() > 1 {
+                "RequireDualStack"
+            } else {
+                "SingleStack"
+            };
+            (!families.is_empty()).then(|| policy.to_owned())
+        });
+        let status = (!self.ingress.is_empty()).then(|| ServiceStatus {
             load_balancer: Some(LoadBalancerStatus {
-                ingress: Some(
-                    self.load_balancer_ips
-                        .iter()
-                        .map(|ip| LoadBalancerIngress {
-                            ip: Some(ip.clone()),
-                            ..LoadBalancerIngress::default()
-                        })
-                        .collect(),
-                ),
+                ingress: Some(self.ingress.clone()),
             }),
             ..ServiceStatus::default()
         });
         Service {
-            metadata: meta(&self.name, &self.namespace, &BTreeMap::new()),
+            metadata: meta(&self.name, &self.namespace, &self.labels),
             spec: Some(ServiceSpec {
                 type_: Some(self.type_.clone()),
-                cluster_ip: Some(self.cluster_ip.clone()),
-                cluster_ips: Some(vec![self.cluster_ip.clone()]),
+                cluster_ip: self.cluster_ips.first().cloned(),
+                cluster_ips: (!self.cluster_ips.is_empty()).then(|| self.cluster_ips.clone()),
+                ip_families,
+                ip_family_policy,
                 ports: Some(self.ports.clone()),
                 selector: (!self.selector.is_empty()).then(|| self.selector.clone()),
                 external_ips: (!self.external_ips.is_empty()).then(|| self.external_ips.clone()),
+                external_name: self.external_name.clone(),
                 external_traffic_policy: self.external_traffic_policy.clone(),
                 health_check_node_port: self.health_check_node_port,
                 ..ServiceSpec::default()
@@ -291,23 +352,25 @@ impl ServiceBuilder {
 pub struct PodBuilder {
     name: String,
     namespace: String,
-    ip: Ipv4Addr,
+    ips: Vec<IpAddr>,
     labels: BTreeMap<String, String>,
     ready: bool,
-    ports: Vec<ContainerPort>,
+    terminating: bool,
     node_name: Option<String>,
+    ports: Vec<ContainerPort>,
 }
 
 /// A ready Pod named `name` in namespace `default` with `status.podIP` `ip`.
-pub fn pod(name: &str, ip: Ipv4Addr) -> PodBuilder {
+pub fn pod(name: &str, ip: impl Into<IpAddr>) -> PodBuilder {
     PodBuilder {
         name: name.to_owned(),
         namespace: "default".to_owned(),
-        ip,
+        ips: vec![ip.into()],
         labels: BTreeMap::new(),
         ready: true,
-        ports: Vec::new(),
+        terminating: false,
         node_name: None,
+        ports: Vec::new(),
     }
 }
 
@@ -322,24 +385,42 @@ impl PodBuilder {
         self
     }
 
+    /// Another address in `status.podIPs` (the other family of a dual-stack pod).
+    pub fn also_ip(mut self, ip: impl Into<IpAddr>) -> Self {
+        self.ips.push(ip.into());
+        self
+    }
+
     /// The `Ready` condition.
     pub fn ready(mut self, ready: bool) -> Self {
         self.ready = ready;
         self
     }
 
-    /// `spec.nodeName`: the node the pod runs on.
+    /// Being deleted: `metadata.deletionTimestamp` set (still `Running`, its `Ready` condition as
+    /// set with [`PodBuilder::ready`]).
+    pub fn terminating(mut self) -> Self {
+        self.terminating = true;
+        self
+    }
+
+    /// `spec.nodeName`.
     pub fn node_name(mut self, node: &str) -> Self {
         self.node_name = Some(node.to_owned());
         self
     }
 
     /// A named TCP container port.
-    pub fn container_port(mut self, name: &str, port: i32) -> Self {
+    pub fn container_port(self, name: &str, port: i32) -> Self {
+        self.container_port_full(name, port, "TCP")
+    }
+
+    /// A named container port of any protocol.
+    pub fn container_port_full(mut self, name: &str, port: i32, protocol: &str) -> Self {
         self.ports.push(ContainerPort {
             name: Some(name.to_owned()),
             container_port: port,
-            protocol: Some("TCP".to_owned()),
+            protocol: Some(protocol.to_owned()),
             ..ContainerPort::default()
         });
         self
@@ -347,8 +428,13 @@ impl PodBuilder {
 
     pub fn build(&self) -> Pod {
         let ready = if self.ready { "True" } else { "False" };
+        let mut metadata = meta(&self.name, &self.namespace, &self.labels);
+        if self.terminating {
+            metadata.deletion_timestamp = Some(Time(DELETION_TIME));
+            metadata.deletion_grace_period_seconds = Some(30);
+        }
         Pod {
-            metadata: meta(&self.name, &self.namespace, &self.labels),
+            metadata,
             spec: Some(PodSpec {
                 containers: vec![Container {
                     name: "app".to_owned(),
@@ -361,10 +447,13 @@ impl PodBuilder {
             }),
             status: Some(PodStatus {
                 phase: Some("Running".to_owned()),
-                pod_ip: Some(self.ip.to_string()),
-                pod_ips: Some(vec![k8s_openapi::api::core::v1::PodIP {
-                    ip: self.ip.to_string(),
-                }]),
+                pod_ip: self.ips.first().map(ToString::to_string),
+                pod_ips: Some(
+                    self.ips
+                        .iter()
+                        .map(|ip| PodIP { ip: ip.to_string() })
+                        .collect(),
+                ),
                 conditions: Some(
                     ["Ready", "ContainersReady"]
                         .into_iter()
@@ -385,13 +474,55 @@ impl PodBuilder {
     }
 }
 
-/// Builds a discovery.k8s.io/v1 EndpointSlice (addressType IPv4) for a Service:
+/// The `deletionTimestamp` of terminating pods (any time will do).
+const DELETION_TIME: Timestamp = Timestamp::constant(1_767_225_600, 0);
+
+/// The `conditions` of an EndpointSlice endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conditions {
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl Conditions {
+    /// Ready (and serving).
+    pub const READY: Self = Self {
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+    /// Still serving while being deleted: `ready: false, serving: true, terminating: true`.
+    pub const TERMINATING: Self = Self {
+        ready: false,
+        serving: true,
+        terminating: true,
+    };
+    /// Being deleted and no longer serving.
+    pub const TERMINATED: Self = Self {
+        ready: false,
+        serving: false,
+        terminating: true,
+    };
+    /// Not ready (failing its readiness probe), not terminating.
+    pub const NOT_READY: Self = Self {
+        ready: false,
+        serving: false,
+        terminating: false,
+    };
+}
+
+/// Builds a discovery.k8s.io/v1 EndpointSlice for a Service:
 /// `endpoint_slice("webapp-abc", "webapp").endpoint(ip, true).port(None, 8080, "TCP")`.
+///
+/// `addressType` is IPv6 when the first endpoint's address is, IPv4 otherwise, unless set with
+/// [`EndpointSliceBuilder::address_type`].
 #[derive(Debug, Clone)]
 pub struct EndpointSliceBuilder {
     name: String,
     namespace: String,
     service: String,
+    address_type: Option<String>,
     endpoints: Vec<Endpoint>,
     ports: Vec<EndpointPort>,
 }
@@ -402,6 +533,7 @@ pub fn endpoint_slice(name: &str, service: &str) -> EndpointSliceBuilder {
         name: name.to_owned(),
         namespace: "default".to_owned(),
         service: service.to_owned(),
+        address_type: None,
         endpoints: Vec::new(),
         ports: Vec::new(),
     }
@@ -413,14 +545,42 @@ impl EndpointSliceBuilder {
         self
     }
 
-    /// One endpoint with one address and `conditions.ready`.
-    pub fn endpoint(mut self, address: Ipv4Addr, ready: bool) -> Self {
+    /// `addressType`: `IPv4`, `IPv6` or `FQDN`.
+    pub fn address_type(mut self, address_type: &str) -> Self {
+        self.address_type = Some(address_type.to_owned());
+        self
+    }
+
+    /// One endpoint with one address and only `conditions.ready` set.
+    pub fn endpoint(mut self, address: impl Into<IpAddr>, ready: bool) -> Self {
         self.endpoints.push(Endpoint {
-            addresses: vec![address.to_string()],
+            addresses: vec![address.into().to_string()],
             conditions: Some(EndpointConditions {
                 ready: Some(ready),
                 ..EndpointConditions::default()
             }),
+            ..Endpoint::default()
+        });
+        self
+    }
+
+    /// One endpoint with one address, all three conditions, and optionally `nodeName` and `zone`.
+    pub fn endpoint_full(
+        mut self,
+        address: impl Into<IpAddr>,
+        conditions: Conditions,
+        node_name: Option<&str>,
+        zone: Option<&str>,
+    ) -> Self {
+        self.endpoints.push(Endpoint {
+            addresses: vec![address.into().to_string()],
+            conditions: Some(EndpointConditions {
+                ready: Some(conditions.ready),
+                serving: Some(conditions.serving),
+                terminating: Some(conditions.terminating),
+            }),
+            node_name: node_name.map(str::to_owned),
+            zone: zone.map(str::to_owned),
             ..Endpoint::default()
         });
         self
@@ -442,9 +602,19 @@ impl EndpointSliceBuilder {
             "kubernetes.io/service-name".to_owned(),
             self.service.clone(),
         )]);
+        let first_is_v6 = self
+            .endpoints
+            .first()
+            .and_then(|e| e.addresses.first())
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            .is_some_and(|ip| ip.is_ipv6());
+        let address_type = self
+            .address_type
+            .clone()
+            .unwrap_or_else(|| if first_is_v6 { "IPv6" } else { "IPv4" }.to_owned());
         EndpointSlice {
             metadata: meta(&self.name, &self.namespace, &labels),
-            address_type: "IPv4".to_owned(),
+            address_type,
             endpoints: Some(self.endpoints.clone()),
             ports: Some(self.ports.clone()),
         }
@@ -457,6 +627,8 @@ impl EndpointSliceBuilder {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     #[test]
@@ -508,5 +680,88 @@ mod tests {
         assert!(yaml.contains("addressType: IPv4"), "{yaml}");
         let back: EndpointSlice = serde_saphyr::from_str(&yaml).unwrap();
         assert_eq!(back, builder.build());
+    }
+
+    #[test]
+    fn dual_stack_and_other_service_kinds() {
+        let svc = service("web", "10.96.0.10")
+            .cluster_ips(&["10.96.0.10", "fd00:96::10"])
+            .external_ip("192.168.77.10")
+            .load_balancer_ingress("192.168.77.20", Some("VIP"))
+            .label("service.kubernetes.io/service-proxy-name", "other")
+            .build();
+        let spec = svc.spec.clone().unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(
+            spec.ip_families,
+            Some(vec!["IPv4".to_owned(), "IPv6".to_owned()])
+        );
+        assert_eq!(spec.ip_family_policy.as_deref(), Some("RequireDualStack"));
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.external_ips, Some(vec!["192.168.77.10".to_owned()]));
+        let ingress = svc.status.unwrap().load_balancer.unwrap().ingress.unwrap();
+        assert_eq!(ingress[0].ip.as_deref(), Some("192.168.77.20"));
+        assert!(
+            svc.metadata
+                .labels
+                .unwrap()
+                .contains_key("service.kubernetes.io/service-proxy-name")
+        );
+
+        let headless = service("db", "None").build().spec.unwrap();
+        assert_eq!(headless.cluster_ips, Some(vec!["None".to_owned()]));
+        assert_eq!(headless.ip_families, None);
+        let external = service("ext", "10.96.0.12")
+            .external_name("db.example.com")
+            .build()
+            .spec
+            .unwrap();
+        assert_eq!(external.type_.as_deref(), Some("ExternalName"));
+        let v6 = service("v6", "fd00:96::10").yaml();
+        assert!(v6.contains("- IPv6"), "{v6}");
+        assert!(v6.contains("SingleStack"), "{v6}");
+    }
+
+    #[test]
+    fn terminating_dual_stack_pod() {
+        let builder = pod("web", Ipv4Addr::new(10, 244, 0, 2))
+            .also_ip(Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 2))
+            .terminating()
+            .node_name("node-a")
+            .container_port_full("dns", 5353, "UDP");
+        let yaml = builder.yaml();
+        assert!(yaml.contains("deletionTimestamp"), "{yaml}");
+        let back: Pod = serde_saphyr::from_str(&yaml).unwrap();
+        assert_eq!(back, builder.build());
+        let ips: Vec<String> = back
+            .status
+            .unwrap()
+            .pod_ips
+            .unwrap()
+            .into_iter()
+            .map(|p| p.ip)
+            .collect();
+        assert_eq!(ips, ["10.244.0.2", "fd00:244::2"]);
+    }
+
+    #[test]
+    fn ipv6_slice_with_conditions() {
+        let builder = endpoint_slice("web-v6", "web")
+            .endpoint_full(
+                Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 2),
+                Conditions::TERMINATING,
+                Some("node-a"),
+                Some("zone-a"),
+            )
+            .port(Some("http"), 8080, "TCP");
+        let yaml = builder.yaml();
+        assert!(yaml.contains("addressType: IPv6"), "{yaml}");
+        let back: EndpointSlice = serde_saphyr::from_str(&yaml).unwrap();
+        assert_eq!(back, builder.build());
+        let conditions = back.endpoints.unwrap()[0].conditions.clone().unwrap();
+        assert_eq!(
+            (conditions.ready, conditions.serving, conditions.terminating),
+            (Some(false), Some(true), Some(true))
+        );
     }
 }

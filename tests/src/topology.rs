@@ -3,13 +3,17 @@
 //! ```text
 //!   pod netns "…-webapp1"        node netns "…-node"            pod netns "…-client"
 //!   eth0 10.244.0.2/16  ── veth0 ─┐                   ┌─ veth1 ── eth0 10.244.0.3/16
-//!   default via 10.244.0.1        br0 10.244.0.1/16            default via 10.244.0.1
+//!        fd00:244::2/64           br0 10.244.0.1/16                 fd00:244::3/64
+//!   default via 10.244.0.1            fd00:244::1/64            default via 10.244.0.1
+//!   default via fd00:244::1                                     default via fd00:244::1
 //! ```
-//! The node namespace has no interface that leaves the machine and does not forward, and no
-//! namespace has a route for the ClusterIP range: an untranslated connect to a ClusterIP fails.
+//! Every pod is dual-stack (IPv6 addresses with `nodad`, usable at once). The node namespace has
+//! no interface that leaves the machine and forwards neither family, and no namespace has a route
+//! for the ClusterIP ranges (10.96.0.0/12, fd00:96::/112) or any other address: an untranslated
+//! connect to a ClusterIP, external IP or LoadBalancer IP fails.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -23,16 +27,12 @@ use crate::{TestCgroup, bins, cmd, names, netns::Netns};
 
 /// The bridge address in the node namespace, every pod's default gateway.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
-/// The node's address on its external device, where NodePorts answer.
-pub const NODE_EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
-/// The external client's address.
-pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
-/// The node's external device (inside the node namespace).
-pub const EXT_DEVICE: &str = "ext0";
+/// The bridge's IPv6 address, every pod's IPv6 default gateway.
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
 /// How long a server may take to bind.
 const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A node namespace with bridge `br0` (10.244.0.1/16) and the pods added to it.
+/// A node namespace with bridge `br0` (10.244.0.1/16, fd00:244::1/64) and the pods added to it.
 #[derive(Debug)]
 pub struct Topology {
     prefix: String,
@@ -48,6 +48,15 @@ impl Topology {
         let node = Netns::create(&format!("{prefix}-node"));
         node.ip(&["link", "add", "br0", "type", "bridge"]);
         node.ip(&["addr", "add", &format!("{GATEWAY}/16"), "dev", "br0"]);
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{GATEWAY6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
         node.ip(&["link", "set", "br0", "up"]);
         Self {
             prefix,
@@ -62,7 +71,7 @@ impl Topology {
     }
 
     /// A pod namespace `<prefix>-<name>` on the bridge with the next free 10.244.0.x/16 address
-    /// (from .2) and a default route via 10.244.0.1.
+    /// (from .2) and fd00:244::x/64 (the same x), default routes via the bridge's addresses.
     #[track_caller]
     pub fn add_pod(&self, name: &str) -> Pod {
         let mut pods = self.pods.lock().expect("pods lock");
@@ -72,6 +81,7 @@ impl Topology {
             .filter(|h| *h < 255)
             .expect("at most 253 pods");
         let ip = Ipv4Addr::new(10, 244, 0, host);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, u16::from(host));
         let netns = Netns::create(&format!("{}-{name}", self.prefix));
         // Inside the namespaces the names need no prefix: nothing lands in the host namespace.
         let veth = format!("veth{index}");
@@ -89,23 +99,48 @@ impl Topology {
         ]);
         self.node.ip(&["link", "set", &veth, "master", "br0", "up"]);
         netns.ip(&["addr", "add", &format!("{ip}/16"), "dev", "eth0"]);
+        netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         netns.ip(&["link", "set", "eth0", "up"]);
         netns.ip(&["route", "add", "default", "via", &GATEWAY.to_string()]);
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &GATEWAY6.to_string(),
+        ]);
         let pod = Pod {
             name: name.to_owned(),
             netns: netns.name().to_owned(),
             ip,
+            ip6,
         };
         pods.push(netns);
         pod
     }
 }
 
+/// The node's address on its external device, where NodePorts answer.
+pub const NODE_EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+/// The external client's address.
+pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+/// The node's external device (inside the node namespace).
+pub const EXT_DEVICE: &str = "ext0";
+
 impl Topology {
     /// An external client: a namespace `<prefix>-<name>` joined by a veth to the node's
     /// external device `ext0` (192.168.50.1/24 in the node, 192.168.50.2/24 in the client,
     /// default route via the node, so external and LoadBalancer IPs are routed to it too).
-    /// The node forwards (`ip_forward=1`), as a Kubernetes node does.
+    /// The node forwards (`ip_forward=1`), as a Kubernetes node does. IPv4 only.
     #[track_caller]
     pub fn add_external_client(&self, name: &str) -> Pod {
         let mut pods = self.pods.lock().expect("pods lock");
@@ -144,6 +179,7 @@ impl Topology {
             name: name.to_owned(),
             netns: netns.name().to_owned(),
             ip: EXTERNAL_CLIENT_IP,
+            ip6: Ipv6Addr::UNSPECIFIED,
         };
         pods.push(netns);
         pod
@@ -164,12 +200,14 @@ impl Default for Topology {
     }
 }
 
-/// A pod: a network namespace with one address. Processes are started in it with `lb-testkit`.
+/// A pod: a network namespace with an IPv4 and an IPv6 address. Processes are started in it with
+/// `lb-testkit`.
 #[derive(Debug, Clone)]
 pub struct Pod {
     name: String,
     netns: String,
     ip: Ipv4Addr,
+    ip6: Ipv6Addr,
 }
 
 impl Pod {
@@ -186,16 +224,53 @@ impl Pod {
         self.ip
     }
 
+    /// The pod's IPv6 address, fd00:244::x.
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.ip6
+    }
+
     /// An HTTP backend on `<pod ip>:port` answering as `name`; killed on drop.
     #[track_caller]
     pub fn spawn_server(&self, name: &str, port: u16) -> Server {
-        Server::spawn(self, name, port, false)
+        Server::spawn(self, name, (self.ip, port).into(), false)
     }
 
     /// A UDP backend on `<pod ip>:port` answering `name <peer>`; killed on drop.
     #[track_caller]
     pub fn spawn_udp_server(&self, name: &str, port: u16) -> Server {
-        Server::spawn(self, name, port, true)
+        Server::spawn(self, name, (self.ip, port).into(), true)
+    }
+
+    /// An HTTP backend on `[<pod ipv6>]:port` (IPv6 only) answering as `name`; killed on drop.
+    #[track_caller]
+    pub fn spawn_server6(&self, name: &str, port: u16) -> Server {
+        Server::spawn(self, name, (self.ip6, port).into(), false)
+    }
+
+    /// A UDP backend on `[<pod ipv6>]:port` (IPv6 only) answering `name <peer>`; killed on drop.
+    #[track_caller]
+    pub fn spawn_udp_server6(&self, name: &str, port: u16) -> Server {
+        Server::spawn(self, name, (self.ip6, port).into(), true)
+    }
+
+    /// Whether `ip` is one of the pod's addresses (an IPv4-mapped IPv6 address counts as its
+    /// IPv4 address).
+    pub fn has_ip(&self, ip: IpAddr) -> bool {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => v4 == self.ip,
+            IpAddr::V6(v6) => v6 == self.ip6,
+        }
+    }
+
+    /// `count` exchanges over unconnected UDP sockets (`sendto`/`recvfrom`), one each, from
+    /// inside `cgroup`.
+    #[track_caller]
+    pub fn udp_client(&self, cgroup: &TestCgroup, target: &str, count: u32) -> ClientSummary {
+        Client::new(self)
+            .cgroup(cgroup)
+            .udp()
+            .count(count)
+            .run(target)
     }
 
     /// `count` HTTP requests to `target` from this pod, from inside `cgroup` (as every process of
@@ -219,6 +294,9 @@ pub struct Client<'a> {
     count: u32,
     timeout_ms: u64,
     interval_ms: u64,
+    udp: bool,
+    connected: bool,
+    sends: u32,
 }
 
 impl<'a> Client<'a> {
@@ -229,7 +307,31 @@ impl<'a> Client<'a> {
             count: 1,
             timeout_ms: 1000,
             interval_ms: 0,
+            udp: false,
+            connected: false,
+            sends: 1,
         }
+    }
+
+    /// UDP (`lb-testkit client --udp`): `count` sockets, unconnected unless
+    /// [`Client::connected`].
+    pub fn udp(mut self) -> Self {
+        self.udp = true;
+        self
+    }
+
+    /// UDP sockets `connect()` to the target (implies [`Client::udp`]).
+    pub fn connected(mut self) -> Self {
+        self.udp = true;
+        self.connected = true;
+        self
+    }
+
+    /// Datagrams exchanged per UDP socket (implies [`Client::udp`]).
+    pub fn sends(mut self, sends: u32) -> Self {
+        self.udp = true;
+        self.sends = sends;
+        self
     }
 
     /// Run inside this cgroup (without it, the client stays in the test's own cgroup).
@@ -249,12 +351,13 @@ impl<'a> Client<'a> {
         self
     }
 
+    /// Pause between two connections (UDP: between two datagrams, of one socket or not).
     pub fn interval_ms(mut self, interval_ms: u64) -> Self {
         self.interval_ms = interval_ms;
         self
     }
 
-    /// Runs the client against `target` ("ip:port") and parses its summary.
+    /// Runs the client against `target` (`ip:port`, `[ipv6]:port`) and parses its summary.
     #[track_caller]
     pub fn run(&self, target: &str) -> ClientSummary {
         let mut command = Command::new(bins::testkit());
@@ -266,10 +369,19 @@ impl<'a> Client<'a> {
             .args(["--count", &self.count.to_string()])
             .args(["--timeout-ms", &self.timeout_ms.to_string()])
             .args(["--interval-ms", &self.interval_ms.to_string()]);
+        if self.udp {
+            command.args(["--udp", "--sends", &self.sends.to_string()]);
+        }
+        if self.connected {
+            command.arg("--connected");
+        }
         set_die_with_parent(&mut command);
-        // Each connection may take its connect timeout plus its request timeout.
+        // Each exchange may take its connect (or send) timeout plus its answer timeout.
         let bound = Duration::from_millis(
-            u64::from(self.count) * (2 * self.timeout_ms + self.interval_ms) + 10_000,
+            u64::from(self.count)
+                * u64::from(self.sends.max(1))
+                * (2 * self.timeout_ms + self.interval_ms)
+                + 10_000,
         );
         let line = cmd::describe(&command);
         let stdout = cmd::run(&mut command, bound).unwrap_or_else(|e| panic!("{e}"));
@@ -289,8 +401,8 @@ pub struct Server {
 
 impl Server {
     #[track_caller]
-    fn spawn(pod: &Pod, name: &str, port: u16, udp: bool) -> Self {
-        let addr = format!("{}:{port}", pod.ip);
+    fn spawn(pod: &Pod, name: &str, listen: SocketAddr, udp: bool) -> Self {
+        let addr = listen.to_string();
         let bin = bins::testkit();
         bins::require(&bin, "cargo build -p lb-tests, or set LB_TESTKIT_BIN");
         let mut command = Command::new(&bin);
@@ -353,7 +465,7 @@ impl Server {
         &self.name
     }
 
-    /// `ip:port` it listens on.
+    /// `ip:port` (`[ipv6]:port`) it listens on.
     pub fn addr(&self) -> &str {
         &self.addr
     }

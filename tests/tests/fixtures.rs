@@ -76,6 +76,107 @@ fn an_untranslated_cluster_ip_goes_nowhere() {
 }
 
 #[test]
+fn pods_reach_each_other_over_ipv6() {
+    if !require_privileges() {
+        return;
+    }
+    let topo = Topology::new();
+    let web = topo.add_pod("web");
+    let client = topo.add_pod("client");
+    let _server = web.spawn_server6("web-v6", 8080);
+    let target = format!("[{}]:8080", web.ip6());
+
+    let summary = client.client_with().count(3).run(&target);
+
+    assert_eq!(summary.ok, 3, "{summary:?}");
+    assert_eq!(summary.count("web-v6"), 3, "{summary:?}");
+    assert_eq!(
+        summary.peers(),
+        std::collections::BTreeSet::from([target.as_str()]),
+        "getpeername() without the agent is the address dialled"
+    );
+    assert_eq!(
+        summary.remote_ips(),
+        std::collections::BTreeSet::from([std::net::IpAddr::from(client.ip6())])
+    );
+}
+
+#[test]
+fn udp_client_reports_the_answer_source_and_the_server_name() {
+    if !require_privileges() {
+        return;
+    }
+    let topo = Topology::new();
+    let dns = topo.add_pod("dns");
+    let client = topo.add_pod("client");
+    let _s4 = dns.spawn_udp_server("dns", 5353);
+    let _s6 = dns.spawn_udp_server6("dns-v6", 5353);
+    let v4 = format!("{}:5353", dns.ip());
+    let v6 = format!("[{}]:5353", dns.ip6());
+    let mapped = format!("[::ffff:{}]:5353", dns.ip());
+
+    let unconnected = client.client_with().udp().count(2).sends(3).run(&v4);
+    let connected = client.client_with().connected().count(2).run(&v6);
+    let from_v6_socket = client.client_with().udp().count(1).run(&mapped);
+
+    assert_eq!(unconnected.ok, 6, "{unconnected:?}");
+    assert_eq!(unconnected.host_names(), ["dns"]);
+    assert_eq!(
+        unconnected.peers(),
+        std::collections::BTreeSet::from([v4.as_str()])
+    );
+    assert_eq!(unconnected.hosts_by_socket().len(), 2, "{unconnected:?}");
+    assert_eq!(connected.ok, 2, "{connected:?}");
+    assert_eq!(connected.host_names(), ["dns-v6"]);
+    assert_eq!(
+        connected.peers(),
+        std::collections::BTreeSet::from([v6.as_str()])
+    );
+    assert_eq!(from_v6_socket.host_names(), ["dns"], "{from_v6_socket:?}");
+    assert_eq!(
+        from_v6_socket.peers(),
+        std::collections::BTreeSet::from([mapped.as_str()])
+    );
+    // A closed UDP port answers with ICMP port unreachable: the answer never comes.
+    let closed = client
+        .client_with()
+        .udp()
+        .timeout_ms(300)
+        .run(&format!("{}:5354", dns.ip()));
+    assert_eq!(closed.ok, 0, "{closed:?}");
+    assert_eq!(closed.total(), 1, "{closed:?}");
+}
+
+#[test]
+fn an_untranslated_ipv6_cluster_ip_goes_nowhere() {
+    if !require_privileges() {
+        return;
+    }
+    let topo = Topology::new();
+    let cgroup = TestCgroup::new();
+    let client = topo.add_pod("client");
+
+    let tcp = client
+        .client_with()
+        .cgroup(&cgroup)
+        .count(2)
+        .timeout_ms(300)
+        .run("[fd00:96::10]:80");
+    let udp = client
+        .client_with()
+        .cgroup(&cgroup)
+        .udp()
+        .count(2)
+        .timeout_ms(300)
+        .run("[fd00:96::10]:53");
+
+    for summary in [&tcp, &udp] {
+        assert_eq!(summary.ok, 0, "{summary:?}");
+        assert_eq!(summary.errors_of("ECONNREFUSED"), 0, "{summary:?}");
+    }
+}
+
+#[test]
 fn client_runs_inside_the_test_cgroup() {
     if !require_privileges() {
         return;

@@ -209,7 +209,7 @@ fn udp_node_port_answers_from_the_node_port() {
     );
     let client = env.topo.add_external_client("outside");
     let mut agent = start_agent(&env, &[]);
-    agent.wait_for_frontend_of("0.0.0.0:30053", "UDP", 1, APPLY);
+    agent.wait_for_frontend_proto("0.0.0.0:30053", "UDP", 1, APPLY);
 
     let (answer, from, local_port) = in_netns(&client, || {
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -249,7 +249,7 @@ fn external_ip_and_load_balancer_ip_from_outside() {
             .selector("app", "webapp")
             .node_port(80, 8080, 30080, "TCP")
             .external_ip("192.168.60.10")
-            .load_balancer_ip("192.168.60.20")
+            .load_balancer_ingress("192.168.60.20", None)
             .yaml(),
     );
     let mut agent = start_agent(&env, &[]);
@@ -371,7 +371,7 @@ fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() {
         &service("webapp", "10.96.0.10")
             .selector("app", "webapp")
             .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
-            .load_balancer_ip("192.168.60.20")
+            .load_balancer_ingress("192.168.60.20", None)
             .external_traffic_policy("Local")
             .health_check_node_port(32100)
             .yaml(),

@@ -592,6 +592,29 @@ fn cluster_ips_are_validated() {
     }
 }
 
+#[test]
+fn external_addresses_of_a_family_the_service_lacks_are_ignored() {
+    let yaml = [
+        "---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  externalIPs: [192.168.77.10, \"fd00:77::10\"]\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: \"fd00:77::20\"}]\n".to_string(),
+        pod("a", "default", APP_WEB, "10.244.0.2", true, HTTP_8080),
+    ]
+    .concat();
+    let translation = translate(&objects(&yaml));
+    assert!(
+        translation.problems.is_empty(),
+        "{:?}",
+        translation.problems
+    );
+    assert_eq!(
+        render(&translation),
+        [
+            "10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP",
+            "192.168.77.10:80/TCP -> 10.244.0.2:8080/TCP"
+        ]
+    );
+    assert_eq!(translation.skipped.len(), 2, "{:?}", translation.skipped);
+}
+
 fn node_port_service(name: &str, extra_spec: &str, ports: &str) -> String {
     format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  selector: {{app: web}}\n{extra_spec}  ports: {ports}\n"

@@ -1,4 +1,5 @@
-//! `lb-testkit client`: sequential HTTP GETs, one connection each, summarised as JSON.
+//! `lb-testkit client`: sequential HTTP GETs, one connection each, summarised as JSON, with the
+//! `getpeername()` of each connection.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,9 +14,11 @@ use crate::clock::monotonic_ns;
 const MAX_RESPONSE: u64 = 64 * 1024;
 
 /// What one request returned.
-struct Answer {
-    host: String,
-    remote_addr: Option<String>,
+pub(super) struct Answer {
+    pub(super) host: String,
+    pub(super) remote_addr: Option<String>,
+    /// What the client's socket reports as its peer.
+    pub(super) peer: Option<String>,
 }
 
 /// Makes `args.count` connections and summarises them. Never fails: errors are counted.
@@ -34,29 +37,53 @@ pub fn run(args: &ClientArgs) -> ClientSummary {
             .push((started.elapsed().as_secs_f64() * 1e6).round() / 1e3);
         let outcome = match connected {
             Err(err) => Err(errno_name(&err)),
-            Ok(stream) => request(stream, args.target, timeout).map_err(|e| format!("request:{e}")),
-        };
-        let mut attempt = Attempt {
-            start_ns,
-            ..Attempt::default()
-        };
-        match outcome {
-            Ok(answer) => {
-                summary.ok += 1;
-                *summary.hosts.entry(answer.host.clone()).or_default() += 1;
-                if let Some(addr) = answer.remote_addr {
-                    summary.remote_addrs.push(addr);
-                }
-                attempt.host = Some(answer.host);
+            Ok(stream) => {
+                // getpeername() right after the connect, as an application would log it.
+                let peer = stream.peer_addr().map(|a| a.to_string());
+                request(stream, args.target, timeout)
+                    .map(|answer| Answer {
+                        peer: peer.ok(),
+                        ..answer
+                    })
+                    .map_err(|e| format!("request:{e}"))
             }
-            Err(name) => {
-                *summary.errors.entry(name.clone()).or_default() += 1;
-                attempt.error = Some(name);
-            }
-        }
-        summary.attempts.push(attempt);
+        };
+        record(&mut summary, start_ns, i, outcome);
     }
     summary
+}
+
+/// Adds the outcome of one request to the summary.
+pub(super) fn record(
+    summary: &mut ClientSummary,
+    start_ns: u64,
+    socket: u32,
+    outcome: Result<Answer, String>,
+) {
+    let mut attempt = Attempt {
+        start_ns,
+        socket,
+        ..Attempt::default()
+    };
+    match outcome {
+        Ok(answer) => {
+            summary.ok += 1;
+            *summary.hosts.entry(answer.host.clone()).or_default() += 1;
+            if let Some(addr) = answer.remote_addr {
+                summary.remote_addrs.push(addr);
+            }
+            if let Some(peer) = &answer.peer {
+                summary.peer_addrs.push(peer.clone());
+            }
+            attempt.host = Some(answer.host);
+            attempt.peer = answer.peer;
+        }
+        Err(name) => {
+            *summary.errors.entry(name.clone()).or_default() += 1;
+            attempt.error = Some(name);
+        }
+    }
+    summary.attempts.push(attempt);
 }
 
 /// Sends a GET on a connected stream and parses the answer; the error is a short name.
@@ -95,6 +122,7 @@ fn parse_response(text: &str) -> Option<Answer> {
     Some(Answer {
         host: host.to_owned(),
         remote_addr,
+        peer: None,
     })
 }
 

@@ -3,6 +3,7 @@
 mod client;
 mod serve;
 mod summary;
+mod udp_client;
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -34,7 +35,8 @@ pub struct Cli {
 pub enum Command {
     /// Answer HTTP/1.1 (or UDP with `--udp`) with this backend's name until killed.
     Serve(ServeArgs),
-    /// Make N sequential HTTP GETs, each on a new connection, and print a JSON summary.
+    /// Make N sequential HTTP GETs, each on a new connection (or N UDP sockets with `--udp`),
+    /// and print a JSON summary.
     Client(ClientArgs),
 }
 
@@ -53,16 +55,30 @@ pub struct ServeArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
-    /// Address to connect to, for example 10.96.0.10:80.
+    /// Address to connect to, for example `10.96.0.10:80`, `[fd00:96::10]:80`, or
+    /// `[::ffff:10.96.0.10]:80` (an IPv6 socket to an IPv4-mapped address). The socket's family
+    /// is the target's.
     #[arg(long)]
     pub target: SocketAddr,
-    /// Number of connections, made one after the other.
+    /// Number of connections (UDP: sockets), made one after the other.
     #[arg(long)]
     pub count: u32,
+    /// UDP instead of HTTP over TCP: each socket sends `--sends` datagrams, each answered by
+    /// `lb-testkit serve --udp`. Unconnected (`sendto`, then `recvfrom`, whose source address is
+    /// reported) unless `--connected`.
+    #[arg(long)]
+    pub udp: bool,
+    /// With `--udp`: `connect()` the socket to the target, then `send`/`recv`; the reported peer
+    /// is `getpeername()`.
+    #[arg(long, requires = "udp")]
+    pub connected: bool,
+    /// With `--udp`: datagrams exchanged per socket, one after the other.
+    #[arg(long, default_value_t = 1, requires = "udp")]
+    pub sends: u32,
     /// Connect timeout, and read/write timeout of each request.
     #[arg(long, default_value_t = 1000)]
     pub timeout_ms: u64,
-    /// Pause between two connections.
+    /// Pause between two connections (UDP: between two datagrams, of one socket or not).
     #[arg(long, default_value_t = 0)]
     pub interval_ms: u64,
 }
@@ -92,7 +108,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) if args.udp => serve::udp(args.listen, &args.name),
         Command::Serve(args) => serve::http(args.listen, &args.name),
         Command::Client(args) => {
-            let summary = client::run(&args);
+            let summary = if args.udp {
+                udp_client::run(&args)
+            } else {
+                client::run(&args)
+            };
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }

@@ -1,0 +1,313 @@
+//! Which Services and ports become frontends: headless, ExternalName and other proxies' Services
+//! are left alone; each port and protocol is its own frontend (SCTP skipped); external IPs and
+//! LoadBalancer ingress IPs are translated at the socket like ClusterIPs.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use lb_tests::manifests::{pod, service};
+use lb_tests::{ClientSummary, Pod, TestCgroup, TestEnv, require_privileges};
+
+/// How long the agent may take to start and apply the manifests.
+const APPLY: Duration = Duration::from_secs(10);
+const VIP: &str = "10.96.0.10:80";
+const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// A short client run to an address the agent must not translate.
+fn untranslated(client: &Pod, cgroup: &TestCgroup, target: &str) -> ClientSummary {
+    client
+        .client_with()
+        .cgroup(cgroup)
+        .count(2)
+        .timeout_ms(300)
+        .run(target)
+}
+
+/// Asserts `summary` reached nothing and was not refused by the agent: the address went out
+/// untranslated and nothing answers it.
+#[track_caller]
+fn assert_untranslated(summary: &ClientSummary, what: &str) {
+    assert_eq!(summary.ok, 0, "{what}: answered: {summary:?}");
+    let unexpected: Vec<&String> = summary
+        .errors
+        .keys()
+        .filter(|e| !matches!(e.as_str(), "ETIMEDOUT" | "ENETUNREACH" | "EHOSTUNREACH"))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{what}: must not be translated (ECONNREFUSED would mean a frontend without endpoints): \
+         {summary:?}"
+    );
+}
+
+#[test]
+fn headless_external_name_and_other_proxies_services_are_left_alone() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    // All select the same ready pod; only "webapp" is ours to program.
+    let base = |name: &str, ip: &str| {
+        service(name, ip)
+            .selector("app", "webapp")
+            .port_full(Some("http"), 80, 8080, "TCP")
+    };
+    env.manifests
+        .write("svc-webapp.yaml", &base("webapp", "10.96.0.10").yaml());
+    env.manifests
+        .write("svc-headless.yaml", &base("webapp-headless", "None").yaml());
+    env.manifests.write(
+        "svc-other-proxy.yaml",
+        &base("webapp-other-proxy", "10.96.0.11")
+            .label(PROXY_NAME_LABEL, "other-proxy")
+            .yaml(),
+    );
+    // An ExternalName Service that still carries a ClusterIP (as a hand-edited manifest may).
+    env.manifests.write(
+        "svc-external-name.yaml",
+        &base("webapp-external-name", "10.96.0.12")
+            .external_name("webapp.example.com")
+            .yaml(),
+    );
+    let mut agent = env.agent_with_api();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+
+    let listed = agent.services().expect("lb-agent services");
+    let addrs: Vec<String> = listed.iter().map(|f| f.addr()).collect();
+    assert_eq!(addrs, [VIP], "only the ClusterIP Service: {listed:#?}");
+    let services: BTreeSet<Option<&str>> = listed.iter().map(|f| f.service.as_deref()).collect();
+    assert_eq!(services, BTreeSet::from([Some("default/webapp")]));
+
+    assert_eq!(client.client(&env.cgroup, VIP, 5).ok, 5);
+    assert_untranslated(
+        &untranslated(&client, &env.cgroup, "10.96.0.11:80"),
+        "a Service labelled service-proxy-name",
+    );
+    assert_untranslated(
+        &untranslated(&client, &env.cgroup, "10.96.0.12:80"),
+        "an ExternalName Service",
+    );
+}
+
+#[test]
+fn labelling_a_service_for_another_proxy_unprograms_it() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    let svc = service("webapp", "10.96.0.10")
+        .selector("app", "webapp")
+        .port(80, 8080);
+    env.manifests.write("svc-webapp.yaml", &svc.yaml());
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    assert_eq!(client.client(&env.cgroup, VIP, 5).ok, 5);
+
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &svc.clone().label(PROXY_NAME_LABEL, "other-proxy").yaml(),
+    );
+    agent.wait_for_no_frontend(VIP, APPLY);
+    assert_untranslated(
+        &untranslated(&client, &env.cgroup, VIP),
+        "a Service handed to another proxy",
+    );
+
+    // And back.
+    env.manifests.write("svc-webapp.yaml", &svc.yaml());
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    assert_eq!(client.client(&env.cgroup, VIP, 5).ok, 5);
+}
+
+#[test]
+fn tcp_and_udp_on_the_same_port_are_separate_frontends() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    // DNS pods: HTTP (standing in for DNS over TCP) on 8053 answering "dnsN", UDP on 5353
+    // answering "dnsN-udp".
+    let mut pods = Vec::new();
+    let mut servers = Vec::new();
+    for name in ["dns1", "dns2"] {
+        let p = env.topo.add_pod(name);
+        servers.push(p.spawn_server(name, 8053));
+        servers.push(p.spawn_udp_server(&format!("{name}-udp"), 5353));
+        env.manifests.write(
+            &TestEnv::pod_file(name),
+            &pod(name, p.ip())
+                .label("app", "dns")
+                .container_port_full("dns-tcp", 8053, "TCP")
+                .container_port_full("dns", 5353, "UDP")
+                .yaml(),
+        );
+        pods.push(p);
+    }
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-dns.yaml",
+        &service("dns", "10.96.0.10")
+            .selector("app", "dns")
+            .port_full(Some("dns-tcp"), 53, "dns-tcp", "TCP")
+            .port_full(Some("dns"), 53, "dns", "UDP")
+            .port_full(Some("sctp"), 9999, 9999, "SCTP")
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    let tcp = agent.wait_for_frontend_proto("10.96.0.10:53", "TCP", 2, APPLY);
+    let udp = agent.wait_for_frontend_proto("10.96.0.10:53", "UDP", 2, APPLY);
+    let ports = |f: &lb_tests::Frontend| -> BTreeSet<(u16, String)> {
+        f.backends
+            .iter()
+            .map(|b| (b.port, b.protocol.clone()))
+            .collect()
+    };
+    assert_eq!(ports(&tcp), BTreeSet::from([(8053, "TCP".to_owned())]));
+    assert_eq!(ports(&udp), BTreeSet::from([(5353, "UDP".to_owned())]));
+    assert_ne!(
+        tcp.rev_nat_id, udp.rev_nat_id,
+        "two frontends: {tcp:?} {udp:?}"
+    );
+    let listed = agent.services().expect("lb-agent services");
+    assert_eq!(
+        listed.len(),
+        2,
+        "the SCTP port is skipped, the Service's other ports are not: {listed:#?}"
+    );
+
+    let over_tcp = client.client(&env.cgroup, "10.96.0.10:53", 20);
+    let over_udp = client.udp_client(&env.cgroup, "10.96.0.10:53", 20);
+
+    assert_eq!(over_tcp.ok, 20, "{over_tcp:?}");
+    assert_eq!(over_tcp.host_names(), ["dns1", "dns2"], "{over_tcp:?}");
+    assert_eq!(over_tcp.peers(), BTreeSet::from(["10.96.0.10:53"]));
+    assert_eq!(over_udp.ok, 20, "{over_udp:?}");
+    assert_eq!(
+        over_udp.host_names(),
+        ["dns1-udp", "dns2-udp"],
+        "{over_udp:?}"
+    );
+    assert_eq!(over_udp.peers(), BTreeSet::from(["10.96.0.10:53"]));
+}
+
+#[test]
+fn external_ip_is_translated_at_the_socket() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let _web2 = env.add_backend("webapp2", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    // 192.168.77.10 is on no interface; no namespace has a route for it.
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .external_ip("192.168.77.10")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    let cluster = agent.wait_for_frontend(VIP, 2, APPLY);
+    let external = agent.wait_for_frontend("192.168.77.10:80", 2, APPLY);
+    assert_eq!(cluster.kind.as_deref(), Some("ClusterIp"), "{cluster:?}");
+    assert_eq!(external.kind.as_deref(), Some("ExternalIp"), "{external:?}");
+    assert_eq!(external.backend_addrs(), cluster.backend_addrs());
+
+    let summary = client.client(&env.cgroup, "192.168.77.10:80", 30);
+
+    assert_eq!(summary.ok, 30, "{summary:?}");
+    assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
+    assert_eq!(summary.peers(), BTreeSet::from(["192.168.77.10:80"]));
+    // Outside the agent's cgroup the external IP goes out as it is, to nowhere.
+    let outside = client
+        .client_with()
+        .count(2)
+        .timeout_ms(300)
+        .run("192.168.77.10:80");
+    assert_untranslated(&outside, "outside the cgroup");
+}
+
+#[test]
+fn load_balancer_ingress_ip_is_translated_unless_proxied() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let _web2 = env.add_backend("webapp2", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .load_balancer_ingress("192.168.77.20", None)
+            // ipMode Proxy: the load balancer must see the traffic (KEP-1860), no shortcut.
+            .load_balancer_ingress("192.168.77.21", Some("Proxy"))
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 2, APPLY);
+    let lb = agent.wait_for_frontend("192.168.77.20:80", 2, APPLY);
+    assert_eq!(lb.kind.as_deref(), Some("LoadBalancer"), "{lb:?}");
+    let listed = agent.services().expect("lb-agent services");
+    assert!(
+        listed.iter().all(|f| f.address != "192.168.77.21"),
+        "an ingress IP with ipMode Proxy is not programmed: {listed:#?}"
+    );
+
+    let summary = client.client(&env.cgroup, "192.168.77.20:80", 30);
+
+    assert_eq!(summary.ok, 30, "{summary:?}");
+    assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
+    assert_eq!(summary.peers(), BTreeSet::from(["192.168.77.20:80"]));
+    assert_untranslated(
+        &untranslated(&client, &env.cgroup, "192.168.77.21:80"),
+        "ipMode Proxy",
+    );
+}
+
+/// kube-proxy programs a Service for a family only when it has a ClusterIP of that family, and
+/// then only the external and LoadBalancer IPs of that family ("Service change tracker ignored
+/// the following external IPs for given service as they don't match IP Family",
+/// pkg/proxy/serviceport.go). An IPv6 external IP of an IPv4-only Service is not the proxy's:
+/// connections to it must go out untouched, not be refused.
+#[test]
+fn external_ips_of_a_family_the_service_lacks_are_left_alone() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .external_ip("192.168.77.10")
+            .external_ip("fd00:77::10")
+            .load_balancer_ingress("fd00:77::20", None)
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend("192.168.77.10:80", 1, APPLY);
+
+    let listed = agent.services().expect("lb-agent services");
+    let v6: Vec<&lb_tests::Frontend> = listed.iter().filter(|f| f.address.contains(':')).collect();
+    let external = untranslated(&client, &env.cgroup, "[fd00:77::10]:80");
+    let ingress = untranslated(&client, &env.cgroup, "[fd00:77::20]:80");
+
+    assert!(
+        v6.is_empty(),
+        "an IPv4-only Service gets no IPv6 frontend: {v6:#?}"
+    );
+    assert_untranslated(&external, "an IPv6 external IP of an IPv4-only Service");
+    assert_untranslated(&ingress, "an IPv6 ingress IP of an IPv4-only Service");
+}
