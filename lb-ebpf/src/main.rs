@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod family;
+mod fib;
 mod maps;
 mod nat;
 mod sock;

@@ -17,10 +17,13 @@ use lb_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack, fib,
     maps::{LB4_BACKENDS, LB4_CT, LB4_DEVICES, LB4_NODE_ADDRS, LB4_SERVICES},
     nat::{Packet, RewriteError},
 };
+
+/// Let the packet go on (translated or not).
+const PASS: i32 = TC_ACT_OK as i32;
 
 /// How many random SNAT ports are tried before a new flow is dropped.
 const SNAT_TRIES: u32 = 16;
@@ -46,9 +49,9 @@ impl From<RewriteError> for Error {
 
 /// Maps an outcome to the tc action, logging what is not a plain drop by policy.
 #[inline(always)]
-pub fn action(ctx: &TcContext, result: Result<(), Error>) -> i32 {
+pub fn action(ctx: &TcContext, result: Result<i32, Error>) -> i32 {
     match result {
-        Ok(()) => TC_ACT_OK as i32,
+        Ok(action) => action,
         // kube-proxy rejects (or under eTP=Local drops) these; a drop is what tc can do.
         Err(Error::NoBackends) => TC_ACT_SHOT as i32,
         Err(Error::Rewrite) => {
@@ -69,9 +72,9 @@ pub fn action(ctx: &TcContext, result: Result<(), Error>) -> i32 {
 /// Ingress of an external device: replies of SNATed flows back to their client, and
 /// packets to a frontend on to a backend.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext) -> Result<(), Error> {
+pub fn ingress(ctx: &TcContext) -> Result<i32, Error> {
     let Some(mut packet) = Packet::parse(ctx) else {
-        return Ok(());
+        return Ok(PASS);
     };
     let now = conntrack::now();
     let reply_key = conntrack::key(&packet, CT_DIR_REPLY);
@@ -82,7 +85,8 @@ pub fn ingress(ctx: &TcContext) -> Result<(), Error> {
             conntrack::touch(entry, &packet, CT_DIR_REPLY, now);
             packet.set_dst(ctx, value.snat_addr, value.snat_port)?;
             packet.set_src(ctx, value.nat_addr, value.nat_port)?;
-            return Ok(());
+            // Its source is now a node address: the stack would drop it as a martian.
+            return Ok(fib::redirect(ctx, &packet)?);
         }
     }
     let orig_key = conntrack::key(&packet, CT_DIR_ORIG);
@@ -100,7 +104,7 @@ pub fn ingress(ctx: &TcContext) -> Result<(), Error> {
         let _ = LB4_CT.remove(&orig_key);
     }
     let Some((key, master)) = frontend(&packet) else {
-        return Ok(());
+        return Ok(PASS);
     };
     new_flow(ctx, &mut packet, &key, &master, now)
 }
@@ -108,24 +112,24 @@ pub fn ingress(ctx: &TcContext) -> Result<(), Error> {
 /// Egress of an external device: a backend's reply of a tracked flow leaves with the
 /// frontend the client dialled as its source.
 #[inline(always)]
-pub fn egress(ctx: &TcContext) -> Result<(), Error> {
+pub fn egress(ctx: &TcContext) -> Result<i32, Error> {
     let Some(mut packet) = Packet::parse(ctx) else {
-        return Ok(());
+        return Ok(PASS);
     };
     let now = conntrack::now();
     let key = conntrack::key(&packet, CT_DIR_REPLY);
     let Some(entry) = conntrack::lookup(&key, now) else {
-        return Ok(());
+        return Ok(PASS);
     };
     // SAFETY: a map value pointer, valid for the run of the program.
     let value = unsafe { *entry };
     if value.flags & CT_F_SNAT != 0 {
         // Replies of SNATed flows come in through ingress, never out here.
-        return Ok(());
+        return Ok(PASS);
     }
     conntrack::touch(entry, &packet, CT_DIR_REPLY, now);
     packet.set_src(ctx, value.nat_addr, value.nat_port)?;
-    Ok(())
+    Ok(PASS)
 }
 
 /// The master entry of the frontend a packet from outside is addressed to: a NodePort when
@@ -152,7 +156,7 @@ fn new_flow(
     key: &Service4Key,
     master: &ServiceValue,
     now: u64,
-) -> Result<(), Error> {
+) -> Result<i32, Error> {
     if master.count == 0 {
         return Err(Error::NoBackends);
     }
@@ -165,11 +169,11 @@ fn new_flow(
             ctx,
             "lb tc: frontend has count {} but slot {} is missing", master.count, slot
         );
-        return Ok(());
+        return Ok(PASS);
     };
     // SAFETY: copied out at once.
     let Some(backend) = unsafe { LB4_BACKENDS.get(entry.backend_id) }.copied() else {
-        return Ok(());
+        return Ok(PASS);
     };
     let mut orig = Ct4Value {
         nat_addr: backend.address,
@@ -233,14 +237,17 @@ fn new_flow(
     translate(ctx, packet, &orig)
 }
 
-/// Applies the original direction's translation of a tracked flow.
+/// Applies the original direction's translation of a tracked flow; an SNATed packet is
+/// redirected to its next hop (its source is a node address now), the others are routed
+/// by the kernel.
 #[inline(always)]
-fn translate(ctx: &TcContext, packet: &mut Packet, value: &Ct4Value) -> Result<(), Error> {
+fn translate(ctx: &TcContext, packet: &mut Packet, value: &Ct4Value) -> Result<i32, Error> {
+    packet.set_dst(ctx, value.nat_addr, value.nat_port)?;
     if value.flags & CT_F_SNAT != 0 {
         packet.set_src(ctx, value.snat_addr, value.snat_port)?;
+        return Ok(fib::redirect(ctx, packet)?);
     }
-    packet.set_dst(ctx, value.nat_addr, value.nat_port)?;
-    Ok(())
+    Ok(PASS)
 }
 
 /// Whether the flow's backend still exists as it was chosen: a removed backend's flows

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use lb_tests::manifests::{pod, service};
 use lb_tests::testkit::enter_netns;
-use lb_tests::{EXT_DEVICE, EXTERNAL_CLIENT_IP, NODE_EXT_IP, Pod, TestEnv, require_privileges};
+use lb_tests::{
+    EXT_DEVICE, EXTERNAL_CLIENT_IP, NODE_EXT_IP, PEER_DEVICE, Pod, TestEnv, require_privileges,
+};
 
 /// How long the agent may take to start and apply the manifests.
 const APPLY: Duration = Duration::from_secs(10);
@@ -33,7 +35,12 @@ fn webapp_node_port() -> String {
 fn start_agent(env: &TestEnv, args: &[&str]) -> lb_tests::Agent {
     let mut all = vec!["--devices", EXT_DEVICE];
     all.extend_from_slice(args);
-    let mut agent = env.agent_with(&all);
+    start_agent_with(env, &all)
+}
+
+/// [`start_agent`] with every argument given.
+fn start_agent_with(env: &TestEnv, all: &[&str]) -> lb_tests::Agent {
+    let mut agent = env.agent_with(all);
     let pin = env
         .pins
         .path()
@@ -407,4 +414,79 @@ fn wait_for_status(client: &Pod, target: &str, want: u16) -> (u16, String) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The Service of the two-node tests: its only endpoint runs on node-b, behind the second
+/// node; this agent is node-a's, with both of its devices.
+fn remote_endpoint_setup(policy: &str) -> (TestEnv, Pod, Pod, lb_tests::Server) {
+    let env = TestEnv::new();
+    let remote = env.topo.add_remote_node_with_pod("remote1");
+    let server = remote.spawn_server("remote1", 8080);
+    env.manifests.write(
+        "pod.yaml",
+        &pod("remote1", remote.ip())
+            .label("app", "webapp")
+            .node_name("node-b")
+            .yaml(),
+    );
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "10.96.0.10")
+            .type_("NodePort")
+            .selector("app", "webapp")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .external_traffic_policy(policy)
+            .yaml(),
+    );
+    let client = env.topo.add_external_client("outside");
+    (env, client, remote, server)
+}
+
+#[test]
+fn cluster_policy_snats_to_a_backend_on_another_node_and_replies_return_through_this_node() {
+    if !require_privileges() {
+        return;
+    }
+    let (env, client, _remote, _server) = remote_endpoint_setup("Cluster");
+    let devices = format!("{EXT_DEVICE},{PEER_DEVICE}");
+    let mut agent = start_agent_with(&env, &["--devices", &devices, "--node-name", "node-a"]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    let summary = client.client_with().count(20).run(&node_port_target());
+
+    assert_eq!(summary.ok, 20, "every connection answered: {summary:?}");
+    assert_eq!(summary.count("remote1"), 20, "{summary:?}");
+    // The backend sees the node address with an SNAT port, so its replies come back here.
+    for addr in &summary.remote_addrs {
+        let addr: SocketAddr = addr.parse().unwrap();
+        assert_eq!(
+            addr.ip().to_string(),
+            NODE_EXT_IP.to_string(),
+            "{summary:?}"
+        );
+        assert!(
+            (32_768..=60_999).contains(&addr.port()),
+            "SNAT port from the range: {summary:?}"
+        );
+    }
+}
+
+#[test]
+fn local_policy_never_sends_to_an_endpoint_on_another_node() {
+    if !require_privileges() {
+        return;
+    }
+    let (env, client, _remote, _server) = remote_endpoint_setup("Local");
+    let devices = format!("{EXT_DEVICE},{PEER_DEVICE}");
+    let mut agent = start_agent_with(&env, &["--devices", &devices, "--node-name", "node-a"]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 0, APPLY);
+
+    let summary = client
+        .client_with()
+        .count(3)
+        .timeout_ms(300)
+        .run(&node_port_target());
+
+    assert_eq!(summary.ok, 0, "no local endpoint: dropped, {summary:?}");
+    assert_eq!(summary.count("remote1"), 0, "{summary:?}");
 }
