@@ -5,6 +5,7 @@
 //! maps that the programs loaded by [`loader`] read.
 pub mod agent;
 pub mod api;
+pub mod conntrack;
 pub mod devices;
 pub mod health;
 pub mod inspect;

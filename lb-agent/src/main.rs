@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, inspect, loader, mounts, telemetry};
+use lb_agent::{agent, conntrack, inspect, loader, mounts, telemetry};
 
 /// Node agent of an eBPF Kubernetes service load balancer (a kube-proxy replacement).
 ///
@@ -81,6 +81,15 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// List the flows from outside the node that the tc datapath tracks (client, frontend,
+    /// backend, SNAT, age, idle time, TCP state), read from the pinned conntrack map.
+    Conntrack {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: inspect::OutputFormat,
+    },
     /// Detach the programs and remove the maps and every pin under --bpf-pin-path.
     ///
     /// Stop the agent first: Services are no longer translated afterwards.
@@ -152,6 +161,10 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 inspect::services(&pins.bpf_pin_path, output, api.api_addr)?
             );
+            Ok(())
+        }
+        Command::Conntrack { pins, output } => {
+            print!("{}", conntrack::list(&pins.bpf_pin_path, output)?);
             Ok(())
         }
         Command::Cleanup { pins } => {

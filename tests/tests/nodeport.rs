@@ -469,6 +469,94 @@ fn cluster_policy_snats_to_a_backend_on_another_node_and_replies_return_through_
             "SNAT port from the range: {summary:?}"
         );
     }
+    // `lb-agent conntrack` lists the flows with the SNAT port the backend saw.
+    let flows = conntrack(&env);
+    let snats: Vec<&str> = flows.iter().filter_map(|f| f["snat"].as_str()).collect();
+    for addr in &summary.remote_addrs {
+        assert!(snats.contains(&addr.as_str()), "{addr} in {flows:#?}");
+    }
+    assert!(
+        flows
+            .iter()
+            .all(|f| f["backend"] == "10.245.0.2:8080" && f["frontend"] == "192.168.50.1:30080"),
+        "{flows:#?}"
+    );
+}
+
+/// `lb-agent conntrack --output json` of the test's pins.
+fn conntrack(env: &TestEnv) -> Vec<serde_json::Value> {
+    let out = lb_tests::cmd::run(
+        std::process::Command::new(lb_tests::bins::agent())
+            .arg("conntrack")
+            .arg("--bpf-pin-path")
+            .arg(env.pins.path())
+            .args(["--output", "json"]),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn tracked_flows_survive_an_agent_restart_and_cleanup_detaches_the_tc_programs() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    let target: SocketAddr = node_port_target().parse().unwrap();
+    let netns = client.netns().to_owned();
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let flow = std::thread::spawn(move || {
+        enter_netns(&netns).unwrap();
+        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        open_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        get(&mut stream)
+            .map(|a| host_of(&a))
+            .map_err(|e| e.to_string())
+    });
+    open_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("flow open");
+    let flows = conntrack(&env);
+    assert_eq!(flows.len(), 1, "{flows:#?}");
+    assert_eq!(flows[0]["state"], "ESTABLISHED", "{flows:#?}");
+
+    // A new agent replaces the tc links; the pinned conntrack map keeps the flow.
+    agent.kill();
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    go_tx.send(()).unwrap();
+    assert_eq!(
+        flow.join().unwrap(),
+        Ok(Some("webapp1".to_owned())),
+        "the flow opened before the restart is answered"
+    );
+
+    agent.stop(Duration::from_secs(3));
+    // The programs stay attached after the agent exits (bpftool 7.1 does not list TCX
+    // links, so this is checked by what they do).
+    let summary = client.client_with().count(3).run(&node_port_target());
+    assert_eq!(
+        summary.ok, 3,
+        "NodePort without a running agent: {summary:?}"
+    );
+    lb_tests::bpffs::agent_cleanup(env.pins.path()).unwrap_or_else(|e| panic!("{e}"));
+    let summary = client
+        .client_with()
+        .count(1)
+        .timeout_ms(300)
+        .run(&node_port_target());
+    assert_eq!(summary.ok, 0, "no NodePort after cleanup: {summary:?}");
 }
 
 #[test]
