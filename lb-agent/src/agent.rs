@@ -215,6 +215,7 @@ async fn run_kube<M: LbMaps>(
                     .sync(Sync::Full, started)
                     .context("initial sync")?;
                 attach()?;
+                release_free_memory();
             }
             None => reconciler.sync_or_log(Sync::Changes, started),
         }
@@ -375,6 +376,14 @@ impl<M: LbMaps> Reconciler<M> {
         }
         self.reported = now;
     }
+}
+
+/// Hands the heap's free pages back to the kernel. The initial list passes through the heap
+/// once (kube-rs pages, our relist buffer): without this the agent's RSS would keep that
+/// peak for the rest of its life.
+fn release_free_memory() {
+    // SAFETY: glibc's malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// Forwards aya-log records from the eBPF programs to the log bridge as they arrive.

@@ -122,6 +122,10 @@ struct PinArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // One malloc arena: the agent is not allocation-bound, and per-thread arenas keep the
+    // initial list's peak resident long after it is freed (about 40 MB at 10k Services).
+    // SAFETY: mallopt is called before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     match cli.command {

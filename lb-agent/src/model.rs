@@ -1,6 +1,6 @@
 //! The desired state the datapath should implement, independent of where it came from
 //! (manifests or the API server) and of how the maps encode it.
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 /// A transport protocol the load balancer programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -309,5 +309,6 @@ pub struct HealthCheck {
     pub local_endpoints: usize,
 }
 
-/// Every frontend the node should serve, by virtual address.
-pub type DesiredState = BTreeMap<L4Addr, Frontend>;
+/// Every frontend the node should serve, by virtual address. Frontends are shared (the
+/// model, the API's view and each Service's translation hold the same one).
+pub type DesiredState = BTreeMap<L4Addr, Arc<Frontend>>;

@@ -19,7 +19,9 @@ use crate::{
 
 #[derive(Debug)]
 struct SliceEntry {
-    object: Sourced<EndpointSlice>,
+    /// The problems found in it: with the validated form, all that is kept of a slice
+    /// (the raw object is most of the memory at 100k endpoints).
+    problems: Vec<Problem>,
     /// The Service named by its label, valid or not.
     service: Option<ObjectRef>,
     valid: Option<ValidSlice>,
@@ -96,17 +98,16 @@ impl ClusterState {
     /// Adds or updates an EndpointSlice.
     pub fn apply_slice(&mut self, slice: Sourced<EndpointSlice>) {
         let id = ObjectRef::of(&slice.object.metadata);
-        if self
-            .slices
-            .get(&id)
-            .is_some_and(|old| same(&old.object, &slice))
-        {
+        let service = slice_service(&slice.object);
+        let (valid, problems) = validate_slice(&slice);
+        let valid = valid.map(|(_, valid)| valid);
+        if self.slices.get(&id).is_some_and(|old| {
+            old.service == service && old.valid == valid && old.problems == problems
+        }) {
             return;
         }
         self.delete_slice(&id);
-        let service = slice_service(&slice.object);
-        let (valid, problems) = validate_slice(&slice);
-        self.set_problems("EndpointSlice", &id, problems);
+        self.set_problems("EndpointSlice", &id, problems.clone());
         if let Some(service) = &service {
             self.slices_by_service
                 .entry(service.clone())
@@ -114,11 +115,10 @@ impl ClusterState {
                 .insert(id.clone());
             self.dirty.insert(service.clone());
         }
-        let valid = valid.map(|(_, valid)| valid);
         self.slices.insert(
             id,
             SliceEntry {
-                object: slice,
+                problems,
                 service,
                 valid,
             },
@@ -268,7 +268,7 @@ impl ClusterState {
                 .and_then(|set| set.first())
                 .and_then(|owner| self.results.get(owner))
                 .and_then(|r| r.frontends.iter().find(|f| f.address == address));
-            if self.desired.get(&address) == wanted {
+            if self.desired.get(&address).map(AsRef::as_ref) == wanted.map(AsRef::as_ref) {
                 continue;
             }
             match wanted {

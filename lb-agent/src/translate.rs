@@ -100,7 +100,7 @@ pub fn translate_for_node(objects: &ClusterObjects, node: Option<&str>) -> Trans
 /// What one Service translates to, before frontends are checked against other Services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTranslation {
-    pub frontends: Vec<Frontend>,
+    pub frontends: Vec<Arc<Frontend>>,
     pub problems: Vec<Problem>,
     pub skipped: Vec<Skipped>,
     /// Where each frontend comes from, for a conflict report: (frontend, `spec.ports[i]`).
@@ -169,7 +169,7 @@ pub fn translate_service(
                 local_endpoints.extend(backends.iter().map(|b| b.addr.address));
             }
             out.fields.push((address, field));
-            out.frontends.push(Frontend {
+            out.frontends.push(Arc::new(Frontend {
                 address,
                 kind,
                 local_only,
@@ -177,7 +177,7 @@ pub fn translate_service(
                 port_name: port.name.clone(),
                 backends,
                 backend_info,
-            });
+            }));
         }
     }
     if let Some(port) = service.health_check_node_port {

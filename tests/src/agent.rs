@@ -181,6 +181,7 @@ pub struct Agent {
     runs: u32,
     /// The run whose programs were seen attached by [`Agent::wait_attached`].
     attached_run: Option<u32>,
+    log_filter: String,
 }
 
 impl Agent {
@@ -192,11 +193,22 @@ impl Agent {
             child: None,
             runs: 0,
             attached_run: None,
+            log_filter: "debug".to_owned(),
         }
     }
 
     pub fn config(&self) -> &AgentConfig {
         &self.config
+    }
+
+    /// `RUST_LOG` of the next start (default `debug`).
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = filter.to_owned();
+    }
+
+    /// The process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Starts the agent (again, after [`Agent::kill`] or [`Agent::stop`]).
@@ -235,7 +247,7 @@ impl Agent {
                     .flat_map(|addr| ["--api-addr".to_owned(), addr.to_string()]),
             )
             .args(&self.config.extra_args)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(err_log));

@@ -44,8 +44,11 @@ use crate::{model::ObjectRef, state::ClusterState, translate::Sourced};
 pub const LABEL_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
 
-/// The `origin` of objects from the API server, in problem reports.
-const ORIGIN: &str = "api";
+thread_local! {
+    /// The `origin` of objects from the API server, in problem reports (shared, not one
+    /// allocation per object).
+    static ORIGIN: Arc<str> = Arc::from("api");
+}
 
 /// A watch event of either resource.
 #[derive(Debug)]
@@ -158,9 +161,15 @@ impl WatchApplier {
     }
 }
 
-fn sourced<T>(object: T) -> Sourced<T> {
+/// Wraps an object from the API, dropping the metadata the translation never reads
+/// (`managedFields`, annotations such as `kubectl.kubernetes.io/last-applied-configuration`):
+/// in a real cluster they are most of an object's size.
+fn sourced<T: kube::Resource>(mut object: T) -> Sourced<T> {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
     Sourced {
-        origin: Arc::from(ORIGIN),
+        origin: ORIGIN.with(Clone::clone),
         object,
     }
 }
