@@ -578,3 +578,29 @@ fn local_policy_never_sends_to_an_endpoint_on_another_node() {
     assert_eq!(summary.ok, 0, "no local endpoint: dropped, {summary:?}");
     assert_eq!(summary.count("remote1"), 0, "{summary:?}");
 }
+
+#[test]
+fn pods_reach_a_node_port_on_a_node_address_through_the_socket_hooks() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let pod_client = env.topo.add_pod("client");
+    let _outside = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    let summary = pod_client.client(&env.cgroup, &node_port_target(), 10);
+
+    assert_eq!(summary.ok, 10, "{summary:?}");
+    assert_eq!(summary.count("webapp1"), 10, "{summary:?}");
+    assert!(
+        summary
+            .remote_addrs
+            .iter()
+            .all(|a| a.starts_with(&format!("{}:", pod_client.ip()))),
+        "translated at connect(): no NAT, {summary:?}"
+    );
+}
