@@ -604,3 +604,26 @@ fn pods_reach_a_node_port_on_a_node_address_through_the_socket_hooks() {
         "translated at connect(): no NAT, {summary:?}"
     );
 }
+
+#[test]
+fn devices_default_to_the_nodes_addressed_interfaces_except_bridges() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    // No --devices: ext0 holds a global address; br0 does too, but is a bridge.
+    let mut agent = start_agent_with(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    let links = env.pins.path().join("links");
+    assert!(
+        !links.join("tc-ingress-br0").exists(),
+        "no tc program on the pod bridge"
+    );
+
+    let summary = client.client_with().count(5).run(&node_port_target());
+
+    assert_eq!(summary.ok, 5, "{summary:?}");
+}
