@@ -97,13 +97,13 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
 
 fn table(flows: &[Flow]) -> String {
     let mut out = format!(
-        "{:<5} {:<22} {:<22} {:<22} {:<22} {:>7} {:>7} STATE\n",
+        "{:<5} {:<22} {:<22} {:<28} {:<22} {:>7} {:>7} STATE\n",
         "PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "AGE", "IDLE"
     );
     for f in flows {
         let _ = writeln!(
             out,
-            "{:<5} {:<22} {:<22} {:<22} {:<22} {:>6}s {:>6}s {}",
+            "{:<5} {:<22} {:<22} {:<28} {:<22} {:>6}s {:>6}s {}",
             f.protocol,
             f.client,
             f.frontend,
