@@ -315,11 +315,23 @@ impl<M: LbMaps> Reconciler<M> {
             return Ok(());
         }
         let desired = self.state.desired();
-        let stats = if self.full_pending {
-            self.writer.apply(desired)?
+        let result = if self.full_pending {
+            self.writer.apply(desired)
         } else {
             let pending: Vec<_> = self.pending.iter().copied().collect();
-            self.writer.apply_changes(desired, &pending)?
+            self.writer.apply_changes(desired, &pending)
+        };
+        let stats = match result {
+            Ok(stats) => stats,
+            Err(e) => {
+                // The record may now be ahead of the maps: read them back, and make the
+                // next sync a full one from what is really there.
+                self.full_pending = true;
+                if let Err(read) = self.writer.readopt() {
+                    error!(error = %read, "reading the maps back failed");
+                }
+                return Err(e.into());
+            }
         };
         self.pending.clear();
         self.full_pending = false;

@@ -1,14 +1,16 @@
 //! [`LbMaps`] over the real BPF maps, whether just loaded or opened from their pins.
 use std::{io, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, MapError as AyaMapError};
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
+use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError as AyaMapError};
 use lb_common::{
     BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, SERVICES4_MAP, SERVICES6_MAP, Service4Key,
     Service6Key, ServiceValue,
 };
 use tracing::warn;
 
-use super::{LbMaps, MapError, Result, ServiceEntry, codec};
+use super::{LbMaps, MapError, Op, Result, ServiceEntry, codec};
 use crate::model::{Backend, L4Addr};
 
 /// The service and backend maps of both families, of a loaded object or of a pin directory.
@@ -86,7 +88,97 @@ fn undecodable(map: &'static str, what: &dyn std::fmt::Debug) {
     warn!(map, entry = ?what, "undecodable map entry ignored");
 }
 
+/// Entries per `BPF_MAP_UPDATE_BATCH` call.
+const BATCH: usize = 4096;
+
+/// `bpf(BPF_MAP_UPDATE_BATCH)`: writes `keys[i] -> values[i]` in as few system calls as the
+/// kernel allows (aya 0.14 has no batch operations). One syscall per entry costs about
+/// 5 µs at 100k entries; a batch, a fraction of that.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+) -> Result<()> {
+    /// `union bpf_attr`'s `batch` member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let fd = map.fd().as_fd().as_raw_fd();
+    for (keys, values) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at `count` keys and values that live through the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(MapError {
+                op: "batch update",
+                map: name,
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl LbMaps for BpfMaps {
+    /// Sets go to the kernel as batches, one per map; deletes one by one (a batch delete
+    /// stops at the first absent key).
+    fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
+        let (mut s4, mut v4, mut s6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut b4, mut bv4, mut b6, mut bv6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for op in ops {
+            match op {
+                Op::SetService(frontend, slot, value) => {
+                    if let Some(key) = codec::service4_key(frontend, *slot) {
+                        s4.push(key);
+                        v4.push(*value);
+                    } else if let Some(key) = codec::service6_key(frontend, *slot) {
+                        s6.push(key);
+                        v6.push(*value);
+                    }
+                }
+                Op::SetBackend(id, backend) => {
+                    if let Some(value) = codec::backend4(backend) {
+                        b4.push(*id);
+                        bv4.push(value);
+                    } else if let Some(value) = codec::backend6(backend) {
+                        b6.push(*id);
+                        bv6.push(value);
+                    }
+                }
+                Op::DeleteService(frontend, slot) => self.delete_service(frontend, *slot)?,
+                Op::DeleteBackend(id, backend) => self.delete_backend(*id, backend)?,
+            }
+        }
+        update_batch(self.services4.map(), SERVICES4_MAP, &s4, &v4)?;
+        update_batch(self.services6.map(), SERVICES6_MAP, &s6, &v6)?;
+        update_batch(self.backends4.map(), BACKENDS4_MAP, &b4, &bv4)?;
+        update_batch(self.backends6.map(), BACKENDS6_MAP, &b6, &bv6)
+    }
+
     fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> Result<()> {
         if let Some(key) = codec::service4_key(frontend, slot) {
             self.services4

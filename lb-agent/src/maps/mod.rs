@@ -31,9 +31,34 @@ pub struct ServiceEntry {
     pub value: ServiceValue,
 }
 
+/// One map operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    SetService(L4Addr, u16, ServiceValue),
+    DeleteService(L4Addr, u16),
+    SetBackend(u32, Backend),
+    DeleteBackend(u32, Backend),
+}
+
 /// The load-balancing maps of both families. Implemented by the pinned BPF maps and by
 /// [`fake::FakeMaps`].
 pub trait LbMaps {
+    /// Performs `ops`, which may run in any order or as batches: the writer only puts
+    /// operations together that do not depend on each other.
+    fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
+        for op in ops {
+            match op {
+                Op::SetService(frontend, slot, value) => {
+                    self.set_service(frontend, *slot, *value)?
+                }
+                Op::DeleteService(frontend, slot) => self.delete_service(frontend, *slot)?,
+                Op::SetBackend(id, backend) => self.set_backend(*id, backend)?,
+                Op::DeleteBackend(id, backend) => self.delete_backend(*id, backend)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Creates or overwrites a services map entry (in the frontend's family's map).
     fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> Result<()>;
     /// Deletes a services map entry (absent is not an error).

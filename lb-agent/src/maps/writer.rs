@@ -1,17 +1,27 @@
 //! The one writer of the maps: it holds what is programmed, and turns each new desired
 //! state into the smallest ordered set of map operations.
 //!
-//! Order, per frontend (Cilium's `lb.h` discipline): backends are created first, then the
-//! backend slots `1..=n`, then the master entry with the new count; surplus slots are
-//! deleted after the master shrinks, and backends no frontend uses are deleted last. A
-//! removed frontend loses its master first, so connects stop using it before its slots go.
-//! [`super::fake::FakeMaps`] checks this after every operation.
+//! Order (Cilium's `lb.h` discipline), as six phases over all the frontends of one apply:
+//! removed frontends lose their master first (connects stop using them), then new backends
+//! are created, then backend slots `1..=n` written, then masters with their new counts;
+//! only then are surplus slots deleted, and backends no frontend uses last. Within a phase
+//! no operation depends on another, so a phase can go to the kernel as one batch.
+//! [`super::fake::FakeMaps`] checks, after every single operation, that no master ever
+//! names a missing slot or backend.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::ServiceValue;
 use tracing::{debug, warn};
 
-use super::{LbMaps, Result, dump};
+use super::{LbMaps, Op, Result, dump};
+
+/// The phases of an apply, in the order they run.
+const DROP_MASTERS: usize = 0;
+const NEW_BACKENDS: usize = 1;
+const SLOTS: usize = 2;
+const MASTERS: usize = 3;
+const DROP_SLOTS: usize = 4;
+const DROP_BACKENDS: usize = 5;
 use crate::model::{Backend, DesiredState, Frontend, L4Addr};
 
 /// A frontend as it is in the maps.
@@ -56,6 +66,8 @@ pub struct MapWriter<M> {
     backend_refs: HashMap<u32, usize>,
     next_backend_id: u32,
     rev_nat_ids: BTreeSet<u16>,
+    /// Operations of the apply in progress, by phase.
+    plan: [Vec<Op>; 6],
 }
 
 impl<M: LbMaps> MapWriter<M> {
@@ -65,7 +77,6 @@ impl<M: LbMaps> MapWriter<M> {
     /// # Errors
     /// When the maps cannot be read.
     pub fn adopt(maps: M) -> Result<Self> {
-        let contents = dump::read(&maps)?;
         let mut writer = Self {
             maps,
             frontends: BTreeMap::new(),
@@ -74,17 +85,36 @@ impl<M: LbMaps> MapWriter<M> {
             backend_refs: HashMap::new(),
             next_backend_id: 1,
             rev_nat_ids: BTreeSet::new(),
+            plan: Default::default(),
         };
+        writer.readopt()?;
+        Ok(writer)
+    }
+
+    /// Forgets the record and reads it back from the maps: after a failed write the record
+    /// may be ahead of the maps, and the next full apply must start from what is there.
+    ///
+    /// # Errors
+    /// When the maps cannot be read.
+    pub fn readopt(&mut self) -> Result<()> {
+        let contents = dump::read(&self.maps)?;
+        self.frontends.clear();
+        self.backend_ids.clear();
+        self.backends.clear();
+        self.backend_refs.clear();
+        self.next_backend_id = 1;
+        self.rev_nat_ids.clear();
+        self.plan = Default::default();
         for (&id, &backend) in &contents.backends {
             // Two ids for one backend can only come from a foreign writer: keep the first,
             // the other is dropped as unused.
-            writer.backend_ids.entry(backend).or_insert(id);
-            writer.backends.insert(id, backend);
-            writer.backend_refs.insert(id, 0);
-            writer.next_backend_id = writer.next_backend_id.max(id.saturating_add(1));
+            self.backend_ids.entry(backend).or_insert(id);
+            self.backends.insert(id, backend);
+            self.backend_refs.insert(id, 0);
+            self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
         }
         for (frontend, slot) in &contents.stray_slots {
-            writer.maps.delete_service(frontend, *slot)?;
+            self.maps.delete_service(frontend, *slot)?;
         }
         for entry in contents.frontends {
             let count = usize::from(entry.count);
@@ -108,10 +138,10 @@ impl<M: LbMaps> MapWriter<M> {
                 slots.clear();
             }
             for id in &slots {
-                *writer.backend_refs.entry(*id).or_default() += 1;
+                *self.backend_refs.entry(*id).or_default() += 1;
             }
-            writer.rev_nat_ids.insert(entry.rev_nat_id);
-            writer.frontends.insert(
+            self.rev_nat_ids.insert(entry.rev_nat_id);
+            self.frontends.insert(
                 entry.address,
                 Programmed {
                     rev_nat_id: entry.rev_nat_id,
@@ -122,11 +152,11 @@ impl<M: LbMaps> MapWriter<M> {
             );
         }
         debug!(
-            frontends = writer.frontends.len(),
-            backends = writer.backends.len(),
+            frontends = self.frontends.len(),
+            backends = self.backends.len(),
             "adopted map contents"
         );
-        Ok(writer)
+        Ok(())
     }
 
     /// The maps, for reading.
@@ -185,6 +215,11 @@ impl<M: LbMaps> MapWriter<M> {
             self.upsert_frontend(frontend, &mut released, &mut stats)?;
         }
         self.delete_unused_backends(released, &mut stats)?;
+        for phase in std::mem::take(&mut self.plan) {
+            if !phase.is_empty() {
+                self.maps.apply_ops(&phase)?;
+            }
+        }
         Ok(stats)
     }
 
@@ -234,18 +269,18 @@ impl<M: LbMaps> MapWriter<M> {
         let slots = assign_slots(&old.slots, &ids);
         for (index, &id) in slots.iter().enumerate() {
             if old.slots.get(index) != Some(&id) || old.stray_slots.contains(&slot_number(index)) {
-                self.maps
-                    .set_service(&address, slot_number(index), ServiceValue::slot(id))?;
+                self.plan[SLOTS].push(Op::SetService(
+                    address,
+                    slot_number(index),
+                    ServiceValue::slot(id),
+                ));
                 stats.map_writes += 1;
             }
         }
         if is_new || slots.len() != old.slots.len() || flags != old.flags {
             let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
-            self.maps.set_service(
-                &address,
-                0,
-                ServiceValue::master(count, old.rev_nat_id, flags),
-            )?;
+            let master = ServiceValue::master(count, old.rev_nat_id, flags);
+            self.plan[MASTERS].push(Op::SetService(address, 0, master));
             stats.map_writes += 1;
         }
         let surplus = (slots.len() + 1..=old.slots.len()).map(slot_number_1);
@@ -255,7 +290,7 @@ impl<M: LbMaps> MapWriter<M> {
             .copied()
             .filter(|&s| usize::from(s) > slots.len());
         for slot in surplus.chain(stray).collect::<BTreeSet<_>>() {
-            self.maps.delete_service(&address, slot)?;
+            self.plan[DROP_SLOTS].push(Op::DeleteService(address, slot));
             stats.map_deletes += 1;
         }
         for id in &slots {
@@ -299,13 +334,13 @@ impl<M: LbMaps> MapWriter<M> {
         let Some(old) = self.frontends.get(&address).cloned() else {
             return Ok(());
         };
-        self.maps.delete_service(&address, 0)?;
+        self.plan[DROP_MASTERS].push(Op::DeleteService(address, 0));
         stats.map_deletes += 1;
         let slots = (1..=old.slots.len())
             .map(slot_number_1)
             .chain(old.stray_slots.iter().copied());
         for slot in slots.collect::<BTreeSet<_>>() {
-            self.maps.delete_service(&address, slot)?;
+            self.plan[DROP_SLOTS].push(Op::DeleteService(address, slot));
             stats.map_deletes += 1;
         }
         self.frontends.remove(&address);
@@ -334,7 +369,7 @@ impl<M: LbMaps> MapWriter<M> {
         }
         let id = self.next_backend_id;
         self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1).max(1);
-        self.maps.set_backend(id, &backend)?;
+        self.plan[NEW_BACKENDS].push(Op::SetBackend(id, backend));
         stats.map_writes += 1;
         stats.backends_added += 1;
         self.backend_ids.insert(backend, id);
@@ -357,7 +392,7 @@ impl<M: LbMaps> MapWriter<M> {
             let Some(backend) = self.backends.remove(&id) else {
                 continue;
             };
-            self.maps.delete_backend(id, &backend)?;
+            self.plan[DROP_BACKENDS].push(Op::DeleteBackend(id, backend));
             self.backend_refs.remove(&id);
             stats.map_deletes += 1;
             stats.backends_removed += 1;

@@ -59,7 +59,7 @@ fn main() {
         first[0]
     );
     let rss_sync_kib = agent.pid().and_then(rss_kib).unwrap_or(0);
-    let map_kib = map_memory_kib();
+    let map_kib = map_memory_kib(env.pins.path());
 
     let mut e2e_us = Vec::new();
     let mut write_us = Vec::new();
@@ -215,22 +215,23 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Memory of the load-balancing maps as the kernel accounts it (`bpftool map show`).
-fn map_memory_kib() -> u64 {
-    let Ok(out) = std::process::Command::new("bpftool")
-        .args(["map", "show", "-j"])
-        .output()
-    else {
+/// Memory of this agent's maps (pinned under `pins`) as the kernel accounts it.
+fn map_memory_kib(pins: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(pins) else {
         return 0;
     };
-    let maps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    maps.iter()
-        .filter(|m| {
-            m["name"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("LB4_") || n.starts_with("LB6_"))
-        })
-        .filter_map(|m| m["bytes_memlock"].as_u64())
-        .sum::<u64>()
-        / 1024
+    let mut bytes = 0;
+    for entry in entries.flatten().filter(|e| e.path().is_file()) {
+        let Ok(out) = std::process::Command::new("bpftool")
+            .args(["map", "show", "pinned"])
+            .arg(entry.path())
+            .arg("-j")
+            .output()
+        else {
+            continue;
+        };
+        let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        bytes += map["bytes_memlock"].as_u64().unwrap_or(0);
+    }
+    bytes / 1024
 }
