@@ -33,9 +33,7 @@ pub fn run(args: &Args) -> Result<()> {
             "formatting differs: run `cargo fmt --all`",
         )?;
         step(
-            cmd::cargo().args([
-                "clippy",
-                "--workspace",
+            cmd::cargo().arg("clippy").args(HOST_CRATES).args([
                 "--all-targets",
                 "--",
                 "-D",
