@@ -152,7 +152,7 @@ pub fn release(ctx: &SockContext) {
     if family == AF_INET {
         // SAFETY: as above.
         let ip = unsafe { (*sk).dst_ip4 };
-        let _ = V4::forget(cookie, (ip, port));
+        V4::forget(cookie, (ip, port));
     } else if family == AF_INET6 {
         // SAFETY: as above; each word read on its own, as the verifier requires.
         let ip = unsafe {
@@ -164,10 +164,10 @@ pub fn release(ctx: &SockContext) {
                 read_volatile(&(*p)[3]),
             ]
         };
-        let _ = match v4_mapped(&ip) {
+        match v4_mapped(&ip) {
             Some(ip4) => V4::forget(cookie, (ip4, port)),
             None => V6::forget(cookie, (ip, port)),
-        };
+        }
     }
 }
 

@@ -41,6 +41,22 @@ pub fn run(args: &Args) -> Result<()> {
             ]),
             "clippy found problems (warnings are errors)",
         )?;
+        // The eBPF crate, linted for the target it is built for.
+        step(
+            nightly_cargo().args([
+                "clippy",
+                "--package",
+                "lb-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+            "clippy found problems in lb-ebpf (warnings are errors)",
+        )?;
     }
     step(
         cmd::cargo()
@@ -53,6 +69,19 @@ pub fn run(args: &Args) -> Result<()> {
     step(&mut nextest(&args.nextest_args), "tests failed")?;
     println!("all steps passed");
     Ok(())
+}
+
+/// `cargo` of the nightly toolchain (the eBPF target needs `-Z build-std`), without the
+/// variables the stable cargo running xtask set for itself.
+fn nightly_cargo() -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo"])
+        .current_dir(crate::repo_root())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CARGO");
+    cmd
 }
 
 /// Prints the command, runs it, and turns a failure into `why` plus the command's status.
