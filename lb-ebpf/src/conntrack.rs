@@ -114,7 +114,7 @@ pub fn touch(entry: *mut Ct4Value, packet: &Packet, dir: u8, now: u64) {
     value.tcp_state |= bits;
     let state = value.tcp_state;
     let peer = peer_key(value, packet, dir);
-    if let Some(other) = LB4_CT.get_ptr_mut(&peer) {
+    if let Some(other) = LB4_CT.get_ptr_mut(peer) {
         // SAFETY: as above.
         unsafe { (*other).tcp_state |= state };
     }

@@ -67,7 +67,7 @@ impl Family for V4 {
         if unsafe { LB4_NODE_ADDRS.get(addr) }.is_some() {
             let own = Service4Key::new(addr, port, proto, 0);
             // SAFETY: presence only.
-            if unsafe { LB4_SERVICES.get(&own) }.is_none() {
+            if unsafe { LB4_SERVICES.get(own) }.is_none() {
                 return Service4Key::node_port(port, proto);
             }
             return own;

@@ -5,7 +5,7 @@
 use core::{mem, ptr};
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup},
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
@@ -48,5 +48,5 @@ pub fn redirect(ctx: &TcContext, packet: &Packet) -> Result<i32, RewriteError> {
         // SAFETY: helper with no next-hop parameters.
         return Ok(unsafe { bpf_redirect_neigh(params.ifindex, ptr::null_mut(), 0, 0) } as i32);
     }
-    Ok(TC_ACT_OK as i32)
+    Ok(crate::tc::PASS)
 }

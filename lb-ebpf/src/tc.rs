@@ -5,11 +5,7 @@
 //! `externalTrafficPolicy: Cluster`), and the flow is tracked in `LB4_CT`; on their egress,
 //! the backend's replies get the frontend the client dialled as their source. The kernel
 //! routes the translated packets.
-use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_get_prandom_u32,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32, programs::TcContext};
 use aya_log_ebpf::warn;
 use lb_common::{
     BE_F_REMOTE, Backend4, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Ct4Value, SNAT_PORT_COUNT,
@@ -22,8 +18,11 @@ use crate::{
     nat::{Packet, RewriteError},
 };
 
-/// Let the packet go on (translated or not).
-const PASS: i32 = TC_ACT_OK as i32;
+/// `TC_ACT_OK` (linux/pkt_cls.h): let the packet go on (translated or not). Spelled out
+/// because the bindings' type of the constant differs between targets.
+pub const PASS: i32 = 0;
+/// `TC_ACT_SHOT`: drop the packet.
+const SHOT: i32 = 2;
 
 /// How many random SNAT ports are tried before a new flow is dropped.
 const SNAT_TRIES: u32 = 16;
@@ -53,18 +52,18 @@ pub fn action(ctx: &TcContext, result: Result<i32, Error>) -> i32 {
     match result {
         Ok(action) => action,
         // kube-proxy rejects (or under eTP=Local drops) these; a drop is what tc can do.
-        Err(Error::NoBackends) => TC_ACT_SHOT as i32,
+        Err(Error::NoBackends) => SHOT,
         Err(Error::Rewrite) => {
             warn!(ctx, "lb tc: rewriting a packet failed; dropped");
-            TC_ACT_SHOT as i32
+            SHOT
         }
         Err(Error::Conntrack(e)) => {
             warn!(ctx, "lb tc: conntrack insert failed ({}); dropped", e);
-            TC_ACT_SHOT as i32
+            SHOT
         }
         Err(Error::NoSnatPort) => {
             warn!(ctx, "lb tc: no free SNAT port; dropped");
-            TC_ACT_SHOT as i32
+            SHOT
         }
     }
 }
@@ -101,7 +100,7 @@ pub fn ingress(ctx: &TcContext) -> Result<i32, Error> {
         }
         // The backend is gone (or a new connection reuses a closed one's ports): the flow
         // starts again with a backend of today.
-        let _ = LB4_CT.remove(&orig_key);
+        let _ = LB4_CT.remove(orig_key);
     }
     let Some((key, master)) = frontend(&packet) else {
         return Ok(PASS);
@@ -144,7 +143,7 @@ fn frontend(packet: &Packet) -> Option<(Service4Key, ServiceValue)> {
         Service4Key::new(packet.daddr, packet.dport, packet.proto, 0)
     };
     // SAFETY: copied out at once.
-    let master = unsafe { LB4_SERVICES.get(&key) }.copied()?;
+    let master = unsafe { LB4_SERVICES.get(key) }.copied()?;
     (master.flags & SVC_F_TC_KINDS != 0).then_some((key, master))
 }
 
@@ -164,7 +163,7 @@ fn new_flow(
     let seed = unsafe { bpf_get_prandom_u32() };
     let slot = (seed % u32::from(master.count)) as u16 + 1;
     // SAFETY: copied out at once.
-    let Some(entry) = unsafe { LB4_SERVICES.get(&key.with_slot(slot)) }.copied() else {
+    let Some(entry) = unsafe { LB4_SERVICES.get(key.with_slot(slot)) }.copied() else {
         warn!(
             ctx,
             "lb tc: frontend has count {} but slot {} is missing", master.count, slot
@@ -231,7 +230,7 @@ fn new_flow(
     } else {
         conntrack::create(&orig_key, &orig, &reply_key, &reply, 0).map_err(Error::Conntrack)?;
     }
-    if let Some(entry) = LB4_CT.get_ptr_mut(&orig_key) {
+    if let Some(entry) = LB4_CT.get_ptr_mut(orig_key) {
         conntrack::touch(entry, packet, CT_DIR_ORIG, now);
     }
     translate(ctx, packet, &orig)
