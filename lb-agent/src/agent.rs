@@ -17,6 +17,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     api::{self, SharedStatus},
+    devices,
+    health::HealthServers,
     loader,
     maps::{LbMaps, writer::MapWriter},
     source::{
@@ -51,6 +53,8 @@ pub struct RunConfig {
     pub api_addr: Option<SocketAddr>,
     /// This node's name (for the node-local traffic policies).
     pub node_name: Option<String>,
+    /// External devices for the tc datapath (empty: detected, see [`devices::resolve`]).
+    pub devices: Vec<String>,
 }
 
 /// Runs until SIGINT or SIGTERM. On exit the programs stay attached and the maps pinned:
@@ -84,13 +88,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     };
     let writer = MapWriter::adopt(maps).context("reading the pinned maps")?;
-    let mut reconciler = Reconciler::new(writer, status.clone());
+    let mut reconciler = Reconciler::new(writer, status.clone(), config.node_name.clone());
+    let devices = devices::resolve(&config.devices).context("finding the --devices")?;
+    devices::program_addresses(&mut ebpf, &devices).context("writing the node addresses")?;
+    let device_names: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
     info!(
         node = config.node_name.as_deref().unwrap_or("(unset)"),
         "starting"
     );
     let attach = |ebpf: &mut aya::Ebpf| -> anyhow::Result<()> {
         loader::attach_cgroup_programs(ebpf, &config.cgroup, &config.pin_dir)?;
+        loader::attach_tc_programs(ebpf, &device_names, &config.pin_dir)?;
         if let Ok(mut status) = status.write() {
             status.ready = true;
         }
@@ -146,6 +154,8 @@ async fn run_manifests<M: LbMaps>(
         .sync(Sync::Full, Instant::now())
         .context("initial sync")?;
     attach()?;
+    let mut health = HealthServers::default();
+    reconciler.update_health(&mut health).await;
     let mut rescan = tokio::time::interval(RESCAN);
     let mut stop = Stop::new()?;
     loop {
@@ -156,7 +166,10 @@ async fn run_manifests<M: LbMaps>(
         }
         let started = Instant::now();
         match read(&mut manifests, reconciler) {
-            Ok(()) => reconciler.sync_or_log(Sync::Changes, started),
+            Ok(()) => {
+                reconciler.sync_or_log(Sync::Changes, started);
+                reconciler.update_health(&mut health).await;
+            }
             Err(e) => error!(
                 error = format!("{e:#}"),
                 "reading the manifests failed; retrying on the next change"
@@ -179,6 +192,7 @@ async fn run_kube<M: LbMaps>(
     let mut applier = kube_source::WatchApplier::default();
     let mut stop = Stop::new()?;
     let mut attach = Some(attach);
+    let mut health = HealthServers::default();
     loop {
         let first = tokio::select! {
             update = updates.recv() => update.context("the watches ended")?,
@@ -205,6 +219,7 @@ async fn run_kube<M: LbMaps>(
             }
             None => reconciler.sync_or_log(Sync::Changes, started),
         }
+        reconciler.update_health(&mut health).await;
     }
 }
 
@@ -250,12 +265,14 @@ struct Reconciler<M> {
     /// Frontends whose write failed, to retry on the next sync.
     pending: BTreeSet<crate::model::L4Addr>,
     full_pending: bool,
+    /// The health checks last handed to the servers.
+    health_checks: Option<std::collections::BTreeMap<u16, crate::model::HealthCheck>>,
 }
 
 impl<M: LbMaps> Reconciler<M> {
-    fn new(writer: MapWriter<M>, status: SharedStatus) -> Self {
+    fn new(writer: MapWriter<M>, status: SharedStatus, node_name: Option<String>) -> Self {
         Self {
-            state: ClusterState::default(),
+            state: ClusterState::new(node_name),
             writer,
             status,
             source_problems: Vec::new(),
@@ -263,6 +280,16 @@ impl<M: LbMaps> Reconciler<M> {
             reported_version: None,
             pending: BTreeSet::new(),
             full_pending: false,
+            health_checks: None,
+        }
+    }
+
+    /// Hands the Services' health checks to the servers when they changed.
+    async fn update_health(&mut self, servers: &mut HealthServers) {
+        let checks = self.state.health_checks();
+        if self.health_checks.as_ref() != Some(&checks) {
+            servers.update(&checks).await;
+            self.health_checks = Some(checks);
         }
     }
 

@@ -136,6 +136,7 @@ fn frontend_rows(frontend: &FrontendEntry, view: Option<&FrontendView>) -> Vec<[
         Some(FrontendKind::ClusterIp) => "ClusterIP".to_string(),
         Some(FrontendKind::ExternalIp) => "ExternalIP".to_string(),
         Some(FrontendKind::LoadBalancer) => "LoadBalancer".to_string(),
+        Some(FrontendKind::NodePort) => "NodePort".to_string(),
         None => format!("flags {:#x}", frontend.flags),
     };
     let id = frontend.rev_nat_id.to_string();

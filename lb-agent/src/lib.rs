@@ -5,6 +5,9 @@
 //! maps that the programs loaded by [`loader`] read.
 pub mod agent;
 pub mod api;
+pub mod conntrack;
+pub mod devices;
+pub mod health;
 pub mod inspect;
 pub mod loader;
 pub mod maps;

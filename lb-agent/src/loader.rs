@@ -15,15 +15,16 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        Program,
+        Program, SchedClassifier, TcAttachType,
         links::{CgroupAttachMode, FdLink, PinnedLink},
     },
 };
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, MAP_F_NO_PREALLOC,
-    PINNED_MAPS, REVNAT4_MAP, REVNAT4_MAX_ENTRIES, REVNAT6_MAP, REVNAT6_MAX_ENTRIES, RevNat4Key,
-    RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES, SERVICES4_MAP, SERVICES6_MAP,
-    Service4Key, Service6Key, ServiceValue,
+    BACKENDS_MAX_ENTRIES, BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, CT4_MAP,
+    CT4_MAX_ENTRIES, Ct4Key, Ct4Value, DEVICES4_MAP, MAP_F_NO_PREALLOC, NODE_ADDRS_MAX_ENTRIES,
+    NODE_ADDRS4_MAP, NodeAddr, PINNED_MAPS, REVNAT4_MAP, REVNAT4_MAX_ENTRIES, REVNAT6_MAP,
+    REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES,
+    SERVICES4_MAP, SERVICES6_MAP, Service4Key, Service6Key, ServiceValue,
 };
 use tracing::{debug, info, warn};
 
@@ -44,6 +45,12 @@ pub const CGROUP_PROGRAMS: [(&str, &str); 9] = [
     ("lb_getpeername4", "getpeername4"),
     ("lb_getpeername6", "getpeername6"),
     ("lb_sock_release", "sock_release"),
+];
+
+/// The tc programs: (program name, attach point, pin name prefix; the device's name follows).
+pub const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("lb_tc_ingress", TcAttachType::Ingress, "tc-ingress-"),
+    ("lb_tc_egress", TcAttachType::Egress, "tc-egress-"),
 ];
 
 /// Directory under the pin path holding the pinned links.
@@ -166,6 +173,27 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
             REVNAT6_MAX_ENTRIES,
             0,
         ),
+        (
+            CT4_MAP,
+            size_of::<Ct4Key>(),
+            size_of::<Ct4Value>(),
+            CT4_MAX_ENTRIES,
+            0,
+        ),
+        (
+            NODE_ADDRS4_MAP,
+            size_of::<u32>(),
+            size_of::<NodeAddr>(),
+            NODE_ADDRS_MAX_ENTRIES,
+            0,
+        ),
+        (
+            DEVICES4_MAP,
+            size_of::<u32>(),
+            size_of::<u32>(),
+            NODE_ADDRS_MAX_ENTRIES,
+            0,
+        ),
     ];
     for (name, key, value, entries, flags) in expected {
         let path = pin_dir.join(name);
@@ -231,6 +259,64 @@ pub fn attach_cgroup_programs(
         cgroup = %cgroup.display(),
         "attached socket programs"
     );
+    Ok(())
+}
+
+/// Attaches the tc programs to the ingress and egress of each of `devices` (TCX links,
+/// pinned under `pin_dir/links` as `tc-ingress-<dev>`, `tc-egress-<dev>`), replacing a
+/// previous agent's links only once the new ones run; links of devices no longer listed are
+/// detached.
+///
+/// # Errors
+/// When a device does not exist or the kernel refuses the attachment.
+pub fn attach_tc_programs(
+    ebpf: &mut Ebpf,
+    devices: &[String],
+    pin_dir: &Path,
+) -> Result<(), LoadError> {
+    let links = pin_dir.join(LINKS_DIR);
+    fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs {
+        path: links.clone(),
+        source,
+    })?;
+    let mut wanted = std::collections::BTreeSet::new();
+    for (name, attach_type, prefix) in TC_PROGRAMS {
+        let program_error = |e: aya::programs::ProgramError| LoadError::Attach {
+            name,
+            message: e.to_string(),
+        };
+        let program: &mut SchedClassifier =
+            program_mut(ebpf, name)?.try_into().map_err(program_error)?;
+        if program.fd().is_err() {
+            program.load().map_err(program_error)?;
+        }
+        for device in devices {
+            let pin_name = format!("{prefix}{device}");
+            let path = links.join(&pin_name);
+            let link_id = program.attach(device, attach_type).map_err(program_error)?;
+            let link = program.take_link(link_id).map_err(program_error)?;
+            let link = FdLink::try_from(link).map_err(|e| pin_error(&path, &e))?;
+            replace_pinned_link(&path, link)?;
+            wanted.insert(pin_name);
+        }
+    }
+    let stale = fs::read_dir(&links).map_err(|source| LoadError::Bpffs {
+        path: links.clone(),
+        source,
+    })?;
+    for entry in stale.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_tc = TC_PROGRAMS.iter().any(|(_, _, p)| name.starts_with(p));
+        if is_tc && !wanted.contains(&name) {
+            let path = entry.path();
+            match PinnedLink::from_pin(&path) {
+                Ok(link) => drop(link.unpin()),
+                Err(_) => drop(fs::remove_file(&path)),
+            }
+            info!(link = %path.display(), "detached the tc program of a device no longer listed");
+        }
+    }
+    info!(devices = ?devices, "attached tc programs");
     Ok(())
 }
 

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, inspect, loader, mounts, telemetry};
+use lb_agent::{agent, conntrack, inspect, loader, mounts, telemetry};
 
 /// Node agent of an eBPF Kubernetes service load balancer (a kube-proxy replacement).
 ///
@@ -55,6 +55,17 @@ enum Command {
         /// [default: the root of the cgroup2 mount, from /proc/self/mountinfo].
         #[arg(long, env = "LB_CGROUP", value_name = "PATH")]
         cgroup: Option<PathBuf>,
+        /// External devices (comma-separated) whose ingress and egress get the tc datapath
+        /// for NodePorts, external and LoadBalancer IPs from outside the node, and whose IPv4
+        /// addresses are the node addresses a NodePort answers on [default: the devices of
+        /// the default route and those holding a global address, except bridges].
+        #[arg(
+            long,
+            env = "LB_DEVICES",
+            value_name = "DEV,...",
+            value_delimiter = ','
+        )]
+        devices: Vec<String>,
         #[command(flatten)]
         pins: PinArgs,
         #[command(flatten)]
@@ -69,6 +80,15 @@ enum Command {
         output: inspect::OutputFormat,
         #[command(flatten)]
         api: ApiArgs,
+    },
+    /// List the flows from outside the node that the tc datapath tracks (client, frontend,
+    /// backend, SNAT, age, idle time, TCP state), read from the pinned conntrack map.
+    Conntrack {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: inspect::OutputFormat,
     },
     /// Detach the programs and remove the maps and every pin under --bpf-pin-path.
     ///
@@ -114,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             kubeconfig,
             node_name,
             cgroup,
+            devices,
             pins,
             api,
         } => {
@@ -131,6 +152,7 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 pin_dir: pins.bpf_pin_path,
                 api_addr: api.api_addr,
+                devices,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -147,6 +169,10 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 inspect::services(&pins.bpf_pin_path, output, api.api_addr)?
             );
+            Ok(())
+        }
+        Command::Conntrack { pins, output } => {
+            print!("{}", conntrack::list(&pins.bpf_pin_path, output)?);
             Ok(())
         }
         Command::Cleanup { pins } => {

@@ -88,7 +88,7 @@ impl fmt::Display for L4Addr {
 }
 
 /// `namespace/name` of a Kubernetes object.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,
@@ -123,6 +123,9 @@ pub enum FrontendKind {
     ExternalIp,
     /// `status.loadBalancer.ingress[].ip`.
     LoadBalancer,
+    /// `spec.ports[].nodePort` of a NodePort or LoadBalancer Service, on every node address
+    /// (the frontend's address is the unspecified address of its family).
+    NodePort,
 }
 
 impl FrontendKind {
@@ -133,6 +136,7 @@ impl FrontendKind {
             Self::ClusterIp => lb_common::SVC_F_CLUSTER_IP,
             Self::ExternalIp => lb_common::SVC_F_EXTERNAL_IP,
             Self::LoadBalancer => lb_common::SVC_F_LOADBALANCER,
+            Self::NodePort => lb_common::SVC_F_NODEPORT,
         }
     }
 
@@ -145,6 +149,8 @@ impl FrontendKind {
             Some(Self::ExternalIp)
         } else if flags & lb_common::SVC_F_LOADBALANCER != 0 {
             Some(Self::LoadBalancer)
+        } else if flags & lb_common::SVC_F_NODEPORT != 0 {
+            Some(Self::NodePort)
         } else {
             None
         }
@@ -187,12 +193,38 @@ impl EndpointState {
 pub struct Backend {
     pub addr: L4Addr,
     pub state: EndpointState,
+    /// The endpoint runs on another node (its `nodeName` is known and not this node's):
+    /// traffic from outside the node is SNATed to reach it (`externalTrafficPolicy: Cluster`).
+    pub remote: bool,
+}
+
+impl Backend {
+    /// A backend on this node (or of unknown node).
+    #[must_use]
+    pub const fn new(addr: L4Addr, state: EndpointState) -> Self {
+        Self {
+            addr,
+            state,
+            remote: false,
+        }
+    }
+
+    /// The `BE_F_*` flags of the backend.
+    #[must_use]
+    pub const fn flags(&self) -> u8 {
+        let remote = if self.remote {
+            lb_common::BE_F_REMOTE
+        } else {
+            0
+        };
+        self.state.flags() | remote
+    }
 }
 
 impl serde::Serialize for Backend {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut s = serializer.serialize_struct("Backend", 5)?;
+        let mut s = serializer.serialize_struct("Backend", 6)?;
         s.serialize_field("address", &self.addr.address.to_string())?;
         s.serialize_field("port", &self.addr.port)?;
         s.serialize_field("protocol", &self.addr.protocol)?;
@@ -205,6 +237,7 @@ impl serde::Serialize for Backend {
             },
         )?;
         s.serialize_field("state", &self.state)?;
+        s.serialize_field("remote", &self.remote)?;
         s.end()
     }
 }
@@ -212,9 +245,13 @@ impl serde::Serialize for Backend {
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.state {
-            EndpointState::Ready => write!(f, "{}", self.addr),
-            EndpointState::Terminating => write!(f, "{} (terminating)", self.addr),
+            EndpointState::Ready => write!(f, "{}", self.addr)?,
+            EndpointState::Terminating => write!(f, "{} (terminating)", self.addr)?,
         }
+        if self.remote {
+            f.write_str(" (remote)")?;
+        }
+        Ok(())
     }
 }
 
@@ -236,6 +273,8 @@ pub struct Frontend {
     /// The virtual address clients dial.
     pub address: L4Addr,
     pub kind: FrontendKind,
+    /// `externalTrafficPolicy: Local` applies: only node-local backends, no SNAT.
+    pub local_only: bool,
     /// The Service it belongs to.
     pub service: ObjectRef,
     /// `spec.ports[].name` (empty for a single unnamed port).
@@ -245,6 +284,29 @@ pub struct Frontend {
     pub backends: Vec<Backend>,
     /// What is known of each backend, in the same order.
     pub backend_info: Vec<EndpointInfo>,
+}
+
+impl Frontend {
+    /// The `SVC_F_*` flags of the frontend's master entry.
+    #[must_use]
+    pub const fn flags(&self) -> u32 {
+        let local = if self.local_only {
+            lb_common::SVC_F_LOCAL
+        } else {
+            0
+        };
+        self.kind.flag() | local
+    }
+}
+
+/// A Service's `healthCheckNodePort` (LoadBalancer, `externalTrafficPolicy: Local`): load
+/// balancers ask it whether this node has endpoints of the Service.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub service: ObjectRef,
+    /// Ready (or, failing those, serving terminating) endpoints of the Service on this node.
+    pub local_endpoints: usize,
 }
 
 /// Every frontend the node should serve, by virtual address. Frontends are shared (the

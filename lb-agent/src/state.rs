@@ -10,7 +10,7 @@ use k8s_openapi::api::{
 };
 
 use crate::{
-    model::{DesiredState, L4Addr, ObjectRef},
+    model::{DesiredState, HealthCheck, L4Addr, ObjectRef},
     translate::{
         Problem, SERVICE_NAME_LABEL, ServiceTranslation, Skipped, Sourced, ValidPod, ValidSlice,
         translate_service, validate_pod, validate_slice,
@@ -36,6 +36,8 @@ struct PodEntry {
 /// Services, EndpointSlices and Pods, and the frontends they make.
 #[derive(Debug, Default)]
 pub struct ClusterState {
+    /// This node's name: endpoints on it are local (`externalTrafficPolicy: Local`).
+    node_name: Option<String>,
     services: HashMap<ObjectRef, Sourced<Service>>,
     services_by_namespace: HashMap<String, BTreeSet<ObjectRef>>,
     slices: HashMap<ObjectRef, SliceEntry>,
@@ -56,6 +58,15 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
+    /// An empty state for the node `node_name`.
+    #[must_use]
+    pub fn new(node_name: Option<String>) -> Self {
+        Self {
+            node_name,
+            ..Self::default()
+        }
+    }
+
     /// Adds or updates a Service.
     pub fn apply_service(&mut self, service: Sourced<Service>) {
         let id = ObjectRef::of(&service.object.metadata);
@@ -214,7 +225,7 @@ impl ClusterState {
                         .filter_map(|(_, entry)| entry.valid.as_ref())
                         .collect()
                 };
-                translate_service(service, slices.as_deref(), &pods)
+                translate_service(service, slices.as_deref(), &pods, self.node_name.as_deref())
             });
             let old = match new {
                 Some(new) => self.results.insert(id.clone(), new),
@@ -300,7 +311,14 @@ impl ClusterState {
                         .unwrap_or_default(),
                     object: format!("Service {loser}"),
                     field: field.map(|(_, f)| f.clone()).unwrap_or_default(),
-                    message: format!("{address} is already taken by Service {owner}"),
+                    message: if address.address.is_unspecified() {
+                        format!(
+                            "nodePort {}/{} is already taken by Service {owner}",
+                            address.port, address.protocol
+                        )
+                    } else {
+                        format!("{address} is already taken by Service {owner}")
+                    },
                 });
             }
         }
@@ -309,6 +327,26 @@ impl ClusterState {
                 .cmp(&(&b.origin, &b.object, &b.field, &b.message))
         });
         problems
+    }
+
+    /// The `healthCheckNodePort` of every Service that has one; on a clash, the first
+    /// Service by namespace/name keeps the port.
+    #[must_use]
+    pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
+        let mut checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+        for check in self
+            .results
+            .values()
+            .filter_map(|r| r.health_check.as_ref())
+        {
+            match checks.get(&check.port) {
+                Some(kept) if kept.service <= check.service => {}
+                _ => {
+                    checks.insert(check.port, check.clone());
+                }
+            }
+        }
+        checks
     }
 
     /// Every Service or port left alone on purpose, sorted.

@@ -12,8 +12,8 @@ use k8s_openapi::{
 };
 
 use crate::model::{
-    Backend, DesiredState, EndpointInfo, EndpointState, Frontend, FrontendKind, L4Addr, ObjectRef,
-    Protocol,
+    Backend, DesiredState, EndpointInfo, EndpointState, Frontend, FrontendKind, HealthCheck,
+    L4Addr, ObjectRef, Protocol,
 };
 
 /// Label that ties an EndpointSlice to its Service.
@@ -79,7 +79,13 @@ pub struct Translation {
 /// [`ClusterState`](crate::state::ClusterState), which does the same incrementally.
 #[must_use]
 pub fn translate(objects: &ClusterObjects) -> Translation {
-    let mut state = crate::state::ClusterState::default();
+    translate_for_node(objects, None)
+}
+
+/// [`translate`] on the node `node` (for the node-local traffic policies).
+#[must_use]
+pub fn translate_for_node(objects: &ClusterObjects, node: Option<&str>) -> Translation {
+    let mut state = crate::state::ClusterState::new(node.map(str::to_owned));
     state.replace_services(objects.services.iter().cloned());
     state.replace_slices(objects.endpoint_slices.iter().cloned());
     state.replace_pods(objects.pods.iter().cloned());
@@ -99,37 +105,74 @@ pub struct ServiceTranslation {
     pub skipped: Vec<Skipped>,
     /// Where each frontend comes from, for a conflict report: (frontend, `spec.ports[i]`).
     pub fields: Vec<(L4Addr, String)>,
+    /// The Service's `healthCheckNodePort`, when it has one.
+    pub health_check: Option<HealthCheck>,
 }
 
 /// Translates one Service. `slices` is `Some` when the Service has EndpointSlices (then
 /// they alone give its endpoints, even when empty); otherwise its endpoints come from
-/// `pods` of its namespace, as the EndpointSlice controller would derive them.
+/// `pods` of its namespace, as the EndpointSlice controller would derive them. `node` is
+/// this node's name: endpoints on it are local, those on other nodes remote.
 #[must_use]
 pub fn translate_service(
     sourced: &Sourced<Service>,
     slices: Option<&[&ValidSlice]>,
     pods: &[&ValidPod],
+    node: Option<&str>,
 ) -> ServiceTranslation {
     let mut out = ServiceTranslation::default();
     let Some(service) = validate_service(sourced, &mut out) else {
         return out;
     };
+    let mut local_endpoints = std::collections::BTreeSet::new();
     for port in &service.ports {
         let candidates = match slices {
             Some(slices) => candidates_from_slices(port, slices),
             None => candidates_from_pods(&service, port, pods),
         };
-        for &(ip, kind) in &service.frontend_ips {
-            let address = L4Addr::new(ip, port.port, port.protocol);
-            let same_family = candidates
+        let mut addresses: Vec<(IpAddr, u16, FrontendKind, String)> = service
+            .frontend_ips
+            .iter()
+            .map(|&(ip, kind)| (ip, port.port, kind, format!("spec.ports[{}]", port.index)))
+            .collect();
+        if let Some(node_port) = port.node_port {
+            // One NodePort frontend per family the Service has: any address of the node.
+            let mut families: Vec<IpAddr> = service
+                .frontend_ips
                 .iter()
-                .filter(|c| c.addr.address.is_ipv4() == ip.is_ipv4());
-            let (backends, backend_info) = select_endpoints(same_family).into_iter().unzip();
-            out.fields
-                .push((address, format!("spec.ports[{}]", port.index)));
+                .filter(|(_, kind)| *kind == FrontendKind::ClusterIp)
+                .map(|(ip, _)| unspecified(*ip))
+                .collect();
+            families.dedup();
+            for any in families {
+                let field = format!("spec.ports[{}].nodePort", port.index);
+                addresses.push((any, node_port, FrontendKind::NodePort, field));
+            }
+        }
+        for (ip, number, kind, field) in addresses {
+            let address = L4Addr::new(ip, number, port.protocol);
+            // externalTrafficPolicy applies to what comes from outside the cluster.
+            let local_only = service.external_local && kind != FrontendKind::ClusterIp;
+            let eligible = candidates
+                .iter()
+                .filter(|c| c.addr.address.is_ipv4() == ip.is_ipv4())
+                .filter(|c| !local_only || is_local(&c.info, node));
+            let (backends, backend_info): (Vec<Backend>, Vec<EndpointInfo>) =
+                select_endpoints(eligible)
+                    .into_iter()
+                    .map(|(mut backend, info)| {
+                        backend.remote = is_remote(&info, node);
+                        (backend, info)
+                    })
+                    .unzip();
+            if local_only {
+                local_endpoints.extend(backends.iter().map(|b| b.addr.address));
+            }
+            out.fields.push((address, field));
             out.frontends.push(Arc::new(Frontend {
                 address,
                 kind,
+                local_only,
                 service: service.id.clone(),
                 port_name: port.name.clone(),
                 backends,
@@ -137,7 +180,35 @@ pub fn translate_service(
             }));
         }
     }
+    if let Some(port) = service.health_check_node_port {
+        out.health_check = Some(HealthCheck {
+            port,
+            service: service.id.clone(),
+            local_endpoints: local_endpoints.len(),
+        });
+    }
     out
+}
+
+/// The unspecified address of `ip`'s family.
+fn unspecified(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// Whether an endpoint runs on this node (its `nodeName`, or its Pod's, is `node`).
+#[must_use]
+pub fn is_local(info: &EndpointInfo, node: Option<&str>) -> bool {
+    node.is_some() && info.node_name.as_deref() == node
+}
+
+/// Whether an endpoint is known to run on another node. An endpoint without a node name,
+/// or an agent without one, counts as local: nothing tells it to SNAT.
+#[must_use]
+pub fn is_remote(info: &EndpointInfo, node: Option<&str>) -> bool {
+    matches!((info.node_name.as_deref(), node), (Some(a), Some(b)) if a != b)
 }
 
 /// An endpoint before selection, with its EndpointSlice conditions.
@@ -166,7 +237,7 @@ pub fn select_endpoints<'a>(
         }
         chosen
             .into_iter()
-            .map(|(addr, info)| (Backend { addr, state }, info))
+            .map(|(addr, info)| (Backend::new(addr, state), info))
             .collect::<Vec<_>>()
     };
     let ready = pick(EndpointState::Ready, &|c| c.ready);
@@ -185,6 +256,10 @@ struct ValidService {
     ports: Vec<ValidPort>,
     selector: Option<BTreeMap<String, String>>,
     publish_not_ready: bool,
+    /// `externalTrafficPolicy: Local`.
+    external_local: bool,
+    /// `healthCheckNodePort` (LoadBalancer with `externalTrafficPolicy: Local`).
+    health_check_node_port: Option<u16>,
 }
 
 struct ValidPort {
@@ -193,6 +268,8 @@ struct ValidPort {
     port: u16,
     protocol: Protocol,
     target: TargetPort,
+    /// `nodePort` (NodePort and LoadBalancer Services).
+    node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -314,12 +391,42 @@ fn validate_service(
             );
         }
     }
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
     let mut ports = Vec::new();
     for (index, port) in spec.ports.iter().flatten().enumerate() {
-        if let Some(valid) = validate_service_port(index, port, &mut check, out, &id) {
+        if let Some(mut valid) = validate_service_port(index, port, &mut check, out, &id) {
+            if !node_ports {
+                // Only NodePort and LoadBalancer Services open node ports (the API server
+                // clears the field on the others).
+                valid.node_port = None;
+            }
             ports.push(valid);
         }
     }
+    let external_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            check.fail(
+                "spec.externalTrafficPolicy",
+                format!("{other:?} is not Cluster or Local"),
+            );
+            false
+        }
+    };
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(n) if spec.type_.as_deref() == Some("LoadBalancer") && external_local => {
+            let port = port_number(n);
+            if port.is_none() {
+                check.fail(
+                    "spec.healthCheckNodePort",
+                    format!("{n} is out of range 1-65535"),
+                );
+            }
+            port
+        }
+        _ => None,
+    };
     if !check.finish(&mut out.problems) {
         return None;
     }
@@ -329,6 +436,8 @@ fn validate_service(
         ports,
         selector: spec.selector,
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+        external_local,
+        health_check_node_port,
     })
 }
 
@@ -457,12 +566,23 @@ fn validate_service_port(
             None
         }
     };
+    let node_port = match port.node_port {
+        None => None,
+        Some(n) => {
+            let node_port = port_number(n);
+            if node_port.is_none() {
+                check.fail(field("nodePort"), format!("{n} is out of range 1-65535"));
+            }
+            node_port
+        }
+    };
     Some(ValidPort {
         index,
         name: port.name.clone().unwrap_or_default(),
         port: number?,
         protocol,
         target: target?,
+        node_port,
     })
 }
 

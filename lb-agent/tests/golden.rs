@@ -64,7 +64,7 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
     fs::create_dir_all(&dir).unwrap();
     let mut manifests = ManifestDir::new(&dir);
     let mut writer = MapWriter::adopt(FakeMaps::default()).unwrap();
-    let mut state = ClusterState::default();
+    let mut state = ClusterState::new(Some("node-a".to_string()));
     let mut full = true;
     let mut ops_before = 0;
     let mut comparisons = Vec::new();
@@ -79,7 +79,7 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
                 writer = MapWriter::adopt(maps).unwrap();
                 ops_before += writer.maps().operations;
                 // A new agent starts from an empty model and applies it in full.
-                state = ClusterState::default();
+                state = ClusterState::new(Some("node-a".to_string()));
                 full = true;
             }
             Step::Expect(expected) => {
@@ -143,6 +143,7 @@ fn golden_scripts() {
     scripts.sort();
     assert!(!scripts.is_empty(), "no scripts in {}", dir.display());
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    // Scripts run as the agent of node `node-a` (for the node-local policies).
     let mut failures = Vec::new();
     for script in &scripts {
         let (rewritten, comparisons) = run(script);

@@ -29,14 +29,23 @@ pub const SERVICES6_MAP: &str = "LB6_SERVICES";
 pub const BACKENDS6_MAP: &str = "LB6_BACKENDS";
 /// Name of the IPv6 reverse-NAT map.
 pub const REVNAT6_MAP: &str = "LB6_REVNAT";
+/// Name of the IPv4 connection-tracking map of the tc datapath.
+pub const CT4_MAP: &str = "LB4_CT";
+/// Name of the map of this node's IPv4 addresses (NodePort frontends answer on each).
+pub const NODE_ADDRS4_MAP: &str = "LB4_NODE_ADDRS";
+/// Name of the map of each `--devices` interface's IPv4 address (the SNAT source).
+pub const DEVICES4_MAP: &str = "LB4_DEVICES";
 /// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 9] = [
     SERVICES4_MAP,
     BACKENDS4_MAP,
     REVNAT4_MAP,
     SERVICES6_MAP,
     BACKENDS6_MAP,
     REVNAT6_MAP,
+    CT4_MAP,
+    NODE_ADDRS4_MAP,
+    DEVICES4_MAP,
 ];
 
 /// Capacity of each services map in entries (one per frontend plus one per backend slot):
@@ -57,6 +66,12 @@ pub const REVNAT6_MAX_ENTRIES: usize = 65_536;
 /// datapath never pays for an allocation.
 pub const MAP_F_NO_PREALLOC: usize = 1;
 
+/// Capacity of the IPv4 conntrack map: two entries (original and reply direction) per
+/// connection from outside the node; least recently used entries are evicted first.
+pub const CT4_MAX_ENTRIES: usize = 131_072;
+/// Capacity of the node-address map (addresses of the `--devices`).
+pub const NODE_ADDRS_MAX_ENTRIES: usize = 256;
+
 /// The slot number of a frontend's master entry.
 pub const MASTER_SLOT: u16 = 0;
 
@@ -65,8 +80,9 @@ pub const PROTO_TCP: u8 = 6;
 /// UDP, see [`PROTO_TCP`].
 pub const PROTO_UDP: u8 = 17;
 
-/// Frontend scope: the frontend applies to every client (the only scope so far; the
-/// node-local scope of traffic policies will take another value).
+/// Frontend scope: the frontend applies to every client (the only scope written so far:
+/// an `externalTrafficPolicy: Local` frontend is one entry with [`SVC_F_LOCAL`] and only the
+/// node-local backends; a separate in-cluster scope with every backend is a later step).
 pub const SCOPE_EXTERNAL: u8 = 0;
 
 /// The frontend is a ClusterIP (`spec.clusterIP(s)`).
@@ -76,9 +92,56 @@ pub const SVC_F_EXTERNAL_IP: u32 = 1 << 1;
 /// The frontend is a LoadBalancer ingress IP (`status.loadBalancer.ingress[].ip`).
 pub const SVC_F_LOADBALANCER: u32 = 1 << 2;
 
+/// The frontend is a NodePort: its key has address 0 (any address of this node, see
+/// [`NODE_ADDRS4_MAP`]) and the `nodePort` as port.
+pub const SVC_F_NODEPORT: u32 = 1 << 3;
+/// `externalTrafficPolicy: Local`: the slots name only node-local backends, and the tc
+/// datapath never SNATs (the backend sees the client's address).
+pub const SVC_F_LOCAL: u32 = 1 << 4;
+/// The kinds the tc datapath serves to clients outside the node (a ClusterIP is not).
+pub const SVC_F_TC_KINDS: u32 = SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER | SVC_F_NODEPORT;
+
 /// The backend is terminating: it gets new connections only because its Service has no
 /// ready endpoint left (kube-proxy's fallback to serving, terminating endpoints).
 pub const BE_F_TERMINATING: u8 = 1 << 0;
+/// The backend runs on another node (its endpoint's `nodeName` differs from this node's):
+/// traffic from outside to it is SNATed to the node address under
+/// `externalTrafficPolicy: Cluster`, so the reply comes back through this node.
+pub const BE_F_REMOTE: u8 = 1 << 1;
+
+/// Conntrack direction of a key: the client's packets (client → frontend).
+pub const CT_DIR_ORIG: u8 = 0;
+/// Conntrack direction of a key: the backend's packets (backend → client, or backend →
+/// SNAT address and port).
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// The flow is SNATed: the backend sees `snat_addr:snat_port` as its client.
+pub const CT_F_SNAT: u8 = 1 << 0;
+
+/// TCP state bit: a SYN was seen.
+pub const CT_TCP_SYN: u8 = 1 << 0;
+/// TCP state bit: a packet of the reply direction was seen (the flow is established).
+pub const CT_TCP_SEEN_REPLY: u8 = 1 << 1;
+/// TCP state bit: a FIN was seen from the client.
+pub const CT_TCP_FIN_ORIG: u8 = 1 << 2;
+/// TCP state bit: a FIN was seen from the backend.
+pub const CT_TCP_FIN_REPLY: u8 = 1 << 3;
+/// TCP state bit: an RST was seen.
+pub const CT_TCP_RST: u8 = 1 << 4;
+
+/// Lifetime of an idle TCP connection, in nanoseconds (Cilium's 6 h).
+pub const CT_TCP_LIFETIME_NS: u64 = 21_600 * 1_000_000_000;
+/// Lifetime of a TCP connection not yet answered (SYN sent), in nanoseconds.
+pub const CT_SYN_LIFETIME_NS: u64 = 60 * 1_000_000_000;
+/// Lifetime of a closing TCP connection (FIN from both sides, or RST), in nanoseconds.
+pub const CT_CLOSE_LIFETIME_NS: u64 = 10 * 1_000_000_000;
+/// Lifetime of an idle UDP flow, in nanoseconds.
+pub const CT_UDP_LIFETIME_NS: u64 = 60 * 1_000_000_000;
+
+/// First port the tc datapath SNATs to (Cilium's `NODEPORT_PORT_MIN_NAT`).
+pub const SNAT_PORT_MIN: u16 = 32_768;
+/// Number of SNAT ports, from [`SNAT_PORT_MIN`] (to 60999, clear of the NodePort range).
+pub const SNAT_PORT_COUNT: u16 = 28_232;
 
 /// Key of the IPv4 services map.
 #[repr(C)]
@@ -213,6 +276,72 @@ pub struct RevNat6Value {
     pub rev_nat_id: u16,
 }
 
+/// Key of the IPv4 conntrack map: a packet's 5-tuple as it is on the wire at the hook that
+/// looks it up, and the direction. The original direction is keyed by the client's packet
+/// as it arrives (client → frontend); the reply direction by the backend's packet (backend →
+/// client, or backend → SNAT address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ct4Key {
+    /// Source IPv4 address, network byte order.
+    pub saddr: u32,
+    /// Destination IPv4 address, network byte order.
+    pub daddr: u32,
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`CT_DIR_ORIG`] or [`CT_DIR_REPLY`].
+    pub dir: u8,
+    /// Explicit padding, always zero.
+    pub pad: [u8; 2],
+}
+
+/// Value of the IPv4 conntrack map.
+///
+/// Original direction: DNAT to `nat_addr:nat_port` (the backend), and with [`CT_F_SNAT`]
+/// SNAT to `snat_addr:snat_port`. Reply direction: the source becomes `nat_addr:nat_port`
+/// (the frontend the client dialled), and with [`CT_F_SNAT`] the destination becomes
+/// `snat_addr:snat_port` (the client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ct4Value {
+    /// Address to translate to (see the type's description), network byte order.
+    pub nat_addr: u32,
+    /// SNAT address (original) or client address (reply), network byte order; 0 without SNAT.
+    pub snat_addr: u32,
+    /// Port to translate to, network byte order.
+    pub nat_port: u16,
+    /// SNAT port (original) or client port (reply), network byte order.
+    pub snat_port: u16,
+    /// `rev_nat_id` of the frontend when the flow was created.
+    pub rev_nat_id: u16,
+    /// `CT_F_*` flags.
+    pub flags: u8,
+    /// `CT_TCP_*` bits seen so far (shared meaning in both directions' entries).
+    pub tcp_state: u8,
+    /// Backend id chosen for the flow (so a removed backend's flows can be recognised).
+    pub backend_id: u32,
+    /// Explicit padding, always zero.
+    pub pad: u32,
+    /// `bpf_ktime_get_ns` when the flow was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns` of the last packet of this direction.
+    pub last_seen_ns: u64,
+}
+
+/// Value of the node-address map, keyed by an IPv4 address in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeAddr {
+    /// Interface index of the device holding the address.
+    pub ifindex: u32,
+    /// Reserved, always zero.
+    pub flags: u32,
+}
+
 /// What both services-map key types offer the datapath and the agent.
 pub trait ServiceKey: Copy {
     /// The same frontend's entry for `slot`.
@@ -223,6 +352,12 @@ pub trait ServiceKey: Copy {
 }
 
 impl Service4Key {
+    /// The master key of the NodePort frontend `nodePort/proto` (port in network order).
+    #[must_use]
+    pub const fn node_port(dport: u16, proto: u8) -> Self {
+        Self::new(0, dport, proto, MASTER_SLOT)
+    }
+
     /// The key of `slot` of the frontend `address:dport/proto` (both in network order).
     #[must_use]
     pub const fn new(address: u32, dport: u16, proto: u8, backend_slot: u16) -> Self {
@@ -330,6 +465,9 @@ const _: () = assert!(core::mem::size_of::<RevNat4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<RevNat4Value>() == 8);
 const _: () = assert!(core::mem::size_of::<RevNat6Key>() == 32);
 const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 20);
+const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
+const _: () = assert!(core::mem::size_of::<Ct4Value>() == 40);
+const _: () = assert!(core::mem::size_of::<NodeAddr>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -351,6 +489,12 @@ mod pod {
     unsafe impl aya::Pod for super::RevNat6Key {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RevNat6Value {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Ct4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Ct4Value {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NodeAddr {}
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{LB4_BACKENDS, LB4_REVNAT, LB4_SERVICES, LB6_BACKENDS, LB6_REVNAT, LB6_SERVICES},
+    maps::{
+        LB4_BACKENDS, LB4_NODE_ADDRS, LB4_REVNAT, LB4_SERVICES, LB6_BACKENDS, LB6_REVNAT,
+        LB6_SERVICES,
+    },
     xlate::{Backends, Services},
 };
 
@@ -58,6 +61,17 @@ impl Family for V4 {
 
     #[inline(always)]
     fn frontend(addr: u32, port: u16, proto: u8) -> Service4Key {
+        // A node address: its NodePorts (a pod dialling nodeIP:nodePort), unless the address
+        // is a frontend of its own on that port.
+        // SAFETY: presence only.
+        if unsafe { LB4_NODE_ADDRS.get(addr) }.is_some() {
+            let own = Service4Key::new(addr, port, proto, 0);
+            // SAFETY: presence only.
+            if unsafe { LB4_SERVICES.get(own) }.is_none() {
+                return Service4Key::node_port(port, proto);
+            }
+            return own;
+        }
         Service4Key::new(addr, port, proto, 0)
     }
 

@@ -3,15 +3,19 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod family;
+mod fib;
 mod maps;
+mod nat;
 mod sock;
+mod tc;
 mod xlate;
 
 use aya_ebpf::{
     helpers::generated::bpf_set_retval,
-    macros::{cgroup_sock, cgroup_sock_addr},
-    programs::{SockAddrContext, SockContext},
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
 };
 
 use sock::{Hook, Verdict};
@@ -92,6 +96,18 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn lb_sock_release(ctx: SockContext) -> i32 {
     sock::release(&ctx);
     ALLOW
+}
+
+/// tc ingress of an external device: NodePort, external and LoadBalancer IPs from outside.
+#[classifier]
+pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    tc::action(&ctx, tc::ingress(&ctx))
+}
+
+/// tc egress of an external device: replies of tracked flows get their frontend back.
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    tc::action(&ctx, tc::egress(&ctx))
 }
 
 #[cfg(not(test))]

@@ -5,9 +5,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, Backend4, Backend6, MAP_F_NO_PREALLOC, REVNAT4_MAX_ENTRIES,
-    REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES,
-    Service4Key, Service6Key, ServiceValue,
+    BACKENDS_MAX_ENTRIES, Backend4, Backend6, CT4_MAX_ENTRIES, Ct4Key, Ct4Value, MAP_F_NO_PREALLOC,
+    NODE_ADDRS_MAX_ENTRIES, NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key,
+    RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES, Service4Key, Service6Key,
+    ServiceValue,
 };
 
 /// IPv4 frontends and their backend slots (see `lb_common::maps`).
@@ -47,3 +48,15 @@ pub static LB6_BACKENDS: HashMap<u32, Backend6, BACKENDS_MAX_ENTRIES, MAP_F_NO_P
 #[btf_map]
 pub static LB6_REVNAT: LruHashMap<RevNat6Key, RevNat6Value, REVNAT6_MAX_ENTRIES> =
     LruHashMap::new();
+
+/// Connections from outside the node through the tc datapath, both directions.
+#[btf_map]
+pub static LB4_CT: LruHashMap<Ct4Key, Ct4Value, CT4_MAX_ENTRIES> = LruHashMap::new();
+
+/// This node's IPv4 addresses (on the `--devices`): a NodePort answers on each.
+#[btf_map]
+pub static LB4_NODE_ADDRS: HashMap<u32, NodeAddr, NODE_ADDRS_MAX_ENTRIES> = HashMap::new();
+
+/// Interface index of each `--devices` interface to its IPv4 address (the SNAT source).
+#[btf_map]
+pub static LB4_DEVICES: HashMap<u32, u32, NODE_ADDRS_MAX_ENTRIES> = HashMap::new();

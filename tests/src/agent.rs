@@ -164,6 +164,8 @@ pub struct AgentConfig {
     /// `--api-addr` of `lb-agent run`, given to `lb-agent services` too (which then runs in
     /// `netns` as well, where the address is reachable).
     pub api_addr: Option<SocketAddr>,
+    /// More arguments of `lb-agent run` (`--devices`, `--node-name`).
+    pub extra_args: Vec<String>,
 }
 
 /// `lb-agent run --manifests DIR --cgroup CG --bpf-pin-path PIN` with `RUST_LOG=debug`.
@@ -244,6 +246,7 @@ impl Agent {
                     .iter()
                     .flat_map(|addr| ["--api-addr".to_owned(), addr.to_string()]),
             )
+            .args(&self.config.extra_args)
             .env("RUST_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))

@@ -45,6 +45,7 @@ impl TestEnv {
             netns: Some(self.topo.node().name().to_owned()),
             log: self.manifests.work_dir().join("agent.log"),
             api_addr: None,
+            extra_args: Vec::new(),
         }
     }
 
@@ -52,6 +53,17 @@ impl TestEnv {
     #[track_caller]
     pub fn agent(&self) -> Agent {
         let mut agent = Agent::new(self.agent_config());
+        agent.start();
+        agent
+    }
+
+    /// Starts `lb-agent run` with more arguments (`--devices ext0 --node-name node-a`).
+    #[track_caller]
+    pub fn agent_with(&self, args: &[&str]) -> Agent {
+        let mut agent = Agent::new(AgentConfig {
+            extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
+            ..self.agent_config()
+        });
         agent.start();
         agent
     }

@@ -42,4 +42,6 @@ pub use manifests::Manifests;
 pub use netns::Netns;
 pub use privileges::require_privileges;
 pub use testkit::ClientSummary;
-pub use topology::{Client, Pod, Server, Topology};
+pub use topology::{
+    Client, EXT_DEVICE, EXTERNAL_CLIENT_IP, NODE_EXT_IP, PEER_DEVICE, Pod, Server, Topology,
+};

@@ -152,6 +152,8 @@ pub struct ServiceBuilder {
     external_ips: Vec<String>,
     external_name: Option<String>,
     ingress: Vec<LoadBalancerIngress>,
+    external_traffic_policy: Option<String>,
+    health_check_node_port: Option<i32>,
 }
 
 /// A Service named `name` in namespace `default` with this `spec.clusterIP` (`"None"`: headless).
@@ -169,6 +171,8 @@ pub fn service(name: &str, cluster_ip: &str) -> ServiceBuilder {
         external_ips: Vec::new(),
         external_name: None,
         ingress: Vec::new(),
+        external_traffic_policy: None,
+        health_check_node_port: None,
     }
 }
 
@@ -239,6 +243,36 @@ impl ServiceBuilder {
         self
     }
 
+    /// A port with a `nodePort` (for NodePort and LoadBalancer Services).
+    pub fn node_port(
+        mut self,
+        port: i32,
+        target: impl Into<TargetPort>,
+        node_port: i32,
+        protocol: &str,
+    ) -> Self {
+        self.ports.push(ServicePort {
+            port,
+            target_port: Some(target.into().into()),
+            node_port: Some(node_port),
+            protocol: Some(protocol.to_owned()),
+            ..ServicePort::default()
+        });
+        self
+    }
+
+    /// `spec.externalTrafficPolicy`.
+    pub fn external_traffic_policy(mut self, policy: &str) -> Self {
+        self.external_traffic_policy = Some(policy.to_owned());
+        self
+    }
+
+    /// `spec.healthCheckNodePort`.
+    pub fn health_check_node_port(mut self, port: i32) -> Self {
+        self.health_check_node_port = Some(port);
+        self
+    }
+
     /// An unnamed TCP port.
     pub fn port(self, port: i32, target: impl Into<TargetPort>) -> Self {
         self.port_full(None, port, target, "TCP")
@@ -299,6 +333,8 @@ impl ServiceBuilder {
                 selector: (!self.selector.is_empty()).then(|| self.selector.clone()),
                 external_ips: (!self.external_ips.is_empty()).then(|| self.external_ips.clone()),
                 external_name: self.external_name.clone(),
+                external_traffic_policy: self.external_traffic_policy.clone(),
+                health_check_node_port: self.health_check_node_port,
                 ..ServiceSpec::default()
             }),
             status,

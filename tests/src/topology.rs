@@ -129,6 +129,171 @@ impl Topology {
     }
 }
 
+/// The node's address on its external device, where NodePorts answer.
+pub const NODE_EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+/// The external client's address.
+pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+/// The node's external device (inside the node namespace).
+pub const EXT_DEVICE: &str = "ext0";
+
+impl Topology {
+    /// An external client: a namespace `<prefix>-<name>` joined by a veth to the node's
+    /// external device `ext0` (192.168.50.1/24 in the node, 192.168.50.2/24 in the client,
+    /// default route via the node, so external and LoadBalancer IPs are routed to it too).
+    /// The node forwards (`ip_forward=1`), as a Kubernetes node does. IPv4 only.
+    #[track_caller]
+    pub fn add_external_client(&self, name: &str) -> Pod {
+        let mut pods = self.pods.lock().expect("pods lock");
+        let netns = Netns::create(&format!("{}-{name}", self.prefix));
+        self.node.ip(&[
+            "link",
+            "add",
+            EXT_DEVICE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ]);
+        self.node.ip(&[
+            "addr",
+            "add",
+            &format!("{NODE_EXT_IP}/24"),
+            "dev",
+            EXT_DEVICE,
+        ]);
+        self.node.ip(&["link", "set", EXT_DEVICE, "up"]);
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{EXTERNAL_CLIENT_IP}/24"),
+            "dev",
+            "eth0",
+        ]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        netns.ip(&["route", "add", "default", "via", &NODE_EXT_IP.to_string()]);
+        sysctl(self.node.name(), "net.ipv4.ip_forward=1");
+        let pod = Pod {
+            name: name.to_owned(),
+            netns: netns.name().to_owned(),
+            ip: EXTERNAL_CLIENT_IP,
+            ip6: Ipv6Addr::UNSPECIFIED,
+        };
+        pods.push(netns);
+        pod
+    }
+}
+
+/// The second node's pod network (not inside this node's 10.244.0.0/16).
+pub const REMOTE_POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 245, 0, 1);
+/// This node's address on the link to the second node.
+pub const NODE_PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 51, 1);
+/// The second node's address.
+pub const REMOTE_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 51, 2);
+/// This node's device towards the second node.
+pub const PEER_DEVICE: &str = "ext1";
+
+impl Topology {
+    /// A second node (no agent runs there) with one pod `name` at 10.245.0.2/24 behind its own
+    /// bridge, joined to this node by `ext1` (192.168.51.1/24 here, .2 there); each node
+    /// routes the other's networks through that link and forwards.
+    #[track_caller]
+    pub fn add_remote_node_with_pod(&self, name: &str) -> Pod {
+        let mut pods = self.pods.lock().expect("pods lock");
+        let node2 = Netns::create(&format!("{}-node2", self.prefix));
+        let pod = Netns::create(&format!("{}-{name}", self.prefix));
+        self.node.ip(&[
+            "link",
+            "add",
+            PEER_DEVICE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            node2.name(),
+        ]);
+        self.node.ip(&[
+            "addr",
+            "add",
+            &format!("{NODE_PEER_IP}/24"),
+            "dev",
+            PEER_DEVICE,
+        ]);
+        self.node.ip(&["link", "set", PEER_DEVICE, "up"]);
+        self.node.ip(&[
+            "route",
+            "add",
+            "10.245.0.0/24",
+            "via",
+            &REMOTE_NODE_IP.to_string(),
+        ]);
+        sysctl(self.node.name(), "net.ipv4.ip_forward=1");
+        node2.ip(&[
+            "addr",
+            "add",
+            &format!("{REMOTE_NODE_IP}/24"),
+            "dev",
+            "eth0",
+        ]);
+        node2.ip(&["link", "set", "eth0", "up"]);
+        node2.ip(&["route", "add", "default", "via", &NODE_PEER_IP.to_string()]);
+        node2.ip(&["link", "add", "br0", "type", "bridge"]);
+        node2.ip(&[
+            "addr",
+            "add",
+            &format!("{REMOTE_POD_GATEWAY}/24"),
+            "dev",
+            "br0",
+        ]);
+        node2.ip(&["link", "set", "br0", "up"]);
+        sysctl(node2.name(), "net.ipv4.ip_forward=1");
+        node2.ip(&[
+            "link",
+            "add",
+            "veth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.name(),
+        ]);
+        node2.ip(&["link", "set", "veth0", "master", "br0", "up"]);
+        let ip = Ipv4Addr::new(10, 245, 0, 2);
+        pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &REMOTE_POD_GATEWAY.to_string(),
+        ]);
+        let remote = Pod {
+            name: name.to_owned(),
+            netns: pod.name().to_owned(),
+            ip,
+            ip6: Ipv6Addr::UNSPECIFIED,
+        };
+        pods.push(pod);
+        pods.push(node2);
+        remote
+    }
+}
+
+/// `sysctl -w` inside a namespace (`/proc/sys/net` is per network namespace).
+#[track_caller]
+pub fn sysctl(netns: &str, setting: &str) {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", netns, "sysctl", "-qw", setting]);
+    cmd::run(&mut command, cmd::PLUMBING_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+}
+
 impl Default for Topology {
     fn default() -> Self {
         Self::new()

@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the scene of the seed article ("Communication between Microservices in a
 //! Kubernetes cluster") played with the agent on network namespaces instead of a cluster:
 //! a Pod IP, the ClusterIP, the service environment variables, scaling to three replicas, the
-//! agent's own view, and a Service without endpoints refusing connections at once.
+//! agent's own view, the article's `mysqlauth-service` NodePort reached from outside the node,
+//! and a Service without endpoints refusing connections at once.
 //!
 //! Pods are network namespaces `lbdemo-<pod>` on a bridge in `lbdemo-node`; the web servers are
 //! `lb-testkit serve`; the client runs `curl` in its namespace and in the cgroup the agent hooks.
@@ -129,6 +130,7 @@ impl<'a> Scene<'a> {
             ),
         };
         scene.scale_to(1)?;
+        lab.add_outside()?;
         agent::start(lab)?;
         let (ip, port) = scene.frontend;
         let what = format!("frontend {ip}:{port} in `lb-agent services`");
@@ -149,6 +151,7 @@ impl<'a> Scene<'a> {
         self.environment()?;
         self.scale_out()?;
         self.inspect()?;
+        self.node_port()?;
         self.no_endpoints()
     }
 
@@ -247,11 +250,81 @@ impl<'a> Scene<'a> {
         Ok(())
     }
 
+    /// The article's `mysqlauth-service`, type NodePort 32001, reached from a machine outside
+    /// the node: the tc programs on `ext0` translate nodeIP:32001 to the pod and back. (The
+    /// "MySQL" pod is `lb-testkit serve` on 3306, answering HTTP with its name.)
+    fn node_port(&mut self) -> Result<()> {
+        let url = format!("http://{}:32001", lab::NODE_EXT_IP);
+        heading(
+            6,
+            &format!("kubectl apply -f mysql-service.yml; curl {url}"),
+        );
+        let example = crate::repo_root()
+            .join("examples")
+            .join(manifests::NODE_PORT_SERVICE);
+        std::fs::copy(&example, Paths::manifests().join("mysql-service.yml"))
+            .with_context(|| format!("cannot copy {}", example.display()))?;
+        let name = "mysqlauth-deployment-7d9c4";
+        let ip = Ipv4Addr::new(10, 244, 0, 50);
+        let netns = lab::pod_netns(name);
+        self.lab.add_pod_netns(&netns, ip)?;
+        let mut server = Command::new(&self.lab.paths().testkit_bin);
+        server.args([
+            "--netns",
+            &netns,
+            "serve",
+            "--listen",
+            "0.0.0.0:3306",
+            "--name",
+            name,
+        ]);
+        self.lab.spawn(name, server)?;
+        let pod = Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("production-cloud".into()),
+                labels: Some([("name".to_owned(), "mysqlauth-selector".to_owned())].into()),
+                ..Default::default()
+            },
+            spec: None,
+            status: Some(manifests::ready_status(ip)),
+        };
+        let file = manifests::write_pod(&Paths::manifests(), &pod)?;
+        println!("pod/{name} created ({ip}:3306, {})", file.display());
+        agent::wait_for_backends(self.lab, (Ipv4Addr::UNSPECIFIED, 32001), &[ip], 3306)?;
+        println!(
+            "$ curl -s {url}    # on a machine outside the node ({})",
+            lab::OUTSIDE_NETNS
+        );
+        let outside = format!("--net={}", lab::netns_path(lab::OUTSIDE_NETNS).display());
+        let body = cmd::output(Command::new("nsenter").args([
+            outside.as_str(),
+            "curl",
+            "-s",
+            "--max-time",
+            "3",
+            &url,
+        ]))?;
+        println!("{}", body.trim_end());
+        ensure!(
+            body.contains(name),
+            "expected an answer from {name} through the NodePort, got {body:?}"
+        );
+        println!("$ lb-agent conntrack");
+        let flows = cmd::output(Command::new(&self.lab.paths().agent_bin).args([
+            "conntrack",
+            "--bpf-pin-path",
+            lab::PIN_DIR,
+        ]))?;
+        println!("{}", flows.trim_end());
+        Ok(())
+    }
+
     /// No ready Pod: the ClusterIP refuses at once, as kube-proxy's REJECT rule does.
     fn no_endpoints(&mut self) -> Result<()> {
         let url = self.service_url();
         heading(
-            6,
+            7,
             &format!("kubectl scale deployment webapp1 --replicas=0; curl -sS {url}"),
         );
         self.scale_to(0)?;
@@ -404,7 +477,7 @@ impl<'a> Scene<'a> {
 }
 
 fn heading(step: usize, command: &str) {
-    println!("\n== {step}/6  {command}");
+    println!("\n== {step}/7  {command}");
 }
 
 fn expect_host(reply: &Reply, pod: &str) -> Result<()> {

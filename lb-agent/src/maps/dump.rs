@@ -113,7 +113,8 @@ pub fn lines(contents: &MapContents) -> Vec<String> {
             EndpointState::Ready => "",
             EndpointState::Terminating => " TERMINATING",
         };
-        out.push(format!("BE {id} {}{state}", backend.addr));
+        let remote = if backend.remote { " REMOTE" } else { "" };
+        out.push(format!("BE {id} {}{state}{remote}", backend.addr));
     }
     for (frontend, slot) in &contents.stray_slots {
         out.push(format!("STRAY SVC {frontend} SLOT={slot}"));

@@ -165,7 +165,7 @@ pub mod codec {
                 address: ip4(ip),
                 port: backend.addr.port.to_be(),
                 proto: backend.addr.protocol.number(),
-                flags: backend.state.flags(),
+                flags: backend.flags(),
             }),
             IpAddr::V6(_) => None,
         }
@@ -178,7 +178,7 @@ pub mod codec {
                 address: ip6(ip),
                 port: backend.addr.port.to_be(),
                 proto: backend.addr.protocol.number(),
-                flags: backend.state.flags(),
+                flags: backend.flags(),
             }),
             IpAddr::V4(_) => None,
         }
@@ -193,6 +193,7 @@ pub mod codec {
                 Protocol::from_number(value.proto)?,
             ),
             state: EndpointState::from_flags(value.flags),
+            remote: value.flags & lb_common::BE_F_REMOTE != 0,
         })
     }
 
@@ -205,6 +206,7 @@ pub mod codec {
                 Protocol::from_number(value.proto)?,
             ),
             state: EndpointState::from_flags(value.flags),
+            remote: value.flags & lb_common::BE_F_REMOTE != 0,
         })
     }
 

@@ -234,7 +234,7 @@ impl<M: LbMaps> MapWriter<M> {
         if count < frontend.backends.len() {
             warn!(%address, backends = frontend.backends.len(), "more backends than slots; using the first 65535");
         }
-        let flags = frontend.kind.flag();
+        let flags = frontend.flags();
         let old = match self.frontends.get(&address) {
             Some(old)
                 if old.stray_slots.is_empty()

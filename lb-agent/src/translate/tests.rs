@@ -614,3 +614,226 @@ fn external_addresses_of_a_family_the_service_lacks_are_ignored() {
     );
     assert_eq!(translation.skipped.len(), 2, "{:?}", translation.skipped);
 }
+
+fn node_port_service(name: &str, extra_spec: &str, ports: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  selector: {{app: web}}\n{extra_spec}  ports: {ports}\n"
+    )
+}
+
+fn pod_on(name: &str, ip: &str, node: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: web}}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: c, image: x}}]\nstatus:\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
+    )
+}
+
+/// `address kind flags -> backends` lines for node `node`.
+fn frontends_on(yaml: &str, node: Option<&str>) -> Vec<String> {
+    let translation = translate_for_node(&objects(yaml), node);
+    assert!(
+        translation.problems.is_empty(),
+        "{:?}",
+        translation.problems
+    );
+    translation
+        .frontends
+        .values()
+        .map(|f| {
+            let backends: Vec<String> = f.backends.iter().map(ToString::to_string).collect();
+            format!(
+                "{} {:?} {:#x} -> {}",
+                f.address,
+                f.kind,
+                f.flags(),
+                backends.join(",")
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn node_ports_are_frontends_on_every_node_address() {
+    let yaml = [
+        node_port_service(
+            "web",
+            "",
+            "[{name: http, port: 80, targetPort: 8080, nodePort: 30080}, {name: dns, port: 53, targetPort: 5353, nodePort: 30053, protocol: UDP}]",
+        ),
+        pod_on("a", "10.244.0.2", "node-a"),
+    ]
+    .concat();
+    assert_eq!(
+        frontends_on(&yaml, Some("node-a")),
+        [
+            "0.0.0.0:30053/UDP NodePort 0x8 -> 10.244.0.2:5353/UDP",
+            "0.0.0.0:30080/TCP NodePort 0x8 -> 10.244.0.2:8080/TCP",
+            "10.96.0.10:53/UDP ClusterIp 0x1 -> 10.244.0.2:5353/UDP",
+            "10.96.0.10:80/TCP ClusterIp 0x1 -> 10.244.0.2:8080/TCP",
+        ]
+    );
+    // A ClusterIP Service opens no node port, whatever its ports say.
+    let cluster_ip = yaml.replace("type: NodePort", "type: ClusterIP");
+    assert_eq!(frontends_on(&cluster_ip, Some("node-a")).len(), 2);
+}
+
+#[test]
+fn node_port_values_are_validated() {
+    let cases = [
+        (
+            "nodePort: 0",
+            "spec.ports[0].nodePort: 0 is out of range 1-65535",
+        ),
+        (
+            "nodePort: 70000",
+            "spec.ports[0].nodePort: 70000 is out of range 1-65535",
+        ),
+    ];
+    for (field, want) in cases {
+        let yaml = node_port_service("web", "", &format!("[{{port: 80, {field}}}]"));
+        let problems = problems(&yaml);
+        assert!(
+            problems.len() == 1 && problems[0].contains(want),
+            "{field}: {problems:?}"
+        );
+    }
+    let yaml = node_port_service(
+        "web",
+        "  externalTrafficPolicy: Nearest\n",
+        "[{port: 80, nodePort: 30080}]",
+    );
+    let problems = problems(&yaml);
+    assert!(
+        problems.len() == 1
+            && problems[0]
+                .contains("spec.externalTrafficPolicy: \"Nearest\" is not Cluster or Local"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn two_services_on_one_node_port_first_by_name_wins() {
+    let yaml = [
+        node_port_service("b", "", "[{port: 80, nodePort: 30080}]")
+            .replace("10.96.0.10", "10.96.0.11"),
+        node_port_service("a", "", "[{port: 81, nodePort: 30080}]"),
+        // Same number, other protocol: no clash.
+        node_port_service("c", "", "[{port: 82, nodePort: 30080, protocol: UDP}]")
+            .replace("10.96.0.10", "10.96.0.12"),
+    ]
+    .concat();
+    let translation = translate(&objects(&yaml));
+    let problems: Vec<String> = translation
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "test.yaml: Service default/b: spec.ports[0].nodePort: nodePort 30080/TCP is already taken by Service default/a"
+        ]
+    );
+    let owner = &translation.frontends
+        [&L4Addr::new("0.0.0.0".parse::<IpAddr>().unwrap(), 30080, Protocol::Tcp)];
+    assert_eq!(owner.service.name, "a");
+    assert_eq!(owner.address.port, 30080);
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_only_this_nodes_endpoints_outside() {
+    let yaml = [
+        node_port_service(
+            "web",
+            "  externalTrafficPolicy: Local\n  externalIPs: [192.168.60.10]\n",
+            "[{port: 80, targetPort: 8080, nodePort: 30080}]",
+        ),
+        pod_on("a", "10.244.0.2", "node-a"),
+        pod_on("b", "10.244.1.2", "node-b"),
+    ]
+    .concat();
+    assert_eq!(
+        frontends_on(&yaml, Some("node-a")),
+        [
+            "0.0.0.0:30080/TCP NodePort 0x18 -> 10.244.0.2:8080/TCP",
+            // In-cluster clients of the ClusterIP are not restricted.
+            "10.96.0.10:80/TCP ClusterIp 0x1 -> 10.244.0.2:8080/TCP,10.244.1.2:8080/TCP (remote)",
+            "192.168.60.10:80/TCP ExternalIp 0x12 -> 10.244.0.2:8080/TCP",
+        ]
+    );
+    // On node-b the other endpoint is the local one.
+    assert_eq!(
+        frontends_on(&yaml, Some("node-b"))[0],
+        "0.0.0.0:30080/TCP NodePort 0x18 -> 10.244.1.2:8080/TCP"
+    );
+    // Under Cluster every endpoint serves, the remote one flagged for SNAT.
+    let cluster = yaml.replace(
+        "externalTrafficPolicy: Local",
+        "externalTrafficPolicy: Cluster",
+    );
+    assert_eq!(
+        frontends_on(&cluster, Some("node-a"))[0],
+        "0.0.0.0:30080/TCP NodePort 0x8 -> 10.244.0.2:8080/TCP,10.244.1.2:8080/TCP (remote)"
+    );
+    // Without a node name nothing is known to be remote, and nothing is local.
+    assert_eq!(
+        frontends_on(&cluster, None)[0],
+        "0.0.0.0:30080/TCP NodePort 0x8 -> 10.244.0.2:8080/TCP,10.244.1.2:8080/TCP"
+    );
+}
+
+#[test]
+fn endpoint_locality_comes_from_the_slice_node_name() {
+    let yaml = [
+        node_port_service(
+            "web",
+            "  externalTrafficPolicy: Local\n",
+            "[{port: 80, targetPort: 8080, nodePort: 30080}]",
+        ),
+        slice(
+            "web-1",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.2], nodeName: node-a}, {addresses: [10.244.1.2], nodeName: node-b}]",
+            "[{port: 8080}]",
+        ),
+    ]
+    .concat();
+    assert_eq!(
+        frontends_on(&yaml, Some("node-b"))[0],
+        "0.0.0.0:30080/TCP NodePort 0x18 -> 10.244.1.2:8080/TCP"
+    );
+}
+
+#[test]
+fn health_check_node_port_counts_local_endpoints() {
+    let lb = |policy: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n  externalTrafficPolicy: {policy}\n  healthCheckNodePort: 32100\n  selector: {{app: web}}\n  ports: [{{port: 80, targetPort: 8080, nodePort: 30080}}, {{name: b, port: 81, targetPort: 8080, nodePort: 30081}}]\n"
+        )
+    };
+    let pods = [
+        pod_on("a", "10.244.0.2", "node-a"),
+        pod_on("b", "10.244.0.3", "node-a"),
+        pod_on("c", "10.244.1.2", "node-b"),
+    ]
+    .concat();
+    let mut state = crate::state::ClusterState::new(Some("node-a".into()));
+    let objects = objects(&[lb("Local"), pods.clone()].concat());
+    state.replace_services(objects.services);
+    state.replace_pods(objects.pods);
+    state.recompute();
+    let checks = state.health_checks();
+    let check = &checks[&32100];
+    assert_eq!(
+        (check.service.to_string(), check.local_endpoints),
+        ("default/web".to_string(), 2),
+        "two local pods, counted once across the Service's ports"
+    );
+    // Only LoadBalancer Services with externalTrafficPolicy: Local have one.
+    let mut state = crate::state::ClusterState::new(Some("node-a".into()));
+    let objects = super::tests::objects(&[lb("Cluster"), pods].concat());
+    state.replace_services(objects.services);
+    state.replace_pods(objects.pods);
+    state.recompute();
+    assert!(state.health_checks().is_empty());
+}

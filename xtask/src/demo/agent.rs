@@ -69,6 +69,7 @@ pub fn start(lab: &Lab) -> Result<()> {
         .arg("--cgroup")
         .arg(&paths.cgroup)
         .args(["--bpf-pin-path", PIN_DIR])
+        .args(["--devices", lab::EXT_DEVICE])
         .env("NO_COLOR", "1"); // its log goes to a file
     println!("$ {}", cmd::describe(&command));
     let pid = lab.spawn(AGENT, command)?;

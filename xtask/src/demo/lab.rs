@@ -28,6 +28,13 @@ const BRIDGE: &str = "br0";
 /// The bridge's address: the pods' gateway ("the node").
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 const POD_PREFIX_LEN: u8 = 16;
+/// A machine outside the node (a laptop on the node's network), joined to its `ext0`.
+pub const OUTSIDE_NETNS: &str = "lbdemo-outside";
+/// The node's external device, where the tc datapath sits.
+pub const EXT_DEVICE: &str = "ext0";
+/// The node's address on its external network.
+pub const NODE_EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
+const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
 const AGENT_PID_FILE: &str = "agent.pid";
 
 /// Paths the demo works with.
@@ -175,6 +182,45 @@ impl Lab {
                 netns,
                 &["route", "add", "default", "via", &GATEWAY.to_string()],
             )
+        })
+    }
+
+    /// The outside machine: `lbdemo-outside` at 192.168.50.2/24, joined by a veth to the node's
+    /// `ext0` (192.168.50.1/24); the node forwards, as a Kubernetes node does.
+    pub fn add_outside(&self) -> Result<()> {
+        self.create(|_| {
+            ip(&["netns", "add", OUTSIDE_NETNS])?;
+            ip_in(OUTSIDE_NETNS, &["link", "set", "lo", "up"])?;
+            ip_in(
+                NODE_NETNS,
+                &[
+                    "link",
+                    "add",
+                    EXT_DEVICE,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    OUTSIDE_NETNS,
+                ],
+            )?;
+            let node = format!("{NODE_EXT_IP}/24");
+            ip_in(NODE_NETNS, &["addr", "add", &node, "dev", EXT_DEVICE])?;
+            ip_in(NODE_NETNS, &["link", "set", EXT_DEVICE, "up"])?;
+            let outside = format!("{OUTSIDE_IP}/24");
+            ip_in(OUTSIDE_NETNS, &["addr", "add", &outside, "dev", "eth0"])?;
+            ip_in(OUTSIDE_NETNS, &["link", "set", "eth0", "up"])?;
+            cmd::output(Command::new("ip").args([
+                "netns",
+                "exec",
+                NODE_NETNS,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ]))
+            .map(drop)
         })
     }
 

@@ -19,6 +19,9 @@ pub const CLIENT_FILE: &str = "client.yaml";
 /// The alphabet of the Kubernetes name generator (no vowels, no look-alike digits).
 const NAME_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
 
+/// The NodePort Service of the seed article, shown from outside the node.
+pub const NODE_PORT_SERVICE: &str = "mysqlauth/mysql-service.yml";
+
 pub fn examples_dir() -> PathBuf {
     crate::repo_root().join("examples").join("webapp")
 }
@@ -127,7 +130,7 @@ pub fn replica(deployment: &Deployment, rs: &ReplicaSet, name: &str, ip: Ipv4Add
     }
 }
 
-fn ready_status(ip: Ipv4Addr) -> PodStatus {
+pub fn ready_status(ip: Ipv4Addr) -> PodStatus {
     PodStatus {
         phase: Some("Running".into()),
         pod_ip: Some(ip.to_string()),

@@ -1,0 +1,207 @@
+//! `lb-agent conntrack`: the flows the tc datapath tracks, read from the pinned `LB4_CT`
+//! map. One row per flow (its original-direction entry): the client, the frontend it
+//! dialled, the backend, the SNAT address and port if any, age, idle time and TCP state.
+use std::{fmt::Write as _, net::SocketAddrV4, path::Path, time::Duration};
+
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{
+    CT_DIR_ORIG, CT_F_SNAT, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SEEN_REPLY,
+    CT4_MAP, Ct4Key, Ct4Value,
+};
+use serde::Serialize;
+
+use crate::{inspect::OutputFormat, maps::codec, model::Protocol};
+
+/// One tracked flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Flow {
+    pub protocol: String,
+    pub client: String,
+    pub frontend: String,
+    pub backend: String,
+    pub backend_id: u32,
+    /// The address and port the backend sees as its client, when SNATed.
+    pub snat: Option<String>,
+    pub age_s: u64,
+    pub idle_s: u64,
+    /// `SYN_SENT`, `ESTABLISHED`, `CLOSING` (TCP), or empty.
+    pub state: String,
+}
+
+/// The flows of `entries` as of `now_ns` (`CLOCK_MONOTONIC`, the clock of
+/// `bpf_ktime_get_ns`), sorted by client.
+#[must_use]
+pub fn flows(entries: &[(Ct4Key, Ct4Value)], now_ns: u64) -> Vec<Flow> {
+    let addr =
+        |ip: u32, port: u16| SocketAddrV4::new(codec::from_ip4(ip), u16::from_be(port)).to_string();
+    let mut flows: Vec<Flow> = entries
+        .iter()
+        .filter(|(key, _)| key.dir == CT_DIR_ORIG)
+        .map(|(key, value)| {
+            let protocol = Protocol::from_number(key.proto)
+                .map_or_else(|| key.proto.to_string(), |p| p.to_string());
+            let state = if Protocol::from_number(key.proto) != Some(Protocol::Tcp) {
+                String::new()
+            } else if value.tcp_state & CT_TCP_RST != 0
+                || value.tcp_state & (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY) != 0
+            {
+                "CLOSING".to_string()
+            } else if value.tcp_state & CT_TCP_SEEN_REPLY != 0 {
+                "ESTABLISHED".to_string()
+            } else {
+                "SYN_SENT".to_string()
+            };
+            Flow {
+                protocol,
+                client: addr(key.saddr, key.sport),
+                frontend: addr(key.daddr, key.dport),
+                backend: addr(value.nat_addr, value.nat_port),
+                backend_id: value.backend_id,
+                snat: (value.flags & CT_F_SNAT != 0)
+                    .then(|| addr(value.snat_addr, value.snat_port)),
+                age_s: Duration::from_nanos(now_ns.saturating_sub(value.created_ns)).as_secs(),
+                idle_s: Duration::from_nanos(now_ns.saturating_sub(value.last_seen_ns)).as_secs(),
+                state,
+            }
+        })
+        .collect();
+    flows.sort_by(|a, b| (&a.client, &a.frontend).cmp(&(&b.client, &b.frontend)));
+    flows
+}
+
+/// Reads the pinned conntrack map and renders its flows.
+///
+/// # Errors
+/// When the map is not pinned under `pin_dir` or cannot be read.
+pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
+    let path = pin_dir.join(CT4_MAP);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e} (is an agent running with --bpf-pin-path {}?)",
+            path.display(),
+            pin_dir.display()
+        )
+    })?;
+    // aya's HashMap reads LRU hash maps too.
+    let map: HashMap<MapData, Ct4Key, Ct4Value> = HashMap::try_from(Map::LruHashMap(data))?;
+    let entries: Vec<(Ct4Key, Ct4Value)> = map.iter().filter_map(Result::ok).collect();
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    let now_ns = u64::try_from(now.tv_sec()).unwrap_or_default() * 1_000_000_000
+        + u64::try_from(now.tv_nsec()).unwrap_or_default();
+    let flows = flows(&entries, now_ns);
+    Ok(match format {
+        OutputFormat::Json => serde_json::to_string_pretty(&flows)? + "\n",
+        OutputFormat::Table => table(&flows),
+    })
+}
+
+fn table(flows: &[Flow]) -> String {
+    let mut out = format!(
+        "{:<5} {:<22} {:<22} {:<28} {:<22} {:>7} {:>7} STATE\n",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "AGE", "IDLE"
+    );
+    for f in flows {
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<22} {:<28} {:<22} {:>6}s {:>6}s {}",
+            f.protocol,
+            f.client,
+            f.frontend,
+            format!("{} [{}]", f.backend, f.backend_id),
+            f.snat.as_deref().unwrap_or("-"),
+            f.age_s,
+            f.idle_s,
+            f.state
+        );
+    }
+    let _ = writeln!(out, "{} flow(s)", flows.len());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::{CT_DIR_REPLY, PROTO_TCP, PROTO_UDP};
+
+    fn ip(text: &str) -> u32 {
+        codec::ip4(text.parse().unwrap())
+    }
+
+    #[test]
+    fn one_row_per_flow_with_backend_snat_age_and_state() {
+        let key = |saddr: &str, sport: u16, daddr: &str, dport: u16, proto, dir| Ct4Key {
+            saddr: ip(saddr),
+            daddr: ip(daddr),
+            sport: sport.to_be(),
+            dport: dport.to_be(),
+            proto,
+            dir,
+            pad: [0; 2],
+        };
+        let value = |backend: &str, port: u16, flags, snat_port: u16, state| Ct4Value {
+            nat_addr: ip(backend),
+            snat_addr: if flags == 0 { 0 } else { ip("192.168.50.1") },
+            nat_port: port.to_be(),
+            snat_port: snat_port.to_be(),
+            rev_nat_id: 1,
+            flags,
+            tcp_state: state,
+            backend_id: 7,
+            pad: 0,
+            created_ns: 1_000_000_000,
+            last_seen_ns: 9_000_000_000,
+        };
+        let entries = [
+            (
+                key(
+                    "192.168.50.2",
+                    40000,
+                    "192.168.50.1",
+                    30080,
+                    PROTO_TCP,
+                    CT_DIR_ORIG,
+                ),
+                value("10.245.0.2", 8080, CT_F_SNAT, 40123, CT_TCP_SEEN_REPLY),
+            ),
+            (
+                key(
+                    "10.245.0.2",
+                    8080,
+                    "192.168.50.1",
+                    40123,
+                    PROTO_TCP,
+                    CT_DIR_REPLY,
+                ),
+                value("192.168.50.1", 30080, CT_F_SNAT, 40000, CT_TCP_SEEN_REPLY),
+            ),
+            (
+                key(
+                    "192.168.50.2",
+                    5000,
+                    "192.168.50.1",
+                    30053,
+                    PROTO_UDP,
+                    CT_DIR_ORIG,
+                ),
+                value("10.244.0.2", 5353, 0, 0, 0),
+            ),
+        ];
+        let flows = flows(&entries, 11_000_000_000);
+        let rows: Vec<String> = flows
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {} -> {} -> {} snat={:?} age={} idle={} {}",
+                    f.protocol, f.client, f.frontend, f.backend, f.snat, f.age_s, f.idle_s, f.state
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                "TCP 192.168.50.2:40000 -> 192.168.50.1:30080 -> 10.245.0.2:8080 snat=Some(\"192.168.50.1:40123\") age=10 idle=2 ESTABLISHED",
+                "UDP 192.168.50.2:5000 -> 192.168.50.1:30053 -> 10.244.0.2:5353 snat=None age=10 idle=2 ",
+            ]
+        );
+    }
+}

@@ -1,0 +1,629 @@
+//! NodePort, external IPs and LoadBalancer IPs from outside the node, through the tc
+//! datapath: an external client namespace joined to the node's external device `ext0`
+//! (192.168.50.1) dials the node; the agent runs with `--devices ext0`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use lb_tests::manifests::{pod, service};
+use lb_tests::testkit::enter_netns;
+use lb_tests::{
+    EXT_DEVICE, EXTERNAL_CLIENT_IP, NODE_EXT_IP, PEER_DEVICE, Pod, TestEnv, require_privileges,
+};
+
+/// How long the agent may take to start and apply the manifests.
+const APPLY: Duration = Duration::from_secs(10);
+const NODE_PORT: u16 = 30080;
+/// How `lb-agent services` lists the NodePort frontend.
+const NODE_PORT_FRONTEND: &str = "0.0.0.0:30080";
+
+fn node_port_target() -> String {
+    format!("{NODE_EXT_IP}:{NODE_PORT}")
+}
+
+fn webapp_node_port() -> String {
+    service("webapp", "10.96.0.10")
+        .type_("NodePort")
+        .selector("app", "webapp")
+        .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+        .yaml()
+}
+
+/// Starts the agent with `--devices ext0` and `args`, and waits until its tc programs are
+/// attached (their links pinned: the maps are written before the programs are attached).
+fn start_agent(env: &TestEnv, args: &[&str]) -> lb_tests::Agent {
+    let mut all = vec!["--devices", EXT_DEVICE];
+    all.extend_from_slice(args);
+    start_agent_with(env, &all)
+}
+
+/// [`start_agent`] with every argument given.
+fn start_agent_with(env: &TestEnv, all: &[&str]) -> lb_tests::Agent {
+    let mut agent = env.agent_with(all);
+    let pin = env
+        .pins
+        .path()
+        .join("links")
+        .join(format!("tc-egress-{EXT_DEVICE}"));
+    let deadline = std::time::Instant::now() + APPLY;
+    while !pin.exists() {
+        agent.assert_running();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} not pinned within {APPLY:?}",
+            pin.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent
+}
+
+/// Runs `f` on a thread inside the namespace of `pod` (setns affects only that thread).
+fn in_netns<T: Send + 'static>(pod: &Pod, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let netns = pod.netns().to_owned();
+    std::thread::spawn(move || {
+        enter_netns(&netns).expect("entering the client namespace");
+        f()
+    })
+    .join()
+    .expect("client thread")
+}
+
+/// The name in an answer of `lb-testkit serve`.
+fn host_of(answer: &str) -> Option<String> {
+    let (_, rest) = answer.split_once("processed by host: ")?;
+    Some(rest.split_once("</h1>")?.0.to_owned())
+}
+
+/// One HTTP GET on an open connection, returning the raw answer.
+fn get(stream: &mut TcpStream) -> std::io::Result<String> {
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+#[test]
+fn node_port_from_outside_reaches_local_backends_with_the_client_address() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let _web2 = env.add_backend("webapp2", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 2, APPLY);
+
+    // A TCP handshake only completes when the replies come from the address and port the
+    // client dialled: every answered request shows the reverse translation worked.
+    let summary = client.client_with().count(30).run(&node_port_target());
+
+    assert_eq!(summary.ok, 30, "every connection answered: {summary:?}");
+    assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
+    let prefix = format!("{EXTERNAL_CLIENT_IP}:");
+    assert!(
+        summary.remote_addrs.iter().all(|a| a.starts_with(&prefix)),
+        "local backends see the client's own address (no SNAT): {:?}",
+        summary.remote_addrs
+    );
+}
+
+#[test]
+fn established_flows_keep_their_backend_when_a_backend_is_added() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    let target: SocketAddr = node_port_target().parse().unwrap();
+    let netns = client.netns().to_owned();
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let flows = std::thread::spawn(move || {
+        enter_netns(&netns).unwrap();
+        let mut streams: Vec<TcpStream> = (0..8)
+            .map(|_| {
+                let s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s
+            })
+            .collect();
+        open_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        streams
+            .iter_mut()
+            .map(|s| get(s).map(|a| host_of(&a)).map_err(|e| e.to_string()))
+            .collect::<Vec<_>>()
+    });
+    open_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("flows open");
+    let _web2 = env.add_backend("webapp2", "webapp", 8080);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 2, APPLY);
+    go_tx.send(()).unwrap();
+    let answers = flows.join().unwrap();
+
+    for answer in &answers {
+        assert_eq!(
+            answer.as_ref().ok().cloned().flatten().as_deref(),
+            Some("webapp1"),
+            "a flow opened before the change stays on its backend: {answers:?}"
+        );
+    }
+    let summary = client.client_with().count(30).run(&node_port_target());
+    assert_eq!(summary.ok, 30, "{summary:?}");
+    assert_eq!(
+        summary.host_names(),
+        ["webapp1", "webapp2"],
+        "new flows use the new backend too: {summary:?}"
+    );
+}
+
+#[test]
+fn a_removed_backend_gets_no_new_flows() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let _web2 = env.add_backend("webapp2", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 2, APPLY);
+    let before = client.client_with().count(20).run(&node_port_target());
+    assert_eq!(before.host_names(), ["webapp1", "webapp2"], "{before:?}");
+
+    env.manifests.remove(&TestEnv::pod_file("webapp2"));
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    let after = client.client_with().count(30).run(&node_port_target());
+
+    assert_eq!(after.ok, 30, "{after:?}");
+    assert_eq!(
+        after.count("webapp1"),
+        30,
+        "only the remaining backend: {after:?}"
+    );
+}
+
+#[test]
+fn udp_node_port_answers_from_the_node_port() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let dns = env.topo.add_pod("dns1");
+    let _server = dns.spawn_udp_server("dns1", 5353);
+    env.manifests.write(
+        "pod.yaml",
+        &pod("dns1", dns.ip()).label("app", "dns").yaml(),
+    );
+    env.manifests.write(
+        "svc.yaml",
+        &service("dns", "10.96.0.53")
+            .type_("NodePort")
+            .selector("app", "dns")
+            .node_port(53, 5353, 30053, "UDP")
+            .yaml(),
+    );
+    let client = env.topo.add_external_client("outside");
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend_proto("0.0.0.0:30053", "UDP", 1, APPLY);
+
+    let (answer, from, local_port) = in_netns(&client, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let target = format!("{NODE_EXT_IP}:30053");
+        socket.send_to(b"hi", &target).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = socket.recv_from(&mut buf).expect("an answer");
+        (
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+            from,
+            socket.local_addr().unwrap().port(),
+        )
+    });
+
+    assert_eq!(
+        from.to_string(),
+        format!("{NODE_EXT_IP}:30053"),
+        "the answer comes from the NodePort"
+    );
+    assert_eq!(answer, format!("dns1 {EXTERNAL_CLIENT_IP}:{local_port}"));
+}
+
+#[test]
+fn external_ip_and_load_balancer_ip_from_outside() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .node_port(80, 8080, 30080, "TCP")
+            .external_ip("192.168.60.10")
+            .load_balancer_ingress("192.168.60.20", None)
+            .yaml(),
+    );
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend("192.168.60.20:80", 1, APPLY);
+
+    for target in ["192.168.60.10:80", "192.168.60.20:80"] {
+        let summary = client.client_with().count(5).run(target);
+        assert_eq!(summary.ok, 5, "{target}: {summary:?}");
+        assert_eq!(summary.count("webapp1"), 5, "{target}: {summary:?}");
+    }
+    // A ClusterIP is not served to clients outside the node.
+    let summary = client
+        .client_with()
+        .count(1)
+        .timeout_ms(300)
+        .run("10.96.0.10:80");
+    assert_eq!(summary.ok, 0, "ClusterIP from outside: {summary:?}");
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_only_local_endpoints() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let local = env.topo.add_pod("local1");
+    let _local = local.spawn_server("local1", 8080);
+    // Runs on this machine's bridge too, but is declared to be on another node: if the
+    // policy let it be chosen, its answers would show.
+    let remote = env.topo.add_pod("remote1");
+    let _remote = remote.spawn_server("remote1", 8080);
+    env.manifests.write(
+        "pods.yaml",
+        &lb_tests::manifests::documents(&[
+            pod("local1", local.ip())
+                .label("app", "webapp")
+                .node_name("node-a")
+                .yaml(),
+            pod("remote1", remote.ip())
+                .label("app", "webapp")
+                .node_name("node-b")
+                .yaml(),
+        ]),
+    );
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "10.96.0.10")
+            .type_("NodePort")
+            .selector("app", "webapp")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .external_traffic_policy("Local")
+            .yaml(),
+    );
+    let client = env.topo.add_external_client("outside");
+    let mut agent = start_agent(&env, &["--node-name", "node-a"]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    let summary = client.client_with().count(20).run(&node_port_target());
+
+    assert_eq!(summary.ok, 20, "{summary:?}");
+    assert_eq!(
+        summary.count("local1"),
+        20,
+        "only the local endpoint: {summary:?}"
+    );
+    let prefix = format!("{EXTERNAL_CLIENT_IP}:");
+    assert!(
+        summary.remote_addrs.iter().all(|a| a.starts_with(&prefix)),
+        "the client address is preserved: {:?}",
+        summary.remote_addrs
+    );
+    // The ClusterIP still has both (the policy is for traffic from outside).
+    agent.wait_for_frontend("10.96.0.10:80", 2, APPLY);
+}
+
+/// `GET /` on `target` from `pod`: (status code, body).
+fn http_get(pod: &Pod, target: &str) -> (u16, String) {
+    let target: SocketAddr = target.parse().unwrap();
+    in_netns(pod, move || {
+        let answer =
+            TcpStream::connect_timeout(&target, Duration::from_secs(2)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                get(&mut s)
+            });
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => return (0, e.to_string()),
+        };
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    })
+}
+
+#[test]
+fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let local = env.topo.add_pod("local1");
+    let _server = local.spawn_server("local1", 8080);
+    let pod_yaml = |node: &str| {
+        pod("local1", local.ip())
+            .label("app", "webapp")
+            .node_name(node)
+            .yaml()
+    };
+    env.manifests.write("pod.yaml", &pod_yaml("node-a"));
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .load_balancer_ingress("192.168.60.20", None)
+            .external_traffic_policy("Local")
+            .health_check_node_port(32100)
+            .yaml(),
+    );
+    let client = env.topo.add_external_client("outside");
+    let mut agent = start_agent(&env, &["--node-name", "node-a"]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    let health = format!("{NODE_EXT_IP}:32100");
+
+    let (status, body) = wait_for_status(&client, &health, 200);
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"service": {"namespace": "default", "name": "webapp"}, "localEndpoints": 1})
+    );
+
+    // The endpoint moves to another node: nothing local is left.
+    env.manifests.write("pod.yaml", &pod_yaml("node-b"));
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 0, APPLY);
+    let (status, body) = wait_for_status(&client, &health, 503);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+}
+
+/// Polls the health check until it answers `want` (bounded: 5 s).
+fn wait_for_status(client: &Pod, target: &str, want: u16) -> (u16, String) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = http_get(client, target);
+        if status == want || std::time::Instant::now() >= deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The Service of the two-node tests: its only endpoint runs on node-b, behind the second
+/// node; this agent is node-a's, with both of its devices.
+fn remote_endpoint_setup(policy: &str) -> (TestEnv, Pod, Pod, lb_tests::Server) {
+    let env = TestEnv::new();
+    let remote = env.topo.add_remote_node_with_pod("remote1");
+    let server = remote.spawn_server("remote1", 8080);
+    env.manifests.write(
+        "pod.yaml",
+        &pod("remote1", remote.ip())
+            .label("app", "webapp")
+            .node_name("node-b")
+            .yaml(),
+    );
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "10.96.0.10")
+            .type_("NodePort")
+            .selector("app", "webapp")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .external_traffic_policy(policy)
+            .yaml(),
+    );
+    let client = env.topo.add_external_client("outside");
+    (env, client, remote, server)
+}
+
+#[test]
+fn cluster_policy_snats_to_a_backend_on_another_node_and_replies_return_through_this_node() {
+    if !require_privileges() {
+        return;
+    }
+    let (env, client, _remote, _server) = remote_endpoint_setup("Cluster");
+    let devices = format!("{EXT_DEVICE},{PEER_DEVICE}");
+    let mut agent = start_agent_with(&env, &["--devices", &devices, "--node-name", "node-a"]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    let summary = client.client_with().count(20).run(&node_port_target());
+
+    assert_eq!(summary.ok, 20, "every connection answered: {summary:?}");
+    assert_eq!(summary.count("remote1"), 20, "{summary:?}");
+    // The backend sees the node address with an SNAT port, so its replies come back here.
+    for addr in &summary.remote_addrs {
+        let addr: SocketAddr = addr.parse().unwrap();
+        assert_eq!(
+            addr.ip().to_string(),
+            NODE_EXT_IP.to_string(),
+            "{summary:?}"
+        );
+        assert!(
+            (32_768..=60_999).contains(&addr.port()),
+            "SNAT port from the range: {summary:?}"
+        );
+    }
+    // `lb-agent conntrack` lists the flows with the SNAT port the backend saw.
+    let flows = conntrack(&env);
+    let snats: Vec<&str> = flows.iter().filter_map(|f| f["snat"].as_str()).collect();
+    for addr in &summary.remote_addrs {
+        assert!(snats.contains(&addr.as_str()), "{addr} in {flows:#?}");
+    }
+    assert!(
+        flows
+            .iter()
+            .all(|f| f["backend"] == "10.245.0.2:8080" && f["frontend"] == "192.168.50.1:30080"),
+        "{flows:#?}"
+    );
+}
+
+/// `lb-agent conntrack --output json` of the test's pins.
+fn conntrack(env: &TestEnv) -> Vec<serde_json::Value> {
+    let out = lb_tests::cmd::run(
+        std::process::Command::new(lb_tests::bins::agent())
+            .arg("conntrack")
+            .arg("--bpf-pin-path")
+            .arg(env.pins.path())
+            .args(["--output", "json"]),
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[test]
+fn tracked_flows_survive_an_agent_restart_and_cleanup_detaches_the_tc_programs() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    let target: SocketAddr = node_port_target().parse().unwrap();
+    let netns = client.netns().to_owned();
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let flow = std::thread::spawn(move || {
+        enter_netns(&netns).unwrap();
+        let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        open_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        get(&mut stream)
+            .map(|a| host_of(&a))
+            .map_err(|e| e.to_string())
+    });
+    open_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("flow open");
+    let flows = conntrack(&env);
+    assert_eq!(flows.len(), 1, "{flows:#?}");
+    assert_eq!(flows[0]["state"], "ESTABLISHED", "{flows:#?}");
+
+    // A new agent replaces the tc links; the pinned conntrack map keeps the flow.
+    agent.kill();
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    go_tx.send(()).unwrap();
+    assert_eq!(
+        flow.join().unwrap(),
+        Ok(Some("webapp1".to_owned())),
+        "the flow opened before the restart is answered"
+    );
+
+    agent.stop(Duration::from_secs(3));
+    // The programs stay attached after the agent exits (bpftool 7.1 does not list TCX
+    // links, so this is checked by what they do).
+    let summary = client.client_with().count(3).run(&node_port_target());
+    assert_eq!(
+        summary.ok, 3,
+        "NodePort without a running agent: {summary:?}"
+    );
+    lb_tests::bpffs::agent_cleanup(env.pins.path()).unwrap_or_else(|e| panic!("{e}"));
+    let summary = client
+        .client_with()
+        .count(1)
+        .timeout_ms(300)
+        .run(&node_port_target());
+    assert_eq!(summary.ok, 0, "no NodePort after cleanup: {summary:?}");
+}
+
+#[test]
+fn local_policy_never_sends_to_an_endpoint_on_another_node() {
+    if !require_privileges() {
+        return;
+    }
+    let (env, client, _remote, _server) = remote_endpoint_setup("Local");
+    let devices = format!("{EXT_DEVICE},{PEER_DEVICE}");
+    let mut agent = start_agent_with(&env, &["--devices", &devices, "--node-name", "node-a"]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 0, APPLY);
+
+    let summary = client
+        .client_with()
+        .count(3)
+        .timeout_ms(300)
+        .run(&node_port_target());
+
+    assert_eq!(summary.ok, 0, "no local endpoint: dropped, {summary:?}");
+    assert_eq!(summary.count("remote1"), 0, "{summary:?}");
+}
+
+#[test]
+fn pods_reach_a_node_port_on_a_node_address_through_the_socket_hooks() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let pod_client = env.topo.add_pod("client");
+    let _outside = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    let summary = pod_client.client(&env.cgroup, &node_port_target(), 10);
+
+    assert_eq!(summary.ok, 10, "{summary:?}");
+    assert_eq!(summary.count("webapp1"), 10, "{summary:?}");
+    assert!(
+        summary
+            .remote_addrs
+            .iter()
+            .all(|a| a.starts_with(&format!("{}:", pod_client.ip()))),
+        "translated at connect(): no NAT, {summary:?}"
+    );
+}
+
+#[test]
+fn devices_default_to_the_nodes_addressed_interfaces_except_bridges() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    // No --devices: ext0 holds a global address; br0 does too, but is a bridge.
+    let mut agent = start_agent_with(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    let links = env.pins.path().join("links");
+    assert!(
+        !links.join("tc-ingress-br0").exists(),
+        "no tc program on the pod bridge"
+    );
+
+    let summary = client.client_with().count(5).run(&node_port_target());
+
+    assert_eq!(summary.ok, 5, "{summary:?}");
+}
