@@ -5,6 +5,9 @@
 //! - `test`: what CI runs (`.ci/run`): fmt, clippy, build, then nextest with the privileged
 //!   end-to-end tests.
 //! - `demo`: the seed article's web-app scene played on network namespaces.
+//! - `bench`: the socket load balancer against the direct path and kube-proxy's iptables and
+//!   nftables layouts over a sweep of Service counts; writes `docs/benchmarks.md`.
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -35,6 +38,8 @@ enum Command {
     Test(test::Args),
     /// Play the seed's web-app scene on network namespaces (root; a couple of minutes).
     Demo,
+    /// Benchmark against the direct path, iptables and nftables (root; ~30 min, --quick ~1).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf(args) => build::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,896 @@
+//! `cargo xtask bench`: our socket load balancer against the direct path and kube-proxy's
+//! iptables and nftables layouts, on network namespaces, over a sweep of Service counts.
+//!
+//! For each size (N Services × E endpoints) every variant programs the same Services from
+//! nothing (timed, stopped at a cap), then the data-path workloads run round-robin over the
+//! variants for several rounds (so drift hits every variant alike), then one Service's endpoint
+//! change is timed, and the agent's memory is read. The results go to `docs/benchmarks.md` with
+//! SVG plots in `docs/bench/` (`--quick`: N ∈ {1, 100}, short runs, `target/bench-quick/`).
+//! [`lab::Lab`] owns everything created (all named `lbbench…`) and removes it on success, error
+//! and Ctrl-C.
+mod agent;
+mod kubeproxy;
+mod lab;
+mod plot;
+mod report;
+mod results;
+mod scenario;
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use self::agent::Agent;
+use self::kubeproxy::IptablesBackend;
+use self::lab::{Lab, Paths};
+use self::results::{ConfigResult, Run, Summary, Variant, Workload};
+use self::scenario::{Proto, Scenario};
+use crate::{cmd, host, install};
+
+/// What the bench runs besides the build prerequisites.
+const BENCH_APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "iptables", "nftables", "procps"];
+const FULL_SERVICES: &[usize] = &[1, 100, 1000, 5000, 10_000, 30_000, 100_000];
+const QUICK_SERVICES: &[usize] = &[1, 100];
+const ENDPOINTS: &[usize] = &[1, 10];
+/// Real backend pods (the measured Service's endpoints): 10.244.1.1 …
+const BACKENDS: u8 = 10;
+/// Client pods: 10.244.0.2 … (one per variant).
+const FIRST_CLIENT_HOST: u8 = 2;
+/// Bound of one probe or teardown command.
+const PLUMBING_LIMIT: Duration = Duration::from_secs(300);
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// N ∈ {1, 100}, short runs, debug binaries, report in target/bench-quick/ (about a
+    /// minute; what the test suite runs to keep the bench working).
+    #[arg(long)]
+    quick: bool,
+    /// Directory for benchmarks.md and bench/*.svg [default: docs/, or target/bench-quick/
+    /// with --quick].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Service counts to sweep [default: 1,100,1000,5000,10000,30000,100000; --quick: 1,100].
+    #[arg(long, value_delimiter = ',', value_name = "N,…")]
+    services: Vec<usize>,
+    /// Endpoints per Service (at most 10, the real backends) [default: 1,10].
+    #[arg(long, value_delimiter = ',', value_name = "E,…")]
+    endpoints: Vec<usize>,
+    /// A variant stops at the first size whose programming takes longer than this.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    cap: u64,
+    /// Rounds over all variants [default: 5; --quick: 2].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Duration of one new-connection run; the other workloads run half as long [default:
+    /// 800; --quick: 200].
+    #[arg(long, value_name = "MS")]
+    crr_ms: Option<u64>,
+    /// Concurrent client workers.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// iptables backends to compare (legacy, nft).
+    #[arg(long, value_delimiter = ',', default_values = ["legacy"], value_parser = ["legacy", "nft"])]
+    iptables: Vec<String>,
+    /// Measure nothing: write the report again from the raw results of the last run
+    /// (target/bench/results.json, or results-quick.json with --quick).
+    #[arg(long)]
+    report_only: bool,
+}
+
+/// The settings of a run, as the report states them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Settings {
+    pub quick: bool,
+    pub services: Vec<usize>,
+    pub endpoints: Vec<usize>,
+    pub cap_s: u64,
+    pub rounds: usize,
+    pub crr_ms: u64,
+    pub other_ms: u64,
+    pub workers: usize,
+    pub changes: u32,
+    pub variants: Vec<Variant>,
+    pub profile: String,
+}
+
+impl Settings {
+    fn new(args: &Args) -> Result<Self> {
+        let quick = args.quick;
+        let pick = |given: &[usize], full: &[usize], quick_default: &[usize]| {
+            if !given.is_empty() {
+                given.to_vec()
+            } else if quick {
+                quick_default.to_vec()
+            } else {
+                full.to_vec()
+            }
+        };
+        let services = pick(&args.services, FULL_SERVICES, QUICK_SERVICES);
+        let endpoints = pick(&args.endpoints, ENDPOINTS, ENDPOINTS);
+        ensure!(
+            services.iter().all(|&n| n > 0),
+            "Service counts must be at least 1"
+        );
+        ensure!(
+            endpoints
+                .iter()
+                .all(|&e| (1..=usize::from(BACKENDS)).contains(&e)),
+            "endpoints per Service must be 1 to {BACKENDS} (each measured endpoint is a real pod)"
+        );
+        let crr_ms = args.crr_ms.unwrap_or(if quick { 200 } else { 800 });
+        let mut variants = vec![Variant::Direct, Variant::Socket, Variant::Tc];
+        if args.iptables.iter().any(|b| b == "legacy") {
+            variants.push(Variant::IptablesLegacy);
+        }
+        if args.iptables.iter().any(|b| b == "nft") {
+            variants.push(Variant::IptablesNft);
+        }
+        variants.push(Variant::Nftables);
+        Ok(Self {
+            quick,
+            services,
+            endpoints,
+            cap_s: args.cap,
+            rounds: args.rounds.unwrap_or(if quick { 2 } else { 5 }).max(1),
+            crr_ms,
+            other_ms: (crr_ms / 2).max(50),
+            workers: args.workers.max(1),
+            changes: if quick { 2 } else { 3 },
+            variants,
+            profile: if quick { "dev" } else { "release" }.to_owned(),
+        })
+    }
+
+    fn cap(&self) -> Duration {
+        Duration::from_secs(self.cap_s)
+    }
+
+    fn duration_ms(&self, workload: Workload) -> u64 {
+        if workload == Workload::TcpCrr {
+            self.crr_ms
+        } else {
+            self.other_ms
+        }
+    }
+}
+
+/// Everything the report needs: settings, machine and results.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Outcome {
+    pub settings: Settings,
+    pub machine: report::Machine,
+    pub configs: Vec<ConfigResult>,
+    pub wall_s: f64,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let out = match &args.out {
+        Some(dir) => dir.clone(),
+        None if args.quick => crate::target_dir().join("bench-quick"),
+        None => crate::repo_root().join("docs"),
+    };
+    if args.report_only {
+        let file = raw_file(args.quick);
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {} (run the bench first)", file.display()))?;
+        let outcome: Outcome = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bench result", file.display()))?;
+        report::write(&out, &outcome)?;
+        println!("report: {}", out.join("benchmarks.md").display());
+        return Ok(());
+    }
+    host::require_root("`cargo xtask bench` (network namespaces, cgroups, eBPF, netfilter)")?;
+    let settings = Settings::new(args)?;
+    install::ensure_build_prereqs()?;
+    install::ensure_apt(BENCH_APT_PACKAGES)?;
+    let bin_dir = build_binaries(&settings)?;
+    let paths = Paths {
+        agent_cgroup: host::cgroup2_root()?.join(lab::PREFIX),
+        plain_cgroup: host::cgroup2_root()?.join(format!("{}-plain", lab::PREFIX)),
+        agent_bin: bin_dir.join("lb-agent"),
+        loadgen_bin: bin_dir.join("lb-loadgen"),
+    };
+    let machine = report::Machine::describe(&settings);
+    let started = Instant::now();
+    let lab = Lab::start(paths)?;
+    let mut bench = Bench::new(&lab, settings.clone());
+    let result = bench.set_up().and_then(|()| bench.sweep());
+    if result.is_err() {
+        lab.defer_to_signal_handler();
+        eprintln!("logs stay in {}", Paths::logs().display());
+    }
+    let configs = std::mem::take(&mut bench.results);
+    drop(bench);
+    drop(lab);
+    if result.is_ok() {
+        // The logs are kept only when something went wrong.
+        lab::remove_run_dir();
+    }
+    let outcome = Outcome {
+        settings,
+        machine,
+        configs,
+        wall_s: started.elapsed().as_secs_f64(),
+    };
+    save_raw(&outcome)?;
+    result?;
+    report::write(&out, &outcome)?;
+    println!(
+        "\nbench finished in {:.0} s; report: {}",
+        outcome.wall_s,
+        out.join("benchmarks.md").display()
+    );
+    Ok(())
+}
+
+/// `lb-agent` and `lb-loadgen`, release for the full run (debug for --quick, which only keeps
+/// the bench working); returns their directory.
+fn build_binaries(settings: &Settings) -> Result<PathBuf> {
+    let mut build = cmd::cargo();
+    build.args(["build", "-p", "lb-agent", "-p", "loadgen", "--bins"]);
+    if settings.profile == "release" {
+        build.arg("--release");
+    }
+    println!("==> {}", cmd::describe(&build));
+    cmd::run(&mut build)?;
+    let profile = if settings.profile == "release" {
+        "release"
+    } else {
+        "debug"
+    };
+    Ok(crate::target_dir().join(profile))
+}
+
+/// Where the raw results of a run go: next to the build output, not in docs/.
+fn raw_file(quick: bool) -> PathBuf {
+    let name = if quick {
+        "results-quick.json"
+    } else {
+        "results.json"
+    };
+    crate::target_dir().join("bench").join(name)
+}
+
+fn save_raw(outcome: &Outcome) -> Result<()> {
+    let file = raw_file(outcome.settings.quick);
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&file, serde_json::to_string_pretty(outcome)?)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    println!("raw results: {}", file.display());
+    Ok(())
+}
+
+struct Bench<'a> {
+    lab: &'a Lab,
+    settings: Settings,
+    backends: Vec<Ipv4Addr>,
+    results: Vec<ConfigResult>,
+    /// Variants stopped at (services, endpoints), and why: they are skipped at every size at
+    /// least as large.
+    stopped: Vec<(Variant, usize, usize, String)>,
+    started: Instant,
+}
+
+impl<'a> Bench<'a> {
+    fn new(lab: &'a Lab, settings: Settings) -> Self {
+        Self {
+            lab,
+            settings,
+            backends: (1..=BACKENDS)
+                .map(|h| Ipv4Addr::new(10, 244, 1, h))
+                .collect(),
+            results: Vec::new(),
+            stopped: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    fn paths(&self) -> &Paths {
+        self.lab.paths()
+    }
+
+    fn say(&self, what: &str) {
+        println!("[{:>5.0} s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// Backend pods with their echo servers, one client pod per variant, BPF statistics on.
+    fn set_up(&mut self) -> Result<()> {
+        self.say("setting up the node, 10 backend pods and the client pods");
+        for (i, &ip) in self.backends.iter().enumerate() {
+            let netns = format!("{}-be{i}", lab::PREFIX);
+            self.lab.add_pod(&netns, ip)?;
+            let mut server = Command::new(&self.paths().loadgen_bin);
+            server.args(["--netns", &netns, "serve"]).args([
+                "--tcp",
+                &scenario::TCP_TARGET_PORT.to_string(),
+                "--udp",
+                &scenario::UDP_TARGET_PORT.to_string(),
+            ]);
+            let name = format!("server-be{i}");
+            self.lab.spawn(&name, server)?;
+            self.wait_listening(&name)?;
+        }
+        let mut host = FIRST_CLIENT_HOST;
+        for &variant in &self.settings.variants {
+            if variant == Variant::Tc {
+                continue;
+            }
+            let netns = variant.netns();
+            self.lab.add_pod(netns, Ipv4Addr::new(10, 244, 0, host))?;
+            host += 1;
+            // Many short connections from one address: reuse TIME_WAIT ports, use them all.
+            lab::sysctl_in(netns, "net.ipv4.tcp_tw_reuse", "1")?;
+            lab::sysctl_in(netns, "net.ipv4.ip_local_port_range", "1024 65535")?;
+        }
+        lab::enable_bpf_stats()
+    }
+
+    fn wait_listening(&self, name: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = std::fs::read_to_string(Paths::log(name)).unwrap_or_default();
+            if log.lines().any(|l| l.trim() == "listening") {
+                return Ok(());
+            }
+            if let Some(status) = self.lab.exited(name) {
+                bail!("{name} exited ({status}): {log}");
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{name} did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn sweep(&mut self) -> Result<()> {
+        let sizes: Vec<(usize, usize)> = self
+            .settings
+            .services
+            .iter()
+            .flat_map(|&n| self.settings.endpoints.iter().map(move |&e| (n, e)))
+            .collect();
+        for (at, &(services, endpoints)) in sizes.iter().enumerate() {
+            self.say(&format!(
+                "== {}/{}: {services} Services × {endpoints} endpoints",
+                at + 1,
+                sizes.len()
+            ));
+            let scenario = Scenario::new(services, endpoints, &self.backends);
+            let mut config = ConfigResult::new(services, endpoints);
+            let result = self.measure_config(&scenario, &mut config);
+            let reset = self.reset();
+            self.results.push(config);
+            result?;
+            reset?;
+        }
+        Ok(())
+    }
+
+    fn skip_reason(&self, variant: Variant, scenario: &Scenario) -> Option<String> {
+        if variant == Variant::Tc {
+            return Some("not available (tc datapath not built)".into());
+        }
+        if let Some((_, n, e, why)) = self.stopped.iter().find(|(v, n, e, _)| {
+            *v == variant && *n <= scenario.services && *e <= scenario.endpoints
+        }) {
+            return Some(if (*n, *e) == (scenario.services, scenario.endpoints) {
+                why.clone()
+            } else {
+                format!("stopped at {n} × {e}: {why}")
+            });
+        }
+        if variant == Variant::Socket {
+            return agent_capacity(scenario);
+        }
+        None
+    }
+
+    fn stop_variant(&mut self, variant: Variant, scenario: &Scenario, why: String) {
+        self.say(&format!("   {} stops here: {why}", variant.label()));
+        self.stopped
+            .push((variant, scenario.services, scenario.endpoints, why));
+    }
+
+    fn measure_config(&mut self, scenario: &Scenario, config: &mut ConfigResult) -> Result<()> {
+        let mut active = Vec::new();
+        let mut agent = None;
+        for &variant in &self.settings.variants.clone() {
+            if let Some(why) = self.skip_reason(variant, scenario) {
+                config.variant(variant).skipped = Some(why);
+                continue;
+            }
+            if !variant.programs() {
+                active.push(variant);
+                continue;
+            }
+            match self.program(variant, scenario, config)? {
+                Programming::Done(started_agent) => {
+                    agent = agent.or(started_agent);
+                    active.push(variant);
+                }
+                Programming::OverCap(why) => {
+                    config.variant(variant).skipped = Some(why.clone());
+                    self.stop_variant(variant, scenario, why);
+                }
+            }
+        }
+        let ids = match &agent {
+            Some(_) => agent::attached_programs(&self.paths().agent_cgroup)?,
+            None => BTreeSet::new(),
+        };
+        for &variant in &active {
+            self.probe(variant, scenario)
+                .with_context(|| format!("{} does not work at this size", variant.label()))?;
+        }
+        let cpu_before = agent.as_ref().and_then(Agent::cpu);
+        let began = Instant::now();
+        self.data_path(scenario, &active, &ids, config)?;
+        config.data_path_s = began.elapsed().as_secs_f64();
+        if let (Some(before), Some(after)) = (cpu_before, agent.as_ref().and_then(Agent::cpu)) {
+            config.agent_cpu_s = Some(after.saturating_sub(before).as_secs_f64());
+        }
+        for &variant in active.iter().filter(|v| v.programs()) {
+            self.changes(variant, scenario, agent.as_ref(), config)?;
+        }
+        if let Some(agent) = &agent {
+            config.agent_rss_kib = agent.rss_kib();
+            if let Some(cpu) = config.agent_cpu_s {
+                self.say(&format!(
+                    "   lb-agent used {cpu:.2} s of CPU during {:.0} s of runs",
+                    config.data_path_s
+                ));
+            }
+            config.maps = agent::map_memory(&ids)?;
+            let errors = agent.errors();
+            ensure!(
+                errors.is_empty(),
+                "lb-agent logged errors:\n{}",
+                errors.join("\n")
+            );
+        }
+        config.load_average = load_average();
+        self.print_summary(config, &active);
+        Ok(())
+    }
+
+    /// Programs every Service from nothing and times it.
+    fn program(
+        &self,
+        variant: Variant,
+        scenario: &Scenario,
+        config: &mut ConfigResult,
+    ) -> Result<Programming> {
+        let cap = self.settings.cap();
+        let over_cap = || {
+            Programming::OverCap(format!(
+                "programming {} × {} took longer than the {} s cap",
+                scenario.services, scenario.endpoints, self.settings.cap_s
+            ))
+        };
+        match variant {
+            Variant::Socket => {
+                let dir = Paths::run_dir().join("manifests");
+                scenario.write_manifests(&dir)?;
+                let agent = Agent::start(self.lab, &dir)?;
+                let Some(done) = agent.wait_ready(self.lab, cap)? else {
+                    self.lab.stop(lab::AGENT);
+                    return Ok(over_cap());
+                };
+                let errors = agent.errors();
+                ensure!(
+                    errors.is_empty(),
+                    "lb-agent logged errors:\n{}",
+                    errors.join("\n")
+                );
+                let expected = scenario.services + 1; // the measured Service's UDP port
+                ensure!(
+                    done.frontends == expected,
+                    "lb-agent programmed {} frontends, expected {expected}",
+                    done.frontends
+                );
+                self.say(&format!(
+                    "   {}: ready after {:.3} s (map writes {:.3} s), RSS {} KiB",
+                    variant.label(),
+                    done.ready_s,
+                    done.write_s,
+                    agent.rss_kib().unwrap_or(0)
+                ));
+                let result = config.variant(variant);
+                result.program_s = Some(done.ready_s);
+                result.program_write_s = Some(done.write_s);
+                Ok(Programming::Done(Some(agent)))
+            }
+            Variant::IptablesLegacy | Variant::IptablesNft => {
+                let backend = iptables_backend(variant);
+                let file = self.input_file(variant, "full", &kubeproxy::iptables_full(scenario))?;
+                let mut restore = lab::in_netns(variant.netns(), backend.restore_bin());
+                restore.arg("--noflush");
+                self.timed_program(variant, restore, &file, config)
+                    .map(|done| {
+                        if done {
+                            Programming::Done(None)
+                        } else {
+                            over_cap()
+                        }
+                    })
+            }
+            Variant::Nftables => {
+                let file = self.input_file(variant, "full", &kubeproxy::nft_full(scenario))?;
+                let mut nft = lab::in_netns(variant.netns(), "nft");
+                nft.arg("-f").arg(&file);
+                self.timed_program(variant, nft, &file, config).map(|done| {
+                    if done {
+                        Programming::Done(None)
+                    } else {
+                        over_cap()
+                    }
+                })
+            }
+            Variant::Direct | Variant::Tc => Ok(Programming::Done(None)),
+        }
+    }
+
+    fn input_file(&self, variant: Variant, what: &str, text: &str) -> Result<PathBuf> {
+        let dir = Paths::run_dir().join("rules");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let file = dir.join(format!("{}-{what}.txt", variant.netns()));
+        std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
+        Ok(file)
+    }
+
+    /// Runs a restore with `input` on stdin under the cap; false when over it.
+    fn timed_program(
+        &self,
+        variant: Variant,
+        command: Command,
+        input: &Path,
+        config: &mut ConfigResult,
+    ) -> Result<bool> {
+        let size = std::fs::metadata(input).map_or(0, |m| m.len());
+        match bounded(command, Some(input), self.settings.cap())? {
+            Bounded::Finished { took, .. } => {
+                self.say(&format!(
+                    "   {}: loaded {:.1} MB of rules in {:.3} s",
+                    variant.label(),
+                    mb(size),
+                    took.as_secs_f64()
+                ));
+                config.variant(variant).program_s = Some(took.as_secs_f64());
+                Ok(true)
+            }
+            Bounded::TimedOut => Ok(false),
+        }
+    }
+
+    /// The loadgen command for `variant`: its client pod, in the agent's cgroup only for the
+    /// socket LB.
+    fn client(&self, variant: Variant, scenario: &Scenario, workload: Workload) -> Command {
+        let paths = self.paths();
+        let cgroup = if variant == Variant::Socket {
+            &paths.agent_cgroup
+        } else {
+            &paths.plain_cgroup
+        };
+        let proto = if workload.is_udp() {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        };
+        let targets: Vec<SocketAddr> = if variant == Variant::Direct {
+            scenario.direct_targets(proto)
+        } else {
+            vec![scenario.measured_target(proto)]
+        };
+        let mut command = Command::new(&paths.loadgen_bin);
+        command
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args([
+                "--netns",
+                variant.netns(),
+                "run",
+                "--workload",
+                workload.arg(),
+            ])
+            .args(["--workers", &self.settings.workers.to_string()]);
+        for target in targets {
+            command.args(["--target", &target.to_string()]);
+        }
+        command
+    }
+
+    fn load(&self, command: Command, limit: Duration) -> Result<Summary> {
+        let line = cmd::describe(&command);
+        match bounded(command, None, limit)? {
+            Bounded::Finished { stdout, .. } => serde_json::from_str(stdout.trim())
+                .with_context(|| format!("`{line}` printed {stdout:?}")),
+            Bounded::TimedOut => bail!("`{line}` did not finish within {limit:?}"),
+        }
+    }
+
+    /// A few operations of each kind, all of which must succeed (and warm up ARP and caches).
+    fn probe(&self, variant: Variant, scenario: &Scenario) -> Result<()> {
+        for workload in [Workload::TcpCrr, Workload::UdpUnconnected] {
+            let mut command = self.client(variant, scenario, workload);
+            command.args(["--count", "50", "--duration-ms", "5000"]);
+            let summary = self.load(command, PLUMBING_LIMIT)?;
+            ensure!(
+                summary.ops == 50 && summary.errors == 0 && summary.foreign_replies == 0,
+                "{}: {} of 50 succeeded, {} failed ({}), {} replies from another address",
+                workload.arg(),
+                summary.ops,
+                summary.errors,
+                summary.first_error.unwrap_or_default(),
+                summary.foreign_replies
+            );
+        }
+        Ok(())
+    }
+
+    /// Rounds × workloads × variants, the variants in a rotated order each round.
+    fn data_path(
+        &self,
+        scenario: &Scenario,
+        active: &[Variant],
+        ids: &BTreeSet<u32>,
+        config: &mut ConfigResult,
+    ) -> Result<()> {
+        let rounds = self.settings.rounds;
+        for round in 0..rounds {
+            let mut order = active.to_vec();
+            order.rotate_left(round % active.len().max(1));
+            for workload in Workload::ALL {
+                for &variant in &order {
+                    let ms = self.settings.duration_ms(workload);
+                    let mut command = self.client(variant, scenario, workload);
+                    command.args(["--duration-ms", &ms.to_string()]);
+                    let before = (variant == Variant::Socket)
+                        .then(|| agent::prog_stats(ids))
+                        .transpose()?;
+                    let summary =
+                        self.load(command, Duration::from_millis(ms) + Duration::from_secs(15))?;
+                    if let Some(before) = before {
+                        config.bpf.add(&agent::prog_stats(ids)?.since(&before));
+                    }
+                    config.variant(variant).runs.push(Run {
+                        round,
+                        workload,
+                        summary,
+                    });
+                }
+            }
+            self.say(&format!("   round {}/{rounds} done", round + 1));
+        }
+        Ok(())
+    }
+
+    /// Times `settings.changes` single-endpoint changes of Service 0.
+    fn changes(
+        &self,
+        variant: Variant,
+        scenario: &Scenario,
+        agent: Option<&Agent>,
+        config: &mut ConfigResult,
+    ) -> Result<()> {
+        for version in 1..=self.settings.changes {
+            match variant {
+                Variant::Socket => {
+                    let agent = agent.context("no agent")?;
+                    let seen = agent.updates().len();
+                    let began = Instant::now();
+                    scenario.write_change(&Paths::run_dir().join("manifests"), version)?;
+                    let update = agent.wait_update(self.lab, seen, Duration::from_secs(120))?;
+                    let wall = began.elapsed().as_secs_f64();
+                    let result = config.variant(variant);
+                    result.change_s.push(wall);
+                    result
+                        .change_write_s
+                        .push(Duration::from_micros(update.elapsed_us).as_secs_f64());
+                }
+                Variant::IptablesLegacy | Variant::IptablesNft => {
+                    let text = kubeproxy::iptables_change(scenario, version);
+                    let file = self.input_file(variant, "change", &text)?;
+                    let mut restore =
+                        lab::in_netns(variant.netns(), iptables_backend(variant).restore_bin());
+                    restore.arg("--noflush");
+                    let took = self.timed(restore, Some(&file))?;
+                    config.variant(variant).change_s.push(took);
+                }
+                Variant::Nftables => {
+                    let text = kubeproxy::nft_change(scenario, version);
+                    let file = self.input_file(variant, "change", &text)?;
+                    let mut nft = lab::in_netns(variant.netns(), "nft");
+                    nft.arg("-f").arg(&file);
+                    let took = self.timed(nft, None)?;
+                    config.variant(variant).change_s.push(took);
+                }
+                Variant::Direct | Variant::Tc => {}
+            }
+        }
+        if let Some(times) = config.variants.get(&variant).map(|v| &v.change_s) {
+            let shown: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
+            self.say(&format!(
+                "   {}: endpoint change {} s",
+                variant.label(),
+                shown.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    fn timed(&self, command: Command, stdin: Option<&Path>) -> Result<f64> {
+        match bounded(command, stdin, PLUMBING_LIMIT)? {
+            Bounded::Finished { took, .. } => Ok(took.as_secs_f64()),
+            Bounded::TimedOut => bail!("did not finish within {PLUMBING_LIMIT:?}"),
+        }
+    }
+
+    /// Back to nothing: the agent stopped and its programs and pins removed, every table of
+    /// the client pods emptied, the generated inputs deleted.
+    fn reset(&self) -> Result<()> {
+        self.lab.stop(lab::AGENT);
+        lab::remove_pins(self.paths());
+        for &variant in &self.settings.variants {
+            match variant {
+                Variant::IptablesLegacy => {
+                    let empty = self.input_file(variant, "empty", EMPTY_IPTABLES)?;
+                    let restore = lab::in_netns(variant.netns(), "iptables-legacy-restore");
+                    self.timed(restore, Some(&empty))?;
+                }
+                Variant::IptablesNft | Variant::Nftables => {
+                    let mut flush = lab::in_netns(variant.netns(), "nft");
+                    flush.args(["flush", "ruleset"]);
+                    self.timed(flush, None)?;
+                }
+                Variant::Direct | Variant::Socket | Variant::Tc => {}
+            }
+        }
+        for dir in ["manifests", "rules"] {
+            let path = Paths::run_dir().join(dir);
+            if path.exists() {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn print_summary(&self, config: &ConfigResult, active: &[Variant]) {
+        for &variant in active {
+            let rate = config.rate(variant, Workload::TcpCrr);
+            let ratio = config.ratio(variant, Workload::TcpCrr);
+            if let Some(rate) = rate {
+                let ratio = ratio.map_or(String::new(), |r| format!(" = {:.2} × direct", r.median));
+                self.say(&format!(
+                    "   {:<22} {:>8.0} connections/s{ratio}",
+                    variant.label(),
+                    rate.median
+                ));
+            }
+        }
+    }
+}
+
+enum Programming {
+    /// Programmed (the agent, when it was the agent).
+    Done(Option<Agent>),
+    /// Longer than the cap (the variant stops here).
+    OverCap(String),
+}
+
+/// Replaces both tables with empty ones (and deletes the KUBE-* chains).
+const EMPTY_IPTABLES: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n";
+
+fn iptables_backend(variant: Variant) -> IptablesBackend {
+    if variant == Variant::IptablesNft {
+        IptablesBackend::Nft
+    } else {
+        IptablesBackend::Legacy
+    }
+}
+
+/// Why the agent cannot hold this size, if it cannot: a frontend takes `1 + endpoints` entries
+/// of the Services map, each endpoint one entry of the backends map.
+fn agent_capacity(scenario: &Scenario) -> Option<String> {
+    let frontends = scenario.services + 1;
+    let service_entries = frontends * (scenario.endpoints + 1);
+    let backends = scenario.services * scenario.endpoints;
+    // A frontend's id (`rev_nat_id`, the reverse-NAT key) is 16 bits: the agent logs "all 65535
+    // frontend ids are in use" for every frontend beyond.
+    let frontend_ids = usize::from(u16::MAX);
+    if frontends > frontend_ids {
+        return Some(format!(
+            "does not fit: {frontends} frontends, and frontend ids (rev_nat_id) are 16 bits ({frontend_ids})"
+        ));
+    }
+    if service_entries > lb_common::SERVICES_MAX_ENTRIES {
+        return Some(format!(
+            "does not fit: {service_entries} entries needed, LB4_SERVICES holds {}",
+            lb_common::SERVICES_MAX_ENTRIES
+        ));
+    }
+    if backends > lb_common::BACKENDS_MAX_ENTRIES {
+        return Some(format!(
+            "does not fit: {backends} backends needed, LB4_BACKENDS holds {}",
+            lb_common::BACKENDS_MAX_ENTRIES
+        ));
+    }
+    None
+}
+
+/// The 1-minute load average (`/proc/loadavg`).
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+enum Bounded {
+    Finished { took: Duration, stdout: String },
+    TimedOut,
+}
+
+/// Runs `command` (stdin from `stdin`), killing it after `limit`; fails when it exits non-zero.
+/// The time is taken by a thread blocked in `wait`, so it is exact to the scheduler.
+fn bounded(mut command: Command, stdin: Option<&Path>, limit: Duration) -> Result<Bounded> {
+    let line = cmd::describe(&command);
+    let input = match stdin {
+        Some(path) => Stdio::from(
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+        ),
+        None => Stdio::null(),
+    };
+    command
+        .stdin(input)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    lab::die_with_parent(&mut command);
+    let began = Instant::now();
+    let child = command
+        .spawn()
+        .with_context(|| format!("cannot start `{line}`"))?;
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel::<std::io::Result<Output>>();
+    std::thread::spawn(move || {
+        let output = child.wait_with_output();
+        let _ = tx.send(output);
+    });
+    let output = match rx.recv_timeout(limit) {
+        Ok(output) => output,
+        Err(_) => {
+            if let Ok(raw) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+            }
+            let _ = rx.recv();
+            return Ok(Bounded::TimedOut);
+        }
+    };
+    let took = began.elapsed();
+    let output = output.with_context(|| format!("waiting for `{line}`"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr: String = stderr.chars().take(2000).collect();
+        bail!("`{line}` failed ({}): {}", output.status, stderr.trim());
+    }
+    Ok(Bounded::Finished {
+        took,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+    })
+}

@@ -1,0 +1,366 @@
+//! Driving `lb-agent` for the bench: start it from nothing on a manifests directory, follow its
+//! log (`ready`, `maps updated … elapsed_us=…`), read its memory, and read the run-time
+//! statistics and map sizes of exactly its programs (found through the bench's cgroup, so other
+//! agents on the machine with the same program names are never counted).
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::lab::{self, AGENT, Lab, PIN_DIR, Paths};
+use crate::cmd;
+
+/// A running agent.
+pub struct Agent {
+    pub pid: u32,
+    log: PathBuf,
+    started: Instant,
+}
+
+/// One `maps updated` log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Update {
+    pub frontends: usize,
+    pub elapsed_us: u64,
+}
+
+/// Programming from nothing: to `ready` (object loaded, maps written, programs attached) and
+/// the map write alone as the agent logs it.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Programmed {
+    pub ready_s: f64,
+    pub write_s: f64,
+    pub frontends: usize,
+}
+
+impl Agent {
+    /// Starts `lb-agent run` on `manifests` inside the node namespace, attached to the bench's
+    /// agent cgroup, with a fresh pin directory.
+    pub fn start(lab: &Lab, manifests: &Path) -> Result<Self> {
+        let paths = lab.paths();
+        std::fs::create_dir_all(PIN_DIR).with_context(|| format!("cannot create {PIN_DIR}"))?;
+        let mut command = lab::in_netns(lab::NODE_NETNS, &paths.agent_bin);
+        command
+            .arg("run")
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--cgroup")
+            .arg(&paths.agent_cgroup)
+            .args(["--bpf-pin-path", PIN_DIR])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info");
+        let started = Instant::now();
+        // nsenter execs the agent: the pid is the agent's.
+        let pid = lab.spawn(AGENT, command)?;
+        Ok(Self {
+            pid,
+            log: Paths::log(AGENT),
+            started,
+        })
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Every `maps updated` line so far.
+    pub fn updates(&self) -> Vec<Update> {
+        parse_updates(&self.log_text())
+    }
+
+    /// Waits for `ready`. `Ok(None)` when it took longer than `cap` (the agent is then left
+    /// running for the caller to stop).
+    pub fn wait_ready(&self, lab: &Lab, cap: Duration) -> Result<Option<Programmed>> {
+        loop {
+            let text = self.log_text();
+            if text.lines().any(|l| l.trim_end().ends_with(": ready")) {
+                let ready_s = self.started.elapsed().as_secs_f64();
+                let first = parse_updates(&text)
+                    .first()
+                    .copied()
+                    .context("the agent is ready but logged no `maps updated`")?;
+                return Ok(Some(Programmed {
+                    ready_s,
+                    write_s: us_to_s(first.elapsed_us),
+                    frontends: first.frontends,
+                }));
+            }
+            if let Some(status) = lab.exited(AGENT) {
+                bail!(
+                    "lb-agent exited ({status}) before it was ready:\n{}",
+                    tail(&text, 15)
+                );
+            }
+            if self.started.elapsed() > cap {
+                return Ok(None);
+            }
+            sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until the log has more than `seen` `maps updated` lines; returns the newest and
+    /// when it was seen.
+    pub fn wait_update(&self, lab: &Lab, seen: usize, timeout: Duration) -> Result<Update> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let updates = self.updates();
+            if updates.len() > seen {
+                return Ok(updates[updates.len() - 1]);
+            }
+            if let Some(status) = lab.exited(AGENT) {
+                bail!("lb-agent exited ({status})");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no `maps updated` within {timeout:?}:\n{}",
+                    tail(&self.log_text(), 10)
+                );
+            }
+            sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Error lines the agent logged, and warnings about what it did not program (an invalid
+    /// manifest or a full map would make the comparison unfair).
+    pub fn errors(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| {
+                l.contains(" ERROR ") || (l.contains(" WARN ") && l.contains("not programmed"))
+            })
+            .take(20)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// CPU time the agent has used (user + system), from `/proc/PID/stat`.
+    pub fn cpu(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        cpu_time(&stat)
+    }
+
+    /// Resident memory (`VmRSS`) in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        vm_rss_kib(&status)
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn us_to_s(us: u64) -> f64 {
+    Duration::from_micros(us).as_secs_f64()
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in `USER_HZ` (100 per second on Linux).
+fn cpu_time(stat: &str) -> Option<Duration> {
+    // The command name may contain spaces: count the fields after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+fn vm_rss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The `maps updated` lines of a text log (`… maps updated frontends=3 … elapsed_us=120`).
+fn parse_updates(log: &str) -> Vec<Update> {
+    log.lines()
+        .filter(|line| line.contains("maps updated"))
+        .filter_map(|line| {
+            let field = |key: &str| {
+                line.split_whitespace()
+                    .find_map(|token| token.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|value| value.parse::<u64>().ok())
+            };
+            Some(Update {
+                frontends: usize::try_from(field("frontends")?).ok()?,
+                elapsed_us: field("elapsed_us")?,
+            })
+        })
+        .collect()
+}
+
+/// One program of the agent, as `bpftool prog show -j` reports it.
+#[derive(Debug, Deserialize)]
+struct ProgInfo {
+    id: u32,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    run_time_ns: u64,
+    #[serde(default)]
+    run_cnt: u64,
+    #[serde(default)]
+    map_ids: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MapInfo {
+    id: u32,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    bytes_memlock: u64,
+    #[serde(default)]
+    max_entries: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Attached {
+    id: u32,
+}
+
+/// Cumulative run count and time of each of the agent's programs, by name.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProgStats(pub BTreeMap<String, (u64, u64)>);
+
+impl ProgStats {
+    /// `self - earlier`, per program.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|(name, &(cnt, ns))| {
+                    let (cnt0, ns0) = earlier.0.get(name).copied().unwrap_or_default();
+                    (
+                        name.clone(),
+                        (cnt.saturating_sub(cnt0), ns.saturating_sub(ns0)),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    pub fn add(&mut self, other: &Self) {
+        for (name, &(cnt, ns)) in &other.0 {
+            let entry = self.0.entry(name.clone()).or_default();
+            entry.0 += cnt;
+            entry.1 += ns;
+        }
+    }
+}
+
+/// Ids of the programs attached to `cgroup` (`bpftool cgroup show`).
+pub fn attached_programs(cgroup: &Path) -> Result<BTreeSet<u32>> {
+    let out = cmd::output(
+        Command::new("bpftool")
+            .arg("-j")
+            .arg("cgroup")
+            .arg("show")
+            .arg(cgroup),
+    )?;
+    if out.trim().is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let attached: Vec<Attached> =
+        serde_json::from_str(out.trim()).context("unexpected `bpftool cgroup show` output")?;
+    Ok(attached.into_iter().map(|a| a.id).collect())
+}
+
+fn programs(ids: &BTreeSet<u32>) -> Result<Vec<ProgInfo>> {
+    let out = cmd::output(Command::new("bpftool").args(["-j", "prog", "show"]))?;
+    let all: Vec<ProgInfo> =
+        serde_json::from_str(out.trim()).context("unexpected `bpftool prog show` output")?;
+    Ok(all.into_iter().filter(|p| ids.contains(&p.id)).collect())
+}
+
+/// Run counts and times of the programs `ids`.
+pub fn prog_stats(ids: &BTreeSet<u32>) -> Result<ProgStats> {
+    Ok(ProgStats(
+        programs(ids)?
+            .into_iter()
+            .map(|p| (p.name, (p.run_cnt, p.run_time_ns)))
+            .collect(),
+    ))
+}
+
+/// One of the agent's maps: name, capacity and the memory the kernel charges for it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MapMemory {
+    pub name: String,
+    pub max_entries: u64,
+    pub bytes_memlock: u64,
+}
+
+/// The maps the programs `ids` use.
+pub fn map_memory(ids: &BTreeSet<u32>) -> Result<Vec<MapMemory>> {
+    let map_ids: BTreeSet<u32> = programs(ids)?.into_iter().flat_map(|p| p.map_ids).collect();
+    let out = cmd::output(Command::new("bpftool").args(["-j", "map", "show"]))?;
+    let all: Vec<MapInfo> =
+        serde_json::from_str(out.trim()).context("unexpected `bpftool map show` output")?;
+    let mut maps: Vec<MapMemory> = all
+        .into_iter()
+        .filter(|m| map_ids.contains(&m.id))
+        .map(|m| MapMemory {
+            name: m.name,
+            max_entries: m.max_entries,
+            bytes_memlock: m.bytes_memlock,
+        })
+        .collect();
+    maps.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(maps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_maps_updated_lines() {
+        let log = "2026-01-01T00:00:00.000001Z  INFO lb_agent::agent: starting node=(unset)\n\
+                   2026-01-01T00:00:00.2Z  INFO lb_agent::agent: maps updated frontends=101 added=101 updated=0 removed=0 map_writes=303 map_deletes=0 elapsed_us=4521\n\
+                   2026-01-01T00:00:00.3Z  INFO lb_agent::agent: ready\n\
+                   2026-01-01T00:00:01Z  INFO lb_agent::agent: maps updated frontends=101 added=0 updated=1 removed=0 map_writes=3 map_deletes=1 elapsed_us=77\n";
+        assert_eq!(
+            parse_updates(log),
+            [
+                Update {
+                    frontends: 101,
+                    elapsed_us: 4521
+                },
+                Update {
+                    frontends: 101,
+                    elapsed_us: 77
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_cpu_time() {
+        let stat = "1234 (lb agent) S 1 1234 1234 0 -1 4194560 2000 0 0 0 250 130 0 0 20 0 5 0";
+        assert_eq!(cpu_time(stat), Some(Duration::from_millis(3800)));
+    }
+
+    #[test]
+    fn reads_vm_rss() {
+        let status = "Name:\tlb-agent\nVmPeak:\t  100 kB\nVmRSS:\t   23456 kB\nThreads:\t4\n";
+        assert_eq!(vm_rss_kib(status), Some(23456));
+    }
+
+    #[test]
+    fn stats_differences_per_program() {
+        let before = ProgStats([("lb_connect4".to_owned(), (10, 1000))].into());
+        let after = ProgStats(
+            [
+                ("lb_connect4".to_owned(), (30, 3000)),
+                ("lb_sock_release".to_owned(), (5, 50)),
+            ]
+            .into(),
+        );
+        let delta = after.since(&before);
+        assert_eq!(delta.0["lb_connect4"], (20, 2000));
+        assert_eq!(delta.0["lb_sock_release"], (5, 50));
+    }
+}

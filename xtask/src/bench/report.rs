@@ -1,0 +1,749 @@
+//! `benchmarks.md`: the machine, the method, one table per measurement, the plots, and how to
+//! reproduce — written from the [`Outcome`] of a run.
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use super::results::{ConfigResult, Spread, Variant, Workload};
+use super::{Outcome, Settings, plot};
+use crate::cmd;
+
+/// The machine and software the numbers come from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cpus: usize,
+    pub memory_gib: f64,
+    pub os: String,
+    pub commit: String,
+    pub date: String,
+    pub tools: Vec<String>,
+}
+
+fn first_line(command: &mut Command) -> String {
+    cmd::output(command)
+        .map(|out| out.lines().next().unwrap_or_default().trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+impl Machine {
+    pub fn describe(settings: &Settings) -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+            .map_or_else(|| "unknown".to_owned(), |(_, m)| m.trim().to_owned());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        let os = std::fs::read_to_string("/etc/os-release")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+            .map_or_else(String::new, |v| v.trim_matches('"').to_owned());
+        let root = crate::repo_root();
+        let commit = first_line(Command::new("git").arg("-C").arg(root).args([
+            "rev-parse",
+            "--short=12",
+            "HEAD",
+        ]));
+        let dirty = cmd::output(Command::new("git").arg("-C").arg(root).args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ]))
+        .is_ok_and(|out| !out.trim().is_empty());
+        let mut tools = vec![first_line(Command::new("nft").arg("--version"))];
+        if settings.variants.contains(&Variant::IptablesLegacy) {
+            tools.push(first_line(Command::new("iptables-legacy").arg("--version")));
+        }
+        if settings.variants.contains(&Variant::IptablesNft) {
+            tools.push(first_line(Command::new("iptables-nft").arg("--version")));
+        }
+        tools.push(first_line(Command::new("bpftool").arg("--version")));
+        Self {
+            kernel: first_line(Command::new("uname").args(["-srm"])),
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            memory_gib: mem_kib / 1024.0 / 1024.0,
+            os,
+            commit: if dirty {
+                format!("{commit} (with uncommitted changes)")
+            } else {
+                commit
+            },
+            date: first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+            tools,
+        }
+    }
+}
+
+/// Writes `benchmarks.md` and `bench/*.svg` into `dir`.
+pub fn write(dir: &Path, outcome: &Outcome) -> Result<()> {
+    let plots = dir.join("bench");
+    std::fs::create_dir_all(&plots)
+        .with_context(|| format!("cannot create {}", plots.display()))?;
+    plot::connections(&plots.join("tcp-crr.svg"), outcome)?;
+    plot::sync(&plots.join("sync.svg"), outcome)?;
+    let file = dir.join("benchmarks.md");
+    std::fs::write(&file, markdown(outcome))
+        .with_context(|| format!("cannot write {}", file.display()))
+}
+
+/// The variants of the run that measure a data path, in table order.
+fn variants(outcome: &Outcome) -> Vec<Variant> {
+    Variant::ALL
+        .into_iter()
+        .filter(|v| outcome.settings.variants.contains(v))
+        .collect()
+}
+
+fn size(config: &ConfigResult) -> String {
+    format!("{} × {}", thousands(config.services), config.endpoints)
+}
+
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `14.2k`, `950`, `1.23M`.
+fn rate(value: f64) -> String {
+    if value >= 1e6 {
+        format!("{:.2}M", value / 1e6)
+    } else if value >= 1e4 {
+        format!("{:.1}k", value / 1e3)
+    } else if value >= 1e3 {
+        format!("{:.2}k", value / 1e3)
+    } else {
+        format!("{value:.0}")
+    }
+}
+
+/// Seconds with a sensible precision.
+fn secs(value: f64) -> String {
+    if value >= 100.0 {
+        format!("{value:.0} s")
+    } else if value >= 1.0 {
+        format!("{value:.2} s")
+    } else {
+        format!("{:.1} ms", value * 1e3)
+    }
+}
+
+fn spread_pct(s: &Spread) -> f64 {
+    if s.median > 0.0 {
+        (s.max - s.min) / 2.0 / s.median * 100.0
+    } else {
+        0.0
+    }
+}
+
+/// The short reason shown in a cell for a variant not measured at a size.
+fn skipped_cell(why: &str) -> String {
+    if why.starts_with("not available") {
+        "n/a".into()
+    } else if why.starts_with("stopped at") {
+        "stopped".into()
+    } else if why.starts_with("does not fit") {
+        "over map capacity".into()
+    } else if why.contains("cap") {
+        "over the cap".into()
+    } else {
+        "—".into()
+    }
+}
+
+/// A data-path cell: the rate and its ratio to direct (median of per-round ratios, min–max).
+fn data_cell(config: &ConfigResult, variant: Variant, workload: Workload) -> String {
+    if let Some(why) = config
+        .variants
+        .get(&variant)
+        .and_then(|v| v.skipped.as_deref())
+    {
+        return skipped_cell(why);
+    }
+    let Some(r) = config.rate(variant, workload) else {
+        return "—".into();
+    };
+    if variant == Variant::Direct {
+        return format!("{}/s ±{:.0}%", rate(r.median), spread_pct(&r));
+    }
+    match config.ratio(variant, workload) {
+        Some(x) => format!(
+            "{}/s · **{:.2}×** ({:.2}–{:.2})",
+            rate(r.median),
+            x.median,
+            x.min,
+            x.max
+        ),
+        None => format!("{}/s", rate(r.median)),
+    }
+}
+
+fn header(out: &mut String, first: &str, columns: &[String]) {
+    let _ = writeln!(out, "| {first} | {} |", columns.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---:|".repeat(columns.len()));
+}
+
+/// The headline numbers, when the run has the sizes they need.
+fn headline(out: &mut String, outcome: &Outcome) {
+    let find = |n: usize, e: usize| {
+        outcome
+            .configs
+            .iter()
+            .find(|c| c.services == n && c.endpoints == e)
+    };
+    let crr = Workload::TcpCrr;
+    let mut lines = Vec::new();
+    if let Some(line) = bpf_per_connection(outcome) {
+        lines.push(line);
+    }
+    for n in [1, 10_000] {
+        if let Some(ratio) = find(n, 1).and_then(|c| c.ratio(Variant::Socket, crr)) {
+            lines.push(format!(
+                "- New TCP connections through the socket LB at {} Service{} × 1 endpoint: **{:.2}×** the direct path ({:.2}–{:.2} over the rounds).",
+                thousands(n),
+                if n == 1 { "" } else { "s" },
+                ratio.median,
+                ratio.min,
+                ratio.max
+            ));
+        }
+    }
+    for (n, e) in [(10_000, 1), (10_000, 10)] {
+        let Some(config) = find(n, e) else { continue };
+        let ours = config.rate(Variant::Socket, crr);
+        for theirs in [
+            Variant::IptablesLegacy,
+            Variant::IptablesNft,
+            Variant::Nftables,
+        ] {
+            if let (Some(a), Some(b)) = (ours, config.rate(theirs, crr)) {
+                lines.push(format!(
+                    "- At {} × {e}, the socket LB makes **{:.2}×** as many new connections per second as {}.",
+                    thousands(n),
+                    a.median / b.median,
+                    theirs.label()
+                ));
+            }
+        }
+        let programs: Vec<String> = variants(outcome)
+            .into_iter()
+            .filter(|v| v.programs())
+            .map(|v| {
+                let time = config.variants.get(&v).and_then(|r| {
+                    r.program_s
+                        .map(secs)
+                        .or_else(|| r.skipped.as_deref().map(skipped_cell))
+                });
+                format!("{} {}", v.label(), time.unwrap_or_else(|| "—".into()))
+            })
+            .collect();
+        lines.push(format!(
+            "- Programming {} × {e} from nothing: {}.",
+            thousands(n),
+            programs.join(", ")
+        ));
+    }
+    // The smallest size the agent could not hold, once per reason.
+    let mut limits = BTreeSet::new();
+    for config in &outcome.configs {
+        let skipped = config
+            .variants
+            .get(&Variant::Socket)
+            .and_then(|v| v.skipped.as_deref());
+        if let Some(why) = skipped.and_then(|why| why.strip_prefix("does not fit: "))
+            && limits.insert(why.split(',').next().unwrap_or(why).to_owned())
+        {
+            lines.push(format!(
+                "- lb-agent cannot program {} Services × {}: {why}.",
+                thousands(config.services),
+                config.endpoints
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    out.push_str("## Headline\n\n");
+    for line in lines {
+        let _ = writeln!(out, "{line}");
+    }
+    out.push('\n');
+}
+
+/// What the agent's programs cost per new TCP connection (`lb_connect4` + `lb_sock_release`),
+/// over every size, against the CPU time a direct connection can at most have cost.
+fn bpf_per_connection(outcome: &Outcome) -> Option<String> {
+    let per_call = |name: &str| {
+        let (cnt, ns) = outcome
+            .configs
+            .iter()
+            .filter_map(|c| c.bpf.0.get(name))
+            .fold((0u64, 0u64), |(c, n), &(cnt, ns)| (c + cnt, n + ns));
+        (cnt > 0).then(|| ns as f64 / cnt as f64)
+    };
+    let bpf_ns = per_call("lb_connect4")? + per_call("lb_sock_release").unwrap_or(0.0);
+    let direct = Spread::of(
+        outcome
+            .configs
+            .iter()
+            .filter_map(|c| c.rate(Variant::Direct, Workload::TcpCrr))
+            .map(|s| s.median)
+            .collect(),
+    )?;
+    let cpus = outcome.machine.cpus.max(1) as f64;
+    let budget_us = cpus / direct.median * 1e6;
+    Some(format!(
+        "- The socket LB's programs cost **{:.1} µs per new TCP connection** (`lb_connect4` + \
+         `lb_sock_release`, averaged over every size), against at most {budget_us:.0} µs of CPU \
+         that a direct connection costs here ({cpus:.0} CPUs / {} connections/s): about {:.1} %, \
+         far below what this shared machine lets a rate resolve (see the min–max columns).",
+        bpf_ns / 1000.0,
+        rate(direct.median),
+        bpf_ns / 1000.0 / budget_us * 100.0
+    ))
+}
+
+fn setup(out: &mut String, outcome: &Outcome) {
+    let m = &outcome.machine;
+    let s = &outcome.settings;
+    out.push_str("## Setup\n\n");
+    let _ = writeln!(out, "| | |\n|---|---|");
+    let _ = writeln!(
+        out,
+        "| machine | {} × {}, {:.1} GiB memory |",
+        m.cpus, m.cpu, m.memory_gib
+    );
+    let _ = writeln!(out, "| kernel | {} |", m.kernel);
+    let _ = writeln!(out, "| system | {} |", m.os);
+    let _ = writeln!(out, "| tools | {} |", m.tools.join("; "));
+    let _ = writeln!(out, "| commit | {} |", m.commit);
+    let _ = writeln!(
+        out,
+        "| run | {}, {:.0} min, {} build |",
+        m.date,
+        outcome.wall_s / 60.0,
+        s.profile
+    );
+    let loads: Vec<f64> = outcome.configs.iter().map(|c| c.load_average).collect();
+    if let Some(load) = Spread::of(loads) {
+        let _ = writeln!(
+            out,
+            "| other load | 1-minute load average {:.1}–{:.1} (median {:.1}) at the end of each size: the machine was shared with other work |",
+            load.min, load.max, load.median
+        );
+    }
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "One simulated node (`xtask/src/bench/`): a node network namespace with a bridge \
+         (10.244.0.1/16), 10 backend pods on veth pairs (10.244.1.1–10, each running \
+         `lb-loadgen serve`, a TCP and UDP echo server on 8080 and 5353), and one client pod per \
+         variant (10.244.0.2 …), so one variant's rules and conntrack entries never touch \
+         another's traffic. Each client is `lb-loadgen run` with {} worker threads, placed with \
+         `--cgroup` and `--netns` like `lb-testkit`.\n",
+        s.workers
+    );
+    out.push_str("Variants, all reaching the same backends:\n\n");
+    for variant in variants(outcome) {
+        let what = match variant {
+            Variant::Direct => {
+                "the client connects to the backend pods' own addresses (a random one per \
+                 connection): no balancer at all; every ratio is to this"
+            }
+            Variant::Socket => {
+                "`lb-agent run --manifests DIR --cgroup <cgroup2>/lbbench` in the node namespace; \
+                 only the client process is in that cgroup, and it dials the ClusterIP"
+            }
+            Variant::Tc => "**not available (tc datapath not built)**",
+            Variant::IptablesLegacy => {
+                "kube-proxy's iptables layout (KUBE-SERVICES → KUBE-SVC-… → KUBE-SEP-… with \
+                 `-m statistic --mode random --probability`, DNAT) loaded with \
+                 `iptables-legacy-restore --noflush` into the client pod's namespace, where nat \
+                 OUTPUT jumps to KUBE-SERVICES (the client originates the traffic)"
+            }
+            Variant::IptablesNft => {
+                "the same iptables rules loaded with `iptables-nft-restore --noflush`"
+            }
+            Variant::Nftables => {
+                "kube-proxy's nftables layout (table `ip kube-proxy`: the `services` chain's \
+                 `ip daddr . meta l4proto . th dport vmap @service-ips`, one chain per Service \
+                 with `numgen random mod N vmap`, one chain per endpoint with `dnat`, the filter \
+                 hooks) loaded with `nft -f` into the client pod's namespace"
+            }
+        };
+        let _ = writeln!(out, "- **{}**: {what}.", variant.label());
+    }
+    let _ = writeln!(
+        out,
+        "\nServices: `bench/svc-<i>`, ClusterIP 10.96.0.10 + i, port 80/TCP → 8080, with one \
+         EndpointSlice each (the agent reads them from YAML files of {} Services, the most \
+         its parser takes in one file; kube-proxy's rules are generated from the same description, as its syncs would write \
+         them). The measured Service is the **last** one (the last rule of KUBE-SERVICES) and also \
+         has 53/UDP → 5353; its 1 or 10 endpoints are 1 or 10 real backend pods. Every other \
+         endpoint is a distinct fake address in the cluster's pod CIDR 10.240.0.0/12 that no \
+         traffic goes to.\n",
+        super::scenario::SERVICES_PER_FILE
+    );
+    let _ = writeln!(
+        out,
+        "Method: every variant programs all Services from nothing; then {} rounds, each running \
+         every workload on every variant back to back (the variants' order rotates each \
+         round), {} ms per new-connection run and {} ms per other run. A cell shows the median \
+         rate over the rounds and the median of the per-round ratios to the direct run of the \
+         same round, with their min–max; `±` is half the min–max range of the direct rate. A \
+         variant stops at the first size whose programming takes longer than {} s (cells: \
+         \"over the cap\", then \"stopped\"). BPF run-time statistics \
+         (`kernel.bpf_stats_enabled=1`) are on for the whole run and restored afterwards.\n",
+        s.rounds, s.crr_ms, s.other_ms, s.cap_s
+    );
+}
+
+fn data_path_tables(out: &mut String, outcome: &Outcome) {
+    let variants = variants(outcome);
+    let columns: Vec<String> = variants.iter().map(|v| v.label().to_owned()).collect();
+    out.push_str("## Data path\n\n");
+    for workload in Workload::ALL {
+        let _ = writeln!(out, "### {}\n", capitalize(workload.label()));
+        header(out, "Services × endpoints", &columns);
+        for config in &outcome.configs {
+            let cells: Vec<String> = variants
+                .iter()
+                .map(|&v| data_cell(config, v, workload))
+                .collect();
+            let _ = writeln!(out, "| {} | {} |", size(config), cells.join(" | "));
+        }
+        out.push('\n');
+        if workload == Workload::TcpCrr {
+            out.push_str("![New TCP connections per second against the number of Services](bench/tcp-crr.svg)\n\n");
+            latency_table(out, outcome, &variants);
+        }
+    }
+    notes(out, outcome);
+}
+
+fn capitalize(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |c| {
+        c.to_uppercase().collect::<String>() + chars.as_str()
+    })
+}
+
+fn latency_table(out: &mut String, outcome: &Outcome, variants: &[Variant]) {
+    out.push_str("Latency of one new connection (connect, request, answer), p50 / p99 in µs, medians over the rounds:\n\n");
+    let columns: Vec<String> = variants.iter().map(|v| v.label().to_owned()).collect();
+    header(out, "Services × endpoints", &columns);
+    for config in &outcome.configs {
+        let cells: Vec<String> = variants
+            .iter()
+            .map(|&v| {
+                config
+                    .latency(v, Workload::TcpCrr)
+                    .map_or_else(|| "—".into(), |(p50, p99)| format!("{p50:.0} / {p99:.0}"))
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", size(config), cells.join(" | "));
+    }
+    out.push('\n');
+}
+
+/// Every distinct reason a variant was skipped, and any failed operations.
+fn notes(out: &mut String, outcome: &Outcome) {
+    let mut reasons = BTreeSet::new();
+    let mut failures = Vec::new();
+    for config in &outcome.configs {
+        for (variant, result) in &config.variants {
+            // "stopped at" repeats an earlier note; "not available" is in the variants' list.
+            if let Some(why) = &result.skipped
+                && !why.starts_with("stopped at")
+                && !why.starts_with("not available")
+            {
+                reasons.insert(format!("{} at {}: {why}", variant.label(), size(config)));
+            }
+            let (errors, foreign, first) = config.errors(*variant);
+            if errors > 0 || foreign > 0 {
+                failures.push(format!(
+                    "{} at {}: {errors} failed operations{}{}",
+                    variant.label(),
+                    size(config),
+                    first.map_or(String::new(), |e| format!(" (first: {e})")),
+                    if foreign > 0 {
+                        format!(", {foreign} UDP answers from an unexpected address")
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+        }
+    }
+    if reasons.is_empty() && failures.is_empty() {
+        return;
+    }
+    out.push_str("Notes:\n\n");
+    for line in reasons.iter().chain(&failures) {
+        let _ = writeln!(out, "- {line}");
+    }
+    out.push('\n');
+}
+
+fn bpf_table(out: &mut String, outcome: &Outcome) {
+    let names: BTreeSet<String> = outcome
+        .configs
+        .iter()
+        .flat_map(|c| c.bpf.0.iter())
+        .filter(|(_, (cnt, _))| *cnt > 0)
+        .map(|(name, _)| name.clone())
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    out.push_str("## Cost of each program\n\n");
+    out.push_str(
+        "Average run time per call of the agent's programs during the socket-LB runs \
+         (`run_time_ns / run_cnt` from `bpftool prog show`, counted only for the programs \
+         attached to the bench's cgroup), and the number of calls. `lb_connect4` runs once per \
+         TCP connection and per connected UDP socket, `lb_sendmsg4`/`lb_recvmsg4` on every \
+         unconnected UDP datagram, `lb_sock_release` when a socket of the cgroup closes.\n\n",
+    );
+    let columns: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    header(out, "Services × endpoints", &columns);
+    for config in &outcome.configs {
+        if config.bpf.0.is_empty() {
+            continue;
+        }
+        let cells: Vec<String> = names
+            .iter()
+            .map(|name| match config.bpf.0.get(name) {
+                Some(&(cnt, ns)) if cnt > 0 => {
+                    format!("{:.0} ns ({})", ns as f64 / cnt as f64, rate(cnt as f64))
+                }
+                _ => "—".into(),
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", size(config), cells.join(" | "));
+    }
+    out.push('\n');
+}
+
+fn time_cell(
+    config: &ConfigResult,
+    variant: Variant,
+    pick: fn(&super::results::VariantResult) -> Option<String>,
+) -> String {
+    match config.variants.get(&variant) {
+        Some(result) => match (&result.skipped, pick(result)) {
+            (_, Some(text)) => text,
+            (Some(why), None) => skipped_cell(why),
+            (None, None) => "—".into(),
+        },
+        None => "—".into(),
+    }
+}
+
+fn control_plane(out: &mut String, outcome: &Outcome) {
+    let programmers: Vec<Variant> = variants(outcome)
+        .into_iter()
+        .filter(|v| v.programs())
+        .collect();
+    let columns: Vec<String> = programmers.iter().map(|v| v.label().to_owned()).collect();
+    out.push_str("## Control plane\n\n### Programming every Service from nothing\n\n");
+    out.push_str(
+        "lb-agent: from starting the process to its `ready` log line (BPF object loaded, \
+         manifests parsed, maps written, programs attached); in brackets the map write alone, \
+         as its `maps updated` line reports it. iptables and nftables: the one \
+         `iptables-restore --noflush` or `nft -f` of the whole ruleset, as kube-proxy's first \
+         sync runs it.\n\n",
+    );
+    header(out, "Services × endpoints", &columns);
+    for config in &outcome.configs {
+        let cells: Vec<String> = programmers
+            .iter()
+            .map(|&v| {
+                time_cell(config, v, |r| {
+                    let total = r.program_s.map(secs)?;
+                    Some(match r.program_write_s {
+                        Some(write) => format!("{total} ({})", secs(write)),
+                        None => total,
+                    })
+                })
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", size(config), cells.join(" | "));
+    }
+    out.push_str("\n![Time to program every Service, and one endpoint change, against the number of Services](bench/sync.svg)\n\n");
+    out.push_str("### One endpoint change of one Service\n\n");
+    out.push_str(
+        "Service 0's first endpoint replaced by a new address; the median of the tries \
+         (min–max). lb-agent: from renaming the rewritten EndpointSlice file into the watched \
+         directory to the agent's `maps updated` line (this includes the watcher's 50 ms \
+         debounce); in brackets the read, translation and write as the agent logs them. \
+         iptables: kube-proxy's partial sync, `iptables-restore --noflush` of the top-level \
+         chains (KUBE-SERVICES in full) and the changed Service's chains. nftables: one \
+         transaction that adds the new endpoint chain, refills the Service's chain and deletes \
+         the old endpoint chain.\n\n",
+    );
+    header(out, "Services × endpoints", &columns);
+    for config in &outcome.configs {
+        let cells: Vec<String> = programmers
+            .iter()
+            .map(|&v| {
+                time_cell(config, v, |r| {
+                    let wall = Spread::of(r.change_s.clone())?;
+                    let mut text = format!(
+                        "{} ({}–{})",
+                        secs(wall.median),
+                        secs(wall.min),
+                        secs(wall.max)
+                    );
+                    if let Some(write) = Spread::of(r.change_write_s.clone()) {
+                        let _ = write!(text, " [{}]", secs(write.median));
+                    }
+                    Some(text)
+                })
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", size(config), cells.join(" | "));
+    }
+    out.push('\n');
+    memory_table(out, outcome);
+}
+
+fn memory_table(out: &mut String, outcome: &Outcome) {
+    out.push_str("### lb-agent memory\n\n");
+    out.push_str(
+        "Resident memory of the agent (`VmRSS`) after the size's runs; the CPU time it used \
+         (`/proc/PID/stat`) while the data-path runs went on, with nothing changing; and the \
+         memory the kernel reports for the maps its programs use (`bytes_memlock` in \
+         `bpftool map show`, which grows with the entries in use).\n\n",
+    );
+    let _ = writeln!(
+        out,
+        "| Services × endpoints | agent RSS | agent CPU while idle | BPF maps | of which |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---|");
+    for config in &outcome.configs {
+        let Some(rss) = config.agent_rss_kib else {
+            continue;
+        };
+        let total: u64 = config.maps.iter().map(|m| m.bytes_memlock).sum();
+        let mut maps: Vec<String> = config
+            .maps
+            .iter()
+            .filter(|m| m.bytes_memlock >= 1 << 20)
+            .map(|m| format!("{} {:.1} MiB", m.name, m.bytes_memlock as f64 / 1048576.0))
+            .collect();
+        maps.truncate(6);
+        let cpu = config.agent_cpu_s.map_or_else(
+            || "—".into(),
+            |cpu| format!("{cpu:.2} s in {:.0} s", config.data_path_s),
+        );
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} MiB | {cpu} | {:.1} MiB | {} |",
+            size(config),
+            rss as f64 / 1024.0,
+            total as f64 / 1048576.0,
+            maps.join(", ")
+        );
+    }
+    out.push('\n');
+}
+
+fn reproduce(out: &mut String, outcome: &Outcome) {
+    out.push_str("## Reproduce\n\n");
+    out.push_str(
+        "As root on a Linux machine like the one above (it installs iptables, nftables, bpftool \
+         and the eBPF toolchain with apt where missing, builds `lb-agent` and `lb-loadgen` in \
+         release mode, and removes every namespace, cgroup, pin and process it made on exit, \
+         error or Ctrl-C):\n\n```sh\n\
+         cargo xtask bench            # this report: docs/benchmarks.md and docs/bench/*.svg (~30 min)\n\
+         cargo xtask bench --quick    # N ∈ {1, 100}, short runs: target/bench-quick/ (~1 min)\n\
+         cargo xtask bench --services 1,1000 --endpoints 1 --iptables legacy,nft --cap 60\n\
+         ```\n\n",
+    );
+    out.push_str(
+        "The raw numbers of every run are in `target/bench/results.json`; \
+         `cargo xtask bench --report-only` writes the report again from them. Absolute rates \
+         vary by ±15 % between runs on these small VMs even when idle, and much more when the \
+         machine is shared (see \"other load\" above): compare the ratios, which are measured \
+         back to back within a round, and read differences smaller than their min–max range as \
+         noise.\n",
+    );
+    if outcome.settings.quick {
+        out.push_str(
+            "\n**This is a `--quick` run**: two sizes and short runs, to keep the bench \
+             working, not to be quoted.\n",
+        );
+    }
+}
+
+fn caveats(out: &mut String) {
+    out.push_str("## What these numbers do and do not say\n\n");
+    for line in [
+        "The client and the servers share the machine's 2 CPUs with the kernel's network stack, so a rate measures the whole CPU cost of an operation: a balancer that costs more per connection shows up as fewer connections per second. The servers are never the only bottleneck: the direct path has exactly the same servers and client.",
+        "The socket LB translates once per connection in `connect()`; the packets then carry the pod address, so there is no NAT and no conntrack entry. The iptables and nftables variants DNAT the first packet and keep a conntrack entry for every connection (and every UDP flow) in the client pod's namespace, as kube-proxy does on a node; their per-connection cost includes that conntrack work, which is part of what kube-proxy costs.",
+        "For iptables the measured Service is the last of the KUBE-SERVICES rules, its worst case; a Service near the top of the chain would cost less. nftables and the socket LB look the Service up in a hash map whatever its position.",
+        "UDP: the unconnected workload sends every datagram with `sendto`, so the socket LB's `sendmsg4`/`recvmsg4` hooks run on every datagram, while conntrack matches the established flow; the connected workload connects once, so after that neither balancer does anything per datagram.",
+        "`kernel.bpf_stats_enabled=1` adds two clock reads to every program run (tens of ns per call); only the socket-LB variant runs programs.",
+        "lb-agent's map write time (the bracketed numbers) excludes parsing the YAML on the first sync; its start-to-ready time includes loading the BPF object, parsing and attaching. kube-proxy's numbers exclude the API watch and its own rule generation (the rules are generated beforehand, not timed).",
+    ] {
+        let _ = writeln!(out, "- {line}");
+    }
+    out.push('\n');
+}
+
+pub fn markdown(outcome: &Outcome) -> String {
+    let mut out = String::new();
+    out.push_str("# Benchmarks\n\n");
+    let _ = writeln!(
+        out,
+        "lb's socket load balancer against the direct path and kube-proxy's iptables and \
+         nftables layouts, from 1 to {} Services, measured by `cargo xtask bench` on {} at \
+         commit {}.\n",
+        thousands(outcome.settings.services.iter().copied().max().unwrap_or(0)),
+        outcome.machine.date,
+        outcome.machine.commit
+    );
+    headline(&mut out, outcome);
+    setup(&mut out, outcome);
+    data_path_tables(&mut out, outcome);
+    bpf_table(&mut out, outcome);
+    control_plane(&mut out, outcome);
+    caveats(&mut out);
+    reproduce(&mut out, outcome);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(thousands(100_000), "100,000");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(rate(14_230.0), "14.2k");
+        assert_eq!(rate(1_234.0), "1.23k");
+        assert_eq!(rate(950.4), "950");
+        assert_eq!(secs(0.0123), "12.3 ms");
+        assert_eq!(secs(12.345), "12.35 s");
+        assert_eq!(skipped_cell("not available (tc datapath not built)"), "n/a");
+    }
+}

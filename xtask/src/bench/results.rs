@@ -1,0 +1,320 @@
+//! What the bench measures, kept as plain data (saved as JSON next to the report), and the
+//! statistics the report draws from it: medians with their min–max spread, and ratios to the
+//! direct path taken round by round.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::agent::{MapMemory, ProgStats};
+
+/// How the client reaches the measured Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Variant {
+    /// Straight to a backend pod's address: no balancer.
+    Direct,
+    /// The ClusterIP, translated by lb-agent's connect/sendmsg hooks.
+    Socket,
+    /// The ClusterIP, translated by a tc program (not built yet).
+    Tc,
+    /// The ClusterIP, DNATed by kube-proxy's iptables layout (iptables-legacy).
+    IptablesLegacy,
+    /// The same rules through iptables-nft.
+    IptablesNft,
+    /// The ClusterIP, DNATed by kube-proxy's nftables layout.
+    Nftables,
+}
+
+impl Variant {
+    pub const ALL: [Self; 6] = [
+        Self::Direct,
+        Self::Socket,
+        Self::Tc,
+        Self::IptablesLegacy,
+        Self::IptablesNft,
+        Self::Nftables,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Socket => "socket LB (lb-agent)",
+            Self::Tc => "tc LB",
+            Self::IptablesLegacy => "iptables-legacy",
+            Self::IptablesNft => "iptables-nft",
+            Self::Nftables => "nftables",
+        }
+    }
+
+    /// The client pod of the variant (each has its own, so one variant's rules and conntrack
+    /// entries never touch another's traffic).
+    pub fn netns(self) -> &'static str {
+        match self {
+            Self::Direct => "lbbench-direct",
+            Self::Socket => "lbbench-sock",
+            Self::Tc => "lbbench-tc",
+            Self::IptablesLegacy => "lbbench-iptl",
+            Self::IptablesNft => "lbbench-iptn",
+            Self::Nftables => "lbbench-nft",
+        }
+    }
+
+    /// Whether the variant programs Services (and so has a programming time).
+    pub fn programs(self) -> bool {
+        !matches!(self, Self::Direct | Self::Tc)
+    }
+}
+
+/// What one operation is (`lb-loadgen run --workload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Workload {
+    TcpCrr,
+    TcpRr,
+    UdpUnconnected,
+    UdpConnected,
+}
+
+impl Workload {
+    pub const ALL: [Self; 4] = [
+        Self::TcpCrr,
+        Self::TcpRr,
+        Self::UdpUnconnected,
+        Self::UdpConnected,
+    ];
+
+    pub fn arg(self) -> &'static str {
+        match self {
+            Self::TcpCrr => "tcp-crr",
+            Self::TcpRr => "tcp-rr",
+            Self::UdpUnconnected => "udp-unconnected",
+            Self::UdpConnected => "udp-connected",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::TcpCrr => "new TCP connections/s (connect, 32-byte request and answer, close)",
+            Self::TcpRr => "TCP requests/s on kept connections",
+            Self::UdpUnconnected => "UDP requests/s, unconnected socket (sendto/recvfrom)",
+            Self::UdpConnected => "UDP requests/s, connected socket (send/recv)",
+        }
+    }
+
+    pub fn is_udp(self) -> bool {
+        matches!(self, Self::UdpUnconnected | Self::UdpConnected)
+    }
+}
+
+/// `lb-loadgen run`'s summary.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub ops: u64,
+    pub errors: u64,
+    pub rate: f64,
+    pub p50_us: u32,
+    pub p99_us: u32,
+    #[serde(default)]
+    pub foreign_replies: u64,
+    #[serde(default)]
+    pub first_error: Option<String>,
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Run {
+    pub round: usize,
+    pub workload: Workload,
+    pub summary: Summary,
+}
+
+/// A variant at one size.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VariantResult {
+    /// Why the variant was not measured at this size (over the time cap, over the map
+    /// capacity, not built, failed).
+    pub skipped: Option<String>,
+    /// Programming all Services from nothing, in seconds (lb-agent: start to `ready`).
+    pub program_s: Option<f64>,
+    /// lb-agent only: the map write of that first sync, as its log reports it.
+    pub program_write_s: Option<f64>,
+    /// One endpoint change of one Service, each try (lb-agent: file rename to `maps updated`
+    /// seen in its log, including the watcher's 50 ms debounce).
+    pub change_s: Vec<f64>,
+    /// lb-agent only: read, translate and write of each change, from its log.
+    pub change_write_s: Vec<f64>,
+    pub runs: Vec<Run>,
+}
+
+/// One size of the sweep.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConfigResult {
+    pub services: usize,
+    pub endpoints: usize,
+    pub variants: BTreeMap<Variant, VariantResult>,
+    /// The agent's programs during the socket-LB runs: (run count, run time in ns).
+    pub bpf: ProgStats,
+    pub agent_rss_kib: Option<u64>,
+    /// CPU the (idle) agent used while the data-path runs went on, and how long they took.
+    #[serde(default)]
+    pub agent_cpu_s: Option<f64>,
+    #[serde(default)]
+    pub data_path_s: f64,
+    pub maps: Vec<MapMemory>,
+    /// The machine's 1-minute load average when the size was done (other work on it).
+    #[serde(default)]
+    pub load_average: f64,
+}
+
+impl ConfigResult {
+    pub fn new(services: usize, endpoints: usize) -> Self {
+        Self {
+            services,
+            endpoints,
+            variants: BTreeMap::new(),
+            bpf: ProgStats::default(),
+            agent_rss_kib: None,
+            agent_cpu_s: None,
+            data_path_s: 0.0,
+            maps: Vec::new(),
+            load_average: 0.0,
+        }
+    }
+
+    pub fn variant(&mut self, variant: Variant) -> &mut VariantResult {
+        self.variants.entry(variant).or_default()
+    }
+
+    /// Rates of `variant` for `workload`, one per round.
+    fn rates(&self, variant: Variant, workload: Workload) -> BTreeMap<usize, f64> {
+        self.variants
+            .get(&variant)
+            .map(|v| {
+                v.runs
+                    .iter()
+                    .filter(|r| r.workload == workload)
+                    .map(|r| (r.round, r.summary.rate))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Median, min and max rate.
+    pub fn rate(&self, variant: Variant, workload: Workload) -> Option<Spread> {
+        Spread::of(self.rates(variant, workload).into_values().collect())
+    }
+
+    /// The ratio to the direct path, round by round (both measured back to back), then the
+    /// median and spread of those ratios.
+    pub fn ratio(&self, variant: Variant, workload: Workload) -> Option<Spread> {
+        let direct = self.rates(Variant::Direct, workload);
+        let ratios = self
+            .rates(variant, workload)
+            .into_iter()
+            .filter_map(|(round, rate)| {
+                let base = *direct.get(&round)?;
+                (base > 0.0).then(|| rate / base)
+            })
+            .collect();
+        Spread::of(ratios)
+    }
+
+    /// Median p50 and p99 latency of `variant` for `workload`, in µs.
+    pub fn latency(&self, variant: Variant, workload: Workload) -> Option<(f64, f64)> {
+        let runs: Vec<&Run> = self
+            .variants
+            .get(&variant)?
+            .runs
+            .iter()
+            .filter(|r| r.workload == workload)
+            .collect();
+        let p50 = Spread::of(runs.iter().map(|r| f64::from(r.summary.p50_us)).collect())?;
+        let p99 = Spread::of(runs.iter().map(|r| f64::from(r.summary.p99_us)).collect())?;
+        Some((p50.median, p99.median))
+    }
+
+    /// Failed operations of `variant` over all runs, and the first error.
+    pub fn errors(&self, variant: Variant) -> (u64, u64, Option<String>) {
+        let Some(v) = self.variants.get(&variant) else {
+            return (0, 0, None);
+        };
+        let errors = v.runs.iter().map(|r| r.summary.errors).sum();
+        let foreign = v.runs.iter().map(|r| r.summary.foreign_replies).sum();
+        let first = v.runs.iter().find_map(|r| r.summary.first_error.clone());
+        (errors, foreign, first)
+    }
+}
+
+/// A median with the smallest and largest value it was taken from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(mut values: Vec<f64>) -> Option<Self> {
+        values.retain(|v| v.is_finite());
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            f64::midpoint(values[n / 2 - 1], values[n / 2])
+        };
+        Some(Self {
+            median,
+            min: values[0],
+            max: values[n - 1],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(round: usize, rate: f64) -> Run {
+        Run {
+            round,
+            workload: Workload::TcpCrr,
+            summary: Summary {
+                ops: 1,
+                errors: 0,
+                rate,
+                p50_us: 10,
+                p99_us: 20,
+                foreign_replies: 0,
+                first_error: None,
+            },
+        }
+    }
+
+    #[test]
+    fn medians_and_spreads() {
+        let s = Spread::of(vec![3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Spread::of(vec![1.0, 2.0]).unwrap().median, 1.5);
+        assert!(Spread::of(vec![]).is_none());
+    }
+
+    #[test]
+    fn ratios_pair_runs_of_the_same_round() {
+        let mut config = ConfigResult::new(1, 1);
+        config.variant(Variant::Direct).runs = vec![run(0, 100.0), run(1, 200.0), run(2, 100.0)];
+        config.variant(Variant::Socket).runs = vec![run(0, 90.0), run(1, 180.0), run(2, 80.0)];
+        let ratio = config.ratio(Variant::Socket, Workload::TcpCrr).unwrap();
+        assert!((ratio.median - 0.9).abs() < 1e-9);
+        assert!((ratio.min - 0.8).abs() < 1e-9);
+        assert!(config.ratio(Variant::Nftables, Workload::TcpCrr).is_none());
+        assert_eq!(
+            config
+                .rate(Variant::Socket, Workload::TcpCrr)
+                .unwrap()
+                .median,
+            90.0
+        );
+    }
+}
