@@ -14,6 +14,7 @@ mod demo;
 mod host;
 mod install;
 mod test;
+mod watch_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -40,6 +41,8 @@ enum Command {
     Demo,
     /// Benchmark against the direct path, iptables and nftables (root; ~30 min, --quick ~1).
     Bench(bench::Args),
+    /// Control-plane figures on a (fake) Kubernetes API: sync time, event latency, memory (root).
+    WatchBench(watch_bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
+        Command::WatchBench(args) => watch_bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -53,11 +53,25 @@ pub struct ParsedFile {
     pub problems: Vec<Problem>,
 }
 
+/// The YAML parser's limits. Its defaults guard against hostile input with small caps (1,024
+/// documents, 250k nodes per file) that a generated manifest of a few thousand Services
+/// exceeds; these admit files of up to about a million objects, still bounded.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 1_000_000,
+            max_nodes: 100_000_000,
+            max_events: 200_000_000,
+        },
+    }
+}
+
 /// Parses the text of one manifest file; `origin` names it in problems.
 #[must_use]
 pub fn parse_manifest(origin: &str, text: &str) -> ParsedFile {
     let mut parsed = ParsedFile::default();
-    let documents: Vec<Value> = match serde_saphyr::from_multiple(text) {
+    let documents: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, yaml_options())
+    {
         Ok(documents) => documents,
         Err(err) => {
             parsed.problems.push(Problem {
@@ -417,6 +431,17 @@ endpoints: []
             yaml_error[0].starts_with("f.yaml: (file): (yaml): "),
             "{yaml_error:?}"
         );
+    }
+
+    #[test]
+    fn large_generated_files_parse() {
+        let one = "---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";
+        let text: String = (0..3000)
+            .map(|i| one.replace("name: s", &format!("name: s{i}")))
+            .collect();
+        let parsed = parse_manifest("big.yaml", &text);
+        assert!(parsed.problems.is_empty(), "{:?}", parsed.problems.first());
+        assert_eq!(parsed.objects.len(), 3000);
     }
 
     #[test]
