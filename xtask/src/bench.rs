@@ -200,7 +200,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let machine = report::Machine::describe(&settings);
     let started = Instant::now();
-    let lab = Lab::start(paths)?;
+    let lab = lab::start(paths)?;
     let mut bench = Bench::new(&lab, settings.clone());
     let result = bench.set_up().and_then(|()| bench.sweep());
     if result.is_err() {
@@ -308,7 +308,7 @@ impl<'a> Bench<'a> {
         self.say("setting up the node, 10 backend pods and the client pods");
         for (i, &ip) in self.backends.iter().enumerate() {
             let netns = format!("{}-be{i}", lab::PREFIX);
-            self.lab.add_pod(&netns, ip)?;
+            self.lab.add_pod_netns(&netns, ip)?;
             let mut server = Command::new(&self.paths().loadgen_bin);
             server.args(["--netns", &netns, "serve"]).args([
                 "--tcp",
@@ -326,7 +326,8 @@ impl<'a> Bench<'a> {
                 continue;
             }
             let netns = variant.netns();
-            self.lab.add_pod(netns, Ipv4Addr::new(10, 244, 0, host))?;
+            self.lab
+                .add_pod_netns(netns, Ipv4Addr::new(10, 244, 0, host))?;
             host += 1;
             // Many short connections from one address: reuse TIME_WAIT ports, use them all.
             lab::sysctl_in(netns, "net.ipv4.tcp_tw_reuse", "1")?;
@@ -484,7 +485,7 @@ impl<'a> Bench<'a> {
                 scenario.write_manifests(&dir)?;
                 let agent = Agent::start(self.lab, &dir)?;
                 let Some(done) = agent.wait_ready(self.lab, cap)? else {
-                    self.lab.stop(lab::AGENT);
+                    self.lab.stop_if_running(lab::AGENT);
                     return Ok(over_cap());
                 };
                 let errors = agent.errors();
@@ -740,7 +741,7 @@ impl<'a> Bench<'a> {
     /// Back to nothing: the agent stopped and its programs and pins removed, every table of
     /// the client pods emptied, the generated inputs deleted.
     fn reset(&self) -> Result<()> {
-        self.lab.stop(lab::AGENT);
+        self.lab.stop_if_running(lab::AGENT);
         lab::remove_pins(self.paths());
         for &variant in &self.settings.variants {
             match variant {

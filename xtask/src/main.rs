@@ -13,6 +13,7 @@ mod cmd;
 mod demo;
 mod host;
 mod install;
+mod lab;
 mod test;
 mod watch_bench;
 
