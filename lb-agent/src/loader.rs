@@ -19,13 +19,7 @@ use aya::{
         links::{CgroupAttachMode, FdLink, PinnedLink},
     },
 };
-use lb_common::{
-    BACKENDS_MAX_ENTRIES, BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, CT4_MAP,
-    CT4_MAX_ENTRIES, Ct4Key, Ct4Value, DEVICES4_MAP, MAP_F_NO_PREALLOC, NODE_ADDRS_MAX_ENTRIES,
-    NODE_ADDRS4_MAP, NodeAddr, PINNED_MAPS, REVNAT4_MAP, REVNAT4_MAX_ENTRIES, REVNAT6_MAP,
-    REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES,
-    SERVICES4_MAP, SERVICES6_MAP, Service4Key, Service6Key, ServiceValue,
-};
+use lb_common::PINNED_MAPS;
 use tracing::{debug, info, warn};
 
 use crate::maps::bpf::BpfMaps;
@@ -99,8 +93,8 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
     check_pinned_maps(pin_dir)?;
     raise_memlock_limit();
     let mut loader = EbpfLoader::new();
-    for name in PINNED_MAPS {
-        loader.map_pin_path(name, pin_dir.join(name));
+    for spec in PINNED_MAPS {
+        loader.map_pin_path(spec.name, pin_dir.join(spec.name));
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps = BpfMaps::from_maps(|name| {
@@ -129,74 +123,8 @@ fn raise_memlock_limit() {
 /// Refuses to reuse a pinned map whose shape differs from what this agent's programs expect:
 /// the kernel would accept the programs and they would read garbage.
 fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
-    let hash = MAP_F_NO_PREALLOC;
-    let expected = [
-        (
-            SERVICES4_MAP,
-            size_of::<Service4Key>(),
-            size_of::<ServiceValue>(),
-            SERVICES_MAX_ENTRIES,
-            hash,
-        ),
-        (
-            SERVICES6_MAP,
-            size_of::<Service6Key>(),
-            size_of::<ServiceValue>(),
-            SERVICES_MAX_ENTRIES,
-            hash,
-        ),
-        (
-            BACKENDS4_MAP,
-            size_of::<u32>(),
-            size_of::<Backend4>(),
-            BACKENDS_MAX_ENTRIES,
-            hash,
-        ),
-        (
-            BACKENDS6_MAP,
-            size_of::<u32>(),
-            size_of::<Backend6>(),
-            BACKENDS_MAX_ENTRIES,
-            hash,
-        ),
-        (
-            REVNAT4_MAP,
-            size_of::<RevNat4Key>(),
-            size_of::<RevNat4Value>(),
-            REVNAT4_MAX_ENTRIES,
-            0,
-        ),
-        (
-            REVNAT6_MAP,
-            size_of::<RevNat6Key>(),
-            size_of::<RevNat6Value>(),
-            REVNAT6_MAX_ENTRIES,
-            0,
-        ),
-        (
-            CT4_MAP,
-            size_of::<Ct4Key>(),
-            size_of::<Ct4Value>(),
-            CT4_MAX_ENTRIES,
-            0,
-        ),
-        (
-            NODE_ADDRS4_MAP,
-            size_of::<u32>(),
-            size_of::<NodeAddr>(),
-            NODE_ADDRS_MAX_ENTRIES,
-            0,
-        ),
-        (
-            DEVICES4_MAP,
-            size_of::<u32>(),
-            size_of::<u32>(),
-            NODE_ADDRS_MAX_ENTRIES,
-            0,
-        ),
-    ];
-    for (name, key, value, entries, flags) in expected {
-        let path = pin_dir.join(name);
+    for spec in PINNED_MAPS {
+        let path = pin_dir.join(spec.name);
         if !path.exists() {
             continue;
         }
@@ -212,7 +140,7 @@ fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
             ),
             Err(e) => format!("unreadable: {e}"),
         };
-        let expected = shape(key, value, entries, flags);
+        let expected = shape(spec.key_size, spec.value_size, spec.max_entries, spec.flags);
         if found != expected {
             return Err(LoadError::IncompatiblePin {
                 path,
@@ -396,8 +324,8 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<CleanupReport> {
         }
         fs::remove_dir(&links)?;
     }
-    for name in PINNED_MAPS {
-        let path = pin_dir.join(name);
+    for spec in PINNED_MAPS {
+        let path = pin_dir.join(spec.name);
         if path.exists() {
             fs::remove_file(&path)?;
             report.maps_removed.push(path);

@@ -35,18 +35,54 @@ pub const CT4_MAP: &str = "LB4_CT";
 pub const NODE_ADDRS4_MAP: &str = "LB4_NODE_ADDRS";
 /// Name of the map of each `--devices` interface's IPv4 address (the SNAT source).
 pub const DEVICES4_MAP: &str = "LB4_DEVICES";
-/// Every map the agent pins.
-pub const PINNED_MAPS: [&str; 9] = [
-    SERVICES4_MAP,
-    BACKENDS4_MAP,
-    REVNAT4_MAP,
-    SERVICES6_MAP,
-    BACKENDS6_MAP,
-    REVNAT6_MAP,
-    CT4_MAP,
-    NODE_ADDRS4_MAP,
-    DEVICES4_MAP,
+/// Every map the agent pins, with its shape.
+pub const PINNED_MAPS: [MapSpec; 9] = [
+    MapSpec::of::<Service4Key, ServiceValue>(
+        SERVICES4_MAP,
+        SERVICES_MAX_ENTRIES,
+        MAP_F_NO_PREALLOC,
+    ),
+    MapSpec::of::<u32, Backend4>(BACKENDS4_MAP, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC),
+    MapSpec::of::<RevNat4Key, RevNat4Value>(REVNAT4_MAP, REVNAT4_MAX_ENTRIES, 0),
+    MapSpec::of::<Service6Key, ServiceValue>(
+        SERVICES6_MAP,
+        SERVICES_MAX_ENTRIES,
+        MAP_F_NO_PREALLOC,
+    ),
+    MapSpec::of::<u32, Backend6>(BACKENDS6_MAP, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC),
+    MapSpec::of::<RevNat6Key, RevNat6Value>(REVNAT6_MAP, REVNAT6_MAX_ENTRIES, 0),
+    MapSpec::of::<Ct4Key, Ct4Value>(CT4_MAP, CT4_MAX_ENTRIES, 0),
+    MapSpec::of::<u32, NodeAddr>(NODE_ADDRS4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+    MapSpec::of::<u32, u32>(DEVICES4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
 ];
+
+/// The shape of a map as the kernel records it: a pinned map is reused only if it has
+/// exactly this shape (the declarations in `lb-ebpf/src/maps.rs` use the same types and
+/// constants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    /// Name, and the file name of its pin.
+    pub name: &'static str,
+    pub key_size: usize,
+    pub value_size: usize,
+    pub max_entries: usize,
+    /// `BPF_F_*` map flags.
+    pub flags: usize,
+}
+
+impl MapSpec {
+    /// The spec of a map with keys `K` and values `V`.
+    #[must_use]
+    pub const fn of<K, V>(name: &'static str, max_entries: usize, flags: usize) -> Self {
+        Self {
+            name,
+            key_size: core::mem::size_of::<K>(),
+            value_size: core::mem::size_of::<V>(),
+            max_entries,
+            flags,
+        }
+    }
+}
 
 /// Capacity of each services map in entries (one per frontend plus one per backend slot):
 /// 10k Services with 10 endpoints each and both families, with room to spare.

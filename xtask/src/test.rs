@@ -68,11 +68,16 @@ pub fn run(args: &Args) -> Result<()> {
     prepare_privileged_tests()?;
     step(&mut nextest(&args.nextest_args), "tests failed")?;
     if args.nextest_args.is_empty() {
-        // The benchmark is no timed test, but it must keep working: one quick run.
-        step(
-            Command::new(std::env::current_exe()?).args(["bench", "--quick"]),
-            "cargo xtask bench --quick failed",
-        )?;
+        // The benchmark is no timed test, but it must keep working: one quick run, in this
+        // process (the build above may just have replaced this very executable).
+        #[derive(clap::Parser)]
+        struct Quick {
+            #[command(flatten)]
+            args: crate::bench::Args,
+        }
+        println!("==> cargo xtask bench --quick");
+        let quick = <Quick as clap::Parser>::parse_from(["bench", "--quick"]);
+        crate::bench::run(&quick.args).context("cargo xtask bench --quick failed")?;
     }
     println!("all steps passed");
     Ok(())
