@@ -93,27 +93,31 @@ fn a_relist_after_410_gone_does_not_disturb_a_connection_loop() {
     let before = agent.wait_for_frontend(VIP, 2, APPLY);
     let lists = api.api().list_count(ResourceKind::Service);
 
-    let summary = thread::scope(|scope| {
+    // A connection loop long enough to span the 410 and the relist that follows it (the
+    // watcher relists after its backoff, not at once).
+    let (summary, relisted) = thread::scope(|scope| {
         let loop_ = scope.spawn(|| {
             client
                 .client_with()
                 .cgroup(&env.cgroup)
-                .count(60)
+                .count(200)
                 .interval_ms(25)
                 .run(VIP)
         });
         thread::sleep(Duration::from_millis(300));
         api.api().expire_watches();
-        loop_.join().expect("client loop")
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while api.api().list_count(ResourceKind::Service) == lists && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let relisted = api.api().list_count(ResourceKind::Service) > lists;
+        (loop_.join().expect("client loop"), relisted)
     });
 
+    assert!(relisted, "the 410 made the agent relist within 4 s");
     assert_eq!(
-        summary.ok, 60,
+        summary.ok, 200,
         "no connection failed across the relist: {summary:?}"
-    );
-    assert!(
-        api.api().list_count(ResourceKind::Service) > lists,
-        "the 410 made the agent relist"
     );
     let after = agent.wait_for_frontend(VIP, 2, APPLY);
     assert_eq!(
