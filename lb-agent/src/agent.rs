@@ -55,6 +55,11 @@ pub struct RunConfig {
     pub node_name: Option<String>,
     /// External devices for the tc datapath (empty: detected, see [`devices::resolve`]).
     pub devices: Vec<String>,
+    /// Where socket translation runs.
+    pub socket_lb: loader::SocketLb,
+    /// Pod-facing devices for the per-packet path (empty: detected, see
+    /// [`devices::pod_devices`]); only with `socket_lb` other than `all`.
+    pub pod_devices: Vec<String>,
 }
 
 /// Runs until SIGINT or SIGTERM. On exit the programs stay attached and the maps pinned:
@@ -74,12 +79,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let loader::Loaded { mut ebpf, maps } = loader::load(&config.pin_dir).with_context(|| {
-        format!(
-            "loading the datapath (pins in {})",
-            config.pin_dir.display()
-        )
-    })?;
+    let loader::Loaded { mut ebpf, maps } = loader::load(&config.pin_dir, config.socket_lb)
+        .with_context(|| {
+            format!(
+                "loading the datapath (pins in {})",
+                config.pin_dir.display()
+            )
+        })?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(tokio::spawn(forward_ebpf_logs(logger))),
         Err(e) => {
@@ -92,13 +98,23 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let devices = devices::resolve(&config.devices).context("finding the --devices")?;
     devices::program_addresses(&mut ebpf, &devices).context("writing the node addresses")?;
     let device_names: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
+    let pod_devices = if config.socket_lb.per_packet_for_pods() {
+        devices::pod_devices(&config.pod_devices, &devices).context("finding the pod devices")?
+    } else {
+        Vec::new()
+    };
     info!(
         node = config.node_name.as_deref().unwrap_or("(unset)"),
+        socket_lb = ?config.socket_lb,
         "starting"
     );
     let attach = |ebpf: &mut aya::Ebpf| -> anyhow::Result<()> {
-        loader::attach_cgroup_programs(ebpf, &config.cgroup, &config.pin_dir)?;
-        loader::attach_tc_programs(ebpf, &device_names, &config.pin_dir)?;
+        if config.socket_lb == loader::SocketLb::Off {
+            loader::detach_cgroup_programs(&config.pin_dir)?;
+        } else {
+            loader::attach_cgroup_programs(ebpf, &config.cgroup, &config.pin_dir)?;
+        }
+        loader::attach_tc_programs(ebpf, &device_names, &pod_devices, &config.pin_dir)?;
         if let Ok(mut status) = status.write() {
             status.ready = true;
         }

@@ -1,12 +1,12 @@
-//! `lb-agent conntrack`: the flows the tc datapath tracks, read from the pinned `LB4_CT`
-//! map. One row per flow (its original-direction entry): the client, the frontend it
+//! `lb-agent conntrack`: the flows the tc datapath tracks, read from the pinned `LB_CT`
+//! map (both families). One row per flow (its original-direction entry): the client, the frontend it
 //! dialled, the backend, the SNAT address and port if any, age, idle time and TCP state.
-use std::{fmt::Write as _, net::SocketAddrV4, path::Path, time::Duration};
+use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    CT_DIR_ORIG, CT_F_SNAT, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_RST, CT_TCP_SEEN_REPLY,
-    CT4_MAP, Ct4Key, Ct4Value,
+    CT_DIR_ORIG, CT_F_SNAT, CT_MAP, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_RST,
+    CT_TCP_SEEN_REPLY, CtKey, CtValue, v4_mapped,
 };
 use serde::Serialize;
 
@@ -31,9 +31,14 @@ pub struct Flow {
 /// The flows of `entries` as of `now_ns` (`CLOCK_MONOTONIC`, the clock of
 /// `bpf_ktime_get_ns`), sorted by client.
 #[must_use]
-pub fn flows(entries: &[(Ct4Key, Ct4Value)], now_ns: u64) -> Vec<Flow> {
-    let addr =
-        |ip: u32, port: u16| SocketAddrV4::new(codec::from_ip4(ip), u16::from_be(port)).to_string();
+pub fn flows(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<Flow> {
+    let addr = |ip: [u32; 4], port: u16| {
+        let ip: std::net::IpAddr = match v4_mapped(&ip) {
+            Some(ip4) => codec::from_ip4(ip4).into(),
+            None => codec::from_ip6(ip).into(),
+        };
+        SocketAddr::new(ip, u16::from_be(port)).to_string()
+    };
     let mut flows: Vec<Flow> = entries
         .iter()
         .filter(|(key, _)| key.dir == CT_DIR_ORIG)
@@ -74,7 +79,7 @@ pub fn flows(entries: &[(Ct4Key, Ct4Value)], now_ns: u64) -> Vec<Flow> {
 /// # Errors
 /// When the map is not pinned under `pin_dir` or cannot be read.
 pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
-    let path = pin_dir.join(CT4_MAP);
+    let path = pin_dir.join(CT_MAP);
     let data = MapData::from_pin(&path).map_err(|e| {
         anyhow::anyhow!(
             "{}: {e} (is an agent running with --bpf-pin-path {}?)",
@@ -83,8 +88,8 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
         )
     })?;
     // aya's HashMap reads LRU hash maps too.
-    let map: HashMap<MapData, Ct4Key, Ct4Value> = HashMap::try_from(Map::LruHashMap(data))?;
-    let entries: Vec<(Ct4Key, Ct4Value)> = map.iter().filter_map(Result::ok).collect();
+    let map: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data))?;
+    let entries: Vec<(CtKey, CtValue)> = map.iter().filter_map(Result::ok).collect();
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
     let now_ns = u64::try_from(now.tv_sec()).unwrap_or_default() * 1_000_000_000
         + u64::try_from(now.tv_nsec()).unwrap_or_default();
@@ -123,13 +128,16 @@ mod tests {
     use super::*;
     use lb_common::{CT_DIR_REPLY, PROTO_TCP, PROTO_UDP};
 
-    fn ip(text: &str) -> u32 {
-        codec::ip4(text.parse().unwrap())
+    fn ip(text: &str) -> [u32; 4] {
+        match text.parse().unwrap() {
+            std::net::IpAddr::V4(ip) => lb_common::to_v4_mapped(codec::ip4(ip)),
+            std::net::IpAddr::V6(ip) => codec::ip6(ip),
+        }
     }
 
     #[test]
     fn one_row_per_flow_with_backend_snat_age_and_state() {
-        let key = |saddr: &str, sport: u16, daddr: &str, dport: u16, proto, dir| Ct4Key {
+        let key = |saddr: &str, sport: u16, daddr: &str, dport: u16, proto, dir| CtKey {
             saddr: ip(saddr),
             daddr: ip(daddr),
             sport: sport.to_be(),
@@ -138,9 +146,13 @@ mod tests {
             dir,
             pad: [0; 2],
         };
-        let value = |backend: &str, port: u16, flags, snat_port: u16, state| Ct4Value {
+        let value = |backend: &str, port: u16, flags, snat_port: u16, state| CtValue {
             nat_addr: ip(backend),
-            snat_addr: if flags == 0 { 0 } else { ip("192.168.50.1") },
+            snat_addr: if flags == 0 {
+                [0; 4]
+            } else {
+                ip("192.168.50.1")
+            },
             nat_port: port.to_be(),
             snat_port: snat_port.to_be(),
             rev_nat_id: 1,
@@ -185,6 +197,17 @@ mod tests {
                 ),
                 value("10.244.0.2", 5353, 0, 0, 0),
             ),
+            (
+                key(
+                    "fd00:50::2",
+                    41000,
+                    "fd00:50::1",
+                    30080,
+                    PROTO_TCP,
+                    CT_DIR_ORIG,
+                ),
+                value("fd00:244::2", 8080, 0, 0, CT_TCP_SEEN_REPLY | CT_TCP_RST),
+            ),
         ];
         let flows = flows(&entries, 11_000_000_000);
         let rows: Vec<String> = flows
@@ -201,6 +224,7 @@ mod tests {
             [
                 "TCP 192.168.50.2:40000 -> 192.168.50.1:30080 -> 10.245.0.2:8080 snat=Some(\"192.168.50.1:40123\") age=10 idle=2 ESTABLISHED",
                 "UDP 192.168.50.2:5000 -> 192.168.50.1:30053 -> 10.244.0.2:5353 snat=None age=10 idle=2 ",
+                "TCP [fd00:50::2]:41000 -> [fd00:50::1]:30080 -> [fd00:244::2]:8080 snat=None age=10 idle=2 CLOSING",
             ]
         );
     }

@@ -41,11 +41,41 @@ pub const CGROUP_PROGRAMS: [(&str, &str); 9] = [
     ("lb_sock_release", "sock_release"),
 ];
 
-/// The tc programs: (program name, attach point, pin name prefix; the device's name follows).
+/// The tc programs of the external devices: (program name, attach point, pin name prefix;
+/// the device's name follows).
 pub const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("lb_tc_ingress", TcAttachType::Ingress, "tc-ingress-"),
     ("lb_tc_egress", TcAttachType::Egress, "tc-egress-"),
 ];
+
+/// The tc programs of the pod-facing devices (with `--socket-lb host-only|off`): ingress is
+/// what the pod sends, egress what it receives.
+pub const POD_TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("lb_tc_from_pod", TcAttachType::Ingress, "tc-pod-ingress-"),
+    ("lb_tc_egress", TcAttachType::Egress, "tc-pod-egress-"),
+];
+
+/// Where connect-time (socket) translation runs (`--socket-lb`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SocketLb {
+    /// Every socket in `--cgroup`, pods' and the node's: no per-packet work for them.
+    #[default]
+    All,
+    /// Only sockets in the host's network namespace (the agent's); pods get the per-packet
+    /// path at tc on their devices, so a sidecar in the pod sees the ClusterIP.
+    HostOnly,
+    /// No socket programs: pods get the per-packet path; processes of the node itself
+    /// reach Services only through their NodePorts, external and LoadBalancer IPs.
+    Off,
+}
+
+impl SocketLb {
+    /// Whether the pod-facing devices get the per-packet path.
+    #[must_use]
+    pub const fn per_packet_for_pods(self) -> bool {
+        !matches!(self, Self::All)
+    }
+}
 
 /// Directory under the pin path holding the pinned links.
 pub const LINKS_DIR: &str = "links";
@@ -73,6 +103,38 @@ pub enum LoadError {
     Pin { path: PathBuf, message: String },
     #[error(transparent)]
     Map(#[from] crate::maps::MapError),
+    #[error("reading the network namespace cookie (SO_NETNS_COOKIE, Linux 5.14+): {source}")]
+    Netns { source: io::Error },
+}
+
+/// The cookie of the agent's network namespace (the host's, for a node agent).
+fn netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: a socket used only for the getsockopt below and closed after it.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` outlive the call; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    let result = if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    };
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd) };
+    result
 }
 
 /// The loaded object and its maps.
@@ -85,7 +147,7 @@ pub struct Loaded {
 ///
 /// # Errors
 /// When bpffs is unavailable, a pinned map is incompatible, or the kernel refuses the object.
-pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
+pub fn load(pin_dir: &Path, socket_lb: SocketLb) -> Result<Loaded, LoadError> {
     crate::mounts::ensure_bpffs(pin_dir).map_err(|source| LoadError::Bpffs {
         path: pin_dir.to_path_buf(),
         source,
@@ -96,6 +158,11 @@ pub fn load(pin_dir: &Path) -> Result<Loaded, LoadError> {
     for spec in PINNED_MAPS {
         loader.map_pin_path(spec.name, pin_dir.join(spec.name));
     }
+    let host_netns_cookie = match socket_lb {
+        SocketLb::HostOnly => netns_cookie().map_err(|source| LoadError::Netns { source })?,
+        SocketLb::All | SocketLb::Off => 0,
+    };
+    loader.override_global("HOST_NETNS_COOKIE", &host_netns_cookie, true);
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     let maps = BpfMaps::from_maps(|name| {
         ebpf.take_map(name).ok_or_else(|| crate::maps::MapError {
@@ -190,16 +257,18 @@ pub fn attach_cgroup_programs(
     Ok(())
 }
 
-/// Attaches the tc programs to the ingress and egress of each of `devices` (TCX links,
-/// pinned under `pin_dir/links` as `tc-ingress-<dev>`, `tc-egress-<dev>`), replacing a
-/// previous agent's links only once the new ones run; links of devices no longer listed are
-/// detached.
+/// Attaches the tc programs to the ingress and egress of each external device and of each
+/// pod-facing one (TCX links, pinned under `pin_dir/links` as `tc-ingress-<dev>`,
+/// `tc-egress-<dev>`, `tc-pod-ingress-<dev>`, `tc-pod-egress-<dev>`), replacing a previous
+/// agent's links only once the new ones run; links of devices no longer listed (or gone)
+/// are detached.
 ///
 /// # Errors
 /// When a device does not exist or the kernel refuses the attachment.
 pub fn attach_tc_programs(
     ebpf: &mut Ebpf,
-    devices: &[String],
+    external: &[String],
+    pods: &[String],
     pin_dir: &Path,
 ) -> Result<(), LoadError> {
     let links = pin_dir.join(LINKS_DIR);
@@ -208,24 +277,32 @@ pub fn attach_tc_programs(
         source,
     })?;
     let mut wanted = std::collections::BTreeSet::new();
-    for (name, attach_type, prefix) in TC_PROGRAMS {
-        let program_error = |e: aya::programs::ProgramError| LoadError::Attach {
-            name,
-            message: e.to_string(),
-        };
-        let program: &mut SchedClassifier =
-            program_mut(ebpf, name)?.try_into().map_err(program_error)?;
-        if program.fd().is_err() {
-            program.load().map_err(program_error)?;
-        }
-        for device in devices {
-            let pin_name = format!("{prefix}{device}");
-            let path = links.join(&pin_name);
-            let link_id = program.attach(device, attach_type).map_err(program_error)?;
-            let link = program.take_link(link_id).map_err(program_error)?;
-            let link = FdLink::try_from(link).map_err(|e| pin_error(&path, &e))?;
-            replace_pinned_link(&path, link)?;
-            wanted.insert(pin_name);
+    let sets = [(&TC_PROGRAMS, external), (&POD_TC_PROGRAMS, pods)];
+    for (programs, devices) in sets {
+        for (name, attach_type, prefix) in programs {
+            let program_error = |e: aya::programs::ProgramError| LoadError::Attach {
+                name,
+                message: e.to_string(),
+            };
+            let program: &mut SchedClassifier =
+                program_mut(ebpf, name)?.try_into().map_err(program_error)?;
+            if program.fd().is_err() {
+                program.load().map_err(program_error)?;
+            }
+            for device in devices {
+                let pin_name = format!("{prefix}{device}");
+                let path = links.join(&pin_name);
+                if wanted.contains(&pin_name) {
+                    continue;
+                }
+                let link_id = program
+                    .attach(device, *attach_type)
+                    .map_err(program_error)?;
+                let link = program.take_link(link_id).map_err(program_error)?;
+                let link = FdLink::try_from(link).map_err(|e| pin_error(&path, &e))?;
+                replace_pinned_link(&path, link)?;
+                wanted.insert(pin_name);
+            }
         }
     }
     let stale = fs::read_dir(&links).map_err(|source| LoadError::Bpffs {
@@ -234,17 +311,44 @@ pub fn attach_tc_programs(
     })?;
     for entry in stale.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let is_tc = TC_PROGRAMS.iter().any(|(_, _, p)| name.starts_with(p));
+        let is_tc = TC_PROGRAMS
+            .iter()
+            .chain(&POD_TC_PROGRAMS)
+            .any(|(_, _, p)| name.starts_with(p));
         if is_tc && !wanted.contains(&name) {
             let path = entry.path();
-            match PinnedLink::from_pin(&path) {
-                Ok(link) => drop(link.unpin()),
-                Err(_) => drop(fs::remove_file(&path)),
-            }
+            drop(unpin_link(&path));
             info!(link = %path.display(), "detached the tc program of a device no longer listed");
         }
     }
-    info!(devices = ?devices, "attached tc programs");
+    info!(external = ?external, pods = pods.len(), "attached tc programs");
+    Ok(())
+}
+
+/// Detaches the cgroup programs a previous agent pinned (`--socket-lb off`).
+///
+/// # Errors
+/// When a pin exists but cannot be removed.
+pub fn detach_cgroup_programs(pin_dir: &Path) -> io::Result<()> {
+    for (_, pin_name) in CGROUP_PROGRAMS {
+        let path = pin_dir.join(LINKS_DIR).join(pin_name);
+        if path.exists() {
+            unpin_link(&path)?;
+            info!(link = %path.display(), "detached a socket program (--socket-lb off)");
+        }
+    }
+    Ok(())
+}
+
+/// Unpins the link at `path`; dropping its last fd detaches the program.
+fn unpin_link(path: &Path) -> io::Result<()> {
+    match PinnedLink::from_pin(path) {
+        Ok(link) => drop(link.unpin()?),
+        Err(e) => {
+            warn!(link = %path.display(), error = %e, "not a link; removing the pin");
+            fs::remove_file(path)?;
+        }
+    }
     Ok(())
 }
 
@@ -324,11 +428,14 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<CleanupReport> {
         }
         fs::remove_dir(&links)?;
     }
-    for spec in PINNED_MAPS {
-        let path = pin_dir.join(spec.name);
-        if path.exists() {
-            fs::remove_file(&path)?;
-            report.maps_removed.push(path);
+    // Every map this agent pins, and any an older version left (the directory is ours).
+    if pin_dir.is_dir() {
+        for entry in fs::read_dir(pin_dir)? {
+            let path = entry?.path();
+            if path.is_file() {
+                fs::remove_file(&path)?;
+                report.maps_removed.push(path);
+            }
         }
     }
     if pin_dir.is_dir() {

@@ -66,6 +66,22 @@ enum Command {
             value_delimiter = ','
         )]
         devices: Vec<String>,
+        /// Where connect-time translation runs: `all` sockets in --cgroup; `host-only`
+        /// sockets of the host's network namespace, pods getting per-packet translation at
+        /// tc on their devices (so a service mesh's sidecar sees the ClusterIP); `off` no
+        /// socket translation, pods per packet, the node's own processes none.
+        #[arg(long, env = "LB_SOCKET_LB", value_enum, default_value_t)]
+        socket_lb: loader::SocketLb,
+        /// Pod-facing devices (comma-separated) that get the per-packet path when
+        /// --socket-lb is `host-only` or `off` [default: every veth without a global address
+        /// that is not one of the --devices].
+        #[arg(
+            long,
+            env = "LB_POD_DEVICES",
+            value_name = "DEV,...",
+            value_delimiter = ','
+        )]
+        pod_devices: Vec<String>,
         #[command(flatten)]
         pins: PinArgs,
         #[command(flatten)]
@@ -81,7 +97,7 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// List the flows from outside the node that the tc datapath tracks (client, frontend,
+    /// List the flows the tc datapath tracks (client, frontend,
     /// backend, SNAT, age, idle time, TCP state), read from the pinned conntrack map.
     Conntrack {
         #[command(flatten)]
@@ -135,6 +151,8 @@ fn main() -> anyhow::Result<()> {
             node_name,
             cgroup,
             devices,
+            socket_lb,
+            pod_devices,
             pins,
             api,
         } => {
@@ -153,6 +171,8 @@ fn main() -> anyhow::Result<()> {
                 pin_dir: pins.bpf_pin_path,
                 api_addr: api.api_addr,
                 devices,
+                socket_lb,
+                pod_devices,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -29,14 +29,18 @@ pub const SERVICES6_MAP: &str = "LB6_SERVICES";
 pub const BACKENDS6_MAP: &str = "LB6_BACKENDS";
 /// Name of the IPv6 reverse-NAT map.
 pub const REVNAT6_MAP: &str = "LB6_REVNAT";
-/// Name of the IPv4 connection-tracking map of the tc datapath.
-pub const CT4_MAP: &str = "LB4_CT";
+/// Name of the connection-tracking map of the tc datapath (both families).
+pub const CT_MAP: &str = "LB_CT";
 /// Name of the map of this node's IPv4 addresses (NodePort frontends answer on each).
 pub const NODE_ADDRS4_MAP: &str = "LB4_NODE_ADDRS";
+/// Name of the map of this node's IPv6 addresses.
+pub const NODE_ADDRS6_MAP: &str = "LB6_NODE_ADDRS";
 /// Name of the map of each `--devices` interface's IPv4 address (the SNAT source).
 pub const DEVICES4_MAP: &str = "LB4_DEVICES";
+/// Name of the map of each `--devices` interface's IPv6 address (the SNAT source).
+pub const DEVICES6_MAP: &str = "LB6_DEVICES";
 /// Every map the agent pins, with its shape.
-pub const PINNED_MAPS: [MapSpec; 9] = [
+pub const PINNED_MAPS: [MapSpec; 11] = [
     MapSpec::of::<Service4Key, ServiceValue>(
         SERVICES4_MAP,
         SERVICES_MAX_ENTRIES,
@@ -51,9 +55,11 @@ pub const PINNED_MAPS: [MapSpec; 9] = [
     ),
     MapSpec::of::<u32, Backend6>(BACKENDS6_MAP, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC),
     MapSpec::of::<RevNat6Key, RevNat6Value>(REVNAT6_MAP, REVNAT6_MAX_ENTRIES, 0),
-    MapSpec::of::<Ct4Key, Ct4Value>(CT4_MAP, CT4_MAX_ENTRIES, 0),
+    MapSpec::of::<CtKey, CtValue>(CT_MAP, CT_MAX_ENTRIES, 0),
     MapSpec::of::<u32, NodeAddr>(NODE_ADDRS4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+    MapSpec::of::<[u32; 4], NodeAddr>(NODE_ADDRS6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
     MapSpec::of::<u32, u32>(DEVICES4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+    MapSpec::of::<u32, [u32; 4]>(DEVICES6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
 ];
 
 /// The shape of a map as the kernel records it: a pinned map is reused only if it has
@@ -102,9 +108,10 @@ pub const REVNAT6_MAX_ENTRIES: usize = 65_536;
 /// datapath never pays for an allocation.
 pub const MAP_F_NO_PREALLOC: usize = 1;
 
-/// Capacity of the IPv4 conntrack map: two entries (original and reply direction) per
-/// connection from outside the node; least recently used entries are evicted first.
-pub const CT4_MAX_ENTRIES: usize = 131_072;
+/// Capacity of the conntrack map: two entries (original and reply direction) per flow
+/// the tc datapath translates; least recently used entries are evicted first. Preallocated
+/// (LRU): about 20 MiB.
+pub const CT_MAX_ENTRIES: usize = 131_072;
 /// Capacity of the node-address map (addresses of the `--devices`).
 pub const NODE_ADDRS_MAX_ENTRIES: usize = 256;
 
@@ -116,10 +123,14 @@ pub const PROTO_TCP: u8 = 6;
 /// UDP, see [`PROTO_TCP`].
 pub const PROTO_UDP: u8 = 17;
 
-/// Frontend scope: the frontend applies to every client (the only scope written so far:
-/// an `externalTrafficPolicy: Local` frontend is one entry with [`SVC_F_LOCAL`] and only the
-/// node-local backends; a separate in-cluster scope with every backend is a later step).
+/// Frontend scope of every frontend's first (or only) entry: what clients outside the
+/// cluster get. Under `externalTrafficPolicy: Local` it names only node-local backends.
 pub const SCOPE_EXTERNAL: u8 = 0;
+/// Frontend scope of the second entry of a frontend with [`SVC_F_TWO_SCOPES`]: what clients
+/// inside the cluster (pods, and processes of the node) get, every endpoint of the Service,
+/// as kube-proxy short-circuits in-cluster traffic to an `externalTrafficPolicy: Local`
+/// Service's external addresses to all endpoints (Cilium's `LB_LOOKUP_SCOPE_INT`).
+pub const SCOPE_INTERNAL: u8 = 1;
 
 /// The frontend is a ClusterIP (`spec.clusterIP(s)`).
 pub const SVC_F_CLUSTER_IP: u32 = 1 << 0;
@@ -136,6 +147,9 @@ pub const SVC_F_NODEPORT: u32 = 1 << 3;
 pub const SVC_F_LOCAL: u32 = 1 << 4;
 /// The kinds the tc datapath serves to clients outside the node (a ClusterIP is not).
 pub const SVC_F_TC_KINDS: u32 = SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER | SVC_F_NODEPORT;
+/// The frontend's [`SCOPE_EXTERNAL`] entry is for clients outside the cluster only: clients
+/// inside it look up the [`SCOPE_INTERNAL`] entry of the same frontend.
+pub const SVC_F_TWO_SCOPES: u32 = 1 << 5;
 
 /// The backend is terminating: it gets new connections only because its Service has no
 /// ready endpoint left (kube-proxy's fallback to serving, terminating endpoints).
@@ -191,7 +205,7 @@ pub struct Service4Key {
     pub backend_slot: u16,
     /// IP protocol number ([`PROTO_TCP`], [`PROTO_UDP`]).
     pub proto: u8,
-    /// [`SCOPE_EXTERNAL`].
+    /// [`SCOPE_EXTERNAL`] or [`SCOPE_INTERNAL`].
     pub scope: u8,
     /// Explicit padding, always zero.
     pub pad: [u8; 2],
@@ -209,7 +223,7 @@ pub struct Service6Key {
     pub backend_slot: u16,
     /// IP protocol number.
     pub proto: u8,
-    /// [`SCOPE_EXTERNAL`].
+    /// [`SCOPE_EXTERNAL`] or [`SCOPE_INTERNAL`].
     pub scope: u8,
     /// Explicit padding, always zero.
     pub pad: [u8; 2],
@@ -312,17 +326,18 @@ pub struct RevNat6Value {
     pub rev_nat_id: u16,
 }
 
-/// Key of the IPv4 conntrack map: a packet's 5-tuple as it is on the wire at the hook that
-/// looks it up, and the direction. The original direction is keyed by the client's packet
-/// as it arrives (client → frontend); the reply direction by the backend's packet (backend →
-/// client, or backend → SNAT address and port).
+/// Key of the conntrack map: a packet's 5-tuple as it is on the wire at the hook that looks
+/// it up, and the direction. One map serves both families (as Katran's `flow_key`): IPv4
+/// addresses are stored IPv4-mapped (`::ffff:a.b.c.d`). The original direction is keyed by
+/// the client's packet as it arrives (client → frontend); the reply direction by the
+/// backend's packet (backend → client, or backend → SNAT address and port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ct4Key {
-    /// Source IPv4 address, network byte order.
-    pub saddr: u32,
-    /// Destination IPv4 address, network byte order.
-    pub daddr: u32,
+pub struct CtKey {
+    /// Source address as four network-order words.
+    pub saddr: [u32; 4],
+    /// Destination address as four network-order words.
+    pub daddr: [u32; 4],
     /// Source port, network byte order.
     pub sport: u16,
     /// Destination port, network byte order.
@@ -335,19 +350,19 @@ pub struct Ct4Key {
     pub pad: [u8; 2],
 }
 
-/// Value of the IPv4 conntrack map.
+/// Value of the conntrack map.
 ///
 /// Original direction: DNAT to `nat_addr:nat_port` (the backend), and with [`CT_F_SNAT`]
 /// SNAT to `snat_addr:snat_port`. Reply direction: the source becomes `nat_addr:nat_port`
 /// (the frontend the client dialled), and with [`CT_F_SNAT`] the destination becomes
-/// `snat_addr:snat_port` (the client).
+/// `snat_addr:snat_port` (the client). Addresses as in [`CtKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ct4Value {
-    /// Address to translate to (see the type's description), network byte order.
-    pub nat_addr: u32,
-    /// SNAT address (original) or client address (reply), network byte order; 0 without SNAT.
-    pub snat_addr: u32,
+pub struct CtValue {
+    /// Address to translate to (see the type's description).
+    pub nat_addr: [u32; 4],
+    /// SNAT address (original) or client address (reply); zero without SNAT.
+    pub snat_addr: [u32; 4],
     /// Port to translate to, network byte order.
     pub nat_port: u16,
     /// SNAT port (original) or client port (reply), network byte order.
@@ -368,7 +383,8 @@ pub struct Ct4Value {
     pub last_seen_ns: u64,
 }
 
-/// Value of the node-address map, keyed by an IPv4 address in network byte order.
+/// Value of the node-address maps, keyed by an address in network byte order (IPv4: a
+/// `u32`, IPv6: four words).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeAddr {
@@ -385,6 +401,9 @@ pub trait ServiceKey: Copy {
     fn with_slot(&self, slot: u16) -> Self;
     /// Whether this is a master entry.
     fn is_master(&self) -> bool;
+    /// The same frontend's entry in `scope`.
+    #[must_use]
+    fn with_scope(&self, scope: u8) -> Self;
 }
 
 impl Service4Key {
@@ -409,6 +428,12 @@ impl Service4Key {
 }
 
 impl Service6Key {
+    /// The master key of the NodePort frontend `nodePort/proto` (port in network order).
+    #[must_use]
+    pub const fn node_port(dport: u16, proto: u8) -> Self {
+        Self::new([0; 4], dport, proto, MASTER_SLOT)
+    }
+
     /// The key of `slot` of the frontend `address:dport/proto` (both in network order).
     #[must_use]
     pub const fn new(address: [u32; 4], dport: u16, proto: u8, backend_slot: u16) -> Self {
@@ -434,6 +459,10 @@ impl ServiceKey for Service4Key {
     fn is_master(&self) -> bool {
         self.backend_slot == MASTER_SLOT
     }
+
+    fn with_scope(&self, scope: u8) -> Self {
+        Self { scope, ..*self }
+    }
 }
 
 impl ServiceKey for Service6Key {
@@ -446,6 +475,10 @@ impl ServiceKey for Service6Key {
 
     fn is_master(&self) -> bool {
         self.backend_slot == MASTER_SLOT
+    }
+
+    fn with_scope(&self, scope: u8) -> Self {
+        Self { scope, ..*self }
     }
 }
 
@@ -501,8 +534,8 @@ const _: () = assert!(core::mem::size_of::<RevNat4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<RevNat4Value>() == 8);
 const _: () = assert!(core::mem::size_of::<RevNat6Key>() == 32);
 const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 20);
-const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
-const _: () = assert!(core::mem::size_of::<Ct4Value>() == 40);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
 const _: () = assert!(core::mem::size_of::<NodeAddr>() == 8);
 
 #[cfg(feature = "user")]
@@ -526,9 +559,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RevNat6Value {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::Ct4Key {}
+    unsafe impl aya::Pod for super::CtKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::Ct4Value {}
+    unsafe impl aya::Pod for super::CtValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeAddr {}
 }

@@ -6,18 +6,18 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     CT_CLOSE_LIFETIME_NS, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CT_SYN_LIFETIME_NS,
     CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_LIFETIME_NS, CT_TCP_RST, CT_TCP_SEEN_REPLY,
-    CT_TCP_SYN, CT_UDP_LIFETIME_NS, Ct4Key, Ct4Value, PROTO_TCP,
+    CT_TCP_SYN, CT_UDP_LIFETIME_NS, CtKey, CtValue, PROTO_TCP,
 };
 
 use crate::{
-    maps::LB4_CT,
+    maps::LB_CT,
     nat::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// The key of `packet` in direction `dir`.
 #[inline(always)]
-pub fn key(packet: &Packet, dir: u8) -> Ct4Key {
-    Ct4Key {
+pub fn key(packet: &Packet, dir: u8) -> CtKey {
+    CtKey {
         saddr: packet.saddr,
         daddr: packet.daddr,
         sport: packet.sport,
@@ -37,12 +37,12 @@ pub fn now() -> u64 {
 
 /// The live entry of `key` (expired entries are deleted and not returned).
 #[inline(always)]
-pub fn lookup(key: &Ct4Key, now: u64) -> Option<*mut Ct4Value> {
-    let entry = LB4_CT.get_ptr_mut(key)?;
+pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
+    let entry = LB_CT.get_ptr_mut(key)?;
     // SAFETY: a map value pointer, valid for the run of the program.
     let (last_seen, state) = unsafe { ((*entry).last_seen_ns, (*entry).tcp_state) };
     if now.saturating_sub(last_seen) > lifetime(key.proto, state) {
-        let _ = LB4_CT.remove(key);
+        let _ = LB_CT.remove(key);
         return None;
     }
     Some(entry)
@@ -99,8 +99,9 @@ fn state_bits(packet: &Packet, dir: u8) -> u8 {
 
 /// Records a packet of `dir` on its entry, and on the other direction's entry when the TCP
 /// state changes (so both directions expire together once the connection closes).
-#[inline(always)]
-pub fn touch(entry: *mut Ct4Value, packet: &Packet, dir: u8, now: u64) {
+// Its own BPF function: the stack of each call stays within the 512-byte limit.
+#[inline(never)]
+pub fn touch(entry: *mut CtValue, packet: &Packet, dir: u8, now: u64) {
     // SAFETY: a map value pointer, valid for the run of the program.
     let value = unsafe { &mut *entry };
     value.last_seen_ns = now;
@@ -114,7 +115,7 @@ pub fn touch(entry: *mut Ct4Value, packet: &Packet, dir: u8, now: u64) {
     value.tcp_state |= bits;
     let state = value.tcp_state;
     let peer = peer_key(value, packet, dir);
-    if let Some(other) = LB4_CT.get_ptr_mut(peer) {
+    if let Some(other) = LB_CT.get_ptr_mut(peer) {
         // SAFETY: as above.
         unsafe { (*other).tcp_state |= state };
     }
@@ -123,7 +124,7 @@ pub fn touch(entry: *mut Ct4Value, packet: &Packet, dir: u8, now: u64) {
 /// The key of the other direction's entry of the flow `packet` belongs to (as the packet is
 /// before translation).
 #[inline(always)]
-fn peer_key(value: &Ct4Value, packet: &Packet, dir: u8) -> Ct4Key {
+fn peer_key(value: &CtValue, packet: &Packet, dir: u8) -> CtKey {
     let snat = value.flags & CT_F_SNAT != 0;
     if dir == CT_DIR_ORIG {
         // Reply: backend → client (or → SNAT address).
@@ -132,7 +133,7 @@ fn peer_key(value: &Ct4Value, packet: &Packet, dir: u8) -> Ct4Key {
         } else {
             (packet.saddr, packet.sport)
         };
-        Ct4Key {
+        CtKey {
             saddr: value.nat_addr,
             daddr,
             sport: value.nat_port,
@@ -148,7 +149,7 @@ fn peer_key(value: &Ct4Value, packet: &Packet, dir: u8) -> Ct4Key {
         } else {
             (packet.daddr, packet.dport)
         };
-        Ct4Key {
+        CtKey {
             saddr,
             daddr: value.nat_addr,
             sport,
@@ -164,15 +165,15 @@ fn peer_key(value: &Ct4Value, packet: &Packet, dir: u8) -> Ct4Key {
 /// `reply` the key and value of the backend's. Errors when the map refuses an entry.
 #[inline(always)]
 pub fn create(
-    orig_key: &Ct4Key,
-    orig: &Ct4Value,
-    reply_key: &Ct4Key,
-    reply: &Ct4Value,
+    orig_key: &CtKey,
+    orig: &CtValue,
+    reply_key: &CtKey,
+    reply: &CtValue,
     reply_flags: u64,
 ) -> Result<(), i32> {
-    LB4_CT.insert(reply_key, reply, reply_flags)?;
-    if let Err(e) = LB4_CT.insert(orig_key, orig, 0) {
-        let _ = LB4_CT.remove(reply_key);
+    LB_CT.insert(reply_key, reply, reply_flags)?;
+    if let Err(e) = LB_CT.insert(orig_key, orig, 0) {
+        let _ = LB_CT.remove(reply_key);
         return Err(e);
     }
     Ok(())

@@ -2,13 +2,13 @@
 //! once: each family has its own key and backend types and its own maps.
 use lb_common::{
     Backend4, Backend6, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, Service4Key,
-    Service6Key, ServiceKey,
+    Service6Key, ServiceKey, to_v4_mapped,
 };
 
 use crate::{
     maps::{
-        LB4_BACKENDS, LB4_NODE_ADDRS, LB4_REVNAT, LB4_SERVICES, LB6_BACKENDS, LB6_REVNAT,
-        LB6_SERVICES,
+        LB4_BACKENDS, LB4_DEVICES, LB4_NODE_ADDRS, LB4_REVNAT, LB4_SERVICES, LB6_BACKENDS,
+        LB6_DEVICES, LB6_NODE_ADDRS, LB6_REVNAT, LB6_SERVICES,
     },
     xlate::{Backends, Services},
 };
@@ -22,10 +22,22 @@ pub trait Family {
 
     fn services() -> &'static Services<Self::SvcKey>;
     fn backends() -> &'static Backends<Self::Backend>;
-    /// The master key of the frontend `addr:port/proto`.
-    fn frontend(addr: Self::Addr, port: u16, proto: u8) -> Self::SvcKey;
+    /// The master key (external scope) of the frontend `addr:port/proto` itself.
+    fn key(addr: Self::Addr, port: u16, proto: u8) -> Self::SvcKey;
+    /// The master key of the NodePort frontend `port/proto`.
+    fn node_port_key(port: u16, proto: u8) -> Self::SvcKey;
+    /// Whether `addr` is one of this node's addresses (on the `--devices`).
+    fn is_node_addr(addr: Self::Addr) -> bool;
+    /// The address of the device `ifindex` (of the `--devices`), in the wire form.
+    fn device_addr(ifindex: u32) -> Option<[u32; 4]>;
+    /// An address in the four-word form packets and conntrack use (IPv4-mapped for IPv4).
+    fn wire(addr: Self::Addr) -> [u32; 4];
+    /// The family's address of a four-word one (inverse of [`Family::wire`]).
+    fn from_wire(addr: &[u32; 4]) -> Self::Addr;
     /// A backend's address and port.
     fn backend_addr(backend: &Self::Backend) -> (Self::Addr, u16);
+    /// A backend's `BE_F_*` flags.
+    fn backend_flags(backend: &Self::Backend) -> u8;
     /// Records that socket `cookie`, talking to `backend`, dialled `frontend`.
     fn remember(
         cookie: u64,
@@ -37,6 +49,19 @@ pub trait Family {
     fn recall(cookie: u64, backend: (Self::Addr, u16)) -> Option<(Self::Addr, u16, u16)>;
     /// Forgets the record of socket `cookie` talking to `backend`.
     fn forget(cookie: u64, backend: (Self::Addr, u16));
+
+    /// The master key of the frontend a connection to `addr:port/proto` is for: on a node
+    /// address, its NodePorts (a pod dialling nodeIP:nodePort), unless the address is a
+    /// frontend of its own on that port (an external IP that is also a node address).
+    #[inline(always)]
+    fn frontend(addr: Self::Addr, port: u16, proto: u8) -> Self::SvcKey {
+        let own = Self::key(addr, port, proto);
+        // SAFETY: presence only.
+        if Self::is_node_addr(addr) && unsafe { Self::services().get(own) }.is_none() {
+            return Self::node_port_key(port, proto);
+        }
+        own
+    }
 }
 
 /// IPv4.
@@ -60,24 +85,45 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn frontend(addr: u32, port: u16, proto: u8) -> Service4Key {
-        // A node address: its NodePorts (a pod dialling nodeIP:nodePort), unless the address
-        // is a frontend of its own on that port.
-        // SAFETY: presence only.
-        if unsafe { LB4_NODE_ADDRS.get(addr) }.is_some() {
-            let own = Service4Key::new(addr, port, proto, 0);
-            // SAFETY: presence only.
-            if unsafe { LB4_SERVICES.get(own) }.is_none() {
-                return Service4Key::node_port(port, proto);
-            }
-            return own;
-        }
+    fn key(addr: u32, port: u16, proto: u8) -> Service4Key {
         Service4Key::new(addr, port, proto, 0)
+    }
+
+    #[inline(always)]
+    fn node_port_key(port: u16, proto: u8) -> Service4Key {
+        Service4Key::node_port(port, proto)
+    }
+
+    #[inline(always)]
+    fn is_node_addr(addr: u32) -> bool {
+        // SAFETY: presence only.
+        unsafe { LB4_NODE_ADDRS.get(addr) }.is_some()
+    }
+
+    #[inline(always)]
+    fn device_addr(ifindex: u32) -> Option<[u32; 4]> {
+        // SAFETY: copied out at once.
+        unsafe { LB4_DEVICES.get(ifindex) }.map(|a| to_v4_mapped(*a))
+    }
+
+    #[inline(always)]
+    fn wire(addr: u32) -> [u32; 4] {
+        to_v4_mapped(addr)
+    }
+
+    #[inline(always)]
+    fn from_wire(addr: &[u32; 4]) -> u32 {
+        addr[3]
     }
 
     #[inline(always)]
     fn backend_addr(backend: &Backend4) -> (u32, u16) {
         (backend.address, backend.port)
+    }
+
+    #[inline(always)]
+    fn backend_flags(backend: &Backend4) -> u8 {
+        backend.flags
     }
 
     #[inline(always)]
@@ -138,13 +184,45 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn frontend(addr: [u32; 4], port: u16, proto: u8) -> Service6Key {
+    fn key(addr: [u32; 4], port: u16, proto: u8) -> Service6Key {
         Service6Key::new(addr, port, proto, 0)
+    }
+
+    #[inline(always)]
+    fn node_port_key(port: u16, proto: u8) -> Service6Key {
+        Service6Key::node_port(port, proto)
+    }
+
+    #[inline(always)]
+    fn is_node_addr(addr: [u32; 4]) -> bool {
+        // SAFETY: presence only.
+        unsafe { LB6_NODE_ADDRS.get(addr) }.is_some()
+    }
+
+    #[inline(always)]
+    fn device_addr(ifindex: u32) -> Option<[u32; 4]> {
+        // SAFETY: copied out at once.
+        unsafe { LB6_DEVICES.get(ifindex) }.copied()
+    }
+
+    #[inline(always)]
+    fn wire(addr: [u32; 4]) -> [u32; 4] {
+        addr
+    }
+
+    #[inline(always)]
+    fn from_wire(addr: &[u32; 4]) -> [u32; 4] {
+        *addr
     }
 
     #[inline(always)]
     fn backend_addr(backend: &Backend6) -> ([u32; 4], u16) {
         (backend.address, backend.port)
+    }
+
+    #[inline(always)]
+    fn backend_flags(backend: &Backend6) -> u8 {
+        backend.flags
     }
 
     #[inline(always)]

@@ -13,19 +13,27 @@ use aya_ebpf::{
 use crate::nat::{Packet, RewriteError};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 
 /// Redirects `packet` (already translated) to its next hop; the tc action to return. A
 /// destination the FIB cannot resolve goes on through the stack (`TC_ACT_OK`).
-#[inline(always)]
+// Its own BPF function: the lookup's parameters stay off the caller's stack.
+#[inline(never)]
 pub fn redirect(ctx: &TcContext, packet: &Packet) -> Result<i32, RewriteError> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid request to fill in.
     let mut params: bpf_fib_lookup = unsafe { mem::zeroed() };
-    params.family = AF_INET;
     params.l4_protocol = packet.proto;
     params.sport = packet.sport;
     params.dport = packet.dport;
-    params.__bindgen_anon_3.ipv4_src = packet.saddr;
-    params.__bindgen_anon_4.ipv4_dst = packet.daddr;
+    if packet.v6 {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = packet.saddr;
+        params.__bindgen_anon_4.ipv6_dst = packet.daddr;
+    } else {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = packet.saddr[3];
+        params.__bindgen_anon_4.ipv4_dst = packet.daddr[3];
+    }
     // SAFETY: the skb context is valid for the run of the program.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: helper on the program's own skb and a stack struct of the size passed.

@@ -101,10 +101,18 @@ pub fn lb_sock_release(ctx: SockContext) -> i32 {
 /// tc ingress of an external device: NodePort, external and LoadBalancer IPs from outside.
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
-    tc::action(&ctx, tc::ingress(&ctx))
+    tc::action(&ctx, tc::ingress(&ctx, tc::Origin::Outside))
 }
 
-/// tc egress of an external device: replies of tracked flows get their frontend back.
+/// tc ingress of a pod-facing device (packets from the pod): every frontend, per packet,
+/// for pods the socket hooks do not cover (`--socket-lb host-only|off`).
+#[classifier]
+pub fn lb_tc_from_pod(ctx: TcContext) -> i32 {
+    tc::action(&ctx, tc::ingress(&ctx, tc::Origin::Pod))
+}
+
+/// tc egress of an external or pod-facing device: replies of tracked flows get their
+/// frontend back.
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     tc::action(&ctx, tc::egress(&ctx))

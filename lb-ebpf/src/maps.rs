@@ -1,11 +1,11 @@
 //! The maps, as BTF maps so `bpftool map dump` prints typed entries. Their layout is
 //! defined in `lb-common`; only the declarations live here.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, Backend4, Backend6, CT4_MAX_ENTRIES, Ct4Key, Ct4Value, MAP_F_NO_PREALLOC,
+    BACKENDS_MAX_ENTRIES, Backend4, Backend6, CT_MAX_ENTRIES, CtKey, CtValue, MAP_F_NO_PREALLOC,
     NODE_ADDRS_MAX_ENTRIES, NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key,
     RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES, Service4Key, Service6Key,
     ServiceValue,
@@ -49,14 +49,37 @@ pub static LB6_BACKENDS: HashMap<u32, Backend6, BACKENDS_MAX_ENTRIES, MAP_F_NO_P
 pub static LB6_REVNAT: LruHashMap<RevNat6Key, RevNat6Value, REVNAT6_MAX_ENTRIES> =
     LruHashMap::new();
 
-/// Connections from outside the node through the tc datapath, both directions.
+/// Flows the tc datapath translates, both directions, both families.
 #[btf_map]
-pub static LB4_CT: LruHashMap<Ct4Key, Ct4Value, CT4_MAX_ENTRIES> = LruHashMap::new();
+pub static LB_CT: LruHashMap<CtKey, CtValue, CT_MAX_ENTRIES> = LruHashMap::new();
 
 /// This node's IPv4 addresses (on the `--devices`): a NodePort answers on each.
 #[btf_map]
 pub static LB4_NODE_ADDRS: HashMap<u32, NodeAddr, NODE_ADDRS_MAX_ENTRIES> = HashMap::new();
 
+/// This node's IPv6 addresses (on the `--devices`).
+#[btf_map]
+pub static LB6_NODE_ADDRS: HashMap<[u32; 4], NodeAddr, NODE_ADDRS_MAX_ENTRIES> = HashMap::new();
+
 /// Interface index of each `--devices` interface to its IPv4 address (the SNAT source).
 #[btf_map]
 pub static LB4_DEVICES: HashMap<u32, u32, NODE_ADDRS_MAX_ENTRIES> = HashMap::new();
+
+/// Interface index of each `--devices` interface to its IPv6 address (the SNAT source).
+#[btf_map]
+pub static LB6_DEVICES: HashMap<u32, [u32; 4], NODE_ADDRS_MAX_ENTRIES> = HashMap::new();
+
+/// A new flow's two conntrack entries while they are built. Together with the packet and
+/// the frontend lookup they would not fit the 512-byte BPF stack, so they are built in this
+/// per-CPU slot (a tc program runs to completion on its CPU). Not pinned: scratch only.
+#[repr(C)]
+pub struct NewFlow {
+    pub orig_key: CtKey,
+    pub orig: CtValue,
+    pub reply_key: CtKey,
+    pub reply: CtValue,
+}
+
+/// One [`NewFlow`] per CPU.
+#[btf_map]
+pub static NEW_FLOW: PerCpuArray<NewFlow, 1> = PerCpuArray::new();

@@ -1,36 +1,54 @@
-//! Packet parsing and rewriting for the tc datapath (IPv4 over Ethernet). Every access goes
-//! through `bpf_skb_load_bytes`/`bpf_skb_store_bytes`, so the verifier needs no packet
-//! pointer bounds; checksums are fixed incrementally, with the L4 checksum's own offset
-//! (never a port's offset) and the pseudo-header flag for addresses.
+//! Packet parsing and rewriting for the tc datapath (IPv4 and IPv6 over Ethernet). Every
+//! access goes through `bpf_skb_load_bytes`/`bpf_skb_store_bytes`, so the verifier needs no
+//! packet pointer bounds; checksums are fixed incrementally, with the L4 checksum's own
+//! offset (never a port's offset) and the pseudo-header flag for addresses.
+//!
+//! Addresses are held as four network-order words whatever the family, IPv4 ones
+//! IPv4-mapped, as the conntrack map keys them.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::generated::bpf_csum_diff,
     programs::TcContext,
 };
-use lb_common::{PROTO_TCP, PROTO_UDP};
+use lb_common::{PROTO_TCP, PROTO_UDP, to_v4_mapped};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 const IP_SRC_OFF: usize = ETH_HLEN + 12;
 const IP_DST_OFF: usize = ETH_HLEN + 16;
+const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+const IP6_DST_OFF: usize = ETH_HLEN + 24;
+const IP6_HLEN: usize = 40;
 /// The More Fragments flag and the fragment offset of `frag_off` (host order).
 const IP_MF_OFFSET: u16 = 0x3fff;
 
 /// An error of a helper that rewrote part of a packet: the packet must not go on.
 pub struct RewriteError;
 
-/// The 5-tuple of an IPv4 TCP or UDP packet and where its L4 header is.
+/// The 5-tuple of a TCP or UDP packet and where its L4 header is.
 #[derive(Clone, Copy)]
 pub struct Packet {
-    pub saddr: u32,
-    pub daddr: u32,
+    /// Addresses as four network-order words (IPv4: IPv4-mapped).
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
     /// Ports in network byte order, as in the packet.
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// An IPv6 packet.
+    pub v6: bool,
     l4_off: usize,
+}
+
+/// Whether two four-word addresses are equal, word by word (a slice comparison would
+/// become a `bcmp` call, which BPF does not have).
+#[inline(always)]
+pub fn same_addr(a: &[u32; 4], b: &[u32; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
 /// TCP header flag bits.
@@ -40,15 +58,21 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 impl Packet {
-    /// Parses an IPv4 TCP or UDP packet; `None` for anything else, and for fragments (a
-    /// later fragment has no ports: they pass untranslated, as the first one's flow would
-    /// need reassembly state this increment does not keep).
+    /// Parses a TCP or UDP packet over IPv4 or IPv6; `None` for anything else, for IPv4
+    /// fragments (a later fragment has no ports: they pass untranslated, as the first
+    /// one's flow would need reassembly state this datapath does not keep), and for IPv6
+    /// packets with extension headers before TCP/UDP (they pass untranslated too).
     #[inline(always)]
     pub fn parse(ctx: &TcContext) -> Option<Self> {
-        let ether_type = u16::from_be(ctx.load::<u16>(12).ok()?);
-        if ether_type != ETH_P_IP {
-            return None;
+        match u16::from_be(ctx.load::<u16>(12).ok()?) {
+            ETH_P_IP => Self::parse4(ctx),
+            ETH_P_IPV6 => Self::parse6(ctx),
+            _ => None,
         }
+    }
+
+    #[inline(always)]
+    fn parse4(ctx: &TcContext) -> Option<Self> {
         let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
         if version_ihl >> 4 != 4 {
             return None;
@@ -62,22 +86,59 @@ impl Packet {
             return None;
         }
         let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+        Self::with_ports(
+            ctx,
+            proto,
+            ETH_HLEN + ihl * 4,
+            to_v4_mapped(ctx.load(IP_SRC_OFF).ok()?),
+            to_v4_mapped(ctx.load(IP_DST_OFF).ok()?),
+            false,
+        )
+    }
+
+    #[inline(always)]
+    fn parse6(ctx: &TcContext) -> Option<Self> {
+        let version: u8 = ctx.load(ETH_HLEN).ok()?;
+        if version >> 4 != 6 {
+            return None;
+        }
+        let next_header: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+        Self::with_ports(
+            ctx,
+            next_header,
+            ETH_HLEN + IP6_HLEN,
+            ctx.load(IP6_SRC_OFF).ok()?,
+            ctx.load(IP6_DST_OFF).ok()?,
+            true,
+        )
+    }
+
+    /// The packet, with the ports and TCP flags of the L4 header at `l4_off`.
+    #[inline(always)]
+    fn with_ports(
+        ctx: &TcContext,
+        proto: u8,
+        l4_off: usize,
+        saddr: [u32; 4],
+        daddr: [u32; 4],
+        v6: bool,
+    ) -> Option<Self> {
         if proto != PROTO_TCP && proto != PROTO_UDP {
             return None;
         }
-        let l4_off = ETH_HLEN + ihl * 4;
         let tcp_flags = if proto == PROTO_TCP {
             ctx.load::<u8>(l4_off + 13).ok()?
         } else {
             0
         };
         Some(Self {
-            saddr: ctx.load(IP_SRC_OFF).ok()?,
-            daddr: ctx.load(IP_DST_OFF).ok()?,
+            saddr,
+            daddr,
             sport: ctx.load(l4_off).ok()?,
             dport: ctx.load(l4_off + 2).ok()?,
             proto,
             tcp_flags,
+            v6,
             l4_off,
         })
     }
@@ -92,7 +153,8 @@ impl Packet {
         }
     }
 
-    /// Extra flags of an L4 checksum update: a UDP checksum of 0 means "none" and stays 0.
+    /// Extra flags of an L4 checksum update: a UDP checksum of 0 means "none" (IPv4) and
+    /// stays 0.
     #[inline(always)]
     fn l4_flags(&self) -> u64 {
         if self.proto == PROTO_UDP {
@@ -102,20 +164,33 @@ impl Packet {
         }
     }
 
-    /// Rewrites the destination to `addr:port` (network order).
+    /// Rewrites the destination to `addr:port` (network order; `addr` of the packet's
+    /// family, IPv4-mapped for IPv4).
     #[inline(always)]
-    pub fn set_dst(&mut self, ctx: &TcContext, addr: u32, port: u16) -> Result<(), RewriteError> {
-        self.set_addr(ctx, IP_DST_OFF, self.daddr, addr)?;
+    pub fn set_dst(
+        &mut self,
+        ctx: &TcContext,
+        addr: [u32; 4],
+        port: u16,
+    ) -> Result<(), RewriteError> {
+        let off = if self.v6 { IP6_DST_OFF } else { IP_DST_OFF };
+        self.set_addr(ctx, off, &self.daddr, &addr)?;
         self.set_port(ctx, self.l4_off + 2, self.dport, port)?;
         self.daddr = addr;
         self.dport = port;
         Ok(())
     }
 
-    /// Rewrites the source to `addr:port` (network order).
+    /// Rewrites the source to `addr:port` (as [`Packet::set_dst`]).
     #[inline(always)]
-    pub fn set_src(&mut self, ctx: &TcContext, addr: u32, port: u16) -> Result<(), RewriteError> {
-        self.set_addr(ctx, IP_SRC_OFF, self.saddr, addr)?;
+    pub fn set_src(
+        &mut self,
+        ctx: &TcContext,
+        addr: [u32; 4],
+        port: u16,
+    ) -> Result<(), RewriteError> {
+        let off = if self.v6 { IP6_SRC_OFF } else { IP_SRC_OFF };
+        self.set_addr(ctx, off, &self.saddr, &addr)?;
         self.set_port(ctx, self.l4_off, self.sport, port)?;
         self.saddr = addr;
         self.sport = port;
@@ -127,18 +202,34 @@ impl Packet {
         &self,
         ctx: &TcContext,
         off: usize,
-        old: u32,
-        new: u32,
+        old: &[u32; 4],
+        new: &[u32; 4],
     ) -> Result<(), RewriteError> {
-        if old == new {
+        if same_addr(old, new) {
             return Ok(());
         }
-        let flags = u64::from(BPF_F_PSEUDO_HDR) | self.l4_flags() | 4;
-        ctx.l4_csum_replace(self.csum_off(), u64::from(old), u64::from(new), flags)
+        if !self.v6 {
+            let (old, new) = (old[3], new[3]);
+            let flags = u64::from(BPF_F_PSEUDO_HDR) | self.l4_flags() | 4;
+            ctx.l4_csum_replace(self.csum_off(), u64::from(old), u64::from(new), flags)
+                .map_err(|_| RewriteError)?;
+            ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
+                .map_err(|_| RewriteError)?;
+            return ctx.store(off, &new, 0).map_err(|_| RewriteError);
+        }
+        // IPv6 has no header checksum; the L4 one covers both addresses through the
+        // pseudo-header: fold the 16-byte difference in.
+        let mut from = *old;
+        let mut to = *new;
+        // SAFETY: two 16-byte stack buffers of the sizes passed.
+        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(RewriteError);
+        }
+        let flags = u64::from(BPF_F_PSEUDO_HDR) | self.l4_flags();
+        ctx.l4_csum_replace(self.csum_off(), 0, diff as u64, flags)
             .map_err(|_| RewriteError)?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
-            .map_err(|_| RewriteError)?;
-        ctx.store(off, &new, 0).map_err(|_| RewriteError)
+        ctx.store(off, new, 0).map_err(|_| RewriteError)
     }
 
     #[inline(always)]

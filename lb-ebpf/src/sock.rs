@@ -9,7 +9,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::generated::bpf_get_socket_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockAddrContext, SockContext},
 };
 use lb_common::{PROTO_TCP, PROTO_UDP, to_v4_mapped, v4_mapped};
@@ -21,6 +21,12 @@ use crate::{
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+
+/// `--socket-lb host-only`: the cookie of the host's network namespace, set by the agent
+/// when it loads the object; the forward hooks then translate only sockets of that
+/// namespace, and pods' packets take the per-packet path at tc. 0 (`all`): every socket.
+#[unsafe(no_mangle)]
+static HOST_NETNS_COOKIE: u64 = 0;
 
 /// What a forward hook decided.
 pub enum Verdict {
@@ -41,6 +47,9 @@ pub enum Hook {
 
 /// Forward translation of an IPv4 `connect()`/`sendmsg()`.
 pub fn forward4(ctx: &SockAddrContext, hook: Hook) -> Verdict {
+    if !covered(ctx) {
+        return Verdict::Pass;
+    }
     let sa = ctx.sock_addr;
     let Some(proto) = protocol(sa, hook) else {
         return Verdict::Pass;
@@ -67,6 +76,9 @@ pub fn forward4(ctx: &SockAddrContext, hook: Hook) -> Verdict {
 /// Forward translation of an IPv6 `connect()`/`sendmsg()`, including IPv4 Services dialled
 /// through an IPv4-mapped address (`::ffff:10.96.0.10`).
 pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
+    if !covered(ctx) {
+        return Verdict::Pass;
+    }
     let sa = ctx.sock_addr;
     let Some(proto) = protocol(sa, hook) else {
         return Verdict::Pass;
@@ -244,6 +256,15 @@ fn pick(ctx: &SockAddrContext, hook: Hook) -> Pick {
             Pick::Hash(((c >> 32) as u32 ^ c as u32).wrapping_mul(0x9e37_79b1))
         }
     }
+}
+
+/// Whether this socket is one the socket hooks translate (see [`HOST_NETNS_COOKIE`]).
+#[inline(always)]
+fn covered(ctx: &SockAddrContext) -> bool {
+    // SAFETY: a read of a global the loader may have set; volatile so it is not folded.
+    let host = unsafe { read_volatile(&raw const HOST_NETNS_COOKIE) };
+    // SAFETY: helper on the program's own context.
+    host == 0 || unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } == host
 }
 
 #[inline(always)]

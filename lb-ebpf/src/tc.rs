@@ -1,21 +1,30 @@
-//! The tc datapath for traffic from outside the node (after Cilium's `nodeport.h`, IPv4,
-//! without the XDP and DSR variants): on the external devices' ingress, a packet to a
-//! NodePort on a node address, to an external IP or to a LoadBalancer IP is DNATed to a
-//! backend (SNATed too when the backend is on another node under
-//! `externalTrafficPolicy: Cluster`), and the flow is tracked in `LB4_CT`; on their egress,
-//! the backend's replies get the frontend the client dialled as their source. The kernel
-//! routes the translated packets.
+//! The tc datapath (after Cilium's `nodeport.h` and `bpf_lxc.c`, without the XDP and DSR
+//! variants), for IPv4 and IPv6 alike:
+//! - on the external devices' ingress, a packet from outside the node to a NodePort on a
+//!   node address, to an external IP or to a LoadBalancer IP is DNATed to a backend
+//!   (SNATed too when the backend is on another node under `externalTrafficPolicy:
+//!   Cluster`);
+//! - on the pod-facing devices' ingress (with `--socket-lb host-only` or `off`), a packet
+//!   from a pod to any frontend, ClusterIPs included, is DNATed to a backend: the per-packet
+//!   path for pods the socket hooks do not cover;
+//! - on the egress of both, the backend's replies get the frontend the client dialled as
+//!   their source.
+//!
+//! Every flow is tracked in `LB_CT`; the kernel routes the translated packets.
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32, programs::TcContext};
 use aya_log_ebpf::warn;
 use lb_common::{
-    BE_F_REMOTE, Backend4, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Ct4Value, SNAT_PORT_COUNT,
-    SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_TC_KINDS, Service4Key, ServiceKey as _, ServiceValue,
+    BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CtValue, SNAT_PORT_COUNT, SNAT_PORT_MIN,
+    SVC_F_LOCAL, SVC_F_TC_KINDS,
 };
 
 use crate::{
-    conntrack, fib,
-    maps::{LB4_BACKENDS, LB4_CT, LB4_DEVICES, LB4_NODE_ADDRS, LB4_SERVICES},
-    nat::{Packet, RewriteError},
+    conntrack,
+    family::{Family, V4, V6},
+    fib,
+    maps::{LB_CT, NEW_FLOW, NewFlow},
+    nat::{Packet, RewriteError, same_addr},
+    xlate::{self, Pick, Scope},
 };
 
 /// `TC_ACT_OK` (linux/pkt_cls.h): let the packet go on (translated or not). Spelled out
@@ -68,48 +77,95 @@ pub fn action(ctx: &TcContext, result: Result<i32, Error>) -> i32 {
     }
 }
 
-/// Ingress of an external device: replies of SNATed flows back to their client, and
-/// packets to a frontend on to a backend.
+/// Where the packets a program sees come from, which decides what they may reach.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// From outside the node, on an external device: NodePorts, external and LoadBalancer
+    /// IPs, in their external scope.
+    Outside,
+    /// From a pod of this node: every frontend, ClusterIPs included, in the internal scope.
+    Pod,
+}
+
+/// Ingress: replies of SNATed flows back to their client, packets of tracked flows on to
+/// their backend, and the first packet of a flow to a frontend to a backend chosen now.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext) -> Result<i32, Error> {
+pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, Error> {
     let Some(mut packet) = Packet::parse(ctx) else {
         return Ok(PASS);
     };
     let now = conntrack::now();
-    let reply_key = conntrack::key(&packet, CT_DIR_REPLY);
-    if let Some(entry) = conntrack::lookup(&reply_key, now) {
-        // SAFETY: a map value pointer, valid for the run of the program.
-        let value = unsafe { *entry };
-        if value.flags & CT_F_SNAT != 0 {
-            conntrack::touch(entry, &packet, CT_DIR_REPLY, now);
-            packet.set_dst(ctx, value.snat_addr, value.snat_port)?;
-            packet.set_src(ctx, value.nat_addr, value.nat_port)?;
-            // Its source is now a node address: the stack would drop it as a martian.
-            return Ok(fib::redirect(ctx, &packet)?);
-        }
+    if origin == Origin::Outside
+        && let Some(action) = snat_reply(ctx, &mut packet, now)?
+    {
+        return Ok(action);
     }
-    let orig_key = conntrack::key(&packet, CT_DIR_ORIG);
+    if let Some(action) = tracked(ctx, &mut packet, now)? {
+        return Ok(action);
+    }
+    let flow = if packet.v6 {
+        new_flow::<V6>(ctx, &packet, origin, now)?
+    } else {
+        new_flow::<V4>(ctx, &packet, origin, now)?
+    };
+    match flow {
+        // SAFETY: this CPU's scratch slot, ours until the program returns.
+        Some(flow) => start_flow(ctx, &mut packet, unsafe { &mut *flow }, now),
+        None => Ok(PASS),
+    }
+}
+
+/// A packet of a tracked flow goes on to the flow's backend; `None` when the packet starts
+/// a flow (also when its flow's backend is gone, or a new connection reuses a closed
+/// one's ports: the flow starts again with a backend of today).
+// Its own BPF function: the stack of each call stays within the 512-byte limit.
+#[inline(never)]
+fn tracked(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Option<i32>, Error> {
+    let orig_key = conntrack::key(packet, CT_DIR_ORIG);
     if let Some(entry) = conntrack::lookup(&orig_key, now) {
-        // SAFETY: as above.
-        let value = unsafe { *entry };
-        if backend_is_current(&value)
-            && !(conntrack::is_syn(&packet) && conntrack::is_closing(value.tcp_state))
-        {
-            conntrack::touch(entry, &packet, CT_DIR_ORIG, now);
-            return translate(ctx, &mut packet, &value);
+        // The entry is read in place (SAFETY: a map value pointer, valid for the run of the
+        // program), not copied: the stack is tight.
+        let reusable = {
+            let value = unsafe { &*entry };
+            backend_is_current(packet, value)
+                && !(conntrack::is_syn(packet) && conntrack::is_closing(value.tcp_state))
+        };
+        if reusable {
+            conntrack::touch(entry, packet, CT_DIR_ORIG, now);
+            // SAFETY: as above.
+            return translate(ctx, packet, unsafe { &*entry }).map(Some);
         }
         // The backend is gone (or a new connection reuses a closed one's ports): the flow
         // starts again with a backend of today.
-        let _ = LB4_CT.remove(orig_key);
+        let _ = LB_CT.remove(orig_key);
     }
-    let Some((key, master)) = frontend(&packet) else {
-        return Ok(PASS);
-    };
-    new_flow(ctx, &mut packet, &key, &master, now)
+    Ok(None)
 }
 
-/// Egress of an external device: a backend's reply of a tracked flow leaves with the
-/// frontend the client dialled as its source.
+/// A backend's reply to a flow SNATed to this node goes back to the client, from the
+/// frontend it dialled; `None` when the packet is not one.
+// Its own BPF function: the stack of each call stays within the 512-byte limit.
+#[inline(never)]
+fn snat_reply(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Option<i32>, Error> {
+    let reply_key = conntrack::key(packet, CT_DIR_REPLY);
+    let Some(entry) = conntrack::lookup(&reply_key, now) else {
+        return Ok(None);
+    };
+    // SAFETY: a map value pointer, valid for the run of the program.
+    if unsafe { (*entry).flags } & CT_F_SNAT == 0 {
+        return Ok(None);
+    }
+    conntrack::touch(entry, packet, CT_DIR_REPLY, now);
+    // SAFETY: as above; read in place, as the stack is tight.
+    let value = unsafe { &*entry };
+    packet.set_dst(ctx, value.snat_addr, value.snat_port)?;
+    packet.set_src(ctx, value.nat_addr, value.nat_port)?;
+    // Its source is now a node address: the stack would drop it as a martian.
+    Ok(Some(fib::redirect(ctx, packet)?))
+}
+
+/// Egress: a backend's reply of a tracked flow leaves with the frontend the client dialled
+/// as its source (towards a client outside the node, or a pod of this node).
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> Result<i32, Error> {
     let Some(mut packet) = Packet::parse(ctx) else {
@@ -121,126 +177,150 @@ pub fn egress(ctx: &TcContext) -> Result<i32, Error> {
         return Ok(PASS);
     };
     // SAFETY: a map value pointer, valid for the run of the program.
-    let value = unsafe { *entry };
-    if value.flags & CT_F_SNAT != 0 {
+    if unsafe { (*entry).flags } & CT_F_SNAT != 0 {
         // Replies of SNATed flows come in through ingress, never out here.
         return Ok(PASS);
     }
     conntrack::touch(entry, &packet, CT_DIR_REPLY, now);
-    packet.set_src(ctx, value.nat_addr, value.nat_port)?;
+    // SAFETY: as above.
+    let (address, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
+    packet.set_src(ctx, address, port)?;
     Ok(PASS)
 }
 
-/// The master entry of the frontend a packet from outside is addressed to: a NodePort when
-/// the destination is a node address, else an external or LoadBalancer IP (a ClusterIP is
-/// not served to clients outside the node).
-#[inline(always)]
-fn frontend(packet: &Packet) -> Option<(Service4Key, ServiceValue)> {
-    // SAFETY: the value is only tested for presence.
-    let key = if unsafe { LB4_NODE_ADDRS.get(packet.daddr) }.is_some() {
-        Service4Key::node_port(packet.dport, packet.proto)
-    } else {
-        Service4Key::new(packet.daddr, packet.dport, packet.proto, 0)
-    };
-    // SAFETY: copied out at once.
-    let master = unsafe { LB4_SERVICES.get(key) }.copied()?;
-    (master.flags & SVC_F_TC_KINDS != 0).then_some((key, master))
-}
-
-/// Picks a backend for a new flow, records the flow and translates its first packet.
-#[inline(always)]
-fn new_flow(
+/// The first packet of a flow: if it is addressed to a frontend it may reach, picks a
+/// backend as the socket path would and returns the flow's translation, built in the
+/// per-CPU scratch slot; `None` when the packet is for no frontend.
+// Its own BPF function: the stack of each call stays within the 512-byte limit.
+#[inline(never)]
+fn new_flow<F: Family>(
     ctx: &TcContext,
-    packet: &mut Packet,
-    key: &Service4Key,
-    master: &ServiceValue,
+    packet: &Packet,
+    origin: Origin,
     now: u64,
-) -> Result<i32, Error> {
+) -> Result<Option<*mut NewFlow>, Error> {
+    let frontend = F::frontend(F::from_wire(&packet.daddr), packet.dport, packet.proto);
+    let scope = match origin {
+        Origin::Outside => Scope::External,
+        Origin::Pod => Scope::Internal,
+    };
+    let Some((key, master)) = xlate::master(F::services(), &frontend, scope) else {
+        return Ok(None);
+    };
+    // A ClusterIP is not served to clients outside the node.
+    if origin == Origin::Outside && master.flags & SVC_F_TC_KINDS == 0 {
+        return Ok(None);
+    }
     if master.count == 0 {
         return Err(Error::NoBackends);
     }
-    // SAFETY: helper without arguments.
-    let seed = unsafe { bpf_get_prandom_u32() };
-    let slot = (seed % u32::from(master.count)) as u16 + 1;
-    // SAFETY: copied out at once.
-    let Some(entry) = unsafe { LB4_SERVICES.get(key.with_slot(slot)) }.copied() else {
-        warn!(
-            ctx,
-            "lb tc: frontend has count {} but slot {} is missing", master.count, slot
-        );
-        return Ok(PASS);
+    let picked = xlate::pick_backend(
+        ctx,
+        F::services(),
+        F::backends(),
+        &key,
+        &master,
+        Pick::Random,
+    );
+    let Some((backend_id, backend)) = picked else {
+        return Ok(None);
     };
-    // SAFETY: copied out at once.
-    let Some(backend) = unsafe { LB4_BACKENDS.get(entry.backend_id) }.copied() else {
-        return Ok(PASS);
+    let (address, port) = F::backend_addr(&backend);
+    // A backend on another node needs SNAT under `externalTrafficPolicy: Cluster` so its
+    // replies come back through this node (under Local there is none, and the client
+    // address is kept). A pod's address is routable in the cluster: its flows need none.
+    let snat = origin == Origin::Outside
+        && F::backend_flags(&backend) & BE_F_REMOTE != 0
+        && master.flags & SVC_F_LOCAL == 0;
+    let Some(slot) = NEW_FLOW.get_ptr_mut(0) else {
+        return Ok(None);
     };
-    let mut orig = Ct4Value {
-        nat_addr: backend.address,
-        snat_addr: 0,
-        nat_port: backend.port,
-        snat_port: 0,
-        rev_nat_id: master.rev_nat_id,
-        flags: 0,
-        tcp_state: 0,
-        backend_id: entry.backend_id,
-        pad: 0,
-        created_ns: now,
-        last_seen_ns: now,
+    // SAFETY: this CPU's scratch slot, ours until the program returns.
+    let orig = unsafe { &mut (*slot).orig };
+    orig.nat_addr = F::wire(address);
+    orig.snat_addr = if snat {
+        snat_address::<F>(ctx, packet)
+    } else {
+        [0; 4]
     };
+    orig.nat_port = port;
+    orig.snat_port = 0;
+    orig.rev_nat_id = master.rev_nat_id;
+    orig.flags = if snat { CT_F_SNAT } else { 0 };
+    orig.tcp_state = 0;
+    orig.backend_id = backend_id;
+    orig.pad = 0;
+    orig.created_ns = now;
+    orig.last_seen_ns = now;
+    Ok(Some(slot))
+}
+
+/// Records a new flow whose original-direction translation is `flow.orig` (without its
+/// SNAT port yet) and translates its first packet.
+// Its own BPF function: the stack of each call stays within the 512-byte limit.
+#[inline(never)]
+fn start_flow(
+    ctx: &TcContext,
+    packet: &mut Packet,
+    flow: &mut NewFlow,
+    now: u64,
+) -> Result<i32, Error> {
+    flow.orig_key = conntrack::key(packet, CT_DIR_ORIG);
     // The reply restores the frontend as the client dialled it (a NodePort: this node's
     // address it was sent to).
-    let mut reply = Ct4Value {
-        nat_addr: packet.daddr,
-        nat_port: packet.dport,
-        ..orig
-    };
-    let snat = needs_snat(&backend, master);
-    let mut reply_key = conntrack::key(packet, CT_DIR_REPLY);
-    reply_key.saddr = backend.address;
-    reply_key.sport = backend.port;
-    reply_key.daddr = packet.saddr;
-    reply_key.dport = packet.sport;
-    let orig_key = conntrack::key(packet, CT_DIR_ORIG);
-    if snat {
-        let snat_addr = snat_address(ctx, packet);
-        orig.flags = CT_F_SNAT;
-        orig.snat_addr = snat_addr;
-        reply.flags = CT_F_SNAT;
-        reply.snat_addr = packet.saddr;
-        reply.snat_port = packet.sport;
-        reply_key.daddr = snat_addr;
+    flow.reply = flow.orig;
+    flow.reply.nat_addr = packet.daddr;
+    flow.reply.nat_port = packet.dport;
+    flow.reply_key = conntrack::key(packet, CT_DIR_REPLY);
+    flow.reply_key.saddr = flow.orig.nat_addr;
+    flow.reply_key.sport = flow.orig.nat_port;
+    flow.reply_key.daddr = packet.saddr;
+    flow.reply_key.dport = packet.sport;
+    if flow.orig.flags & CT_F_SNAT != 0 {
+        flow.reply.snat_addr = packet.saddr;
+        flow.reply.snat_port = packet.sport;
+        flow.reply_key.daddr = flow.orig.snat_addr;
         let mut created = false;
         for _ in 0..SNAT_TRIES {
             // SAFETY: helper without arguments.
             let r = unsafe { bpf_get_prandom_u32() };
             let port = (SNAT_PORT_MIN + (r % u32::from(SNAT_PORT_COUNT)) as u16).to_be();
-            reply_key.dport = port;
-            orig.snat_port = port;
-            match conntrack::create(&orig_key, &orig, &reply_key, &reply, u64::from(BPF_NOEXIST)) {
-                Ok(()) => {
-                    created = true;
-                    break;
-                }
-                Err(_) => continue,
+            flow.reply_key.dport = port;
+            flow.orig.snat_port = port;
+            let flags = u64::from(BPF_NOEXIST);
+            if conntrack::create(
+                &flow.orig_key,
+                &flow.orig,
+                &flow.reply_key,
+                &flow.reply,
+                flags,
+            )
+            .is_ok()
+            {
+                created = true;
+                break;
             }
         }
         if !created {
             return Err(Error::NoSnatPort);
         }
     } else {
-        conntrack::create(&orig_key, &orig, &reply_key, &reply, 0).map_err(Error::Conntrack)?;
+        conntrack::create(&flow.orig_key, &flow.orig, &flow.reply_key, &flow.reply, 0)
+            .map_err(Error::Conntrack)?;
     }
-    if let Some(entry) = LB4_CT.get_ptr_mut(orig_key) {
+    // By reference: the key stays in the scratch slot instead of being copied to the stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    if let Some(entry) = LB_CT.get_ptr_mut(&flow.orig_key) {
         conntrack::touch(entry, packet, CT_DIR_ORIG, now);
     }
-    translate(ctx, packet, &orig)
+    translate(ctx, packet, &flow.orig)
 }
 
 /// Applies the original direction's translation of a tracked flow; an SNATed packet is
 /// redirected to its next hop (its source is a node address now), the others are routed
 /// by the kernel.
 #[inline(always)]
-fn translate(ctx: &TcContext, packet: &mut Packet, value: &Ct4Value) -> Result<i32, Error> {
+fn translate(ctx: &TcContext, packet: &mut Packet, value: &CtValue) -> Result<i32, Error> {
     packet.set_dst(ctx, value.nat_addr, value.nat_port)?;
     if value.flags & CT_F_SNAT != 0 {
         packet.set_src(ctx, value.snat_addr, value.snat_port)?;
@@ -253,31 +333,31 @@ fn translate(ctx: &TcContext, packet: &mut Packet, value: &Ct4Value) -> Result<i
 /// pick a new one (for UDP what kube-proxy's conntrack flush does; a TCP flow gets a reset
 /// from the new backend, which is the outcome the client would get anyway).
 #[inline(always)]
-fn backend_is_current(value: &Ct4Value) -> bool {
-    // SAFETY: copied out at once.
-    unsafe { LB4_BACKENDS.get(value.backend_id) }
-        .is_some_and(|b| b.address == value.nat_addr && b.port == value.nat_port)
+fn backend_is_current(packet: &Packet, value: &CtValue) -> bool {
+    if packet.v6 {
+        backend_is_current_in::<V6>(value)
+    } else {
+        backend_is_current_in::<V4>(value)
+    }
 }
 
-/// A backend on another node needs SNAT under `externalTrafficPolicy: Cluster` (under
-/// Local there is none, and the client address is kept).
 #[inline(always)]
-fn needs_snat(backend: &Backend4, master: &ServiceValue) -> bool {
-    backend.flags & BE_F_REMOTE != 0 && master.flags & SVC_F_LOCAL == 0
+fn backend_is_current_in<F: Family>(value: &CtValue) -> bool {
+    // SAFETY: copied out at once.
+    unsafe { F::backends().get(value.backend_id) }.is_some_and(|b| {
+        let (address, port) = F::backend_addr(b);
+        same_addr(&F::wire(address), &value.nat_addr) && port == value.nat_port
+    })
 }
 
 /// The SNAT source: the node address the packet was sent to, else the address of the
 /// device it arrived on.
 #[inline(always)]
-fn snat_address(ctx: &TcContext, packet: &Packet) -> u32 {
-    // SAFETY: presence only.
-    if unsafe { LB4_NODE_ADDRS.get(packet.daddr) }.is_some() {
+fn snat_address<F: Family>(ctx: &TcContext, packet: &Packet) -> [u32; 4] {
+    if F::is_node_addr(F::from_wire(&packet.daddr)) {
         return packet.daddr;
     }
     // SAFETY: the skb context is valid for the run of the program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: copied out at once.
-    unsafe { LB4_DEVICES.get(ifindex) }
-        .copied()
-        .unwrap_or(packet.daddr)
+    F::device_addr(ifindex).unwrap_or(packet.daddr)
 }

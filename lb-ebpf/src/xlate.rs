@@ -3,7 +3,8 @@
 use aya_ebpf::{EbpfContext, btf_maps::HashMap, helpers::bpf_get_prandom_u32};
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC, SERVICES_MAX_ENTRIES, ServiceKey, ServiceValue,
+    BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC, SCOPE_INTERNAL, SERVICES_MAX_ENTRIES,
+    SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
 };
 
 /// A family's services map.
@@ -21,6 +22,14 @@ pub enum Forward<B> {
     To { backend: B, rev_nat_id: u16 },
 }
 
+/// Who is asking: clients outside the cluster get a frontend's external scope, clients
+/// inside it (sockets of the node, pods) its internal one where it has two.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    External,
+    Internal,
+}
+
 /// How a backend slot is chosen.
 #[derive(Clone, Copy)]
 pub enum Pick {
@@ -32,7 +41,8 @@ pub enum Pick {
     Hash(u32),
 }
 
-/// Looks `frontend` (a master key) up and picks one of its backends.
+/// Looks `frontend` (a master key) up and picks one of its backends, for a client inside
+/// the cluster.
 #[inline(always)]
 pub fn forward<C: EbpfContext, K: ServiceKey, B: Copy>(
     ctx: &C,
@@ -41,38 +51,69 @@ pub fn forward<C: EbpfContext, K: ServiceKey, B: Copy>(
     frontend: &K,
     pick: Pick,
 ) -> Forward<B> {
-    let Some(master) = lookup(services, frontend) else {
+    let Some((key, master)) = master(services, frontend, Scope::Internal) else {
         return Forward::Pass;
     };
     if master.count == 0 {
         return Forward::NoBackends;
     }
-    let seed = match pick {
-        // SAFETY: helper without arguments.
-        Pick::Random => unsafe { bpf_get_prandom_u32() },
-        Pick::Hash(hash) => hash,
-    };
-    let slot = (seed % u32::from(master.count)) as u16 + 1;
-    let Some(entry) = lookup(services, &frontend.with_slot(slot)) else {
-        // The writer never leaves a slot below the count missing: say so if it happens.
-        warn!(
-            ctx,
-            "lb: frontend has count {} but slot {} is missing", master.count, slot
-        );
-        return Forward::Pass;
-    };
-    // SAFETY: the value is copied out at once.
-    match unsafe { backends.get(entry.backend_id) } {
-        Some(backend) => Forward::To {
-            backend: *backend,
+    match pick_backend(ctx, services, backends, &key, &master, pick) {
+        Some((_, backend)) => Forward::To {
+            backend,
             rev_nat_id: master.rev_nat_id,
         },
         None => Forward::Pass,
     }
 }
 
+/// The master entry of `frontend` for clients of `scope`, and its key.
+#[inline(always)]
+pub fn master<K: ServiceKey>(
+    services: &Services<K>,
+    frontend: &K,
+    scope: Scope,
+) -> Option<(K, ServiceValue)> {
+    let master = lookup(services, frontend)?;
+    if scope == Scope::Internal && master.flags & SVC_F_TWO_SCOPES != 0 {
+        let key = frontend.with_scope(SCOPE_INTERNAL);
+        return Some((key, lookup(services, &key)?));
+    }
+    Some((*frontend, master))
+}
+
+/// Picks one of the `master.count` (at least one) backends of the frontend `key`: its id
+/// and value.
+#[inline(always)]
+pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
+    ctx: &C,
+    services: &Services<K>,
+    backends: &Backends<B>,
+    key: &K,
+    master: &ServiceValue,
+    pick: Pick,
+) -> Option<(u32, B)> {
+    let seed = match pick {
+        // SAFETY: helper without arguments.
+        Pick::Random => unsafe { bpf_get_prandom_u32() },
+        Pick::Hash(hash) => hash,
+    };
+    let slot = (seed % u32::from(master.count)) as u16 + 1;
+    let Some(entry) = lookup(services, &key.with_slot(slot)) else {
+        // The writer never leaves a slot below the count missing: say so if it happens.
+        warn!(
+            ctx,
+            "lb: frontend has count {} but slot {} is missing", master.count, slot
+        );
+        return None;
+    };
+    // SAFETY: the value is copied out at once.
+    let backend = unsafe { backends.get(entry.backend_id) }.copied()?;
+    Some((entry.backend_id, backend))
+}
+
 /// Whether the frontend `master_key` still exists as the frontend `rev_nat_id` named: a
 /// reverse-NAT entry made for a frontend since deleted (or replaced) must not be used.
+/// (Both scopes of a frontend share its `rev_nat_id`.)
 #[inline(always)]
 pub fn frontend_is_current<K: ServiceKey>(
     services: &Services<K>,

@@ -387,6 +387,25 @@ impl Agent {
             return;
         }
         let deadline = Instant::now() + ATTACH_TIMEOUT;
+        let per_packet = self
+            .config
+            .extra_args
+            .windows(2)
+            .any(|w| w[0] == "--socket-lb" && w[1] != "all");
+        if per_packet {
+            // The tc programs of the pods' devices are attached after the socket programs (or
+            // without them): the agent says when all are.
+            while !self.log_of_this_run().contains("lb_agent::agent: ready") {
+                self.assert_running();
+                assert!(
+                    Instant::now() < deadline,
+                    "the agent was not ready within {ATTACH_TIMEOUT:?}"
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
+            self.attached_run = Some(self.runs);
+            return;
+        }
         loop {
             self.assert_running();
             let attached = crate::cgroup::attach_types(&self.config.cgroup);
@@ -407,6 +426,30 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The log of the current run only.
+    fn log_of_this_run(&self) -> String {
+        let log = self.log();
+        log.rsplit("===== lb-tests: agent run")
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// The flows of `lb-agent conntrack --output json`.
+    #[track_caller]
+    pub fn conntrack(&self) -> Vec<serde_json::Value> {
+        let out = crate::cmd::run(
+            Command::new(crate::bins::agent())
+                .arg("conntrack")
+                .arg("--bpf-pin-path")
+                .arg(&self.config.pin_path)
+                .args(["--output", "json"]),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
     }
 
     /// Polls `lb-agent services` until `ready` returns something for its frontends; panics with

@@ -43,5 +43,6 @@ pub use netns::Netns;
 pub use privileges::require_privileges;
 pub use testkit::ClientSummary;
 pub use topology::{
-    Client, EXT_DEVICE, EXTERNAL_CLIENT_IP, NODE_EXT_IP, PEER_DEVICE, Pod, Server, Topology,
+    Client, EXT_DEVICE, EXTERNAL_CLIENT_IP, EXTERNAL_CLIENT_IP6, NODE_EXT_IP, NODE_EXT_IP6,
+    PEER_DEVICE, Pod, Server, Topology,
 };

@@ -46,7 +46,20 @@ impl Topology {
     pub fn new() -> Self {
         let prefix = names::unique();
         let node = Netns::create(&format!("{prefix}-node"));
-        node.ip(&["link", "add", "br0", "type", "bridge"]);
+        // No duplicate address detection on the interfaces made here (link-local addresses
+        // included): a tentative address holds back the first packets of a fresh topology.
+        sysctl(node.name(), "net.ipv6.conf.default.accept_dad=0");
+        // Without multicast snooping: a fresh bridge would hold back the node's IPv6
+        // neighbour solicitations to a pod until it has seen the pod's MLD reports.
+        node.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
         node.ip(&["addr", "add", &format!("{GATEWAY}/16"), "dev", "br0"]);
         node.ip(&[
             "-6",
@@ -58,6 +71,10 @@ impl Topology {
             "nodad",
         ]);
         node.ip(&["link", "set", "br0", "up"]);
+        // A Kubernetes node routes between its pods (and, with the per-packet path, a pod's
+        // packets to a ClusterIP are routed to the backend after translation).
+        sysctl(node.name(), "net.ipv4.ip_forward=1");
+        sysctl(node.name(), "net.ipv6.conf.all.forwarding=1");
         Self {
             prefix,
             pods: Mutex::new(Vec::new()),
@@ -83,6 +100,7 @@ impl Topology {
         let ip = Ipv4Addr::new(10, 244, 0, host);
         let ip6 = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, u16::from(host));
         let netns = Netns::create(&format!("{}-{name}", self.prefix));
+        sysctl(netns.name(), "net.ipv6.conf.default.accept_dad=0");
         // Inside the namespaces the names need no prefix: nothing lands in the host namespace.
         let veth = format!("veth{index}");
         self.node.ip(&[
@@ -133,18 +151,23 @@ impl Topology {
 pub const NODE_EXT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 1);
 /// The external client's address.
 pub const EXTERNAL_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+/// The node's IPv6 address on its external device.
+pub const NODE_EXT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 1);
+/// The external client's IPv6 address.
+pub const EXTERNAL_CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 2);
 /// The node's external device (inside the node namespace).
 pub const EXT_DEVICE: &str = "ext0";
 
 impl Topology {
     /// An external client: a namespace `<prefix>-<name>` joined by a veth to the node's
-    /// external device `ext0` (192.168.50.1/24 in the node, 192.168.50.2/24 in the client,
-    /// default route via the node, so external and LoadBalancer IPs are routed to it too).
-    /// The node forwards (`ip_forward=1`), as a Kubernetes node does. IPv4 only.
+    /// external device `ext0` (192.168.50.1/24 and fd00:50::1/64 in the node, .2 and ::2 in
+    /// the client, default routes via the node, so external and LoadBalancer IPs are routed
+    /// to it too). The node forwards both families, as a Kubernetes node does.
     #[track_caller]
     pub fn add_external_client(&self, name: &str) -> Pod {
         let mut pods = self.pods.lock().expect("pods lock");
         let netns = Netns::create(&format!("{}-{name}", self.prefix));
+        sysctl(netns.name(), "net.ipv6.conf.default.accept_dad=0");
         self.node.ip(&[
             "link",
             "add",
@@ -164,6 +187,16 @@ impl Topology {
             "dev",
             EXT_DEVICE,
         ]);
+        // No duplicate address detection: the addresses are usable at once.
+        self.node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_EXT_IP6}/64"),
+            "dev",
+            EXT_DEVICE,
+            "nodad",
+        ]);
         self.node.ip(&["link", "set", EXT_DEVICE, "up"]);
         netns.ip(&[
             "addr",
@@ -172,14 +205,32 @@ impl Topology {
             "dev",
             "eth0",
         ]);
+        netns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{EXTERNAL_CLIENT_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         netns.ip(&["link", "set", "eth0", "up"]);
         netns.ip(&["route", "add", "default", "via", &NODE_EXT_IP.to_string()]);
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_EXT_IP6.to_string(),
+        ]);
         sysctl(self.node.name(), "net.ipv4.ip_forward=1");
+        sysctl(self.node.name(), "net.ipv6.conf.all.forwarding=1");
         let pod = Pod {
             name: name.to_owned(),
             netns: netns.name().to_owned(),
             ip: EXTERNAL_CLIENT_IP,
-            ip6: Ipv6Addr::UNSPECIFIED,
+            ip6: EXTERNAL_CLIENT_IP6,
         };
         pods.push(netns);
         pod

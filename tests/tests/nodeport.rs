@@ -9,7 +9,8 @@ use std::time::Duration;
 use lb_tests::manifests::{pod, service};
 use lb_tests::testkit::enter_netns;
 use lb_tests::{
-    EXT_DEVICE, EXTERNAL_CLIENT_IP, NODE_EXT_IP, PEER_DEVICE, Pod, TestEnv, require_privileges,
+    EXT_DEVICE, EXTERNAL_CLIENT_IP, EXTERNAL_CLIENT_IP6, NODE_EXT_IP, NODE_EXT_IP6, PEER_DEVICE,
+    Pod, TestEnv, require_privileges,
 };
 
 /// How long the agent may take to start and apply the manifests.
@@ -626,4 +627,58 @@ fn devices_default_to_the_nodes_addressed_interfaces_except_bridges() {
     let summary = client.client_with().count(5).run(&node_port_target());
 
     assert_eq!(summary.ok, 5, "{summary:?}");
+}
+
+#[test]
+fn ipv6_node_port_from_outside_answers_from_the_node_ipv6_address() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let mut servers = Vec::new();
+    for name in ["webapp1", "webapp2"] {
+        let p = env.topo.add_pod(name);
+        servers.push(p.spawn_server6(name, 8080));
+        env.manifests.write(
+            &TestEnv::pod_file(name),
+            &pod(name, p.ip())
+                .also_ip(p.ip6())
+                .label("app", "webapp")
+                .container_port("http", 8080)
+                .yaml(),
+        );
+    }
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "fd00:96::10")
+            .type_("NodePort")
+            .ip_families(&["IPv6"])
+            .ip_family_policy("SingleStack")
+            .selector("app", "webapp")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .yaml(),
+    );
+    let client = env.topo.add_external_client("outside");
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend("[::]:30080", 2, APPLY);
+
+    // The handshake completes only if the replies come from [nodeIP]:nodePort.
+    let target = format!("[{NODE_EXT_IP6}]:{NODE_PORT}");
+    let summary = client.client_with().count(20).run(&target);
+
+    assert_eq!(summary.ok, 20, "every connection answered: {summary:?}");
+    assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
+    let prefix = format!("[{EXTERNAL_CLIENT_IP6}]:");
+    assert!(
+        summary.remote_addrs.iter().all(|a| a.starts_with(&prefix)),
+        "local backends see the client's own IPv6 address: {:?}",
+        summary.remote_addrs
+    );
+    let flows = conntrack(&env);
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["frontend"] == format!("[{NODE_EXT_IP6}]:{NODE_PORT}")),
+        "the flow is tracked with its IPv6 frontend: {flows:?}"
+    );
 }

@@ -1,0 +1,174 @@
+//! The per-packet ClusterIP path: with `--socket-lb off` (no socket programs at all) or
+//! `host-only` (socket programs for the host's network namespace only), a pod's packets to
+//! a Service are translated by tc on the pod's own device, and the replies translated back
+//! on their way into the pod — what a service mesh needs, since its sidecar must see the
+//! ClusterIP the application dialled.
+
+use std::time::Duration;
+
+use lb_tests::manifests::{pod, service};
+use lb_tests::{Pod, Server, TestEnv, require_privileges};
+
+/// How long the agent may take to start and apply the manifests.
+const APPLY: Duration = Duration::from_secs(10);
+const VIP: &str = "10.96.0.10:80";
+const VIP6: &str = "[fd00:96::10]:80";
+
+/// Two dual-stack pods `webapp1`, `webapp2` with HTTP servers on both addresses (`webappN`
+/// on IPv4, `webappN-v6` on IPv6), a client pod, and a dual-stack Service `webapp`
+/// (10.96.0.10, fd00:96::10) port 80 → 8080. Every pod exists before the agent starts, so
+/// its device is there to be found.
+fn webapp_setup(env: &TestEnv) -> (Vec<(Pod, Vec<Server>)>, Pod) {
+    let mut backends = Vec::new();
+    for name in ["webapp1", "webapp2"] {
+        let p = env.topo.add_pod(name);
+        let servers = vec![
+            p.spawn_server(name, 8080),
+            p.spawn_server6(&format!("{name}-v6"), 8080),
+        ];
+        env.manifests.write(
+            &TestEnv::pod_file(name),
+            &pod(name, p.ip())
+                .also_ip(p.ip6())
+                .label("app", "webapp")
+                .container_port("http", 8080)
+                .yaml(),
+        );
+        backends.push((p, servers));
+    }
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .cluster_ips(&["10.96.0.10", "fd00:96::10"])
+            .ip_families(&["IPv4", "IPv6"])
+            .ip_family_policy("RequireDualStack")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    (backends, client)
+}
+
+/// The clients `lb-agent conntrack` lists flows of.
+fn tracked_clients(agent: &lb_tests::Agent) -> Vec<String> {
+    agent
+        .conntrack()
+        .iter()
+        .filter_map(|f| f["client"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn socket_lb_off_still_serves_cluster_ips_from_pods_through_tc() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (_backends, client) = webapp_setup(&env);
+    let mut agent = env.agent_with(&["--socket-lb", "off"]);
+    agent.wait_for_frontend(VIP, 2, APPLY);
+
+    // The client is in the test's cgroup: with socket programs it would be translated there.
+    let summary = client.client_with().cgroup(&env.cgroup).count(20).run(VIP);
+
+    assert!(
+        lb_tests::cgroup::attach_types(env.cgroup.path()).is_empty(),
+        "--socket-lb off attaches no socket program"
+    );
+    assert_eq!(summary.ok, 20, "every request answered: {summary:?}");
+    assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
+    assert!(
+        summary.peer_addrs.iter().all(|a| a == VIP),
+        "replies come back from the ClusterIP: {:?}",
+        summary.peer_addrs
+    );
+    let prefix = format!("{}:", client.ip());
+    assert!(
+        summary.remote_addrs.iter().all(|a| a.starts_with(&prefix)),
+        "backends see the client pod's own address: {:?}",
+        summary.remote_addrs
+    );
+    let clients = tracked_clients(&agent);
+    assert!(
+        clients.iter().any(|c| c.starts_with(&prefix)),
+        "the flows went through the tc conntrack: {clients:?}"
+    );
+}
+
+#[test]
+fn socket_lb_off_serves_ipv6_and_udp_cluster_ips_per_packet() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (_backends, client) = webapp_setup(&env);
+    let dns = env.topo.add_pod("dns1");
+    let _dns = dns.spawn_udp_server("dns1", 5353);
+    env.manifests.write(
+        "pod-dns1.yaml",
+        &pod("dns1", dns.ip()).label("app", "dns").yaml(),
+    );
+    env.manifests.write(
+        "svc-dns.yaml",
+        &service("dns", "10.96.0.53")
+            .selector("app", "dns")
+            .port_full(Some("dns"), 53, 5353, "UDP")
+            .yaml(),
+    );
+    let mut agent = env.agent_with(&["--socket-lb", "off"]);
+    agent.wait_for_frontend(VIP6, 2, APPLY);
+    agent.wait_for_frontend_proto("10.96.0.53:53", "UDP", 1, APPLY);
+
+    let v6 = client.client_with().count(10).run(VIP6);
+    assert_eq!(v6.ok, 10, "{v6:?}");
+    assert_eq!(v6.host_names(), ["webapp1-v6", "webapp2-v6"], "{v6:?}");
+    assert!(
+        v6.peer_addrs.iter().all(|a| a == VIP6),
+        "{:?}",
+        v6.peer_addrs
+    );
+
+    // Unconnected sendto/recvfrom: the answer must come from the ClusterIP, or a resolver
+    // would drop it.
+    let udp = client
+        .client_with()
+        .udp()
+        .count(3)
+        .sends(2)
+        .run("10.96.0.53:53");
+    assert_eq!(udp.ok, 6, "{udp:?}");
+    assert!(
+        udp.peer_addrs.iter().all(|a| a == "10.96.0.53:53"),
+        "answers come from the ClusterIP: {:?}",
+        udp.peer_addrs
+    );
+}
+
+#[test]
+fn socket_lb_host_only_leaves_pods_to_the_per_packet_path() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (_backends, client) = webapp_setup(&env);
+    let mut agent = env.agent_with(&["--socket-lb", "host-only"]);
+    agent.wait_for_frontend(VIP, 2, APPLY);
+
+    // The socket programs are attached to the client's cgroup, but the client is in a pod's
+    // network namespace: its connects pass untranslated and tc translates its packets.
+    let summary = client.client_with().cgroup(&env.cgroup).count(10).run(VIP);
+
+    assert!(
+        lb_tests::cgroup::attach_types(env.cgroup.path()).contains("cgroup_inet4_connect"),
+        "host-only keeps the socket programs for the host"
+    );
+    assert_eq!(summary.ok, 10, "{summary:?}");
+    assert!(summary.peer_addrs.iter().all(|a| a == VIP), "{summary:?}");
+    let prefix = format!("{}:", client.ip());
+    let clients = tracked_clients(&agent);
+    assert!(
+        clients.iter().filter(|c| c.starts_with(&prefix)).count() >= 10,
+        "each connection went through the tc conntrack: {clients:?}"
+    );
+}
