@@ -89,9 +89,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let writer = MapWriter::adopt(maps).context("reading the pinned maps")?;
     let mut reconciler = Reconciler::new(writer, status.clone(), config.node_name.clone());
-    let devices = devices::resolve(&config.devices).context("finding the --devices")?;
-    devices::program_addresses(&mut ebpf, &devices).context("writing the node addresses")?;
-    let device_names: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
+    let mut node = devices::NodeAddresses::start(&mut ebpf, &config.devices)?;
+    let device_names: Vec<String> = node.devices().iter().map(|d| d.name.clone()).collect();
     info!(
         node = config.node_name.as_deref().unwrap_or("(unset)"),
         "starting"
@@ -107,10 +106,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let result = match &config.source {
         SourceConfig::Manifests(dir) => {
-            run_manifests(dir, &mut reconciler, || attach(&mut ebpf)).await
+            run_manifests(dir, &mut reconciler, &mut node, || attach(&mut ebpf)).await
         }
         SourceConfig::Kube { kubeconfig } => {
-            run_kube(kubeconfig.as_deref(), &mut reconciler, || attach(&mut ebpf)).await
+            run_kube(kubeconfig.as_deref(), &mut reconciler, &mut node, || {
+                attach(&mut ebpf)
+            })
+            .await
         }
     };
     if let Some(task) = logger {
@@ -124,10 +126,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The manifests source: read the directory, program, attach, then follow its changes.
+/// The manifests source: read the directory, program, attach, then follow its changes (and
+/// the node's addresses).
 async fn run_manifests<M: LbMaps>(
     dir: &std::path::Path,
     reconciler: &mut Reconciler<M>,
+    node: &mut devices::NodeAddresses,
     attach: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     // Watch before the first read, so a change made in between is not lost.
@@ -162,6 +166,10 @@ async fn run_manifests<M: LbMaps>(
         tokio::select! {
             Some(()) = changes.recv() => {}
             _ = rescan.tick() => {}
+            () = node.changed() => {
+                node.refresh();
+                continue;
+            }
             () = stop.wait() => return Ok(()),
         }
         let started = Instant::now();
@@ -179,10 +187,12 @@ async fn run_manifests<M: LbMaps>(
 }
 
 /// The API server source: watch, wait for both initial lists, program, attach, then apply
-/// every event as it comes (in batches when they come faster than they are written).
+/// every event as it comes (in batches when they come faster than they are written); the
+/// node's addresses are followed throughout.
 async fn run_kube<M: LbMaps>(
     kubeconfig: Option<&std::path::Path>,
     reconciler: &mut Reconciler<M>,
+    node: &mut devices::NodeAddresses,
     attach: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let client = kube_source::client(kubeconfig)
@@ -196,6 +206,10 @@ async fn run_kube<M: LbMaps>(
     loop {
         let first = tokio::select! {
             update = updates.recv() => update.context("the watches ended")?,
+            () = node.changed() => {
+                node.refresh();
+                continue;
+            }
             () = stop.wait() => return Ok(()),
         };
         let started = Instant::now();

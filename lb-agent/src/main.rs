@@ -57,8 +57,9 @@ enum Command {
         cgroup: Option<PathBuf>,
         /// External devices (comma-separated) whose ingress and egress get the tc datapath
         /// for NodePorts, external and LoadBalancer IPs from outside the node, and whose IPv4
-        /// addresses are the node addresses a NodePort answers on [default: the devices of
-        /// the default route and those holding a global address, except bridges].
+        /// addresses, followed as they change, are the node addresses a NodePort answers on
+        /// [default: the devices of the default route and those holding a global address,
+        /// except bridges].
         #[arg(
             long,
             env = "LB_DEVICES",
