@@ -95,38 +95,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let writer = MapWriter::adopt(maps).context("reading the pinned maps")?;
     let mut reconciler = Reconciler::new(writer, status.clone(), config.node_name.clone());
-    let devices = devices::resolve(&config.devices).context("finding the --devices")?;
-    devices::program_addresses(&mut ebpf, &devices).context("writing the node addresses")?;
-    let device_names: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
-    let pod_devices = if config.socket_lb.per_packet_for_pods() {
-        devices::pod_devices(&config.pod_devices, &devices).context("finding the pod devices")?
-    } else {
-        Vec::new()
-    };
+    let pods = config
+        .socket_lb
+        .per_packet_for_pods()
+        .then_some(config.pod_devices.as_slice());
+    let node = devices::NodeDevices::start(&mut ebpf, &config.devices, pods)?;
     info!(
         node = config.node_name.as_deref().unwrap_or("(unset)"),
         socket_lb = ?config.socket_lb,
         "starting"
     );
-    let attach = |ebpf: &mut aya::Ebpf| -> anyhow::Result<()> {
-        if config.socket_lb == loader::SocketLb::Off {
-            loader::detach_cgroup_programs(&config.pin_dir)?;
-        } else {
-            loader::attach_cgroup_programs(ebpf, &config.cgroup, &config.pin_dir)?;
-        }
-        loader::attach_tc_programs(ebpf, &device_names, &pod_devices, &config.pin_dir)?;
-        if let Ok(mut status) = status.write() {
-            status.ready = true;
-        }
-        info!("ready");
-        Ok(())
+    let mut datapath = Datapath {
+        ebpf,
+        node,
+        config: &config,
+        status: status.clone(),
+        attached: false,
+        tc_links: std::collections::BTreeSet::new(),
     };
     let result = match &config.source {
-        SourceConfig::Manifests(dir) => {
-            run_manifests(dir, &mut reconciler, || attach(&mut ebpf)).await
-        }
+        SourceConfig::Manifests(dir) => run_manifests(dir, &mut reconciler, &mut datapath).await,
         SourceConfig::Kube { kubeconfig } => {
-            run_kube(kubeconfig.as_deref(), &mut reconciler, || attach(&mut ebpf)).await
+            run_kube(kubeconfig.as_deref(), &mut reconciler, &mut datapath).await
         }
     };
     if let Some(task) = logger {
@@ -140,11 +130,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The manifests source: read the directory, program, attach, then follow its changes.
+/// The manifests source: read the directory, program, attach, then follow its changes (and
+/// the node's addresses).
 async fn run_manifests<M: LbMaps>(
     dir: &std::path::Path,
     reconciler: &mut Reconciler<M>,
-    attach: impl FnOnce() -> anyhow::Result<()>,
+    datapath: &mut Datapath<'_>,
 ) -> anyhow::Result<()> {
     // Watch before the first read, so a change made in between is not lost.
     let (_watcher, mut changes) =
@@ -169,7 +160,7 @@ async fn run_manifests<M: LbMaps>(
     reconciler
         .sync(Sync::Full, Instant::now())
         .context("initial sync")?;
-    attach()?;
+    datapath.attach()?;
     let mut health = HealthServers::default();
     reconciler.update_health(&mut health).await;
     let mut rescan = tokio::time::interval(RESCAN);
@@ -178,6 +169,10 @@ async fn run_manifests<M: LbMaps>(
         tokio::select! {
             Some(()) = changes.recv() => {}
             _ = rescan.tick() => {}
+            () = datapath.node.changed() => {
+                datapath.refresh();
+                continue;
+            }
             () = stop.wait() => return Ok(()),
         }
         let started = Instant::now();
@@ -195,11 +190,12 @@ async fn run_manifests<M: LbMaps>(
 }
 
 /// The API server source: watch, wait for both initial lists, program, attach, then apply
-/// every event as it comes (in batches when they come faster than they are written).
+/// every event as it comes (in batches when they come faster than they are written); the
+/// node's addresses are followed throughout.
 async fn run_kube<M: LbMaps>(
     kubeconfig: Option<&std::path::Path>,
     reconciler: &mut Reconciler<M>,
-    attach: impl FnOnce() -> anyhow::Result<()>,
+    datapath: &mut Datapath<'_>,
 ) -> anyhow::Result<()> {
     let client = kube_source::client(kubeconfig)
         .await
@@ -207,11 +203,14 @@ async fn run_kube<M: LbMaps>(
     let mut updates = kube_source::watch(&client);
     let mut applier = kube_source::WatchApplier::default();
     let mut stop = Stop::new()?;
-    let mut attach = Some(attach);
     let mut health = HealthServers::default();
     loop {
         let first = tokio::select! {
             update = updates.recv() => update.context("the watches ended")?,
+            () = datapath.node.changed() => {
+                datapath.refresh();
+                continue;
+            }
             () = stop.wait() => return Ok(()),
         };
         let started = Instant::now();
@@ -223,19 +222,76 @@ async fn run_kube<M: LbMaps>(
         if !applier.initial_lists_done() {
             continue;
         }
-        match attach.take() {
-            Some(attach) => {
+        match datapath.attached {
+            false => {
                 let (services, slices, _) = reconciler.state.counts();
                 info!(services, slices, "initial lists complete");
                 reconciler
                     .sync(Sync::Full, started)
                     .context("initial sync")?;
-                attach()?;
+                datapath.attach()?;
                 release_free_memory();
             }
-            None => reconciler.sync_or_log(Sync::Changes, started),
+            true => reconciler.sync_or_log(Sync::Changes, started),
         }
         reconciler.update_health(&mut health).await;
+    }
+}
+
+/// The loaded programs and the node's devices: what attaching the programs, and keeping
+/// the tc ones on the right devices, needs.
+struct Datapath<'a> {
+    ebpf: aya::Ebpf,
+    node: devices::NodeDevices,
+    config: &'a RunConfig,
+    status: SharedStatus,
+    /// Whether [`Datapath::attach`] ran (after the first sync: maps before programs).
+    attached: bool,
+    /// The tc links this agent attached (their pin names).
+    tc_links: std::collections::BTreeSet<String>,
+}
+
+impl Datapath<'_> {
+    /// Attaches the socket programs (or, with `--socket-lb off`, detaches a previous
+    /// agent's) and the tc programs, then reports the agent ready.
+    fn attach(&mut self) -> anyhow::Result<()> {
+        let config = self.config;
+        if config.socket_lb == loader::SocketLb::Off {
+            loader::detach_cgroup_programs(&config.pin_dir)?;
+        } else {
+            loader::attach_cgroup_programs(&mut self.ebpf, &config.cgroup, &config.pin_dir)?;
+        }
+        self.attach_tc()?;
+        self.attached = true;
+        if let Ok(mut status) = self.status.write() {
+            status.ready = true;
+        }
+        info!("ready");
+        Ok(())
+    }
+
+    fn attach_tc(&mut self) -> Result<(), loader::LoadError> {
+        loader::attach_tc_programs(
+            &mut self.ebpf,
+            &self.node.external(),
+            self.node.pods(),
+            &self.config.pin_dir,
+            &mut self.tc_links,
+        )
+    }
+
+    /// After links or addresses changed: the addresses follow, and so do the tc programs
+    /// when a device came or went (once attached at all).
+    fn refresh(&mut self) {
+        if self.node.refresh()
+            && self.attached
+            && let Err(e) = self.attach_tc()
+        {
+            error!(
+                error = %e,
+                "attaching the tc programs to changed devices failed; retrying on the next change"
+            );
+        }
     }
 }
 

@@ -7,14 +7,15 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use anyhow::Context as _;
 use aya::{
     Pod,
     maps::{HashMap, MapData},
 };
 use lb_common::{DEVICES4_MAP, DEVICES6_MAP, NODE_ADDRS4_MAP, NODE_ADDRS6_MAP, NodeAddr};
-use tracing::info;
+use tracing::{debug, error, info, warn};
 
-use crate::maps::codec;
+use crate::{maps::codec, netlink};
 
 /// A device and its addresses (IPv6: global ones, not link-local).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -203,67 +204,221 @@ fn driver(name: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
-/// Makes the node-address and device maps of both families hold exactly `devices'`
-/// addresses.
-///
-/// # Errors
-/// When a map cannot be read or written.
-pub fn program_addresses(ebpf: &mut aya::Ebpf, devices: &[Device]) -> anyhow::Result<()> {
-    let node = |ifindex| NodeAddr { ifindex, flags: 0 };
-    sync_map(
-        ebpf,
-        NODE_ADDRS4_MAP,
-        devices
-            .iter()
-            .flat_map(|d| d.ipv4.iter().map(|ip| (codec::ip4(*ip), node(d.ifindex))))
-            .collect(),
-    )?;
-    sync_map(
-        ebpf,
-        NODE_ADDRS6_MAP,
-        devices
-            .iter()
-            .flat_map(|d| d.ipv6.iter().map(|ip| (codec::ip6(*ip), node(d.ifindex))))
-            .collect(),
-    )?;
-    sync_map(
-        ebpf,
-        DEVICES4_MAP,
-        devices
-            .iter()
-            .filter_map(|d| Some((d.ifindex, codec::ip4(*d.ipv4.first()?))))
-            .collect(),
-    )?;
-    sync_map(
-        ebpf,
-        DEVICES6_MAP,
-        devices
-            .iter()
-            .filter_map(|d| Some((d.ifindex, codec::ip6(*d.ipv6.first()?))))
-            .collect(),
-    )?;
-    let addresses: Vec<String> = devices
+/// The node's devices as configured, followed as they come and go: the external devices'
+/// addresses are kept in the node-address and device maps (DHCP, a LoadBalancer VIP added
+/// to the node, a new interface under the default `--devices`), and the caller learns when
+/// the set of devices the tc programs belong on changed (a new pod's veth, with the
+/// per-packet path for pods).
+#[derive(Debug)]
+pub struct NodeDevices {
+    requested: Vec<String>,
+    /// `--pod-devices`, when pods get the per-packet path; `None` when they do not.
+    requested_pods: Option<Vec<String>>,
+    /// As last written to the maps.
+    devices: Vec<Device>,
+    pods: Vec<String>,
+    maps: AddressMaps,
+    /// `None` once reading the notifications failed: the devices then stay as they are.
+    changes: Option<netlink::Changes>,
+}
+
+impl NodeDevices {
+    /// Resolves the `requested` devices (see [`resolve`]) and writes their addresses, and
+    /// with `requested_pods` the pod-facing devices (see [`pod_devices`]), having subscribed
+    /// to the link and address changes first, so one made meanwhile is not lost. Takes the
+    /// address maps out of `ebpf` (its programs keep using them). Needs a tokio runtime, and
+    /// opens the subscription in the calling thread's network namespace.
+    ///
+    /// # Errors
+    /// When the subscription cannot be opened, a device cannot be resolved, or a map is
+    /// missing or cannot be written.
+    pub fn start(
+        ebpf: &mut aya::Ebpf,
+        requested: &[String],
+        requested_pods: Option<&[String]>,
+    ) -> anyhow::Result<Self> {
+        let changes = netlink::Changes::open().context("subscribing to address changes")?;
+        let mut maps = AddressMaps::take(ebpf)?;
+        let devices = resolve(requested).context("finding the --devices")?;
+        let pods = match requested_pods {
+            Some(requested) => {
+                pod_devices(requested, &devices).context("finding the pod devices")?
+            }
+            None => Vec::new(),
+        };
+        maps.program(&devices)
+            .context("writing the node addresses")?;
+        let addresses = describe(&devices);
+        info!(?addresses, "node addresses for NodePorts");
+        Ok(Self {
+            requested: requested.to_vec(),
+            requested_pods: requested_pods.map(<[String]>::to_vec),
+            devices,
+            pods,
+            maps,
+            changes: Some(changes),
+        })
+    }
+
+    /// The external devices' names, as last resolved.
+    #[must_use]
+    pub fn external(&self) -> Vec<String> {
+        self.devices.iter().map(|d| d.name.clone()).collect()
+    }
+
+    /// The pod-facing devices, as last resolved (none without the per-packet path).
+    #[must_use]
+    pub fn pods(&self) -> &[String] {
+        &self.pods
+    }
+
+    /// Resolves when the node's links or addresses changed (a burst of changes once), and
+    /// never once the notifications cannot be read. Cancel-safe.
+    pub async fn changed(&mut self) {
+        let Some(changes) = &mut self.changes else {
+            return std::future::pending().await;
+        };
+        if let Err(e) = changes.next().await {
+            error!(
+                error = %e,
+                "reading link and address changes failed; devices no longer follow them"
+            );
+            self.changes = None;
+        }
+    }
+
+    /// Resolves the devices again and, when their addresses changed, writes them. Returns
+    /// whether the set of devices the tc programs belong on changed. Failures are logged,
+    /// and the next change tries again.
+    pub fn refresh(&mut self) -> bool {
+        let devices = match resolve(&self.requested) {
+            Ok(devices) => devices,
+            Err(e) => {
+                warn!(error = %e, "re-reading the devices failed; node addresses unchanged");
+                return false;
+            }
+        };
+        let pods = match &self.requested_pods {
+            Some(requested) => match pod_devices(requested, &devices) {
+                Ok(pods) => pods,
+                Err(e) => {
+                    warn!(error = %e, "re-reading the pod devices failed");
+                    self.pods.clone()
+                }
+            },
+            None => Vec::new(),
+        };
+        let names_changed = pods != self.pods
+            || devices
+                .iter()
+                .map(|d| &d.name)
+                .ne(self.devices.iter().map(|d| &d.name));
+        self.pods = pods;
+        if devices == self.devices {
+            debug!("links or addresses changed, node addresses did not");
+            return names_changed;
+        }
+        let (added, removed) = address_changes(&self.devices, &devices);
+        match self.maps.program(&devices) {
+            Ok(()) => {
+                info!(?added, ?removed, "node addresses changed");
+                self.devices = devices;
+            }
+            Err(e) => error!(
+                error = format!("{e:#}"),
+                "writing the node addresses failed; retrying on the next change"
+            ),
+        }
+        names_changed
+    }
+}
+
+/// `ip (device)` for each address of `devices`.
+fn describe(devices: &[Device]) -> Vec<String> {
+    devices
         .iter()
         .flat_map(|d| {
             let v4 = d.ipv4.iter().map(ToString::to_string);
             let v6 = d.ipv6.iter().map(ToString::to_string);
             v4.chain(v6).map(move |ip| format!("{ip} ({})", d.name))
         })
-        .collect();
-    info!(?addresses, "node addresses for NodePorts");
-    Ok(())
+        .collect()
 }
 
-/// Makes the hash map `name` hold exactly `wanted`.
+/// The addresses (as [`describe`] shows them) in `new` but not `old`, and in `old` but not
+/// `new`.
+fn address_changes(old: &[Device], new: &[Device]) -> (Vec<String>, Vec<String>) {
+    let old = describe(old);
+    let new = describe(new);
+    let added = new.iter().filter(|a| !old.contains(a)).cloned().collect();
+    let removed = old.iter().filter(|a| !new.contains(a)).cloned().collect();
+    (added, removed)
+}
+
+/// The node-address and device maps of both families, taken out of the loaded object.
+#[derive(Debug)]
+struct AddressMaps {
+    node_addrs4: HashMap<MapData, u32, NodeAddr>,
+    node_addrs6: HashMap<MapData, [u32; 4], NodeAddr>,
+    devices4: HashMap<MapData, u32, u32>,
+    devices6: HashMap<MapData, u32, [u32; 4]>,
+}
+
+impl AddressMaps {
+    fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<Self> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow::anyhow!("{name} missing from the object"))
+        };
+        Ok(Self {
+            node_addrs4: HashMap::try_from(take(NODE_ADDRS4_MAP)?)?,
+            node_addrs6: HashMap::try_from(take(NODE_ADDRS6_MAP)?)?,
+            devices4: HashMap::try_from(take(DEVICES4_MAP)?)?,
+            devices6: HashMap::try_from(take(DEVICES6_MAP)?)?,
+        })
+    }
+
+    /// Makes the maps hold exactly `devices`' addresses (a device's SNAT source: its first
+    /// address of the family).
+    fn program(&mut self, devices: &[Device]) -> anyhow::Result<()> {
+        let node = |ifindex| NodeAddr { ifindex, flags: 0 };
+        sync_map(
+            &mut self.node_addrs4,
+            devices
+                .iter()
+                .flat_map(|d| d.ipv4.iter().map(|ip| (codec::ip4(*ip), node(d.ifindex))))
+                .collect(),
+        )?;
+        sync_map(
+            &mut self.node_addrs6,
+            devices
+                .iter()
+                .flat_map(|d| d.ipv6.iter().map(|ip| (codec::ip6(*ip), node(d.ifindex))))
+                .collect(),
+        )?;
+        sync_map(
+            &mut self.devices4,
+            devices
+                .iter()
+                .filter_map(|d| Some((d.ifindex, codec::ip4(*d.ipv4.first()?))))
+                .collect(),
+        )?;
+        sync_map(
+            &mut self.devices6,
+            devices
+                .iter()
+                .filter_map(|d| Some((d.ifindex, codec::ip6(*d.ipv6.first()?))))
+                .collect(),
+        )
+    }
+}
+
+/// Makes `map` hold exactly `wanted`. Each entry is written before stale ones are removed,
+/// so an address that stays is never missing.
 fn sync_map<K: Pod + Ord, V: Pod>(
-    ebpf: &mut aya::Ebpf,
-    name: &str,
+    map: &mut HashMap<MapData, K, V>,
     wanted: BTreeMap<K, V>,
 ) -> anyhow::Result<()> {
-    let mut map: HashMap<&mut MapData, K, V> = HashMap::try_from(
-        ebpf.map_mut(name)
-            .ok_or_else(|| anyhow::anyhow!("{name} missing from the object"))?,
-    )?;
     let stale: Vec<K> = map
         .keys()
         .filter_map(Result::ok)
@@ -276,4 +431,38 @@ fn sync_map<K: Pod + Ord, V: Pod>(
         map.remove(&key)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str, ifindex: u32, ipv4: &[&str]) -> Device {
+        Device {
+            name: name.to_owned(),
+            ifindex,
+            ipv4: ipv4.iter().map(|ip| ip.parse().unwrap()).collect(),
+            ipv6: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn address_changes_name_added_and_removed_addresses_with_their_device() {
+        let old = [
+            device("ext0", 2, &["192.168.50.1", "192.168.50.10"]),
+            device("ext1", 3, &["192.168.51.1"]),
+        ];
+        let new = [
+            device("ext0", 2, &["192.168.50.1", "192.168.50.11"]),
+            device("ext1", 3, &["192.168.51.1"]),
+        ];
+        assert_eq!(
+            address_changes(&old, &new),
+            (
+                vec!["192.168.50.11 (ext0)".to_owned()],
+                vec!["192.168.50.10 (ext0)".to_owned()]
+            )
+        );
+        assert_eq!(address_changes(&new, &new), (vec![], vec![]));
+    }
 }

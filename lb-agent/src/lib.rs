@@ -13,6 +13,7 @@ pub mod loader;
 pub mod maps;
 pub mod model;
 pub mod mounts;
+pub mod netlink;
 pub mod source;
 pub mod state;
 pub mod telemetry;

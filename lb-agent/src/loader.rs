@@ -261,7 +261,8 @@ pub fn attach_cgroup_programs(
 /// pod-facing one (TCX links, pinned under `pin_dir/links` as `tc-ingress-<dev>`,
 /// `tc-egress-<dev>`, `tc-pod-ingress-<dev>`, `tc-pod-egress-<dev>`), replacing a previous
 /// agent's links only once the new ones run; links of devices no longer listed (or gone)
-/// are detached.
+/// are detached. `attached` holds the pin names this agent attached already (a program
+/// cannot be attached twice to one hook): they are kept as they are.
 ///
 /// # Errors
 /// When a device does not exist or the kernel refuses the attachment.
@@ -270,6 +271,7 @@ pub fn attach_tc_programs(
     external: &[String],
     pods: &[String],
     pin_dir: &Path,
+    attached: &mut std::collections::BTreeSet<String>,
 ) -> Result<(), LoadError> {
     let links = pin_dir.join(LINKS_DIR);
     fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs {
@@ -282,7 +284,7 @@ pub fn attach_tc_programs(
         for (name, attach_type, prefix) in programs {
             let program_error = |e: aya::programs::ProgramError| LoadError::Attach {
                 name,
-                message: e.to_string(),
+                message: error_chain(&e),
             };
             let program: &mut SchedClassifier =
                 program_mut(ebpf, name)?.try_into().map_err(program_error)?;
@@ -295,12 +297,17 @@ pub fn attach_tc_programs(
                 if wanted.contains(&pin_name) {
                     continue;
                 }
+                if attached.contains(&pin_name) && path.exists() {
+                    wanted.insert(pin_name);
+                    continue;
+                }
                 let link_id = program
                     .attach(device, *attach_type)
                     .map_err(program_error)?;
                 let link = program.take_link(link_id).map_err(program_error)?;
                 let link = FdLink::try_from(link).map_err(|e| pin_error(&path, &e))?;
                 replace_pinned_link(&path, link)?;
+                attached.insert(pin_name.clone());
                 wanted.insert(pin_name);
             }
         }
@@ -316,6 +323,7 @@ pub fn attach_tc_programs(
             .chain(&POD_TC_PROGRAMS)
             .any(|(_, _, p)| name.starts_with(p));
         if is_tc && !wanted.contains(&name) {
+            attached.remove(&name);
             let path = entry.path();
             drop(unpin_link(&path));
             info!(link = %path.display(), "detached the tc program of a device no longer listed");
@@ -373,6 +381,19 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Pro
         name,
         message: "not in the eBPF object".to_string(),
     })
+}
+
+/// An error and its sources, `: `-separated (aya's syscall errors keep the errno in their
+/// source).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
 }
 
 fn pin_error(path: &Path, error: &dyn std::fmt::Display) -> LoadError {

@@ -56,9 +56,10 @@ enum Command {
         #[arg(long, env = "LB_CGROUP", value_name = "PATH")]
         cgroup: Option<PathBuf>,
         /// External devices (comma-separated) whose ingress and egress get the tc datapath
-        /// for NodePorts, external and LoadBalancer IPs from outside the node, and whose IPv4
-        /// addresses are the node addresses a NodePort answers on [default: the devices of
-        /// the default route and those holding a global address, except bridges].
+        /// for NodePorts, external and LoadBalancer IPs from outside the node, and whose
+        /// addresses (IPv4 and IPv6), followed as they change, are the node addresses a NodePort answers on
+        /// [default: the devices of the default route and those holding a global address,
+        /// except bridges].
         #[arg(
             long,
             env = "LB_DEVICES",
@@ -74,7 +75,7 @@ enum Command {
         socket_lb: loader::SocketLb,
         /// Pod-facing devices (comma-separated) that get the per-packet path when
         /// --socket-lb is `host-only` or `off` [default: every veth without a global address
-        /// that is not one of the --devices].
+        /// that is not one of the --devices, followed as pods come and go].
         #[arg(
             long,
             env = "LB_POD_DEVICES",

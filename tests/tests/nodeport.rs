@@ -682,3 +682,112 @@ fn ipv6_node_port_from_outside_answers_from_the_node_ipv6_address() {
         "the flow is tracked with its IPv6 frontend: {flows:?}"
     );
 }
+
+/// A second address on the node's `ext0`, added and removed while the agent runs.
+const ADDED_NODE_IP: &str = "192.168.50.10";
+
+#[test]
+fn node_ports_follow_an_address_added_to_and_removed_from_a_device() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    // The client sends to ext0 whether the node holds the address or not (a permanent
+    // neighbour entry, as a cached one would for a while): only the datapath decides.
+    let node_mac = mac_of(&env, EXT_DEVICE);
+    lb_tests::cmd::ip(&[
+        "-n",
+        client.netns(),
+        "neigh",
+        "replace",
+        ADDED_NODE_IP,
+        "lladdr",
+        &node_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    let target = format!("{ADDED_NODE_IP}:{NODE_PORT}");
+    let once = || client.client_with().count(1).timeout_ms(300).run(&target);
+    assert_eq!(once().ok, 0, "not a node address yet");
+
+    let added = std::time::Instant::now();
+    env.topo.node().ip(&[
+        "addr",
+        "add",
+        &format!("{ADDED_NODE_IP}/24"),
+        "dev",
+        EXT_DEVICE,
+    ]);
+    let summary = poll(FOLLOW, once, |s| s.ok == 1);
+    assert_eq!(
+        summary.ok, 1,
+        "the NodePort answers on the new address within {FOLLOW:?}: {summary:?}"
+    );
+    eprintln!("served on the added address after {:?}", added.elapsed());
+    let summary = client.client_with().count(5).run(&target);
+    assert_eq!(summary.count("webapp1"), 5, "{summary:?}");
+
+    let removed = std::time::Instant::now();
+    env.topo.node().ip(&[
+        "addr",
+        "del",
+        &format!("{ADDED_NODE_IP}/24"),
+        "dev",
+        EXT_DEVICE,
+    ]);
+    let summary = poll(FOLLOW, once, |s| s.ok == 0);
+    assert_eq!(
+        summary.ok, 0,
+        "no longer served within {FOLLOW:?}: {summary:?}"
+    );
+    eprintln!("no longer served after {:?}", removed.elapsed());
+    let summary = client.client_with().count(3).timeout_ms(300).run(&target);
+    assert_eq!(
+        summary.ok, 0,
+        "the removed address stays unserved: {summary:?}"
+    );
+    let summary = client.client_with().count(3).run(&node_port_target());
+    assert_eq!(
+        summary.ok, 3,
+        "the other node address still is: {summary:?}"
+    );
+    let log = agent.log();
+    let logged = log
+        .lines()
+        .filter(|l| l.contains("node addresses changed") && l.contains("192.168.50.10 (ext0)"))
+        .count();
+    assert_eq!(logged, 2, "the addition and the removal are logged: {log}");
+}
+
+/// How long the agent may take to follow an address change.
+const FOLLOW: Duration = Duration::from_secs(3);
+
+/// Runs `attempt` until `done` holds of its result or `within` has passed; the last result.
+fn poll<T>(within: Duration, attempt: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let result = attempt();
+        if done(&result) || std::time::Instant::now() >= deadline {
+            return result;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The MAC address of `device` in the node namespace.
+fn mac_of(env: &TestEnv, device: &str) -> String {
+    let out = env.topo.node().ip(&["-j", "link", "show", "dev", device]);
+    let links: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    links[0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address in {out}"))
+        .to_owned()
+}

@@ -172,3 +172,37 @@ fn socket_lb_host_only_leaves_pods_to_the_per_packet_path() {
         "each connection went through the tc conntrack: {clients:?}"
     );
 }
+
+#[test]
+fn a_pod_created_after_the_agent_started_gets_the_per_packet_path() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (_backends, _first_client) = webapp_setup(&env);
+    let mut agent = env.agent_with(&["--socket-lb", "off"]);
+    agent.wait_for_frontend(VIP, 2, APPLY);
+
+    // A new pod's veth appears: the agent hears of it from netlink and attaches to it.
+    let late = env.topo.add_pod("late");
+    let links = env.pins.path().join("links");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let attached = || {
+        std::fs::read_dir(&links)
+            .map(|d| d.count())
+            .unwrap_or_default()
+    };
+    let before = attached();
+    while attached() == before {
+        agent.assert_running();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tc program attached to the new pod's device within 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let summary = late.client_with().count(10).run(VIP);
+
+    assert_eq!(summary.ok, 10, "{summary:?}");
+    assert!(summary.peer_addrs.iter().all(|a| a == VIP), "{summary:?}");
+}
