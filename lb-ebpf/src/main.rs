@@ -8,6 +8,7 @@ mod family;
 mod fib;
 mod maps;
 mod nat;
+mod reject;
 mod sock;
 mod tc;
 mod xlate;

@@ -24,6 +24,7 @@ use crate::{
     fib,
     maps::{LB_CT, NEW_FLOW, NewFlow},
     nat::{Packet, RewriteError, same_addr},
+    reject,
     xlate::{self, Pick, Scope},
 };
 
@@ -44,9 +45,9 @@ pub enum Error {
     Conntrack(i32),
     /// No free SNAT port for a flow to a backend on another node.
     NoSnatPort,
-    /// The frontend has no backend that may take the flow (none at all, or none on this
-    /// node under `externalTrafficPolicy: Local`).
-    NoBackends,
+    /// The frontend has no backend that may take the flow: none at all, or, when `local`
+    /// (`externalTrafficPolicy: Local`), none on this node.
+    NoBackends { local: bool },
 }
 
 impl From<RewriteError> for Error {
@@ -60,8 +61,18 @@ impl From<RewriteError> for Error {
 pub fn action(ctx: &TcContext, result: Result<i32, Error>) -> i32 {
     match result {
         Ok(action) => action,
-        // kube-proxy rejects (or under eTP=Local drops) these; a drop is what tc can do.
-        Err(Error::NoBackends) => SHOT,
+        // kube-proxy drops traffic to an eTP=Local frontend without local endpoints (it
+        // rejects when the Service has none at all, which a Local master, counting only
+        // this node's endpoints, cannot tell apart yet)...
+        Err(Error::NoBackends { local: true }) => SHOT,
+        // ...and rejects traffic to a Service without endpoints: ICMP port unreachable, so
+        // the client fails at once instead of after its timeout.
+        Err(Error::NoBackends { local: false }) => {
+            reject::port_unreachable(ctx).unwrap_or_else(|RewriteError| {
+                warn!(ctx, "lb tc: rejecting a packet failed; dropped");
+                SHOT
+            })
+        }
         Err(Error::Rewrite) => {
             warn!(ctx, "lb tc: rewriting a packet failed; dropped");
             SHOT
@@ -212,7 +223,9 @@ fn new_flow<F: Family>(
         return Ok(None);
     }
     if master.count == 0 {
-        return Err(Error::NoBackends);
+        return Err(Error::NoBackends {
+            local: master.flags & SVC_F_LOCAL != 0,
+        });
     }
     let picked = xlate::pick_backend(
         ctx,

@@ -3,8 +3,8 @@
 //! (192.168.50.1) dials the node; the agent runs with `--devices ext0`.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::time::Duration;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
 
 use lb_tests::manifests::{pod, service};
 use lb_tests::testkit::enter_netns;
@@ -577,7 +577,97 @@ fn local_policy_never_sends_to_an_endpoint_on_another_node() {
         .run(&node_port_target());
 
     assert_eq!(summary.ok, 0, "no local endpoint: dropped, {summary:?}");
+    // Dropped, not rejected: kube-proxy's KUBE-EXT chain drops traffic to a Service with
+    // endpoints, none of them local.
+    assert_eq!(
+        summary.errors_of("ETIMEDOUT"),
+        3,
+        "dropped, not refused: {summary:?}"
+    );
     assert_eq!(summary.count("remote1"), 0, "{summary:?}");
+}
+
+/// Runs `f` on a thread inside the node namespace.
+fn in_node<T: Send + 'static>(env: &TestEnv, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let netns = env.topo.node().name().to_owned();
+    std::thread::spawn(move || {
+        enter_netns(&netns).expect("entering the node namespace");
+        f()
+    })
+    .join()
+    .expect("node thread")
+}
+
+#[test]
+fn a_node_port_without_endpoints_refuses_tcp_connections_at_once() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let client = env.topo.add_external_client("outside");
+    // The selector matches no pod.
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    // The node's own stack listens on the NodePort: had the datapath passed the SYN on, the
+    // connection would succeed; had it dropped it, the connect would time out. Only the
+    // datapath's ICMP port unreachable makes it fail with ECONNREFUSED.
+    let _stack = in_node(&env, || {
+        TcpListener::bind((NODE_EXT_IP, NODE_PORT)).expect("listening on the node")
+    });
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 0, APPLY);
+
+    let summary = client
+        .client_with()
+        .count(5)
+        .timeout_ms(3000)
+        .run(&node_port_target());
+
+    assert_eq!(summary.errors_of("ECONNREFUSED"), 5, "{summary:?}");
+    assert!(
+        summary.connect_ms.iter().all(|ms| *ms < 500.0),
+        "refused at once, not after a timeout: {:?}",
+        summary.connect_ms
+    );
+}
+
+#[test]
+fn a_udp_node_port_without_endpoints_refuses_connected_sockets() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write(
+        "svc.yaml",
+        &service("dns", "10.96.0.53")
+            .type_("NodePort")
+            .selector("app", "dns")
+            .node_port(53, 5353, 30053, "UDP")
+            .yaml(),
+    );
+    // A socket of the node's own stack on the NodePort: a datagram passed on would be
+    // queued there silently (no ICMP from the stack), and the client would time out.
+    let _stack = in_node(&env, || {
+        UdpSocket::bind((NODE_EXT_IP, 30053)).expect("bound on the node")
+    });
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend_proto("0.0.0.0:30053", "UDP", 0, APPLY);
+
+    let started = Instant::now();
+    let summary = client
+        .client_with()
+        .connected()
+        .count(3)
+        .timeout_ms(2000)
+        .run(&format!("{NODE_EXT_IP}:30053"));
+    let took = started.elapsed();
+
+    // The ICMP error is queued on the connected socket; its recv() reports it.
+    assert_eq!(summary.errors_of("request:ECONNREFUSED"), 3, "{summary:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "refused at once, not after an answer timeout: {took:?}"
+    );
 }
 
 #[test]

@@ -206,3 +206,31 @@ fn a_pod_created_after_the_agent_started_gets_the_per_packet_path() {
     assert_eq!(summary.ok, 10, "{summary:?}");
     assert!(summary.peer_addrs.iter().all(|a| a == VIP), "{summary:?}");
 }
+
+#[test]
+fn a_pod_dialling_a_service_without_endpoints_is_refused_per_packet() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-empty.yaml",
+        &service("empty", "10.96.0.20")
+            .selector("app", "nothing")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent_with(&["--socket-lb", "off"]);
+    agent.wait_for_frontend("10.96.0.20:80", 0, APPLY);
+
+    // The ICMP port unreachable the tc path answers with: refused at once, not a timeout.
+    let summary = client.client_with().count(3).run("10.96.0.20:80");
+
+    assert_eq!(summary.errors.get("ECONNREFUSED"), Some(&3), "{summary:?}");
+    assert!(
+        summary.connect_ms.iter().all(|ms| *ms < 500.0),
+        "{:?}",
+        summary.connect_ms
+    );
+}
