@@ -46,6 +46,10 @@ pub struct L4Addr {
     pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// Lookup scope of a frontend (as Cilium's `L3n4Addr.Scope`): `SCOPE_EXTERNAL` for
+    /// every backend and frontend except the in-cluster entry of a frontend with two (an
+    /// `externalTrafficPolicy: Local` Service's NodePort, external or LoadBalancer IP).
+    pub scope: u8,
 }
 
 impl L4Addr {
@@ -55,14 +59,30 @@ impl L4Addr {
             address: address.into(),
             port,
             protocol,
+            scope: lb_common::SCOPE_EXTERNAL,
         }
+    }
+
+    /// The same frontend's in-cluster entry.
+    #[must_use]
+    pub const fn internal(self) -> Self {
+        Self {
+            scope: lb_common::SCOPE_INTERNAL,
+            ..self
+        }
+    }
+
+    /// Whether this is the in-cluster entry of a frontend with two scopes.
+    #[must_use]
+    pub const fn is_internal(&self) -> bool {
+        self.scope == lb_common::SCOPE_INTERNAL
     }
 }
 
 impl serde::Serialize for L4Addr {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut s = serializer.serialize_struct("L4Addr", 4)?;
+        let mut s = serializer.serialize_struct("L4Addr", 5)?;
         s.serialize_field("address", &self.address.to_string())?;
         s.serialize_field("port", &self.port)?;
         s.serialize_field("protocol", &self.protocol)?;
@@ -74,6 +94,11 @@ impl serde::Serialize for L4Addr {
                 "IPv6"
             },
         )?;
+        if self.is_internal() {
+            s.serialize_field("scope", "internal")?;
+        } else {
+            s.skip_field("scope")?;
+        }
         s.end()
     }
 }
@@ -81,9 +106,13 @@ impl serde::Serialize for L4Addr {
 impl fmt::Display for L4Addr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.address {
-            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol),
-            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol),
+            IpAddr::V4(ip) => write!(f, "{ip}:{}/{}", self.port, self.protocol)?,
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}/{}", self.port, self.protocol)?,
         }
+        if self.is_internal() {
+            f.write_str(" (in-cluster)")?;
+        }
+        Ok(())
     }
 }
 
@@ -287,11 +316,12 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// The `SVC_F_*` flags of the frontend's master entry.
+    /// The `SVC_F_*` flags of the frontend's master entry. A node-local frontend (the
+    /// external scope) always has an in-cluster twin with every endpoint.
     #[must_use]
     pub const fn flags(&self) -> u32 {
         let local = if self.local_only {
-            lb_common::SVC_F_LOCAL
+            lb_common::SVC_F_LOCAL | lb_common::SVC_F_TWO_SCOPES
         } else {
             0
         };

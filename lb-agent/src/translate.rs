@@ -153,31 +153,39 @@ pub fn translate_service(
             let address = L4Addr::new(ip, number, port.protocol);
             // externalTrafficPolicy applies to what comes from outside the cluster.
             let local_only = service.external_local && kind != FrontendKind::ClusterIp;
-            let eligible = candidates
-                .iter()
-                .filter(|c| c.addr.address.is_ipv4() == ip.is_ipv4())
-                .filter(|c| !local_only || is_local(&c.info, node));
-            let (backends, backend_info): (Vec<Backend>, Vec<EndpointInfo>) =
-                select_endpoints(eligible)
-                    .into_iter()
-                    .map(|(mut backend, info)| {
-                        backend.remote = is_remote(&info, node);
-                        (backend, info)
-                    })
-                    .unzip();
+            let of_family = || {
+                candidates
+                    .iter()
+                    .filter(|c| c.addr.address.is_ipv4() == ip.is_ipv4())
+            };
+            let frontend = |address, local_only: bool, (backends, backend_info)| {
+                Arc::new(Frontend {
+                    address,
+                    kind,
+                    local_only,
+                    service: service.id.clone(),
+                    port_name: port.name.clone(),
+                    backends,
+                    backend_info,
+                })
+            };
+            let (backends, backend_info) = backends_of(
+                of_family().filter(|c| !local_only || is_local(&c.info, node)),
+                node,
+            );
             if local_only {
                 local_endpoints.extend(backends.iter().map(|b| b.addr.address));
+                // Clients inside the cluster (pods, the node's own processes) get every
+                // endpoint, as kube-proxy short-circuits their traffic to the cluster-wide
+                // chain: an in-cluster entry of the frontend with all of them.
+                let internal = address.internal();
+                out.fields.push((internal, field.clone()));
+                out.frontends
+                    .push(frontend(internal, false, backends_of(of_family(), node)));
             }
             out.fields.push((address, field));
-            out.frontends.push(Arc::new(Frontend {
-                address,
-                kind,
-                local_only,
-                service: service.id.clone(),
-                port_name: port.name.clone(),
-                backends,
-                backend_info,
-            }));
+            out.frontends
+                .push(frontend(address, local_only, (backends, backend_info)));
         }
     }
     if let Some(port) = service.health_check_node_port {
@@ -188,6 +196,20 @@ pub fn translate_service(
         });
     }
     out
+}
+
+/// The backends (and what is known of them) that take new connections among `eligible`.
+fn backends_of<'a>(
+    eligible: impl Iterator<Item = &'a Candidate>,
+    node: Option<&str>,
+) -> (Vec<Backend>, Vec<EndpointInfo>) {
+    select_endpoints(eligible)
+        .into_iter()
+        .map(|(mut backend, info)| {
+            backend.remote = is_remote(&info, node);
+            (backend, info)
+        })
+        .unzip()
 }
 
 /// The unspecified address of `ip`'s family.

@@ -76,7 +76,11 @@ pub fn master<K: ServiceKey>(
     let master = lookup(services, frontend)?;
     if scope == Scope::Internal && master.flags & SVC_F_TWO_SCOPES != 0 {
         let key = frontend.with_scope(SCOPE_INTERNAL);
-        return Some((key, lookup(services, &key)?));
+        // The writer puts both masters in one batch: until the in-cluster one is there,
+        // the external one serves.
+        if let Some(internal) = lookup(services, &key) {
+            return Some((key, internal));
+        }
     }
     Some((*frontend, master))
 }
@@ -111,16 +115,16 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
     Some((entry.backend_id, backend))
 }
 
-/// Whether the frontend `master_key` still exists as the frontend `rev_nat_id` named: a
-/// reverse-NAT entry made for a frontend since deleted (or replaced) must not be used.
-/// (Both scopes of a frontend share its `rev_nat_id`.)
+/// Whether the frontend `master_key` (as a client inside the cluster sees it) still exists
+/// as the frontend `rev_nat_id` named: a reverse-NAT entry made for a frontend since
+/// deleted (or replaced) must not be used.
 #[inline(always)]
 pub fn frontend_is_current<K: ServiceKey>(
     services: &Services<K>,
     master_key: &K,
     rev_nat_id: u16,
 ) -> bool {
-    lookup(services, master_key).is_some_and(|m| m.rev_nat_id == rev_nat_id)
+    master(services, master_key, Scope::Internal).is_some_and(|(_, m)| m.rev_nat_id == rev_nat_id)
 }
 
 #[inline(always)]

@@ -670,6 +670,49 @@ fn a_udp_node_port_without_endpoints_refuses_connected_sockets() {
     );
 }
 
+/// Under `externalTrafficPolicy: Local` only clients outside the cluster are kept to this
+/// node's endpoints: a pod dialling the NodePort reaches the endpoint on the other node
+/// (kube-proxy short-circuits in-cluster traffic to the cluster-wide chain), whether its
+/// connect is translated by the socket hooks or its packets by tc (`extra`).
+fn pods_reach_every_endpoint_of_a_local_policy_service(extra: &[&str]) {
+    let (env, _outside, remote, _server) = remote_endpoint_setup("Local");
+    let pod_client = env.topo.add_pod("client");
+    let devices = format!("{EXT_DEVICE},{PEER_DEVICE}");
+    let mut args = vec!["--devices", devices.as_str(), "--node-name", "node-a"];
+    args.extend_from_slice(extra);
+    let mut agent = start_agent_with(&env, &args);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 0, APPLY);
+
+    let summary = pod_client.client(&env.cgroup, &node_port_target(), 5);
+
+    assert_eq!(summary.ok, 5, "{summary:?}");
+    assert_eq!(summary.count("remote1"), 5, "{summary:?}");
+    assert!(
+        summary
+            .remote_addrs
+            .iter()
+            .all(|a| a.starts_with(&format!("{}:", pod_client.ip()))),
+        "the remote pod sees the client pod, {summary:?} (remote {})",
+        remote.ip()
+    );
+}
+
+#[test]
+fn pods_reach_every_endpoint_of_a_local_policy_service_through_the_socket_hooks() {
+    if !require_privileges() {
+        return;
+    }
+    pods_reach_every_endpoint_of_a_local_policy_service(&[]);
+}
+
+#[test]
+fn pods_reach_every_endpoint_of_a_local_policy_service_per_packet() {
+    if !require_privileges() {
+        return;
+    }
+    pods_reach_every_endpoint_of_a_local_policy_service(&["--socket-lb", "off"]);
+}
+
 #[test]
 fn pods_reach_a_node_port_on_a_node_address_through_the_socket_hooks() {
     if !require_privileges() {

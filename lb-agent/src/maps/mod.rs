@@ -77,7 +77,7 @@ pub trait LbMaps {
 pub mod codec {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-    use lb_common::{Backend4, Backend6, Service4Key, Service6Key};
+    use lb_common::{Backend4, Backend6, Service4Key, Service6Key, ServiceKey as _};
 
     use crate::model::{Backend, EndpointState, L4Addr, Protocol};
 
@@ -114,12 +114,15 @@ pub mod codec {
     #[must_use]
     pub fn service4_key(frontend: &L4Addr, slot: u16) -> Option<Service4Key> {
         match frontend.address {
-            IpAddr::V4(ip) => Some(Service4Key::new(
-                ip4(ip),
-                frontend.port.to_be(),
-                frontend.protocol.number(),
-                slot,
-            )),
+            IpAddr::V4(ip) => Some(
+                Service4Key::new(
+                    ip4(ip),
+                    frontend.port.to_be(),
+                    frontend.protocol.number(),
+                    slot,
+                )
+                .with_scope(frontend.scope),
+            ),
             IpAddr::V6(_) => None,
         }
     }
@@ -128,12 +131,15 @@ pub mod codec {
     #[must_use]
     pub fn service6_key(frontend: &L4Addr, slot: u16) -> Option<Service6Key> {
         match frontend.address {
-            IpAddr::V6(ip) => Some(Service6Key::new(
-                ip6(ip),
-                frontend.port.to_be(),
-                frontend.protocol.number(),
-                slot,
-            )),
+            IpAddr::V6(ip) => Some(
+                Service6Key::new(
+                    ip6(ip),
+                    frontend.port.to_be(),
+                    frontend.protocol.number(),
+                    slot,
+                )
+                .with_scope(frontend.scope),
+            ),
             IpAddr::V4(_) => None,
         }
     }
@@ -142,8 +148,12 @@ pub mod codec {
     #[must_use]
     pub fn from_service4_key(key: &Service4Key) -> Option<(L4Addr, u16)> {
         let protocol = Protocol::from_number(key.proto)?;
+        let frontend = L4Addr::new(from_ip4(key.address), u16::from_be(key.dport), protocol);
         Some((
-            L4Addr::new(from_ip4(key.address), u16::from_be(key.dport), protocol),
+            L4Addr {
+                scope: key.scope,
+                ..frontend
+            },
             key.backend_slot,
         ))
     }
@@ -152,8 +162,12 @@ pub mod codec {
     #[must_use]
     pub fn from_service6_key(key: &Service6Key) -> Option<(L4Addr, u16)> {
         let protocol = Protocol::from_number(key.proto)?;
+        let frontend = L4Addr::new(from_ip6(key.address), u16::from_be(key.dport), protocol);
         Some((
-            L4Addr::new(from_ip6(key.address), u16::from_be(key.dport), protocol),
+            L4Addr {
+                scope: key.scope,
+                ..frontend
+            },
             key.backend_slot,
         ))
     }

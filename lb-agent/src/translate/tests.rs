@@ -754,16 +754,19 @@ fn external_traffic_policy_local_keeps_only_this_nodes_endpoints_outside() {
     assert_eq!(
         frontends_on(&yaml, Some("node-a")),
         [
-            "0.0.0.0:30080/TCP NodePort 0x18 -> 10.244.0.2:8080/TCP",
-            // In-cluster clients of the ClusterIP are not restricted.
+            "0.0.0.0:30080/TCP NodePort 0x38 -> 10.244.0.2:8080/TCP",
+            // Clients inside the cluster get every endpoint, as kube-proxy short-circuits
+            // their traffic to the cluster-wide chain; the ClusterIP is not restricted.
+            "0.0.0.0:30080/TCP (in-cluster) NodePort 0x8 -> 10.244.0.2:8080/TCP,10.244.1.2:8080/TCP (remote)",
             "10.96.0.10:80/TCP ClusterIp 0x1 -> 10.244.0.2:8080/TCP,10.244.1.2:8080/TCP (remote)",
-            "192.168.60.10:80/TCP ExternalIp 0x12 -> 10.244.0.2:8080/TCP",
+            "192.168.60.10:80/TCP ExternalIp 0x32 -> 10.244.0.2:8080/TCP",
+            "192.168.60.10:80/TCP (in-cluster) ExternalIp 0x2 -> 10.244.0.2:8080/TCP,10.244.1.2:8080/TCP (remote)",
         ]
     );
     // On node-b the other endpoint is the local one.
     assert_eq!(
         frontends_on(&yaml, Some("node-b"))[0],
-        "0.0.0.0:30080/TCP NodePort 0x18 -> 10.244.1.2:8080/TCP"
+        "0.0.0.0:30080/TCP NodePort 0x38 -> 10.244.1.2:8080/TCP"
     );
     // Under Cluster every endpoint serves, the remote one flagged for SNAT.
     let cluster = yaml.replace(
@@ -800,7 +803,7 @@ fn endpoint_locality_comes_from_the_slice_node_name() {
     .concat();
     assert_eq!(
         frontends_on(&yaml, Some("node-b"))[0],
-        "0.0.0.0:30080/TCP NodePort 0x18 -> 10.244.1.2:8080/TCP"
+        "0.0.0.0:30080/TCP NodePort 0x38 -> 10.244.1.2:8080/TCP"
     );
 }
 
