@@ -135,21 +135,42 @@ pub fn pod_devices(requested: &[String], external: &[Device]) -> io::Result<Vec<
         .collect())
 }
 
-/// Devices of the IPv4 default route(s), from `/proc/net/route` (which shows the reading
-/// process's network namespace).
+/// Devices of the IPv4 and IPv6 default route(s), from `/proc/net/route` and
+/// `/proc/net/ipv6_route` (which show the reading process's network namespace).
 fn default_route_devices() -> io::Result<Vec<String>> {
-    let table = std::fs::read_to_string("/proc/net/route")?;
-    let mut names = Vec::new();
-    for line in table.lines().skip(1) {
+    let route = std::fs::read_to_string("/proc/net/route")?;
+    // Absent when the kernel has no IPv6.
+    let ipv6_route = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    Ok(default_routes_in(&route, &ipv6_route))
+}
+
+/// The devices of the default routes in the kernel's route tables as procfs shows them.
+fn default_routes_in(route: &str, ipv6_route: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |name: &str| {
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
+        }
+    };
+    for line in route.lines().skip(1) {
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000" {
-            let name = fields[0].to_string();
-            if !names.contains(&name) {
-                names.push(name);
-            }
+            add(fields[0]);
         }
     }
-    Ok(names)
+    // IPv6: `::/0` routes, except the reject routes the kernel keeps on `lo`.
+    const RTF_REJECT: u32 = 0x0200;
+    for line in ipv6_route.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let default =
+            fields.len() == 10 && fields[0].bytes().all(|b| b == b'0') && fields[1] == "00";
+        let reject = u32::from_str_radix(fields.get(8).unwrap_or(&"0"), 16)
+            .is_ok_and(|flags| flags & RTF_REJECT != 0);
+        if default && !reject && fields[9] != "lo" {
+            add(fields[9]);
+        }
+    }
+    names
 }
 
 /// The driver of device `name` (`bridge`, `veth`, …), asked through the ethtool ioctl,
@@ -444,6 +465,20 @@ mod tests {
             ipv4: ipv4.iter().map(|ip| ip.parse().unwrap()).collect(),
             ipv6: Vec::new(),
         }
+    }
+
+    #[test]
+    fn default_routes_of_both_families_without_the_reject_routes() {
+        let route = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                     eth0\t00000000\t0132A8C0\t0003\t0\t0\t0\t00000000\n\
+                     eth0\t0032A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n";
+        let zeros = "00000000000000000000000000000000";
+        let ipv6_route = format!(
+            "{zeros} 00 {zeros} 00 fd000000000000000000000000000001 00000400 00000003 00000000 00000003     eth1\n\
+             {zeros} 00 {zeros} 00 {zeros} ffffffff 00000001 00000000 00200200       lo\n\
+             fd000000000000000000000000000000 40 {zeros} 00 {zeros} 00000100 00000001 00000000 00000001     eth1\n"
+        );
+        assert_eq!(default_routes_in(route, &ipv6_route), ["eth0", "eth1"]);
     }
 
     #[test]
