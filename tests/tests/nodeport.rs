@@ -631,6 +631,46 @@ fn a_node_port_without_endpoints_refuses_tcp_connections_at_once() {
 }
 
 #[test]
+fn an_ipv6_node_port_without_endpoints_refuses_tcp_connections() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "fd00:96::10")
+            .type_("NodePort")
+            .ip_families(&["IPv6"])
+            .ip_family_policy("SingleStack")
+            .selector("app", "webapp")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .yaml(),
+    );
+    // As for IPv4: only the datapath's ICMPv6 port unreachable gives ECONNREFUSED here.
+    let _stack = in_node(&env, || {
+        TcpListener::bind((NODE_EXT_IP6, NODE_PORT)).expect("listening on the node")
+    });
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend("[::]:30080", 0, APPLY);
+
+    let target = format!("[{NODE_EXT_IP6}]:{NODE_PORT}");
+    let summary = client.client_with().count(3).timeout_ms(3000).run(&target);
+
+    assert_eq!(summary.errors_of("ECONNREFUSED"), 3, "{summary:?}");
+    // Over a veth on one machine the ICMPv6 error reaches the client's socket within the
+    // very connect() that sent the SYN, while the socket is locked, and the kernel drops
+    // it (TcpExtLockDroppedIcmps); the SYN's retransmission after a second gets the one
+    // that counts. A client on another machine gets the first. Either way: refused, not
+    // timed out.
+    assert!(
+        summary.connect_ms.iter().all(|ms| *ms < 2000.0),
+        "refused by the first SYN or its retransmission, not after the timeout: {:?}",
+        summary.connect_ms
+    );
+}
+
+#[test]
 fn a_udp_node_port_without_endpoints_refuses_connected_sockets() {
     if !require_privileges() {
         return;
