@@ -1,10 +1,12 @@
-//! `cargo xtask bench`: our socket load balancer against the direct path and kube-proxy's
-//! iptables and nftables layouts, on network namespaces, over a sweep of Service counts.
+//! `cargo xtask bench`: our socket and tc load balancers against the direct path and
+//! kube-proxy's iptables and nftables layouts, on network namespaces, over a sweep of Service
+//! counts.
 //!
 //! For each size (N Services × E endpoints) every variant programs the same Services from
-//! nothing (timed, stopped at a cap), then the data-path workloads run round-robin over the
-//! variants for several rounds (so drift hits every variant alike), then one Service's endpoint
-//! change is timed, and the agent's memory is read. The results go to `docs/benchmarks.md` with
+//! nothing (timed, stopped at a cap; not the tc LB's agent, the socket LB's control plane once
+//! more), then the data-path workloads run round-robin over the variants for several rounds (so
+//! drift hits every variant alike), then one Service's endpoint change is timed, and the
+//! agent's memory is read. The results go to `docs/benchmarks.md` with
 //! SVG plots in `docs/bench/` (`--quick`: N ∈ {1, 100}, short runs, `target/bench-quick/`).
 //! [`lab::Lab`] owns everything created (all named `lbbench…`) and removes it on success, error
 //! and Ctrl-C.
@@ -16,7 +18,7 @@ mod report;
 mod results;
 mod scenario;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -275,6 +277,8 @@ struct Bench<'a> {
     settings: Settings,
     backends: Vec<Ipv4Addr>,
     results: Vec<ConfigResult>,
+    /// The tc client pod's veth (node end), where the tc LB's agent attaches.
+    tc_device: Option<String>,
     /// Variants stopped at (services, endpoints), and why: they are skipped at every size at
     /// least as large.
     stopped: Vec<(Variant, usize, usize, String)>,
@@ -290,6 +294,7 @@ impl<'a> Bench<'a> {
                 .map(|h| Ipv4Addr::new(10, 244, 1, h))
                 .collect(),
             results: Vec::new(),
+            tc_device: None,
             stopped: Vec::new(),
             started: Instant::now(),
         }
@@ -303,7 +308,8 @@ impl<'a> Bench<'a> {
         println!("[{:>5.0} s] {what}", self.started.elapsed().as_secs_f64());
     }
 
-    /// Backend pods with their echo servers, one client pod per variant, BPF statistics on.
+    /// Backend pods with their echo servers, one client pod per variant, the node routing (for
+    /// the tc LB), BPF statistics on.
     fn set_up(&mut self) -> Result<()> {
         self.say("setting up the node, 10 backend pods and the client pods");
         for (i, &ip) in self.backends.iter().enumerate() {
@@ -320,19 +326,20 @@ impl<'a> Bench<'a> {
             self.lab.spawn(&name, server)?;
             self.wait_listening(&name)?;
         }
-        let mut host = FIRST_CLIENT_HOST;
-        for &variant in &self.settings.variants {
-            if variant == Variant::Tc {
-                continue;
-            }
+        let variants = self.settings.variants.clone();
+        for (host, variant) in (FIRST_CLIENT_HOST..).zip(variants) {
             let netns = variant.netns();
-            self.lab
+            let device = self
+                .lab
                 .add_pod_netns(netns, Ipv4Addr::new(10, 244, 0, host))?;
-            host += 1;
+            if variant == Variant::Tc {
+                self.tc_device = Some(device);
+            }
             // Many short connections from one address: reuse TIME_WAIT ports, use them all.
             lab::sysctl_in(netns, "net.ipv4.tcp_tw_reuse", "1")?;
             lab::sysctl_in(netns, "net.ipv4.ip_local_port_range", "1024 65535")?;
         }
+        lab::enable_forwarding()?;
         lab::enable_bpf_stats()
     }
 
@@ -379,9 +386,6 @@ impl<'a> Bench<'a> {
     }
 
     fn skip_reason(&self, variant: Variant, scenario: &Scenario) -> Option<String> {
-        if variant == Variant::Tc {
-            return Some("not available (tc datapath not built)".into());
-        }
         if let Some((_, n, e, why)) = self.stopped.iter().find(|(v, n, e, _)| {
             *v == variant && *n <= scenario.services && *e <= scenario.endpoints
         }) {
@@ -391,7 +395,7 @@ impl<'a> Bench<'a> {
                 format!("stopped at {n} × {e}: {why}")
             });
         }
-        if variant == Variant::Socket {
+        if variant.runs_bpf() {
             return agent_capacity(scenario);
         }
         None
@@ -405,7 +409,7 @@ impl<'a> Bench<'a> {
 
     fn measure_config(&mut self, scenario: &Scenario, config: &mut ConfigResult) -> Result<()> {
         let mut active = Vec::new();
-        let mut agent = None;
+        let mut agents = BTreeMap::new();
         for &variant in &self.settings.variants.clone() {
             if let Some(why) = self.skip_reason(variant, scenario) {
                 config.variant(variant).skipped = Some(why);
@@ -417,7 +421,9 @@ impl<'a> Bench<'a> {
             }
             match self.program(variant, scenario, config)? {
                 Programming::Done(started_agent) => {
-                    agent = agent.or(started_agent);
+                    if let Some(started) = started_agent {
+                        agents.insert(variant, started);
+                    }
                     active.push(variant);
                 }
                 Programming::OverCap(why) => {
@@ -426,25 +432,38 @@ impl<'a> Bench<'a> {
                 }
             }
         }
-        let ids = match &agent {
-            Some(_) => agent::attached_programs(&self.paths().agent_cgroup)?,
-            None => BTreeSet::new(),
-        };
+        let mut ids = BTreeMap::new();
+        if agents.contains_key(&Variant::Socket) {
+            let attached = agent::attached_programs(&self.paths().agent_cgroup)?;
+            ids.insert(Variant::Socket, attached);
+        }
+        if agents.contains_key(&Variant::Tc) {
+            let linked = agent::linked_programs(Path::new(lab::TC_PIN_DIR))?;
+            ensure!(!linked.is_empty(), "the tc agent attached no program");
+            ids.insert(Variant::Tc, linked);
+        }
         for &variant in &active {
             self.probe(variant, scenario)
                 .with_context(|| format!("{} does not work at this size", variant.label()))?;
         }
-        let cpu_before = agent.as_ref().and_then(Agent::cpu);
+        let agent = agents.get(&Variant::Socket);
+        let cpu_before = agent.and_then(Agent::cpu);
         let began = Instant::now();
         self.data_path(scenario, &active, &ids, config)?;
         config.data_path_s = began.elapsed().as_secs_f64();
-        if let (Some(before), Some(after)) = (cpu_before, agent.as_ref().and_then(Agent::cpu)) {
+        if let (Some(before), Some(after)) = (cpu_before, agent.and_then(Agent::cpu)) {
             config.agent_cpu_s = Some(after.saturating_sub(before).as_secs_f64());
         }
-        for &variant in active.iter().filter(|v| v.programs()) {
-            self.changes(variant, scenario, agent.as_ref(), config)?;
+        // The tc agent's work is done (its programs stay attached): stopped now, it does not
+        // re-read the changed manifests beside the socket agent while that one is timed.
+        if let Some(tc_agent) = agents.get(&Variant::Tc) {
+            check_agent_log(tc_agent)?;
+            self.lab.stop(tc_agent.name())?;
         }
-        if let Some(agent) = &agent {
+        for &variant in active.iter().filter(|v| v.control_plane_timed()) {
+            self.changes(variant, scenario, agent, config)?;
+        }
+        if let Some(agent) = agent {
             config.agent_rss_kib = agent.rss_kib();
             if let Some(cpu) = config.agent_cpu_s {
                 self.say(&format!(
@@ -452,13 +471,8 @@ impl<'a> Bench<'a> {
                     config.data_path_s
                 ));
             }
-            config.maps = agent::map_memory(&ids)?;
-            let errors = agent.errors();
-            ensure!(
-                errors.is_empty(),
-                "lb-agent logged errors:\n{}",
-                errors.join("\n")
-            );
+            config.maps = agent::map_memory(&ids[&Variant::Socket])?;
+            check_agent_log(agent)?;
         }
         config.load_average = load_average();
         self.print_summary(config, &active);
@@ -472,46 +486,9 @@ impl<'a> Bench<'a> {
         scenario: &Scenario,
         config: &mut ConfigResult,
     ) -> Result<Programming> {
-        let cap = self.settings.cap();
-        let over_cap = || {
-            Programming::OverCap(format!(
-                "programming {} × {} took longer than the {} s cap",
-                scenario.services, scenario.endpoints, self.settings.cap_s
-            ))
-        };
+        let over_cap = || self.over_cap(scenario);
         match variant {
-            Variant::Socket => {
-                let dir = Paths::run_dir().join("manifests");
-                scenario.write_manifests(&dir)?;
-                let agent = Agent::start(self.lab, &dir)?;
-                let Some(done) = agent.wait_ready(self.lab, cap)? else {
-                    self.lab.stop_if_running(lab::AGENT);
-                    return Ok(over_cap());
-                };
-                let errors = agent.errors();
-                ensure!(
-                    errors.is_empty(),
-                    "lb-agent logged errors:\n{}",
-                    errors.join("\n")
-                );
-                let expected = scenario.services + 1; // the measured Service's UDP port
-                ensure!(
-                    done.frontends == expected,
-                    "lb-agent programmed {} frontends, expected {expected}",
-                    done.frontends
-                );
-                self.say(&format!(
-                    "   {}: ready after {:.3} s (map writes {:.3} s), RSS {} KiB",
-                    variant.label(),
-                    done.ready_s,
-                    done.write_s,
-                    agent.rss_kib().unwrap_or(0)
-                ));
-                let result = config.variant(variant);
-                result.program_s = Some(done.ready_s);
-                result.program_write_s = Some(done.write_s);
-                Ok(Programming::Done(Some(agent)))
-            }
+            Variant::Socket | Variant::Tc => self.start_agent(variant, scenario, config),
             Variant::IptablesLegacy | Variant::IptablesNft => {
                 let backend = iptables_backend(variant);
                 let file = self.input_file(variant, "full", &kubeproxy::iptables_full(scenario))?;
@@ -538,8 +515,61 @@ impl<'a> Bench<'a> {
                     }
                 })
             }
-            Variant::Direct | Variant::Tc => Ok(Programming::Done(None)),
+            Variant::Direct => Ok(Programming::Done(None)),
         }
+    }
+
+    fn over_cap(&self, scenario: &Scenario) -> Programming {
+        Programming::OverCap(format!(
+            "programming {} × {} took longer than the {} s cap",
+            scenario.services, scenario.endpoints, self.settings.cap_s
+        ))
+    }
+
+    /// Starts the agent of the socket or the tc LB on the scenario's manifests (written by the
+    /// first of them) and waits until it is ready; the socket LB's time is the programming
+    /// time the report shows.
+    fn start_agent(
+        &self,
+        variant: Variant,
+        scenario: &Scenario,
+        config: &mut ConfigResult,
+    ) -> Result<Programming> {
+        let dir = Paths::run_dir().join("manifests");
+        if !dir.exists() {
+            scenario.write_manifests(&dir)?;
+        }
+        let agent = if variant == Variant::Tc {
+            let device = self.tc_device.as_deref().context("no tc client pod")?;
+            Agent::start_tc(self.lab, &dir, device)?
+        } else {
+            Agent::start_socket(self.lab, &dir)?
+        };
+        let Some(done) = agent.wait_ready(self.lab, self.settings.cap())? else {
+            self.lab.stop_if_running(agent.name());
+            return Ok(self.over_cap(scenario));
+        };
+        check_agent_log(&agent)?;
+        let expected = scenario.services + 1; // the measured Service's UDP port
+        ensure!(
+            done.frontends == expected,
+            "lb-agent ({}) programmed {} frontends, expected {expected}",
+            agent.name(),
+            done.frontends
+        );
+        self.say(&format!(
+            "   {}: ready after {:.3} s (map writes {:.3} s), RSS {} KiB",
+            variant.label(),
+            done.ready_s,
+            done.write_s,
+            agent.rss_kib().unwrap_or(0)
+        ));
+        if variant.control_plane_timed() {
+            let result = config.variant(variant);
+            result.program_s = Some(done.ready_s);
+            result.program_write_s = Some(done.write_s);
+        }
+        Ok(Programming::Done(Some(agent)))
     }
 
     fn input_file(&self, variant: Variant, what: &str, text: &str) -> Result<PathBuf> {
@@ -645,7 +675,7 @@ impl<'a> Bench<'a> {
         &self,
         scenario: &Scenario,
         active: &[Variant],
-        ids: &BTreeSet<u32>,
+        ids: &BTreeMap<Variant, BTreeSet<u32>>,
         config: &mut ConfigResult,
     ) -> Result<()> {
         let rounds = self.settings.rounds;
@@ -657,13 +687,14 @@ impl<'a> Bench<'a> {
                     let ms = self.settings.duration_ms(workload);
                     let mut command = self.client(variant, scenario, workload);
                     command.args(["--duration-ms", &ms.to_string()]);
-                    let before = (variant == Variant::Socket)
-                        .then(|| agent::prog_stats(ids))
-                        .transpose()?;
+                    // The programs of the variant's own agent, if it has one.
+                    let programs = ids.get(&variant);
+                    let before = programs.map(agent::prog_stats).transpose()?;
                     let summary =
                         self.load(command, Duration::from_millis(ms) + Duration::from_secs(15))?;
-                    if let Some(before) = before {
-                        config.bpf.add(&agent::prog_stats(ids)?.since(&before));
+                    if let (Some(programs), Some(before)) = (programs, before) {
+                        let during = agent::prog_stats(programs)?.since(&before);
+                        config.bpf_mut(variant).add(&during);
                     }
                     config.variant(variant).runs.push(Run {
                         round,
@@ -738,11 +769,12 @@ impl<'a> Bench<'a> {
         }
     }
 
-    /// Back to nothing: the agent stopped and its programs and pins removed, every table of
-    /// the client pods emptied, the generated inputs deleted.
+    /// Back to nothing: the agents stopped and their programs and pins removed, every table
+    /// of the client pods emptied, the generated inputs deleted.
     fn reset(&self) -> Result<()> {
         self.lab.stop_if_running(lab::AGENT);
-        lab::remove_pins(self.paths());
+        self.lab.stop_if_running(lab::TC_AGENT);
+        lab::remove_all_pins(self.paths());
         for &variant in &self.settings.variants {
             match variant {
                 Variant::IptablesLegacy => {
@@ -784,8 +816,21 @@ impl<'a> Bench<'a> {
     }
 }
 
+/// Fails on errors the agent logged, and on warnings about what it did not program (an
+/// invalid manifest or a full map would make the comparison unfair).
+fn check_agent_log(agent: &Agent) -> Result<()> {
+    let errors = agent.errors();
+    ensure!(
+        errors.is_empty(),
+        "lb-agent ({}) logged errors:\n{}",
+        agent.name(),
+        errors.join("\n")
+    );
+    Ok(())
+}
+
 enum Programming {
-    /// Programmed (the agent, when it was the agent).
+    /// Programmed (the agent, when it was an agent).
     Done(Option<Agent>),
     /// Longer than the cap (the variant stops here).
     OverCap(String),

@@ -168,8 +168,9 @@ impl<W: World> Lab<W> {
     }
 
     /// A pod namespace `netns` with `eth0` = `address`/16 on a veth to the bridge and a default
-    /// route via the bridge; nothing routes out of the machine.
-    pub fn add_pod_netns(&self, netns: &str, address: Ipv4Addr) -> Result<()> {
+    /// route via the bridge; nothing routes out of the machine. Returns the name of the veth's
+    /// node end (the pod's device, as the agent's `--pod-devices` names it).
+    pub fn add_pod_netns(&self, netns: &str, address: Ipv4Addr) -> Result<String> {
         self.create(|state| {
             let veth = format!("veth{}", state.next_veth);
             state.next_veth += 1;
@@ -189,7 +190,8 @@ impl<W: World> Lab<W> {
             ip_in(
                 netns,
                 &["route", "add", "default", "via", &GATEWAY.to_string()],
-            )
+            )?;
+            Ok(veth)
         })
     }
 
@@ -367,7 +369,11 @@ pub fn warn(result: Result<()>) {
 
 /// `lb-agent cleanup` detaches and unpins what the agent made; then the directory goes.
 pub fn remove_pins<W: World>(paths: &W) {
-    let pins = Path::new(W::PIN_DIR);
+    remove_pin_dir(paths, Path::new(W::PIN_DIR));
+}
+
+/// [`remove_pins`] for the pin directory `pins` of a further agent of the lab.
+pub fn remove_pin_dir<W: World>(paths: &W, pins: &Path) {
     if !pins.exists() {
         return;
     }
@@ -378,12 +384,13 @@ pub fn remove_pins<W: World>(paths: &W) {
         } else {
             Command::new(agent_bin)
         };
-        cleanup.args(["cleanup", "--bpf-pin-path", W::PIN_DIR]);
+        cleanup.arg("cleanup").arg("--bpf-pin-path").arg(pins);
         warn(cmd::cleanup(&mut cleanup));
     }
     if pins.exists() {
         warn(
-            std::fs::remove_dir_all(pins).with_context(|| format!("cannot remove {}", W::PIN_DIR)),
+            std::fs::remove_dir_all(pins)
+                .with_context(|| format!("cannot remove {}", pins.display())),
         );
     }
 }

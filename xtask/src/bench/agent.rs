@@ -1,8 +1,10 @@
-//! Driving `lb-agent` for the bench: start it from nothing on a manifests directory, follow its
-//! log (`ready`, `maps updated … elapsed_us=…`), read its memory, and read the run-time
-//! statistics and map sizes of exactly its programs (found through the bench's cgroup, so other
-//! agents on the machine with the same program names are never counted).
+//! Driving `lb-agent` for the bench: start it from nothing on a manifests directory (as the
+//! socket LB or as the tc LB), follow its log (`ready`, `maps updated … elapsed_us=…`), read its
+//! memory, and read the run-time statistics and map sizes of exactly its programs (found through
+//! the bench's cgroup or the agent's pinned links, so other agents on the machine with the same
+//! program names are never counted).
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::sleep;
@@ -11,12 +13,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::lab::{self, AGENT, Lab, PIN_DIR, Paths};
+use super::lab::{self, AGENT, Lab, PIN_DIR, Paths, TC_AGENT, TC_PIN_DIR};
 use crate::cmd;
 
 /// A running agent.
 pub struct Agent {
     pub pid: u32,
+    /// Its process (and log) name in the lab.
+    name: &'static str,
     log: PathBuf,
     started: Instant,
 }
@@ -38,29 +42,57 @@ pub struct Programmed {
 }
 
 impl Agent {
-    /// Starts `lb-agent run` on `manifests` inside the node namespace, attached to the bench's
-    /// agent cgroup, with a fresh pin directory.
-    pub fn start(lab: &Lab, manifests: &Path) -> Result<Self> {
-        let paths = lab.paths();
-        std::fs::create_dir_all(PIN_DIR).with_context(|| format!("cannot create {PIN_DIR}"))?;
-        let mut command = lab::in_netns(lab::NODE_NETNS, &paths.agent_bin);
+    /// The socket LB: `lb-agent run --socket-lb all` on `manifests` inside the node namespace,
+    /// attached to the bench's agent cgroup, with a fresh pin directory.
+    pub fn start_socket(lab: &Lab, manifests: &Path) -> Result<Self> {
+        let args = [
+            OsStr::new("--socket-lb"),
+            OsStr::new("all"),
+            OsStr::new("--cgroup"),
+            lab.paths().agent_cgroup.as_os_str(),
+        ];
+        Self::start(lab, AGENT, PIN_DIR, manifests, &args)
+    }
+
+    /// The tc LB: `lb-agent run --socket-lb off --pod-devices DEVICE` on `manifests` inside the
+    /// node namespace: no socket programs, the per-packet path on `device` (the tc client's
+    /// veth) only, and its own pin directory, so its maps are not the socket LB's.
+    pub fn start_tc(lab: &Lab, manifests: &Path, device: &str) -> Result<Self> {
+        let args = ["--socket-lb", "off", "--pod-devices", device].map(OsStr::new);
+        Self::start(lab, TC_AGENT, TC_PIN_DIR, manifests, &args)
+    }
+
+    fn start(
+        lab: &Lab,
+        name: &'static str,
+        pin_dir: &str,
+        manifests: &Path,
+        args: &[&OsStr],
+    ) -> Result<Self> {
+        std::fs::create_dir_all(pin_dir).with_context(|| format!("cannot create {pin_dir}"))?;
+        let mut command = lab::in_netns(lab::NODE_NETNS, &lab.paths().agent_bin);
         command
             .arg("run")
             .arg("--manifests")
             .arg(manifests)
-            .arg("--cgroup")
-            .arg(&paths.agent_cgroup)
-            .args(["--bpf-pin-path", PIN_DIR])
+            .args(args)
+            .args(["--bpf-pin-path", pin_dir])
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info");
         let started = Instant::now();
         // nsenter execs the agent: the pid is the agent's.
-        let pid = lab.spawn(AGENT, command)?;
+        let pid = lab.spawn(name, command)?;
         Ok(Self {
             pid,
-            log: Paths::log(AGENT),
+            name,
+            log: Paths::log(name),
             started,
         })
+    }
+
+    /// Its process (and log) name in the lab.
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     fn log_text(&self) -> String {
@@ -89,9 +121,10 @@ impl Agent {
                     frontends: first.frontends,
                 }));
             }
-            if let Some(status) = lab.exited(AGENT) {
+            if let Some(status) = lab.exited(self.name) {
                 bail!(
-                    "lb-agent exited ({status}) before it was ready:\n{}",
+                    "lb-agent ({}) exited ({status}) before it was ready:\n{}",
+                    self.name,
                     tail(&text, 15)
                 );
             }
@@ -111,8 +144,8 @@ impl Agent {
             if updates.len() > seen {
                 return Ok(updates[updates.len() - 1]);
             }
-            if let Some(status) = lab.exited(AGENT) {
-                bail!("lb-agent exited ({status})");
+            if let Some(status) = lab.exited(self.name) {
+                bail!("lb-agent ({}) exited ({status})", self.name);
             }
             if Instant::now() > deadline {
                 bail!(
@@ -249,6 +282,33 @@ impl ProgStats {
             entry.1 += ns;
         }
     }
+}
+
+/// A link pinned by the agent, as `bpftool link show -j` reports it.
+#[derive(Debug, Deserialize)]
+struct LinkInfo {
+    prog_id: u32,
+}
+
+/// Ids of the programs attached through the links the agent pinned under `pin_dir`
+/// (`bpftool link show pinned`): for the tc LB, its programs on the tc client's veth.
+pub fn linked_programs(pin_dir: &Path) -> Result<BTreeSet<u32>> {
+    let links = pin_dir.join("links");
+    let entries =
+        std::fs::read_dir(&links).with_context(|| format!("cannot list {}", links.display()))?;
+    let mut ids = BTreeSet::new();
+    for entry in entries {
+        let path = entry?.path();
+        let out = cmd::output(
+            Command::new("bpftool")
+                .args(["-j", "link", "show", "pinned"])
+                .arg(&path),
+        )?;
+        let link: LinkInfo = serde_json::from_str(out.trim())
+            .with_context(|| format!("unexpected `bpftool link show` output: {out}"))?;
+        ids.insert(link.prog_id);
+    }
+    Ok(ids)
 }
 
 /// Ids of the programs attached to `cgroup` (`bpftool cgroup show`).

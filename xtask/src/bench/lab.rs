@@ -1,12 +1,16 @@
 //! The bench's world: a node namespace with a bridge, backend pods, one client pod per variant,
-//! two cgroups, a bpffs pin directory, a scratch directory and the long-running processes (the
-//! agent, the echo servers). Every name starts with `lbbench`.
+//! two cgroups, two bpffs pin directories (one per agent), a scratch directory and the
+//! long-running processes (the two agents, the echo servers). Every name starts with `lbbench`.
 //!
 //! ```text
 //!  lbbench-be0..9   10.244.1.1..10  ─┐                          ┌─ lbbench-direct 10.244.0.2
 //!  (lb-loadgen serve: TCP 8080,      ├─ br0 10.244.0.1/16 in ───┼─ lbbench-sock   10.244.0.3
-//!   UDP 5353)                        │  lbbench-node (agent)    ├─ lbbench-iptl   10.244.0.4 …
+//!   UDP 5353)                        │  lbbench-node (agents)   ├─ lbbench-tc     10.244.0.4
+//!                                                               ├─ lbbench-iptl   10.244.0.5 …
 //! ```
+//! The socket LB's agent attaches to the `lbbench` cgroup, which only the socket client joins;
+//! the tc LB's agent (`--socket-lb off`) attaches to the tc client's veth only. Each has its own
+//! pin directory, so their maps are separate and they never see each other's traffic.
 //! [`Lab`] is the guard (see [`crate::lab`]): creating it takes a lock (one bench at a time),
 //! removes what an earlier run left and installs the Ctrl-C/SIGTERM handler; dropping it (or the
 //! handler) stops the processes and removes everything. No rule is ever written outside these
@@ -19,11 +23,16 @@ use anyhow::{Context as _, Result};
 use nix::fcntl::{Flock, FlockArg};
 
 pub use crate::lab::{AGENT, die_with_parent, in_netns, remove_pins, sysctl_in};
-use crate::lab::{World, remove_dir_if_present, warn};
+use crate::lab::{World, remove_dir_if_present, remove_pin_dir, warn};
 
 pub const PREFIX: &str = "lbbench";
 pub const NODE_NETNS: &str = "lbbench-node";
+/// The socket LB agent's pins.
 pub const PIN_DIR: &str = "/sys/fs/bpf/lbbench";
+/// The tc LB agent's pins (its own maps).
+pub const TC_PIN_DIR: &str = "/sys/fs/bpf/lbbench-tc";
+/// The tc LB agent's process (and log) name.
+pub const TC_AGENT: &str = "agent-tc";
 pub const RUN_DIR: &str = "/run/lbbench";
 const LOCK_FILE: &str = "/run/lbbench.lock";
 /// Where `kernel.bpf_stats_enabled` was before the bench set it (restored on teardown, also by
@@ -99,6 +108,11 @@ impl World for Paths {
         save_bpf_stats_setting()
     }
 
+    /// The tc agent's pins (the socket agent's go next, as in every lab).
+    fn remove_first(&self) {
+        remove_pin_dir(self, Path::new(TC_PIN_DIR));
+    }
+
     fn remove_last(&self) {
         restore_bpf_stats_setting();
     }
@@ -113,6 +127,21 @@ impl World for Paths {
             }
         }
     }
+}
+
+/// The node routes, as a node does: the tc LB's translated packets (to a backend, with the
+/// gateway's MAC address) go through its IP stack, in and out of the bridge. No ICMP redirects
+/// for that hairpin: the client reaches the backend through the node on purpose.
+pub fn enable_forwarding() -> Result<()> {
+    sysctl_in(NODE_NETNS, "net.ipv4.ip_forward", "1")?;
+    sysctl_in(NODE_NETNS, "net.ipv4.conf.all.send_redirects", "0")?;
+    sysctl_in(NODE_NETNS, "net.ipv4.conf.br0.send_redirects", "0")
+}
+
+/// Both agents' programs and pins (`lb-agent cleanup` of each pin directory).
+pub fn remove_all_pins(paths: &Paths) {
+    remove_pin_dir(paths, Path::new(TC_PIN_DIR));
+    remove_pins(paths);
 }
 
 /// Removes `/run/lbbench` with the logs (after a successful run).

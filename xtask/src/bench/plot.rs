@@ -26,7 +26,7 @@ fn color(variant: Variant) -> RGBColor {
 fn plotted(outcome: &Outcome) -> Vec<Variant> {
     Variant::ALL
         .into_iter()
-        .filter(|v| *v != Variant::Tc && outcome.settings.variants.contains(v))
+        .filter(|v| outcome.settings.variants.contains(v))
         .collect()
 }
 
@@ -94,7 +94,10 @@ pub fn sync(file: &Path, outcome: &Outcome) -> Result<()> {
     for (panel, &endpoints) in panels.iter().zip(&outcome.settings.endpoints) {
         let configs = configs(outcome, endpoints);
         let mut lines = Vec::new();
-        for variant in plotted(outcome).into_iter().filter(|v| v.programs()) {
+        for variant in plotted(outcome)
+            .into_iter()
+            .filter(|v| v.control_plane_timed())
+        {
             let program: Vec<(f64, f64)> = configs
                 .iter()
                 .filter_map(|c| {

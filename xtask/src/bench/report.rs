@@ -8,6 +8,7 @@ use std::process::Command;
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
+use super::agent::ProgStats;
 use super::results::{ConfigResult, Spread, Variant, Workload};
 use super::{Outcome, Settings, plot};
 use crate::cmd;
@@ -214,16 +215,18 @@ fn headline(out: &mut String, outcome: &Outcome) {
     if let Some(line) = bpf_per_connection(outcome) {
         lines.push(line);
     }
-    for n in [1, 10_000] {
-        if let Some(ratio) = find(n, 1).and_then(|c| c.ratio(Variant::Socket, crr)) {
-            lines.push(format!(
-                "- New TCP connections through the socket LB at {} Service{} × 1 endpoint: **{:.2}×** the direct path ({:.2}–{:.2} over the rounds).",
-                thousands(n),
-                if n == 1 { "" } else { "s" },
-                ratio.median,
-                ratio.min,
-                ratio.max
-            ));
+    for (variant, name) in [(Variant::Socket, "socket LB"), (Variant::Tc, "tc LB")] {
+        for n in [1, 10_000] {
+            if let Some(ratio) = find(n, 1).and_then(|c| c.ratio(variant, crr)) {
+                lines.push(format!(
+                    "- New TCP connections through the {name} at {} Service{} × 1 endpoint: **{:.2}×** the direct path ({:.2}–{:.2} over the rounds).",
+                    thousands(n),
+                    if n == 1 { "" } else { "s" },
+                    ratio.median,
+                    ratio.min,
+                    ratio.max
+                ));
+            }
         }
     }
     for (n, e) in [(10_000, 1), (10_000, 10)] {
@@ -245,7 +248,7 @@ fn headline(out: &mut String, outcome: &Outcome) {
         }
         let programs: Vec<String> = variants(outcome)
             .into_iter()
-            .filter(|v| v.programs())
+            .filter(|v| v.control_plane_timed())
             .map(|v| {
                 let time = config.variants.get(&v).and_then(|r| {
                     r.program_s
@@ -369,10 +372,24 @@ fn setup(out: &mut String, outcome: &Outcome) {
                  connection): no balancer at all; every ratio is to this"
             }
             Variant::Socket => {
-                "`lb-agent run --manifests DIR --cgroup <cgroup2>/lbbench` in the node namespace; \
-                 only the client process is in that cgroup, and it dials the ClusterIP"
+                "`lb-agent run --manifests DIR --socket-lb all --cgroup <cgroup2>/lbbench` in the \
+                 node namespace; only the client process is in that cgroup, and it dials the \
+                 ClusterIP"
             }
-            Variant::Tc => "**not available (tc datapath not built)**",
+            Variant::Tc => {
+                "`lb-agent run --manifests DIR --socket-lb off --pod-devices <the client pod's \
+                 veth> --bpf-pin-path /sys/fs/bpf/lbbench-tc`, a second agent in the node \
+                 namespace with its own maps and no socket programs, started after the socket \
+                 LB's on the same manifests. Its tc programs sit on the client pod's veth only: \
+                 `lb_tc_from_pod` (the veth's ingress) translates every packet the client sends \
+                 to the ClusterIP, with a BPF conntrack entry per flow (`LB_CT`), and \
+                 `lb_tc_egress` gives the replies the ClusterIP back on their way into the pod. \
+                 The translated packets are routed by the node (`net.ipv4.ip_forward=1`) from \
+                 the bridge back onto it. The client is in no agent's cgroup, so nothing \
+                 translates its `connect()`. The agent is stopped after the data-path runs (its \
+                 programs stay attached), and its programming is not timed: it is the socket \
+                 LB's control plane"
+            }
             Variant::IptablesLegacy => {
                 "kube-proxy's iptables layout (KUBE-SERVICES → KUBE-SVC-… → KUBE-SEP-… with \
                  `-m statistic --mode random --probability`, DNAT) loaded with \
@@ -503,34 +520,64 @@ fn notes(out: &mut String, outcome: &Outcome) {
     out.push('\n');
 }
 
-fn bpf_table(out: &mut String, outcome: &Outcome) {
-    let names: BTreeSet<String> = outcome
-        .configs
-        .iter()
-        .flat_map(|c| c.bpf.0.iter())
-        .filter(|(_, (cnt, _))| *cnt > 0)
-        .map(|(name, _)| name.clone())
-        .collect();
-    if names.is_empty() {
+fn bpf_tables(out: &mut String, outcome: &Outcome) {
+    let socket: fn(&ConfigResult) -> &ProgStats = |c| &c.bpf;
+    let tc: fn(&ConfigResult) -> &ProgStats = |c| &c.bpf_tc;
+    if !has_bpf_stats(outcome, socket) && !has_bpf_stats(outcome, tc) {
         return;
     }
     out.push_str("## Cost of each program\n\n");
-    out.push_str(
-        "Average run time per call of the agent's programs during the socket-LB runs \
-         (`run_time_ns / run_cnt` from `bpftool prog show`, counted only for the programs \
-         attached to the bench's cgroup), and the number of calls. `lb_connect4` runs once per \
-         TCP connection and per connected UDP socket, `lb_sendmsg4`/`lb_recvmsg4` on every \
-         unconnected UDP datagram, `lb_sock_release` when a socket of the cgroup closes.\n\n",
-    );
+    if has_bpf_stats(outcome, socket) {
+        out.push_str(
+            "Average run time per call of the socket LB agent's programs during its runs \
+             (`run_time_ns / run_cnt` from `bpftool prog show`, counted only for the programs \
+             attached to the bench's cgroup), and the number of calls. `lb_connect4` runs once \
+             per TCP connection and per connected UDP socket, `lb_sendmsg4`/`lb_recvmsg4` on \
+             every unconnected UDP datagram, `lb_sock_release` when a socket of the cgroup \
+             closes.\n\n",
+        );
+        bpf_table(out, outcome, socket);
+    }
+    if has_bpf_stats(outcome, tc) {
+        out.push_str(
+            "The same for the tc LB agent's programs during its runs (found through the links \
+             it pinned: only those on the tc client pod's veth). `lb_tc_from_pod` runs on every \
+             packet the client sends: a conntrack lookup, and for the first packet of a flow \
+             the Service lookup and two conntrack entries, then the DNAT; `lb_tc_egress` on \
+             every packet the client receives: a conntrack lookup and the reverse translation. \
+             Every workload's packets count, a new TCP connection being a handful of packets \
+             each way (handshake, request, answer, close).\n\n",
+        );
+        bpf_table(out, outcome, tc);
+    }
+}
+
+fn has_bpf_stats(outcome: &Outcome, pick: fn(&ConfigResult) -> &ProgStats) -> bool {
+    outcome
+        .configs
+        .iter()
+        .any(|c| pick(c).0.values().any(|(cnt, _)| *cnt > 0))
+}
+
+/// One column per program that ran, one row per size where any did.
+fn bpf_table(out: &mut String, outcome: &Outcome, pick: fn(&ConfigResult) -> &ProgStats) {
+    let names: BTreeSet<String> = outcome
+        .configs
+        .iter()
+        .flat_map(|c| pick(c).0.iter())
+        .filter(|(_, (cnt, _))| *cnt > 0)
+        .map(|(name, _)| name.clone())
+        .collect();
     let columns: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
     header(out, "Services × endpoints", &columns);
     for config in &outcome.configs {
-        if config.bpf.0.is_empty() {
+        let stats = pick(config);
+        if stats.0.is_empty() {
             continue;
         }
         let cells: Vec<String> = names
             .iter()
-            .map(|name| match config.bpf.0.get(name) {
+            .map(|name| match stats.0.get(name) {
                 Some(&(cnt, ns)) if cnt > 0 => {
                     format!("{:.0} ns ({})", ns as f64 / cnt as f64, rate(cnt as f64))
                 }
@@ -560,7 +607,7 @@ fn time_cell(
 fn control_plane(out: &mut String, outcome: &Outcome) {
     let programmers: Vec<Variant> = variants(outcome)
         .into_iter()
-        .filter(|v| v.programs())
+        .filter(|v| v.control_plane_timed())
         .collect();
     let columns: Vec<String> = programmers.iter().map(|v| v.label().to_owned()).collect();
     out.push_str("## Control plane\n\n### Programming every Service from nothing\n\n");
@@ -628,7 +675,7 @@ fn control_plane(out: &mut String, outcome: &Outcome) {
 fn memory_table(out: &mut String, outcome: &Outcome) {
     out.push_str("### lb-agent memory\n\n");
     out.push_str(
-        "Resident memory of the agent (`VmRSS`) after the size's runs; the CPU time it used \
+        "Resident memory of the socket LB's agent (`VmRSS`) after the size's runs; the CPU time it used \
          (`/proc/PID/stat`) while the data-path runs went on, with nothing changing; and the \
          memory the kernel reports for the maps its programs use (`bytes_memlock` in \
          `bpftool map show`, which grows with the entries in use).\n\n",
@@ -699,9 +746,10 @@ fn caveats(out: &mut String) {
     for line in [
         "The client and the servers share the machine's 2 CPUs with the kernel's network stack, so a rate measures the whole CPU cost of an operation: a balancer that costs more per connection shows up as fewer connections per second. The servers are never the only bottleneck: the direct path has exactly the same servers and client.",
         "The socket LB translates once per connection in `connect()`; the packets then carry the pod address, so there is no NAT and no conntrack entry. The iptables and nftables variants DNAT the first packet and keep a conntrack entry for every connection (and every UDP flow) in the client pod's namespace, as kube-proxy does on a node; their per-connection cost includes that conntrack work, which is part of what kube-proxy costs.",
-        "For iptables the measured Service is the last of the KUBE-SERVICES rules, its worst case; a Service near the top of the chain would cost less. nftables and the socket LB look the Service up in a hash map whatever its position.",
-        "UDP: the unconnected workload sends every datagram with `sendto`, so the socket LB's `sendmsg4`/`recvmsg4` hooks run on every datagram, while conntrack matches the established flow; the connected workload connects once, so after that neither balancer does anything per datagram.",
-        "`kernel.bpf_stats_enabled=1` adds two clock reads to every program run (tens of ns per call); only the socket-LB variant runs programs.",
+        "The tc LB translates every packet in both directions at the client pod's veth and keeps its own conntrack entry per flow in a BPF map (no netfilter conntrack). Its packets, addressed to the gateway until translated, are then routed by the node from the bridge back onto it, one IP forwarding step that the other variants' packets, switched by the bridge from pod to pod, do not take; kube-proxy on a bridged node routes its DNATed packets the same way, but here its layouts run in the client pod's own namespace.",
+        "For iptables the measured Service is the last of the KUBE-SERVICES rules, its worst case; a Service near the top of the chain would cost less. nftables and both of lb's variants look the Service up in a hash map whatever its position.",
+        "UDP: the unconnected workload sends every datagram with `sendto`, so the socket LB's `sendmsg4`/`recvmsg4` hooks run on every datagram, while conntrack matches the established flow; the connected workload connects once, so after that neither the socket LB nor netfilter's NAT does anything per datagram. The tc LB's programs run on every packet of every workload.",
+        "`kernel.bpf_stats_enabled=1` adds two clock reads to every program run (tens of ns per call); only the socket-LB and tc-LB variants run programs.",
         "lb-agent's map write time (the bracketed numbers) excludes parsing the YAML on the first sync; its start-to-ready time includes loading the BPF object, parsing and attaching. kube-proxy's numbers exclude the API watch and its own rule generation (the rules are generated beforehand, not timed).",
     ] {
         let _ = writeln!(out, "- {line}");
@@ -714,8 +762,8 @@ pub fn markdown(outcome: &Outcome) -> String {
     out.push_str("# Benchmarks\n\n");
     let _ = writeln!(
         out,
-        "lb's socket load balancer against the direct path and kube-proxy's iptables and \
-         nftables layouts, from 1 to {} Services, measured by `cargo xtask bench` on {} at \
+        "lb's socket and tc load balancers against the direct path and kube-proxy's iptables \
+         and nftables layouts, from 1 to {} Services, measured by `cargo xtask bench` on {} at \
          commit {}.\n",
         thousands(outcome.settings.services.iter().copied().max().unwrap_or(0)),
         outcome.machine.date,
@@ -724,7 +772,7 @@ pub fn markdown(outcome: &Outcome) -> String {
     headline(&mut out, outcome);
     setup(&mut out, outcome);
     data_path_tables(&mut out, outcome);
-    bpf_table(&mut out, outcome);
+    bpf_tables(&mut out, outcome);
     control_plane(&mut out, outcome);
     caveats(&mut out);
     reproduce(&mut out, outcome);
@@ -734,6 +782,77 @@ pub fn markdown(outcome: &Outcome) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::bench::results::{Run, Summary};
+
+    fn outcome() -> Outcome {
+        let settings = Settings {
+            quick: true,
+            services: vec![1],
+            endpoints: vec![1],
+            cap_s: 120,
+            rounds: 1,
+            crr_ms: 200,
+            other_ms: 100,
+            workers: 2,
+            changes: 2,
+            variants: vec![Variant::Direct, Variant::Socket, Variant::Tc],
+            profile: "dev".into(),
+        };
+        let mut config = ConfigResult::new(1, 1);
+        for (variant, rate) in [
+            (Variant::Direct, 100.0),
+            (Variant::Socket, 90.0),
+            (Variant::Tc, 80.0),
+        ] {
+            config.variant(variant).runs.push(Run {
+                round: 0,
+                workload: Workload::TcpCrr,
+                summary: Summary {
+                    ops: 1,
+                    errors: 0,
+                    rate,
+                    p50_us: 10,
+                    p99_us: 20,
+                    foreign_replies: 0,
+                    first_error: None,
+                },
+            });
+        }
+        config.variant(Variant::Socket).program_s = Some(0.25);
+        config.bpf = ProgStats([("lb_connect4".to_owned(), (10, 10_000))].into());
+        config.bpf_tc = ProgStats(
+            [
+                ("lb_tc_from_pod".to_owned(), (40, 60_000)),
+                ("lb_tc_egress".to_owned(), (40, 40_000)),
+            ]
+            .into(),
+        );
+        Outcome {
+            settings,
+            machine: Machine::default(),
+            configs: vec![config],
+            wall_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn the_tc_lb_has_data_path_cells_and_program_costs_but_no_control_plane_column() {
+        let text = markdown(&outcome());
+        let crr_row =
+            "| 1 × 1 | 100/s ±0% | 90/s · **0.90×** (0.90–0.90) | 80/s · **0.80×** (0.80–0.80) |";
+        assert!(text.contains(crr_row), "{text}");
+        assert!(text.contains("through the tc LB at 1 Service × 1 endpoint: **0.80×**"));
+        assert!(text.contains("| Services × endpoints | `lb_tc_egress` | `lb_tc_from_pod` |"));
+        assert!(
+            text.contains("| 1 × 1 | 1000 ns (40) | 1500 ns (40) |"),
+            "{text}"
+        );
+        assert!(text.contains("| Services × endpoints | `lb_connect4` |"));
+        let control_plane = &text[text.find("## Control plane").unwrap()..];
+        assert!(control_plane.contains("| Services × endpoints | socket LB (lb-agent) |\n"));
+        assert!(!control_plane.contains("tc LB |"));
+    }
 
     #[test]
     fn numbers_read_well() {

@@ -14,7 +14,8 @@ pub enum Variant {
     Direct,
     /// The ClusterIP, translated by lb-agent's connect/sendmsg hooks.
     Socket,
-    /// The ClusterIP, translated by a tc program (not built yet).
+    /// The ClusterIP, translated per packet by a second lb-agent's tc programs on the client
+    /// pod's veth (`--socket-lb off`), replies translated back on the way into the pod.
     Tc,
     /// The ClusterIP, DNATed by kube-proxy's iptables layout (iptables-legacy).
     IptablesLegacy,
@@ -58,9 +59,20 @@ impl Variant {
         }
     }
 
-    /// Whether the variant programs Services (and so has a programming time).
+    /// Whether the variant programs Services before its runs.
     pub fn programs(self) -> bool {
-        !matches!(self, Self::Direct | Self::Tc)
+        self != Self::Direct
+    }
+
+    /// Whether the report times its programming and endpoint changes. Not the tc LB's: its
+    /// agent is the socket LB's, with the same maps written the same way.
+    pub fn control_plane_timed(self) -> bool {
+        self.programs() && self != Self::Tc
+    }
+
+    /// Whether lb-agent's programs do its work (their run-time statistics are read).
+    pub fn runs_bpf(self) -> bool {
+        matches!(self, Self::Socket | Self::Tc)
     }
 }
 
@@ -152,6 +164,9 @@ pub struct ConfigResult {
     pub variants: BTreeMap<Variant, VariantResult>,
     /// The agent's programs during the socket-LB runs: (run count, run time in ns).
     pub bpf: ProgStats,
+    /// The tc agent's programs during the tc-LB runs.
+    #[serde(default)]
+    pub bpf_tc: ProgStats,
     pub agent_rss_kib: Option<u64>,
     /// CPU the (idle) agent used while the data-path runs went on, and how long they took.
     #[serde(default)]
@@ -171,6 +186,7 @@ impl ConfigResult {
             endpoints,
             variants: BTreeMap::new(),
             bpf: ProgStats::default(),
+            bpf_tc: ProgStats::default(),
             agent_rss_kib: None,
             agent_cpu_s: None,
             data_path_s: 0.0,
@@ -181,6 +197,15 @@ impl ConfigResult {
 
     pub fn variant(&mut self, variant: Variant) -> &mut VariantResult {
         self.variants.entry(variant).or_default()
+    }
+
+    /// The program statistics of `variant`'s runs (the socket LB's or the tc LB's).
+    pub fn bpf_mut(&mut self, variant: Variant) -> &mut ProgStats {
+        if variant == Variant::Tc {
+            &mut self.bpf_tc
+        } else {
+            &mut self.bpf
+        }
     }
 
     /// Rates of `variant` for `workload`, one per round.
