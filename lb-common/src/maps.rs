@@ -193,6 +193,14 @@ pub const SNAT_PORT_MIN: u16 = 32_768;
 /// Number of SNAT ports, from [`SNAT_PORT_MIN`] (to 60999, clear of the NodePort range).
 pub const SNAT_PORT_COUNT: u16 = 28_232;
 
+/// The source a pod's flow to a Service it backs itself (hairpin) is SNATed to, IPv4
+/// (Cilium's `IPV4_LOOPBACK`, link-local): the pod answers it through its default route,
+/// so the reply comes back through the pod's own device to be translated back.
+pub const HAIRPIN4: [u8; 4] = [169, 254, 42, 1];
+/// The hairpin source for IPv6: an address of the discard-only prefix `100::/64`
+/// (RFC 6666), which no host has.
+pub const HAIRPIN6: [u8; 16] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x42, 0, 1];
+
 /// Key of the IPv4 services map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

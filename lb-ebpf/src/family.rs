@@ -1,8 +1,8 @@
 //! The two address families behind one interface, so the socket translation is written
 //! once: each family has its own key and backend types and its own maps.
 use lb_common::{
-    Backend4, Backend6, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, Service4Key,
-    Service6Key, ServiceKey, to_v4_mapped,
+    Backend4, Backend6, HAIRPIN4, HAIRPIN6, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value,
+    Service4Key, Service6Key, ServiceKey, to_v4_mapped,
 };
 
 use crate::{
@@ -38,6 +38,9 @@ pub trait Family {
     fn backend_addr(backend: &Self::Backend) -> (Self::Addr, u16);
     /// A backend's `BE_F_*` flags.
     fn backend_flags(backend: &Self::Backend) -> u8;
+    /// The hairpin SNAT source ([`lb_common::HAIRPIN4`], [`lb_common::HAIRPIN6`]) in the
+    /// wire form.
+    fn hairpin() -> [u32; 4];
     /// Records that socket `cookie`, talking to `backend`, dialled `frontend`.
     fn remember(
         cookie: u64,
@@ -124,6 +127,11 @@ impl Family for V4 {
     #[inline(always)]
     fn backend_flags(backend: &Backend4) -> u8 {
         backend.flags
+    }
+
+    #[inline(always)]
+    fn hairpin() -> [u32; 4] {
+        to_v4_mapped(u32::from_ne_bytes(HAIRPIN4))
     }
 
     #[inline(always)]
@@ -223,6 +231,17 @@ impl Family for V6 {
     #[inline(always)]
     fn backend_flags(backend: &Backend6) -> u8 {
         backend.flags
+    }
+
+    #[inline(always)]
+    fn hairpin() -> [u32; 4] {
+        let b = HAIRPIN6;
+        [
+            u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+            u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+            u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+        ]
     }
 
     #[inline(always)]

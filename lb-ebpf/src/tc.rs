@@ -106,7 +106,9 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, Error> {
         return Ok(PASS);
     };
     let now = conntrack::now();
-    if origin == Origin::Outside
+    // Replies to SNATed flows: from backends on other nodes (outside), or from a pod to
+    // the hairpin address (a pod that reached itself through a Service).
+    if (origin == Origin::Outside || is_hairpin(&packet))
         && let Some(action) = snat_reply(ctx, &mut packet, now)?
     {
         return Ok(action);
@@ -241,17 +243,22 @@ fn new_flow<F: Family>(
     let (address, port) = F::backend_addr(&backend);
     // A backend on another node needs SNAT under `externalTrafficPolicy: Cluster` so its
     // replies come back through this node (under Local there is none, and the client
-    // address is kept). A pod's address is routable in the cluster: its flows need none.
-    let snat = origin == Origin::Outside
-        && F::backend_flags(&backend) & BE_F_REMOTE != 0
-        && master.flags & SVC_F_LOCAL == 0;
+    // address is kept). A pod's address is routable in the cluster: its flows need none,
+    // except when the pod reached itself (hairpin): it would answer itself directly.
+    let hairpin = origin == Origin::Pod && same_addr(&F::wire(address), &packet.saddr);
+    let snat = hairpin
+        || (origin == Origin::Outside
+            && F::backend_flags(&backend) & BE_F_REMOTE != 0
+            && master.flags & SVC_F_LOCAL == 0);
     let Some(slot) = NEW_FLOW.get_ptr_mut(0) else {
         return Ok(None);
     };
     // SAFETY: this CPU's scratch slot, ours until the program returns.
     let orig = unsafe { &mut (*slot).orig };
     orig.nat_addr = F::wire(address);
-    orig.snat_addr = if snat {
+    orig.snat_addr = if hairpin {
+        F::hairpin()
+    } else if snat {
         snat_address::<F>(ctx, packet)
     } else {
         [0; 4]
@@ -340,6 +347,17 @@ fn translate(ctx: &TcContext, packet: &mut Packet, value: &CtValue) -> Result<i3
         return Ok(fib::redirect(ctx, packet)?);
     }
     Ok(PASS)
+}
+
+/// Whether a packet is addressed to the hairpin SNAT source of its family.
+#[inline(always)]
+fn is_hairpin(packet: &Packet) -> bool {
+    let hairpin = if packet.v6 {
+        V6::hairpin()
+    } else {
+        V4::hairpin()
+    };
+    same_addr(&packet.daddr, &hairpin)
 }
 
 /// Whether the flow's backend still exists as it was chosen: a removed backend's flows

@@ -234,3 +234,25 @@ fn a_pod_dialling_a_service_without_endpoints_is_refused_per_packet() {
         summary.connect_ms
     );
 }
+
+#[test]
+fn a_pod_reaches_a_service_it_backs_itself_per_packet() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (backends, _client) = webapp_setup(&env);
+    env.manifests.remove(&TestEnv::pod_file("webapp2"));
+    let mut agent = env.agent_with(&["--socket-lb", "off"]);
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    agent.wait_for_frontend(VIP6, 1, APPLY);
+
+    // webapp1 dials its own Service: DNATed to itself, the flow is SNATed to the hairpin
+    // address so that webapp1's answer comes back through tc instead of straight to itself.
+    let (webapp1, _) = &backends[0];
+    for vip in [VIP, VIP6] {
+        let summary = webapp1.client_with().count(5).run(vip);
+        assert_eq!(summary.ok, 5, "{vip}: {summary:?}");
+        assert!(summary.peer_addrs.iter().all(|a| a == vip), "{summary:?}");
+    }
+}
