@@ -44,5 +44,5 @@ pub use privileges::require_privileges;
 pub use testkit::ClientSummary;
 pub use topology::{
     Client, EXT_DEVICE, EXTERNAL_CLIENT_IP, EXTERNAL_CLIENT_IP6, NODE_EXT_IP, NODE_EXT_IP6,
-    PEER_DEVICE, Pod, Server, Topology,
+    NODE_PEER_IP6, PEER_DEVICE, Pod, REMOTE_NODE_IP6, Server, Topology,
 };

@@ -245,16 +245,23 @@ pub const NODE_PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 51, 1);
 pub const REMOTE_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 51, 2);
 /// This node's device towards the second node.
 pub const PEER_DEVICE: &str = "ext1";
+/// This node's IPv6 address towards the second node.
+pub const NODE_PEER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x51, 0, 0, 0, 0, 0, 1);
+/// The second node's IPv6 address.
+pub const REMOTE_NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x51, 0, 0, 0, 0, 0, 2);
 
 impl Topology {
-    /// A second node (no agent runs there) with one pod `name` at 10.245.0.2/24 behind its own
-    /// bridge, joined to this node by `ext1` (192.168.51.1/24 here, .2 there); each node
-    /// routes the other's networks through that link and forwards.
+    /// A second node (no agent runs there) with one pod `name` at 10.245.0.2/24 and
+    /// fd00:245::2/64 behind its own bridge, joined to this node by `ext1` (192.168.51.1/24
+    /// and fd00:51::1/64 here, .2 and ::2 there); each node routes the other's networks
+    /// through that link and forwards.
     #[track_caller]
     pub fn add_remote_node_with_pod(&self, name: &str) -> Pod {
         let mut pods = self.pods.lock().expect("pods lock");
         let node2 = Netns::create(&format!("{}-node2", self.prefix));
         let pod = Netns::create(&format!("{}-{name}", self.prefix));
+        sysctl(node2.name(), "net.ipv6.conf.default.accept_dad=0");
+        sysctl(pod.name(), "net.ipv6.conf.default.accept_dad=0");
         self.node.ip(&[
             "link",
             "add",
@@ -274,6 +281,14 @@ impl Topology {
             "dev",
             PEER_DEVICE,
         ]);
+        self.node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE_PEER_IP6}/64"),
+            "dev",
+            PEER_DEVICE,
+        ]);
         self.node.ip(&["link", "set", PEER_DEVICE, "up"]);
         self.node.ip(&[
             "route",
@@ -281,6 +296,14 @@ impl Topology {
             "10.245.0.0/24",
             "via",
             &REMOTE_NODE_IP.to_string(),
+        ]);
+        self.node.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd00:245::/64",
+            "via",
+            &REMOTE_NODE_IP6.to_string(),
         ]);
         sysctl(self.node.name(), "net.ipv4.ip_forward=1");
         node2.ip(&[
@@ -290,8 +313,24 @@ impl Topology {
             "dev",
             "eth0",
         ]);
+        node2.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{REMOTE_NODE_IP6}/64"),
+            "dev",
+            "eth0",
+        ]);
         node2.ip(&["link", "set", "eth0", "up"]);
         node2.ip(&["route", "add", "default", "via", &NODE_PEER_IP.to_string()]);
+        node2.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_PEER_IP6.to_string(),
+        ]);
         node2.ip(&["link", "add", "br0", "type", "bridge"]);
         node2.ip(&[
             "addr",
@@ -300,8 +339,10 @@ impl Topology {
             "dev",
             "br0",
         ]);
+        node2.ip(&["-6", "addr", "add", "fd00:245::1/64", "dev", "br0"]);
         node2.ip(&["link", "set", "br0", "up"]);
         sysctl(node2.name(), "net.ipv4.ip_forward=1");
+        sysctl(node2.name(), "net.ipv6.conf.all.forwarding=1");
         node2.ip(&[
             "link",
             "add",
@@ -317,6 +358,8 @@ impl Topology {
         node2.ip(&["link", "set", "veth0", "master", "br0", "up"]);
         let ip = Ipv4Addr::new(10, 245, 0, 2);
         pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x245, 0, 0, 0, 0, 0, 2);
+        pod.ip(&["-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0"]);
         pod.ip(&["link", "set", "eth0", "up"]);
         pod.ip(&[
             "route",
@@ -325,11 +368,12 @@ impl Topology {
             "via",
             &REMOTE_POD_GATEWAY.to_string(),
         ]);
+        pod.ip(&["-6", "route", "add", "default", "via", "fd00:245::1"]);
         let remote = Pod {
             name: name.to_owned(),
             netns: pod.name().to_owned(),
             ip,
-            ip6: Ipv6Addr::UNSPECIFIED,
+            ip6,
         };
         pods.push(pod);
         pods.push(node2);

@@ -484,6 +484,54 @@ fn cluster_policy_snats_to_a_backend_on_another_node_and_replies_return_through_
     );
 }
 
+#[test]
+fn ipv6_cluster_policy_snats_to_a_backend_on_another_node() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let remote = env.topo.add_remote_node_with_pod("remote1");
+    let _server = remote.spawn_server6("remote1", 8080);
+    env.manifests.write(
+        "pod.yaml",
+        &pod("remote1", remote.ip())
+            .also_ip(remote.ip6())
+            .label("app", "webapp")
+            .node_name("node-b")
+            .yaml(),
+    );
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "fd00:96::10")
+            .type_("NodePort")
+            .ip_families(&["IPv6"])
+            .ip_family_policy("SingleStack")
+            .selector("app", "webapp")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .yaml(),
+    );
+    let client = env.topo.add_external_client("outside");
+    let devices = format!("{EXT_DEVICE},{PEER_DEVICE}");
+    let mut agent = start_agent_with(&env, &["--devices", &devices, "--node-name", "node-a"]);
+    agent.wait_for_frontend("[::]:30080", 1, APPLY);
+
+    let target = format!("[{NODE_EXT_IP6}]:{NODE_PORT}");
+    let summary = client.client_with().count(10).run(&target);
+
+    assert_eq!(summary.ok, 10, "every connection answered: {summary:?}");
+    assert_eq!(summary.count("remote1"), 10, "{summary:?}");
+    // The backend sees the node's IPv6 address with an SNAT port.
+    for addr in &summary.remote_addrs {
+        let addr: SocketAddr = addr.parse().unwrap();
+        assert_eq!(
+            addr.ip().to_string(),
+            NODE_EXT_IP6.to_string(),
+            "{summary:?}"
+        );
+        assert!((32_768..=60_999).contains(&addr.port()), "{summary:?}");
+    }
+}
+
 /// `lb-agent conntrack --output json` of the test's pins.
 fn conntrack(env: &TestEnv) -> Vec<serde_json::Value> {
     let out = lb_tests::cmd::run(
