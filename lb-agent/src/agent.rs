@@ -143,16 +143,16 @@ async fn run_manifests<M: LbMaps>(
     let mut manifests = ManifestDir::new(dir);
     let read =
         |manifests: &mut ManifestDir, reconciler: &mut Reconciler<M>| -> anyhow::Result<()> {
-            if !manifests
+            let Some(updates) = manifests
                 .refresh()
                 .with_context(|| format!("reading {}", dir.display()))?
-            {
+            else {
                 return Ok(());
+            };
+            for update in updates {
+                update.apply_to(&mut reconciler.state);
             }
-            let (objects, problems) = manifests.objects();
-            reconciler.state.replace_services(objects.services);
-            reconciler.state.replace_slices(objects.endpoint_slices);
-            reconciler.state.replace_pods(objects.pods);
+            let problems = manifests.problems();
             reconciler.source_problems = problems.iter().map(ToString::to_string).collect();
             Ok(())
         };

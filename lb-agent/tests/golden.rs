@@ -78,16 +78,15 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
                 ops_before -= maps.operations;
                 writer = MapWriter::adopt(maps).unwrap();
                 ops_before += writer.maps().operations;
-                // A new agent starts from an empty model and applies it in full.
+                // A new agent starts from an empty model and reads every file.
                 state = ClusterState::new(Some("node-a".to_string()));
+                manifests = ManifestDir::new(&dir);
                 full = true;
             }
             Step::Expect(expected) => {
-                manifests.refresh().unwrap();
-                let (objects, _) = manifests.objects();
-                state.replace_services(objects.services);
-                state.replace_slices(objects.endpoint_slices);
-                state.replace_pods(objects.pods);
+                for update in manifests.refresh().unwrap().unwrap_or_default() {
+                    update.apply_to(&mut state);
+                }
                 let changed = state.recompute();
                 if full {
                     writer.apply(state.desired()).unwrap();

@@ -1,7 +1,7 @@
 //! The embedded source: a directory of Kubernetes YAML (`*.yaml`, `*.yml`, multi-document,
 //! `v1` `List`s) holding Services, EndpointSlices and Pods, watched for changes.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -24,7 +24,10 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::translate::{ClusterObjects, Problem, Sourced};
+use crate::{
+    model::ObjectRef,
+    translate::{Problem, Sourced},
+};
 
 /// One object the source understands.
 #[derive(Clone, Debug)]
@@ -34,8 +37,38 @@ pub enum Object {
     Pod(Box<Pod>),
 }
 
+/// Kind, namespace and name: what makes two objects the same object.
+type Identity = (&'static str, String, String);
+
+/// A change of one object, as a re-read directory shows it.
+#[derive(Clone, Debug)]
+pub enum Update {
+    /// The object (new or changed) as the first file in name order defining it has it.
+    Apply { origin: Arc<str>, object: Object },
+    /// No file defines the object any more.
+    Delete { kind: &'static str, id: ObjectRef },
+}
+
+impl Update {
+    /// Applies the change to the model.
+    pub fn apply_to(self, state: &mut crate::state::ClusterState) {
+        match self {
+            Self::Apply { origin, object } => match object {
+                Object::Service(o) => state.apply_service(Sourced { origin, object: *o }),
+                Object::EndpointSlice(o) => state.apply_slice(Sourced { origin, object: *o }),
+                Object::Pod(o) => state.apply_pod(Sourced { origin, object: *o }),
+            },
+            Self::Delete { kind, id } => match kind {
+                "Service" => state.delete_service(&id),
+                "EndpointSlice" => state.delete_slice(&id),
+                _ => state.delete_pod(&id),
+            },
+        }
+    }
+}
+
 impl Object {
-    fn identity(&self) -> (&'static str, String, String) {
+    fn identity(&self) -> Identity {
         let (kind, meta) = match self {
             Self::Service(o) => ("Service", &o.metadata),
             Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
@@ -213,7 +246,32 @@ impl Stamp {
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, (Stamp, ParsedFile)>,
+    files: BTreeMap<PathBuf, FileEntry>,
+    /// The files defining each object, in name order (the first one's definition counts).
+    owners: HashMap<Identity, BTreeSet<PathBuf>>,
+}
+
+/// One file's stamp and parse, with its objects by identity.
+#[derive(Debug)]
+struct FileEntry {
+    stamp: Stamp,
+    parsed: ParsedFile,
+    index: HashMap<Identity, usize>,
+}
+
+impl FileEntry {
+    fn new(stamp: Stamp, parsed: ParsedFile) -> Self {
+        let mut index = HashMap::new();
+        for (i, object) in parsed.objects.iter().enumerate() {
+            // A file defining an object twice: its first definition counts.
+            index.entry(object.identity()).or_insert(i);
+        }
+        Self {
+            stamp,
+            parsed,
+            index,
+        }
+    }
 }
 
 impl ManifestDir {
@@ -222,6 +280,7 @@ impl ManifestDir {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            owners: HashMap::new(),
         }
     }
 
@@ -230,13 +289,16 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Re-reads the files that changed since the last call (new, modified, removed).
-    /// Returns whether anything changed.
+    /// Re-reads the files that changed since the last call (new, modified, removed) and
+    /// returns the objects that changed with them, or `None` when no file changed. Only the
+    /// changed files are parsed, and only their objects compared: a one-line edit of one
+    /// file among thousands of Services costs that file.
     ///
     /// # Errors
     /// When the directory itself cannot be listed.
-    pub fn refresh(&mut self) -> std::io::Result<bool> {
+    pub fn refresh(&mut self) -> std::io::Result<Option<Vec<Update>>> {
         let mut seen = HashSet::new();
+        let mut affected: BTreeSet<Identity> = BTreeSet::new();
         let mut changed = false;
         let mut paths: Vec<PathBuf> = fs::read_dir(&self.dir)?
             .filter_map(Result::ok)
@@ -254,7 +316,7 @@ impl ManifestDir {
             }
             let stamp = Stamp::of(&metadata);
             seen.insert(path.clone());
-            if self.files.get(&path).is_some_and(|(old, _)| *old == stamp) {
+            if self.files.get(&path).is_some_and(|old| old.stamp == stamp) {
                 continue;
             }
             let origin = path.display().to_string();
@@ -265,53 +327,113 @@ impl ManifestDir {
                     continue;
                 }
             };
-            self.files.insert(path, (stamp, parsed));
+            self.forget(&path, &mut affected);
+            self.remember(path, FileEntry::new(stamp, parsed), &mut affected);
             changed = true;
         }
-        let before = self.files.len();
-        self.files.retain(|path, _| seen.contains(path));
-        Ok(changed || self.files.len() != before)
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| !seen.contains(*path))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.forget(&path, &mut affected);
+            changed = true;
+        }
+        Ok(changed.then(|| self.updates(affected)))
     }
 
-    /// The objects of every file, and the problems found in them. An object defined twice
-    /// (same kind, namespace and name) is a problem; the first file in name order wins.
-    #[must_use]
-    pub fn objects(&self) -> (ClusterObjects, Vec<Problem>) {
-        let mut objects = ClusterObjects::default();
-        let mut problems = Vec::new();
-        let mut defined = HashSet::new();
-        for (path, (_, parsed)) in &self.files {
-            let origin: Arc<str> = Arc::from(path.display().to_string());
-            problems.extend(parsed.problems.iter().cloned());
-            for object in &parsed.objects {
-                let (kind, namespace, name) = object.identity();
-                if !defined.insert((kind, namespace.clone(), name.clone())) {
-                    problems.push(Problem {
-                        origin: origin.to_string(),
-                        object: format!("{kind} {namespace}/{name}"),
-                        field: "metadata.name".to_string(),
-                        message: "defined more than once; the first definition is used".to_string(),
-                    });
-                    continue;
+    /// Drops the file at `path`, noting the objects it defined.
+    fn forget(&mut self, path: &Path, affected: &mut BTreeSet<Identity>) {
+        let Some(old) = self.files.remove(path) else {
+            return;
+        };
+        for identity in old.index.into_keys() {
+            if let Some(owners) = self.owners.get_mut(&identity) {
+                owners.remove(path);
+                if owners.is_empty() {
+                    self.owners.remove(&identity);
                 }
-                let origin = origin.clone();
-                match object {
-                    Object::Service(o) => objects.services.push(Sourced {
-                        origin,
-                        object: (**o).clone(),
-                    }),
-                    Object::EndpointSlice(o) => objects.endpoint_slices.push(Sourced {
-                        origin,
-                        object: (**o).clone(),
-                    }),
-                    Object::Pod(o) => objects.pods.push(Sourced {
-                        origin,
-                        object: (**o).clone(),
-                    }),
+            }
+            affected.insert(identity);
+        }
+    }
+
+    /// Adds the file at `path`, noting the objects it defines.
+    fn remember(&mut self, path: PathBuf, entry: FileEntry, affected: &mut BTreeSet<Identity>) {
+        for identity in entry.index.keys() {
+            self.owners
+                .entry(identity.clone())
+                .or_default()
+                .insert(path.clone());
+            affected.insert(identity.clone());
+        }
+        self.files.insert(path, entry);
+    }
+
+    /// Each affected object as it is now: its first definition, or gone.
+    fn updates(&self, affected: BTreeSet<Identity>) -> Vec<Update> {
+        affected
+            .into_iter()
+            .map(|identity| {
+                let definition = self.owners.get(&identity).and_then(|owners| {
+                    let path = owners.first()?;
+                    let file = self.files.get(path)?;
+                    let object = file.parsed.objects.get(*file.index.get(&identity)?)?;
+                    Some((path, object))
+                });
+                match definition {
+                    Some((path, object)) => Update::Apply {
+                        origin: Arc::from(path.display().to_string()),
+                        object: object.clone(),
+                    },
+                    None => Update::Delete {
+                        kind: identity.0,
+                        id: ObjectRef {
+                            namespace: identity.1,
+                            name: identity.2,
+                        },
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// The problems of every file: what did not parse or validate as an object, and every
+    /// definition of an object after its first (in file name order).
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = self
+            .files
+            .values()
+            .flat_map(|f| f.parsed.problems.iter().cloned())
+            .collect();
+        let duplicate = |path: &Path, (kind, namespace, name): &Identity| Problem {
+            origin: path.display().to_string(),
+            object: format!("{kind} {namespace}/{name}"),
+            field: "metadata.name".to_string(),
+            message: "defined more than once; the first definition is used".to_string(),
+        };
+        // Defined twice in one file (rare: only such files are scanned).
+        for (path, file) in &self.files {
+            if file.index.len() != file.parsed.objects.len() {
+                for (i, object) in file.parsed.objects.iter().enumerate() {
+                    let identity = object.identity();
+                    if file.index.get(&identity) != Some(&i) {
+                        problems.push(duplicate(path, &identity));
+                    }
                 }
             }
         }
-        (objects, problems)
+        // Defined in several files: every file after the first.
+        for (identity, owners) in &self.owners {
+            for path in owners.iter().skip(1) {
+                problems.push(duplicate(path, identity));
+            }
+        }
+        problems.sort_by(|a, b| (&a.origin, &a.object).cmp(&(&b.origin, &b.object)));
+        problems
     }
 }
 
@@ -455,15 +577,39 @@ endpoints: []
         fs::write(dir.join(".hidden.yaml"), "not: [yaml").unwrap();
         fs::write(dir.join("notes.txt"), "ignored").unwrap();
         let mut manifests = ManifestDir::new(&dir);
-        assert!(manifests.refresh().unwrap());
-        let (objects, problems) = manifests.objects();
-        assert_eq!(objects.services.len(), 1);
+        let applied = |updates: &[Update]| -> Vec<String> {
+            updates
+                .iter()
+                .map(|u| match u {
+                    Update::Apply { origin, object } => {
+                        let (kind, ns, name) = object.identity();
+                        let file = Path::new(&**origin).file_name().unwrap().to_string_lossy();
+                        format!("apply {kind} {ns}/{name} from {file}")
+                    }
+                    Update::Delete { kind, id } => format!("delete {kind} {id}"),
+                })
+                .collect()
+        };
+        let updates = manifests.refresh().unwrap().expect("a first read");
+        assert_eq!(applied(&updates), ["apply Service default/a from a.yaml"]);
+        let problems = manifests.problems();
         assert_eq!(problems.len(), 1, "the duplicate in b.yml: {problems:?}");
         assert!(problems[0].origin.ends_with("b.yml"));
-        assert!(!manifests.refresh().unwrap(), "nothing changed");
+        assert!(manifests.refresh().unwrap().is_none(), "nothing changed");
+        // The first definition goes: the one in b.yml takes over.
+        fs::remove_file(dir.join("a.yaml")).unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(applied(&updates), ["apply Service default/a from b.yml"]);
+        assert!(manifests.problems().is_empty());
+        // Only the changed file's objects are reported.
+        let other =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {clusterIP: 10.96.0.3}\n";
+        fs::write(dir.join("c.yaml"), other).unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(applied(&updates), ["apply Service default/c from c.yaml"]);
         fs::remove_file(dir.join("b.yml")).unwrap();
-        assert!(manifests.refresh().unwrap());
-        assert!(manifests.objects().1.is_empty());
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(applied(&updates), ["delete Service default/a"]);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
