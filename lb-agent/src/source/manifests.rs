@@ -86,6 +86,9 @@ pub struct ParsedFile {
     pub problems: Vec<Problem>,
 }
 
+/// The field a problem names when a file is not YAML at all.
+const UNREADABLE_FIELD: &str = "(yaml)";
+
 /// The YAML parser's limits. Its defaults guard against hostile input with small caps (1,024
 /// documents, 250k nodes per file) that a generated manifest of a few thousand Services
 /// exceeds; these admit files of up to about a million objects, still bounded.
@@ -110,7 +113,7 @@ pub fn parse_manifest(origin: &str, text: &str) -> ParsedFile {
             parsed.problems.push(Problem {
                 origin: origin.to_string(),
                 object: "(file)".to_string(),
-                field: "(yaml)".to_string(),
+                field: UNREADABLE_FIELD.to_string(),
                 message: first_line(&err.to_string()),
             });
             return parsed;
@@ -327,6 +330,7 @@ impl ManifestDir {
                     continue;
                 }
             };
+            let parsed = self.unless_unreadable(&path, parsed);
             self.forget(&path, &mut affected);
             self.remember(path, FileEntry::new(stamp, parsed), &mut affected);
             changed = true;
@@ -342,6 +346,29 @@ impl ManifestDir {
             changed = true;
         }
         Ok(changed.then(|| self.updates(affected)))
+    }
+
+    /// A file that is not YAML at all (half-written, or a typo in an edit) does not take
+    /// its Services away: the objects of its last readable version stay in effect, and the
+    /// problem is reported, as `kubectl apply` of a broken file changes nothing.
+    fn unless_unreadable(&self, path: &Path, parsed: ParsedFile) -> ParsedFile {
+        let unreadable = parsed.objects.is_empty()
+            && parsed.problems.iter().any(|p| p.field == UNREADABLE_FIELD);
+        match self.files.get(path) {
+            Some(last) if unreadable && !last.parsed.objects.is_empty() => ParsedFile {
+                objects: last.parsed.objects.clone(),
+                problems: parsed
+                    .problems
+                    .into_iter()
+                    .map(|mut p| {
+                        p.message
+                            .push_str("; its last readable version stays in effect");
+                        p
+                    })
+                    .collect(),
+            },
+            _ => parsed,
+        }
     }
 
     /// Drops the file at `path`, noting the objects it defined.
@@ -610,6 +637,25 @@ endpoints: []
         fs::remove_file(dir.join("b.yml")).unwrap();
         let updates = manifests.refresh().unwrap().unwrap();
         assert_eq!(applied(&updates), ["delete Service default/a"]);
+        // A broken edit keeps the last readable version, and says so.
+        fs::write(dir.join("c.yaml"), "kind: Service\nmetadata: {name: [c\n").unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(applied(&updates), ["apply Service default/c from c.yaml"]);
+        let problems = manifests.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .message
+                .ends_with("its last readable version stays in effect"),
+            "{problems:?}"
+        );
+        fs::write(dir.join("c.yaml"), "").unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(
+            applied(&updates),
+            ["delete Service default/c"],
+            "emptied on purpose"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }
