@@ -110,6 +110,20 @@ pub struct BackendPod {
     pub server: crate::Server,
 }
 
+/// Which addresses of a dual-stack backend its servers listen on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Ipv6Only,
+    Both,
+}
+
+/// A dual-stack backend pod and its running HTTP servers.
+#[derive(Debug)]
+pub struct DualStackBackend {
+    pub pod: crate::Pod,
+    pub servers: Vec<crate::Server>,
+}
+
 impl TestEnv {
     /// A pod `name` in namespace `default`, labelled `app: <app>`, with an HTTP server answering
     /// as `name` on `port` (container port `http`), and its Pod manifest in `pod-<name>.yaml`.
@@ -125,6 +139,37 @@ impl TestEnv {
                 .yaml(),
         );
         BackendPod { pod, server }
+    }
+
+    /// A dual-stack pod `name` (both addresses in `status.podIPs`, labelled `app: <app>`,
+    /// container port `http` `port`) with HTTP servers on the addresses `listen` names: with
+    /// both, the IPv4 one answers as `name` and the IPv6 one as `name-v6`; with IPv6 only,
+    /// it answers as `name`. Its Pod manifest is in `pod-<name>.yaml`.
+    #[track_caller]
+    pub fn add_dual_stack_backend(
+        &self,
+        name: &str,
+        app: &str,
+        port: u16,
+        listen: Listen,
+    ) -> DualStackBackend {
+        let pod = self.topo.add_pod(name);
+        let servers = match listen {
+            Listen::Ipv6Only => vec![pod.spawn_server6(name, port)],
+            Listen::Both => vec![
+                pod.spawn_server(name, port),
+                pod.spawn_server6(&format!("{name}-v6"), port),
+            ],
+        };
+        self.manifests.write(
+            &Self::pod_file(name),
+            &crate::manifests::pod(name, pod.ip())
+                .also_ip(pod.ip6())
+                .label("app", app)
+                .container_port("http", i32::from(port))
+                .yaml(),
+        );
+        DualStackBackend { pod, servers }
     }
 
     /// The file [`TestEnv::add_backend`] writes the Pod manifest of `name` to.

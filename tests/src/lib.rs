@@ -36,7 +36,7 @@ pub use agent::{Agent, Backend, Frontend};
 pub use apiserver::ApiServer;
 pub use bpffs::PinDir;
 pub use cgroup::TestCgroup;
-pub use env::{API_ADDR, BackendPod, TestEnv};
+pub use env::{API_ADDR, BackendPod, DualStackBackend, Listen, TestEnv};
 pub use leftovers::cleanup_leftovers;
 pub use manifests::Manifests;
 pub use netns::Netns;

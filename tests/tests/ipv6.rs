@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use lb_tests::manifests::{endpoint_slice, pod, service};
-use lb_tests::{Frontend, Pod, Server, TestEnv, require_privileges};
+use lb_tests::{DualStackBackend, Frontend, Listen, Pod, Server, TestEnv, require_privileges};
 
 /// How long the agent may take to start and apply the manifests.
 const APPLY: Duration = Duration::from_secs(10);
@@ -18,26 +18,6 @@ const VIP4: &str = "10.96.0.10:80";
 const VIP6: &str = "[fd00:96::10]:80";
 /// The IPv4 ClusterIP as an IPv6 socket dials it.
 const VIP4_MAPPED: &str = "[::ffff:10.96.0.10]:80";
-
-/// A dual-stack pod `name` (`app: webapp`, both addresses in `status.podIPs`, container port
-/// `http` 8080) with HTTP servers on its IPv4 address (answering `name`) and, if `v6`, on its
-/// IPv6 address (answering `name-v6`).
-fn dual_stack_backend(env: &TestEnv, name: &str, v6: bool) -> (Pod, Vec<Server>) {
-    let p = env.topo.add_pod(name);
-    let mut servers = vec![p.spawn_server(name, 8080)];
-    if v6 {
-        servers.push(p.spawn_server6(&format!("{name}-v6"), 8080));
-    }
-    env.manifests.write(
-        &TestEnv::pod_file(name),
-        &pod(name, p.ip())
-            .also_ip(p.ip6())
-            .label("app", "webapp")
-            .container_port("http", 8080)
-            .yaml(),
-    );
-    (p, servers)
-}
 
 /// Asserts every backend of `frontend` is of `family` and of the frontend's own family.
 #[track_caller]
@@ -55,20 +35,10 @@ fn ipv6_only_service_is_reached_over_ipv6() {
     }
     let env = TestEnv::new();
     // The pods are dual-stack but serve on IPv6 only: an IPv4 backend would refuse.
-    let mut backends = Vec::new();
-    for name in ["webapp1", "webapp2"] {
-        let p = env.topo.add_pod(name);
-        let server = p.spawn_server6(name, 8080);
-        env.manifests.write(
-            &TestEnv::pod_file(name),
-            &pod(name, p.ip())
-                .also_ip(p.ip6())
-                .label("app", "webapp")
-                .container_port("http", 8080)
-                .yaml(),
-        );
-        backends.push((p, server));
-    }
+    let backends: Vec<DualStackBackend> = ["webapp1", "webapp2"]
+        .into_iter()
+        .map(|name| env.add_dual_stack_backend(name, "webapp", 8080, Listen::Ipv6Only))
+        .collect();
     let client = env.topo.add_pod("client");
     env.manifests.write(
         "svc-webapp.yaml",
@@ -86,7 +56,7 @@ fn ipv6_only_service_is_reached_over_ipv6() {
         frontend.backend_addrs(),
         backends
             .iter()
-            .map(|(p, _)| format!("[{}]:8080", p.ip6()))
+            .map(|b| format!("[{}]:8080", b.pod.ip6()))
             .collect::<Vec<_>>(),
         "the pods' IPv6 addresses only"
     );
@@ -111,8 +81,10 @@ fn dual_stack_service_from_pods_answers_on_both_families() {
         return;
     }
     let env = TestEnv::new();
-    let (web1, _s1) = dual_stack_backend(&env, "webapp1", true);
-    let (web2, _s2) = dual_stack_backend(&env, "webapp2", true);
+    // Kept whole: dropping a backend stops its servers.
+    let backend1 = env.add_dual_stack_backend("webapp1", "webapp", 8080, Listen::Both);
+    let backend2 = env.add_dual_stack_backend("webapp2", "webapp", 8080, Listen::Both);
+    let (web1, web2) = (&backend1.pod, &backend2.pod);
     let client = env.topo.add_pod("client");
     env.manifests.write(
         "svc-webapp.yaml",

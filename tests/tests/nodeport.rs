@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use lb_tests::manifests::{pod, service};
 use lb_tests::testkit::enter_netns;
 use lb_tests::{
-    EXT_DEVICE, EXTERNAL_CLIENT_IP, EXTERNAL_CLIENT_IP6, NODE_EXT_IP, NODE_EXT_IP6, PEER_DEVICE,
-    Pod, TestEnv, require_privileges,
+    EXT_DEVICE, EXTERNAL_CLIENT_IP, EXTERNAL_CLIENT_IP6, Listen, NODE_EXT_IP, NODE_EXT_IP6,
+    PEER_DEVICE, Pod, TestEnv, require_privileges,
 };
 
 /// How long the agent may take to start and apply the manifests.
@@ -26,6 +26,17 @@ fn node_port_target() -> String {
 fn webapp_node_port() -> String {
     service("webapp", "10.96.0.10")
         .type_("NodePort")
+        .selector("app", "webapp")
+        .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+        .yaml()
+}
+
+/// [`webapp_node_port`] as an IPv6 single-stack Service (fd00:96::10).
+fn webapp_node_port6() -> String {
+    service("webapp", "fd00:96::10")
+        .type_("NodePort")
+        .ip_families(&["IPv6"])
+        .ip_family_policy("SingleStack")
         .selector("app", "webapp")
         .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
         .yaml()
@@ -471,7 +482,7 @@ fn cluster_policy_snats_to_a_backend_on_another_node_and_replies_return_through_
         );
     }
     // `lb-agent conntrack` lists the flows with the SNAT port the backend saw.
-    let flows = conntrack(&env);
+    let flows = agent.conntrack();
     let snats: Vec<&str> = flows.iter().filter_map(|f| f["snat"].as_str()).collect();
     for addr in &summary.remote_addrs {
         assert!(snats.contains(&addr.as_str()), "{addr} in {flows:#?}");
@@ -500,16 +511,7 @@ fn ipv6_cluster_policy_snats_to_a_backend_on_another_node() {
             .node_name("node-b")
             .yaml(),
     );
-    env.manifests.write(
-        "svc.yaml",
-        &service("webapp", "fd00:96::10")
-            .type_("NodePort")
-            .ip_families(&["IPv6"])
-            .ip_family_policy("SingleStack")
-            .selector("app", "webapp")
-            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
-            .yaml(),
-    );
+    env.manifests.write("svc.yaml", &webapp_node_port6());
     let client = env.topo.add_external_client("outside");
     let devices = format!("{EXT_DEVICE},{PEER_DEVICE}");
     let mut agent = start_agent_with(&env, &["--devices", &devices, "--node-name", "node-a"]);
@@ -530,20 +532,6 @@ fn ipv6_cluster_policy_snats_to_a_backend_on_another_node() {
         );
         assert!((32_768..=60_999).contains(&addr.port()), "{summary:?}");
     }
-}
-
-/// `lb-agent conntrack --output json` of the test's pins.
-fn conntrack(env: &TestEnv) -> Vec<serde_json::Value> {
-    let out = lb_tests::cmd::run(
-        std::process::Command::new(lb_tests::bins::agent())
-            .arg("conntrack")
-            .arg("--bpf-pin-path")
-            .arg(env.pins.path())
-            .args(["--output", "json"]),
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 #[test]
@@ -576,7 +564,7 @@ fn tracked_flows_survive_an_agent_restart_and_cleanup_detaches_the_tc_programs()
     open_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("flow open");
-    let flows = conntrack(&env);
+    let flows = agent.conntrack();
     assert_eq!(flows.len(), 1, "{flows:#?}");
     assert_eq!(flows[0]["state"], "ESTABLISHED", "{flows:#?}");
 
@@ -685,16 +673,7 @@ fn an_ipv6_node_port_without_endpoints_refuses_tcp_connections() {
     }
     let env = TestEnv::new();
     let client = env.topo.add_external_client("outside");
-    env.manifests.write(
-        "svc.yaml",
-        &service("webapp", "fd00:96::10")
-            .type_("NodePort")
-            .ip_families(&["IPv6"])
-            .ip_family_policy("SingleStack")
-            .selector("app", "webapp")
-            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
-            .yaml(),
-    );
+    env.manifests.write("svc.yaml", &webapp_node_port6());
     // As for IPv4: only the datapath's ICMPv6 port unreachable gives ECONNREFUSED here.
     let _stack = in_node(&env, || {
         TcpListener::bind((NODE_EXT_IP6, NODE_PORT)).expect("listening on the node")
@@ -856,29 +835,9 @@ fn ipv6_node_port_from_outside_answers_from_the_node_ipv6_address() {
         return;
     }
     let env = TestEnv::new();
-    let mut servers = Vec::new();
-    for name in ["webapp1", "webapp2"] {
-        let p = env.topo.add_pod(name);
-        servers.push(p.spawn_server6(name, 8080));
-        env.manifests.write(
-            &TestEnv::pod_file(name),
-            &pod(name, p.ip())
-                .also_ip(p.ip6())
-                .label("app", "webapp")
-                .container_port("http", 8080)
-                .yaml(),
-        );
-    }
-    env.manifests.write(
-        "svc.yaml",
-        &service("webapp", "fd00:96::10")
-            .type_("NodePort")
-            .ip_families(&["IPv6"])
-            .ip_family_policy("SingleStack")
-            .selector("app", "webapp")
-            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
-            .yaml(),
-    );
+    let _backends = ["webapp1", "webapp2"]
+        .map(|name| env.add_dual_stack_backend(name, "webapp", 8080, Listen::Ipv6Only));
+    env.manifests.write("svc.yaml", &webapp_node_port6());
     let client = env.topo.add_external_client("outside");
     let mut agent = start_agent(&env, &[]);
     agent.wait_for_frontend("[::]:30080", 2, APPLY);
@@ -895,7 +854,7 @@ fn ipv6_node_port_from_outside_answers_from_the_node_ipv6_address() {
         "local backends see the client's own IPv6 address: {:?}",
         summary.remote_addrs
     );
-    let flows = conntrack(&env);
+    let flows = agent.conntrack();
     assert!(
         flows
             .iter()

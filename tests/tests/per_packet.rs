@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use lb_tests::manifests::{pod, service};
-use lb_tests::{Pod, Server, TestEnv, require_privileges};
+use lb_tests::{DualStackBackend, Listen, Pod, TestEnv, require_privileges};
 
 /// How long the agent may take to start and apply the manifests.
 const APPLY: Duration = Duration::from_secs(10);
@@ -18,24 +18,11 @@ const VIP6: &str = "[fd00:96::10]:80";
 /// on IPv4, `webappN-v6` on IPv6), a client pod, and a dual-stack Service `webapp`
 /// (10.96.0.10, fd00:96::10) port 80 → 8080. Every pod exists before the agent starts, so
 /// its device is there to be found.
-fn webapp_setup(env: &TestEnv) -> (Vec<(Pod, Vec<Server>)>, Pod) {
-    let mut backends = Vec::new();
-    for name in ["webapp1", "webapp2"] {
-        let p = env.topo.add_pod(name);
-        let servers = vec![
-            p.spawn_server(name, 8080),
-            p.spawn_server6(&format!("{name}-v6"), 8080),
-        ];
-        env.manifests.write(
-            &TestEnv::pod_file(name),
-            &pod(name, p.ip())
-                .also_ip(p.ip6())
-                .label("app", "webapp")
-                .container_port("http", 8080)
-                .yaml(),
-        );
-        backends.push((p, servers));
-    }
+fn webapp_setup(env: &TestEnv) -> (Vec<DualStackBackend>, Pod) {
+    let backends = ["webapp1", "webapp2"]
+        .into_iter()
+        .map(|name| env.add_dual_stack_backend(name, "webapp", 8080, Listen::Both))
+        .collect();
     let client = env.topo.add_pod("client");
     env.manifests.write(
         "svc-webapp.yaml",
@@ -227,7 +214,7 @@ fn a_pod_dialling_a_service_without_endpoints_is_refused_per_packet() {
     // The ICMP port unreachable the tc path answers with: refused at once, not a timeout.
     let summary = client.client_with().count(3).run("10.96.0.20:80");
 
-    assert_eq!(summary.errors.get("ECONNREFUSED"), Some(&3), "{summary:?}");
+    assert_eq!(summary.errors_of("ECONNREFUSED"), 3, "{summary:?}");
     assert!(
         summary.connect_ms.iter().all(|ms| *ms < 500.0),
         "{:?}",
@@ -249,7 +236,7 @@ fn a_pod_reaches_a_service_it_backs_itself_per_packet() {
 
     // webapp1 dials its own Service: DNATed to itself, the flow is SNATed to the hairpin
     // address so that webapp1's answer comes back through tc instead of straight to itself.
-    let (webapp1, _) = &backends[0];
+    let webapp1 = &backends[0].pod;
     for vip in [VIP, VIP6] {
         let summary = webapp1.client_with().count(5).run(vip);
         assert_eq!(summary.ok, 5, "{vip}: {summary:?}");
