@@ -58,7 +58,7 @@ pub struct RunConfig {
     /// Where socket translation runs.
     pub socket_lb: loader::SocketLb,
     /// Pod-facing devices for the per-packet path (empty: detected, see
-    /// [`devices::pod_devices`]); only with `socket_lb` other than `all`.
+    /// [`devices::resolve`]); only with `socket_lb` other than `all`.
     pub pod_devices: Vec<String>,
 }
 

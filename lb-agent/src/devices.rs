@@ -26,10 +26,12 @@ pub struct Device {
     pub ipv6: Vec<Ipv6Addr>,
 }
 
-/// The interfaces of the agent's network namespace: name → (flags, addresses).
-fn interfaces() -> io::Result<BTreeMap<String, (nix::net::if_::InterfaceFlags, Vec<IpAddr>)>> {
-    let mut interfaces: BTreeMap<String, (nix::net::if_::InterfaceFlags, Vec<IpAddr>)> =
-        BTreeMap::new();
+/// Interfaces by name: flags and addresses.
+type Interfaces = BTreeMap<String, (nix::net::if_::InterfaceFlags, Vec<IpAddr>)>;
+
+/// The interfaces of the agent's network namespace.
+fn interfaces() -> io::Result<Interfaces> {
+    let mut interfaces = Interfaces::new();
     for ifaddr in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
         let entry = interfaces
             .entry(ifaddr.interface_name.clone())
@@ -54,17 +56,31 @@ fn is_global(ip: &IpAddr) -> bool {
     }
 }
 
-/// The devices named in `requested`, or by default the devices of the default route(s) and
-/// those holding a global IPv4 address (neither loopback nor a bridge), in the agent's
-/// network namespace.
+/// The external devices and, with `requested_pods`, the pod-facing ones, from one reading
+/// of the agent's network namespace's interfaces.
+///
+/// External: the devices named in `requested`, or by default the devices of the default
+/// route(s) and those holding a global address (neither loopback nor a bridge).
 ///
 /// # Errors
 /// When a named device does not exist, or the interfaces cannot be listed.
-pub fn resolve(requested: &[String]) -> io::Result<Vec<Device>> {
+pub fn resolve(
+    requested: &[String],
+    requested_pods: Option<&[String]>,
+) -> io::Result<(Vec<Device>, Vec<String>)> {
     let interfaces = interfaces()?;
+    let devices = external_devices(requested, &interfaces)?;
+    let pods = requested_pods.map_or_else(Vec::new, |requested| {
+        pod_devices(requested, &devices, &interfaces)
+    });
+    Ok((devices, pods))
+}
+
+/// The external devices among `interfaces` (see [`resolve`]).
+fn external_devices(requested: &[String], interfaces: &Interfaces) -> io::Result<Vec<Device>> {
     let names: Vec<String> = if requested.is_empty() {
         let mut names = default_route_devices()?;
-        for (name, (flags, ips)) in &interfaces {
+        for (name, (flags, ips)) in interfaces {
             let loopback = flags.contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK);
             let global = ips.iter().any(is_global);
             if !loopback
@@ -117,22 +133,19 @@ pub fn resolve(requested: &[String]) -> io::Result<Vec<Device>> {
 /// The pod-facing devices: those named in `requested`, or by default every veth without a
 /// global address that is not an external device (the host side of a pod's veth pair,
 /// whether it is a bridge port or routed).
-///
-/// # Errors
-/// When the interfaces cannot be listed.
-pub fn pod_devices(requested: &[String], external: &[Device]) -> io::Result<Vec<String>> {
+fn pod_devices(requested: &[String], external: &[Device], interfaces: &Interfaces) -> Vec<String> {
     if !requested.is_empty() {
-        return Ok(requested.to_vec());
+        return requested.to_vec();
     }
-    Ok(interfaces()?
-        .into_iter()
+    interfaces
+        .iter()
         .filter(|(name, (_, ips))| {
-            !external.iter().any(|d| &d.name == name)
+            !external.iter().any(|d| &d.name == *name)
                 && !ips.iter().any(is_global)
                 && driver(name).as_deref() == Some("veth")
         })
-        .map(|(name, _)| name)
-        .collect())
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// Devices of the IPv4 and IPv6 default route(s), from `/proc/net/route` and
@@ -260,13 +273,8 @@ impl NodeDevices {
     ) -> anyhow::Result<Self> {
         let changes = netlink::Changes::open().context("subscribing to address changes")?;
         let mut maps = AddressMaps::take(ebpf)?;
-        let devices = resolve(requested).context("finding the --devices")?;
-        let pods = match requested_pods {
-            Some(requested) => {
-                pod_devices(requested, &devices).context("finding the pod devices")?
-            }
-            None => Vec::new(),
-        };
+        let (devices, pods) =
+            resolve(requested, requested_pods).context("finding the --devices")?;
         maps.program(&devices)
             .context("writing the node addresses")?;
         let addresses = describe(&devices);
@@ -312,22 +320,12 @@ impl NodeDevices {
     /// whether the set of devices the tc programs belong on changed. Failures are logged,
     /// and the next change tries again.
     pub fn refresh(&mut self) -> bool {
-        let devices = match resolve(&self.requested) {
-            Ok(devices) => devices,
+        let (devices, pods) = match resolve(&self.requested, self.requested_pods.as_deref()) {
+            Ok(resolved) => resolved,
             Err(e) => {
                 warn!(error = %e, "re-reading the devices failed; node addresses unchanged");
                 return false;
             }
-        };
-        let pods = match &self.requested_pods {
-            Some(requested) => match pod_devices(requested, &devices) {
-                Ok(pods) => pods,
-                Err(e) => {
-                    warn!(error = %e, "re-reading the pod devices failed");
-                    self.pods.clone()
-                }
-            },
-            None => Vec::new(),
         };
         let names_changed = pods != self.pods
             || devices
