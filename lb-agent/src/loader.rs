@@ -348,9 +348,11 @@ pub fn detach_cgroup_programs(pin_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Unpins the link at `path`; dropping its last fd detaches the program.
+/// Unpins the link at `path`; dropping its last fd detaches the program. A pin that is no
+/// link is removed.
 fn unpin_link(path: &Path) -> io::Result<()> {
     match PinnedLink::from_pin(path) {
+        // Unpin, then drop the last fd: the kernel detaches the program.
         Ok(link) => drop(link.unpin()?),
         Err(e) => {
             warn!(link = %path.display(), error = %e, "not a link; removing the pin");
@@ -437,14 +439,7 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<CleanupReport> {
     if links.is_dir() {
         for entry in fs::read_dir(&links)? {
             let path = entry?.path();
-            match PinnedLink::from_pin(&path) {
-                // Unpin, then drop the last fd: the kernel detaches the program.
-                Ok(link) => drop(link.unpin()?),
-                Err(e) => {
-                    warn!(link = %path.display(), error = %e, "not a link; removing the pin");
-                    fs::remove_file(&path)?;
-                }
-            }
+            unpin_link(&path)?;
             report.links_detached.push(path);
         }
         fs::remove_dir(&links)?;
