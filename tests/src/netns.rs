@@ -24,6 +24,9 @@ impl Netns {
             name: name.to_owned(),
         };
         netns.ip(&["link", "set", "lo", "up"]);
+        // No duplicate address detection on the interfaces made in it (link-local addresses
+        // included): a tentative address holds back the first packets of a fresh topology.
+        crate::topology::sysctl(name, "net.ipv6.conf.default.accept_dad=0");
         netns
     }
 

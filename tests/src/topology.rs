@@ -46,9 +46,6 @@ impl Topology {
     pub fn new() -> Self {
         let prefix = names::unique();
         let node = Netns::create(&format!("{prefix}-node"));
-        // No duplicate address detection on the interfaces made here (link-local addresses
-        // included): a tentative address holds back the first packets of a fresh topology.
-        sysctl(node.name(), "net.ipv6.conf.default.accept_dad=0");
         // Without multicast snooping: a fresh bridge would hold back the node's IPv6
         // neighbour solicitations to a pod until it has seen the pod's MLD reports.
         node.ip(&[
@@ -100,7 +97,6 @@ impl Topology {
         let ip = Ipv4Addr::new(10, 244, 0, host);
         let ip6 = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, u16::from(host));
         let netns = Netns::create(&format!("{}-{name}", self.prefix));
-        sysctl(netns.name(), "net.ipv6.conf.default.accept_dad=0");
         // Inside the namespaces the names need no prefix: nothing lands in the host namespace.
         let veth = format!("veth{index}");
         self.node.ip(&[
@@ -167,7 +163,6 @@ impl Topology {
     pub fn add_external_client(&self, name: &str) -> Pod {
         let mut pods = self.pods.lock().expect("pods lock");
         let netns = Netns::create(&format!("{}-{name}", self.prefix));
-        sysctl(netns.name(), "net.ipv6.conf.default.accept_dad=0");
         self.node.ip(&[
             "link",
             "add",
@@ -260,8 +255,6 @@ impl Topology {
         let mut pods = self.pods.lock().expect("pods lock");
         let node2 = Netns::create(&format!("{}-node2", self.prefix));
         let pod = Netns::create(&format!("{}-{name}", self.prefix));
-        sysctl(node2.name(), "net.ipv6.conf.default.accept_dad=0");
-        sysctl(pod.name(), "net.ipv6.conf.default.accept_dad=0");
         self.node.ip(&[
             "link",
             "add",
