@@ -38,6 +38,9 @@ struct PodEntry {
 pub struct ClusterState {
     /// This node's name: endpoints on it are local (`externalTrafficPolicy: Local`).
     node_name: Option<String>,
+    /// This node's `topology.kubernetes.io/zone` label (from its Node object): endpoints
+    /// hinted for this zone are preferred (topology hints, `trafficDistribution`).
+    node_zone: Option<String>,
     services: HashMap<ObjectRef, Sourced<Service>>,
     services_by_namespace: HashMap<String, BTreeSet<ObjectRef>>,
     slices: HashMap<ObjectRef, SliceEntry>,
@@ -65,6 +68,22 @@ impl ClusterState {
             node_name,
             ..Self::default()
         }
+    }
+
+    /// Sets this node's zone (its Node's `topology.kubernetes.io/zone` label, `None` when
+    /// unlabelled or unknown); every Service is translated again when it changed.
+    pub fn set_node_zone(&mut self, zone: Option<String>) {
+        if self.node_zone == zone {
+            return;
+        }
+        self.node_zone = zone;
+        self.dirty.extend(self.services.keys().cloned());
+    }
+
+    /// This node's zone, as last set.
+    #[must_use]
+    pub fn node_zone(&self) -> Option<&str> {
+        self.node_zone.as_deref()
     }
 
     /// Adds or updates a Service.
