@@ -5,6 +5,7 @@
 //! maps that the programs loaded by [`loader`] read.
 pub mod agent;
 pub mod api;
+pub mod categorize;
 pub mod conntrack;
 pub mod devices;
 pub mod health;

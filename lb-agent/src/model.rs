@@ -304,6 +304,13 @@ pub struct Frontend {
     pub kind: FrontendKind,
     /// `externalTrafficPolicy: Local` applies: only node-local backends, no SNAT.
     pub local_only: bool,
+    /// No backend because a Local traffic policy leaves none on this node while the
+    /// Service has endpoints elsewhere: kube-proxy drops such traffic instead of rejecting
+    /// it as it does for a Service without endpoints.
+    pub no_local_endpoints: bool,
+    /// `sessionAffinity: ClientIP`: how long, in seconds, a client keeps its backend after
+    /// its last new connection.
+    pub affinity_timeout: Option<u32>,
     /// The Service it belongs to.
     pub service: ObjectRef,
     /// `spec.ports[].name` (empty for a single unnamed port).
@@ -325,7 +332,17 @@ impl Frontend {
         } else {
             0
         };
-        self.kind.flag() | local
+        let no_local = if self.no_local_endpoints {
+            lb_common::SVC_F_NO_LOCAL
+        } else {
+            0
+        };
+        let affinity = if self.affinity_timeout.is_some() {
+            lb_common::SVC_F_AFFINITY
+        } else {
+            0
+        };
+        self.kind.flag() | local | no_local | affinity
     }
 }
 

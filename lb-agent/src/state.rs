@@ -10,6 +10,7 @@ use k8s_openapi::api::{
 };
 
 use crate::{
+    categorize::NodeTopology,
     model::{DesiredState, HealthCheck, L4Addr, ObjectRef},
     translate::{
         Problem, SERVICE_NAME_LABEL, ServiceTranslation, Skipped, Sourced, ValidPod, ValidSlice,
@@ -244,7 +245,15 @@ impl ClusterState {
                         .filter_map(|(_, entry)| entry.valid.as_ref())
                         .collect()
                 };
-                translate_service(service, slices.as_deref(), &pods, self.node_name.as_deref())
+                translate_service(
+                    service,
+                    slices.as_deref(),
+                    &pods,
+                    NodeTopology {
+                        name: self.node_name.as_deref(),
+                        zone: self.node_zone.as_deref(),
+                    },
+                )
             });
             let old = match new {
                 Some(new) => self.results.insert(id.clone(), new),

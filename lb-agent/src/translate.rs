@@ -11,6 +11,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
+use crate::categorize::{Candidate, Hints, NodeTopology, Policies, categorize};
 use crate::model::{
     Backend, DesiredState, EndpointInfo, EndpointState, Frontend, FrontendKind, HealthCheck,
     L4Addr, ObjectRef, Protocol,
@@ -85,7 +86,18 @@ pub fn translate(objects: &ClusterObjects) -> Translation {
 /// [`translate`] on the node `node` (for the node-local traffic policies).
 #[must_use]
 pub fn translate_for_node(objects: &ClusterObjects, node: Option<&str>) -> Translation {
+    translate_on(objects, node, None)
+}
+
+/// [`translate`] on the node `node` in zone `zone` (for topology hints).
+#[must_use]
+pub fn translate_on(
+    objects: &ClusterObjects,
+    node: Option<&str>,
+    zone: Option<&str>,
+) -> Translation {
     let mut state = crate::state::ClusterState::new(node.map(str::to_owned));
+    state.set_node_zone(zone.map(str::to_owned));
     state.replace_services(objects.services.iter().cloned());
     state.replace_slices(objects.endpoint_slices.iter().cloned());
     state.replace_pods(objects.pods.iter().cloned());
@@ -112,23 +124,24 @@ pub struct ServiceTranslation {
 /// Translates one Service. `slices` is `Some` when the Service has EndpointSlices (then
 /// they alone give its endpoints, even when empty); otherwise its endpoints come from
 /// `pods` of its namespace, as the EndpointSlice controller would derive them. `node` is
-/// this node's name: endpoints on it are local, those on other nodes remote.
+/// this node: endpoints on it are local, those on other nodes remote, and its zone decides
+/// which topology hints apply.
 #[must_use]
 pub fn translate_service(
     sourced: &Sourced<Service>,
     slices: Option<&[&ValidSlice]>,
     pods: &[&ValidPod],
-    node: Option<&str>,
+    node: NodeTopology<'_>,
 ) -> ServiceTranslation {
     let mut out = ServiceTranslation::default();
     let Some(service) = validate_service(sourced, &mut out) else {
         return out;
     };
-    let mut local_endpoints = std::collections::BTreeSet::new();
+    let mut local_ready = std::collections::BTreeSet::new();
     for port in &service.ports {
         let candidates = match slices {
             Some(slices) => candidates_from_slices(port, slices),
-            None => candidates_from_pods(&service, port, pods),
+            None => candidates_from_pods(&service, port, pods, node),
         };
         let mut addresses: Vec<(IpAddr, u16, FrontendKind, String)> = service
             .frontend_ips
@@ -149,65 +162,108 @@ pub fn translate_service(
                 addresses.push((any, node_port, FrontendKind::NodePort, field));
             }
         }
+        let policies = Policies {
+            internal_local: service.internal_local,
+            external_local: service.external_local,
+            externally_accessible: addresses
+                .iter()
+                .any(|(_, _, kind, _)| *kind != FrontendKind::ClusterIp),
+        };
+        // Endpoints of each family, sorted into kube-proxy's categories once per family.
+        let (v4, v6): (Vec<Candidate>, Vec<Candidate>) = candidates
+            .into_iter()
+            .partition(|c| c.addr.address.is_ipv4());
+        let categories = [
+            categorize(&v4, policies, node),
+            categorize(&v6, policies, node),
+        ];
+        for cats in &categories {
+            local_ready.extend(
+                cats.local
+                    .iter()
+                    .filter(|c| c.ready)
+                    .map(|c| c.addr.address),
+            );
+            if !policies.uses_local() {
+                // Only the Local policies compute local endpoints; the health check still
+                // counts this node's ready ones.
+                local_ready.extend(
+                    cats.cluster
+                        .iter()
+                        .filter(|c| c.ready && is_local(&c.info, node.name))
+                        .map(|c| c.addr.address),
+                );
+            }
+        }
         for (ip, number, kind, field) in addresses {
             let address = L4Addr::new(ip, number, port.protocol);
-            // externalTrafficPolicy applies to what comes from outside the cluster.
-            let local_only = service.external_local && kind != FrontendKind::ClusterIp;
-            let of_family = || {
-                candidates
-                    .iter()
-                    .filter(|c| c.addr.address.is_ipv4() == ip.is_ipv4())
-            };
-            let frontend = |address, local_only: bool, (backends, backend_info)| {
+            let cats = &categories[usize::from(ip.is_ipv6())];
+            let frontend = |address, local_only: bool, endpoints: &[&Candidate]| {
+                let (backends, backend_info) = backends_of(endpoints, node.name);
                 Arc::new(Frontend {
                     address,
                     kind,
                     local_only,
+                    no_local_endpoints: backends.is_empty() && cats.has_any,
+                    affinity_timeout: service.affinity_timeout,
                     service: service.id.clone(),
                     port_name: port.name.clone(),
                     backends,
                     backend_info,
                 })
             };
-            let (backends, backend_info) = backends_of(
-                of_family().filter(|c| !local_only || is_local(&c.info, node)),
-                node,
-            );
-            if local_only {
-                local_endpoints.extend(backends.iter().map(|b| b.addr.address));
-                // Clients inside the cluster (pods, the node's own processes) get every
-                // endpoint, as kube-proxy short-circuits their traffic to the cluster-wide
-                // chain: an in-cluster entry of the frontend with all of them.
+            if kind == FrontendKind::ClusterIp {
+                let endpoints = if service.internal_local {
+                    &cats.local
+                } else {
+                    &cats.cluster
+                };
+                out.fields.push((address, field));
+                out.frontends.push(frontend(address, false, endpoints));
+            } else if service.external_local {
+                // Clients inside the cluster (pods, the node's own processes) reaching an
+                // external address are subject to neither policy: kube-proxy short-circuits
+                // them to the cluster endpoints. They look up an in-cluster entry of the
+                // frontend with those.
                 let internal = address.internal();
                 out.fields.push((internal, field.clone()));
-                out.frontends
-                    .push(frontend(internal, false, backends_of(of_family(), node)));
+                out.frontends.push(frontend(internal, false, &cats.cluster));
+                out.fields.push((address, field));
+                out.frontends.push(frontend(address, true, &cats.local));
+            } else {
+                out.fields.push((address, field));
+                out.frontends.push(frontend(address, false, &cats.cluster));
             }
-            out.fields.push((address, field));
-            out.frontends
-                .push(frontend(address, local_only, (backends, backend_info)));
         }
     }
     if let Some(port) = service.health_check_node_port {
         out.health_check = Some(HealthCheck {
             port,
             service: service.id.clone(),
-            local_endpoints: local_endpoints.len(),
+            local_endpoints: local_ready.len(),
         });
     }
     out
 }
 
-/// The backends (and what is known of them) that take new connections among `eligible`.
-fn backends_of<'a>(
-    eligible: impl Iterator<Item = &'a Candidate>,
-    node: Option<&str>,
-) -> (Vec<Backend>, Vec<EndpointInfo>) {
-    select_endpoints(eligible)
-        .into_iter()
-        .map(|(mut backend, info)| {
-            backend.remote = is_remote(&info, node);
-            (backend, info)
+/// The backends (and what is known of them) of the chosen endpoints: sorted by address,
+/// without duplicates (one endpoint may be listed by two slices).
+fn backends_of(endpoints: &[&Candidate], node: Option<&str>) -> (Vec<Backend>, Vec<EndpointInfo>) {
+    let mut chosen: BTreeMap<L4Addr, &Candidate> = BTreeMap::new();
+    for c in endpoints {
+        chosen.entry(c.addr).or_insert(c);
+    }
+    chosen
+        .into_values()
+        .map(|c| {
+            let state = if c.ready {
+                EndpointState::Ready
+            } else {
+                EndpointState::Terminating
+            };
+            let mut backend = Backend::new(c.addr, state);
+            backend.remote = is_remote(&c.info, node);
+            (backend, c.info.clone())
         })
         .unzip()
 }
@@ -233,43 +289,6 @@ pub fn is_remote(info: &EndpointInfo, node: Option<&str>) -> bool {
     matches!((info.node_name.as_deref(), node), (Some(a), Some(b)) if a != b)
 }
 
-/// An endpoint before selection, with its EndpointSlice conditions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Candidate {
-    pub addr: L4Addr,
-    pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
-    pub info: EndpointInfo,
-}
-
-/// kube-proxy's choice of the endpoints that get new connections: the ready ones; when
-/// none is ready, the serving ones that are terminating (so a rolling update or a scale
-/// to zero drains instead of failing); otherwise none, and connects are refused.
-/// The result is sorted by address, without duplicates.
-#[must_use]
-pub fn select_endpoints<'a>(
-    candidates: impl IntoIterator<Item = &'a Candidate>,
-) -> Vec<(Backend, EndpointInfo)> {
-    let candidates: Vec<&Candidate> = candidates.into_iter().collect();
-    let pick = |state: EndpointState, keep: &dyn Fn(&Candidate) -> bool| {
-        let mut chosen: BTreeMap<L4Addr, EndpointInfo> = BTreeMap::new();
-        for c in candidates.iter().filter(|c| keep(c)) {
-            chosen.entry(c.addr).or_insert_with(|| c.info.clone());
-        }
-        chosen
-            .into_iter()
-            .map(|(addr, info)| (Backend::new(addr, state), info))
-            .collect::<Vec<_>>()
-    };
-    let ready = pick(EndpointState::Ready, &|c| c.ready);
-    if ready.is_empty() {
-        pick(EndpointState::Terminating, &|c| c.serving && c.terminating)
-    } else {
-        ready
-    }
-}
-
 /// A Service that passed validation.
 struct ValidService {
     id: ObjectRef,
@@ -280,6 +299,13 @@ struct ValidService {
     publish_not_ready: bool,
     /// `externalTrafficPolicy: Local`.
     external_local: bool,
+    /// `internalTrafficPolicy: Local`.
+    internal_local: bool,
+    /// `sessionAffinity: ClientIP`: its `timeoutSeconds`.
+    affinity_timeout: Option<u32>,
+    /// The hints the EndpointSlice controller would give endpoints derived from Pods
+    /// (`trafficDistribution`, or the `service.kubernetes.io/topology-mode` annotation).
+    hinting: Hinting,
     /// `healthCheckNodePort` (LoadBalancer with `externalTrafficPolicy: Local`).
     health_check_node_port: Option<u16>,
 }
@@ -436,6 +462,19 @@ fn validate_service(
             false
         }
     };
+    let internal_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            check.fail(
+                "spec.internalTrafficPolicy",
+                format!("{other:?} is not Cluster or Local"),
+            );
+            false
+        }
+    };
+    let affinity_timeout = session_affinity(&spec, &mut check);
+    let hinting = hinting(&svc.metadata, &spec, &mut check);
     let health_check_node_port = match spec.health_check_node_port {
         Some(n) if spec.type_.as_deref() == Some("LoadBalancer") && external_local => {
             let port = port_number(n);
@@ -459,8 +498,102 @@ fn validate_service(
         selector: spec.selector,
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         external_local,
+        internal_local,
+        affinity_timeout,
+        hinting,
         health_check_node_port,
     })
+}
+
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The largest timeout the API server accepts (a day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+/// `sessionAffinity` and its timeout: `Some(seconds)` for `ClientIP`.
+fn session_affinity(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    check: &mut Checker<'_>,
+) -> Option<u32> {
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match timeout {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT),
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => Some(t),
+                    _ => {
+                        check.fail(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            format!("{t} is out of range 1-{MAX_AFFINITY_TIMEOUT}"),
+                        );
+                        None
+                    }
+                },
+            }
+        }
+        Some(other) => {
+            check.fail(
+                "spec.sessionAffinity",
+                format!("{other:?} is not None or ClientIP"),
+            );
+            None
+        }
+    }
+}
+
+/// Label that turns on topology-aware hints (`Auto`), before `trafficDistribution`.
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+/// The deprecated form of [`TOPOLOGY_MODE_ANNOTATION`].
+pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+
+/// Which hints the EndpointSlice controller puts on a Service's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hinting {
+    None,
+    /// Each endpoint hinted for its own zone (`PreferClose`, `PreferSameZone`, or the
+    /// `topology-mode: Auto` annotation).
+    SameZone,
+    /// Each endpoint hinted for its own node and zone (`PreferSameNode`).
+    SameNode,
+}
+
+fn hinting(
+    meta: &ObjectMeta,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    check: &mut Checker<'_>,
+) -> Hinting {
+    // The annotation, when set to anything but Disabled, takes precedence (as in the
+    // EndpointSlice controller).
+    let annotation = meta.annotations.as_ref().and_then(|a| {
+        a.get(TOPOLOGY_MODE_ANNOTATION)
+            .or_else(|| a.get(TOPOLOGY_HINTS_ANNOTATION))
+    });
+    match annotation.map(String::as_str) {
+        None | Some("" | "Disabled" | "disabled") => {}
+        Some("Auto" | "auto") => return Hinting::SameZone,
+        Some(other) => check.fail(
+            format!("metadata.annotations[{TOPOLOGY_MODE_ANNOTATION}]"),
+            format!("{other:?} is not Auto or Disabled"),
+        ),
+    }
+    match spec.traffic_distribution.as_deref() {
+        None => Hinting::None,
+        Some("PreferClose" | "PreferSameZone") => Hinting::SameZone,
+        Some("PreferSameNode") => Hinting::SameNode,
+        Some(other) => {
+            check.fail(
+                "spec.trafficDistribution",
+                format!("{other:?} is not PreferClose, PreferSameZone or PreferSameNode"),
+            );
+            Hinting::None
+        }
+    }
 }
 
 /// The ClusterIPs of a Service (one per family), `None` when it is headless. Problems go to
@@ -716,6 +849,7 @@ struct ValidEndpoint {
     terminating: bool,
     node_name: Option<String>,
     zone: Option<String>,
+    hints: Hints,
 }
 
 /// Validates an EndpointSlice; returns the Service it belongs to with it, `None` when it
@@ -777,6 +911,20 @@ pub fn validate_slice(
                 terminating: conditions.terminating.unwrap_or(false),
                 node_name: endpoint.node_name.clone(),
                 zone: endpoint.zone.clone(),
+                hints: Hints {
+                    zones: endpoint
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_zones.iter().flatten())
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    nodes: endpoint
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_nodes.iter().flatten())
+                        .map(|n| n.name.clone())
+                        .collect(),
+                },
             });
         }
         for (p, port) in slice.ports.iter().flatten().enumerate() {
@@ -828,6 +976,7 @@ fn candidates_from_slices(port: &ValidPort, slices: &[&ValidSlice]) -> Vec<Candi
                         node_name: endpoint.node_name.clone(),
                         zone: endpoint.zone.clone(),
                     },
+                    hints: endpoint.hints.clone(),
                 });
             }
         }
@@ -841,6 +990,7 @@ fn candidates_from_pods(
     service: &ValidService,
     port: &ValidPort,
     pods: &[&ValidPod],
+    node: NodeTopology<'_>,
 ) -> Vec<Candidate> {
     let mut candidates = Vec::new();
     // A Service without a selector gets no endpoints from pods (they are managed by hand).
@@ -860,6 +1010,11 @@ fn candidates_from_pods(
                 .map(|&(_, number, _)| number),
         };
         let Some(number) = number else { continue };
+        // The zone of a pod's node is known for this node only (its Node object).
+        let zone = node
+            .name
+            .filter(|n| pod.node_name.as_deref() == Some(*n))
+            .and(node.zone);
         for &ip in &pod.ips {
             candidates.push(Candidate {
                 addr: L4Addr::new(ip, number, port.protocol),
@@ -871,12 +1026,31 @@ fn candidates_from_pods(
                 info: EndpointInfo {
                     source: format!("pod/{}", pod.name),
                     node_name: pod.node_name.clone(),
-                    zone: None,
+                    zone: zone.map(str::to_string),
                 },
+                hints: pod_hints(service.hinting, pod.node_name.as_deref(), zone),
             });
         }
     }
     candidates
+}
+
+/// The hints the EndpointSlice controller gives an endpoint on `node` in `zone`. Without a
+/// known zone there is no zone hint, and kube-proxy's rules then ignore zone hints for the
+/// whole Service.
+fn pod_hints(hinting: Hinting, node: Option<&str>, zone: Option<&str>) -> Hints {
+    let one = |v: Option<&str>| v.map(str::to_string).into_iter().collect();
+    match hinting {
+        Hinting::None => Hints::default(),
+        Hinting::SameZone => Hints {
+            zones: one(zone),
+            nodes: Default::default(),
+        },
+        Hinting::SameNode => Hints {
+            zones: one(zone),
+            nodes: one(node),
+        },
+    }
 }
 
 fn port_number(n: i32) -> Option<u16> {

@@ -39,8 +39,12 @@ pub const NODE_ADDRS6_MAP: &str = "LB6_NODE_ADDRS";
 pub const DEVICES4_MAP: &str = "LB4_DEVICES";
 /// Name of the map of each `--devices` interface's IPv6 address (the SNAT source).
 pub const DEVICES6_MAP: &str = "LB6_DEVICES";
+/// Name of the session-affinity map: (client, frontend) to the backend it last got.
+pub const AFFINITY_MAP: &str = "LB_AFFINITY";
+/// Name of the map of the backends each affinity frontend may still keep a client on.
+pub const AFFINITY_MATCH_MAP: &str = "LB_AFFINITY_MATCH";
 /// Every map the agent pins, with its shape.
-pub const PINNED_MAPS: [MapSpec; 11] = [
+pub const PINNED_MAPS: [MapSpec; 13] = [
     MapSpec::of::<Service4Key, ServiceValue>(
         SERVICES4_MAP,
         SERVICES_MAX_ENTRIES,
@@ -60,6 +64,12 @@ pub const PINNED_MAPS: [MapSpec; 11] = [
     MapSpec::of::<[u32; 4], NodeAddr>(NODE_ADDRS6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
     MapSpec::of::<u32, u32>(DEVICES4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
     MapSpec::of::<u32, [u32; 4]>(DEVICES6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+    MapSpec::of::<AffinityKey, AffinityValue>(AFFINITY_MAP, AFFINITY_MAX_ENTRIES, 0),
+    MapSpec::of::<AffinityMatchKey, u32>(
+        AFFINITY_MATCH_MAP,
+        SERVICES_MAX_ENTRIES,
+        MAP_F_NO_PREALLOC,
+    ),
 ];
 
 /// The shape of a map as the kernel records it: a pinned map is reused only if it has
@@ -112,6 +122,11 @@ pub const MAP_F_NO_PREALLOC: usize = 1;
 /// the tc datapath translates; least recently used entries are evicted first. Preallocated
 /// (LRU): about 20 MiB.
 pub const CT_MAX_ENTRIES: usize = 131_072;
+/// Capacity of the session-affinity map: (client, frontend) pairs of Services with
+/// `sessionAffinity: ClientIP` (Cilium's default 64k). Least recently used entries are
+/// evicted first; an evicted client simply picks afresh. Preallocated (LRU): about 5 MiB.
+pub const AFFINITY_MAX_ENTRIES: usize = 65_536;
+
 /// Capacity of the node-address map (addresses of the `--devices`).
 pub const NODE_ADDRS_MAX_ENTRIES: usize = 256;
 
@@ -150,6 +165,13 @@ pub const SVC_F_TC_KINDS: u32 = SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER | SVC_F_N
 /// The frontend's [`SCOPE_EXTERNAL`] entry is for clients outside the cluster only: clients
 /// inside it look up the [`SCOPE_INTERNAL`] entry of the same frontend.
 pub const SVC_F_TWO_SCOPES: u32 = 1 << 5;
+/// `sessionAffinity: ClientIP`: a client keeps the backend it last got (see
+/// [`AFFINITY_MAP`]); the master's `backend_id` field holds the timeout in seconds.
+pub const SVC_F_AFFINITY: u32 = 1 << 6;
+/// The frontend has no backend because its Local traffic policy leaves none on this node,
+/// while the Service has endpoints elsewhere: traffic is dropped, as kube-proxy drops it,
+/// not refused as for a Service without endpoints.
+pub const SVC_F_NO_LOCAL: u32 = 1 << 7;
 
 /// The backend is terminating: it gets new connections only because its Service has no
 /// ready endpoint left (kube-proxy's fallback to serving, terminating endpoints).
@@ -242,7 +264,8 @@ pub struct Service6Key {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceValue {
-    /// Backend slot: id of the backend in the backends map. Master: 0.
+    /// Backend slot: id of the backend in the backends map. Master: the session-affinity
+    /// timeout in seconds with [`SVC_F_AFFINITY`], else 0 (Cilium's union of the two).
     pub backend_id: u32,
     /// Master: number of backend slots. 0 means the Service has no endpoints and a connect
     /// to it is refused. Backend slot: 0.
@@ -332,6 +355,57 @@ pub struct RevNat6Value {
     pub port: u16,
     /// The frontend's `rev_nat_id` when the entry was made.
     pub rev_nat_id: u16,
+}
+
+/// [`AffinityKey::client_kind`]: the client is a network namespace, by its cookie
+/// (`bpf_get_netns_cookie`) in `client[0..2]`: the socket path, which runs before the
+/// socket has a source address. A pod is one network namespace, so this is the pod, as
+/// kube-proxy sees it by its address; the node's own processes share one.
+pub const AFFINITY_CLIENT_NETNS: u8 = 1;
+/// [`AffinityKey::client_kind`]: the client is a source address (four words, IPv4-mapped
+/// for IPv4): the tc paths, for clients outside the node and pods served per packet.
+pub const AFFINITY_CLIENT_ADDR: u8 = 2;
+
+/// Key of the session-affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    /// The client: an address, or a network-namespace cookie (see `client_kind`).
+    pub client: [u32; 4],
+    /// The frontend (its master's `rev_nat_id`).
+    pub rev_nat_id: u16,
+    /// [`AFFINITY_CLIENT_NETNS`] or [`AFFINITY_CLIENT_ADDR`].
+    pub client_kind: u8,
+    /// Explicit padding, always zero.
+    pub pad: u8,
+}
+
+/// Value of the session-affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityValue {
+    /// The backend the client got.
+    pub backend_id: u32,
+    /// Explicit padding, always zero.
+    pub pad: u32,
+    /// `bpf_ktime_get_ns` of the client's last new connection to the frontend: the entry
+    /// holds while less than the frontend's timeout has passed since (kube-proxy's
+    /// `recent --rcheck --seconds`).
+    pub last_used_ns: u64,
+}
+
+/// Key of the affinity-match map, written by the agent for every backend slot of a frontend
+/// with [`SVC_F_AFFINITY`] (Cilium's `lb_affinity_match`): an affinity entry is used only
+/// while its backend still serves its frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatchKey {
+    /// A backend of the frontend.
+    pub backend_id: u32,
+    /// The frontend's `rev_nat_id`.
+    pub rev_nat_id: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
 }
 
 /// Key of the conntrack map: a packet's 5-tuple as it is on the wire at the hook that looks
@@ -502,6 +576,17 @@ impl ServiceValue {
         }
     }
 
+    /// A master entry of a frontend with session affinity held for `timeout_s` seconds.
+    #[must_use]
+    pub const fn affinity_master(count: u16, rev_nat_id: u16, flags: u32, timeout_s: u32) -> Self {
+        Self {
+            backend_id: timeout_s,
+            count,
+            rev_nat_id,
+            flags,
+        }
+    }
+
     /// A backend slot pointing at `backend_id`.
     #[must_use]
     pub const fn slot(backend_id: u32) -> Self {
@@ -545,6 +630,9 @@ const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 20);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
 const _: () = assert!(core::mem::size_of::<NodeAddr>() == 8);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -572,6 +660,12 @@ mod pod {
     unsafe impl aya::Pod for super::CtValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityMatchKey {}
 }
 
 #[cfg(test)]

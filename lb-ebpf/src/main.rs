@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod conntrack;
 mod family;
 mod fib;
@@ -26,15 +27,20 @@ const ALLOW: i32 = 1;
 /// Return value that rejects the call; the errno comes from `bpf_set_retval`.
 const REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
 
 /// Maps a forward verdict to the hook's return value. kube-proxy REJECTs traffic to a
-/// Service without endpoints: the caller must get ECONNREFUSED at once, not a hang.
+/// Service without endpoints: the caller must get ECONNREFUSED at once, not a hang. It
+/// DROPs traffic that a Local traffic policy leaves without an endpoint on this node; a
+/// socket hook sees no packet to drop, so the call fails at once with EHOSTUNREACH (as
+/// Cilium's socket LB does), telling the two cases apart.
 fn forward_result(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Pass => ALLOW,
-        Verdict::NoBackends => {
+        Verdict::NoBackends { drop } => {
+            let errno = if drop { EHOSTUNREACH } else { ECONNREFUSED };
             // SAFETY: helper call with a constant; allowed in connect and sendmsg hooks.
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            unsafe { bpf_set_retval(-errno) };
             REJECT
         }
     }

@@ -5,10 +5,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, Backend4, Backend6, CT_MAX_ENTRIES, CtKey, CtValue, MAP_F_NO_PREALLOC,
-    NODE_ADDRS_MAX_ENTRIES, NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key,
-    RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES, Service4Key, Service6Key,
-    ServiceValue,
+    AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS_MAX_ENTRIES,
+    Backend4, Backend6, CT_MAX_ENTRIES, CtKey, CtValue, MAP_F_NO_PREALLOC, NODE_ADDRS_MAX_ENTRIES,
+    NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key,
+    RevNat6Value, SERVICES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue,
 };
 
 /// IPv4 frontends and their backend slots (see `lb_common::maps`).
@@ -68,6 +68,20 @@ pub static LB4_DEVICES: HashMap<u32, u32, NODE_ADDRS_MAX_ENTRIES> = HashMap::new
 /// Interface index of each `--devices` interface to its IPv6 address (the SNAT source).
 #[btf_map]
 pub static LB6_DEVICES: HashMap<u32, [u32; 4], NODE_ADDRS_MAX_ENTRIES> = HashMap::new();
+
+/// (client, frontend) to the backend the client keeps under `sessionAffinity: ClientIP`.
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, AFFINITY_MAX_ENTRIES> =
+    LruHashMap::new();
+
+/// (backend, frontend) pairs an affinity entry may use: written by the agent.
+#[btf_map]
+pub static LB_AFFINITY_MATCH: HashMap<
+    AffinityMatchKey,
+    u32,
+    SERVICES_MAX_ENTRIES,
+    MAP_F_NO_PREALLOC,
+> = HashMap::new();
 
 /// A new flow's two conntrack entries while they are built. Together with the packet and
 /// the frontend lookup they would not fit the 512-byte BPF stack, so they are built in this

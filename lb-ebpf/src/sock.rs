@@ -15,6 +15,7 @@ use aya_ebpf::{
 use lb_common::{PROTO_TCP, PROTO_UDP, to_v4_mapped, v4_mapped};
 
 use crate::{
+    affinity::Client,
     family::{Family, V4, V6},
     xlate::{Forward, Pick, forward, frontend_is_current},
 };
@@ -32,8 +33,9 @@ static HOST_NETNS_COOKIE: u64 = 0;
 pub enum Verdict {
     /// Not a Service frontend: leave the call untouched (also after a translation).
     Pass,
-    /// A Service frontend without endpoints: refuse the call.
-    NoBackends,
+    /// A Service frontend without endpoints: refuse the call (`drop`: none this node may
+    /// use under a Local traffic policy, though the Service has some elsewhere).
+    NoBackends { drop: bool },
 }
 
 /// How a forward hook picks a backend.
@@ -68,7 +70,7 @@ pub fn forward4(ctx: &SockAddrContext, hook: Hook) -> Verdict {
             }
             Verdict::Pass
         }
-        Forward::NoBackends => Verdict::NoBackends,
+        Forward::NoBackends { drop } => Verdict::NoBackends { drop },
         Forward::Pass => Verdict::Pass,
     }
 }
@@ -95,7 +97,7 @@ pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
                 backend: (to_v4_mapped(ip), port),
                 rev_nat_id,
             },
-            Forward::NoBackends => Forward::NoBackends,
+            Forward::NoBackends { drop } => Forward::NoBackends { drop },
             Forward::Pass => Forward::Pass,
         },
         None => forward_in::<V6>(ctx, ip, port, proto, hook),
@@ -110,7 +112,7 @@ pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
             unsafe { (*sa).user_port = u32::from(port) };
             Verdict::Pass
         }
-        Forward::NoBackends => Verdict::NoBackends,
+        Forward::NoBackends { drop } => Verdict::NoBackends { drop },
         Forward::Pass => Verdict::Pass,
     }
 }
@@ -199,6 +201,10 @@ fn forward_in<F: Family>(
         F::backends(),
         &frontend,
         pick(ctx, hook),
+        // The client of session affinity is the socket's network namespace: a pod (as
+        // kube-proxy sees a pod by its one address), or the node's own processes.
+        // SAFETY: helper on the program's own context.
+        Client::Netns(unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }),
     ) {
         Forward::To {
             backend,
@@ -211,7 +217,7 @@ fn forward_in<F: Family>(
                 rev_nat_id,
             }
         }
-        Forward::NoBackends => Forward::NoBackends,
+        Forward::NoBackends { drop } => Forward::NoBackends { drop },
         Forward::Pass => Forward::Pass,
     }
 }

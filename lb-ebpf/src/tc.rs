@@ -15,10 +15,11 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32, programs::Tc
 use aya_log_ebpf::warn;
 use lb_common::{
     BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CtValue, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-    SVC_F_LOCAL, SVC_F_TC_KINDS,
+    SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_TC_KINDS,
 };
 
 use crate::{
+    affinity::Client,
     conntrack,
     family::{Family, V4, V6},
     fib,
@@ -45,8 +46,8 @@ pub enum Error {
     Conntrack(i32),
     /// No free SNAT port for a flow to a backend on another node.
     NoSnatPort,
-    /// The frontend has no backend that may take the flow: none at all, or, when `local`
-    /// (`externalTrafficPolicy: Local`), none on this node.
+    /// The frontend has no backend that may take the flow: none at all, or, when `local`,
+    /// none on this node under a Local traffic policy while there are some elsewhere.
     NoBackends { local: bool },
 }
 
@@ -61,9 +62,8 @@ impl From<RewriteError> for Error {
 pub fn action(ctx: &TcContext, result: Result<i32, Error>) -> i32 {
     match result {
         Ok(action) => action,
-        // kube-proxy drops traffic to an eTP=Local frontend without local endpoints (it
-        // rejects when the Service has none at all, which a Local master, counting only
-        // this node's endpoints, cannot tell apart yet)...
+        // kube-proxy drops traffic to a Local-policy frontend without local endpoints
+        // while the Service has endpoints elsewhere...
         Err(Error::NoBackends { local: true }) => SHOT,
         // ...and rejects traffic to a Service without endpoints: ICMP port unreachable, so
         // the client fails at once instead of after its timeout.
@@ -226,16 +226,19 @@ fn new_flow<F: Family>(
     }
     if master.count == 0 {
         return Err(Error::NoBackends {
-            local: master.flags & SVC_F_LOCAL != 0,
+            local: master.flags & SVC_F_NO_LOCAL != 0,
         });
     }
-    let picked = xlate::pick_backend(
+    // The client of session affinity is the packet's source: a client outside the node,
+    // or a pod by its address.
+    let picked = xlate::pick_for(
         ctx,
         F::services(),
         F::backends(),
         &key,
         &master,
         Pick::Random,
+        Client::Addr(packet.saddr),
     );
     let Some((backend_id, backend)) = picked else {
         return Ok(None);

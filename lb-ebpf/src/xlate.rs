@@ -3,9 +3,11 @@
 use aya_ebpf::{EbpfContext, btf_maps::HashMap, helpers::bpf_get_prandom_u32};
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC, SCOPE_INTERNAL, SERVICES_MAX_ENTRIES,
-    SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
+    BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC, SCOPE_INTERNAL, SERVICES_MAX_ENTRIES, SVC_F_AFFINITY,
+    SVC_F_NO_LOCAL, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
 };
+
+use crate::affinity::{self, Client};
 
 /// A family's services map.
 pub type Services<K> = HashMap<K, ServiceValue, SERVICES_MAX_ENTRIES, MAP_F_NO_PREALLOC>;
@@ -16,8 +18,9 @@ pub type Backends<B> = HashMap<u32, B, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC>;
 pub enum Forward<B> {
     /// Not a Service frontend, or one in an inconsistent state: leave the call alone.
     Pass,
-    /// A frontend without endpoints: refuse.
-    NoBackends,
+    /// A frontend without endpoints: refuse; `drop` when the Service has endpoints, only
+    /// none that its Local traffic policy lets this node use (kube-proxy drops those).
+    NoBackends { drop: bool },
     /// Translate to `backend`; `rev_nat_id` identifies the frontend for the reverse path.
     To { backend: B, rev_nat_id: u16 },
 }
@@ -50,14 +53,17 @@ pub fn forward<C: EbpfContext, K: ServiceKey, B: Copy>(
     backends: &Backends<B>,
     frontend: &K,
     pick: Pick,
+    client: Client,
 ) -> Forward<B> {
     let Some((key, master)) = master(services, frontend, Scope::Internal) else {
         return Forward::Pass;
     };
     if master.count == 0 {
-        return Forward::NoBackends;
+        return Forward::NoBackends {
+            drop: master.flags & SVC_F_NO_LOCAL != 0,
+        };
     }
-    match pick_backend(ctx, services, backends, &key, &master, pick) {
+    match pick_for(ctx, services, backends, &key, &master, pick, client) {
         Some((_, backend)) => Forward::To {
             backend,
             rev_nat_id: master.rev_nat_id,
@@ -85,6 +91,31 @@ pub fn master<K: ServiceKey>(
     Some((*frontend, master))
 }
 
+/// Picks a backend of the frontend `key` for `client`: the one it keeps under session
+/// affinity, else one of [`pick_backend`] (then remembered when the frontend has affinity).
+#[inline(always)]
+pub fn pick_for<C: EbpfContext, K: ServiceKey, B: Copy>(
+    ctx: &C,
+    services: &Services<K>,
+    backends: &Backends<B>,
+    key: &K,
+    master: &ServiceValue,
+    pick: Pick,
+    client: Client,
+) -> Option<(u32, B)> {
+    if master.flags & SVC_F_AFFINITY == 0 {
+        return pick_backend(ctx, services, backends, key, master, pick);
+    }
+    let affinity_key = affinity::key(client, master.rev_nat_id);
+    let now = affinity::now();
+    if let Some(kept) = affinity::recall(backends, &affinity_key, master, now) {
+        return Some(kept);
+    }
+    let picked = pick_backend(ctx, services, backends, key, master, pick)?;
+    affinity::remember(&affinity_key, picked.0, now);
+    Some(picked)
+}
+
 /// Picks one of the `master.count` (at least one) backends of the frontend `key`: its id
 /// and value.
 #[inline(always)]
@@ -101,7 +132,10 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
         Pick::Random => unsafe { bpf_get_prandom_u32() },
         Pick::Hash(hash) => hash,
     };
-    let slot = (seed % u32::from(master.count)) as u16 + 1;
+    // `checked_rem`: the callers checked the count, but a division the compiler cannot
+    // prove safe would leave a panic call at the end of the function, which the verifier
+    // refuses ("last insn is not an exit or jmp").
+    let slot = seed.checked_rem(u32::from(master.count))? as u16 + 1;
     let Some(entry) = lookup(services, &key.with_slot(slot)) else {
         // The writer never leaves a slot below the count missing: say so if it happens.
         warn!(

@@ -5,8 +5,9 @@ use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError as AyaMapError};
 use lb_common::{
-    BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, SERVICES4_MAP, SERVICES6_MAP, Service4Key,
-    Service6Key, ServiceValue,
+    AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS4_MAP,
+    BACKENDS6_MAP, Backend4, Backend6, SERVICES4_MAP, SERVICES6_MAP, Service4Key, Service6Key,
+    ServiceValue,
 };
 use tracing::warn;
 
@@ -19,6 +20,8 @@ pub struct BpfMaps {
     services6: HashMap<MapData, Service6Key, ServiceValue>,
     backends4: HashMap<MapData, u32, Backend4>,
     backends6: HashMap<MapData, u32, Backend6>,
+    affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 impl std::fmt::Debug for BpfMaps {
@@ -28,7 +31,14 @@ impl std::fmt::Debug for BpfMaps {
 }
 
 /// The maps `BpfMaps` is made of, in this order.
-pub const MAP_NAMES: [&str; 4] = [SERVICES4_MAP, SERVICES6_MAP, BACKENDS4_MAP, BACKENDS6_MAP];
+pub const MAP_NAMES: [&str; 6] = [
+    SERVICES4_MAP,
+    SERVICES6_MAP,
+    BACKENDS4_MAP,
+    BACKENDS6_MAP,
+    AFFINITY_MATCH_MAP,
+    AFFINITY_MAP,
+];
 
 impl BpfMaps {
     /// Wraps maps obtained by name (from a loaded object, or from pins).
@@ -41,6 +51,8 @@ impl BpfMaps {
             services6: convert(SERVICES6_MAP, take(SERVICES6_MAP)?)?,
             backends4: convert(BACKENDS4_MAP, take(BACKENDS4_MAP)?)?,
             backends6: convert(BACKENDS6_MAP, take(BACKENDS6_MAP)?)?,
+            affinity_match: convert(AFFINITY_MATCH_MAP, take(AFFINITY_MATCH_MAP)?)?,
+            affinity: convert(AFFINITY_MAP, take(AFFINITY_MAP)?)?,
         })
     }
 
@@ -50,8 +62,13 @@ impl BpfMaps {
     /// When a pin is missing or is not the expected map.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
         Self::from_maps(|name| {
+            let wrap = if name == AFFINITY_MAP {
+                Map::LruHashMap
+            } else {
+                Map::HashMap
+            };
             MapData::from_pin(dir.join(name))
-                .map(Map::HashMap)
+                .map(wrap)
                 .map_err(|e| aya_error("open pinned", name, e))
         })
     }
@@ -171,6 +188,12 @@ impl LbMaps for BpfMaps {
                 }
                 Op::DeleteService(frontend, slot) => self.delete_service(frontend, *slot)?,
                 Op::DeleteBackend(id, backend) => self.delete_backend(*id, backend)?,
+                Op::SetAffinityMatch(id, rev_nat_id) => {
+                    self.set_affinity_match(*id, *rev_nat_id)?
+                }
+                Op::DeleteAffinityMatch(id, rev_nat_id) => {
+                    self.delete_affinity_match(*id, *rev_nat_id)?;
+                }
             }
         }
         update_batch(self.services4.map(), SERVICES4_MAP, &s4, &v4)?;
@@ -269,5 +292,51 @@ impl LbMaps for BpfMaps {
             }
         }
         Ok(backends)
+    }
+
+    fn set_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()> {
+        self.affinity_match
+            .insert(match_key(id, rev_nat_id), 0, 0)
+            .map_err(|e| aya_error("update", AFFINITY_MATCH_MAP, e))
+    }
+
+    fn delete_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()> {
+        ignore_missing(
+            self.affinity_match.remove(&match_key(id, rev_nat_id)),
+            AFFINITY_MATCH_MAP,
+        )
+    }
+
+    fn affinity_matches(&self) -> Result<Vec<(u32, u16)>> {
+        let mut out = Vec::new();
+        for key in self.affinity_match.keys() {
+            let key = key.map_err(|e| aya_error("dump", AFFINITY_MATCH_MAP, e))?;
+            out.push((key.backend_id, key.rev_nat_id));
+        }
+        Ok(out)
+    }
+
+    fn forget_affinity(&mut self, rev_nat_ids: &std::collections::BTreeSet<u16>) -> Result<()> {
+        if rev_nat_ids.is_empty() {
+            return Ok(());
+        }
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| rev_nat_ids.contains(&k.rev_nat_id))
+            .collect();
+        for key in stale {
+            ignore_missing(self.affinity.remove(&key), AFFINITY_MAP)?;
+        }
+        Ok(())
+    }
+}
+
+const fn match_key(backend_id: u32, rev_nat_id: u16) -> AffinityMatchKey {
+    AffinityMatchKey {
+        backend_id,
+        rev_nat_id,
+        pad: 0,
     }
 }

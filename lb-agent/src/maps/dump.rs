@@ -18,6 +18,9 @@ pub struct FrontendEntry {
     pub flags: u32,
     /// The master's backend count.
     pub count: u16,
+    /// `sessionAffinity: ClientIP` timeout in seconds (master flag `SVC_F_AFFINITY`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout: Option<u32>,
     /// Backend slots present in the map, in slot order (normally exactly `1..=count`).
     #[serde(rename = "backends")]
     pub slots: Vec<SlotEntry>,
@@ -40,6 +43,8 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, Backend>,
     /// Backend slots without a master entry.
     pub stray_slots: Vec<(L4Addr, u16)>,
+    /// Affinity-match entries: (backend id, frontend `rev_nat_id`), sorted.
+    pub affinity_matches: Vec<(u32, u16)>,
 }
 
 /// Reads and decodes the maps.
@@ -47,7 +52,10 @@ pub struct MapContents {
 /// # Errors
 /// When a map cannot be read.
 pub fn read(maps: &impl LbMaps) -> Result<MapContents> {
-    Ok(decode(&maps.services()?, &maps.backends()?))
+    let mut contents = decode(&maps.services()?, &maps.backends()?);
+    contents.affinity_matches = maps.affinity_matches()?;
+    contents.affinity_matches.sort_unstable();
+    Ok(contents)
 }
 
 /// Decodes entries.
@@ -67,6 +75,8 @@ pub fn decode(services: &[ServiceEntry], backends: &[(u32, Backend)]) -> MapCont
                 rev_nat_id: entry.value.rev_nat_id,
                 flags: entry.value.flags,
                 count: entry.value.count,
+                affinity_timeout: (entry.value.flags & lb_common::SVC_F_AFFINITY != 0)
+                    .then_some(entry.value.backend_id),
                 slots: Vec::new(),
             },
         );
@@ -97,8 +107,12 @@ pub fn decode(services: &[ServiceEntry], backends: &[(u32, Backend)]) -> MapCont
 pub fn lines(contents: &MapContents) -> Vec<String> {
     let mut out = Vec::new();
     for f in &contents.frontends {
+        let affinity = f
+            .affinity_timeout
+            .map(|t| format!(" AFFINITY={t}s"))
+            .unwrap_or_default();
         out.push(format!(
-            "SVC {} SLOT=0 COUNT={} REVNAT={} FLAGS={:#x}",
+            "SVC {} SLOT=0 COUNT={} REVNAT={} FLAGS={:#x}{affinity}",
             f.address, f.count, f.rev_nat_id, f.flags
         ));
         for s in &f.slots {
@@ -115,6 +129,9 @@ pub fn lines(contents: &MapContents) -> Vec<String> {
         };
         let remote = if backend.remote { " REMOTE" } else { "" };
         out.push(format!("BE {id} {}{state}{remote}", backend.addr));
+    }
+    for (id, rev_nat_id) in &contents.affinity_matches {
+        out.push(format!("AFFINITY-MATCH BACKEND={id} REVNAT={rev_nat_id}"));
     }
     for (frontend, slot) in &contents.stray_slots {
         out.push(format!("STRAY SVC {frontend} SLOT={slot}"));

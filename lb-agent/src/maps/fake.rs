@@ -14,6 +14,10 @@ pub struct FakeMaps {
     pub services: BTreeMap<(L4Addr, u16), ServiceValue>,
     /// (is IPv6, id) to backend: like the real maps, one backends map per family.
     pub backends: BTreeMap<(bool, u32), Backend>,
+    /// Affinity-match entries: (backend id, frontend `rev_nat_id`).
+    pub affinity_matches: std::collections::BTreeSet<(u32, u16)>,
+    /// Frontend ids whose client affinity entries were forgotten, in order.
+    pub forgotten_affinity: Vec<u16>,
     /// Number of writes and deletes performed, to check that only changes are written.
     pub operations: usize,
 }
@@ -36,6 +40,14 @@ impl FakeMaps {
                     "slot {slot} of {frontend} names backend {} which its family's map lacks",
                     entry.backend_id
                 );
+                if master.flags & lb_common::SVC_F_AFFINITY != 0 {
+                    assert!(
+                        self.affinity_matches
+                            .contains(&(entry.backend_id, master.rev_nat_id)),
+                        "affinity frontend {frontend} slot {slot}: backend {} has no match entry",
+                        entry.backend_id
+                    );
+                }
             }
         }
     }
@@ -83,5 +95,24 @@ impl LbMaps for FakeMaps {
 
     fn backends(&self) -> Result<Vec<(u32, Backend)>> {
         Ok(self.backends.iter().map(|(&(_, id), b)| (id, *b)).collect())
+    }
+
+    fn set_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()> {
+        self.affinity_matches.insert((id, rev_nat_id));
+        self.done()
+    }
+
+    fn delete_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()> {
+        self.affinity_matches.remove(&(id, rev_nat_id));
+        self.done()
+    }
+
+    fn affinity_matches(&self) -> Result<Vec<(u32, u16)>> {
+        Ok(self.affinity_matches.iter().copied().collect())
+    }
+
+    fn forget_affinity(&mut self, rev_nat_ids: &std::collections::BTreeSet<u16>) -> Result<()> {
+        self.forgotten_affinity.extend(rev_nat_ids);
+        Ok(())
     }
 }

@@ -38,6 +38,9 @@ pub enum Op {
     DeleteService(L4Addr, u16),
     SetBackend(u32, Backend),
     DeleteBackend(u32, Backend),
+    /// (backend id, frontend `rev_nat_id`): the backend may keep affinity clients.
+    SetAffinityMatch(u32, u16),
+    DeleteAffinityMatch(u32, u16),
 }
 
 /// The load-balancing maps of both families. Implemented by the pinned BPF maps and by
@@ -54,6 +57,12 @@ pub trait LbMaps {
                 Op::DeleteService(frontend, slot) => self.delete_service(frontend, *slot)?,
                 Op::SetBackend(id, backend) => self.set_backend(*id, backend)?,
                 Op::DeleteBackend(id, backend) => self.delete_backend(*id, backend)?,
+                Op::SetAffinityMatch(id, rev_nat_id) => {
+                    self.set_affinity_match(*id, *rev_nat_id)?;
+                }
+                Op::DeleteAffinityMatch(id, rev_nat_id) => {
+                    self.delete_affinity_match(*id, *rev_nat_id)?;
+                }
             }
         }
         Ok(())
@@ -71,6 +80,16 @@ pub trait LbMaps {
     fn services(&self) -> Result<Vec<ServiceEntry>>;
     /// Every backend of both families.
     fn backends(&self) -> Result<Vec<(u32, Backend)>>;
+    /// Records that backend `id` serves the affinity frontend `rev_nat_id`.
+    fn set_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()>;
+    /// Deletes an affinity-match entry (absent is not an error).
+    fn delete_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()>;
+    /// Every affinity-match entry: (backend id, frontend `rev_nat_id`).
+    fn affinity_matches(&self) -> Result<Vec<(u32, u16)>>;
+    /// Forgets the clients' affinity entries of the frontends `rev_nat_ids` (removed, or
+    /// affinity turned off), so a frontend that later gets the id, or turns affinity on
+    /// again, starts afresh.
+    fn forget_affinity(&mut self, rev_nat_ids: &std::collections::BTreeSet<u16>) -> Result<()>;
 }
 
 /// Encoding of the model's addresses in the maps' network-order words.

@@ -31,6 +31,9 @@ struct Programmed {
     flags: u32,
     /// Backend ids by slot, `slots[0]` being slot 1.
     slots: Vec<u32>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; every slot's backend then has an
+    /// affinity-match entry.
+    affinity: Option<u32>,
     /// Slots beyond `slots.len()` that exist in the map (only after adopting a map that a
     /// previous agent left half-written); deleted on the next apply.
     stray_slots: BTreeSet<u16>,
@@ -68,6 +71,8 @@ pub struct MapWriter<M> {
     rev_nat_ids: BTreeSet<u16>,
     /// Operations of the apply in progress, by phase.
     plan: [Vec<Op>; 6],
+    /// Frontend ids whose clients' affinity entries go at the end of the apply in progress.
+    forget_affinity: BTreeSet<u16>,
 }
 
 impl<M: LbMaps> MapWriter<M> {
@@ -86,6 +91,7 @@ impl<M: LbMaps> MapWriter<M> {
             next_backend_id: 1,
             rev_nat_ids: BTreeSet::new(),
             plan: Default::default(),
+            forget_affinity: BTreeSet::new(),
         };
         writer.readopt()?;
         Ok(writer)
@@ -147,9 +153,26 @@ impl<M: LbMaps> MapWriter<M> {
                     rev_nat_id: entry.rev_nat_id,
                     flags: entry.flags,
                     slots,
+                    affinity: entry.affinity_timeout,
                     stray_slots,
                 },
             );
+        }
+        // The affinity-match map must hold exactly the slots of the affinity frontends
+        // adopted; a missing entry only costs a client its affinity, so the fix-up order
+        // does not matter.
+        let wanted: BTreeSet<(u32, u16)> = self
+            .frontends
+            .values()
+            .filter(|p| p.affinity.is_some())
+            .flat_map(|p| p.slots.iter().map(|id| (*id, p.rev_nat_id)))
+            .collect();
+        let present: BTreeSet<(u32, u16)> = contents.affinity_matches.iter().copied().collect();
+        for &(id, rev_nat_id) in present.difference(&wanted) {
+            self.maps.delete_affinity_match(id, rev_nat_id)?;
+        }
+        for &(id, rev_nat_id) in wanted.difference(&present) {
+            self.maps.set_affinity_match(id, rev_nat_id)?;
         }
         debug!(
             frontends = self.frontends.len(),
@@ -220,6 +243,8 @@ impl<M: LbMaps> MapWriter<M> {
                 self.maps.apply_ops(&phase)?;
             }
         }
+        let forget = std::mem::take(&mut self.forget_affinity);
+        self.maps.forget_affinity(&forget)?;
         Ok(stats)
     }
 
@@ -235,10 +260,12 @@ impl<M: LbMaps> MapWriter<M> {
             warn!(%address, backends = frontend.backends.len(), "more backends than slots; using the first 65535");
         }
         let flags = frontend.flags();
+        let affinity = frontend.affinity_timeout;
         let old = match self.frontends.get(&address) {
             Some(old)
                 if old.stray_slots.is_empty()
                     && old.flags == flags
+                    && old.affinity == affinity
                     && self.same_backends(old, &frontend.backends) =>
             {
                 return Ok(());
@@ -258,6 +285,7 @@ impl<M: LbMaps> MapWriter<M> {
                     rev_nat_id,
                     flags,
                     slots: Vec::new(),
+                    affinity: None,
                     stray_slots: BTreeSet::new(),
                 }
             }
@@ -277,9 +305,19 @@ impl<M: LbMaps> MapWriter<M> {
                 stats.map_writes += 1;
             }
         }
-        if is_new || slots.len() != old.slots.len() || flags != old.flags {
+        self.plan_affinity_matches(&old, &slots, affinity, stats);
+        if is_new
+            || slots.len() != old.slots.len()
+            || flags != old.flags
+            || affinity != old.affinity
+        {
             let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
-            let master = ServiceValue::master(count, old.rev_nat_id, flags);
+            let master = match affinity {
+                Some(timeout) => {
+                    ServiceValue::affinity_master(count, old.rev_nat_id, flags, timeout)
+                }
+                None => ServiceValue::master(count, old.rev_nat_id, flags),
+            };
             self.plan[MASTERS].push(Op::SetService(address, 0, master));
             stats.map_writes += 1;
         }
@@ -309,10 +347,44 @@ impl<M: LbMaps> MapWriter<M> {
                 rev_nat_id: old.rev_nat_id,
                 flags,
                 slots,
+                affinity,
                 stray_slots: BTreeSet::new(),
             },
         );
         Ok(())
+    }
+
+    /// Affinity-match entries for the new `slots`: new ones before any slot or master names
+    /// them (with the new backends), stale ones after the master stops naming them (with
+    /// the surplus slots). Turning affinity off also forgets the clients' entries, so
+    /// turning it on again starts afresh.
+    fn plan_affinity_matches(
+        &mut self,
+        old: &Programmed,
+        slots: &[u32],
+        affinity: Option<u32>,
+        stats: &mut ApplyStats,
+    ) {
+        let id = old.rev_nat_id;
+        let had: BTreeSet<u32> = match old.affinity {
+            Some(_) => old.slots.iter().copied().collect(),
+            None => BTreeSet::new(),
+        };
+        let wants: BTreeSet<u32> = match affinity {
+            Some(_) => slots.iter().copied().collect(),
+            None => BTreeSet::new(),
+        };
+        for backend in wants.difference(&had) {
+            self.plan[NEW_BACKENDS].push(Op::SetAffinityMatch(*backend, id));
+            stats.map_writes += 1;
+        }
+        for backend in had.difference(&wants) {
+            self.plan[DROP_SLOTS].push(Op::DeleteAffinityMatch(*backend, id));
+            stats.map_deletes += 1;
+        }
+        if old.affinity.is_some() && affinity.is_none() {
+            self.forget_affinity.insert(id);
+        }
     }
 
     /// Whether `programmed` already holds exactly `wanted` (in any slot order).
@@ -343,6 +415,7 @@ impl<M: LbMaps> MapWriter<M> {
             self.plan[DROP_SLOTS].push(Op::DeleteService(address, slot));
             stats.map_deletes += 1;
         }
+        self.plan_affinity_matches(&old, &[], None, stats);
         self.frontends.remove(&address);
         self.rev_nat_ids.remove(&old.rev_nat_id);
         self.release(&old.slots, released);

@@ -1,0 +1,89 @@
+//! `sessionAffinity: ClientIP` (Cilium's `lb4_affinity_*`): a client that got a backend of
+//! an affinity frontend keeps it for its next connections while less than the frontend's
+//! timeout passes between them, and while the backend still serves the frontend (the
+//! agent's affinity-match entries say so). Otherwise it picks afresh and is remembered.
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use lb_common::{AffinityKey, AffinityMatchKey, AffinityValue, ServiceValue};
+
+use crate::{
+    maps::{LB_AFFINITY, LB_AFFINITY_MATCH},
+    xlate::Backends,
+};
+
+/// Who the client is.
+#[derive(Clone, Copy)]
+pub enum Client {
+    /// A network namespace, by cookie (the socket path: a pod, or the host).
+    Netns(u64),
+    /// A source address in the four-word wire form (the tc paths).
+    Addr([u32; 4]),
+}
+
+/// The affinity key of `client` for the frontend `rev_nat_id`.
+#[inline(always)]
+pub fn key(client: Client, rev_nat_id: u16) -> AffinityKey {
+    let (client, client_kind) = match client {
+        Client::Netns(cookie) => (
+            [cookie as u32, (cookie >> 32) as u32, 0, 0],
+            lb_common::AFFINITY_CLIENT_NETNS,
+        ),
+        Client::Addr(addr) => (addr, lb_common::AFFINITY_CLIENT_ADDR),
+    };
+    AffinityKey {
+        client,
+        rev_nat_id,
+        client_kind,
+        pad: 0,
+    }
+}
+
+/// Now, in the clock affinity entries use.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The backend `key`'s client kept for the frontend `master`, if the entry is fresh and the
+/// backend still serves the frontend; refreshes the entry's time (kube-proxy's `recent`
+/// list is updated by every new connection through it).
+#[inline(always)]
+pub fn recall<B: Copy>(
+    backends: &Backends<B>,
+    key: &AffinityKey,
+    master: &ServiceValue,
+    now: u64,
+) -> Option<(u32, B)> {
+    let entry = LB_AFFINITY.get_ptr_mut(key)?;
+    // SAFETY: a map value pointer, valid for the run of the program.
+    let (backend_id, last_used) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+    // The master's `backend_id` field holds the timeout in seconds.
+    let timeout_ns = u64::from(master.backend_id) * 1_000_000_000;
+    if now.wrapping_sub(last_used) > timeout_ns {
+        return None;
+    }
+    let serves = AffinityMatchKey {
+        backend_id,
+        rev_nat_id: key.rev_nat_id,
+        pad: 0,
+    };
+    // SAFETY: presence only.
+    unsafe { LB_AFFINITY_MATCH.get(serves) }?;
+    // SAFETY: copied out at once.
+    let backend = unsafe { backends.get(backend_id) }.copied()?;
+    // SAFETY: as above; a plain store into the value.
+    unsafe { (*entry).last_used_ns = now };
+    Some((backend_id, backend))
+}
+
+/// Records that `key`'s client got `backend_id`.
+#[inline(always)]
+pub fn remember(key: &AffinityKey, backend_id: u32, now: u64) {
+    let value = AffinityValue {
+        backend_id,
+        pad: 0,
+        last_used_ns: now,
+    };
+    // A failed insert only costs the client its affinity next time.
+    let _ = LB_AFFINITY.insert(key, value, 0);
+}
