@@ -58,6 +58,12 @@ pub struct Frontend {
     pub count: u16,
     #[serde(default)]
     pub rev_nat_id: u16,
+    /// `SVC_F_*` flags of the master entry.
+    #[serde(default)]
+    pub flags: u32,
+    /// `sessionAffinity: ClientIP` timeout in seconds, when the frontend has affinity.
+    #[serde(default)]
+    pub affinity_timeout: Option<u32>,
     /// `namespace/name` of the Service (with `--api-addr`).
     #[serde(default)]
     pub service: Option<String>,

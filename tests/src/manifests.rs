@@ -9,8 +9,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, LoadBalancerIngress, LoadBalancerStatus, Pod, PodCondition, PodIP,
-    PodSpec, PodStatus, Service, ServicePort, ServiceSpec, ServiceStatus,
+    ClientIPConfig, Container, ContainerPort, LoadBalancerIngress, LoadBalancerStatus, Pod,
+    PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec, ServiceStatus,
+    SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -153,7 +154,11 @@ pub struct ServiceBuilder {
     external_name: Option<String>,
     ingress: Vec<LoadBalancerIngress>,
     external_traffic_policy: Option<String>,
+    internal_traffic_policy: Option<String>,
     health_check_node_port: Option<i32>,
+    session_affinity: Option<String>,
+    affinity_timeout: Option<i32>,
+    traffic_distribution: Option<String>,
 }
 
 /// A Service named `name` in namespace `default` with this `spec.clusterIP` (`"None"`: headless).
@@ -172,7 +177,11 @@ pub fn service(name: &str, cluster_ip: &str) -> ServiceBuilder {
         external_name: None,
         ingress: Vec::new(),
         external_traffic_policy: None,
+        internal_traffic_policy: None,
         health_check_node_port: None,
+        session_affinity: None,
+        affinity_timeout: None,
+        traffic_distribution: None,
     }
 }
 
@@ -267,6 +276,25 @@ impl ServiceBuilder {
         self
     }
 
+    /// `spec.internalTrafficPolicy`.
+    pub fn internal_traffic_policy(mut self, policy: &str) -> Self {
+        self.internal_traffic_policy = Some(policy.to_owned());
+        self
+    }
+
+    /// `spec.sessionAffinity: ClientIP`, with `timeoutSeconds` when given.
+    pub fn session_affinity(mut self, timeout_seconds: Option<i32>) -> Self {
+        self.session_affinity = Some("ClientIP".to_owned());
+        self.affinity_timeout = timeout_seconds;
+        self
+    }
+
+    /// `spec.trafficDistribution`.
+    pub fn traffic_distribution(mut self, distribution: &str) -> Self {
+        self.traffic_distribution = Some(distribution.to_owned());
+        self
+    }
+
     /// `spec.healthCheckNodePort`.
     pub fn health_check_node_port(mut self, port: i32) -> Self {
         self.health_check_node_port = Some(port);
@@ -335,6 +363,14 @@ impl ServiceBuilder {
                 external_name: self.external_name.clone(),
                 external_traffic_policy: self.external_traffic_policy.clone(),
                 health_check_node_port: self.health_check_node_port,
+                internal_traffic_policy: self.internal_traffic_policy.clone(),
+                session_affinity: self.session_affinity.clone(),
+                session_affinity_config: self.affinity_timeout.map(|t| SessionAffinityConfig {
+                    client_ip: Some(ClientIPConfig {
+                        timeout_seconds: Some(t),
+                    }),
+                }),
+                traffic_distribution: self.traffic_distribution.clone(),
                 ..ServiceSpec::default()
             }),
             status,

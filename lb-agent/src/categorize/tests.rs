@@ -59,7 +59,14 @@ fn list(endpoints: &[&Candidate]) -> String {
 }
 
 /// (name, policies, endpoints, cluster, local, has_any).
-type Case = (&'static str, Policies, Vec<Candidate>, &'static str, &'static str, bool);
+type Case = (
+    &'static str,
+    Policies,
+    Vec<Candidate>,
+    &'static str,
+    &'static str,
+    bool,
+);
 
 #[test]
 fn categorize_endpoints_table() {
