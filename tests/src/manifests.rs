@@ -13,7 +13,9 @@ use k8s_openapi::api::core::v1::{
     PodCondition, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec, ServiceStatus,
     SessionAffinityConfig,
 };
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
@@ -619,6 +621,26 @@ impl EndpointSliceBuilder {
             zone: zone.map(str::to_owned),
             ..Endpoint::default()
         });
+        self
+    }
+
+    /// [`Self::endpoint_full`] with a zone hint (`hints.forZones`) instead of a zone.
+    pub fn endpoint_hinted(
+        mut self,
+        address: impl Into<IpAddr>,
+        conditions: Conditions,
+        node_name: Option<&str>,
+        zone_hint: Option<&str>,
+    ) -> Self {
+        self = self.endpoint_full(address, conditions, node_name, None);
+        if let (Some(zone), Some(endpoint)) = (zone_hint, self.endpoints.last_mut()) {
+            endpoint.hints = Some(EndpointHints {
+                for_zones: Some(vec![ForZone {
+                    name: zone.to_owned(),
+                }]),
+                for_nodes: None,
+            });
+        }
         self
     }
 

@@ -1,0 +1,149 @@
+//! `internalTrafficPolicy: Local` and topology, as kube-proxy applies them to in-cluster
+//! clients: upstream's "should respect internalTrafficPolicy=Local Pod to Pod", "... Pod
+//! (hostNetwork: true) to Pod", "... Pod and Node, to Pod (hostNetwork: true)" and
+//! "should fallback to local terminating endpoints when there are no ready endpoints with
+//! internalTrafficPolicy=Local", and the traffic-distribution cases. This node is
+//! `node-a`; endpoints that the slice places on `node-b` are real servers on this machine,
+//! so a connection that should not reach them would show.
+
+use std::time::Duration;
+
+use lb_tests::manifests::{Conditions, endpoint_slice, service};
+use lb_tests::{Agent, Pod, Server, TestEnv, require_privileges};
+
+/// How long the agent may take to start and apply the manifests.
+const APPLY: Duration = Duration::from_secs(10);
+const VIP: &str = "10.96.0.10:80";
+const NODE: &str = "node-a";
+
+/// Pods with HTTP servers on 8080 answering with their names.
+fn servers(env: &TestEnv, names: &[&str]) -> Vec<(Pod, Server)> {
+    names
+        .iter()
+        .map(|name| {
+            let p = env.topo.add_pod(name);
+            let server = p.spawn_server(name, 8080);
+            (p, server)
+        })
+        .collect()
+}
+
+fn webapp(env: &TestEnv, internal: &str, distribution: Option<&str>) {
+    let mut svc = service("webapp", "10.96.0.10")
+        .selector("app", "webapp")
+        .internal_traffic_policy(internal)
+        .port_full(Some("http"), 80, 8080, "TCP");
+    if let Some(d) = distribution {
+        svc = svc.traffic_distribution(d);
+    }
+    env.manifests.write("svc.yaml", &svc.yaml());
+}
+
+/// One endpoint: (pod, conditions, node, zone hint).
+type Ep<'a> = (&'a Pod, Conditions, &'a str, Option<&'a str>);
+
+fn slice(env: &TestEnv, endpoints: &[Ep<'_>]) {
+    let mut s = endpoint_slice("webapp-1", "webapp");
+    for (p, conditions, node, hint) in endpoints {
+        s = s.endpoint_hinted(p.ip(), *conditions, Some(node), *hint);
+    }
+    env.manifests
+        .write("slice.yaml", &s.port(Some("http"), 8080, "TCP").yaml());
+}
+
+fn agent(env: &TestEnv, count: usize) -> Agent {
+    let mut agent = env.agent_with(&["--node-name", NODE]);
+    agent.wait_for_frontend(VIP, count, APPLY);
+    agent
+}
+
+#[test]
+fn internal_local_pod_to_pod_reaches_only_this_nodes_endpoints() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let pods = servers(&env, &["local1", "remote1", "remote2"]);
+    let client = env.topo.add_pod("client");
+    webapp(&env, "Local", None);
+    slice(
+        &env,
+        &[
+            (&pods[0].0, Conditions::READY, NODE, None),
+            (&pods[1].0, Conditions::READY, "node-b", None),
+            (&pods[2].0, Conditions::READY, "node-b", None),
+        ],
+    );
+    let _agent = agent(&env, 1);
+    let summary = client.client(&env.cgroup, VIP, 20);
+    assert_eq!(summary.ok, 20, "{summary:?}");
+    assert_eq!(summary.host_names(), ["local1"], "{summary:?}");
+}
+
+#[test]
+fn internal_local_without_a_local_endpoint_drops_and_without_any_refuses() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let pods = servers(&env, &["remote1"]);
+    let client = env.topo.add_pod("client");
+    webapp(&env, "Local", None);
+    slice(&env, &[(&pods[0].0, Conditions::READY, "node-b", None)]);
+    let mut agent = agent(&env, 0);
+    // kube-proxy drops: the socket path fails the connect at once with EHOSTUNREACH rather
+    // than leaving it to time out.
+    let dropped = client.client(&env.cgroup, VIP, 3);
+    assert_eq!(dropped.errors_of("EHOSTUNREACH"), 3, "{dropped:?}");
+    assert_eq!(dropped.count("remote1"), 0, "{dropped:?}");
+
+    // With no usable endpoint anywhere, the Service is refused as any Service without
+    // endpoints is.
+    slice(&env, &[(&pods[0].0, Conditions::NOT_READY, "node-b", None)]);
+    agent.wait_until("the slice's endpoint not ready", APPLY, |_| {
+        let refused = client.client(&env.cgroup, VIP, 1);
+        (refused.errors_of("ECONNREFUSED") == 1).then_some(())
+    });
+}
+
+#[test]
+fn internal_local_falls_back_to_local_terminating_endpoints() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let pods = servers(&env, &["local1", "remote1"]);
+    let client = env.topo.add_pod("client");
+    webapp(&env, "Local", None);
+    // The local endpoint is terminating but still serving; a ready one exists elsewhere.
+    slice(
+        &env,
+        &[
+            (&pods[0].0, Conditions::TERMINATING, NODE, None),
+            (&pods[1].0, Conditions::READY, "node-b", None),
+        ],
+    );
+    let _agent = agent(&env, 1);
+    let summary = client.client(&env.cgroup, VIP, 10);
+    assert_eq!(summary.ok, 10, "{summary:?}");
+    assert_eq!(summary.host_names(), ["local1"], "{summary:?}");
+}
+
+#[test]
+fn cluster_policy_falls_back_to_terminating_endpoints_anywhere() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let pods = servers(&env, &["remote1"]);
+    let client = env.topo.add_pod("client");
+    webapp(&env, "Cluster", None);
+    slice(
+        &env,
+        &[(&pods[0].0, Conditions::TERMINATING, "node-b", None)],
+    );
+    let _agent = agent(&env, 1);
+    let summary = client.client(&env.cgroup, VIP, 10);
+    assert_eq!(summary.ok, 10, "{summary:?}");
+    assert_eq!(summary.host_names(), ["remote1"], "{summary:?}");
+}
