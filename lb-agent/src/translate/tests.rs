@@ -769,3 +769,198 @@ fn health_check_node_port_counts_local_endpoints() {
     state.recompute();
     assert!(state.health_checks().is_empty());
 }
+
+#[test]
+fn internal_traffic_policy_local_serves_cluster_ips_from_this_node_only() {
+    let yaml = [
+        node_port_service(
+            "web",
+            "  internalTrafficPolicy: Local\n",
+            "[{port: 80, targetPort: 8080, nodePort: 30080}]",
+        ),
+        pod_on("a", "10.244.0.2", "node-a"),
+        pod_on("b", "10.244.1.2", "node-b"),
+    ]
+    .concat();
+    assert_eq!(
+        frontends_on(&yaml, Some("node-a")),
+        [
+            // External traffic is not restricted by the internal policy.
+            "0.0.0.0:30080/TCP NodePort 0x8 -> 10.244.0.2:8080/TCP,10.244.1.2:8080/TCP (remote)",
+            "10.96.0.10:80/TCP ClusterIp 0x1 -> 10.244.0.2:8080/TCP",
+        ]
+    );
+    // On a node without a local endpoint the ClusterIP has none, flagged "drop" (0x80):
+    // the Service has endpoints elsewhere.
+    assert_eq!(
+        frontends_on(&yaml, Some("node-c"))[1],
+        "10.96.0.10:80/TCP ClusterIp 0x81 -> "
+    );
+}
+
+#[test]
+fn no_endpoints_anywhere_is_refused_not_dropped_under_local_policies() {
+    // Only a not-ready pod: the Service has no usable endpoint anywhere, so both the Local
+    // external entry and the ClusterIP are refused (no 0x80), as kube-proxy REJECTs.
+    let not_ready = pod_on("a", "10.244.1.2", "node-b").replace("\"True\"", "\"False\"");
+    let yaml = [
+        node_port_service(
+            "web",
+            "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n",
+            "[{port: 80, targetPort: 8080, nodePort: 30080}]",
+        ),
+        not_ready,
+    ]
+    .concat();
+    assert_eq!(
+        frontends_on(&yaml, Some("node-a")),
+        [
+            "0.0.0.0:30080/TCP NodePort 0x38 -> ",
+            "0.0.0.0:30080/TCP (in-cluster) NodePort 0x8 -> ",
+            "10.96.0.10:80/TCP ClusterIp 0x1 -> ",
+        ]
+    );
+    // The same pod ready on another node: dropped here.
+    let ready = yaml.replace("\"False\"", "\"True\"");
+    assert_eq!(
+        frontends_on(&ready, Some("node-a")),
+        [
+            "0.0.0.0:30080/TCP NodePort 0xb8 -> ",
+            "0.0.0.0:30080/TCP (in-cluster) NodePort 0x8 -> 10.244.1.2:8080/TCP (remote)",
+            "10.96.0.10:80/TCP ClusterIp 0x81 -> ",
+        ]
+    );
+}
+
+#[test]
+fn session_affinity_sets_the_flag_and_timeout_on_every_frontend() {
+    let yaml = [
+        node_port_service(
+            "web",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+            "[{port: 80, targetPort: 8080, nodePort: 30080}]",
+        ),
+        pod_on("a", "10.244.0.2", "node-a"),
+    ]
+    .concat();
+    let translation = translate_for_node(&objects(&yaml), Some("node-a"));
+    assert_eq!(translation.frontends.len(), 2);
+    for f in translation.frontends.values() {
+        assert_eq!(f.affinity_timeout, Some(60), "{}", f.address);
+        assert_ne!(f.flags() & lb_common::SVC_F_AFFINITY, 0);
+    }
+    let default = yaml.replace(
+        "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
+        "",
+    );
+    let translation = translate_for_node(&objects(&default), Some("node-a"));
+    assert!(
+        translation
+            .frontends
+            .values()
+            .all(|f| f.affinity_timeout == Some(10_800)),
+        "kube-proxy's default: 3 hours"
+    );
+}
+
+#[test]
+fn invalid_affinity_and_policies_are_reported_with_their_field() {
+    let service = |extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  clusterIP: 10.96.0.10\n{extra}  ports: [{{port: 80}}]\n"
+        )
+    };
+    let cases = [
+        (
+            "  sessionAffinity: Cookie\n",
+            "spec.sessionAffinity: \"Cookie\" is not None or ClientIP",
+        ),
+        (
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}\n",
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is out of range 1-86400",
+        ),
+        (
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n",
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 is out of range 1-86400",
+        ),
+        (
+            "  internalTrafficPolicy: Nearby\n",
+            "spec.internalTrafficPolicy: \"Nearby\" is not Cluster or Local",
+        ),
+        (
+            "  trafficDistribution: Anywhere\n",
+            "spec.trafficDistribution: \"Anywhere\" is not PreferClose, PreferSameZone or PreferSameNode",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let got = problems(&service(extra));
+        assert_eq!(
+            got,
+            [format!("test.yaml: Service default/web: {expected}")],
+            "{extra}"
+        );
+    }
+}
+
+#[test]
+fn traffic_distribution_hints_pods_as_the_endpoint_slice_controller_would() {
+    // PreferSameNode: pods are hinted for their own node, so this node's pod alone serves
+    // in-cluster traffic while it is ready.
+    let yaml = [
+        node_port_service(
+            "web",
+            "  trafficDistribution: PreferSameNode\n",
+            "[{port: 80, targetPort: 8080, nodePort: 30080}]",
+        ),
+        pod_on("a", "10.244.0.2", "node-a"),
+        pod_on("b", "10.244.1.2", "node-b"),
+    ]
+    .concat();
+    assert_eq!(
+        frontends_on(&yaml, Some("node-a"))[1],
+        "10.96.0.10:80/TCP ClusterIp 0x1 -> 10.244.0.2:8080/TCP"
+    );
+    // A node with no pod of its own falls back to every endpoint.
+    assert_eq!(
+        frontends_on(&yaml, Some("node-c"))[1],
+        "10.96.0.10:80/TCP ClusterIp 0x1 -> 10.244.0.2:8080/TCP (remote),10.244.1.2:8080/TCP (remote)"
+    );
+    // PreferClose needs every endpoint's zone; only this node's is known from its Node, so
+    // the hints are incomplete and every endpoint serves (kube-proxy's fallback).
+    let close = yaml.replace("PreferSameNode", "PreferClose");
+    let translation = translate_on(&objects(&close), Some("node-a"), Some("zone-a"));
+    assert_eq!(translation.frontends.len(), 2);
+    assert!(
+        translation
+            .frontends
+            .values()
+            .all(|f| f.backends.len() == 2)
+    );
+}
+
+#[test]
+fn health_check_node_port_counts_only_ready_local_endpoints() {
+    let yaml = [
+        node_port_service(
+            "web",
+            "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n",
+            "[{port: 80, targetPort: 8080, nodePort: 30080}]",
+        )
+        .replace("type: NodePort", "type: LoadBalancer"),
+        pod_on("a", "10.244.0.2", "node-a").replace(
+            "metadata: {name: a,",
+            "metadata: {deletionTimestamp: \"2026-01-01T00:00:00Z\", name: a,",
+        ),
+        pod_on("b", "10.244.1.2", "node-b"),
+    ]
+    .concat();
+    let mut state = crate::state::ClusterState::new(Some("node-a".to_string()));
+    let objects = objects(&yaml);
+    state.replace_services(objects.services.iter().cloned());
+    state.replace_pods(objects.pods.iter().cloned());
+    state.recompute();
+    let checks = state.health_checks();
+    // node-a holds only a terminating (still serving) endpoint: the load balancer must
+    // stop sending new traffic here, so the check counts 0 and answers 503.
+    assert_eq!(checks[&32000].local_endpoints, 0, "{checks:?}");
+}
