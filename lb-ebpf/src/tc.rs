@@ -220,10 +220,10 @@ fn new_flow<F: Family>(
     let Some((key, master)) = xlate::master(F::services(), &frontend, scope) else {
         return Ok(None);
     };
-    // A ClusterIP is not served to clients outside the node.
-    if origin == Origin::Outside && master.flags & SVC_F_TC_KINDS == 0 {
-        return Ok(None);
-    }
+    // A ClusterIP reached from outside the node (a route to the Service CIDR through this
+    // node) is served as kube-proxy serves it, like an external IP under
+    // `externalTrafficPolicy: Cluster`: SNATed only to reach a backend on another node
+    // (kube-proxy masquerades it only with a local-traffic detector or --masquerade-all).
     if master.count == 0 {
         return Err(Error::NoBackends {
             local: master.flags & SVC_F_NO_LOCAL != 0,

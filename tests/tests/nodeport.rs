@@ -124,6 +124,35 @@ fn node_port_from_outside_reaches_local_backends_with_the_client_address() {
 }
 
 #[test]
+fn a_cluster_ip_routed_to_the_node_from_outside_is_served() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    // The client's default route points at the node, so it reaches the Service CIDR
+    // through it, as a router with a route to the Service CIDR would send it.
+    let summary = client.client_with().count(10).run("10.96.0.10:80");
+
+    assert_eq!(
+        summary.ok, 10,
+        "served as kube-proxy serves it: {summary:?}"
+    );
+    assert_eq!(summary.peers(), ["10.96.0.10:80"].into(), "{summary:?}");
+    let prefix = format!("{EXTERNAL_CLIENT_IP}:");
+    assert!(
+        summary.remote_addrs.iter().all(|a| a.starts_with(&prefix)),
+        "a local backend sees the client's address: {:?}",
+        summary.remote_addrs
+    );
+}
+
+#[test]
 fn established_flows_keep_their_backend_when_a_backend_is_added() {
     if !require_privileges() {
         return;
