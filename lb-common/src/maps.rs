@@ -160,8 +160,6 @@ pub const SVC_F_NODEPORT: u32 = 1 << 3;
 /// `externalTrafficPolicy: Local`: the slots name only node-local backends, and the tc
 /// datapath never SNATs (the backend sees the client's address).
 pub const SVC_F_LOCAL: u32 = 1 << 4;
-/// The kinds the tc datapath serves to clients outside the node (a ClusterIP is not).
-pub const SVC_F_TC_KINDS: u32 = SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER | SVC_F_NODEPORT;
 /// The frontend's [`SCOPE_EXTERNAL`] entry is for clients outside the cluster only: clients
 /// inside it look up the [`SCOPE_INTERNAL`] entry of the same frontend.
 pub const SVC_F_TWO_SCOPES: u32 = 1 << 5;

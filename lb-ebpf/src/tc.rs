@@ -15,7 +15,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32, programs::Tc
 use aya_log_ebpf::warn;
 use lb_common::{
     BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CtValue, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-    SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_TC_KINDS,
+    SVC_F_LOCAL, SVC_F_NO_LOCAL,
 };
 
 use crate::{
