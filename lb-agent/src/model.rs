@@ -311,6 +311,9 @@ pub struct Frontend {
     /// `sessionAffinity: ClientIP`: how long, in seconds, a client keeps its backend after
     /// its last new connection.
     pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges` (LoadBalancer IPs only): new flows from other sources
+    /// are dropped. Empty: every source.
+    pub source_ranges: Vec<ipnet::IpNet>,
     /// The Service it belongs to.
     pub service: ObjectRef,
     /// `spec.ports[].name` (empty for a single unnamed port).
@@ -342,7 +345,12 @@ impl Frontend {
         } else {
             0
         };
-        self.kind.flag() | local | no_local | affinity
+        let ranges = if self.source_ranges.is_empty() {
+            0
+        } else {
+            lb_common::SVC_F_SOURCE_RANGES
+        };
+        self.kind.flag() | local | no_local | affinity | ranges
     }
 }
 

@@ -206,6 +206,11 @@ pub fn translate_service(
                     local_only,
                     no_local_endpoints: backends.is_empty() && cats.has_any,
                     affinity_timeout: service.affinity_timeout,
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        service.source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    },
                     service: service.id.clone(),
                     port_name: port.name.clone(),
                     backends,
@@ -303,6 +308,8 @@ struct ValidService {
     internal_local: bool,
     /// `sessionAffinity: ClientIP`: its `timeoutSeconds`.
     affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges` (or its annotation), of a LoadBalancer Service.
+    source_ranges: Vec<ipnet::IpNet>,
     /// The hints the EndpointSlice controller would give endpoints derived from Pods
     /// (`trafficDistribution`, or the `service.kubernetes.io/topology-mode` annotation).
     hinting: Hinting,
@@ -474,6 +481,7 @@ fn validate_service(
         }
     };
     let affinity_timeout = session_affinity(&spec, &mut check);
+    let source_ranges = source_ranges(&svc.metadata, &spec, &mut check);
     let hinting = hinting(&svc.metadata, &spec, &mut check);
     let health_check_node_port = match spec.health_check_node_port {
         Some(n) if spec.type_.as_deref() == Some("LoadBalancer") && external_local => {
@@ -500,6 +508,7 @@ fn validate_service(
         external_local,
         internal_local,
         affinity_timeout,
+        source_ranges,
         hinting,
         health_check_node_port,
     })
@@ -545,6 +554,54 @@ fn session_affinity(
             None
         }
     }
+}
+
+/// The annotation kube-proxy reads when `spec.loadBalancerSourceRanges` is empty.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// `spec.loadBalancerSourceRanges`, or else the annotation's comma list, of a LoadBalancer
+/// Service (other types have no load-balancer IP to guard). kube-proxy trims spaces.
+fn source_ranges(
+    meta: &ObjectMeta,
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    check: &mut Checker<'_>,
+) -> Vec<ipnet::IpNet> {
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return Vec::new();
+    }
+    let listed: Vec<(String, &str)> = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, r)| (format!("spec.loadBalancerSourceRanges[{i}]"), r.as_str()))
+        .collect();
+    let texts = if listed.is_empty() {
+        let field = format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]");
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+            .map(|list| {
+                list.split(',')
+                    .filter(|r| !r.trim().is_empty())
+                    .map(|r| (field.clone(), r))
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        listed
+    };
+    let mut ranges = Vec::new();
+    for (field, text) in texts {
+        match text.trim().parse::<ipnet::IpNet>() {
+            // kube-proxy matches the network the CIDR names (host bits masked).
+            Ok(net) => ranges.push(net.trunc()),
+            Err(_) => check.fail(field, format!("{text:?} is not a CIDR")),
+        }
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    ranges
 }
 
 /// Label that turns on topology-aware hints (`Auto`), before `trafficDistribution`.

@@ -43,8 +43,10 @@ pub const DEVICES6_MAP: &str = "LB6_DEVICES";
 pub const AFFINITY_MAP: &str = "LB_AFFINITY";
 /// Name of the map of the backends each affinity frontend may still keep a client on.
 pub const AFFINITY_MATCH_MAP: &str = "LB_AFFINITY_MATCH";
+/// Name of the map of each LoadBalancer frontend's `loadBalancerSourceRanges`.
+pub const SOURCE_RANGES_MAP: &str = "LB_SOURCE_RANGES";
 /// Every map the agent pins, with its shape.
-pub const PINNED_MAPS: [MapSpec; 13] = [
+pub const PINNED_MAPS: [MapSpec; 14] = [
     MapSpec::of::<Service4Key, ServiceValue>(
         SERVICES4_MAP,
         SERVICES_MAX_ENTRIES,
@@ -70,6 +72,14 @@ pub const PINNED_MAPS: [MapSpec; 13] = [
         SERVICES_MAX_ENTRIES,
         MAP_F_NO_PREALLOC,
     ),
+    // An LPM trie key is the prefix length (a `u32`) followed by the data.
+    MapSpec {
+        name: SOURCE_RANGES_MAP,
+        key_size: 4 + core::mem::size_of::<SourceRange>(),
+        value_size: 4,
+        max_entries: SOURCE_RANGES_MAX_ENTRIES,
+        flags: MAP_F_NO_PREALLOC,
+    },
 ];
 
 /// The shape of a map as the kernel records it: a pinned map is reused only if it has
@@ -127,6 +137,10 @@ pub const CT_MAX_ENTRIES: usize = 131_072;
 /// evicted first; an evicted client simply picks afresh. Preallocated (LRU): about 5 MiB.
 pub const AFFINITY_MAX_ENTRIES: usize = 65_536;
 
+/// Capacity of the source-range map: every CIDR of every LoadBalancer frontend with
+/// `loadBalancerSourceRanges` (allocated as written).
+pub const SOURCE_RANGES_MAX_ENTRIES: usize = 16_384;
+
 /// Capacity of the node-address map (addresses of the `--devices`).
 pub const NODE_ADDRS_MAX_ENTRIES: usize = 256;
 
@@ -170,6 +184,11 @@ pub const SVC_F_AFFINITY: u32 = 1 << 6;
 /// while the Service has endpoints elsewhere: traffic is dropped, as kube-proxy drops it,
 /// not refused as for a Service without endpoints.
 pub const SVC_F_NO_LOCAL: u32 = 1 << 7;
+
+/// The frontend (a LoadBalancer IP) has `loadBalancerSourceRanges`: the tc paths drop a new
+/// flow whose source is in none of them ([`SOURCE_RANGES_MAP`]), as kube-proxy's firewall
+/// chain does.
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 8;
 
 /// The backend is terminating: it gets new connections only because its Service has no
 /// ready endpoint left (kube-proxy's fallback to serving, terminating endpoints).
@@ -406,6 +425,27 @@ pub struct AffinityMatchKey {
     pub pad: u16,
 }
 
+/// The data of a source-range (LPM trie) key, after its prefix length: the frontend, then
+/// the address. A range `a/p` of a frontend has prefix length `32 + p` (IPv6) or
+/// `32 + 96 + p` (IPv4, stored IPv4-mapped), so the frontend always matches whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRange {
+    /// The frontend's `rev_nat_id`, network byte order.
+    pub rev_nat_id: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
+    /// The range's address as four network-order words (IPv4-mapped for IPv4).
+    pub addr: [u32; 4],
+}
+
+/// Prefix length (in bits of [`SourceRange`]) of a source-range key for a range of
+/// `bits` bits of an address of the given family.
+#[must_use]
+pub const fn source_range_prefix(ipv6: bool, bits: u32) -> u32 {
+    if ipv6 { 32 + bits } else { 32 + 96 + bits }
+}
+
 /// Key of the conntrack map: a packet's 5-tuple as it is on the wire at the hook that looks
 /// it up, and the direction. One map serves both families (as Katran's `flow_key`): IPv4
 /// addresses are stored IPv4-mapped (`::ffff:a.b.c.d`). The original direction is keyed by
@@ -631,6 +671,7 @@ const _: () = assert!(core::mem::size_of::<NodeAddr>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SourceRange>() == 20);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -664,6 +705,8 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityMatchKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SourceRange {}
 }
 
 #[cfg(test)]

@@ -1,14 +1,15 @@
 //! The maps, as BTF maps so `bpftool map dump` prints typed entries. Their layout is
 //! defined in `lb-common`; only the declarations live here.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS_MAX_ENTRIES,
     Backend4, Backend6, CT_MAX_ENTRIES, CtKey, CtValue, MAP_F_NO_PREALLOC, NODE_ADDRS_MAX_ENTRIES,
     NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key,
-    RevNat6Value, SERVICES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue,
+    RevNat6Value, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key,
+    ServiceValue, SourceRange,
 };
 
 /// IPv4 frontends and their backend slots (see `lb_common::maps`).
@@ -82,6 +83,10 @@ pub static LB_AFFINITY_MATCH: HashMap<
     SERVICES_MAX_ENTRIES,
     MAP_F_NO_PREALLOC,
 > = HashMap::new();
+
+/// `loadBalancerSourceRanges` of the LoadBalancer frontends: (frontend, range) prefixes.
+#[btf_map]
+pub static LB_SOURCE_RANGES: LpmTrie<SourceRange, u32, SOURCE_RANGES_MAX_ENTRIES> = LpmTrie::new();
 
 /// A new flow's two conntrack entries while they are built. Together with the packet and
 /// the frontend lookup they would not fit the 512-byte BPF stack, so they are built in this

@@ -11,11 +11,14 @@
 //!   their source.
 //!
 //! Every flow is tracked in `LB_CT`; the kernel routes the translated packets.
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32, programs::TcContext};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_get_prandom_u32,
+    programs::TcContext,
+};
 use aya_log_ebpf::warn;
 use lb_common::{
     BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CtValue, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-    SVC_F_LOCAL, SVC_F_NO_LOCAL,
+    SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
 };
 
 use crate::{
@@ -23,7 +26,7 @@ use crate::{
     conntrack,
     family::{Family, V4, V6},
     fib,
-    maps::{LB_CT, NEW_FLOW, NewFlow},
+    maps::{LB_CT, LB_SOURCE_RANGES, NEW_FLOW, NewFlow},
     nat::{Packet, RewriteError, same_addr},
     reject,
     xlate::{self, Pick, Scope},
@@ -46,6 +49,8 @@ pub enum Error {
     Conntrack(i32),
     /// No free SNAT port for a flow to a backend on another node.
     NoSnatPort,
+    /// The source is outside the frontend's `loadBalancerSourceRanges`.
+    Firewalled,
     /// The frontend has no backend that may take the flow: none at all, or, when `local`,
     /// none on this node under a Local traffic policy while there are some elsewhere.
     NoBackends { local: bool },
@@ -81,6 +86,8 @@ pub fn action(ctx: &TcContext, result: Result<i32, Error>) -> i32 {
             warn!(ctx, "lb tc: conntrack insert failed ({}); dropped", e);
             SHOT
         }
+        // kube-proxy's firewall chain drops, silently.
+        Err(Error::Firewalled) => SHOT,
         Err(Error::NoSnatPort) => {
             warn!(ctx, "lb tc: no free SNAT port; dropped");
             SHOT
@@ -224,6 +231,10 @@ fn new_flow<F: Family>(
     // node) is served as kube-proxy serves it, like an external IP under
     // `externalTrafficPolicy: Cluster`: SNATed only to reach a backend on another node
     // (kube-proxy masquerades it only with a local-traffic detector or --masquerade-all).
+    if master.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(master.rev_nat_id, &packet.saddr)
+    {
+        return Err(Error::Firewalled);
+    }
     if master.count == 0 {
         return Err(Error::NoBackends {
             local: master.flags & SVC_F_NO_LOCAL != 0,
@@ -394,4 +405,19 @@ fn snat_address<F: Family>(ctx: &TcContext, packet: &Packet) -> [u32; 4] {
     // SAFETY: the skb context is valid for the run of the program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     F::device_addr(ifindex).unwrap_or(packet.daddr)
+}
+
+/// Whether `saddr` (wire form) is inside one of the `loadBalancerSourceRanges` of the
+/// frontend `rev_nat_id`.
+#[inline(always)]
+fn source_allowed(rev_nat_id: u16, saddr: &[u32; 4]) -> bool {
+    let key = Key::new(
+        32 + 128,
+        SourceRange {
+            rev_nat_id: rev_nat_id.to_be(),
+            pad: 0,
+            addr: *saddr,
+        },
+    );
+    LB_SOURCE_RANGES.get(&key).is_some()
 }

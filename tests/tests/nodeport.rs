@@ -308,13 +308,66 @@ fn external_ip_and_load_balancer_ip_from_outside() {
         assert_eq!(summary.ok, 5, "{target}: {summary:?}");
         assert_eq!(summary.count("webapp1"), 5, "{target}: {summary:?}");
     }
-    // A ClusterIP is not served to clients outside the node.
-    let summary = client
+}
+
+/// The LoadBalancer `webapp` (192.168.60.20) with these `loadBalancerSourceRanges`.
+fn guarded_load_balancer(ranges: &[&str]) -> String {
+    let mut svc = service("webapp", "10.96.0.10")
+        .selector("app", "webapp")
+        .node_port(80, 8080, 30080, "TCP")
+        .load_balancer_ingress("192.168.60.20", None)
+        .build();
+    let spec = svc.spec.as_mut().unwrap();
+    spec.load_balancer_source_ranges = Some(ranges.iter().map(|r| (*r).to_owned()).collect());
+    lb_tests::manifests::to_yaml(&svc)
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_sources_and_leave_node_ports_open() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    // The client (192.168.50.2) is outside the only range.
+    env.manifests
+        .write("svc.yaml", &guarded_load_balancer(&["203.0.113.0/24"]));
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend("192.168.60.20:80", 1, APPLY);
+
+    let dropped = client
+        .client_with()
+        .count(3)
+        .timeout_ms(300)
+        .run("192.168.60.20:80");
+    assert_eq!(
+        dropped.errors_of("ETIMEDOUT"),
+        3,
+        "dropped silently, as kube-proxy's firewall chain: {dropped:?}"
+    );
+    // The NodePort of the same Service is not guarded (kube-proxy guards the LB IPs).
+    let node_port = client.client_with().count(3).run(&node_port_target());
+    assert_eq!(node_port.ok, 3, "{node_port:?}");
+
+    // A range holding the client lets it in, on the next connection.
+    env.manifests.write(
+        "svc.yaml",
+        &guarded_load_balancer(&["203.0.113.0/24", "192.168.50.0/24"]),
+    );
+    let deadline = Instant::now() + APPLY;
+    while client
         .client_with()
         .count(1)
         .timeout_ms(300)
-        .run("10.96.0.10:80");
-    assert_eq!(summary.ok, 0, "ClusterIP from outside: {summary:?}");
+        .run("192.168.60.20:80")
+        .ok
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the new range never took effect");
+    }
+    let allowed = client.client_with().count(5).run("192.168.60.20:80");
+    assert_eq!(allowed.count("webapp1"), 5, "{allowed:?}");
 }
 
 #[test]

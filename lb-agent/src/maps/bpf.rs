@@ -3,11 +3,13 @@ use std::{io, path::Path};
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError as AyaMapError};
+use aya::maps::{
+    HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError as AyaMapError, lpm_trie::Key,
+};
 use lb_common::{
     AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS4_MAP,
-    BACKENDS6_MAP, Backend4, Backend6, SERVICES4_MAP, SERVICES6_MAP, Service4Key, Service6Key,
-    ServiceValue,
+    BACKENDS6_MAP, Backend4, Backend6, SERVICES4_MAP, SERVICES6_MAP, SOURCE_RANGES_MAP,
+    Service4Key, Service6Key, ServiceValue, SourceRange, source_range_prefix,
 };
 use tracing::warn;
 
@@ -22,6 +24,7 @@ pub struct BpfMaps {
     backends6: HashMap<MapData, u32, Backend6>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    source_ranges: LpmTrie<MapData, SourceRange, u32>,
 }
 
 impl std::fmt::Debug for BpfMaps {
@@ -31,13 +34,14 @@ impl std::fmt::Debug for BpfMaps {
 }
 
 /// The maps `BpfMaps` is made of, in this order.
-pub const MAP_NAMES: [&str; 6] = [
+pub const MAP_NAMES: [&str; 7] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
     BACKENDS4_MAP,
     BACKENDS6_MAP,
     AFFINITY_MATCH_MAP,
     AFFINITY_MAP,
+    SOURCE_RANGES_MAP,
 ];
 
 impl BpfMaps {
@@ -53,6 +57,8 @@ impl BpfMaps {
             backends6: convert(BACKENDS6_MAP, take(BACKENDS6_MAP)?)?,
             affinity_match: convert(AFFINITY_MATCH_MAP, take(AFFINITY_MATCH_MAP)?)?,
             affinity: convert(AFFINITY_MAP, take(AFFINITY_MAP)?)?,
+            source_ranges: LpmTrie::try_from(take(SOURCE_RANGES_MAP)?)
+                .map_err(|e| aya_error("open", SOURCE_RANGES_MAP, e))?,
         })
     }
 
@@ -62,10 +68,10 @@ impl BpfMaps {
     /// When a pin is missing or is not the expected map.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
         Self::from_maps(|name| {
-            let wrap = if name == AFFINITY_MAP {
-                Map::LruHashMap
-            } else {
-                Map::HashMap
+            let wrap = match name {
+                AFFINITY_MAP => Map::LruHashMap,
+                SOURCE_RANGES_MAP => Map::LpmTrie,
+                _ => Map::HashMap,
             };
             MapData::from_pin(dir.join(name))
                 .map(wrap)
@@ -194,6 +200,8 @@ impl LbMaps for BpfMaps {
                 Op::DeleteAffinityMatch(id, rev_nat_id) => {
                     self.delete_affinity_match(*id, *rev_nat_id)?;
                 }
+                Op::SetSourceRange(id, range) => self.set_source_range(*id, *range)?,
+                Op::DeleteSourceRange(id, range) => self.delete_source_range(*id, *range)?,
             }
         }
         update_batch(self.services4.map(), SERVICES4_MAP, &s4, &v4)?;
@@ -316,6 +324,31 @@ impl LbMaps for BpfMaps {
         Ok(out)
     }
 
+    fn set_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()> {
+        self.source_ranges
+            .insert(&range_key(rev_nat_id, range), 0, 0)
+            .map_err(|e| aya_error("update", SOURCE_RANGES_MAP, e))
+    }
+
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()> {
+        ignore_missing(
+            self.source_ranges.remove(&range_key(rev_nat_id, range)),
+            SOURCE_RANGES_MAP,
+        )
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(u16, ipnet::IpNet)>> {
+        let mut out = Vec::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(|e| aya_error("dump", SOURCE_RANGES_MAP, e))?;
+            match from_range_key(&key) {
+                Some(entry) => out.push(entry),
+                None => undecodable(SOURCE_RANGES_MAP, &key.prefix_len()),
+            }
+        }
+        Ok(out)
+    }
+
     fn forget_affinity(&mut self, rev_nat_ids: &std::collections::BTreeSet<u16>) -> Result<()> {
         if rev_nat_ids.is_empty() {
             return Ok(());
@@ -331,6 +364,36 @@ impl LbMaps for BpfMaps {
         }
         Ok(())
     }
+}
+
+/// The LPM key of `range` for the frontend `rev_nat_id`.
+fn range_key(rev_nat_id: u16, range: ipnet::IpNet) -> Key<SourceRange> {
+    let (addr, ipv6) = match range.network() {
+        std::net::IpAddr::V4(ip) => (lb_common::to_v4_mapped(codec::ip4(ip)), false),
+        std::net::IpAddr::V6(ip) => (codec::ip6(ip), true),
+    };
+    Key::new(
+        source_range_prefix(ipv6, u32::from(range.prefix_len())),
+        SourceRange {
+            rev_nat_id: rev_nat_id.to_be(),
+            pad: 0,
+            addr,
+        },
+    )
+}
+
+/// The frontend and range of an LPM key (inverse of [`range_key`]).
+fn from_range_key(key: &Key<SourceRange>) -> Option<(u16, ipnet::IpNet)> {
+    let data = key.data();
+    let bits = key.prefix_len().checked_sub(32)?;
+    let net = match lb_common::v4_mapped(&data.addr) {
+        Some(ip4) if bits >= 96 => {
+            ipnet::IpNet::new(codec::from_ip4(ip4).into(), (bits - 96) as u8)
+        }
+        _ => ipnet::IpNet::new(codec::from_ip6(data.addr).into(), bits as u8),
+    }
+    .ok()?;
+    Some((u16::from_be(data.rev_nat_id), net))
 }
 
 const fn match_key(backend_id: u32, rev_nat_id: u16) -> AffinityMatchKey {

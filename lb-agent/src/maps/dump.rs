@@ -45,6 +45,8 @@ pub struct MapContents {
     pub stray_slots: Vec<(L4Addr, u16)>,
     /// Affinity-match entries: (backend id, frontend `rev_nat_id`), sorted.
     pub affinity_matches: Vec<(u32, u16)>,
+    /// Source-range entries: (frontend `rev_nat_id`, range), sorted.
+    pub source_ranges: Vec<(u16, ipnet::IpNet)>,
 }
 
 /// Reads and decodes the maps.
@@ -55,6 +57,8 @@ pub fn read(maps: &impl LbMaps) -> Result<MapContents> {
     let mut contents = decode(&maps.services()?, &maps.backends()?);
     contents.affinity_matches = maps.affinity_matches()?;
     contents.affinity_matches.sort_unstable();
+    contents.source_ranges = maps.source_ranges()?;
+    contents.source_ranges.sort_unstable();
     Ok(contents)
 }
 
@@ -132,6 +136,9 @@ pub fn lines(contents: &MapContents) -> Vec<String> {
     }
     for (id, rev_nat_id) in &contents.affinity_matches {
         out.push(format!("AFFINITY-MATCH BACKEND={id} REVNAT={rev_nat_id}"));
+    }
+    for (rev_nat_id, range) in &contents.source_ranges {
+        out.push(format!("SOURCE-RANGE REVNAT={rev_nat_id} {range}"));
     }
     for (frontend, slot) in &contents.stray_slots {
         out.push(format!("STRAY SVC {frontend} SLOT={slot}"));

@@ -16,6 +16,8 @@ pub struct FakeMaps {
     pub backends: BTreeMap<(bool, u32), Backend>,
     /// Affinity-match entries: (backend id, frontend `rev_nat_id`).
     pub affinity_matches: std::collections::BTreeSet<(u32, u16)>,
+    /// Source-range entries: (frontend `rev_nat_id`, range).
+    pub source_ranges: std::collections::BTreeSet<(u16, ipnet::IpNet)>,
     /// Frontend ids whose client affinity entries were forgotten, in order.
     pub forgotten_affinity: Vec<u16>,
     /// Number of writes and deletes performed, to check that only changes are written.
@@ -52,7 +54,22 @@ impl FakeMaps {
         }
     }
 
+    /// Panics if a frontend guarded by source ranges has none (it would drop everything).
+    fn check_source_ranges(&self) {
+        for ((frontend, _), master) in self.services.iter().filter(|((_, slot), _)| *slot == 0) {
+            if master.flags & lb_common::SVC_F_SOURCE_RANGES != 0 {
+                assert!(
+                    self.source_ranges
+                        .iter()
+                        .any(|(id, _)| *id == master.rev_nat_id),
+                    "{frontend} is guarded by source ranges but has none"
+                );
+            }
+        }
+    }
+
     fn done(&mut self) -> Result<()> {
+        self.check_source_ranges();
         self.operations += 1;
         self.check_consistent();
         Ok(())
@@ -114,5 +131,19 @@ impl LbMaps for FakeMaps {
     fn forget_affinity(&mut self, rev_nat_ids: &std::collections::BTreeSet<u16>) -> Result<()> {
         self.forgotten_affinity.extend(rev_nat_ids);
         Ok(())
+    }
+
+    fn set_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()> {
+        self.source_ranges.insert((rev_nat_id, range));
+        self.done()
+    }
+
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()> {
+        self.source_ranges.remove(&(rev_nat_id, range));
+        self.done()
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(u16, ipnet::IpNet)>> {
+        Ok(self.source_ranges.iter().copied().collect())
     }
 }

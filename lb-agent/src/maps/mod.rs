@@ -41,6 +41,9 @@ pub enum Op {
     /// (backend id, frontend `rev_nat_id`): the backend may keep affinity clients.
     SetAffinityMatch(u32, u16),
     DeleteAffinityMatch(u32, u16),
+    /// (frontend `rev_nat_id`, range): a `loadBalancerSourceRanges` entry.
+    SetSourceRange(u16, ipnet::IpNet),
+    DeleteSourceRange(u16, ipnet::IpNet),
 }
 
 /// The load-balancing maps of both families. Implemented by the pinned BPF maps and by
@@ -63,6 +66,8 @@ pub trait LbMaps {
                 Op::DeleteAffinityMatch(id, rev_nat_id) => {
                     self.delete_affinity_match(*id, *rev_nat_id)?;
                 }
+                Op::SetSourceRange(id, range) => self.set_source_range(*id, *range)?,
+                Op::DeleteSourceRange(id, range) => self.delete_source_range(*id, *range)?,
             }
         }
         Ok(())
@@ -90,6 +95,12 @@ pub trait LbMaps {
     /// affinity turned off), so a frontend that later gets the id, or turns affinity on
     /// again, starts afresh.
     fn forget_affinity(&mut self, rev_nat_ids: &std::collections::BTreeSet<u16>) -> Result<()>;
+    /// Allows `range` as a source of the frontend `rev_nat_id`.
+    fn set_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()>;
+    /// Deletes a source-range entry (absent is not an error).
+    fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()>;
+    /// Every source-range entry: (frontend `rev_nat_id`, range).
+    fn source_ranges(&self) -> Result<Vec<(u16, ipnet::IpNet)>>;
 }
 
 /// Encoding of the model's addresses in the maps' network-order words.

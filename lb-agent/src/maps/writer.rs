@@ -34,6 +34,8 @@ struct Programmed {
     /// `sessionAffinity: ClientIP` timeout in seconds; every slot's backend then has an
     /// affinity-match entry.
     affinity: Option<u32>,
+    /// `loadBalancerSourceRanges` entries of the frontend.
+    source_ranges: BTreeSet<ipnet::IpNet>,
     /// Slots beyond `slots.len()` that exist in the map (only after adopting a map that a
     /// previous agent left half-written); deleted on the next apply.
     stray_slots: BTreeSet<u16>,
@@ -154,6 +156,7 @@ impl<M: LbMaps> MapWriter<M> {
                     flags: entry.flags,
                     slots,
                     affinity: entry.affinity_timeout,
+                    source_ranges: BTreeSet::new(),
                     stray_slots,
                 },
             );
@@ -173,6 +176,20 @@ impl<M: LbMaps> MapWriter<M> {
         }
         for &(id, rev_nat_id) in wanted.difference(&present) {
             self.maps.set_affinity_match(id, rev_nat_id)?;
+        }
+        // Source ranges belong to the frontend of their id; those of no frontend go.
+        let mut by_id: HashMap<u16, &mut Programmed> = self
+            .frontends
+            .values_mut()
+            .map(|p| (p.rev_nat_id, p))
+            .collect();
+        for (rev_nat_id, range) in contents.source_ranges {
+            match by_id.get_mut(&rev_nat_id) {
+                Some(p) => {
+                    p.source_ranges.insert(range);
+                }
+                None => self.maps.delete_source_range(rev_nat_id, range)?,
+            }
         }
         debug!(
             frontends = self.frontends.len(),
@@ -266,6 +283,7 @@ impl<M: LbMaps> MapWriter<M> {
                 if old.stray_slots.is_empty()
                     && old.flags == flags
                     && old.affinity == affinity
+                    && old.source_ranges.iter().eq(frontend.source_ranges.iter())
                     && self.same_backends(old, &frontend.backends) =>
             {
                 return Ok(());
@@ -286,6 +304,7 @@ impl<M: LbMaps> MapWriter<M> {
                     flags,
                     slots: Vec::new(),
                     affinity: None,
+                    source_ranges: BTreeSet::new(),
                     stray_slots: BTreeSet::new(),
                 }
             }
@@ -306,6 +325,9 @@ impl<M: LbMaps> MapWriter<M> {
             }
         }
         self.plan_affinity_matches(&old, &slots, affinity, stats);
+        let source_ranges: BTreeSet<ipnet::IpNet> =
+            frontend.source_ranges.iter().copied().collect();
+        self.plan_source_ranges(&old, &source_ranges, stats);
         if is_new
             || slots.len() != old.slots.len()
             || flags != old.flags
@@ -348,10 +370,29 @@ impl<M: LbMaps> MapWriter<M> {
                 flags,
                 slots,
                 affinity,
+                source_ranges,
                 stray_slots: BTreeSet::new(),
             },
         );
         Ok(())
+    }
+
+    /// Source ranges: new ones before the master (which may turn the guard on) and stale
+    /// ones after it, so a guarded frontend is never left without a range.
+    fn plan_source_ranges(
+        &mut self,
+        old: &Programmed,
+        wanted: &BTreeSet<ipnet::IpNet>,
+        stats: &mut ApplyStats,
+    ) {
+        for range in wanted.difference(&old.source_ranges) {
+            self.plan[NEW_BACKENDS].push(Op::SetSourceRange(old.rev_nat_id, *range));
+            stats.map_writes += 1;
+        }
+        for range in old.source_ranges.difference(wanted) {
+            self.plan[DROP_SLOTS].push(Op::DeleteSourceRange(old.rev_nat_id, *range));
+            stats.map_deletes += 1;
+        }
     }
 
     /// Affinity-match entries for the new `slots`: new ones before any slot or master names
@@ -416,6 +457,7 @@ impl<M: LbMaps> MapWriter<M> {
             stats.map_deletes += 1;
         }
         self.plan_affinity_matches(&old, &[], None, stats);
+        self.plan_source_ranges(&old, &BTreeSet::new(), stats);
         self.frontends.remove(&address);
         self.rev_nat_ids.remove(&old.rev_nat_id);
         self.release(&old.slots, released);

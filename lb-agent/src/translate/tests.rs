@@ -964,3 +964,49 @@ fn health_check_node_port_counts_only_ready_local_endpoints() {
     // stop sending new traffic here, so the check counts 0 and answers 503.
     assert_eq!(checks[&32000].local_endpoints, 0, "{checks:?}");
 }
+
+#[test]
+fn load_balancer_source_ranges_guard_only_the_load_balancer_ips() {
+    let lb = |ranges: &str, annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web{annotations}}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.10\n{ranges}  ports: [{{port: 80, nodePort: 30080}}]\nstatus: {{loadBalancer: {{ingress: [{{ip: 192.168.60.20}}]}}}}\n"
+        )
+    };
+    let ranges_of = |yaml: &str| -> Vec<String> {
+        translate(&objects(yaml))
+            .frontends
+            .values()
+            .map(|f| {
+                let ranges: Vec<String> = f.source_ranges.iter().map(ToString::to_string).collect();
+                format!("{:?} {}", f.kind, ranges.join(","))
+            })
+            .collect()
+    };
+    assert_eq!(
+        ranges_of(&lb(
+            "  loadBalancerSourceRanges: [\" 10.1.2.3/8\", 192.168.50.0/24]\n",
+            ""
+        )),
+        [
+            "NodePort ",
+            "ClusterIp ",
+            "LoadBalancer 10.0.0.0/8,192.168.50.0/24"
+        ]
+    );
+    // The annotation counts only when the field is empty.
+    let annotation = ", annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: \"172.16.0.0/12, 10.0.0.0/8\"}";
+    assert_eq!(
+        ranges_of(&lb("", annotation)),
+        [
+            "NodePort ",
+            "ClusterIp ",
+            "LoadBalancer 10.0.0.0/8,172.16.0.0/12"
+        ]
+    );
+    assert_eq!(
+        problems(&lb("  loadBalancerSourceRanges: [10.0.0.0/33]\n", "")),
+        [
+            "test.yaml: Service default/web: spec.loadBalancerSourceRanges[0]: \"10.0.0.0/33\" is not a CIDR"
+        ]
+    );
+}
