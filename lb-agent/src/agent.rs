@@ -95,6 +95,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let writer = MapWriter::adopt(maps).context("reading the pinned maps")?;
     let mut reconciler = Reconciler::new(writer, status.clone(), config.node_name.clone());
+    reconciler.stale_cleanup = Some(config.pin_dir.clone());
     let pods = config
         .socket_lb
         .per_packet_for_pods()
@@ -339,6 +340,9 @@ struct Reconciler<M> {
     full_pending: bool,
     /// The health checks last handed to the servers.
     health_checks: Option<std::collections::BTreeMap<u16, crate::model::HealthCheck>>,
+    /// The pin directory, when UDP sockets and flows pinned to removed backends are to be
+    /// ended after each write ([`crate::stale`]).
+    stale_cleanup: Option<std::path::PathBuf>,
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -353,6 +357,7 @@ impl<M: LbMaps> Reconciler<M> {
             pending: BTreeSet::new(),
             full_pending: false,
             health_checks: None,
+            stale_cleanup: None,
         }
     }
 
@@ -407,6 +412,20 @@ impl<M: LbMaps> Reconciler<M> {
         };
         self.pending.clear();
         self.full_pending = false;
+        let stale = self.writer.take_stale_udp();
+        if let Some(pin_dir) = &self.stale_cleanup
+            && !stale.is_empty()
+        {
+            match crate::stale::clean(pin_dir, &stale) {
+                Ok(done) => info!(
+                    backends = stale.len(),
+                    sockets_destroyed = done.sockets_destroyed,
+                    flows_deleted = done.flows_deleted,
+                    "UDP traffic pinned to removed backends ended"
+                ),
+                Err(e) => warn!(error = %e, "ending UDP traffic to removed backends failed"),
+            }
+        }
         let elapsed_us = started.elapsed().as_micros();
         if stats.is_noop() {
             debug!(elapsed_us, "nothing to write");

@@ -16,6 +16,7 @@ pub mod model;
 pub mod mounts;
 pub mod netlink;
 pub mod source;
+pub mod stale;
 pub mod state;
 pub mod telemetry;
 pub mod translate;

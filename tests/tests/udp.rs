@@ -236,3 +236,95 @@ fn a_resolver_socket_keeps_seeing_the_cluster_ip_across_scaling_and_an_agent_res
         "the socket outlived the changes by only {after} queries; the test proved nothing"
     );
 }
+
+/// Upstream's "should be able to preserve UDP traffic when server pod cycles for a
+/// ClusterIP service" and Cilium's stale connected sockets: a connected UDP socket whose
+/// backend goes away is ended (its next call fails) within a second, so the application
+/// reconnects through the Service instead of talking to a gone pod for ever; an
+/// unconnected socket of the same client is left alone and simply reaches the live backend.
+#[test]
+fn a_connected_udp_socket_to_a_removed_backend_is_ended_within_a_second() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (backends, client) = dns_setup(&env);
+    // Only dns1 at first: the socket is connected to it.
+    env.manifests.remove(&TestEnv::pod_file("dns2"));
+    let mut agent = env.agent();
+    agent.wait_for_frontend_proto(DNS_VIP, "UDP", 1, APPLY);
+    let dns2 = backends[1].0.ip();
+
+    let (connected, unconnected, removed_ns) = std::thread::scope(|scope| {
+        let connected = scope.spawn(|| {
+            client
+                .client_with()
+                .cgroup(&env.cgroup)
+                .udp()
+                .connected()
+                .sends(30)
+                .interval_ms(100)
+                .timeout_ms(300)
+                .run(DNS_VIP)
+        });
+        let unconnected = scope.spawn(|| {
+            client
+                .client_with()
+                .cgroup(&env.cgroup)
+                .udp()
+                .sends(30)
+                .interval_ms(100)
+                .timeout_ms(300)
+                .run(DNS_VIP)
+        });
+        std::thread::sleep(Duration::from_millis(800));
+        // dns1 goes (its server still answers, so a socket left on it would show), dns2
+        // comes.
+        env.manifests.write(
+            &TestEnv::pod_file("dns2"),
+            &pod("dns2", dns2)
+                .label("app", "dns")
+                .container_port_full("dns", 5353, "UDP")
+                .yaml(),
+        );
+        env.manifests.remove(&TestEnv::pod_file("dns1"));
+        let only_dns2 = vec![format!("{dns2}:5353")];
+        agent.wait_until("dns2 alone behind the Service", APPLY, |frontends| {
+            frontends
+                .iter()
+                .find(|f| f.addr() == DNS_VIP && f.protocol == "UDP")
+                .filter(|f| f.backend_addrs() == only_dns2)
+                .map(|_| ())
+        });
+        let removed = monotonic_ns();
+        (
+            connected.join().expect("client thread"),
+            unconnected.join().expect("client thread"),
+            removed,
+        )
+    });
+
+    let late = |s: &lb_tests::ClientSummary| -> Vec<String> {
+        s.attempts
+            .iter()
+            .filter(|a| a.start_ns > removed_ns + 1_000_000_000)
+            .map(|a| a.host.clone().or(a.error.clone()).unwrap_or_default())
+            .collect()
+    };
+    let before = connected.count("dns1");
+    assert!(before > 0, "the socket reached dns1 first: {connected:?}");
+    let after = late(&connected);
+    assert!(
+        after.len() >= 5 && !after.iter().any(|h| h == "dns1"),
+        "a second after dns1 left, the connected socket no longer reaches it: {after:?} {connected:?}"
+    );
+    assert!(
+        !connected.errors.is_empty(),
+        "the application was told (its socket was ended): {connected:?}"
+    );
+    let after = late(&unconnected);
+    assert!(
+        after.len() >= 5 && after.iter().all(|h| h == "dns2"),
+        "the unconnected socket was not ended and reaches dns2: {after:?} {unconnected:?}"
+    );
+}

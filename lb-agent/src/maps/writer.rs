@@ -22,7 +22,9 @@ const SLOTS: usize = 2;
 const MASTERS: usize = 3;
 const DROP_SLOTS: usize = 4;
 const DROP_BACKENDS: usize = 5;
-use crate::model::{Backend, DesiredState, Frontend, L4Addr};
+use crate::model::{Backend, DesiredState, Frontend, L4Addr, Protocol};
+use crate::stale::StaleBackend;
+use std::net::SocketAddr;
 
 /// A frontend as it is in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +77,8 @@ pub struct MapWriter<M> {
     plan: [Vec<Op>; 6],
     /// Frontend ids whose clients' affinity entries go at the end of the apply in progress.
     forget_affinity: BTreeSet<u16>,
+    /// Backends UDP frontends stopped using since [`Self::take_stale_udp`] was last called.
+    stale_udp: Vec<StaleBackend>,
 }
 
 impl<M: LbMaps> MapWriter<M> {
@@ -94,6 +98,7 @@ impl<M: LbMaps> MapWriter<M> {
             rev_nat_ids: BTreeSet::new(),
             plan: Default::default(),
             forget_affinity: BTreeSet::new(),
+            stale_udp: Vec::new(),
         };
         writer.readopt()?;
         Ok(writer)
@@ -197,6 +202,27 @@ impl<M: LbMaps> MapWriter<M> {
             "adopted map contents"
         );
         Ok(())
+    }
+
+    /// The backends UDP frontends stopped using in the applies since the last call: their
+    /// connected sockets and tracked flows are to be ended ([`crate::stale`]).
+    pub fn take_stale_udp(&mut self) -> Vec<StaleBackend> {
+        std::mem::take(&mut self.stale_udp)
+    }
+
+    /// Records that the UDP frontend `old` no longer uses the backends of `ids`.
+    fn note_stale(&mut self, address: &L4Addr, rev_nat_id: u16, ids: impl Iterator<Item = u32>) {
+        if address.protocol != Protocol::Udp {
+            return;
+        }
+        for id in ids {
+            if let Some(backend) = self.backends.get(&id) {
+                self.stale_udp.push(StaleBackend {
+                    rev_nat_id,
+                    backend: SocketAddr::new(backend.addr.address, backend.addr.port),
+                });
+            }
+        }
     }
 
     /// The maps, for reading.
@@ -356,6 +382,20 @@ impl<M: LbMaps> MapWriter<M> {
         for id in &slots {
             *self.backend_refs.entry(*id).or_default() += 1;
         }
+        // A backend whose id changed with its state (ready to terminating) is still used.
+        let kept: BTreeSet<L4Addr> = frontend.backends.iter().map(|b| b.addr).collect();
+        let dropped: Vec<u32> = old
+            .slots
+            .iter()
+            .filter(|id| !slots.contains(id))
+            .filter(|id| {
+                self.backends
+                    .get(id)
+                    .is_none_or(|b| !kept.contains(&b.addr))
+            })
+            .copied()
+            .collect();
+        self.note_stale(&address, old.rev_nat_id, dropped.into_iter());
         self.release(&old.slots, released);
         if is_new {
             stats.frontends_added += 1;
@@ -458,6 +498,7 @@ impl<M: LbMaps> MapWriter<M> {
         }
         self.plan_affinity_matches(&old, &[], None, stats);
         self.plan_source_ranges(&old, &BTreeSet::new(), stats);
+        self.note_stale(&address, old.rev_nat_id, old.slots.iter().copied());
         self.frontends.remove(&address);
         self.rev_nat_ids.remove(&old.rev_nat_id);
         self.release(&old.slots, released);
