@@ -14,6 +14,7 @@ pub mod maps;
 pub mod model;
 pub mod mounts;
 pub mod netlink;
+pub mod ownership;
 pub mod source;
 pub mod state;
 pub mod telemetry;
