@@ -17,8 +17,8 @@ use crate::{
     model::{DesiredState, Frontend, FrontendKind, HealthCheck, L4Addr, ObjectRef},
     ownership::{self, ExternalIpCidrs},
     translate::{
-        Problem, SERVICE_NAME_LABEL, ServiceTranslation, Skipped, Sourced, ValidPod, ValidSlice,
-        translate_service, validate_pod, validate_slice,
+        HEADLESS_LABEL, Problem, SERVICE_NAME_LABEL, ServiceTranslation, Skipped, Sourced,
+        ValidPod, ValidSlice, translate_service, validate_pod, validate_slice,
     },
 };
 
@@ -588,8 +588,14 @@ fn same<T: PartialEq>(a: &Sourced<T>, b: &Sourced<T>) -> bool {
     a.object == b.object && a.origin == b.origin
 }
 
+/// The Service a slice belongs to; `None` also for a headless Service's slice, which the
+/// proxy ignores altogether (it does not even make the Service one "with slices").
 fn slice_service(slice: &EndpointSlice) -> Option<ObjectRef> {
-    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let labels = slice.metadata.labels.as_ref()?;
+    if labels.contains_key(HEADLESS_LABEL) {
+        return None;
+    }
+    let name = labels.get(SERVICE_NAME_LABEL)?;
     Some(ObjectRef {
         namespace: slice
             .metadata

@@ -309,6 +309,8 @@ fn terminating_and_finished_pods_take_no_new_connections() {
         ),
         pod("c", "default", APP_WEB, "10.244.0.4", true, HTTP_8080)
             .replace("status:\n", "status:\n  phase: Succeeded\n"),
+        pod("d", "default", APP_WEB, "10.244.0.5", true, HTTP_8080)
+            .replace("status:\n", "status:\n  phase: Failed\n"),
     ]
     .concat();
     assert_eq!(
@@ -1078,5 +1080,83 @@ fn special_addresses_are_never_external_ips() {
     assert!(
         problems[0].contains("spec.externalIPs[0]: 0.0.0.0 is not a unicast address"),
         "{problems:?}"
+    );
+}
+
+#[test]
+fn the_headless_label_leaves_services_and_slices_alone_as_kube_proxy() {
+    let labelled = |yaml: String| {
+        yaml.replacen(
+            "metadata: {",
+            "metadata: {labels: {service.kubernetes.io/headless: \"\"}, ",
+            1,
+        )
+    };
+    let yaml = [
+        labelled(service(
+            "marked",
+            "default",
+            "10.96.0.11",
+            WEB_PORTS,
+            APP_WEB,
+        )),
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        slice(
+            "web-1",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.2]}]",
+            "[{port: 8080}]",
+        ),
+        // Ignored altogether: neither its endpoint nor "the Service has slices".
+        slice(
+            "web-headless",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.9]}]",
+            "[{port: 8080}]",
+        )
+        .replace(
+            "labels: {",
+            "labels: {service.kubernetes.io/headless: \"\", ",
+        ),
+    ]
+    .concat();
+    let translation = translate(&objects(&yaml));
+    assert_eq!(
+        render(&translation),
+        ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP"]
+    );
+    assert_eq!(
+        translation.skipped,
+        [Skipped {
+            object: "Service default/marked".into(),
+            reason: "service.kubernetes.io/headless label: not proxied".into()
+        }]
+    );
+    assert!(
+        translation.problems.is_empty(),
+        "{:?}",
+        translation.problems
+    );
+}
+
+#[test]
+fn only_the_first_address_of_an_endpoint_is_used() {
+    let yaml = [
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        // The second and third addresses are ignored, even when they are not addresses.
+        slice(
+            "web-1",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.2, 10.244.0.3, not-an-ip]}, {addresses: []}]",
+            "[{port: 8080}]",
+        ),
+    ]
+    .concat();
+    assert_eq!(
+        frontends(&yaml),
+        ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP"]
     );
 }
