@@ -21,6 +21,7 @@ use crate::{
     health::HealthServers,
     loader,
     maps::{LbMaps, writer::MapWriter},
+    ownership::{ExternalIpCidrs, NodePortAddresses},
     source::{
         kube as kube_source,
         manifests::{self, ManifestDir},
@@ -60,6 +61,10 @@ pub struct RunConfig {
     /// Pod-facing devices for the per-packet path (empty: detected, see
     /// [`devices::resolve`]); only with `socket_lb` other than `all`.
     pub pod_devices: Vec<String>,
+    /// The node addresses NodePorts answer on.
+    pub nodeport_addresses: NodePortAddresses,
+    /// The external IPs honoured (none: all).
+    pub external_ip_cidrs: ExternalIpCidrs,
 }
 
 /// Runs until SIGINT or SIGTERM. On exit the programs stay attached and the maps pinned:
@@ -100,7 +105,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .socket_lb
         .per_packet_for_pods()
         .then_some(config.pod_devices.as_slice());
-    let node = devices::NodeDevices::start(&mut ebpf, &config.devices, pods)?;
+    let node = devices::NodeDevices::start(
+        &mut ebpf,
+        &config.devices,
+        pods,
+        config.nodeport_addresses.clone(),
+    )?;
+    reconciler
+        .state
+        .set_external_ip_cidrs(config.external_ip_cidrs.clone());
+    reconciler.state.set_node_addresses(node.node_addresses());
     info!(
         node = config.node_name.as_deref().unwrap_or("(unset)"),
         socket_lb = ?config.socket_lb,
@@ -172,6 +186,9 @@ async fn run_manifests<M: LbMaps>(
             _ = rescan.tick() => {}
             () = datapath.node.changed() => {
                 datapath.refresh();
+                // An external IP on a node address may yield to a NodePort, or take it.
+                reconciler.state.set_node_addresses(datapath.node.node_addresses());
+                reconciler.sync_or_log(Sync::Changes, Instant::now());
                 continue;
             }
             () = stop.wait() => return Ok(()),
@@ -210,6 +227,10 @@ async fn run_kube<M: LbMaps>(
             update = updates.recv() => update.context("the watches ended")?,
             () = datapath.node.changed() => {
                 datapath.refresh();
+                reconciler.state.set_node_addresses(datapath.node.node_addresses());
+                if datapath.attached {
+                    reconciler.sync_or_log(Sync::Changes, Instant::now());
+                }
                 continue;
             }
             () = stop.wait() => return Ok(()),

@@ -15,7 +15,7 @@ use aya::{
 use lb_common::{DEVICES4_MAP, DEVICES6_MAP, NODE_ADDRS4_MAP, NODE_ADDRS6_MAP, NodeAddr};
 use tracing::{debug, error, info, warn};
 
-use crate::{maps::codec, netlink};
+use crate::{maps::codec, netlink, ownership::NodePortAddresses};
 
 /// A device and its addresses (IPv6: global ones, not link-local).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +24,14 @@ pub struct Device {
     pub ifindex: u32,
     pub ipv4: Vec<Ipv4Addr>,
     pub ipv6: Vec<Ipv6Addr>,
+}
+
+/// An address NodePorts answer on, and the interface holding it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAddress {
+    pub ip: IpAddr,
+    pub ifindex: u32,
+    pub device: String,
 }
 
 /// Interfaces by name: flags and addresses.
@@ -56,8 +64,18 @@ fn is_global(ip: &IpAddr) -> bool {
     }
 }
 
+/// What one reading of the interfaces gives: the external devices, the pod-facing ones,
+/// and the addresses NodePorts answer on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub devices: Vec<Device>,
+    pub pods: Vec<String>,
+    pub node_addresses: Vec<NodeAddress>,
+}
+
 /// The external devices and, with `requested_pods`, the pod-facing ones, from one reading
-/// of the agent's network namespace's interfaces.
+/// of the agent's network namespace's interfaces, and the node addresses `nodeport`
+/// selects (see [`node_addresses`]).
 ///
 /// External: the devices named in `requested`, or by default the devices of the default
 /// route(s) and those holding a global address (neither loopback nor a bridge).
@@ -67,13 +85,62 @@ fn is_global(ip: &IpAddr) -> bool {
 pub fn resolve(
     requested: &[String],
     requested_pods: Option<&[String]>,
-) -> io::Result<(Vec<Device>, Vec<String>)> {
+    nodeport: &NodePortAddresses,
+) -> io::Result<Resolved> {
     let interfaces = interfaces()?;
     let devices = external_devices(requested, &interfaces)?;
     let pods = requested_pods.map_or_else(Vec::new, |requested| {
         pod_devices(requested, &devices, &interfaces)
     });
-    Ok((devices, pods))
+    let node_addresses = node_addresses(&devices, &interfaces, nodeport, |name| {
+        nix::net::if_::if_nametoindex(name).ok()
+    });
+    Ok(Resolved {
+        devices,
+        pods,
+        node_addresses,
+    })
+}
+
+/// The addresses NodePorts answer on (`--nodeport-addresses`): with `primary`, those of
+/// the external devices (the agent's equivalent of the Node's primary IPs: the interfaces
+/// the node is reached through); with CIDRs, every address of any interface inside them
+/// (as kube-proxy), except loopback and IPv6 link-local ones. `index` gives an interface's
+/// index by name.
+fn node_addresses(
+    devices: &[Device],
+    interfaces: &Interfaces,
+    nodeport: &NodePortAddresses,
+    index: impl Fn(&str) -> Option<u32>,
+) -> Vec<NodeAddress> {
+    let address = |ip: IpAddr, ifindex, device: &str| NodeAddress {
+        ip,
+        ifindex,
+        device: device.to_owned(),
+    };
+    match nodeport {
+        NodePortAddresses::Primary => devices
+            .iter()
+            .flat_map(|d| {
+                let v4 = d.ipv4.iter().map(|ip| IpAddr::V4(*ip));
+                let v6 = d.ipv6.iter().map(|ip| IpAddr::V6(*ip));
+                v4.chain(v6).map(|ip| address(ip, d.ifindex, &d.name))
+            })
+            .collect(),
+        NodePortAddresses::Cidrs(_) => interfaces
+            .iter()
+            .filter_map(|(name, (_, ips))| Some((name, index(name)?, ips)))
+            .flat_map(|(name, ifindex, ips)| {
+                ips.iter()
+                    .filter(|ip| {
+                        !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
+                            && !ip.is_multicast()
+                            && nodeport.admits(**ip, false)
+                    })
+                    .map(move |ip| address(*ip, ifindex, name))
+            })
+            .collect(),
+    }
 }
 
 /// The external devices among `interfaces` (see [`resolve`]).
@@ -248,8 +315,12 @@ pub struct NodeDevices {
     requested: Vec<String>,
     /// `--pod-devices`, when pods get the per-packet path; `None` when they do not.
     requested_pods: Option<Vec<String>>,
+    /// `--nodeport-addresses`.
+    nodeport: NodePortAddresses,
     /// As last written to the maps.
     devices: Vec<Device>,
+    /// As last written to the maps.
+    node_addresses: Vec<NodeAddress>,
     pods: Vec<String>,
     maps: AddressMaps,
     /// `None` once reading the notifications failed: the devices then stay as they are.
@@ -270,23 +341,35 @@ impl NodeDevices {
         ebpf: &mut aya::Ebpf,
         requested: &[String],
         requested_pods: Option<&[String]>,
+        nodeport: NodePortAddresses,
     ) -> anyhow::Result<Self> {
         let changes = netlink::Changes::open().context("subscribing to address changes")?;
         let mut maps = AddressMaps::take(ebpf)?;
-        let (devices, pods) =
-            resolve(requested, requested_pods).context("finding the --devices")?;
-        maps.program(&devices)
+        let Resolved {
+            devices,
+            pods,
+            node_addresses,
+        } = resolve(requested, requested_pods, &nodeport).context("finding the --devices")?;
+        maps.program(&devices, &node_addresses)
             .context("writing the node addresses")?;
-        let addresses = describe(&devices);
+        let addresses = describe(&node_addresses);
         info!(?addresses, "node addresses for NodePorts");
         Ok(Self {
             requested: requested.to_vec(),
             requested_pods: requested_pods.map(<[String]>::to_vec),
+            nodeport,
             devices,
+            node_addresses,
             pods,
             maps,
             changes: Some(changes),
         })
+    }
+
+    /// The addresses NodePorts answer on, as last written to the maps.
+    #[must_use]
+    pub fn node_addresses(&self) -> std::collections::BTreeSet<IpAddr> {
+        self.node_addresses.iter().map(|a| a.ip).collect()
     }
 
     /// The external devices' names, as last resolved.
@@ -320,28 +403,38 @@ impl NodeDevices {
     /// whether the set of devices the tc programs belong on changed. Failures are logged,
     /// and the next change tries again.
     pub fn refresh(&mut self) -> bool {
-        let (devices, pods) = match resolve(&self.requested, self.requested_pods.as_deref()) {
+        let resolved = match resolve(
+            &self.requested,
+            self.requested_pods.as_deref(),
+            &self.nodeport,
+        ) {
             Ok(resolved) => resolved,
             Err(e) => {
                 warn!(error = %e, "re-reading the devices failed; node addresses unchanged");
                 return false;
             }
         };
+        let Resolved {
+            devices,
+            pods,
+            node_addresses,
+        } = resolved;
         let names_changed = pods != self.pods
             || devices
                 .iter()
                 .map(|d| &d.name)
                 .ne(self.devices.iter().map(|d| &d.name));
         self.pods = pods;
-        if devices == self.devices {
+        if devices == self.devices && node_addresses == self.node_addresses {
             debug!("links or addresses changed, node addresses did not");
             return names_changed;
         }
-        let (added, removed) = address_changes(&self.devices, &devices);
-        match self.maps.program(&devices) {
+        let (added, removed) = address_changes(&self.node_addresses, &node_addresses);
+        match self.maps.program(&devices, &node_addresses) {
             Ok(()) => {
                 info!(?added, ?removed, "node addresses changed");
                 self.devices = devices;
+                self.node_addresses = node_addresses;
             }
             Err(e) => error!(
                 error = format!("{e:#}"),
@@ -352,21 +445,17 @@ impl NodeDevices {
     }
 }
 
-/// `ip (device)` for each address of `devices`.
-fn describe(devices: &[Device]) -> Vec<String> {
-    devices
+/// `ip (device)` for each address.
+fn describe(addresses: &[NodeAddress]) -> Vec<String> {
+    addresses
         .iter()
-        .flat_map(|d| {
-            let v4 = d.ipv4.iter().map(ToString::to_string);
-            let v6 = d.ipv6.iter().map(ToString::to_string);
-            v4.chain(v6).map(move |ip| format!("{ip} ({})", d.name))
-        })
+        .map(|a| format!("{} ({})", a.ip, a.device))
         .collect()
 }
 
 /// The addresses (as [`describe`] shows them) in `new` but not `old`, and in `old` but not
 /// `new`.
-fn address_changes(old: &[Device], new: &[Device]) -> (Vec<String>, Vec<String>) {
+fn address_changes(old: &[NodeAddress], new: &[NodeAddress]) -> (Vec<String>, Vec<String>) {
     let old = describe(old);
     let new = describe(new);
     let added = new.iter().filter(|a| !old.contains(a)).cloned().collect();
@@ -397,22 +486,28 @@ impl AddressMaps {
         })
     }
 
-    /// Makes the maps hold exactly `devices`' addresses (a device's SNAT source: its first
-    /// address of the family).
-    fn program(&mut self, devices: &[Device]) -> anyhow::Result<()> {
+    /// Makes the maps hold exactly the node addresses `addresses` and the `devices`' SNAT
+    /// sources (a device's first address of the family).
+    fn program(&mut self, devices: &[Device], addresses: &[NodeAddress]) -> anyhow::Result<()> {
         let node = |ifindex| NodeAddr { ifindex, flags: 0 };
         sync_map(
             &mut self.node_addrs4,
-            devices
+            addresses
                 .iter()
-                .flat_map(|d| d.ipv4.iter().map(|ip| (codec::ip4(*ip), node(d.ifindex))))
+                .filter_map(|a| match a.ip {
+                    IpAddr::V4(ip) => Some((codec::ip4(ip), node(a.ifindex))),
+                    IpAddr::V6(_) => None,
+                })
                 .collect(),
         )?;
         sync_map(
             &mut self.node_addrs6,
-            devices
+            addresses
                 .iter()
-                .flat_map(|d| d.ipv6.iter().map(|ip| (codec::ip6(*ip), node(d.ifindex))))
+                .filter_map(|a| match a.ip {
+                    IpAddr::V6(ip) => Some((codec::ip6(ip), node(a.ifindex))),
+                    IpAddr::V4(_) => None,
+                })
                 .collect(),
         )?;
         sync_map(
@@ -479,16 +574,25 @@ mod tests {
         assert_eq!(default_routes_in(route, &ipv6_route), ["eth0", "eth1"]);
     }
 
+    fn primary(devices: &[Device]) -> Vec<NodeAddress> {
+        node_addresses(
+            devices,
+            &Interfaces::new(),
+            &NodePortAddresses::Primary,
+            |_| None,
+        )
+    }
+
     #[test]
     fn address_changes_name_added_and_removed_addresses_with_their_device() {
-        let old = [
+        let old = primary(&[
             device("ext0", 2, &["192.168.50.1", "192.168.50.10"]),
             device("ext1", 3, &["192.168.51.1"]),
-        ];
-        let new = [
+        ]);
+        let new = primary(&[
             device("ext0", 2, &["192.168.50.1", "192.168.50.11"]),
             device("ext1", 3, &["192.168.51.1"]),
-        ];
+        ]);
         assert_eq!(
             address_changes(&old, &new),
             (
@@ -497,5 +601,57 @@ mod tests {
             )
         );
         assert_eq!(address_changes(&new, &new), (vec![], vec![]));
+    }
+
+    #[test]
+    fn nodeport_addresses_primary_is_the_devices_cidrs_any_interface() {
+        use nix::net::if_::InterfaceFlags;
+        let ips =
+            |list: &[&str]| -> Vec<IpAddr> { list.iter().map(|ip| ip.parse().unwrap()).collect() };
+        let mut interfaces = Interfaces::new();
+        let flags = InterfaceFlags::empty();
+        interfaces.insert("lo".into(), (flags, ips(&["127.0.0.1", "::1"])));
+        interfaces.insert(
+            "ext0".into(),
+            (flags, ips(&["192.168.50.1", "fd00::1", "fe80::1"])),
+        );
+        interfaces.insert("cni0".into(), (flags, ips(&["10.244.0.1"])));
+        let devices = [Device {
+            name: "ext0".into(),
+            ifindex: 2,
+            ipv4: vec!["192.168.50.1".parse().unwrap()],
+            ipv6: vec!["fd00::1".parse().unwrap()],
+        }];
+        let index = |name: &str| match name {
+            "lo" => Some(1),
+            "ext0" => Some(2),
+            "cni0" => Some(3),
+            _ => None,
+        };
+        let list = |nodeport: &NodePortAddresses| {
+            let mut found = describe(&node_addresses(&devices, &interfaces, nodeport, index));
+            found.sort();
+            found
+        };
+        assert_eq!(
+            list(&NodePortAddresses::Primary),
+            ["192.168.50.1 (ext0)", "fd00::1 (ext0)"]
+        );
+        let cidrs = |list: &[&str]| {
+            NodePortAddresses::Cidrs(list.iter().map(|c| c.parse().unwrap()).collect())
+        };
+        // No IPv6 CIDR: every IPv6 address but link-local and loopback.
+        assert_eq!(
+            list(&cidrs(&["10.244.0.0/16"])),
+            ["10.244.0.1 (cni0)", "fd00::1 (ext0)"]
+        );
+        assert_eq!(
+            list(&cidrs(&["0.0.0.0/0", "::/0"])),
+            ["10.244.0.1 (cni0)", "192.168.50.1 (ext0)", "fd00::1 (ext0)"]
+        );
+        assert_eq!(
+            list(&cidrs(&["192.168.50.1/32", "fd00:1::/64"])),
+            ["192.168.50.1 (ext0)"]
+        );
     }
 }

@@ -15,6 +15,7 @@ pub mod maps;
 pub mod model;
 pub mod mounts;
 pub mod netlink;
+pub mod ownership;
 pub mod source;
 pub mod stale;
 pub mod state;

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, conntrack, inspect, loader, mounts, telemetry};
+use lb_agent::{agent, conntrack, inspect, loader, mounts, ownership, telemetry};
 
 /// Node agent of an eBPF Kubernetes service load balancer (a kube-proxy replacement).
 ///
@@ -83,6 +83,28 @@ enum Command {
             value_delimiter = ','
         )]
         pod_devices: Vec<String>,
+        /// Node addresses NodePorts answer on (comma-separated): `primary`, the addresses
+        /// of the --devices (kube-proxy's `primary` is the Node's primary IPs; the devices
+        /// are how this node is reached from outside), or CIDRs: every address of the node
+        /// inside them, loopback excepted (a family without a CIDR: all of that family).
+        #[arg(
+            long,
+            env = "LB_NODEPORT_ADDRESSES",
+            value_name = "primary|CIDR,...",
+            value_delimiter = ',',
+            default_value = "primary"
+        )]
+        nodeport_addresses: Vec<ownership::NodePortAddress>,
+        /// CIDRs (comma-separated) a Service's spec.externalIPs must be inside to be
+        /// taken; the others are reported on their Service and not programmed
+        /// [default: all].
+        #[arg(
+            long,
+            env = "LB_EXTERNAL_IP_CIDRS",
+            value_name = "CIDR,...",
+            value_delimiter = ','
+        )]
+        external_ip_cidrs: Vec<ownership::Cidr>,
         #[command(flatten)]
         pins: PinArgs,
         #[command(flatten)]
@@ -154,9 +176,14 @@ fn main() -> anyhow::Result<()> {
             devices,
             socket_lb,
             pod_devices,
+            nodeport_addresses,
+            external_ip_cidrs,
             pins,
             api,
         } => {
+            let nodeport_addresses =
+                ownership::NodePortAddresses::from_elements(&nodeport_addresses)
+                    .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
             let cgroup = match cgroup {
                 Some(path) => path,
                 None => mounts::cgroup2_root().context("finding the cgroup2 mount for --cgroup")?,
@@ -174,6 +201,8 @@ fn main() -> anyhow::Result<()> {
                 devices,
                 socket_lb,
                 pod_devices,
+                nodeport_addresses,
+                external_ip_cidrs: ownership::ExternalIpCidrs(external_ip_cidrs),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

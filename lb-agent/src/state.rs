@@ -2,7 +2,11 @@
 //! Service translates to, and the frontends that result. Changes arrive object by object;
 //! only the Services they touch are translated again, so a watch event costs one Service,
 //! and [`ClusterState::recompute`] says exactly which frontends changed.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
@@ -11,10 +15,11 @@ use k8s_openapi::api::{
 
 use crate::{
     categorize::NodeTopology,
-    model::{DesiredState, HealthCheck, L4Addr, ObjectRef},
+    model::{DesiredState, Frontend, FrontendKind, HealthCheck, L4Addr, ObjectRef},
+    ownership::{self, ExternalIpCidrs},
     translate::{
-        Problem, SERVICE_NAME_LABEL, ServiceTranslation, Skipped, Sourced, ValidPod, ValidSlice,
-        translate_service, validate_pod, validate_slice,
+        HEADLESS_LABEL, Problem, SERVICE_NAME_LABEL, ServiceTranslation, Skipped, Sourced,
+        ValidPod, ValidSlice, translate_service, validate_pod, validate_slice,
     },
 };
 
@@ -26,6 +31,15 @@ struct SliceEntry {
     /// The Service named by its label, valid or not.
     service: Option<ObjectRef>,
     valid: Option<ValidSlice>,
+}
+
+/// A Service that wants a frontend address and does not get it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Loser {
+    service: ObjectRef,
+    /// The field the address comes from.
+    field: String,
+    message: String,
 }
 
 #[derive(Debug)]
@@ -51,8 +65,22 @@ pub struct ClusterState {
     object_problems: BTreeMap<(&'static str, ObjectRef), Vec<Problem>>,
     /// The translation of every Service.
     results: HashMap<ObjectRef, ServiceTranslation>,
-    /// The Services that want each frontend address; the first in name order gets it.
+    /// The Services that want each frontend address; [`ClusterState::decide`] says which
+    /// gets it.
     contenders: HashMap<L4Addr, BTreeSet<ObjectRef>>,
+    /// The addresses in `contenders`, by IP (a ClusterIP appearing refuses external IPs
+    /// equal to it on every port).
+    by_ip: HashMap<IpAddr, BTreeSet<L4Addr>>,
+    /// The Services holding each ClusterIP.
+    cluster_ips: HashMap<IpAddr, BTreeSet<ObjectRef>>,
+    /// `--external-ip-cidrs`.
+    external_ip_cidrs: ExternalIpCidrs,
+    /// This node's NodePort addresses, as the node-address maps hold them.
+    node_addresses: BTreeSet<IpAddr>,
+    /// IPs whose frontends are to be decided again (the node addresses changed).
+    pending_ips: BTreeSet<IpAddr>,
+    /// The Services that want an address and do not get it, and why.
+    losers: HashMap<L4Addr, Vec<Loser>>,
     desired: DesiredState,
     /// Services to translate again.
     dirty: BTreeSet<ObjectRef>,
@@ -79,6 +107,25 @@ impl ClusterState {
         }
         self.node_zone = zone;
         self.dirty.extend(self.services.keys().cloned());
+    }
+
+    /// Sets `--external-ip-cidrs`: external IPs outside them are not taken.
+    pub fn set_external_ip_cidrs(&mut self, cidrs: ExternalIpCidrs) {
+        if self.external_ip_cidrs != cidrs {
+            self.external_ip_cidrs = cidrs;
+            self.pending_ips.extend(self.by_ip.keys().copied());
+        }
+    }
+
+    /// Sets this node's NodePort addresses (what the node-address maps hold): an external
+    /// IP on one of them yields to another Service's NodePort on the same port.
+    pub fn set_node_addresses(&mut self, addresses: BTreeSet<IpAddr>) {
+        self.pending_ips.extend(
+            self.node_addresses
+                .symmetric_difference(&addresses)
+                .copied(),
+        );
+        self.node_addresses = addresses;
     }
 
     /// This node's zone, as last set.
@@ -229,6 +276,7 @@ impl ClusterState {
     /// removed), sorted.
     pub fn recompute(&mut self) -> Vec<L4Addr> {
         let mut touched = BTreeSet::new();
+        let mut ips = std::mem::take(&mut self.pending_ips);
         for id in std::mem::take(&mut self.dirty) {
             let new = self.services.get(&id).map(|service| {
                 let slices: Option<Vec<&ValidSlice>> = self.slices_by_service.get(&id).map(|ids| {
@@ -264,11 +312,27 @@ impl ClusterState {
             if problems(old.as_ref()) != problems(self.results.get(&id)) {
                 self.problems_version += 1;
             }
+            let old_ips = cluster_ips_of(old.as_ref());
+            let new_ips = cluster_ips_of(self.results.get(&id));
+            for ip in old_ips.difference(&new_ips) {
+                if let Some(set) = self.cluster_ips.get_mut(ip) {
+                    set.remove(&id);
+                    if set.is_empty() {
+                        self.cluster_ips.remove(ip);
+                    }
+                }
+                ips.insert(*ip);
+            }
+            for ip in new_ips.difference(&old_ips) {
+                self.cluster_ips.entry(*ip).or_default().insert(id.clone());
+                ips.insert(*ip);
+            }
             for f in old.iter().flat_map(|r| &r.frontends) {
                 if let Some(set) = self.contenders.get_mut(&f.address) {
                     set.remove(&id);
                     if set.is_empty() {
                         self.contenders.remove(&f.address);
+                        remove_from(&mut self.by_ip, &f.address);
                     }
                 }
                 touched.insert(f.address);
@@ -278,34 +342,135 @@ impl ClusterState {
                     .entry(f.address)
                     .or_default()
                     .insert(id.clone());
+                self.by_ip
+                    .entry(f.address.address)
+                    .or_default()
+                    .insert(f.address);
                 touched.insert(f.address);
             }
         }
-        let mut changed = Vec::new();
-        if touched
-            .iter()
-            .any(|a| self.contenders.get(a).is_some_and(|set| set.len() > 1))
-        {
-            // A conflict may have appeared, moved or gone (the reports name the owner).
-            self.problems_version += 1;
+        // A ClusterIP that came or went, or a node address: every frontend on that IP.
+        for ip in &ips {
+            touched.extend(self.by_ip.get(ip).into_iter().flatten().copied());
         }
+        // A NodePort that came or went: the external IPs on node addresses on its port.
+        let node_ports: Vec<L4Addr> = touched
+            .iter()
+            .filter(|a| a.address.is_unspecified())
+            .copied()
+            .collect();
+        for node_port in node_ports {
+            for ip in &self.node_addresses {
+                touched.extend(
+                    self.by_ip
+                        .get(ip)
+                        .into_iter()
+                        .flatten()
+                        .filter(|a| a.port == node_port.port && a.protocol == node_port.protocol),
+                );
+            }
+        }
+        let mut changed = Vec::new();
         for address in touched {
-            let wanted = self
-                .contenders
-                .get(&address)
-                .and_then(|set| set.first())
-                .and_then(|owner| self.results.get(owner))
-                .and_then(|r| r.frontends.iter().find(|f| f.address == address));
-            if self.desired.get(&address).map(AsRef::as_ref) == wanted.map(AsRef::as_ref) {
+            let (wanted, losers) = self.decide(&address);
+            let old_losers = if losers.is_empty() {
+                self.losers.remove(&address)
+            } else {
+                self.losers.insert(address, losers)
+            };
+            if old_losers.as_ref() != self.losers.get(&address) {
+                // A conflict or refusal appeared, moved or went (the reports name them).
+                self.problems_version += 1;
+            }
+            if self.desired.get(&address).map(AsRef::as_ref) == wanted.as_deref() {
                 continue;
             }
             match wanted {
-                Some(frontend) => self.desired.insert(address, frontend.clone()),
+                Some(frontend) => self.desired.insert(address, frontend),
                 None => self.desired.remove(&address),
             };
             changed.push(address);
         }
         changed
+    }
+
+    /// Which Service's frontend takes `address` (see [`ownership`]), and the Services that
+    /// want it and do not get it, with why.
+    fn decide(&self, address: &L4Addr) -> (Option<Arc<Frontend>>, Vec<Loser>) {
+        let Some(set) = self.contenders.get(address) else {
+            return (None, Vec::new());
+        };
+        let frontend_of = |id: &ObjectRef, address: &L4Addr| {
+            self.results
+                .get(id)?
+                .frontends
+                .iter()
+                .find(|f| f.address == *address)
+        };
+        let node_port_owner = |key: &L4Addr| {
+            self.contenders
+                .get(key)?
+                .iter()
+                .find(|id| frontend_of(id, key).is_some_and(|f| f.kind == FrontendKind::NodePort))
+                .cloned()
+        };
+        let context = ownership::Context {
+            cluster_ips: &self.cluster_ips,
+            external_ip_cidrs: &self.external_ip_cidrs,
+            node_addresses: &self.node_addresses,
+            node_port_owner: &node_port_owner,
+        };
+        let port_field = |id: &ObjectRef| {
+            self.results
+                .get(id)
+                .and_then(|r| r.fields.iter().find(|(a, _)| a == address))
+                .map(|(_, field)| field.clone())
+                .unwrap_or_default()
+        };
+        let mut losers = Vec::new();
+        let mut eligible = Vec::new();
+        for id in set {
+            // One Service may want the address twice (an external IP that is also one of
+            // its LoadBalancer IPs): each refusal is reported, the first allowed is kept.
+            let mut allowed = None;
+            let mine = self.results.get(id).into_iter().flat_map(|r| &r.frontends);
+            for frontend in mine.filter(|f| f.address == *address) {
+                match ownership::refusal(frontend, &context) {
+                    Some(message) => losers.push(Loser {
+                        service: id.clone(),
+                        field: self
+                            .services
+                            .get(id)
+                            .and_then(|s| ownership::address_field(&s.object, frontend))
+                            .unwrap_or_else(|| port_field(id)),
+                        message,
+                    }),
+                    None => {
+                        allowed.get_or_insert(frontend);
+                    }
+                }
+            }
+            eligible.extend(allowed);
+        }
+        eligible.sort_by(|a, b| ownership::rank(a).cmp(&ownership::rank(b)));
+        let winner = eligible.first().map(|f| (*f).clone());
+        if let Some(owner) = &winner {
+            for frontend in eligible.iter().skip(1) {
+                losers.push(Loser {
+                    service: frontend.service.clone(),
+                    field: port_field(&frontend.service),
+                    message: if address.address.is_unspecified() {
+                        format!(
+                            "nodePort {}/{} is already taken by Service {}",
+                            address.port, address.protocol, owner.service
+                        )
+                    } else {
+                        format!("{address} is already taken by Service {}", owner.service)
+                    },
+                });
+            }
+        }
+        (winner, losers)
     }
 
     /// The frontends as of the last [`Self::recompute`].
@@ -314,8 +479,8 @@ impl ClusterState {
         &self.desired
     }
 
-    /// Every current problem, sorted: invalid objects, and Services that lost a frontend
-    /// address to another Service.
+    /// Every current problem, sorted: invalid objects, Services that lost a frontend
+    /// address to another Service, and addresses refused (see [`ownership`]).
     #[must_use]
     pub fn problems(&self) -> Vec<Problem> {
         let mut problems: Vec<Problem> = self.object_problems.values().flatten().cloned().collect();
@@ -324,36 +489,24 @@ impl ClusterState {
                 .values()
                 .flat_map(|r| r.problems.iter().cloned()),
         );
-        for (address, set) in self.contenders.iter().filter(|(_, set)| set.len() > 1) {
-            let owner = set.first().map(ToString::to_string).unwrap_or_default();
-            for loser in set.iter().skip(1) {
-                let field = self
-                    .results
-                    .get(loser)
-                    .and_then(|r| r.fields.iter().find(|(a, _)| a == address));
-                problems.push(Problem {
-                    origin: self
-                        .services
-                        .get(loser)
-                        .map(|s| s.origin.to_string())
-                        .unwrap_or_default(),
-                    object: format!("Service {loser}"),
-                    field: field.map(|(_, f)| f.clone()).unwrap_or_default(),
-                    message: if address.address.is_unspecified() {
-                        format!(
-                            "nodePort {}/{} is already taken by Service {owner}",
-                            address.port, address.protocol
-                        )
-                    } else {
-                        format!("{address} is already taken by Service {owner}")
-                    },
-                });
-            }
+        for loser in self.losers.values().flatten() {
+            problems.push(Problem {
+                origin: self
+                    .services
+                    .get(&loser.service)
+                    .map(|s| s.origin.to_string())
+                    .unwrap_or_default(),
+                object: format!("Service {}", loser.service),
+                field: loser.field.clone(),
+                message: loser.message.clone(),
+            });
         }
         problems.sort_by(|a, b| {
             (&a.origin, &a.object, &a.field, &a.message)
                 .cmp(&(&b.origin, &b.object, &b.field, &b.message))
         });
+        // One refused external IP is refused on each of its ports: one report.
+        problems.dedup();
         problems
     }
 
@@ -420,12 +573,38 @@ impl ClusterState {
     }
 }
 
+/// The ClusterIPs among a translation's frontends.
+fn cluster_ips_of(result: Option<&ServiceTranslation>) -> BTreeSet<IpAddr> {
+    result
+        .iter()
+        .flat_map(|r| &r.frontends)
+        .filter(|f| f.kind == FrontendKind::ClusterIp)
+        .map(|f| f.address.address)
+        .collect()
+}
+
+/// Removes `address` from the index by IP.
+fn remove_from(by_ip: &mut HashMap<IpAddr, BTreeSet<L4Addr>>, address: &L4Addr) {
+    if let Some(set) = by_ip.get_mut(&address.address) {
+        set.remove(address);
+        if set.is_empty() {
+            by_ip.remove(&address.address);
+        }
+    }
+}
+
 fn same<T: PartialEq>(a: &Sourced<T>, b: &Sourced<T>) -> bool {
     a.object == b.object && a.origin == b.origin
 }
 
+/// The Service a slice belongs to; `None` also for a headless Service's slice, which the
+/// proxy ignores altogether (it does not even make the Service one "with slices").
 fn slice_service(slice: &EndpointSlice) -> Option<ObjectRef> {
-    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let labels = slice.metadata.labels.as_ref()?;
+    if labels.contains_key(HEADLESS_LABEL) {
+        return None;
+    }
+    let name = labels.get(SERVICE_NAME_LABEL)?;
     Some(ObjectRef {
         namespace: slice
             .metadata

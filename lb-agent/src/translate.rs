@@ -21,6 +21,10 @@ use crate::model::{
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Label that hands a Service to another proxy (kube-proxy skips these too).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the EndpointSlice controller puts on the slices of a headless Service (the
+/// API's `v1.IsHeadlessService`); kube-proxy's informers exclude Services and
+/// EndpointSlices carrying it, whatever its value.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// An object and where it came from (a file path, or `api`), for error messages.
 #[derive(Clone, Debug)]
@@ -392,6 +396,10 @@ fn validate_service(
             out,
             &format!("{SERVICE_PROXY_NAME_LABEL}={proxy}: left to that proxy"),
         );
+        return None;
+    }
+    if label(&svc.metadata, HEADLESS_LABEL).is_some() {
+        skip(out, &format!("{HEADLESS_LABEL} label: not proxied"));
         return None;
     }
     let mut check = Checker::new(&sourced.origin, "Service", &svc.metadata);
@@ -921,6 +929,10 @@ pub fn validate_slice(
         let Some(service) = label(&slice.metadata, SERVICE_NAME_LABEL) else {
             return (None, problems);
         };
+        if label(&slice.metadata, HEADLESS_LABEL).is_some() {
+            // A headless Service's slice: not the proxy's (kube-proxy never sees one).
+            return (None, problems);
+        }
         let service = ObjectRef {
             namespace: namespace(&slice.metadata),
             name: service.to_string(),
@@ -948,7 +960,10 @@ pub fn validate_slice(
         };
         for (e, endpoint) in slice.endpoints.iter().flatten().enumerate() {
             let mut addresses = Vec::new();
-            for (a, text) in endpoint.addresses.iter().enumerate() {
+            // Only the first address is the endpoint's, as kube-proxy reads it (the API
+            // says the others are fungible and consumers use the first); the rest are
+            // ignored, not even validated.
+            for (a, text) in endpoint.addresses.iter().enumerate().take(1) {
                 match text.parse::<IpAddr>() {
                     Ok(ip) if ip.is_ipv4() == want_v4 => addresses.push(ip),
                     _ => check.fail(

@@ -1053,3 +1053,48 @@ fn mac_of(env: &TestEnv, device: &str) -> String {
         .unwrap_or_else(|| panic!("no address in {out}"))
         .to_owned()
 }
+
+#[test]
+fn nodeport_addresses_limit_the_node_addresses_a_node_port_answers_on() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    env.topo.node().ip(&[
+        "addr",
+        "add",
+        &format!("{ADDED_NODE_IP}/24"),
+        "dev",
+        EXT_DEVICE,
+    ]);
+    let only = format!("{ADDED_NODE_IP}/32");
+    let mut agent = start_agent(&env, &["--nodeport-addresses", &only]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    let inside = client
+        .client_with()
+        .count(5)
+        .run(&format!("{ADDED_NODE_IP}:{NODE_PORT}"));
+    let outside = client
+        .client_with()
+        .count(3)
+        .timeout_ms(300)
+        .run(&node_port_target());
+
+    assert_eq!(inside.count("webapp1"), 5, "{inside:?}");
+    assert_eq!(
+        outside.ok, 0,
+        "{NODE_EXT_IP} is outside --nodeport-addresses {only}: {outside:?}"
+    );
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node addresses for NodePorts")
+                && l.contains("192.168.50.10 (ext0)")
+                && !l.contains(&format!("\"{NODE_EXT_IP} (ext0)\""))),
+        "only the selected address is a NodePort address: {log}"
+    );
+}

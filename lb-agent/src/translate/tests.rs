@@ -309,6 +309,8 @@ fn terminating_and_finished_pods_take_no_new_connections() {
         ),
         pod("c", "default", APP_WEB, "10.244.0.4", true, HTTP_8080)
             .replace("status:\n", "status:\n  phase: Succeeded\n"),
+        pod("d", "default", APP_WEB, "10.244.0.5", true, HTTP_8080)
+            .replace("status:\n", "status:\n  phase: Failed\n"),
     ]
     .concat();
     assert_eq!(
@@ -1008,5 +1010,323 @@ fn load_balancer_source_ranges_guard_only_the_load_balancer_ips() {
         [
             "test.yaml: Service default/web: spec.loadBalancerSourceRanges[0]: \"10.0.0.0/33\" is not a CIDR"
         ]
+    );
+}
+
+/// A Service with `extra` spec lines (external IPs, a type) and `status`.
+fn service_with(name: &str, ip: &str, extra: &str, ports: &str, status: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: web}}\n{extra}  ports: {ports}\n{status}"
+    )
+}
+
+/// A state holding the objects of `yaml`, recomputed.
+fn state_of(
+    yaml: &str,
+    setup: impl FnOnce(&mut crate::state::ClusterState),
+) -> crate::state::ClusterState {
+    let objects = objects(yaml);
+    let mut state = crate::state::ClusterState::new(None);
+    setup(&mut state);
+    state.replace_services(objects.services);
+    state.replace_slices(objects.endpoint_slices);
+    state.replace_pods(objects.pods);
+    state.recompute();
+    state
+}
+
+/// `address service` for every frontend.
+fn owners(state: &crate::state::ClusterState) -> Vec<String> {
+    state
+        .desired()
+        .values()
+        .map(|f| format!("{} {}", f.address, f.service.name))
+        .collect()
+}
+
+fn problem_lines(state: &crate::state::ClusterState) -> Vec<String> {
+    state.problems().iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn an_external_or_load_balancer_ip_equal_to_another_services_cluster_ip_is_not_taken() {
+    // "a-hijack" sorts first: the old first-by-name rule would have given it 10.96.0.10:53.
+    let yaml = [
+        service_with("dns", "10.96.0.10", "", "[{name: dns, port: 53, protocol: UDP}]", ""),
+        service_with(
+            "a-hijack",
+            "10.96.0.20",
+            "  type: LoadBalancer\n  externalIPs: [192.168.60.1, 10.96.0.10]\n",
+            "[{name: dns, port: 53, protocol: UDP, nodePort: 30053}, {name: web, port: 80, nodePort: 30080}]",
+            "status:\n  loadBalancer:\n    ingress: [{ip: 10.96.0.10}]\n",
+        ),
+    ]
+    .concat();
+    let state = state_of(&yaml, |_| {});
+    assert_eq!(
+        owners(&state),
+        [
+            "0.0.0.0:30053/UDP a-hijack",
+            "0.0.0.0:30080/TCP a-hijack",
+            // Refused on every port, not only the ClusterIP's own port 53.
+            "10.96.0.10:53/UDP dns",
+            "10.96.0.20:53/UDP a-hijack",
+            "10.96.0.20:80/TCP a-hijack",
+            "192.168.60.1:53/UDP a-hijack",
+            "192.168.60.1:80/TCP a-hijack",
+        ]
+    );
+    assert_eq!(
+        problem_lines(&state),
+        [
+            "test.yaml: Service default/a-hijack: spec.externalIPs[1]: 10.96.0.10 is the ClusterIP of Service default/dns; not taken",
+            "test.yaml: Service default/a-hijack: status.loadBalancer.ingress[0].ip: 10.96.0.10 is the ClusterIP of Service default/dns; not taken",
+        ]
+    );
+}
+
+#[test]
+fn a_cluster_ip_arriving_later_takes_its_address_back_and_leaving_releases_it() {
+    let hijack = service_with(
+        "a-hijack",
+        "10.96.0.20",
+        "  externalIPs: [10.96.0.10]\n",
+        "[{port: 53, protocol: UDP}, {name: web, port: 80}]",
+        "",
+    );
+    let dns = service_with("dns", "10.96.0.10", "", "[{port: 53, protocol: UDP}]", "");
+    let mut state = state_of(&hijack, |_| {});
+    assert!(owners(&state).contains(&"10.96.0.10:53/UDP a-hijack".to_string()));
+    let version = state.problems_version();
+    for object in objects(&dns).services {
+        state.apply_service(object);
+    }
+    let changed: Vec<String> = state.recompute().iter().map(ToString::to_string).collect();
+    // Port 80 changed too, though the new Service has no port 80.
+    assert_eq!(changed, ["10.96.0.10:53/UDP", "10.96.0.10:80/TCP"]);
+    assert!(owners(&state).contains(&"10.96.0.10:53/UDP dns".to_string()));
+    assert!(
+        !owners(&state)
+            .iter()
+            .any(|o| o.starts_with("10.96.0.10:80"))
+    );
+    assert_ne!(state.problems_version(), version);
+    assert_eq!(
+        problem_lines(&state).len(),
+        1,
+        "{:?}",
+        problem_lines(&state)
+    );
+    state.delete_service(&ObjectRef {
+        namespace: "default".into(),
+        name: "dns".into(),
+    });
+    state.recompute();
+    assert!(problem_lines(&state).is_empty());
+    assert!(owners(&state).contains(&"10.96.0.10:80/TCP a-hijack".to_string()));
+}
+
+#[test]
+fn external_ips_outside_the_allowed_cidrs_are_not_taken() {
+    let yaml = service_with(
+        "web",
+        "10.96.0.10",
+        "  type: LoadBalancer\n  externalIPs: [192.168.60.1, 203.0.113.7]\n",
+        "[{port: 80, nodePort: 30080}]",
+        "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.1}]\n",
+    );
+    let cidrs = crate::ownership::ExternalIpCidrs(vec!["192.168.0.0/16".parse().unwrap()]);
+    let state = state_of(&yaml, |s| s.set_external_ip_cidrs(cidrs));
+    assert_eq!(
+        owners(&state),
+        [
+            "0.0.0.0:30080/TCP web",
+            "10.96.0.10:80/TCP web",
+            "192.168.60.1:80/TCP web",
+            // A LoadBalancer IP is the provider's, not the Service author's: not filtered.
+            "198.51.100.1:80/TCP web",
+        ]
+    );
+    assert_eq!(
+        problem_lines(&state),
+        [
+            "test.yaml: Service default/web: spec.externalIPs[1]: 203.0.113.7 is outside --external-ip-cidrs (192.168.0.0/16); not taken"
+        ]
+    );
+    // No CIDRs given: every external IP is honoured.
+    assert_eq!(owners(&state_of(&yaml, |_| {})).len(), 5);
+}
+
+#[test]
+fn a_node_port_wins_over_an_external_ip_on_a_node_address() {
+    let yaml = [
+        service_with(
+            "np",
+            "10.96.0.10",
+            "  type: NodePort\n",
+            "[{port: 80, nodePort: 30080}]",
+            "",
+        ),
+        service_with(
+            "a-ext",
+            "10.96.0.20",
+            "  externalIPs: [192.168.50.1]\n",
+            "[{name: a, port: 30080}, {name: b, port: 80}]",
+            "",
+        ),
+    ]
+    .concat();
+    let node = std::collections::BTreeSet::from(["192.168.50.1".parse::<IpAddr>().unwrap()]);
+    let mut state = state_of(&yaml, |s| s.set_node_addresses(node));
+    assert_eq!(
+        owners(&state),
+        [
+            "0.0.0.0:30080/TCP np",
+            "10.96.0.10:80/TCP np",
+            "10.96.0.20:80/TCP a-ext",
+            "10.96.0.20:30080/TCP a-ext",
+            // A node address as external IP is served (as kube-proxy does)...
+            "192.168.50.1:80/TCP a-ext",
+        ]
+    );
+    // ...but not on the port of another Service's NodePort.
+    assert_eq!(
+        problem_lines(&state),
+        [
+            "test.yaml: Service default/a-ext: spec.externalIPs[0]: 192.168.50.1 is a node address, where nodePort 30080/TCP of Service default/np answers; not taken"
+        ]
+    );
+    // The address stops being a node address: the external IP takes its port.
+    state.set_node_addresses(std::collections::BTreeSet::new());
+    let changed: Vec<String> = state.recompute().iter().map(ToString::to_string).collect();
+    assert_eq!(changed, ["192.168.50.1:30080/TCP"]);
+    assert!(problem_lines(&state).is_empty());
+    // The NodePort goes: same.
+    let mut state = state_of(&yaml, |s| {
+        s.set_node_addresses(std::collections::BTreeSet::from(["192.168.50.1"
+            .parse::<IpAddr>()
+            .unwrap()]));
+    });
+    state.delete_service(&ObjectRef {
+        namespace: "default".into(),
+        name: "np".into(),
+    });
+    state.recompute();
+    assert!(owners(&state).contains(&"192.168.50.1:30080/TCP a-ext".to_string()));
+    assert!(problem_lines(&state).is_empty());
+}
+
+#[test]
+fn special_addresses_are_never_external_ips() {
+    // 0.0.0.0 is how the maps spell a NodePort on every node address.
+    let yaml = [
+        service_with(
+            "np",
+            "10.96.0.10",
+            "  type: NodePort\n",
+            "[{port: 80, nodePort: 30080}]",
+            "",
+        ),
+        service_with(
+            "a-any",
+            "10.96.0.20",
+            "  externalIPs: [0.0.0.0, 127.0.0.1, 169.254.1.1]\n",
+            "[{port: 30080}]",
+            "",
+        ),
+    ]
+    .concat();
+    let state = state_of(&yaml, |_| {});
+    assert_eq!(
+        owners(&state),
+        [
+            "0.0.0.0:30080/TCP np",
+            "10.96.0.10:80/TCP np",
+            "10.96.0.20:30080/TCP a-any"
+        ]
+    );
+    let problems = problem_lines(&state);
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(
+        problems[0].contains("spec.externalIPs[0]: 0.0.0.0 is not a unicast address"),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn the_headless_label_leaves_services_and_slices_alone_as_kube_proxy() {
+    let labelled = |yaml: String| {
+        yaml.replacen(
+            "metadata: {",
+            "metadata: {labels: {service.kubernetes.io/headless: \"\"}, ",
+            1,
+        )
+    };
+    let yaml = [
+        labelled(service(
+            "marked",
+            "default",
+            "10.96.0.11",
+            WEB_PORTS,
+            APP_WEB,
+        )),
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        slice(
+            "web-1",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.2]}]",
+            "[{port: 8080}]",
+        ),
+        // Ignored altogether: neither its endpoint nor "the Service has slices".
+        slice(
+            "web-headless",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.9]}]",
+            "[{port: 8080}]",
+        )
+        .replace(
+            "labels: {",
+            "labels: {service.kubernetes.io/headless: \"\", ",
+        ),
+    ]
+    .concat();
+    let translation = translate(&objects(&yaml));
+    assert_eq!(
+        render(&translation),
+        ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP"]
+    );
+    assert_eq!(
+        translation.skipped,
+        [Skipped {
+            object: "Service default/marked".into(),
+            reason: "service.kubernetes.io/headless label: not proxied".into()
+        }]
+    );
+    assert!(
+        translation.problems.is_empty(),
+        "{:?}",
+        translation.problems
+    );
+}
+
+#[test]
+fn only_the_first_address_of_an_endpoint_is_used() {
+    let yaml = [
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        // The second and third addresses are ignored, even when they are not addresses.
+        slice(
+            "web-1",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.2, 10.244.0.3, not-an-ip]}, {addresses: []}]",
+            "[{port: 8080}]",
+        ),
+    ]
+    .concat();
+    assert_eq!(
+        frontends(&yaml),
+        ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP"]
     );
 }
