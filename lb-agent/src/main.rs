@@ -83,6 +83,18 @@ enum Command {
             value_delimiter = ','
         )]
         pod_devices: Vec<String>,
+        /// Address of kube-proxy's node health server: /healthz (503 when a change has
+        /// waited unsynced for over 60 s, or when this node's Node is being deleted or
+        /// tainted ToBeDeletedByClusterAutoscaler) and /livez (the same without the
+        /// node's eligibility). An unspecified IP (0.0.0.0 or [::]) listens on both
+        /// IPv4 and IPv6; empty disables it.
+        #[arg(
+            long,
+            env = "LB_HEALTHZ_BIND_ADDRESS",
+            value_name = "IP:PORT",
+            default_value = "0.0.0.0:10256"
+        )]
+        healthz_bind_address: BindAddress,
         #[command(flatten)]
         pins: PinArgs,
         #[command(flatten)]
@@ -125,6 +137,21 @@ struct ApiArgs {
     api_addr: Option<std::net::SocketAddr>,
 }
 
+/// `IP:PORT`, or empty for none.
+#[derive(Clone, Copy, Debug)]
+struct BindAddress(Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for BindAddress {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" => Ok(Self(None)),
+            addr => addr.parse().map(|addr| Self(Some(addr))),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct PinArgs {
     /// Directory in a bpf filesystem for the pinned maps and links (bpffs is mounted at
@@ -154,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             devices,
             socket_lb,
             pod_devices,
+            healthz_bind_address,
             pins,
             api,
         } => {
@@ -171,6 +199,7 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 pin_dir: pins.bpf_pin_path,
                 api_addr: api.api_addr,
+                healthz_addr: healthz_bind_address.0,
                 devices,
                 socket_lb,
                 pod_devices,
