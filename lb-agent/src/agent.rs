@@ -244,7 +244,9 @@ async fn run_kube<M: LbMaps>(
         while let Ok(update) = updates.try_recv() {
             applier.apply(&mut reconciler.state, update);
         }
-        reconciler.health.set_node_eligible(applier.node().eligible());
+        reconciler
+            .health
+            .set_node_eligible(applier.node().eligible());
         if !applier.initial_lists_done() {
             continue;
         }

@@ -169,7 +169,10 @@ mod tests {
         assert!(!NodeInfo::of(&tainted).eligible);
         // Only the autoscaler's taint counts, not cordoning or other taints.
         tainted.spec = Some(NodeSpec {
-            taints: Some(vec![taint("node.kubernetes.io/unschedulable", "NoSchedule")]),
+            taints: Some(vec![taint(
+                "node.kubernetes.io/unschedulable",
+                "NoSchedule",
+            )]),
             unschedulable: Some(true),
             ..NodeSpec::default()
         });

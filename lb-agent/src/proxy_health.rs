@@ -116,7 +116,10 @@ impl ProxyHealth {
     }
 
     fn read(&self) -> Inner {
-        *self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self
+            .inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self, change: impl FnOnce(&mut Inner)) {

@@ -589,7 +589,10 @@ spec:
 ";
         let parsed = parse_manifest("nodes.yaml", text);
         assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
-        assert_eq!(parsed.objects[1].identity(), ("Node", String::new(), "node-a".into()));
+        assert_eq!(
+            parsed.objects[1].identity(),
+            ("Node", String::new(), "node-a".into())
+        );
         let mut state = crate::state::ClusterState::new(Some("node-a".into()));
         let mut node = ThisNode::new(Some("node-a".into()));
         for object in parsed.objects {
