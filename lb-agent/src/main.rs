@@ -33,8 +33,8 @@ enum Command {
     /// On exit the programs stay attached and the maps pinned, so Services keep working;
     /// the next `run` adopts them and applies what changed meanwhile.
     Run {
-        /// Directory of Kubernetes YAML (*.yaml, *.yml; multi-document; v1 Services and
-        /// Pods, discovery.k8s.io/v1 EndpointSlices; other kinds are ignored), watched
+        /// Directory of Kubernetes YAML (*.yaml, *.yml; multi-document; v1 Services, Pods
+        /// and Nodes, discovery.k8s.io/v1 EndpointSlices; other kinds are ignored), watched
         /// for changes. Without it, the agent watches the API server.
         #[arg(
             long,
@@ -48,7 +48,8 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         kubeconfig: Option<PathBuf>,
         /// Name of this node (the DaemonSet passes it from the downward API), for the
-        /// node-local traffic policies.
+        /// node-local traffic policies; its Node object (watched by name, or in --manifests)
+        /// gives the node's zone and whether /healthz drains it.
         #[arg(long, env = "NODE_NAME", value_name = "NAME")]
         node_name: Option<String>,
         /// cgroup v2 directory whose processes get Service translation
