@@ -1,5 +1,6 @@
-//! A protocol-faithful fake of the Kubernetes API server for two resources, `v1` Services
-//! and `discovery.k8s.io/v1` EndpointSlices, for testing list/watch clients such as
+//! A protocol-faithful fake of the Kubernetes API server for three resources, `v1` Services,
+//! `discovery.k8s.io/v1` EndpointSlices and `v1` Nodes (cluster-scoped), for testing
+//! list/watch clients such as
 //! `kube::runtime::watcher` over plain HTTP.
 //!
 //! ```no_run
@@ -20,12 +21,13 @@
 //! # Protocol
 //!
 //! Paths: `/api/v1/services`, `/api/v1/namespaces/{ns}/services[/{name}]`,
+//! `/api/v1/nodes[/{name}]`,
 //! `/apis/discovery.k8s.io/v1/endpointslices`,
 //! `/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices[/{name}]` (GET only), plus
 //! `/version`, `/api`, `/apis`, `/api/v1`, `/apis/discovery.k8s.io/v1` and `/healthz`.
 //!
 //! * One global resourceVersion counter (starting at 1) is bumped by every create, update
-//!   and delete of either resource. A no-op update (same content) changes nothing and sends
+//!   and delete of any resource. A no-op update (same content) changes nothing and sends
 //!   no event, as on the real server. Creation sets `uid`, `creationTimestamp` and
 //!   `generation: 1`; an update that changes anything outside `metadata`/`status` bumps
 //!   `generation`.
@@ -94,8 +96,8 @@ pub enum Error {
     /// The object could not be serialized to JSON.
     #[error("cannot serialize the object: {0}")]
     Serialize(#[from] serde_json::Error),
-    /// The object's kind is neither Service nor EndpointSlice.
-    #[error("unsupported kind {0:?} (the fake serves Service and EndpointSlice)")]
+    /// The object's kind is not Service, EndpointSlice or Node.
+    #[error("unsupported kind {0:?} (the fake serves Service, EndpointSlice and Node)")]
     UnsupportedKind(String),
     /// The object is malformed (no kind, no name, wrong apiVersion, non-string labels…).
     #[error("invalid object: {0}")]
@@ -278,9 +280,10 @@ impl FakeApiServer {
         std::fs::write(path, self.kubeconfig())
     }
 
-    /// Creates or updates a Service or EndpointSlice — a k8s-openapi object, a
+    /// Creates or updates a Service, EndpointSlice or Node — a k8s-openapi object, a
     /// `serde_json::Value` or anything serializing to one with `kind` set — and returns its
-    /// resourceVersion. `metadata.namespace` defaults to `default`; `resourceVersion`,
+    /// resourceVersion. `metadata.namespace` defaults to `default` (a Node has none);
+    /// `resourceVersion`,
     /// `uid` and `creationTimestamp` given by the caller are overridden on update (no
     /// optimistic concurrency check). A no-op update returns the unchanged version.
     pub fn apply(&self, obj: impl Serialize) -> Result<String, Error> {

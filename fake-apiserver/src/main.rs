@@ -1,4 +1,4 @@
-//! `fake-apiserver`: serves the Services and EndpointSlices found in a directory of
+//! `fake-apiserver`: serves the Services, EndpointSlices and Nodes found in a directory of
 //! manifests (or an empty store) on a port, printing the URL on stdout, until Ctrl-C.
 //!
 //! ```text
@@ -13,7 +13,7 @@ use clap::Parser;
 use fake_apiserver::{FakeApiServer, ResourceKind};
 use serde_json::Value;
 
-/// A fake Kubernetes API server serving Services and EndpointSlices (list/watch/get).
+/// A fake Kubernetes API server serving Services, EndpointSlices and Nodes (list/watch/get).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -23,8 +23,8 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     address: std::net::IpAddr,
-    /// Directory (searched recursively) or file of YAML/JSON manifests; Services and
-    /// EndpointSlices are loaded, other kinds skipped.
+    /// Directory (searched recursively) or file of YAML/JSON manifests; Services,
+    /// EndpointSlices and Nodes are loaded, other kinds skipped.
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Write a kubeconfig pointing at the server to this path.

@@ -1,4 +1,4 @@
-//! The two resource types the fake serves, and their API coordinates.
+//! The resource types the fake serves, and their API coordinates.
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,17 +10,30 @@ pub enum ResourceKind {
     Service,
     /// `discovery.k8s.io/v1` `EndpointSlice` (`/apis/discovery.k8s.io/v1/endpointslices`).
     EndpointSlice,
+    /// `v1` `Node` (`/api/v1/nodes`), cluster-scoped.
+    Node,
 }
 
 impl ResourceKind {
     /// Every served resource type.
-    pub const ALL: [ResourceKind; 2] = [ResourceKind::Service, ResourceKind::EndpointSlice];
+    pub const ALL: [ResourceKind; 3] = [
+        ResourceKind::Service,
+        ResourceKind::EndpointSlice,
+        ResourceKind::Node,
+    ];
+
+    /// Whether objects of this type live in a namespace (a Node does not: its
+    /// `metadata.namespace` is empty and its paths have no `namespaces/{ns}`).
+    pub fn namespaced(self) -> bool {
+        !matches!(self, ResourceKind::Node)
+    }
 
     /// The object kind, e.g. `Service`.
     pub fn kind(self) -> &'static str {
         match self {
             ResourceKind::Service => "Service",
             ResourceKind::EndpointSlice => "EndpointSlice",
+            ResourceKind::Node => "Node",
         }
     }
 
@@ -29,13 +42,14 @@ impl ResourceKind {
         match self {
             ResourceKind::Service => "ServiceList",
             ResourceKind::EndpointSlice => "EndpointSliceList",
+            ResourceKind::Node => "NodeList",
         }
     }
 
     /// The `apiVersion` (group/version), e.g. `v1` or `discovery.k8s.io/v1`.
     pub fn api_version(self) -> &'static str {
         match self {
-            ResourceKind::Service => "v1",
+            ResourceKind::Service | ResourceKind::Node => "v1",
             ResourceKind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
@@ -43,7 +57,7 @@ impl ResourceKind {
     /// The API group (empty for the core group).
     pub fn group(self) -> &'static str {
         match self {
-            ResourceKind::Service => "",
+            ResourceKind::Service | ResourceKind::Node => "",
             ResourceKind::EndpointSlice => "discovery.k8s.io",
         }
     }
@@ -53,6 +67,7 @@ impl ResourceKind {
         match self {
             ResourceKind::Service => "services",
             ResourceKind::EndpointSlice => "endpointslices",
+            ResourceKind::Node => "nodes",
         }
     }
 
@@ -61,11 +76,12 @@ impl ResourceKind {
         ResourceKind::ALL.into_iter().find(|k| k.kind() == kind)
     }
 
-    /// A dense index (0..2), used for per-kind arrays.
+    /// A dense index (0..3), used for per-kind arrays.
     pub(crate) fn index(self) -> usize {
         match self {
             ResourceKind::Service => 0,
             ResourceKind::EndpointSlice => 1,
+            ResourceKind::Node => 2,
         }
     }
 }
@@ -78,7 +94,7 @@ impl fmt::Display for ResourceKind {
 
 /// Error of [`ResourceKind::from_str`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unsupported resource kind {0:?} (expected Service or EndpointSlice)")]
+#[error("unsupported resource kind {0:?} (expected Service, EndpointSlice or Node)")]
 pub struct UnknownKind(pub String);
 
 impl FromStr for ResourceKind {
@@ -103,6 +119,8 @@ mod tests {
         assert_eq!("Service".parse(), Ok(ResourceKind::Service));
         assert_eq!("services".parse(), Ok(ResourceKind::Service));
         assert_eq!("endpointslice".parse(), Ok(ResourceKind::EndpointSlice));
+        assert_eq!("nodes".parse(), Ok(ResourceKind::Node));
+        assert!(!ResourceKind::Node.namespaced());
         assert!("Pod".parse::<ResourceKind>().is_err());
         assert_eq!(
             ResourceKind::from_kind("EndpointSlice"),

@@ -1,4 +1,4 @@
-//! Request routing and the handlers: LIST, WATCH and GET of Services and EndpointSlices,
+//! Request routing and the handlers: LIST, WATCH and GET of Services, EndpointSlices and Nodes,
 //! plus the discovery and version endpoints a client may probe.
 
 use std::sync::Arc;
@@ -58,11 +58,16 @@ fn parse_route(path: &str) -> Route {
             .into_iter()
             .find(|k| k.api_version() == group_version && k.plural() == plural)
     };
+    // A cluster-scoped kind (Node) has no `namespaces/{ns}` paths; its objects are at
+    // `{plural}/{name}`, stored under the empty namespace.
+    let namespaced = |plural: &str| kind_of(plural).filter(|k| k.namespaced());
+    let cluster_scoped = |plural: &str| kind_of(plural).filter(|k| !k.namespaced());
     let (kind, namespace, name) = match rest {
         [] => return Route::Resources(group_version),
         [plural] => (kind_of(plural), None, None),
-        ["namespaces", ns, plural] => (kind_of(plural), Some(*ns), None),
-        ["namespaces", ns, plural, name] => (kind_of(plural), Some(*ns), Some(*name)),
+        ["namespaces", ns, plural] => (namespaced(plural), Some(*ns), None),
+        ["namespaces", ns, plural, name] => (namespaced(plural), Some(*ns), Some(*name)),
+        [plural, name] => (cluster_scoped(plural), Some(""), Some(*name)),
         _ => return Route::NotFound,
     };
     match (kind, namespace, name) {
@@ -370,7 +375,7 @@ fn api_resources(group_version: &str) -> Value {
             let mut r = json!({
                 "name": k.plural(),
                 "singularName": k.kind().to_ascii_lowercase(),
-                "namespaced": true,
+                "namespaced": k.namespaced(),
                 "kind": k.kind(),
                 "verbs": ["get", "list", "watch"],
             });
@@ -433,6 +438,23 @@ mod tests {
             }
         );
         assert_eq!(parse_route("/api/v1/endpointslices"), Route::NotFound);
+        assert_eq!(
+            parse_route("/api/v1/nodes"),
+            Route::Collection {
+                kind: Node,
+                namespace: None
+            }
+        );
+        assert_eq!(
+            parse_route("/api/v1/nodes/node-a"),
+            Route::Object {
+                kind: Node,
+                namespace: String::new(),
+                name: "node-a".into()
+            }
+        );
+        assert_eq!(parse_route("/api/v1/namespaces/a/nodes"), Route::NotFound);
+        assert_eq!(parse_route("/api/v1/services/web"), Route::NotFound);
         assert_eq!(
             parse_route("/apis/discovery.k8s.io/v1/services"),
             Route::NotFound

@@ -62,7 +62,7 @@ impl Connections {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) store: Arc<Mutex<Store>>,
-    pub(crate) counters: [Counters; 2],
+    pub(crate) counters: [Counters; ResourceKind::ALL.len()],
     pub(crate) connections: Mutex<Connections>,
     pub(crate) requests: Mutex<VecDeque<RequestRecord>>,
     pub(crate) addr: SocketAddr,

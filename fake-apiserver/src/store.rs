@@ -338,7 +338,7 @@ impl FrameSink<'_> {
 /// The state of the fake API server.
 #[derive(Debug)]
 pub(crate) struct Store {
-    objects: [BTreeMap<Key, Arc<StoredObject>>; 2],
+    objects: [BTreeMap<Key, Arc<StoredObject>>; ResourceKind::ALL.len()],
     rv: u64,
     /// A watch or an exact LIST may start from any resourceVersion `>= floor`: every
     /// change after `floor` is still in `history`.
@@ -401,7 +401,10 @@ impl Store {
         let meta = value["metadata"].as_object_mut().expect("normalized");
         meta.remove("resourceVersion");
         let key = (
-            meta["namespace"].as_str().unwrap_or_default().to_string(),
+            meta.get("namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             meta["name"].as_str().unwrap_or_default().to_string(),
         );
         let existing = self.objects[kind.index()].get(&key).cloned();
@@ -818,8 +821,8 @@ fn same_content(a: &Value, b: &Value) -> bool {
     strip(a) == strip(b)
 }
 
-/// Validates an object given to `apply` and fills `kind`, `apiVersion` and
-/// `metadata.namespace` (default `default`).
+/// Validates an object given to `apply` and fills `kind`, `apiVersion` and, for a
+/// namespaced kind, `metadata.namespace` (default `default`).
 pub(crate) fn normalize(value: &mut Value) -> Result<ResourceKind, Error> {
     let obj = value
         .as_object_mut()
@@ -853,18 +856,18 @@ pub(crate) fn normalize(value: &mut Value) -> Result<ResourceKind, Error> {
             "metadata.name must be a non-empty name without '/', got {name:?}"
         )));
     }
-    match meta.get("namespace") {
-        None | Some(Value::Null) => {
-            meta.insert("namespace".into(), "default".into());
-        }
-        Some(Value::String(ns)) if !ns.is_empty() && !ns.contains('/') => {}
-        Some(Value::String(ns)) if ns.is_empty() => {
-            meta.insert("namespace".into(), "default".into());
-        }
-        Some(other) => {
-            return Err(Error::InvalidObject(format!(
-                "invalid metadata.namespace {other}"
-            )));
+    if kind.namespaced() {
+        normalize_namespace(meta)?;
+    } else {
+        // Cluster-scoped: no namespace, as the real server stores it.
+        match meta.remove("namespace") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(ns)) if ns.is_empty() => {}
+            Some(other) => {
+                return Err(Error::InvalidObject(format!(
+                    "{kind} is cluster-scoped, but metadata.namespace is {other}"
+                )));
+            }
         }
     }
     match meta.get("labels") {
@@ -879,6 +882,25 @@ pub(crate) fn normalize(value: &mut Value) -> Result<ResourceKind, Error> {
         }
     }
     Ok(kind)
+}
+
+/// Fills `metadata.namespace` of a namespaced object (default `default`).
+fn normalize_namespace(meta: &mut Map<String, Value>) -> Result<(), Error> {
+    match meta.get("namespace") {
+        None | Some(Value::Null) => {
+            meta.insert("namespace".into(), "default".into());
+        }
+        Some(Value::String(ns)) if !ns.is_empty() && !ns.contains('/') => {}
+        Some(Value::String(ns)) if ns.is_empty() => {
+            meta.insert("namespace".into(), "default".into());
+        }
+        Some(other) => {
+            return Err(Error::InvalidObject(format!(
+                "invalid metadata.namespace {other}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1212,5 +1234,33 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    #[test]
+    fn nodes_are_cluster_scoped_and_selected_by_name() {
+        let mut s = Store::new(100);
+        for name in ["node-a", "node-b"] {
+            s.apply(json!({"kind": "Node", "metadata": {"name": name}}))
+                .unwrap();
+        }
+        let a = s.get(ResourceKind::Node, "", "node-a").unwrap();
+        assert_eq!(a.value["apiVersion"], "v1");
+        assert!(
+            a.value["metadata"].get("namespace").is_none(),
+            "{}",
+            a.value
+        );
+        let q = ListQuery {
+            filter: Filter {
+                fields: FieldSelector::parse("metadata.name=node-b").unwrap(),
+                ..Filter::default()
+            },
+            ..Default::default()
+        };
+        let page = s.list(ResourceKind::Node, &q).unwrap();
+        let names: Vec<_> = page.items.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["node-b"]);
+        let mut namespaced = json!({"kind": "Node", "metadata": {"name": "n", "namespace": "x"}});
+        assert!(normalize(&mut namespaced).is_err());
     }
 }

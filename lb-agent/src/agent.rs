@@ -5,6 +5,7 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -21,7 +22,9 @@ use crate::{
     health::HealthServers,
     loader,
     maps::{LbMaps, writer::MapWriter},
+    node::ThisNode,
     ownership::{ExternalIpCidrs, NodePortAddresses},
+    proxy_health::{self, Now, ProxyHealth},
     source::{
         kube as kube_source,
         manifests::{self, ManifestDir},
@@ -52,6 +55,9 @@ pub struct RunConfig {
     pub pin_dir: PathBuf,
     /// Where to serve the HTTP API, if anywhere.
     pub api_addr: Option<SocketAddr>,
+    /// Where to serve kube-proxy's `/healthz` and `/livez`, if anywhere (an unspecified
+    /// address: both families).
+    pub healthz_addr: Option<SocketAddr>,
     /// This node's name (for the node-local traffic policies).
     pub node_name: Option<String>,
     /// External devices for the tc datapath (empty: detected, see [`devices::resolve`]).
@@ -84,6 +90,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let health = Arc::new(ProxyHealth::default());
+    let healthz = match config.healthz_addr {
+        Some(addr) => proxy_health::serve(addr, Arc::clone(&health))
+            .with_context(|| format!("binding the healthz address {addr}"))?,
+        None => Vec::new(),
+    };
     let loader::Loaded { mut ebpf, maps } = loader::load(&config.pin_dir, config.socket_lb)
         .with_context(|| {
             format!(
@@ -99,7 +111,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     };
     let writer = MapWriter::adopt(maps).context("reading the pinned maps")?;
-    let mut reconciler = Reconciler::new(writer, status.clone(), config.node_name.clone());
+    let mut reconciler = Reconciler::new(
+        writer,
+        status.clone(),
+        config.node_name.clone(),
+        Arc::clone(&health),
+    );
     reconciler.stale_cleanup = Some(config.pin_dir.clone());
     let pods = config
         .socket_lb
@@ -140,6 +157,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     if let Some(task) = api {
         task.abort();
     }
+    healthz.iter().for_each(tokio::task::JoinHandle::abort);
     result?;
     info!("exiting; programs stay attached and maps pinned (`lb-agent cleanup` removes them)");
     Ok(())
@@ -156,27 +174,32 @@ async fn run_manifests<M: LbMaps>(
     let (_watcher, mut changes) =
         manifests::watch(dir, DEBOUNCE).with_context(|| format!("watching {}", dir.display()))?;
     let mut manifests = ManifestDir::new(dir);
-    let read =
-        |manifests: &mut ManifestDir, reconciler: &mut Reconciler<M>| -> anyhow::Result<()> {
-            let Some(updates) = manifests
-                .refresh()
-                .with_context(|| format!("reading {}", dir.display()))?
-            else {
-                return Ok(());
-            };
-            for update in updates {
-                update.apply_to(&mut reconciler.state);
-            }
-            let problems = manifests.problems();
-            reconciler.source_problems = problems.iter().map(ToString::to_string).collect();
-            Ok(())
+    let mut node = ThisNode::new(datapath.config.node_name.clone());
+    let read = |manifests: &mut ManifestDir,
+                node: &mut ThisNode,
+                reconciler: &mut Reconciler<M>|
+     -> anyhow::Result<()> {
+        let Some(updates) = manifests
+            .refresh()
+            .with_context(|| format!("reading {}", dir.display()))?
+        else {
+            return Ok(());
         };
-    read(&mut manifests, reconciler)?;
+        reconciler.health.queued(Instant::now());
+        for update in updates {
+            update.apply_to(&mut reconciler.state, node);
+        }
+        reconciler.health.set_node_eligible(node.eligible());
+        let problems = manifests.problems();
+        reconciler.source_problems = problems.iter().map(ToString::to_string).collect();
+        Ok(())
+    };
+    read(&mut manifests, &mut node, reconciler)?;
     reconciler
         .sync(Sync::Full, Instant::now())
         .context("initial sync")?;
     datapath.attach()?;
-    let mut health = HealthServers::default();
+    let mut health = HealthServers::new(Arc::clone(&reconciler.health));
     reconciler.update_health(&mut health).await;
     let mut rescan = tokio::time::interval(RESCAN);
     let mut stop = Stop::new()?;
@@ -194,7 +217,7 @@ async fn run_manifests<M: LbMaps>(
             () = stop.wait() => return Ok(()),
         }
         let started = Instant::now();
-        match read(&mut manifests, reconciler) {
+        match read(&mut manifests, &mut node, reconciler) {
             Ok(()) => {
                 reconciler.sync_or_log(Sync::Changes, started);
                 reconciler.update_health(&mut health).await;
@@ -218,10 +241,11 @@ async fn run_kube<M: LbMaps>(
     let client = kube_source::client(kubeconfig)
         .await
         .context("configuring the Kubernetes client")?;
-    let mut updates = kube_source::watch(&client);
-    let mut applier = kube_source::WatchApplier::default();
+    let node_name = datapath.config.node_name.clone();
+    let mut updates = kube_source::watch(&client, node_name.as_deref());
+    let mut applier = kube_source::WatchApplier::new(node_name);
     let mut stop = Stop::new()?;
-    let mut health = HealthServers::default();
+    let mut health = HealthServers::new(Arc::clone(&reconciler.health));
     loop {
         let first = tokio::select! {
             update = updates.recv() => update.context("the watches ended")?,
@@ -236,11 +260,15 @@ async fn run_kube<M: LbMaps>(
             () = stop.wait() => return Ok(()),
         };
         let started = Instant::now();
+        reconciler.health.queued(started);
         applier.apply(&mut reconciler.state, first);
         // Take what else is already queued: one write pass for a burst of events.
         while let Ok(update) = updates.try_recv() {
             applier.apply(&mut reconciler.state, update);
         }
+        reconciler
+            .health
+            .set_node_eligible(applier.node().eligible());
         if !applier.initial_lists_done() {
             continue;
         }
@@ -364,10 +392,17 @@ struct Reconciler<M> {
     /// The pin directory, when UDP sockets and flows pinned to removed backends are to be
     /// ended after each write ([`crate::stale`]).
     stale_cleanup: Option<std::path::PathBuf>,
+    /// The agent's health: changes queued and synced, this node's eligibility.
+    health: Arc<ProxyHealth>,
 }
 
 impl<M: LbMaps> Reconciler<M> {
-    fn new(writer: MapWriter<M>, status: SharedStatus, node_name: Option<String>) -> Self {
+    fn new(
+        writer: MapWriter<M>,
+        status: SharedStatus,
+        node_name: Option<String>,
+        health: Arc<ProxyHealth>,
+    ) -> Self {
         Self {
             state: ClusterState::new(node_name),
             writer,
@@ -379,6 +414,7 @@ impl<M: LbMaps> Reconciler<M> {
             full_pending: false,
             health_checks: None,
             stale_cleanup: None,
+            health,
         }
     }
 
@@ -410,6 +446,7 @@ impl<M: LbMaps> Reconciler<M> {
         }
         self.report();
         if self.pending.is_empty() && !self.full_pending {
+            self.health.updated(Now::current());
             return Ok(());
         }
         let desired = self.state.desired();
@@ -433,6 +470,7 @@ impl<M: LbMaps> Reconciler<M> {
         };
         self.pending.clear();
         self.full_pending = false;
+        self.health.updated(Now::current());
         let stale = self.writer.take_stale_udp();
         if let Some(pin_dir) = &self.stale_cleanup
             && !stale.is_empty()

@@ -1,20 +1,26 @@
 //! `healthCheckNodePort` servers, as kube-proxy runs them: for each LoadBalancer Service with
-//! `externalTrafficPolicy: Local`, an HTTP server on its health check port answers any path
-//! with 200 and `{"service":{"namespace":..,"name":..},"localEndpoints":N}` while this node
-//! has endpoints of the Service, and 503 when it has none, so the load balancer sends
-//! traffic only to nodes that can serve it locally.
+//! `externalTrafficPolicy: Local`, an HTTP server on its health check port (IPv4 and IPv6)
+//! answers any path with 200 and
+//! `{"service":{"namespace":..,"name":..},"localEndpoints":N,"serviceProxyHealthy":true}`
+//! while this node has endpoints of the Service and the agent is healthy (its syncs keep
+//! up, see [`crate::proxy_health`]), and 503 otherwise, so the load balancer sends traffic
+//! only to nodes that can serve it locally.
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     sync::{Arc, RwLock},
+    time::Instant,
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode};
+use axum::{Router, extract::State, http::StatusCode, response::Response};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::model::{HealthCheck, ObjectRef};
+use crate::{
+    model::{HealthCheck, ObjectRef},
+    proxy_health::{ProxyHealth, json_response},
+};
 
 /// The answer's body.
 #[derive(Debug, Serialize)]
@@ -22,12 +28,14 @@ use crate::model::{HealthCheck, ObjectRef};
 pub struct Body {
     pub service: ObjectRef,
     pub local_endpoints: usize,
+    /// Whether the agent itself is healthy (its syncs keep up).
+    pub service_proxy_healthy: bool,
 }
 
-/// The status code and body for a check.
+/// The status code and body for a check, `proxy_healthy` the agent's own health.
 #[must_use]
-pub fn answer(check: &HealthCheck) -> (StatusCode, Body) {
-    let status = if check.local_endpoints > 0 {
+pub fn answer(check: &HealthCheck, proxy_healthy: bool) -> (StatusCode, Body) {
+    let status = if check.local_endpoints > 0 && proxy_healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -35,19 +43,29 @@ pub fn answer(check: &HealthCheck) -> (StatusCode, Body) {
     let body = Body {
         service: check.service.clone(),
         local_endpoints: check.local_endpoints,
+        service_proxy_healthy: proxy_healthy,
     };
     (status, body)
 }
 
 type Shared = Arc<RwLock<Option<HealthCheck>>>;
 
-/// The running servers, one per port.
-#[derive(Default)]
+/// The running servers, one per port (a listener per address family).
 pub struct HealthServers {
-    servers: BTreeMap<u16, (Shared, JoinHandle<()>)>,
+    health: Arc<ProxyHealth>,
+    servers: BTreeMap<u16, (Shared, Vec<JoinHandle<()>>)>,
 }
 
 impl HealthServers {
+    /// No servers yet; `health` is the agent's own health, part of every answer.
+    #[must_use]
+    pub const fn new(health: Arc<ProxyHealth>) -> Self {
+        Self {
+            health,
+            servers: BTreeMap::new(),
+        }
+    }
+
     /// Serves exactly `checks`: starts servers for new ports, updates the answers of the
     /// others, stops those no Service wants any more. A port that cannot be bound is
     /// reported and tried again on the next update.
@@ -59,8 +77,8 @@ impl HealthServers {
             .copied()
             .collect();
         for port in gone {
-            if let Some((_, task)) = self.servers.remove(&port) {
-                task.abort();
+            if let Some((_, tasks)) = self.servers.remove(&port) {
+                tasks.iter().for_each(JoinHandle::abort);
                 info!(port, "health check server stopped");
             }
         }
@@ -72,8 +90,8 @@ impl HealthServers {
                 continue;
             }
             let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, *port));
-            let listener = match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => listener,
+            let listeners = match crate::listen::bind_all(addr) {
+                Ok(listeners) => listeners,
                 Err(e) => {
                     warn!(port, service = %check.service, error = %e, "cannot serve healthCheckNodePort");
                     continue;
@@ -82,37 +100,40 @@ impl HealthServers {
             let shared: Shared = Arc::new(RwLock::new(Some(check.clone())));
             let app = Router::new()
                 .fallback(respond)
-                .with_state(Arc::clone(&shared));
-            let task = tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    warn!(error = %e, "health check server failed");
-                }
-            });
+                .with_state((Arc::clone(&shared), Arc::clone(&self.health)));
+            let tasks = listeners
+                .into_iter()
+                .map(|listener| {
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = axum::serve(listener, app).await {
+                            warn!(error = %e, "health check server failed");
+                        }
+                    })
+                })
+                .collect();
             info!(port, service = %check.service, "health check server started");
-            self.servers.insert(*port, (shared, task));
+            self.servers.insert(*port, (shared, tasks));
         }
     }
 }
 
 impl Drop for HealthServers {
     fn drop(&mut self) {
-        for (_, task) in self.servers.values() {
-            task.abort();
+        for (_, tasks) in self.servers.values() {
+            tasks.iter().for_each(JoinHandle::abort);
         }
     }
 }
 
-async fn respond(State(shared): State<Shared>) -> (StatusCode, Json<serde_json::Value>) {
+async fn respond(State((shared, health)): State<(Shared, Arc<ProxyHealth>)>) -> Response {
     let check = shared.read().ok().and_then(|c| c.clone());
     match check {
         Some(check) => {
-            let (status, body) = answer(&check);
-            (status, Json(serde_json::to_value(body).unwrap_or_default()))
+            let (status, body) = answer(&check, health.is_healthy(Instant::now()));
+            json_response(status, serde_json::to_string(&body).unwrap_or_default())
         }
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::Value::Null),
-        ),
+        None => json_response(StatusCode::SERVICE_UNAVAILABLE, "null".into()),
     }
 }
 
@@ -130,13 +151,17 @@ mod tests {
             },
             local_endpoints: 2,
         };
-        let (status, body) = answer(&check);
+        let (status, body) = answer(&check, true);
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
             serde_json::to_string(&body).unwrap(),
-            r#"{"service":{"namespace":"default","name":"web"},"localEndpoints":2}"#
+            r#"{"service":{"namespace":"default","name":"web"},"localEndpoints":2,"serviceProxyHealthy":true}"#
         );
+        // An agent whose syncs lag answers 503 even with local endpoints.
+        let (status, body) = answer(&check, false);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!body.service_proxy_healthy);
         check.local_endpoints = 0;
-        assert_eq!(answer(&check).0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer(&check, true).0, StatusCode::SERVICE_UNAVAILABLE);
     }
 }

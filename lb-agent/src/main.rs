@@ -27,14 +27,18 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing `run`'s flags would only obscure the clap derive"
+)]
 enum Command {
     /// Load and attach the datapath, then program it from the manifests until stopped.
     ///
     /// On exit the programs stay attached and the maps pinned, so Services keep working;
     /// the next `run` adopts them and applies what changed meanwhile.
     Run {
-        /// Directory of Kubernetes YAML (*.yaml, *.yml; multi-document; v1 Services and
-        /// Pods, discovery.k8s.io/v1 EndpointSlices; other kinds are ignored), watched
+        /// Directory of Kubernetes YAML (*.yaml, *.yml; multi-document; v1 Services, Pods
+        /// and Nodes, discovery.k8s.io/v1 EndpointSlices; other kinds are ignored), watched
         /// for changes. Without it, the agent watches the API server.
         #[arg(
             long,
@@ -48,7 +52,8 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         kubeconfig: Option<PathBuf>,
         /// Name of this node (the DaemonSet passes it from the downward API), for the
-        /// node-local traffic policies.
+        /// node-local traffic policies; its Node object (watched by name, or in --manifests)
+        /// gives the node's zone and whether /healthz drains it.
         #[arg(long, env = "NODE_NAME", value_name = "NAME")]
         node_name: Option<String>,
         /// cgroup v2 directory whose processes get Service translation
@@ -105,6 +110,18 @@ enum Command {
             value_delimiter = ','
         )]
         external_ip_cidrs: Vec<ownership::Cidr>,
+        /// Address of kube-proxy's node health server: /healthz (503 when a change has
+        /// waited unsynced for over 60 s, or when this node's Node is being deleted or
+        /// tainted ToBeDeletedByClusterAutoscaler) and /livez (the same without the
+        /// node's eligibility). An unspecified IP (0.0.0.0 or [::]) listens on both
+        /// IPv4 and IPv6; empty disables it.
+        #[arg(
+            long,
+            env = "LB_HEALTHZ_BIND_ADDRESS",
+            value_name = "IP:PORT",
+            default_value = "0.0.0.0:10256"
+        )]
+        healthz_bind_address: BindAddress,
         #[command(flatten)]
         pins: PinArgs,
         #[command(flatten)]
@@ -147,6 +164,21 @@ struct ApiArgs {
     api_addr: Option<std::net::SocketAddr>,
 }
 
+/// `IP:PORT`, or empty for none.
+#[derive(Clone, Copy, Debug)]
+struct BindAddress(Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for BindAddress {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" => Ok(Self(None)),
+            addr => addr.parse().map(|addr| Self(Some(addr))),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct PinArgs {
     /// Directory in a bpf filesystem for the pinned maps and links (bpffs is mounted at
@@ -178,6 +210,7 @@ fn main() -> anyhow::Result<()> {
             pod_devices,
             nodeport_addresses,
             external_ip_cidrs,
+            healthz_bind_address,
             pins,
             api,
         } => {
@@ -198,6 +231,7 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 pin_dir: pins.bpf_pin_path,
                 api_addr: api.api_addr,
+                healthz_addr: healthz_bind_address.0,
                 devices,
                 socket_lb,
                 pod_devices,

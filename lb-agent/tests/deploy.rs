@@ -249,6 +249,14 @@ fn api_addr(daemon_set: &DaemonSet) -> SocketAddr {
         .unwrap_or_else(|e| panic!("--api-addr={addr} is no IP:PORT: {e}"))
 }
 
+/// `--healthz-bind-address` of the agent (kube-proxy's node health server).
+fn healthz_addr(daemon_set: &DaemonSet) -> SocketAddr {
+    let flags = run_flags(agent(daemon_set));
+    let addr = flag(&flags, "healthz-bind-address");
+    addr.parse()
+        .unwrap_or_else(|e| panic!("--healthz-bind-address={addr} is no IP:PORT: {e}"))
+}
+
 /// The long flags `lb-agent run --help` lists.
 fn run_help_flags() -> BTreeSet<String> {
     let output = Command::new(env!("CARGO_BIN_EXE_lb-agent"))
@@ -618,7 +626,7 @@ fn agent_is_not_privileged() {
     );
 }
 
-fn check_probe(container: &Container, probe: Option<&Probe>, path: &str, api: SocketAddr) {
+fn check_probe(container: &Container, probe: Option<&Probe>, path: &str, addr: SocketAddr) {
     let get = probe
         .and_then(|p| p.http_get.as_ref())
         .unwrap_or_else(|| panic!("an HTTP GET probe of {path}"));
@@ -638,37 +646,38 @@ fn check_probe(container: &Container, probe: Option<&Probe>, path: &str, api: So
     };
     assert_eq!(
         port,
-        i32::from(api.port()),
-        "probe of {path} must use the port of --api-addr={api}"
+        i32::from(addr.port()),
+        "probe of {path} must use the port the agent serves it on ({addr})"
     );
-    if !api.ip().is_unspecified() {
+    if !addr.ip().is_unspecified() {
         assert_eq!(
             get.host.as_deref(),
-            Some(api.ip().to_string().as_str()),
+            Some(addr.ip().to_string().as_str()),
             "probe of {path}: the agent listens on {} only, and without `host` the kubelet \
              probes the pod IP (the node's address)",
-            api.ip()
+            addr.ip()
         );
     }
 }
 
 #[test]
-fn probes_use_the_api_address() {
+fn probes_use_the_agents_addresses() {
     let deploy = load();
     let daemon_set = deploy.daemon_set();
     let container = agent(daemon_set);
-    let api = api_addr(daemon_set);
+    // Liveness as kube-proxy's DaemonSet has it: /livez of the node health server (sync
+    // health without the node's eligibility, so draining a node restarts nothing).
     check_probe(
         container,
         container.liveness_probe.as_ref(),
-        "/healthz",
-        api,
+        "/livez",
+        healthz_addr(daemon_set),
     );
     check_probe(
         container,
         container.readiness_probe.as_ref(),
         "/readyz",
-        api,
+        api_addr(daemon_set),
     );
 }
 

@@ -13,6 +13,7 @@ use std::{fs, path::Path};
 
 use lb_agent::{
     maps::{dump, fake::FakeMaps, writer::MapWriter},
+    node::ThisNode,
     source::manifests::ManifestDir,
     state::ClusterState,
 };
@@ -65,6 +66,7 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
     let mut manifests = ManifestDir::new(&dir);
     let mut writer = MapWriter::adopt(FakeMaps::default()).unwrap();
     let mut state = ClusterState::new(Some("node-a".to_string()));
+    let mut node = ThisNode::new(Some("node-a".to_string()));
     let mut full = true;
     let mut ops_before = 0;
     let mut comparisons = Vec::new();
@@ -80,12 +82,13 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
                 ops_before += writer.maps().operations;
                 // A new agent starts from an empty model and reads every file.
                 state = ClusterState::new(Some("node-a".to_string()));
+                node = ThisNode::new(Some("node-a".to_string()));
                 manifests = ManifestDir::new(&dir);
                 full = true;
             }
             Step::Expect(expected) => {
                 for update in manifests.refresh().unwrap().unwrap_or_default() {
-                    update.apply_to(&mut state);
+                    update.apply_to(&mut state, &mut node);
                 }
                 let changed = state.recompute();
                 if full {

@@ -23,6 +23,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod cmd;
 pub mod env;
+pub mod http;
 pub mod leftovers;
 pub mod manifests;
 pub mod mounts;

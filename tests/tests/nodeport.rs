@@ -485,9 +485,19 @@ fn health_check_node_port_answers_200_with_local_endpoints_and_503_without() {
     let (status, body) = wait_for_status(&client, &health, 200);
     assert_eq!(status, 200, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let expected = serde_json::json!({
+        "service": {"namespace": "default", "name": "webapp"},
+        "localEndpoints": 1,
+        "serviceProxyHealthy": true,
+    });
+    assert_eq!(body, expected);
+    // The same server answers over IPv6 (kube-proxy listens on every node address).
+    let health6 = format!("[{NODE_EXT_IP6}]:32100");
+    let (status, body) = wait_for_status(&client, &health6, 200);
+    assert_eq!(status, 200, "over IPv6: {body}");
     assert_eq!(
-        body,
-        serde_json::json!({"service": {"namespace": "default", "name": "webapp"}, "localEndpoints": 1})
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        expected
     );
 
     // The endpoint moves to another node: nothing local is left.

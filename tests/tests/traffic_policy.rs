@@ -147,3 +147,34 @@ fn cluster_policy_falls_back_to_terminating_endpoints_anywhere() {
     assert_eq!(summary.ok, 10, "{summary:?}");
     assert_eq!(summary.host_names(), ["remote1"], "{summary:?}");
 }
+#[test]
+fn zone_hints_for_this_nodes_zone_keep_traffic_in_the_zone() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let pods = servers(&env, &["zone-a1", "zone-a2", "zone-b1"]);
+    let client = env.topo.add_pod("client");
+    webapp(&env, "Cluster", Some("PreferClose"));
+    // This node's zone comes from its Node object.
+    env.manifests.write(
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: zone-a}\n",
+    );
+    slice(
+        &env,
+        &[
+            (&pods[0].0, Conditions::READY, NODE, Some("zone-a")),
+            (&pods[1].0, Conditions::READY, "node-b", Some("zone-a")),
+            (&pods[2].0, Conditions::READY, "node-c", Some("zone-b")),
+        ],
+    );
+    let _agent = agent(&env, 2);
+    let summary = client.client(&env.cgroup, VIP, 30);
+    assert_eq!(summary.ok, 30, "{summary:?}");
+    assert_eq!(summary.count("zone-b1"), 0, "{summary:?}");
+    assert!(
+        summary.count("zone-a1") > 0 && summary.count("zone-a2") > 0,
+        "{summary:?}"
+    );
+}

@@ -1,4 +1,5 @@
-//! The API server source: kube-rs watchers over Services and EndpointSlices.
+//! The API server source: kube-rs watchers over Services and EndpointSlices, and over this
+//! node's own Node object (with `--node-name`).
 
 /// An API resource the agent reads, and the verbs it uses on it: the RBAC rules in
 /// `deploy/` must grant exactly these (a test checks it).
@@ -12,7 +13,7 @@ pub struct ApiAccess {
 }
 
 /// Everything the agent reads from the API server.
-pub const API_ACCESS: [ApiAccess; 2] = [
+pub const API_ACCESS: [ApiAccess; 3] = [
     ApiAccess {
         group: "",
         resource: "services",
@@ -23,12 +24,22 @@ pub const API_ACCESS: [ApiAccess; 2] = [
         resource: "endpointslices",
         verbs: &["list", "watch"],
     },
+    // Its own Node only (a field selector on its name): the zone label for topology-aware
+    // routing and the deletion marks for /healthz. `get` as kube-proxy's role has it.
+    ApiAccess {
+        group: "",
+        resource: "nodes",
+        verbs: &["get", "list", "watch"],
+    },
 ];
 
 use std::{path::Path, sync::Arc};
 
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
@@ -37,7 +48,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::{model::ObjectRef, state::ClusterState, translate::Sourced};
+use crate::{model::ObjectRef, node::ThisNode, state::ClusterState, translate::Sourced};
 
 /// The label selector of both watches, as kube-proxy's: Services another proxy owns, and
 /// the EndpointSlices of headless Services, are filtered by the API server.
@@ -50,7 +61,7 @@ thread_local! {
     static ORIGIN: Arc<str> = Arc::from("api");
 }
 
-/// A watch event of either resource.
+/// A watch event of any of the resources.
 #[derive(Debug)]
 #[expect(
     clippy::large_enum_variant,
@@ -59,6 +70,8 @@ thread_local! {
 pub enum Update {
     Service(watcher::Event<Service>),
     Slice(watcher::Event<EndpointSlice>),
+    /// This node's Node object.
+    Node(watcher::Event<Node>),
     /// A watch failed; it retries with backoff on its own.
     Error(String),
 }
@@ -79,13 +92,20 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// Starts the two watches (with kube-rs's default backoff and bookmarks); their events
-/// arrive on the returned channel, in order per resource.
-pub fn watch(client: &Client) -> mpsc::Receiver<Update> {
+/// Starts the watches (with kube-rs's default backoff and bookmarks): Services,
+/// EndpointSlices and, with `node_name`, that one Node (a `metadata.name` field selector,
+/// as kube-proxy's node informer). Their events arrive on the returned channel, in order
+/// per resource.
+pub fn watch(client: &Client, node_name: Option<&str>) -> mpsc::Receiver<Update> {
     let (tx, rx) = mpsc::channel(4096);
     let config = watcher::Config::default().labels(LABEL_SELECTOR);
     let services = watcher(Api::<Service>::all(client.clone()), config.clone()).default_backoff();
     let slices = watcher(Api::<EndpointSlice>::all(client.clone()), config).default_backoff();
+    if let Some(name) = node_name {
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let node = watcher(Api::<Node>::all(client.clone()), config).default_backoff();
+        tokio::spawn(forward(node, tx.clone(), Update::Node));
+    }
     tokio::spawn(forward(services, tx.clone(), Update::Service));
     tokio::spawn(forward(slices, tx, Update::Slice));
     rx
@@ -111,20 +131,46 @@ async fn forward<K>(
 /// Applies watch events to the model. A relist (`Init` … `InitDone`) is buffered and then
 /// replaces the resource's objects at once, so objects present before and after it are
 /// not touched and what was deleted meanwhile goes away.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WatchApplier {
     services: Option<Vec<Sourced<Service>>>,
     slices: Option<Vec<Sourced<EndpointSlice>>>,
+    /// A relist of the Node in progress: `Some(None)` until the Node comes.
+    node_relist: Option<Option<Node>>,
+    node: ThisNode,
     services_listed: bool,
     slices_listed: bool,
+    node_listed: bool,
 }
 
 impl WatchApplier {
-    /// Whether both resources have completed their initial list: nothing may be
-    /// programmed before, or Services would flap to empty at start-up.
+    /// An applier for the watches [`watch`] starts with `node_name`.
+    #[must_use]
+    pub fn new(node_name: Option<String>) -> Self {
+        Self {
+            services: None,
+            slices: None,
+            node_relist: None,
+            // Without a node name there is no Node watch to wait for.
+            node_listed: node_name.is_none(),
+            node: ThisNode::new(node_name),
+            services_listed: false,
+            slices_listed: false,
+        }
+    }
+
+    /// Whether every resource has completed its initial list: nothing may be programmed
+    /// before, or Services would flap to empty at start-up (and, without the Node, to
+    /// endpoints of no particular zone).
     #[must_use]
     pub const fn initial_lists_done(&self) -> bool {
-        self.services_listed && self.slices_listed
+        self.services_listed && self.slices_listed && self.node_listed
+    }
+
+    /// This node, as its Node object last showed it.
+    #[must_use]
+    pub const fn node(&self) -> &ThisNode {
+        &self.node
     }
 
     /// Applies one event.
@@ -154,6 +200,29 @@ impl WatchApplier {
                 watcher::Event::Apply(o) => state.apply_slice(sourced(o)),
                 watcher::Event::Delete(o) => state.delete_slice(&ObjectRef::of(&o.metadata)),
             },
+            Update::Node(event) => {
+                match event {
+                    watcher::Event::Init => self.node_relist = Some(None),
+                    watcher::Event::InitApply(o) => self.node_relist = Some(Some(o)),
+                    watcher::Event::InitDone => {
+                        match self.node_relist.take().flatten() {
+                            Some(node) => self.node.apply(&node),
+                            // Not in the list: gone (its last state unknown).
+                            None => {
+                                let name = self.node.name().unwrap_or_default().to_string();
+                                self.node.delete(&name, None);
+                            }
+                        }
+                        self.node_listed = true;
+                    }
+                    watcher::Event::Apply(o) => self.node.apply(&o),
+                    watcher::Event::Delete(o) => {
+                        let name = o.metadata.name.clone().unwrap_or_default();
+                        self.node.delete(&name, Some(&o));
+                    }
+                }
+                state.set_node_zone(self.node.zone());
+            }
             Update::Error(error) => {
                 warn!(%error, "watch failed; retrying with backoff (the maps stay as they are)")
             }

@@ -1,5 +1,6 @@
 //! The embedded source: a directory of Kubernetes YAML (`*.yaml`, `*.yml`, multi-document,
-//! `v1` `List`s) holding Services, EndpointSlices and Pods, watched for changes.
+//! `v1` `List`s) holding Services, EndpointSlices, Pods and Nodes (the one named like
+//! `--node-name` is this node's), watched for changes.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs,
@@ -11,7 +12,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Pod, Service},
+        core::v1::{Node, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     serde::de::DeserializeOwned,
@@ -26,6 +27,7 @@ use tracing::{debug, warn};
 
 use crate::{
     model::ObjectRef,
+    node::ThisNode,
     translate::{Problem, Sourced},
 };
 
@@ -35,6 +37,8 @@ pub enum Object {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
     Pod(Box<Pod>),
+    /// A Node: this node's gives its zone and eligibility, others are kept but unused.
+    Node(Box<Node>),
 }
 
 /// Kind, namespace and name: what makes two objects the same object.
@@ -50,17 +54,25 @@ pub enum Update {
 }
 
 impl Update {
-    /// Applies the change to the model.
-    pub fn apply_to(self, state: &mut crate::state::ClusterState) {
+    /// Applies the change to the model, and to `node` when it is this node's Node.
+    pub fn apply_to(self, state: &mut crate::state::ClusterState, node: &mut ThisNode) {
         match self {
             Self::Apply { origin, object } => match object {
                 Object::Service(o) => state.apply_service(Sourced { origin, object: *o }),
                 Object::EndpointSlice(o) => state.apply_slice(Sourced { origin, object: *o }),
                 Object::Pod(o) => state.apply_pod(Sourced { origin, object: *o }),
+                Object::Node(o) => {
+                    node.apply(&o);
+                    state.set_node_zone(node.zone());
+                }
             },
             Self::Delete { kind, id } => match kind {
                 "Service" => state.delete_service(&id),
                 "EndpointSlice" => state.delete_slice(&id),
+                "Node" => {
+                    node.delete(&id.name, None);
+                    state.set_node_zone(node.zone());
+                }
                 _ => state.delete_pod(&id),
             },
         }
@@ -73,8 +85,13 @@ impl Object {
             Self::Service(o) => ("Service", &o.metadata),
             Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
             Self::Pod(o) => ("Pod", &o.metadata),
+            Self::Node(o) => ("Node", &o.metadata),
         };
-        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+        let namespace = match self {
+            // Cluster-scoped.
+            Self::Node(_) => String::new(),
+            _ => meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        };
         (kind, namespace, meta.name.clone().unwrap_or_default())
     }
 }
@@ -181,6 +198,7 @@ fn parse_document(origin: &str, index: usize, document: Value, parsed: &mut Pars
     let result = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => typed(document).map(|o| Object::Service(Box::new(o))),
         ("v1", "Pod") => typed(document).map(|o| Object::Pod(Box::new(o))),
+        ("v1", "Node") => typed(document).map(|o| Object::Node(Box::new(o))),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             typed(document).map(|o| Object::EndpointSlice(Box::new(o)))
         }
@@ -554,6 +572,41 @@ endpoints: []
                 ("EndpointSlice", "default".into(), "a-1".into()),
             ]
         );
+    }
+
+    #[test]
+    fn this_nodes_node_gives_zone_and_eligibility() {
+        let text = "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, labels: {topology.kubernetes.io/zone: zone-b}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+spec:
+  taints: [{key: ToBeDeletedByClusterAutoscaler, value: '1700000000', effect: NoSchedule}]
+";
+        let parsed = parse_manifest("nodes.yaml", text);
+        assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+        assert_eq!(
+            parsed.objects[1].identity(),
+            ("Node", String::new(), "node-a".into())
+        );
+        let mut state = crate::state::ClusterState::new(Some("node-a".into()));
+        let mut node = ThisNode::new(Some("node-a".into()));
+        for object in parsed.objects {
+            let origin = Arc::from("nodes.yaml");
+            Update::Apply { origin, object }.apply_to(&mut state, &mut node);
+        }
+        assert_eq!(state.node_zone(), Some("zone-a"));
+        assert!(!node.eligible());
+        let id = ObjectRef {
+            namespace: String::new(),
+            name: "node-a".into(),
+        };
+        Update::Delete { kind: "Node", id }.apply_to(&mut state, &mut node);
+        assert_eq!(state.node_zone(), None);
     }
 
     #[test]
