@@ -8,7 +8,8 @@
 
 use std::time::Duration;
 
-use lb_tests::manifests::{Conditions, endpoint_slice, service};
+use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode};
+use lb_tests::manifests::{Conditions, endpoint_slice, service, to_yaml};
 use lb_tests::{Agent, Pod, Server, TestEnv, require_privileges};
 
 /// How long the agent may take to start and apply the manifests.
@@ -146,4 +147,93 @@ fn cluster_policy_falls_back_to_terminating_endpoints_anywhere() {
     let summary = client.client(&env.cgroup, VIP, 10);
     assert_eq!(summary.ok, 10, "{summary:?}");
     assert_eq!(summary.host_names(), ["remote1"], "{summary:?}");
+}
+
+/// The slice of `webapp` with each endpoint hinted for its own node (`hints.forNodes`), as
+/// the EndpointSlice controller writes it for `trafficDistribution: PreferSameNode`.
+fn node_hinted_slice(env: &TestEnv, endpoints: &[(&Pod, &str)]) {
+    let mut slice = endpoint_slice("webapp-1", "webapp");
+    for (p, node) in endpoints {
+        slice = slice.endpoint_full(p.ip(), Conditions::READY, Some(node), None);
+    }
+    let mut slice = slice.port(Some("http"), 8080, "TCP").build();
+    for (endpoint, (_, node)) in slice
+        .endpoints
+        .as_mut()
+        .expect("endpoints")
+        .iter_mut()
+        .zip(endpoints)
+    {
+        endpoint.hints = Some(EndpointHints {
+            for_nodes: Some(vec![ForNode {
+                name: (*node).to_owned(),
+            }]),
+            for_zones: None,
+        });
+    }
+    env.manifests.write("slice.yaml", &to_yaml(&slice));
+}
+
+/// Upstream `should route traffic to an endpoint on the same node when using PreferSameNode
+/// and fall back when the endpoint becomes unavailable`: this node's client reaches only
+/// this node's server; with that server gone it reaches the other node's; with it back,
+/// only its own again.
+#[test]
+fn prefer_same_node_keeps_traffic_on_this_node_and_falls_back_while_its_endpoint_is_gone() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let pods = servers(&env, &["local1", "remote1"]);
+    let client = env.topo.add_pod("client");
+    webapp(&env, "Cluster", Some("PreferSameNode"));
+    let both = [(&pods[0].0, NODE), (&pods[1].0, "node-b")];
+    node_hinted_slice(&env, &both);
+    let mut agent = agent(&env, 1);
+    let same_node = client.client(&env.cgroup, VIP, 20);
+    assert_eq!(same_node.count("local1"), 20, "{same_node:?}");
+
+    node_hinted_slice(&env, &both[1..]);
+    agent.wait_until("remote1 alone", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == VIP)
+            .filter(|f| f.backend_addrs() == [format!("{}:8080", pods[1].0.ip())])
+            .map(|_| ())
+    });
+    let fallback = client.client(&env.cgroup, VIP, 10);
+    assert_eq!(fallback.count("remote1"), 10, "{fallback:?}");
+
+    node_hinted_slice(&env, &both);
+    agent.wait_until("local1 alone again", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == VIP)
+            .filter(|f| f.backend_addrs() == [format!("{}:8080", pods[0].0.ip())])
+            .map(|_| ())
+    });
+    let back = client.client(&env.cgroup, VIP, 20);
+    assert_eq!(back.count("local1"), 20, "{back:?}");
+}
+
+/// Upstream `should route traffic to an endpoint on the same node or fall back to same zone
+/// when using PreferSameNode`, its node part: with hints for this node and for another, this
+/// node's client reaches only its own server; a client of a node without an endpoint (this
+/// agent as `node-c`) reaches all servers.
+#[test]
+fn prefer_same_node_without_an_endpoint_on_this_node_uses_every_endpoint() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let pods = servers(&env, &["remote1", "remote2"]);
+    let client = env.topo.add_pod("client");
+    webapp(&env, "Cluster", Some("PreferSameNode"));
+    node_hinted_slice(&env, &[(&pods[0].0, "node-b"), (&pods[1].0, "node-c")]);
+    let _agent = agent(&env, 2);
+
+    let summary = client.client(&env.cgroup, VIP, 30);
+
+    assert_eq!(summary.ok, 30, "{summary:?}");
+    assert_eq!(summary.host_names(), ["remote1", "remote2"], "{summary:?}");
 }
