@@ -339,3 +339,116 @@ fn per_packet_pods_keep_their_backend_by_address() {
     assert_eq!(summary.ok, 30, "{summary:?}");
     assert_eq!(hosts(&summary).len(), 1, "{summary:?}");
 }
+
+/// The three backends as Pods on this node (`node-a`), for `externalTrafficPolicy: Local`.
+fn backends_on_this_node(env: &TestEnv) -> Vec<(Pod, Server)> {
+    BACKENDS
+        .iter()
+        .map(|name| {
+            let p = env.topo.add_pod(name);
+            let server = p.spawn_server(name, 8080);
+            env.manifests.write(
+                &format!("pod-{name}.yaml"),
+                &pod(name, p.ip())
+                    .label("app", "webapp")
+                    .node_name("node-a")
+                    .yaml(),
+            );
+            (p, server)
+        })
+        .collect()
+}
+
+/// `webapp` as a LoadBalancer (ingress 192.168.60.20, routed to the node by the client's
+/// default route) with this `externalTrafficPolicy` and affinity.
+fn load_balancer(policy: &str, affinity: bool) -> String {
+    let svc = service("webapp", "10.96.0.10")
+        .selector("app", "webapp")
+        .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+        .load_balancer_ingress("192.168.60.20", None)
+        .external_traffic_policy(policy);
+    if affinity {
+        svc.session_affinity(None).yaml()
+    } else {
+        svc.yaml()
+    }
+}
+
+/// Upstream `should have session affinity work for LoadBalancer service with <policy>
+/// traffic policy` and `should be able to switch session affinity for LoadBalancer service
+/// with <policy> traffic policy`, through the LoadBalancer IP from outside (the provider's
+/// part, bringing the traffic to a node, is the client's route here): kept, spread once
+/// switched off, kept again once switched on.
+fn load_balancer_affinity_keeps_and_switches(policy: &str) {
+    let env = TestEnv::new();
+    let _backends = backends_on_this_node(&env);
+    let outside = env.topo.add_external_client("outside");
+    env.manifests
+        .write("svc.yaml", &load_balancer(policy, true));
+    let mut agent = env.agent_with(&["--devices", EXT_DEVICE, "--node-name", "node-a"]);
+    let target = "192.168.60.20:80";
+    agent.wait_until("the LoadBalancer IP with 3 backends", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == target && f.count == 3 && f.affinity_timeout.is_some())
+            .map(|_| ())
+    });
+    let deadline = Instant::now() + APPLY;
+    while outside.client_with().timeout_ms(300).run(target).ok == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the LoadBalancer IP never answered"
+        );
+    }
+
+    let kept = outside.client_with().count(15).run(target);
+    assert_eq!(kept.ok, 15, "{kept:?}");
+    assert_eq!(hosts(&kept).len(), 1, "{policy}: ClientIP: {kept:?}");
+
+    env.manifests
+        .write("svc.yaml", &load_balancer(policy, false));
+    agent.wait_until("affinity off", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == target && f.affinity_timeout.is_none())
+            .map(|_| ())
+    });
+    let spread = outside.client_with().count(30).run(target);
+    assert_eq!(spread.ok, 30, "{spread:?}");
+    assert!(
+        hosts(&spread).len() > 1,
+        "{policy}: switched off: {spread:?}"
+    );
+
+    env.manifests
+        .write("svc.yaml", &load_balancer(policy, true));
+    agent.wait_until("affinity on", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == target && f.affinity_timeout.is_some())
+            .map(|_| ())
+    });
+    let kept = outside.client_with().count(15).run(target);
+    assert_eq!(kept.ok, 15, "{kept:?}");
+    assert_eq!(
+        hosts(&kept).len(),
+        1,
+        "{policy}: switched on again: {kept:?}"
+    );
+}
+
+#[test]
+fn load_balancer_affinity_with_local_policy_keeps_and_switches_for_a_client_outside() {
+    if !require_privileges() {
+        return;
+    }
+    load_balancer_affinity_keeps_and_switches("Local");
+}
+
+#[test]
+fn load_balancer_affinity_with_cluster_policy_keeps_and_switches_for_a_client_outside() {
+    if !require_privileges() {
+        return;
+    }
+    load_balancer_affinity_keeps_and_switches("Cluster");
+}
