@@ -576,3 +576,80 @@ fn a_fixed_source_port_udp_client_reaches_an_endpoint_that_becomes_ready() {
         "from a second after the pod got ready on, the same flow reaches it: {after:?}"
     );
 }
+
+/// Upstream `should be able to preserve UDP traffic when server pod cycles for a ClusterIP
+/// service with InternalTrafficPolicy set to Local`, on the per-packet path: a pod on this
+/// node (`node-a`) sends from fixed source port 12345 while a remote server is added, the
+/// local server goes and a new local one comes; from a second after that on, the same flow
+/// reaches the new local server only.
+#[test]
+fn a_fixed_source_port_udp_client_reaches_a_recreated_local_server_under_internal_local() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let names = ["dns1", "dns2", "dns3"];
+    let pods: Vec<(Pod, Server)> = names
+        .iter()
+        .map(|name| {
+            let p = env.topo.add_pod(name);
+            let server = p.spawn_udp_server(name, 5353);
+            (p, server)
+        })
+        .collect();
+    let pod_yaml = |i: usize, node: &str| {
+        pod(names[i], pods[i].0.ip())
+            .label("app", "dns")
+            .node_name(node)
+            .container_port_full("dns", 5353, "UDP")
+            .yaml()
+    };
+    env.manifests.write("pod-dns1.yaml", &pod_yaml(0, "node-a"));
+    env.manifests.write(
+        "svc-dns.yaml",
+        &service("dns", "10.96.0.10")
+            .selector("app", "dns")
+            .internal_traffic_policy("Local")
+            .port_full(Some("dns"), 53, "dns", "UDP")
+            .yaml(),
+    );
+    let client = env.topo.add_pod("client");
+    let mut agent = env.agent_with(&["--socket-lb", "off", "--node-name", "node-a"]);
+    agent.wait_for_frontend_proto(DNS_VIP, "UDP", 1, APPLY);
+    let only = |i: usize| vec![format!("{}:5353", pods[i].0.ip())];
+
+    let (exchanges, recreated) = std::thread::scope(|scope| {
+        let netns = client.netns().to_owned();
+        let exchanges = scope.spawn(move || fixed_port_client(&netns, DNS_VIP, 60));
+        std::thread::sleep(Duration::from_millis(1_000));
+        // A server on another node, then the local one goes: nothing local is left.
+        env.manifests.write("pod-dns2.yaml", &pod_yaml(1, "node-b"));
+        std::thread::sleep(Duration::from_millis(500));
+        env.manifests.remove("pod-dns1.yaml");
+        agent.wait_for_frontend_proto(DNS_VIP, "UDP", 0, APPLY);
+        std::thread::sleep(Duration::from_millis(500));
+        // The local server is recreated (a new pod, a new address).
+        env.manifests.write("pod-dns3.yaml", &pod_yaml(2, "node-a"));
+        agent.wait_until("dns3 alone behind the Service", APPLY, |frontends| {
+            frontends
+                .iter()
+                .find(|f| f.addr() == DNS_VIP && f.protocol == "UDP")
+                .filter(|f| f.backend_addrs() == only(2))
+                .map(|_| ())
+        });
+        let recreated = monotonic_ns();
+        (exchanges.join().expect("client thread"), recreated)
+    });
+
+    let all = names_after(&exchanges, 0);
+    assert_eq!(all.first().map(String::as_str), Some("dns1"), "{all:?}");
+    assert!(
+        !all.iter().any(|n| n == "dns2"),
+        "the other node's server is never reached under Local: {all:?}"
+    );
+    let after = names_after(&exchanges, recreated + 1_000_000_000);
+    assert!(
+        after.len() >= 5 && after.iter().all(|n| n == "dns3"),
+        "the same flow reaches the recreated local server: {after:?}"
+    );
+}
