@@ -653,3 +653,87 @@ fn a_fixed_source_port_udp_client_reaches_a_recreated_local_server_under_interna
         "the same flow reaches the recreated local server: {after:?}"
     );
 }
+
+/// Upstream `should be able to preserve UDP traffic when server pod cycles for a ClusterIP
+/// service and client is hostNetwork`: a process of the node itself (its network namespace,
+/// inside the agent's cgroup) keeps one UDP socket, so one source port, sending every
+/// 100 ms while dns1 is replaced by dns2; from a second after that on it reaches dns2 only.
+#[test]
+fn a_node_process_udp_socket_follows_the_server_cycling_behind_a_cluster_ip() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (backends, _client) = dns_setup(&env);
+    env.manifests.remove(&TestEnv::pod_file("dns2"));
+    let mut agent = env.agent();
+    agent.wait_for_frontend_proto(DNS_VIP, "UDP", 1, APPLY);
+    let dns2 = backends[1].0.ip();
+
+    let (summary, switched) = std::thread::scope(|scope| {
+        let summary = scope.spawn(|| {
+            let mut command = std::process::Command::new(lb_tests::bins::testkit());
+            command
+                .arg("--cgroup")
+                .arg(env.cgroup.path())
+                .args([
+                    "--netns",
+                    env.topo.node().name(),
+                    "client",
+                    "--target",
+                    DNS_VIP,
+                ])
+                .args([
+                    "--count",
+                    "1",
+                    "--udp",
+                    "--sends",
+                    "40",
+                    "--interval-ms",
+                    "100",
+                ])
+                .args(["--timeout-ms", "300"]);
+            let out = lb_tests::cmd::run(&mut command, Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("{e}"));
+            serde_json::from_str::<lb_tests::ClientSummary>(out.trim())
+                .unwrap_or_else(|e| panic!("{e}: {out}"))
+        });
+        std::thread::sleep(Duration::from_millis(800));
+        env.manifests.write(
+            &TestEnv::pod_file("dns2"),
+            &pod("dns2", dns2)
+                .label("app", "dns")
+                .container_port_full("dns", 5353, "UDP")
+                .yaml(),
+        );
+        env.manifests.remove(&TestEnv::pod_file("dns1"));
+        let only_dns2 = vec![format!("{dns2}:5353")];
+        agent.wait_until("dns2 alone behind the Service", APPLY, |frontends| {
+            frontends
+                .iter()
+                .find(|f| f.addr() == DNS_VIP && f.protocol == "UDP")
+                .filter(|f| f.backend_addrs() == only_dns2)
+                .map(|_| ())
+        });
+        let switched = monotonic_ns();
+        (summary.join().expect("client thread"), switched)
+    });
+
+    let sockets: BTreeSet<u32> = summary.attempts.iter().map(|a| a.socket).collect();
+    assert_eq!(sockets.len(), 1, "one socket throughout: {summary:?}");
+    assert!(summary.count("dns1") > 0, "dns1 first: {summary:?}");
+    let after: Vec<String> = summary
+        .attempts
+        .iter()
+        .filter(|a| a.start_ns > switched + 1_000_000_000)
+        .map(|a| a.host.clone().or(a.error.clone()).unwrap_or_default())
+        .collect();
+    assert!(
+        after.len() >= 5 && after.iter().all(|h| h == "dns2"),
+        "the node's socket reaches the new server: {after:?}"
+    );
+    assert!(
+        summary.peer_addrs.iter().all(|p| p == DNS_VIP),
+        "answers come from the ClusterIP: {summary:?}"
+    );
+}
