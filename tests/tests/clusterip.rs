@@ -313,3 +313,45 @@ fn a_pod_reaches_itself_through_its_own_service() {
     assert_eq!(summary.count("webapp1"), 5, "{summary:?}");
     assert_eq!(summary.peers(), BTreeSet::from([VIP]), "{summary:?}");
 }
+
+/// Upstream `should connect to the ports exposed by restartable init containers`: the server
+/// runs in a sidecar (an init container with `restartPolicy: Always`, the pod's only port)
+/// and the Service's numeric targetPort reaches it.
+#[test]
+fn a_numeric_target_port_reaches_a_server_in_a_restartable_init_container() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let web = env.topo.add_pod("webapp1");
+    let _server = web.spawn_server("webapp1", 8080);
+    let client = env.topo.add_pod("client");
+    let mut p = pod("webapp1", web.ip()).label("app", "webapp").build();
+    p.spec.as_mut().unwrap().init_containers = Some(vec![k8s_openapi::api::core::v1::Container {
+        name: "sidecar".to_owned(),
+        image: Some("lb-testkit".to_owned()),
+        restart_policy: Some("Always".to_owned()),
+        ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: 8080,
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }]);
+    env.manifests
+        .write("pod-webapp1.yaml", &lb_tests::manifests::to_yaml(&p));
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+
+    let summary = client.client(&env.cgroup, VIP, 5);
+
+    assert_eq!(summary.count("webapp1"), 5, "{summary:?}");
+}
