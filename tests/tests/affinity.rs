@@ -1,7 +1,7 @@
-//! `sessionAffinity: ClientIP`, the upstream conformance cases "should have session
-//! affinity work for service with type clusterIP / NodePort", "should be able to switch
-//! session affinity for service with type clusterIP", "should have session affinity timeout
-//! work for service with type clusterIP", on each path: the socket hooks (a pod is its
+//! `sessionAffinity: ClientIP`, the upstream cases "should have session affinity work for
+//! service with type clusterIP / NodePort", "should be able to switch session affinity for
+//! service with type clusterIP / NodePort", "should have session affinity timeout work for
+//! service with type clusterIP / NodePort", on each path: the socket hooks (a pod is its
 //! network namespace), tc for clients outside the node and tc for pods served per packet
 //! (both by source address).
 
@@ -191,6 +191,27 @@ fn a_kept_backend_that_goes_away_is_never_used_again() {
     assert_eq!(hosts(&after).len(), 1, "a new backend is kept: {after:?}");
 }
 
+/// The NodePort on the node's external address.
+fn node_port_target() -> String {
+    format!("{NODE_EXT_IP}:{NODE_PORT}")
+}
+
+/// The tc programs attach after the maps are written: waits until the NodePort answers.
+#[track_caller]
+fn wait_for_node_port(outside: &Pod) {
+    let deadline = Instant::now() + APPLY;
+    while outside
+        .client_with()
+        .count(1)
+        .timeout_ms(300)
+        .run(&node_port_target())
+        .ok
+        == 0
+    {
+        assert!(Instant::now() < deadline, "NodePort never answered");
+    }
+}
+
 #[test]
 fn node_port_affinity_keeps_a_client_outside_the_node_on_one_backend() {
     if !require_privileges() {
@@ -202,19 +223,8 @@ fn node_port_affinity_keeps_a_client_outside_the_node_on_one_backend() {
     env.manifests.write("svc.yaml", &webapp(Some(None)).yaml());
     let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
     wait_for_affinity(&mut agent, 3, Some(10_800));
-    // The tc programs attach after the maps are written: wait until the first answer.
-    let target = format!("{NODE_EXT_IP}:{NODE_PORT}");
-    let deadline = Instant::now() + APPLY;
-    while outside
-        .client_with()
-        .count(1)
-        .timeout_ms(300)
-        .run(&target)
-        .ok
-        == 0
-    {
-        assert!(Instant::now() < deadline, "NodePort never answered");
-    }
+    wait_for_node_port(&outside);
+    let target = node_port_target();
 
     let summary = outside.client_with().count(30).run(&target);
     assert_eq!(summary.ok, 30, "{summary:?}");
@@ -223,6 +233,87 @@ fn node_port_affinity_keeps_a_client_outside_the_node_on_one_backend() {
         1,
         "a client outside keeps its backend by its address: {summary:?}"
     );
+}
+
+/// Upstream `should be able to switch session affinity for NodePort service [LinuxOnly]`
+/// (conformance): ClientIP → None → ClientIP, measured through nodeIP:NodePort from outside.
+#[test]
+fn switching_node_port_affinity_on_and_off_takes_effect_for_a_client_outside() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _backends = backends(&env);
+    let outside = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp(Some(None)).yaml());
+    let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
+    wait_for_affinity(&mut agent, 3, Some(10_800));
+    wait_for_node_port(&outside);
+    let kept = outside.client_with().count(30).run(&node_port_target());
+    assert_eq!(kept.ok, 30, "{kept:?}");
+    assert_eq!(hosts(&kept).len(), 1, "ClientIP: {kept:?}");
+
+    env.manifests.write("svc.yaml", &webapp(None).yaml());
+    wait_for_affinity(&mut agent, 3, None);
+    let spread = outside.client_with().count(30).run(&node_port_target());
+    assert_eq!(spread.ok, 30, "{spread:?}");
+    assert!(
+        hosts(&spread).len() > 1,
+        "affinity switched off: 30 connections reach more than one of 3 backends: {spread:?}"
+    );
+
+    env.manifests.write("svc.yaml", &webapp(Some(None)).yaml());
+    wait_for_affinity(&mut agent, 3, Some(10_800));
+    let kept = outside.client_with().count(30).run(&node_port_target());
+    assert_eq!(kept.ok, 30, "{kept:?}");
+    assert_eq!(
+        hosts(&kept).len(),
+        1,
+        "affinity switched on again: {kept:?}"
+    );
+}
+
+/// Upstream `should have session affinity timeout work for NodePort service [LinuxOnly]`
+/// (with a 1 s timeout instead of 125 s): connections from outside keep their backend while
+/// they keep coming, and pick afresh after a pause longer than the timeout.
+#[test]
+fn node_port_affinity_ends_after_the_timeout_for_a_client_outside() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _backends = backends(&env);
+    let outside = env.topo.add_external_client("outside");
+    env.manifests
+        .write("svc.yaml", &webapp(Some(Some(1))).yaml());
+    let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
+    wait_for_affinity(&mut agent, 3, Some(1));
+    wait_for_node_port(&outside);
+    // The entry the probe made may still be there: let it expire first.
+    std::thread::sleep(Duration::from_millis(1_300));
+
+    let kept = outside
+        .client_with()
+        .count(10)
+        .interval_ms(300)
+        .run(&node_port_target());
+    assert_eq!(kept.ok, 10, "{kept:?}");
+    let first = hosts(&kept);
+    assert_eq!(first.len(), 1, "kept within the timeout: {kept:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        std::thread::sleep(Duration::from_millis(1_300));
+        let next = outside.client_with().count(1).run(&node_port_target());
+        assert_eq!(next.ok, 1, "{next:?}");
+        if hosts(&next) != first {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still on {first:?} after the timeout passed again and again"
+        );
+    }
 }
 
 #[test]
@@ -247,4 +338,117 @@ fn per_packet_pods_keep_their_backend_by_address() {
     let summary = client.client_with().count(30).run(VIP);
     assert_eq!(summary.ok, 30, "{summary:?}");
     assert_eq!(hosts(&summary).len(), 1, "{summary:?}");
+}
+
+/// The three backends as Pods on this node (`node-a`), for `externalTrafficPolicy: Local`.
+fn backends_on_this_node(env: &TestEnv) -> Vec<(Pod, Server)> {
+    BACKENDS
+        .iter()
+        .map(|name| {
+            let p = env.topo.add_pod(name);
+            let server = p.spawn_server(name, 8080);
+            env.manifests.write(
+                &format!("pod-{name}.yaml"),
+                &pod(name, p.ip())
+                    .label("app", "webapp")
+                    .node_name("node-a")
+                    .yaml(),
+            );
+            (p, server)
+        })
+        .collect()
+}
+
+/// `webapp` as a LoadBalancer (ingress 192.168.60.20, routed to the node by the client's
+/// default route) with this `externalTrafficPolicy` and affinity.
+fn load_balancer(policy: &str, affinity: bool) -> String {
+    let svc = service("webapp", "10.96.0.10")
+        .selector("app", "webapp")
+        .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+        .load_balancer_ingress("192.168.60.20", None)
+        .external_traffic_policy(policy);
+    if affinity {
+        svc.session_affinity(None).yaml()
+    } else {
+        svc.yaml()
+    }
+}
+
+/// Upstream `should have session affinity work for LoadBalancer service with <policy>
+/// traffic policy` and `should be able to switch session affinity for LoadBalancer service
+/// with <policy> traffic policy`, through the LoadBalancer IP from outside (the provider's
+/// part, bringing the traffic to a node, is the client's route here): kept, spread once
+/// switched off, kept again once switched on.
+fn load_balancer_affinity_keeps_and_switches(policy: &str) {
+    let env = TestEnv::new();
+    let _backends = backends_on_this_node(&env);
+    let outside = env.topo.add_external_client("outside");
+    env.manifests
+        .write("svc.yaml", &load_balancer(policy, true));
+    let mut agent = env.agent_with(&["--devices", EXT_DEVICE, "--node-name", "node-a"]);
+    let target = "192.168.60.20:80";
+    agent.wait_until("the LoadBalancer IP with 3 backends", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == target && f.count == 3 && f.affinity_timeout.is_some())
+            .map(|_| ())
+    });
+    let deadline = Instant::now() + APPLY;
+    while outside.client_with().timeout_ms(300).run(target).ok == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the LoadBalancer IP never answered"
+        );
+    }
+
+    let kept = outside.client_with().count(15).run(target);
+    assert_eq!(kept.ok, 15, "{kept:?}");
+    assert_eq!(hosts(&kept).len(), 1, "{policy}: ClientIP: {kept:?}");
+
+    env.manifests
+        .write("svc.yaml", &load_balancer(policy, false));
+    agent.wait_until("affinity off", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == target && f.affinity_timeout.is_none())
+            .map(|_| ())
+    });
+    let spread = outside.client_with().count(30).run(target);
+    assert_eq!(spread.ok, 30, "{spread:?}");
+    assert!(
+        hosts(&spread).len() > 1,
+        "{policy}: switched off: {spread:?}"
+    );
+
+    env.manifests
+        .write("svc.yaml", &load_balancer(policy, true));
+    agent.wait_until("affinity on", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == target && f.affinity_timeout.is_some())
+            .map(|_| ())
+    });
+    let kept = outside.client_with().count(15).run(target);
+    assert_eq!(kept.ok, 15, "{kept:?}");
+    assert_eq!(
+        hosts(&kept).len(),
+        1,
+        "{policy}: switched on again: {kept:?}"
+    );
+}
+
+#[test]
+fn load_balancer_affinity_with_local_policy_keeps_and_switches_for_a_client_outside() {
+    if !require_privileges() {
+        return;
+    }
+    load_balancer_affinity_keeps_and_switches("Local");
+}
+
+#[test]
+fn load_balancer_affinity_with_cluster_policy_keeps_and_switches_for_a_client_outside() {
+    if !require_privileges() {
+        return;
+    }
+    load_balancer_affinity_keeps_and_switches("Cluster");
 }

@@ -162,3 +162,50 @@ fn endpoint_slices_take_precedence_over_pods() {
     let summary = client.client(&env.cgroup, VIP, 40);
     assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
 }
+
+/// Upstream `should be rejected for evicted pods (no endpoints exist)`: the only pod of a
+/// Service with `publishNotReadyAddresses: true` is evicted (phase `Failed`, not ready); it
+/// is no endpoint at all, and connections are refused at once.
+#[test]
+fn an_evicted_pod_is_no_endpoint_and_its_service_refuses() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let web = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    let mut svc = service("webapp", "10.96.0.10")
+        .selector("app", "webapp")
+        .port(80, 8080)
+        .build();
+    svc.spec.as_mut().unwrap().publish_not_ready_addresses = Some(true);
+    env.manifests
+        .write("svc-webapp.yaml", &lb_tests::manifests::to_yaml(&svc));
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    assert_eq!(client.client(&env.cgroup, VIP, 3).count("webapp1"), 3);
+
+    // Evicted: the kubelet sets phase Failed; the server process still answers, so a
+    // connection that reached it would show.
+    let mut evicted = pod("webapp1", web.pod.ip())
+        .label("app", "webapp")
+        .container_port("http", 8080)
+        .ready(false)
+        .build();
+    let status = evicted.status.as_mut().unwrap();
+    status.phase = Some("Failed".to_owned());
+    status.reason = Some("Evicted".to_owned());
+    env.manifests.write(
+        &TestEnv::pod_file("webapp1"),
+        &lb_tests::manifests::to_yaml(&evicted),
+    );
+    agent.wait_for_frontend(VIP, 0, APPLY);
+    let summary = client.client(&env.cgroup, VIP, 5);
+
+    assert_eq!(summary.errors_of("ECONNREFUSED"), 5, "{summary:?}");
+    assert!(
+        summary.connect_ms.iter().all(|ms| *ms < 100.0),
+        "refused at once: {:?}",
+        summary.connect_ms
+    );
+}

@@ -311,3 +311,122 @@ fn external_ips_of_a_family_the_service_lacks_are_left_alone() {
     assert_untranslated(&external, "an IPv6 external IP of an IPv4-only Service");
     assert_untranslated(&ingress, "an IPv6 ingress IP of an IPv4-only Service");
 }
+
+/// Upstream `should serve endpoints on same port and different protocols` (conformance):
+/// TCP and UDP on port 80 are both forwarded; removing the UDP port stops UDP and leaves TCP,
+/// removing the TCP port then stops TCP and brings UDP back.
+#[test]
+fn removing_one_protocol_of_a_port_stops_only_that_protocol() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let p = env.topo.add_pod("echo1");
+    let _tcp = p.spawn_server("echo1", 8080);
+    let _udp = p.spawn_udp_server("echo1-udp", 8080);
+    env.manifests.write(
+        &TestEnv::pod_file("echo1"),
+        &pod("echo1", p.ip()).label("app", "echo").yaml(),
+    );
+    let client = env.topo.add_pod("client");
+    let svc = |tcp: bool, udp: bool| {
+        let mut s = service("echo", "10.96.0.10").selector("app", "echo");
+        if tcp {
+            s = s.port_full(Some("tcp-port"), 80, 8080, "TCP");
+        }
+        if udp {
+            s = s.port_full(Some("udp-port"), 80, 8080, "UDP");
+        }
+        s.yaml()
+    };
+    env.manifests.write("svc-echo.yaml", &svc(true, true));
+    let mut agent = env.agent();
+    agent.wait_for_frontend_proto(VIP, "TCP", 1, APPLY);
+    agent.wait_for_frontend_proto(VIP, "UDP", 1, APPLY);
+    let udp_run = || {
+        client
+            .client_with()
+            .cgroup(&env.cgroup)
+            .udp()
+            .count(2)
+            .timeout_ms(300)
+            .run(VIP)
+    };
+    let tcp_run = || {
+        client
+            .client_with()
+            .cgroup(&env.cgroup)
+            .count(2)
+            .timeout_ms(300)
+            .run(VIP)
+    };
+    assert_eq!(tcp_run().count("echo1"), 2);
+    assert_eq!(udp_run().count("echo1-udp"), 2);
+
+    env.manifests.write("svc-echo.yaml", &svc(true, false));
+    agent.wait_for_no_frontend_proto(VIP, "UDP", APPLY);
+    let udp = udp_run();
+    let tcp = tcp_run();
+    assert_eq!(udp.ok, 0, "UDP removed: {udp:?}");
+    assert_eq!(udp.count("echo1-udp"), 0, "{udp:?}");
+    assert_eq!(tcp.count("echo1"), 2, "TCP stays: {tcp:?}");
+
+    env.manifests.write("svc-echo.yaml", &svc(false, true));
+    agent.wait_for_no_frontend_proto(VIP, "TCP", APPLY);
+    agent.wait_for_frontend_proto(VIP, "UDP", 1, APPLY);
+    let tcp = tcp_run();
+    let udp = udp_run();
+    assert_untranslated(&tcp, "the removed TCP port");
+    assert_eq!(udp.count("echo1-udp"), 2, "UDP back: {udp:?}");
+}
+
+/// Upstream `should serve endpoints on same port and different protocol for internal traffic
+/// on Type LoadBalancer `: a LoadBalancer Service (no ingress IP yet) with TCP and UDP on port
+/// 80 through named target ports; a pod reaches both protocols through the ClusterIP and
+/// through their NodePorts on the node's address.
+#[test]
+fn a_load_balancer_with_tcp_and_udp_on_one_port_serves_both_inside_the_cluster() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let p = env.topo.add_pod("echo1");
+    let _tcp = p.spawn_server("echo1", 8080);
+    let _udp = p.spawn_udp_server("echo1-udp", 8080);
+    env.manifests.write(
+        &TestEnv::pod_file("echo1"),
+        &pod("echo1", p.ip())
+            .label("app", "echo")
+            .container_port_full("tcp-port", 8080, "TCP")
+            .container_port_full("udp-port", 8080, "UDP")
+            .yaml(),
+    );
+    let client = env.topo.add_pod("client");
+    // Creates the node's ext0 (192.168.50.1), the node address NodePorts answer on.
+    let _outside = env.topo.add_external_client("outside");
+    env.manifests.write(
+        "svc-echo.yaml",
+        &service("echo", "10.96.0.10")
+            .type_("LoadBalancer")
+            .selector("app", "echo")
+            .node_port(80, "tcp-port", 30080, "TCP")
+            .node_port(80, "udp-port", 30081, "UDP")
+            .yaml(),
+    );
+    let mut agent = env.agent_with(&["--devices", lb_tests::EXT_DEVICE]);
+    agent.wait_for_frontend_proto(VIP, "TCP", 1, APPLY);
+    agent.wait_for_frontend_proto(VIP, "UDP", 1, APPLY);
+    agent.wait_for_frontend_proto("0.0.0.0:30080", "TCP", 1, APPLY);
+    agent.wait_for_frontend_proto("0.0.0.0:30081", "UDP", 1, APPLY);
+    let node = lb_tests::NODE_EXT_IP;
+
+    let tcp = client.client(&env.cgroup, VIP, 5);
+    let udp = client.udp_client(&env.cgroup, VIP, 5);
+    let tcp_node_port = client.client(&env.cgroup, &format!("{node}:30080"), 5);
+    let udp_node_port = client.udp_client(&env.cgroup, &format!("{node}:30081"), 5);
+
+    assert_eq!(tcp.count("echo1"), 5, "{tcp:?}");
+    assert_eq!(udp.count("echo1-udp"), 5, "{udp:?}");
+    assert_eq!(tcp_node_port.count("echo1"), 5, "{tcp_node_port:?}");
+    assert_eq!(udp_node_port.count("echo1-udp"), 5, "{udp_node_port:?}");
+}

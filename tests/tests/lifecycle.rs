@@ -191,3 +191,113 @@ fn malformed_manifests_leave_other_services_working() {
         "the Service with port 70000 must not be programmed: {listed:?}"
     );
 }
+
+/// Asserts `summary` (to a ClusterIP without a Service) went out untranslated.
+#[track_caller]
+fn assert_gone(summary: &lb_tests::ClientSummary, what: &str) {
+    assert_eq!(summary.ok, 0, "{what}: answered: {summary:?}");
+    assert!(
+        summary
+            .errors
+            .keys()
+            .all(|e| matches!(e.as_str(), "ETIMEDOUT" | "ENETUNREACH" | "EHOSTUNREACH")),
+        "{what}: still translated: {summary:?}"
+    );
+}
+
+/// Upstream `should be able to up and down services`: three Services over their own pods;
+/// deleting the first takes its ClusterIP down while the second keeps reaching all of its
+/// backends, and a third created afterwards comes up on its new ClusterIP.
+#[test]
+fn services_come_up_and_go_down_independently() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let mut backends = Vec::new();
+    for svc in ["up-down-1", "up-down-2", "up-down-3"] {
+        for n in 1..=2 {
+            backends.push(env.add_backend(&format!("{svc}-{n}"), svc, 8080));
+        }
+    }
+    let client = env.topo.add_pod("client");
+    let svc_yaml = |name: &str, ip: &str| {
+        service(name, ip)
+            .selector("app", name)
+            .port(80, 8080)
+            .yaml()
+    };
+    env.manifests
+        .write("svc-1.yaml", &svc_yaml("up-down-1", "10.96.0.11"));
+    env.manifests
+        .write("svc-2.yaml", &svc_yaml("up-down-2", "10.96.0.12"));
+    let mut agent = env.agent();
+    agent.wait_for_frontend("10.96.0.11:80", 2, APPLY);
+    agent.wait_for_frontend("10.96.0.12:80", 2, APPLY);
+    let one = client.client(&env.cgroup, "10.96.0.11:80", 20);
+    assert_eq!(one.host_names(), ["up-down-1-1", "up-down-1-2"], "{one:?}");
+
+    env.manifests.remove("svc-1.yaml");
+    agent.wait_for_no_frontend("10.96.0.11:80", APPLY);
+    let gone = client
+        .client_with()
+        .cgroup(&env.cgroup)
+        .count(2)
+        .timeout_ms(300)
+        .run("10.96.0.11:80");
+    let two = client.client(&env.cgroup, "10.96.0.12:80", 20);
+    assert_gone(&gone, "the deleted up-down-1");
+    assert_eq!(two.ok, 20, "{two:?}");
+    assert_eq!(two.host_names(), ["up-down-2-1", "up-down-2-2"], "{two:?}");
+
+    env.manifests
+        .write("svc-3.yaml", &svc_yaml("up-down-3", "10.96.0.13"));
+    agent.wait_for_frontend("10.96.0.13:80", 2, APPLY);
+    let three = client.client(&env.cgroup, "10.96.0.13:80", 20);
+    assert_eq!(three.ok, 20, "{three:?}");
+    assert_eq!(
+        three.host_names(),
+        ["up-down-3-1", "up-down-3-2"],
+        "{three:?}"
+    );
+}
+
+/// Upstream `should work after the service has been recreated`: the Service is deleted and
+/// created again with the same selector and a new ClusterIP, which reaches every backend
+/// while the old one is gone.
+#[test]
+fn a_recreated_service_reaches_every_backend_on_its_new_cluster_ip() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let _web2 = env.add_backend("webapp2", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    let svc = |ip: &str| {
+        service("webapp", ip)
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml()
+    };
+    env.manifests.write("svc-webapp.yaml", &svc("10.96.0.10"));
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 2, APPLY);
+    assert_eq!(client.client(&env.cgroup, VIP, 5).ok, 5);
+
+    env.manifests.remove("svc-webapp.yaml");
+    agent.wait_for_no_frontend(VIP, APPLY);
+    env.manifests.write("svc-webapp.yaml", &svc("10.96.0.20"));
+    agent.wait_for_frontend("10.96.0.20:80", 2, APPLY);
+    let summary = client.client(&env.cgroup, "10.96.0.20:80", 20);
+    let old = client
+        .client_with()
+        .cgroup(&env.cgroup)
+        .count(2)
+        .timeout_ms(300)
+        .run(VIP);
+
+    assert_eq!(summary.ok, 20, "{summary:?}");
+    assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
+    assert_gone(&old, "the old ClusterIP");
+}

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use lb_tests::manifests::{pod, service};
+use lb_tests::manifests::{Conditions, endpoint_slice, pod, service};
 use lb_tests::testkit::enter_netns;
 use lb_tests::{
     EXT_DEVICE, EXTERNAL_CLIENT_IP, EXTERNAL_CLIENT_IP6, Listen, NODE_EXT_IP, NODE_EXT_IP6,
@@ -1107,4 +1107,142 @@ fn nodeport_addresses_limit_the_node_addresses_a_node_port_answers_on() {
                 && !l.contains(&format!("\"{NODE_EXT_IP} (ext0)\""))),
         "only the selected address is a NodePort address: {log}"
     );
+}
+
+/// `webapp` (NodePort 30080, port 80 → 8080, without selector) with this
+/// `externalTrafficPolicy`, as a LoadBalancer with healthCheckNodePort 32100 under `Local`.
+fn webapp_without_selector(policy: &str) -> String {
+    let svc = service("webapp", "10.96.0.10")
+        .type_("NodePort")
+        .port_full(Some("http"), 80, 8080, "TCP")
+        .external_traffic_policy(policy);
+    let mut svc = svc.build();
+    let spec = svc.spec.as_mut().unwrap();
+    spec.ports.as_mut().unwrap()[0].node_port = Some(i32::from(NODE_PORT));
+    if policy == "Local" {
+        spec.type_ = Some("LoadBalancer".to_owned());
+        spec.health_check_node_port = Some(32100);
+    }
+    lb_tests::manifests::to_yaml(&svc)
+}
+
+/// The one slice of `webapp`: `pod` on `node` with `conditions`.
+fn webapp_slice(pod: &Pod, conditions: Conditions, node: &str) -> String {
+    endpoint_slice("webapp-1", "webapp")
+        .endpoint_full(pod.ip(), conditions, Some(node), None)
+        .port(Some("http"), 8080, "TCP")
+        .yaml()
+}
+
+/// Upstream `should fallback to terminating endpoints when there are no ready endpoints with
+/// externallTrafficPolicy=Cluster`: the only endpoint is terminating (and still serving); a
+/// client outside still reaches it through the NodePort.
+#[test]
+fn node_port_with_cluster_policy_falls_back_to_a_terminating_endpoint() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let web = env.topo.add_pod("webapp1");
+    let _server = web.spawn_server("webapp1", 8080);
+    env.manifests
+        .write("svc.yaml", &webapp_without_selector("Cluster"));
+    env.manifests.write(
+        "slice.yaml",
+        &webapp_slice(&web, Conditions::TERMINATING, "node-a"),
+    );
+    let client = env.topo.add_external_client("outside");
+    let mut agent = start_agent(&env, &["--node-name", "node-a"]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    let summary = client.client_with().count(10).run(&node_port_target());
+
+    assert_eq!(summary.count("webapp1"), 10, "{summary:?}");
+}
+
+/// Upstream `should fallback to local terminating endpoints when there are no ready
+/// endpoints with externalTrafficPolicy=Local`: this node's NodePort serves its own
+/// terminating endpoint; once that endpoint is on another node, this node's NodePort drops
+/// (the client times out) although the endpoint still answers.
+#[test]
+fn node_port_with_local_policy_falls_back_only_to_a_local_terminating_endpoint() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let web = env.topo.add_pod("webapp1");
+    let _server = web.spawn_server("webapp1", 8080);
+    env.manifests
+        .write("svc.yaml", &webapp_without_selector("Local"));
+    env.manifests.write(
+        "slice.yaml",
+        &webapp_slice(&web, Conditions::TERMINATING, "node-a"),
+    );
+    let client = env.topo.add_external_client("outside");
+    let mut agent = start_agent(&env, &["--node-name", "node-a"]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    let local = client.client_with().count(10).run(&node_port_target());
+    assert_eq!(local.count("webapp1"), 10, "{local:?}");
+
+    env.manifests.write(
+        "slice.yaml",
+        &webapp_slice(&web, Conditions::TERMINATING, "node-b"),
+    );
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 0, APPLY);
+    let elsewhere = client
+        .client_with()
+        .count(3)
+        .timeout_ms(300)
+        .run(&node_port_target());
+
+    assert_eq!(elsewhere.count("webapp1"), 0, "{elsewhere:?}");
+    assert_eq!(
+        elsewhere.errors_of("ETIMEDOUT"),
+        3,
+        "dropped, not refused (an endpoint exists elsewhere): {elsewhere:?}"
+    );
+}
+
+/// Upstream `should fail health check node port if there are only terminating endpoints`:
+/// with a ready local endpoint the health check answers 200; once the only endpoint is
+/// terminating it answers 503 while the NodePort still serves traffic to it.
+#[test]
+fn health_check_node_port_fails_with_only_terminating_endpoints_while_traffic_is_served() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let web = env.topo.add_pod("webapp1");
+    let _server = web.spawn_server("webapp1", 8080);
+    env.manifests
+        .write("svc.yaml", &webapp_without_selector("Local"));
+    env.manifests.write(
+        "slice.yaml",
+        &webapp_slice(&web, Conditions::READY, "node-a"),
+    );
+    let client = env.topo.add_external_client("outside");
+    let mut agent = start_agent(&env, &["--node-name", "node-a"]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    let health = format!("{NODE_EXT_IP}:32100");
+    let (status, body) = wait_for_status(&client, &health, 200);
+    assert_eq!(status, 200, "{body}");
+
+    env.manifests.write(
+        "slice.yaml",
+        &webapp_slice(&web, Conditions::TERMINATING, "node-a"),
+    );
+    agent.wait_until("the endpoint terminating", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == NODE_PORT_FRONTEND)
+            .filter(|f| f.backend_states().values().all(|s| s == "Terminating"))
+            .filter(|f| f.count == 1)
+            .map(|_| ())
+    });
+    let (status, body) = wait_for_status(&client, &health, 503);
+    let served = client.client_with().count(5).run(&node_port_target());
+
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    assert_eq!(served.count("webapp1"), 5, "still served: {served:?}");
 }

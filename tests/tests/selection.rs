@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use lb_tests::manifests::{Conditions, endpoint_slice, pod, service};
-use lb_tests::{Agent, Pod, Server, TestEnv, require_privileges};
+use lb_tests::{Agent, EXT_DEVICE, NODE_EXT_IP, Pod, Server, TestEnv, require_privileges};
 
 /// How long the agent may take to start and apply the manifests.
 const APPLY: Duration = Duration::from_secs(10);
@@ -193,4 +193,132 @@ fn endpoints_neither_ready_nor_serving_refuse_connections() {
             summary.connect_ms
         );
     }
+}
+
+/// `webapp` as NodePort 30080 with `publishNotReadyAddresses`.
+fn publishing_service(publish: bool) -> String {
+    let mut svc = service("webapp", "10.96.0.10")
+        .type_("NodePort")
+        .selector("app", "webapp")
+        .node_port(80, 8080, 30080, "TCP")
+        .build();
+    svc.spec.as_mut().unwrap().publish_not_ready_addresses = Some(publish);
+    lb_tests::manifests::to_yaml(&svc)
+}
+
+/// Upstream `should create endpoints for unready pods`: a never-ready pod is reached while
+/// the Service publishes not-ready addresses, refused once it stops, and reached again,
+/// now terminating, when it publishes them again.
+#[test]
+fn unready_pods_serve_while_the_service_publishes_not_ready_addresses() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let pods = servers(&env, &["webapp1"]);
+    let client = env.topo.add_pod("client");
+    let unready = pod("webapp1", pods[0].0.ip())
+        .label("app", "webapp")
+        .ready(false);
+    env.manifests.write("pod.yaml", &unready.yaml());
+    env.manifests.write("svc.yaml", &publishing_service(true));
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    let published = client.client(&env.cgroup, VIP, 5);
+    assert_eq!(published.count("webapp1"), 5, "{published:?}");
+
+    env.manifests.write("svc.yaml", &publishing_service(false));
+    agent.wait_for_frontend(VIP, 0, APPLY);
+    let unpublished = client.client(&env.cgroup, VIP, 3);
+    assert_eq!(unpublished.errors_of("ECONNREFUSED"), 3, "{unpublished:?}");
+
+    env.manifests
+        .write("pod.yaml", &unready.clone().terminating().yaml());
+    env.manifests.write("svc.yaml", &publishing_service(true));
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    let again = client.client(&env.cgroup, VIP, 5);
+    assert_eq!(again.count("webapp1"), 5, "{again:?}");
+}
+
+/// The only pod of NodePort `webapp` is terminating and no longer ready; returns what a
+/// pod gets from the ClusterIP and a client outside from the NodePort.
+fn terminating_unready_pod(publish: bool) -> (lb_tests::ClientSummary, lb_tests::ClientSummary) {
+    let env = TestEnv::new();
+    let pods = servers(&env, &["webapp1"]);
+    let client = env.topo.add_pod("client");
+    let outside = env.topo.add_external_client("outside");
+    let webapp1 = pod("webapp1", pods[0].0.ip()).label("app", "webapp");
+    // The pod shares its file with a marker Service whose port changes in the same write:
+    // once the marker's new port is listed, the agent has applied the pod's change too
+    // (with published not-ready addresses the frontend itself does not change).
+    let pod_file = |pod: lb_tests::manifests::PodBuilder, marker_port: i32| {
+        lb_tests::manifests::documents(&[
+            pod.yaml(),
+            service("marker", "10.96.0.99")
+                .selector("app", "marker")
+                .port(marker_port, 8080)
+                .yaml(),
+        ])
+    };
+    env.manifests
+        .write("pod.yaml", &pod_file(webapp1.clone(), 80));
+    env.manifests
+        .write("svc.yaml", &publishing_service(publish));
+    let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    agent.wait_for_frontend("10.96.0.99:80", 0, APPLY);
+    let node_port = format!("{NODE_EXT_IP}:30080");
+    let deadline = std::time::Instant::now() + APPLY;
+    while outside.client_with().timeout_ms(300).run(&node_port).ok == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NodePort never answered"
+        );
+    }
+
+    env.manifests.write(
+        "pod.yaml",
+        &pod_file(webapp1.ready(false).terminating(), 81),
+    );
+    agent.wait_for_frontend("10.96.0.99:81", 0, APPLY);
+    agent.wait_for_frontend(VIP, usize::from(publish), APPLY);
+    (
+        client
+            .client_with()
+            .cgroup(&env.cgroup)
+            .count(5)
+            .timeout_ms(500)
+            .run(VIP),
+        outside
+            .client_with()
+            .count(5)
+            .timeout_ms(500)
+            .run(&node_port),
+    )
+}
+
+/// Upstream `should be able to connect to terminating and unready endpoints if
+/// PublishNotReadyAddresses is true`.
+#[test]
+fn terminating_unready_pod_is_reached_when_not_ready_addresses_are_published() {
+    if !require_privileges() {
+        return;
+    }
+    let (cluster_ip, node_port) = terminating_unready_pod(true);
+    assert_eq!(cluster_ip.count("webapp1"), 5, "{cluster_ip:?}");
+    assert_eq!(node_port.count("webapp1"), 5, "{node_port:?}");
+}
+
+/// Upstream `should not be able to connect to terminating and unready endpoints if
+/// PublishNotReadyAddresses is false`.
+#[test]
+fn terminating_unready_pod_is_not_reached_when_not_ready_addresses_are_not_published() {
+    if !require_privileges() {
+        return;
+    }
+    let (cluster_ip, node_port) = terminating_unready_pod(false);
+    assert_eq!(cluster_ip.count("webapp1"), 0, "{cluster_ip:?}");
+    assert_eq!(cluster_ip.errors_of("ECONNREFUSED"), 5, "{cluster_ip:?}");
+    assert_eq!(node_port.count("webapp1"), 0, "{node_port:?}");
+    assert_eq!(node_port.errors_of("ECONNREFUSED"), 5, "{node_port:?}");
 }

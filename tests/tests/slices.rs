@@ -136,3 +136,92 @@ fn endpoints_of_several_slices_are_merged_without_duplicates() {
     let after = client.client(&env.cgroup, VIP, 40);
     assert_eq!(after.host_names(), ["webapp2", "webapp3"], "{after:?}");
 }
+
+/// Upstream `should support a Service with multiple ports specified in multiple
+/// EndpointSlices` (conformance): a Service without selector, ports 80 and 81, and one slice
+/// per port for the same pod address (8090 and 9090).
+#[test]
+fn each_port_of_a_service_takes_its_own_slice_for_the_same_pod() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let web = env.topo.add_pod("webapp1");
+    let _on_8090 = web.spawn_server("webapp1-8090", 8090);
+    let _on_9090 = web.spawn_server("webapp1-9090", 9090);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-example.yaml",
+        &service("example-custom-endpoints", "10.96.0.10")
+            .port_full(Some("example-port-80"), 80, 8090, "TCP")
+            .port_full(Some("example-port-81"), 81, 9090, "TCP")
+            .yaml(),
+    );
+    for (slice, port_name, port) in [
+        ("e2e-custom-slice-1", "example-port-80", 8090),
+        ("e2e-custom-slice-2", "example-port-81", 9090),
+    ] {
+        env.manifests.write(
+            &format!("{slice}.yaml"),
+            &endpoint_slice(slice, "example-custom-endpoints")
+                .endpoint(web.ip(), true)
+                .port(Some(port_name), port, "TCP")
+                .yaml(),
+        );
+    }
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    agent.wait_for_frontend("10.96.0.10:81", 1, APPLY);
+
+    let on_80 = client.client(&env.cgroup, VIP, 10);
+    let on_81 = client.client(&env.cgroup, "10.96.0.10:81", 10);
+
+    assert_eq!(on_80.count("webapp1-8090"), 10, "{on_80:?}");
+    assert_eq!(on_81.count("webapp1-9090"), 10, "{on_81:?}");
+}
+
+/// Upstream `should support a Service with multiple endpoint IPs specified in multiple
+/// EndpointSlices` (conformance): two slices with different pod addresses, both on port 8090
+/// under different port names; port 80 reaches only the first pod, port 81 only the second.
+#[test]
+fn each_port_of_a_service_reaches_only_the_addresses_of_its_own_slice() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let pod1 = env.topo.add_pod("pod1");
+    let pod2 = env.topo.add_pod("pod2");
+    let _server1 = pod1.spawn_server("pod1", 8090);
+    let _server2 = pod2.spawn_server("pod2", 8090);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-example.yaml",
+        &service("example-custom-endpoints", "10.96.0.10")
+            .port_full(Some("example-port-80"), 80, 8090, "TCP")
+            .port_full(Some("example-port-81"), 81, 8090, "TCP")
+            .yaml(),
+    );
+    for (slice, p, port_name) in [
+        ("e2e-custom-slice-1", &pod1, "example-port-80"),
+        ("e2e-custom-slice-2", &pod2, "example-port-81"),
+    ] {
+        env.manifests.write(
+            &format!("{slice}.yaml"),
+            &endpoint_slice(slice, "example-custom-endpoints")
+                .endpoint(p.ip(), true)
+                .port(Some(port_name), 8090, "TCP")
+                .yaml(),
+        );
+    }
+    let mut agent = env.agent();
+    let port80 = agent.wait_for_frontend(VIP, 1, APPLY);
+    let port81 = agent.wait_for_frontend("10.96.0.10:81", 1, APPLY);
+    assert_eq!(port80.backend_addrs(), [format!("{}:8090", pod1.ip())]);
+    assert_eq!(port81.backend_addrs(), [format!("{}:8090", pod2.ip())]);
+
+    let on_80 = client.client(&env.cgroup, VIP, 10);
+    let on_81 = client.client(&env.cgroup, "10.96.0.10:81", 10);
+
+    assert_eq!(on_80.count("pod1"), 10, "{on_80:?}");
+    assert_eq!(on_81.count("pod2"), 10, "{on_81:?}");
+}

@@ -254,3 +254,49 @@ fn start_up_with_10k_services_reaches_a_fully_programmed_state() {
     );
     assert_eq!(summary.ok, 4, "{summary:?}");
 }
+
+/// Upstream `should implement service.kubernetes.io/headless`, against the API server: a
+/// Service that gets the label is no longer proxied (the agent's watch selects Services
+/// without it, and the API server reports the labelled Service as gone from the watch), and
+/// one that loses it is proxied again.
+#[test]
+fn the_headless_label_takes_a_watched_service_away_from_the_proxy_and_back() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let web1 = env.add_backend("web1", "web", 8080);
+    let client = env.topo.add_pod("client");
+    let (api, mut agent) = env.agent_on_api_server();
+    api.apply(web_service());
+    api.apply(web_slice("web-a", &[web1.pod.ip().into()]));
+    agent.start();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    assert_eq!(client.client(&env.cgroup, VIP, 5).count("web1"), 5);
+
+    api.apply(
+        service("web", "10.96.0.10")
+            .label("service.kubernetes.io/headless", "")
+            .port_full(Some("http"), 80, 8080, "TCP")
+            .build(),
+    );
+    agent.wait_for_no_frontend(VIP, APPLY);
+    let labelled = client
+        .client_with()
+        .cgroup(&env.cgroup)
+        .count(2)
+        .timeout_ms(300)
+        .run(VIP);
+    assert_eq!(labelled.ok, 0, "{labelled:?}");
+    assert!(
+        labelled
+            .errors
+            .keys()
+            .all(|e| matches!(e.as_str(), "ETIMEDOUT" | "ENETUNREACH" | "EHOSTUNREACH")),
+        "not translated at all while labelled: {labelled:?}"
+    );
+
+    api.apply(web_service());
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    assert_eq!(client.client(&env.cgroup, VIP, 5).count("web1"), 5);
+}
