@@ -856,10 +856,26 @@ pub fn validate_pod(sourced: &Sourced<Pod>) -> (Option<ValidPod>, Vec<Problem>) 
             }
         }
         let mut ports = Vec::new();
-        let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
-        for (c, container) in containers.enumerate() {
+        // Named ports of the containers, and of the restartable init containers (sidecars,
+        // `restartPolicy: Always`), which the EndpointSlice controller resolves too.
+        let containers = pod.spec.iter().flat_map(|s| {
+            let main = s
+                .containers
+                .iter()
+                .enumerate()
+                .map(|(c, k)| ("containers", c, k));
+            let sidecars = s
+                .init_containers
+                .iter()
+                .flatten()
+                .enumerate()
+                .filter(|(_, k)| k.restart_policy.as_deref() == Some("Always"))
+                .map(|(c, k)| ("initContainers", c, k));
+            main.chain(sidecars)
+        });
+        for (list, c, container) in containers {
             for (p, port) in container.ports.iter().flatten().enumerate() {
-                let field = format!("spec.containers[{c}].ports[{p}]");
+                let field = format!("spec.{list}[{c}].ports[{p}]");
                 let Some(number) = port_number(port.container_port) else {
                     check.fail(
                         format!("{field}.containerPort"),

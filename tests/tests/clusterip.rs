@@ -3,7 +3,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use lb_tests::manifests::{pod, service};
+use k8s_openapi::api::core::v1::{Container, ContainerPort};
+use lb_tests::manifests::{pod, service, to_yaml};
 use lb_tests::{TestEnv, require_privileges};
 
 /// How long the agent may take to start and apply the manifests.
@@ -353,5 +354,42 @@ fn a_numeric_target_port_reaches_a_server_in_a_restartable_init_container() {
 
     let summary = client.client(&env.cgroup, VIP, 5);
 
+    assert_eq!(summary.count("webapp1"), 5, "{summary:?}");
+}
+
+/// Upstream `should connect to the named ports exposed by restartable init containers`.
+#[test]
+fn a_named_port_of_a_restartable_init_container_is_resolved() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let web = env.topo.add_pod("webapp1");
+    let _server = web.spawn_server("webapp1", 8080);
+    let client = env.topo.add_pod("client");
+    let mut p = pod("webapp1", web.ip()).label("app", "webapp").build();
+    p.spec.as_mut().unwrap().init_containers = Some(vec![Container {
+        name: "sidecar".to_owned(),
+        image: Some("lb-testkit".to_owned()),
+        restart_policy: Some("Always".to_owned()),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".to_owned()),
+            container_port: 8080,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        ..Container::default()
+    }]);
+    env.manifests.write("pod.yaml", &to_yaml(&p));
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port_full(Some("http"), 80, "http", "TCP")
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    let summary = client.client(&env.cgroup, VIP, 5);
     assert_eq!(summary.count("webapp1"), 5, "{summary:?}");
 }

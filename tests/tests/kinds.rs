@@ -430,3 +430,53 @@ fn a_load_balancer_with_tcp_and_udp_on_one_port_serves_both_inside_the_cluster()
     assert_eq!(tcp_node_port.count("echo1"), 5, "{tcp_node_port:?}");
     assert_eq!(udp_node_port.count("echo1-udp"), 5, "{udp_node_port:?}");
 }
+
+/// Upstream `should implement service.kubernetes.io/headless`: a Service labelled
+/// `service.kubernetes.io/headless` (even with a ClusterIP) is not proxied; removing the label
+/// brings its ClusterIP back, adding it again takes it away.
+#[test]
+fn the_headless_label_takes_a_service_away_from_the_proxy_and_back() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    let svc = service("webapp", "10.96.0.10")
+        .selector("app", "webapp")
+        .port(80, 8080);
+    let labelled = svc
+        .clone()
+        .label("service.kubernetes.io/headless", "")
+        .yaml();
+    // A second Service tells when the agent has read the directory.
+    env.manifests.write(
+        "svc-other.yaml",
+        &service("other", "10.96.0.11")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    env.manifests.write("svc-webapp.yaml", &labelled);
+    let mut agent = env.agent();
+    agent.wait_for_frontend("10.96.0.11:80", 1, APPLY);
+    assert!(
+        agent.frontend(VIP).expect("services").is_none(),
+        "a Service labelled headless is not programmed"
+    );
+    assert_untranslated(
+        &untranslated(&client, &env.cgroup, VIP),
+        "labelled headless",
+    );
+
+    env.manifests.write("svc-webapp.yaml", &svc.yaml());
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    assert_eq!(client.client(&env.cgroup, VIP, 5).count("webapp1"), 5);
+
+    env.manifests.write("svc-webapp.yaml", &labelled);
+    agent.wait_for_no_frontend(VIP, APPLY);
+    assert_untranslated(
+        &untranslated(&client, &env.cgroup, VIP),
+        "labelled headless again",
+    );
+}
