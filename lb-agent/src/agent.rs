@@ -381,9 +381,11 @@ struct Reconciler<M> {
     status: SharedStatus,
     /// Problems found by the source itself (unparsable files), as text.
     source_problems: Vec<String>,
+    /// Frontends the maps could not take (full, or no free id), as text.
+    map_problems: Vec<String>,
     reported: BTreeSet<String>,
-    /// (model problems version, source problems) when last reported.
-    reported_version: Option<(u64, Vec<String>)>,
+    /// (model problems version, source problems, map problems) when last reported.
+    reported_version: Option<(u64, Vec<String>, Vec<String>)>,
     /// Frontends whose write failed, to retry on the next sync.
     pending: BTreeSet<crate::model::L4Addr>,
     full_pending: bool,
@@ -408,6 +410,7 @@ impl<M: LbMaps> Reconciler<M> {
             writer,
             status,
             source_problems: Vec::new(),
+            map_problems: Vec::new(),
             reported: BTreeSet::new(),
             reported_version: None,
             pending: BTreeSet::new(),
@@ -500,6 +503,8 @@ impl<M: LbMaps> Reconciler<M> {
                 "maps updated"
             );
         }
+        self.map_problems = self.map_problems();
+        self.report();
         Ok(())
     }
 
@@ -516,9 +521,32 @@ impl<M: LbMaps> Reconciler<M> {
         }
     }
 
+    /// The frontends the writer could not program, as problems on their Services' ports
+    /// (the writer tries them again with every apply).
+    fn map_problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .writer
+            .refused()
+            .values()
+            .map(|refused| {
+                let message = format!("not programmed: {}", refused.reason);
+                self.state
+                    .port_problem(&refused.service, &refused.port_name, message)
+                    .to_string()
+            })
+            .collect();
+        problems.sort();
+        problems.dedup();
+        problems
+    }
+
     /// Logs each problem once, when it appears, and says when it is gone.
     fn report(&mut self) {
-        let version = (self.state.problems_version(), self.source_problems.clone());
+        let version = (
+            self.state.problems_version(),
+            self.source_problems.clone(),
+            self.map_problems.clone(),
+        );
         if self.reported_version.as_ref() == Some(&version) {
             return;
         }
@@ -530,8 +558,13 @@ impl<M: LbMaps> Reconciler<M> {
             .map(ToString::to_string)
             .collect();
         now.extend(self.source_problems.iter().cloned());
+        now.extend(self.map_problems.iter().cloned());
         for problem in now.difference(&self.reported) {
-            error!("invalid object, not programmed: {problem}");
+            if self.map_problems.contains(problem) {
+                error!("{problem}");
+            } else {
+                error!("invalid object, not programmed: {problem}");
+            }
         }
         for problem in self.reported.difference(&now) {
             info!("resolved: {problem}");
