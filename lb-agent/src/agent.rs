@@ -448,7 +448,9 @@ impl<M: LbMaps> Reconciler<M> {
             self.full_pending = true;
         }
         self.report();
-        if self.pending.is_empty() && !self.full_pending {
+        // Frontends the maps could not take are tried again on every sync (a rescan, any
+        // event): room may have appeared.
+        if self.pending.is_empty() && !self.full_pending && self.writer.refused().is_empty() {
             self.health.updated(Now::current());
             return Ok(());
         }
@@ -594,5 +596,71 @@ async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{maps::fake::FakeMaps, translate::Sourced};
+
+    fn service(i: usize) -> Sourced<k8s_openapi::api::core::v1::Service> {
+        let object = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+            "spec": {
+                "clusterIP": format!("10.96.0.{}", i + 1),
+                "selector": {"app": "x"},
+                "ports": [{"name": "http", "port": 80}],
+            },
+        }))
+        .unwrap();
+        Sourced {
+            origin: Arc::from("services.yaml"),
+            object,
+        }
+    }
+
+    /// The first sync with more Services than the services map holds programs those that
+    /// fit, reports the others on their port, and does not fail.
+    #[test]
+    fn first_sync_programs_what_fits_and_reports_the_rest() {
+        let mut maps = FakeMaps::default();
+        // Each Service here (no endpoints) is one master entry.
+        maps.set_capacity(lb_common::SERVICES4_MAP, 5);
+        let writer = MapWriter::adopt(maps).unwrap();
+        let mut reconciler = Reconciler::new(
+            writer,
+            SharedStatus::default(),
+            None,
+            Arc::new(ProxyHealth::default()),
+        );
+        for i in 0..8 {
+            reconciler.state.apply_service(service(i));
+        }
+        reconciler.sync(Sync::Full, Instant::now()).unwrap();
+        let masters = reconciler.writer.maps().services.len();
+        assert_eq!(masters, 5, "every Service that fits is programmed");
+        assert_eq!(reconciler.writer.refused().len(), 3);
+        assert_eq!(reconciler.map_problems.len(), 3);
+        for problem in &reconciler.map_problems {
+            assert!(
+                problem.starts_with("services.yaml: Service default/svc-")
+                    && problem.contains(
+                        ": spec.ports[0]: not programmed: LB4_SERVICES is full (5 entries"
+                    ),
+                "{problem}"
+            );
+        }
+        // Room appears: a deleted Service makes room for one refused Service at the next sync.
+        reconciler.state.delete_service(&crate::model::ObjectRef {
+            namespace: "default".into(),
+            name: "svc-0".into(),
+        });
+        reconciler.sync(Sync::Changes, Instant::now()).unwrap();
+        assert_eq!(reconciler.writer.maps().services.len(), 5);
+        assert_eq!(reconciler.writer.refused().len(), 2);
+        assert_eq!(reconciler.map_problems.len(), 2);
     }
 }

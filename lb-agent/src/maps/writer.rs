@@ -311,7 +311,14 @@ impl<M: LbMaps> MapWriter<M> {
             }
             other => other,
         };
-        self.cooling_rev_nat_ids.clear();
+        let freed_ids = !std::mem::take(&mut self.cooling_rev_nat_ids).is_empty();
+        if freed_ids && !self.refused.is_empty() {
+            // The frontend ids this apply freed may be handed out now that their entries
+            // are gone: a frontend refused for want of one gets it at once.
+            let mut stats = result?;
+            stats.add(&self.apply_with(desired, &[], BTreeSet::new())?);
+            return Ok(stats);
+        }
         result
     }
 
@@ -420,9 +427,15 @@ impl<M: LbMaps> MapWriter<M> {
 
     /// What a full map says in a report.
     fn full_reason(&self, e: &MapError) -> String {
+        let errno = match e.source.raw_os_error() {
+            Some(libc::E2BIG) => "E2BIG".to_string(),
+            Some(libc::ENOSPC) => "ENOSPC".to_string(),
+            Some(libc::ENOMEM) => "ENOMEM".to_string(),
+            _ => e.source.to_string(),
+        };
         match self.maps.capacity(e.map) {
-            Some(entries) => format!("{} is full ({entries} entries): {}", e.map, e.source),
-            None => format!("{} is full: {}", e.map, e.source),
+            Some(entries) => format!("{} is full ({entries} entries; {} {errno})", e.map, e.op),
+            None => format!("{} is full ({} {errno})", e.map, e.op),
         }
     }
 
