@@ -470,7 +470,7 @@ impl<M: LbMaps> Reconciler<M> {
                 if let Err(read) = self.writer.readopt() {
                     error!(error = %read, "reading the maps back failed");
                 }
-                return Err(e.into());
+                return Err(anyhow::Error::new(e).context("writing the maps"));
             }
         };
         self.pending.clear();
