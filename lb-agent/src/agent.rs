@@ -381,9 +381,11 @@ struct Reconciler<M> {
     status: SharedStatus,
     /// Problems found by the source itself (unparsable files), as text.
     source_problems: Vec<String>,
+    /// Frontends the maps could not take (full, or no free id), as text.
+    map_problems: Vec<String>,
     reported: BTreeSet<String>,
-    /// (model problems version, source problems) when last reported.
-    reported_version: Option<(u64, Vec<String>)>,
+    /// (model problems version, source problems, map problems) when last reported.
+    reported_version: Option<(u64, Vec<String>, Vec<String>)>,
     /// Frontends whose write failed, to retry on the next sync.
     pending: BTreeSet<crate::model::L4Addr>,
     full_pending: bool,
@@ -408,6 +410,7 @@ impl<M: LbMaps> Reconciler<M> {
             writer,
             status,
             source_problems: Vec::new(),
+            map_problems: Vec::new(),
             reported: BTreeSet::new(),
             reported_version: None,
             pending: BTreeSet::new(),
@@ -445,7 +448,9 @@ impl<M: LbMaps> Reconciler<M> {
             self.full_pending = true;
         }
         self.report();
-        if self.pending.is_empty() && !self.full_pending {
+        // Frontends the maps could not take are tried again on every sync (a rescan, any
+        // event): room may have appeared.
+        if self.pending.is_empty() && !self.full_pending && self.writer.refused().is_empty() {
             self.health.updated(Now::current());
             return Ok(());
         }
@@ -465,7 +470,7 @@ impl<M: LbMaps> Reconciler<M> {
                 if let Err(read) = self.writer.readopt() {
                     error!(error = %read, "reading the maps back failed");
                 }
-                return Err(e.into());
+                return Err(anyhow::Error::new(e).context("writing the maps"));
             }
         };
         self.pending.clear();
@@ -500,6 +505,8 @@ impl<M: LbMaps> Reconciler<M> {
                 "maps updated"
             );
         }
+        self.map_problems = self.map_problems();
+        self.report();
         Ok(())
     }
 
@@ -516,9 +523,32 @@ impl<M: LbMaps> Reconciler<M> {
         }
     }
 
+    /// The frontends the writer could not program, as problems on their Services' ports
+    /// (the writer tries them again with every apply).
+    fn map_problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .writer
+            .refused()
+            .values()
+            .map(|refused| {
+                let message = format!("not programmed: {}", refused.reason);
+                self.state
+                    .port_problem(&refused.service, &refused.port_name, message)
+                    .to_string()
+            })
+            .collect();
+        problems.sort();
+        problems.dedup();
+        problems
+    }
+
     /// Logs each problem once, when it appears, and says when it is gone.
     fn report(&mut self) {
-        let version = (self.state.problems_version(), self.source_problems.clone());
+        let version = (
+            self.state.problems_version(),
+            self.source_problems.clone(),
+            self.map_problems.clone(),
+        );
         if self.reported_version.as_ref() == Some(&version) {
             return;
         }
@@ -530,8 +560,13 @@ impl<M: LbMaps> Reconciler<M> {
             .map(ToString::to_string)
             .collect();
         now.extend(self.source_problems.iter().cloned());
+        now.extend(self.map_problems.iter().cloned());
         for problem in now.difference(&self.reported) {
-            error!("invalid object, not programmed: {problem}");
+            if self.map_problems.contains(problem) {
+                error!("{problem}");
+            } else {
+                error!("invalid object, not programmed: {problem}");
+            }
         }
         for problem in self.reported.difference(&now) {
             info!("resolved: {problem}");
@@ -561,5 +596,71 @@ async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{maps::fake::FakeMaps, translate::Sourced};
+
+    fn service(i: usize) -> Sourced<k8s_openapi::api::core::v1::Service> {
+        let object = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+            "spec": {
+                "clusterIP": format!("10.96.0.{}", i + 1),
+                "selector": {"app": "x"},
+                "ports": [{"name": "http", "port": 80}],
+            },
+        }))
+        .unwrap();
+        Sourced {
+            origin: Arc::from("services.yaml"),
+            object,
+        }
+    }
+
+    /// The first sync with more Services than the services map holds programs those that
+    /// fit, reports the others on their port, and does not fail.
+    #[test]
+    fn first_sync_programs_what_fits_and_reports_the_rest() {
+        let mut maps = FakeMaps::default();
+        // Each Service here (no endpoints) is one master entry.
+        maps.set_capacity(lb_common::SERVICES4_MAP, 5);
+        let writer = MapWriter::adopt(maps).unwrap();
+        let mut reconciler = Reconciler::new(
+            writer,
+            SharedStatus::default(),
+            None,
+            Arc::new(ProxyHealth::default()),
+        );
+        for i in 0..8 {
+            reconciler.state.apply_service(service(i));
+        }
+        reconciler.sync(Sync::Full, Instant::now()).unwrap();
+        let masters = reconciler.writer.maps().services.len();
+        assert_eq!(masters, 5, "every Service that fits is programmed");
+        assert_eq!(reconciler.writer.refused().len(), 3);
+        assert_eq!(reconciler.map_problems.len(), 3);
+        for problem in &reconciler.map_problems {
+            assert!(
+                problem.starts_with("services.yaml: Service default/svc-")
+                    && problem.contains(
+                        ": spec.ports[0]: not programmed: LB4_SERVICES is full (5 entries"
+                    ),
+                "{problem}"
+            );
+        }
+        // Room appears: a deleted Service makes room for one refused Service at the next sync.
+        reconciler.state.delete_service(&crate::model::ObjectRef {
+            namespace: "default".into(),
+            name: "svc-0".into(),
+        });
+        reconciler.sync(Sync::Changes, Instant::now()).unwrap();
+        assert_eq!(reconciler.writer.maps().services.len(), 5);
+        assert_eq!(reconciler.writer.refused().len(), 2);
+        assert_eq!(reconciler.map_problems.len(), 2);
     }
 }

@@ -510,6 +510,27 @@ impl ClusterState {
         problems
     }
 
+    /// A problem on the port `port_name` of the Service `service` (a frontend the maps
+    /// could not take), with the Service's origin and the port's field.
+    #[must_use]
+    pub fn port_problem(&self, service: &ObjectRef, port_name: &str, message: String) -> Problem {
+        let sourced = self.services.get(service);
+        let index = sourced
+            .and_then(|s| s.object.spec.as_ref())
+            .and_then(|spec| spec.ports.as_ref())
+            .and_then(|ports| {
+                ports
+                    .iter()
+                    .position(|p| p.name.as_deref().unwrap_or_default() == port_name)
+            });
+        Problem {
+            origin: sourced.map(|s| s.origin.to_string()).unwrap_or_default(),
+            object: format!("Service {service}"),
+            field: index.map_or_else(|| "spec.ports".to_string(), |i| format!("spec.ports[{i}]")),
+            message,
+        }
+    }
+
     /// The `healthCheckNodePort` of every Service that has one; on a clash, the first
     /// Service by namespace/name keeps the port.
     #[must_use]

@@ -7,7 +7,10 @@
 //! Script format (`tests/golden/*.txt`), Cilium-txtar style:
 //! `-- write NAME --` (file body follows), `-- remove NAME --`, `-- restart --` (a new
 //! writer adopts the maps, as a restarted agent does), and `-- expect --` followed by the
-//! map lines and `OPS n`, the number of map operations since the previous expect.
+//! map lines and `OPS n`, the number of map operations since the previous expect, and a
+//! `REFUSED` line for each frontend the writer could not program (as the agent reports it).
+//! `-- capacity MAP n --` lets the fake map `MAP` (`LB4_SERVICES`, …) hold `n` entries at
+//! most; `-- frontend-ids n --` lets the writer hand out frontend ids `1..=n` only.
 //! `UPDATE_GOLDEN=1 cargo test -p lb-agent --test golden` rewrites the expectations.
 use std::{fs, path::Path};
 
@@ -22,6 +25,8 @@ enum Step {
     Write(String, String),
     Remove(String),
     Restart,
+    Capacity(String, usize),
+    FrontendIds(u16),
     Expect(Vec<String>),
 }
 
@@ -44,6 +49,16 @@ fn parse_script(text: &str) -> Vec<Step> {
             (Some("write"), Some(name)) => Step::Write(name.to_string(), body.join("\n") + "\n"),
             (Some("remove"), Some(name)) => Step::Remove(name.to_string()),
             (Some("restart"), None) => Step::Restart,
+            (Some("capacity"), Some(map)) => Step::Capacity(
+                map.to_string(),
+                words
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("capacity MAP n"),
+            ),
+            (Some("frontend-ids"), Some(n)) => {
+                Step::FrontendIds(n.parse().expect("frontend-ids n"))
+            }
             (Some("expect"), None) => {
                 Step::Expect(body.into_iter().filter(|l| !l.trim().is_empty()).collect())
             }
@@ -68,6 +83,7 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
     let mut state = ClusterState::new(Some("node-a".to_string()));
     let mut node = ThisNode::new(Some("node-a".to_string()));
     let mut full = true;
+    let mut frontend_ids = u16::MAX;
     let mut ops_before = 0;
     let mut comparisons = Vec::new();
     let mut actual_blocks = Vec::new();
@@ -79,12 +95,26 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
                 let maps = writer.maps().clone();
                 ops_before -= maps.operations;
                 writer = MapWriter::adopt(maps).unwrap();
+                writer.set_id_limits(frontend_ids, u32::MAX);
                 ops_before += writer.maps().operations;
                 // A new agent starts from an empty model and reads every file.
                 state = ClusterState::new(Some("node-a".to_string()));
                 node = ThisNode::new(Some("node-a".to_string()));
                 manifests = ManifestDir::new(&dir);
                 full = true;
+            }
+            Step::Capacity(map, entries) => {
+                // The fake is reached through a restart-like copy: the writer owns it.
+                let mut maps = writer.maps().clone();
+                maps.set_capacity(&map, entries);
+                let ops = maps.operations;
+                writer = MapWriter::adopt(maps).unwrap();
+                writer.set_id_limits(frontend_ids, u32::MAX);
+                ops_before += writer.maps().operations - ops;
+            }
+            Step::FrontendIds(n) => {
+                frontend_ids = n;
+                writer.set_id_limits(frontend_ids, u32::MAX);
             }
             Step::Expect(expected) => {
                 for update in manifests.refresh().unwrap().unwrap_or_default() {
@@ -99,6 +129,14 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
                 }
                 let maps = writer.maps();
                 let mut actual = dump::lines(&dump::read(maps).unwrap());
+                for refused in writer.refused().values() {
+                    let message = format!("not programmed: {}", refused.reason);
+                    let problem = state.port_problem(&refused.service, &refused.port_name, message);
+                    let problem = problem
+                        .to_string()
+                        .replace(&format!("{}/", dir.display()), "");
+                    actual.push(format!("REFUSED {problem}"));
+                }
                 actual.push(format!("OPS {}", maps.operations - ops_before));
                 ops_before = maps.operations;
                 actual_blocks.push(actual.clone());

@@ -1,11 +1,16 @@
 //! An in-memory [`LbMaps`] that also checks, after every single operation, the invariant the
 //! datapath relies on: a master entry with `count = n` always has slots `1..=n`, each naming
 //! a backend that exists. A writer that ever leaves a half-written Service fails the test.
+//! A map can be given a capacity ([`FakeMaps::set_capacity`]): adding an entry to a full
+//! map then fails with `E2BIG`, as the kernel's hash maps do.
 use std::collections::BTreeMap;
 
-use lb_common::ServiceValue;
+use lb_common::{
+    AFFINITY_MATCH_MAP, BACKENDS4_MAP, BACKENDS6_MAP, SERVICES4_MAP, SERVICES6_MAP,
+    SOURCE_RANGES_MAP, ServiceValue,
+};
 
-use super::{LbMaps, Result, ServiceEntry};
+use super::{LbMaps, MapError, Result, ServiceEntry};
 use crate::model::{Backend, L4Addr};
 
 #[derive(Debug, Default, Clone)]
@@ -22,9 +27,48 @@ pub struct FakeMaps {
     pub forgotten_affinity: Vec<u16>,
     /// Number of writes and deletes performed, to check that only changes are written.
     pub operations: usize,
+    /// Maximum number of entries by map name (unset: unbounded).
+    pub capacity: BTreeMap<String, usize>,
 }
 
 impl FakeMaps {
+    /// Lets the map `name` (`LB4_SERVICES`, `LB6_BACKENDS`, …) hold at most `entries`.
+    pub fn set_capacity(&mut self, name: &str, entries: usize) {
+        self.capacity.insert(name.to_string(), entries);
+    }
+
+    /// The number of entries of the map `name`.
+    fn len_of(&self, name: &str) -> usize {
+        match name {
+            SERVICES4_MAP | SERVICES6_MAP => {
+                let v6 = name == SERVICES6_MAP;
+                self.services
+                    .keys()
+                    .filter(|(f, _)| f.address.is_ipv6() == v6)
+                    .count()
+            }
+            BACKENDS4_MAP | BACKENDS6_MAP => {
+                let v6 = name == BACKENDS6_MAP;
+                self.backends.keys().filter(|(f, _)| *f == v6).count()
+            }
+            AFFINITY_MATCH_MAP => self.affinity_matches.len(),
+            SOURCE_RANGES_MAP => self.source_ranges.len(),
+            _ => 0,
+        }
+    }
+
+    /// Fails as the kernel does when adding a key to the full map `name`.
+    fn room(&self, name: &'static str, exists: bool) -> Result<()> {
+        match self.capacity.get(name) {
+            Some(&cap) if !exists && self.len_of(name) >= cap => Err(MapError {
+                op: "update",
+                map: name,
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Panics if a connect could, at this instant, read a master whose slots or backends
     /// are missing.
     fn check_consistent(&self) {
@@ -78,6 +122,12 @@ impl FakeMaps {
 
 impl LbMaps for FakeMaps {
     fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> Result<()> {
+        let map = if frontend.address.is_ipv6() {
+            SERVICES6_MAP
+        } else {
+            SERVICES4_MAP
+        };
+        self.room(map, self.services.contains_key(&(*frontend, slot)))?;
         self.services.insert((*frontend, slot), value);
         self.done()
     }
@@ -88,6 +138,9 @@ impl LbMaps for FakeMaps {
     }
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        let v6 = backend.addr.address.is_ipv6();
+        let map = if v6 { BACKENDS6_MAP } else { BACKENDS4_MAP };
+        self.room(map, self.backends.contains_key(&(v6, id)))?;
         self.backends
             .insert((backend.addr.address.is_ipv6(), id), *backend);
         self.done()
@@ -115,6 +168,8 @@ impl LbMaps for FakeMaps {
     }
 
     fn set_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()> {
+        let exists = self.affinity_matches.contains(&(id, rev_nat_id));
+        self.room(AFFINITY_MATCH_MAP, exists)?;
         self.affinity_matches.insert((id, rev_nat_id));
         self.done()
     }
@@ -134,6 +189,8 @@ impl LbMaps for FakeMaps {
     }
 
     fn set_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()> {
+        let exists = self.source_ranges.contains(&(rev_nat_id, range));
+        self.room(SOURCE_RANGES_MAP, exists)?;
         self.source_ranges.insert((rev_nat_id, range));
         self.done()
     }
@@ -145,5 +202,9 @@ impl LbMaps for FakeMaps {
 
     fn source_ranges(&self) -> Result<Vec<(u16, ipnet::IpNet)>> {
         Ok(self.source_ranges.iter().copied().collect())
+    }
+
+    fn capacity(&self, name: &str) -> Option<usize> {
+        self.capacity.get(name).copied()
     }
 }

@@ -21,6 +21,18 @@ pub struct MapError {
     pub source: std::io::Error,
 }
 
+impl MapError {
+    /// Whether the kernel refused the write for want of room (`E2BIG` from a full hash
+    /// map, `ENOSPC`, `ENOMEM`): a problem of the entries being added, not of the map.
+    #[must_use]
+    pub fn is_capacity(&self) -> bool {
+        matches!(
+            self.source.raw_os_error(),
+            Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+        )
+    }
+}
+
 pub type Result<T, E = MapError> = std::result::Result<T, E>;
 
 /// One entry of a services map: `slot` 0 is the frontend's master.
@@ -101,6 +113,13 @@ pub trait LbMaps {
     fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()>;
     /// Every source-range entry: (frontend `rev_nat_id`, range).
     fn source_ranges(&self) -> Result<Vec<(u16, ipnet::IpNet)>>;
+    /// How many entries the map `name` holds at most, when known (for reports).
+    fn capacity(&self, name: &str) -> Option<usize> {
+        lb_common::PINNED_MAPS
+            .iter()
+            .find(|spec| spec.name == name)
+            .map(|spec| spec.max_entries)
+    }
 }
 
 /// Encoding of the model's addresses in the maps' network-order words.

@@ -8,12 +8,12 @@
 //! no operation depends on another, so a phase can go to the kernel as one batch.
 //! [`super::fake::FakeMaps`] checks, after every single operation, that no master ever
 //! names a missing slot or backend.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lb_common::ServiceValue;
 use tracing::{debug, warn};
 
-use super::{LbMaps, Op, Result, dump};
+use super::{LbMaps, MapError, Op, Result, dump};
 
 /// The phases of an apply, in the order they run.
 const DROP_MASTERS: usize = 0;
@@ -22,7 +22,7 @@ const SLOTS: usize = 2;
 const MASTERS: usize = 3;
 const DROP_SLOTS: usize = 4;
 const DROP_BACKENDS: usize = 5;
-use crate::model::{Backend, DesiredState, Frontend, L4Addr, Protocol};
+use crate::model::{Backend, DesiredState, Frontend, L4Addr, ObjectRef, Protocol};
 use crate::stale::StaleBackend;
 use std::net::SocketAddr;
 
@@ -56,6 +56,16 @@ pub struct ApplyStats {
 }
 
 impl ApplyStats {
+    fn add(&mut self, other: &Self) {
+        self.frontends_added += other.frontends_added;
+        self.frontends_updated += other.frontends_updated;
+        self.frontends_removed += other.frontends_removed;
+        self.backends_added += other.backends_added;
+        self.backends_removed += other.backends_removed;
+        self.map_writes += other.map_writes;
+        self.map_deletes += other.map_deletes;
+    }
+
     #[must_use]
     pub const fn is_noop(&self) -> bool {
         self.map_writes == 0 && self.map_deletes == 0
@@ -79,6 +89,13 @@ pub struct MapWriter<M> {
     forget_affinity: BTreeSet<u16>,
     /// Backends UDP frontends stopped using since [`Self::take_stale_udp`] was last called.
     stale_udp: Vec<StaleBackend>,
+    /// Frontend ids freed in the apply in progress (not handed out again before it ends).
+    cooling_rev_nat_ids: BTreeSet<u16>,
+    /// The frontends the last apply could not program.
+    refused: BTreeMap<L4Addr, Refused>,
+    /// The highest ids handed out (the maps' widths; lower in tests).
+    max_rev_nat_id: u16,
+    max_backend_id: u32,
 }
 
 impl<M: LbMaps> MapWriter<M> {
@@ -99,6 +116,10 @@ impl<M: LbMaps> MapWriter<M> {
             plan: Default::default(),
             forget_affinity: BTreeSet::new(),
             stale_udp: Vec::new(),
+            cooling_rev_nat_ids: BTreeSet::new(),
+            refused: BTreeMap::new(),
+            max_rev_nat_id: u16::MAX,
+            max_backend_id: u32::MAX,
         };
         writer.readopt()?;
         Ok(writer)
@@ -270,33 +291,182 @@ impl<M: LbMaps> MapWriter<M> {
         &mut self,
         desired: &DesiredState,
         changed: &[L4Addr],
+        released: BTreeSet<u32>,
+    ) -> Result<ApplyStats> {
+        // Frontends refused before are tried again with every apply: room may have appeared.
+        let mut changed: BTreeSet<L4Addr> = changed.iter().copied().collect();
+        changed.extend(std::mem::take(&mut self.refused).into_keys());
+        let stale_before = self.stale_udp.len();
+        let result = self.apply_batched(desired, &changed, released);
+        let result = match result {
+            Err(e) if e.is_capacity() => {
+                // A phase did not fit: the maps hold a prefix of the phases (consistent, as
+                // each phase only adds what later ones name). Start again from what is there,
+                // frontend by frontend, so only the frontends that do not fit are left out.
+                warn!(error = %e, "a map is full; writing frontend by frontend");
+                self.refused.clear();
+                self.stale_udp.truncate(stale_before);
+                self.readopt()?;
+                self.apply_per_frontend(desired, &changed)
+            }
+            other => other,
+        };
+        let freed_ids = !std::mem::take(&mut self.cooling_rev_nat_ids).is_empty();
+        if freed_ids && !self.refused.is_empty() {
+            // The frontend ids this apply freed may be handed out now that their entries
+            // are gone: a frontend refused for want of one gets it at once.
+            let mut stats = result?;
+            stats.add(&self.apply_with(desired, &[], BTreeSet::new())?);
+            return Ok(stats);
+        }
+        result
+    }
+
+    /// The common case: every phase of every frontend as one batch per map.
+    fn apply_batched(
+        &mut self,
+        desired: &DesiredState,
+        changed: &BTreeSet<L4Addr>,
         mut released: BTreeSet<u32>,
     ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
         // Removals first: an address that moves between Services is freed before reuse.
         for address in changed.iter().filter(|a| !desired.contains_key(a)) {
-            self.remove_frontend(*address, &mut released, &mut stats)?;
+            self.remove_frontend(*address, &mut released, &mut stats);
         }
         for frontend in changed.iter().filter_map(|a| desired.get(a)) {
-            self.upsert_frontend(frontend, &mut released, &mut stats)?;
-        }
-        self.delete_unused_backends(released, &mut stats)?;
-        for phase in std::mem::take(&mut self.plan) {
-            if !phase.is_empty() {
-                self.maps.apply_ops(&phase)?;
+            match self.plan_upsert(frontend) {
+                Ok(None) => {}
+                Ok(Some(mut plan)) => {
+                    for (phase, op) in std::mem::take(&mut plan.ops) {
+                        self.plan[phase].push(op);
+                    }
+                    self.commit(plan, &mut released, &mut stats);
+                }
+                Err(reason) => self.refuse(frontend, reason),
             }
         }
+        self.delete_unused_backends(released, &mut stats);
+        self.flush_plan()?;
         let forget = std::mem::take(&mut self.forget_affinity);
         self.maps.forget_affinity(&forget)?;
         Ok(stats)
     }
 
-    fn upsert_frontend(
+    /// After a map turned out full: the removals, then each frontend on its own (one that
+    /// does not fit is undone and left as it was), then the backends no one uses.
+    fn apply_per_frontend(
         &mut self,
-        frontend: &Frontend,
-        released: &mut BTreeSet<u32>,
-        stats: &mut ApplyStats,
-    ) -> Result<()> {
+        desired: &DesiredState,
+        changed: &BTreeSet<L4Addr>,
+    ) -> Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        let mut released: BTreeSet<u32> = self
+            .backend_refs
+            .iter()
+            .filter(|(_, refs)| **refs == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for address in changed.iter().filter(|a| !desired.contains_key(a)) {
+            self.remove_frontend(*address, &mut released, &mut stats);
+        }
+        self.flush_plan()?;
+        for frontend in changed.iter().filter_map(|a| desired.get(a)) {
+            match self.plan_upsert(frontend) {
+                Ok(None) => {}
+                Ok(Some(mut plan)) => {
+                    let ops = std::mem::take(&mut plan.ops);
+                    match self.write_one(&plan, &ops)? {
+                        None => self.commit(plan, &mut released, &mut stats),
+                        Some(e) => {
+                            let reason = self.full_reason(&e);
+                            self.refuse(frontend, reason);
+                        }
+                    }
+                }
+                Err(reason) => self.refuse(frontend, reason),
+            }
+        }
+        self.delete_unused_backends(released, &mut stats);
+        self.flush_plan()?;
+        let forget = std::mem::take(&mut self.forget_affinity);
+        self.maps.forget_affinity(&forget)?;
+        Ok(stats)
+    }
+
+    /// Sends the planned phases to the maps, in order.
+    fn flush_plan(&mut self) -> Result<()> {
+        for phase in std::mem::take(&mut self.plan) {
+            if !phase.is_empty() {
+                self.maps.apply_ops(&phase)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes one frontend's operations one by one. When one does not fit, those already
+    /// written are undone (in reverse, so the frontend is never half-written) and the error
+    /// is returned as `Ok(Some(_))`; any other failure is an error.
+    fn write_one(&mut self, plan: &FrontendPlan, ops: &[(usize, Op)]) -> Result<Option<MapError>> {
+        for (done, (_, op)) in ops.iter().enumerate() {
+            let Err(e) = self.maps.apply_ops(std::slice::from_ref(op)) else {
+                continue;
+            };
+            if !e.is_capacity() {
+                return Err(e);
+            }
+            for (_, op) in ops[..done].iter().rev() {
+                if let Some(undo) = plan.undo(op) {
+                    self.maps.apply_ops(&[undo])?;
+                }
+            }
+            return Ok(Some(e));
+        }
+        Ok(None)
+    }
+
+    /// What a full map says in a report.
+    fn full_reason(&self, e: &MapError) -> String {
+        let errno = match e.source.raw_os_error() {
+            Some(libc::E2BIG) => "E2BIG".to_string(),
+            Some(libc::ENOSPC) => "ENOSPC".to_string(),
+            Some(libc::ENOMEM) => "ENOMEM".to_string(),
+            _ => e.source.to_string(),
+        };
+        match self.maps.capacity(e.map) {
+            Some(entries) => format!("{} is full ({entries} entries; {} {errno})", e.map, e.op),
+            None => format!("{} is full ({} {errno})", e.map, e.op),
+        }
+    }
+
+    fn refuse(&mut self, frontend: &Frontend, reason: String) {
+        warn!(address = %frontend.address, service = %frontend.service, %reason, "frontend not programmed");
+        self.refused.insert(
+            frontend.address,
+            Refused {
+                service: frontend.service.clone(),
+                port_name: frontend.port_name.clone(),
+                reason,
+            },
+        );
+    }
+
+    /// The frontends the last apply could not program (a map full, or no free id), each
+    /// left as it was; they are tried again with every apply.
+    #[must_use]
+    pub const fn refused(&self) -> &BTreeMap<L4Addr, Refused> {
+        &self.refused
+    }
+
+    /// Limits the ids handed out (tests: exhausting 65,535 frontend ids takes a knob).
+    pub fn set_id_limits(&mut self, frontends: u16, backends: u32) {
+        self.max_rev_nat_id = frontends.max(1);
+        self.max_backend_id = backends.max(1);
+    }
+
+    /// What writing `frontend` takes, without changing anything (`None`: nothing to do;
+    /// an error: the ids it needs are not free).
+    fn plan_upsert(&self, frontend: &Frontend) -> Result<Option<FrontendPlan>, String> {
         let address = frontend.address;
         let count = frontend.backends.len().min(usize::from(u16::MAX));
         if count < frontend.backends.len() {
@@ -304,6 +474,7 @@ impl<M: LbMaps> MapWriter<M> {
         }
         let flags = frontend.flags();
         let affinity = frontend.affinity_timeout;
+        let mut stats = ApplyStats::default();
         let old = match self.frontends.get(&address) {
             Some(old)
                 if old.stray_slots.is_empty()
@@ -312,7 +483,7 @@ impl<M: LbMaps> MapWriter<M> {
                     && old.source_ranges.iter().eq(frontend.source_ranges.iter())
                     && self.same_backends(old, &frontend.backends) =>
             {
-                return Ok(());
+                return Ok(None);
             }
             Some(old) => Some(old.clone()),
             None => None,
@@ -321,9 +492,11 @@ impl<M: LbMaps> MapWriter<M> {
         let old = match old {
             Some(old) => old,
             None => {
-                let Some(rev_nat_id) = self.allocate_rev_nat_id() else {
-                    warn!(%address, "all 65535 frontend ids are in use; frontend not programmed");
-                    return Ok(());
+                let Some(rev_nat_id) = self.free_rev_nat_id() else {
+                    return Err(format!(
+                        "no free frontend id (all {} in use)",
+                        self.max_rev_nat_id
+                    ));
                 };
                 Programmed {
                     rev_nat_id,
@@ -335,38 +508,55 @@ impl<M: LbMaps> MapWriter<M> {
                 }
             }
         };
+        let mut ops = Vec::new();
         let mut ids = Vec::with_capacity(count);
+        let mut new_backends = Vec::new();
+        let mut next_id = self.next_backend_id;
         for backend in &frontend.backends[..count] {
-            ids.push(self.ensure_backend(*backend, stats)?);
+            if let Some(&id) = self.backend_ids.get(backend) {
+                ids.push(id);
+                continue;
+            }
+            let Some(id) = self.free_backend_id(&mut next_id, new_backends.len()) else {
+                return Err(format!(
+                    "no free backend id (all {} in use)",
+                    self.max_backend_id
+                ));
+            };
+            ops.push((NEW_BACKENDS, Op::SetBackend(id, *backend)));
+            stats.map_writes += 1;
+            stats.backends_added += 1;
+            new_backends.push((id, *backend));
+            ids.push(id);
         }
         let slots = assign_slots(&old.slots, &ids);
         for (index, &id) in slots.iter().enumerate() {
             if old.slots.get(index) != Some(&id) || old.stray_slots.contains(&slot_number(index)) {
-                self.plan[SLOTS].push(Op::SetService(
-                    address,
-                    slot_number(index),
-                    ServiceValue::slot(id),
+                ops.push((
+                    SLOTS,
+                    Op::SetService(address, slot_number(index), ServiceValue::slot(id)),
                 ));
                 stats.map_writes += 1;
             }
         }
-        self.plan_affinity_matches(&old, &slots, affinity, stats);
+        let forget_affinity = plan_affinity_matches(&old, &slots, affinity, &mut ops, &mut stats);
         let source_ranges: BTreeSet<ipnet::IpNet> =
             frontend.source_ranges.iter().copied().collect();
-        self.plan_source_ranges(&old, &source_ranges, stats);
+        plan_source_ranges(&old, &source_ranges, &mut ops, &mut stats);
         if is_new
             || slots.len() != old.slots.len()
             || flags != old.flags
             || affinity != old.affinity
         {
             let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
-            let master = match affinity {
-                Some(timeout) => {
-                    ServiceValue::affinity_master(count, old.rev_nat_id, flags, timeout)
-                }
-                None => ServiceValue::master(count, old.rev_nat_id, flags),
-            };
-            self.plan[MASTERS].push(Op::SetService(address, 0, master));
+            ops.push((
+                MASTERS,
+                Op::SetService(
+                    address,
+                    0,
+                    master_value(count, old.rev_nat_id, flags, affinity),
+                ),
+            ));
             stats.map_writes += 1;
         }
         let surplus = (slots.len() + 1..=old.slots.len()).map(slot_number_1);
@@ -376,18 +566,68 @@ impl<M: LbMaps> MapWriter<M> {
             .copied()
             .filter(|&s| usize::from(s) > slots.len());
         for slot in surplus.chain(stray).collect::<BTreeSet<_>>() {
-            self.plan[DROP_SLOTS].push(Op::DeleteService(address, slot));
+            ops.push((DROP_SLOTS, Op::DeleteService(address, slot)));
             stats.map_deletes += 1;
         }
-        for id in &slots {
+        // Each frontend's operations in phase order (the sort is stable).
+        ops.sort_by_key(|(phase, _)| *phase);
+        if is_new {
+            stats.frontends_added += 1;
+        } else {
+            stats.frontends_updated += 1;
+        }
+        debug!(%address, service = %frontend.service, backends = slots.len(), "planned frontend");
+        Ok(Some(FrontendPlan {
+            address,
+            is_new,
+            new: Programmed {
+                rev_nat_id: old.rev_nat_id,
+                flags,
+                slots,
+                affinity,
+                source_ranges,
+                stray_slots: BTreeSet::new(),
+            },
+            old,
+            kept: frontend.backends.iter().map(|b| b.addr).collect(),
+            new_backends,
+            ops,
+            stats,
+            forget_affinity,
+        }))
+    }
+
+    /// Records a planned frontend as written.
+    fn commit(&mut self, plan: FrontendPlan, released: &mut BTreeSet<u32>, stats: &mut ApplyStats) {
+        let FrontendPlan {
+            address,
+            old,
+            new,
+            kept,
+            new_backends,
+            stats: delta,
+            forget_affinity,
+            ..
+        } = plan;
+        for (id, backend) in new_backends {
+            self.backend_ids.insert(backend, id);
+            self.backends.insert(id, backend);
+            self.backend_refs.insert(id, 0);
+            self.next_backend_id = if id >= self.max_backend_id { 1 } else { id + 1 };
+        }
+        self.rev_nat_ids.insert(new.rev_nat_id);
+        if forget_affinity {
+            self.forget_affinity.insert(new.rev_nat_id);
+        }
+        for id in &new.slots {
             *self.backend_refs.entry(*id).or_default() += 1;
         }
         // A backend whose id changed with its state (ready to terminating) is still used.
-        let kept: BTreeSet<L4Addr> = frontend.backends.iter().map(|b| b.addr).collect();
+        let now: HashSet<u32> = new.slots.iter().copied().collect();
         let dropped: Vec<u32> = old
             .slots
             .iter()
-            .filter(|id| !slots.contains(id))
+            .filter(|id| !now.contains(id))
             .filter(|id| {
                 self.backends
                     .get(id)
@@ -397,85 +637,19 @@ impl<M: LbMaps> MapWriter<M> {
             .collect();
         self.note_stale(&address, old.rev_nat_id, dropped.into_iter());
         self.release(&old.slots, released);
-        if is_new {
-            stats.frontends_added += 1;
-        } else {
-            stats.frontends_updated += 1;
-        }
-        debug!(%address, service = %frontend.service, backends = slots.len(), "programmed frontend");
-        self.frontends.insert(
-            address,
-            Programmed {
-                rev_nat_id: old.rev_nat_id,
-                flags,
-                slots,
-                affinity,
-                source_ranges,
-                stray_slots: BTreeSet::new(),
-            },
-        );
-        Ok(())
-    }
-
-    /// Source ranges: new ones before the master (which may turn the guard on) and stale
-    /// ones after it, so a guarded frontend is never left without a range.
-    fn plan_source_ranges(
-        &mut self,
-        old: &Programmed,
-        wanted: &BTreeSet<ipnet::IpNet>,
-        stats: &mut ApplyStats,
-    ) {
-        for range in wanted.difference(&old.source_ranges) {
-            self.plan[NEW_BACKENDS].push(Op::SetSourceRange(old.rev_nat_id, *range));
-            stats.map_writes += 1;
-        }
-        for range in old.source_ranges.difference(wanted) {
-            self.plan[DROP_SLOTS].push(Op::DeleteSourceRange(old.rev_nat_id, *range));
-            stats.map_deletes += 1;
-        }
-    }
-
-    /// Affinity-match entries for the new `slots`: new ones before any slot or master names
-    /// them (with the new backends), stale ones after the master stops naming them (with
-    /// the surplus slots). Turning affinity off also forgets the clients' entries, so
-    /// turning it on again starts afresh.
-    fn plan_affinity_matches(
-        &mut self,
-        old: &Programmed,
-        slots: &[u32],
-        affinity: Option<u32>,
-        stats: &mut ApplyStats,
-    ) {
-        let id = old.rev_nat_id;
-        let had: BTreeSet<u32> = match old.affinity {
-            Some(_) => old.slots.iter().copied().collect(),
-            None => BTreeSet::new(),
-        };
-        let wants: BTreeSet<u32> = match affinity {
-            Some(_) => slots.iter().copied().collect(),
-            None => BTreeSet::new(),
-        };
-        for backend in wants.difference(&had) {
-            self.plan[NEW_BACKENDS].push(Op::SetAffinityMatch(*backend, id));
-            stats.map_writes += 1;
-        }
-        for backend in had.difference(&wants) {
-            self.plan[DROP_SLOTS].push(Op::DeleteAffinityMatch(*backend, id));
-            stats.map_deletes += 1;
-        }
-        if old.affinity.is_some() && affinity.is_none() {
-            self.forget_affinity.insert(id);
-        }
+        stats.add(&delta);
+        self.frontends.insert(address, new);
     }
 
     /// Whether `programmed` already holds exactly `wanted` (in any slot order).
     fn same_backends(&self, programmed: &Programmed, wanted: &[Backend]) -> bool {
-        programmed.slots.len() == wanted.len()
-            && wanted.iter().all(|b| {
-                self.backend_ids
-                    .get(b)
-                    .is_some_and(|id| programmed.slots.contains(id))
-            })
+        if programmed.slots.len() != wanted.len() {
+            return false;
+        }
+        let slots: HashSet<u32> = programmed.slots.iter().copied().collect();
+        wanted
+            .iter()
+            .all(|b| self.backend_ids.get(b).is_some_and(|id| slots.contains(id)))
     }
 
     fn remove_frontend(
@@ -483,28 +657,34 @@ impl<M: LbMaps> MapWriter<M> {
         address: L4Addr,
         released: &mut BTreeSet<u32>,
         stats: &mut ApplyStats,
-    ) -> Result<()> {
-        let Some(old) = self.frontends.get(&address).cloned() else {
-            return Ok(());
+    ) {
+        let Some(old) = self.frontends.remove(&address) else {
+            return;
         };
-        self.plan[DROP_MASTERS].push(Op::DeleteService(address, 0));
+        let mut ops = vec![(DROP_MASTERS, Op::DeleteService(address, 0))];
         stats.map_deletes += 1;
         let slots = (1..=old.slots.len())
             .map(slot_number_1)
             .chain(old.stray_slots.iter().copied());
         for slot in slots.collect::<BTreeSet<_>>() {
-            self.plan[DROP_SLOTS].push(Op::DeleteService(address, slot));
+            ops.push((DROP_SLOTS, Op::DeleteService(address, slot)));
             stats.map_deletes += 1;
         }
-        self.plan_affinity_matches(&old, &[], None, stats);
-        self.plan_source_ranges(&old, &BTreeSet::new(), stats);
+        if plan_affinity_matches(&old, &[], None, &mut ops, stats) {
+            self.forget_affinity.insert(old.rev_nat_id);
+        }
+        plan_source_ranges(&old, &BTreeSet::new(), &mut ops, stats);
+        for (phase, op) in ops {
+            self.plan[phase].push(op);
+        }
         self.note_stale(&address, old.rev_nat_id, old.slots.iter().copied());
-        self.frontends.remove(&address);
+        // Not handed out again in this apply: its affinity and source-range entries go
+        // only after the new frontends' are written.
         self.rev_nat_ids.remove(&old.rev_nat_id);
+        self.cooling_rev_nat_ids.insert(old.rev_nat_id);
         self.release(&old.slots, released);
         stats.frontends_removed += 1;
         debug!(%address, "removed frontend");
-        Ok(())
     }
 
     /// Drops one reference per slot; ids left without any are candidates for deletion.
@@ -519,28 +699,9 @@ impl<M: LbMaps> MapWriter<M> {
         }
     }
 
-    fn ensure_backend(&mut self, backend: Backend, stats: &mut ApplyStats) -> Result<u32> {
-        if let Some(&id) = self.backend_ids.get(&backend) {
-            return Ok(id);
-        }
-        let id = self.next_backend_id;
-        self.next_backend_id = self.next_backend_id.checked_add(1).unwrap_or(1).max(1);
-        self.plan[NEW_BACKENDS].push(Op::SetBackend(id, backend));
-        stats.map_writes += 1;
-        stats.backends_added += 1;
-        self.backend_ids.insert(backend, id);
-        self.backends.insert(id, backend);
-        self.backend_refs.insert(id, 0);
-        Ok(id)
-    }
-
     /// Deletes the `released` backends that no slot names any more (after every frontend
     /// was written, so a backend moving between Services is never deleted and re-created).
-    fn delete_unused_backends(
-        &mut self,
-        released: BTreeSet<u32>,
-        stats: &mut ApplyStats,
-    ) -> Result<()> {
+    fn delete_unused_backends(&mut self, released: BTreeSet<u32>, stats: &mut ApplyStats) {
         for id in released {
             if self.backend_refs.get(&id).is_some_and(|refs| *refs > 0) {
                 continue;
@@ -556,20 +717,158 @@ impl<M: LbMaps> MapWriter<M> {
                 self.backend_ids.remove(&backend);
             }
         }
-        Ok(())
     }
 
-    /// Takes a free reverse-NAT id (ids start at 1): one past the highest in use, or the
-    /// lowest free one once the top is reached.
-    fn allocate_rev_nat_id(&mut self) -> Option<u16> {
+    /// A free frontend id (ids start at 1): one past the highest in use, or the lowest
+    /// free one once the top is reached. An id is never handed out while a frontend holds
+    /// it, nor in the apply that freed it.
+    fn free_rev_nat_id(&self) -> Option<u16> {
+        let max = self.max_rev_nat_id;
+        let free =
+            |id: &u16| !self.rev_nat_ids.contains(id) && !self.cooling_rev_nat_ids.contains(id);
         let next = self
             .rev_nat_ids
             .last()
             .map_or(Some(1), |last| last.checked_add(1));
-        let id = next.or_else(|| (1..=u16::MAX).find(|id| !self.rev_nat_ids.contains(id)))?;
-        self.rev_nat_ids.insert(id);
+        match next {
+            Some(id) if id <= max && free(&id) => Some(id),
+            _ => (1..=max).find(free),
+        }
+    }
+
+    /// The next backend id not in use from `*next` on (wrapping at the limit), when fewer
+    /// than all are taken (`planned`: ids this plan already took after the record's).
+    fn free_backend_id(&self, next: &mut u32, planned: usize) -> Option<u32> {
+        let max = self.max_backend_id;
+        let taken = self.backends.len().saturating_add(planned);
+        if u32::try_from(taken).map_or(true, |taken| taken >= max) {
+            return None;
+        }
+        let advance = |id: u32| if id >= max { 1 } else { id + 1 };
+        let mut id = if (1..=max).contains(next) { *next } else { 1 };
+        while self.backends.contains_key(&id) {
+            id = advance(id);
+        }
+        *next = advance(id);
         Some(id)
     }
+}
+
+/// A master entry.
+fn master_value(count: u16, rev_nat_id: u16, flags: u32, affinity: Option<u32>) -> ServiceValue {
+    match affinity {
+        Some(timeout) => ServiceValue::affinity_master(count, rev_nat_id, flags, timeout),
+        None => ServiceValue::master(count, rev_nat_id, flags),
+    }
+}
+
+/// Source ranges: new ones before the master (which may turn the guard on) and stale
+/// ones after it, so a guarded frontend is never left without a range.
+fn plan_source_ranges(
+    old: &Programmed,
+    wanted: &BTreeSet<ipnet::IpNet>,
+    ops: &mut Vec<(usize, Op)>,
+    stats: &mut ApplyStats,
+) {
+    for range in wanted.difference(&old.source_ranges) {
+        ops.push((NEW_BACKENDS, Op::SetSourceRange(old.rev_nat_id, *range)));
+        stats.map_writes += 1;
+    }
+    for range in old.source_ranges.difference(wanted) {
+        ops.push((DROP_SLOTS, Op::DeleteSourceRange(old.rev_nat_id, *range)));
+        stats.map_deletes += 1;
+    }
+}
+
+/// Affinity-match entries for the new `slots`: new ones before any slot or master names
+/// them (with the new backends), stale ones after the master stops naming them (with the
+/// surplus slots). Returns whether affinity is turned off, which also forgets the clients'
+/// entries, so turning it on again starts afresh.
+fn plan_affinity_matches(
+    old: &Programmed,
+    slots: &[u32],
+    affinity: Option<u32>,
+    ops: &mut Vec<(usize, Op)>,
+    stats: &mut ApplyStats,
+) -> bool {
+    let id = old.rev_nat_id;
+    let had: BTreeSet<u32> = match old.affinity {
+        Some(_) => old.slots.iter().copied().collect(),
+        None => BTreeSet::new(),
+    };
+    let wants: BTreeSet<u32> = match affinity {
+        Some(_) => slots.iter().copied().collect(),
+        None => BTreeSet::new(),
+    };
+    for backend in wants.difference(&had) {
+        ops.push((NEW_BACKENDS, Op::SetAffinityMatch(*backend, id)));
+        stats.map_writes += 1;
+    }
+    for backend in had.difference(&wants) {
+        ops.push((DROP_SLOTS, Op::DeleteAffinityMatch(*backend, id)));
+        stats.map_deletes += 1;
+    }
+    old.affinity.is_some() && affinity.is_none()
+}
+
+/// One frontend's change, planned but not yet recorded.
+struct FrontendPlan {
+    address: L4Addr,
+    is_new: bool,
+    old: Programmed,
+    new: Programmed,
+    /// The addresses of the wanted backends (a backend whose state changed stays).
+    kept: HashSet<L4Addr>,
+    /// Backends created for it, with their new ids.
+    new_backends: Vec<(u32, Backend)>,
+    /// Its operations, with their phases, in phase order.
+    ops: Vec<(usize, Op)>,
+    stats: ApplyStats,
+    /// Affinity turned off: the clients' entries go.
+    forget_affinity: bool,
+}
+
+impl FrontendPlan {
+    /// What puts back what `op`, one of this plan's writes, replaced (`None` for a delete:
+    /// deletes come after every write of a frontend, so they are never undone).
+    fn undo(&self, op: &Op) -> Option<Op> {
+        let old = &self.old;
+        Some(match *op {
+            Op::SetService(address, 0, _) if !self.is_new => {
+                let count = u16::try_from(old.slots.len()).unwrap_or(u16::MAX);
+                Op::SetService(
+                    address,
+                    0,
+                    master_value(count, old.rev_nat_id, old.flags, old.affinity),
+                )
+            }
+            Op::SetService(address, slot, _) => {
+                match old.slots.get(usize::from(slot).wrapping_sub(1)) {
+                    Some(&id) if slot > 0 => Op::SetService(address, slot, ServiceValue::slot(id)),
+                    _ => Op::DeleteService(address, slot),
+                }
+            }
+            Op::SetBackend(id, backend) => Op::DeleteBackend(id, backend),
+            Op::SetAffinityMatch(id, rev_nat_id) => Op::DeleteAffinityMatch(id, rev_nat_id),
+            Op::SetSourceRange(id, range) => Op::DeleteSourceRange(id, range),
+            Op::DeleteService(..)
+            | Op::DeleteBackend(..)
+            | Op::DeleteAffinityMatch(..)
+            | Op::DeleteSourceRange(..) => return None,
+        })
+    }
+}
+
+/// A frontend the writer could not program (a map full, or no free id): it is left as it
+/// was (absent if new).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The Service it belongs to.
+    pub service: ObjectRef,
+    /// `spec.ports[].name` of the frontend.
+    pub port_name: String,
+    /// What stood in the way, e.g. `LB4_SERVICES is full (262144 entries): …`.
+    pub reason: String,
 }
 
 /// Places the wanted backend ids in slots: a backend that stays keeps its slot if that slot
