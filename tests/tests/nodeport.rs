@@ -1246,3 +1246,102 @@ fn health_check_node_port_fails_with_only_terminating_endpoints_while_traffic_is
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
     assert_eq!(served.count("webapp1"), 5, "still served: {served:?}");
 }
+
+/// `SVC_F_LOCAL`: the NodePort's entry for clients outside under `externalTrafficPolicy: Local`.
+const SVC_F_LOCAL: u32 = 0x10;
+
+/// Waits until the NodePort is programmed under `policy`: with `count` backends for clients
+/// outside, and (under `Cluster`) without the in-cluster twin a `Local` NodePort has. The
+/// twin's count alone would say nothing: it serves every endpoint under both policies.
+fn wait_for_node_port_policy(agent: &mut lb_tests::Agent, policy: &str, count: u16) {
+    let local = policy == "Local";
+    agent.wait_until(&format!("NodePort under {policy}"), APPLY, |frontends| {
+        let entries: Vec<_> = frontends
+            .iter()
+            .filter(|f| f.addr() == NODE_PORT_FRONTEND && f.protocol == "TCP")
+            .collect();
+        let outside: Vec<_> = entries
+            .iter()
+            .filter(|f| (f.flags & SVC_F_LOCAL != 0) == local)
+            .collect();
+        let twins = if local { 2 } else { 1 };
+        (entries.len() == twins && outside.len() == 1 && outside[0].count == count).then_some(())
+    });
+}
+
+/// Upstream `should implement NodePort and HealthCheckNodePort correctly when
+/// ExternalTrafficPolicy changes`, for a node without the endpoint (the endpoint is the
+/// second node's pod): under `Local` this node's NodePort drops and its health check answers
+/// 503; under `Cluster` the NodePort serves the remote endpoint at once and the health check
+/// port is closed; back under `Local`, both as at first.
+#[test]
+fn node_port_and_health_check_follow_external_traffic_policy_changes() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let remote = env.topo.add_remote_node_with_pod("remote1");
+    let _server = remote.spawn_server("remote1", 8080);
+    env.manifests.write(
+        "pod.yaml",
+        &pod("remote1", remote.ip())
+            .label("app", "webapp")
+            .node_name("node-b")
+            .yaml(),
+    );
+    let svc = |policy: &str| {
+        let mut svc = service("webapp", "10.96.0.10")
+            .type_("LoadBalancer")
+            .selector("app", "webapp")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .external_traffic_policy(policy);
+        if policy == "Local" {
+            svc = svc.health_check_node_port(32100);
+        }
+        svc.yaml()
+    };
+    env.manifests.write("svc.yaml", &svc("Local"));
+    let client = env.topo.add_external_client("outside");
+    let devices = format!("{EXT_DEVICE},{PEER_DEVICE}");
+    let mut agent = start_agent_with(&env, &["--devices", &devices, "--node-name", "node-a"]);
+    wait_for_node_port_policy(&mut agent, "Local", 0);
+    let health = format!("{NODE_EXT_IP}:32100");
+    let short = || {
+        client
+            .client_with()
+            .count(3)
+            .timeout_ms(300)
+            .run(&node_port_target())
+    };
+
+    let (status, body) = wait_for_status(&client, &health, 503);
+    assert_eq!(status, 503, "Local, no local endpoint: {body}");
+    let dropped = short();
+    assert_eq!(dropped.errors_of("ETIMEDOUT"), 3, "{dropped:?}");
+
+    env.manifests.write("svc.yaml", &svc("Cluster"));
+    wait_for_node_port_policy(&mut agent, "Cluster", 1);
+    let served = client
+        .client_with()
+        .count(5)
+        .timeout_ms(500)
+        .run(&node_port_target());
+    assert_eq!(served.count("remote1"), 5, "Cluster: {served:?}");
+    let (status, body) = wait_for_status(&client, &health, 0);
+    assert_eq!(
+        status, 0,
+        "Cluster: the health check port is closed: {body}"
+    );
+
+    env.manifests.write("svc.yaml", &svc("Local"));
+    wait_for_node_port_policy(&mut agent, "Local", 0);
+    let (status, body) = wait_for_status(&client, &health, 503);
+    assert_eq!(status, 503, "Local again: {body}");
+    let dropped = short();
+    assert_eq!(
+        dropped.errors_of("ETIMEDOUT"),
+        3,
+        "Local again: {dropped:?}"
+    );
+    assert_eq!(dropped.count("remote1"), 0, "{dropped:?}");
+}
