@@ -322,6 +322,57 @@ fn guarded_load_balancer(ranges: &[&str]) -> String {
     lb_tests::manifests::to_yaml(&svc)
 }
 
+/// Upstream `should only allow access from service loadbalancer source ranges`, its in-cluster
+/// part: pods served per packet (`--socket-lb off`, as with `host-only`) are held to the ranges
+/// by their own address, as kube-proxy's firewall chain holds them. (The socket path cannot:
+/// at `connect()` the socket has no source address yet; see docs/architecture.md.)
+#[test]
+fn load_balancer_source_ranges_hold_pods_served_per_packet_to_their_address() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let accepted = env.topo.add_pod("accepted");
+    let refused = env.topo.add_pod("refused");
+    env.manifests.write(
+        "svc.yaml",
+        &guarded_load_balancer(&[&format!("{}/32", accepted.ip())]),
+    );
+    let mut agent = env.agent_with(&["--socket-lb", "off"]);
+    agent.wait_for_frontend("192.168.60.20:80", 1, APPLY);
+    let deadline = Instant::now() + APPLY;
+    while accepted
+        .client_with()
+        .count(1)
+        .timeout_ms(300)
+        .run("192.168.60.20:80")
+        .ok
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the accepted pod never got through"
+        );
+    }
+
+    let ok = accepted.client_with().count(5).run("192.168.60.20:80");
+    assert_eq!(ok.count("webapp1"), 5, "inside the range: {ok:?}");
+    let dropped = refused
+        .client_with()
+        .count(3)
+        .timeout_ms(300)
+        .run("192.168.60.20:80");
+    assert_eq!(
+        dropped.errors_of("ETIMEDOUT"),
+        3,
+        "outside the range: dropped, {dropped:?}"
+    );
+    // The ClusterIP of the same Service is not guarded.
+    let cluster_ip = refused.client_with().count(3).run("10.96.0.10:80");
+    assert_eq!(cluster_ip.count("webapp1"), 3, "{cluster_ip:?}");
+}
+
 #[test]
 fn load_balancer_source_ranges_drop_other_sources_and_leave_node_ports_open() {
     if !require_privileges() {
