@@ -385,6 +385,23 @@ fn names_after(exchanges: &[Exchange], after_ns: u64) -> Vec<String> {
         .collect()
 }
 
+/// Waits until `client` gets an answer from `target` itself: the agent attaches its tc
+/// programs one by one after writing the maps, and until the egress one is there an answer
+/// arrives untranslated, from the backend's own address.
+fn wait_until_translated_both_ways(client: &Pod, target: &str) {
+    let deadline = std::time::Instant::now() + APPLY;
+    loop {
+        let summary = client.client_with().udp().timeout_ms(300).run(target);
+        if summary.peer_addrs.iter().any(|p| p == target) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{target} never answered from itself: {summary:?}"
+        );
+    }
+}
+
 /// The server pod cycles while a client keeps sending from one source port to `target`:
 /// `dns1` is replaced by `dns2` (dns1's server keeps answering, so a flow left on it would
 /// show). Returns the exchanges and when the agent listed dns2 alone.
@@ -470,14 +487,7 @@ fn a_fixed_source_port_udp_client_follows_the_server_cycling_behind_a_node_port(
     let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
     agent.wait_for_frontend_proto("0.0.0.0:30053", "UDP", 1, APPLY);
     let target = format!("{NODE_EXT_IP}:30053");
-    // tc attaches after the maps are written: wait for a first answer.
-    let deadline = std::time::Instant::now() + APPLY;
-    while outside.client_with().udp().timeout_ms(300).run(&target).ok == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "NodePort never answered"
-        );
-    }
+    wait_until_translated_both_ways(&outside, &target);
 
     let (exchanges, switched) = cycle_the_server_under_a_fixed_port_client(
         &env,
@@ -504,6 +514,7 @@ fn a_fixed_source_port_udp_client_follows_the_server_cycling_behind_a_cluster_ip
     env.manifests.remove(&TestEnv::pod_file("dns2"));
     let mut agent = env.agent_with(&["--socket-lb", "off"]);
     agent.wait_for_frontend_proto(DNS_VIP, "UDP", 1, APPLY);
+    wait_until_translated_both_ways(&client, DNS_VIP);
 
     let (exchanges, switched) = cycle_the_server_under_a_fixed_port_client(
         &env,
@@ -616,6 +627,7 @@ fn a_fixed_source_port_udp_client_reaches_a_recreated_local_server_under_interna
     let client = env.topo.add_pod("client");
     let mut agent = env.agent_with(&["--socket-lb", "off", "--node-name", "node-a"]);
     agent.wait_for_frontend_proto(DNS_VIP, "UDP", 1, APPLY);
+    wait_until_translated_both_ways(&client, DNS_VIP);
     let only = |i: usize| vec![format!("{}:5353", pods[i].0.ip())];
 
     let (exchanges, recreated) = std::thread::scope(|scope| {
