@@ -149,21 +149,8 @@ fn affinity_lasts_while_connections_keep_coming_and_ends_after_the_timeout() {
     let first = hosts(&kept);
     assert_eq!(first.len(), 1, "{kept:?}");
 
-    // After a pause longer than the timeout the next connection picks afresh: with three
-    // backends it lands elsewhere within a few tries (a third of the time it picks the same).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        std::thread::sleep(Duration::from_millis(1_300));
-        let next = client.client(&env.cgroup, VIP, 1);
-        assert_eq!(next.ok, 1, "{next:?}");
-        if hosts(&next) != first {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still on {first:?} after the timeout passed again and again"
-        );
-    }
+    // After a pause longer than the timeout the next connection picks afresh.
+    assert_picks_afresh_after_the_timeout(&first, || client.client(&env.cgroup, VIP, 1));
 }
 
 #[test]
@@ -196,19 +183,41 @@ fn node_port_target() -> String {
     format!("{NODE_EXT_IP}:{NODE_PORT}")
 }
 
+/// The tc programs attach after the maps are written: waits until `target` answers `client`.
+#[track_caller]
+fn wait_until_answered(client: &Pod, target: &str) {
+    let deadline = Instant::now() + APPLY;
+    while client.client_with().count(1).timeout_ms(300).run(target).ok == 0 {
+        assert!(Instant::now() < deadline, "{target} never answered");
+    }
+}
+
 /// The tc programs attach after the maps are written: waits until the NodePort answers.
 #[track_caller]
 fn wait_for_node_port(outside: &Pod) {
-    let deadline = Instant::now() + APPLY;
-    while outside
-        .client_with()
-        .count(1)
-        .timeout_ms(300)
-        .run(&node_port_target())
-        .ok
-        == 0
-    {
-        assert!(Instant::now() < deadline, "NodePort never answered");
+    wait_until_answered(outside, &node_port_target());
+}
+
+/// After pauses longer than the affinity timeout, a new connection (`connect`) lands on
+/// another backend than `first` within a few tries (a fresh pick among three backends is the
+/// same one a third of the time).
+#[track_caller]
+fn assert_picks_afresh_after_the_timeout(
+    first: &BTreeSet<String>,
+    mut connect: impl FnMut() -> lb_tests::ClientSummary,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        std::thread::sleep(Duration::from_millis(1_300));
+        let next = connect();
+        assert_eq!(next.ok, 1, "{next:?}");
+        if hosts(&next) != *first {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still on {first:?} after the timeout passed again and again"
+        );
     }
 }
 
@@ -301,19 +310,9 @@ fn node_port_affinity_ends_after_the_timeout_for_a_client_outside() {
     let first = hosts(&kept);
     assert_eq!(first.len(), 1, "kept within the timeout: {kept:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        std::thread::sleep(Duration::from_millis(1_300));
-        let next = outside.client_with().count(1).run(&node_port_target());
-        assert_eq!(next.ok, 1, "{next:?}");
-        if hosts(&next) != first {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still on {first:?} after the timeout passed again and again"
-        );
-    }
+    assert_picks_afresh_after_the_timeout(&first, || {
+        outside.client_with().count(1).run(&node_port_target())
+    });
 }
 
 #[test]
@@ -327,13 +326,7 @@ fn per_packet_pods_keep_their_backend_by_address() {
     env.manifests.write("svc.yaml", &webapp(Some(None)).yaml());
     let mut agent = env.agent_with(&["--socket-lb", "off"]);
     wait_for_affinity(&mut agent, 3, Some(10_800));
-    let deadline = Instant::now() + APPLY;
-    while client.client_with().count(1).timeout_ms(300).run(VIP).ok == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "ClusterIP never answered per packet"
-        );
-    }
+    wait_until_answered(&client, VIP);
 
     let summary = client.client_with().count(30).run(VIP);
     assert_eq!(summary.ok, 30, "{summary:?}");
@@ -393,13 +386,7 @@ fn load_balancer_affinity_keeps_and_switches(policy: &str) {
             .find(|f| f.addr() == target && f.count == 3 && f.affinity_timeout.is_some())
             .map(|_| ())
     });
-    let deadline = Instant::now() + APPLY;
-    while outside.client_with().timeout_ms(300).run(target).ok == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the LoadBalancer IP never answered"
-        );
-    }
+    wait_until_answered(&outside, target);
 
     let kept = outside.client_with().count(15).run(target);
     assert_eq!(kept.ok, 15, "{kept:?}");
