@@ -113,25 +113,23 @@ fn translated_sockets(
     stale: &BTreeSet<StaleBackend>,
 ) -> Result<HashSet<u64>, Error> {
     let mut cookies = HashSet::new();
+    let mut consider = |cookie: u64, backend: SocketAddr, rev_nat_id: u16| {
+        if stale.contains(&StaleBackend {
+            rev_nat_id,
+            backend,
+        }) {
+            cookies.insert(cookie);
+        }
+    };
     let revnat4: HashMap<MapData, RevNat4Key, RevNat4Value> = open(pin_dir, REVNAT4_MAP, true)?;
     for (key, value) in revnat4.iter().filter_map(Result::ok) {
         let backend = SocketAddr::new(codec::from_ip4(key.address).into(), u16::from_be(key.port));
-        if stale.contains(&StaleBackend {
-            rev_nat_id: value.rev_nat_id,
-            backend,
-        }) {
-            cookies.insert(key.cookie);
-        }
+        consider(key.cookie, backend, value.rev_nat_id);
     }
     let revnat6: HashMap<MapData, RevNat6Key, RevNat6Value> = open(pin_dir, REVNAT6_MAP, true)?;
     for (key, value) in revnat6.iter().filter_map(Result::ok) {
         let backend = SocketAddr::new(codec::from_ip6(key.address).into(), u16::from_be(key.port));
-        if stale.contains(&StaleBackend {
-            rev_nat_id: value.rev_nat_id,
-            backend,
-        }) {
-            cookies.insert(key.cookie);
-        }
+        consider(key.cookie, backend, value.rev_nat_id);
     }
     Ok(cookies)
 }

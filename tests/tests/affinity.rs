@@ -198,6 +198,23 @@ fn wait_for_node_port(outside: &Pod) {
     wait_until_answered(outside, &node_port_target());
 }
 
+/// Three backends, a client outside the node and the agent on `ext0`, the NodePort of `webapp`
+/// with affinity (`timeout` seconds, else the default) programmed and answering.
+fn outside_client_on_node_port(
+    env: &TestEnv,
+    timeout: Option<i32>,
+) -> (Vec<(Pod, Server)>, Pod, Agent) {
+    let backends = backends(env);
+    let outside = env.topo.add_external_client("outside");
+    env.manifests
+        .write("svc.yaml", &webapp(Some(timeout)).yaml());
+    let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
+    let programmed = timeout.map_or(10_800, |t| u32::try_from(t).expect("a positive timeout"));
+    wait_for_affinity(&mut agent, 3, Some(programmed));
+    wait_for_node_port(&outside);
+    (backends, outside, agent)
+}
+
 /// After pauses longer than the affinity timeout, a new connection (`connect`) lands on
 /// another backend than `first` within a few tries (a fresh pick among three backends is the
 /// same one a third of the time).
@@ -227,12 +244,7 @@ fn node_port_affinity_keeps_a_client_outside_the_node_on_one_backend() {
         return;
     }
     let env = TestEnv::new();
-    let _backends = backends(&env);
-    let outside = env.topo.add_external_client("outside");
-    env.manifests.write("svc.yaml", &webapp(Some(None)).yaml());
-    let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
-    wait_for_affinity(&mut agent, 3, Some(10_800));
-    wait_for_node_port(&outside);
+    let (_backends, outside, _agent) = outside_client_on_node_port(&env, None);
     let target = node_port_target();
 
     let summary = outside.client_with().count(30).run(&target);
@@ -252,12 +264,7 @@ fn switching_node_port_affinity_on_and_off_takes_effect_for_a_client_outside() {
         return;
     }
     let env = TestEnv::new();
-    let _backends = backends(&env);
-    let outside = env.topo.add_external_client("outside");
-    env.manifests.write("svc.yaml", &webapp(Some(None)).yaml());
-    let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
-    wait_for_affinity(&mut agent, 3, Some(10_800));
-    wait_for_node_port(&outside);
+    let (_backends, outside, mut agent) = outside_client_on_node_port(&env, None);
     let kept = outside.client_with().count(30).run(&node_port_target());
     assert_eq!(kept.ok, 30, "{kept:?}");
     assert_eq!(hosts(&kept).len(), 1, "ClientIP: {kept:?}");
@@ -291,13 +298,7 @@ fn node_port_affinity_ends_after_the_timeout_for_a_client_outside() {
         return;
     }
     let env = TestEnv::new();
-    let _backends = backends(&env);
-    let outside = env.topo.add_external_client("outside");
-    env.manifests
-        .write("svc.yaml", &webapp(Some(Some(1))).yaml());
-    let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
-    wait_for_affinity(&mut agent, 3, Some(1));
-    wait_for_node_port(&outside);
+    let (_backends, outside, _agent) = outside_client_on_node_port(&env, Some(1));
     // The entry the probe made may still be there: let it expire first.
     std::thread::sleep(Duration::from_millis(1_300));
 

@@ -281,22 +281,7 @@ fn a_connected_udp_socket_to_a_removed_backend_is_ended_within_a_second() {
         std::thread::sleep(Duration::from_millis(800));
         // dns1 goes (its server still answers, so a socket left on it would show), dns2
         // comes.
-        env.manifests.write(
-            &TestEnv::pod_file("dns2"),
-            &pod("dns2", dns2)
-                .label("app", "dns")
-                .container_port_full("dns", 5353, "UDP")
-                .yaml(),
-        );
-        env.manifests.remove(&TestEnv::pod_file("dns1"));
-        let only_dns2 = vec![format!("{dns2}:5353")];
-        agent.wait_until("dns2 alone behind the Service", APPLY, |frontends| {
-            frontends
-                .iter()
-                .find(|f| f.addr() == DNS_VIP && f.protocol == "UDP")
-                .filter(|f| f.backend_addrs() == only_dns2)
-                .map(|_| ())
-        });
+        replace_dns1_by_dns2(&env, &mut agent, DNS_VIP, dns2);
         let removed = monotonic_ns();
         (
             connected.join().expect("client thread"),
@@ -402,6 +387,34 @@ fn wait_until_translated_both_ways(client: &Pod, target: &str) {
     }
 }
 
+/// The server pod cycles: `dns2`'s Pod comes and `dns1`'s goes (its server keeps answering,
+/// so traffic left on it would show); returns once the agent lists dns2 alone behind the UDP
+/// frontend `frontend`.
+fn replace_dns1_by_dns2(
+    env: &TestEnv,
+    agent: &mut lb_tests::Agent,
+    frontend: &str,
+    dns2: impl Into<IpAddr>,
+) {
+    let dns2 = dns2.into();
+    env.manifests.write(
+        &TestEnv::pod_file("dns2"),
+        &pod("dns2", dns2)
+            .label("app", "dns")
+            .container_port_full("dns", 5353, "UDP")
+            .yaml(),
+    );
+    env.manifests.remove(&TestEnv::pod_file("dns1"));
+    let only_dns2 = vec![format!("{dns2}:5353")];
+    agent.wait_until("dns2 alone behind the Service", APPLY, |frontends| {
+        frontends
+            .iter()
+            .find(|f| f.addr() == frontend && f.protocol == "UDP")
+            .filter(|f| f.backend_addrs() == only_dns2)
+            .map(|_| ())
+    });
+}
+
 /// The server pod cycles while a client keeps sending from one source port to `target`:
 /// `dns1` is replaced by `dns2` (dns1's server keeps answering, so a flow left on it would
 /// show). Returns the exchanges and when the agent listed dns2 alone.
@@ -418,22 +431,7 @@ fn cycle_the_server_under_a_fixed_port_client(
         let target = target.to_owned();
         let client = scope.spawn(move || fixed_port_client(&netns, &target, 40));
         std::thread::sleep(Duration::from_millis(1_000));
-        env.manifests.write(
-            &TestEnv::pod_file("dns2"),
-            &pod("dns2", dns2)
-                .label("app", "dns")
-                .container_port_full("dns", 5353, "UDP")
-                .yaml(),
-        );
-        env.manifests.remove(&TestEnv::pod_file("dns1"));
-        let only_dns2 = vec![format!("{dns2}:5353")];
-        agent.wait_until("dns2 alone behind the Service", APPLY, |frontends| {
-            frontends
-                .iter()
-                .find(|f| f.addr() == frontend && f.protocol == "UDP")
-                .filter(|f| f.backend_addrs() == only_dns2)
-                .map(|_| ())
-        });
+        replace_dns1_by_dns2(env, agent, frontend, dns2);
         let switched = monotonic_ns();
         (client.join().expect("client thread"), switched)
     })
@@ -711,22 +709,7 @@ fn a_node_process_udp_socket_follows_the_server_cycling_behind_a_cluster_ip() {
                 .unwrap_or_else(|e| panic!("{e}: {out}"))
         });
         std::thread::sleep(Duration::from_millis(800));
-        env.manifests.write(
-            &TestEnv::pod_file("dns2"),
-            &pod("dns2", dns2)
-                .label("app", "dns")
-                .container_port_full("dns", 5353, "UDP")
-                .yaml(),
-        );
-        env.manifests.remove(&TestEnv::pod_file("dns1"));
-        let only_dns2 = vec![format!("{dns2}:5353")];
-        agent.wait_until("dns2 alone behind the Service", APPLY, |frontends| {
-            frontends
-                .iter()
-                .find(|f| f.addr() == DNS_VIP && f.protocol == "UDP")
-                .filter(|f| f.backend_addrs() == only_dns2)
-                .map(|_| ())
-        });
+        replace_dns1_by_dns2(&env, &mut agent, DNS_VIP, dns2);
         let switched = monotonic_ns();
         (summary.join().expect("client thread"), switched)
     });
