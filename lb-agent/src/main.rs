@@ -188,8 +188,8 @@ impl std::str::FromStr for BindAddress {
 /// × 10 endpoints in one family. Memory is the kernel's, charged to the agent's memory
 /// cgroup: each hash map takes 16 B per entry of capacity (rounded up to a power of two) up
 /// front, and about 80 B more per entry written; conntrack is allocated whole. At the
-/// defaults, empty: 2 × 32 MiB (services maps), 2 × 16 MiB (backends), about 20 MiB
-/// (conntrack), 25 MiB (the fixed reverse-NAT, affinity and other maps); `lb-agent services
+/// defaults, empty: 2 × 32 MiB (services maps), 2 × 16 MiB (backends), 21 MiB
+/// (conntrack), 30 MiB (the fixed reverse-NAT, affinity and other maps): 147 MiB in all; `lb-agent services
 /// --summary` shows each map's fill and memory. Changing a capacity needs `lb-agent cleanup`
 /// first (pinned maps keep the size they were created with).
 #[derive(Debug, clap::Args)]

@@ -185,7 +185,7 @@ pub const MAP_F_NO_PREALLOC: usize = 1;
 
 /// Declared capacity of the conntrack map: two entries (original and reply direction) per
 /// flow the tc datapath translates; least recently used entries are evicted first.
-/// Preallocated (LRU): about 20 MiB at the default.
+/// Preallocated (LRU): 21 MiB at the default.
 pub const CT_MAX_ENTRIES: usize = MapCapacities::DEFAULT.conntrack as usize;
 /// Capacity of the session-affinity map: (client, frontend) pairs of Services with
 /// `sessionAffinity: ClientIP` (Cilium's default 64k). Least recently used entries are
