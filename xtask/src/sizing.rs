@@ -23,7 +23,7 @@
 //! The per-Service figures here are the ones the bench measured; when a run finds others, it
 //! prints the limit they give, and this file and the manifest are changed together (the unit
 //! test below fails until both agree).
-use lb_common::{MAP_F_NO_PREALLOC, MapSpec, PINNED_MAPS, SOURCE_RANGES_MAP};
+use lb_common::{MAP_F_NO_PREALLOC, MapCapacities, MapSpec, SOURCE_RANGES_MAP};
 
 const MIB: u64 = 1 << 20;
 
@@ -42,11 +42,14 @@ const ROUND_TO: u64 = 64 * MIB;
 pub const NODE_CPUS: u64 = 128;
 
 /// What the bench measured (`cargo xtask bench`, "DaemonSet memory limit"), on the API
-/// server source as the DaemonSet runs it, at 100,000 Services × 10 endpoints.
+/// server source as the DaemonSet runs it, at 100,000 Services × 10 endpoints (release
+/// build, 2026-12-03, main at 4f05c1a: `lb-watch-bench --services 100000 --endpoints 10`):
+/// RSS 15,324 KiB empty, 1,407,220 KiB at its peak; maps 150,624 KiB empty, 315,468 KiB
+/// holding the Services.
 pub const MEASURED: Figures = Figures {
-    empty_agent_bytes: 24 * MIB,
-    agent_bytes_per_service: 2048,
-    map_bytes_per_service: 1500,
+    empty_agent_bytes: 15 * MIB,
+    agent_bytes_per_service: 14_254,
+    map_bytes_per_service: 1_689,
 };
 
 /// The measured inputs of the formula.
@@ -86,10 +89,10 @@ pub fn limit(figures: &Figures, services: u64, maps: &[MapSpec]) -> Limit {
     }
 }
 
-/// The limit of the DaemonSet: [`MEASURED`] at [`SIZED_SERVICES`], the maps at their
-/// default capacities.
-pub fn daemonset_limit() -> Limit {
-    limit(&MEASURED, SIZED_SERVICES, &PINNED_MAPS)
+/// The limit for [`MEASURED`] at [`SIZED_SERVICES`], the maps at `capacities` (the
+/// DaemonSet's: lb-common's defaults unless its arguments set `--max-*`).
+pub fn daemonset_limit(capacities: &MapCapacities) -> Limit {
+    limit(&MEASURED, SIZED_SERVICES, &capacities.pinned_maps())
 }
 
 /// What the kernel accounts to a map of this shape before anything is written to it
@@ -128,6 +131,7 @@ pub fn quantity(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::apps::v1::DaemonSet;
+    use k8s_openapi::api::core::v1::Container;
 
     use super::*;
 
@@ -152,29 +156,84 @@ mod tests {
         number.checked_mul(factor)
     }
 
-    /// The memory limit of the `lb-agent` container in `deploy/daemonset.yaml`.
-    fn manifest_limit() -> String {
+    /// The map capacities `lb-agent run` gets from these arguments and environment variables
+    /// (`--max-frontends=N` or `--max-frontends N`, `LB_MAX_FRONTENDS`): the defaults of
+    /// lb-common where none is set.
+    fn capacities<'a>(
+        args: &[String],
+        env: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> MapCapacities {
+        let mut capacities = MapCapacities::DEFAULT;
+        let mut set = |name: &str, value: &str| {
+            let Ok(value) = value.parse::<u32>() else {
+                return;
+            };
+            match name {
+                "max-frontends" => capacities.frontends = value,
+                "max-backend-slots" => capacities.backend_slots = value,
+                "max-backends" => capacities.backends = value,
+                "max-conntrack" => capacities.conntrack = value,
+                _ => {}
+            }
+        };
+        for (name, value) in env {
+            if let Some(flag) = name.strip_prefix("LB_") {
+                set(&flag.to_lowercase().replace('_', "-"), value);
+            }
+        }
+        // Flags win over the environment, as clap has it.
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let Some(flag) = arg.strip_prefix("--") else {
+                continue;
+            };
+            match flag.split_once('=') {
+                Some((name, value)) => set(name, value),
+                None => {
+                    if let Some(value) = args.clone().next() {
+                        set(flag, value);
+                    }
+                }
+            }
+        }
+        capacities
+    }
+
+    /// The `lb-agent` container of `deploy/daemonset.yaml`.
+    fn agent_container() -> Container {
         let path = crate::repo_root().join("deploy/daemonset.yaml");
         let text = std::fs::read_to_string(&path).expect("deploy/daemonset.yaml");
         let daemonset: DaemonSet = serde_saphyr::from_str(&text).expect("a DaemonSet");
         let spec = daemonset.spec.template.spec.expect("pod spec");
-        let agent = spec
-            .containers
-            .iter()
+        spec.containers
+            .into_iter()
             .find(|c| c.name == "lb-agent")
-            .expect("the lb-agent container");
-        let limits = agent
-            .resources
-            .as_ref()
-            .and_then(|r| r.limits.as_ref())
-            .expect("resources.limits");
-        limits.get("memory").expect("a memory limit").0.clone()
+            .expect("the lb-agent container")
+    }
+
+    /// The capacities the DaemonSet's agent runs with.
+    fn manifest_capacities(agent: &Container) -> MapCapacities {
+        let env: Vec<(&str, &str)> = agent
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|v| Some((v.name.as_str(), v.value.as_deref()?)))
+            .collect();
+        capacities(agent.args.as_deref().unwrap_or_default(), env)
     }
 
     #[test]
     fn the_daemonset_memory_limit_is_the_formulas() {
-        let want = daemonset_limit();
-        let have = manifest_limit();
+        let agent = agent_container();
+        let want = daemonset_limit(&manifest_capacities(&agent));
+        let have = agent
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|limits| limits.get("memory"))
+            .expect("a memory limit on the lb-agent container")
+            .0
+            .clone();
         assert_eq!(
             parse_quantity(&have),
             Some(want.limit),
@@ -188,7 +247,7 @@ mod tests {
     #[test]
     fn docs_state_the_same_limit() {
         let docs = std::fs::read_to_string(crate::repo_root().join("docs/deploy.md")).unwrap();
-        let limit = quantity(daemonset_limit().limit);
+        let limit = quantity(daemonset_limit(&manifest_capacities(&agent_container())).limit);
         assert!(
             docs.contains(&format!("`{limit}`")),
             "docs/deploy.md should give the DaemonSet's limit, `{limit}`"
@@ -219,6 +278,40 @@ mod tests {
             ..spec(16_384, MAP_F_NO_PREALLOC)
         };
         assert_eq!(empty_map_bytes(&trie, 2), 0);
+    }
+
+    #[test]
+    fn capacities_from_flags_and_environment() {
+        let args: Vec<String> = ["run", "--max-frontends=1000", "--max-backends", "5000"]
+            .map(str::to_owned)
+            .to_vec();
+        let caps = capacities(
+            &args,
+            [("LB_MAX_CONNTRACK", "2048"), ("LB_MAX_FRONTENDS", "7")],
+        );
+        assert_eq!(caps.frontends, 1000, "the flag wins over the environment");
+        assert_eq!(caps.backends, 5000);
+        assert_eq!(caps.conntrack, 2048);
+        assert_eq!(
+            caps.backend_slots,
+            MapCapacities::DEFAULT.backend_slots,
+            "the default where nothing is set"
+        );
+    }
+
+    #[test]
+    fn the_defaults_take_what_the_agent_states() {
+        // lb-agent's --help: 147 MiB for an empty node at the defaults, measured.
+        let empty: u64 = MapCapacities::DEFAULT
+            .pinned_maps()
+            .iter()
+            .map(|m| empty_map_bytes(m, 2))
+            .sum();
+        assert!(
+            (145 * MIB..150 * MIB).contains(&empty),
+            "{} MiB",
+            empty / MIB
+        );
     }
 
     #[test]

@@ -696,7 +696,7 @@ fn sizing(out: &mut String, outcome: &Outcome) {
             as u64,
     };
     let ours = sizing::limit(&figures, sizing::SIZED_SERVICES, &lb_common::PINNED_MAPS);
-    let manifest = sizing::daemonset_limit();
+    let manifest = sizing::daemonset_limit(&lb_common::MapCapacities::DEFAULT);
     out.push_str(
         "### DaemonSet memory limit
 
