@@ -283,16 +283,20 @@ pub fn run(args: &Args) -> Result<()> {
 /// `lb-agent`, `lb-loadgen` and `lb-watch-bench`, release for the full run (debug for --quick,
 /// which only keeps the bench working); returns their directory.
 fn build_binaries(settings: &Settings) -> Result<PathBuf> {
-    let mut build = cmd::cargo();
-    build.args(["build", "-p", "lb-agent", "-p", "loadgen", "--bins"]);
+    let mut builds: Vec<&[&str]> = vec![&["-p", "lb-agent", "-p", "loadgen", "--bins"]];
     if settings.api_services > 0 {
-        build.args(["-p", "lb-tests", "--bin", "lb-watch-bench"]);
+        // Its own build: together, cargo would unify features and rebuild the agent.
+        builds.push(&["-p", "lb-tests", "--bin", "lb-watch-bench"]);
     }
-    if settings.profile == "release" {
-        build.arg("--release");
+    for packages in builds {
+        let mut build = cmd::cargo();
+        build.arg("build").args(packages);
+        if settings.profile == "release" {
+            build.arg("--release");
+        }
+        println!("==> {}", cmd::describe(&build));
+        cmd::run(&mut build)?;
     }
-    println!("==> {}", cmd::describe(&build));
-    cmd::run(&mut build)?;
     let profile = if settings.profile == "release" {
         "release"
     } else {
