@@ -41,7 +41,7 @@ enum Command {
     Test(test::Args),
     /// Play the seed's web-app scene on network namespaces (root; a couple of minutes).
     Demo,
-    /// Benchmark against the direct path, iptables and nftables (root; ~30 min, --quick ~1).
+    /// Benchmark against the direct path, iptables and nftables (root; about an hour, --quick a minute).
     Bench(bench::Args),
     /// Control-plane figures on a (fake) Kubernetes API: sync time, event latency, memory (root).
     WatchBench(watch_bench::Args),

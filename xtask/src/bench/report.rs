@@ -919,7 +919,7 @@ fn reproduce(out: &mut String, outcome: &Outcome) {
          and the eBPF toolchain with apt where missing, builds `lb-agent` and `lb-loadgen` in \
          release mode, and removes every namespace, cgroup, pin and process it made on exit, \
          error or Ctrl-C):\n\n```sh\n\
-         cargo xtask bench            # this report: docs/benchmarks.md and docs/bench/*.svg (~30 min)\n\
+         cargo xtask bench            # this report: docs/benchmarks.md and docs/bench/*.svg (about an hour)\n\
          cargo xtask bench --quick    # N ∈ {1, 100}, short runs: target/bench-quick/ (~1 min)\n\
          cargo xtask bench --services 1,1000 --endpoints 1 --iptables legacy,nft --cap 60\n\
          ```\n\n",
