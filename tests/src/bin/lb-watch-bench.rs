@@ -1,11 +1,14 @@
-//! Control-plane figures of the agent on the Kubernetes API (issue: the watch stream):
-//! the time to program N Services with E endpoints each from the initial list, the time
-//! from a watch event to the map write (p50, p99), and the agent's memory at that size.
+//! Control-plane figures of the agent on the Kubernetes API (issue: the watch stream), or
+//! on a manifests directory (`--manifests`): the time to program N Services with E
+//! endpoints each from the initial list (or files), the time from a watch event (or a
+//! rewritten file) to the map write (p50, p99), and the agent's memory at that size.
 //!
 //! It builds the same network-namespace topology as the tests, starts a fake API server
-//! there holding the objects, runs the agent (`LB_AGENT_BIN`, use a release build) against
-//! it, and reads the agent's log: every map write is logged with its own duration, and its
-//! timestamp gives the latency from the API server's write to the map write.
+//! there holding the objects (or writes them as YAML, [`SERVICES_PER_FILE`] Services to a
+//! file, as `cargo xtask bench` does), runs the agent (`LB_AGENT_BIN`, use a release build)
+//! against it, and reads the agent's log: every map write is logged with its own duration,
+//! and its timestamp gives the latency from the API server's write (or the file's rename) to
+//! the map write. An endpoint change of a manifest rewrites the whole file of its Service.
 //! Run it as root: `cargo xtask watch-bench` (or see `--help`).
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -28,7 +31,17 @@ struct Args {
     /// Single-slice updates to time after the initial sync.
     #[arg(long, default_value_t = 200)]
     events: u32,
+    /// Read the Services from a manifests directory instead of the API server.
+    #[arg(long)]
+    manifests: bool,
+    /// With --manifests: rewrite a changed file in place (truncate and write, as `echo >`
+    /// does) instead of renaming a new file over it (as editors and `kubectl`-style tools do).
+    #[arg(long, requires = "manifests")]
+    in_place: bool,
 }
+
+/// Services per manifest file (a Service and its slice each), as `cargo xtask bench` writes.
+const SERVICES_PER_FILE: u32 = 500;
 
 fn main() {
     let args = Args::parse();
@@ -37,14 +50,22 @@ fn main() {
         "run as root (network namespaces, cgroups, bpffs)"
     );
     let env = TestEnv::new();
-    let (api, mut agent) = env.agent_on_api_server();
-
-    let mut objects = Vec::with_capacity(2 * args.services as usize);
-    for i in 0..args.services {
-        objects.push(serde_json::to_value(svc(i)).expect("json"));
-        objects.push(serde_json::to_value(slice(i, args.endpoints, 0)).expect("json"));
-    }
-    api.api().bulk_apply(objects).expect("bulk apply");
+    let mut versions = vec![0; args.services as usize];
+    let (api, mut agent) = if args.manifests {
+        for file in 0..args.services.div_ceil(SERVICES_PER_FILE) {
+            write_file(&env, file, &args, &mut versions, None, false);
+        }
+        (None, lb_tests::Agent::new(env.agent_config()))
+    } else {
+        let (api, agent) = env.agent_on_api_server();
+        let mut objects = Vec::with_capacity(2 * args.services as usize);
+        for i in 0..args.services {
+            objects.push(serde_json::to_value(svc(i)).expect("json"));
+            objects.push(serde_json::to_value(slice(i, args.endpoints, 0)).expect("json"));
+        }
+        api.api().bulk_apply(objects).expect("bulk apply");
+        (Some(api), agent)
+    };
 
     let started = Instant::now();
     agent.start();
@@ -66,8 +87,17 @@ fn main() {
     for k in 0..args.events {
         let index = (k * 7919) % args.services;
         let before = writes(&agent).len();
-        let sent = SystemTime::now();
-        api.apply(slice(index, args.endpoints, k + 1));
+        let sent = match &api {
+            Some(api) => {
+                let sent = SystemTime::now();
+                api.apply(slice(index, args.endpoints, k + 1));
+                sent
+            }
+            None => {
+                let file = index / SERVICES_PER_FILE;
+                write_file(&env, file, &args, &mut versions, Some(index), args.in_place)
+            }
+        };
         let lines = wait_for_writes(&agent, before + 1, Duration::from_secs(10));
         let line = &lines[before];
         write_us.push(field(line, "elapsed_us").unwrap_or(0));
@@ -77,8 +107,20 @@ fn main() {
     }
     let rss_after_kib = agent.pid().and_then(rss_kib).unwrap_or(0);
 
+    let source = if args.manifests {
+        format!(
+            "a manifests directory ({SERVICES_PER_FILE} Services a file, changes {})",
+            if args.in_place {
+                "written in place"
+            } else {
+                "renamed over"
+            }
+        )
+    } else {
+        "the API server".to_owned()
+    };
     println!(
-        "## Agent on the API server: {} Services × {} endpoints",
+        "## Agent on {source}: {} Services × {} endpoints",
         args.services, args.endpoints
     );
     println!();
@@ -93,11 +135,11 @@ fn main() {
         first_elapsed_us as f64 / 1000.0
     );
     println!(
-        "| watch event → map written, p50 (API server write to map write) | {} µs |",
+        "| change → map written, p50 (API server write or file write to map write) | {} µs |",
         percentile(&e2e_us, 50)
     );
     println!(
-        "| watch event → map written, p99 | {} µs |",
+        "| change → map written, p99 | {} µs |",
         percentile(&e2e_us, 99)
     );
     println!(
@@ -118,6 +160,53 @@ fn main() {
     drop(api);
 }
 
+/// (Re)writes manifest file `file`: its Services and their slices, the slice of `changed` (if
+/// any) at its next version. Returns when the write began (before the text is on disk).
+fn write_file(
+    env: &TestEnv,
+    file: u32,
+    args: &Args,
+    versions: &mut [u32],
+    changed: Option<u32>,
+    in_place: bool,
+) -> SystemTime {
+    if let Some(i) = changed {
+        versions[i as usize] += 1;
+    }
+    let first = file * SERVICES_PER_FILE;
+    let mut text = String::with_capacity(SERVICES_PER_FILE as usize * 800);
+    for i in first..(first + SERVICES_PER_FILE).min(args.services) {
+        service_yaml(&mut text, i, args.endpoints, versions[i as usize]);
+    }
+    let name = format!("services-{file:04}.yaml");
+    let sent = SystemTime::now();
+    if in_place {
+        let path = env.manifests.dir().join(&name);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    } else {
+        env.manifests.write(&name, &text);
+    }
+    sent
+}
+
+/// Service `i` and its slice as YAML, as `cargo xtask bench` writes them (the same objects
+/// as [`svc`] and [`slice`]).
+fn service_yaml(out: &mut String, i: u32, endpoints: u32, version: u32) {
+    use std::fmt::Write as _;
+    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 16 + i);
+    let _ = write!(
+        out,
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: default}}\n\
+         spec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  \
+         namespace: default\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nendpoints:\n"
+    );
+    for ip in slice_ips(i, endpoints, version) {
+        let _ = writeln!(out, "- {{addresses: [{ip}], conditions: {{ready: true}}}}");
+    }
+    out.push_str("ports:\n- {name: http, port: 8080, protocol: TCP}\n");
+}
+
 fn svc(i: u32) -> k8s_openapi::api::core::v1::Service {
     let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 16 + i);
     service(&format!("svc-{i}"), &ip.to_string())
@@ -128,21 +217,23 @@ fn svc(i: u32) -> k8s_openapi::api::core::v1::Service {
 /// The slice of Service `i`; `version` > 0 moves its first endpoint to an address no other
 /// version uses, so every update is a real change.
 fn slice(i: u32, endpoints: u32, version: u32) -> k8s_openapi::api::discovery::v1::EndpointSlice {
-    let base = u32::from(Ipv4Addr::new(10, 128, 0, 0));
-    let moved = u32::from(Ipv4Addr::new(10, 192, 0, 0));
-    (0..endpoints)
+    slice_ips(i, endpoints, version)
         .fold(
             endpoint_slice(&format!("svc-{i}-x"), &format!("svc-{i}")),
-            |s, e| {
-                let ip = match (e, version) {
-                    (0, v) if v > 0 => Ipv4Addr::from(moved + v),
-                    _ => Ipv4Addr::from(base + i * endpoints + e),
-                };
-                s.endpoint(IpAddr::V4(ip), true)
-            },
+            |s, ip| s.endpoint(IpAddr::V4(ip), true),
         )
         .port(Some("http"), 8080, "TCP")
         .build()
+}
+
+/// The endpoints of Service `i`'s slice at `version`.
+fn slice_ips(i: u32, endpoints: u32, version: u32) -> impl Iterator<Item = Ipv4Addr> {
+    let base = u32::from(Ipv4Addr::new(10, 128, 0, 0));
+    let moved = u32::from(Ipv4Addr::new(10, 192, 0, 0));
+    (0..endpoints).map(move |e| match (e, version) {
+        (0, v) if v > 0 => Ipv4Addr::from(moved + v),
+        _ => Ipv4Addr::from(base + i * endpoints + e),
+    })
 }
 
 fn writes(agent: &Agent) -> Vec<String> {
