@@ -22,5 +22,6 @@ pub mod proxy_health;
 pub mod source;
 pub mod stale;
 pub mod state;
+pub mod summary;
 pub mod telemetry;
 pub mod translate;
