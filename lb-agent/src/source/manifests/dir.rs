@@ -92,6 +92,9 @@ fn object_hash(hash: u64, index: usize) -> u64 {
     hash ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// Files to read (with their stamp now), and files gone.
+type Listing = (Vec<(PathBuf, Stamp)>, Vec<PathBuf>);
+
 /// One file as a worker read it.
 struct FileRead {
     path: PathBuf,
@@ -201,7 +204,7 @@ impl ManifestDir {
     }
 
     /// The manifest files of the directory whose stamp changed, and the files gone.
-    fn scan(&self) -> std::io::Result<(Vec<(PathBuf, Stamp)>, Vec<PathBuf>)> {
+    fn scan(&self) -> std::io::Result<Listing> {
         let mut paths: Vec<PathBuf> = fs::read_dir(&self.dir)?
             .filter_map(Result::ok)
             .map(|entry| entry.path())
@@ -234,7 +237,7 @@ impl ManifestDir {
     }
 
     /// The named files: those to read, and those gone.
-    fn named(&self, paths: &[PathBuf]) -> (Vec<(PathBuf, Stamp)>, Vec<PathBuf>) {
+    fn named(&self, paths: &[PathBuf]) -> Listing {
         let mut paths: Vec<&PathBuf> = paths.iter().filter(|p| is_manifest(p)).collect();
         paths.sort();
         paths.dedup();

@@ -357,7 +357,7 @@ spec:
         assert_eq!(manifests.refresh().unwrap().unwrap().len(), 50);
         // One Service of fifty changes: it alone is handed out.
         fs::write(&file, text("10.96.2.7")).unwrap();
-        let updates = manifests.refresh_with_named(&[file.clone()]);
+        let updates = manifests.refresh_with_named(std::slice::from_ref(&file));
         assert_eq!(names(&updates), ["apply s7"]);
         // Written in place and read half-way: cut inside a document, the file is not YAML
         // and stays as it was; cut between documents, the missing ones go until the next
@@ -365,13 +365,17 @@ spec:
         let full = text("10.96.3.7");
         let mid_document = full.find("name: s9}").unwrap();
         fs::write(&file, &full[..mid_document]).unwrap();
-        assert!(manifests.refresh_with_named(&[file.clone()]).is_empty());
+        assert!(
+            manifests
+                .refresh_with_named(std::slice::from_ref(&file))
+                .is_empty()
+        );
         assert_eq!(manifests.problems().len(), 1, "{:?}", manifests.problems());
         let between = full
             .find("---\napiVersion: v1\nkind: Service\nmetadata: {name: s9}")
             .unwrap();
         fs::write(&file, &full[..between]).unwrap();
-        let updates = manifests.refresh_with_named(&[file.clone()]);
+        let updates = manifests.refresh_with_named(std::slice::from_ref(&file));
         assert_eq!(
             updates.len(),
             42,
@@ -380,10 +384,14 @@ spec:
         );
         assert!(manifests.problems().is_empty());
         fs::write(&file, &full).unwrap();
-        let updates = manifests.refresh_with_named(&[file.clone()]);
+        let updates = manifests.refresh_with_named(std::slice::from_ref(&file));
         assert_eq!(updates.len(), 41, "{:?}", names(&updates));
         // A named file is read even when its stamp looks the same.
-        assert!(manifests.refresh_with_named(&[file.clone()]).is_empty());
+        assert!(
+            manifests
+                .refresh_with_named(std::slice::from_ref(&file))
+                .is_empty()
+        );
         // The same objects moved to another file that sorts first: handed out from there.
         fs::write(dir.join("a.yaml"), text("10.96.3.7")).unwrap();
         let updates = manifests.refresh().unwrap().unwrap();
