@@ -190,6 +190,11 @@ async fn run_manifests<M: LbMaps>(
         if !changed {
             return Ok(());
         }
+        debug!(
+            files = only.map_or(0, <[PathBuf]>::len),
+            elapsed_us = queued.elapsed().as_micros(),
+            "manifests read"
+        );
         reconciler.health.queued(queued);
         reconciler.health.set_node_eligible(node.eligible());
         let problems = manifests.problems();

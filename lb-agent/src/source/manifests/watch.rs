@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use notify::{
     Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _,
-    event::{AccessKind, AccessMode},
+    event::{AccessKind, AccessMode, ModifyKind},
 };
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -47,6 +47,11 @@ impl Changed {
             // a write is over when its file is closed.
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
             EventKind::Access(_) => return Self::Nothing,
+            // A write in place (truncate, then write): read when its writer closes the
+            // file, not half-way (an empty file read then would take its Services away
+            // until the write ends). A writer that keeps the file open is seen by the
+            // periodic rescan.
+            EventKind::Modify(ModifyKind::Data(_)) => return Self::Nothing,
             _ => {}
         }
         if event.need_rescan() || event.paths.is_empty() {
@@ -114,7 +119,7 @@ pub fn watch(dir: &Path) -> notify::Result<(DirWatcher, Changes)> {
 
 #[cfg(test)]
 mod tests {
-    use notify::event::{CreateKind, ModifyKind, RenameMode};
+    use notify::event::{CreateKind, RenameMode};
 
     use super::*;
 
@@ -129,7 +134,8 @@ mod tests {
         let write = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
         assert_eq!(
             Changed::of(&event(write, &["/m/a.yaml"])),
-            Changed::Files(vec!["/m/a.yaml".into()])
+            Changed::Nothing,
+            "written in place: read when closed"
         );
         let rename = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
         assert_eq!(
