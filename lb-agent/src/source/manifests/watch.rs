@@ -77,14 +77,23 @@ impl Changed {
 pub struct Changes(mpsc::UnboundedReceiver<Changed>);
 
 impl Changes {
-    /// Waits for a change, then takes every other change already queued with it: what
-    /// arrived while the last one was handled is handled in one go. `None` when the watch
-    /// ended.
+    /// Waits for a change, then takes every other change queued with it or arriving within
+    /// [`SETTLE`] of the last (at most [`MAX_SETTLE`] in all): the steps of one edit (a
+    /// file written, another removed) are handled as one change, and what arrives while
+    /// the last change was handled is handled in one go. `None` when the watch ended.
     pub async fn next(&mut self) -> Option<Changed> {
         loop {
             let mut changed = self.0.recv().await?;
-            while let Ok(more) = self.0.try_recv() {
-                changed.add(more);
+            let deadline = tokio::time::Instant::now() + MAX_SETTLE;
+            loop {
+                while let Ok(more) = self.0.try_recv() {
+                    changed.add(more);
+                }
+                let until = (tokio::time::Instant::now() + SETTLE).min(deadline);
+                match tokio::time::timeout_at(until, self.0.recv()).await {
+                    Ok(Some(more)) => changed.add(more),
+                    Ok(None) | Err(_) => break,
+                }
             }
             if changed != Changed::Nothing {
                 return Some(changed);
@@ -92,6 +101,13 @@ impl Changes {
         }
     }
 }
+
+/// How long a change waits for the next step of the same edit: far below the 5 ms an
+/// endpoint change may take to reach the maps, far above the microseconds between the
+/// steps of one edit.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(1);
+/// The longest a change waits for the edit it belongs to, however busy the directory.
+const MAX_SETTLE: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// Starts watching `dir`. Keep the returned watcher alive for as long as changes are wanted.
 ///
