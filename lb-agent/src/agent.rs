@@ -32,8 +32,6 @@ use crate::{
     state::ClusterState,
 };
 
-/// How long the watcher waits for a burst of file changes to settle.
-const DEBOUNCE: Duration = Duration::from_millis(50);
 /// A full rescan of the manifests this often, in case a watch event was lost (cheap:
 /// unchanged files are not re-read).
 const RESCAN: Duration = Duration::from_secs(10);
@@ -174,41 +172,52 @@ async fn run_manifests<M: LbMaps>(
 ) -> anyhow::Result<()> {
     // Watch before the first read, so a change made in between is not lost.
     let (_watcher, mut changes) =
-        manifests::watch(dir, DEBOUNCE).with_context(|| format!("watching {}", dir.display()))?;
+        manifests::watch(dir).with_context(|| format!("watching {}", dir.display()))?;
     let mut manifests = ManifestDir::new(dir);
     let mut node = ThisNode::new(datapath.config.node_name.clone());
+    // `only`: the files a watch event named (each is read whatever its stamp says: a file
+    // written in place twice within the clock's granularity keeps its length and mtime);
+    // none: every file whose stamp changed.
     let read = |manifests: &mut ManifestDir,
                 node: &mut ThisNode,
-                reconciler: &mut Reconciler<M>|
+                reconciler: &mut Reconciler<M>,
+                only: Option<&[PathBuf]>|
      -> anyhow::Result<()> {
-        let Some(updates) = manifests
-            .refresh()
-            .with_context(|| format!("reading {}", dir.display()))?
-        else {
+        let queued = Instant::now();
+        let changed = manifests
+            .refresh_with(only, |update| update.apply_to(&mut reconciler.state, node))
+            .with_context(|| format!("reading {}", dir.display()))?;
+        if !changed {
             return Ok(());
-        };
-        reconciler.health.queued(Instant::now());
-        for update in updates {
-            update.apply_to(&mut reconciler.state, node);
         }
+        debug!(
+            files = only.map_or(0, <[PathBuf]>::len),
+            elapsed_us = queued.elapsed().as_micros(),
+            "manifests read"
+        );
+        reconciler.health.queued(queued);
         reconciler.health.set_node_eligible(node.eligible());
         let problems = manifests.problems();
         reconciler.source_problems = problems.iter().map(ToString::to_string).collect();
         Ok(())
     };
-    read(&mut manifests, &mut node, reconciler)?;
+    read(&mut manifests, &mut node, reconciler, None)?;
     reconciler
         .sync(Sync::Full, Instant::now())
         .context("initial sync")?;
+    // The files' objects passed through the heap once: hand the pages back.
+    release_free_memory();
     datapath.attach()?;
     let mut health = HealthServers::new(Arc::clone(&reconciler.health));
     reconciler.update_health(&mut health).await;
     let mut rescan = tokio::time::interval(RESCAN);
     let mut stop = Stop::new()?;
     loop {
-        tokio::select! {
-            Some(()) = changes.recv() => {}
-            _ = rescan.tick() => {}
+        // No debounce: a change is handled as soon as it comes, and whatever comes while
+        // it is handled is taken in one go next time round.
+        let changed = tokio::select! {
+            Some(changed) = changes.next() => changed,
+            _ = rescan.tick() => manifests::Changed::Everything,
             () = datapath.node.changed() => {
                 datapath.refresh();
                 // An external IP on a node address may yield to a NodePort, or take it.
@@ -217,9 +226,13 @@ async fn run_manifests<M: LbMaps>(
                 continue;
             }
             () = stop.wait() => return Ok(()),
-        }
+        };
         let started = Instant::now();
-        match read(&mut manifests, &mut node, reconciler) {
+        let only = match &changed {
+            manifests::Changed::Files(files) => Some(files.as_slice()),
+            _ => None,
+        };
+        match read(&mut manifests, &mut node, reconciler, only) {
             Ok(()) => {
                 reconciler.sync_or_log(Sync::Changes, started);
                 reconciler.update_health(&mut health).await;
