@@ -10,27 +10,6 @@ pub enum Protocol {
     Udp,
 }
 
-impl Protocol {
-    /// IANA protocol number, as the maps store it.
-    #[must_use]
-    pub const fn number(self) -> u8 {
-        match self {
-            Self::Tcp => lb_common::PROTO_TCP,
-            Self::Udp => lb_common::PROTO_UDP,
-        }
-    }
-
-    /// The protocol of an IANA number, if the load balancer handles it.
-    #[must_use]
-    pub const fn from_number(number: u8) -> Option<Self> {
-        match number {
-            lb_common::PROTO_TCP => Some(Self::Tcp),
-            lb_common::PROTO_UDP => Some(Self::Udp),
-            _ => None,
-        }
-    }
-}
-
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -46,10 +25,20 @@ pub struct L4Addr {
     pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
-    /// Lookup scope of a frontend (as Cilium's `L3n4Addr.Scope`): `SCOPE_EXTERNAL` for
-    /// every backend and frontend except the in-cluster entry of a frontend with two (an
-    /// `externalTrafficPolicy: Local` Service's NodePort, external or LoadBalancer IP).
-    pub scope: u8,
+    /// Lookup scope of a frontend (as Cilium's `L3n4Addr.Scope`).
+    pub scope: Scope,
+}
+
+/// Which clients a frontend entry is for: [`Scope::External`] for every backend and
+/// frontend except the in-cluster entry of a frontend with two (an
+/// `externalTrafficPolicy: Local` Service's NodePort, external or LoadBalancer IP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Every client (or, for a frontend with two entries, clients outside the cluster).
+    #[default]
+    External,
+    /// Clients inside the cluster, of a frontend with two entries.
+    Internal,
 }
 
 impl L4Addr {
@@ -59,7 +48,7 @@ impl L4Addr {
             address: address.into(),
             port,
             protocol,
-            scope: lb_common::SCOPE_EXTERNAL,
+            scope: Scope::External,
         }
     }
 
@@ -67,7 +56,7 @@ impl L4Addr {
     #[must_use]
     pub const fn internal(self) -> Self {
         Self {
-            scope: lb_common::SCOPE_INTERNAL,
+            scope: Scope::Internal,
             ..self
         }
     }
@@ -75,7 +64,7 @@ impl L4Addr {
     /// Whether this is the in-cluster entry of a frontend with two scopes.
     #[must_use]
     pub const fn is_internal(&self) -> bool {
-        self.scope == lb_common::SCOPE_INTERNAL
+        matches!(self.scope, Scope::Internal)
     }
 }
 
@@ -157,35 +146,6 @@ pub enum FrontendKind {
     NodePort,
 }
 
-impl FrontendKind {
-    /// The `SVC_F_*` flag of the kind.
-    #[must_use]
-    pub const fn flag(self) -> u32 {
-        match self {
-            Self::ClusterIp => lb_common::SVC_F_CLUSTER_IP,
-            Self::ExternalIp => lb_common::SVC_F_EXTERNAL_IP,
-            Self::LoadBalancer => lb_common::SVC_F_LOADBALANCER,
-            Self::NodePort => lb_common::SVC_F_NODEPORT,
-        }
-    }
-
-    /// The kind a flags word names (the lowest kind flag set).
-    #[must_use]
-    pub const fn from_flags(flags: u32) -> Option<Self> {
-        if flags & lb_common::SVC_F_CLUSTER_IP != 0 {
-            Some(Self::ClusterIp)
-        } else if flags & lb_common::SVC_F_EXTERNAL_IP != 0 {
-            Some(Self::ExternalIp)
-        } else if flags & lb_common::SVC_F_LOADBALANCER != 0 {
-            Some(Self::LoadBalancer)
-        } else if flags & lb_common::SVC_F_NODEPORT != 0 {
-            Some(Self::NodePort)
-        } else {
-            None
-        }
-    }
-}
-
 /// The state of an endpoint that receives new connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum EndpointState {
@@ -195,26 +155,6 @@ pub enum EndpointState {
     /// Serving but terminating: takes new connections only because no endpoint of the
     /// Service is ready (kube-proxy's terminating-endpoint fallback).
     Terminating,
-}
-
-impl EndpointState {
-    /// The `BE_F_*` flags of the state.
-    #[must_use]
-    pub const fn flags(self) -> u8 {
-        match self {
-            Self::Ready => 0,
-            Self::Terminating => lb_common::BE_F_TERMINATING,
-        }
-    }
-
-    #[must_use]
-    pub const fn from_flags(flags: u8) -> Self {
-        if flags & lb_common::BE_F_TERMINATING != 0 {
-            Self::Terminating
-        } else {
-            Self::Ready
-        }
-    }
 }
 
 /// A backend as the datapath knows it: where to send, and in which state it was chosen.
@@ -236,17 +176,6 @@ impl Backend {
             state,
             remote: false,
         }
-    }
-
-    /// The `BE_F_*` flags of the backend.
-    #[must_use]
-    pub const fn flags(&self) -> u8 {
-        let remote = if self.remote {
-            lb_common::BE_F_REMOTE
-        } else {
-            0
-        };
-        self.state.flags() | remote
     }
 }
 
@@ -323,35 +252,6 @@ pub struct Frontend {
     pub backends: Vec<Backend>,
     /// What is known of each backend, in the same order.
     pub backend_info: Vec<EndpointInfo>,
-}
-
-impl Frontend {
-    /// The `SVC_F_*` flags of the frontend's master entry. A node-local frontend (the
-    /// external scope) always has an in-cluster twin with every endpoint.
-    #[must_use]
-    pub const fn flags(&self) -> u32 {
-        let local = if self.local_only {
-            lb_common::SVC_F_LOCAL | lb_common::SVC_F_TWO_SCOPES
-        } else {
-            0
-        };
-        let no_local = if self.no_local_endpoints {
-            lb_common::SVC_F_NO_LOCAL
-        } else {
-            0
-        };
-        let affinity = if self.affinity_timeout.is_some() {
-            lb_common::SVC_F_AFFINITY
-        } else {
-            0
-        };
-        let ranges = if self.source_ranges.is_empty() {
-            0
-        } else {
-            lb_common::SVC_F_SOURCE_RANGES
-        };
-        self.kind.flag() | local | no_local | affinity | ranges
-    }
 }
 
 /// A Service's `healthCheckNodePort` (LoadBalancer, `externalTrafficPolicy: Local`): load

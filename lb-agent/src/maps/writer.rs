@@ -472,7 +472,7 @@ impl<M: LbMaps> MapWriter<M> {
         if count < frontend.backends.len() {
             warn!(%address, backends = frontend.backends.len(), "more backends than slots; using the first 65535");
         }
-        let flags = frontend.flags();
+        let flags = super::codec::frontend_flags(frontend);
         let affinity = frontend.affinity_timeout;
         let mut stats = ApplyStats::default();
         let old = match self.frontends.get(&address) {

@@ -577,7 +577,7 @@ fn frontends_on(yaml: &str, node: Option<&str>) -> Vec<String> {
                 "{} {:?} {:#x} -> {}",
                 f.address,
                 f.kind,
-                f.flags(),
+                crate::maps::codec::frontend_flags(f),
                 backends.join(",")
             )
         })
@@ -851,7 +851,10 @@ fn session_affinity_sets_the_flag_and_timeout_on_every_frontend() {
     assert_eq!(translation.frontends.len(), 2);
     for f in translation.frontends.values() {
         assert_eq!(f.affinity_timeout, Some(60), "{}", f.address);
-        assert_ne!(f.flags() & lb_common::SVC_F_AFFINITY, 0);
+        assert_ne!(
+            crate::maps::codec::frontend_flags(f) & lb_common::SVC_F_AFFINITY,
+            0
+        );
     }
     let default = yaml.replace(
         "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
