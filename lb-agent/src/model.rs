@@ -105,24 +105,71 @@ impl fmt::Display for L4Addr {
     }
 }
 
-/// `namespace/name` of a Kubernetes object.
+/// `namespace/name` of a Kubernetes object. Both are shared: a clone costs no allocation,
+/// and namespaces are interned ([`intern`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectRef {
     /// The reference of an object (namespace `default` when unset, as the API server does).
     #[must_use]
     pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+
+    /// `namespace/name`, the namespace interned.
+    #[must_use]
+    pub fn new(namespace: &str, name: &str) -> Self {
         Self {
-            namespace: meta
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_string()),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: intern(namespace),
+            name: Arc::from(name),
         }
+    }
+}
+
+/// The namespace of an object that names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The shared copy of `text`: for the few strings that recur in many objects (namespaces,
+/// node names, zones), so that each is held once however many objects name it.
+#[must_use]
+pub fn intern(text: &str) -> Arc<str> {
+    static STRINGS: std::sync::Mutex<Interned> = std::sync::Mutex::new(Interned {
+        set: None,
+        purge_at: 1024,
+    });
+    let mut strings = STRINGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    strings.get(text)
+}
+
+/// The set behind [`intern`]: strings nothing else holds any more are dropped whenever it
+/// has doubled.
+struct Interned {
+    set: Option<std::collections::HashSet<Arc<str>>>,
+    purge_at: usize,
+}
+
+impl Interned {
+    fn get(&mut self, text: &str) -> Arc<str> {
+        let set = self.set.get_or_insert_default();
+        if let Some(shared) = set.get(text) {
+            return Arc::clone(shared);
+        }
+        if set.len() >= self.purge_at {
+            set.retain(|s| Arc::strong_count(s) > 1);
+            self.purge_at = (2 * set.len()).max(1024);
+        }
+        let shared: Arc<str> = Arc::from(text);
+        set.insert(Arc::clone(&shared));
+        shared
     }
 }
 
@@ -218,11 +265,11 @@ impl fmt::Display for Backend {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EndpointInfo {
     /// The EndpointSlice, or `pod/<name>` when the endpoint was derived from a Pod.
-    pub source: String,
-    /// `nodeName` of the endpoint (or the Pod's `spec.nodeName`).
-    pub node_name: Option<String>,
-    /// `zone` of the endpoint.
-    pub zone: Option<String>,
+    pub source: Arc<str>,
+    /// `nodeName` of the endpoint (or the Pod's `spec.nodeName`), interned.
+    pub node_name: Option<Arc<str>>,
+    /// `zone` of the endpoint, interned.
+    pub zone: Option<Arc<str>>,
 }
 
 /// One Service port on one virtual address, and the backends that serve it.
@@ -246,12 +293,13 @@ pub struct Frontend {
     /// The Service it belongs to.
     pub service: ObjectRef,
     /// `spec.ports[].name` (empty for a single unnamed port).
-    pub port_name: String,
+    pub port_name: Arc<str>,
     /// Backends that take new connections, sorted and without duplicates, all of the
     /// frontend's address family.
     pub backends: Vec<Backend>,
-    /// What is known of each backend, in the same order.
-    pub backend_info: Vec<EndpointInfo>,
+    /// What is known of each backend, in the same order (shared with the validated
+    /// EndpointSlice it came from).
+    pub backend_info: Vec<Arc<EndpointInfo>>,
 }
 
 /// A Service's `healthCheckNodePort` (LoadBalancer, `externalTrafficPolicy: Local`): load

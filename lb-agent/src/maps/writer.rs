@@ -866,7 +866,7 @@ pub struct Refused {
     /// The Service it belongs to.
     pub service: ObjectRef,
     /// `spec.ports[].name` of the frontend.
-    pub port_name: String,
+    pub port_name: std::sync::Arc<str>,
     /// What stood in the way, e.g. `LB4_SERVICES is full (262144 entries): …`.
     pub reason: String,
 }

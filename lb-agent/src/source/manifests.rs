@@ -10,13 +10,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Node, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
-    serde::de::DeserializeOwned,
-};
+use k8s_openapi::serde::de::DeserializeOwned;
 use notify_debouncer_full::{
     DebounceEventResult, Debouncer, RecommendedCache, new_debouncer,
     notify::{RecommendedWatcher, RecursiveMode},
@@ -25,68 +19,22 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::{
-    model::ObjectRef,
-    node::ThisNode,
-    translate::{Problem, Sourced},
-};
-
-/// One object the source understands.
-#[derive(Clone, Debug)]
-pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Pod(Box<Pod>),
-    /// A Node: this node's gives its zone and eligibility, others are kept but unused.
-    Node(Box<Node>),
-}
+pub use super::change::Object;
+use super::change::{Change, Kind};
+use crate::{model::ObjectRef, translate::Problem};
 
 /// Kind, namespace and name: what makes two objects the same object.
-type Identity = (&'static str, String, String);
-
-/// A change of one object, as a re-read directory shows it.
-#[derive(Clone, Debug)]
-pub enum Update {
-    /// The object (new or changed) as the first file in name order defining it has it.
-    Apply { origin: Arc<str>, object: Object },
-    /// No file defines the object any more.
-    Delete { kind: &'static str, id: ObjectRef },
-}
-
-impl Update {
-    /// Applies the change to the model, and to `node` when it is this node's Node.
-    pub fn apply_to(self, state: &mut crate::state::ClusterState, node: &mut ThisNode) {
-        match self {
-            Self::Apply { origin, object } => match object {
-                Object::Service(o) => state.apply_service(Sourced { origin, object: *o }),
-                Object::EndpointSlice(o) => state.apply_slice(Sourced { origin, object: *o }),
-                Object::Pod(o) => state.apply_pod(Sourced { origin, object: *o }),
-                Object::Node(o) => {
-                    node.apply(&o);
-                    state.set_node_zone(node.zone());
-                }
-            },
-            Self::Delete { kind, id } => match kind {
-                "Service" => state.delete_service(&id),
-                "EndpointSlice" => state.delete_slice(&id),
-                "Node" => {
-                    node.delete(&id.name, None);
-                    state.set_node_zone(node.zone());
-                }
-                _ => state.delete_pod(&id),
-            },
-        }
-    }
-}
+type Identity = (Kind, String, String);
 
 impl Object {
     fn identity(&self) -> Identity {
-        let (kind, meta) = match self {
-            Self::Service(o) => ("Service", &o.metadata),
-            Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
-            Self::Pod(o) => ("Pod", &o.metadata),
-            Self::Node(o) => ("Node", &o.metadata),
+        let meta = match self {
+            Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
+            Self::Pod(o) => &o.metadata,
+            Self::Node(o) => &o.metadata,
         };
+        let kind = self.kind();
         let namespace = match self {
             // Cluster-scoped.
             Self::Node(_) => String::new(),
@@ -317,7 +265,7 @@ impl ManifestDir {
     ///
     /// # Errors
     /// When the directory itself cannot be listed.
-    pub fn refresh(&mut self) -> std::io::Result<Option<Vec<Update>>> {
+    pub fn refresh(&mut self) -> std::io::Result<Option<Vec<Change>>> {
         let mut seen = HashSet::new();
         let mut affected: BTreeSet<Identity> = BTreeSet::new();
         let mut changed = false;
@@ -418,7 +366,7 @@ impl ManifestDir {
     }
 
     /// Each affected object as it is now: its first definition, or gone.
-    fn updates(&self, affected: BTreeSet<Identity>) -> Vec<Update> {
+    fn updates(&self, affected: BTreeSet<Identity>) -> Vec<Change> {
         affected
             .into_iter()
             .map(|identity| {
@@ -429,16 +377,13 @@ impl ManifestDir {
                     Some((path, object))
                 });
                 match definition {
-                    Some((path, object)) => Update::Apply {
+                    Some((path, object)) => Change::Apply {
                         origin: Arc::from(path.display().to_string()),
                         object: object.clone(),
                     },
-                    None => Update::Delete {
+                    None => Change::Delete {
                         kind: identity.0,
-                        id: ObjectRef {
-                            namespace: identity.1,
-                            name: identity.2,
-                        },
+                        id: ObjectRef::new(&identity.1, &identity.2),
                     },
                 }
             })
@@ -567,9 +512,9 @@ endpoints: []
         assert_eq!(
             kinds,
             [
-                ("Service", "default".into(), "a".into()),
-                ("Pod", "ns".into(), "p".into()),
-                ("EndpointSlice", "default".into(), "a-1".into()),
+                (Kind::Service, "default".into(), "a".into()),
+                (Kind::Pod, "ns".into(), "p".into()),
+                (Kind::EndpointSlice, "default".into(), "a-1".into()),
             ]
         );
     }
@@ -591,22 +536,21 @@ spec:
         assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
         assert_eq!(
             parsed.objects[1].identity(),
-            ("Node", String::new(), "node-a".into())
+            (Kind::Node, String::new(), "node-a".into())
         );
-        let mut state = crate::state::ClusterState::new(Some("node-a".into()));
-        let mut node = ThisNode::new(Some("node-a".into()));
+        let mut reconciler = crate::reconcile::Reconciler::on_fake_maps(Some("node-a".into()));
         for object in parsed.objects {
             let origin = Arc::from("nodes.yaml");
-            Update::Apply { origin, object }.apply_to(&mut state, &mut node);
+            reconciler.apply(Change::Apply { origin, object });
         }
-        assert_eq!(state.node_zone(), Some("zone-a"));
-        assert!(!node.eligible());
-        let id = ObjectRef {
-            namespace: String::new(),
-            name: "node-a".into(),
-        };
-        Update::Delete { kind: "Node", id }.apply_to(&mut state, &mut node);
-        assert_eq!(state.node_zone(), None);
+        assert_eq!(reconciler.state().node_zone(), Some("zone-a"));
+        assert!(!reconciler.node().eligible());
+        let id = ObjectRef::new("", "node-a");
+        reconciler.apply(Change::Delete {
+            kind: Kind::Node,
+            id,
+        });
+        assert_eq!(reconciler.state().node_zone(), None);
     }
 
     #[test]
@@ -657,16 +601,17 @@ spec:
         fs::write(dir.join(".hidden.yaml"), "not: [yaml").unwrap();
         fs::write(dir.join("notes.txt"), "ignored").unwrap();
         let mut manifests = ManifestDir::new(&dir);
-        let applied = |updates: &[Update]| -> Vec<String> {
+        let applied = |updates: &[Change]| -> Vec<String> {
             updates
                 .iter()
                 .map(|u| match u {
-                    Update::Apply { origin, object } => {
+                    Change::Apply { origin, object } => {
                         let (kind, ns, name) = object.identity();
                         let file = Path::new(&**origin).file_name().unwrap().to_string_lossy();
                         format!("apply {kind} {ns}/{name} from {file}")
                     }
-                    Update::Delete { kind, id } => format!("delete {kind} {id}"),
+                    Change::Delete { kind, id } => format!("delete {kind} {id}"),
+                    Change::Relisting(_) | Change::Relisted(_) => unreachable!(),
                 })
                 .collect()
         };
