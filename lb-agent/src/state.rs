@@ -24,18 +24,15 @@ use crate::{
     small_set::SmallSet,
     source::change::Kind,
     translate::{
-        CheckedService, HEADLESS_LABEL, Problem, SERVICE_NAME_LABEL, ServiceTranslation, Skipped,
-        Sourced, ValidPod, ValidSlice, translate_service, validate_pod, validate_service,
-        validate_slice,
+        CheckedService, HEADLESS_LABEL, Problem, SERVICE_NAME_LABEL, Skipped, Sourced, ValidPod,
+        ValidSlice, translate_service, validate_pod, validate_service, validate_slice,
     },
 };
 
 #[derive(Debug)]
 struct SliceEntry {
-    /// The problems found in it: with the validated form, all that is kept of a slice
-    /// (the raw object is most of the memory at 100k endpoints).
-    problems: Vec<Problem>,
-    /// The Service named by its label, valid or not.
+    /// The Service named by its label, valid or not. (Its problems are in
+    /// `object_problems`.)
     service: Option<ObjectRef>,
     valid: Option<ValidSlice>,
 }
@@ -65,9 +62,9 @@ pub struct ClusterState {
     pods: HashMap<ObjectRef, Option<ValidPod>>,
     /// Problems of invalid slices and pods, by (kind, object).
     object_problems: BTreeMap<(Kind, ObjectRef), Vec<Problem>>,
-    /// The translation of every Service.
-    results: HashMap<ObjectRef, ServiceTranslation>,
-    /// The Services whose translation has problems or skipped parts.
+    /// The frontends every Service translates to.
+    results: HashMap<ObjectRef, Box<[Arc<Frontend>]>>,
+    /// The Services with problems or skipped parts.
     with_problems: BTreeSet<ObjectRef>,
     /// The Services with a `healthCheckNodePort`, and it.
     health_checks: BTreeMap<ObjectRef, HealthCheck>,
@@ -144,10 +141,13 @@ impl ClusterState {
     pub(crate) fn apply_service(&mut self, service: Sourced<Service>) {
         let checked = validate_service(&service);
         drop(service);
-        if self.services.get(&checked.id) == Some(&checked) {
+        let old = self.services.get(&checked.id);
+        if old == Some(&checked) {
             return;
         }
         let id = checked.id.clone();
+        let changed = old.map_or(NONE, findings) != findings(&checked);
+        self.note_problems(&id, changed, findings(&checked) != NONE);
         self.services_by_namespace
             .entry(Arc::clone(&id.namespace))
             .or_default()
@@ -158,7 +158,8 @@ impl ClusterState {
 
     /// Removes a Service.
     pub(crate) fn delete_service(&mut self, id: &ObjectRef) {
-        if self.services.remove(id).is_some() {
+        if let Some(old) = self.services.remove(id) {
+            self.note_problems(id, findings(&old) != NONE, false);
             if let Some(set) = self.services_by_namespace.get_mut(&id.namespace) {
                 set.remove(id);
             }
@@ -166,21 +167,47 @@ impl ClusterState {
         }
     }
 
+    /// Keeps the index of Services with problems, and says when they changed.
+    fn note_problems(&mut self, id: &ObjectRef, changed: bool, has_any: bool) {
+        if changed {
+            self.problems_version += 1;
+        }
+        if has_any {
+            self.with_problems.insert(id.clone());
+        } else {
+            self.with_problems.remove(id);
+        }
+    }
+
     /// Adds or updates an EndpointSlice: it is validated here, and only its compact form
     /// kept.
     pub(crate) fn apply_slice(&mut self, slice: Sourced<EndpointSlice>) {
         let id = ObjectRef::of(&slice.object.metadata);
-        let service = slice_service(&slice.object);
-        let (valid, problems) = validate_slice(&slice);
+        // The Service's own name, shared, when it is known.
+        let service = slice_service(&slice.object).map(|s| {
+            self.services
+                .get_key_value(&s)
+                .map_or(s, |(known, _)| known.clone())
+        });
+        let (valid, problems) = validate_slice(&slice, &id.name);
         drop(slice);
         let valid = valid.map(|(_, valid)| valid);
-        if self.slices.get(&id).is_some_and(|old| {
-            old.service == service && old.valid == valid && old.problems == problems
-        }) {
+        let key = (Kind::EndpointSlice, id);
+        let same_problems = self
+            .object_problems
+            .get(&key)
+            .map_or(problems.is_empty(), |old| *old == problems);
+        let (_, id) = key;
+        if same_problems
+            && self
+                .slices
+                .get(&id)
+                .is_some_and(|old| old.service == service && old.valid == valid)
+        {
             return;
         }
         self.delete_slice(&id);
-        self.set_problems(Kind::EndpointSlice, &id, problems.clone());
+        self.set_problems(Kind::EndpointSlice, &id, problems);
         if let Some(service) = &service {
             self.slices_by_service
                 .entry(service.clone())
@@ -188,14 +215,7 @@ impl ClusterState {
                 .insert(id.clone());
             self.dirty.insert(service.clone());
         }
-        self.slices.insert(
-            id,
-            SliceEntry {
-                problems,
-                service,
-                valid,
-            },
-        );
+        self.slices.insert(id, SliceEntry { service, valid });
     }
 
     /// Removes an EndpointSlice.
@@ -286,27 +306,19 @@ impl ClusterState {
                     },
                 )
             });
-            let old = match new {
-                Some(new) => self.results.insert(id.clone(), new),
-                None => self.results.remove(&id),
-            };
-            let problems =
-                |r: Option<&ServiceTranslation>| r.map(|r| (r.problems.clone(), r.skipped.clone()));
-            if problems(old.as_ref()) != problems(self.results.get(&id)) {
-                self.problems_version += 1;
-            }
-            match self.results.get(&id) {
-                Some(r) if !r.problems.is_empty() || !r.skipped.is_empty() => {
-                    self.with_problems.insert(id.clone())
-                }
-                _ => self.with_problems.remove(&id),
-            };
-            match self.results.get(&id).and_then(|r| r.health_check.clone()) {
+            let new = new.unwrap_or_default();
+            match new.health_check {
                 Some(check) => self.health_checks.insert(id.clone(), check),
                 None => self.health_checks.remove(&id),
             };
-            let old_ips = cluster_ips_of(old.as_ref());
-            let new_ips = cluster_ips_of(self.results.get(&id));
+            let old = if new.frontends.is_empty() {
+                self.results.remove(&id)
+            } else {
+                let frontends = new.frontends.into_boxed_slice();
+                self.results.insert(id.clone(), frontends)
+            };
+            let old_ips = cluster_ips_of(old.as_deref());
+            let new_ips = cluster_ips_of(self.results.get(&id).map(AsRef::as_ref));
             for ip in old_ips.difference(&new_ips) {
                 if let Some(set) = self.cluster_ips.get_mut(ip) {
                     set.remove(&id);
@@ -320,7 +332,7 @@ impl ClusterState {
                 self.cluster_ips.entry(*ip).or_default().insert(id.clone());
                 ips.insert(*ip);
             }
-            for f in old.iter().flat_map(|r| &r.frontends) {
+            for f in old.iter().flat_map(|r| r.iter()) {
                 if let Some(set) = self.contenders.get_mut(&f.address) {
                     set.remove(&id);
                     if set.is_empty() {
@@ -330,7 +342,7 @@ impl ClusterState {
                 }
                 touched.insert(f.address);
             }
-            for f in self.results.get(&id).iter().flat_map(|r| &r.frontends) {
+            for f in self.results.get(&id).iter().flat_map(|r| r.iter()) {
                 self.contenders
                     .entry(f.address)
                     .or_default()
@@ -395,11 +407,7 @@ impl ClusterState {
             return (None, Vec::new());
         };
         let frontend_of = |id: &ObjectRef, address: &L4Addr| {
-            self.results
-                .get(id)?
-                .frontends
-                .iter()
-                .find(|f| f.address == *address)
+            self.results.get(id)?.iter().find(|f| f.address == *address)
         };
         let node_port_owner = |key: &L4Addr| {
             self.contenders
@@ -415,10 +423,9 @@ impl ClusterState {
             node_port_owner: &node_port_owner,
         };
         let port_field = |id: &ObjectRef| {
-            self.results
-                .get(id)
-                .and_then(|r| r.fields.iter().find(|(a, _)| a == address))
-                .map(|(_, field)| field.to_string())
+            frontend_of(id, address)
+                .zip(self.services.get(id))
+                .map(|(frontend, service)| service.frontend_field(frontend))
                 .unwrap_or_default()
         };
         let mut losers = Vec::new();
@@ -427,7 +434,7 @@ impl ClusterState {
             // One Service may want the address twice (an external IP that is also one of
             // its LoadBalancer IPs): each refusal is reported, the first allowed is kept.
             let mut allowed = None;
-            let mine = self.results.get(id).into_iter().flat_map(|r| &r.frontends);
+            let mine = self.results.get(id).into_iter().flat_map(|r| r.iter());
             for frontend in mine.filter(|f| f.address == *address) {
                 match ownership::refusal(frontend, &context) {
                     Some(message) => losers.push(Loser {
@@ -481,8 +488,8 @@ impl ClusterState {
         problems.extend(
             self.with_problems
                 .iter()
-                .filter_map(|id| self.results.get(id))
-                .flat_map(|r| r.problems.iter().cloned()),
+                .filter_map(|id| self.services.get(id))
+                .flat_map(|s| s.problems.iter().cloned()),
         );
         for loser in self.losers.values().flatten() {
             problems.push(Problem {
@@ -540,8 +547,8 @@ impl ClusterState {
         let mut skipped: Vec<Skipped> = self
             .with_problems
             .iter()
-            .filter_map(|id| self.results.get(id))
-            .flat_map(|r| r.skipped.iter().cloned())
+            .filter_map(|id| self.services.get(id))
+            .flat_map(|s| s.skipped.iter().cloned())
             .collect();
         skipped.sort_by(|a, b| (&a.object, &a.reason).cmp(&(&b.object, &b.reason)));
         skipped
@@ -579,13 +586,22 @@ impl ClusterState {
 }
 
 /// The ClusterIPs among a translation's frontends.
-fn cluster_ips_of(result: Option<&ServiceTranslation>) -> BTreeSet<IpAddr> {
-    result
-        .iter()
-        .flat_map(|r| &r.frontends)
+fn cluster_ips_of(frontends: Option<&[Arc<Frontend>]>) -> BTreeSet<IpAddr> {
+    frontends
+        .into_iter()
+        .flatten()
         .filter(|f| f.kind == FrontendKind::ClusterIp)
         .map(|f| f.address.address)
         .collect()
+}
+
+/// A Service's problems and skipped parts.
+type Findings<'a> = (&'a [Problem], &'a [Skipped]);
+
+const NONE: Findings<'static> = (&[], &[]);
+
+fn findings(service: &CheckedService) -> Findings<'_> {
+    (&service.problems, &service.skipped)
 }
 
 /// Removes `address` from the index by IP.

@@ -65,32 +65,19 @@ pub struct Skipped {
 }
 
 /// What one Service translates to, before frontends are checked against other Services.
+/// (Its problems and skipped parts are its [`CheckedService`]'s.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTranslation {
     pub frontends: Vec<Arc<Frontend>>,
-    pub problems: Vec<Problem>,
-    pub skipped: Vec<Skipped>,
-    /// Where each frontend comes from, for a conflict report.
-    pub fields: Vec<(L4Addr, PortField)>,
     /// The Service's `healthCheckNodePort`, when it has one.
     pub health_check: Option<HealthCheck>,
 }
 
-/// The field a frontend comes from: `spec.ports[i]`, or `spec.ports[i].nodePort`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortField {
-    pub index: u16,
-    pub node_port: bool,
-}
-
-impl fmt::Display for PortField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spec.ports[{}]", self.index)?;
-        if self.node_port {
-            f.write_str(".nodePort")?;
-        }
-        Ok(())
-    }
+/// The problems and skipped parts validation finds in one Service.
+#[derive(Default)]
+struct Findings {
+    problems: Vec<Problem>,
+    skipped: Vec<Skipped>,
 }
 
 /// Translates one Service. `slices` is `Some` when the Service has EndpointSlices (then
@@ -105,11 +92,7 @@ pub fn translate_service(
     pods: &[&ValidPod],
     node: NodeTopology<'_>,
 ) -> ServiceTranslation {
-    let mut out = ServiceTranslation {
-        problems: checked.problems.clone(),
-        skipped: checked.skipped.clone(),
-        ..ServiceTranslation::default()
-    };
+    let mut out = ServiceTranslation::default();
     let Some(service) = &checked.valid else {
         return out;
     };
@@ -120,14 +103,10 @@ pub fn translate_service(
             Some(slices) => candidates_from_slices(port, slices),
             None => candidates_from_pods(service, port, pods, node),
         };
-        let field = PortField {
-            index: port.index,
-            node_port: false,
-        };
-        let mut addresses: Vec<(IpAddr, u16, FrontendKind, PortField)> = service
+        let mut addresses: Vec<(IpAddr, u16, FrontendKind)> = service
             .frontend_ips
             .iter()
-            .map(|ip| (ip.ip, port.port, ip.kind, field))
+            .map(|ip| (ip.ip, port.port, ip.kind))
             .collect();
         if let Some(node_port) = port.node_port {
             // One NodePort frontend per family the Service has: any address of the node.
@@ -139,11 +118,7 @@ pub fn translate_service(
                 .collect();
             families.dedup();
             for any in families {
-                let field = PortField {
-                    node_port: true,
-                    ..field
-                };
-                addresses.push((any, node_port, FrontendKind::NodePort, field));
+                addresses.push((any, node_port, FrontendKind::NodePort));
             }
         }
         let policies = Policies {
@@ -151,7 +126,7 @@ pub fn translate_service(
             external_local: service.external_local,
             externally_accessible: addresses
                 .iter()
-                .any(|(_, _, kind, _)| *kind != FrontendKind::ClusterIp),
+                .any(|(_, _, kind)| *kind != FrontendKind::ClusterIp),
         };
         // Endpoints of each family, sorted into kube-proxy's categories once per family.
         let (v4, v6): (Vec<Candidate>, Vec<Candidate>) = candidates
@@ -179,7 +154,7 @@ pub fn translate_service(
                 );
             }
         }
-        for (ip, number, kind, field) in addresses {
+        for (ip, number, kind) in addresses {
             let address = L4Addr::new(ip, number, port.protocol);
             let cats = &categories[usize::from(ip.is_ipv6())];
             let frontend = |address, local_only: bool, endpoints: &[&Candidate]| {
@@ -207,7 +182,6 @@ pub fn translate_service(
                 } else {
                     &cats.cluster
                 };
-                out.fields.push((address, field));
                 out.frontends.push(frontend(address, false, endpoints));
             } else if service.external_local {
                 // Clients inside the cluster (pods, the node's own processes) reaching an
@@ -215,12 +189,9 @@ pub fn translate_service(
                 // them to the cluster endpoints. They look up an in-cluster entry of the
                 // frontend with those.
                 let internal = address.internal();
-                out.fields.push((internal, field));
                 out.frontends.push(frontend(internal, false, &cats.cluster));
-                out.fields.push((address, field));
                 out.frontends.push(frontend(address, true, &cats.local));
             } else {
-                out.fields.push((address, field));
                 out.frontends.push(frontend(address, false, &cats.cluster));
             }
         }
@@ -312,6 +283,17 @@ impl CheckedService {
                 Some(format!("status.loadBalancer.ingress[{}].ip", ip.index))
             }
             FrontendKind::ClusterIp | FrontendKind::NodePort => None,
+        }
+    }
+
+    /// The field a `frontend` of this Service comes from: `spec.ports[i]`, or
+    /// `spec.ports[i].nodePort` for a NodePort.
+    #[must_use]
+    pub fn frontend_field(&self, frontend: &Frontend) -> String {
+        let port = self.port_field(&frontend.port_name);
+        match frontend.kind {
+            FrontendKind::NodePort => port + ".nodePort",
+            _ => port,
         }
     }
 
@@ -428,7 +410,7 @@ impl<'a> Checker<'a> {
 /// Validates a Service into the compact form the translation works on.
 #[must_use]
 pub fn validate_service(sourced: &Sourced<Service>) -> CheckedService {
-    let mut out = ServiceTranslation::default();
+    let mut out = Findings::default();
     let valid = check_service(sourced, &mut out);
     CheckedService {
         origin: Arc::clone(&sourced.origin),
@@ -439,10 +421,10 @@ pub fn validate_service(sourced: &Sourced<Service>) -> CheckedService {
     }
 }
 
-fn check_service(sourced: &Sourced<Service>, out: &mut ServiceTranslation) -> Option<ValidService> {
+fn check_service(sourced: &Sourced<Service>, out: &mut Findings) -> Option<ValidService> {
     let svc = &sourced.object;
     let id = object_ref(&svc.metadata);
-    let skip = |out: &mut ServiceTranslation, reason: &str| {
+    let skip = |out: &mut Findings, reason: &str| {
         out.skipped.push(Skipped {
             object: format!("Service {id}"),
             reason: reason.to_string(),
@@ -822,7 +804,7 @@ fn validate_service_port(
     index: usize,
     port: &ServicePort,
     check: &mut Checker<'_>,
-    out: &mut ServiceTranslation,
+    out: &mut Findings,
     id: &ObjectRef,
 ) -> Option<ValidPort> {
     let field = |name: &str| format!("spec.ports[{index}].{name}");
@@ -1006,6 +988,9 @@ pub fn validate_pod(sourced: &Sourced<Pod>) -> (Option<ValidPod>, Vec<Problem>) 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValidSlice {
     endpoints: Vec<ValidEndpoint>,
+    /// The slice's name, `nodeName` and `zone` of its endpoints: one shared value for all
+    /// endpoints of the slice on the same node.
+    infos: Box<[Arc<EndpointInfo>]>,
     /// (name, number, protocol); ports without a number are left out.
     ports: Vec<(Box<str>, u16, Protocol)>,
 }
@@ -1017,18 +1002,19 @@ struct ValidEndpoint {
     ready: bool,
     serving: bool,
     terminating: bool,
-    /// The slice's name, `nodeName` and `zone`: one shared value for all endpoints of the
-    /// slice on the same node.
-    info: Arc<EndpointInfo>,
+    /// Its entry in the slice's `infos`.
+    info: u32,
     /// `None` when it has none (most endpoints).
     hints: Option<Box<Hints>>,
 }
 
-/// Validates an EndpointSlice; returns the Service it belongs to with it, `None` when it
-/// has no `kubernetes.io/service-name` label or is invalid.
+/// Validates an EndpointSlice (named `name`, shared with its endpoints); returns the
+/// Service it belongs to with it, `None` when it has no `kubernetes.io/service-name` label
+/// or is invalid.
 #[must_use]
 pub fn validate_slice(
     sourced: &Sourced<EndpointSlice>,
+    name: &Arc<str>,
 ) -> (Option<(ObjectRef, ValidSlice)>, Vec<Problem>) {
     let mut problems = Vec::new();
     {
@@ -1051,9 +1037,9 @@ pub fn validate_slice(
         let mut check = Checker::new(&sourced.origin, "EndpointSlice", &slice.metadata);
         let mut valid = ValidSlice {
             endpoints: Vec::new(),
+            infos: Box::default(),
             ports: Vec::new(),
         };
-        let name: Arc<str> = Arc::from(slice.metadata.name.as_deref().unwrap_or_default());
         let mut infos: Vec<Arc<EndpointInfo>> = Vec::new();
         let want_v4 = match slice.address_type.as_str() {
             "IPv4" => true,
@@ -1092,18 +1078,18 @@ pub fn validate_slice(
             let conditions = endpoint.conditions.clone().unwrap_or_default();
             let ready = conditions.ready.unwrap_or(true);
             let info = EndpointInfo {
-                source: Arc::clone(&name),
+                source: Arc::clone(name),
                 node_name: endpoint.node_name.as_deref().map(intern),
                 zone: endpoint.zone.as_deref().map(intern),
             };
-            let info = match infos.iter().find(|i| ***i == info) {
-                Some(shared) => Arc::clone(shared),
+            let info = match infos.iter().position(|i| **i == info) {
+                Some(shared) => shared,
                 None => {
-                    let info = Arc::new(info);
-                    infos.push(Arc::clone(&info));
-                    info
+                    infos.push(Arc::new(info));
+                    infos.len() - 1
                 }
             };
+            let info = u32::try_from(info).unwrap_or(u32::MAX);
             let hints = Hints {
                 zones: endpoint
                     .hints
@@ -1147,6 +1133,7 @@ pub fn validate_slice(
                 protocol,
             ));
         }
+        valid.infos = infos.into_boxed_slice();
         if check.finish(&mut problems) {
             return (Some((service, valid)), problems);
         }
@@ -1173,7 +1160,7 @@ fn candidates_from_slices(port: &ValidPort, slices: &[&ValidSlice]) -> Vec<Candi
                     ready: endpoint.ready,
                     serving: endpoint.serving,
                     terminating: endpoint.terminating,
-                    info: Arc::clone(&endpoint.info),
+                    info: Arc::clone(&slice.infos[endpoint.info as usize]),
                     hints: endpoint.hints.as_deref().cloned().unwrap_or_default(),
                 });
             }
