@@ -69,6 +69,8 @@ pub struct RunConfig {
     pub nodeport_addresses: NodePortAddresses,
     /// The external IPs honoured (none: all).
     pub external_ip_cidrs: ExternalIpCidrs,
+    /// The capacities of the maps that grow with the cluster (`--max-*`).
+    pub capacities: lb_common::MapCapacities,
 }
 
 /// Runs until SIGINT or SIGTERM. On exit the programs stay attached and the maps pinned:
@@ -94,8 +96,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .with_context(|| format!("binding the healthz address {addr}"))?,
         None => Vec::new(),
     };
-    let loader::Loaded { mut ebpf, maps } = loader::load(&config.pin_dir, config.socket_lb)
-        .with_context(|| {
+    let loader::Loaded { mut ebpf, maps } =
+        loader::load(&config.pin_dir, config.socket_lb, &config.capacities).with_context(|| {
             format!(
                 "loading the datapath (pins in {})",
                 config.pin_dir.display()

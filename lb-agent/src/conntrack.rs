@@ -159,7 +159,7 @@ mod tests {
             flags,
             tcp_state: state,
             backend_id: 7,
-            pad: 0,
+            pad: [0; 2],
             created_ns: 1_000_000_000,
             last_seen_ns: 9_000_000_000,
         };

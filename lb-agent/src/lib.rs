@@ -26,5 +26,6 @@ pub mod small_set;
 pub mod source;
 pub mod stale;
 pub mod state;
+pub mod summary;
 pub mod telemetry;
 pub mod translate;

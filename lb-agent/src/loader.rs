@@ -19,7 +19,7 @@ use aya::{
         links::{CgroupAttachMode, FdLink, PinnedLink},
     },
 };
-use lb_common::PINNED_MAPS;
+use lb_common::MapCapacities;
 use tracing::{debug, info, warn};
 
 use crate::maps::bpf::BpfMaps;
@@ -86,7 +86,8 @@ pub enum LoadError {
     Bpffs { path: PathBuf, source: io::Error },
     #[error(
         "pinned map {path} does not match this agent ({found}; expected {expected}); \
-         it was left by an incompatible version: run `lb-agent cleanup` first"
+         it was left by an incompatible version or other --max-* capacities: run \
+         `lb-agent cleanup` first, or start with the capacities it was created with"
     )]
     IncompatiblePin {
         path: PathBuf,
@@ -143,20 +144,30 @@ pub struct Loaded {
     pub maps: BpfMaps,
 }
 
-/// Loads the object, reusing the maps pinned under `pin_dir` (or creating and pinning them).
+/// Loads the object, reusing the maps pinned under `pin_dir` (or creating and pinning them
+/// with `capacities`).
 ///
 /// # Errors
 /// When bpffs is unavailable, a pinned map is incompatible, or the kernel refuses the object.
-pub fn load(pin_dir: &Path, socket_lb: SocketLb) -> Result<Loaded, LoadError> {
+pub fn load(
+    pin_dir: &Path,
+    socket_lb: SocketLb,
+    capacities: &MapCapacities,
+) -> Result<Loaded, LoadError> {
     crate::mounts::ensure_bpffs(pin_dir).map_err(|source| LoadError::Bpffs {
         path: pin_dir.to_path_buf(),
         source,
     })?;
-    check_pinned_maps(pin_dir)?;
+    let specs = capacities.pinned_maps();
+    check_pinned_maps(pin_dir, &specs)?;
     raise_memlock_limit();
     let mut loader = EbpfLoader::new();
-    for spec in PINNED_MAPS {
+    for spec in &specs {
         loader.map_pin_path(spec.name, pin_dir.join(spec.name));
+        loader.map_max_entries(
+            spec.name,
+            u32::try_from(spec.max_entries).unwrap_or(u32::MAX),
+        );
     }
     let host_netns_cookie = match socket_lb {
         SocketLb::HostOnly => netns_cookie().map_err(|source| LoadError::Netns { source })?,
@@ -189,8 +200,8 @@ fn raise_memlock_limit() {
 
 /// Refuses to reuse a pinned map whose shape differs from what this agent's programs expect:
 /// the kernel would accept the programs and they would read garbage.
-fn check_pinned_maps(pin_dir: &Path) -> Result<(), LoadError> {
-    for spec in PINNED_MAPS {
+fn check_pinned_maps(pin_dir: &Path, specs: &[lb_common::MapSpec]) -> Result<(), LoadError> {
+    for spec in specs {
         let path = pin_dir.join(spec.name);
         if !path.exists() {
             continue;

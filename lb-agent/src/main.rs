@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, conntrack, inspect, loader, mounts, ownership, telemetry};
+use lb_agent::{agent, conntrack, inspect, loader, mounts, ownership, summary, telemetry};
 
 /// Node agent of an eBPF Kubernetes service load balancer (a kube-proxy replacement).
 ///
@@ -126,11 +126,16 @@ enum Command {
         pins: PinArgs,
         #[command(flatten)]
         api: ApiArgs,
+        #[command(flatten)]
+        sizes: MapSizeArgs,
     },
     /// List every frontend and its backends, read from the pinned maps (no agent needed).
     Services {
         #[command(flatten)]
         pins: PinArgs,
+        /// Show each map's entries, capacity and kernel memory instead of the frontends.
+        #[arg(long)]
+        summary: bool,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t)]
         output: inspect::OutputFormat,
@@ -179,6 +184,68 @@ impl std::str::FromStr for BindAddress {
     }
 }
 
+/// The capacities of the maps that grow with the cluster. The defaults fit 100,000 Services
+/// × 10 endpoints in one family. Memory is the kernel's, charged to the agent's memory
+/// cgroup: each hash map takes 16 B per entry of capacity (rounded up to a power of two) up
+/// front, and about 80 B more per entry written; conntrack is allocated whole. At the
+/// defaults, empty: 2 × 32 MiB (services maps), 2 × 16 MiB (backends), 21 MiB
+/// (conntrack), 30 MiB (the fixed reverse-NAT, affinity and other maps): 147 MiB in all; `lb-agent services
+/// --summary` shows each map's fill and memory. Changing a capacity needs `lb-agent cleanup`
+/// first (pinned maps keep the size they were created with).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Map capacities")]
+struct MapSizeArgs {
+    /// Frontends per family (a Service's address, port and protocol; two for an
+    /// externalTrafficPolicy: Local frontend). Each services map (one per family) has
+    /// --max-frontends + --max-backend-slots entries; its memory, charged to the agent's
+    /// cgroup: 16 B per entry of capacity, rounded up to a power of two, up front (32 MiB at
+    /// the defaults), and about 80 B per entry written. All maps at the defaults take
+    /// 147 MiB empty; `lb-agent services --summary` shows each map's fill and memory.
+    #[arg(long, env = "LB_MAX_FRONTENDS", value_name = "N",
+          default_value_t = lb_common::MapCapacities::DEFAULT.frontends,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_frontends: u32,
+    /// Backend slots per family: one per endpoint of each frontend (a Service with a
+    /// ClusterIP and a NodePort and 10 endpoints takes 20); memory as --max-frontends.
+    #[arg(long, env = "LB_MAX_BACKEND_SLOTS", value_name = "N",
+          default_value_t = lb_common::MapCapacities::DEFAULT.backend_slots,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_backend_slots: u32,
+    /// Distinct backends (endpoint address, port and protocol) per family: 16 B per entry of
+    /// capacity, rounded up to a power of two, up front (16 MiB per family at the default),
+    /// and about 70 B per backend written.
+    #[arg(long, env = "LB_MAX_BACKENDS", value_name = "N",
+          default_value_t = lb_common::MapCapacities::DEFAULT.backends,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_backends: u32,
+    /// Conntrack entries of the tc datapath, two per flow; the least recently used go
+    /// first when it is full (about 170 B each, allocated up front: 21 MiB at the default).
+    #[arg(long, env = "LB_MAX_CONNTRACK", value_name = "N",
+          default_value_t = lb_common::MapCapacities::DEFAULT.conntrack,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_conntrack: u32,
+}
+
+impl MapSizeArgs {
+    fn capacities(&self) -> anyhow::Result<lb_common::MapCapacities> {
+        if self
+            .max_frontends
+            .checked_add(self.max_backend_slots)
+            .is_none()
+        {
+            anyhow::bail!(
+                "--max-frontends + --max-backend-slots must be below 2^32 (the services map's size)"
+            );
+        }
+        Ok(lb_common::MapCapacities {
+            frontends: self.max_frontends,
+            backend_slots: self.max_backend_slots,
+            backends: self.max_backends,
+            conntrack: self.max_conntrack,
+        })
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct PinArgs {
     /// Directory in a bpf filesystem for the pinned maps and links (bpffs is mounted at
@@ -211,6 +278,7 @@ fn main() -> anyhow::Result<()> {
             nodeport_addresses,
             external_ip_cidrs,
             healthz_bind_address,
+            sizes,
             pins,
             api,
         } => {
@@ -237,6 +305,7 @@ fn main() -> anyhow::Result<()> {
                 pod_devices,
                 nodeport_addresses,
                 external_ip_cidrs: ownership::ExternalIpCidrs(external_ip_cidrs),
+                capacities: sizes.capacities()?,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -248,7 +317,18 @@ fn main() -> anyhow::Result<()> {
             runtime.shutdown_timeout(std::time::Duration::from_millis(500));
             result
         }
-        Command::Services { pins, output, api } => {
+        Command::Services {
+            pins,
+            summary: true,
+            output,
+            ..
+        } => {
+            print!("{}", summary::summary(&pins.bpf_pin_path, output)?);
+            Ok(())
+        }
+        Command::Services {
+            pins, output, api, ..
+        } => {
             print!(
                 "{}",
                 inspect::services(&pins.bpf_pin_path, output, api.api_addr)?

@@ -39,7 +39,7 @@ use crate::maps::codec;
 /// A backend a UDP frontend stopped using: the frontend by its id, the backend by address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StaleBackend {
-    pub rev_nat_id: u16,
+    pub rev_nat_id: lb_common::FrontendId,
     pub backend: SocketAddr,
 }
 
@@ -113,7 +113,7 @@ fn translated_sockets(
     stale: &BTreeSet<StaleBackend>,
 ) -> Result<HashSet<u64>, Error> {
     let mut cookies = HashSet::new();
-    let mut consider = |cookie: u64, backend: SocketAddr, rev_nat_id: u16| {
+    let mut consider = |cookie: u64, backend: SocketAddr, rev_nat_id: lb_common::FrontendId| {
         if stale.contains(&StaleBackend {
             rev_nat_id,
             backend,
@@ -144,7 +144,7 @@ fn delete_flows(pin_dir: &Path, stale: &BTreeSet<StaleBackend>) -> Result<usize,
         };
         (ip, addr.port().to_be())
     };
-    let stale_wire: HashSet<(u16, [u32; 4], u16)> = stale
+    let stale_wire: HashSet<(lb_common::FrontendId, [u32; 4], u16)> = stale
         .iter()
         .map(|s| {
             let (ip, port) = wire(s.backend);

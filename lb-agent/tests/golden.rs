@@ -25,7 +25,7 @@ enum Step {
     Remove(String),
     Restart,
     Capacity(String, usize),
-    FrontendIds(u16),
+    FrontendIds(lb_common::FrontendId),
     Expect(Vec<String>),
 }
 
@@ -83,7 +83,7 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
     let agent = || Reconciler::on_fake_maps(Some("node-a".to_string()));
     let mut reconciler = agent();
     let mut full = true;
-    let mut frontend_ids = u16::MAX;
+    let mut frontend_ids = lb_common::FrontendId::MAX;
     let mut ops_before = 0;
     let mut comparisons = Vec::new();
     let mut actual_blocks = Vec::new();

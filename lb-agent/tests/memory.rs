@@ -20,6 +20,7 @@ use lb_agent::{
     reconcile::{Reconciler, SyncKind},
     source::change::{Change, Object},
 };
+use lb_common::FrontendId;
 
 /// Maps that take every write and hold nothing.
 struct NullMaps;
@@ -43,25 +44,25 @@ impl LbMaps for NullMaps {
     fn backends(&self) -> Result<Vec<(u32, Backend)>> {
         Ok(Vec::new())
     }
-    fn set_affinity_match(&mut self, _: u32, _: u16) -> Result<()> {
+    fn set_affinity_match(&mut self, _: u32, _: FrontendId) -> Result<()> {
         Ok(())
     }
-    fn delete_affinity_match(&mut self, _: u32, _: u16) -> Result<()> {
+    fn delete_affinity_match(&mut self, _: u32, _: FrontendId) -> Result<()> {
         Ok(())
     }
-    fn affinity_matches(&self) -> Result<Vec<(u32, u16)>> {
+    fn affinity_matches(&self) -> Result<Vec<(u32, FrontendId)>> {
         Ok(Vec::new())
     }
-    fn forget_affinity(&mut self, _: &std::collections::BTreeSet<u16>) -> Result<()> {
+    fn forget_affinity(&mut self, _: &std::collections::BTreeSet<FrontendId>) -> Result<()> {
         Ok(())
     }
-    fn set_source_range(&mut self, _: u16, _: ipnet::IpNet) -> Result<()> {
+    fn set_source_range(&mut self, _: FrontendId, _: ipnet::IpNet) -> Result<()> {
         Ok(())
     }
-    fn delete_source_range(&mut self, _: u16, _: ipnet::IpNet) -> Result<()> {
+    fn delete_source_range(&mut self, _: FrontendId, _: ipnet::IpNet) -> Result<()> {
         Ok(())
     }
-    fn source_ranges(&self) -> Result<Vec<(u16, ipnet::IpNet)>> {
+    fn source_ranges(&self) -> Result<Vec<(FrontendId, ipnet::IpNet)>> {
         Ok(Vec::new())
     }
 }

@@ -45,42 +45,94 @@ pub const AFFINITY_MAP: &str = "LB_AFFINITY";
 pub const AFFINITY_MATCH_MAP: &str = "LB_AFFINITY_MATCH";
 /// Name of the map of each LoadBalancer frontend's `loadBalancerSourceRanges`.
 pub const SOURCE_RANGES_MAP: &str = "LB_SOURCE_RANGES";
-/// Every map the agent pins, with its shape.
-pub const PINNED_MAPS: [MapSpec; 14] = [
-    MapSpec::of::<Service4Key, ServiceValue>(
-        SERVICES4_MAP,
-        SERVICES_MAX_ENTRIES,
-        MAP_F_NO_PREALLOC,
-    ),
-    MapSpec::of::<u32, Backend4>(BACKENDS4_MAP, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC),
-    MapSpec::of::<RevNat4Key, RevNat4Value>(REVNAT4_MAP, REVNAT4_MAX_ENTRIES, 0),
-    MapSpec::of::<Service6Key, ServiceValue>(
-        SERVICES6_MAP,
-        SERVICES_MAX_ENTRIES,
-        MAP_F_NO_PREALLOC,
-    ),
-    MapSpec::of::<u32, Backend6>(BACKENDS6_MAP, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC),
-    MapSpec::of::<RevNat6Key, RevNat6Value>(REVNAT6_MAP, REVNAT6_MAX_ENTRIES, 0),
-    MapSpec::of::<CtKey, CtValue>(CT_MAP, CT_MAX_ENTRIES, 0),
-    MapSpec::of::<u32, NodeAddr>(NODE_ADDRS4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
-    MapSpec::of::<[u32; 4], NodeAddr>(NODE_ADDRS6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
-    MapSpec::of::<u32, u32>(DEVICES4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
-    MapSpec::of::<u32, [u32; 4]>(DEVICES6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
-    MapSpec::of::<AffinityKey, AffinityValue>(AFFINITY_MAP, AFFINITY_MAX_ENTRIES, 0),
-    MapSpec::of::<AffinityMatchKey, u32>(
-        AFFINITY_MATCH_MAP,
-        SERVICES_MAX_ENTRIES,
-        MAP_F_NO_PREALLOC,
-    ),
-    // An LPM trie key is the prefix length (a `u32`) followed by the data.
-    MapSpec {
-        name: SOURCE_RANGES_MAP,
-        key_size: 4 + core::mem::size_of::<SourceRange>(),
-        value_size: 4,
-        max_entries: SOURCE_RANGES_MAX_ENTRIES,
-        flags: MAP_F_NO_PREALLOC,
-    },
-];
+/// A frontend's id, its master's `rev_nat_id`: reverse-NAT, conntrack, affinity and
+/// source-range entries name their frontend by it. 32 bits, so ids never run out before
+/// the maps do (Cilium's 16-bit `rev_nat_index` caps a node at 65,535 frontends).
+pub type FrontendId = u32;
+
+/// The capacities of the maps that grow with the cluster, set by the agent's flags. The
+/// programs declare the defaults; the loader sets these before it creates the maps, and a
+/// pinned map is reused only if it was created with the same ones.
+///
+/// Memory (the kernel's own accounting, charged to the agent's memory cgroup): a hash map
+/// allocates 16 B per bucket up front, one bucket per entry rounded up to a power of two
+/// (the services map at the defaults: 2^21 buckets, 32 MiB per family), and then each entry
+/// as it is written (about 64–96 B). LRU maps (conntrack) are allocated whole up front.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCapacities {
+    /// Frontends per family (`--max-frontends`): one master entry in the services map each
+    /// (an address, port and protocol of a Service, two for an `externalTrafficPolicy:
+    /// Local` frontend with its in-cluster entry).
+    pub frontends: u32,
+    /// Backend slots per family (`--max-backend-slots`): one services-map entry per
+    /// endpoint of each frontend.
+    pub backend_slots: u32,
+    /// Distinct backends (address, port, protocol) per family (`--max-backends`).
+    pub backends: u32,
+    /// Conntrack entries of the tc datapath (`--max-conntrack`), two per flow.
+    pub conntrack: u32,
+}
+
+impl MapCapacities {
+    /// Room for 100,000 Services × 10 endpoints in one family with a ClusterIP each, and
+    /// for NodePorts and external addresses beside them: the services map fills its 2^21
+    /// buckets exactly.
+    pub const DEFAULT: Self = Self {
+        frontends: 262_144,
+        backend_slots: 1_835_008,
+        backends: 1_048_576,
+        conntrack: 131_072,
+    };
+
+    /// Entries of each services map: the masters and their slots.
+    #[must_use]
+    pub const fn services_entries(&self) -> usize {
+        self.frontends as usize + self.backend_slots as usize
+    }
+
+    /// Every map the agent pins, with its shape at these capacities.
+    #[must_use]
+    pub const fn pinned_maps(&self) -> [MapSpec; 14] {
+        let services = self.services_entries();
+        let backends = self.backends as usize;
+        [
+            MapSpec::of::<Service4Key, ServiceValue>(SERVICES4_MAP, services, MAP_F_NO_PREALLOC),
+            MapSpec::of::<u32, Backend4>(BACKENDS4_MAP, backends, MAP_F_NO_PREALLOC),
+            MapSpec::of::<RevNat4Key, RevNat4Value>(REVNAT4_MAP, REVNAT4_MAX_ENTRIES, 0),
+            MapSpec::of::<Service6Key, ServiceValue>(SERVICES6_MAP, services, MAP_F_NO_PREALLOC),
+            MapSpec::of::<u32, Backend6>(BACKENDS6_MAP, backends, MAP_F_NO_PREALLOC),
+            MapSpec::of::<RevNat6Key, RevNat6Value>(REVNAT6_MAP, REVNAT6_MAX_ENTRIES, 0),
+            MapSpec::of::<CtKey, CtValue>(CT_MAP, self.conntrack as usize, 0),
+            MapSpec::of::<u32, NodeAddr>(NODE_ADDRS4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+            MapSpec::of::<[u32; 4], NodeAddr>(NODE_ADDRS6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+            MapSpec::of::<u32, u32>(DEVICES4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+            MapSpec::of::<u32, [u32; 4]>(DEVICES6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+            MapSpec::of::<AffinityKey, AffinityValue>(AFFINITY_MAP, AFFINITY_MAX_ENTRIES, 0),
+            MapSpec::of::<AffinityMatchKey, u32>(
+                AFFINITY_MATCH_MAP,
+                AFFINITY_MATCH_MAX_ENTRIES,
+                MAP_F_NO_PREALLOC,
+            ),
+            // An LPM trie key is the prefix length (a `u32`) followed by the data.
+            MapSpec {
+                name: SOURCE_RANGES_MAP,
+                key_size: 4 + core::mem::size_of::<SourceRange>(),
+                value_size: 4,
+                max_entries: SOURCE_RANGES_MAX_ENTRIES,
+                flags: MAP_F_NO_PREALLOC,
+            },
+        ]
+    }
+}
+
+impl Default for MapCapacities {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Every map the agent pins, with its shape at the default capacities.
+pub const PINNED_MAPS: [MapSpec; 14] = MapCapacities::DEFAULT.pinned_maps();
 
 /// The shape of a map as the kernel records it: a pinned map is reused only if it has
 /// exactly this shape (the declarations in `lb-ebpf/src/maps.rs` use the same types and
@@ -110,11 +162,14 @@ impl MapSpec {
     }
 }
 
-/// Capacity of each services map in entries (one per frontend plus one per backend slot):
-/// 10k Services with 10 endpoints each and both families, with room to spare.
-pub const SERVICES_MAX_ENTRIES: usize = 262_144;
-/// Capacity of each backends map (distinct backend address/port/protocol/state).
-pub const BACKENDS_MAX_ENTRIES: usize = 262_144;
+/// Declared capacity of each services map (one entry per frontend plus one per backend
+/// slot): the default [`MapCapacities`]; the loader sets the configured one.
+pub const SERVICES_MAX_ENTRIES: usize = MapCapacities::DEFAULT.services_entries();
+/// Declared capacity of each backends map (distinct backend address/port/protocol).
+pub const BACKENDS_MAX_ENTRIES: usize = MapCapacities::DEFAULT.backends as usize;
+/// Capacity of the affinity-match map: one entry per backend slot of the frontends with
+/// `sessionAffinity: ClientIP` (allocated as written; 4 MiB of buckets).
+pub const AFFINITY_MATCH_MAX_ENTRIES: usize = 262_144;
 /// Capacity of each reverse-NAT map (translated sockets); least recently used entries are
 /// evicted first, so it cannot grow without bound. LRU maps are preallocated: this is
 /// their memory (about 9 MiB for IPv4, 7 MiB for IPv6).
@@ -128,10 +183,10 @@ pub const REVNAT6_MAX_ENTRIES: usize = 65_536;
 /// datapath never pays for an allocation.
 pub const MAP_F_NO_PREALLOC: usize = 1;
 
-/// Capacity of the conntrack map: two entries (original and reply direction) per flow
-/// the tc datapath translates; least recently used entries are evicted first. Preallocated
-/// (LRU): about 20 MiB.
-pub const CT_MAX_ENTRIES: usize = 131_072;
+/// Declared capacity of the conntrack map: two entries (original and reply direction) per
+/// flow the tc datapath translates; least recently used entries are evicted first.
+/// Preallocated (LRU): 21 MiB at the default.
+pub const CT_MAX_ENTRIES: usize = MapCapacities::DEFAULT.conntrack as usize;
 /// Capacity of the session-affinity map: (client, frontend) pairs of Services with
 /// `sessionAffinity: ClientIP` (Cilium's default 64k). Least recently used entries are
 /// evicted first; an evicted client simply picks afresh. Preallocated (LRU): about 5 MiB.
@@ -284,14 +339,16 @@ pub struct ServiceValue {
     /// Backend slot: id of the backend in the backends map. Master: the session-affinity
     /// timeout in seconds with [`SVC_F_AFFINITY`], else 0 (Cilium's union of the two).
     pub backend_id: u32,
+    /// Master: id of this frontend, unique per frontend; reverse-NAT entries carry it so a
+    /// stale entry (of a frontend since deleted) is never used. Backend slot: 0.
+    pub rev_nat_id: FrontendId,
+    /// Master: `SVC_F_*` flags. Backend slot: 0.
+    pub flags: u32,
     /// Master: number of backend slots. 0 means the Service has no endpoints and a connect
     /// to it is refused. Backend slot: 0.
     pub count: u16,
-    /// Master: id of this frontend, unique per frontend; reverse-NAT entries carry it so a
-    /// stale entry (of a frontend since deleted) is never used. Backend slot: 0.
-    pub rev_nat_id: u16,
-    /// Master: `SVC_F_*` flags. Backend slot: 0.
-    pub flags: u32,
+    /// Explicit padding, always zero.
+    pub pad: u16,
 }
 
 /// Value of the IPv4 backends map, keyed by a `u32` backend id (never 0).
@@ -344,8 +401,10 @@ pub struct RevNat4Value {
     pub address: u32,
     /// Frontend port, network byte order.
     pub port: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
     /// The frontend's `rev_nat_id` when the entry was made.
-    pub rev_nat_id: u16,
+    pub rev_nat_id: FrontendId,
 }
 
 /// Key of the IPv6 reverse-NAT map.
@@ -370,8 +429,10 @@ pub struct RevNat6Value {
     pub address: [u32; 4],
     /// Frontend port, network byte order.
     pub port: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
     /// The frontend's `rev_nat_id` when the entry was made.
-    pub rev_nat_id: u16,
+    pub rev_nat_id: FrontendId,
 }
 
 /// [`AffinityKey::client_kind`]: the client is a network namespace, by its cookie
@@ -390,11 +451,11 @@ pub struct AffinityKey {
     /// The client: an address, or a network-namespace cookie (see `client_kind`).
     pub client: [u32; 4],
     /// The frontend (its master's `rev_nat_id`).
-    pub rev_nat_id: u16,
+    pub rev_nat_id: FrontendId,
     /// [`AFFINITY_CLIENT_NETNS`] or [`AFFINITY_CLIENT_ADDR`].
     pub client_kind: u8,
     /// Explicit padding, always zero.
-    pub pad: u8,
+    pub pad: [u8; 3],
 }
 
 /// Value of the session-affinity map.
@@ -420,9 +481,7 @@ pub struct AffinityMatchKey {
     /// A backend of the frontend.
     pub backend_id: u32,
     /// The frontend's `rev_nat_id`.
-    pub rev_nat_id: u16,
-    /// Explicit padding, always zero.
-    pub pad: u16,
+    pub rev_nat_id: FrontendId,
 }
 
 /// The data of a source-range (LPM trie) key, after its prefix length: the frontend, then
@@ -431,10 +490,8 @@ pub struct AffinityMatchKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRange {
-    /// The frontend's `rev_nat_id`, network byte order.
-    pub rev_nat_id: u16,
-    /// Explicit padding, always zero.
-    pub pad: u16,
+    /// The frontend's `rev_nat_id`, network byte order (the trie compares bytes).
+    pub rev_nat_id: FrontendId,
     /// The range's address as four network-order words (IPv4-mapped for IPv4).
     pub addr: [u32; 4],
 }
@@ -488,15 +545,15 @@ pub struct CtValue {
     /// SNAT port (original) or client port (reply), network byte order.
     pub snat_port: u16,
     /// `rev_nat_id` of the frontend when the flow was created.
-    pub rev_nat_id: u16,
+    pub rev_nat_id: FrontendId,
+    /// Backend id chosen for the flow (so a removed backend's flows can be recognised).
+    pub backend_id: u32,
     /// `CT_F_*` flags.
     pub flags: u8,
     /// `CT_TCP_*` bits seen so far (shared meaning in both directions' entries).
     pub tcp_state: u8,
-    /// Backend id chosen for the flow (so a removed backend's flows can be recognised).
-    pub backend_id: u32,
     /// Explicit padding, always zero.
-    pub pad: u32,
+    pub pad: [u8; 2],
     /// `bpf_ktime_get_ns` when the flow was created.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns` of the last packet of this direction.
@@ -605,23 +662,30 @@ impl ServiceKey for Service6Key {
 impl ServiceValue {
     /// A master entry with `count` backend slots.
     #[must_use]
-    pub const fn master(count: u16, rev_nat_id: u16, flags: u32) -> Self {
+    pub const fn master(count: u16, rev_nat_id: FrontendId, flags: u32) -> Self {
         Self {
             backend_id: 0,
-            count,
             rev_nat_id,
             flags,
+            count,
+            pad: 0,
         }
     }
 
     /// A master entry of a frontend with session affinity held for `timeout_s` seconds.
     #[must_use]
-    pub const fn affinity_master(count: u16, rev_nat_id: u16, flags: u32, timeout_s: u32) -> Self {
+    pub const fn affinity_master(
+        count: u16,
+        rev_nat_id: FrontendId,
+        flags: u32,
+        timeout_s: u32,
+    ) -> Self {
         Self {
             backend_id: timeout_s,
-            count,
             rev_nat_id,
             flags,
+            count,
+            pad: 0,
         }
     }
 
@@ -630,9 +694,10 @@ impl ServiceValue {
     pub const fn slot(backend_id: u32) -> Self {
         Self {
             backend_id,
-            count: 0,
             rev_nat_id: 0,
             flags: 0,
+            count: 0,
+            pad: 0,
         }
     }
 }
@@ -658,17 +723,17 @@ pub const fn to_v4_mapped(address: u32) -> [u32; 4] {
 // change here must be deliberate.
 const _: () = assert!(core::mem::size_of::<Service4Key>() == 12);
 const _: () = assert!(core::mem::size_of::<Service6Key>() == 24);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 12);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
 const _: () = assert!(core::mem::size_of::<RevNat4Key>() == 16);
-const _: () = assert!(core::mem::size_of::<RevNat4Value>() == 8);
+const _: () = assert!(core::mem::size_of::<RevNat4Value>() == 12);
 const _: () = assert!(core::mem::size_of::<RevNat6Key>() == 32);
-const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 20);
+const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
 const _: () = assert!(core::mem::size_of::<NodeAddr>() == 8);
-const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SourceRange>() == 20);

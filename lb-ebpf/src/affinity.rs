@@ -3,7 +3,7 @@
 //! timeout passes between them, and while the backend still serves the frontend (the
 //! agent's affinity-match entries say so). Otherwise it picks afresh and is remembered.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{AffinityKey, AffinityMatchKey, AffinityValue, ServiceValue};
+use lb_common::{AffinityKey, AffinityMatchKey, AffinityValue, FrontendId, ServiceValue};
 
 use crate::{
     maps::{LB_AFFINITY, LB_AFFINITY_MATCH},
@@ -21,7 +21,7 @@ pub enum Client {
 
 /// The affinity key of `client` for the frontend `rev_nat_id`.
 #[inline(always)]
-pub fn key(client: Client, rev_nat_id: u16) -> AffinityKey {
+pub fn key(client: Client, rev_nat_id: FrontendId) -> AffinityKey {
     let (client, client_kind) = match client {
         Client::Netns(cookie) => (
             [cookie as u32, (cookie >> 32) as u32, 0, 0],
@@ -33,7 +33,7 @@ pub fn key(client: Client, rev_nat_id: u16) -> AffinityKey {
         client,
         rev_nat_id,
         client_kind,
-        pad: 0,
+        pad: [0; 3],
     }
 }
 
@@ -65,7 +65,6 @@ pub fn recall<B: Copy>(
     let serves = AffinityMatchKey {
         backend_id,
         rev_nat_id: key.rev_nat_id,
-        pad: 0,
     };
     // SAFETY: presence only.
     unsafe { LB_AFFINITY_MATCH.get(serves) }?;

@@ -1,8 +1,8 @@
 //! The two address families behind one interface, so the socket translation is written
 //! once: each family has its own key and backend types and its own maps.
 use lb_common::{
-    Backend4, Backend6, HAIRPIN4, HAIRPIN6, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value,
-    Service4Key, Service6Key, ServiceKey, to_v4_mapped,
+    Backend4, Backend6, FrontendId, HAIRPIN4, HAIRPIN6, RevNat4Key, RevNat4Value, RevNat6Key,
+    RevNat6Value, Service4Key, Service6Key, ServiceKey, to_v4_mapped,
 };
 
 use crate::{
@@ -46,10 +46,10 @@ pub trait Family {
         cookie: u64,
         backend: (Self::Addr, u16),
         frontend: (Self::Addr, u16),
-        rev_nat_id: u16,
+        rev_nat_id: FrontendId,
     );
     /// What socket `cookie` dialled to reach `backend`: (frontend address, port, frontend id).
-    fn recall(cookie: u64, backend: (Self::Addr, u16)) -> Option<(Self::Addr, u16, u16)>;
+    fn recall(cookie: u64, backend: (Self::Addr, u16)) -> Option<(Self::Addr, u16, FrontendId)>;
     /// Forgets the record of socket `cookie` talking to `backend`.
     fn forget(cookie: u64, backend: (Self::Addr, u16));
 
@@ -135,7 +135,7 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn remember(cookie: u64, backend: (u32, u16), frontend: (u32, u16), rev_nat_id: u16) {
+    fn remember(cookie: u64, backend: (u32, u16), frontend: (u32, u16), rev_nat_id: FrontendId) {
         let key = RevNat4Key {
             cookie,
             address: backend.0,
@@ -145,6 +145,7 @@ impl Family for V4 {
         let value = RevNat4Value {
             address: frontend.0,
             port: frontend.1,
+            pad: 0,
             rev_nat_id,
         };
         // A failed insert only costs the reverse view (getpeername/recvmsg): go on.
@@ -152,7 +153,7 @@ impl Family for V4 {
     }
 
     #[inline(always)]
-    fn recall(cookie: u64, backend: (u32, u16)) -> Option<(u32, u16, u16)> {
+    fn recall(cookie: u64, backend: (u32, u16)) -> Option<(u32, u16, FrontendId)> {
         let key = RevNat4Key {
             cookie,
             address: backend.0,
@@ -245,7 +246,12 @@ impl Family for V6 {
     }
 
     #[inline(always)]
-    fn remember(cookie: u64, backend: ([u32; 4], u16), frontend: ([u32; 4], u16), rev_nat_id: u16) {
+    fn remember(
+        cookie: u64,
+        backend: ([u32; 4], u16),
+        frontend: ([u32; 4], u16),
+        rev_nat_id: FrontendId,
+    ) {
         let key = RevNat6Key {
             cookie,
             address: backend.0,
@@ -255,13 +261,14 @@ impl Family for V6 {
         let value = RevNat6Value {
             address: frontend.0,
             port: frontend.1,
+            pad: 0,
             rev_nat_id,
         };
         let _ = LB6_REVNAT.insert(key, value, 0);
     }
 
     #[inline(always)]
-    fn recall(cookie: u64, backend: ([u32; 4], u16)) -> Option<([u32; 4], u16, u16)> {
+    fn recall(cookie: u64, backend: ([u32; 4], u16)) -> Option<([u32; 4], u16, FrontendId)> {
         let key = RevNat6Key {
             cookie,
             address: backend.0,

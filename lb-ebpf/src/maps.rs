@@ -5,11 +5,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS_MAX_ENTRIES,
-    Backend4, Backend6, CT_MAX_ENTRIES, CtKey, CtValue, MAP_F_NO_PREALLOC, NODE_ADDRS_MAX_ENTRIES,
-    NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key,
-    RevNat6Value, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key,
-    ServiceValue, SourceRange,
+    AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
+    BACKENDS_MAX_ENTRIES, Backend4, Backend6, CT_MAX_ENTRIES, CtKey, CtValue, MAP_F_NO_PREALLOC,
+    NODE_ADDRS_MAX_ENTRIES, NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key,
+    RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+    Service4Key, Service6Key, ServiceValue, SourceRange,
 };
 
 /// IPv4 frontends and their backend slots (see `lb_common::maps`).
@@ -80,7 +80,7 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, AffinityValue, AFFINITY_MAX_ENTR
 pub static LB_AFFINITY_MATCH: HashMap<
     AffinityMatchKey,
     u32,
-    SERVICES_MAX_ENTRIES,
+    AFFINITY_MATCH_MAX_ENTRIES,
     MAP_F_NO_PREALLOC,
 > = HashMap::new();
 

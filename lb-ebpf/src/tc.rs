@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CtValue, SNAT_PORT_COUNT, SNAT_PORT_MIN,
-    SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
+    BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CtValue, FrontendId, SNAT_PORT_COUNT,
+    SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
 };
 
 use crate::{
@@ -283,7 +283,7 @@ fn new_flow<F: Family>(
     orig.flags = if snat { CT_F_SNAT } else { 0 };
     orig.tcp_state = 0;
     orig.backend_id = backend_id;
-    orig.pad = 0;
+    orig.pad = [0; 2];
     orig.created_ns = now;
     orig.last_seen_ns = now;
     Ok(Some(slot))
@@ -410,12 +410,11 @@ fn snat_address<F: Family>(ctx: &TcContext, packet: &Packet) -> [u32; 4] {
 /// Whether `saddr` (wire form) is inside one of the `loadBalancerSourceRanges` of the
 /// frontend `rev_nat_id`.
 #[inline(always)]
-fn source_allowed(rev_nat_id: u16, saddr: &[u32; 4]) -> bool {
+fn source_allowed(rev_nat_id: FrontendId, saddr: &[u32; 4]) -> bool {
     let key = Key::new(
         32 + 128,
         SourceRange {
             rev_nat_id: rev_nat_id.to_be(),
-            pad: 0,
             addr: *saddr,
         },
     );

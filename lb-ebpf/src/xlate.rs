@@ -3,8 +3,8 @@
 use aya_ebpf::{EbpfContext, btf_maps::HashMap, helpers::bpf_get_prandom_u32};
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC, SCOPE_INTERNAL, SERVICES_MAX_ENTRIES, SVC_F_AFFINITY,
-    SVC_F_NO_LOCAL, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
+    BACKENDS_MAX_ENTRIES, FrontendId, MAP_F_NO_PREALLOC, SCOPE_INTERNAL, SERVICES_MAX_ENTRIES,
+    SVC_F_AFFINITY, SVC_F_NO_LOCAL, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
 };
 
 use crate::affinity::{self, Client};
@@ -22,7 +22,7 @@ pub enum Forward<B> {
     /// none that its Local traffic policy lets this node use (kube-proxy drops those).
     NoBackends { drop: bool },
     /// Translate to `backend`; `rev_nat_id` identifies the frontend for the reverse path.
-    To { backend: B, rev_nat_id: u16 },
+    To { backend: B, rev_nat_id: FrontendId },
 }
 
 /// Who is asking: clients outside the cluster get a frontend's external scope, clients
@@ -156,7 +156,7 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
 pub fn frontend_is_current<K: ServiceKey>(
     services: &Services<K>,
     master_key: &K,
-    rev_nat_id: u16,
+    rev_nat_id: FrontendId,
 ) -> bool {
     master(services, master_key, Scope::Internal).is_some_and(|(_, m)| m.rev_nat_id == rev_nat_id)
 }

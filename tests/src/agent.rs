@@ -57,7 +57,7 @@ pub struct Frontend {
     #[serde(default)]
     pub count: u16,
     #[serde(default)]
-    pub rev_nat_id: u16,
+    pub rev_nat_id: u32,
     /// `SVC_F_*` flags of the master entry.
     #[serde(default)]
     pub flags: u32,
@@ -351,6 +351,25 @@ impl Agent {
         let out = cmd::run(&mut command, SERVICES_TIMEOUT);
         drop(netns);
         out
+    }
+
+    /// `lb-agent services --summary --output json`: each pinned map's `name`, `entries`,
+    /// `capacity` and `memory_bytes`.
+    pub fn map_summary(&self) -> Result<Vec<serde_json::Value>, String> {
+        let mut command = Command::new(&self.bin);
+        command
+            .args([
+                "services",
+                "--summary",
+                "--output",
+                "json",
+                "--bpf-pin-path",
+            ])
+            .arg(&self.config.pin_path);
+        let netns = self.enter_netns(&mut command);
+        let out = cmd::run(&mut command, SERVICES_TIMEOUT);
+        drop(netns);
+        serde_json::from_str(&out?).map_err(|e| format!("services --summary: {e}"))
     }
 
     /// [`Agent::services_output`] as JSON.

@@ -119,7 +119,7 @@ fn services_with_the_api_name_service_port_and_endpoint_sources() {
         assert_eq!(b.zone, None, "pods have no zone: {frontend:#?}");
         assert_eq!(b.family.as_deref(), Some(family));
     }
-    let ids: BTreeSet<u16> = listed.iter().map(|f| f.rev_nat_id).collect();
+    let ids: BTreeSet<u32> = listed.iter().map(|f| f.rev_nat_id).collect();
     assert_eq!(ids.len(), 3, "a reverse-NAT id per frontend: {listed:#?}");
     assert!(!ids.contains(&0), "{listed:#?}");
 

@@ -2,11 +2,14 @@
 //! kube-proxy's iptables and nftables layouts, on network namespaces, over a sweep of Service
 //! counts.
 //!
-//! For each size (N Services × E endpoints) every variant programs the same Services from
-//! nothing (timed, stopped at a cap; not the tc LB's agent, the socket LB's control plane once
-//! more), then the data-path workloads run round-robin over the variants for several rounds (so
+//! First the agent with no Service is measured (its memory is the baseline of the per-Service
+//! figures). For each size (N Services × E endpoints) every variant programs the same Services
+//! from nothing (timed, stopped at a cap; not the tc LB's agent, the socket LB's control plane
+//! once more; a size the agent reports it cannot fit is "over map capacity" in its own words),
+//! then the data-path workloads run round-robin over the variants for several rounds (so
 //! drift hits every variant alike), then one Service's endpoint change is timed, and the
-//! agent's memory is read. The results go to `docs/benchmarks.md` with
+//! agent's memory is read. Last, `lb-watch-bench` measures the agent on a (fake) API server at
+//! the largest size. The results go to `docs/benchmarks.md` with
 //! SVG plots in `docs/bench/` (`--quick`: N ∈ {1, 100}, short runs, `target/bench-quick/`).
 //! [`lab::Lab`] owns everything created (all named `lbbench…`) and removes it on success, error
 //! and Ctrl-C.
@@ -23,7 +26,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
@@ -33,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use self::agent::Agent;
 use self::kubeproxy::IptablesBackend;
 use self::lab::{Lab, Paths};
-use self::results::{ConfigResult, Run, Summary, Variant, Workload};
+use self::results::{ApiResult, ConfigResult, EmptyAgent, Run, Summary, Variant, Workload};
 use self::scenario::{Proto, Scenario};
 use crate::{cmd, host, install};
 
@@ -78,6 +81,17 @@ pub struct Args {
     /// Concurrent client workers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Services of the run on the (fake) API server, with the most endpoints of --endpoints;
+    /// 0 leaves it out [default: the most of --services].
+    #[arg(long, value_name = "N")]
+    api_services: Option<usize>,
+    /// EndpointSlice changes timed on the API server [default: 200; --quick: 20].
+    #[arg(long, value_name = "N")]
+    api_events: Option<u32>,
+    /// Endpoint changes of the socket LB timed at each size (manifests) [default: 100;
+    /// --quick: 10]; kube-proxy's layouts take 3 (2 with --quick).
+    #[arg(long, value_name = "N")]
+    agent_changes: Option<u32>,
     /// iptables backends to compare (legacy, nft).
     #[arg(long, value_delimiter = ',', default_values = ["legacy"], value_parser = ["legacy", "nft"])]
     iptables: Vec<String>,
@@ -99,6 +113,16 @@ pub struct Settings {
     pub other_ms: u64,
     pub workers: usize,
     pub changes: u32,
+    /// Endpoint changes timed through the socket LB's manifests.
+    #[serde(default)]
+    pub agent_changes: u32,
+    /// The run on the API server: Services (0: none), endpoints, changes.
+    #[serde(default)]
+    pub api_services: usize,
+    #[serde(default)]
+    pub api_endpoints: usize,
+    #[serde(default)]
+    pub api_events: u32,
     pub variants: Vec<Variant>,
     pub profile: String,
 }
@@ -136,7 +160,15 @@ impl Settings {
             variants.push(Variant::IptablesNft);
         }
         variants.push(Variant::Nftables);
+        let largest = |sizes: &[usize]| sizes.iter().copied().max().unwrap_or(0);
         Ok(Self {
+            agent_changes: args
+                .agent_changes
+                .unwrap_or(if quick { 10 } else { 100 })
+                .max(1),
+            api_services: args.api_services.unwrap_or_else(|| largest(&services)),
+            api_endpoints: largest(&endpoints),
+            api_events: args.api_events.unwrap_or(if quick { 20 } else { 200 }),
             quick,
             services,
             endpoints,
@@ -170,6 +202,12 @@ pub struct Outcome {
     pub settings: Settings,
     pub machine: report::Machine,
     pub configs: Vec<ConfigResult>,
+    /// The agent holding no Service (manifests source).
+    #[serde(default)]
+    pub empty_agent: Option<EmptyAgent>,
+    /// The agent on the (fake) API server.
+    #[serde(default)]
+    pub api: Option<ApiResult>,
     pub wall_s: f64,
 }
 
@@ -210,16 +248,25 @@ pub fn run(args: &Args) -> Result<()> {
         eprintln!("logs stay in {}", Paths::logs().display());
     }
     let configs = std::mem::take(&mut bench.results);
+    let empty_agent = bench.empty_agent.take();
     drop(bench);
     drop(lab);
     if result.is_ok() {
         // The logs are kept only when something went wrong.
         lab::remove_run_dir();
     }
+    // On its own namespaces, after the lab is gone: one agent on the machine at a time.
+    let mut api = None;
+    let result = result.and_then(|()| {
+        api = run_api_bench(&settings, &bin_dir)?;
+        Ok(())
+    });
     let outcome = Outcome {
         settings,
         machine,
         configs,
+        empty_agent,
+        api,
         wall_s: started.elapsed().as_secs_f64(),
     };
     save_raw(&outcome)?;
@@ -233,22 +280,72 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `lb-agent` and `lb-loadgen`, release for the full run (debug for --quick, which only keeps
-/// the bench working); returns their directory.
+/// `lb-agent`, `lb-loadgen` and `lb-watch-bench`, release for the full run (debug for --quick,
+/// which only keeps the bench working); returns their directory.
 fn build_binaries(settings: &Settings) -> Result<PathBuf> {
-    let mut build = cmd::cargo();
-    build.args(["build", "-p", "lb-agent", "-p", "loadgen", "--bins"]);
-    if settings.profile == "release" {
-        build.arg("--release");
+    let mut builds: Vec<&[&str]> = vec![&["-p", "lb-agent", "-p", "loadgen", "--bins"]];
+    if settings.api_services > 0 {
+        // Its own build: together, cargo would unify features and rebuild the agent.
+        builds.push(&["-p", "lb-tests", "--bin", "lb-watch-bench"]);
     }
-    println!("==> {}", cmd::describe(&build));
-    cmd::run(&mut build)?;
+    for packages in builds {
+        let mut build = cmd::cargo();
+        build.arg("build").args(packages);
+        if settings.profile == "release" {
+            build.arg("--release");
+        }
+        println!("==> {}", cmd::describe(&build));
+        cmd::run(&mut build)?;
+    }
     let profile = if settings.profile == "release" {
         "release"
     } else {
         "debug"
     };
     Ok(crate::target_dir().join(profile))
+}
+
+/// The agent on the (fake) API server at `settings.api_services` × `api_endpoints`:
+/// `lb-watch-bench --json` (tests crate) in namespaces of its own, bounded in time.
+fn run_api_bench(settings: &Settings, bin_dir: &Path) -> Result<Option<ApiResult>> {
+    if settings.api_services == 0 {
+        return Ok(None);
+    }
+    let (services, endpoints) = (settings.api_services, settings.api_endpoints);
+    println!("==> the agent on the API server: {services} Services × {endpoints} endpoints");
+    let mut command = Command::new(bin_dir.join("lb-watch-bench"));
+    command
+        .args(["--json", "--services", &services.to_string()])
+        .args(["--endpoints", &endpoints.to_string()])
+        .args(["--events", &settings.api_events.to_string()])
+        .args(["--sync-timeout", &settings.cap_s.to_string()])
+        .env("LB_AGENT_BIN", bin_dir.join("lb-agent"))
+        .env("NO_COLOR", "1");
+    // Listing the objects into the fake API server, the empty agent, the sync under the cap,
+    // then each event within 10 s.
+    let limit = Duration::from_secs(180 + 2 * settings.cap_s + 10 * u64::from(settings.api_events));
+    let line = cmd::describe(&command);
+    let Bounded::Finished { stdout, took } = bounded(command, None, limit)? else {
+        bail!("`{line}` did not finish within {limit:?}");
+    };
+    let result: ApiResult = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("`{line}` printed {stdout:?}"))?;
+    let p99 = |values: &[u64]| {
+        let values: Vec<f64> = values.iter().map(|&us| us as f64).collect();
+        results::percentile(&values, 99).unwrap_or(0.0) / 1e3
+    };
+    println!(
+        "   in {:.0} s: synced in {:.2} s, event → map p99 {:.2} ms, {:.0} B of RSS per Service",
+        took.as_secs_f64(),
+        result.sync_s,
+        p99(&result.event_us),
+        results::per_service(
+            result.rss_after_kib * 1024,
+            result.rss_empty_kib * 1024,
+            services
+        )
+    );
+    Ok(Some(result))
 }
 
 /// Where the raw results of a run go: next to the build output, not in docs/.
@@ -282,6 +379,8 @@ struct Bench<'a> {
     /// Variants stopped at (services, endpoints), and why: they are skipped at every size at
     /// least as large.
     stopped: Vec<(Variant, usize, usize, String)>,
+    /// The agent with no Service, measured by `set_up`.
+    empty_agent: Option<EmptyAgent>,
     started: Instant,
 }
 
@@ -296,6 +395,7 @@ impl<'a> Bench<'a> {
             results: Vec::new(),
             tc_device: None,
             stopped: Vec::new(),
+            empty_agent: None,
             started: Instant::now(),
         }
     }
@@ -340,7 +440,35 @@ impl<'a> Bench<'a> {
             lab::sysctl_in(netns, "net.ipv4.ip_local_port_range", "1024 65535")?;
         }
         lab::enable_forwarding()?;
-        lab::enable_bpf_stats()
+        lab::enable_bpf_stats()?;
+        self.measure_empty_agent()
+    }
+
+    /// The socket LB's agent on an empty manifests directory: its RSS and map memory once
+    /// ready (idle bucket arrays and preallocated maps included), the baseline the
+    /// per-Service figures are taken from.
+    fn measure_empty_agent(&mut self) -> Result<()> {
+        let dir = Paths::run_dir().join("empty");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let agent = Agent::start_socket(self.lab, &dir)?;
+        agent
+            .wait_ready(self.lab, Duration::from_secs(60))?
+            .context("the agent with no Service was not ready within 60 s")?;
+        check_agent_log(&agent)?;
+        // Let it settle (it hands its free heap back after attaching).
+        std::thread::sleep(Duration::from_millis(500));
+        let rss_kib = agent.rss_kib().context("no RSS for the empty agent")?;
+        let maps = agent::pinned_maps(Path::new(lab::PIN_DIR))?;
+        self.lab.stop(agent.name())?;
+        lab::remove_all_pins(self.paths());
+        let empty = EmptyAgent { rss_kib, maps };
+        self.say(&format!(
+            "   the agent with no Service: RSS {rss_kib} KiB, BPF maps {:.1} MiB",
+            empty.map_bytes() as f64 / 1048576.0
+        ));
+        self.empty_agent = Some(empty);
+        Ok(())
     }
 
     fn wait_listening(&self, name: &str) -> Result<()> {
@@ -395,9 +523,6 @@ impl<'a> Bench<'a> {
                 format!("stopped at {n} × {e}: {why}")
             });
         }
-        if variant.runs_bpf() {
-            return agent_capacity(scenario);
-        }
         None
     }
 
@@ -426,7 +551,7 @@ impl<'a> Bench<'a> {
                     }
                     active.push(variant);
                 }
-                Programming::OverCap(why) => {
+                Programming::OverCap(why) | Programming::DoesNotFit(why) => {
                     config.variant(variant).skipped = Some(why.clone());
                     self.stop_variant(variant, scenario, why);
                 }
@@ -465,13 +590,14 @@ impl<'a> Bench<'a> {
         }
         if let Some(agent) = agent {
             config.agent_rss_kib = agent.rss_kib();
+            config.agent_peak_kib = agent.peak_kib();
             if let Some(cpu) = config.agent_cpu_s {
                 self.say(&format!(
                     "   lb-agent used {cpu:.2} s of CPU during {:.0} s of runs",
                     config.data_path_s
                 ));
             }
-            config.maps = agent::map_memory(&ids[&Variant::Socket])?;
+            config.maps = agent::pinned_maps(Path::new(lab::PIN_DIR))?;
             check_agent_log(agent)?;
         }
         config.load_average = load_average();
@@ -545,11 +671,22 @@ impl<'a> Bench<'a> {
         } else {
             Agent::start_socket(self.lab, &dir)?
         };
-        let Some(done) = agent.wait_ready(self.lab, self.settings.cap())? else {
+        let Some(ready) = agent.wait_ready(self.lab, self.settings.cap())? else {
             self.lab.stop_if_running(agent.name());
             return Ok(self.over_cap(scenario));
         };
+        // What the agent says it could not fit: this size is over its capacity (its flags'
+        // defaults), in its own words.
+        if let Some(refusal) = agent.refusals().first() {
+            self.lab.stop_if_running(agent.name());
+            return Ok(Programming::DoesNotFit(format!(
+                "does not fit: the agent reports {refusal}"
+            )));
+        }
         check_agent_log(&agent)?;
+        let done = ready
+            .first
+            .context("the agent is ready but logged no `maps updated`")?;
         let expected = scenario.services + 1; // the measured Service's UDP port
         ensure!(
             done.frontends == expected,
@@ -557,17 +694,17 @@ impl<'a> Bench<'a> {
             agent.name(),
             done.frontends
         );
+        let write_s = Duration::from_micros(done.elapsed_us).as_secs_f64();
         self.say(&format!(
-            "   {}: ready after {:.3} s (map writes {:.3} s), RSS {} KiB",
+            "   {}: ready after {:.3} s (map writes {write_s:.3} s), RSS {} KiB",
             variant.label(),
-            done.ready_s,
-            done.write_s,
+            ready.ready_s,
             agent.rss_kib().unwrap_or(0)
         ));
         if variant.control_plane_timed() {
             let result = config.variant(variant);
-            result.program_s = Some(done.ready_s);
-            result.program_write_s = Some(done.write_s);
+            result.program_s = Some(ready.ready_s);
+            result.program_write_s = Some(write_s);
         }
         Ok(Programming::Done(Some(agent)))
     }
@@ -708,7 +845,8 @@ impl<'a> Bench<'a> {
         Ok(())
     }
 
-    /// Times `settings.changes` single-endpoint changes of Service 0.
+    /// Times single-endpoint changes of Service 0: `settings.agent_changes` through the
+    /// socket LB's manifests, `settings.changes` for kube-proxy's layouts (each a restore).
     fn changes(
         &self,
         variant: Variant,
@@ -716,17 +854,27 @@ impl<'a> Bench<'a> {
         agent: Option<&Agent>,
         config: &mut ConfigResult,
     ) -> Result<()> {
-        for version in 1..=self.settings.changes {
+        let tries = if variant == Variant::Socket {
+            self.settings.agent_changes
+        } else {
+            self.settings.changes
+        };
+        for version in 1..=tries {
             match variant {
                 Variant::Socket => {
                     let agent = agent.context("no agent")?;
                     let seen = agent.updates().len();
+                    let sent = SystemTime::now();
                     let began = Instant::now();
                     scenario.write_change(&Paths::run_dir().join("manifests"), version)?;
                     let update = agent.wait_update(self.lab, seen, Duration::from_secs(120))?;
-                    let wall = began.elapsed().as_secs_f64();
+                    // The log line's own time: polling the log adds nothing to the figure.
+                    let took = update
+                        .at
+                        .and_then(|at| at.duration_since(sent).ok())
+                        .unwrap_or_else(|| began.elapsed());
                     let result = config.variant(variant);
-                    result.change_s.push(wall);
+                    result.change_s.push(took.as_secs_f64());
                     result
                         .change_write_s
                         .push(Duration::from_micros(update.elapsed_us).as_secs_f64());
@@ -752,11 +900,13 @@ impl<'a> Bench<'a> {
             }
         }
         if let Some(times) = config.variants.get(&variant).map(|v| &v.change_s) {
-            let shown: Vec<String> = times.iter().map(|t| format!("{t:.3}")).collect();
+            let p = |p| results::percentile(times, p).unwrap_or(0.0) * 1e3;
             self.say(&format!(
-                "   {}: endpoint change {} s",
+                "   {}: endpoint change p50 {:.2} ms, p99 {:.2} ms ({} tries)",
                 variant.label(),
-                shown.join(", ")
+                p(50),
+                p(99),
+                times.len()
             ));
         }
         Ok(())
@@ -834,6 +984,8 @@ enum Programming {
     Done(Option<Agent>),
     /// Longer than the cap (the variant stops here).
     OverCap(String),
+    /// The agent reported Services it could not fit (the variant stops here).
+    DoesNotFit(String),
 }
 
 /// Replaces both tables with empty ones (and deletes the KUBE-* chains).
@@ -845,35 +997,6 @@ fn iptables_backend(variant: Variant) -> IptablesBackend {
     } else {
         IptablesBackend::Legacy
     }
-}
-
-/// Why the agent cannot hold this size, if it cannot: a frontend takes `1 + endpoints` entries
-/// of the Services map, each endpoint one entry of the backends map.
-fn agent_capacity(scenario: &Scenario) -> Option<String> {
-    let frontends = scenario.services + 1;
-    let service_entries = frontends * (scenario.endpoints + 1);
-    let backends = scenario.services * scenario.endpoints;
-    // A frontend's id (`rev_nat_id`, the reverse-NAT key) is 16 bits: the agent logs "all 65535
-    // frontend ids are in use" for every frontend beyond.
-    let frontend_ids = usize::from(u16::MAX);
-    if frontends > frontend_ids {
-        return Some(format!(
-            "does not fit: {frontends} frontends, and frontend ids (rev_nat_id) are 16 bits ({frontend_ids})"
-        ));
-    }
-    if service_entries > lb_common::SERVICES_MAX_ENTRIES {
-        return Some(format!(
-            "does not fit: {service_entries} entries needed, LB4_SERVICES holds {}",
-            lb_common::SERVICES_MAX_ENTRIES
-        ));
-    }
-    if backends > lb_common::BACKENDS_MAX_ENTRIES {
-        return Some(format!(
-            "does not fit: {backends} backends needed, LB4_BACKENDS holds {}",
-            lb_common::BACKENDS_MAX_ENTRIES
-        ));
-    }
-    None
 }
 
 /// The 1-minute load average (`/proc/loadavg`).

@@ -14,6 +14,7 @@ mod demo;
 mod host;
 mod install;
 mod lab;
+mod sizing;
 mod test;
 mod watch_bench;
 

@@ -25,6 +25,8 @@ pub struct BpfMaps {
     affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    /// Each map's `max_entries` as the kernel created it (the `--max-*` flags).
+    capacities: Vec<(&'static str, usize)>,
 }
 
 impl std::fmt::Debug for BpfMaps {
@@ -50,15 +52,33 @@ impl BpfMaps {
     /// # Errors
     /// When a map is missing, has the wrong type or key/value size.
     pub fn from_maps(mut take: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        let mut capacities = Vec::new();
+        let mut take = |name: &'static str| {
+            let map = take(name)?;
+            if let Map::HashMap(data) | Map::LruHashMap(data) | Map::LpmTrie(data) = &map
+                && let Ok(info) = data.info()
+            {
+                capacities.push((name, info.max_entries() as usize));
+            }
+            Ok::<_, MapError>(map)
+        };
+        let services4 = convert(SERVICES4_MAP, take(SERVICES4_MAP)?)?;
+        let services6 = convert(SERVICES6_MAP, take(SERVICES6_MAP)?)?;
+        let backends4 = convert(BACKENDS4_MAP, take(BACKENDS4_MAP)?)?;
+        let backends6 = convert(BACKENDS6_MAP, take(BACKENDS6_MAP)?)?;
+        let affinity_match = convert(AFFINITY_MATCH_MAP, take(AFFINITY_MATCH_MAP)?)?;
+        let affinity = convert(AFFINITY_MAP, take(AFFINITY_MAP)?)?;
+        let source_ranges = LpmTrie::try_from(take(SOURCE_RANGES_MAP)?)
+            .map_err(|e| aya_error("open", SOURCE_RANGES_MAP, e))?;
         Ok(Self {
-            services4: convert(SERVICES4_MAP, take(SERVICES4_MAP)?)?,
-            services6: convert(SERVICES6_MAP, take(SERVICES6_MAP)?)?,
-            backends4: convert(BACKENDS4_MAP, take(BACKENDS4_MAP)?)?,
-            backends6: convert(BACKENDS6_MAP, take(BACKENDS6_MAP)?)?,
-            affinity_match: convert(AFFINITY_MATCH_MAP, take(AFFINITY_MATCH_MAP)?)?,
-            affinity: convert(AFFINITY_MAP, take(AFFINITY_MAP)?)?,
-            source_ranges: LpmTrie::try_from(take(SOURCE_RANGES_MAP)?)
-                .map_err(|e| aya_error("open", SOURCE_RANGES_MAP, e))?,
+            services4,
+            services6,
+            backends4,
+            backends6,
+            affinity_match,
+            affinity,
+            source_ranges,
+            capacities,
         })
     }
 
@@ -169,6 +189,13 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
 impl LbMaps for BpfMaps {
     /// Sets go to the kernel as batches, one per map; deletes one by one (a batch delete
     /// stops at the first absent key).
+    fn capacity(&self, name: &str) -> Option<usize> {
+        self.capacities
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, entries)| *entries)
+    }
+
     fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
         let (mut s4, mut v4, mut s6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut b4, mut bv4, mut b6, mut bv6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -302,20 +329,20 @@ impl LbMaps for BpfMaps {
         Ok(backends)
     }
 
-    fn set_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()> {
+    fn set_affinity_match(&mut self, id: u32, rev_nat_id: lb_common::FrontendId) -> Result<()> {
         self.affinity_match
             .insert(match_key(id, rev_nat_id), 0, 0)
             .map_err(|e| aya_error("update", AFFINITY_MATCH_MAP, e))
     }
 
-    fn delete_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()> {
+    fn delete_affinity_match(&mut self, id: u32, rev_nat_id: lb_common::FrontendId) -> Result<()> {
         ignore_missing(
             self.affinity_match.remove(&match_key(id, rev_nat_id)),
             AFFINITY_MATCH_MAP,
         )
     }
 
-    fn affinity_matches(&self) -> Result<Vec<(u32, u16)>> {
+    fn affinity_matches(&self) -> Result<Vec<(u32, lb_common::FrontendId)>> {
         let mut out = Vec::new();
         for key in self.affinity_match.keys() {
             let key = key.map_err(|e| aya_error("dump", AFFINITY_MATCH_MAP, e))?;
@@ -324,20 +351,28 @@ impl LbMaps for BpfMaps {
         Ok(out)
     }
 
-    fn set_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()> {
+    fn set_source_range(
+        &mut self,
+        rev_nat_id: lb_common::FrontendId,
+        range: ipnet::IpNet,
+    ) -> Result<()> {
         self.source_ranges
             .insert(&range_key(rev_nat_id, range), 0, 0)
             .map_err(|e| aya_error("update", SOURCE_RANGES_MAP, e))
     }
 
-    fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()> {
+    fn delete_source_range(
+        &mut self,
+        rev_nat_id: lb_common::FrontendId,
+        range: ipnet::IpNet,
+    ) -> Result<()> {
         ignore_missing(
             self.source_ranges.remove(&range_key(rev_nat_id, range)),
             SOURCE_RANGES_MAP,
         )
     }
 
-    fn source_ranges(&self) -> Result<Vec<(u16, ipnet::IpNet)>> {
+    fn source_ranges(&self) -> Result<Vec<(lb_common::FrontendId, ipnet::IpNet)>> {
         let mut out = Vec::new();
         for key in self.source_ranges.keys() {
             let key = key.map_err(|e| aya_error("dump", SOURCE_RANGES_MAP, e))?;
@@ -349,7 +384,10 @@ impl LbMaps for BpfMaps {
         Ok(out)
     }
 
-    fn forget_affinity(&mut self, rev_nat_ids: &std::collections::BTreeSet<u16>) -> Result<()> {
+    fn forget_affinity(
+        &mut self,
+        rev_nat_ids: &std::collections::BTreeSet<lb_common::FrontendId>,
+    ) -> Result<()> {
         if rev_nat_ids.is_empty() {
             return Ok(());
         }
@@ -367,7 +405,7 @@ impl LbMaps for BpfMaps {
 }
 
 /// The LPM key of `range` for the frontend `rev_nat_id`.
-fn range_key(rev_nat_id: u16, range: ipnet::IpNet) -> Key<SourceRange> {
+fn range_key(rev_nat_id: lb_common::FrontendId, range: ipnet::IpNet) -> Key<SourceRange> {
     let (addr, ipv6) = match range.network() {
         std::net::IpAddr::V4(ip) => (lb_common::to_v4_mapped(codec::ip4(ip)), false),
         std::net::IpAddr::V6(ip) => (codec::ip6(ip), true),
@@ -376,14 +414,13 @@ fn range_key(rev_nat_id: u16, range: ipnet::IpNet) -> Key<SourceRange> {
         source_range_prefix(ipv6, u32::from(range.prefix_len())),
         SourceRange {
             rev_nat_id: rev_nat_id.to_be(),
-            pad: 0,
             addr,
         },
     )
 }
 
 /// The frontend and range of an LPM key (inverse of [`range_key`]).
-fn from_range_key(key: &Key<SourceRange>) -> Option<(u16, ipnet::IpNet)> {
+fn from_range_key(key: &Key<SourceRange>) -> Option<(lb_common::FrontendId, ipnet::IpNet)> {
     let data = key.data();
     let bits = key.prefix_len().checked_sub(32)?;
     let net = match lb_common::v4_mapped(&data.addr) {
@@ -393,13 +430,12 @@ fn from_range_key(key: &Key<SourceRange>) -> Option<(u16, ipnet::IpNet)> {
         _ => ipnet::IpNet::new(codec::from_ip6(data.addr).into(), bits as u8),
     }
     .ok()?;
-    Some((u16::from_be(data.rev_nat_id), net))
+    Some((lb_common::FrontendId::from_be(data.rev_nat_id), net))
 }
 
-const fn match_key(backend_id: u32, rev_nat_id: u16) -> AffinityMatchKey {
+const fn match_key(backend_id: u32, rev_nat_id: lb_common::FrontendId) -> AffinityMatchKey {
     AffinityMatchKey {
         backend_id,
         rev_nat_id,
-        pad: 0,
     }
 }

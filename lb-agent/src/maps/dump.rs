@@ -14,7 +14,7 @@ pub struct FrontendEntry {
     pub address: L4Addr,
     /// Which Service field the frontend comes from (`None`: flags the agent never writes).
     pub kind: Option<FrontendKind>,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: lb_common::FrontendId,
     pub flags: u32,
     /// The master's backend count.
     pub count: u16,
@@ -44,9 +44,9 @@ pub struct MapContents {
     /// Backend slots without a master entry.
     pub stray_slots: Vec<(L4Addr, u16)>,
     /// Affinity-match entries: (backend id, frontend `rev_nat_id`), sorted.
-    pub affinity_matches: Vec<(u32, u16)>,
+    pub affinity_matches: Vec<(u32, lb_common::FrontendId)>,
     /// Source-range entries: (frontend `rev_nat_id`, range), sorted.
-    pub source_ranges: Vec<(u16, ipnet::IpNet)>,
+    pub source_ranges: Vec<(lb_common::FrontendId, ipnet::IpNet)>,
 }
 
 /// Reads and decodes the maps.

@@ -20,11 +20,11 @@ pub struct FakeMaps {
     /// (is IPv6, id) to backend: like the real maps, one backends map per family.
     pub backends: BTreeMap<(bool, u32), Backend>,
     /// Affinity-match entries: (backend id, frontend `rev_nat_id`).
-    pub affinity_matches: std::collections::BTreeSet<(u32, u16)>,
+    pub affinity_matches: std::collections::BTreeSet<(u32, lb_common::FrontendId)>,
     /// Source-range entries: (frontend `rev_nat_id`, range).
-    pub source_ranges: std::collections::BTreeSet<(u16, ipnet::IpNet)>,
+    pub source_ranges: std::collections::BTreeSet<(lb_common::FrontendId, ipnet::IpNet)>,
     /// Frontend ids whose client affinity entries were forgotten, in order.
-    pub forgotten_affinity: Vec<u16>,
+    pub forgotten_affinity: Vec<lb_common::FrontendId>,
     /// Number of writes and deletes performed, to check that only changes are written.
     pub operations: usize,
     /// Maximum number of entries by map name (unset: unbounded).
@@ -167,40 +167,51 @@ impl LbMaps for FakeMaps {
         Ok(self.backends.iter().map(|(&(_, id), b)| (id, *b)).collect())
     }
 
-    fn set_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()> {
+    fn set_affinity_match(&mut self, id: u32, rev_nat_id: lb_common::FrontendId) -> Result<()> {
         let exists = self.affinity_matches.contains(&(id, rev_nat_id));
         self.room(AFFINITY_MATCH_MAP, exists)?;
         self.affinity_matches.insert((id, rev_nat_id));
         self.done()
     }
 
-    fn delete_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()> {
+    fn delete_affinity_match(&mut self, id: u32, rev_nat_id: lb_common::FrontendId) -> Result<()> {
         self.affinity_matches.remove(&(id, rev_nat_id));
         self.done()
     }
 
-    fn affinity_matches(&self) -> Result<Vec<(u32, u16)>> {
+    fn affinity_matches(&self) -> Result<Vec<(u32, lb_common::FrontendId)>> {
         Ok(self.affinity_matches.iter().copied().collect())
     }
 
-    fn forget_affinity(&mut self, rev_nat_ids: &std::collections::BTreeSet<u16>) -> Result<()> {
+    fn forget_affinity(
+        &mut self,
+        rev_nat_ids: &std::collections::BTreeSet<lb_common::FrontendId>,
+    ) -> Result<()> {
         self.forgotten_affinity.extend(rev_nat_ids);
         Ok(())
     }
 
-    fn set_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()> {
+    fn set_source_range(
+        &mut self,
+        rev_nat_id: lb_common::FrontendId,
+        range: ipnet::IpNet,
+    ) -> Result<()> {
         let exists = self.source_ranges.contains(&(rev_nat_id, range));
         self.room(SOURCE_RANGES_MAP, exists)?;
         self.source_ranges.insert((rev_nat_id, range));
         self.done()
     }
 
-    fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()> {
+    fn delete_source_range(
+        &mut self,
+        rev_nat_id: lb_common::FrontendId,
+        range: ipnet::IpNet,
+    ) -> Result<()> {
         self.source_ranges.remove(&(rev_nat_id, range));
         self.done()
     }
 
-    fn source_ranges(&self) -> Result<Vec<(u16, ipnet::IpNet)>> {
+    fn source_ranges(&self) -> Result<Vec<(lb_common::FrontendId, ipnet::IpNet)>> {
         Ok(self.source_ranges.iter().copied().collect())
     }
 

@@ -7,7 +7,7 @@ pub mod dump;
 pub mod fake;
 pub mod writer;
 
-use lb_common::ServiceValue;
+use lb_common::{FrontendId, ServiceValue};
 
 use crate::model::{Backend, L4Addr};
 
@@ -51,11 +51,11 @@ pub enum Op {
     SetBackend(u32, Backend),
     DeleteBackend(u32, Backend),
     /// (backend id, frontend `rev_nat_id`): the backend may keep affinity clients.
-    SetAffinityMatch(u32, u16),
-    DeleteAffinityMatch(u32, u16),
+    SetAffinityMatch(u32, FrontendId),
+    DeleteAffinityMatch(u32, FrontendId),
     /// (frontend `rev_nat_id`, range): a `loadBalancerSourceRanges` entry.
-    SetSourceRange(u16, ipnet::IpNet),
-    DeleteSourceRange(u16, ipnet::IpNet),
+    SetSourceRange(FrontendId, ipnet::IpNet),
+    DeleteSourceRange(FrontendId, ipnet::IpNet),
 }
 
 /// The load-balancing maps of both families. Implemented by the pinned BPF maps and by
@@ -98,21 +98,24 @@ pub trait LbMaps {
     /// Every backend of both families.
     fn backends(&self) -> Result<Vec<(u32, Backend)>>;
     /// Records that backend `id` serves the affinity frontend `rev_nat_id`.
-    fn set_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()>;
+    fn set_affinity_match(&mut self, id: u32, rev_nat_id: FrontendId) -> Result<()>;
     /// Deletes an affinity-match entry (absent is not an error).
-    fn delete_affinity_match(&mut self, id: u32, rev_nat_id: u16) -> Result<()>;
+    fn delete_affinity_match(&mut self, id: u32, rev_nat_id: FrontendId) -> Result<()>;
     /// Every affinity-match entry: (backend id, frontend `rev_nat_id`).
-    fn affinity_matches(&self) -> Result<Vec<(u32, u16)>>;
+    fn affinity_matches(&self) -> Result<Vec<(u32, FrontendId)>>;
     /// Forgets the clients' affinity entries of the frontends `rev_nat_ids` (removed, or
     /// affinity turned off), so a frontend that later gets the id, or turns affinity on
     /// again, starts afresh.
-    fn forget_affinity(&mut self, rev_nat_ids: &std::collections::BTreeSet<u16>) -> Result<()>;
+    fn forget_affinity(
+        &mut self,
+        rev_nat_ids: &std::collections::BTreeSet<FrontendId>,
+    ) -> Result<()>;
     /// Allows `range` as a source of the frontend `rev_nat_id`.
-    fn set_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()>;
+    fn set_source_range(&mut self, rev_nat_id: FrontendId, range: ipnet::IpNet) -> Result<()>;
     /// Deletes a source-range entry (absent is not an error).
-    fn delete_source_range(&mut self, rev_nat_id: u16, range: ipnet::IpNet) -> Result<()>;
+    fn delete_source_range(&mut self, rev_nat_id: FrontendId, range: ipnet::IpNet) -> Result<()>;
     /// Every source-range entry: (frontend `rev_nat_id`, range).
-    fn source_ranges(&self) -> Result<Vec<(u16, ipnet::IpNet)>>;
+    fn source_ranges(&self) -> Result<Vec<(FrontendId, ipnet::IpNet)>>;
     /// How many entries the map `name` holds at most, when known (for reports).
     fn capacity(&self, name: &str) -> Option<usize> {
         lb_common::PINNED_MAPS

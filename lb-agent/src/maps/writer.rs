@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 /// A frontend as it is in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
-    rev_nat_id: u16,
+    rev_nat_id: lb_common::FrontendId,
     flags: u32,
     /// Backend ids by slot, `slots[0]` being slot 1.
     slots: Vec<u32>,
@@ -82,19 +82,19 @@ pub struct MapWriter<M> {
     /// Number of slots naming each backend id.
     backend_refs: HashMap<u32, usize>,
     next_backend_id: u32,
-    rev_nat_ids: BTreeSet<u16>,
+    rev_nat_ids: BTreeSet<lb_common::FrontendId>,
     /// Operations of the apply in progress, by phase.
     plan: [Vec<Op>; 6],
     /// Frontend ids whose clients' affinity entries go at the end of the apply in progress.
-    forget_affinity: BTreeSet<u16>,
+    forget_affinity: BTreeSet<lb_common::FrontendId>,
     /// Backends UDP frontends stopped using since [`Self::take_stale_udp`] was last called.
     stale_udp: Vec<StaleBackend>,
     /// Frontend ids freed in the apply in progress (not handed out again before it ends).
-    cooling_rev_nat_ids: BTreeSet<u16>,
+    cooling_rev_nat_ids: BTreeSet<lb_common::FrontendId>,
     /// The frontends the last apply could not program.
     refused: BTreeMap<L4Addr, Refused>,
     /// The highest ids handed out (the maps' widths; lower in tests).
-    max_rev_nat_id: u16,
+    max_rev_nat_id: lb_common::FrontendId,
     max_backend_id: u32,
 }
 
@@ -118,7 +118,7 @@ impl<M: LbMaps> MapWriter<M> {
             stale_udp: Vec::new(),
             cooling_rev_nat_ids: BTreeSet::new(),
             refused: BTreeMap::new(),
-            max_rev_nat_id: u16::MAX,
+            max_rev_nat_id: lb_common::FrontendId::MAX,
             max_backend_id: u32::MAX,
         };
         writer.readopt()?;
@@ -190,13 +190,14 @@ impl<M: LbMaps> MapWriter<M> {
         // The affinity-match map must hold exactly the slots of the affinity frontends
         // adopted; a missing entry only costs a client its affinity, so the fix-up order
         // does not matter.
-        let wanted: BTreeSet<(u32, u16)> = self
+        let wanted: BTreeSet<(u32, lb_common::FrontendId)> = self
             .frontends
             .values()
             .filter(|p| p.affinity.is_some())
             .flat_map(|p| p.slots.iter().map(|id| (*id, p.rev_nat_id)))
             .collect();
-        let present: BTreeSet<(u32, u16)> = contents.affinity_matches.iter().copied().collect();
+        let present: BTreeSet<(u32, lb_common::FrontendId)> =
+            contents.affinity_matches.iter().copied().collect();
         for &(id, rev_nat_id) in present.difference(&wanted) {
             self.maps.delete_affinity_match(id, rev_nat_id)?;
         }
@@ -204,7 +205,7 @@ impl<M: LbMaps> MapWriter<M> {
             self.maps.set_affinity_match(id, rev_nat_id)?;
         }
         // Source ranges belong to the frontend of their id; those of no frontend go.
-        let mut by_id: HashMap<u16, &mut Programmed> = self
+        let mut by_id: HashMap<lb_common::FrontendId, &mut Programmed> = self
             .frontends
             .values_mut()
             .map(|p| (p.rev_nat_id, p))
@@ -232,7 +233,12 @@ impl<M: LbMaps> MapWriter<M> {
     }
 
     /// Records that the UDP frontend `old` no longer uses the backends of `ids`.
-    fn note_stale(&mut self, address: &L4Addr, rev_nat_id: u16, ids: impl Iterator<Item = u32>) {
+    fn note_stale(
+        &mut self,
+        address: &L4Addr,
+        rev_nat_id: lb_common::FrontendId,
+        ids: impl Iterator<Item = u32>,
+    ) {
         if address.protocol != Protocol::Udp {
             return;
         }
@@ -459,7 +465,7 @@ impl<M: LbMaps> MapWriter<M> {
     }
 
     /// Limits the ids handed out (tests: exhausting 65,535 frontend ids takes a knob).
-    pub fn set_id_limits(&mut self, frontends: u16, backends: u32) {
+    pub fn set_id_limits(&mut self, frontends: lb_common::FrontendId, backends: u32) {
         self.max_rev_nat_id = frontends.max(1);
         self.max_backend_id = backends.max(1);
     }
@@ -722,10 +728,11 @@ impl<M: LbMaps> MapWriter<M> {
     /// A free frontend id (ids start at 1): one past the highest in use, or the lowest
     /// free one once the top is reached. An id is never handed out while a frontend holds
     /// it, nor in the apply that freed it.
-    fn free_rev_nat_id(&self) -> Option<u16> {
+    fn free_rev_nat_id(&self) -> Option<lb_common::FrontendId> {
         let max = self.max_rev_nat_id;
-        let free =
-            |id: &u16| !self.rev_nat_ids.contains(id) && !self.cooling_rev_nat_ids.contains(id);
+        let free = |id: &lb_common::FrontendId| {
+            !self.rev_nat_ids.contains(id) && !self.cooling_rev_nat_ids.contains(id)
+        };
         let next = self
             .rev_nat_ids
             .last()
@@ -755,7 +762,12 @@ impl<M: LbMaps> MapWriter<M> {
 }
 
 /// A master entry.
-fn master_value(count: u16, rev_nat_id: u16, flags: u32, affinity: Option<u32>) -> ServiceValue {
+fn master_value(
+    count: u16,
+    rev_nat_id: lb_common::FrontendId,
+    flags: u32,
+    affinity: Option<u32>,
+) -> ServiceValue {
     match affinity {
         Some(timeout) => ServiceValue::affinity_master(count, rev_nat_id, flags, timeout),
         None => ServiceValue::master(count, rev_nat_id, flags),

@@ -1,20 +1,25 @@
 //! Control-plane figures of the agent on the Kubernetes API (issue: the watch stream):
 //! the time to program N Services with E endpoints each from the initial list, the time
-//! from a watch event to the map write (p50, p99), and the agent's memory at that size.
+//! from a watch event to the map write (p50, p99), and the agent's memory at that size
+//! beside the memory of the same agent holding nothing.
 //!
 //! It builds the same network-namespace topology as the tests, starts a fake API server
-//! there holding the objects, runs the agent (`LB_AGENT_BIN`, use a release build) against
-//! it, and reads the agent's log: every map write is logged with its own duration, and its
-//! timestamp gives the latency from the API server's write to the map write.
-//! Run it as root: `cargo xtask watch-bench` (or see `--help`).
+//! there, runs the agent (`LB_AGENT_BIN`, use a release build) against it, first with no
+//! objects (the empty agent: its RSS and map memory are the baseline the per-Service figures
+//! are taken from), then, restarted, with every object listed at once, and reads the agent's
+//! log: every map write is logged with its own duration, and its timestamp gives the latency
+//! from the API server's write to the map write.
+//! Run it as root: `cargo xtask watch-bench`, or as part of `cargo xtask bench`, which reads
+//! its `--json` result (see `--help`).
 use std::{
     net::{IpAddr, Ipv4Addr},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use clap::Parser;
 use lb_tests::manifests::{endpoint_slice, service};
 use lb_tests::{Agent, TestEnv, require_privileges};
+use serde::Serialize;
 
 /// Control-plane benchmark of lb-agent on a (fake) Kubernetes API server.
 #[derive(Debug, Parser)]
@@ -28,6 +33,40 @@ struct Args {
     /// Single-slice updates to time after the initial sync.
     #[arg(long, default_value_t = 200)]
     events: u32,
+    /// Longest wait for the first sync, in seconds.
+    #[arg(long, default_value_t = 600)]
+    sync_timeout: u64,
+    /// Print the figures as one JSON object (for `cargo xtask bench`) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one run measured; `cargo xtask bench` reads it (keep the two in step).
+#[derive(Debug, Serialize)]
+struct Figures {
+    services: u32,
+    endpoints: u32,
+    /// Frontends in the first map write (one per Service port).
+    frontends: u64,
+    /// Agent start → the first `maps updated` (every frontend programmed), in seconds.
+    sync_s: f64,
+    /// The map write pass of that first sync, as the agent logs it, in seconds.
+    sync_write_s: f64,
+    /// RSS of the agent with nothing listed, after `ready`.
+    rss_empty_kib: u64,
+    /// RSS after the first sync, and after the events.
+    rss_sync_kib: u64,
+    rss_after_kib: u64,
+    /// The agent's peak RSS (`VmHWM`: the initial list passes through its heap once).
+    rss_peak_kib: u64,
+    /// The kernel's accounting (`memlock`) of every map pinned by the agent, empty and
+    /// after the events.
+    map_empty_bytes: u64,
+    map_bytes: u64,
+    /// API server write → map written, one per event, in µs.
+    event_us: Vec<u64>,
+    /// The agent's own work per event (model and map writes), in µs.
+    event_write_us: Vec<u64>,
 }
 
 fn main() {
@@ -38,6 +77,18 @@ fn main() {
     );
     let env = TestEnv::new();
     let (api, mut agent) = env.agent_on_api_server();
+    // Per-object debug lines would slow the sync down: the figures need `maps updated`.
+    agent.set_log_filter("info");
+
+    // The empty agent: what it costs before any Service.
+    agent.start();
+    wait_for_lines(&agent, ": ready", 1, Duration::from_secs(60));
+    let rss_empty_kib = agent
+        .pid()
+        .and_then(|pid| status_kib(pid, "VmRSS"))
+        .unwrap_or(0);
+    let map_empty_bytes = map_memory_bytes(env.pins.path());
+    agent.stop(Duration::from_secs(10));
 
     let mut objects = Vec::with_capacity(2 * args.services as usize);
     for i in 0..args.services {
@@ -46,76 +97,120 @@ fn main() {
     }
     api.api().bulk_apply(objects).expect("bulk apply");
 
+    let before_sync = writes(&agent).len();
     let started = Instant::now();
     agent.start();
-    let first = wait_for_writes(&agent, 1, Duration::from_secs(600));
-    let sync_total = started.elapsed();
-    let first_elapsed_us = field(&first[0], "elapsed_us").unwrap_or(0);
-    let frontends = field(&first[0], "frontends").unwrap_or(0);
-    assert_eq!(
-        frontends,
-        u64::from(args.services),
-        "first write: {}",
-        first[0]
+    let first = wait_for_lines(
+        &agent,
+        "maps updated",
+        before_sync + 1,
+        Duration::from_secs(args.sync_timeout),
     );
-    let rss_sync_kib = agent.pid().and_then(rss_kib).unwrap_or(0);
-    let map_kib = map_memory_kib(env.pins.path());
+    let sync_s = started.elapsed().as_secs_f64();
+    let first = &first[before_sync];
+    let sync_write_s = field(first, "elapsed_us").unwrap_or(0) as f64 / 1e6;
+    let frontends = field(first, "frontends").unwrap_or(0);
+    assert_eq!(frontends, u64::from(args.services), "first write: {first}");
+    // The programs are attached after the first write: changes are timed from then on.
+    wait_for_lines(&agent, ": ready", 2, Duration::from_secs(60));
+    let rss_sync_kib = agent
+        .pid()
+        .and_then(|pid| status_kib(pid, "VmRSS"))
+        .unwrap_or(0);
 
-    let mut e2e_us = Vec::new();
-    let mut write_us = Vec::new();
+    let mut event_us = Vec::new();
+    let mut event_write_us = Vec::new();
     for k in 0..args.events {
         let index = (k * 7919) % args.services;
         let before = writes(&agent).len();
         let sent = SystemTime::now();
         api.apply(slice(index, args.endpoints, k + 1));
-        let lines = wait_for_writes(&agent, before + 1, Duration::from_secs(10));
+        let lines = wait_for_lines(&agent, "maps updated", before + 1, Duration::from_secs(10));
         let line = &lines[before];
-        write_us.push(field(line, "elapsed_us").unwrap_or(0));
+        event_write_us.push(field(line, "elapsed_us").unwrap_or(0));
         if let Some(at) = timestamp(line) {
-            e2e_us.push(at.duration_since(sent).unwrap_or_default().as_micros() as u64);
+            event_us.push(at.duration_since(sent).unwrap_or_default().as_micros() as u64);
         }
     }
-    let rss_after_kib = agent.pid().and_then(rss_kib).unwrap_or(0);
+    let figures = Figures {
+        services: args.services,
+        endpoints: args.endpoints,
+        frontends,
+        sync_s,
+        sync_write_s,
+        rss_empty_kib,
+        rss_sync_kib,
+        rss_after_kib: agent
+            .pid()
+            .and_then(|pid| status_kib(pid, "VmRSS"))
+            .unwrap_or(0),
+        rss_peak_kib: agent
+            .pid()
+            .and_then(|pid| status_kib(pid, "VmHWM"))
+            .unwrap_or(0),
+        map_empty_bytes,
+        map_bytes: map_memory_bytes(env.pins.path()),
+        event_us,
+        event_write_us,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&figures).expect("json"));
+    } else {
+        print_table(&figures);
+    }
+    drop(agent);
+    drop(api);
+}
 
+fn print_table(f: &Figures) {
+    let per_service =
+        |now: u64, empty: u64| now.saturating_sub(empty) as f64 / f64::from(f.services.max(1));
     println!(
         "## Agent on the API server: {} Services × {} endpoints",
-        args.services, args.endpoints
+        f.services, f.endpoints
     );
     println!();
     println!("| figure | value |");
     println!("|---|---|");
     println!(
-        "| agent start → all {frontends} frontends in the maps | {:.2} s |",
-        sync_total.as_secs_f64()
+        "| agent start → all {} frontends in the maps | {:.2} s |",
+        f.frontends, f.sync_s
     );
     println!(
         "| of which the map write pass itself | {:.0} ms |",
-        first_elapsed_us as f64 / 1000.0
+        f.sync_write_s * 1e3
     );
     println!(
-        "| watch event → map written, p50 (API server write to map write) | {} µs |",
-        percentile(&e2e_us, 50)
-    );
-    println!(
-        "| watch event → map written, p99 | {} µs |",
-        percentile(&e2e_us, 99)
+        "| watch event → map written, p50 / p99 (API server write to map write) | {} / {} µs |",
+        percentile(&f.event_us, 50),
+        percentile(&f.event_us, 99)
     );
     println!(
         "| agent's own work per event (model + map writes), p50 / p99 | {} / {} µs |",
-        percentile(&write_us, 50),
-        percentile(&write_us, 99)
+        percentile(&f.event_write_us, 50),
+        percentile(&f.event_write_us, 99)
     );
     println!(
-        "| agent RSS after the initial sync / after {} events | {} / {} KiB |",
-        args.events, rss_sync_kib, rss_after_kib
+        "| agent RSS empty / after the initial sync / after {} events / peak | {} / {} / {} / {} KiB |",
+        f.event_us.len(),
+        f.rss_empty_kib,
+        f.rss_sync_kib,
+        f.rss_after_kib,
+        f.rss_peak_kib
     );
     println!(
-        "| agent RSS per Service | {:.1} KiB |",
-        rss_after_kib as f64 / f64::from(args.services.max(1))
+        "| agent RSS per Service (minus the empty agent) | {:.0} bytes |",
+        per_service(f.rss_after_kib * 1024, f.rss_empty_kib * 1024)
     );
-    println!("| BPF map memory (services, backends, reverse NAT; both families) | {map_kib} KiB |");
-    drop(agent);
-    drop(api);
+    println!(
+        "| BPF map memory (every pinned map, kernel's memlock) empty / now | {} / {} KiB |",
+        f.map_empty_bytes / 1024,
+        f.map_bytes / 1024
+    );
+    println!(
+        "| BPF map memory per Service (minus the empty maps) | {:.0} bytes |",
+        per_service(f.map_bytes, f.map_empty_bytes)
+    );
 }
 
 fn svc(i: u32) -> k8s_openapi::api::core::v1::Service {
@@ -146,24 +241,30 @@ fn slice(i: u32, endpoints: u32, version: u32) -> k8s_openapi::api::discovery::v
 }
 
 fn writes(agent: &Agent) -> Vec<String> {
+    lines(agent, "maps updated")
+}
+
+/// The log lines (of every run) containing `what`.
+fn lines(agent: &Agent, what: &str) -> Vec<String> {
     agent
         .log()
         .lines()
-        .filter(|l| l.contains("maps updated"))
+        .filter(|l| l.contains(what))
         .map(str::to_owned)
         .collect()
 }
 
-fn wait_for_writes(agent: &Agent, count: usize, timeout: Duration) -> Vec<String> {
+/// Waits until the log holds `count` lines containing `what`; returns all of them.
+fn wait_for_lines(agent: &Agent, what: &str, count: usize, timeout: Duration) -> Vec<String> {
     let deadline = Instant::now() + timeout;
     loop {
-        let lines = writes(agent);
-        if lines.len() >= count {
-            return lines;
+        let found = lines(agent, what);
+        if found.len() >= count {
+            return found;
         }
         assert!(
             Instant::now() < deadline,
-            "no map write within {timeout:?}:\n{}",
+            "no {what:?} line within {timeout:?}:\n{}",
             agent.log_tail(30)
         );
         std::thread::sleep(Duration::from_millis(2));
@@ -181,23 +282,9 @@ fn field(line: &str, name: &str) -> Option<u64> {
 
 /// The RFC 3339 timestamp that starts a text log line (`2026-11-23T14:06:19.105523Z`).
 fn timestamp(line: &str) -> Option<SystemTime> {
-    let stamp = line.split_whitespace().next()?;
-    let (date, time) = stamp.strip_suffix('Z')?.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>());
-    let (h, min, s) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    let nanos: u32 = format!("{frac:0<9}")[..9].parse().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = u64::try_from(days * 86_400 + h * 3600 + min * 60 + s).ok()?;
-    Some(UNIX_EPOCH + Duration::new(secs, nanos))
+    let stamp: k8s_openapi::jiff::Timestamp = line.split_whitespace().next()?.parse().ok()?;
+    let nanos = u64::try_from(stamp.as_nanosecond()).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_nanos(nanos))
 }
 
 fn percentile(values: &[u64], p: usize) -> u64 {
@@ -209,14 +296,18 @@ fn percentile(values: &[u64], p: usize) -> u64 {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// A `… kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Memory of this agent's maps (pinned under `pins`) as the kernel accounts it.
-fn map_memory_kib(pins: &std::path::Path) -> u64 {
+fn map_memory_bytes(pins: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(pins) else {
         return 0;
     };
@@ -233,5 +324,5 @@ fn map_memory_kib(pins: &std::path::Path) -> u64 {
         let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         bytes += map["bytes_memlock"].as_u64().unwrap_or(0);
     }
-    bytes / 1024
+    bytes
 }

@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -30,15 +30,16 @@ pub struct Agent {
 pub struct Update {
     pub frontends: usize,
     pub elapsed_us: u64,
+    /// The line's timestamp: when the agent had written the maps.
+    pub at: Option<SystemTime>,
 }
 
-/// Programming from nothing: to `ready` (object loaded, maps written, programs attached) and
-/// the map write alone as the agent logs it.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-pub struct Programmed {
+/// Start to `ready` (object loaded, maps written, programs attached), and the first map
+/// write as the agent logs it (none when it had nothing to write).
+#[derive(Clone, Copy, Debug)]
+pub struct Ready {
     pub ready_s: f64,
-    pub write_s: f64,
-    pub frontends: usize,
+    pub first: Option<Update>,
 }
 
 impl Agent {
@@ -109,19 +110,13 @@ impl Agent {
 
     /// Waits for `ready`. `Ok(None)` when it took longer than `cap` (the agent is then left
     /// running for the caller to stop).
-    pub fn wait_ready(&self, lab: &Lab, cap: Duration) -> Result<Option<Programmed>> {
+    pub fn wait_ready(&self, lab: &Lab, cap: Duration) -> Result<Option<Ready>> {
         loop {
             let text = self.log_text();
             if text.lines().any(|l| l.trim_end().ends_with(": ready")) {
-                let ready_s = self.started.elapsed().as_secs_f64();
-                let first = parse_updates(&text)
-                    .first()
-                    .copied()
-                    .context("the agent is ready but logged no `maps updated`")?;
-                return Ok(Some(Programmed {
-                    ready_s,
-                    write_s: us_to_s(first.elapsed_us),
-                    frontends: first.frontends,
+                return Ok(Some(Ready {
+                    ready_s: self.started.elapsed().as_secs_f64(),
+                    first: parse_updates(&text).first().copied(),
                 }));
             }
             if let Some(status) = lab.exited(self.name) {
@@ -173,6 +168,12 @@ impl Agent {
             .collect()
     }
 
+    /// What the agent reported it could not fit into its maps (a full map, no free id):
+    /// its problems that are not about an invalid object, the agent's own words.
+    pub fn refusals(&self) -> Vec<String> {
+        refusals(&self.log_text())
+    }
+
     /// CPU time the agent has used (user + system), from `/proc/PID/stat`.
     pub fn cpu(&self) -> Option<Duration> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
@@ -181,8 +182,17 @@ impl Agent {
 
     /// Resident memory (`VmRSS`) in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS")
+    }
+
+    /// Peak resident memory (`VmHWM`) in KiB.
+    pub fn peak_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM")
+    }
+
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        vm_rss_kib(&status)
+        status_kib(&status, field)
     }
 }
 
@@ -191,8 +201,22 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn us_to_s(us: u64) -> f64 {
-    Duration::from_micros(us).as_secs_f64()
+/// The problems of a text log that say a valid object was not programmed, as
+/// `<what>: not programmed: <why>` (the log line's prefix cut off).
+fn refusals(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(" ERROR ") && l.contains("not programmed"))
+        .filter(|l| !l.contains("invalid object"))
+        .map(|l| {
+            // `<time>  ERROR <target>: <problem>`
+            let message = l.split_once(" ERROR ").map_or(l, |(_, rest)| rest);
+            message
+                .split_once(": ")
+                .map_or(message, |(_, problem)| problem)
+                .trim()
+                .to_owned()
+        })
+        .collect()
 }
 
 /// utime + stime of a `/proc/PID/stat` line, in `USER_HZ` (100 per second on Linux).
@@ -204,8 +228,12 @@ fn cpu_time(stat: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-fn vm_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+/// A `… kB` field of `/proc/PID/status`.
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
@@ -222,9 +250,18 @@ fn parse_updates(log: &str) -> Vec<Update> {
             Some(Update {
                 frontends: usize::try_from(field("frontends")?).ok()?,
                 elapsed_us: field("elapsed_us")?,
+                at: timestamp(line),
             })
         })
         .collect()
+}
+
+/// The RFC 3339 timestamp that starts a text log line (`2026-11-23T14:06:19.105523Z  INFO …`).
+fn timestamp(line: &str) -> Option<SystemTime> {
+    let stamp = line.split_whitespace().next()?;
+    let at: k8s_openapi::jiff::Timestamp = stamp.parse().ok()?;
+    let nanos = u64::try_from(at.as_nanosecond()).ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::from_nanos(nanos))
 }
 
 /// One program of the agent, as `bpftool prog show -j` reports it.
@@ -237,13 +274,10 @@ struct ProgInfo {
     run_time_ns: u64,
     #[serde(default)]
     run_cnt: u64,
-    #[serde(default)]
-    map_ids: Vec<u32>,
 }
 
 #[derive(Debug, Deserialize)]
 struct MapInfo {
-    id: u32,
     #[serde(default)]
     name: String,
     #[serde(default)]
@@ -356,21 +390,30 @@ pub struct MapMemory {
     pub bytes_memlock: u64,
 }
 
-/// The maps the programs `ids` use.
-pub fn map_memory(ids: &BTreeSet<u32>) -> Result<Vec<MapMemory>> {
-    let map_ids: BTreeSet<u32> = programs(ids)?.into_iter().flat_map(|p| p.map_ids).collect();
-    let out = cmd::output(Command::new("bpftool").args(["-j", "map", "show"]))?;
-    let all: Vec<MapInfo> =
-        serde_json::from_str(out.trim()).context("unexpected `bpftool map show` output")?;
-    let mut maps: Vec<MapMemory> = all
-        .into_iter()
-        .filter(|m| map_ids.contains(&m.id))
-        .map(|m| MapMemory {
-            name: m.name,
-            max_entries: m.max_entries,
-            bytes_memlock: m.bytes_memlock,
-        })
-        .collect();
+/// Every map the agent pinned under `pin_dir` (`bpftool map show pinned`), whichever of its
+/// programs use it.
+pub fn pinned_maps(pin_dir: &Path) -> Result<Vec<MapMemory>> {
+    let entries =
+        std::fs::read_dir(pin_dir).with_context(|| format!("cannot list {}", pin_dir.display()))?;
+    let mut maps = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if !path.is_file() {
+            continue;
+        }
+        let out = cmd::output(
+            Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(&path),
+        )?;
+        let map: MapInfo = serde_json::from_str(out.trim())
+            .with_context(|| format!("unexpected `bpftool map show` output: {out}"))?;
+        maps.push(MapMemory {
+            name: map.name,
+            max_entries: map.max_entries,
+            bytes_memlock: map.bytes_memlock,
+        });
+    }
     maps.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(maps)
 }
@@ -386,17 +429,25 @@ mod tests {
                    2026-01-01T00:00:00.3Z  INFO lb_agent::agent: ready\n\
                    2026-01-01T00:00:01Z  INFO lb_agent::agent: maps updated frontends=101 added=0 updated=1 removed=0 map_writes=3 map_deletes=1 elapsed_us=77\n";
         assert_eq!(
-            parse_updates(log),
-            [
-                Update {
-                    frontends: 101,
-                    elapsed_us: 4521
-                },
-                Update {
-                    frontends: 101,
-                    elapsed_us: 77
-                }
-            ]
+            parse_updates(log)
+                .iter()
+                .map(|u| (u.frontends, u.elapsed_us))
+                .collect::<Vec<_>>(),
+            [(101, 4521), (101, 77)]
+        );
+        let at = parse_updates(log)[1].at.expect("a timestamp");
+        let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap();
+        assert_eq!(since_epoch.as_secs(), 1_767_225_601, "2026-01-01T00:00:01Z");
+    }
+
+    #[test]
+    fn refusals_are_the_agents_map_problems_not_invalid_objects() {
+        let log = "2026-01-01T00:00:00Z ERROR lb_agent::agent: bench/svc-000009: spec.ports[0]: not programmed: LB4_SERVICES is full (5 entries)\n\
+                   2026-01-01T00:00:00Z ERROR lb_agent::agent: invalid object, not programmed: bench/x: spec.ports[0].port: 0\n\
+                   2026-01-01T00:00:00Z  INFO lb_agent::agent: ready\n";
+        assert_eq!(
+            refusals(log),
+            ["bench/svc-000009: spec.ports[0]: not programmed: LB4_SERVICES is full (5 entries)"]
         );
     }
 
@@ -408,8 +459,9 @@ mod tests {
 
     #[test]
     fn reads_vm_rss() {
-        let status = "Name:\tlb-agent\nVmPeak:\t  100 kB\nVmRSS:\t   23456 kB\nThreads:\t4\n";
-        assert_eq!(vm_rss_kib(status), Some(23456));
+        let status = "Name:\tlb-agent\nVmPeak:\t  100 kB\nVmHWM:\t   30000 kB\nVmRSS:\t   23456 kB\nThreads:\t4\n";
+        assert_eq!(status_kib(status, "VmRSS"), Some(23456));
+        assert_eq!(status_kib(status, "VmHWM"), Some(30000));
     }
 
     #[test]

@@ -545,10 +545,10 @@ mod tests {
         assert!(a.starts_with("KUBE-SVC-") && a.len() == 25, "{a}");
         assert_ne!(a, svc_chain(1, port));
         assert_eq!(a, svc_chain(0, port), "stable");
-        let ep = nft_endpoint_chain(0, port, Ipv4Addr::new(10, 245, 0, 1));
+        let ep = nft_endpoint_chain(0, port, Ipv4Addr::new(10, 224, 0, 1));
         assert!(
             ep.starts_with("endpoint-")
-                && ep.ends_with("-bench/svc-000000/tcp/http__10.245.0.1/8080"),
+                && ep.ends_with("-bench/svc-000000/tcp/http__10.224.0.1/8080"),
             "{ep}"
         );
     }
@@ -588,8 +588,8 @@ mod tests {
     fn large_clusters_lose_the_per_endpoint_comments() {
         let small = iptables_full(&scenario(10, 10));
         let large = iptables_full(&scenario(101, 10));
-        assert!(small.contains(" -> 10.245."));
-        assert!(!large.contains(" -> 10.245."));
+        assert!(small.contains(" -> 10.224."));
+        assert!(!large.contains(" -> 10.224."));
         assert!(
             large.contains("cluster IP\""),
             "KUBE-SERVICES keeps its comments"

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use super::agent::ProgStats;
-use super::results::{ConfigResult, Spread, Variant, Workload};
+use super::results::{ConfigResult, Spread, Variant, Workload, per_service, percentile};
 use super::{Outcome, Settings, plot};
 use crate::cmd;
 
@@ -415,7 +415,7 @@ fn setup(out: &mut String, outcome: &Outcome) {
          its parser takes in one file; kube-proxy's rules are generated from the same description, as its syncs would write \
          them). The measured Service is the **last** one (the last rule of KUBE-SERVICES) and also \
          has 53/UDP → 5353; its 1 or 10 endpoints are 1 or 10 real backend pods. Every other \
-         endpoint is a distinct fake address in the cluster's pod CIDR 10.240.0.0/12 that no \
+         endpoint is a distinct fake address in the cluster's pod CIDR 10.224.0.0/11 that no \
          traffic goes to.\n",
         super::scenario::SERVICES_PER_FILE
     );
@@ -427,7 +427,9 @@ fn setup(out: &mut String, outcome: &Outcome) {
          rate over the rounds and the median of the per-round ratios to the direct run of the \
          same round, with their min–max; `±` is half the min–max range of the direct rate. A \
          variant stops at the first size whose programming takes longer than {} s (cells: \
-         \"over the cap\", then \"stopped\"). BPF run-time statistics \
+         \"over the cap\", then \"stopped\"), and lb's variants at the first size the agent \
+         reports Services it could not fit into its maps at its default capacities (\"over map \
+         capacity\"; the headline quotes the agent). BPF run-time statistics \
          (`kernel.bpf_stats_enabled=1`) are on for the whole run and restored afterwards.\n",
         s.rounds, s.crr_ms, s.other_ms, s.cap_s
     );
@@ -636,12 +638,18 @@ fn control_plane(out: &mut String, outcome: &Outcome) {
     }
     out.push_str("\n![Time to program every Service, and one endpoint change, against the number of Services](bench/sync.svg)\n\n");
     out.push_str("### One endpoint change of one Service\n\n");
+    let _ = write!(
+        out,
+        "Service 0's first endpoint replaced by a new address, {} times for lb-agent and {} \
+         times for kube-proxy's layouts: p50 / p99 of lb-agent's tries, the median (min–max) \
+         of the others'. lb-agent: from renaming the rewritten EndpointSlice file into the \
+         watched directory to the timestamp of the agent's `maps updated` line, logged once the \
+         maps hold the change (the watcher's debounce included); in brackets the p50 of the \
+         read, translation and write as the agent logs them. ",
+        outcome.settings.agent_changes, outcome.settings.changes
+    );
     out.push_str(
-        "Service 0's first endpoint replaced by a new address; the median of the tries \
-         (min–max). lb-agent: from renaming the rewritten EndpointSlice file into the watched \
-         directory to the agent's `maps updated` line (this includes the watcher's 50 ms \
-         debounce); in brackets the read, translation and write as the agent logs them. \
-         iptables: kube-proxy's partial sync, `iptables-restore --noflush` of the top-level \
+        "iptables: kube-proxy's partial sync, `iptables-restore --noflush` of the top-level \
          chains (KUBE-SERVICES in full) and the changed Service's chains. nftables: one \
          transaction that adds the new endpoint chain, refills the Service's chain and deletes \
          the old endpoint chain.\n\n",
@@ -652,15 +660,9 @@ fn control_plane(out: &mut String, outcome: &Outcome) {
             .iter()
             .map(|&v| {
                 time_cell(config, v, |r| {
-                    let wall = Spread::of(r.change_s.clone())?;
-                    let mut text = format!(
-                        "{} ({}–{})",
-                        secs(wall.median),
-                        secs(wall.min),
-                        secs(wall.max)
-                    );
-                    if let Some(write) = Spread::of(r.change_write_s.clone()) {
-                        let _ = write!(text, " [{}]", secs(write.median));
+                    let mut text = change_cell(&r.change_s)?;
+                    if let Some(write) = percentile(&r.change_write_s, 50) {
+                        let _ = write!(text, " [{}]", secs(write));
                     }
                     Some(text)
                 })
@@ -669,7 +671,176 @@ fn control_plane(out: &mut String, outcome: &Outcome) {
         let _ = writeln!(out, "| {} | {} |", size(config), cells.join(" | "));
     }
     out.push('\n');
+    api_table(out, outcome);
     memory_table(out, outcome);
+    sizing(out, outcome);
+}
+
+/// The per-Service figures of this run put into the DaemonSet's formula (xtask/src/sizing.rs),
+/// beside the limit the manifest holds.
+fn sizing(out: &mut String, outcome: &Outcome) {
+    use crate::sizing;
+    let Some(api) = &outcome.api else {
+        return;
+    };
+    let services = usize::try_from(api.services).unwrap_or(usize::MAX);
+    let figures = sizing::Figures {
+        empty_agent_bytes: api.rss_empty_kib * 1024,
+        agent_bytes_per_service: per_service(
+            api.rss_peak_kib.max(api.rss_after_kib) * 1024,
+            api.rss_empty_kib * 1024,
+            services,
+        )
+        .ceil() as u64,
+        map_bytes_per_service: per_service(api.map_bytes, api.map_empty_bytes, services).ceil()
+            as u64,
+    };
+    let ours = sizing::limit(&figures, sizing::SIZED_SERVICES, &lb_common::PINNED_MAPS);
+    let manifest = sizing::daemonset_limit(&lb_common::MapCapacities::DEFAULT);
+    out.push_str(
+        "### DaemonSet memory limit
+
+",
+    );
+    let _ = writeln!(
+        out,
+        "docs/deploy.md's formula for {} Services × {} endpoints, with this run's figures from \
+         the API server ({} Services × {}): the empty agent {}, {} bytes of peak RSS (`VmHWM`) \
+         and {} bytes of BPF maps per Service; the maps at their default capacities hold {} \
+         when empty (the model of xtask/src/sizing.rs; this run's empty agent: {} on the API \
+         server{}). Agent {} + maps {}, with {} % headroom: **{}**; the manifest (and \
+         `sizing::MEASURED`) holds {}{}.\n",
+        thousands(usize::try_from(sizing::SIZED_SERVICES).unwrap_or(0)),
+        sizing::SIZED_ENDPOINTS,
+        thousands(services),
+        api.endpoints,
+        mib(figures.empty_agent_bytes),
+        figures.agent_bytes_per_service,
+        figures.map_bytes_per_service,
+        mib(ours.empty_maps),
+        mib(api.map_empty_bytes),
+        outcome
+            .empty_agent
+            .as_ref()
+            .map_or_else(String::new, |e| format!(
+                ", {} on manifests",
+                mib(e.map_bytes())
+            )),
+        mib(ours.agent),
+        mib(ours.maps),
+        sizing::HEADROOM_PERCENT,
+        sizing::quantity(ours.limit),
+        sizing::quantity(manifest.limit),
+        if ours.limit == manifest.limit {
+            ""
+        } else {
+            ": the figures moved, update both"
+        }
+    );
+}
+
+/// p50 / p99 of many tries, the median (min–max) of a few.
+fn change_cell(times: &[f64]) -> Option<String> {
+    if times.len() >= 10 {
+        return Some(format!(
+            "{} / {}",
+            secs(percentile(times, 50)?),
+            secs(percentile(times, 99)?)
+        ));
+    }
+    let wall = Spread::of(times.to_vec())?;
+    Some(format!(
+        "{} ({}–{})",
+        secs(wall.median),
+        secs(wall.min),
+        secs(wall.max)
+    ))
+}
+
+/// The agent on the (fake) API server (`lb-watch-bench`).
+fn api_table(out: &mut String, outcome: &Outcome) {
+    let Some(api) = &outcome.api else {
+        return;
+    };
+    let services = usize::try_from(api.services).unwrap_or(usize::MAX);
+    let _ = writeln!(
+        out,
+        "### From the API server: {} Services × {} endpoints\n",
+        thousands(services),
+        api.endpoints
+    );
+    out.push_str(
+        "`lb-watch-bench` (tests crate): a fake API server in a network namespace holds every \
+         Service and EndpointSlice before the agent (`lb-agent run --kubeconfig …`, the same \
+         build) starts; the agent first runs once with nothing listed (the empty agent), then \
+         starts again on the full list. The sync is from the agent's start to its first \
+         `maps updated` line, which holds every frontend. Then one EndpointSlice at a time is \
+         changed on the server (one endpoint moved) and timed from the server's write to the \
+         timestamp of the agent's `maps updated` line.\n\n",
+    );
+    let us = |values: &[u64], p| {
+        let values: Vec<f64> = values.iter().map(|&v| v as f64 / 1e6).collect();
+        percentile(&values, p).map_or_else(|| "—".into(), secs)
+    };
+    let _ = writeln!(out, "| | |\n|---|---:|");
+    let _ = writeln!(
+        out,
+        "| agent start → all {} frontends in the maps | **{}** (map writes {}) |",
+        thousands(usize::try_from(api.frontends).unwrap_or(0)),
+        secs(api.sync_s),
+        secs(api.sync_write_s)
+    );
+    let _ = writeln!(
+        out,
+        "| one EndpointSlice change → map written, p50 / p99 ({} changes) | {} / **{}** |",
+        api.event_us.len(),
+        us(&api.event_us, 50),
+        us(&api.event_us, 99)
+    );
+    let _ = writeln!(
+        out,
+        "| of which the agent's own work (model and map writes), p50 / p99 | {} / {} |",
+        us(&api.event_write_us, 50),
+        us(&api.event_write_us, 99)
+    );
+    let _ = writeln!(
+        out,
+        "| agent RSS: empty / after the sync / after the changes | {} / {} / {} |",
+        mib(api.rss_empty_kib * 1024),
+        mib(api.rss_sync_kib * 1024),
+        mib(api.rss_after_kib * 1024)
+    );
+    let _ = writeln!(
+        out,
+        "| agent RSS per Service (after the changes, minus the empty agent) | **{:.0} bytes** |",
+        per_service(api.rss_after_kib * 1024, api.rss_empty_kib * 1024, services)
+    );
+    let _ = writeln!(
+        out,
+        "| BPF map memory (every pinned map): empty / now | {} / {} |",
+        mib(api.map_empty_bytes),
+        mib(api.map_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "| BPF map memory per Service (minus the empty maps) | {:.0} bytes |\n",
+        per_service(api.map_bytes, api.map_empty_bytes, services)
+    );
+}
+
+/// `496 B`, `12.5 KiB`, `4.3 MiB`.
+fn bytes(value: f64) -> String {
+    if value >= 1048576.0 {
+        format!("{:.1} MiB", value / 1048576.0)
+    } else if value >= 10240.0 {
+        format!("{:.1} KiB", value / 1024.0)
+    } else {
+        format!("{value:.0} B")
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
 fn memory_table(out: &mut String, outcome: &Outcome) {
@@ -677,19 +848,47 @@ fn memory_table(out: &mut String, outcome: &Outcome) {
     out.push_str(
         "Resident memory of the socket LB's agent (`VmRSS`) after the size's runs; the CPU time it used \
          (`/proc/PID/stat`) while the data-path runs went on, with nothing changing; and the \
-         memory the kernel reports for the maps its programs use (`bytes_memlock` in \
-         `bpftool map show`, which grows with the entries in use).\n\n",
+         memory the kernel accounts to every map it pinned (`bytes_memlock` in \
+         `bpftool map show`, the `memlock:` of the map's fdinfo). On this kernel a hash map \
+         created with `BPF_F_NO_PREALLOC` (services, backends) reports its bucket array \
+         (16 bytes × the next power of two of `max_entries`, allocated when the map is \
+         created, idle or not) plus its entries in use; LRU maps (reverse NAT, conntrack, \
+         affinity) are preallocated and report their full capacity. The per-Service columns \
+         subtract the agent with no Service at all",
     );
+    if let Some(empty) = &outcome.empty_agent {
+        let _ = write!(
+            out,
+            " (RSS {}, maps {}: every bucket array and preallocated map, so what remains is \
+             only the entries)",
+            mib(empty.rss_kib * 1024),
+            mib(empty.map_bytes())
+        );
+    }
+    out.push_str(" and divide by the Services.\n\n");
     let _ = writeln!(
         out,
-        "| Services × endpoints | agent RSS | agent CPU while idle | BPF maps | of which |"
+        "| Services × endpoints | agent RSS | RSS per Service | agent CPU while idle | BPF maps | map bytes per Service | of which |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---|");
     for config in &outcome.configs {
         let Some(rss) = config.agent_rss_kib else {
             continue;
         };
         let total: u64 = config.maps.iter().map(|m| m.bytes_memlock).sum();
+        let (rss_per, maps_per) = outcome.empty_agent.as_ref().map_or_else(
+            || ("—".to_owned(), "—".to_owned()),
+            |empty| {
+                (
+                    bytes(per_service(
+                        rss * 1024,
+                        empty.rss_kib * 1024,
+                        config.services,
+                    )),
+                    bytes(per_service(total, empty.map_bytes(), config.services)),
+                )
+            },
+        );
         let mut maps: Vec<String> = config
             .maps
             .iter()
@@ -703,7 +902,7 @@ fn memory_table(out: &mut String, outcome: &Outcome) {
         );
         let _ = writeln!(
             out,
-            "| {} | {:.1} MiB | {cpu} | {:.1} MiB | {} |",
+            "| {} | {:.1} MiB | {rss_per} | {cpu} | {:.1} MiB | {maps_per} | {} |",
             size(config),
             rss as f64 / 1024.0,
             total as f64 / 1048576.0,
@@ -796,6 +995,10 @@ mod tests {
             other_ms: 100,
             workers: 2,
             changes: 2,
+            agent_changes: 10,
+            api_services: 0,
+            api_endpoints: 0,
+            api_events: 0,
             variants: vec![Variant::Direct, Variant::Socket, Variant::Tc],
             profile: "dev".into(),
         };
@@ -832,8 +1035,57 @@ mod tests {
             settings,
             machine: Machine::default(),
             configs: vec![config],
+            empty_agent: None,
+            api: None,
             wall_s: 1.0,
         }
+    }
+
+    #[test]
+    fn changes_show_percentiles_of_many_tries_and_the_median_of_a_few() {
+        let many: Vec<f64> = (1..=100).map(|ms| f64::from(ms) / 1e3).collect();
+        assert_eq!(change_cell(&many).unwrap(), "50.0 ms / 99.0 ms");
+        assert_eq!(
+            change_cell(&[0.5, 0.4, 0.6]).unwrap(),
+            "500.0 ms (400.0 ms–600.0 ms)"
+        );
+    }
+
+    #[test]
+    fn memory_per_service_subtracts_the_empty_agent() {
+        let mut outcome = outcome();
+        outcome.configs[0].services = 1000;
+        outcome.configs[0].agent_rss_kib = Some(12 * 1024);
+        outcome.empty_agent = Some(crate::bench::results::EmptyAgent {
+            rss_kib: 10 * 1024,
+            maps: Vec::new(),
+        });
+        outcome.api = Some(crate::bench::results::ApiResult {
+            services: 100_000,
+            endpoints: 10,
+            frontends: 100_000,
+            sync_s: 2.5,
+            sync_write_s: 0.8,
+            rss_empty_kib: 20 * 1024,
+            rss_sync_kib: 200 * 1024,
+            rss_after_kib: 210 * 1024,
+            rss_peak_kib: 250 * 1024,
+            map_empty_bytes: 100 << 20,
+            map_bytes: 250 << 20,
+            event_us: (1..=100).collect(),
+            event_write_us: vec![50; 100],
+        });
+        let text = markdown(&outcome);
+        // (12 - 10) MiB over 1000 Services.
+        assert!(text.contains("| 1,000 × 1 | 12.0 MiB | 2097 B |"), "{text}");
+        assert!(text.contains("### From the API server: 100,000 Services × 10 endpoints"));
+        assert!(
+            text.contains("| **2.50 s** (map writes 800.0 ms) |"),
+            "{text}"
+        );
+        // (250 - 20) MiB of peak over 100,000 Services.
+        assert!(text.contains("2412 bytes of peak RSS"), "{text}");
+        assert!(text.contains("### DaemonSet memory limit"));
     }
 
     #[test]

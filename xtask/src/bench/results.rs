@@ -69,11 +69,6 @@ impl Variant {
     pub fn control_plane_timed(self) -> bool {
         self.programs() && self != Self::Tc
     }
-
-    /// Whether lb-agent's programs do its work (their run-time statistics are read).
-    pub fn runs_bpf(self) -> bool {
-        matches!(self, Self::Socket | Self::Tc)
-    }
 }
 
 /// What one operation is (`lb-loadgen run --workload`).
@@ -148,8 +143,9 @@ pub struct VariantResult {
     pub program_s: Option<f64>,
     /// lb-agent only: the map write of that first sync, as its log reports it.
     pub program_write_s: Option<f64>,
-    /// One endpoint change of one Service, each try (lb-agent: file rename to `maps updated`
-    /// seen in its log, including the watcher's 50 ms debounce).
+    /// One endpoint change of one Service, each try (lb-agent: from the rename of the
+    /// rewritten file to the timestamp of its `maps updated` log line, which it writes once
+    /// the maps hold the change).
     pub change_s: Vec<f64>,
     /// lb-agent only: read, translate and write of each change, from its log.
     pub change_write_s: Vec<f64>,
@@ -168,6 +164,9 @@ pub struct ConfigResult {
     #[serde(default)]
     pub bpf_tc: ProgStats,
     pub agent_rss_kib: Option<u64>,
+    /// The agent's peak RSS (`VmHWM`): the parsed manifests pass through its heap once.
+    #[serde(default)]
+    pub agent_peak_kib: Option<u64>,
     /// CPU the (idle) agent used while the data-path runs went on, and how long they took.
     #[serde(default)]
     pub agent_cpu_s: Option<f64>,
@@ -188,6 +187,7 @@ impl ConfigResult {
             bpf: ProgStats::default(),
             bpf_tc: ProgStats::default(),
             agent_rss_kib: None,
+            agent_peak_kib: None,
             agent_cpu_s: None,
             data_path_s: 0.0,
             maps: Vec::new(),
@@ -268,6 +268,58 @@ impl ConfigResult {
     }
 }
 
+/// The agent with no Service at all (an empty manifests directory), after `ready`: the
+/// baseline of the per-Service memory figures.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EmptyAgent {
+    pub rss_kib: u64,
+    pub maps: Vec<MapMemory>,
+}
+
+impl EmptyAgent {
+    pub fn map_bytes(&self) -> u64 {
+        self.maps.iter().map(|m| m.bytes_memlock).sum()
+    }
+}
+
+/// The agent on the Kubernetes API at one size, as `lb-watch-bench --json` prints it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiResult {
+    pub services: u32,
+    pub endpoints: u32,
+    pub frontends: u64,
+    /// Agent start → every frontend in the maps.
+    pub sync_s: f64,
+    pub sync_write_s: f64,
+    pub rss_empty_kib: u64,
+    pub rss_sync_kib: u64,
+    pub rss_after_kib: u64,
+    /// Peak RSS (`VmHWM`), the initial list included.
+    #[serde(default)]
+    pub rss_peak_kib: u64,
+    pub map_empty_bytes: u64,
+    pub map_bytes: u64,
+    /// API server write of one EndpointSlice → its map write, µs, one per event.
+    pub event_us: Vec<u64>,
+    pub event_write_us: Vec<u64>,
+}
+
+/// `(now - empty) / services`: what one more Service costs.
+pub fn per_service(now: u64, empty: u64, services: usize) -> f64 {
+    now.saturating_sub(empty) as f64 / services.max(1) as f64
+}
+
+/// The `p`-th percentile (nearest rank, 0–100) of `values`.
+pub fn percentile(values: &[f64], p: usize) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let rank = (sorted.len() * p.min(100)).div_ceil(100).max(1);
+    Some(sorted[rank - 1])
+}
+
 /// A median with the smallest and largest value it was taken from.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Spread {
@@ -323,6 +375,21 @@ mod tests {
         assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
         assert_eq!(Spread::of(vec![1.0, 2.0]).unwrap().median, 1.5);
         assert!(Spread::of(vec![]).is_none());
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 50), Some(50.0));
+        assert_eq!(percentile(&values, 99), Some(99.0));
+        assert_eq!(
+            percentile(&values[..10], 99),
+            Some(10.0),
+            "a few tries: the worst"
+        );
+        assert_eq!(percentile(&[], 50), None);
+        assert_eq!(per_service(3072, 1024, 1000), 2.048);
+        assert_eq!(per_service(10, 20, 1), 0.0, "never below the empty agent");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - The measured Service is the last one (for iptables, the last rule of KUBE-SERVICES); it
 //!   also has 53/UDP → 5353, and its endpoints are the real backend pods (10.244.1.1, …).
 //! - Every other endpoint is a distinct fake address in the cluster's pod CIDR
-//!   (10.245.0.0 upwards in 10.240.0.0/12) that no traffic is ever sent to.
+//!   (10.224.0.0 – 10.243.255.255 in 10.224.0.0/11: 1.3 million, so 100,000 × 10 needs no
+//!   address twice) that no traffic is ever sent to.
 //! - The endpoint change replaces the first endpoint of Service 0 by a new address.
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -20,13 +21,14 @@ pub const TCP_TARGET_PORT: u16 = 8080;
 pub const UDP_PORT: u16 = 53;
 pub const UDP_TARGET_PORT: u16 = 5353;
 /// The cluster's pod CIDR; the node's own pods are 10.244.0.0/16 inside it.
-pub const CLUSTER_CIDR: &str = "10.240.0.0/12";
+pub const CLUSTER_CIDR: &str = "10.224.0.0/11";
 /// The Service CIDR (no interface has an address in it).
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 const FIRST_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const FIRST_FAKE_ENDPOINT: Ipv4Addr = Ipv4Addr::new(10, 245, 0, 0);
-/// 10.245.0.0 – 10.255.255.255.
-const FAKE_ENDPOINTS: u32 = 11 << 16;
+const FIRST_FAKE_ENDPOINT: Ipv4Addr = Ipv4Addr::new(10, 224, 0, 0);
+/// 10.224.0.0 – 10.243.255.255, below the node's pods (10.244.0.0/16): more than the
+/// 999,990 fake endpoints of 100,000 × 10, so every backend is distinct, as in a cluster.
+const FAKE_ENDPOINTS: u32 = 20 << 16;
 /// Replacement endpoints of the change: addresses of pods that would just have started.
 const CHANGED_ENDPOINT_BASE: Ipv4Addr = Ipv4Addr::new(10, 244, 250, 10);
 /// Services per manifest file: a Service and its slice are two YAML documents, and the
@@ -269,8 +271,20 @@ mod tests {
         );
         let fake = scenario.endpoints(0);
         assert_eq!(fake.len(), 10);
-        assert!(fake.iter().all(|ip| ip.octets()[1] >= 245));
+        assert!(fake.iter().all(|ip| (224..244).contains(&ip.octets()[1])));
         assert_ne!(scenario.endpoints(1)[0], fake[0], "distinct fake endpoints");
+    }
+
+    #[test]
+    fn a_million_fake_endpoints_are_distinct_and_never_a_node_pod() {
+        let scenario = Scenario::new(100_000, 10, &backends());
+        let mut seen = std::collections::HashSet::new();
+        for index in 0..scenario.measured() {
+            for ip in scenario.endpoints(index) {
+                assert_ne!(ip.octets()[..2], [10, 244], "{ip} is a node pod's range");
+                assert!(seen.insert(ip), "{ip} twice");
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,178 @@
+//! `lb-agent services --summary`: how full each pinned map is and what it costs the kernel,
+//! read from the pins without the agent (the first thing to look at when a Service is
+//! reported "not programmed: … is full").
+use std::{
+    fmt::Write as _,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    path::Path,
+};
+
+use aya::maps::MapData;
+use lb_common::PINNED_MAPS;
+
+use crate::inspect::OutputFormat;
+
+/// One pinned map's fill.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MapFill {
+    /// The map's name (and pin file name).
+    pub name: &'static str,
+    /// Entries it holds now.
+    pub entries: u64,
+    /// Entries it can hold (`max_entries`).
+    pub capacity: u64,
+    /// Bytes the kernel accounts to it (`memlock` in its fdinfo: buckets and entries for
+    /// hash maps allocated as written, everything for preallocated ones).
+    pub memory_bytes: u64,
+}
+
+/// Reads every map pinned under `pin_dir` and renders their fill.
+///
+/// # Errors
+/// When a map is not pinned there or cannot be read.
+pub fn summary(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
+    let fills = PINNED_MAPS
+        .iter()
+        .map(|spec| {
+            let path = pin_dir.join(spec.name);
+            fill(spec.name, &path).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {e} (is an agent running with --bpf-pin-path {}?)",
+                    path.display(),
+                    pin_dir.display()
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(match format {
+        OutputFormat::Json => serde_json::to_string_pretty(&fills)? + "\n",
+        OutputFormat::Table => table(&fills),
+    })
+}
+
+fn table(fills: &[MapFill]) -> String {
+    let mut out = format!(
+        "{:<20} {:>10} {:>10} {:>6} {:>10}\n",
+        "MAP", "ENTRIES", "CAPACITY", "FILL", "MEMORY"
+    );
+    for f in fills {
+        let percent = if f.capacity == 0 {
+            0.0
+        } else {
+            f.entries as f64 * 100.0 / f.capacity as f64
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:>10} {:>10} {:>5.1}% {:>7.1} MiB",
+            f.name,
+            f.entries,
+            f.capacity,
+            percent,
+            f.memory_bytes as f64 / f64::from(1 << 20)
+        );
+    }
+    let total: u64 = fills.iter().map(|f| f.memory_bytes).sum();
+    let _ = writeln!(
+        out,
+        "{:<20} {:>10} {:>10} {:>6} {:>7.1} MiB",
+        "total",
+        "",
+        "",
+        "",
+        total as f64 / f64::from(1 << 20)
+    );
+    out
+}
+
+/// The fill of the map pinned at `path`.
+fn fill(name: &'static str, path: &Path) -> io::Result<MapFill> {
+    let map = MapData::from_pin(path).map_err(io::Error::other)?;
+    let info = map.info().map_err(io::Error::other)?;
+    let fd = map.fd().as_fd();
+    Ok(MapFill {
+        name,
+        entries: count_entries(fd, info.key_size() as usize)?,
+        capacity: u64::from(info.max_entries()),
+        memory_bytes: memlock(fd)?,
+    })
+}
+
+/// The number of keys in the map, by walking them (`BPF_MAP_GET_NEXT_KEY`): the kernel
+/// keeps no count it would tell. An entry deleted during the walk restarts it from the
+/// first key at worst, so the count is a moment's, not exact under churn.
+fn count_entries(fd: BorrowedFd<'_>, key_size: usize) -> io::Result<u64> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        pad: u32,
+        key: u64,
+        next_key: u64,
+        flags: u64,
+    }
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut next = vec![0u8; key_size.max(1)];
+    let mut count = 0u64;
+    let mut first = true;
+    loop {
+        let attr = Attr {
+            map_fd: fd.as_raw_fd() as u32,
+            pad: 0,
+            // A null key asks for the first one.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` points at buffers of the map's key size that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &raw const attr,
+                size_of::<Attr>(),
+            )
+        };
+        if rc != 0 {
+            let error = io::Error::last_os_error();
+            return if error.raw_os_error() == Some(libc::ENOENT) {
+                Ok(count)
+            } else {
+                Err(error)
+            };
+        }
+        count += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
+    }
+}
+
+/// The `memlock:` line of the map's fdinfo: what the kernel accounts to it.
+fn memlock(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no memlock line in the map's fdinfo"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_shows_fill_and_memory() {
+        let out = table(&[MapFill {
+            name: "LB4_SERVICES",
+            entries: 1_100_001,
+            capacity: 2_097_152,
+            memory_bytes: 3 << 20,
+        }]);
+        let line = out.lines().nth(1).unwrap();
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            ["LB4_SERVICES", "1100001", "2097152", "52.5%", "3.0", "MiB"]
+        );
+        assert!(out.lines().last().unwrap().starts_with("total"), "{out}");
+    }
+}
