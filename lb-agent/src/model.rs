@@ -109,8 +109,26 @@ impl fmt::Display for L4Addr {
 /// and namespaces are interned ([`intern`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ObjectRef {
+    #[serde(serialize_with = "shared_str")]
     pub namespace: Arc<str>,
+    #[serde(serialize_with = "shared_str")]
     pub name: Arc<str>,
+}
+
+/// Serializes a shared string as the string (serde's `rc` feature would rebuild every
+/// crate that uses serde for this one).
+fn shared_str<S: serde::Serializer>(text: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(text)
+}
+
+fn shared_opt_str<S: serde::Serializer>(
+    text: &Option<Arc<str>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match text {
+        Some(text) => serializer.serialize_some(&**text),
+        None => serializer.serialize_none(),
+    }
 }
 
 impl ObjectRef {
@@ -265,10 +283,13 @@ impl fmt::Display for Backend {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EndpointInfo {
     /// The EndpointSlice, or `pod/<name>` when the endpoint was derived from a Pod.
+    #[serde(serialize_with = "shared_str")]
     pub source: Arc<str>,
     /// `nodeName` of the endpoint (or the Pod's `spec.nodeName`), interned.
+    #[serde(serialize_with = "shared_opt_str")]
     pub node_name: Option<Arc<str>>,
     /// `zone` of the endpoint, interned.
+    #[serde(serialize_with = "shared_opt_str")]
     pub zone: Option<Arc<str>>,
 }
 
