@@ -192,13 +192,7 @@ impl ClusterState {
         let (valid, problems) = validate_slice(&slice, &id.name);
         drop(slice);
         let valid = valid.map(|(_, valid)| valid);
-        let key = (Kind::EndpointSlice, id);
-        let same_problems = self
-            .object_problems
-            .get(&key)
-            .map_or(problems.is_empty(), |old| *old == problems);
-        let (_, id) = key;
-        if same_problems
+        if self.has_problems(Kind::EndpointSlice, &id, &problems)
             && self
                 .slices
                 .get(&id)
@@ -241,13 +235,7 @@ impl ClusterState {
         let id = ObjectRef::of(&pod.object.metadata);
         let (valid, problems) = validate_pod(&pod);
         drop(pod);
-        let key = (Kind::Pod, id);
-        let same_problems = self
-            .object_problems
-            .get(&key)
-            .map_or(problems.is_empty(), |old| *old == problems);
-        let (_, id) = key;
-        if same_problems && self.pods.get(&id) == Some(&valid) {
+        if self.has_problems(Kind::Pod, &id, &problems) && self.pods.get(&id) == Some(&valid) {
             return;
         }
         self.set_problems(Kind::Pod, &id, problems);
@@ -564,6 +552,12 @@ impl ClusterState {
         if let Some(services) = self.services_by_namespace.get(namespace) {
             self.dirty.extend(services.iter().cloned());
         }
+    }
+
+    /// Whether the object's problems are exactly `problems` already.
+    fn has_problems(&self, kind: Kind, id: &ObjectRef, problems: &[Problem]) -> bool {
+        let old = self.object_problems.get(&(kind, id.clone()));
+        old.map_or(problems.is_empty(), |old| old == problems)
     }
 
     fn set_problems(&mut self, kind: Kind, id: &ObjectRef, problems: Vec<Problem>) {
