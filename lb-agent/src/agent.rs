@@ -13,7 +13,7 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     api::{self, SharedStatus},
@@ -30,8 +30,6 @@ use crate::{
     },
 };
 
-/// How long the watcher waits for a burst of file changes to settle.
-const DEBOUNCE: Duration = Duration::from_millis(50);
 /// A full rescan of the manifests this often, in case a watch event was lost (cheap:
 /// unchanged files are not re-read).
 const RESCAN: Duration = Duration::from_secs(10);
@@ -170,37 +168,49 @@ async fn run_manifests<M: LbMaps>(
 ) -> anyhow::Result<()> {
     // Watch before the first read, so a change made in between is not lost.
     let (_watcher, mut changes) =
-        manifests::watch(dir, DEBOUNCE).with_context(|| format!("watching {}", dir.display()))?;
+        manifests::watch(dir).with_context(|| format!("watching {}", dir.display()))?;
     let mut manifests = ManifestDir::new(dir);
-    let read =
-        |manifests: &mut ManifestDir, reconciler: &mut Reconciler<M>| -> anyhow::Result<()> {
-            let Some(changes) = manifests
-                .refresh()
-                .with_context(|| format!("reading {}", dir.display()))?
-            else {
-                return Ok(());
-            };
-            reconciler.queued(Instant::now());
-            for change in changes {
-                reconciler.apply(change);
-            }
-            let problems = manifests.problems();
-            reconciler.set_source_problems(problems.iter().map(ToString::to_string).collect());
-            Ok(())
-        };
-    read(&mut manifests, reconciler)?;
+    // `only`: the files a watch event named (each is read whatever its stamp says: a file
+    // written in place twice within the clock's granularity keeps its length and mtime);
+    // none: every file whose stamp changed.
+    let read = |manifests: &mut ManifestDir,
+                reconciler: &mut Reconciler<M>,
+                only: Option<&[PathBuf]>|
+     -> anyhow::Result<()> {
+        let queued = Instant::now();
+        let changed = manifests
+            .refresh_with(only, |change| reconciler.apply(change))
+            .with_context(|| format!("reading {}", dir.display()))?;
+        if !changed {
+            return Ok(());
+        }
+        debug!(
+            files = only.map_or(0, <[PathBuf]>::len),
+            elapsed_us = queued.elapsed().as_micros(),
+            "manifests read"
+        );
+        reconciler.queued(queued);
+        let problems = manifests.problems();
+        reconciler.set_source_problems(problems.iter().map(ToString::to_string).collect());
+        Ok(())
+    };
+    read(&mut manifests, reconciler, None)?;
     reconciler
         .sync(SyncKind::Full, Instant::now())
         .context("initial sync")?;
+    // The files' objects passed through the heap once: hand the pages back.
+    release_free_memory();
     datapath.attach()?;
     let mut health = HealthServers::new(Arc::clone(reconciler.health()));
     reconciler.update_health(&mut health).await;
     let mut rescan = tokio::time::interval(RESCAN);
     let mut stop = Stop::new()?;
     loop {
-        tokio::select! {
-            Some(()) = changes.recv() => {}
-            _ = rescan.tick() => {}
+        // No debounce: a change is handled as soon as it comes, and whatever comes while
+        // it is handled is taken in one go next time round.
+        let changed = tokio::select! {
+            Some(changed) = changes.next() => changed,
+            _ = rescan.tick() => manifests::Changed::Everything,
             () = datapath.node.changed() => {
                 datapath.refresh();
                 // An external IP on a node address may yield to a NodePort, or take it.
@@ -209,9 +219,13 @@ async fn run_manifests<M: LbMaps>(
                 continue;
             }
             () = stop.wait() => return Ok(()),
-        }
+        };
         let started = Instant::now();
-        match read(&mut manifests, reconciler) {
+        let only = match &changed {
+            manifests::Changed::Files(files) => Some(files.as_slice()),
+            _ => None,
+        };
+        match read(&mut manifests, reconciler, only) {
             Ok(()) => {
                 reconciler.sync_or_log(SyncKind::Changes, started);
                 reconciler.update_health(&mut health).await;

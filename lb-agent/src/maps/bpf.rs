@@ -187,8 +187,6 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
 }
 
 impl LbMaps for BpfMaps {
-    /// Sets go to the kernel as batches, one per map; deletes one by one (a batch delete
-    /// stops at the first absent key).
     fn capacity(&self, name: &str) -> Option<usize> {
         self.capacities
             .iter()
@@ -196,6 +194,8 @@ impl LbMaps for BpfMaps {
             .map(|(_, entries)| *entries)
     }
 
+    /// Sets go to the kernel as batches, one per map; deletes one by one (a batch delete
+    /// stops at the first absent key).
     fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
         let (mut s4, mut v4, mut s6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut b4, mut bv4, mut b6, mut bv6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
