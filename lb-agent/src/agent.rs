@@ -1,8 +1,7 @@
 //! `lb-agent run`: load and attach the datapath, then keep its maps equal to what the
-//! source (a manifests directory or the API server) describes. Both sources feed one
-//! [`ClusterState`] and one [`MapWriter`] through the [`Reconciler`].
+//! source (a manifests directory or the API server) describes. Both sources hand their
+//! changes to one [`Reconciler`], which alone changes the model and writes the maps.
 use std::{
-    collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
     sync::Arc,
@@ -22,14 +21,13 @@ use crate::{
     health::HealthServers,
     loader,
     maps::{LbMaps, writer::MapWriter},
-    node::ThisNode,
     ownership::{ExternalIpCidrs, NodePortAddresses},
-    proxy_health::{self, Now, ProxyHealth},
+    proxy_health::{self, ProxyHealth},
+    reconcile::{Reconciler, SyncKind},
     source::{
         kube as kube_source,
         manifests::{self, ManifestDir},
     },
-    state::ClusterState,
 };
 
 /// A full rescan of the manifests this often, in case a watch event was lost (cheap:
@@ -117,7 +115,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.node_name.clone(),
         Arc::clone(&health),
     );
-    reconciler.stale_cleanup = Some(config.pin_dir.clone());
+    reconciler.set_stale_cleanup(config.pin_dir.clone());
     let pods = config
         .socket_lb
         .per_packet_for_pods()
@@ -128,10 +126,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         pods,
         config.nodeport_addresses.clone(),
     )?;
-    reconciler
-        .state
-        .set_external_ip_cidrs(config.external_ip_cidrs.clone());
-    reconciler.state.set_node_addresses(node.node_addresses());
+    reconciler.set_external_ip_cidrs(config.external_ip_cidrs.clone());
+    reconciler.set_node_addresses(node.node_addresses());
     info!(
         node = config.node_name.as_deref().unwrap_or("(unset)"),
         socket_lb = ?config.socket_lb,
@@ -174,18 +170,16 @@ async fn run_manifests<M: LbMaps>(
     let (_watcher, mut changes) =
         manifests::watch(dir).with_context(|| format!("watching {}", dir.display()))?;
     let mut manifests = ManifestDir::new(dir);
-    let mut node = ThisNode::new(datapath.config.node_name.clone());
     // `only`: the files a watch event named (each is read whatever its stamp says: a file
     // written in place twice within the clock's granularity keeps its length and mtime);
     // none: every file whose stamp changed.
     let read = |manifests: &mut ManifestDir,
-                node: &mut ThisNode,
                 reconciler: &mut Reconciler<M>,
                 only: Option<&[PathBuf]>|
      -> anyhow::Result<()> {
         let queued = Instant::now();
         let changed = manifests
-            .refresh_with(only, |update| update.apply_to(&mut reconciler.state, node))
+            .refresh_with(only, |change| reconciler.apply(change))
             .with_context(|| format!("reading {}", dir.display()))?;
         if !changed {
             return Ok(());
@@ -195,20 +189,19 @@ async fn run_manifests<M: LbMaps>(
             elapsed_us = queued.elapsed().as_micros(),
             "manifests read"
         );
-        reconciler.health.queued(queued);
-        reconciler.health.set_node_eligible(node.eligible());
+        reconciler.queued(queued);
         let problems = manifests.problems();
-        reconciler.source_problems = problems.iter().map(ToString::to_string).collect();
+        reconciler.set_source_problems(problems.iter().map(ToString::to_string).collect());
         Ok(())
     };
-    read(&mut manifests, &mut node, reconciler, None)?;
+    read(&mut manifests, reconciler, None)?;
     reconciler
-        .sync(Sync::Full, Instant::now())
+        .sync(SyncKind::Full, Instant::now())
         .context("initial sync")?;
     // The files' objects passed through the heap once: hand the pages back.
     release_free_memory();
     datapath.attach()?;
-    let mut health = HealthServers::new(Arc::clone(&reconciler.health));
+    let mut health = HealthServers::new(Arc::clone(reconciler.health()));
     reconciler.update_health(&mut health).await;
     let mut rescan = tokio::time::interval(RESCAN);
     let mut stop = Stop::new()?;
@@ -221,8 +214,8 @@ async fn run_manifests<M: LbMaps>(
             () = datapath.node.changed() => {
                 datapath.refresh();
                 // An external IP on a node address may yield to a NodePort, or take it.
-                reconciler.state.set_node_addresses(datapath.node.node_addresses());
-                reconciler.sync_or_log(Sync::Changes, Instant::now());
+                reconciler.set_node_addresses(datapath.node.node_addresses());
+                reconciler.sync_or_log(SyncKind::Changes, Instant::now());
                 continue;
             }
             () = stop.wait() => return Ok(()),
@@ -232,9 +225,9 @@ async fn run_manifests<M: LbMaps>(
             manifests::Changed::Files(files) => Some(files.as_slice()),
             _ => None,
         };
-        match read(&mut manifests, &mut node, reconciler, only) {
+        match read(&mut manifests, reconciler, only) {
             Ok(()) => {
-                reconciler.sync_or_log(Sync::Changes, started);
+                reconciler.sync_or_log(SyncKind::Changes, started);
                 reconciler.update_health(&mut health).await;
             }
             Err(e) => error!(
@@ -258,46 +251,43 @@ async fn run_kube<M: LbMaps>(
         .context("configuring the Kubernetes client")?;
     let node_name = datapath.config.node_name.clone();
     let mut updates = kube_source::watch(&client, node_name.as_deref());
-    let mut applier = kube_source::WatchApplier::new(node_name);
+    let mut applier = kube_source::WatchApplier::new(node_name.is_some());
     let mut stop = Stop::new()?;
-    let mut health = HealthServers::new(Arc::clone(&reconciler.health));
+    let mut health = HealthServers::new(Arc::clone(reconciler.health()));
     loop {
         let first = tokio::select! {
             update = updates.recv() => update.context("the watches ended")?,
             () = datapath.node.changed() => {
                 datapath.refresh();
-                reconciler.state.set_node_addresses(datapath.node.node_addresses());
+                reconciler.set_node_addresses(datapath.node.node_addresses());
                 if datapath.attached {
-                    reconciler.sync_or_log(Sync::Changes, Instant::now());
+                    reconciler.sync_or_log(SyncKind::Changes, Instant::now());
                 }
                 continue;
             }
             () = stop.wait() => return Ok(()),
         };
         let started = Instant::now();
-        reconciler.health.queued(started);
-        applier.apply(&mut reconciler.state, first);
+        reconciler.queued(started);
+        applier.convert(first, |change| reconciler.apply(change));
         // Take what else is already queued: one write pass for a burst of events.
         while let Ok(update) = updates.try_recv() {
-            applier.apply(&mut reconciler.state, update);
+            applier.convert(update, |change| reconciler.apply(change));
         }
-        reconciler
-            .health
-            .set_node_eligible(applier.node().eligible());
         if !applier.initial_lists_done() {
             continue;
         }
         match datapath.attached {
             false => {
-                let (services, slices, _) = reconciler.state.counts();
+                let (services, slices, _) = reconciler.state().counts();
                 info!(services, slices, "initial lists complete");
                 reconciler
-                    .sync(Sync::Full, started)
+                    .sync(SyncKind::Full, started)
                     .context("initial sync")?;
                 datapath.attach()?;
                 release_free_memory();
             }
-            true => reconciler.sync_or_log(Sync::Changes, started),
+            true => reconciler.sync_or_log(SyncKind::Changes, started),
         }
         reconciler.update_health(&mut health).await;
     }
@@ -380,216 +370,6 @@ impl Stop {
     }
 }
 
-/// How much a sync writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Sync {
-    /// Everything that differs from the maps (first sync, after adopting).
-    Full,
-    /// The frontends the model reports changed (and any whose write failed before).
-    Changes,
-}
-
-/// The model, the writer, and what was last reported.
-struct Reconciler<M> {
-    state: ClusterState,
-    writer: MapWriter<M>,
-    status: SharedStatus,
-    /// Problems found by the source itself (unparsable files), as text.
-    source_problems: Vec<String>,
-    /// Frontends the maps could not take (full, or no free id), as text.
-    map_problems: Vec<String>,
-    reported: BTreeSet<String>,
-    /// (model problems version, source problems, map problems) when last reported.
-    reported_version: Option<(u64, Vec<String>, Vec<String>)>,
-    /// Frontends whose write failed, to retry on the next sync.
-    pending: BTreeSet<crate::model::L4Addr>,
-    full_pending: bool,
-    /// The health checks last handed to the servers.
-    health_checks: Option<std::collections::BTreeMap<u16, crate::model::HealthCheck>>,
-    /// The pin directory, when UDP sockets and flows pinned to removed backends are to be
-    /// ended after each write ([`crate::stale`]).
-    stale_cleanup: Option<std::path::PathBuf>,
-    /// The agent's health: changes queued and synced, this node's eligibility.
-    health: Arc<ProxyHealth>,
-}
-
-impl<M: LbMaps> Reconciler<M> {
-    fn new(
-        writer: MapWriter<M>,
-        status: SharedStatus,
-        node_name: Option<String>,
-        health: Arc<ProxyHealth>,
-    ) -> Self {
-        Self {
-            state: ClusterState::new(node_name),
-            writer,
-            status,
-            source_problems: Vec::new(),
-            map_problems: Vec::new(),
-            reported: BTreeSet::new(),
-            reported_version: None,
-            pending: BTreeSet::new(),
-            full_pending: false,
-            health_checks: None,
-            stale_cleanup: None,
-            health,
-        }
-    }
-
-    /// Hands the Services' health checks to the servers when they changed.
-    async fn update_health(&mut self, servers: &mut HealthServers) {
-        let checks = self.state.health_checks();
-        if self.health_checks.as_ref() != Some(&checks) {
-            servers.update(&checks).await;
-            self.health_checks = Some(checks);
-        }
-    }
-
-    fn sync_or_log(&mut self, kind: Sync, started: Instant) {
-        if let Err(e) = self.sync(kind, started) {
-            error!(
-                error = format!("{e:#}"),
-                "writing the maps failed; retrying on the next sync"
-            );
-        }
-    }
-
-    /// Translates what changed and writes it.
-    fn sync(&mut self, kind: Sync, started: Instant) -> anyhow::Result<()> {
-        let changed = self.state.recompute();
-        self.pending.extend(changed.iter().copied());
-        self.publish(&changed);
-        if kind == Sync::Full {
-            self.full_pending = true;
-        }
-        self.report();
-        // Frontends the maps could not take are tried again on every sync (a rescan, any
-        // event): room may have appeared.
-        if self.pending.is_empty() && !self.full_pending && self.writer.refused().is_empty() {
-            self.health.updated(Now::current());
-            return Ok(());
-        }
-        let desired = self.state.desired();
-        let result = if self.full_pending {
-            self.writer.apply(desired)
-        } else {
-            let pending: Vec<_> = self.pending.iter().copied().collect();
-            self.writer.apply_changes(desired, &pending)
-        };
-        let stats = match result {
-            Ok(stats) => stats,
-            Err(e) => {
-                // The record may now be ahead of the maps: read them back, and make the
-                // next sync a full one from what is really there.
-                self.full_pending = true;
-                if let Err(read) = self.writer.readopt() {
-                    error!(error = %read, "reading the maps back failed");
-                }
-                return Err(anyhow::Error::new(e).context("writing the maps"));
-            }
-        };
-        self.pending.clear();
-        self.full_pending = false;
-        self.health.updated(Now::current());
-        let stale = self.writer.take_stale_udp();
-        if let Some(pin_dir) = &self.stale_cleanup
-            && !stale.is_empty()
-        {
-            match crate::stale::clean(pin_dir, &stale) {
-                Ok(done) => info!(
-                    backends = stale.len(),
-                    sockets_destroyed = done.sockets_destroyed,
-                    flows_deleted = done.flows_deleted,
-                    "UDP traffic pinned to removed backends ended"
-                ),
-                Err(e) => warn!(error = %e, "ending UDP traffic to removed backends failed"),
-            }
-        }
-        let elapsed_us = started.elapsed().as_micros();
-        if stats.is_noop() {
-            debug!(elapsed_us, "nothing to write");
-        } else {
-            info!(
-                frontends = desired.len(),
-                added = stats.frontends_added,
-                updated = stats.frontends_updated,
-                removed = stats.frontends_removed,
-                map_writes = stats.map_writes,
-                map_deletes = stats.map_deletes,
-                elapsed_us,
-                "maps updated"
-            );
-        }
-        self.map_problems = self.map_problems();
-        self.report();
-        Ok(())
-    }
-
-    /// Updates what the API shows, for the changed frontends only.
-    fn publish(&self, changed: &[crate::model::L4Addr]) {
-        let Ok(mut status) = self.status.write() else {
-            return;
-        };
-        for address in changed {
-            match self.state.desired().get(address) {
-                Some(frontend) => status.desired.insert(*address, frontend.clone()),
-                None => status.desired.remove(address),
-            };
-        }
-    }
-
-    /// The frontends the writer could not program, as problems on their Services' ports
-    /// (the writer tries them again with every apply).
-    fn map_problems(&self) -> Vec<String> {
-        let mut problems: Vec<String> = self
-            .writer
-            .refused()
-            .values()
-            .map(|refused| {
-                let message = format!("not programmed: {}", refused.reason);
-                self.state
-                    .port_problem(&refused.service, &refused.port_name, message)
-                    .to_string()
-            })
-            .collect();
-        problems.sort();
-        problems.dedup();
-        problems
-    }
-
-    /// Logs each problem once, when it appears, and says when it is gone.
-    fn report(&mut self) {
-        let version = (
-            self.state.problems_version(),
-            self.source_problems.clone(),
-            self.map_problems.clone(),
-        );
-        if self.reported_version.as_ref() == Some(&version) {
-            return;
-        }
-        self.reported_version = Some(version);
-        let mut now: BTreeSet<String> = self
-            .state
-            .problems()
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        now.extend(self.source_problems.iter().cloned());
-        now.extend(self.map_problems.iter().cloned());
-        for problem in now.difference(&self.reported) {
-            if self.map_problems.contains(problem) {
-                error!("{problem}");
-            } else {
-                error!("invalid object, not programmed: {problem}");
-            }
-        }
-        for problem in self.reported.difference(&now) {
-            info!("resolved: {problem}");
-        }
-        self.reported = now;
-    }
-}
-
 /// Hands the heap's free pages back to the kernel. The initial list passes through the heap
 /// once (kube-rs pages, our relist buffer): without this the agent's RSS would keep that
 /// peak for the rest of its life.
@@ -611,71 +391,5 @@ async fn forward_ebpf_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{maps::fake::FakeMaps, translate::Sourced};
-
-    fn service(i: usize) -> Sourced<k8s_openapi::api::core::v1::Service> {
-        let object = serde_json::from_value(serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
-            "spec": {
-                "clusterIP": format!("10.96.0.{}", i + 1),
-                "selector": {"app": "x"},
-                "ports": [{"name": "http", "port": 80}],
-            },
-        }))
-        .unwrap();
-        Sourced {
-            origin: Arc::from("services.yaml"),
-            object,
-        }
-    }
-
-    /// The first sync with more Services than the services map holds programs those that
-    /// fit, reports the others on their port, and does not fail.
-    #[test]
-    fn first_sync_programs_what_fits_and_reports_the_rest() {
-        let mut maps = FakeMaps::default();
-        // Each Service here (no endpoints) is one master entry.
-        maps.set_capacity(lb_common::SERVICES4_MAP, 5);
-        let writer = MapWriter::adopt(maps).unwrap();
-        let mut reconciler = Reconciler::new(
-            writer,
-            SharedStatus::default(),
-            None,
-            Arc::new(ProxyHealth::default()),
-        );
-        for i in 0..8 {
-            reconciler.state.apply_service(service(i));
-        }
-        reconciler.sync(Sync::Full, Instant::now()).unwrap();
-        let masters = reconciler.writer.maps().services.len();
-        assert_eq!(masters, 5, "every Service that fits is programmed");
-        assert_eq!(reconciler.writer.refused().len(), 3);
-        assert_eq!(reconciler.map_problems.len(), 3);
-        for problem in &reconciler.map_problems {
-            assert!(
-                problem.starts_with("services.yaml: Service default/svc-")
-                    && problem.contains(
-                        ": spec.ports[0]: not programmed: LB4_SERVICES is full (5 entries"
-                    ),
-                "{problem}"
-            );
-        }
-        // Room appears: a deleted Service makes room for one refused Service at the next sync.
-        reconciler.state.delete_service(&crate::model::ObjectRef {
-            namespace: "default".into(),
-            name: "svc-0".into(),
-        });
-        reconciler.sync(Sync::Changes, Instant::now()).unwrap();
-        assert_eq!(reconciler.writer.maps().services.len(), 5);
-        assert_eq!(reconciler.writer.refused().len(), 2);
-        assert_eq!(reconciler.map_problems.len(), 2);
     }
 }

@@ -58,27 +58,25 @@ pub fn views(desired: &DesiredState) -> Vec<FrontendView> {
             frontend: f.address.to_string(),
             kind: format!("{:?}", f.kind),
             service: f.service.to_string(),
-            port_name: f.port_name.clone(),
+            port_name: f.port_name.to_string(),
             backends: f
                 .backends
                 .iter()
                 .zip(&f.backend_info)
-                .map(
-                    |(
-                        b,
-                        EndpointInfo {
-                            source,
-                            node_name,
-                            zone,
-                        },
-                    )| BackendView {
+                .map(|(b, info)| {
+                    let EndpointInfo {
+                        source,
+                        node_name,
+                        zone,
+                    } = &**info;
+                    BackendView {
                         backend: b.addr.to_string(),
                         state: format!("{:?}", b.state),
-                        source: source.clone(),
-                        node_name: node_name.clone(),
-                        zone: zone.clone(),
-                    },
-                )
+                        source: source.to_string(),
+                        node_name: node_name.as_deref().map(str::to_string),
+                        zone: zone.as_deref().map(str::to_string),
+                    }
+                })
                 .collect(),
         })
         .collect()

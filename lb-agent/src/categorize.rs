@@ -32,7 +32,7 @@ pub struct Candidate {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub info: EndpointInfo,
+    pub info: std::sync::Arc<EndpointInfo>,
     pub hints: Hints,
 }
 

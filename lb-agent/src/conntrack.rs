@@ -43,9 +43,9 @@ pub fn flows(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<Flow> {
         .iter()
         .filter(|(key, _)| key.dir == CT_DIR_ORIG)
         .map(|(key, value)| {
-            let protocol = Protocol::from_number(key.proto)
+            let protocol = crate::maps::codec::protocol(key.proto)
                 .map_or_else(|| key.proto.to_string(), |p| p.to_string());
-            let state = if Protocol::from_number(key.proto) != Some(Protocol::Tcp) {
+            let state = if crate::maps::codec::protocol(key.proto) != Some(Protocol::Tcp) {
                 String::new()
             } else if value.tcp_state & CT_TCP_RST != 0
                 || value.tcp_state & (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY) != 0

@@ -145,10 +145,7 @@ mod tests {
     fn answers_like_kube_proxy() {
         let mut check = HealthCheck {
             port: 32000,
-            service: ObjectRef {
-                namespace: "default".into(),
-                name: "web".into(),
-            },
+            service: ObjectRef::new("default", "web"),
             local_endpoints: 2,
         };
         let (status, body) = answer(&check, true);

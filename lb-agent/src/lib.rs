@@ -1,8 +1,10 @@
 //! The node agent of an eBPF Kubernetes service load balancer.
 //!
-//! Data flow: a source ([`source`]) yields Kubernetes objects; [`translate`] turns them into
-//! the desired frontends ([`model`]); [`maps::writer`] writes the differences into the BPF
-//! maps that the programs loaded by [`loader`] read.
+//! Data flow: a source ([`source`]) emits [`source::change::Change`]s; the
+//! [`reconcile::Reconciler`] applies them to the [`state`] (validated on arrival into
+//! [`translate`]'s compact forms), which [`translate`] turns into the desired frontends
+//! ([`model`]); [`maps::writer`] writes the differences into the BPF maps that the programs
+//! loaded by [`loader`] read.
 pub mod agent;
 pub mod api;
 pub mod categorize;
@@ -19,6 +21,8 @@ pub mod netlink;
 pub mod node;
 pub mod ownership;
 pub mod proxy_health;
+pub mod reconcile;
+pub mod small_set;
 pub mod source;
 pub mod stale;
 pub mod state;

@@ -10,27 +10,6 @@ pub enum Protocol {
     Udp,
 }
 
-impl Protocol {
-    /// IANA protocol number, as the maps store it.
-    #[must_use]
-    pub const fn number(self) -> u8 {
-        match self {
-            Self::Tcp => lb_common::PROTO_TCP,
-            Self::Udp => lb_common::PROTO_UDP,
-        }
-    }
-
-    /// The protocol of an IANA number, if the load balancer handles it.
-    #[must_use]
-    pub const fn from_number(number: u8) -> Option<Self> {
-        match number {
-            lb_common::PROTO_TCP => Some(Self::Tcp),
-            lb_common::PROTO_UDP => Some(Self::Udp),
-            _ => None,
-        }
-    }
-}
-
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -46,10 +25,20 @@ pub struct L4Addr {
     pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
-    /// Lookup scope of a frontend (as Cilium's `L3n4Addr.Scope`): `SCOPE_EXTERNAL` for
-    /// every backend and frontend except the in-cluster entry of a frontend with two (an
-    /// `externalTrafficPolicy: Local` Service's NodePort, external or LoadBalancer IP).
-    pub scope: u8,
+    /// Lookup scope of a frontend (as Cilium's `L3n4Addr.Scope`).
+    pub scope: Scope,
+}
+
+/// Which clients a frontend entry is for: [`Scope::External`] for every backend and
+/// frontend except the in-cluster entry of a frontend with two (an
+/// `externalTrafficPolicy: Local` Service's NodePort, external or LoadBalancer IP).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Every client (or, for a frontend with two entries, clients outside the cluster).
+    #[default]
+    External,
+    /// Clients inside the cluster, of a frontend with two entries.
+    Internal,
 }
 
 impl L4Addr {
@@ -59,7 +48,7 @@ impl L4Addr {
             address: address.into(),
             port,
             protocol,
-            scope: lb_common::SCOPE_EXTERNAL,
+            scope: Scope::External,
         }
     }
 
@@ -67,7 +56,7 @@ impl L4Addr {
     #[must_use]
     pub const fn internal(self) -> Self {
         Self {
-            scope: lb_common::SCOPE_INTERNAL,
+            scope: Scope::Internal,
             ..self
         }
     }
@@ -75,7 +64,7 @@ impl L4Addr {
     /// Whether this is the in-cluster entry of a frontend with two scopes.
     #[must_use]
     pub const fn is_internal(&self) -> bool {
-        self.scope == lb_common::SCOPE_INTERNAL
+        matches!(self.scope, Scope::Internal)
     }
 }
 
@@ -116,24 +105,89 @@ impl fmt::Display for L4Addr {
     }
 }
 
-/// `namespace/name` of a Kubernetes object.
+/// `namespace/name` of a Kubernetes object. Both are shared: a clone costs no allocation,
+/// and namespaces are interned ([`intern`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
+    #[serde(serialize_with = "shared_str")]
+    pub namespace: Arc<str>,
+    #[serde(serialize_with = "shared_str")]
+    pub name: Arc<str>,
+}
+
+/// Serializes a shared string as the string (serde's `rc` feature would rebuild every
+/// crate that uses serde for this one).
+fn shared_str<S: serde::Serializer>(text: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(text)
+}
+
+fn shared_opt_str<S: serde::Serializer>(
+    text: &Option<Arc<str>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match text {
+        Some(text) => serializer.serialize_some(&**text),
+        None => serializer.serialize_none(),
+    }
 }
 
 impl ObjectRef {
     /// The reference of an object (namespace `default` when unset, as the API server does).
     #[must_use]
     pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+
+    /// `namespace/name`, the namespace interned.
+    #[must_use]
+    pub fn new(namespace: &str, name: &str) -> Self {
         Self {
-            namespace: meta
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".to_string()),
-            name: meta.name.clone().unwrap_or_default(),
+            namespace: intern(namespace),
+            name: Arc::from(name),
         }
+    }
+}
+
+/// The namespace of an object that names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The shared copy of `text`: for the few strings that recur in many objects (namespaces,
+/// node names, zones), so that each is held once however many objects name it.
+#[must_use]
+pub fn intern(text: &str) -> Arc<str> {
+    static STRINGS: std::sync::Mutex<Interned> = std::sync::Mutex::new(Interned {
+        set: None,
+        purge_at: 1024,
+    });
+    let mut strings = STRINGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    strings.get(text)
+}
+
+/// The set behind [`intern`]: strings nothing else holds any more are dropped whenever it
+/// has doubled.
+struct Interned {
+    set: Option<std::collections::HashSet<Arc<str>>>,
+    purge_at: usize,
+}
+
+impl Interned {
+    fn get(&mut self, text: &str) -> Arc<str> {
+        let set = self.set.get_or_insert_default();
+        if let Some(shared) = set.get(text) {
+            return Arc::clone(shared);
+        }
+        if set.len() >= self.purge_at {
+            set.retain(|s| Arc::strong_count(s) > 1);
+            self.purge_at = (2 * set.len()).max(1024);
+        }
+        let shared: Arc<str> = Arc::from(text);
+        set.insert(Arc::clone(&shared));
+        shared
     }
 }
 
@@ -157,35 +211,6 @@ pub enum FrontendKind {
     NodePort,
 }
 
-impl FrontendKind {
-    /// The `SVC_F_*` flag of the kind.
-    #[must_use]
-    pub const fn flag(self) -> u32 {
-        match self {
-            Self::ClusterIp => lb_common::SVC_F_CLUSTER_IP,
-            Self::ExternalIp => lb_common::SVC_F_EXTERNAL_IP,
-            Self::LoadBalancer => lb_common::SVC_F_LOADBALANCER,
-            Self::NodePort => lb_common::SVC_F_NODEPORT,
-        }
-    }
-
-    /// The kind a flags word names (the lowest kind flag set).
-    #[must_use]
-    pub const fn from_flags(flags: u32) -> Option<Self> {
-        if flags & lb_common::SVC_F_CLUSTER_IP != 0 {
-            Some(Self::ClusterIp)
-        } else if flags & lb_common::SVC_F_EXTERNAL_IP != 0 {
-            Some(Self::ExternalIp)
-        } else if flags & lb_common::SVC_F_LOADBALANCER != 0 {
-            Some(Self::LoadBalancer)
-        } else if flags & lb_common::SVC_F_NODEPORT != 0 {
-            Some(Self::NodePort)
-        } else {
-            None
-        }
-    }
-}
-
 /// The state of an endpoint that receives new connections.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum EndpointState {
@@ -195,26 +220,6 @@ pub enum EndpointState {
     /// Serving but terminating: takes new connections only because no endpoint of the
     /// Service is ready (kube-proxy's terminating-endpoint fallback).
     Terminating,
-}
-
-impl EndpointState {
-    /// The `BE_F_*` flags of the state.
-    #[must_use]
-    pub const fn flags(self) -> u8 {
-        match self {
-            Self::Ready => 0,
-            Self::Terminating => lb_common::BE_F_TERMINATING,
-        }
-    }
-
-    #[must_use]
-    pub const fn from_flags(flags: u8) -> Self {
-        if flags & lb_common::BE_F_TERMINATING != 0 {
-            Self::Terminating
-        } else {
-            Self::Ready
-        }
-    }
 }
 
 /// A backend as the datapath knows it: where to send, and in which state it was chosen.
@@ -236,17 +241,6 @@ impl Backend {
             state,
             remote: false,
         }
-    }
-
-    /// The `BE_F_*` flags of the backend.
-    #[must_use]
-    pub const fn flags(&self) -> u8 {
-        let remote = if self.remote {
-            lb_common::BE_F_REMOTE
-        } else {
-            0
-        };
-        self.state.flags() | remote
     }
 }
 
@@ -289,11 +283,14 @@ impl fmt::Display for Backend {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EndpointInfo {
     /// The EndpointSlice, or `pod/<name>` when the endpoint was derived from a Pod.
-    pub source: String,
-    /// `nodeName` of the endpoint (or the Pod's `spec.nodeName`).
-    pub node_name: Option<String>,
-    /// `zone` of the endpoint.
-    pub zone: Option<String>,
+    #[serde(serialize_with = "shared_str")]
+    pub source: Arc<str>,
+    /// `nodeName` of the endpoint (or the Pod's `spec.nodeName`), interned.
+    #[serde(serialize_with = "shared_opt_str")]
+    pub node_name: Option<Arc<str>>,
+    /// `zone` of the endpoint, interned.
+    #[serde(serialize_with = "shared_opt_str")]
+    pub zone: Option<Arc<str>>,
 }
 
 /// One Service port on one virtual address, and the backends that serve it.
@@ -317,41 +314,13 @@ pub struct Frontend {
     /// The Service it belongs to.
     pub service: ObjectRef,
     /// `spec.ports[].name` (empty for a single unnamed port).
-    pub port_name: String,
+    pub port_name: Arc<str>,
     /// Backends that take new connections, sorted and without duplicates, all of the
     /// frontend's address family.
     pub backends: Vec<Backend>,
-    /// What is known of each backend, in the same order.
-    pub backend_info: Vec<EndpointInfo>,
-}
-
-impl Frontend {
-    /// The `SVC_F_*` flags of the frontend's master entry. A node-local frontend (the
-    /// external scope) always has an in-cluster twin with every endpoint.
-    #[must_use]
-    pub const fn flags(&self) -> u32 {
-        let local = if self.local_only {
-            lb_common::SVC_F_LOCAL | lb_common::SVC_F_TWO_SCOPES
-        } else {
-            0
-        };
-        let no_local = if self.no_local_endpoints {
-            lb_common::SVC_F_NO_LOCAL
-        } else {
-            0
-        };
-        let affinity = if self.affinity_timeout.is_some() {
-            lb_common::SVC_F_AFFINITY
-        } else {
-            0
-        };
-        let ranges = if self.source_ranges.is_empty() {
-            0
-        } else {
-            lb_common::SVC_F_SOURCE_RANGES
-        };
-        self.kind.flag() | local | no_local | affinity | ranges
-    }
+    /// What is known of each backend, in the same order (shared with the validated
+    /// EndpointSlice it came from).
+    pub backend_info: Vec<Arc<EndpointInfo>>,
 }
 
 /// A Service's `healthCheckNodePort` (LoadBalancer, `externalTrafficPolicy: Local`): load

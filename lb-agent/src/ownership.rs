@@ -24,9 +24,10 @@ use std::{
     str::FromStr,
 };
 
-use k8s_openapi::api::core::v1::Service;
-
-use crate::model::{Frontend, FrontendKind, L4Addr, ObjectRef};
+use crate::{
+    model::{Frontend, FrontendKind, L4Addr, ObjectRef},
+    small_set::SmallSet,
+};
 
 /// An IP network, `address/prefix`, as the flags take them (host bits are cleared, as
 /// kube-proxy's sloppy parse does).
@@ -185,7 +186,7 @@ impl fmt::Display for ExternalIpCidrs {
 /// What the rules look at besides the frontend itself.
 pub struct Context<'a> {
     /// Every ClusterIP, with the Services holding it.
-    pub cluster_ips: &'a HashMap<IpAddr, BTreeSet<ObjectRef>>,
+    pub cluster_ips: &'a HashMap<IpAddr, SmallSet<ObjectRef>>,
     pub external_ip_cidrs: &'a ExternalIpCidrs,
     /// This node's NodePort addresses (as written to the node-address maps).
     pub node_addresses: &'a BTreeSet<IpAddr>,
@@ -247,32 +248,6 @@ pub fn rank(frontend: &Frontend) -> (u8, &ObjectRef) {
         FrontendKind::ExternalIp | FrontendKind::LoadBalancer => 2,
     };
     (kind, &frontend.service)
-}
-
-/// The field of `service` a refused `frontend` comes from: `spec.externalIPs[i]` or
-/// `status.loadBalancer.ingress[i].ip`, counted as the translation counts them.
-#[must_use]
-pub fn address_field(service: &Service, frontend: &Frontend) -> Option<String> {
-    let ip = frontend.address.address;
-    let same = |text: &str| text.parse::<IpAddr>().is_ok_and(|t| t == ip);
-    match frontend.kind {
-        FrontendKind::ExternalIp => service
-            .spec
-            .as_ref()?
-            .external_ips
-            .iter()
-            .flatten()
-            .position(|text| same(text))
-            .map(|i| format!("spec.externalIPs[{i}]")),
-        FrontendKind::LoadBalancer => service
-            .status
-            .iter()
-            .filter_map(|s| s.load_balancer.as_ref())
-            .flat_map(|lb| lb.ingress.iter().flatten())
-            .position(|ingress| ingress.ip.as_deref().is_some_and(same))
-            .map(|i| format!("status.loadBalancer.ingress[{i}].ip")),
-        FrontendKind::ClusterIp | FrontendKind::NodePort => None,
-    }
 }
 
 /// A unicast address a Service may take as an external or LoadBalancer IP (what the API
@@ -381,11 +356,8 @@ mod tests {
             no_local_endpoints: false,
             affinity_timeout: None,
             source_ranges: Vec::new(),
-            service: ObjectRef {
-                namespace: "ns".into(),
-                name: service.into(),
-            },
-            port_name: String::new(),
+            service: ObjectRef::new("ns", service),
+            port_name: "".into(),
             backends: Vec::new(),
             backend_info: Vec::new(),
         }
@@ -394,20 +366,12 @@ mod tests {
     #[test]
     fn refusal_table() {
         let mut cluster_ips = HashMap::new();
-        cluster_ips.insert(
-            ip("10.96.0.10"),
-            BTreeSet::from([ObjectRef {
-                namespace: "ns".into(),
-                name: "dns".into(),
-            }]),
-        );
+        let mut dns = SmallSet::default();
+        dns.insert(ObjectRef::new("ns", "dns"));
+        cluster_ips.insert(ip("10.96.0.10"), dns);
         let node_addresses = BTreeSet::from([ip("192.168.50.1")]);
-        let node_port_owner = |key: &L4Addr| {
-            (key.port == 30080).then(|| ObjectRef {
-                namespace: "ns".into(),
-                name: "np".into(),
-            })
-        };
+        let node_port_owner =
+            |key: &L4Addr| (key.port == 30080).then(|| ObjectRef::new("ns", "np"));
         let allowed = ExternalIpCidrs(vec![cidr("192.168.0.0/16"), cidr("10.96.0.0/12")]);
         let context = Context {
             cluster_ips: &cluster_ips,
@@ -493,25 +457,5 @@ mod tests {
         assert!(rank(&cluster) < rank(&external));
         let other = frontend("b", FrontendKind::ExternalIp, "10.96.0.10", 80);
         assert!(rank(&external) < rank(&other));
-    }
-
-    #[test]
-    fn address_fields_count_as_the_translation_does() {
-        let service: Service = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "s"},
-            "spec": {"externalIPs": ["192.168.60.1", "10.96.0.10"]},
-            "status": {"loadBalancer": {"ingress": [{"hostname": "x"}, {"ip": "10.96.0.10"}]}},
-        }))
-        .unwrap();
-        let external = frontend("s", FrontendKind::ExternalIp, "10.96.0.10", 80);
-        let lb = frontend("s", FrontendKind::LoadBalancer, "10.96.0.10", 80);
-        assert_eq!(
-            address_field(&service, &external).as_deref(),
-            Some("spec.externalIPs[1]")
-        );
-        assert_eq!(
-            address_field(&service, &lb).as_deref(),
-            Some("status.loadBalancer.ingress[1].ip")
-        );
     }
 }

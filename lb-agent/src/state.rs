@@ -1,7 +1,9 @@
-//! The desired-state model that every source feeds: the objects by identity, what each
-//! Service translates to, and the frontends that result. Changes arrive object by object;
-//! only the Services they touch are translated again, so a watch event costs one Service,
-//! and [`ClusterState::recompute`] says exactly which frontends changed.
+//! The desired-state model that every source feeds: the objects by identity, in the
+//! compact validated forms of [`crate::translate`] (no Kubernetes object is kept), what
+//! each Service translates to, and the frontends that result. Changes arrive object by
+//! object through the [`Reconciler`](crate::reconcile::Reconciler), the only writer; only
+//! the Services they touch are translated again, so a watch event costs one Service, and
+//! [`ClusterState::recompute`] says exactly which frontends changed.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
@@ -15,20 +17,22 @@ use k8s_openapi::api::{
 
 use crate::{
     categorize::NodeTopology,
-    model::{DesiredState, Frontend, FrontendKind, HealthCheck, L4Addr, ObjectRef},
+    model::{
+        DEFAULT_NAMESPACE, DesiredState, Frontend, FrontendKind, HealthCheck, L4Addr, ObjectRef,
+    },
     ownership::{self, ExternalIpCidrs},
+    small_set::SmallSet,
+    source::change::Kind,
     translate::{
-        HEADLESS_LABEL, Problem, SERVICE_NAME_LABEL, ServiceTranslation, Skipped, Sourced,
-        ValidPod, ValidSlice, translate_service, validate_pod, validate_slice,
+        CheckedService, HEADLESS_LABEL, Problem, SERVICE_NAME_LABEL, Skipped, Sourced, ValidPod,
+        ValidSlice, translate_service, validate_pod, validate_service, validate_slice,
     },
 };
 
 #[derive(Debug)]
 struct SliceEntry {
-    /// The problems found in it: with the validated form, all that is kept of a slice
-    /// (the raw object is most of the memory at 100k endpoints).
-    problems: Vec<Problem>,
-    /// The Service named by its label, valid or not.
+    /// The Service named by its label, valid or not. (Its problems are in
+    /// `object_problems`.)
     service: Option<ObjectRef>,
     valid: Option<ValidSlice>,
 }
@@ -42,12 +46,6 @@ struct Loser {
     message: String,
 }
 
-#[derive(Debug)]
-struct PodEntry {
-    object: Sourced<Pod>,
-    valid: Option<ValidPod>,
-}
-
 /// Services, EndpointSlices and Pods, and the frontends they make.
 #[derive(Debug, Default)]
 pub struct ClusterState {
@@ -56,23 +54,28 @@ pub struct ClusterState {
     /// This node's `topology.kubernetes.io/zone` label (from its Node object): endpoints
     /// hinted for this zone are preferred (topology hints, `trafficDistribution`).
     node_zone: Option<String>,
-    services: HashMap<ObjectRef, Sourced<Service>>,
-    services_by_namespace: HashMap<String, BTreeSet<ObjectRef>>,
+    services: HashMap<ObjectRef, CheckedService>,
+    services_by_namespace: HashMap<Arc<str>, BTreeSet<ObjectRef>>,
     slices: HashMap<ObjectRef, SliceEntry>,
-    slices_by_service: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
-    pods: HashMap<ObjectRef, PodEntry>,
+    slices_by_service: HashMap<ObjectRef, SmallSet<ObjectRef>>,
+    /// Pods (the manifests source's endpoints): `None` for one that is no endpoint.
+    pods: HashMap<ObjectRef, Option<ValidPod>>,
     /// Problems of invalid slices and pods, by (kind, object).
-    object_problems: BTreeMap<(&'static str, ObjectRef), Vec<Problem>>,
-    /// The translation of every Service.
-    results: HashMap<ObjectRef, ServiceTranslation>,
+    object_problems: BTreeMap<(Kind, ObjectRef), Vec<Problem>>,
+    /// The frontends every Service translates to.
+    results: HashMap<ObjectRef, Box<[Arc<Frontend>]>>,
+    /// The Services with problems or skipped parts.
+    with_problems: BTreeSet<ObjectRef>,
+    /// The Services with a `healthCheckNodePort`, and it.
+    health_checks: BTreeMap<ObjectRef, HealthCheck>,
     /// The Services that want each frontend address; [`ClusterState::decide`] says which
     /// gets it.
-    contenders: HashMap<L4Addr, BTreeSet<ObjectRef>>,
+    contenders: HashMap<L4Addr, SmallSet<ObjectRef>>,
     /// The addresses in `contenders`, by IP (a ClusterIP appearing refuses external IPs
     /// equal to it on every port).
-    by_ip: HashMap<IpAddr, BTreeSet<L4Addr>>,
+    by_ip: HashMap<IpAddr, SmallSet<L4Addr>>,
     /// The Services holding each ClusterIP.
-    cluster_ips: HashMap<IpAddr, BTreeSet<ObjectRef>>,
+    cluster_ips: HashMap<IpAddr, SmallSet<ObjectRef>>,
     /// `--external-ip-cidrs`.
     external_ip_cidrs: ExternalIpCidrs,
     /// This node's NodePort addresses, as the node-address maps hold them.
@@ -101,7 +104,7 @@ impl ClusterState {
 
     /// Sets this node's zone (its Node's `topology.kubernetes.io/zone` label, `None` when
     /// unlabelled or unknown); every Service is translated again when it changed.
-    pub fn set_node_zone(&mut self, zone: Option<String>) {
+    pub(crate) fn set_node_zone(&mut self, zone: Option<String>) {
         if self.node_zone == zone {
             return;
         }
@@ -110,7 +113,7 @@ impl ClusterState {
     }
 
     /// Sets `--external-ip-cidrs`: external IPs outside them are not taken.
-    pub fn set_external_ip_cidrs(&mut self, cidrs: ExternalIpCidrs) {
+    pub(crate) fn set_external_ip_cidrs(&mut self, cidrs: ExternalIpCidrs) {
         if self.external_ip_cidrs != cidrs {
             self.external_ip_cidrs = cidrs;
             self.pending_ips.extend(self.by_ip.keys().copied());
@@ -119,7 +122,7 @@ impl ClusterState {
 
     /// Sets this node's NodePort addresses (what the node-address maps hold): an external
     /// IP on one of them yields to another Service's NodePort on the same port.
-    pub fn set_node_addresses(&mut self, addresses: BTreeSet<IpAddr>) {
+    pub(crate) fn set_node_addresses(&mut self, addresses: BTreeSet<IpAddr>) {
         self.pending_ips.extend(
             self.node_addresses
                 .symmetric_difference(&addresses)
@@ -134,27 +137,29 @@ impl ClusterState {
         self.node_zone.as_deref()
     }
 
-    /// Adds or updates a Service.
-    pub fn apply_service(&mut self, service: Sourced<Service>) {
-        let id = ObjectRef::of(&service.object.metadata);
-        if self
-            .services
-            .get(&id)
-            .is_some_and(|old| same(old, &service))
-        {
+    /// Adds or updates a Service: it is validated here, and only its compact form kept.
+    pub(crate) fn apply_service(&mut self, service: Sourced<Service>) {
+        let checked = validate_service(&service);
+        drop(service);
+        let old = self.services.get(&checked.id);
+        if old == Some(&checked) {
             return;
         }
+        let id = checked.id.clone();
+        let changed = old.map_or(NONE, findings) != findings(&checked);
+        self.note_problems(&id, changed, findings(&checked) != NONE);
         self.services_by_namespace
-            .entry(id.namespace.clone())
+            .entry(Arc::clone(&id.namespace))
             .or_default()
             .insert(id.clone());
-        self.services.insert(id.clone(), service);
+        self.services.insert(id.clone(), checked);
         self.dirty.insert(id);
     }
 
     /// Removes a Service.
-    pub fn delete_service(&mut self, id: &ObjectRef) {
-        if self.services.remove(id).is_some() {
+    pub(crate) fn delete_service(&mut self, id: &ObjectRef) {
+        if let Some(old) = self.services.remove(id) {
+            self.note_problems(id, findings(&old) != NONE, false);
             if let Some(set) = self.services_by_namespace.get_mut(&id.namespace) {
                 set.remove(id);
             }
@@ -162,19 +167,41 @@ impl ClusterState {
         }
     }
 
-    /// Adds or updates an EndpointSlice.
-    pub fn apply_slice(&mut self, slice: Sourced<EndpointSlice>) {
+    /// Keeps the index of Services with problems, and says when they changed.
+    fn note_problems(&mut self, id: &ObjectRef, changed: bool, has_any: bool) {
+        if changed {
+            self.problems_version += 1;
+        }
+        if has_any {
+            self.with_problems.insert(id.clone());
+        } else {
+            self.with_problems.remove(id);
+        }
+    }
+
+    /// Adds or updates an EndpointSlice: it is validated here, and only its compact form
+    /// kept.
+    pub(crate) fn apply_slice(&mut self, slice: Sourced<EndpointSlice>) {
         let id = ObjectRef::of(&slice.object.metadata);
-        let service = slice_service(&slice.object);
-        let (valid, problems) = validate_slice(&slice);
+        // The Service's own name, shared, when it is known.
+        let service = slice_service(&slice.object).map(|s| {
+            self.services
+                .get_key_value(&s)
+                .map_or(s, |(known, _)| known.clone())
+        });
+        let (valid, problems) = validate_slice(&slice, &id.name);
+        drop(slice);
         let valid = valid.map(|(_, valid)| valid);
-        if self.slices.get(&id).is_some_and(|old| {
-            old.service == service && old.valid == valid && old.problems == problems
-        }) {
+        if self.has_problems(Kind::EndpointSlice, &id, &problems)
+            && self
+                .slices
+                .get(&id)
+                .is_some_and(|old| old.service == service && old.valid == valid)
+        {
             return;
         }
         self.delete_slice(&id);
-        self.set_problems("EndpointSlice", &id, problems.clone());
+        self.set_problems(Kind::EndpointSlice, &id, problems);
         if let Some(service) = &service {
             self.slices_by_service
                 .entry(service.clone())
@@ -182,19 +209,12 @@ impl ClusterState {
                 .insert(id.clone());
             self.dirty.insert(service.clone());
         }
-        self.slices.insert(
-            id,
-            SliceEntry {
-                problems,
-                service,
-                valid,
-            },
-        );
+        self.slices.insert(id, SliceEntry { service, valid });
     }
 
     /// Removes an EndpointSlice.
-    pub fn delete_slice(&mut self, id: &ObjectRef) {
-        self.set_problems("EndpointSlice", id, Vec::new());
+    pub(crate) fn delete_slice(&mut self, id: &ObjectRef) {
+        self.set_problems(Kind::EndpointSlice, id, Vec::new());
         let Some(old) = self.slices.remove(id) else {
             return;
         };
@@ -209,72 +229,43 @@ impl ClusterState {
         }
     }
 
-    /// Adds or updates a Pod (the manifests source derives endpoints from Pods).
-    pub fn apply_pod(&mut self, pod: Sourced<Pod>) {
+    /// Adds or updates a Pod (the manifests source derives endpoints from Pods): it is
+    /// validated here, and only its compact form kept.
+    pub(crate) fn apply_pod(&mut self, pod: Sourced<Pod>) {
         let id = ObjectRef::of(&pod.object.metadata);
-        if self
-            .pods
-            .get(&id)
-            .is_some_and(|old| same(&old.object, &pod))
-        {
+        let (valid, problems) = validate_pod(&pod);
+        drop(pod);
+        if self.has_problems(Kind::Pod, &id, &problems) && self.pods.get(&id) == Some(&valid) {
             return;
         }
-        let (valid, problems) = validate_pod(&pod);
-        self.set_problems("Pod", &id, problems);
-        self.pods
-            .insert(id.clone(), PodEntry { object: pod, valid });
+        self.set_problems(Kind::Pod, &id, problems);
+        self.pods.insert(id.clone(), valid);
         self.namespace_dirty(&id.namespace);
     }
 
     /// Removes a Pod.
-    pub fn delete_pod(&mut self, id: &ObjectRef) {
-        self.set_problems("Pod", id, Vec::new());
+    pub(crate) fn delete_pod(&mut self, id: &ObjectRef) {
+        self.set_problems(Kind::Pod, id, Vec::new());
         if self.pods.remove(id).is_some() {
             self.namespace_dirty(&id.namespace);
         }
     }
 
-    /// Makes the Services exactly `services` (a relist, or a re-read directory): objects
-    /// that did not change cause no work and no change of the frontends.
-    pub fn replace_services(&mut self, services: impl IntoIterator<Item = Sourced<Service>>) {
-        let mut gone: BTreeSet<ObjectRef> = self.services.keys().cloned().collect();
-        for service in services {
-            gone.remove(&ObjectRef::of(&service.object.metadata));
-            self.apply_service(service);
-        }
-        for id in gone {
-            self.delete_service(&id);
-        }
-    }
-
-    /// Makes the EndpointSlices exactly `slices`; see [`Self::replace_services`].
-    pub fn replace_slices(&mut self, slices: impl IntoIterator<Item = Sourced<EndpointSlice>>) {
-        let mut gone: BTreeSet<ObjectRef> = self.slices.keys().cloned().collect();
-        for slice in slices {
-            gone.remove(&ObjectRef::of(&slice.object.metadata));
-            self.apply_slice(slice);
-        }
-        for id in gone {
-            self.delete_slice(&id);
-        }
-    }
-
-    /// Makes the Pods exactly `pods`; see [`Self::replace_services`].
-    pub fn replace_pods(&mut self, pods: impl IntoIterator<Item = Sourced<Pod>>) {
-        let mut gone: BTreeSet<ObjectRef> = self.pods.keys().cloned().collect();
-        for pod in pods {
-            gone.remove(&ObjectRef::of(&pod.object.metadata));
-            self.apply_pod(pod);
-        }
-        for id in gone {
-            self.delete_pod(&id);
+    /// The objects of `kind` held (none for Nodes: the state keeps only the zone).
+    #[must_use]
+    pub fn ids(&self, kind: Kind) -> Vec<ObjectRef> {
+        match kind {
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
+            Kind::Pod => self.pods.keys().cloned().collect(),
+            Kind::Node => Vec::new(),
         }
     }
 
     /// Translates the Services touched since the last call and updates the desired state.
     /// Returns the frontend addresses whose desired entry changed (added, updated or
     /// removed), sorted.
-    pub fn recompute(&mut self) -> Vec<L4Addr> {
+    pub(crate) fn recompute(&mut self) -> Vec<L4Addr> {
         let mut touched = BTreeSet::new();
         let mut ips = std::mem::take(&mut self.pending_ips);
         for id in std::mem::take(&mut self.dirty) {
@@ -290,7 +281,7 @@ impl ClusterState {
                     self.pods
                         .iter()
                         .filter(|(pod, _)| pod.namespace == id.namespace)
-                        .filter_map(|(_, entry)| entry.valid.as_ref())
+                        .filter_map(|(_, valid)| valid.as_ref())
                         .collect()
                 };
                 translate_service(
@@ -303,17 +294,19 @@ impl ClusterState {
                     },
                 )
             });
-            let old = match new {
-                Some(new) => self.results.insert(id.clone(), new),
-                None => self.results.remove(&id),
+            let new = new.unwrap_or_default();
+            match new.health_check {
+                Some(check) => self.health_checks.insert(id.clone(), check),
+                None => self.health_checks.remove(&id),
             };
-            let problems =
-                |r: Option<&ServiceTranslation>| r.map(|r| (r.problems.clone(), r.skipped.clone()));
-            if problems(old.as_ref()) != problems(self.results.get(&id)) {
-                self.problems_version += 1;
-            }
-            let old_ips = cluster_ips_of(old.as_ref());
-            let new_ips = cluster_ips_of(self.results.get(&id));
+            let old = if new.frontends.is_empty() {
+                self.results.remove(&id)
+            } else {
+                let frontends = new.frontends.into_boxed_slice();
+                self.results.insert(id.clone(), frontends)
+            };
+            let old_ips = cluster_ips_of(old.as_deref());
+            let new_ips = cluster_ips_of(self.results.get(&id).map(AsRef::as_ref));
             for ip in old_ips.difference(&new_ips) {
                 if let Some(set) = self.cluster_ips.get_mut(ip) {
                     set.remove(&id);
@@ -327,7 +320,7 @@ impl ClusterState {
                 self.cluster_ips.entry(*ip).or_default().insert(id.clone());
                 ips.insert(*ip);
             }
-            for f in old.iter().flat_map(|r| &r.frontends) {
+            for f in old.iter().flat_map(|r| r.iter()) {
                 if let Some(set) = self.contenders.get_mut(&f.address) {
                     set.remove(&id);
                     if set.is_empty() {
@@ -337,7 +330,7 @@ impl ClusterState {
                 }
                 touched.insert(f.address);
             }
-            for f in self.results.get(&id).iter().flat_map(|r| &r.frontends) {
+            for f in self.results.get(&id).iter().flat_map(|r| r.iter()) {
                 self.contenders
                     .entry(f.address)
                     .or_default()
@@ -366,7 +359,8 @@ impl ClusterState {
                         .get(ip)
                         .into_iter()
                         .flatten()
-                        .filter(|a| a.port == node_port.port && a.protocol == node_port.protocol),
+                        .filter(|a| a.port == node_port.port && a.protocol == node_port.protocol)
+                        .copied(),
                 );
             }
         }
@@ -401,11 +395,7 @@ impl ClusterState {
             return (None, Vec::new());
         };
         let frontend_of = |id: &ObjectRef, address: &L4Addr| {
-            self.results
-                .get(id)?
-                .frontends
-                .iter()
-                .find(|f| f.address == *address)
+            self.results.get(id)?.iter().find(|f| f.address == *address)
         };
         let node_port_owner = |key: &L4Addr| {
             self.contenders
@@ -421,10 +411,9 @@ impl ClusterState {
             node_port_owner: &node_port_owner,
         };
         let port_field = |id: &ObjectRef| {
-            self.results
-                .get(id)
-                .and_then(|r| r.fields.iter().find(|(a, _)| a == address))
-                .map(|(_, field)| field.clone())
+            frontend_of(id, address)
+                .zip(self.services.get(id))
+                .map(|(frontend, service)| service.frontend_field(frontend))
                 .unwrap_or_default()
         };
         let mut losers = Vec::new();
@@ -433,7 +422,7 @@ impl ClusterState {
             // One Service may want the address twice (an external IP that is also one of
             // its LoadBalancer IPs): each refusal is reported, the first allowed is kept.
             let mut allowed = None;
-            let mine = self.results.get(id).into_iter().flat_map(|r| &r.frontends);
+            let mine = self.results.get(id).into_iter().flat_map(|r| r.iter());
             for frontend in mine.filter(|f| f.address == *address) {
                 match ownership::refusal(frontend, &context) {
                     Some(message) => losers.push(Loser {
@@ -441,7 +430,7 @@ impl ClusterState {
                         field: self
                             .services
                             .get(id)
-                            .and_then(|s| ownership::address_field(&s.object, frontend))
+                            .and_then(|s| s.address_field(frontend))
                             .unwrap_or_else(|| port_field(id)),
                         message,
                     }),
@@ -485,9 +474,10 @@ impl ClusterState {
     pub fn problems(&self) -> Vec<Problem> {
         let mut problems: Vec<Problem> = self.object_problems.values().flatten().cloned().collect();
         problems.extend(
-            self.results
-                .values()
-                .flat_map(|r| r.problems.iter().cloned()),
+            self.with_problems
+                .iter()
+                .filter_map(|id| self.services.get(id))
+                .flat_map(|s| s.problems.iter().cloned()),
         );
         for loser in self.losers.values().flatten() {
             problems.push(Problem {
@@ -514,19 +504,11 @@ impl ClusterState {
     /// could not take), with the Service's origin and the port's field.
     #[must_use]
     pub fn port_problem(&self, service: &ObjectRef, port_name: &str, message: String) -> Problem {
-        let sourced = self.services.get(service);
-        let index = sourced
-            .and_then(|s| s.object.spec.as_ref())
-            .and_then(|spec| spec.ports.as_ref())
-            .and_then(|ports| {
-                ports
-                    .iter()
-                    .position(|p| p.name.as_deref().unwrap_or_default() == port_name)
-            });
+        let checked = self.services.get(service);
         Problem {
-            origin: sourced.map(|s| s.origin.to_string()).unwrap_or_default(),
+            origin: checked.map(|s| s.origin.to_string()).unwrap_or_default(),
             object: format!("Service {service}"),
-            field: index.map_or_else(|| "spec.ports".to_string(), |i| format!("spec.ports[{i}]")),
+            field: checked.map_or_else(|| "spec.ports".to_string(), |s| s.port_field(port_name)),
             message,
         }
     }
@@ -536,11 +518,7 @@ impl ClusterState {
     #[must_use]
     pub fn health_checks(&self) -> BTreeMap<u16, HealthCheck> {
         let mut checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
-        for check in self
-            .results
-            .values()
-            .filter_map(|r| r.health_check.as_ref())
-        {
+        for check in self.health_checks.values() {
             match checks.get(&check.port) {
                 Some(kept) if kept.service <= check.service => {}
                 _ => {
@@ -555,9 +533,10 @@ impl ClusterState {
     #[must_use]
     pub fn skipped(&self) -> Vec<Skipped> {
         let mut skipped: Vec<Skipped> = self
-            .results
-            .values()
-            .flat_map(|r| r.skipped.iter().cloned())
+            .with_problems
+            .iter()
+            .filter_map(|id| self.services.get(id))
+            .flat_map(|s| s.skipped.iter().cloned())
             .collect();
         skipped.sort_by(|a, b| (&a.object, &a.reason).cmp(&(&b.object, &b.reason)));
         skipped
@@ -569,13 +548,19 @@ impl ClusterState {
         (self.services.len(), self.slices.len(), self.pods.len())
     }
 
-    fn namespace_dirty(&mut self, namespace: &str) {
+    fn namespace_dirty(&mut self, namespace: &Arc<str>) {
         if let Some(services) = self.services_by_namespace.get(namespace) {
             self.dirty.extend(services.iter().cloned());
         }
     }
 
-    fn set_problems(&mut self, kind: &'static str, id: &ObjectRef, problems: Vec<Problem>) {
+    /// Whether the object's problems are exactly `problems` already.
+    fn has_problems(&self, kind: Kind, id: &ObjectRef, problems: &[Problem]) -> bool {
+        let old = self.object_problems.get(&(kind, id.clone()));
+        old.map_or(problems.is_empty(), |old| old == problems)
+    }
+
+    fn set_problems(&mut self, kind: Kind, id: &ObjectRef, problems: Vec<Problem>) {
         let key = (kind, id.clone());
         let old = if problems.is_empty() {
             self.object_problems.remove(&key)
@@ -595,27 +580,32 @@ impl ClusterState {
 }
 
 /// The ClusterIPs among a translation's frontends.
-fn cluster_ips_of(result: Option<&ServiceTranslation>) -> BTreeSet<IpAddr> {
-    result
-        .iter()
-        .flat_map(|r| &r.frontends)
+fn cluster_ips_of(frontends: Option<&[Arc<Frontend>]>) -> BTreeSet<IpAddr> {
+    frontends
+        .into_iter()
+        .flatten()
         .filter(|f| f.kind == FrontendKind::ClusterIp)
         .map(|f| f.address.address)
         .collect()
 }
 
+/// A Service's problems and skipped parts.
+type Findings<'a> = (&'a [Problem], &'a [Skipped]);
+
+const NONE: Findings<'static> = (&[], &[]);
+
+fn findings(service: &CheckedService) -> Findings<'_> {
+    (&service.problems, &service.skipped)
+}
+
 /// Removes `address` from the index by IP.
-fn remove_from(by_ip: &mut HashMap<IpAddr, BTreeSet<L4Addr>>, address: &L4Addr) {
+fn remove_from(by_ip: &mut HashMap<IpAddr, SmallSet<L4Addr>>, address: &L4Addr) {
     if let Some(set) = by_ip.get_mut(&address.address) {
         set.remove(address);
         if set.is_empty() {
             by_ip.remove(&address.address);
         }
     }
-}
-
-fn same<T: PartialEq>(a: &Sourced<T>, b: &Sourced<T>) -> bool {
-    a.object == b.object && a.origin == b.origin
 }
 
 /// The Service a slice belongs to; `None` also for a headless Service's slice, which the
@@ -626,12 +616,63 @@ fn slice_service(slice: &EndpointSlice) -> Option<ObjectRef> {
         return None;
     }
     let name = labels.get(SERVICE_NAME_LABEL)?;
-    Some(ObjectRef {
-        namespace: slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name: name.clone(),
-    })
+    let namespace = slice.metadata.namespace.as_deref();
+    Some(ObjectRef::new(namespace.unwrap_or(DEFAULT_NAMESPACE), name))
+}
+
+/// Everything the translation looks at, as whole objects (tests, `lb-agent translate`).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterObjects {
+    pub services: Vec<Sourced<Service>>,
+    pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
+    pub pods: Vec<Sourced<Pod>>,
+}
+
+/// The result of a translation.
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    pub frontends: DesiredState,
+    /// Invalid objects (reported as errors; the rest is still programmed).
+    pub problems: Vec<Problem>,
+    /// Objects left alone on purpose (headless, ExternalName, another proxy's, SCTP ports).
+    pub skipped: Vec<Skipped>,
+}
+
+/// Translates the objects into the frontends this node serves: the whole-snapshot form of
+/// [`ClusterState`], which does the same incrementally.
+#[must_use]
+pub fn translate(objects: &ClusterObjects) -> Translation {
+    translate_for_node(objects, None)
+}
+
+/// [`translate`] on the node `node` (for the node-local traffic policies).
+#[must_use]
+pub fn translate_for_node(objects: &ClusterObjects, node: Option<&str>) -> Translation {
+    translate_on(objects, node, None)
+}
+
+/// [`translate`] on the node `node` in zone `zone` (for topology hints).
+#[must_use]
+pub fn translate_on(
+    objects: &ClusterObjects,
+    node: Option<&str>,
+    zone: Option<&str>,
+) -> Translation {
+    let mut state = ClusterState::new(node.map(str::to_owned));
+    state.set_node_zone(zone.map(str::to_owned));
+    objects
+        .services
+        .iter()
+        .for_each(|o| state.apply_service(o.clone()));
+    objects
+        .endpoint_slices
+        .iter()
+        .for_each(|o| state.apply_slice(o.clone()));
+    objects.pods.iter().for_each(|o| state.apply_pod(o.clone()));
+    state.recompute();
+    Translation {
+        frontends: state.desired().clone(),
+        problems: state.problems(),
+        skipped: state.skipped(),
+    }
 }

@@ -1,6 +1,8 @@
 //! The pure translation from Kubernetes objects to the desired state: which virtual
 //! addresses exist and which backends take new connections for each, with kube-proxy's
-//! semantics. No I/O here: both sources feed it, and the tests drive it directly.
+//! semantics. Objects are validated once, when they arrive, into compact forms
+//! ([`CheckedService`], [`ValidSlice`], [`ValidPod`]) that keep only what the translation
+//! reads; [`translate_service`] then works on those alone. No state and no I/O here.
 use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use k8s_openapi::{
@@ -13,8 +15,8 @@ use k8s_openapi::{
 
 use crate::categorize::{Candidate, Hints, NodeTopology, Policies, categorize};
 use crate::model::{
-    Backend, DesiredState, EndpointInfo, EndpointState, Frontend, FrontendKind, HealthCheck,
-    L4Addr, ObjectRef, Protocol,
+    Backend, DEFAULT_NAMESPACE, EndpointInfo, EndpointState, Frontend, FrontendKind, HealthCheck,
+    L4Addr, ObjectRef, Protocol, intern,
 };
 
 /// Label that ties an EndpointSlice to its Service.
@@ -31,14 +33,6 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 pub struct Sourced<T> {
     pub origin: Arc<str>,
     pub object: T,
-}
-
-/// Everything the translation looks at.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterObjects {
-    pub services: Vec<Sourced<Service>>,
-    pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
-    pub pods: Vec<Sourced<Pod>>,
 }
 
 /// An object, or part of one, that could not be used, and why.
@@ -70,59 +64,20 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// The result of a translation.
-#[derive(Clone, Debug, Default)]
-pub struct Translation {
-    pub frontends: DesiredState,
-    /// Invalid objects (reported as errors; the rest is still programmed).
-    pub problems: Vec<Problem>,
-    /// Objects left alone on purpose (headless, ExternalName, another proxy's, SCTP ports).
-    pub skipped: Vec<Skipped>,
-}
-
-/// Translates the objects into the frontends this node serves: the whole-snapshot form of
-/// [`ClusterState`](crate::state::ClusterState), which does the same incrementally.
-#[must_use]
-pub fn translate(objects: &ClusterObjects) -> Translation {
-    translate_for_node(objects, None)
-}
-
-/// [`translate`] on the node `node` (for the node-local traffic policies).
-#[must_use]
-pub fn translate_for_node(objects: &ClusterObjects, node: Option<&str>) -> Translation {
-    translate_on(objects, node, None)
-}
-
-/// [`translate`] on the node `node` in zone `zone` (for topology hints).
-#[must_use]
-pub fn translate_on(
-    objects: &ClusterObjects,
-    node: Option<&str>,
-    zone: Option<&str>,
-) -> Translation {
-    let mut state = crate::state::ClusterState::new(node.map(str::to_owned));
-    state.set_node_zone(zone.map(str::to_owned));
-    state.replace_services(objects.services.iter().cloned());
-    state.replace_slices(objects.endpoint_slices.iter().cloned());
-    state.replace_pods(objects.pods.iter().cloned());
-    state.recompute();
-    Translation {
-        frontends: state.desired().clone(),
-        problems: state.problems(),
-        skipped: state.skipped(),
-    }
-}
-
 /// What one Service translates to, before frontends are checked against other Services.
+/// (Its problems and skipped parts are its [`CheckedService`]'s.)
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTranslation {
     pub frontends: Vec<Arc<Frontend>>,
-    pub problems: Vec<Problem>,
-    pub skipped: Vec<Skipped>,
-    /// Where each frontend comes from, for a conflict report: (frontend, `spec.ports[i]`).
-    pub fields: Vec<(L4Addr, String)>,
     /// The Service's `healthCheckNodePort`, when it has one.
     pub health_check: Option<HealthCheck>,
+}
+
+/// The problems and skipped parts validation finds in one Service.
+#[derive(Default)]
+struct Findings {
+    problems: Vec<Problem>,
+    skipped: Vec<Skipped>,
 }
 
 /// Translates one Service. `slices` is `Some` when the Service has EndpointSlices (then
@@ -132,38 +87,38 @@ pub struct ServiceTranslation {
 /// which topology hints apply.
 #[must_use]
 pub fn translate_service(
-    sourced: &Sourced<Service>,
+    checked: &CheckedService,
     slices: Option<&[&ValidSlice]>,
     pods: &[&ValidPod],
     node: NodeTopology<'_>,
 ) -> ServiceTranslation {
     let mut out = ServiceTranslation::default();
-    let Some(service) = validate_service(sourced, &mut out) else {
+    let Some(service) = &checked.valid else {
         return out;
     };
+    let id = &checked.id;
     let mut local_ready = std::collections::BTreeSet::new();
     for port in &service.ports {
         let candidates = match slices {
             Some(slices) => candidates_from_slices(port, slices),
-            None => candidates_from_pods(&service, port, pods, node),
+            None => candidates_from_pods(service, port, pods, node),
         };
-        let mut addresses: Vec<(IpAddr, u16, FrontendKind, String)> = service
+        let mut addresses: Vec<(IpAddr, u16, FrontendKind)> = service
             .frontend_ips
             .iter()
-            .map(|&(ip, kind)| (ip, port.port, kind, format!("spec.ports[{}]", port.index)))
+            .map(|ip| (ip.ip, port.port, ip.kind))
             .collect();
         if let Some(node_port) = port.node_port {
             // One NodePort frontend per family the Service has: any address of the node.
             let mut families: Vec<IpAddr> = service
                 .frontend_ips
                 .iter()
-                .filter(|(_, kind)| *kind == FrontendKind::ClusterIp)
-                .map(|(ip, _)| unspecified(*ip))
+                .filter(|ip| ip.kind == FrontendKind::ClusterIp)
+                .map(|ip| unspecified(ip.ip))
                 .collect();
             families.dedup();
             for any in families {
-                let field = format!("spec.ports[{}].nodePort", port.index);
-                addresses.push((any, node_port, FrontendKind::NodePort, field));
+                addresses.push((any, node_port, FrontendKind::NodePort));
             }
         }
         let policies = Policies {
@@ -171,7 +126,7 @@ pub fn translate_service(
             external_local: service.external_local,
             externally_accessible: addresses
                 .iter()
-                .any(|(_, _, kind, _)| *kind != FrontendKind::ClusterIp),
+                .any(|(_, _, kind)| *kind != FrontendKind::ClusterIp),
         };
         // Endpoints of each family, sorted into kube-proxy's categories once per family.
         let (v4, v6): (Vec<Candidate>, Vec<Candidate>) = candidates
@@ -199,7 +154,7 @@ pub fn translate_service(
                 );
             }
         }
-        for (ip, number, kind, field) in addresses {
+        for (ip, number, kind) in addresses {
             let address = L4Addr::new(ip, number, port.protocol);
             let cats = &categories[usize::from(ip.is_ipv6())];
             let frontend = |address, local_only: bool, endpoints: &[&Candidate]| {
@@ -215,7 +170,7 @@ pub fn translate_service(
                     } else {
                         Vec::new()
                     },
-                    service: service.id.clone(),
+                    service: id.clone(),
                     port_name: port.name.clone(),
                     backends,
                     backend_info,
@@ -227,7 +182,6 @@ pub fn translate_service(
                 } else {
                     &cats.cluster
                 };
-                out.fields.push((address, field));
                 out.frontends.push(frontend(address, false, endpoints));
             } else if service.external_local {
                 // Clients inside the cluster (pods, the node's own processes) reaching an
@@ -235,12 +189,9 @@ pub fn translate_service(
                 // them to the cluster endpoints. They look up an in-cluster entry of the
                 // frontend with those.
                 let internal = address.internal();
-                out.fields.push((internal, field.clone()));
                 out.frontends.push(frontend(internal, false, &cats.cluster));
-                out.fields.push((address, field));
                 out.frontends.push(frontend(address, true, &cats.local));
             } else {
-                out.fields.push((address, field));
                 out.frontends.push(frontend(address, false, &cats.cluster));
             }
         }
@@ -248,7 +199,7 @@ pub fn translate_service(
     if let Some(port) = service.health_check_node_port {
         out.health_check = Some(HealthCheck {
             port,
-            service: service.id.clone(),
+            service: id.clone(),
             local_endpoints: local_ready.len(),
         });
     }
@@ -257,7 +208,10 @@ pub fn translate_service(
 
 /// The backends (and what is known of them) of the chosen endpoints: sorted by address,
 /// without duplicates (one endpoint may be listed by two slices).
-fn backends_of(endpoints: &[&Candidate], node: Option<&str>) -> (Vec<Backend>, Vec<EndpointInfo>) {
+fn backends_of(
+    endpoints: &[&Candidate],
+    node: Option<&str>,
+) -> (Vec<Backend>, Vec<Arc<EndpointInfo>>) {
     let mut chosen: BTreeMap<L4Addr, &Candidate> = BTreeMap::new();
     for c in endpoints {
         chosen.entry(c.addr).or_insert(c);
@@ -272,7 +226,7 @@ fn backends_of(endpoints: &[&Candidate], node: Option<&str>) -> (Vec<Backend>, V
             };
             let mut backend = Backend::new(c.addr, state);
             backend.remote = is_remote(&c.info, node);
-            (backend, c.info.clone())
+            (backend, Arc::clone(&c.info))
         })
         .unzip()
 }
@@ -298,13 +252,86 @@ pub fn is_remote(info: &EndpointInfo, node: Option<&str>) -> bool {
     matches!((info.node_name.as_deref(), node), (Some(a), Some(b)) if a != b)
 }
 
+/// A Service as validated when it arrives: what the translation needs of it and its
+/// problems; the object itself is not kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedService {
+    /// File (or `api`) it came from.
+    pub origin: Arc<str>,
+    pub id: ObjectRef,
+    /// `None` when the Service is skipped or invalid.
+    pub valid: Option<ValidService>,
+    pub problems: Vec<Problem>,
+    pub skipped: Vec<Skipped>,
+}
+
+impl CheckedService {
+    /// The field a refused `frontend` comes from: `spec.externalIPs[i]` or
+    /// `status.loadBalancer.ingress[i].ip` (the first entry with its address), `None` for
+    /// the other kinds.
+    #[must_use]
+    pub fn address_field(&self, frontend: &Frontend) -> Option<String> {
+        let ip = self
+            .valid
+            .as_ref()?
+            .frontend_ips
+            .iter()
+            .find(|ip| ip.ip == frontend.address.address && ip.kind == frontend.kind)?;
+        match ip.kind {
+            FrontendKind::ExternalIp => Some(format!("spec.externalIPs[{}]", ip.index)),
+            FrontendKind::LoadBalancer => {
+                Some(format!("status.loadBalancer.ingress[{}].ip", ip.index))
+            }
+            FrontendKind::ClusterIp | FrontendKind::NodePort => None,
+        }
+    }
+
+    /// The field a `frontend` of this Service comes from: `spec.ports[i]`, or
+    /// `spec.ports[i].nodePort` for a NodePort.
+    #[must_use]
+    pub fn frontend_field(&self, frontend: &Frontend) -> String {
+        let port = self.port_field(&frontend.port_name);
+        match frontend.kind {
+            FrontendKind::NodePort => port + ".nodePort",
+            _ => port,
+        }
+    }
+
+    /// The field of the port `port_name`: `spec.ports[i]` (`spec.ports` when it has none).
+    #[must_use]
+    pub fn port_field(&self, port_name: &str) -> String {
+        self.valid
+            .iter()
+            .flat_map(|v| &v.ports)
+            .find(|p| &*p.name == port_name)
+            .map_or_else(
+                || "spec.ports".to_string(),
+                |p| format!("spec.ports[{}]", p.index),
+            )
+    }
+}
+
+/// A label selector: (key, value) pairs sorted by key.
+type Selector = Box<[(Box<str>, Box<str>)]>;
+
+/// A virtual address of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FrontendIp {
+    ip: IpAddr,
+    kind: FrontendKind,
+    /// Of an external or LoadBalancer IP: the index of the first entry of its list with
+    /// this address (for reports).
+    index: u16,
+}
+
 /// A Service that passed validation.
-struct ValidService {
-    id: ObjectRef,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidService {
     /// Every virtual address: ClusterIPs, external IPs, LoadBalancer ingress IPs.
-    frontend_ips: Vec<(IpAddr, FrontendKind)>,
+    frontend_ips: Vec<FrontendIp>,
     ports: Vec<ValidPort>,
-    selector: Option<BTreeMap<String, String>>,
+    /// `spec.selector`, as (key, value) pairs sorted by key.
+    selector: Option<Selector>,
     publish_not_ready: bool,
     /// `externalTrafficPolicy: Local`.
     external_local: bool,
@@ -321,9 +348,10 @@ struct ValidService {
     health_check_node_port: Option<u16>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct ValidPort {
-    index: usize,
-    name: String,
+    index: u16,
+    name: Arc<str>,
     port: u16,
     protocol: Protocol,
     target: TargetPort,
@@ -379,13 +407,24 @@ impl<'a> Checker<'a> {
     }
 }
 
-fn validate_service(
-    sourced: &Sourced<Service>,
-    out: &mut ServiceTranslation,
-) -> Option<ValidService> {
+/// Validates a Service into the compact form the translation works on.
+#[must_use]
+pub fn validate_service(sourced: &Sourced<Service>) -> CheckedService {
+    let mut out = Findings::default();
+    let valid = check_service(sourced, &mut out);
+    CheckedService {
+        origin: Arc::clone(&sourced.origin),
+        id: object_ref(&sourced.object.metadata),
+        valid,
+        problems: out.problems,
+        skipped: out.skipped,
+    }
+}
+
+fn check_service(sourced: &Sourced<Service>, out: &mut Findings) -> Option<ValidService> {
     let svc = &sourced.object;
     let id = object_ref(&svc.metadata);
-    let skip = |out: &mut ServiceTranslation, reason: &str| {
+    let skip = |out: &mut Findings, reason: &str| {
         out.skipped.push(Skipped {
             object: format!("Service {id}"),
             reason: reason.to_string(),
@@ -403,35 +442,50 @@ fn validate_service(
         return None;
     }
     let mut check = Checker::new(&sourced.origin, "Service", &svc.metadata);
-    let spec = svc.spec.clone().unwrap_or_default();
+    let no_spec;
+    let spec = match &svc.spec {
+        Some(spec) => spec,
+        None => {
+            no_spec = k8s_openapi::api::core::v1::ServiceSpec::default();
+            &no_spec
+        }
+    };
     if spec.type_.as_deref() == Some("ExternalName") {
         skip(out, "type ExternalName: answered by DNS, not proxied");
         return None;
     }
-    let Some(cluster_ips) = cluster_ips(&spec, &mut check) else {
+    let Some(cluster_ips) = cluster_ips(spec, &mut check) else {
         skip(out, "headless (clusterIP: None): no virtual address");
         return None;
     };
-    let mut frontend_ips: Vec<(IpAddr, FrontendKind)> = cluster_ips
+    let mut frontend_ips: Vec<FrontendIp> = cluster_ips
         .into_iter()
-        .map(|ip| (ip, FrontendKind::ClusterIp))
+        .map(|ip| FrontendIp {
+            ip,
+            kind: FrontendKind::ClusterIp,
+            index: 0,
+        })
         .collect();
     let mut extra = Vec::new();
+    let external_ips = || spec.external_ips.iter().flatten().map(|t| Some(t.as_str()));
     for (i, text) in spec.external_ips.iter().flatten().enumerate() {
         if let Some(ip) = check.ip(format!("spec.externalIPs[{i}]"), text) {
-            extra.push((ip, FrontendKind::ExternalIp));
+            let index = first_index(external_ips(), ip);
+            extra.push((ip, FrontendKind::ExternalIp, index));
         }
     }
     // Like kube-proxy, program external and LoadBalancer IPs only of a family the Service
     // has a ClusterIP of: the Service has no endpoints of the other family.
-    let families: Vec<bool> = frontend_ips.iter().map(|(ip, _)| ip.is_ipv4()).collect();
+    let families: Vec<bool> = frontend_ips.iter().map(|f| f.ip.is_ipv4()).collect();
     let of_service_family = |ip: &IpAddr| families.contains(&ip.is_ipv4());
     if spec.type_.as_deref() == Some("LoadBalancer") {
-        let ingress = svc.status.iter().filter_map(|s| s.load_balancer.as_ref());
-        for (i, ingress) in ingress
-            .flat_map(|lb| lb.ingress.iter().flatten())
-            .enumerate()
-        {
+        let ingresses = || {
+            svc.status
+                .iter()
+                .filter_map(|s| s.load_balancer.as_ref())
+                .flat_map(|lb| lb.ingress.iter().flatten())
+        };
+        for (i, ingress) in ingresses().enumerate() {
             // ipMode Proxy: the load balancer proxies and sends to the nodes, so the
             // address must not be short-circuited on the node (KEP-1860).
             if ingress.ip_mode.as_deref() == Some("Proxy") {
@@ -440,13 +494,14 @@ fn validate_service(
             if let Some(text) = &ingress.ip
                 && let Some(ip) = check.ip(format!("status.loadBalancer.ingress[{i}].ip"), text)
             {
-                extra.push((ip, FrontendKind::LoadBalancer));
+                let index = first_index(ingresses().map(|i| i.ip.as_deref()), ip);
+                extra.push((ip, FrontendKind::LoadBalancer, index));
             }
         }
     }
-    for (ip, kind) in extra {
+    for (ip, kind, index) in extra {
         if of_service_family(&ip) {
-            frontend_ips.push((ip, kind));
+            frontend_ips.push(FrontendIp { ip, kind, index });
         } else {
             skip(
                 out,
@@ -488,9 +543,9 @@ fn validate_service(
             false
         }
     };
-    let affinity_timeout = session_affinity(&spec, &mut check);
-    let source_ranges = source_ranges(&svc.metadata, &spec, &mut check);
-    let hinting = hinting(&svc.metadata, &spec, &mut check);
+    let affinity_timeout = session_affinity(spec, &mut check);
+    let source_ranges = source_ranges(&svc.metadata, spec, &mut check);
+    let hinting = hinting(&svc.metadata, spec, &mut check);
     let health_check_node_port = match spec.health_check_node_port {
         Some(n) if spec.type_.as_deref() == Some("LoadBalancer") && external_local => {
             let port = port_number(n);
@@ -508,10 +563,14 @@ fn validate_service(
         return None;
     }
     Some(ValidService {
-        id,
         frontend_ips,
         ports,
-        selector: spec.selector,
+        selector: spec.selector.as_ref().map(|selector| {
+            selector
+                .iter()
+                .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_str())))
+                .collect()
+        }),
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         external_local,
         internal_local,
@@ -520,6 +579,14 @@ fn validate_service(
         hinting,
         health_check_node_port,
     })
+}
+
+/// The index of the first entry of a list of addresses with the address `ip`.
+fn first_index<'a>(mut texts: impl Iterator<Item = Option<&'a str>>, ip: IpAddr) -> u16 {
+    let index = texts.position(|t| t.and_then(|t| t.parse::<IpAddr>().ok()) == Some(ip));
+    index
+        .and_then(|i| u16::try_from(i).ok())
+        .unwrap_or_default()
 }
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
@@ -737,7 +804,7 @@ fn validate_service_port(
     index: usize,
     port: &ServicePort,
     check: &mut Checker<'_>,
-    out: &mut ServiceTranslation,
+    out: &mut Findings,
     id: &ObjectRef,
 ) -> Option<ValidPort> {
     let field = |name: &str| format!("spec.ports[{index}].{name}");
@@ -797,8 +864,8 @@ fn validate_service_port(
         }
     };
     Some(ValidPort {
-        index,
-        name: port.name.clone().unwrap_or_default(),
+        index: u16::try_from(index).unwrap_or(u16::MAX),
+        name: Arc::from(port.name.as_deref().unwrap_or_default()),
         port: number?,
         protocol,
         target: target?,
@@ -816,7 +883,7 @@ pub struct ValidPod {
     serving: bool,
     /// Being deleted.
     terminating: bool,
-    node_name: Option<String>,
+    node_name: Option<Arc<str>>,
     /// Container ports: (name, number, protocol).
     ports: Vec<(String, u16, Protocol)>,
 }
@@ -904,7 +971,11 @@ pub fn validate_pod(sourced: &Sourced<Pod>) -> (Option<ValidPod>, Vec<Problem>) 
                 labels: pod.metadata.labels.clone().unwrap_or_default(),
                 serving,
                 terminating: pod.metadata.deletion_timestamp.is_some(),
-                node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+                node_name: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .map(intern),
                 ports,
             };
             return (Some(valid), problems);
@@ -916,28 +987,34 @@ pub fn validate_pod(sourced: &Sourced<Pod>) -> (Option<ValidPod>, Vec<Problem>) 
 /// An EndpointSlice that passed validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValidSlice {
-    name: String,
     endpoints: Vec<ValidEndpoint>,
+    /// The slice's name, `nodeName` and `zone` of its endpoints: one shared value for all
+    /// endpoints of the slice on the same node.
+    infos: Box<[Arc<EndpointInfo>]>,
     /// (name, number, protocol); ports without a number are left out.
-    ports: Vec<(String, u16, Protocol)>,
+    ports: Vec<(Box<str>, u16, Protocol)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ValidEndpoint {
-    addresses: Vec<IpAddr>,
+    /// The first address (the only one the proxy uses); `None` when it is invalid.
+    address: Option<IpAddr>,
     ready: bool,
     serving: bool,
     terminating: bool,
-    node_name: Option<String>,
-    zone: Option<String>,
-    hints: Hints,
+    /// Its entry in the slice's `infos`.
+    info: u32,
+    /// `None` when it has none (most endpoints).
+    hints: Option<Box<Hints>>,
 }
 
-/// Validates an EndpointSlice; returns the Service it belongs to with it, `None` when it
-/// has no `kubernetes.io/service-name` label or is invalid.
+/// Validates an EndpointSlice (named `name`, shared with its endpoints); returns the
+/// Service it belongs to with it, `None` when it has no `kubernetes.io/service-name` label
+/// or is invalid.
 #[must_use]
 pub fn validate_slice(
     sourced: &Sourced<EndpointSlice>,
+    name: &Arc<str>,
 ) -> (Option<(ObjectRef, ValidSlice)>, Vec<Problem>) {
     let mut problems = Vec::new();
     {
@@ -949,16 +1026,21 @@ pub fn validate_slice(
             // A headless Service's slice: not the proxy's (kube-proxy never sees one).
             return (None, problems);
         }
-        let service = ObjectRef {
-            namespace: namespace(&slice.metadata),
-            name: service.to_string(),
-        };
+        let service = ObjectRef::new(
+            slice
+                .metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(DEFAULT_NAMESPACE),
+            service,
+        );
         let mut check = Checker::new(&sourced.origin, "EndpointSlice", &slice.metadata);
         let mut valid = ValidSlice {
-            name: slice.metadata.name.clone().unwrap_or_default(),
             endpoints: Vec::new(),
+            infos: Box::default(),
             ports: Vec::new(),
         };
+        let mut infos: Vec<Arc<EndpointInfo>> = Vec::new();
         let want_v4 = match slice.address_type.as_str() {
             "IPv4" => true,
             "IPv6" => false,
@@ -974,14 +1056,17 @@ pub fn validate_slice(
                 true
             }
         };
+        valid
+            .endpoints
+            .reserve_exact(slice.endpoints.as_ref().map_or(0, Vec::len));
         for (e, endpoint) in slice.endpoints.iter().flatten().enumerate() {
-            let mut addresses = Vec::new();
+            let mut address = None;
             // Only the first address is the endpoint's, as kube-proxy reads it (the API
             // says the others are fungible and consumers use the first); the rest are
             // ignored, not even validated.
             for (a, text) in endpoint.addresses.iter().enumerate().take(1) {
                 match text.parse::<IpAddr>() {
-                    Ok(ip) if ip.is_ipv4() == want_v4 => addresses.push(ip),
+                    Ok(ip) if ip.is_ipv4() == want_v4 => address = Some(ip),
                     _ => check.fail(
                         format!("endpoints[{e}].addresses[{a}]"),
                         format!("{text:?} is not an {} address", slice.address_type),
@@ -992,27 +1077,40 @@ pub fn validate_slice(
             // (EndpointConditions API documentation).
             let conditions = endpoint.conditions.clone().unwrap_or_default();
             let ready = conditions.ready.unwrap_or(true);
+            let info = EndpointInfo {
+                source: Arc::clone(name),
+                node_name: endpoint.node_name.as_deref().map(intern),
+                zone: endpoint.zone.as_deref().map(intern),
+            };
+            let info = match infos.iter().position(|i| **i == info) {
+                Some(shared) => shared,
+                None => {
+                    infos.push(Arc::new(info));
+                    infos.len() - 1
+                }
+            };
+            let info = u32::try_from(info).unwrap_or(u32::MAX);
+            let hints = Hints {
+                zones: endpoint
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.clone())
+                    .collect(),
+                nodes: endpoint
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_nodes.iter().flatten())
+                    .map(|n| n.name.clone())
+                    .collect(),
+            };
             valid.endpoints.push(ValidEndpoint {
-                addresses,
+                address,
                 ready,
                 serving: conditions.serving.unwrap_or(ready),
                 terminating: conditions.terminating.unwrap_or(false),
-                node_name: endpoint.node_name.clone(),
-                zone: endpoint.zone.clone(),
-                hints: Hints {
-                    zones: endpoint
-                        .hints
-                        .iter()
-                        .flat_map(|h| h.for_zones.iter().flatten())
-                        .map(|z| z.name.clone())
-                        .collect(),
-                    nodes: endpoint
-                        .hints
-                        .iter()
-                        .flat_map(|h| h.for_nodes.iter().flatten())
-                        .map(|n| n.name.clone())
-                        .collect(),
-                },
+                info,
+                hints: (hints != Hints::default()).then(|| Box::new(hints)),
             });
         }
         for (p, port) in slice.ports.iter().flatten().enumerate() {
@@ -1029,10 +1127,13 @@ pub fn validate_slice(
                 "UDP" => Protocol::Udp,
                 _ => continue,
             };
-            valid
-                .ports
-                .push((port.name.clone().unwrap_or_default(), number, protocol));
+            valid.ports.push((
+                Box::from(port.name.as_deref().unwrap_or_default()),
+                number,
+                protocol,
+            ));
         }
+        valid.infos = infos.into_boxed_slice();
         if check.finish(&mut problems) {
             return (Some((service, valid)), problems);
         }
@@ -1048,23 +1149,19 @@ fn candidates_from_slices(port: &ValidPort, slices: &[&ValidSlice]) -> Vec<Candi
         let Some(&(_, number, _)) = slice
             .ports
             .iter()
-            .find(|(name, _, protocol)| *name == port.name && *protocol == port.protocol)
+            .find(|(name, _, protocol)| **name == *port.name && *protocol == port.protocol)
         else {
             continue;
         };
         for endpoint in &slice.endpoints {
-            for &ip in &endpoint.addresses {
+            if let Some(ip) = endpoint.address {
                 candidates.push(Candidate {
                     addr: L4Addr::new(ip, number, port.protocol),
                     ready: endpoint.ready,
                     serving: endpoint.serving,
                     terminating: endpoint.terminating,
-                    info: EndpointInfo {
-                        source: slice.name.clone(),
-                        node_name: endpoint.node_name.clone(),
-                        zone: endpoint.zone.clone(),
-                    },
-                    hints: endpoint.hints.clone(),
+                    info: Arc::clone(&slice.infos[endpoint.info as usize]),
+                    hints: endpoint.hints.as_deref().cloned().unwrap_or_default(),
                 });
             }
         }
@@ -1086,7 +1183,10 @@ fn candidates_from_pods(
         return candidates;
     };
     for pod in pods {
-        if !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v)) {
+        if !selector
+            .iter()
+            .all(|(k, v)| pod.labels.get(&**k).map(String::as_str) == Some(&**v))
+        {
             continue;
         }
         let number = match &port.target {
@@ -1111,11 +1211,11 @@ fn candidates_from_pods(
                 ready: service.publish_not_ready || (pod.serving && !pod.terminating),
                 serving: pod.serving,
                 terminating: pod.terminating,
-                info: EndpointInfo {
-                    source: format!("pod/{}", pod.name),
+                info: Arc::new(EndpointInfo {
+                    source: Arc::from(format!("pod/{}", pod.name)),
                     node_name: pod.node_name.clone(),
-                    zone: zone.map(str::to_string),
-                },
+                    zone: zone.map(intern),
+                }),
                 hints: pod_hints(service.hinting, pod.node_name.as_deref(), zone),
             });
         }
@@ -1158,17 +1258,8 @@ fn is_port_name(name: &str) -> bool {
         && !name.contains("--")
 }
 
-fn namespace(meta: &ObjectMeta) -> String {
-    meta.namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_string())
-}
-
 fn object_ref(meta: &ObjectMeta) -> ObjectRef {
-    ObjectRef {
-        namespace: namespace(meta),
-        name: meta.name.clone().unwrap_or_default(),
-    }
+    ObjectRef::of(meta)
 }
 
 fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {

@@ -15,10 +15,9 @@
 use std::{fs, path::Path};
 
 use lb_agent::{
-    maps::{dump, fake::FakeMaps, writer::MapWriter},
-    node::ThisNode,
+    maps::{dump, writer::MapWriter},
+    reconcile::{Reconciler, SyncKind},
     source::manifests::ManifestDir,
-    state::ClusterState,
 };
 
 enum Step {
@@ -79,9 +78,10 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
     let mut manifests = ManifestDir::new(&dir);
-    let mut writer = MapWriter::adopt(FakeMaps::default()).unwrap();
-    let mut state = ClusterState::new(Some("node-a".to_string()));
-    let mut node = ThisNode::new(Some("node-a".to_string()));
+    // The agent of node `node-a`: a new one, on empty maps, at the start and after each
+    // restart.
+    let agent = || Reconciler::on_fake_maps(Some("node-a".to_string()));
+    let mut reconciler = agent();
     let mut full = true;
     let mut frontend_ids = lb_common::FrontendId::MAX;
     let mut ops_before = 0;
@@ -92,46 +92,55 @@ fn run(script: &Path) -> (String, Vec<Comparison>) {
             Step::Write(file, body) => fs::write(dir.join(file), body).unwrap(),
             Step::Remove(file) => fs::remove_file(dir.join(file)).unwrap(),
             Step::Restart => {
-                let maps = writer.maps().clone();
+                let maps = reconciler.writer().maps().clone();
                 ops_before -= maps.operations;
-                writer = MapWriter::adopt(maps).unwrap();
+                // A new agent starts from an empty model, adopts the maps and reads every
+                // file.
+                reconciler = agent();
+                let writer = reconciler.writer_mut();
+                *writer = MapWriter::adopt(maps).unwrap();
                 writer.set_id_limits(frontend_ids, u32::MAX);
                 ops_before += writer.maps().operations;
-                // A new agent starts from an empty model and reads every file.
-                state = ClusterState::new(Some("node-a".to_string()));
-                node = ThisNode::new(Some("node-a".to_string()));
                 manifests = ManifestDir::new(&dir);
                 full = true;
             }
             Step::Capacity(map, entries) => {
                 // The fake is reached through a restart-like copy: the writer owns it.
+                let writer = reconciler.writer_mut();
                 let mut maps = writer.maps().clone();
                 maps.set_capacity(&map, entries);
                 let ops = maps.operations;
-                writer = MapWriter::adopt(maps).unwrap();
+                *writer = MapWriter::adopt(maps).unwrap();
                 writer.set_id_limits(frontend_ids, u32::MAX);
                 ops_before += writer.maps().operations - ops;
             }
             Step::FrontendIds(n) => {
                 frontend_ids = n;
-                writer.set_id_limits(frontend_ids, u32::MAX);
+                reconciler
+                    .writer_mut()
+                    .set_id_limits(frontend_ids, u32::MAX);
             }
             Step::Expect(expected) => {
-                for update in manifests.refresh().unwrap().unwrap_or_default() {
-                    update.apply_to(&mut state, &mut node);
+                for change in manifests.refresh().unwrap().unwrap_or_default() {
+                    reconciler.apply(change);
                 }
-                let changed = state.recompute();
-                if full {
-                    writer.apply(state.desired()).unwrap();
-                    full = false;
+                let kind = if full {
+                    SyncKind::Full
                 } else {
-                    writer.apply_changes(state.desired(), &changed).unwrap();
-                }
+                    SyncKind::Changes
+                };
+                full = false;
+                reconciler.sync(kind, std::time::Instant::now()).unwrap();
+                let writer = reconciler.writer();
                 let maps = writer.maps();
                 let mut actual = dump::lines(&dump::read(maps).unwrap());
                 for refused in writer.refused().values() {
                     let message = format!("not programmed: {}", refused.reason);
-                    let problem = state.port_problem(&refused.service, &refused.port_name, message);
+                    let problem = reconciler.state().port_problem(
+                        &refused.service,
+                        &refused.port_name,
+                        message,
+                    );
                     let problem = problem
                         .to_string()
                         .replace(&format!("{}/", dir.display()), "");

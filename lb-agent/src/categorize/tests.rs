@@ -17,11 +17,11 @@ fn ep(ip: &str, conditions: &str, node: &str, zones: &str, nodes: &str) -> Candi
         ready: conditions.contains('R'),
         serving: conditions.contains('S'),
         terminating: conditions.contains('T'),
-        info: EndpointInfo {
-            source: String::new(),
-            node_name: (!node.is_empty()).then(|| node.to_string()),
+        info: std::sync::Arc::new(EndpointInfo {
+            source: "".into(),
+            node_name: (!node.is_empty()).then(|| node.into()),
             zone: None,
-        },
+        }),
         hints: Hints {
             zones: set(zones),
             nodes: set(nodes),

@@ -75,7 +75,7 @@ pub fn decode(services: &[ServiceEntry], backends: &[(u32, Backend)]) -> MapCont
             entry.frontend,
             FrontendEntry {
                 address: entry.frontend,
-                kind: FrontendKind::from_flags(entry.value.flags),
+                kind: super::codec::kind(entry.value.flags),
                 rev_nat_id: entry.value.rev_nat_id,
                 flags: entry.value.flags,
                 count: entry.value.count,

@@ -125,13 +125,125 @@ pub trait LbMaps {
     }
 }
 
-/// Encoding of the model's addresses in the maps' network-order words.
+/// How the maps encode the model: addresses in network-order words, protocol numbers,
+/// scope bytes and flags. The model itself knows none of this.
 pub mod codec {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use lb_common::{Backend4, Backend6, Service4Key, Service6Key, ServiceKey as _};
 
-    use crate::model::{Backend, EndpointState, L4Addr, Protocol};
+    use crate::model::{Backend, EndpointState, Frontend, FrontendKind, L4Addr, Protocol, Scope};
+
+    /// IANA protocol number, as the maps store it.
+    #[must_use]
+    pub const fn protocol_number(protocol: Protocol) -> u8 {
+        match protocol {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    /// The protocol of an IANA number, if the load balancer handles it.
+    #[must_use]
+    pub const fn protocol(number: u8) -> Option<Protocol> {
+        match number {
+            lb_common::PROTO_TCP => Some(Protocol::Tcp),
+            lb_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    /// The `SCOPE_*` byte of a scope.
+    #[must_use]
+    pub const fn scope_byte(scope: Scope) -> u8 {
+        match scope {
+            Scope::External => lb_common::SCOPE_EXTERNAL,
+            Scope::Internal => lb_common::SCOPE_INTERNAL,
+        }
+    }
+
+    /// The scope a `SCOPE_*` byte names (`None` for one never written).
+    #[must_use]
+    pub const fn scope(byte: u8) -> Option<Scope> {
+        match byte {
+            lb_common::SCOPE_EXTERNAL => Some(Scope::External),
+            lb_common::SCOPE_INTERNAL => Some(Scope::Internal),
+            _ => None,
+        }
+    }
+
+    /// The `SVC_F_*` flag of a frontend kind.
+    #[must_use]
+    pub const fn kind_flag(kind: FrontendKind) -> u32 {
+        match kind {
+            FrontendKind::ClusterIp => lb_common::SVC_F_CLUSTER_IP,
+            FrontendKind::ExternalIp => lb_common::SVC_F_EXTERNAL_IP,
+            FrontendKind::LoadBalancer => lb_common::SVC_F_LOADBALANCER,
+            FrontendKind::NodePort => lb_common::SVC_F_NODEPORT,
+        }
+    }
+
+    /// The kind a flags word names (the lowest kind flag set).
+    #[must_use]
+    pub const fn kind(flags: u32) -> Option<FrontendKind> {
+        if flags & lb_common::SVC_F_CLUSTER_IP != 0 {
+            Some(FrontendKind::ClusterIp)
+        } else if flags & lb_common::SVC_F_EXTERNAL_IP != 0 {
+            Some(FrontendKind::ExternalIp)
+        } else if flags & lb_common::SVC_F_LOADBALANCER != 0 {
+            Some(FrontendKind::LoadBalancer)
+        } else if flags & lb_common::SVC_F_NODEPORT != 0 {
+            Some(FrontendKind::NodePort)
+        } else {
+            None
+        }
+    }
+
+    /// The `SVC_F_*` flags of a frontend's master entry. A node-local frontend (the
+    /// external scope) always has an in-cluster twin with every endpoint.
+    #[must_use]
+    pub fn frontend_flags(frontend: &Frontend) -> u32 {
+        let flag = |on: bool, flag: u32| if on { flag } else { 0 };
+        kind_flag(frontend.kind)
+            | flag(
+                frontend.local_only,
+                lb_common::SVC_F_LOCAL | lb_common::SVC_F_TWO_SCOPES,
+            )
+            | flag(frontend.no_local_endpoints, lb_common::SVC_F_NO_LOCAL)
+            | flag(
+                frontend.affinity_timeout.is_some(),
+                lb_common::SVC_F_AFFINITY,
+            )
+            | flag(
+                !frontend.source_ranges.is_empty(),
+                lb_common::SVC_F_SOURCE_RANGES,
+            )
+    }
+
+    /// The `BE_F_*` flags of a backend.
+    #[must_use]
+    pub const fn backend_flags(backend: &Backend) -> u8 {
+        let terminating = match backend.state {
+            EndpointState::Ready => 0,
+            EndpointState::Terminating => lb_common::BE_F_TERMINATING,
+        };
+        let remote = if backend.remote {
+            lb_common::BE_F_REMOTE
+        } else {
+            0
+        };
+        terminating | remote
+    }
+
+    /// The backend state `BE_F_*` flags name.
+    #[must_use]
+    pub const fn endpoint_state(flags: u8) -> EndpointState {
+        if flags & lb_common::BE_F_TERMINATING != 0 {
+            EndpointState::Terminating
+        } else {
+            EndpointState::Ready
+        }
+    }
 
     /// An IPv4 address as the maps hold it.
     #[must_use]
@@ -170,10 +282,10 @@ pub mod codec {
                 Service4Key::new(
                     ip4(ip),
                     frontend.port.to_be(),
-                    frontend.protocol.number(),
+                    protocol_number(frontend.protocol),
                     slot,
                 )
-                .with_scope(frontend.scope),
+                .with_scope(scope_byte(frontend.scope)),
             ),
             IpAddr::V6(_) => None,
         }
@@ -187,10 +299,10 @@ pub mod codec {
                 Service6Key::new(
                     ip6(ip),
                     frontend.port.to_be(),
-                    frontend.protocol.number(),
+                    protocol_number(frontend.protocol),
                     slot,
                 )
-                .with_scope(frontend.scope),
+                .with_scope(scope_byte(frontend.scope)),
             ),
             IpAddr::V4(_) => None,
         }
@@ -199,11 +311,11 @@ pub mod codec {
     /// The frontend and slot of an IPv4 key (`None` for a protocol never written).
     #[must_use]
     pub fn from_service4_key(key: &Service4Key) -> Option<(L4Addr, u16)> {
-        let protocol = Protocol::from_number(key.proto)?;
+        let protocol = protocol(key.proto)?;
         let frontend = L4Addr::new(from_ip4(key.address), u16::from_be(key.dport), protocol);
         Some((
             L4Addr {
-                scope: key.scope,
+                scope: scope(key.scope)?,
                 ..frontend
             },
             key.backend_slot,
@@ -213,11 +325,11 @@ pub mod codec {
     /// The frontend and slot of an IPv6 key.
     #[must_use]
     pub fn from_service6_key(key: &Service6Key) -> Option<(L4Addr, u16)> {
-        let protocol = Protocol::from_number(key.proto)?;
+        let protocol = protocol(key.proto)?;
         let frontend = L4Addr::new(from_ip6(key.address), u16::from_be(key.dport), protocol);
         Some((
             L4Addr {
-                scope: key.scope,
+                scope: scope(key.scope)?,
                 ..frontend
             },
             key.backend_slot,
@@ -230,8 +342,8 @@ pub mod codec {
             IpAddr::V4(ip) => Some(Backend4 {
                 address: ip4(ip),
                 port: backend.addr.port.to_be(),
-                proto: backend.addr.protocol.number(),
-                flags: backend.flags(),
+                proto: protocol_number(backend.addr.protocol),
+                flags: backend_flags(backend),
             }),
             IpAddr::V6(_) => None,
         }
@@ -243,8 +355,8 @@ pub mod codec {
             IpAddr::V6(ip) => Some(Backend6 {
                 address: ip6(ip),
                 port: backend.addr.port.to_be(),
-                proto: backend.addr.protocol.number(),
-                flags: backend.flags(),
+                proto: protocol_number(backend.addr.protocol),
+                flags: backend_flags(backend),
             }),
             IpAddr::V4(_) => None,
         }
@@ -256,9 +368,9 @@ pub mod codec {
             addr: L4Addr::new(
                 from_ip4(value.address),
                 u16::from_be(value.port),
-                Protocol::from_number(value.proto)?,
+                protocol(value.proto)?,
             ),
-            state: EndpointState::from_flags(value.flags),
+            state: endpoint_state(value.flags),
             remote: value.flags & lb_common::BE_F_REMOTE != 0,
         })
     }
@@ -269,9 +381,9 @@ pub mod codec {
             addr: L4Addr::new(
                 from_ip6(value.address),
                 u16::from_be(value.port),
-                Protocol::from_number(value.proto)?,
+                protocol(value.proto)?,
             ),
-            state: EndpointState::from_flags(value.flags),
+            state: endpoint_state(value.flags),
             remote: value.flags & lb_common::BE_F_REMOTE != 0,
         })
     }

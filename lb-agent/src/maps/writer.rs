@@ -43,6 +43,13 @@ struct Programmed {
     stray_slots: BTreeSet<u16>,
 }
 
+/// A backend in the maps, and the number of slots naming it.
+#[derive(Clone, Copy, Debug)]
+struct BackendRecord {
+    backend: Backend,
+    refs: u32,
+}
+
 /// What one apply changed, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -78,9 +85,8 @@ pub struct MapWriter<M> {
     maps: M,
     frontends: BTreeMap<L4Addr, Programmed>,
     backend_ids: HashMap<Backend, u32>,
-    backends: BTreeMap<u32, Backend>,
-    /// Number of slots naming each backend id.
-    backend_refs: HashMap<u32, usize>,
+    /// Each backend by id, with the number of slots naming it.
+    backends: HashMap<u32, BackendRecord>,
     next_backend_id: u32,
     rev_nat_ids: BTreeSet<lb_common::FrontendId>,
     /// Operations of the apply in progress, by phase.
@@ -109,8 +115,7 @@ impl<M: LbMaps> MapWriter<M> {
             maps,
             frontends: BTreeMap::new(),
             backend_ids: HashMap::new(),
-            backends: BTreeMap::new(),
-            backend_refs: HashMap::new(),
+            backends: HashMap::new(),
             next_backend_id: 1,
             rev_nat_ids: BTreeSet::new(),
             plan: Default::default(),
@@ -135,7 +140,6 @@ impl<M: LbMaps> MapWriter<M> {
         self.frontends.clear();
         self.backend_ids.clear();
         self.backends.clear();
-        self.backend_refs.clear();
         self.next_backend_id = 1;
         self.rev_nat_ids.clear();
         self.plan = Default::default();
@@ -143,8 +147,7 @@ impl<M: LbMaps> MapWriter<M> {
             // Two ids for one backend can only come from a foreign writer: keep the first,
             // the other is dropped as unused.
             self.backend_ids.entry(backend).or_insert(id);
-            self.backends.insert(id, backend);
-            self.backend_refs.insert(id, 0);
+            self.backends.insert(id, BackendRecord { backend, refs: 0 });
             self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
         }
         for (frontend, slot) in &contents.stray_slots {
@@ -172,7 +175,9 @@ impl<M: LbMaps> MapWriter<M> {
                 slots.clear();
             }
             for id in &slots {
-                *self.backend_refs.entry(*id).or_default() += 1;
+                if let Some(record) = self.backends.get_mut(id) {
+                    record.refs += 1;
+                }
             }
             self.rev_nat_ids.insert(entry.rev_nat_id);
             self.frontends.insert(
@@ -243,7 +248,7 @@ impl<M: LbMaps> MapWriter<M> {
             return;
         }
         for id in ids {
-            if let Some(backend) = self.backends.get(&id) {
+            if let Some(BackendRecord { backend, .. }) = self.backends.get(&id) {
                 self.stale_udp.push(StaleBackend {
                     rev_nat_id,
                     backend: SocketAddr::new(backend.addr.address, backend.addr.port),
@@ -272,9 +277,9 @@ impl<M: LbMaps> MapWriter<M> {
         let changed: Vec<L4Addr> = stale.chain(desired.keys().copied()).collect();
         // Backends no slot names (left by a previous agent) go too.
         let unused = self
-            .backend_refs
+            .backends
             .iter()
-            .filter(|(_, refs)| **refs == 0)
+            .filter(|(_, record)| record.refs == 0)
             .map(|(id, _)| *id);
         let released = unused.collect();
         self.apply_with(desired, &changed, released)
@@ -368,9 +373,9 @@ impl<M: LbMaps> MapWriter<M> {
     ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
         let mut released: BTreeSet<u32> = self
-            .backend_refs
+            .backends
             .iter()
-            .filter(|(_, refs)| **refs == 0)
+            .filter(|(_, record)| record.refs == 0)
             .map(|(id, _)| *id)
             .collect();
         for address in changed.iter().filter(|a| !desired.contains_key(a)) {
@@ -478,7 +483,7 @@ impl<M: LbMaps> MapWriter<M> {
         if count < frontend.backends.len() {
             warn!(%address, backends = frontend.backends.len(), "more backends than slots; using the first 65535");
         }
-        let flags = frontend.flags();
+        let flags = super::codec::frontend_flags(frontend);
         let affinity = frontend.affinity_timeout;
         let mut stats = ApplyStats::default();
         let old = match self.frontends.get(&address) {
@@ -617,8 +622,7 @@ impl<M: LbMaps> MapWriter<M> {
         } = plan;
         for (id, backend) in new_backends {
             self.backend_ids.insert(backend, id);
-            self.backends.insert(id, backend);
-            self.backend_refs.insert(id, 0);
+            self.backends.insert(id, BackendRecord { backend, refs: 0 });
             self.next_backend_id = if id >= self.max_backend_id { 1 } else { id + 1 };
         }
         self.rev_nat_ids.insert(new.rev_nat_id);
@@ -626,7 +630,9 @@ impl<M: LbMaps> MapWriter<M> {
             self.forget_affinity.insert(new.rev_nat_id);
         }
         for id in &new.slots {
-            *self.backend_refs.entry(*id).or_default() += 1;
+            if let Some(record) = self.backends.get_mut(id) {
+                record.refs += 1;
+            }
         }
         // A backend whose id changed with its state (ready to terminating) is still used.
         let now: HashSet<u32> = new.slots.iter().copied().collect();
@@ -637,7 +643,7 @@ impl<M: LbMaps> MapWriter<M> {
             .filter(|id| {
                 self.backends
                     .get(id)
-                    .is_none_or(|b| !kept.contains(&b.addr))
+                    .is_none_or(|r| !kept.contains(&r.backend.addr))
             })
             .copied()
             .collect();
@@ -696,9 +702,9 @@ impl<M: LbMaps> MapWriter<M> {
     /// Drops one reference per slot; ids left without any are candidates for deletion.
     fn release(&mut self, ids: &[u32], released: &mut BTreeSet<u32>) {
         for id in ids {
-            if let Some(refs) = self.backend_refs.get_mut(id) {
-                *refs = refs.saturating_sub(1);
-                if *refs == 0 {
+            if let Some(record) = self.backends.get_mut(id) {
+                record.refs = record.refs.saturating_sub(1);
+                if record.refs == 0 {
                     released.insert(*id);
                 }
             }
@@ -709,14 +715,13 @@ impl<M: LbMaps> MapWriter<M> {
     /// was written, so a backend moving between Services is never deleted and re-created).
     fn delete_unused_backends(&mut self, released: BTreeSet<u32>, stats: &mut ApplyStats) {
         for id in released {
-            if self.backend_refs.get(&id).is_some_and(|refs| *refs > 0) {
+            if self.backends.get(&id).is_some_and(|r| r.refs > 0) {
                 continue;
             }
-            let Some(backend) = self.backends.remove(&id) else {
+            let Some(BackendRecord { backend, .. }) = self.backends.remove(&id) else {
                 continue;
             };
             self.plan[DROP_BACKENDS].push(Op::DeleteBackend(id, backend));
-            self.backend_refs.remove(&id);
             stats.map_deletes += 1;
             stats.backends_removed += 1;
             if self.backend_ids.get(&backend) == Some(&id) {
@@ -878,7 +883,7 @@ pub struct Refused {
     /// The Service it belongs to.
     pub service: ObjectRef,
     /// `spec.ports[].name` of the frontend.
-    pub port_name: String,
+    pub port_name: std::sync::Arc<str>,
     /// What stood in the way, e.g. `LB4_SERVICES is full (262144 entries): …`.
     pub reason: String,
 }

@@ -48,7 +48,7 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::{model::ObjectRef, node::ThisNode, state::ClusterState, translate::Sourced};
+use crate::source::change::{Change, Kind, Object};
 
 /// The label selector of both watches, as kube-proxy's: Services another proxy owns, and
 /// the EndpointSlices of headless Services, are filtered by the API server.
@@ -128,34 +128,26 @@ async fn forward<K>(
     }
 }
 
-/// Applies watch events to the model. A relist (`Init` … `InitDone`) is buffered and then
-/// replaces the resource's objects at once, so objects present before and after it are
-/// not touched and what was deleted meanwhile goes away.
+/// Turns watch events into [`Change`]s. A relist (`Init` … `InitDone`) becomes
+/// [`Change::Relisting`], the listed objects, and [`Change::Relisted`]: each object goes to
+/// the model as it arrives (validated and dropped there, never buffered whole), and what
+/// the relist did not list goes away at its end.
 #[derive(Debug)]
 pub struct WatchApplier {
-    services: Option<Vec<Sourced<Service>>>,
-    slices: Option<Vec<Sourced<EndpointSlice>>>,
-    /// A relist of the Node in progress: `Some(None)` until the Node comes.
-    node_relist: Option<Option<Node>>,
-    node: ThisNode,
     services_listed: bool,
     slices_listed: bool,
     node_listed: bool,
 }
 
 impl WatchApplier {
-    /// An applier for the watches [`watch`] starts with `node_name`.
+    /// An applier for the watches [`watch`] starts (with a Node watch when `node_watch`).
     #[must_use]
-    pub fn new(node_name: Option<String>) -> Self {
+    pub const fn new(node_watch: bool) -> Self {
         Self {
-            services: None,
-            slices: None,
-            node_relist: None,
-            // Without a node name there is no Node watch to wait for.
-            node_listed: node_name.is_none(),
-            node: ThisNode::new(node_name),
             services_listed: false,
             slices_listed: false,
+            // Without a node name there is no Node watch to wait for.
+            node_listed: !node_watch,
         }
     }
 
@@ -167,78 +159,83 @@ impl WatchApplier {
         self.services_listed && self.slices_listed && self.node_listed
     }
 
-    /// This node, as its Node object last showed it.
-    #[must_use]
-    pub const fn node(&self) -> &ThisNode {
-        &self.node
-    }
-
-    /// Applies one event.
-    pub fn apply(&mut self, state: &mut ClusterState, update: Update) {
+    /// The changes one event makes, handed to `emit` in order.
+    pub fn convert(&mut self, update: Update, mut emit: impl FnMut(Change)) {
         match update {
-            Update::Service(event) => match event {
-                watcher::Event::Init => self.services = Some(Vec::new()),
-                watcher::Event::InitApply(o) => {
-                    self.services.get_or_insert_default().push(sourced(o))
-                }
-                watcher::Event::InitDone => {
-                    state.replace_services(self.services.take().unwrap_or_default());
+            Update::Service(event) => {
+                if self.event(
+                    Kind::Service,
+                    event,
+                    |o| Object::Service(Box::new(o)),
+                    &mut emit,
+                ) {
                     self.services_listed = true;
                 }
-                watcher::Event::Apply(o) => state.apply_service(sourced(o)),
-                watcher::Event::Delete(o) => state.delete_service(&ObjectRef::of(&o.metadata)),
-            },
-            Update::Slice(event) => match event {
-                watcher::Event::Init => self.slices = Some(Vec::new()),
-                watcher::Event::InitApply(o) => {
-                    self.slices.get_or_insert_default().push(sourced(o))
-                }
-                watcher::Event::InitDone => {
-                    state.replace_slices(self.slices.take().unwrap_or_default());
+            }
+            Update::Slice(event) => {
+                let wrap = |o| Object::EndpointSlice(Box::new(o));
+                if self.event(Kind::EndpointSlice, event, wrap, &mut emit) {
                     self.slices_listed = true;
                 }
-                watcher::Event::Apply(o) => state.apply_slice(sourced(o)),
-                watcher::Event::Delete(o) => state.delete_slice(&ObjectRef::of(&o.metadata)),
-            },
+            }
+            Update::Node(watcher::Event::Delete(o)) => {
+                // The final state gives the eligibility (a graceful deletion carries a
+                // `deletionTimestamp`); then the Node is gone.
+                let object = Object::Node(Box::new(o));
+                let id = object.id();
+                emit(Change::Apply {
+                    origin: ORIGIN.with(Clone::clone),
+                    object,
+                });
+                emit(Change::Delete {
+                    kind: Kind::Node,
+                    id,
+                });
+            }
             Update::Node(event) => {
-                match event {
-                    watcher::Event::Init => self.node_relist = Some(None),
-                    watcher::Event::InitApply(o) => self.node_relist = Some(Some(o)),
-                    watcher::Event::InitDone => {
-                        match self.node_relist.take().flatten() {
-                            Some(node) => self.node.apply(&node),
-                            // Not in the list: gone (its last state unknown).
-                            None => {
-                                let name = self.node.name().unwrap_or_default().to_string();
-                                self.node.delete(&name, None);
-                            }
-                        }
-                        self.node_listed = true;
-                    }
-                    watcher::Event::Apply(o) => self.node.apply(&o),
-                    watcher::Event::Delete(o) => {
-                        let name = o.metadata.name.clone().unwrap_or_default();
-                        self.node.delete(&name, Some(&o));
-                    }
+                if self.event(Kind::Node, event, |o| Object::Node(Box::new(o)), &mut emit) {
+                    self.node_listed = true;
                 }
-                state.set_node_zone(self.node.zone());
             }
             Update::Error(error) => {
                 warn!(%error, "watch failed; retrying with backoff (the maps stay as they are)")
             }
         }
     }
+
+    /// The changes of one event of `kind`; true when it completed a relist.
+    fn event<K: kube::Resource>(
+        &self,
+        kind: Kind,
+        event: watcher::Event<K>,
+        wrap: impl Fn(K) -> Object,
+        emit: &mut impl FnMut(Change),
+    ) -> bool {
+        let apply = |object| Change::Apply {
+            origin: ORIGIN.with(Clone::clone),
+            object: wrap(stripped(object)),
+        };
+        match event {
+            watcher::Event::Init => emit(Change::Relisting(kind)),
+            watcher::Event::InitApply(o) | watcher::Event::Apply(o) => emit(apply(o)),
+            watcher::Event::InitDone => {
+                emit(Change::Relisted(kind));
+                return true;
+            }
+            watcher::Event::Delete(o) => emit(Change::Delete {
+                kind,
+                id: wrap(o).id(),
+            }),
+        }
+        false
+    }
 }
 
-/// Wraps an object from the API, dropping the metadata the translation never reads
-/// (`managedFields`, annotations such as `kubectl.kubernetes.io/last-applied-configuration`):
-/// in a real cluster they are most of an object's size.
-fn sourced<T: kube::Resource>(mut object: T) -> Sourced<T> {
+/// An object from the API without the metadata the translation never reads
+/// (`managedFields`, annotations such as `kubectl.kubernetes.io/last-applied-configuration`).
+fn stripped<T: kube::Resource>(mut object: T) -> T {
     let meta = object.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
-    Sourced {
-        origin: ORIGIN.with(Clone::clone),
-        object,
-    }
+    object
 }

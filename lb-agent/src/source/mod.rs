@@ -1,4 +1,5 @@
-//! Where the Kubernetes objects come from. Every source produces the same
-//! [`ClusterObjects`](crate::translate::ClusterObjects) for the one translation and writer.
+//! Where the Kubernetes objects come from. Every source emits the same
+//! [`Change`](change::Change)s for the one [`Reconciler`](crate::reconcile::Reconciler).
+pub mod change;
 pub mod kube;
 pub mod manifests;

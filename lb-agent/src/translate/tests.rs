@@ -2,7 +2,23 @@
 use std::net::IpAddr;
 
 use super::*;
-use crate::source::manifests::{Object, parse_manifest};
+use crate::source::{change::Object, manifests::parse_manifest};
+use crate::state::{
+    ClusterObjects, ClusterState, Translation, translate, translate_for_node, translate_on,
+};
+
+/// Applies every object to `state`, as a source's changes would.
+fn load(state: &mut ClusterState, objects: ClusterObjects) {
+    objects
+        .services
+        .into_iter()
+        .for_each(|o| state.apply_service(o));
+    objects
+        .endpoint_slices
+        .into_iter()
+        .for_each(|o| state.apply_slice(o));
+    objects.pods.into_iter().for_each(|o| state.apply_pod(o));
+}
 
 /// Parses YAML documents into the translation's input.
 fn objects(yaml: &str) -> ClusterObjects {
@@ -577,7 +593,7 @@ fn frontends_on(yaml: &str, node: Option<&str>) -> Vec<String> {
                 "{} {:?} {:#x} -> {}",
                 f.address,
                 f.kind,
-                f.flags(),
+                crate::maps::codec::frontend_flags(f),
                 backends.join(",")
             )
         })
@@ -668,7 +684,7 @@ fn two_services_on_one_node_port_first_by_name_wins() {
     );
     let owner = &translation.frontends
         [&L4Addr::new("0.0.0.0".parse::<IpAddr>().unwrap(), 30080, Protocol::Tcp)];
-    assert_eq!(owner.service.name, "a");
+    assert_eq!(&*owner.service.name, "a");
     assert_eq!(owner.address.port, 30080);
 }
 
@@ -753,10 +769,9 @@ fn health_check_node_port_counts_local_endpoints() {
         pod_on("c", "10.244.1.2", "node-b"),
     ]
     .concat();
-    let mut state = crate::state::ClusterState::new(Some("node-a".into()));
+    let mut state = ClusterState::new(Some("node-a".into()));
     let objects = objects(&[lb("Local"), pods.clone()].concat());
-    state.replace_services(objects.services);
-    state.replace_pods(objects.pods);
+    load(&mut state, objects);
     state.recompute();
     let checks = state.health_checks();
     let check = &checks[&32100];
@@ -766,10 +781,9 @@ fn health_check_node_port_counts_local_endpoints() {
         "two local pods, counted once across the Service's ports"
     );
     // Only LoadBalancer Services with externalTrafficPolicy: Local have one.
-    let mut state = crate::state::ClusterState::new(Some("node-a".into()));
+    let mut state = ClusterState::new(Some("node-a".into()));
     let objects = super::tests::objects(&[lb("Cluster"), pods].concat());
-    state.replace_services(objects.services);
-    state.replace_pods(objects.pods);
+    load(&mut state, objects);
     state.recompute();
     assert!(state.health_checks().is_empty());
 }
@@ -851,7 +865,10 @@ fn session_affinity_sets_the_flag_and_timeout_on_every_frontend() {
     assert_eq!(translation.frontends.len(), 2);
     for f in translation.frontends.values() {
         assert_eq!(f.affinity_timeout, Some(60), "{}", f.address);
-        assert_ne!(f.flags() & lb_common::SVC_F_AFFINITY, 0);
+        assert_ne!(
+            crate::maps::codec::frontend_flags(f) & lb_common::SVC_F_AFFINITY,
+            0
+        );
     }
     let default = yaml.replace(
         "  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n",
@@ -958,10 +975,9 @@ fn health_check_node_port_counts_only_ready_local_endpoints() {
         pod_on("b", "10.244.1.2", "node-b"),
     ]
     .concat();
-    let mut state = crate::state::ClusterState::new(Some("node-a".to_string()));
+    let mut state = ClusterState::new(Some("node-a".to_string()));
     let objects = objects(&yaml);
-    state.replace_services(objects.services.iter().cloned());
-    state.replace_pods(objects.pods.iter().cloned());
+    load(&mut state, objects);
     state.recompute();
     let checks = state.health_checks();
     // node-a holds only a terminating (still serving) endpoint: the load balancer must
@@ -1023,22 +1039,17 @@ fn service_with(name: &str, ip: &str, extra: &str, ports: &str, status: &str) ->
 }
 
 /// A state holding the objects of `yaml`, recomputed.
-fn state_of(
-    yaml: &str,
-    setup: impl FnOnce(&mut crate::state::ClusterState),
-) -> crate::state::ClusterState {
+fn state_of(yaml: &str, setup: impl FnOnce(&mut ClusterState)) -> ClusterState {
     let objects = objects(yaml);
-    let mut state = crate::state::ClusterState::new(None);
+    let mut state = ClusterState::new(None);
     setup(&mut state);
-    state.replace_services(objects.services);
-    state.replace_slices(objects.endpoint_slices);
-    state.replace_pods(objects.pods);
+    load(&mut state, objects);
     state.recompute();
     state
 }
 
 /// `address service` for every frontend.
-fn owners(state: &crate::state::ClusterState) -> Vec<String> {
+fn owners(state: &ClusterState) -> Vec<String> {
     state
         .desired()
         .values()
@@ -1046,7 +1057,7 @@ fn owners(state: &crate::state::ClusterState) -> Vec<String> {
         .collect()
 }
 
-fn problem_lines(state: &crate::state::ClusterState) -> Vec<String> {
+fn problem_lines(state: &ClusterState) -> Vec<String> {
     state.problems().iter().map(ToString::to_string).collect()
 }
 
@@ -1119,10 +1130,7 @@ fn a_cluster_ip_arriving_later_takes_its_address_back_and_leaving_releases_it() 
         "{:?}",
         problem_lines(&state)
     );
-    state.delete_service(&ObjectRef {
-        namespace: "default".into(),
-        name: "dns".into(),
-    });
+    state.delete_service(&ObjectRef::new("default", "dns"));
     state.recompute();
     assert!(problem_lines(&state).is_empty());
     assert!(owners(&state).contains(&"10.96.0.10:80/TCP a-hijack".to_string()));
@@ -1209,10 +1217,7 @@ fn a_node_port_wins_over_an_external_ip_on_a_node_address() {
             .parse::<IpAddr>()
             .unwrap()]));
     });
-    state.delete_service(&ObjectRef {
-        namespace: "default".into(),
-        name: "np".into(),
-    });
+    state.delete_service(&ObjectRef::new("default", "np"));
     state.recompute();
     assert!(owners(&state).contains(&"192.168.50.1:30080/TCP a-ext".to_string()));
     assert!(problem_lines(&state).is_empty());
@@ -1331,4 +1336,33 @@ fn only_the_first_address_of_an_endpoint_is_used() {
         frontends(&yaml),
         ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP"]
     );
+}
+
+#[test]
+fn address_fields_name_the_first_entry_with_the_address() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.1\n  externalIPs: [192.168.60.1, 10.96.0.10, 10.96.0.10]\n  ports: [{port: 80, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{hostname: x}, {ip: 10.96.0.10}]}}\n";
+    let checked = validate_service(&objects(yaml).services[0]);
+    let translation = translate_service(&checked, None, &[], NodeTopology::default());
+    let field = |kind: FrontendKind, ip: &str| {
+        let ip: IpAddr = ip.parse().unwrap();
+        let frontend = translation
+            .frontends
+            .iter()
+            .find(|f| f.kind == kind && f.address.address == ip)
+            .unwrap();
+        checked.address_field(frontend)
+    };
+    assert_eq!(
+        field(FrontendKind::ExternalIp, "10.96.0.10").as_deref(),
+        Some("spec.externalIPs[1]")
+    );
+    assert_eq!(
+        field(FrontendKind::ExternalIp, "192.168.60.1").as_deref(),
+        Some("spec.externalIPs[0]")
+    );
+    assert_eq!(
+        field(FrontendKind::LoadBalancer, "10.96.0.10").as_deref(),
+        Some("status.loadBalancer.ingress[1].ip")
+    );
+    assert_eq!(field(FrontendKind::ClusterIp, "10.96.0.1"), None);
 }

@@ -17,7 +17,7 @@ use std::{
 use tracing::warn;
 
 use super::{
-    Identity, Kind, Object, Update, is_manifest,
+    Identity, Object, Update, is_manifest,
     parse::{self, ParsedFile},
 };
 use crate::{model::ObjectRef, translate::Problem};
@@ -548,7 +548,7 @@ impl ManifestDir {
             let Some((path, hash)) = definitions.owners.first().cloned() else {
                 if definitions.applied.is_some() {
                     apply(Update::Delete {
-                        kind: identity.kind.as_str(),
+                        kind: identity.kind,
                         id: identity.object_ref(),
                     });
                 }
@@ -671,26 +671,12 @@ fn duplicate(path: &Path, identity: &Identity) -> Problem {
 
 impl Identity {
     fn object_ref(&self) -> ObjectRef {
-        ObjectRef {
-            namespace: self.namespace.to_string(),
-            name: self.name.to_string(),
-        }
-    }
-}
-
-impl Kind {
-    const fn as_str(self) -> &'static str {
-        match self {
-            Self::Service => "Service",
-            Self::EndpointSlice => "EndpointSlice",
-            Self::Pod => "Pod",
-            Self::Node => "Node",
-        }
+        ObjectRef::new(&self.namespace, &self.name)
     }
 }
 
 impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        write!(f, "{} {}/{}", self.kind.name(), self.namespace, self.name)
     }
 }

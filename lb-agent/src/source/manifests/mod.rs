@@ -11,36 +11,14 @@ mod watch;
 
 use std::{path::Path, sync::Arc};
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
-
 pub use self::{
     dir::ManifestDir,
     parse::{ParsedFile, parse_manifest},
     watch::{Changed, Changes, DirWatcher, watch},
 };
-use crate::{model::ObjectRef, node::ThisNode, translate::Sourced};
-
-/// One object the source understands.
-#[derive(Clone, Debug)]
-pub enum Object {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Pod(Box<Pod>),
-    /// A Node: this node's gives its zone and eligibility, others are kept but unused.
-    Node(Box<Node>),
-}
-
-/// The kinds of object the source understands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Kind {
-    Service,
-    EndpointSlice,
-    Pod,
-    Node,
-}
+// The source's changes are the one change type of every source.
+use super::change::Kind;
+pub use super::change::{Change as Update, Object};
 
 /// Kind, namespace and name: what makes two objects the same object.
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -50,50 +28,16 @@ struct Identity {
     name: Box<str>,
 }
 
-/// A change of one object, as a re-read directory shows it.
-#[derive(Clone, Debug)]
-pub enum Update {
-    /// The object (new or changed) as the first file in name order defining it has it.
-    Apply { origin: Arc<str>, object: Object },
-    /// No file defines the object any more.
-    Delete { kind: &'static str, id: ObjectRef },
-}
-
-impl Update {
-    /// Applies the change to the model, and to `node` when it is this node's Node.
-    pub fn apply_to(self, state: &mut crate::state::ClusterState, node: &mut ThisNode) {
-        match self {
-            Self::Apply { origin, object } => match object {
-                Object::Service(o) => state.apply_service(Sourced { origin, object: *o }),
-                Object::EndpointSlice(o) => state.apply_slice(Sourced { origin, object: *o }),
-                Object::Pod(o) => state.apply_pod(Sourced { origin, object: *o }),
-                Object::Node(o) => {
-                    node.apply(&o);
-                    state.set_node_zone(node.zone());
-                }
-            },
-            Self::Delete { kind, id } => match kind {
-                "Service" => state.delete_service(&id),
-                "EndpointSlice" => state.delete_slice(&id),
-                "Node" => {
-                    node.delete(&id.name, None);
-                    state.set_node_zone(node.zone());
-                }
-                _ => state.delete_pod(&id),
-            },
-        }
-    }
-}
-
 impl Object {
     /// Kind, namespace (`default` when unset; empty for the cluster-scoped Node) and name.
     fn identity(&self) -> (Kind, &str, &str) {
-        let (kind, meta) = match self {
-            Self::Service(o) => (Kind::Service, &o.metadata),
-            Self::EndpointSlice(o) => (Kind::EndpointSlice, &o.metadata),
-            Self::Pod(o) => (Kind::Pod, &o.metadata),
-            Self::Node(o) => (Kind::Node, &o.metadata),
+        let meta = match self {
+            Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
+            Self::Pod(o) => &o.metadata,
+            Self::Node(o) => &o.metadata,
         };
+        let kind = self.kind();
         let namespace = match self {
             // Cluster-scoped.
             Self::Node(_) => "",
@@ -200,20 +144,19 @@ spec:
             id(&parsed.objects[1]),
             ("Node", String::new(), "node-a".into())
         );
-        let mut state = crate::state::ClusterState::new(Some("node-a".into()));
-        let mut node = ThisNode::new(Some("node-a".into()));
+        let mut reconciler = crate::reconcile::Reconciler::on_fake_maps(Some("node-a".into()));
         for object in parsed.objects {
             let origin = Arc::from("nodes.yaml");
-            Update::Apply { origin, object }.apply_to(&mut state, &mut node);
+            reconciler.apply(Update::Apply { origin, object });
         }
-        assert_eq!(state.node_zone(), Some("zone-a"));
-        assert!(!node.eligible());
-        let id = ObjectRef {
-            namespace: String::new(),
-            name: "node-a".into(),
-        };
-        Update::Delete { kind: "Node", id }.apply_to(&mut state, &mut node);
-        assert_eq!(state.node_zone(), None);
+        assert_eq!(reconciler.state().node_zone(), Some("zone-a"));
+        assert!(!reconciler.node().eligible());
+        let id = crate::model::ObjectRef::new("", "node-a");
+        reconciler.apply(Update::Delete {
+            kind: Kind::Node,
+            id,
+        });
+        assert_eq!(reconciler.state().node_zone(), None);
     }
 
     #[test]
@@ -274,6 +217,7 @@ spec:
                         format!("apply {kind} {ns}/{name} from {file}")
                     }
                     Update::Delete { kind, id } => format!("delete {kind} {id}"),
+                    Update::Relisting(_) | Update::Relisted(_) => unreachable!(),
                 })
                 .collect()
         };
@@ -331,6 +275,7 @@ spec:
             .map(|u| match u {
                 Update::Apply { object, .. } => format!("apply {}", id(object).2),
                 Update::Delete { id, .. } => format!("delete {}", id.name),
+                Update::Relisting(_) | Update::Relisted(_) => unreachable!(),
             })
             .collect()
     }

@@ -1,0 +1,510 @@
+//! The reconcile core: the one place the cluster state changes. Both sources hand their
+//! [`Change`]s to the [`Reconciler`], which applies them to the [`ClusterState`] (objects
+//! are validated there and only their compact forms kept), and a [`Reconciler::sync`]
+//! translates what they touched and writes it through the [`MapWriter`]. A sync costs what
+//! changed, not the number of Services.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
+
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    api::SharedStatus,
+    health::HealthServers,
+    maps::{LbMaps, writer::MapWriter},
+    model::{HealthCheck, L4Addr, ObjectRef},
+    node::ThisNode,
+    ownership::ExternalIpCidrs,
+    proxy_health::{Now, ProxyHealth},
+    source::change::{Change, Kind, Object},
+    state::ClusterState,
+    translate::Sourced,
+};
+
+/// How much a sync writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncKind {
+    /// Everything that differs from the maps (first sync, after adopting).
+    Full,
+    /// The frontends the model reports changed (and any whose write failed before).
+    Changes,
+}
+
+/// A map write failed; the next sync is a full one from what the maps really hold.
+#[derive(Debug, thiserror::Error)]
+#[error("writing the maps")]
+pub struct SyncError(#[source] pub crate::maps::MapError);
+
+/// The model, this node, the writer, and what was last reported.
+pub struct Reconciler<M> {
+    state: ClusterState,
+    /// This node's Node object as last seen (its zone goes to the state).
+    node: ThisNode,
+    /// The kinds being relisted, with the objects applied since the relist began.
+    relists: HashMap<Kind, HashSet<ObjectRef>>,
+    writer: MapWriter<M>,
+    status: SharedStatus,
+    /// Problems found by the source itself (unparsable files), as text.
+    source_problems: Vec<String>,
+    /// Frontends the maps could not take (full, or no free id), as text.
+    map_problems: Vec<String>,
+    reported: BTreeSet<String>,
+    /// (model problems version, source problems, map problems) when last reported.
+    reported_version: Option<(u64, Vec<String>, Vec<String>)>,
+    /// Frontends whose write failed, to retry on the next sync.
+    pending: BTreeSet<L4Addr>,
+    full_pending: bool,
+    /// The health checks last handed to the servers.
+    health_checks: Option<BTreeMap<u16, HealthCheck>>,
+    /// The pin directory, when UDP sockets and flows pinned to removed backends are to be
+    /// ended after each write ([`crate::stale`]).
+    stale_cleanup: Option<PathBuf>,
+    /// The agent's health: changes queued and synced, this node's eligibility.
+    health: Arc<ProxyHealth>,
+}
+
+impl<M: LbMaps> Reconciler<M> {
+    /// A reconciler of an empty model for the node `node_name`, writing through `writer`.
+    pub fn new(
+        writer: MapWriter<M>,
+        status: SharedStatus,
+        node_name: Option<String>,
+        health: Arc<ProxyHealth>,
+    ) -> Self {
+        Self {
+            state: ClusterState::new(node_name.clone()),
+            node: ThisNode::new(node_name),
+            relists: HashMap::new(),
+            writer,
+            status,
+            source_problems: Vec::new(),
+            map_problems: Vec::new(),
+            reported: BTreeSet::new(),
+            reported_version: None,
+            pending: BTreeSet::new(),
+            full_pending: false,
+            health_checks: None,
+            stale_cleanup: None,
+            health,
+        }
+    }
+
+    /// Ends UDP traffic pinned to removed backends after each write (pins in `pin_dir`).
+    pub fn set_stale_cleanup(&mut self, pin_dir: PathBuf) {
+        self.stale_cleanup = Some(pin_dir);
+    }
+
+    /// The model, for reading.
+    pub const fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// The writer, for reading.
+    pub const fn writer(&self) -> &MapWriter<M> {
+        &self.writer
+    }
+
+    /// The writer, to change its limits or swap its maps (tests).
+    pub const fn writer_mut(&mut self) -> &mut MapWriter<M> {
+        &mut self.writer
+    }
+
+    /// This node as its Node object last showed it.
+    pub const fn node(&self) -> &ThisNode {
+        &self.node
+    }
+
+    /// The agent's health, as the `/healthz` servers read it.
+    pub const fn health(&self) -> &Arc<ProxyHealth> {
+        &self.health
+    }
+
+    /// The frontends the maps could not take, as problems (as of the last sync).
+    pub fn map_problems(&self) -> &[String] {
+        &self.map_problems
+    }
+
+    /// Notes that changes are waiting (for `/healthz`), as of `at`.
+    pub fn queued(&self, at: Instant) {
+        self.health.queued(at);
+    }
+
+    /// Applies one change of a source to the model (written at the next sync).
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Apply { origin, object } => {
+                if let Some(seen) = self.relists.get_mut(&object.kind()) {
+                    seen.insert(object.id());
+                }
+                match object {
+                    Object::Service(o) => self.state.apply_service(Sourced { origin, object: *o }),
+                    Object::EndpointSlice(o) => {
+                        self.state.apply_slice(Sourced { origin, object: *o });
+                    }
+                    Object::Pod(o) => self.state.apply_pod(Sourced { origin, object: *o }),
+                    Object::Node(o) => {
+                        self.node.apply(&o);
+                        self.node_changed();
+                    }
+                }
+            }
+            Change::Delete { kind, id } => self.delete(kind, &id),
+            Change::Relisting(kind) => {
+                self.relists.insert(kind, HashSet::new());
+            }
+            Change::Relisted(kind) => {
+                let seen = self.relists.remove(&kind).unwrap_or_default();
+                if kind == Kind::Node {
+                    let name = self.node.name().unwrap_or_default();
+                    if !seen.iter().any(|id| &*id.name == name) {
+                        // Not in the list: gone (its last state unknown).
+                        let id = ObjectRef::new("", name);
+                        self.delete(Kind::Node, &id);
+                    }
+                    return;
+                }
+                for id in self.state.ids(kind) {
+                    if !seen.contains(&id) {
+                        self.delete(kind, &id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn delete(&mut self, kind: Kind, id: &ObjectRef) {
+        match kind {
+            Kind::Service => self.state.delete_service(id),
+            Kind::EndpointSlice => self.state.delete_slice(id),
+            Kind::Pod => self.state.delete_pod(id),
+            Kind::Node => {
+                self.node.delete(&id.name, None);
+                self.node_changed();
+            }
+        }
+    }
+
+    fn node_changed(&mut self) {
+        self.state.set_node_zone(self.node.zone());
+        self.health.set_node_eligible(self.node.eligible());
+    }
+
+    /// Sets the problems the source itself found (unparsable files), as text.
+    pub fn set_source_problems(&mut self, problems: Vec<String>) {
+        self.source_problems = problems;
+    }
+
+    /// Sets `--external-ip-cidrs`.
+    pub fn set_external_ip_cidrs(&mut self, cidrs: ExternalIpCidrs) {
+        self.state.set_external_ip_cidrs(cidrs);
+    }
+
+    /// Sets this node's NodePort addresses (what the node-address maps hold).
+    pub fn set_node_addresses(&mut self, addresses: BTreeSet<IpAddr>) {
+        self.state.set_node_addresses(addresses);
+    }
+
+    /// Hands the Services' health checks to the servers when they changed.
+    pub async fn update_health(&mut self, servers: &mut HealthServers) {
+        let checks = self.state.health_checks();
+        if self.health_checks.as_ref() != Some(&checks) {
+            servers.update(&checks).await;
+            self.health_checks = Some(checks);
+        }
+    }
+
+    /// [`Self::sync`], logging a failure (the next sync retries).
+    pub fn sync_or_log(&mut self, kind: SyncKind, started: Instant) {
+        if let Err(e) = self.sync(kind, started) {
+            error!(
+                error = format!("{:#}", anyhow::Error::new(e)),
+                "writing the maps failed; retrying on the next sync"
+            );
+        }
+    }
+
+    /// Translates what changed and writes it. Frontends the maps cannot take are reported
+    /// on their Services, not as an error.
+    ///
+    /// # Errors
+    /// When a map write fails otherwise; the next sync is then a full one.
+    pub fn sync(&mut self, kind: SyncKind, started: Instant) -> Result<(), SyncError> {
+        let changed = self.state.recompute();
+        self.pending.extend(changed.iter().copied());
+        self.publish(&changed);
+        if kind == SyncKind::Full {
+            self.full_pending = true;
+        }
+        self.report();
+        // Frontends the maps could not take are tried again on every sync (a rescan, any
+        // event): room may have appeared.
+        if self.pending.is_empty() && !self.full_pending && self.writer.refused().is_empty() {
+            self.health.updated(Now::current());
+            return Ok(());
+        }
+        let desired = self.state.desired();
+        let frontends = desired.len();
+        let result = if self.full_pending {
+            self.writer.apply(desired)
+        } else {
+            let pending: Vec<_> = self.pending.iter().copied().collect();
+            self.writer.apply_changes(desired, &pending)
+        };
+        let stats = match result {
+            Ok(stats) => stats,
+            Err(e) => {
+                // The record may now be ahead of the maps: read them back, and make the
+                // next sync a full one from what is really there.
+                self.full_pending = true;
+                if let Err(read) = self.writer.readopt() {
+                    error!(error = %read, "reading the maps back failed");
+                }
+                return Err(SyncError(e));
+            }
+        };
+        self.pending.clear();
+        self.full_pending = false;
+        self.health.updated(Now::current());
+        self.end_stale_udp();
+        let elapsed_us = started.elapsed().as_micros();
+        if stats.is_noop() {
+            debug!(elapsed_us, "nothing to write");
+        } else {
+            info!(
+                frontends,
+                added = stats.frontends_added,
+                updated = stats.frontends_updated,
+                removed = stats.frontends_removed,
+                map_writes = stats.map_writes,
+                map_deletes = stats.map_deletes,
+                elapsed_us,
+                "maps updated"
+            );
+        }
+        self.map_problems = self.refused_problems();
+        self.report();
+        Ok(())
+    }
+
+    /// Ends the UDP traffic pinned to the backends the last write removed.
+    fn end_stale_udp(&mut self) {
+        let stale = self.writer.take_stale_udp();
+        if let Some(pin_dir) = &self.stale_cleanup
+            && !stale.is_empty()
+        {
+            match crate::stale::clean(pin_dir, &stale) {
+                Ok(done) => info!(
+                    backends = stale.len(),
+                    sockets_destroyed = done.sockets_destroyed,
+                    flows_deleted = done.flows_deleted,
+                    "UDP traffic pinned to removed backends ended"
+                ),
+                Err(e) => warn!(error = %e, "ending UDP traffic to removed backends failed"),
+            }
+        }
+    }
+
+    /// Updates what the API shows, for the changed frontends only.
+    fn publish(&self, changed: &[L4Addr]) {
+        let Ok(mut status) = self.status.write() else {
+            return;
+        };
+        for address in changed {
+            match self.state.desired().get(address) {
+                Some(frontend) => status.desired.insert(*address, Arc::clone(frontend)),
+                None => status.desired.remove(address),
+            };
+        }
+    }
+
+    /// The frontends the writer could not program, as problems on their Services' ports
+    /// (the writer tries them again with every apply).
+    fn refused_problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .writer
+            .refused()
+            .values()
+            .map(|refused| {
+                let message = format!("not programmed: {}", refused.reason);
+                self.state
+                    .port_problem(&refused.service, &refused.port_name, message)
+                    .to_string()
+            })
+            .collect();
+        problems.sort();
+        problems.dedup();
+        problems
+    }
+
+    /// Logs each problem once, when it appears, and says when it is gone.
+    fn report(&mut self) {
+        let version = (
+            self.state.problems_version(),
+            self.source_problems.clone(),
+            self.map_problems.clone(),
+        );
+        if self.reported_version.as_ref() == Some(&version) {
+            return;
+        }
+        self.reported_version = Some(version);
+        let mut now: BTreeSet<String> = self
+            .state
+            .problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        now.extend(self.source_problems.iter().cloned());
+        now.extend(self.map_problems.iter().cloned());
+        for problem in now.difference(&self.reported) {
+            if self.map_problems.contains(problem) {
+                error!("{problem}");
+            } else {
+                error!("invalid object, not programmed: {problem}");
+            }
+        }
+        for problem in self.reported.difference(&now) {
+            info!("resolved: {problem}");
+        }
+        self.reported = now;
+    }
+}
+
+impl Reconciler<crate::maps::fake::FakeMaps> {
+    /// A reconciler writing to empty in-memory maps (tests).
+    #[must_use]
+    pub fn on_fake_maps(node_name: Option<String>) -> Self {
+        let writer = MapWriter::adopt(crate::maps::fake::FakeMaps::default())
+            .unwrap_or_else(|e| unreachable!("empty maps are read: {e}"));
+        Self::new(writer, SharedStatus::default(), node_name, Arc::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::fake::FakeMaps;
+
+    fn service(i: usize) -> Change {
+        let object = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+            "spec": {
+                "clusterIP": format!("10.96.0.{}", i + 1),
+                "selector": {"app": "x"},
+                "ports": [{"name": "http", "port": 80}],
+            },
+        }))
+        .unwrap();
+        Change::Apply {
+            origin: Arc::from("services.yaml"),
+            object: Object::Service(Box::new(object)),
+        }
+    }
+
+    fn reconciler(maps: FakeMaps) -> Reconciler<FakeMaps> {
+        Reconciler::new(
+            MapWriter::adopt(maps).unwrap(),
+            SharedStatus::default(),
+            None,
+            Arc::new(ProxyHealth::default()),
+        )
+    }
+
+    /// The first sync with more Services than the services map holds programs those that
+    /// fit, reports the others on their port, and does not fail.
+    #[test]
+    fn first_sync_programs_what_fits_and_reports_the_rest() {
+        let mut maps = FakeMaps::default();
+        // Each Service here (no endpoints) is one master entry.
+        maps.set_capacity(lb_common::SERVICES4_MAP, 5);
+        let mut reconciler = reconciler(maps);
+        for i in 0..8 {
+            reconciler.apply(service(i));
+        }
+        reconciler.sync(SyncKind::Full, Instant::now()).unwrap();
+        let masters = reconciler.writer.maps().services.len();
+        assert_eq!(masters, 5, "every Service that fits is programmed");
+        assert_eq!(reconciler.writer.refused().len(), 3);
+        assert_eq!(reconciler.map_problems.len(), 3);
+        for problem in &reconciler.map_problems {
+            assert!(
+                problem.starts_with("services.yaml: Service default/svc-")
+                    && problem.contains(
+                        ": spec.ports[0]: not programmed: LB4_SERVICES is full (5 entries"
+                    ),
+                "{problem}"
+            );
+        }
+        // Room appears: a deleted Service makes room for one refused Service at the next sync.
+        reconciler.apply(Change::Delete {
+            kind: Kind::Service,
+            id: ObjectRef::new("default", "svc-0"),
+        });
+        reconciler.sync(SyncKind::Changes, Instant::now()).unwrap();
+        assert_eq!(reconciler.writer.maps().services.len(), 5);
+        assert_eq!(reconciler.writer.refused().len(), 2);
+        assert_eq!(reconciler.map_problems.len(), 2);
+    }
+
+    /// A relist replaces the objects of its kind: what it did not list is gone, what it
+    /// listed unchanged causes no write.
+    #[test]
+    fn a_relist_removes_what_it_did_not_list() {
+        let mut reconciler = reconciler(FakeMaps::default());
+        for i in 0..3 {
+            reconciler.apply(service(i));
+        }
+        reconciler.sync(SyncKind::Full, Instant::now()).unwrap();
+        assert_eq!(reconciler.writer.maps().services.len(), 3);
+        let operations = reconciler.writer.maps().operations;
+        reconciler.apply(Change::Relisting(Kind::Service));
+        reconciler.apply(service(0));
+        reconciler.apply(service(2));
+        reconciler.apply(Change::Relisted(Kind::Service));
+        reconciler.sync(SyncKind::Changes, Instant::now()).unwrap();
+        let programmed: Vec<String> = reconciler
+            .state()
+            .desired()
+            .values()
+            .map(|f| f.service.to_string())
+            .collect();
+        assert_eq!(programmed, ["default/svc-0", "default/svc-2"]);
+        assert_eq!(reconciler.writer.maps().services.len(), 2);
+        assert_eq!(
+            reconciler.writer.maps().operations - operations,
+            1,
+            "one delete: the Services listed again are unchanged"
+        );
+    }
+
+    /// This node's Node gives the zone; a relist without it takes the zone away.
+    #[test]
+    fn this_nodes_node_follows_relists() {
+        let mut reconciler = Reconciler::new(
+            MapWriter::adopt(FakeMaps::default()).unwrap(),
+            SharedStatus::default(),
+            Some("node-a".into()),
+            Arc::new(ProxyHealth::default()),
+        );
+        let node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}},
+        }))
+        .unwrap();
+        reconciler.apply(Change::Relisting(Kind::Node));
+        reconciler.apply(Change::Apply {
+            origin: Arc::from("api"),
+            object: Object::Node(Box::new(node)),
+        });
+        reconciler.apply(Change::Relisted(Kind::Node));
+        assert_eq!(reconciler.state().node_zone(), Some("z1"));
+        reconciler.apply(Change::Relisting(Kind::Node));
+        reconciler.apply(Change::Relisted(Kind::Node));
+        assert_eq!(reconciler.state().node_zone(), None);
+    }
+}
