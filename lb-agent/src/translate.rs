@@ -683,6 +683,12 @@ fn source_ranges(
 pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
 /// The deprecated form of [`TOPOLOGY_MODE_ANNOTATION`].
 pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+/// Every annotation the translation reads: a source may drop all others.
+pub const READ_ANNOTATIONS: [&str; 3] = [
+    SOURCE_RANGES_ANNOTATION,
+    TOPOLOGY_MODE_ANNOTATION,
+    TOPOLOGY_HINTS_ANNOTATION,
+];
 
 /// Which hints the EndpointSlice controller puts on a Service's endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -232,10 +232,56 @@ impl WatchApplier {
 }
 
 /// An object from the API without the metadata the translation never reads
-/// (`managedFields`, annotations such as `kubectl.kubernetes.io/last-applied-configuration`).
+/// (`managedFields`, annotations such as `kubectl.kubernetes.io/last-applied-configuration`);
+/// the annotations it reads ([`crate::translate::READ_ANNOTATIONS`]: source ranges,
+/// topology mode) stay.
 fn stripped<T: kube::Resource>(mut object: T) -> T {
     let meta = object.meta_mut();
     meta.managed_fields = None;
-    meta.annotations = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|key, _| crate::translate::READ_ANNOTATIONS.contains(&key.as_str()));
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
     object
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Service;
+
+    use super::*;
+
+    /// The annotations lb acts on survive the stripping of what it never reads: a Service
+    /// from the API keeps its `topology-mode` and source ranges.
+    #[test]
+    fn stripping_keeps_the_annotations_the_translation_reads() {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web",
+                "annotations": {
+                    "service.kubernetes.io/topology-mode": "Auto",
+                    "service.beta.kubernetes.io/load-balancer-source-ranges": "10.0.0.0/8",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{...}",
+                },
+                "managedFields": [{"manager": "kubectl"}],
+            },
+        }))
+        .unwrap();
+        let meta = stripped(service).metadata;
+        let kept: Vec<&str> = meta
+            .annotations
+            .iter()
+            .flat_map(|a| a.keys().map(String::as_str))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "service.beta.kubernetes.io/load-balancer-source-ranges",
+                "service.kubernetes.io/topology-mode"
+            ]
+        );
+        assert_eq!(meta.managed_fields, None);
+    }
 }
