@@ -43,13 +43,13 @@ pub const NODE_CPUS: u64 = 128;
 
 /// What the bench measured (`cargo xtask bench`, "DaemonSet memory limit"), on the API
 /// server source as the DaemonSet runs it, at 100,000 Services × 10 endpoints (release
-/// build, 2026-12-03, main at 4f05c1a: `lb-watch-bench --services 100000 --endpoints 10`):
-/// RSS 15,324 KiB empty, 1,407,220 KiB at its peak; maps 150,624 KiB empty, 315,468 KiB
-/// holding the Services.
+/// build, 2026-12-03, main at the compact state and two-thread map writes:
+/// `lb-watch-bench --services 100000 --endpoints 10`): RSS 18,204 KiB empty, 569,836 KiB at
+/// its peak; maps 150,624 KiB empty, 315,468 KiB holding the Services.
 pub const MEASURED: Figures = Figures {
-    empty_agent_bytes: 15 * MIB,
-    agent_bytes_per_service: 14_254,
-    map_bytes_per_service: 1_689,
+    empty_agent_bytes: 18 * MIB,
+    agent_bytes_per_service: 5_649,
+    map_bytes_per_service: 1_688,
 };
 
 /// The measured inputs of the formula.
