@@ -8,8 +8,10 @@
 //!   the Service (Cilium's socket termination). Only sockets lb translated to that backend
 //!   for that frontend are touched: their cookie has a reverse-NAT entry naming both.
 //!   Unconnected sockets pick per datagram and are never touched.
-//! - The tc path pins a UDP flow in `LB_CT`: its entries for the backend and frontend are
-//!   deleted, so the next datagram picks afresh.
+//! - The tc path pins a UDP flow in `LB_CT`: its original-direction entry for the backend
+//!   and frontend is deleted, so the next datagram picks afresh. Its reply entry stays until
+//!   it expires (60 s idle): a datagram the removed backend already sent still leaves with
+//!   the frontend's address instead of reaching the client untranslated.
 use std::{
     collections::{BTreeSet, HashSet},
     fs,
@@ -134,7 +136,10 @@ fn translated_sockets(
     Ok(cookies)
 }
 
-/// Deletes both conntrack entries of every UDP flow of a stale (frontend, backend).
+/// Deletes the original-direction conntrack entry of every UDP flow of a stale (frontend,
+/// backend): the flow's next datagram picks a live backend. The reply entry is kept, so a
+/// reply the old backend has in flight is still translated back (a reply entry is only ever
+/// used for packets from that backend to that client; it expires on its own).
 fn delete_flows(pin_dir: &Path, stale: &BTreeSet<StaleBackend>) -> Result<usize, Error> {
     let mut ct: HashMap<MapData, CtKey, CtValue> = open(pin_dir, CT_MAP, true)?;
     let wire = |addr: SocketAddr| -> ([u32; 4], u16) {
@@ -155,14 +160,10 @@ fn delete_flows(pin_dir: &Path, stale: &BTreeSet<StaleBackend>) -> Result<usize,
         .iter()
         .filter_map(Result::ok)
         .filter(|(key, value)| {
-            // The original direction names the backend in its value, the reply direction
-            // in its key (the backend's packets).
-            let (ip, port) = if key.dir == CT_DIR_ORIG {
-                (value.nat_addr, value.nat_port)
-            } else {
-                (key.saddr, key.sport)
-            };
-            key.proto == PROTO_UDP && stale_wire.contains(&(value.rev_nat_id, ip, port))
+            // The original direction names the backend in its value.
+            key.dir == CT_DIR_ORIG
+                && key.proto == PROTO_UDP
+                && stale_wire.contains(&(value.rev_nat_id, value.nat_addr, value.nat_port))
         })
         .map(|(key, _)| key)
         .collect();
