@@ -11,7 +11,7 @@ use std::{
 use aya::maps::MapData;
 use lb_common::PINNED_MAPS;
 
-use crate::inspect::OutputFormat;
+use crate::{inspect::OutputFormat, maps::bpf::sys_bpf};
 
 /// One pinned map's fill.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -116,7 +116,7 @@ fn count_entries(fd: BorrowedFd<'_>, key_size: usize) -> io::Result<u64> {
     let mut count = 0u64;
     let mut first = true;
     loop {
-        let attr = Attr {
+        let mut attr = Attr {
             map_fd: fd.as_raw_fd() as u32,
             pad: 0,
             // A null key asks for the first one.
@@ -124,22 +124,12 @@ fn count_entries(fd: BorrowedFd<'_>, key_size: usize) -> io::Result<u64> {
             next_key: next.as_mut_ptr() as u64,
             flags: 0,
         };
-        // SAFETY: `attr` points at buffers of the map's key size that outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &raw const attr,
-                size_of::<Attr>(),
-            )
-        };
-        if rc != 0 {
-            let error = io::Error::last_os_error();
-            return if error.raw_os_error() == Some(libc::ENOENT) {
-                Ok(count)
-            } else {
-                Err(error)
-            };
+        // SAFETY: `attr` is the element member and points at buffers of the map's key size
+        // that outlive the call.
+        match unsafe { sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+            Err(e) => return Err(e),
         }
         count += 1;
         first = false;

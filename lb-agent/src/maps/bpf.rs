@@ -199,24 +199,30 @@ fn update_chunks<K: aya::Pod, V: aya::Pod>(
             map_fd: fd as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` points at `count` keys and values that live through the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        if rc != 0 {
-            return Err(MapError {
-                op: "batch update",
-                map: name,
-                source: io::Error::last_os_error(),
-            });
-        }
+        // SAFETY: `attr` is the batch member and points at `count` keys and values that
+        // live through the call.
+        unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map_err(|source| MapError {
+            op: "batch update",
+            map: name,
+            source,
+        })?;
     }
     Ok(())
+}
+
+/// `bpf(cmd, attr)`, for the commands aya 0.14 does not offer (batch updates, key walks).
+///
+/// # Safety
+/// `attr` must be the member of `union bpf_attr` that `cmd` reads, and every pointer in it
+/// valid for the call.
+pub(crate) unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: the caller's; the size is the member's, which the kernel accepts.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 impl LbMaps for BpfMaps {
