@@ -29,7 +29,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// The cgroup programs (`cgroup_sock_addr` and `cgroup_sock`): (program name in the
 /// object, pin name under `links/`).
-pub const CGROUP_PROGRAMS: [(&str, &str); 9] = [
+pub const CGROUP_PROGRAMS: [(&str, &str); 8] = [
     ("lb_connect4", "connect4"),
     ("lb_connect6", "connect6"),
     ("lb_sendmsg4", "sendmsg4"),
@@ -38,8 +38,12 @@ pub const CGROUP_PROGRAMS: [(&str, &str); 9] = [
     ("lb_recvmsg6", "recvmsg6"),
     ("lb_getpeername4", "getpeername4"),
     ("lb_getpeername6", "getpeername6"),
-    ("lb_sock_release", "sock_release"),
 ];
+
+/// Pin names of cgroup programs earlier versions attached and this one no longer has
+/// (`sock_release` dropped connected sockets' reverse-NAT records, which now live in the
+/// socket itself): their links are detached when found.
+const RETIRED_CGROUP_LINKS: [&str; 1] = ["sock_release"];
 
 /// The tc programs of the external devices: (program name, attach point, pin name prefix;
 /// the device's name follows).
@@ -260,6 +264,7 @@ pub fn attach_cgroup_programs(
         })?;
         replace_pinned_link(&path, link)?;
     }
+    detach_retired_links(&links)?;
     info!(
         programs = CGROUP_PROGRAMS.len(),
         cgroup = %cgroup.display(),
@@ -354,6 +359,23 @@ pub fn detach_cgroup_programs(pin_dir: &Path) -> io::Result<()> {
         if path.exists() {
             unpin_link(&path)?;
             info!(link = %path.display(), "detached a socket program (--socket-lb off)");
+        }
+    }
+    detach_retired_links(&pin_dir.join(LINKS_DIR)).map_err(|e| match e {
+        LoadError::Pin { path, message } => {
+            io::Error::other(format!("{}: {message}", path.display()))
+        }
+        other => io::Error::other(other.to_string()),
+    })
+}
+
+/// Detaches the links of [`RETIRED_CGROUP_LINKS`] a previous version left under `links`.
+fn detach_retired_links(links: &Path) -> Result<(), LoadError> {
+    for pin_name in RETIRED_CGROUP_LINKS {
+        let path = links.join(pin_name);
+        if path.exists() {
+            unpin_link(&path).map_err(|e| pin_error(&path, &e))?;
+            info!(link = %path.display(), "detached a program this version no longer has");
         }
     }
     Ok(())

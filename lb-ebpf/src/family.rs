@@ -16,7 +16,7 @@ use crate::{
 /// An address family's types and maps.
 pub trait Family {
     /// An address as `bpf_sock_addr` holds it (network order).
-    type Addr: Copy;
+    type Addr: Copy + PartialEq;
     type SvcKey: ServiceKey + 'static;
     type Backend: Copy + 'static;
 
@@ -50,20 +50,29 @@ pub trait Family {
     );
     /// What socket `cookie` dialled to reach `backend`: (frontend address, port, frontend id).
     fn recall(cookie: u64, backend: (Self::Addr, u16)) -> Option<(Self::Addr, u16, FrontendId)>;
-    /// Forgets the record of socket `cookie` talking to `backend`.
-    fn forget(cookie: u64, backend: (Self::Addr, u16));
 
-    /// The master key of the frontend a connection to `addr:port/proto` is for: on a node
-    /// address, its NodePorts (a pod dialling nodeIP:nodePort), unless the address is a
-    /// frontend of its own on that port (an external IP that is also a node address).
+    /// The frontend a connection to `addr:port/proto` is for, and its master entry
+    /// (external scope): the address's own frontend, else, on a node address, its NodePort
+    /// (a pod dialling nodeIP:nodePort). A ClusterIP, the common case, costs one lookup.
     #[inline(always)]
-    fn frontend(addr: Self::Addr, port: u16, proto: u8) -> Self::SvcKey {
+    fn find_frontend(
+        addr: Self::Addr,
+        port: u16,
+        proto: u8,
+    ) -> Option<(Self::SvcKey, lb_common::ServiceValue)> {
         let own = Self::key(addr, port, proto);
-        // SAFETY: presence only.
-        if Self::is_node_addr(addr) && unsafe { Self::services().get(own) }.is_none() {
-            return Self::node_port_key(port, proto);
+        // SAFETY: copied out at once.
+        if let Some(master) = unsafe { Self::services().get(own) }.copied() {
+            return Some((own, master));
         }
-        own
+        if !Self::is_node_addr(addr) {
+            return None;
+        }
+        let node_port = Self::node_port_key(port, proto);
+        // SAFETY: as above.
+        unsafe { Self::services().get(node_port) }
+            .copied()
+            .map(|master| (node_port, master))
     }
 }
 
@@ -163,17 +172,6 @@ impl Family for V4 {
         // SAFETY: copied out at once.
         let v = unsafe { LB4_REVNAT.get(key) }.copied()?;
         Some((v.address, v.port, v.rev_nat_id))
-    }
-
-    #[inline(always)]
-    fn forget(cookie: u64, backend: (u32, u16)) {
-        let key = RevNat4Key {
-            cookie,
-            address: backend.0,
-            port: backend.1,
-            pad: [0; 2],
-        };
-        let _ = LB4_REVNAT.remove(key);
     }
 }
 
@@ -278,16 +276,5 @@ impl Family for V6 {
         // SAFETY: copied out at once.
         let v = unsafe { LB6_REVNAT.get(key) }.copied()?;
         Some((v.address, v.port, v.rev_nat_id))
-    }
-
-    #[inline(always)]
-    fn forget(cookie: u64, backend: ([u32; 4], u16)) {
-        let key = RevNat6Key {
-            cookie,
-            address: backend.0,
-            port: backend.1,
-            pad: [0; 6],
-        };
-        let _ = LB6_REVNAT.remove(key);
     }
 }

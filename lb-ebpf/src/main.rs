@@ -16,8 +16,8 @@ mod xlate;
 
 use aya_ebpf::{
     helpers::generated::bpf_set_retval,
-    macros::{cgroup_sock, cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, SockContext, TcContext},
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
 };
 
 use sock::{Hook, Verdict};
@@ -95,13 +95,6 @@ pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::reverse6(&ctx);
-    ALLOW
-}
-
-/// A socket is released: drop its reverse-NAT record.
-#[cgroup_sock(sock_release)]
-pub fn lb_sock_release(ctx: SockContext) -> i32 {
-    sock::release(&ctx);
     ALLOW
 }
 

@@ -3,14 +3,19 @@
 //! virtual address and need no NAT; `recvmsg()` and `getpeername()` translate back, so the
 //! application only ever sees the Service address it used.
 //!
-//! Every translated socket records `(cookie, backend) -> frontend` in the reverse-NAT map of
-//! the backend's family; `sock_release` drops the record of a connected socket.
+//! Every translated socket records `(cookie, backend) -> frontend` in the LRU reverse-NAT map
+//! of the backend's family, as Cilium's `LB4_REVERSE_NAT_SK` does: written once per
+//! connection, never deleted (a closed socket's record ages out of the LRU). Deleting it
+//! when the socket closes took a `sock_release` program on every socket of the cgroup, as
+//! costly as the record itself; socket-local storage, which the kernel frees with the
+//! socket, costs two accounted allocations per connection, more than both (see
+//! docs/benchmarks.md).
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::{bpf_sock, bpf_sock_addr},
+    bindings::bpf_sock_addr,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::{SockAddrContext, SockContext},
+    programs::SockAddrContext,
 };
 use lb_common::{PROTO_TCP, PROTO_UDP, to_v4_mapped, v4_mapped};
 
@@ -19,9 +24,6 @@ use crate::{
     family::{Family, V4, V6},
     xlate::{Forward, Pick, forward, frontend_is_current},
 };
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 
 /// `--socket-lb host-only`: the cookie of the host's network namespace, set by the agent
 /// when it loads the object; the forward hooks then translate only sockets of that
@@ -152,39 +154,6 @@ pub fn reverse6(ctx: &SockAddrContext) {
     }
 }
 
-/// `sock_release`: forget the reverse-NAT record of a connected socket. (Records of
-/// unconnected UDP sockets, one per backend they sent to, age out of the LRU map.)
-pub fn release(ctx: &SockContext) {
-    let sk: *mut bpf_sock = ctx.sock;
-    // SAFETY: the kernel's context for the whole run of the program; read-only fields.
-    let (family, port) = unsafe { ((*sk).family, (*sk).dst_port) };
-    if port == 0 {
-        return;
-    }
-    // SAFETY: helper on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
-    if family == AF_INET {
-        // SAFETY: as above.
-        let ip = unsafe { (*sk).dst_ip4 };
-        V4::forget(cookie, (ip, port));
-    } else if family == AF_INET6 {
-        // SAFETY: as above; each word read on its own, as the verifier requires.
-        let ip = unsafe {
-            let p = addr_of!((*sk).dst_ip6);
-            [
-                read_volatile(&(*p)[0]),
-                read_volatile(&(*p)[1]),
-                read_volatile(&(*p)[2]),
-                read_volatile(&(*p)[3]),
-            ]
-        };
-        match v4_mapped(&ip) {
-            Some(ip4) => V4::forget(cookie, (ip4, port)),
-            None => V6::forget(cookie, (ip, port)),
-        }
-    }
-}
-
 /// Forward lookup in family `F`; on a hit, records the reverse translation.
 #[inline(always)]
 fn forward_in<F: Family>(
@@ -194,24 +163,30 @@ fn forward_in<F: Family>(
     proto: u8,
     hook: Hook,
 ) -> Forward<(F::Addr, u16)> {
-    let frontend = F::frontend(ip, port, proto);
     match forward(
         ctx,
         F::services(),
         F::backends(),
-        &frontend,
+        F::find_frontend(ip, port, proto),
         pick(ctx, hook),
         // The client of session affinity is the socket's network namespace: a pod (as
         // kube-proxy sees a pod by its one address), or the node's own processes.
         // SAFETY: helper on the program's own context.
-        Client::Netns(unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }),
+        || Client::Netns(unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }),
     ) {
         Forward::To {
             backend,
             rev_nat_id,
         } => {
             let backend = F::backend_addr(&backend);
-            F::remember(cookie(ctx), backend, (ip, port), rev_nat_id);
+            let cookie = cookie(ctx);
+            // An unconnected UDP socket runs this for every datagram: the record is
+            // written only when it changes (a lookup is far cheaper than an LRU update).
+            if matches!(hook, Hook::Connect)
+                || F::recall(cookie, backend) != Some((ip, port, rev_nat_id))
+            {
+                F::remember(cookie, backend, (ip, port), rev_nat_id);
+            }
             Forward::To {
                 backend,
                 rev_nat_id,
@@ -234,7 +209,7 @@ fn reverse_in<F: Family>(
     let (address, port, rev_nat_id) = F::recall(cookie(ctx), (ip, port))?;
     frontend_is_current(
         F::services(),
-        &F::frontend(address, port, proto),
+        F::find_frontend(address, port, proto),
         rev_nat_id,
     )
     .then_some((address, port))

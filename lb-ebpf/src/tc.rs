@@ -219,12 +219,14 @@ fn new_flow<F: Family>(
     origin: Origin,
     now: u64,
 ) -> Result<Option<*mut NewFlow>, Error> {
-    let frontend = F::frontend(F::from_wire(&packet.daddr), packet.dport, packet.proto);
     let scope = match origin {
         Origin::Outside => Scope::External,
         Origin::Pod => Scope::Internal,
     };
-    let Some((key, master)) = xlate::master(F::services(), &frontend, scope) else {
+    let Some((key, master)) =
+        F::find_frontend(F::from_wire(&packet.daddr), packet.dport, packet.proto)
+            .map(|(key, master)| xlate::in_scope(F::services(), key, master, scope))
+    else {
         return Ok(None);
     };
     // A ClusterIP reached from outside the node (a route to the Service CIDR through this
@@ -249,7 +251,7 @@ fn new_flow<F: Family>(
         &key,
         &master,
         Pick::Random,
-        Client::Addr(packet.saddr),
+        || Client::Addr(packet.saddr),
     );
     let Some((backend_id, backend)) = picked else {
         return Ok(None);

@@ -44,18 +44,19 @@ pub enum Pick {
     Hash(u32),
 }
 
-/// Looks `frontend` (a master key) up and picks one of its backends, for a client inside
-/// the cluster.
+/// Picks one of the backends of `frontend` (a master key and its entry, as found), for a
+/// client inside the cluster.
 #[inline(always)]
 pub fn forward<C: EbpfContext, K: ServiceKey, B: Copy>(
     ctx: &C,
     services: &Services<K>,
     backends: &Backends<B>,
-    frontend: &K,
+    frontend: Option<(K, ServiceValue)>,
     pick: Pick,
-    client: Client,
+    client: impl FnOnce() -> Client,
 ) -> Forward<B> {
-    let Some((key, master)) = master(services, frontend, Scope::Internal) else {
+    let Some((key, master)) = frontend.map(|(k, m)| in_scope(services, k, m, Scope::Internal))
+    else {
         return Forward::Pass;
     };
     if master.count == 0 {
@@ -72,27 +73,29 @@ pub fn forward<C: EbpfContext, K: ServiceKey, B: Copy>(
     }
 }
 
-/// The master entry of `frontend` for clients of `scope`, and its key.
+/// The master entry of the frontend `frontend` (whose external-scope master is `master`)
+/// for clients of `scope`, and its key.
 #[inline(always)]
-pub fn master<K: ServiceKey>(
+pub fn in_scope<K: ServiceKey>(
     services: &Services<K>,
-    frontend: &K,
+    frontend: K,
+    master: ServiceValue,
     scope: Scope,
-) -> Option<(K, ServiceValue)> {
-    let master = lookup(services, frontend)?;
+) -> (K, ServiceValue) {
     if scope == Scope::Internal && master.flags & SVC_F_TWO_SCOPES != 0 {
         let key = frontend.with_scope(SCOPE_INTERNAL);
         // The writer puts both masters in one batch: until the in-cluster one is there,
         // the external one serves.
         if let Some(internal) = lookup(services, &key) {
-            return Some((key, internal));
+            return (key, internal);
         }
     }
-    Some((*frontend, master))
+    (frontend, master)
 }
 
 /// Picks a backend of the frontend `key` for `client`: the one it keeps under session
 /// affinity, else one of [`pick_backend`] (then remembered when the frontend has affinity).
+/// `client` is asked only under affinity.
 #[inline(always)]
 pub fn pick_for<C: EbpfContext, K: ServiceKey, B: Copy>(
     ctx: &C,
@@ -101,12 +104,12 @@ pub fn pick_for<C: EbpfContext, K: ServiceKey, B: Copy>(
     key: &K,
     master: &ServiceValue,
     pick: Pick,
-    client: Client,
+    client: impl FnOnce() -> Client,
 ) -> Option<(u32, B)> {
     if master.flags & SVC_F_AFFINITY == 0 {
         return pick_backend(ctx, services, backends, key, master, pick);
     }
-    let affinity_key = affinity::key(client, master.rev_nat_id);
+    let affinity_key = affinity::key(client(), master.rev_nat_id);
     let now = affinity::now();
     if let Some(kept) = affinity::recall(backends, &affinity_key, master, now) {
         return Some(kept);
@@ -149,16 +152,17 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
     Some((entry.backend_id, backend))
 }
 
-/// Whether the frontend `master_key` (as a client inside the cluster sees it) still exists
+/// Whether `frontend` (as found, and as a client inside the cluster sees it) still exists
 /// as the frontend `rev_nat_id` named: a reverse-NAT entry made for a frontend since
 /// deleted (or replaced) must not be used.
 #[inline(always)]
 pub fn frontend_is_current<K: ServiceKey>(
     services: &Services<K>,
-    master_key: &K,
+    frontend: Option<(K, ServiceValue)>,
     rev_nat_id: FrontendId,
 ) -> bool {
-    master(services, master_key, Scope::Internal).is_some_and(|(_, m)| m.rev_nat_id == rev_nat_id)
+    frontend
+        .is_some_and(|(k, m)| in_scope(services, k, m, Scope::Internal).1.rev_nat_id == rev_nat_id)
 }
 
 #[inline(always)]

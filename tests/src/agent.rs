@@ -25,7 +25,7 @@ const LOG_TAIL: usize = 300;
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(15);
 /// The socket hooks (bpftool's `attach_type`s) the agent attaches to its cgroup; a test only
 /// starts once all are there.
-pub const SOCKET_HOOKS: [&str; 9] = [
+pub const SOCKET_HOOKS: [&str; 8] = [
     "cgroup_inet4_connect",
     "cgroup_inet6_connect",
     "cgroup_udp4_sendmsg",
@@ -34,7 +34,6 @@ pub const SOCKET_HOOKS: [&str; 9] = [
     "cgroup_udp6_recvmsg",
     "cgroup_inet4_getpeername",
     "cgroup_inet6_getpeername",
-    "cgroup_inet_sock_release",
 ];
 
 /// One frontend (virtual address:port/protocol) of `lb-agent services --output json`.
