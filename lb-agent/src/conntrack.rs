@@ -1,12 +1,13 @@
-//! `lb-agent conntrack`: the flows the tc datapath tracks, read from the pinned `LB_CT`
-//! map (both families). One row per flow (its original-direction entry): the client, the frontend it
+//! `lb-agent conntrack`: the flows the tc datapath tracks, read from its three pinned
+//! conntrack tables (established TCP, half-open TCP, other; both families). One row per flow (its original-direction entry): the client, the frontend it
 //! dialled, the backend, the SNAT address and port if any, age, idle time and TCP state.
 use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Duration};
 
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    CT_DIR_ORIG, CT_F_SNAT, CT_MAP, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_RST,
-    CT_TCP_SEEN_REPLY, CtKey, CtValue, v4_mapped,
+    CT_DIR_ORIG, CT_F_SNAT, CT_HALF_OPEN_MAP, CT_OTHER_MAP, CT_TCP_ESTABLISHED, CT_TCP_FIN_ORIG,
+    CT_TCP_FIN_REPLY, CT_TCP_MAP, CT_TCP_RST, CT_TCP_SEEN_REPLY, CtKey, CtValue, LEGACY_CT_MAP,
+    PROTO_TCP, v4_mapped,
 };
 use serde::Serialize;
 
@@ -24,7 +25,8 @@ pub struct Flow {
     pub snat: Option<String>,
     pub age_s: u64,
     pub idle_s: u64,
-    /// `SYN_SENT`, `ESTABLISHED`, `CLOSING` (TCP), or empty.
+    /// `SYN_SENT`, `SYN_RECV` (half-open: the backend answered, the client has not
+    /// acknowledged yet), `ESTABLISHED`, `CLOSING` (TCP), or empty.
     pub state: String,
 }
 
@@ -51,8 +53,10 @@ pub fn flows(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<Flow> {
                 || value.tcp_state & (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY) != 0
             {
                 "CLOSING".to_string()
-            } else if value.tcp_state & CT_TCP_SEEN_REPLY != 0 {
+            } else if value.tcp_state & CT_TCP_ESTABLISHED != 0 {
                 "ESTABLISHED".to_string()
+            } else if value.tcp_state & CT_TCP_SEEN_REPLY != 0 {
+                "SYN_RECV".to_string()
             } else {
                 "SYN_SENT".to_string()
             };
@@ -79,7 +83,26 @@ pub fn flows(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<Flow> {
 /// # Errors
 /// When the map is not pinned under `pin_dir` or cannot be read.
 pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
-    let path = pin_dir.join(CT_MAP);
+    let mut entries = Vec::new();
+    for name in [CT_TCP_MAP, CT_HALF_OPEN_MAP, CT_OTHER_MAP] {
+        entries.extend(read_table(pin_dir, name)?);
+    }
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    let now_ns = u64::try_from(now.tv_sec()).unwrap_or_default() * 1_000_000_000
+        + u64::try_from(now.tv_nsec()).unwrap_or_default();
+    let flows = flows(&entries, now_ns);
+    Ok(match format {
+        OutputFormat::Json => serde_json::to_string_pretty(&flows)? + "\n",
+        OutputFormat::Table => table(&flows),
+    })
+}
+
+/// Every entry of the conntrack table `name` pinned under `pin_dir`.
+///
+/// # Errors
+/// When the map is not pinned there or cannot be read.
+pub fn read_table(pin_dir: &Path, name: &str) -> anyhow::Result<Vec<(CtKey, CtValue)>> {
+    let path = pin_dir.join(name);
     let data = MapData::from_pin(&path).map_err(|e| {
         anyhow::anyhow!(
             "{}: {e} (is an agent running with --bpf-pin-path {}?)",
@@ -89,15 +112,45 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
     })?;
     // aya's HashMap reads LRU hash maps too.
     let map: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data))?;
-    let entries: Vec<(CtKey, CtValue)> = map.iter().filter_map(Result::ok).collect();
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
-    let now_ns = u64::try_from(now.tv_sec()).unwrap_or_default() * 1_000_000_000
-        + u64::try_from(now.tv_nsec()).unwrap_or_default();
-    let flows = flows(&entries, now_ns);
-    Ok(match format {
-        OutputFormat::Json => serde_json::to_string_pretty(&flows)? + "\n",
-        OutputFormat::Table => table(&flows),
-    })
+    Ok(map.iter().filter_map(Result::ok).collect())
+}
+
+/// Moves the flows of the single conntrack map of earlier versions (`LB_CT`) into the three
+/// tables, then removes its pin: TCP flows that saw a reply count as established, the other
+/// TCP flows as half-open. Returns how many entries moved; 0 without such a map. Flows the
+/// old programs track between this copy and the new programs' attachment start afresh.
+///
+/// # Errors
+/// When a map cannot be opened or the old pin removed.
+pub fn migrate_legacy_table(pin_dir: &Path) -> anyhow::Result<usize> {
+    let legacy = pin_dir.join(LEGACY_CT_MAP);
+    if !legacy.exists() {
+        return Ok(0);
+    }
+    let entries = read_table(pin_dir, LEGACY_CT_MAP)?;
+    let open = |name: &str| -> anyhow::Result<HashMap<MapData, CtKey, CtValue>> {
+        let data = MapData::from_pin(pin_dir.join(name))?;
+        Ok(HashMap::try_from(Map::LruHashMap(data))?)
+    };
+    let mut established = open(CT_TCP_MAP)?;
+    let mut half_open = open(CT_HALF_OPEN_MAP)?;
+    let mut other = open(CT_OTHER_MAP)?;
+    let mut moved = 0;
+    for (key, mut value) in entries {
+        let table = if key.proto != PROTO_TCP {
+            &mut other
+        } else if value.tcp_state & CT_TCP_SEEN_REPLY != 0 {
+            value.tcp_state |= CT_TCP_ESTABLISHED;
+            &mut established
+        } else {
+            &mut half_open
+        };
+        if table.insert(key, value, 0).is_ok() {
+            moved += 1;
+        }
+    }
+    std::fs::remove_file(&legacy)?;
+    Ok(moved)
 }
 
 fn table(flows: &[Flow]) -> String {
@@ -173,7 +226,13 @@ mod tests {
                     PROTO_TCP,
                     CT_DIR_ORIG,
                 ),
-                value("10.245.0.2", 8080, CT_F_SNAT, 40123, CT_TCP_SEEN_REPLY),
+                value(
+                    "10.245.0.2",
+                    8080,
+                    CT_F_SNAT,
+                    40123,
+                    CT_TCP_SEEN_REPLY | CT_TCP_ESTABLISHED,
+                ),
             ),
             (
                 key(

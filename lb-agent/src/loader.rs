@@ -179,6 +179,16 @@ pub fn load(
     };
     loader.override_global("HOST_NETNS_COOKIE", &host_netns_cookie, true);
     let mut ebpf = loader.load(EBPF_OBJECT)?;
+    match crate::conntrack::migrate_legacy_table(pin_dir) {
+        Ok(0) => {}
+        Ok(moved) => info!(
+            moved,
+            "moved the flows of the old conntrack map into the three tables"
+        ),
+        Err(e) => {
+            warn!(error = %e, "could not move the flows of the old conntrack map; they start afresh")
+        }
+    }
     let maps = BpfMaps::from_maps(|name| {
         ebpf.take_map(name).ok_or_else(|| crate::maps::MapError {
             op: "take",

@@ -188,8 +188,8 @@ impl std::str::FromStr for BindAddress {
 /// × 10 endpoints in one family. Memory is the kernel's, charged to the agent's memory
 /// cgroup: each hash map takes 16 B per entry of capacity (rounded up to a power of two) up
 /// front, and about 80 B more per entry written; conntrack is allocated whole. At the
-/// defaults, empty: 2 × 32 MiB (services maps), 2 × 16 MiB (backends), 21 MiB
-/// (conntrack), 30 MiB (the fixed reverse-NAT, affinity and other maps): 147 MiB in all; `lb-agent services
+/// defaults, empty: 2 × 32 MiB (services maps), 2 × 16 MiB (backends), 137 MiB
+/// (conntrack), 30 MiB (the fixed reverse-NAT, affinity and other maps): 263 MiB in all; `lb-agent services
 /// --summary` shows each map's fill and memory. Changing a capacity needs `lb-agent cleanup`
 /// first (pinned maps keep the size they were created with).
 #[derive(Debug, clap::Args)]
@@ -200,7 +200,7 @@ struct MapSizeArgs {
     /// --max-frontends + --max-backend-slots entries; its memory, charged to the agent's
     /// cgroup: 16 B per entry of capacity, rounded up to a power of two, up front (32 MiB at
     /// the defaults), and about 80 B per entry written. All maps at the defaults take
-    /// 147 MiB empty; `lb-agent services --summary` shows each map's fill and memory.
+    /// 263 MiB empty; `lb-agent services --summary` shows each map's fill and memory.
     #[arg(long, env = "LB_MAX_FRONTENDS", value_name = "N",
           default_value_t = lb_common::MapCapacities::DEFAULT.frontends,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -218,12 +218,26 @@ struct MapSizeArgs {
           default_value_t = lb_common::MapCapacities::DEFAULT.backends,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_backends: u32,
-    /// Conntrack entries of the tc datapath, two per flow; the least recently used go
-    /// first when it is full (about 170 B each, allocated up front: 21 MiB at the default).
+    /// Conntrack entries of established TCP flows of the tc datapath, two per flow (a flow
+    /// is established once its client completed the handshake, so a SYN flood never
+    /// evicts one); the least recently used go first when it is full. About 170 B each,
+    /// allocated up front: 85 MiB at the default (Cilium's bpf-ct-global-tcp-max).
     #[arg(long, env = "LB_MAX_CONNTRACK", value_name = "N",
           default_value_t = lb_common::MapCapacities::DEFAULT.conntrack,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_conntrack: u32,
+    /// Conntrack entries of UDP flows, two per flow; 43 MiB at the default (Cilium's
+    /// bpf-ct-global-any-max).
+    #[arg(long, env = "LB_MAX_CONNTRACK_OTHER", value_name = "N",
+          default_value_t = lb_common::MapCapacities::DEFAULT.conntrack_other,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_conntrack_other: u32,
+    /// Conntrack entries of TCP flows in their handshake (half-open), two per flow: what a
+    /// SYN flood fills; each lives 10 s idle. 11 MiB at the default.
+    #[arg(long, env = "LB_MAX_CONNTRACK_HALF_OPEN", value_name = "N",
+          default_value_t = lb_common::MapCapacities::DEFAULT.conntrack_half_open,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_conntrack_half_open: u32,
 }
 
 impl MapSizeArgs {
@@ -242,6 +256,8 @@ impl MapSizeArgs {
             backend_slots: self.max_backend_slots,
             backends: self.max_backends,
             conntrack: self.max_conntrack,
+            conntrack_other: self.max_conntrack_other,
+            conntrack_half_open: self.max_conntrack_half_open,
         })
     }
 }

@@ -22,7 +22,7 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
-    CT_DIR_ORIG, CT_MAP, CtKey, CtValue, PROTO_UDP, REVNAT4_MAP, REVNAT6_MAP, RevNat4Key,
+    CT_DIR_ORIG, CT_OTHER_MAP, CtKey, CtValue, PROTO_UDP, REVNAT4_MAP, REVNAT6_MAP, RevNat4Key,
     RevNat4Value, RevNat6Key, RevNat6Value, to_v4_mapped,
 };
 use netlink_packet_core::{
@@ -141,7 +141,7 @@ fn translated_sockets(
 /// reply the old backend has in flight is still translated back (a reply entry is only ever
 /// used for packets from that backend to that client; it expires on its own).
 fn delete_flows(pin_dir: &Path, stale: &BTreeSet<StaleBackend>) -> Result<usize, Error> {
-    let mut ct: HashMap<MapData, CtKey, CtValue> = open(pin_dir, CT_MAP, true)?;
+    let mut ct: HashMap<MapData, CtKey, CtValue> = open(pin_dir, CT_OTHER_MAP, true)?;
     let wire = |addr: SocketAddr| -> ([u32; 4], u16) {
         let ip = match addr.ip() {
             IpAddr::V4(ip) => to_v4_mapped(codec::ip4(ip)),

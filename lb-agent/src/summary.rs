@@ -1,6 +1,7 @@
 //! `lb-agent services --summary`: how full each pinned map is and what it costs the kernel,
 //! read from the pins without the agent (the first thing to look at when a Service is
-//! reported "not programmed: … is full").
+//! reported "not programmed: … is full"), and the datapath's counters (`LB_COUNTERS`,
+//! summed over the CPUs).
 use std::{
     fmt::Write as _,
     io,
@@ -8,8 +9,8 @@ use std::{
     path::Path,
 };
 
-use aya::maps::MapData;
-use lb_common::PINNED_MAPS;
+use aya::maps::{Map, MapData, PerCpuArray};
+use lb_common::{COUNTERS_MAP, Counter, PINNED_MAPS};
 
 use crate::{inspect::OutputFormat, maps::bpf::sys_bpf};
 
@@ -34,6 +35,7 @@ pub struct MapFill {
 pub fn summary(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
     let fills = PINNED_MAPS
         .iter()
+        .filter(|spec| spec.name != COUNTERS_MAP)
         .map(|spec| {
             let path = pin_dir.join(spec.name);
             fill(spec.name, &path).map_err(|e| {
@@ -45,10 +47,49 @@ pub fn summary(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let counters = counters(pin_dir)?;
     Ok(match format {
-        OutputFormat::Json => serde_json::to_string_pretty(&fills)? + "\n",
-        OutputFormat::Table => table(&fills),
+        OutputFormat::Json => {
+            let counters: std::collections::BTreeMap<&str, u64> =
+                counters.iter().map(|(c, n)| (c.name(), *n)).collect();
+            serde_json::to_string_pretty(&serde_json::json!({
+                "maps": fills,
+                "counters": counters,
+            }))? + "\n"
+        }
+        OutputFormat::Table => table(&fills) + "\n" + &counters_table(&counters),
     })
+}
+
+/// The datapath's counters pinned under `pin_dir`, each summed over the CPUs.
+///
+/// # Errors
+/// When the counters map is not pinned there or cannot be read.
+pub fn counters(pin_dir: &Path) -> anyhow::Result<Vec<(Counter, u64)>> {
+    let path = pin_dir.join(COUNTERS_MAP);
+    let data = MapData::from_pin(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e} (is an agent running with --bpf-pin-path {}?)",
+            path.display(),
+            pin_dir.display()
+        )
+    })?;
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+    Counter::ALL
+        .iter()
+        .map(|&counter| {
+            let per_cpu = map.get(&(counter as u32), 0)?;
+            Ok((counter, per_cpu.iter().sum()))
+        })
+        .collect()
+}
+
+fn counters_table(counters: &[(Counter, u64)]) -> String {
+    let mut out = format!("{:<26} {:>12}\n", "DATAPATH COUNTER", "COUNT");
+    for (counter, n) in counters {
+        let _ = writeln!(out, "{:<26} {n:>12}", counter.name());
+    }
+    out
 }
 
 fn table(fills: &[MapFill]) -> String {

@@ -29,8 +29,19 @@ pub const SERVICES6_MAP: &str = "LB6_SERVICES";
 pub const BACKENDS6_MAP: &str = "LB6_BACKENDS";
 /// Name of the IPv6 reverse-NAT map.
 pub const REVNAT6_MAP: &str = "LB6_REVNAT";
-/// Name of the connection-tracking map of the tc datapath (both families).
-pub const CT_MAP: &str = "LB_CT";
+/// Name of the conntrack table of established TCP flows of the tc datapath (both
+/// families): a flow enters it only once its client has completed the handshake.
+pub const CT_TCP_MAP: &str = "LB_CT_TCP";
+/// Name of the conntrack table of TCP flows whose handshake is not complete (half-open):
+/// a SYN flood fills only this table, and its entries live seconds.
+pub const CT_HALF_OPEN_MAP: &str = "LB_CT_HALF_OPEN";
+/// Name of the conntrack table of the other protocols' flows (UDP).
+pub const CT_OTHER_MAP: &str = "LB_CT_OTHER";
+/// Name of the conntrack map of versions before the split into three tables; an agent
+/// migrates its entries and removes it.
+pub const LEGACY_CT_MAP: &str = "LB_CT";
+/// Name of the datapath's per-CPU counters ([`Counter`]).
+pub const COUNTERS_MAP: &str = "LB_COUNTERS";
 /// Name of the map of this node's IPv4 addresses (NodePort frontends answer on each).
 pub const NODE_ADDRS4_MAP: &str = "LB4_NODE_ADDRS";
 /// Name of the map of this node's IPv6 addresses.
@@ -69,8 +80,13 @@ pub struct MapCapacities {
     pub backend_slots: u32,
     /// Distinct backends (address, port, protocol) per family (`--max-backends`).
     pub backends: u32,
-    /// Conntrack entries of the tc datapath (`--max-conntrack`), two per flow.
+    /// Conntrack entries of established TCP flows (`--max-conntrack`), two per flow.
     pub conntrack: u32,
+    /// Conntrack entries of UDP flows (`--max-conntrack-other`), two per flow.
+    pub conntrack_other: u32,
+    /// Conntrack entries of TCP flows in their handshake (`--max-conntrack-half-open`), two
+    /// per flow.
+    pub conntrack_half_open: u32,
 }
 
 impl MapCapacities {
@@ -81,7 +97,10 @@ impl MapCapacities {
         frontends: 262_144,
         backend_slots: 1_835_008,
         backends: 1_048_576,
-        conntrack: 131_072,
+        // Cilium's defaults (`bpf-ct-global-tcp-max`, `bpf-ct-global-any-max`).
+        conntrack: 524_288,
+        conntrack_other: 262_144,
+        conntrack_half_open: 65_536,
     };
 
     /// Entries of each services map: the masters and their slots.
@@ -92,7 +111,7 @@ impl MapCapacities {
 
     /// Every map the agent pins, with its shape at these capacities.
     #[must_use]
-    pub const fn pinned_maps(&self) -> [MapSpec; 14] {
+    pub const fn pinned_maps(&self) -> [MapSpec; 17] {
         let services = self.services_entries();
         let backends = self.backends as usize;
         [
@@ -102,7 +121,10 @@ impl MapCapacities {
             MapSpec::of::<Service6Key, ServiceValue>(SERVICES6_MAP, services, MAP_F_NO_PREALLOC),
             MapSpec::of::<u32, Backend6>(BACKENDS6_MAP, backends, MAP_F_NO_PREALLOC),
             MapSpec::of::<RevNat6Key, RevNat6Value>(REVNAT6_MAP, REVNAT6_MAX_ENTRIES, 0),
-            MapSpec::of::<CtKey, CtValue>(CT_MAP, self.conntrack as usize, 0),
+            MapSpec::of::<CtKey, CtValue>(CT_TCP_MAP, self.conntrack as usize, 0),
+            MapSpec::of::<CtKey, CtValue>(CT_HALF_OPEN_MAP, self.conntrack_half_open as usize, 0),
+            MapSpec::of::<CtKey, CtValue>(CT_OTHER_MAP, self.conntrack_other as usize, 0),
+            MapSpec::of::<u32, u64>(COUNTERS_MAP, COUNTER_COUNT, 0),
             MapSpec::of::<u32, NodeAddr>(NODE_ADDRS4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
             MapSpec::of::<[u32; 4], NodeAddr>(NODE_ADDRS6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
             MapSpec::of::<u32, u32>(DEVICES4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
@@ -132,7 +154,7 @@ impl Default for MapCapacities {
 }
 
 /// Every map the agent pins, with its shape at the default capacities.
-pub const PINNED_MAPS: [MapSpec; 14] = MapCapacities::DEFAULT.pinned_maps();
+pub const PINNED_MAPS: [MapSpec; 17] = MapCapacities::DEFAULT.pinned_maps();
 
 /// The shape of a map as the kernel records it: a pinned map is reused only if it has
 /// exactly this shape (the declarations in `lb-ebpf/src/maps.rs` use the same types and
@@ -183,10 +205,14 @@ pub const REVNAT6_MAX_ENTRIES: usize = 65_536;
 /// datapath never pays for an allocation.
 pub const MAP_F_NO_PREALLOC: usize = 1;
 
-/// Declared capacity of the conntrack map: two entries (original and reply direction) per
-/// flow the tc datapath translates; least recently used entries are evicted first.
-/// Preallocated (LRU): 21 MiB at the default.
+/// Declared capacity of the established-TCP conntrack table: two entries (original and
+/// reply direction) per flow; least recently used entries are evicted first. Preallocated
+/// (LRU), as the other two tables.
 pub const CT_MAX_ENTRIES: usize = MapCapacities::DEFAULT.conntrack as usize;
+/// Declared capacity of the half-open TCP conntrack table.
+pub const CT_HALF_OPEN_MAX_ENTRIES: usize = MapCapacities::DEFAULT.conntrack_half_open as usize;
+/// Declared capacity of the UDP conntrack table.
+pub const CT_OTHER_MAX_ENTRIES: usize = MapCapacities::DEFAULT.conntrack_other as usize;
 /// Capacity of the session-affinity map: (client, frontend) pairs of Services with
 /// `sessionAffinity: ClientIP` (Cilium's default 64k). Least recently used entries are
 /// evicted first; an evicted client simply picks afresh. Preallocated (LRU): about 5 MiB.
@@ -272,15 +298,94 @@ pub const CT_TCP_FIN_ORIG: u8 = 1 << 2;
 pub const CT_TCP_FIN_REPLY: u8 = 1 << 3;
 /// TCP state bit: an RST was seen.
 pub const CT_TCP_RST: u8 = 1 << 4;
+/// TCP state bit: the client acknowledged the backend's SYN-ACK: the handshake is
+/// complete and the flow lives in the established table.
+pub const CT_TCP_ESTABLISHED: u8 = 1 << 5;
 
-/// Lifetime of an idle TCP connection, in nanoseconds (Cilium's 6 h).
+/// Lifetime of an idle established TCP connection, in nanoseconds (Cilium's 6 h).
 pub const CT_TCP_LIFETIME_NS: u64 = 21_600 * 1_000_000_000;
-/// Lifetime of a TCP connection not yet answered (SYN sent), in nanoseconds.
-pub const CT_SYN_LIFETIME_NS: u64 = 60 * 1_000_000_000;
+/// Lifetime of an idle TCP flow in its handshake (half-open: SYN sent, or SYN-ACK seen
+/// and the client's ACK not yet), in nanoseconds. A client retransmits its SYN after 1, 2,
+/// 4 and 8 s; a longer silence starts the flow afresh.
+pub const CT_SYN_LIFETIME_NS: u64 = 10 * 1_000_000_000;
 /// Lifetime of a closing TCP connection (FIN from both sides, or RST), in nanoseconds.
 pub const CT_CLOSE_LIFETIME_NS: u64 = 10 * 1_000_000_000;
 /// Lifetime of an idle UDP flow, in nanoseconds.
 pub const CT_UDP_LIFETIME_NS: u64 = 60 * 1_000_000_000;
+
+/// The datapath's per-CPU counters: index of each in [`COUNTERS_MAP`] (a per-CPU array;
+/// the agent sums the CPUs).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Counter {
+    /// Connections and datagram destinations the socket hooks translated to a backend.
+    SockTranslated = 0,
+    /// Flows the tc datapath started (a SYN, or a UDP datagram, to a frontend).
+    TcFlowsStarted = 1,
+    /// TCP flows that completed their handshake (moved to the established table).
+    TcFlowsEstablished = 2,
+    /// Connections or packets refused because the frontend has no endpoint it may use.
+    NoEndpoints = 3,
+    /// New flows dropped because a conntrack table refused the entry.
+    ConntrackFull = 4,
+    /// New flows dropped because no SNAT port was free.
+    SnatPortsExhausted = 5,
+    /// TCP packets to a frontend that start no flow and belong to none (not a SYN):
+    /// dropped, as kube-proxy drops conntrack's INVALID packets.
+    TcpOutOfFlowDropped = 6,
+    /// ICMP unreachable replies not sent: over the rate limit.
+    IcmpRateLimited = 7,
+    /// Packets dropped by `loadBalancerSourceRanges`.
+    Firewalled = 8,
+    /// Packets dropped because a rewrite helper failed.
+    RewriteFailed = 9,
+    /// Backends kept by `sessionAffinity: ClientIP`.
+    AffinityHits = 10,
+}
+
+/// Number of [`Counter`]s (entries of [`COUNTERS_MAP`]).
+pub const COUNTER_COUNT: usize = 11;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Self; COUNTER_COUNT] = [
+        Self::SockTranslated,
+        Self::TcFlowsStarted,
+        Self::TcFlowsEstablished,
+        Self::NoEndpoints,
+        Self::ConntrackFull,
+        Self::SnatPortsExhausted,
+        Self::TcpOutOfFlowDropped,
+        Self::IcmpRateLimited,
+        Self::Firewalled,
+        Self::RewriteFailed,
+        Self::AffinityHits,
+    ];
+
+    /// The counter's name in reports and metrics (snake case).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SockTranslated => "sock_translated",
+            Self::TcFlowsStarted => "tc_flows_started",
+            Self::TcFlowsEstablished => "tc_flows_established",
+            Self::NoEndpoints => "no_endpoints",
+            Self::ConntrackFull => "conntrack_full",
+            Self::SnatPortsExhausted => "snat_ports_exhausted",
+            Self::TcpOutOfFlowDropped => "tcp_out_of_flow_dropped",
+            Self::IcmpRateLimited => "icmp_rate_limited",
+            Self::Firewalled => "firewalled",
+            Self::RewriteFailed => "rewrite_failed",
+            Self::AffinityHits => "affinity_hits",
+        }
+    }
+}
+
+/// ICMP unreachable replies the tc datapath sends per second and CPU at most (Linux's
+/// `icmp_msgs_per_sec` default), after a burst of [`ICMP_BURST`].
+pub const ICMP_PER_SEC: u64 = 1_000;
+/// The burst of ICMP replies allowed before the rate applies (Linux's `icmp_msgs_burst`).
+pub const ICMP_BURST: u64 = 50;
 
 /// First port the tc datapath SNATs to (Cilium's `NODEPORT_PORT_MIN_NAT`).
 pub const SNAT_PORT_MIN: u16 = 32_768;

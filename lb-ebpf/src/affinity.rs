@@ -3,9 +3,10 @@
 //! timeout passes between them, and while the backend still serves the frontend (the
 //! agent's affinity-match entries say so). Otherwise it picks afresh and is remembered.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{AffinityKey, AffinityMatchKey, AffinityValue, FrontendId, ServiceValue};
+use lb_common::{AffinityKey, AffinityMatchKey, AffinityValue, Counter, FrontendId, ServiceValue};
 
 use crate::{
+    counters::count,
     maps::{LB_AFFINITY, LB_AFFINITY_MATCH},
     xlate::Backends,
 };
@@ -72,6 +73,7 @@ pub fn recall<B: Copy>(
     let backend = unsafe { backends.get(backend_id) }.copied()?;
     // SAFETY: as above; a plain store into the value.
     unsafe { (*entry).last_used_ns = now };
+    count(Counter::AffinityHits);
     Some((backend_id, backend))
 }
 

@@ -1,18 +1,67 @@
 //! Connection tracking of the tc datapath (after Cilium's `conntrack.h`, reduced): one LRU
 //! entry per direction of a translated flow, each keyed by the 5-tuple as its packets are
 //! on the wire at the hook that looks them up. Entries expire by idle time, with a short
-//! lifetime once TCP closes (FIN or RST), and LRU eviction bounds the map.
+//! lifetime once TCP closes (FIN or RST), and LRU eviction bounds each table.
+//!
+//! Three tables keep a flood from emptying the one that matters. A TCP flow starts in the
+//! half-open table (only a SYN starts one) and moves to the established table when its
+//! client acknowledges the backend's SYN-ACK; half-open entries live seconds. A spoofed
+//! SYN flood, whose handshakes never complete, therefore only ever fills the half-open
+//! table: established flows, and the SNAT ports they hold, are never evicted for it. Other
+//! protocols (UDP) have their own table.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     CT_CLOSE_LIFETIME_NS, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CT_SYN_LIFETIME_NS,
-    CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_LIFETIME_NS, CT_TCP_RST, CT_TCP_SEEN_REPLY,
-    CT_TCP_SYN, CT_UDP_LIFETIME_NS, CtKey, CtValue, PROTO_TCP,
+    CT_TCP_ESTABLISHED, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_LIFETIME_NS, CT_TCP_RST,
+    CT_TCP_SEEN_REPLY, CT_TCP_SYN, CT_UDP_LIFETIME_NS, Counter, CtKey, CtValue, PROTO_TCP,
 };
 
 use crate::{
-    maps::LB_CT,
+    counters::count,
+    maps::{Conntrack, LB_CT_HALF_OPEN, LB_CT_OTHER, LB_CT_TCP},
     nat::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
+
+/// The table an entry lives in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// TCP flows whose client completed the handshake.
+    Established,
+    /// TCP flows in their handshake.
+    HalfOpen,
+    /// Every other protocol's flows.
+    Other,
+}
+
+impl Table {
+    #[inline(always)]
+    fn map(self) -> &'static Conntrack {
+        match self {
+            Self::Established => &LB_CT_TCP,
+            Self::HalfOpen => &LB_CT_HALF_OPEN,
+            Self::Other => &LB_CT_OTHER,
+        }
+    }
+
+    /// How long an idle entry of this table in TCP `state` lives.
+    #[inline(always)]
+    fn lifetime(self, state: u8) -> u64 {
+        match self {
+            Self::Other => CT_UDP_LIFETIME_NS,
+            _ if is_closing(state) => CT_CLOSE_LIFETIME_NS,
+            Self::HalfOpen => CT_SYN_LIFETIME_NS,
+            Self::Established => CT_TCP_LIFETIME_NS,
+        }
+    }
+}
+
+/// A live entry: its value (a map value pointer, valid for the run of the program) and
+/// the table holding it.
+#[derive(Clone, Copy)]
+pub struct Entry {
+    pub value: *mut CtValue,
+    pub table: Table,
+}
 
 /// The key of `packet` in direction `dir`.
 #[inline(always)]
@@ -35,31 +84,32 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// The live entry of `key` (expired entries are deleted and not returned).
+/// The live entry of `key`, in whichever table holds it (expired entries are deleted and
+/// not returned). Established flows, the most packets, are looked up first.
 #[inline(always)]
-pub fn lookup(key: &CtKey, now: u64) -> Option<*mut CtValue> {
-    let entry = LB_CT.get_ptr_mut(key)?;
-    // SAFETY: a map value pointer, valid for the run of the program.
-    let (last_seen, state) = unsafe { ((*entry).last_seen_ns, (*entry).tcp_state) };
-    if now.saturating_sub(last_seen) > lifetime(key.proto, state) {
-        let _ = LB_CT.remove(key);
-        return None;
+pub fn lookup(key: &CtKey, now: u64) -> Option<Entry> {
+    if key.proto != PROTO_TCP {
+        return lookup_in(Table::Other, key, now);
     }
-    Some(entry)
+    lookup_in(Table::Established, key, now).or_else(|| lookup_in(Table::HalfOpen, key, now))
 }
 
-/// How long an idle entry in `state` lives.
 #[inline(always)]
-fn lifetime(proto: u8, state: u8) -> u64 {
-    if proto != PROTO_TCP {
-        CT_UDP_LIFETIME_NS
-    } else if is_closing(state) {
-        CT_CLOSE_LIFETIME_NS
-    } else if state & CT_TCP_SEEN_REPLY == 0 {
-        CT_SYN_LIFETIME_NS
-    } else {
-        CT_TCP_LIFETIME_NS
+fn lookup_in(table: Table, key: &CtKey, now: u64) -> Option<Entry> {
+    let value = table.map().get_ptr_mut(key)?;
+    // SAFETY: a map value pointer, valid for the run of the program.
+    let (last_seen, state) = unsafe { ((*value).last_seen_ns, (*value).tcp_state) };
+    if now.saturating_sub(last_seen) > table.lifetime(state) {
+        let _ = table.map().remove(key);
+        return None;
     }
+    Some(Entry { value, table })
+}
+
+/// Deletes `key`'s entry from `table`.
+#[inline(always)]
+pub fn remove(key: &CtKey, table: Table) {
+    let _ = table.map().remove(key);
 }
 
 /// An RST, or a FIN from each side.
@@ -75,9 +125,9 @@ pub fn is_syn(packet: &Packet) -> bool {
     packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// The state bits a packet of direction `dir` adds.
+/// The state bits a packet of direction `dir` adds to an entry in `state`.
 #[inline(always)]
-fn state_bits(packet: &Packet, dir: u8) -> u8 {
+fn state_bits(packet: &Packet, dir: u8, state: u8) -> u8 {
     let flags = packet.tcp_flags;
     let mut bits = 0;
     if flags & TCP_SYN != 0 {
@@ -91,33 +141,68 @@ fn state_bits(packet: &Packet, dir: u8) -> u8 {
         if flags & TCP_FIN != 0 {
             bits |= CT_TCP_FIN_REPLY;
         }
-    } else if flags & TCP_FIN != 0 {
-        bits |= CT_TCP_FIN_ORIG;
+    } else {
+        if flags & TCP_FIN != 0 {
+            bits |= CT_TCP_FIN_ORIG;
+        }
+        // The client's ACK after the backend answered completes the handshake. (A reply
+        // to a spoofed SYN goes to an address that never answers it.)
+        if state & CT_TCP_SEEN_REPLY != 0 && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
+            bits |= CT_TCP_ESTABLISHED;
+        }
     }
     bits
 }
 
-/// Records a packet of `dir` on its entry, and on the other direction's entry when the TCP
-/// state changes (so both directions expire together once the connection closes).
-// Its own BPF function: the stack of each call stays within the 512-byte limit.
+/// Records a packet of `dir` (whose key is `key`) on its entry, and on the other
+/// direction's entry when the TCP state changes (so both directions expire together once
+/// the connection closes). The packet that completes a handshake moves both entries to
+/// the established table, and `entry` to where its value is now.
+// Its own BPF function: the stack of each call stays within the 512-byte limit. Keys and
+// values go to the helpers by reference, from the stack or the map itself, never copied.
 #[inline(never)]
-pub fn touch(entry: *mut CtValue, packet: &Packet, dir: u8, now: u64) {
+#[allow(clippy::needless_borrows_for_generic_args)]
+pub fn touch(entry: &mut Entry, key: &CtKey, packet: &Packet, dir: u8, now: u64) {
     // SAFETY: a map value pointer, valid for the run of the program.
-    let value = unsafe { &mut *entry };
+    let value = unsafe { &mut *entry.value };
     value.last_seen_ns = now;
     if packet.proto != PROTO_TCP {
         return;
     }
-    let bits = state_bits(packet, dir);
+    let bits = state_bits(packet, dir, value.tcp_state);
     if value.tcp_state | bits == value.tcp_state {
         return;
     }
     value.tcp_state |= bits;
     let state = value.tcp_state;
     let peer = peer_key(value, packet, dir);
-    if let Some(other) = LB_CT.get_ptr_mut(peer) {
+    let peer_value = entry.table.map().get_ptr_mut(&peer);
+    if let Some(other) = peer_value {
         // SAFETY: as above.
         unsafe { (*other).tcp_state |= state };
+    }
+    if entry.table != Table::HalfOpen || state & CT_TCP_ESTABLISHED == 0 {
+        return;
+    }
+    // Established: both entries move. The copies are made from the map values themselves
+    // (no stack copy); a refused insert (the table cannot be full for long: LRU) leaves the
+    // flow half-open, where it keeps working until it idles out.
+    if LB_CT_TCP.insert(key, value, 0).is_err() {
+        count(Counter::ConntrackFull);
+        return;
+    }
+    if let Some(other) = peer_value {
+        // SAFETY: as above.
+        let _ = LB_CT_TCP.insert(&peer, unsafe { &*other }, 0);
+        let _ = LB_CT_HALF_OPEN.remove(&peer);
+    }
+    let _ = LB_CT_HALF_OPEN.remove(key);
+    count(Counter::TcFlowsEstablished);
+    if let Some(value) = LB_CT_TCP.get_ptr_mut(key) {
+        *entry = Entry {
+            value,
+            table: Table::Established,
+        };
     }
 }
 
@@ -161,8 +246,10 @@ fn peer_key(value: &CtValue, packet: &Packet, dir: u8) -> CtKey {
     }
 }
 
-/// Creates both entries of a new flow. `orig` is the translation of the client's packets,
-/// `reply` the key and value of the backend's. Errors when the map refuses an entry.
+/// Creates both entries of a new flow, in the half-open table for TCP and the other table
+/// otherwise. `orig` is the translation of the client's packets, `reply` the key and value
+/// of the backend's. `reply_flags` `BPF_NOEXIST` claims the reply key (an SNAT port) only
+/// if no flow of either TCP table holds it. Errors when a table refuses an entry.
 #[inline(always)]
 pub fn create(
     orig_key: &CtKey,
@@ -171,9 +258,17 @@ pub fn create(
     reply: &CtValue,
     reply_flags: u64,
 ) -> Result<(), i32> {
-    LB_CT.insert(reply_key, reply, reply_flags)?;
-    if let Err(e) = LB_CT.insert(orig_key, orig, 0) {
-        let _ = LB_CT.remove(reply_key);
+    let table = if orig_key.proto == PROTO_TCP {
+        if reply_flags != 0 && LB_CT_TCP.get_ptr(reply_key).is_some() {
+            return Err(-17); // EEXIST: the port is held by an established flow
+        }
+        Table::HalfOpen
+    } else {
+        Table::Other
+    };
+    table.map().insert(reply_key, reply, reply_flags)?;
+    if let Err(e) = table.map().insert(orig_key, orig, 0) {
+        let _ = table.map().remove(reply_key);
         return Err(e);
     }
     Ok(())

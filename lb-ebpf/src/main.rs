@@ -5,6 +5,7 @@
 
 mod affinity;
 mod conntrack;
+mod counters;
 mod family;
 mod fib;
 mod maps;

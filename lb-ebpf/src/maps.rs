@@ -6,10 +6,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
-    BACKENDS_MAX_ENTRIES, Backend4, Backend6, CT_MAX_ENTRIES, CtKey, CtValue, MAP_F_NO_PREALLOC,
-    NODE_ADDRS_MAX_ENTRIES, NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key,
-    RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
-    Service4Key, Service6Key, ServiceValue, SourceRange,
+    BACKENDS_MAX_ENTRIES, Backend4, Backend6, COUNTER_COUNT, CT_MAX_ENTRIES, CtKey, CtValue,
+    MAP_F_NO_PREALLOC, NODE_ADDRS_MAX_ENTRIES, NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES,
+    RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue, SourceRange,
 };
 
 /// IPv4 frontends and their backend slots (see `lb_common::maps`).
@@ -50,9 +50,36 @@ pub static LB6_BACKENDS: HashMap<u32, Backend6, BACKENDS_MAX_ENTRIES, MAP_F_NO_P
 pub static LB6_REVNAT: LruHashMap<RevNat6Key, RevNat6Value, REVNAT6_MAX_ENTRIES> =
     LruHashMap::new();
 
-/// Flows the tc datapath translates, both directions, both families.
+/// A conntrack table (both directions, both families). The three are declared with one
+/// capacity; the loader gives each its own (`--max-conntrack*`).
+pub type Conntrack = LruHashMap<CtKey, CtValue, CT_MAX_ENTRIES>;
+
+/// TCP flows whose client completed the handshake.
 #[btf_map]
-pub static LB_CT: LruHashMap<CtKey, CtValue, CT_MAX_ENTRIES> = LruHashMap::new();
+pub static LB_CT_TCP: Conntrack = LruHashMap::new();
+
+/// TCP flows in their handshake (half-open): what a SYN flood fills.
+#[btf_map]
+pub static LB_CT_HALF_OPEN: Conntrack = LruHashMap::new();
+
+/// Flows of the other protocols (UDP).
+#[btf_map]
+pub static LB_CT_OTHER: Conntrack = LruHashMap::new();
+
+/// The datapath's counters, one slot per `lb_common::Counter` and CPU.
+#[btf_map]
+pub static LB_COUNTERS: PerCpuArray<u64, COUNTER_COUNT> = PerCpuArray::new();
+
+/// This CPU's ICMP reply budget: tokens and when they were last refilled.
+#[repr(C)]
+pub struct IcmpBudget {
+    pub tokens: u64,
+    pub refilled_ns: u64,
+}
+
+/// One [`IcmpBudget`] per CPU. Not pinned: a new agent starts with a full budget.
+#[btf_map]
+pub static ICMP_BUDGET: PerCpuArray<IcmpBudget, 1> = PerCpuArray::new();
 
 /// This node's IPv4 addresses (on the `--devices`): a NodePort answers on each.
 #[btf_map]

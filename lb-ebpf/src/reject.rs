@@ -19,7 +19,32 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::nat::RewriteError;
+use lb_common::{ICMP_BURST, ICMP_PER_SEC};
+
+use crate::{conntrack, maps::ICMP_BUDGET, nat::RewriteError};
+
+/// Whether this CPU may send one more ICMP reply now: a token bucket of [`ICMP_BURST`]
+/// tokens refilled at [`ICMP_PER_SEC`] (the kernel's own `icmp_msgs_per_sec` and
+/// `icmp_msgs_burst`), so a flood to a Service without endpoints is not answered in full.
+#[inline(always)]
+pub fn within_rate() -> bool {
+    let Some(budget) = ICMP_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot, ours until the program returns.
+    let budget = unsafe { &mut *budget };
+    let now = conntrack::now();
+    let earned = now.saturating_sub(budget.refilled_ns) * ICMP_PER_SEC / 1_000_000_000;
+    if earned > 0 {
+        budget.tokens = (budget.tokens + earned).min(ICMP_BURST);
+        budget.refilled_ns = now;
+    }
+    if budget.tokens == 0 {
+        return false;
+    }
+    budget.tokens -= 1;
+    true
+}
 
 const ETH_HLEN: u32 = 14;
 const ETH_P_IP: u16 = 0x0800;

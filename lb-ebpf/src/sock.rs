@@ -17,10 +17,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use lb_common::{PROTO_TCP, PROTO_UDP, to_v4_mapped, v4_mapped};
+use lb_common::{Counter, PROTO_TCP, PROTO_UDP, to_v4_mapped, v4_mapped};
 
 use crate::{
     affinity::Client,
+    counters::count,
     family::{Family, V4, V6},
     xlate::{Forward, Pick, forward, frontend_is_current},
 };
@@ -178,6 +179,7 @@ fn forward_in<F: Family>(
             backend,
             rev_nat_id,
         } => {
+            count(Counter::SockTranslated);
             let backend = F::backend_addr(&backend);
             let cookie = cookie(ctx);
             // An unconnected UDP socket runs this for every datagram: the record is
@@ -192,7 +194,10 @@ fn forward_in<F: Family>(
                 rev_nat_id,
             }
         }
-        Forward::NoBackends { drop } => Forward::NoBackends { drop },
+        Forward::NoBackends { drop } => {
+            count(Counter::NoEndpoints);
+            Forward::NoBackends { drop }
+        }
         Forward::Pass => Forward::Pass,
     }
 }

@@ -10,23 +10,26 @@
 //! - on the egress of both, the backend's replies get the frontend the client dialled as
 //!   their source.
 //!
-//! Every flow is tracked in `LB_CT`; the kernel routes the translated packets.
+//! Every flow is tracked in the conntrack tables (`conntrack.rs`): only a TCP SYN starts a
+//! TCP flow, and it counts as established once its client completes the handshake; the
+//! kernel routes the translated packets.
 use aya_ebpf::{
     bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_get_prandom_u32,
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CtValue, FrontendId, SNAT_PORT_COUNT,
-    SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
+    BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Counter, CtValue, FrontendId, PROTO_TCP,
+    SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
 };
 
 use crate::{
     affinity::Client,
     conntrack,
+    counters::count,
     family::{Family, V4, V6},
     fib,
-    maps::{LB_CT, LB_SOURCE_RANGES, NEW_FLOW, NewFlow},
+    maps::{LB_SOURCE_RANGES, NEW_FLOW, NewFlow},
     nat::{Packet, RewriteError, same_addr},
     reject,
     xlate::{self, Pick, Scope},
@@ -46,7 +49,7 @@ pub enum Error {
     /// A rewrite helper failed half-way: the packet must be dropped.
     Rewrite,
     /// The conntrack map refused a new entry.
-    Conntrack(i32),
+    Conntrack,
     /// No free SNAT port for a flow to a backend on another node.
     NoSnatPort,
     /// The source is outside the frontend's `loadBalancerSourceRanges`.
@@ -54,6 +57,8 @@ pub enum Error {
     /// The frontend has no backend that may take the flow: none at all, or, when `local`,
     /// none on this node under a Local traffic policy while there are some elsewhere.
     NoBackends { local: bool },
+    /// A TCP packet to a frontend that is no SYN and belongs to no tracked flow.
+    OutOfFlow,
 }
 
 impl From<RewriteError> for Error {
@@ -69,27 +74,47 @@ pub fn action(ctx: &TcContext, result: Result<i32, Error>) -> i32 {
         Ok(action) => action,
         // kube-proxy drops traffic to a Local-policy frontend without local endpoints
         // while the Service has endpoints elsewhere...
-        Err(Error::NoBackends { local: true }) => SHOT,
+        Err(Error::NoBackends { local: true }) => {
+            count(Counter::NoEndpoints);
+            SHOT
+        }
         // ...and rejects traffic to a Service without endpoints: ICMP port unreachable, so
-        // the client fails at once instead of after its timeout.
+        // the client fails at once instead of after its timeout (at most
+        // `lb_common::ICMP_PER_SEC` replies per second and CPU, as the kernel limits its own).
         Err(Error::NoBackends { local: false }) => {
+            count(Counter::NoEndpoints);
+            if !reject::within_rate() {
+                count(Counter::IcmpRateLimited);
+                return SHOT;
+            }
             reject::port_unreachable(ctx).unwrap_or_else(|RewriteError| {
                 warn!(ctx, "lb tc: rejecting a packet failed; dropped");
                 SHOT
             })
         }
+        // kube-proxy drops conntrack's INVALID packets, silently.
+        Err(Error::OutOfFlow) => {
+            count(Counter::TcpOutOfFlowDropped);
+            SHOT
+        }
         Err(Error::Rewrite) => {
+            count(Counter::RewriteFailed);
             warn!(ctx, "lb tc: rewriting a packet failed; dropped");
             SHOT
         }
-        Err(Error::Conntrack(e)) => {
-            warn!(ctx, "lb tc: conntrack insert failed ({}); dropped", e);
+        // Counted, not logged: a full table is what a flood looks like, and a log line per
+        // packet would be the flood's second victim.
+        Err(Error::Conntrack) => {
+            count(Counter::ConntrackFull);
             SHOT
         }
         // kube-proxy's firewall chain drops, silently.
-        Err(Error::Firewalled) => SHOT,
+        Err(Error::Firewalled) => {
+            count(Counter::Firewalled);
+            SHOT
+        }
         Err(Error::NoSnatPort) => {
-            warn!(ctx, "lb tc: no free SNAT port; dropped");
+            count(Counter::SnatPortsExhausted);
             SHOT
         }
     }
@@ -120,13 +145,15 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, Error> {
     {
         return Ok(action);
     }
-    if let Some(action) = tracked(ctx, &mut packet, now)? {
-        return Ok(action);
-    }
+    let was_tracked = match tracked(ctx, &mut packet, now)? {
+        Tracked::Translated(action) => return Ok(action),
+        Tracked::BackendGone => true,
+        Tracked::No => false,
+    };
     let flow = if packet.v6 {
-        new_flow::<V6>(ctx, &packet, origin, now)?
+        new_flow::<V6>(ctx, &packet, origin, was_tracked)?
     } else {
-        new_flow::<V4>(ctx, &packet, origin, now)?
+        new_flow::<V4>(ctx, &packet, origin, was_tracked)?
     };
     match flow {
         // SAFETY: this CPU's scratch slot, ours until the program returns.
@@ -135,31 +162,40 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, Error> {
     }
 }
 
-/// A packet of a tracked flow goes on to the flow's backend; `None` when the packet starts
-/// a flow (also when its flow's backend is gone, or a new connection reuses a closed
-/// one's ports: the flow starts again with a backend of today).
+/// What [`tracked`] found for a packet.
+enum Tracked {
+    /// The packet belongs to a tracked flow and was translated: this is its action.
+    Translated(i32),
+    /// It belonged to a flow whose backend is gone (or whose connection closed while a new
+    /// one reuses its ports): the flow starts again, whatever the packet.
+    BackendGone,
+    /// It belongs to no tracked flow.
+    No,
+}
+
+/// A packet of a tracked flow goes on to the flow's backend.
 // Its own BPF function: the stack of each call stays within the 512-byte limit.
 #[inline(never)]
-fn tracked(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Option<i32>, Error> {
+fn tracked(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Tracked, Error> {
     let orig_key = conntrack::key(packet, CT_DIR_ORIG);
-    if let Some(entry) = conntrack::lookup(&orig_key, now) {
-        // The entry is read in place (SAFETY: a map value pointer, valid for the run of the
-        // program), not copied: the stack is tight.
-        let reusable = {
-            let value = unsafe { &*entry };
-            backend_is_current(packet, value)
-                && !(conntrack::is_syn(packet) && conntrack::is_closing(value.tcp_state))
-        };
-        if reusable {
-            conntrack::touch(entry, packet, CT_DIR_ORIG, now);
-            // SAFETY: as above.
-            return translate(ctx, packet, unsafe { &*entry }).map(Some);
-        }
-        // The backend is gone (or a new connection reuses a closed one's ports): the flow
-        // starts again with a backend of today.
-        let _ = LB_CT.remove(orig_key);
+    let Some(entry) = conntrack::lookup(&orig_key, now) else {
+        return Ok(Tracked::No);
+    };
+    // The entry is read in place (SAFETY: a map value pointer, valid for the run of the
+    // program), not copied: the stack is tight.
+    let reusable = {
+        let value = unsafe { &*entry.value };
+        backend_is_current(packet, value)
+            && !(conntrack::is_syn(packet) && conntrack::is_closing(value.tcp_state))
+    };
+    if !reusable {
+        conntrack::remove(&orig_key, entry.table);
+        return Ok(Tracked::BackendGone);
     }
-    Ok(None)
+    let mut entry = entry;
+    conntrack::touch(&mut entry, &orig_key, packet, CT_DIR_ORIG, now);
+    // SAFETY: as above.
+    translate(ctx, packet, unsafe { &*entry.value }).map(Tracked::Translated)
 }
 
 /// A backend's reply to a flow SNATed to this node goes back to the client, from the
@@ -172,12 +208,13 @@ fn snat_reply(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Option<i
         return Ok(None);
     };
     // SAFETY: a map value pointer, valid for the run of the program.
-    if unsafe { (*entry).flags } & CT_F_SNAT == 0 {
+    if unsafe { (*entry.value).flags } & CT_F_SNAT == 0 {
         return Ok(None);
     }
-    conntrack::touch(entry, packet, CT_DIR_REPLY, now);
+    let mut entry = entry;
+    conntrack::touch(&mut entry, &reply_key, packet, CT_DIR_REPLY, now);
     // SAFETY: as above; read in place, as the stack is tight.
-    let value = unsafe { &*entry };
+    let value = unsafe { &*entry.value };
     packet.set_dst(ctx, value.snat_addr, value.snat_port)?;
     packet.set_src(ctx, value.nat_addr, value.nat_port)?;
     // Its source is now a node address: the stack would drop it as a martian.
@@ -197,27 +234,30 @@ pub fn egress(ctx: &TcContext) -> Result<i32, Error> {
         return Ok(PASS);
     };
     // SAFETY: a map value pointer, valid for the run of the program.
-    if unsafe { (*entry).flags } & CT_F_SNAT != 0 {
+    if unsafe { (*entry.value).flags } & CT_F_SNAT != 0 {
         // Replies of SNATed flows come in through ingress, never out here.
         return Ok(PASS);
     }
-    conntrack::touch(entry, &packet, CT_DIR_REPLY, now);
+    let mut entry = entry;
+    conntrack::touch(&mut entry, &key, &packet, CT_DIR_REPLY, now);
     // SAFETY: as above.
-    let (address, port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
+    let (address, port) = unsafe { ((*entry.value).nat_addr, (*entry.value).nat_port) };
     packet.set_src(ctx, address, port)?;
     Ok(PASS)
 }
 
 /// The first packet of a flow: if it is addressed to a frontend it may reach, picks a
 /// backend as the socket path would and returns the flow's translation, built in the
-/// per-CPU scratch slot; `None` when the packet is for no frontend.
+/// per-CPU scratch slot; `None` when the packet is for no frontend. Only a SYN starts a
+/// TCP flow, unless the packet's flow was tracked until its backend went away
+/// (`was_tracked`): it starts again, so the client hears from a live backend (a reset).
 // Its own BPF function: the stack of each call stays within the 512-byte limit.
 #[inline(never)]
 fn new_flow<F: Family>(
     ctx: &TcContext,
     packet: &Packet,
     origin: Origin,
-    now: u64,
+    was_tracked: bool,
 ) -> Result<Option<*mut NewFlow>, Error> {
     let scope = match origin {
         Origin::Outside => Scope::External,
@@ -241,6 +281,9 @@ fn new_flow<F: Family>(
         return Err(Error::NoBackends {
             local: master.flags & SVC_F_NO_LOCAL != 0,
         });
+    }
+    if packet.proto == PROTO_TCP && !was_tracked && !conntrack::is_syn(packet) {
+        return Err(Error::OutOfFlow);
     }
     // The client of session affinity is the packet's source: a client outside the node,
     // or a pod by its address.
@@ -286,6 +329,7 @@ fn new_flow<F: Family>(
     orig.tcp_state = 0;
     orig.backend_id = backend_id;
     orig.pad = [0; 2];
+    let now = conntrack::now();
     orig.created_ns = now;
     orig.last_seen_ns = now;
     Ok(Some(slot))
@@ -342,12 +386,11 @@ fn start_flow(
         }
     } else {
         conntrack::create(&flow.orig_key, &flow.orig, &flow.reply_key, &flow.reply, 0)
-            .map_err(Error::Conntrack)?;
+            .map_err(|_| Error::Conntrack)?;
     }
-    // By reference: the key stays in the scratch slot instead of being copied to the stack.
-    #[allow(clippy::needless_borrows_for_generic_args)]
-    if let Some(entry) = LB_CT.get_ptr_mut(&flow.orig_key) {
-        conntrack::touch(entry, packet, CT_DIR_ORIG, now);
+    count(Counter::TcFlowsStarted);
+    if let Some(mut entry) = conntrack::lookup(&flow.orig_key, now) {
+        conntrack::touch(&mut entry, &flow.orig_key, packet, CT_DIR_ORIG, now);
     }
     translate(ctx, packet, &flow.orig)
 }

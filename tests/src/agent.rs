@@ -368,7 +368,31 @@ impl Agent {
         let netns = self.enter_netns(&mut command);
         let out = cmd::run(&mut command, SERVICES_TIMEOUT);
         drop(netns);
-        serde_json::from_str(&out?).map_err(|e| format!("services --summary: {e}"))
+        let summary: serde_json::Value =
+            serde_json::from_str(&out?).map_err(|e| format!("services --summary: {e}"))?;
+        serde_json::from_value(summary["maps"].clone())
+            .map_err(|e| format!("services --summary: maps: {e}"))
+    }
+
+    /// The datapath's counters (`lb-agent services --summary -o json`), by name.
+    pub fn counters(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
+        let mut command = Command::new(&self.bin);
+        command
+            .args([
+                "services",
+                "--summary",
+                "--output",
+                "json",
+                "--bpf-pin-path",
+            ])
+            .arg(&self.config.pin_path);
+        let netns = self.enter_netns(&mut command);
+        let out = cmd::run(&mut command, SERVICES_TIMEOUT);
+        drop(netns);
+        let summary: serde_json::Value =
+            serde_json::from_str(&out?).map_err(|e| format!("services --summary: {e}"))?;
+        serde_json::from_value(summary["counters"].clone())
+            .map_err(|e| format!("services --summary: counters: {e}"))
     }
 
     /// [`Agent::services_output`] as JSON.
