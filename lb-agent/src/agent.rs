@@ -108,6 +108,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             None
         }
     };
+    let sweeper = tokio::spawn(crate::conntrack::sweep_forever(config.pin_dir.clone()));
     let writer = MapWriter::adopt(maps).context("reading the pinned maps")?;
     let mut reconciler = Reconciler::new(
         writer,
@@ -147,6 +148,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             run_kube(kubeconfig.as_deref(), &mut reconciler, &mut datapath).await
         }
     };
+    sweeper.abort();
     if let Some(task) = logger {
         task.abort();
     }

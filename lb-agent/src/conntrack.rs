@@ -6,8 +6,8 @@ use std::{fmt::Write as _, net::SocketAddr, path::Path, time::Duration};
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{
     CT_DIR_ORIG, CT_F_SNAT, CT_HALF_OPEN_MAP, CT_OTHER_MAP, CT_TCP_ESTABLISHED, CT_TCP_FIN_ORIG,
-    CT_TCP_FIN_REPLY, CT_TCP_MAP, CT_TCP_RST, CT_TCP_SEEN_REPLY, CtKey, CtValue, LEGACY_CT_MAP,
-    PROTO_TCP, v4_mapped,
+    CT_TCP_FIN_REPLY, CT_TCP_MAP, CT_TCP_RST, CT_TCP_SEEN_REPLY, CtKey, CtTable, CtValue,
+    LEGACY_CT_MAP, PROTO_TCP, v4_mapped,
 };
 use serde::Serialize;
 
@@ -87,14 +87,68 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
     for name in [CT_TCP_MAP, CT_HALF_OPEN_MAP, CT_OTHER_MAP] {
         entries.extend(read_table(pin_dir, name)?);
     }
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
-    let now_ns = u64::try_from(now.tv_sec()).unwrap_or_default() * 1_000_000_000
-        + u64::try_from(now.tv_nsec()).unwrap_or_default();
-    let flows = flows(&entries, now_ns);
+    let flows = flows(&entries, monotonic_now_ns()?);
     Ok(match format {
         OutputFormat::Json => serde_json::to_string_pretty(&flows)? + "\n",
         OutputFormat::Table => table(&flows),
     })
+}
+
+/// Now in `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns` the entries carry.
+fn monotonic_now_ns() -> anyhow::Result<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(
+        u64::try_from(now.tv_sec()).unwrap_or_default() * 1_000_000_000
+            + u64::try_from(now.tv_nsec()).unwrap_or_default(),
+    )
+}
+
+/// Deletes the expired entries of `table` (pinned under `pin_dir`), as the datapath would
+/// on their next packet, so a table a flood filled holds no junk once the flood stops.
+/// Returns how many were deleted.
+///
+/// # Errors
+/// When the table is not pinned there or cannot be read.
+pub fn sweep(pin_dir: &Path, table: CtTable) -> anyhow::Result<usize> {
+    let data = MapData::from_pin(pin_dir.join(table.map_name()))?;
+    let mut map: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data))?;
+    let now = monotonic_now_ns()?;
+    let expired: Vec<CtKey> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| now.saturating_sub(v.last_seen_ns) > table.lifetime_ns(v.tcp_state))
+        .map(|(k, _)| k)
+        .collect();
+    Ok(expired.iter().filter(|k| map.remove(k).is_ok()).count())
+}
+
+/// Sweeps the half-open table every 5 s and the other table every minute, for ever: their
+/// entries live seconds and a minute; the established table's live hours and LRU eviction
+/// bounds it.
+pub async fn sweep_forever(pin_dir: std::path::PathBuf) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for round in 0u64.. {
+        tick.tick().await;
+        let tables: &[CtTable] = if round % 12 == 0 {
+            &[CtTable::HalfOpen, CtTable::Other]
+        } else {
+            &[CtTable::HalfOpen]
+        };
+        for &table in tables {
+            let dir = pin_dir.clone();
+            match tokio::task::spawn_blocking(move || sweep(&dir, table)).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => {
+                    tracing::debug!(table = table.map_name(), expired = n, "conntrack sweep")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(table = table.map_name(), error = %e, "conntrack sweep failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "conntrack sweep task failed"),
+            }
+        }
+    }
 }
 
 /// Every entry of the conntrack table `name` pinned under `pin_dir`.

@@ -310,6 +310,44 @@ pub const CT_TCP_LIFETIME_NS: u64 = 21_600 * 1_000_000_000;
 pub const CT_SYN_LIFETIME_NS: u64 = 10 * 1_000_000_000;
 /// Lifetime of a closing TCP connection (FIN from both sides, or RST), in nanoseconds.
 pub const CT_CLOSE_LIFETIME_NS: u64 = 10 * 1_000_000_000;
+/// The three conntrack tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtTable {
+    /// [`CT_TCP_MAP`]: TCP flows whose client completed the handshake.
+    Established,
+    /// [`CT_HALF_OPEN_MAP`]: TCP flows in their handshake.
+    HalfOpen,
+    /// [`CT_OTHER_MAP`]: every other protocol's flows.
+    Other,
+}
+
+impl CtTable {
+    /// How long an idle entry of this table in TCP state `tcp_state` lives, in
+    /// nanoseconds: the datapath and the agent's sweep apply the same rule.
+    #[must_use]
+    pub const fn lifetime_ns(self, tcp_state: u8) -> u64 {
+        let closing = tcp_state & CT_TCP_RST != 0
+            || tcp_state & (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY)
+                == (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY);
+        match self {
+            Self::Other => CT_UDP_LIFETIME_NS,
+            _ if closing => CT_CLOSE_LIFETIME_NS,
+            Self::HalfOpen => CT_SYN_LIFETIME_NS,
+            Self::Established => CT_TCP_LIFETIME_NS,
+        }
+    }
+
+    /// The table's map name.
+    #[must_use]
+    pub const fn map_name(self) -> &'static str {
+        match self {
+            Self::Established => CT_TCP_MAP,
+            Self::HalfOpen => CT_HALF_OPEN_MAP,
+            Self::Other => CT_OTHER_MAP,
+        }
+    }
+}
+
 /// Lifetime of an idle UDP flow, in nanoseconds.
 pub const CT_UDP_LIFETIME_NS: u64 = 60 * 1_000_000_000;
 

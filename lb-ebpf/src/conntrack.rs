@@ -11,9 +11,8 @@
 //! protocols (UDP) have their own table.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    CT_CLOSE_LIFETIME_NS, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CT_SYN_LIFETIME_NS,
-    CT_TCP_ESTABLISHED, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY, CT_TCP_LIFETIME_NS, CT_TCP_RST,
-    CT_TCP_SEEN_REPLY, CT_TCP_SYN, CT_UDP_LIFETIME_NS, Counter, CtKey, CtValue, PROTO_TCP,
+    CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CT_TCP_ESTABLISHED, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY,
+    CT_TCP_RST, CT_TCP_SEEN_REPLY, CT_TCP_SYN, Counter, CtKey, CtValue, PROTO_TCP,
 };
 
 use crate::{
@@ -23,35 +22,15 @@ use crate::{
 };
 
 /// The table an entry lives in.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Table {
-    /// TCP flows whose client completed the handshake.
-    Established,
-    /// TCP flows in their handshake.
-    HalfOpen,
-    /// Every other protocol's flows.
-    Other,
-}
+pub use lb_common::CtTable as Table;
 
-impl Table {
-    #[inline(always)]
-    fn map(self) -> &'static Conntrack {
-        match self {
-            Self::Established => &LB_CT_TCP,
-            Self::HalfOpen => &LB_CT_HALF_OPEN,
-            Self::Other => &LB_CT_OTHER,
-        }
-    }
-
-    /// How long an idle entry of this table in TCP `state` lives.
-    #[inline(always)]
-    fn lifetime(self, state: u8) -> u64 {
-        match self {
-            Self::Other => CT_UDP_LIFETIME_NS,
-            _ if is_closing(state) => CT_CLOSE_LIFETIME_NS,
-            Self::HalfOpen => CT_SYN_LIFETIME_NS,
-            Self::Established => CT_TCP_LIFETIME_NS,
-        }
+/// The map of `table`.
+#[inline(always)]
+fn map(table: Table) -> &'static Conntrack {
+    match table {
+        Table::Established => &LB_CT_TCP,
+        Table::HalfOpen => &LB_CT_HALF_OPEN,
+        Table::Other => &LB_CT_OTHER,
     }
 }
 
@@ -96,11 +75,11 @@ pub fn lookup(key: &CtKey, now: u64) -> Option<Entry> {
 
 #[inline(always)]
 fn lookup_in(table: Table, key: &CtKey, now: u64) -> Option<Entry> {
-    let value = table.map().get_ptr_mut(key)?;
+    let value = map(table).get_ptr_mut(key)?;
     // SAFETY: a map value pointer, valid for the run of the program.
     let (last_seen, state) = unsafe { ((*value).last_seen_ns, (*value).tcp_state) };
-    if now.saturating_sub(last_seen) > table.lifetime(state) {
-        let _ = table.map().remove(key);
+    if now.saturating_sub(last_seen) > table.lifetime_ns(state) {
+        let _ = map(table).remove(key);
         return None;
     }
     Some(Entry { value, table })
@@ -109,7 +88,7 @@ fn lookup_in(table: Table, key: &CtKey, now: u64) -> Option<Entry> {
 /// Deletes `key`'s entry from `table`.
 #[inline(always)]
 pub fn remove(key: &CtKey, table: Table) {
-    let _ = table.map().remove(key);
+    let _ = map(table).remove(key);
 }
 
 /// An RST, or a FIN from each side.
@@ -176,7 +155,7 @@ pub fn touch(entry: &mut Entry, key: &CtKey, packet: &Packet, dir: u8, now: u64)
     value.tcp_state |= bits;
     let state = value.tcp_state;
     let peer = peer_key(value, packet, dir);
-    let peer_value = entry.table.map().get_ptr_mut(&peer);
+    let peer_value = map(entry.table).get_ptr_mut(&peer);
     if let Some(other) = peer_value {
         // SAFETY: as above.
         unsafe { (*other).tcp_state |= state };
@@ -266,9 +245,9 @@ pub fn create(
     } else {
         Table::Other
     };
-    table.map().insert(reply_key, reply, reply_flags)?;
-    if let Err(e) = table.map().insert(orig_key, orig, 0) {
-        let _ = table.map().remove(reply_key);
+    map(table).insert(reply_key, reply, reply_flags)?;
+    if let Err(e) = map(table).insert(orig_key, orig, 0) {
+        let _ = map(table).remove(reply_key);
         return Err(e);
     }
     Ok(())

@@ -5,6 +5,7 @@
 //! Placement comes first, as with `lb-testkit`: `--cgroup` writes our pid to the cgroup (where
 //! the agent's socket programs apply), then `--netns` enters the network namespace only, so
 //! bpffs and the cgroup2 mount stay visible.
+mod flood;
 mod run;
 mod serve;
 mod summary;
@@ -40,6 +41,34 @@ enum Command {
     /// Run one workload for `--duration-ms` or `--count` operations, whichever ends first, and
     /// print a JSON summary on stdout.
     Run(RunArgs),
+    /// Send TCP SYNs from spoofed IPv4 sources (one per SYN, drawn from `--sources`) for
+    /// `--duration-ms` or `--count` SYNs, whichever ends first; print a JSON summary. For
+    /// test namespaces only: it needs CAP_NET_RAW.
+    SynFlood(FloodArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FloodArgs {
+    /// Where the SYNs go.
+    #[arg(long, value_name = "IPV4:PORT")]
+    target: std::net::SocketAddrV4,
+    /// The range of made-up source addresses, e.g. 198.18.0.0/15.
+    #[arg(long, value_name = "IPV4/PREFIX", value_parser = parse_prefix)]
+    sources: (std::net::Ipv4Addr, u8),
+    /// Stop after this many SYNs.
+    #[arg(long)]
+    count: u64,
+    /// Stop after this long.
+    #[arg(long, default_value_t = 10_000)]
+    duration_ms: u64,
+}
+
+fn parse_prefix(text: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (addr, len) = text.split_once('/').ok_or("expected IPV4/PREFIX")?;
+    Ok((
+        addr.parse().map_err(|e| format!("{addr}: {e}"))?,
+        len.parse().map_err(|e| format!("{len}: {e}"))?,
+    ))
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,6 +151,16 @@ fn start(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(args.tcp, args.udp, args.threads),
         Command::Run(args) => {
             let summary = run::run(&args)?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::SynFlood(args) => {
+            let summary = flood::run(
+                args.target,
+                args.sources,
+                args.count,
+                Duration::from_millis(args.duration_ms),
+            )?;
             println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }

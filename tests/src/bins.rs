@@ -14,6 +14,12 @@ pub fn testkit() -> PathBuf {
     locate("LB_TESTKIT_BIN", "lb-testkit")
 }
 
+/// `lb-loadgen`: `$LB_LOADGEN_BIN`, else the one built beside the running test binary, else
+/// `<workspace>/target/debug/lb-loadgen`.
+pub fn loadgen() -> PathBuf {
+    locate("LB_LOADGEN_BIN", "lb-loadgen")
+}
+
 fn locate(var: &str, name: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(var) {
         return PathBuf::from(path);

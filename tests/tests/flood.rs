@@ -1,0 +1,199 @@
+//! The tc datapath's conntrack under a spoofed SYN flood (issue 13): a flow counts as
+//! established only once its client completes the handshake, so a flood of SYNs from made-up
+//! sources fills only the half-open table; an established flow survives a flood of ten
+//! times the tables' size, new real connections still get through, and once the flood
+//! stops the junk is gone.
+//!
+//! The node's external device `ext0` (192.168.50.1) carries a NodePort; the external client
+//! namespace (192.168.50.2) opens a connection, then floods the NodePort with SYNs from
+//! 10.200.0.0/16, an address range nothing answers for, with `lb-loadgen syn-flood`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lb_tests::manifests::{endpoint_slice, service};
+use lb_tests::testkit::enter_netns;
+use lb_tests::{EXT_DEVICE, NODE_EXT_IP, TestEnv, bins, cmd, require_privileges};
+
+const APPLY: Duration = Duration::from_secs(10);
+const NODE_PORT: u16 = 30080;
+/// The tables, small so that ten times their size is a quick flood.
+const TABLE: u32 = 512;
+const HALF_OPEN_TABLE: u32 = 256;
+
+/// Echoes one line on a connection: what an established flow still does after the flood.
+fn echo(stream: &mut TcpStream, line: &str) -> std::io::Result<String> {
+    stream.write_all(line.as_bytes())?;
+    let mut buf = vec![0u8; line.len()];
+    stream.read_exact(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn entries(agent: &lb_tests::Agent, map: &str) -> u64 {
+    agent
+        .map_summary()
+        .expect("services --summary")
+        .iter()
+        .find(|m| m["name"] == map)
+        .and_then(|m| m["entries"].as_u64())
+        .unwrap_or_else(|| panic!("{map} in the summary"))
+}
+
+#[test]
+fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    // The backend: an echo server (it keeps idle connections open, unlike the HTTP one).
+    let web = env.topo.add_pod("web");
+    let mut echo_server = Command::new(bins::loadgen())
+        .args(["--netns", web.netns(), "serve", "--tcp", "8080"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("lb-loadgen serve");
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write(
+        "svc.yaml",
+        &service("echo", "10.96.0.10")
+            .type_("NodePort")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .yaml(),
+    );
+    env.manifests.write(
+        "slice.yaml",
+        &endpoint_slice("echo-1", "echo")
+            .port(None, 8080, "TCP")
+            .endpoint(web.ip(), true)
+            .yaml(),
+    );
+    let table = TABLE.to_string();
+    let half_open = HALF_OPEN_TABLE.to_string();
+    let mut agent = env.agent_with(&[
+        "--devices",
+        EXT_DEVICE,
+        "--max-conntrack",
+        &table,
+        "--max-conntrack-half-open",
+        &half_open,
+    ]);
+    agent.wait_for_frontend("0.0.0.0:30080", 1, APPLY);
+    let link = env
+        .pins
+        .path()
+        .join("links")
+        .join(format!("tc-ingress-{EXT_DEVICE}"));
+    let deadline = Instant::now() + APPLY;
+    while !link.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "tc programs attached within {APPLY:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // An established flow from outside, idle through the flood.
+    let target = format!("{NODE_EXT_IP}:{NODE_PORT}");
+    let netns = client.netns().to_owned();
+    let (to_flood, flooded) = std::sync::mpsc::channel::<()>();
+    let (established_tx, established) = std::sync::mpsc::channel::<()>();
+    let target_in = target.clone();
+    let kept = std::thread::spawn(move || {
+        enter_netns(&netns).expect("entering the client namespace");
+        let mut stream =
+            TcpStream::connect_timeout(&target_in.parse().unwrap(), Duration::from_secs(2))
+                .expect("connecting to the NodePort before the flood");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(echo(&mut stream, "before\n").unwrap(), "before\n");
+        established_tx.send(()).unwrap();
+        flooded.recv().unwrap();
+        echo(&mut stream, "after\n")
+    });
+    established
+        .recv()
+        .expect("the kept connection's first echo");
+    let flows = agent.conntrack();
+    assert!(
+        flows.iter().any(|f| f["state"] == "ESTABLISHED"),
+        "the kept connection is established once its handshake completed: {flows:?}"
+    );
+
+    // Ten times the established table's size (twenty times the half-open one's).
+    let count = (10 * TABLE).to_string();
+    let out = cmd::run(
+        &mut Command::new(bins::loadgen()).args([
+            "--netns",
+            client.netns(),
+            "syn-flood",
+            "--target",
+            &target,
+            "--sources",
+            "10.200.0.0/16",
+            "--count",
+            &count,
+            "--duration-ms",
+            "20000",
+        ]),
+        Duration::from_secs(30),
+    )
+    .expect("lb-loadgen syn-flood");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("flood summary");
+    assert_eq!(summary["sent"], 10 * u64::from(TABLE), "{summary}");
+
+    // The established flow survived, idle through the flood.
+    to_flood.send(()).unwrap();
+    let after = kept.join().expect("kept connection thread");
+    assert_eq!(
+        after.expect("the kept connection after the flood"),
+        "after\n"
+    );
+    // A new connection gets through while the half-open table is full of junk.
+    let netns = client.netns().to_owned();
+    let target_in = target.clone();
+    let fresh = std::thread::spawn(move || {
+        enter_netns(&netns).expect("entering the client namespace");
+        let mut stream =
+            TcpStream::connect_timeout(&target_in.parse().unwrap(), Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        echo(&mut stream, "fresh\n")
+    })
+    .join()
+    .expect("new connection thread");
+    assert_eq!(fresh.expect("a new connection after the flood"), "fresh\n");
+
+    // Only real flows ever entered the established table: the kept one and the new one,
+    // two entries each.
+    let established_entries = entries(&agent, "LB_CT_TCP");
+    assert!(
+        (2..=4).contains(&established_entries),
+        "LB_CT_TCP holds {established_entries} entries: only the two real flows'"
+    );
+    let counters = agent.counters().expect("counters");
+    assert!(
+        counters["tc_flows_started"] >= 10 * u64::from(TABLE),
+        "every SYN started a half-open flow: {counters:?}"
+    );
+    assert_eq!(counters["tc_flows_established"], 2, "{counters:?}");
+
+    // Once the flood stops, the junk expires (10 s idle) and the agent's sweep (every
+    // 5 s) removes it.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let junk = entries(&agent, "LB_CT_HALF_OPEN");
+        if junk == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "LB_CT_HALF_OPEN still holds {junk} entries 25 s after the flood"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    agent.assert_running();
+    let _ = echo_server.kill();
+    let _ = echo_server.wait();
+}
