@@ -125,7 +125,7 @@ fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
     // Ten times the established table's size (twenty times the half-open one's).
     let count = (10 * TABLE).to_string();
     let out = cmd::run(
-        &mut Command::new(bins::loadgen()).args([
+        Command::new(bins::loadgen()).args([
             "--netns",
             client.netns(),
             "syn-flood",
