@@ -197,3 +197,70 @@ fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
     let _ = echo_server.kill();
     let _ = echo_server.wait();
 }
+
+#[test]
+fn a_flood_to_a_service_without_endpoints_gets_icmp_replies_at_the_kernels_rate() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write(
+        "svc.yaml",
+        &service("empty", "10.96.0.11")
+            .type_("NodePort")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .yaml(),
+    );
+    let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
+    agent.wait_for_frontend("0.0.0.0:30080", 0, APPLY);
+    let link = env
+        .pins
+        .path()
+        .join("links")
+        .join(format!("tc-ingress-{EXT_DEVICE}"));
+    let deadline = Instant::now() + APPLY;
+    while !link.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "tc programs attached within {APPLY:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let target = format!("{NODE_EXT_IP}:{NODE_PORT}");
+    let sent: u64 = 20_000;
+    let out = cmd::run(
+        Command::new(bins::loadgen()).args([
+            "--netns",
+            client.netns(),
+            "syn-flood",
+            "--target",
+            &target,
+            "--sources",
+            "10.200.0.0/16",
+            "--count",
+            &sent.to_string(),
+            "--duration-ms",
+            "20000",
+        ]),
+        Duration::from_secs(30),
+    )
+    .expect("lb-loadgen syn-flood");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("flood summary");
+    let elapsed = summary["elapsed_s"].as_f64().expect("elapsed_s");
+    let counters = agent.counters().expect("counters");
+    assert_eq!(counters["no_endpoints"], sent, "{counters:?}");
+    // Each CPU answers a burst of 50, then 1,000 per second.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let most =
+        cpus * (lb_common::ICMP_BURST + (lb_common::ICMP_PER_SEC as f64 * elapsed) as u64 + 1);
+    let answered = sent - counters["icmp_rate_limited"];
+    assert!(
+        answered <= most,
+        "{answered} ICMP replies to {sent} SYNs in {elapsed:.2} s: at most {most} expected ({counters:?})"
+    );
+    assert!(
+        answered >= lb_common::ICMP_BURST,
+        "the burst is answered: {counters:?}"
+    );
+}
