@@ -1,7 +1,9 @@
-//! Packet parsing and rewriting for the tc datapath (IPv4 and IPv6 over Ethernet). Every
-//! access goes through `bpf_skb_load_bytes`/`bpf_skb_store_bytes`, so the verifier needs no
-//! packet pointer bounds; checksums are fixed incrementally, with the L4 checksum's own
-//! offset (never a port's offset) and the pseudo-header flag for addresses.
+//! Packet parsing and rewriting for the tc datapath (IPv4 and IPv6 over Ethernet). Headers
+//! are read straight from the packet's linear data (one bounds check, no helper call: every
+//! packet of the device runs this), or through `bpf_skb_load_bytes` when they are not all in
+//! the linear part; writes go through `bpf_skb_store_bytes`. Checksums are fixed
+//! incrementally, with the L4 checksum's own offset (never a port's offset) and the
+//! pseudo-header flag for addresses.
 //!
 //! Addresses are held as four network-order words whatever the family, IPv4 ones
 //! IPv4-mapped, as the conntrack map keys them.
@@ -26,6 +28,17 @@ const IP_MF_OFFSET: u16 = 0x3fff;
 
 /// An error of a helper that rewrote part of a packet: the packet must not go on.
 pub struct RewriteError;
+
+/// The `T` at `off` bytes into the packet data starting at `data`.
+///
+/// # Safety
+/// `data + off + size_of::<T>()` must not pass the packet's `data_end`, checked by the
+/// caller where the verifier sees it.
+#[inline(always)]
+unsafe fn read_at<T: Copy>(data: usize, off: usize) -> T {
+    // SAFETY: in bounds by the caller's check; packet headers are not aligned.
+    unsafe { core::ptr::read_unaligned((data + off) as *const T) }
+}
 
 /// The 5-tuple of a TCP or UDP packet and where its L4 header is.
 #[derive(Clone, Copy)]
@@ -64,6 +77,97 @@ impl Packet {
     /// packets with extension headers before TCP/UDP (they pass untranslated too).
     #[inline(always)]
     pub fn parse(ctx: &TcContext) -> Option<Self> {
+        let packet = Self::parse_linear(ctx);
+        // Headers may lie beyond the linear data only when there is data beyond it.
+        if packet.is_none() && ctx.data() + ctx.len() as usize > ctx.data_end() {
+            return Self::parse_loaded(ctx);
+        }
+        packet
+    }
+
+    /// [`Packet::parse`] from the linear data: `None` also when the headers are not all in
+    /// it.
+    #[inline(always)]
+    fn parse_linear(ctx: &TcContext) -> Option<Self> {
+        let data = ctx.data();
+        let end = ctx.data_end();
+        // The Ethernet header and a fixed IPv4 header (an IPv6 one is checked below).
+        if data + ETH_HLEN + 20 > end {
+            return None;
+        }
+        // SAFETY (every read below): within [data, end), checked before the read.
+        let ether_type = u16::from_be(unsafe { read_at::<u16>(data, 12) });
+        let (proto, l4_off, saddr, daddr, v6) = match ether_type {
+            ETH_P_IP => {
+                let version_ihl: u8 = unsafe { read_at(data, ETH_HLEN) };
+                let ihl = usize::from(version_ihl & 0x0f);
+                if version_ihl >> 4 != 4 || ihl < 5 {
+                    return None;
+                }
+                let frag = u16::from_be(unsafe { read_at::<u16>(data, ETH_HLEN + 6) });
+                if frag & IP_MF_OFFSET != 0 {
+                    return None;
+                }
+                (
+                    unsafe { read_at::<u8>(data, ETH_HLEN + 9) },
+                    ETH_HLEN + ihl * 4,
+                    to_v4_mapped(unsafe { read_at(data, IP_SRC_OFF) }),
+                    to_v4_mapped(unsafe { read_at(data, IP_DST_OFF) }),
+                    false,
+                )
+            }
+            ETH_P_IPV6 => {
+                if data + ETH_HLEN + IP6_HLEN > end {
+                    return None;
+                }
+                let version: u8 = unsafe { read_at(data, ETH_HLEN) };
+                if version >> 4 != 6 {
+                    return None;
+                }
+                (
+                    unsafe { read_at::<u8>(data, ETH_HLEN + 6) },
+                    ETH_HLEN + IP6_HLEN,
+                    unsafe { read_at(data, IP6_SRC_OFF) },
+                    unsafe { read_at(data, IP6_DST_OFF) },
+                    true,
+                )
+            }
+            _ => return None,
+        };
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return None;
+        }
+        // The ports, and the TCP flags 13 bytes into the header: checked and read through
+        // one pointer, so the verifier knows each read is within what was checked.
+        let l4 = data + l4_off;
+        if l4 + 4 > end {
+            return None;
+        }
+        let tcp_flags = if proto == PROTO_TCP {
+            if l4 + 14 > end {
+                return None;
+            }
+            unsafe { read_at::<u8>(l4, 13) }
+        } else {
+            0
+        };
+        Some(Self {
+            saddr,
+            daddr,
+            sport: unsafe { read_at(l4, 0) },
+            dport: unsafe { read_at(l4, 2) },
+            proto,
+            tcp_flags,
+            v6,
+            l4_off,
+        })
+    }
+
+    /// [`Packet::parse`] through `bpf_skb_load_bytes`, for headers beyond the linear data.
+    /// (Inlined: as a BPF function its `Option<Packet>` result would put a Rust enum's
+    /// union, with its tag at a non-zero offset, into the BTF, which the kernel refuses.)
+    #[inline(always)]
+    fn parse_loaded(ctx: &TcContext) -> Option<Self> {
         match u16::from_be(ctx.load::<u16>(12).ok()?) {
             ETH_P_IP => Self::parse4(ctx),
             ETH_P_IPV6 => Self::parse6(ctx),
