@@ -383,7 +383,7 @@ fn setup(out: &mut String, outcome: &Outcome) {
                  namespace with its own maps and no socket programs, started after the socket \
                  LB's on the same manifests. Its tc programs sit on the client pod's veth only: \
                  `lb_tc_from_pod` (the veth's ingress) translates every packet the client sends \
-                 to the ClusterIP, with a BPF conntrack entry per flow (`LB_CT`), and \
+                 to the ClusterIP, with BPF conntrack entries per flow (`LB_CT_*`), and \
                  `lb_tc_egress` gives the replies the ClusterIP back on their way into the pod. \
                  The translated packets are routed by the node (`net.ipv4.ip_forward=1`) from \
                  the bridge back onto it. The client is in no agent's cgroup, so nothing \
