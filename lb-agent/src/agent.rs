@@ -21,6 +21,7 @@ use crate::{
     health::HealthServers,
     loader,
     maps::{LbMaps, writer::MapWriter},
+    metrics::Metrics,
     ownership::{ExternalIpCidrs, NodePortAddresses},
     proxy_health::{self, ProxyHealth},
     reconcile::{Reconciler, SyncKind},
@@ -54,6 +55,8 @@ pub struct RunConfig {
     /// Where to serve kube-proxy's `/healthz` and `/livez`, if anywhere (an unspecified
     /// address: both families).
     pub healthz_addr: Option<SocketAddr>,
+    /// Where to serve `/metrics`, if anywhere (an unspecified address: both families).
+    pub metrics_addr: Option<SocketAddr>,
     /// This node's name (for the node-local traffic policies).
     pub node_name: Option<String>,
     /// External devices for the tc datapath (empty: detected, see [`devices::resolve`]).
@@ -88,6 +91,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let metrics = Arc::new(Metrics::new());
+    let metrics_servers = match config.metrics_addr {
+        Some(addr) => crate::metrics::serve(addr, Arc::clone(&metrics))
+            .with_context(|| format!("binding the metrics address {addr}"))?,
+        None => Vec::new(),
+    };
+    let pin_dir = config.pin_dir.clone();
+    metrics.set_fill_reader(Arc::new(move || crate::summary::readable_fills(&pin_dir)));
     let health = Arc::new(ProxyHealth::default());
     let healthz = match config.healthz_addr {
         Some(addr) => proxy_health::serve(addr, Arc::clone(&health))
@@ -116,6 +127,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         Arc::clone(&health),
     );
     reconciler.set_stale_cleanup(config.pin_dir.clone());
+    reconciler.set_metrics(metrics);
     let pods = config
         .socket_lb
         .per_packet_for_pods()
@@ -154,6 +166,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         task.abort();
     }
     healthz.iter().for_each(tokio::task::JoinHandle::abort);
+    metrics_servers
+        .iter()
+        .for_each(tokio::task::JoinHandle::abort);
     result?;
     info!("exiting; programs stay attached and maps pinned (`lb-agent cleanup` removes them)");
     Ok(())
@@ -269,9 +284,11 @@ async fn run_kube<M: LbMaps>(
         };
         let started = Instant::now();
         reconciler.queued(started);
+        observe(&first, reconciler.metrics());
         applier.convert(first, |change| reconciler.apply(change));
         // Take what else is already queued: one write pass for a burst of events.
         while let Ok(update) = updates.try_recv() {
+            observe(&update, reconciler.metrics());
             applier.convert(update, |change| reconciler.apply(change));
         }
         if !applier.initial_lists_done() {
@@ -290,6 +307,13 @@ async fn run_kube<M: LbMaps>(
             true => reconciler.sync_or_log(SyncKind::Changes, started),
         }
         reconciler.update_health(&mut health).await;
+    }
+}
+
+/// Counts a failed watch (it restarts with backoff).
+fn observe(update: &kube_source::Update, metrics: &Metrics) {
+    if let kube_source::Update::Error { resource, .. } = update {
+        metrics.watch_restarted(resource.name());
     }
 }
 

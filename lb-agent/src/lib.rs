@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod listen;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod mounts;
 pub mod netlink;

@@ -122,6 +122,18 @@ enum Command {
             default_value = "0.0.0.0:10256"
         )]
         healthz_bind_address: BindAddress,
+        /// Address of the Prometheus metrics server (`/metrics`), kube-proxy's default:
+        /// kube-proxy's `kubeproxy_sync_proxy_rules_*` and
+        /// `kubeproxy_network_programming_duration_seconds`, and lb's `lb_*` (map fill,
+        /// rejected objects, watch restarts and relists). An unspecified IP listens on IPv4
+        /// and IPv6; empty disables it.
+        #[arg(
+            long,
+            env = "LB_METRICS_BIND_ADDRESS",
+            value_name = "IP:PORT",
+            default_value = "127.0.0.1:10249"
+        )]
+        metrics_bind_address: BindAddress,
         #[command(flatten)]
         pins: PinArgs,
         #[command(flatten)]
@@ -278,6 +290,7 @@ fn main() -> anyhow::Result<()> {
             nodeport_addresses,
             external_ip_cidrs,
             healthz_bind_address,
+            metrics_bind_address,
             sizes,
             pins,
             api,
@@ -300,6 +313,7 @@ fn main() -> anyhow::Result<()> {
                 pin_dir: pins.bpf_pin_path,
                 api_addr: api.api_addr,
                 healthz_addr: healthz_bind_address.0,
+                metrics_addr: metrics_bind_address.0,
                 devices,
                 socket_lb,
                 pod_devices,

@@ -529,6 +529,34 @@ impl ClusterState {
         checks
     }
 
+    /// The objects not (wholly) programmed, with why: `invalid` (a field that cannot be
+    /// programmed) or `address_conflict` (an address another Service holds, or refused).
+    #[must_use]
+    pub fn rejected(&self) -> Vec<(Kind, &'static str, ObjectRef)> {
+        let mut rejected: Vec<(Kind, &'static str, ObjectRef)> = self
+            .object_problems
+            .keys()
+            .map(|(kind, id)| (*kind, "invalid", id.clone()))
+            .collect();
+        rejected.extend(
+            self.with_problems
+                .iter()
+                .filter(|id| {
+                    self.services
+                        .get(*id)
+                        .is_some_and(|s| !s.problems.is_empty())
+                })
+                .map(|id| (Kind::Service, "invalid", id.clone())),
+        );
+        rejected.extend(
+            self.losers
+                .values()
+                .flatten()
+                .map(|l| (Kind::Service, "address_conflict", l.service.clone())),
+        );
+        rejected
+    }
+
     /// Every Service or port left alone on purpose, sorted.
     #[must_use]
     pub fn skipped(&self) -> Vec<Skipped> {

@@ -51,6 +51,20 @@ pub fn summary(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
     })
 }
 
+/// The fill of every map pinned under `pin_dir` that can be read (for `/metrics`; a map
+/// that cannot is left out and logged at debug level).
+#[must_use]
+pub fn readable_fills(pin_dir: &Path) -> Vec<MapFill> {
+    PINNED_MAPS
+        .iter()
+        .filter_map(|spec| {
+            fill(spec.name, &pin_dir.join(spec.name))
+                .inspect_err(|e| tracing::debug!(map = spec.name, error = %e, "map fill unread"))
+                .ok()
+        })
+        .collect()
+}
+
 fn table(fills: &[MapFill]) -> String {
     let mut out = format!(
         "{:<20} {:>10} {:>10} {:>6} {:>10}\n",

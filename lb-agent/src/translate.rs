@@ -683,11 +683,17 @@ fn source_ranges(
 pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
 /// The deprecated form of [`TOPOLOGY_MODE_ANNOTATION`].
 pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
-/// Every annotation the translation reads: a source may drop all others.
-pub const READ_ANNOTATIONS: [&str; 3] = [
+/// When the EndpointSlice controller saw the change a slice reflects (RFC 3339): the start
+/// of the network programming latency.
+pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
+    "endpoints.kubernetes.io/last-change-trigger-time";
+/// Every annotation the agent reads (the translation, and the metrics'
+/// [`LAST_CHANGE_TRIGGER_TIME_ANNOTATION`]): a source may drop all others.
+pub const READ_ANNOTATIONS: [&str; 4] = [
     SOURCE_RANGES_ANNOTATION,
     TOPOLOGY_MODE_ANNOTATION,
     TOPOLOGY_HINTS_ANNOTATION,
+    LAST_CHANGE_TRIGGER_TIME_ANNOTATION,
 ];
 
 /// Which hints the EndpointSlice controller puts on a Service's endpoints.
