@@ -24,8 +24,10 @@ use crate::{
     metrics::Metrics,
     ownership::{ExternalIpCidrs, NodePortAddresses},
     proxy_health::{self, ProxyHealth},
+    readiness::Readiness,
     reconcile::{Reconciler, SyncKind},
     source::{
+        change::Kind,
         kube as kube_source,
         manifests::{self, ManifestDir},
     },
@@ -55,6 +57,8 @@ pub struct RunConfig {
     /// Where to serve kube-proxy's `/healthz` and `/livez`, if anywhere (an unspecified
     /// address: both families).
     pub healthz_addr: Option<SocketAddr>,
+    /// How long the API watch may fail before `/readyz` says the datapath is stale.
+    pub readyz_stale_after: Duration,
     /// Where to serve `/metrics`, if anywhere (an unspecified address: both families).
     pub metrics_addr: Option<SocketAddr>,
     /// This node's name (for the node-local traffic policies).
@@ -81,6 +85,9 @@ pub struct RunConfig {
 /// When the datapath cannot be loaded or attached, or the source cannot be set up.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let status = SharedStatus::default();
+    if let Ok(mut status) = status.write() {
+        status.readiness = Arc::new(Readiness::new(config.readyz_stale_after));
+    }
     let api = match config.api_addr {
         Some(addr) => {
             // Bind before anything else, so a taken port fails the start-up loudly.
@@ -284,11 +291,12 @@ async fn run_kube<M: LbMaps>(
         };
         let started = Instant::now();
         reconciler.queued(started);
-        observe(&first, reconciler.metrics());
+        let readiness = api::readiness(&datapath.status);
+        observe(&first, reconciler.metrics(), &readiness);
         applier.convert(first, |change| reconciler.apply(change));
         // Take what else is already queued: one write pass for a burst of events.
         while let Ok(update) = updates.try_recv() {
-            observe(&update, reconciler.metrics());
+            observe(&update, reconciler.metrics(), &readiness);
             applier.convert(update, |change| reconciler.apply(change));
         }
         if !applier.initial_lists_done() {
@@ -310,11 +318,20 @@ async fn run_kube<M: LbMaps>(
     }
 }
 
-/// Counts a failed watch (it restarts with backoff).
-fn observe(update: &kube_source::Update, metrics: &Metrics) {
-    if let kube_source::Update::Error { resource, .. } = update {
-        metrics.watch_restarted(resource.name());
-    }
+/// Notes whether the watches work: an error counts a restart (it retries with backoff)
+/// and may make the datapath stale; any event says the watch works.
+fn observe(update: &kube_source::Update, metrics: &Metrics, readiness: &Readiness) {
+    let resource = match update {
+        kube_source::Update::Error { resource, .. } => {
+            metrics.watch_restarted(resource.name());
+            readiness.watch_failed(resource.name(), Instant::now());
+            return;
+        }
+        kube_source::Update::Service(_) => Kind::Service,
+        kube_source::Update::Slice(_) => Kind::EndpointSlice,
+        kube_source::Update::Node(_) => Kind::Node,
+    };
+    readiness.watch_succeeded(resource.name());
 }
 
 /// The loaded programs and the node's devices: what attaching the programs, and keeping
@@ -342,9 +359,7 @@ impl Datapath<'_> {
         }
         self.attach_tc()?;
         self.attached = true;
-        if let Ok(mut status) = self.status.write() {
-            status.ready = true;
-        }
+        api::readiness(&self.status).attached();
         info!("ready");
         Ok(())
     }

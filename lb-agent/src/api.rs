@@ -1,5 +1,5 @@
 //! The agent's HTTP endpoint (`--api-addr`): `/healthz` (the process serves), `/readyz`
-//! (the datapath is attached and the first sync done), and `/v1/frontends`, the desired
+//! (the datapath is attached and current, see [`crate::readiness`]), and `/v1/frontends`, the desired
 //! state with what the maps cannot hold: Service and port names, where each endpoint came
 //! from, its node and zone. `lb-agent services --api-addr` merges it into its listing.
 use std::{
@@ -12,7 +12,10 @@ use std::{
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DesiredState, EndpointInfo};
+use crate::{
+    model::{DesiredState, EndpointInfo},
+    readiness::Readiness,
+};
 
 /// A frontend as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -42,7 +45,8 @@ pub struct BackendView {
 /// What the agent publishes.
 #[derive(Debug, Default)]
 pub struct Status {
-    pub ready: bool,
+    /// Whether the datapath is attached and current.
+    pub readiness: Arc<Readiness>,
     /// The desired state, kept up to date frontend by frontend.
     pub desired: DesiredState,
 }
@@ -96,13 +100,25 @@ pub async fn serve(listener: tokio::net::TcpListener, status: SharedStatus) -> s
     axum::serve(listener, app).await
 }
 
-async fn readyz(State(status): State<SharedStatus>) -> (StatusCode, &'static str) {
-    let ready = status.read().is_ok_and(|s| s.ready);
-    if ready {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+async fn readyz(State(status): State<SharedStatus>) -> (StatusCode, String) {
+    let readiness = status.read().map(|s| Arc::clone(&s.readiness));
+    match readiness.map(|r| r.check(std::time::Instant::now())) {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".into()),
+        Ok(Err(why)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
     }
+}
+
+/// The readiness that `status` publishes.
+#[must_use]
+pub fn readiness(status: &SharedStatus) -> Arc<Readiness> {
+    status
+        .read()
+        .map(|s| Arc::clone(&s.readiness))
+        .unwrap_or_default()
 }
 
 async fn frontends(State(status): State<SharedStatus>) -> Json<Vec<FrontendView>> {

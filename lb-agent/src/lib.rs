@@ -22,6 +22,7 @@ pub mod netlink;
 pub mod node;
 pub mod ownership;
 pub mod proxy_health;
+pub mod readiness;
 pub mod reconcile;
 pub mod small_set;
 pub mod source;

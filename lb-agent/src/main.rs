@@ -134,6 +134,16 @@ enum Command {
             default_value = "127.0.0.1:10249"
         )]
         metrics_bind_address: BindAddress,
+        /// Seconds the API watch may keep failing before /readyz (on --api-addr) answers
+        /// 503: the maps may then miss changes. Ready again once the watch works.
+        /// Failing map writes make it 503 at once.
+        #[arg(
+            long,
+            env = "LB_READYZ_STALE_AFTER",
+            value_name = "SECONDS",
+            default_value_t = lb_agent::readiness::DEFAULT_STALE_AFTER.as_secs()
+        )]
+        readyz_stale_after: u64,
         #[command(flatten)]
         pins: PinArgs,
         #[command(flatten)]
@@ -291,6 +301,7 @@ fn main() -> anyhow::Result<()> {
             external_ip_cidrs,
             healthz_bind_address,
             metrics_bind_address,
+            readyz_stale_after,
             sizes,
             pins,
             api,
@@ -314,6 +325,7 @@ fn main() -> anyhow::Result<()> {
                 api_addr: api.api_addr,
                 healthz_addr: healthz_bind_address.0,
                 metrics_addr: metrics_bind_address.0,
+                readyz_stale_after: std::time::Duration::from_secs(readyz_stale_after),
                 devices,
                 socket_lb,
                 pod_devices,

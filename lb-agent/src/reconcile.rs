@@ -351,6 +351,7 @@ impl<M: LbMaps> Reconciler<M> {
                 // next sync a full one from what is really there.
                 self.full_pending = true;
                 self.metrics.map_write_failures.inc();
+                crate::api::readiness(&self.status).write_failed(Instant::now());
                 if let Err(read) = self.writer.readopt() {
                     error!(error = %read, "reading the maps back failed");
                 }
@@ -361,6 +362,7 @@ impl<M: LbMaps> Reconciler<M> {
         self.full_pending = false;
         self.health.updated(Now::current());
         self.synced(sync_started);
+        crate::api::readiness(&self.status).write_succeeded();
         self.end_stale_udp();
         let elapsed_us = started.elapsed().as_micros();
         if stats.is_noop() {
