@@ -85,8 +85,10 @@ pub struct RunConfig {
 /// When the datapath cannot be loaded or attached, or the source cannot be set up.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let status = SharedStatus::default();
+    let (explain_tx, queries) = tokio::sync::mpsc::channel(16);
     if let Ok(mut status) = status.write() {
         status.readiness = Arc::new(Readiness::new(config.readyz_stale_after));
+        status.explain = Some(explain_tx);
     }
     let api = match config.api_addr {
         Some(addr) => {
@@ -159,6 +161,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         status: status.clone(),
         attached: false,
         tc_links: std::collections::BTreeSet::new(),
+        queries,
     };
     let result = match &config.source {
         SourceConfig::Manifests(dir) => run_manifests(dir, &mut reconciler, &mut datapath).await,
@@ -233,6 +236,10 @@ async fn run_manifests<M: LbMaps>(
         let changed = tokio::select! {
             Some(changed) = changes.next() => changed,
             _ = rescan.tick() => manifests::Changed::Everything,
+            Some(query) = datapath.queries.recv() => {
+                query.answer(reconciler.state());
+                continue;
+            }
             () = datapath.node.changed() => {
                 datapath.refresh();
                 // An external IP on a node address may yield to a NodePort, or take it.
@@ -279,6 +286,10 @@ async fn run_kube<M: LbMaps>(
     loop {
         let first = tokio::select! {
             update = updates.recv() => update.context("the watches ended")?,
+            Some(query) = datapath.queries.recv() => {
+                query.answer(reconciler.state());
+                continue;
+            }
             () = datapath.node.changed() => {
                 datapath.refresh();
                 reconciler.set_node_addresses(datapath.node.node_addresses());
@@ -345,6 +356,8 @@ struct Datapath<'a> {
     attached: bool,
     /// The tc links this agent attached (their pin names).
     tc_links: std::collections::BTreeSet<String>,
+    /// `/v1/explain` questions, answered from the model between changes.
+    queries: tokio::sync::mpsc::Receiver<crate::explain::Query>,
 }
 
 impl Datapath<'_> {

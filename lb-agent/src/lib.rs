@@ -10,6 +10,7 @@ pub mod api;
 pub mod categorize;
 pub mod conntrack;
 pub mod devices;
+pub mod explain;
 pub mod health;
 pub mod inspect;
 pub mod listen;

@@ -173,6 +173,29 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t)]
         output: inspect::OutputFormat,
     },
+    /// Explain what the datapath does for a frontend and a client, and why.
+    ///
+    /// Each entry for ADDR:PORT/PROTO (a NodePort on a node address too): the clients it
+    /// serves, the outcome (a backend at random, affinity, refused without endpoints,
+    /// dropped by a Local policy or source ranges), the entry as the pinned maps hold it,
+    /// the policies that applied, each backend with state, node and zone, and the objects
+    /// that produced it (Service and EndpointSlices with resourceVersions) with when it
+    /// was written. Needs the agent's --api-addr.
+    Explain {
+        /// The frontend: ADDR:PORT[/TCP|/UDP] ([ADDR]:PORT for IPv6; TCP by default).
+        #[arg(value_name = "ADDR:PORT[/PROTO]")]
+        target: lb_agent::explain::Target,
+        /// The client's address (for loadBalancerSourceRanges).
+        #[arg(long, value_name = "CLIENT")]
+        from: Option<std::net::IpAddr>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: inspect::OutputFormat,
+        #[command(flatten)]
+        pins: PinArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Detach the programs and remove the maps and every pin under --bpf-pin-path.
     ///
     /// Stop the agent first: Services are no longer translated afterwards.
@@ -358,6 +381,19 @@ fn main() -> anyhow::Result<()> {
             print!(
                 "{}",
                 inspect::services(&pins.bpf_pin_path, output, api.api_addr)?
+            );
+            Ok(())
+        }
+        Command::Explain {
+            target,
+            from,
+            output,
+            pins,
+            api,
+        } => {
+            print!(
+                "{}",
+                inspect::explain(&pins.bpf_pin_path, api.api_addr, target, from, output)?
             );
             Ok(())
         }

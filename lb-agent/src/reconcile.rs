@@ -358,6 +358,8 @@ impl<M: LbMaps> Reconciler<M> {
                 return Err(SyncError(e));
             }
         };
+        let written: Vec<L4Addr> = self.pending.iter().copied().collect();
+        self.mark_written(&written);
         self.pending.clear();
         self.full_pending = false;
         self.health.updated(Now::current());
@@ -382,6 +384,21 @@ impl<M: LbMaps> Reconciler<M> {
         self.map_problems = self.refused_problems();
         self.report();
         Ok(())
+    }
+
+    /// Stamps the Services whose frontends were just written (for `explain`).
+    fn mark_written(&mut self, changed: &[L4Addr]) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        let services: BTreeSet<ObjectRef> = changed
+            .iter()
+            .filter_map(|a| self.state.desired().get(a))
+            .map(|f| f.service.clone())
+            .collect();
+        for service in &services {
+            self.state.mark_written(service, now);
+        }
     }
 
     /// Ends the UDP traffic pinned to the backends the last write removed.
