@@ -101,7 +101,7 @@ pub async fn serve(listener: tokio::net::TcpListener, status: SharedStatus) -> s
         .route("/v1/explain", get(explain_handler))
         .with_state(status);
     tracing::info!(addr = %listener.local_addr()?, "API listening");
-    axum::serve(listener, app).await
+    crate::listen::serve_http(listener, app).await
 }
 
 async fn readyz(State(status): State<SharedStatus>) -> (StatusCode, String) {

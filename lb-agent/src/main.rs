@@ -196,9 +196,11 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Detach the programs and remove the maps and every pin under --bpf-pin-path.
+    /// Detach the programs and remove the maps the agent pinned under --bpf-pin-path.
     ///
-    /// Stop the agent first: Services are no longer translated afterwards.
+    /// Only the names the agent pins are removed (anything else there is left, and
+    /// listed); the directory goes when that empties it. Stop the agent first: Services
+    /// are no longer translated afterwards.
     Cleanup {
         #[command(flatten)]
         pins: PinArgs,
@@ -410,6 +412,9 @@ fn main() -> anyhow::Result<()> {
                 report.maps_removed.len(),
                 pins.bpf_pin_path.display()
             );
+            for path in &report.left {
+                println!("left {} (not a name lb-agent pins)", path.display());
+            }
             Ok(())
         }
     }

@@ -318,7 +318,7 @@ pub fn serve(
                 if let Ok(addr) = listener.local_addr() {
                     tracing::info!(%addr, "metrics listening");
                 }
-                if let Err(e) = axum::serve(listener, app).await {
+                if let Err(e) = crate::listen::serve_http(listener, app).await {
                     tracing::warn!(error = %e, "metrics server failed");
                 }
             })

@@ -4,10 +4,10 @@
 //! failed — and ready again once that is over. (`/healthz` stays about the process.)
 //!
 //! A watch that fails is retried by kube-rs with a growing backoff (0.8 s, 1.6 s, 3.2 s …
-//! up to 30 s, with jitter), each failed try reporting an error and a successful one
-//! reporting nothing until an event comes. So a failure streak ends at the first event, or
-//! once no error has followed the last one for well over the gap the backoff had reached
-//! ([`Streak::is_over`]).
+//! up to 30 s, each with up to as much again of jitter), each failed try reporting an
+//! error and a successful one reporting nothing until an event comes. So a failure streak
+//! ends at the first event, or once no error has followed the last one for longer than the
+//! next retry can take ([`Streak::is_over`]).
 use std::{
     sync::Mutex,
     time::{Duration, Instant},
@@ -18,8 +18,11 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(30);
 
 /// The shortest quiet time after an error that ends a streak.
 const MIN_QUIET: Duration = Duration::from_secs(2);
-/// The longest: kube-rs's largest backoff (30 s) and its jitter.
-const MAX_QUIET: Duration = Duration::from_secs(40);
+/// The longest: kube-rs's largest backoff (30 s) and its jitter (as much again).
+const MAX_QUIET: Duration = Duration::from_secs(65);
+/// The next gap is at most 4 times the last: twice the delay, each with up to as much
+/// again of jitter.
+const QUIET_PER_GAP: f64 = 4.5;
 
 /// Consecutive watch failures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,10 +34,9 @@ struct Streak {
 }
 
 impl Streak {
-    /// No error for 2.5 times the last gap (the backoff doubles, with jitter): the retry
-    /// after it succeeded.
+    /// No error for longer than the next retry can take: it succeeded.
     fn is_over(&self, now: Instant) -> bool {
-        let quiet = self.gap.mul_f64(2.5).clamp(MIN_QUIET, MAX_QUIET);
+        let quiet = self.gap.mul_f64(QUIET_PER_GAP).clamp(MIN_QUIET, MAX_QUIET);
         now.saturating_duration_since(self.last) > quiet
     }
 }
@@ -200,7 +202,7 @@ mod tests {
         assert_eq!(readiness.check(t), Ok(()));
 
         // Again, and this time the errors just stop (the last at 5.6 s, 3.2 s after the one
-        // before): 2.5 times that gap without an error ends the streak.
+        // before): 4.5 times that gap without an error ends the streak.
         let t1 = t + 100 * S;
         let mut t = t1;
         let mut gap = Duration::from_millis(800);
@@ -210,7 +212,7 @@ mod tests {
             gap *= 2;
         }
         let last = t - gap / 2;
-        assert!(readiness.check(last + 7 * S).is_err());
-        assert_eq!(readiness.check(last + 9 * S), Ok(()));
+        assert!(readiness.check(last + 14 * S).is_err());
+        assert_eq!(readiness.check(last + 15 * S), Ok(()));
     }
 }
