@@ -100,7 +100,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_program_stats(config.pin_dir.clone()));
     let metrics_servers = match config.metrics_addr {
         Some(addr) => crate::metrics::serve(addr, Arc::clone(&metrics))
             .with_context(|| format!("binding the metrics address {addr}"))?,

@@ -22,6 +22,7 @@ pub mod mounts;
 pub mod netlink;
 pub mod node;
 pub mod ownership;
+pub mod prog_stats;
 pub mod proxy_health;
 pub mod readiness;
 pub mod reconcile;

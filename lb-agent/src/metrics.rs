@@ -214,6 +214,19 @@ impl Metrics {
         }
     }
 
+    /// Every metric, and the run count and time of the programs linked under `pin_dir`
+    /// (read at scrape time).
+    #[must_use]
+    pub fn with_program_stats(pin_dir: std::path::PathBuf) -> Self {
+        let mut metrics = Self::new();
+        metrics
+            .registry
+            .register_collector(Box::new(crate::prog_stats::ProgramStatsCollector {
+                pin_dir,
+            }));
+        metrics
+    }
+
     /// Exports the map fills `read` gives, read at scrape time.
     pub fn set_fill_reader(&self, read: FillReader) {
         if let Ok(mut fills) = self.fills.write() {

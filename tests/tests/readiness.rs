@@ -83,6 +83,29 @@ fn readyz_is_false_while_the_api_server_is_gone_longer_than_the_threshold() {
         .is_some_and(|t| t > 1.0e9),
         "a sync has succeeded"
     );
+    // Each attached socket program's counters (zero unless kernel.bpf_stats_enabled is on).
+    for program in ["lb_connect4", "lb_sock_release", "lb_getpeername6"] {
+        let runs = sample(
+            &metrics,
+            "lb_bpf_program_runs_total",
+            Some(("program", program)),
+        );
+        let time = sample(
+            &metrics,
+            "lb_bpf_program_run_seconds_total",
+            Some(("program", program)),
+        );
+        assert!(
+            runs.is_some() && time.is_some(),
+            "{program}'s run counters: {:?}",
+            metrics
+                .samples
+                .iter()
+                .map(|s| &s.metric)
+                .collect::<Vec<_>>()
+        );
+    }
+    assert!(sample(&metrics, "lb_bpf_stats_enabled", None).is_some());
 
     // The API server goes away: still ready within the threshold, not ready after it.
     api.api().set_unavailable(true);
