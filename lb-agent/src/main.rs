@@ -209,9 +209,10 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ApiArgs {
-    /// Address of the agent's HTTP API: `run` serves /healthz, /readyz and /v1/frontends
-    /// there; `services` asks it for Service and port names and endpoint sources.
-    /// Unset: no API (and `services` shows only what the maps hold).
+    /// Address of the agent's HTTP API: `run` serves /healthz, /readyz, /v1/frontends and
+    /// /v1/explain there; `services` asks it for Service and port names and endpoint
+    /// sources, `explain` for its explanation. Unset: no API (and `services` shows only
+    /// what the maps hold).
     #[arg(long, env = "LB_API_ADDR", value_name = "IP:PORT")]
     api_addr: Option<std::net::SocketAddr>,
 }
