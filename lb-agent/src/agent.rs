@@ -21,10 +21,13 @@ use crate::{
     health::HealthServers,
     loader,
     maps::{LbMaps, writer::MapWriter},
+    metrics::Metrics,
     ownership::{ExternalIpCidrs, NodePortAddresses},
     proxy_health::{self, ProxyHealth},
+    readiness::Readiness,
     reconcile::{Reconciler, SyncKind},
     source::{
+        change::Kind,
         kube as kube_source,
         manifests::{self, ManifestDir},
     },
@@ -54,6 +57,10 @@ pub struct RunConfig {
     /// Where to serve kube-proxy's `/healthz` and `/livez`, if anywhere (an unspecified
     /// address: both families).
     pub healthz_addr: Option<SocketAddr>,
+    /// How long the API watch may fail before `/readyz` says the datapath is stale.
+    pub readyz_stale_after: Duration,
+    /// Where to serve `/metrics`, if anywhere (an unspecified address: both families).
+    pub metrics_addr: Option<SocketAddr>,
     /// This node's name (for the node-local traffic policies).
     pub node_name: Option<String>,
     /// External devices for the tc datapath (empty: detected, see [`devices::resolve`]).
@@ -78,6 +85,11 @@ pub struct RunConfig {
 /// When the datapath cannot be loaded or attached, or the source cannot be set up.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let status = SharedStatus::default();
+    let (explain_tx, queries) = tokio::sync::mpsc::channel(16);
+    if let Ok(mut status) = status.write() {
+        status.readiness = Arc::new(Readiness::new(config.readyz_stale_after));
+        status.explain = Some(explain_tx);
+    }
     let api = match config.api_addr {
         Some(addr) => {
             // Bind before anything else, so a taken port fails the start-up loudly.
@@ -88,6 +100,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let metrics = Arc::new(Metrics::with_program_stats(config.pin_dir.clone()));
+    let metrics_servers = match config.metrics_addr {
+        Some(addr) => crate::metrics::serve(addr, Arc::clone(&metrics))
+            .with_context(|| format!("binding the metrics address {addr}"))?,
+        None => Vec::new(),
+    };
+    let pin_dir = config.pin_dir.clone();
+    metrics.set_fill_reader(Arc::new(move || crate::summary::readable_fills(&pin_dir)));
     let health = Arc::new(ProxyHealth::default());
     let healthz = match config.healthz_addr {
         Some(addr) => proxy_health::serve(addr, Arc::clone(&health))
@@ -117,6 +137,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         Arc::clone(&health),
     );
     reconciler.set_stale_cleanup(config.pin_dir.clone());
+    reconciler.set_metrics(metrics);
     let pods = config
         .socket_lb
         .per_packet_for_pods()
@@ -141,6 +162,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         status: status.clone(),
         attached: false,
         tc_links: std::collections::BTreeSet::new(),
+        queries,
     };
     let result = match &config.source {
         SourceConfig::Manifests(dir) => run_manifests(dir, &mut reconciler, &mut datapath).await,
@@ -156,6 +178,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         task.abort();
     }
     healthz.iter().for_each(tokio::task::JoinHandle::abort);
+    metrics_servers
+        .iter()
+        .for_each(tokio::task::JoinHandle::abort);
     result?;
     info!("exiting; programs stay attached and maps pinned (`lb-agent cleanup` removes them)");
     Ok(())
@@ -213,6 +238,10 @@ async fn run_manifests<M: LbMaps>(
         let changed = tokio::select! {
             Some(changed) = changes.next() => changed,
             _ = rescan.tick() => manifests::Changed::Everything,
+            Some(query) = datapath.queries.recv() => {
+                query.answer(reconciler.state());
+                continue;
+            }
             () = datapath.node.changed() => {
                 datapath.refresh();
                 // An external IP on a node address may yield to a NodePort, or take it.
@@ -259,6 +288,10 @@ async fn run_kube<M: LbMaps>(
     loop {
         let first = tokio::select! {
             update = updates.recv() => update.context("the watches ended")?,
+            Some(query) = datapath.queries.recv() => {
+                query.answer(reconciler.state());
+                continue;
+            }
             () = datapath.node.changed() => {
                 datapath.refresh();
                 reconciler.set_node_addresses(datapath.node.node_addresses());
@@ -271,9 +304,12 @@ async fn run_kube<M: LbMaps>(
         };
         let started = Instant::now();
         reconciler.queued(started);
+        let readiness = api::readiness(&datapath.status);
+        observe(&first, reconciler.metrics(), &readiness);
         applier.convert(first, |change| reconciler.apply(change));
         // Take what else is already queued: one write pass for a burst of events.
         while let Ok(update) = updates.try_recv() {
+            observe(&update, reconciler.metrics(), &readiness);
             applier.convert(update, |change| reconciler.apply(change));
         }
         if !applier.initial_lists_done() {
@@ -295,6 +331,22 @@ async fn run_kube<M: LbMaps>(
     }
 }
 
+/// Notes whether the watches work: an error counts a restart (it retries with backoff)
+/// and may make the datapath stale; any event says the watch works.
+fn observe(update: &kube_source::Update, metrics: &Metrics, readiness: &Readiness) {
+    let resource = match update {
+        kube_source::Update::Error { resource, .. } => {
+            metrics.watch_restarted(resource.name());
+            readiness.watch_failed(resource.name(), Instant::now());
+            return;
+        }
+        kube_source::Update::Service(_) => Kind::Service,
+        kube_source::Update::Slice(_) => Kind::EndpointSlice,
+        kube_source::Update::Node(_) => Kind::Node,
+    };
+    readiness.watch_succeeded(resource.name());
+}
+
 /// The loaded programs and the node's devices: what attaching the programs, and keeping
 /// the tc ones on the right devices, needs.
 struct Datapath<'a> {
@@ -306,6 +358,8 @@ struct Datapath<'a> {
     attached: bool,
     /// The tc links this agent attached (their pin names).
     tc_links: std::collections::BTreeSet<String>,
+    /// `/v1/explain` questions, answered from the model between changes.
+    queries: tokio::sync::mpsc::Receiver<crate::explain::Query>,
 }
 
 impl Datapath<'_> {
@@ -320,9 +374,7 @@ impl Datapath<'_> {
         }
         self.attach_tc()?;
         self.attached = true;
-        if let Ok(mut status) = self.status.write() {
-            status.ready = true;
-        }
+        api::readiness(&self.status).attached();
         info!("ready");
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! The agent's HTTP endpoint (`--api-addr`): `/healthz` (the process serves), `/readyz`
-//! (the datapath is attached and the first sync done), and `/v1/frontends`, the desired
+//! (the datapath is attached and current, see [`crate::readiness`]), and `/v1/frontends`, the desired
 //! state with what the maps cannot hold: Service and port names, where each endpoint came
 //! from, its node and zone. `lb-agent services --api-addr` merges it into its listing.
 use std::{
@@ -12,7 +12,11 @@ use std::{
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DesiredState, EndpointInfo};
+use crate::{
+    explain,
+    model::{DesiredState, EndpointInfo},
+    readiness::Readiness,
+};
 
 /// A frontend as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -42,9 +46,12 @@ pub struct BackendView {
 /// What the agent publishes.
 #[derive(Debug, Default)]
 pub struct Status {
-    pub ready: bool,
+    /// Whether the datapath is attached and current.
+    pub readiness: Arc<Readiness>,
     /// The desired state, kept up to date frontend by frontend.
     pub desired: DesiredState,
+    /// Where `/v1/explain` asks the reconcile loop.
+    pub explain: Option<tokio::sync::mpsc::Sender<explain::Query>>,
 }
 
 pub type SharedStatus = Arc<RwLock<Status>>;
@@ -91,18 +98,120 @@ pub async fn serve(listener: tokio::net::TcpListener, status: SharedStatus) -> s
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/frontends", get(frontends))
+        .route("/v1/explain", get(explain_handler))
         .with_state(status);
     tracing::info!(addr = %listener.local_addr()?, "API listening");
-    axum::serve(listener, app).await
+    crate::listen::serve_http(listener, app).await
 }
 
-async fn readyz(State(status): State<SharedStatus>) -> (StatusCode, &'static str) {
-    let ready = status.read().is_ok_and(|s| s.ready);
-    if ready {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+async fn readyz(State(status): State<SharedStatus>) -> (StatusCode, String) {
+    let readiness = status.read().map(|s| Arc::clone(&s.readiness));
+    match readiness.map(|r| r.check(std::time::Instant::now())) {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".into()),
+        Ok(Err(why)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
     }
+}
+
+/// The readiness that `status` publishes.
+#[must_use]
+pub fn readiness(status: &SharedStatus) -> Arc<Readiness> {
+    status
+        .read()
+        .map(|s| Arc::clone(&s.readiness))
+        .unwrap_or_default()
+}
+
+/// `/v1/explain?target=ADDR:PORT/PROTO[&from=IP]`.
+async fn explain_handler(
+    State(status): State<SharedStatus>,
+    uri: axum::http::Uri,
+) -> Result<Json<explain::Explanation>, (StatusCode, String)> {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, m + "\n");
+    let mut target = None;
+    let mut from = None;
+    for pair in uri.query().unwrap_or_default().split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value);
+        match key {
+            "target" => target = Some(value.parse::<explain::Target>().map_err(bad)?),
+            "from" => {
+                from = Some(
+                    value
+                        .parse::<std::net::IpAddr>()
+                        .map_err(|e| bad(format!("from: {value:?}: {e}")))?,
+                );
+            }
+            _ => {}
+        }
+    }
+    let target = target.ok_or_else(|| bad("target=ADDR:PORT[/PROTO] is missing".into()))?;
+    let sender = status.read().ok().and_then(|s| s.explain.clone());
+    let unavailable = || {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is not programming yet\n".to_owned(),
+        )
+    };
+    let sender = sender.ok_or_else(unavailable)?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    sender
+        .send(explain::Query {
+            target,
+            from,
+            reply,
+        })
+        .await
+        .map_err(|_| unavailable())?;
+    tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .map_err(|_| unavailable())?
+        .map(Json)
+        .map_err(|_| unavailable())
+}
+
+/// `%XX` escapes decoded (the CLI escapes IPv6 brackets).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Asks a running agent to explain `target` for `from`.
+///
+/// # Errors
+/// When the agent cannot be reached or answers something else.
+pub fn fetch_explanation(
+    addr: SocketAddr,
+    target: explain::Target,
+    from: Option<std::net::IpAddr>,
+) -> anyhow::Result<explain::Explanation> {
+    let escape = |s: String| s.replace('[', "%5B").replace(']', "%5D");
+    let mut path = format!("/v1/explain?target={}", escape(target.to_string()));
+    if let Some(from) = from {
+        path += &format!("&from={}", escape(from.to_string()));
+    }
+    Ok(serde_json::from_str(&http_get(addr, &path)?)?)
 }
 
 async fn frontends(State(status): State<SharedStatus>) -> Json<Vec<FrontendView>> {
@@ -115,10 +224,16 @@ async fn frontends(State(status): State<SharedStatus>) -> Json<Vec<FrontendView>
 /// # Errors
 /// When the agent cannot be reached or answers something else.
 pub fn fetch_frontends(addr: SocketAddr) -> anyhow::Result<Vec<FrontendView>> {
-    let timeout = Duration::from_secs(2);
+    Ok(serde_json::from_str(&http_get(addr, "/v1/frontends")?)?)
+}
+
+/// The body of a 200 answer to `GET path` (a plain blocking HTTP/1.0 GET: the CLI needs
+/// nothing more).
+fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let timeout = Duration::from_secs(10);
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET /v1/frontends HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response
@@ -126,8 +241,9 @@ pub fn fetch_frontends(addr: SocketAddr) -> anyhow::Result<Vec<FrontendView>> {
         .ok_or_else(|| anyhow::anyhow!("malformed HTTP response from {addr}"))?;
     anyhow::ensure!(
         head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{addr}: {}",
-        head.lines().next().unwrap_or_default()
+        "{addr}: {} {}",
+        head.lines().next().unwrap_or_default(),
+        body.trim()
     );
-    Ok(serde_json::from_str(body)?)
+    Ok(body.to_owned())
 }

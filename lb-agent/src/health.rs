@@ -106,7 +106,7 @@ impl HealthServers {
                 .map(|listener| {
                     let app = app.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = axum::serve(listener, app).await {
+                        if let Err(e) = crate::listen::serve_http(listener, app).await {
                             warn!(error = %e, "health check server failed");
                         }
                     })

@@ -52,6 +52,65 @@ pub fn services(
     })
 }
 
+/// `lb-agent explain`: the agent's explanation (from `api`), with each entry as the pinned
+/// maps hold it.
+///
+/// # Errors
+/// When no agent address is given or it cannot be reached.
+pub fn explain(
+    pin_dir: &Path,
+    api: Option<SocketAddr>,
+    target: crate::explain::Target,
+    from: Option<std::net::IpAddr>,
+    format: OutputFormat,
+) -> anyhow::Result<String> {
+    let addr = api.ok_or_else(|| {
+        anyhow::anyhow!("explain needs the agent's --api-addr (or LB_API_ADDR): the objects and policies are the agent's")
+    })?;
+    let explanation = api::fetch_explanation(addr, target, from)
+        .map_err(|e| anyhow::anyhow!("asking the agent at {addr}: {e}"))?;
+    if format == OutputFormat::Json {
+        return Ok(serde_json::to_string_pretty(&explanation)? + "\n");
+    }
+    // The maps, when they can be read (the agent's answer stands without them).
+    let contents = maps::bpf::BpfMaps::open_pinned(pin_dir)
+        .ok()
+        .and_then(|pinned| maps::dump::read(&pinned).ok());
+    let map_line = |frontend: &str| -> Option<String> {
+        let contents = contents.as_ref()?;
+        let entry = contents
+            .frontends
+            .iter()
+            .find(|f| f.address.to_string() == frontend);
+        Some(match entry {
+            None => "not in the maps (not written yet, or refused: see the agent's log)".into(),
+            Some(f) => {
+                let backends: Vec<String> = f
+                    .slots
+                    .iter()
+                    .map(|s| match s.backend {
+                        Some(b) => format!("{}={}", s.slot, b.addr),
+                        None => format!("{}=backend {} (missing)", s.slot, s.backend_id),
+                    })
+                    .collect();
+                format!(
+                    "id {}, {} backend slot(s){}{}",
+                    f.rev_nat_id,
+                    f.count,
+                    if backends.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", backends.join(" "))
+                    },
+                    f.affinity_timeout
+                        .map_or_else(String::new, |t| format!(", affinity {t} s"))
+                )
+            }
+        })
+    };
+    Ok(crate::explain::render(&explanation, &map_line))
+}
+
 /// The frontends as JSON: the map entries, plus `service`, `port_name` and each backend's
 /// `source`, `node_name`, `zone` where the agent told them.
 fn json(

@@ -470,35 +470,111 @@ fn replace_pinned_link(path: &Path, new: FdLink) -> Result<(), LoadError> {
 pub struct CleanupReport {
     pub links_detached: Vec<PathBuf>,
     pub maps_removed: Vec<PathBuf>,
+    /// Entries the agent never creates, left where they are (and with them the directory).
+    pub left: Vec<PathBuf>,
 }
 
-/// Detaches every pinned link and removes every pin under `pin_dir`, then the directory.
+/// Whether `name` is a link pin the agent creates (a socket program's, or a tc program's
+/// on a device), or one an earlier version created.
+#[must_use]
+pub fn is_agent_link(name: &str) -> bool {
+    CGROUP_PROGRAMS.iter().any(|(_, pin)| *pin == name)
+        || RETIRED_CGROUP_LINKS.contains(&name)
+        || TC_PROGRAMS
+            .iter()
+            .chain(&POD_TC_PROGRAMS)
+            .any(|(_, _, prefix)| name.strip_prefix(prefix).is_some_and(|dev| !dev.is_empty()))
+}
+
+/// Whether `name` is a map pin the agent creates, or one an earlier version created.
+#[must_use]
+pub fn is_agent_map(name: &str) -> bool {
+    lb_common::PINNED_MAPS.iter().any(|spec| spec.name == name) || name == lb_common::LEGACY_CT_MAP
+}
+
+/// Detaches the links and removes the maps the agent pins under `pin_dir` (by their
+/// names: nothing else is touched), then the directories if that emptied them.
 ///
 /// # Errors
 /// When a pin exists but cannot be removed.
 pub fn cleanup(pin_dir: &Path) -> io::Result<CleanupReport> {
     let mut report = CleanupReport::default();
+    let name_of = |path: &Path| path.file_name().and_then(|n| n.to_str()).map(str::to_owned);
     let links = pin_dir.join(LINKS_DIR);
     if links.is_dir() {
         for entry in fs::read_dir(&links)? {
             let path = entry?.path();
-            unpin_link(&path)?;
-            report.links_detached.push(path);
+            if name_of(&path).is_some_and(|n| is_agent_link(&n)) {
+                unpin_link(&path)?;
+                report.links_detached.push(path);
+            } else {
+                report.left.push(path);
+            }
         }
-        fs::remove_dir(&links)?;
+        remove_if_empty(&links)?;
     }
-    // Every map this agent pins, and any an older version left (the directory is ours).
     if pin_dir.is_dir() {
         for entry in fs::read_dir(pin_dir)? {
             let path = entry?.path();
-            if path.is_file() {
+            if path == links {
+                continue;
+            }
+            if name_of(&path).is_some_and(|n| is_agent_map(&n)) && path.is_file() {
                 fs::remove_file(&path)?;
                 report.maps_removed.push(path);
+            } else {
+                report.left.push(path);
             }
         }
-    }
-    if pin_dir.is_dir() {
-        fs::remove_dir(pin_dir)?;
+        remove_if_empty(pin_dir)?;
     }
     Ok(report)
+}
+
+/// Removes `dir` when it is empty.
+fn remove_if_empty(dir: &Path) -> io::Result<()> {
+    if fs::read_dir(dir)?.next().is_none() {
+        fs::remove_dir(dir)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod cleanup_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_names_the_agent_pins_are_its_own() {
+        assert!(is_agent_link("connect4") && is_agent_link("tc-pod-ingress-veth1"));
+        assert!(!is_agent_link("tc-ingress-") && !is_agent_link("cilium_connect4"));
+        assert!(is_agent_map("LB4_SERVICES") && is_agent_map("LB_CT"));
+        assert!(!is_agent_map("LB4_SERVICES.old") && !is_agent_map("cilium_lb4_services"));
+    }
+
+    /// Cleanup removes its maps and leaves anything else, and then the directory too.
+    #[test]
+    fn cleanup_leaves_what_it_did_not_create() {
+        let dir = std::env::temp_dir().join(format!("lb-cleanup-{}", std::process::id()));
+        fs::create_dir_all(dir.join(LINKS_DIR)).unwrap();
+        for name in ["LB4_SERVICES", "LB_CT", "someone-elses-map"] {
+            fs::write(dir.join(name), "").unwrap();
+        }
+        fs::write(dir.join(LINKS_DIR).join("their-link"), "").unwrap();
+        let report = cleanup(&dir).unwrap();
+        let names = |paths: &[PathBuf]| {
+            let mut names: Vec<String> = paths
+                .iter()
+                .map(|p| p.strip_prefix(&dir).unwrap().display().to_string())
+                .collect();
+            names.sort();
+            names
+        };
+        let removed = names(&report.maps_removed);
+        let left = names(&report.left);
+        let still_there = dir.join("someone-elses-map").exists();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(removed, ["LB4_SERVICES", "LB_CT"]);
+        assert_eq!(left, ["links/their-link", "someone-elses-map"]);
+        assert!(still_there);
+    }
 }

@@ -122,6 +122,28 @@ enum Command {
             default_value = "0.0.0.0:10256"
         )]
         healthz_bind_address: BindAddress,
+        /// Address of the Prometheus metrics server (`/metrics`), kube-proxy's default:
+        /// kube-proxy's `kubeproxy_sync_proxy_rules_*` and
+        /// `kubeproxy_network_programming_duration_seconds`, and lb's `lb_*` (map fill,
+        /// rejected objects, watch restarts and relists). An unspecified IP listens on IPv4
+        /// and IPv6; empty disables it.
+        #[arg(
+            long,
+            env = "LB_METRICS_BIND_ADDRESS",
+            value_name = "IP:PORT",
+            default_value = "127.0.0.1:10249"
+        )]
+        metrics_bind_address: BindAddress,
+        /// Seconds the API watch may keep failing before /readyz (on --api-addr) answers
+        /// 503: the maps may then miss changes. Ready again once the watch works.
+        /// Failing map writes make it 503 at once.
+        #[arg(
+            long,
+            env = "LB_READYZ_STALE_AFTER",
+            value_name = "SECONDS",
+            default_value_t = lb_agent::readiness::DEFAULT_STALE_AFTER.as_secs()
+        )]
+        readyz_stale_after: u64,
         #[command(flatten)]
         pins: PinArgs,
         #[command(flatten)]
@@ -151,9 +173,34 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t)]
         output: inspect::OutputFormat,
     },
-    /// Detach the programs and remove the maps and every pin under --bpf-pin-path.
+    /// Explain what the datapath does for a frontend and a client, and why.
     ///
-    /// Stop the agent first: Services are no longer translated afterwards.
+    /// Each entry for ADDR:PORT/PROTO (a NodePort on a node address too): the clients it
+    /// serves, the outcome (a backend at random, affinity, refused without endpoints,
+    /// dropped by a Local policy or source ranges), the entry as the pinned maps hold it,
+    /// the policies that applied, each backend with state, node and zone, and the objects
+    /// that produced it (Service and EndpointSlices with resourceVersions) with when it
+    /// was written. Needs the agent's --api-addr.
+    Explain {
+        /// The frontend: ADDR:PORT[/TCP|/UDP] ([ADDR]:PORT for IPv6; TCP by default).
+        #[arg(value_name = "ADDR:PORT[/PROTO]")]
+        target: lb_agent::explain::Target,
+        /// The client's address (for loadBalancerSourceRanges).
+        #[arg(long, value_name = "CLIENT")]
+        from: Option<std::net::IpAddr>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t)]
+        output: inspect::OutputFormat,
+        #[command(flatten)]
+        pins: PinArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Detach the programs and remove the maps the agent pinned under --bpf-pin-path.
+    ///
+    /// Only the names the agent pins are removed (anything else there is left, and
+    /// listed); the directory goes when that empties it. Stop the agent first: Services
+    /// are no longer translated afterwards.
     Cleanup {
         #[command(flatten)]
         pins: PinArgs,
@@ -162,9 +209,10 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ApiArgs {
-    /// Address of the agent's HTTP API: `run` serves /healthz, /readyz and /v1/frontends
-    /// there; `services` asks it for Service and port names and endpoint sources.
-    /// Unset: no API (and `services` shows only what the maps hold).
+    /// Address of the agent's HTTP API: `run` serves /healthz, /readyz, /v1/frontends and
+    /// /v1/explain there; `services` asks it for Service and port names and endpoint
+    /// sources, `explain` for its explanation. Unset: no API (and `services` shows only
+    /// what the maps hold).
     #[arg(long, env = "LB_API_ADDR", value_name = "IP:PORT")]
     api_addr: Option<std::net::SocketAddr>,
 }
@@ -294,6 +342,8 @@ fn main() -> anyhow::Result<()> {
             nodeport_addresses,
             external_ip_cidrs,
             healthz_bind_address,
+            metrics_bind_address,
+            readyz_stale_after,
             sizes,
             pins,
             api,
@@ -316,6 +366,8 @@ fn main() -> anyhow::Result<()> {
                 pin_dir: pins.bpf_pin_path,
                 api_addr: api.api_addr,
                 healthz_addr: healthz_bind_address.0,
+                metrics_addr: metrics_bind_address.0,
+                readyz_stale_after: std::time::Duration::from_secs(readyz_stale_after),
                 devices,
                 socket_lb,
                 pod_devices,
@@ -351,6 +403,19 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Explain {
+            target,
+            from,
+            output,
+            pins,
+            api,
+        } => {
+            print!(
+                "{}",
+                inspect::explain(&pins.bpf_pin_path, api.api_addr, target, from, output)?
+            );
+            Ok(())
+        }
         Command::Conntrack { pins, output } => {
             print!("{}", conntrack::list(&pins.bpf_pin_path, output)?);
             Ok(())
@@ -364,6 +429,9 @@ fn main() -> anyhow::Result<()> {
                 report.maps_removed.len(),
                 pins.bpf_pin_path.display()
             );
+            for path in &report.left {
+                println!("left {} (not a name lb-agent pins)", path.display());
+            }
             Ok(())
         }
     }

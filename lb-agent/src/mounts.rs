@@ -86,7 +86,50 @@ pub fn ensure_bpffs(dir: &Path) -> io::Result<()> {
         }
         mount_bpffs(default)?;
     }
-    fs::create_dir_all(dir)
+    create_private_dirs(dir)?;
+    check_pin_dir(dir)
+}
+
+/// Creates `dir` and its missing parents with mode 0700.
+fn create_private_dirs(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Refuses a pin directory that another user owns or that others may write to: whoever
+/// can replace a pinned map there chooses where every Service's traffic goes.
+///
+/// # Errors
+/// When `dir` cannot be read, or its owner or mode are unsafe (the message says which).
+pub fn check_pin_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is owned by uid {}, not by the agent's uid {euid}: another user could replace its pins (chown it, or remove it and let the agent create it)",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} has mode {:o}: writable by group or others, who could replace its pins (chmod go-w it)",
+                dir.display(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn mount_bpffs(target: &Path) -> io::Result<()> {
@@ -98,7 +141,8 @@ fn mount_bpffs(target: &Path) -> io::Result<()> {
             target.as_ptr(),
             c"bpf".as_ptr(),
             0,
-            std::ptr::null(),
+            // Only root may look into it (the default is 0755 on older kernels).
+            c"mode=0700".as_ptr().cast(),
         )
     };
     if rc == 0 {
@@ -134,5 +178,26 @@ mod tests {
             [PathBuf::from("/sys/fs/bpf")]
         );
         assert!(parse_mountinfo(MOUNTINFO, "ext4").is_empty());
+    }
+
+    /// A pin directory others may write to is refused with what to do; the agent's own
+    /// (created 0700) passes.
+    #[test]
+    fn a_pin_dir_writable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("lb-pin-check-{}", std::process::id()));
+        create_private_dirs(&dir.join("lb")).unwrap();
+        let pins = dir.join("lb");
+        let mode = fs::metadata(&pins).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "created private: {mode:o}");
+        check_pin_dir(&pins).unwrap();
+        fs::set_permissions(&pins, fs::Permissions::from_mode(0o777)).unwrap();
+        let error = check_pin_dir(&pins).unwrap_err().to_string();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            error.contains("has mode 777: writable by group or others")
+                && error.contains("chmod go-w"),
+            "{error}"
+        );
     }
 }

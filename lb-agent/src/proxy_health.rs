@@ -248,7 +248,7 @@ pub fn serve(addr: SocketAddr, health: Arc<ProxyHealth>) -> std::io::Result<Vec<
                 if let Ok(local) = listener.local_addr() {
                     info!(addr = %local, "node health server listening");
                 }
-                if let Err(e) = axum::serve(listener, app).await {
+                if let Err(e) = crate::listen::serve_http(listener, app).await {
                     warn!(error = %e, "node health server failed");
                 }
             })

@@ -8,7 +8,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use tracing::{debug, error, info, warn};
@@ -17,6 +17,7 @@ use crate::{
     api::SharedStatus,
     health::HealthServers,
     maps::{LbMaps, writer::MapWriter},
+    metrics::{Metrics, RejectedLabels},
     model::{HealthCheck, L4Addr, ObjectRef},
     node::ThisNode,
     ownership::ExternalIpCidrs,
@@ -66,6 +67,24 @@ pub struct Reconciler<M> {
     stale_cleanup: Option<PathBuf>,
     /// The agent's health: changes queued and synced, this node's eligibility.
     health: Arc<ProxyHealth>,
+    metrics: Arc<Metrics>,
+    /// What changed since the last successful sync, for the metrics.
+    unsynced: Unsynced,
+    /// When the reconciler started: EndpointSlice changes triggered before are not counted
+    /// in the network programming latency (they were programmed by whoever ran before).
+    started: SystemTime,
+}
+
+/// The changes applied and not yet written. kube-proxy's trackers count distinct
+/// Services; these count changes, which needs no set of names while 100,000 Services are
+/// listed (the same number when each object changed once).
+#[derive(Debug, Default)]
+struct Unsynced {
+    services: i64,
+    /// EndpointSlices (and Pods, from manifests).
+    endpoints: i64,
+    /// The `last-change-trigger-time` of each EndpointSlice change.
+    triggers: Vec<SystemTime>,
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -91,7 +110,20 @@ impl<M: LbMaps> Reconciler<M> {
             health_checks: None,
             stale_cleanup: None,
             health,
+            metrics: Arc::default(),
+            unsynced: Unsynced::default(),
+            started: SystemTime::now(),
         }
+    }
+
+    /// Records into `metrics` (exported by the agent's `/metrics`).
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = metrics;
+    }
+
+    /// The metrics it records.
+    pub const fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Ends UDP traffic pinned to removed backends after each write (pins in `pin_dir`).
@@ -136,6 +168,7 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Applies one change of a source to the model (written at the next sync).
     pub fn apply(&mut self, change: Change) {
+        self.count(&change);
         match change {
             Change::Apply { origin, object } => {
                 if let Some(seen) = self.relists.get_mut(&object.kind()) {
@@ -175,6 +208,60 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             }
         }
+    }
+
+    /// Counts a change for the metrics: Service and endpoint changes (total and pending),
+    /// relists, and the moment an EndpointSlice change was triggered.
+    fn count(&mut self, change: &Change) {
+        let kind = match change {
+            Change::Apply { object, .. } => {
+                if let Object::EndpointSlice(slice) = object
+                    && let Some(at) = trigger_time(slice)
+                    && at >= self.started
+                {
+                    self.unsynced.triggers.push(at);
+                }
+                object.kind()
+            }
+            Change::Delete { kind, .. } => *kind,
+            Change::Relisting(kind) => {
+                self.metrics.relisted(kind.name());
+                return;
+            }
+            Change::Relisted(_) => return,
+        };
+        match kind {
+            Kind::Service => {
+                self.metrics.service_changes_total.inc();
+                self.unsynced.services += 1;
+                let pending = self.unsynced.services;
+                self.metrics.service_changes_pending.set(pending);
+            }
+            Kind::EndpointSlice | Kind::Pod => {
+                self.metrics.endpoint_changes_total.inc();
+                self.unsynced.endpoints += 1;
+                let pending = self.unsynced.endpoints;
+                self.metrics.endpoint_changes_pending.set(pending);
+            }
+            Kind::Node => {}
+        }
+    }
+
+    /// Everything applied is in the maps: the pending counts go to zero, and each
+    /// EndpointSlice change's programming latency is observed.
+    fn synced(&mut self, started: Instant) {
+        let now = SystemTime::now();
+        self.metrics.synced(started.elapsed(), now);
+        for at in self.unsynced.triggers.drain(..) {
+            let latency = now.duration_since(at).unwrap_or_default();
+            self.metrics
+                .network_programming
+                .observe(latency.as_secs_f64());
+        }
+        self.unsynced.services = 0;
+        self.unsynced.endpoints = 0;
+        self.metrics.service_changes_pending.set(0);
+        self.metrics.endpoint_changes_pending.set(0);
     }
 
     fn delete(&mut self, kind: Kind, id: &ObjectRef) {
@@ -234,6 +321,7 @@ impl<M: LbMaps> Reconciler<M> {
     /// # Errors
     /// When a map write fails otherwise; the next sync is then a full one.
     pub fn sync(&mut self, kind: SyncKind, started: Instant) -> Result<(), SyncError> {
+        let sync_started = Instant::now();
         let changed = self.state.recompute();
         self.pending.extend(changed.iter().copied());
         self.publish(&changed);
@@ -245,6 +333,7 @@ impl<M: LbMaps> Reconciler<M> {
         // event): room may have appeared.
         if self.pending.is_empty() && !self.full_pending && self.writer.refused().is_empty() {
             self.health.updated(Now::current());
+            self.synced(sync_started);
             return Ok(());
         }
         let desired = self.state.desired();
@@ -261,15 +350,21 @@ impl<M: LbMaps> Reconciler<M> {
                 // The record may now be ahead of the maps: read them back, and make the
                 // next sync a full one from what is really there.
                 self.full_pending = true;
+                self.metrics.map_write_failures.inc();
+                crate::api::readiness(&self.status).write_failed(Instant::now());
                 if let Err(read) = self.writer.readopt() {
                     error!(error = %read, "reading the maps back failed");
                 }
                 return Err(SyncError(e));
             }
         };
+        let written: Vec<L4Addr> = self.pending.iter().copied().collect();
+        self.mark_written(&written);
         self.pending.clear();
         self.full_pending = false;
         self.health.updated(Now::current());
+        self.synced(sync_started);
+        crate::api::readiness(&self.status).write_succeeded();
         self.end_stale_udp();
         let elapsed_us = started.elapsed().as_micros();
         if stats.is_noop() {
@@ -289,6 +384,21 @@ impl<M: LbMaps> Reconciler<M> {
         self.map_problems = self.refused_problems();
         self.report();
         Ok(())
+    }
+
+    /// Stamps the Services whose frontends were just written (for `explain`).
+    fn mark_written(&mut self, changed: &[L4Addr]) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        let services: BTreeSet<ObjectRef> = changed
+            .iter()
+            .filter_map(|a| self.state.desired().get(a))
+            .map(|f| f.service.clone())
+            .collect();
+        for service in &services {
+            self.state.mark_written(service, now);
+        }
     }
 
     /// Ends the UDP traffic pinned to the backends the last write removed.
@@ -341,6 +451,31 @@ impl<M: LbMaps> Reconciler<M> {
         problems
     }
 
+    /// Sets the metric of rejected objects from the current problems.
+    fn count_rejected(&self) {
+        let mut objects: BTreeSet<(&'static str, &'static str, ObjectRef)> = self
+            .state
+            .rejected()
+            .into_iter()
+            .map(|(kind, reason, id)| (kind.name(), reason, id))
+            .collect();
+        objects.extend(
+            self.writer
+                .refused()
+                .values()
+                .map(|r| (Kind::Service.name(), "map_full", r.service.clone())),
+        );
+        let mut counts: BTreeMap<RejectedLabels, i64> = BTreeMap::new();
+        for (kind, reason, _) in objects {
+            let labels = RejectedLabels {
+                kind: kind.to_owned(),
+                reason: reason.to_owned(),
+            };
+            *counts.entry(labels).or_default() += 1;
+        }
+        self.metrics.set_rejected(&counts);
+    }
+
     /// Logs each problem once, when it appears, and says when it is gone.
     fn report(&mut self) {
         let version = (
@@ -352,6 +487,7 @@ impl<M: LbMaps> Reconciler<M> {
             return;
         }
         self.reported_version = Some(version);
+        self.count_rejected();
         let mut now: BTreeSet<String> = self
             .state
             .problems()
@@ -372,6 +508,18 @@ impl<M: LbMaps> Reconciler<M> {
         }
         self.reported = now;
     }
+}
+
+/// When the EndpointSlice controller saw the change that produced this slice (its
+/// `endpoints.kubernetes.io/last-change-trigger-time`), as kube-proxy reads it.
+fn trigger_time(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<SystemTime> {
+    let text = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(crate::translate::LAST_CHANGE_TRIGGER_TIME_ANNOTATION)?;
+    let at: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
+    Some(SystemTime::from(at))
 }
 
 impl Reconciler<crate::maps::fake::FakeMaps> {

@@ -35,6 +35,10 @@ struct SliceEntry {
     /// `object_problems`.)
     service: Option<ObjectRef>,
     valid: Option<ValidSlice>,
+    /// `metadata.resourceVersion` (0: none).
+    resource_version: u64,
+    /// File (or `api`) it came from (shared).
+    origin: Arc<str>,
 }
 
 /// A Service that wants a frontend address and does not get it.
@@ -139,12 +143,18 @@ impl ClusterState {
 
     /// Adds or updates a Service: it is validated here, and only its compact form kept.
     pub(crate) fn apply_service(&mut self, service: Sourced<Service>) {
-        let checked = validate_service(&service);
+        let mut checked = validate_service(&service);
         drop(service);
-        let old = self.services.get(&checked.id);
-        if old == Some(&checked) {
-            return;
+        let old = self.services.get_mut(&checked.id);
+        if let Some(old) = old {
+            // Its entries were written when they last changed, not when it last arrived.
+            checked.stamp.written_at = old.stamp.written_at;
+            if *old == checked {
+                old.stamp = checked.stamp;
+                return;
+            }
         }
+        let old = self.services.get(&checked.id);
         let id = checked.id.clone();
         let changed = old.map_or(NONE, findings) != findings(&checked);
         self.note_problems(&id, changed, findings(&checked) != NONE);
@@ -190,14 +200,17 @@ impl ClusterState {
                 .map_or(s, |(known, _)| known.clone())
         });
         let (valid, problems) = validate_slice(&slice, &id.name);
+        let resource_version = crate::translate::Stamp::of(&slice.object.metadata).resource_version;
+        let origin = Arc::clone(&slice.origin);
         drop(slice);
         let valid = valid.map(|(_, valid)| valid);
         if self.has_problems(Kind::EndpointSlice, &id, &problems)
-            && self
-                .slices
-                .get(&id)
-                .is_some_and(|old| old.service == service && old.valid == valid)
+            && let Some(old) = self.slices.get_mut(&id)
+            && old.service == service
+            && old.valid == valid
         {
+            old.resource_version = resource_version;
+            old.origin = origin;
             return;
         }
         self.delete_slice(&id);
@@ -209,7 +222,15 @@ impl ClusterState {
                 .insert(id.clone());
             self.dirty.insert(service.clone());
         }
-        self.slices.insert(id, SliceEntry { service, valid });
+        self.slices.insert(
+            id,
+            SliceEntry {
+                service,
+                valid,
+                resource_version,
+                origin,
+            },
+        );
     }
 
     /// Removes an EndpointSlice.
@@ -248,6 +269,41 @@ impl ClusterState {
         self.set_problems(Kind::Pod, id, Vec::new());
         if self.pods.remove(id).is_some() {
             self.namespace_dirty(&id.namespace);
+        }
+    }
+
+    /// A Service as validated, with its stamp.
+    #[must_use]
+    pub fn service(&self, id: &ObjectRef) -> Option<&CheckedService> {
+        self.services.get(id)
+    }
+
+    /// The EndpointSlices of a Service, with their resourceVersions (0: none) and origins,
+    /// by name.
+    #[must_use]
+    pub fn slices_of(&self, service: &ObjectRef) -> Vec<(ObjectRef, u64, Arc<str>)> {
+        let mut slices: Vec<(ObjectRef, u64, Arc<str>)> = self
+            .slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| {
+                let entry = self.slices.get(id)?;
+                Some((
+                    id.clone(),
+                    entry.resource_version,
+                    Arc::clone(&entry.origin),
+                ))
+            })
+            .collect();
+        slices.sort();
+        slices
+    }
+
+    /// Notes that the frontends of `service` were written at `at` (seconds since the epoch).
+    pub(crate) fn mark_written(&mut self, service: &ObjectRef, at: u32) {
+        if let Some(checked) = self.services.get_mut(service) {
+            checked.stamp.written_at = at;
         }
     }
 
@@ -527,6 +583,34 @@ impl ClusterState {
             }
         }
         checks
+    }
+
+    /// The objects not (wholly) programmed, with why: `invalid` (a field that cannot be
+    /// programmed) or `address_conflict` (an address another Service holds, or refused).
+    #[must_use]
+    pub fn rejected(&self) -> Vec<(Kind, &'static str, ObjectRef)> {
+        let mut rejected: Vec<(Kind, &'static str, ObjectRef)> = self
+            .object_problems
+            .keys()
+            .map(|(kind, id)| (*kind, "invalid", id.clone()))
+            .collect();
+        rejected.extend(
+            self.with_problems
+                .iter()
+                .filter(|id| {
+                    self.services
+                        .get(*id)
+                        .is_some_and(|s| !s.problems.is_empty())
+                })
+                .map(|id| (Kind::Service, "invalid", id.clone())),
+        );
+        rejected.extend(
+            self.losers
+                .values()
+                .flatten()
+                .map(|l| (Kind::Service, "address_conflict", l.service.clone())),
+        );
+        rejected
     }
 
     /// Every Service or port left alone on purpose, sorted.

@@ -92,6 +92,21 @@ fn counters_table(counters: &[(Counter, u64)]) -> String {
     out
 }
 
+/// The fill of every map pinned under `pin_dir` that can be read (for `/metrics`; a map
+/// that cannot is left out and logged at debug level).
+#[must_use]
+pub fn readable_fills(pin_dir: &Path) -> Vec<MapFill> {
+    PINNED_MAPS
+        .iter()
+        .filter(|spec| spec.name != COUNTERS_MAP)
+        .filter_map(|spec| {
+            fill(spec.name, &pin_dir.join(spec.name))
+                .inspect_err(|e| tracing::debug!(map = spec.name, error = %e, "map fill unread"))
+                .ok()
+        })
+        .collect()
+}
+
 fn table(fills: &[MapFill]) -> String {
     let mut out = format!(
         "{:<20} {:>10} {:>10} {:>6} {:>10}\n",

@@ -263,6 +263,43 @@ pub struct CheckedService {
     pub valid: Option<ValidService>,
     pub problems: Vec<Problem>,
     pub skipped: Vec<Skipped>,
+    /// Where this version came from and when its frontends were written, for `explain`.
+    pub stamp: Stamp,
+}
+
+/// An object's `metadata.resourceVersion` and when the entries it produced were last
+/// written: 12 bytes, kept beside the compact form. Not part of what the object means:
+/// two versions that translate alike are equal whatever their stamps.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stamp {
+    /// `metadata.resourceVersion` when it is a number (the API server's are); 0 for none
+    /// (manifests, whose origin is the file).
+    pub resource_version: u64,
+    /// Seconds since the epoch of the last write of its frontends; 0 for none by this agent.
+    pub written_at: u32,
+}
+
+impl PartialEq for Stamp {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Stamp {}
+
+impl Stamp {
+    /// The stamp of an object as it arrives (not written yet).
+    #[must_use]
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self {
+            resource_version: meta
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            written_at: 0,
+        }
+    }
 }
 
 impl CheckedService {
@@ -348,6 +385,20 @@ pub struct ValidService {
     health_check_node_port: Option<u16>,
 }
 
+impl ValidService {
+    /// `internalTrafficPolicy: Local`.
+    #[must_use]
+    pub const fn internal_local(&self) -> bool {
+        self.internal_local
+    }
+
+    /// `externalTrafficPolicy: Local`.
+    #[must_use]
+    pub const fn external_local(&self) -> bool {
+        self.external_local
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ValidPort {
     index: u16,
@@ -418,6 +469,7 @@ pub fn validate_service(sourced: &Sourced<Service>) -> CheckedService {
         valid,
         problems: out.problems,
         skipped: out.skipped,
+        stamp: Stamp::of(&sourced.object.metadata),
     }
 }
 
@@ -683,11 +735,17 @@ fn source_ranges(
 pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
 /// The deprecated form of [`TOPOLOGY_MODE_ANNOTATION`].
 pub const TOPOLOGY_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
-/// Every annotation the translation reads: a source may drop all others.
-pub const READ_ANNOTATIONS: [&str; 3] = [
+/// When the EndpointSlice controller saw the change a slice reflects (RFC 3339): the start
+/// of the network programming latency.
+pub const LAST_CHANGE_TRIGGER_TIME_ANNOTATION: &str =
+    "endpoints.kubernetes.io/last-change-trigger-time";
+/// Every annotation the agent reads (the translation, and the metrics'
+/// [`LAST_CHANGE_TRIGGER_TIME_ANNOTATION`]): a source may drop all others.
+pub const READ_ANNOTATIONS: [&str; 4] = [
     SOURCE_RANGES_ANNOTATION,
     TOPOLOGY_MODE_ANNOTATION,
     TOPOLOGY_HINTS_ANNOTATION,
+    LAST_CHANGE_TRIGGER_TIME_ANNOTATION,
 ];
 
 /// Which hints the EndpointSlice controller puts on a Service's endpoints.

@@ -352,6 +352,24 @@ impl Agent {
         out
     }
 
+    /// `lb-agent explain ARGS --bpf-pin-path PIN --api-addr ADDR`, run in the agent's
+    /// network namespace.
+    pub fn explain_output(&self, args: &[&str]) -> Result<String, String> {
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("explain")
+            .args(args)
+            .arg("--bpf-pin-path")
+            .arg(&self.config.pin_path);
+        if let Some(addr) = self.config.api_addr {
+            command.arg("--api-addr").arg(addr.to_string());
+        }
+        let netns = self.enter_netns(&mut command);
+        let out = cmd::run(&mut command, SERVICES_TIMEOUT);
+        drop(netns);
+        out
+    }
+
     /// `lb-agent services --summary --output json`: each pinned map's `name`, `entries`,
     /// `capacity` and `memory_bytes`.
     pub fn map_summary(&self) -> Result<Vec<serde_json::Value>, String> {

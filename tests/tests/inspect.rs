@@ -201,3 +201,73 @@ fn terminating_backends_are_shown_as_such() {
         "{table}"
     );
 }
+
+/// `lb-agent explain` against a running agent: the entry as the maps hold it, the backends
+/// a connection gets, the objects that made them; a Service without endpoints is refused,
+/// and what a client then sees matches.
+#[test]
+fn explain_tells_what_a_connection_gets_and_why() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let web1 = env.topo.add_pod("webapp1");
+    let _s1 = web1.spawn_server("webapp1", 8080);
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port_full(Some("http"), 80, 8080, "TCP")
+            .yaml(),
+    );
+    env.manifests.write(
+        "slice-webapp.yaml",
+        &endpoint_slice("webapp-abcde", "webapp")
+            .endpoint_full(web1.ip(), Conditions::READY, Some("node-a"), Some("zone-a"))
+            .port(Some("http"), 8080, "TCP")
+            .yaml(),
+    );
+    env.manifests.write(
+        "svc-empty.yaml",
+        &service("empty", "10.96.0.30")
+            .selector("app", "none")
+            .port_full(None, 80, 8080, "TCP")
+            .yaml(),
+    );
+    let mut agent = env.agent_with_api();
+    agent.wait_for_frontend("10.96.0.10:80", 1, APPLY);
+    agent.wait_for_frontend("10.96.0.30:80", 0, APPLY);
+
+    let out = agent
+        .explain_output(&["10.96.0.10:80/TCP", "--from", "10.244.0.9"])
+        .expect("explain");
+    for line in [
+        "10.96.0.10:80/TCP (ClusterIp, Service default/webapp port http)",
+        "outcome:  one of 1 backend(s)",
+        "map:      id ",
+        &format!(
+            "backend:  slot 1 {}:8080/TCP Ready [node node-a, zone zone-a",
+            web1.ip()
+        ),
+        "made by:  Service default/webapp (no resourceVersion, from /",
+        "EndpointSlice default/webapp-abcde (no resourceVersion, from /",
+        "written:  20",
+    ] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(line)),
+            "no {line:?} in:\n{out}"
+        );
+    }
+    assert!(
+        out.contains("svc-webapp.yaml)") && out.contains("slice-webapp.yaml)"),
+        "each object's file: {out}"
+    );
+    let empty = agent.explain_output(&["10.96.0.30:80"]).expect("explain");
+    assert!(
+        empty.contains("outcome:  refused: no endpoints") && empty.contains("0 backend slot(s)"),
+        "{empty}"
+    );
+    let client = env.topo.add_pod("client");
+    let refused = client.client(&env.cgroup, "10.96.0.30:80", 1);
+    assert_eq!(refused.errors.get("ECONNREFUSED"), Some(&1), "{refused:?}");
+}

@@ -72,8 +72,11 @@ pub enum Update {
     Slice(watcher::Event<EndpointSlice>),
     /// This node's Node object.
     Node(watcher::Event<Node>),
-    /// A watch failed; it retries with backoff on its own.
-    Error(String),
+    /// A watch of `resource` failed; it retries with backoff on its own.
+    Error {
+        resource: Kind,
+        error: String,
+    },
 }
 
 /// A client from `kubeconfig`, or else as kube-rs infers it (`KUBECONFIG`, `~/.kube/config`,
@@ -104,23 +107,32 @@ pub fn watch(client: &Client, node_name: Option<&str>) -> mpsc::Receiver<Update>
     if let Some(name) = node_name {
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let node = watcher(Api::<Node>::all(client.clone()), config).default_backoff();
-        tokio::spawn(forward(node, tx.clone(), Update::Node));
+        tokio::spawn(forward(node, tx.clone(), Kind::Node, Update::Node));
     }
-    tokio::spawn(forward(services, tx.clone(), Update::Service));
-    tokio::spawn(forward(slices, tx, Update::Slice));
+    tokio::spawn(forward(
+        services,
+        tx.clone(),
+        Kind::Service,
+        Update::Service,
+    ));
+    tokio::spawn(forward(slices, tx, Kind::EndpointSlice, Update::Slice));
     rx
 }
 
 async fn forward<K>(
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
     tx: mpsc::Sender<Update>,
+    resource: Kind,
     wrap: fn(watcher::Event<K>) -> Update,
 ) {
     let mut stream = std::pin::pin!(stream);
     while let Some(item) = stream.next().await {
         let update = match item {
             Ok(event) => wrap(event),
-            Err(e) => Update::Error(e.to_string()),
+            Err(e) => Update::Error {
+                resource,
+                error: e.to_string(),
+            },
         };
         if tx.send(update).await.is_err() {
             return;
@@ -197,8 +209,8 @@ impl WatchApplier {
                     self.node_listed = true;
                 }
             }
-            Update::Error(error) => {
-                warn!(%error, "watch failed; retrying with backoff (the maps stay as they are)")
+            Update::Error { resource, error } => {
+                warn!(%resource, %error, "watch failed; retrying with backoff (the maps stay as they are)")
             }
         }
     }
@@ -264,6 +276,7 @@ mod tests {
                     "service.kubernetes.io/topology-mode": "Auto",
                     "service.beta.kubernetes.io/load-balancer-source-ranges": "10.0.0.0/8",
                     "kubectl.kubernetes.io/last-applied-configuration": "{...}",
+                    "endpoints.kubernetes.io/last-change-trigger-time": "2026-12-03T16:00:00Z",
                 },
                 "managedFields": [{"manager": "kubectl"}],
             },
@@ -278,6 +291,7 @@ mod tests {
         assert_eq!(
             kept,
             [
+                "endpoints.kubernetes.io/last-change-trigger-time",
                 "service.beta.kubernetes.io/load-balancer-source-ranges",
                 "service.kubernetes.io/topology-mode"
             ]
