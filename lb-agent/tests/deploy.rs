@@ -32,7 +32,7 @@ const HOST_BPFFS: &str = "/sys/fs/bpf";
 /// Where the host's cgroup2 hierarchy is: unified hosts, then hybrid ones.
 const HOST_CGROUP2: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
 /// The capabilities the agent gets, each explained in deploy/daemonset.yaml.
-const CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
+const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
 
 /// Every object of `deploy/`, by kind.
 #[derive(Default)]
