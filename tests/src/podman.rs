@@ -37,9 +37,18 @@ pub struct RunOptions {
 }
 
 impl Podman {
-    /// Podman with its storage in `<dir>/podman` (created).
+    /// Podman with its storage in `<dir>/podman` (created). Panics when podman or runc is
+    /// missing.
     #[track_caller]
     pub fn new(dir: &Path) -> Self {
+        for tool in ["podman", "runc"] {
+            if let Err(e) = cmd::run(Command::new(tool).arg("--version"), PODMAN_TIMEOUT) {
+                panic!(
+                    "{e}: apt-get install podman runc (cargo xtask test does), or set \
+                     LB_SKIP_CONTAINER_TESTS=1 to skip the container tests"
+                );
+            }
+        }
         let podman = Self {
             dir: dir.join("podman"),
         };

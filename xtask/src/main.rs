@@ -2,8 +2,8 @@
 //!
 //! - `build-ebpf`: install the eBPF toolchain where missing, then `cargo build -p lb-agent`
 //!   (its `build.rs` builds and embeds `lb-ebpf`).
-//! - `test`: what CI runs (`.ci/run`): fmt, clippy, build, then nextest with the privileged
-//!   end-to-end tests.
+//! - `test`: what CI runs (`.ci/run`): fmt, clippy, build, the image around the debug agent,
+//!   then nextest with the privileged end-to-end tests (the container tests run that image).
 //! - `demo`: the seed article's web-app scene played on network namespaces.
 //! - `image`: the agent's OCI image, built offline, as an archive under `target/image/`.
 //! - `bench`: the socket load balancer against the direct path and kube-proxy's iptables and
