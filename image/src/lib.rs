@@ -29,8 +29,11 @@ pub use rootfs::{AGENT_PATH, APT_PACKAGES, BUSYBOX_PACKAGE, Rootfs};
 pub struct ImageSpec {
     /// The `lb-agent` binary to put in.
     pub agent: PathBuf,
-    /// `org.opencontainers.image.version`, and the tag.
+    /// `org.opencontainers.image.version`.
     pub version: String,
+    /// The image's name in the archive (`org.opencontainers.image.ref.name`), what `podman
+    /// load` calls it: `lb-agent:0.1.0` loads as `localhost/lb-agent:0.1.0`.
+    pub name: String,
     /// `org.opencontainers.image.revision`: the commit (`-dirty` when the tree had changes).
     pub revision: String,
     /// RFC 3339: when the commit was made, so the same commit gives the same image.
@@ -62,7 +65,7 @@ pub fn build(spec: &ImageSpec, out: &Path) -> Result<Built> {
         cmd: vec!["--help".to_owned()],
         user: "0".to_owned(),
         labels: labels(spec, &rootfs),
-        ref_name: spec.version.clone(),
+        ref_name: spec.name.clone(),
     };
     let written = oci::write_archive(out, &config, &layer)?;
     Ok(Built {

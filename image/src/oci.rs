@@ -25,7 +25,7 @@ pub struct ImageConfig {
     pub cmd: Vec<String>,
     pub user: String,
     pub labels: BTreeMap<String, String>,
-    /// `org.opencontainers.image.ref.name` in `index.json`: the tag (`0.1.0`).
+    /// `org.opencontainers.image.ref.name` in `index.json`: the image's name with its tag.
     pub ref_name: String,
 }
 

@@ -195,6 +195,7 @@ fn image_archive(work: &std::path::Path) -> PathBuf {
     let archive = work.join("lb-agent.oci.tar");
     let spec = lb_image::ImageSpec {
         agent,
+        name: "lb-agent:test".to_owned(),
         version: "test".to_owned(),
         revision: "test".to_owned(),
         created: "1970-01-01T00:00:00Z".to_owned(),

@@ -63,6 +63,7 @@ pub fn write_archive(agent: &Path, out: &Path) -> Result<()> {
     }
     let spec = lb_image::ImageSpec {
         agent: agent.to_owned(),
+        name: format!("lb-agent:{version}"),
         version: version.clone(),
         revision: commit.revision,
         created: commit.time,
@@ -87,11 +88,15 @@ fn report(out: &Path, spec: &lb_image::ImageSpec, built: &lb_image::Built) {
         mib(built.written.layer_size)
     );
     println!("  from Debian packages: {}", built.packages);
-    println!("load it:  podman load -i {}", out.display());
     println!(
-        "push it:  skopeo copy oci-archive:{} docker://REGISTRY/lb-agent:{}",
+        "load it:  podman load -i {}   (as localhost/{})",
         out.display(),
-        spec.version
+        spec.name
+    );
+    println!(
+        "push it:  skopeo copy oci-archive:{} docker://REGISTRY/{}",
+        out.display(),
+        spec.name
     );
 }
 
