@@ -624,6 +624,12 @@ fn agent_is_not_privileged() {
         BTreeSet::from(CAPABILITIES),
         "the capabilities the agent needs, each explained in deploy/daemonset.yaml"
     );
+    // RuntimeDefault (containers-common) allows bpf(2) only with CAP_SYS_ADMIN.
+    assert_eq!(
+        security.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("Unconfined"),
+        "the agent's seccompProfile: the runtime's default refuses bpf(2) without CAP_SYS_ADMIN"
+    );
 }
 
 fn check_probe(container: &Container, probe: Option<&Probe>, path: &str, addr: SocketAddr) {
