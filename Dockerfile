@@ -1,8 +1,13 @@
 # syntax=docker/dockerfile:1
 #
-# The lb-agent image: `lb-agent` at /usr/local/bin, nothing else of this repository.
+# The lb-agent image, for hosts with a container engine and registry access. Without them,
+# `cargo xtask image` builds the same image offline (docs/deploy.md, "Build the image").
+# Both have the same layout, written by the same code (`lb_image`, in image/): `lb-agent` at
+# /usr/local/bin, the shared libraries it links, busybox (`sh`, `grep`, `mount` for the init
+# container), /etc/passwd for root and the Debian packages' copyright files, in `FROM scratch`.
 #
-#   docker build -t ghcr.io/example/lb-agent:0.1.0 .     (BuildKit: the default builder)
+#   docker build -t ghcr.io/example/lb-agent:0.1.0 \
+#     --build-arg REVISION="$(git rev-parse HEAD)" .      (BuildKit: the default builder)
 #
 # lb-agent/build.rs compiles the eBPF crate (lb-ebpf) with the nightly toolchain and
 # bpf-linker through aya-build and embeds the object in the binary, so the builder needs
@@ -20,9 +25,11 @@ FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS builder
 #   curl -fsSL https://apt.llvm.org/llvm-snapshot.gpg.key -o /etc/apt/keyrings/llvm.asc
 #   echo 'deb [signed-by=/etc/apt/keyrings/llvm.asc] http://apt.llvm.org/bookworm/ llvm-toolchain-bookworm-22 main' \
 #     > /etc/apt/sources.list.d/llvm.list
+# busybox-static: the image's shell, grep and mount (one static binary); ca-certificates:
+# the image's CA bundle (kube's TLS client needs system roots).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      llvm-22-dev libpolly-22-dev libzstd-dev \
+      llvm-22-dev libpolly-22-dev libzstd-dev busybox-static ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 # The eBPF target is built with `-Z build-std=core`: a nightly toolchain with the standard
@@ -40,28 +47,34 @@ RUN LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 PATH="/usr/lib/llvm-22/bin:${PATH}" \
 WORKDIR /src
 COPY . .
 # The workspace's Cargo.lock as committed (--locked). The cache mounts keep the registry and
-# the target directory between builds; the binary is copied out of the latter because cache
-# mounts are not part of the image.
+# the target directory between builds; the root filesystem is written outside them because
+# cache mounts are not part of the image. `--rootfs` writes exactly what `cargo xtask image`
+# puts in its layer.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked -p lb-agent \
- && install -D -m 0755 target/release/lb-agent /out/lb-agent
+ && cargo xtask image --agent target/release/lb-agent --rootfs /rootfs
 
-# Debian slim rather than distroless: the DaemonSet's init container runs /bin/sh, grep and
-# mount from this image to mount bpffs on hosts that have none, and `kubectl exec` gets a
-# shell. The binary needs only glibc and libgcc_s (TLS is rustls with ring).
-FROM docker.io/library/debian:bookworm-slim
+# Nothing but that root filesystem: the init container's /bin/sh, grep and mount are
+# busybox, and `kubectl exec` gets a shell. The binary needs only glibc and libgcc_s (TLS is
+# rustls with ring).
+FROM scratch
 
+ARG VERSION=0.1.0
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="lb-agent" \
       org.opencontainers.image.description="Node agent of the eBPF Kubernetes service load balancer" \
-      org.opencontainers.image.licenses="MIT OR Apache-2.0"
+      org.opencontainers.image.licenses="MIT OR Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}"
 
-COPY --from=builder /out/lb-agent /usr/local/bin/lb-agent
+COPY --from=builder /rootfs/ /
 
-# Root: the agent's capabilities (CAP_BPF, CAP_NET_ADMIN, ...) are effective only for UID 0
-# in Kubernetes, and the host's bpffs is root's (mode 0700). deploy/daemonset.yaml drops
-# every other capability.
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Root: the agent's capabilities (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) are effective only
+# for UID 0 in Kubernetes, and the host's bpffs is root's (mode 0700). deploy/daemonset.yaml
+# drops every other capability.
 USER 0
 ENTRYPOINT ["lb-agent"]
 CMD ["--help"]

@@ -7,6 +7,7 @@
 //! loaded by [`loader`] read.
 pub mod agent;
 pub mod api;
+pub mod capabilities;
 pub mod categorize;
 pub mod conntrack;
 pub mod datapath_counters;

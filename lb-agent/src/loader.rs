@@ -164,7 +164,6 @@ pub fn load(
     })?;
     let specs = capacities.pinned_maps();
     check_pinned_maps(pin_dir, &specs)?;
-    raise_memlock_limit();
     let mut loader = EbpfLoader::new();
     for spec in &specs {
         loader.map_pin_path(spec.name, pin_dir.join(spec.name));
@@ -197,19 +196,6 @@ pub fn load(
         })
     })?;
     Ok(Loaded { ebpf, maps })
-}
-
-/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; lift it (this needs
-/// `CAP_SYS_RESOURCE`, and is harmless where memory cgroups do the accounting).
-fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: a plain syscall on a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
-        debug!(error = %io::Error::last_os_error(), "could not lift RLIMIT_MEMLOCK");
-    }
 }
 
 /// Refuses to reuse a pinned map whose shape differs from what this agent's programs expect:

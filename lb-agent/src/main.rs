@@ -3,7 +3,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use lb_agent::{agent, conntrack, inspect, loader, mounts, ownership, summary, telemetry};
+use lb_agent::{
+    agent, capabilities, conntrack, inspect, loader, mounts, ownership, summary, telemetry,
+};
 
 /// Node agent of an eBPF Kubernetes service load balancer (a kube-proxy replacement).
 ///
@@ -379,7 +381,10 @@ fn main() -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let result = runtime.block_on(agent::run(config));
+            // A step the kernel refused for lack of a capability says which one.
+            let result = runtime
+                .block_on(agent::run(config))
+                .map_err(capabilities::explain);
             // Exit promptly on SIGTERM even if a watch or a client connection is mid-flight:
             // everything that matters (pinned maps and links) is already in the kernel.
             runtime.shutdown_timeout(std::time::Duration::from_millis(500));

@@ -32,7 +32,7 @@ const HOST_BPFFS: &str = "/sys/fs/bpf";
 /// Where the host's cgroup2 hierarchy is: unified hosts, then hybrid ones.
 const HOST_CGROUP2: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
 /// The capabilities the agent gets, each explained in deploy/daemonset.yaml.
-const CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"];
+const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
 
 /// Every object of `deploy/`, by kind.
 #[derive(Default)]
@@ -623,6 +623,12 @@ fn agent_is_not_privileged() {
         added,
         BTreeSet::from(CAPABILITIES),
         "the capabilities the agent needs, each explained in deploy/daemonset.yaml"
+    );
+    // RuntimeDefault (containers-common) allows bpf(2) only with CAP_SYS_ADMIN.
+    assert_eq!(
+        security.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("Unconfined"),
+        "the agent's seccompProfile: the runtime's default refuses bpf(2) without CAP_SYS_ADMIN"
     );
 }
 

@@ -118,3 +118,67 @@ pub(crate) fn remove(dir: &Path) {
         eprintln!("lb-tests: cleanup: rm -r {}: {err}", dir.display());
     }
 }
+
+/// A directory standing in for a host's `/sys/fs/bpf` with nothing mounted on it yet: a
+/// shared mount point (bound onto itself), so the bpffs that the DaemonSet's init container
+/// mounts there with `Bidirectional` propagation appears here, as it would on the host.
+///
+/// On drop: `lb-agent cleanup` of the pins at `<dir>/lb` when bpffs is mounted, then every
+/// mount on the directory is undone and the directory removed.
+#[derive(Debug)]
+pub struct SharedMountPoint {
+    path: PathBuf,
+}
+
+impl SharedMountPoint {
+    #[track_caller]
+    pub fn new(path: &Path) -> Self {
+        fs::create_dir_all(path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        let point = Self {
+            path: path.to_owned(),
+        };
+        mount(
+            Some(path),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount --bind {0} {0}: {e}", path.display()));
+        mount(
+            None::<&str>,
+            path,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount --make-shared {}: {e}", path.display()));
+        point
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a bpf filesystem is mounted on the directory.
+    pub fn has_bpffs(&self) -> bool {
+        mounts::is_mounted(&self.path.to_string_lossy(), "bpf")
+    }
+}
+
+impl Drop for SharedMountPoint {
+    fn drop(&mut self) {
+        let pins = self.path.join("lb");
+        if self.has_bpffs()
+            && pins.exists()
+            && bins::agent().is_file()
+            && let Err(err) = agent_cleanup(&pins)
+        {
+            eprintln!("lb-tests: cleanup: {err}");
+        }
+        mounts::unmount_below(&self.path);
+        if let Err(err) = fs::remove_dir(&self.path) {
+            eprintln!("lb-tests: cleanup: rmdir {}: {err}", self.path.display());
+        }
+    }
+}

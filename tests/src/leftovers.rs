@@ -33,6 +33,9 @@ pub fn cleanup_leftovers() {
     for name in stale_entries(&tmp) {
         let path = tmp.join(&name);
         eprintln!("lb-tests: removing leftover {}", path.display());
+        // Containers of a crashed container test, then the mounts it made there.
+        crate::podman::remove_containers(&path.join("podman"));
+        crate::mounts::unmount_below(&path);
         let _ = fs::remove_dir_all(&path);
     }
 }

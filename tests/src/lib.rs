@@ -29,6 +29,8 @@ pub mod manifests;
 pub mod mounts;
 pub mod names;
 pub mod netns;
+pub mod pod_spec;
+pub mod podman;
 pub mod privileges;
 pub mod testkit;
 pub mod topology;

@@ -31,6 +31,23 @@ pub fn is_mounted(mount_point: &str, fstype: &str) -> bool {
         .any(|m| m.fstype == fstype && m.mount_point.as_os_str() == mount_point)
 }
 
+/// Unmounts every mount on or below `dir`, the deepest (the latest) first, detaching busy
+/// ones; reports failures.
+pub fn unmount_below(dir: &std::path::Path) {
+    let mut points: Vec<PathBuf> = mounts()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    // mountinfo lists mounts in the order they were made: undo them in reverse.
+    points.reverse();
+    for point in points {
+        if let Err(err) = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("lb-tests: cleanup: umount {}: {err}", point.display());
+        }
+    }
+}
+
 fn parse_mountinfo(text: &str) -> Vec<Mount> {
     text.lines()
         .filter_map(|line| {

@@ -2,9 +2,10 @@
 //!
 //! - `build-ebpf`: install the eBPF toolchain where missing, then `cargo build -p lb-agent`
 //!   (its `build.rs` builds and embeds `lb-ebpf`).
-//! - `test`: what CI runs (`.ci/run`): fmt, clippy, build, then nextest with the privileged
-//!   end-to-end tests.
+//! - `test`: what CI runs (`.ci/run`): fmt, clippy, build, the image around the debug agent,
+//!   then nextest with the privileged end-to-end tests (the container tests run that image).
 //! - `demo`: the seed article's web-app scene played on network namespaces.
+//! - `image`: the agent's OCI image, built offline, as an archive under `target/image/`.
 //! - `bench`: the socket load balancer against the direct path and kube-proxy's iptables and
 //!   nftables layouts over a sweep of Service counts; writes `docs/benchmarks.md`.
 mod bench;
@@ -12,6 +13,7 @@ mod build;
 mod cmd;
 mod demo;
 mod host;
+mod image;
 mod install;
 mod lab;
 mod sizing;
@@ -41,6 +43,8 @@ enum Command {
     Test(test::Args),
     /// Play the seed's web-app scene on network namespaces (root; a couple of minutes).
     Demo,
+    /// Build the agent's OCI image offline (release binary, its libraries, busybox) as an archive.
+    Image(image::Args),
     /// Benchmark against the direct path, iptables and nftables (root; about an hour, --quick a minute).
     Bench(bench::Args),
     /// Control-plane figures on a (fake) Kubernetes API: sync time, event latency, memory (root).
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf(args) => build::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Demo => demo::run(),
+        Command::Image(args) => image::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::WatchBench(args) => watch_bench::run(&args),
     };

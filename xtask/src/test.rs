@@ -11,8 +11,9 @@ use crate::{cmd, host, install};
 /// script still builds it for the BPF target.
 const HOST_CRATES: &[&str] = &["--workspace", "--exclude", "lb-ebpf"];
 
-/// What the end-to-end tests run besides the build prerequisites.
-const TEST_APT_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool"];
+/// What the end-to-end tests run besides the build prerequisites: the container tests run
+/// the agent's image with rootful podman and runc (`tests/tests/container.rs`).
+const TEST_APT_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool", "podman", "runc"];
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,6 +28,7 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     install::ensure_build_prereqs()?;
     install::ensure_apt(TEST_APT_PACKAGES)?;
+    install::ensure_apt(crate::image::IMAGE_APT_PACKAGES)?;
     if !args.no_lint {
         step(
             cmd::cargo().args(["fmt", "--all", "--check"]),
@@ -66,7 +68,18 @@ pub fn run(args: &Args) -> Result<()> {
         "the workspace does not build",
     )?;
     prepare_privileged_tests()?;
-    step(&mut nextest(&args.nextest_args), "tests failed")?;
+    // The image the container tests run: `cargo xtask image`'s layout and archive, around
+    // the debug agent just built (a release build would add minutes for the same layout).
+    let image = crate::target_dir()
+        .join("image")
+        .join("lb-agent-debug.oci.tar");
+    println!("==> cargo xtask image --agent target/debug/lb-agent");
+    crate::image::write_archive(&crate::target_dir().join("debug").join("lb-agent"), &image)
+        .context("building the agent's image for the container tests")?;
+    step(
+        nextest(&args.nextest_args).env("LB_IMAGE_ARCHIVE", &image),
+        "tests failed",
+    )?;
     if args.nextest_args.is_empty() {
         // The benchmark is no timed test, but it must keep working: one quick run, in this
         // process (the build above may just have replaced this very executable).
