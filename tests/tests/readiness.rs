@@ -83,8 +83,18 @@ fn readyz_is_false_while_the_api_server_is_gone_longer_than_the_threshold() {
         .is_some_and(|t| t > 1.0e9),
         "a sync has succeeded"
     );
-    // Each attached socket program's counters (zero unless kernel.bpf_stats_enabled is on).
-    for program in ["lb_connect4", "lb_sock_release", "lb_getpeername6"] {
+    // Each attached socket program's counters (zero unless kernel.bpf_stats_enabled is on),
+    // and the datapath's own.
+    assert!(
+        sample(
+            &metrics,
+            "lb_datapath_events_total",
+            Some(("event", "sock_translated"))
+        )
+        .is_some(),
+        "lb_datapath_events_total{{event=\"sock_translated\"}}"
+    );
+    for program in ["lb_connect4", "lb_recvmsg4", "lb_getpeername6"] {
         let runs = sample(
             &metrics,
             "lb_bpf_program_runs_total",
