@@ -18,6 +18,10 @@ use tracing::{debug, error, info, warn};
 use crate::{
     api::{self, SharedStatus},
     devices,
+    dns::{
+        index::SharedDnsIndex,
+        server::{self, DnsConfig},
+    },
     health::HealthServers,
     loader,
     maps::{LbMaps, writer::MapWriter},
@@ -69,6 +73,17 @@ pub struct RunConfig {
     pub external_ip_cidrs: ExternalIpCidrs,
     /// The capacities of the maps that grow with the cluster (`--max-*`).
     pub capacities: lb_common::MapCapacities,
+    /// Cluster DNS, if served.
+    pub dns: Option<DnsRun>,
+}
+
+/// Cluster DNS as `run` serves it.
+#[derive(Clone, Debug)]
+pub struct DnsRun {
+    pub config: DnsConfig,
+    /// Whether the address was asked for explicitly: if not (the manifests mode's
+    /// default), a taken address is reported and the agent runs without DNS.
+    pub explicit: bool,
 }
 
 /// Runs until SIGINT or SIGTERM. On exit the programs stay attached and the maps pinned:
@@ -78,14 +93,37 @@ pub struct RunConfig {
 /// When the datapath cannot be loaded or attached, or the source cannot be set up.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let status = SharedStatus::default();
+    let dns_index = SharedDnsIndex::default();
     let api = match config.api_addr {
         Some(addr) => {
             // Bind before anything else, so a taken port fails the start-up loudly.
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the API address {addr}"))?;
-            Some(tokio::spawn(api::serve(listener, status.clone())))
+            Some(tokio::spawn(api::serve(
+                listener,
+                status.clone(),
+                dns_index.clone(),
+            )))
         }
+        None => None,
+    };
+    let dns = match &config.dns {
+        Some(dns) => match server::serve(dns.config.clone(), dns_index.clone()).await {
+            Ok(task) => Some(task),
+            Err(e) if !dns.explicit => {
+                warn!(
+                    error = %e,
+                    addr = %dns.config.addr,
+                    "cluster DNS not served: its default address is taken (set --dns-addr)"
+                );
+                None
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("binding the DNS address {}", dns.config.addr));
+            }
+        },
         None => None,
     };
     let health = Arc::new(ProxyHealth::default());
@@ -116,6 +154,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         Arc::clone(&health),
     );
     reconciler.set_stale_cleanup(config.pin_dir.clone());
+    reconciler.set_dns_index(dns_index);
     let pods = config
         .socket_lb
         .per_packet_for_pods()
@@ -151,6 +190,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         task.abort();
     }
     if let Some(task) = api {
+        task.abort();
+    }
+    if let Some(task) = dns {
         task.abort();
     }
     healthz.iter().for_each(tokio::task::JoinHandle::abort);

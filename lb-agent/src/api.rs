@@ -9,10 +9,18 @@ use std::{
     time::Duration,
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::StatusCode,
+    routing::get,
+};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DesiredState, EndpointInfo};
+use crate::{
+    dns::index::SharedDnsIndex,
+    model::{DesiredState, EndpointInfo},
+};
 
 /// A frontend as the API shows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -86,12 +94,20 @@ pub fn views(desired: &DesiredState) -> Vec<FrontendView> {
 ///
 /// # Errors
 /// When accepting connections fails.
-pub async fn serve(listener: tokio::net::TcpListener, status: SharedStatus) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    status: SharedStatus,
+    dns: SharedDnsIndex,
+) -> std::io::Result<()> {
+    let env = Router::new()
+        .route("/v1/env/{namespace}", get(env))
+        .with_state(dns);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/frontends", get(frontends))
-        .with_state(status);
+        .with_state(status)
+        .merge(env);
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     axum::serve(listener, app).await
 }
@@ -105,6 +121,14 @@ async fn readyz(State(status): State<SharedStatus>) -> (StatusCode, &'static str
     }
 }
 
+/// The kubelet's Service variables for a pod of the namespace, as `export` lines.
+async fn env(State(dns): State<SharedDnsIndex>, Path(namespace): Path<String>) -> String {
+    let index = dns
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    crate::env::exports(&crate::env::variables(&index, &namespace))
+}
+
 async fn frontends(State(status): State<SharedStatus>) -> Json<Vec<FrontendView>> {
     Json(status.read().map(|s| views(&s.desired)).unwrap_or_default())
 }
@@ -115,10 +139,23 @@ async fn frontends(State(status): State<SharedStatus>) -> Json<Vec<FrontendView>
 /// # Errors
 /// When the agent cannot be reached or answers something else.
 pub fn fetch_frontends(addr: SocketAddr) -> anyhow::Result<Vec<FrontendView>> {
+    Ok(serde_json::from_str(&fetch(addr, "/v1/frontends")?)?)
+}
+
+/// Fetches `/v1/env/<namespace>` (the kubelet's Service variables as `export` lines).
+///
+/// # Errors
+/// When the agent cannot be reached or answers something else.
+pub fn fetch_env(addr: SocketAddr, namespace: &str) -> anyhow::Result<String> {
+    fetch(addr, &format!("/v1/env/{namespace}"))
+}
+
+/// A plain blocking HTTP/1.0 GET of `path`; the body.
+fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let timeout = Duration::from_secs(2);
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET /v1/frontends HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response
@@ -129,5 +166,5 @@ pub fn fetch_frontends(addr: SocketAddr) -> anyhow::Result<Vec<FrontendView>> {
         "{addr}: {}",
         head.lines().next().unwrap_or_default()
     );
-    Ok(serde_json::from_str(body)?)
+    Ok(body.to_string())
 }

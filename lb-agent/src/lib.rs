@@ -10,6 +10,8 @@ pub mod api;
 pub mod categorize;
 pub mod conntrack;
 pub mod devices;
+pub mod dns;
+pub mod env;
 pub mod health;
 pub mod inspect;
 pub mod listen;

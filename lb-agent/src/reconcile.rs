@@ -15,6 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     api::SharedStatus,
+    dns::index::SharedDnsIndex,
     health::HealthServers,
     maps::{LbMaps, writer::MapWriter},
     model::{HealthCheck, L4Addr, ObjectRef},
@@ -66,6 +67,8 @@ pub struct Reconciler<M> {
     stale_cleanup: Option<PathBuf>,
     /// The agent's health: changes queued and synced, this node's eligibility.
     health: Arc<ProxyHealth>,
+    /// Cluster DNS's view, changed in each sync right after the maps.
+    dns: SharedDnsIndex,
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -91,7 +94,31 @@ impl<M: LbMaps> Reconciler<M> {
             health_checks: None,
             stale_cleanup: None,
             health,
+            dns: SharedDnsIndex::default(),
         }
+    }
+
+    /// Publishes DNS records to `index` (the DNS server and the API read it).
+    pub fn set_dns_index(&mut self, index: SharedDnsIndex) {
+        self.dns = index;
+    }
+
+    /// Cluster DNS's view of the state.
+    pub const fn dns_index(&self) -> &SharedDnsIndex {
+        &self.dns
+    }
+
+    /// Hands the records of the Services translated in this sync to DNS: after the maps,
+    /// so a name never resolves to a ClusterIP that is not programmed yet.
+    fn publish_dns(&mut self) {
+        let changes = self.state.take_dns_changes();
+        if changes.is_empty() {
+            return;
+        }
+        self.dns
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .apply(changes);
     }
 
     /// Ends UDP traffic pinned to removed backends after each write (pins in `pin_dir`).
@@ -244,6 +271,7 @@ impl<M: LbMaps> Reconciler<M> {
         // Frontends the maps could not take are tried again on every sync (a rescan, any
         // event): room may have appeared.
         if self.pending.is_empty() && !self.full_pending && self.writer.refused().is_empty() {
+            self.publish_dns();
             self.health.updated(Now::current());
             return Ok(());
         }
@@ -264,11 +292,13 @@ impl<M: LbMaps> Reconciler<M> {
                 if let Err(read) = self.writer.readopt() {
                     error!(error = %read, "reading the maps back failed");
                 }
+                self.publish_dns();
                 return Err(SyncError(e));
             }
         };
         self.pending.clear();
         self.full_pending = false;
+        self.publish_dns();
         self.health.updated(Now::current());
         self.end_stale_udp();
         let elapsed_us = started.elapsed().as_micros();
