@@ -12,7 +12,8 @@ use crate::{cmd, host, install};
 const HOST_CRATES: &[&str] = &["--workspace", "--exclude", "lb-ebpf"];
 
 /// What the end-to-end tests run besides the build prerequisites.
-const TEST_APT_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool"];
+/// `bind9-dnsutils`: `dig`, the resolver client of the cluster DNS tests.
+const TEST_APT_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool", "bind9-dnsutils"];
 
 #[derive(clap::Args)]
 pub struct Args {
