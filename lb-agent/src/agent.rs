@@ -20,6 +20,7 @@ use crate::{
     devices,
     dns::{
         index::SharedDnsIndex,
+        publish,
         server::{self, DnsConfig},
     },
     health::HealthServers,
@@ -84,6 +85,8 @@ pub struct DnsRun {
     /// Whether the address was asked for explicitly: if not (the manifests mode's
     /// default), a taken address is reported and the agent runs without DNS.
     pub explicit: bool,
+    /// The ClusterIP of the `kube-system/kube-dns` Service to publish, if any.
+    pub service_ip: Option<std::net::IpAddr>,
 }
 
 /// Runs until SIGINT or SIGTERM. On exit the programs stay attached and the maps pinned:
@@ -155,6 +158,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     reconciler.set_stale_cleanup(config.pin_dir.clone());
     reconciler.set_dns_index(dns_index);
+    if let Some(dns_run) = &config.dns
+        && let Some(service_ip) = dns_run.service_ip
+        && dns.is_some()
+    {
+        let objects =
+            publish::kube_dns(service_ip, dns_run.config.addr).map_err(anyhow::Error::msg)?;
+        for object in objects {
+            reconciler.publish_own(publish::ORIGIN, object);
+        }
+        info!(%service_ip, listener = %dns_run.config.addr, "kube-system/kube-dns published");
+    }
     let pods = config
         .socket_lb
         .per_packet_for_pods()

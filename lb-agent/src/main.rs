@@ -216,6 +216,12 @@ struct DnsArgs {
     /// Refuse names outside the cluster domain instead of forwarding them.
     #[arg(long, env = "LB_DNS_NO_FORWARD")]
     dns_no_forward: bool,
+    /// Publish cluster DNS as the Service kube-system/kube-dns with this ClusterIP (port
+    /// 53, UDP and TCP), its endpoint the --dns-addr listener (which must be an address
+    /// pods reach), so a pod's `nameserver 10.96.0.10` is translated to it like any
+    /// Service.
+    #[arg(long, env = "LB_DNS_SERVICE_IP", value_name = "IP")]
+    dns_service_ip: Option<std::net::IpAddr>,
 }
 
 /// `IP:PORT`, or `off`/empty for none.
@@ -273,6 +279,7 @@ impl DnsArgs {
                 upstreams,
             },
             explicit,
+            service_ip: self.dns_service_ip,
         }))
     }
 }

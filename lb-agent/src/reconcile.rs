@@ -69,6 +69,9 @@ pub struct Reconciler<M> {
     health: Arc<ProxyHealth>,
     /// Cluster DNS's view, changed in each sync right after the maps.
     dns: SharedDnsIndex,
+    /// Objects the agent publishes itself (the `kube-dns` Service): a source's object of
+    /// the same kind and name is ignored, and a relist keeps them.
+    own: Vec<(Kind, ObjectRef)>,
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -95,7 +98,19 @@ impl<M: LbMaps> Reconciler<M> {
             stale_cleanup: None,
             health,
             dns: SharedDnsIndex::default(),
+            own: Vec::new(),
         }
+    }
+
+    /// Publishes an object of the agent's own (written at the next sync), kept whatever
+    /// the source says.
+    pub fn publish_own(&mut self, origin: &str, object: Object) {
+        self.own.push((object.kind(), object.id()));
+        self.apply_object(Arc::from(origin), object);
+    }
+
+    fn is_own(&self, kind: Kind, id: &ObjectRef) -> bool {
+        self.own.iter().any(|(k, o)| *k == kind && o == id)
     }
 
     /// Publishes DNS records to `index` (the DNS server and the API read it).
@@ -168,18 +183,17 @@ impl<M: LbMaps> Reconciler<M> {
                 if let Some(seen) = self.relists.get_mut(&object.kind()) {
                     seen.insert(object.id());
                 }
-                match object {
-                    Object::Service(o) => self.state.apply_service(Sourced { origin, object: *o }),
-                    Object::EndpointSlice(o) => {
-                        self.state.apply_slice(Sourced { origin, object: *o });
-                    }
-                    Object::Pod(o) => self.state.apply_pod(Sourced { origin, object: *o }),
-                    Object::Node(o) => {
-                        self.node.apply(&o);
-                        self.node_changed();
-                    }
+                if self.is_own(object.kind(), &object.id()) {
+                    warn!(
+                        "{} {} from {origin} ignored: the agent publishes its own",
+                        object.kind(),
+                        object.id()
+                    );
+                    return;
                 }
+                self.apply_object(origin, object);
             }
+            Change::Delete { kind, id } if self.is_own(kind, &id) => {}
             Change::Delete { kind, id } => self.delete(kind, &id),
             Change::Relisting(kind) => {
                 self.relists.insert(kind, HashSet::new());
@@ -196,10 +210,24 @@ impl<M: LbMaps> Reconciler<M> {
                     return;
                 }
                 for id in self.state.ids(kind) {
-                    if !seen.contains(&id) {
+                    if !seen.contains(&id) && !self.is_own(kind, &id) {
                         self.delete(kind, &id);
                     }
                 }
+            }
+        }
+    }
+
+    fn apply_object(&mut self, origin: Arc<str>, object: Object) {
+        match object {
+            Object::Service(o) => self.state.apply_service(Sourced { origin, object: *o }),
+            Object::EndpointSlice(o) => {
+                self.state.apply_slice(Sourced { origin, object: *o });
+            }
+            Object::Pod(o) => self.state.apply_pod(Sourced { origin, object: *o }),
+            Object::Node(o) => {
+                self.node.apply(&o);
+                self.node_changed();
             }
         }
     }

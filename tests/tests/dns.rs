@@ -357,12 +357,16 @@ struct ResolvConf(PathBuf);
 
 impl ResolvConf {
     fn new(netns: &str, namespace: &str) -> Self {
+        Self::with_nameserver(netns, namespace, DNS_IP)
+    }
+
+    fn with_nameserver(netns: &str, namespace: &str, nameserver: &str) -> Self {
         let dir = PathBuf::from("/etc/netns").join(netns);
         fs::create_dir_all(&dir).unwrap();
         fs::write(
             dir.join("resolv.conf"),
             format!(
-                "nameserver {DNS_IP}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+                "nameserver {nameserver}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
             ),
         )
         .unwrap();
@@ -537,4 +541,135 @@ fn bad_queries_never_stop_good_answers() {
     assert_eq!(dig(ns, &[name, "A"]), good);
     assert_eq!(dig(ns, &[name, "A", "+tcp"]), good);
     agent.assert_running();
+}
+
+#[test]
+fn pods_reach_dns_through_the_published_kube_dns_service() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc.yaml",
+        &service("web-app-service", "10.96.0.30")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = dns_agent(
+        &env,
+        &["--dns-no-forward", "--dns-service-ip", "10.96.0.100"],
+    );
+    agent.wait_for_frontend("10.96.0.30:80", 1, APPLY);
+    // kube-system/kube-dns, port 53 over UDP and TCP, to the agent's listener.
+    for protocol in ["UDP", "TCP"] {
+        let frontend = agent.wait_for_frontend_proto("10.96.0.100:53", protocol, 1, APPLY);
+        assert_eq!(frontend.backend_addrs(), [format!("{DNS_IP}:53")]);
+    }
+    let _conf = ResolvConf::with_nameserver(client.netns(), "default", "10.96.0.100");
+    let hosts = in_pod(&env, client.netns(), "getent hosts web-app-service")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(hosts.starts_with("10.96.0.30"), "{hosts}");
+    let body = in_pod(&env, client.netns(), "curl -s -m 5 http://web-app-service/")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(body.contains("webapp1"), "{body}");
+    // The answer comes from the Service address (reverse translation), over TCP too.
+    let udp = in_pod(
+        &env,
+        client.netns(),
+        "dig @10.96.0.100 +short kube-dns.kube-system.svc.cluster.local",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(udp.trim(), "10.96.0.100");
+    let tcp = in_pod(
+        &env,
+        client.netns(),
+        "dig @10.96.0.100 +tcp +short web-app-service.default.svc.cluster.local",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tcp.trim(), "10.96.0.30");
+}
+
+#[test]
+fn names_outside_the_domain_go_to_the_nodes_resolvers() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let client = env.topo.add_pod("client");
+    let node = env.topo.node().name().to_owned();
+    // The node's resolver: dnsmasq on the node namespace's loopback, knowing one name.
+    cmd::run(
+        Command::new("ip").args(["-n", &node, "link", "set", "lo", "up"]),
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let pid_file = env.manifests.work_dir().join("dnsmasq.pid");
+    cmd::run(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{node}"))
+            .args([
+                "dnsmasq",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.2",
+                "--port=53",
+                "--user=root",
+                "--address=/upstream.test/10.1.2.3",
+                // Names it answers NXDOMAIN for (relayed as such).
+                "--address=/nothing.test/",
+            ])
+            .arg(format!("--pid-file={}", pid_file.display())),
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let _dnsmasq = KillOnDrop(pid_file);
+    let resolv = env.manifests.work_dir().join("node-resolv.conf");
+    fs::write(&resolv, "nameserver 127.0.0.2\n").unwrap();
+    env.manifests.write(
+        "ext.yaml",
+        &service("ext", "")
+            .type_("ExternalName")
+            .external_name("www.upstream.test")
+            .yaml(),
+    );
+    let resolv = resolv.display().to_string();
+    let _agent = dns_agent(&env, &["--dns-resolv-conf", &resolv]);
+    let ns = client.netns();
+    let want = answer("NOERROR", &["10.1.2.3"]);
+    assert_eq!(
+        dig_until(ns, &["www.upstream.test", "A"], &want, APPLY),
+        want
+    );
+    assert_eq!(dig(ns, &["www.upstream.test", "A", "+tcp"]), want);
+    assert_eq!(dig(ns, &["nothing.test", "A"]).status, "NXDOMAIN");
+    // An ExternalName Service's target is resolved upstream too.
+    assert_eq!(
+        dig_until(
+            ns,
+            &["ext.default.svc.cluster.local", "A"],
+            &answer("NOERROR", &["10.1.2.3", "www.upstream.test."]),
+            APPLY
+        ),
+        answer("NOERROR", &["10.1.2.3", "www.upstream.test."])
+    );
+}
+
+/// Kills the process whose pid the file holds, on drop.
+struct KillOnDrop(PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(pid) = fs::read_to_string(&self.0)
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
 }

@@ -5,5 +5,6 @@
 pub mod answer;
 pub mod forward;
 pub mod index;
+pub mod publish;
 pub mod records;
 pub mod server;
