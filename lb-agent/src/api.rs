@@ -2,6 +2,7 @@
 //! (the datapath is attached and the first sync done), and `/v1/frontends`, the desired
 //! state with what the maps cannot hold: Service and port names, where each endpoint came
 //! from, its node and zone. `lb-agent services --api-addr` merges it into its listing.
+//! `/v1/env/<namespace>` gives the kubelet's Service variables for `lb-agent env`.
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
