@@ -46,6 +46,11 @@ struct Dig {
 /// `dig @DNS_IP ARGS` in `netns`.
 #[track_caller]
 fn dig(netns: &str, args: &[&str]) -> Dig {
+    try_dig(netns, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`dig`], or why dig got no answer (the server is not listening yet).
+fn try_dig(netns: &str, args: &[&str]) -> Result<Dig, String> {
     let out = cmd::run(
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{netns}"))
@@ -54,24 +59,23 @@ fn dig(netns: &str, args: &[&str]) -> Dig {
             .args(["+tries=1", "+time=2", "+noall", "+comments", "+answer"])
             .args(args),
         Duration::from_secs(10),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    )?;
     let status = out
         .lines()
         .find_map(|l| l.split("status: ").nth(1))
         .map(|s| s.split(',').next().unwrap_or_default().to_owned())
-        .unwrap_or_else(|| panic!("no status in dig's output:\n{out}"));
+        .ok_or_else(|| format!("no status in dig's output:\n{out}"))?;
     let mut answers: Vec<String> = out
         .lines()
         .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
         .map(|l| l.split_whitespace().skip(4).collect::<Vec<_>>().join(" "))
         .collect();
     answers.sort();
-    Dig {
+    Ok(Dig {
         status,
         answers,
         retried_over_tcp: out.contains("Truncated, retrying in TCP mode"),
-    }
+    })
 }
 
 fn answer(status: &str, answers: &[&str]) -> Dig {
@@ -84,14 +88,16 @@ fn answer(status: &str, answers: &[&str]) -> Dig {
     }
 }
 
-/// Asks until `want` or `timeout`; the last answer.
+/// Asks until `want` or `timeout` (also while the server does not answer yet); the last
+/// answer.
 #[track_caller]
 fn dig_until(netns: &str, args: &[&str], want: &Dig, timeout: Duration) -> Dig {
     let deadline = Instant::now() + timeout;
     loop {
-        let got = dig(netns, args);
-        if got == *want || Instant::now() > deadline {
-            return got;
+        match try_dig(netns, args) {
+            Ok(got) if got == *want || Instant::now() > deadline => return got,
+            Err(e) if Instant::now() > deadline => panic!("{e}"),
+            _ => {}
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -255,7 +261,8 @@ fn a_name_follows_its_service_with_the_maps() {
     let mut agent = dns_agent(&env, &["--dns-no-forward"]);
     let ns = client.netns();
     let name = "web.default.svc.cluster.local";
-    assert_eq!(dig(ns, &[name, "A"]).status, "NXDOMAIN");
+    let none = answer("NXDOMAIN", &[]);
+    assert_eq!(dig_until(ns, &[name, "A"], &none, APPLY), none);
     let write = |ip: &str| {
         env.manifests
             .write("web.yaml", &service("web", ip).port(80, 8080).yaml());
@@ -336,11 +343,12 @@ fn a_large_headless_answer_falls_back_to_tcp() {
     let ns = client.netns();
     let deadline = Instant::now() + APPLY;
     let got = loop {
-        let got = dig(ns, &["big.default.svc.cluster.local", "A"]);
-        if got.answers.len() == 200 || Instant::now() > deadline {
-            break got;
+        let got = try_dig(ns, &["big.default.svc.cluster.local", "A"]);
+        match got {
+            Ok(got) if got.answers.len() == 200 || Instant::now() > deadline => break got,
+            Err(e) if Instant::now() > deadline => panic!("{e}"),
+            _ => std::thread::sleep(Duration::from_millis(100)),
         }
-        std::thread::sleep(Duration::from_millis(100));
     };
     let mut want: Vec<String> = ips;
     want.sort();
