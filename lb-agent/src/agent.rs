@@ -18,6 +18,11 @@ use tracing::{debug, error, info, warn};
 use crate::{
     api::{self, SharedStatus},
     devices,
+    dns::{
+        index::SharedDnsIndex,
+        publish,
+        server::{self, DnsConfig},
+    },
     health::HealthServers,
     loader,
     maps::{LbMaps, writer::MapWriter},
@@ -76,6 +81,19 @@ pub struct RunConfig {
     pub external_ip_cidrs: ExternalIpCidrs,
     /// The capacities of the maps that grow with the cluster (`--max-*`).
     pub capacities: lb_common::MapCapacities,
+    /// Cluster DNS, if served.
+    pub dns: Option<DnsRun>,
+}
+
+/// Cluster DNS as `run` serves it.
+#[derive(Clone, Debug)]
+pub struct DnsRun {
+    pub config: DnsConfig,
+    /// Whether the address was asked for explicitly: if not (the manifests mode's
+    /// default), a taken address is reported and the agent runs without DNS.
+    pub explicit: bool,
+    /// The ClusterIP of the `kube-system/kube-dns` Service to publish, if any.
+    pub service_ip: Option<std::net::IpAddr>,
 }
 
 /// Runs until SIGINT or SIGTERM. On exit the programs stay attached and the maps pinned:
@@ -90,13 +108,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         status.readiness = Arc::new(Readiness::new(config.readyz_stale_after));
         status.explain = Some(explain_tx);
     }
+    let dns_index = SharedDnsIndex::default();
     let api = match config.api_addr {
         Some(addr) => {
             // Bind before anything else, so a taken port fails the start-up loudly.
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the API address {addr}"))?;
-            Some(tokio::spawn(api::serve(listener, status.clone())))
+            Some(tokio::spawn(api::serve(
+                listener,
+                status.clone(),
+                dns_index.clone(),
+            )))
         }
         None => None,
     };
@@ -108,6 +131,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let pin_dir = config.pin_dir.clone();
     metrics.set_fill_reader(Arc::new(move || crate::summary::readable_fills(&pin_dir)));
+    let dns = match &config.dns {
+        Some(dns) => match server::serve(dns.config.clone(), dns_index.clone()).await {
+            Ok(task) => Some(task),
+            Err(e) if !dns.explicit => {
+                warn!(
+                    error = %e,
+                    addr = %dns.config.addr,
+                    "cluster DNS not served: its default address is taken (set --dns-addr)"
+                );
+                None
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("binding the DNS address {}", dns.config.addr));
+            }
+        },
+        None => None,
+    };
     let health = Arc::new(ProxyHealth::default());
     let healthz = match config.healthz_addr {
         Some(addr) => proxy_health::serve(addr, Arc::clone(&health))
@@ -138,6 +179,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     reconciler.set_stale_cleanup(config.pin_dir.clone());
     reconciler.set_metrics(metrics);
+    reconciler.set_dns_index(dns_index);
+    if let Some(dns_run) = &config.dns
+        && let Some(service_ip) = dns_run.service_ip
+        && dns.is_some()
+    {
+        let objects =
+            publish::kube_dns(service_ip, dns_run.config.addr).map_err(anyhow::Error::msg)?;
+        for object in objects {
+            reconciler.publish_own(publish::ORIGIN, object);
+        }
+        info!(%service_ip, listener = %dns_run.config.addr, "kube-system/kube-dns published");
+    }
     let pods = config
         .socket_lb
         .per_packet_for_pods()
@@ -175,6 +228,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         task.abort();
     }
     if let Some(task) = api {
+        task.abort();
+    }
+    if let Some(task) = dns {
         task.abort();
     }
     healthz.iter().for_each(tokio::task::JoinHandle::abort);

@@ -2,6 +2,7 @@
 //! (the datapath is attached and current, see [`crate::readiness`]), and `/v1/frontends`, the desired
 //! state with what the maps cannot hold: Service and port names, where each endpoint came
 //! from, its node and zone. `lb-agent services --api-addr` merges it into its listing.
+//! `/v1/env/<namespace>` gives the kubelet's Service variables for `lb-agent env`.
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -9,10 +10,16 @@ use std::{
     time::Duration,
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::StatusCode,
+    routing::get,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    dns::index::SharedDnsIndex,
     explain,
     model::{DesiredState, EndpointInfo},
     readiness::Readiness,
@@ -93,13 +100,21 @@ pub fn views(desired: &DesiredState) -> Vec<FrontendView> {
 ///
 /// # Errors
 /// When accepting connections fails.
-pub async fn serve(listener: tokio::net::TcpListener, status: SharedStatus) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    status: SharedStatus,
+    dns: SharedDnsIndex,
+) -> std::io::Result<()> {
+    let env = Router::new()
+        .route("/v1/env/{namespace}", get(env))
+        .with_state(dns);
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/frontends", get(frontends))
         .route("/v1/explain", get(explain_handler))
-        .with_state(status);
+        .with_state(status)
+        .merge(env);
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     crate::listen::serve_http(listener, app).await
 }
@@ -214,6 +229,14 @@ pub fn fetch_explanation(
     Ok(serde_json::from_str(&http_get(addr, &path)?)?)
 }
 
+/// The kubelet's Service variables for a pod of the namespace, as `export` lines.
+async fn env(State(dns): State<SharedDnsIndex>, Path(namespace): Path<String>) -> String {
+    let index = dns
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    crate::env::exports(&crate::env::variables(&index, &namespace))
+}
+
 async fn frontends(State(status): State<SharedStatus>) -> Json<Vec<FrontendView>> {
     Json(status.read().map(|s| views(&s.desired)).unwrap_or_default())
 }
@@ -225,6 +248,14 @@ async fn frontends(State(status): State<SharedStatus>) -> Json<Vec<FrontendView>
 /// When the agent cannot be reached or answers something else.
 pub fn fetch_frontends(addr: SocketAddr) -> anyhow::Result<Vec<FrontendView>> {
     Ok(serde_json::from_str(&http_get(addr, "/v1/frontends")?)?)
+}
+
+/// Fetches `/v1/env/<namespace>` (the kubelet's Service variables as `export` lines).
+///
+/// # Errors
+/// When the agent cannot be reached or answers something else.
+pub fn fetch_env(addr: SocketAddr, namespace: &str) -> anyhow::Result<String> {
+    http_get(addr, &format!("/v1/env/{namespace}"))
 }
 
 /// The body of a 200 answer to `GET path` (a plain blocking HTTP/1.0 GET: the CLI needs

@@ -12,6 +12,8 @@ pub mod categorize;
 pub mod conntrack;
 pub mod datapath_counters;
 pub mod devices;
+pub mod dns;
+pub mod env;
 pub mod explain;
 pub mod health;
 pub mod inspect;

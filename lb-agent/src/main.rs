@@ -151,7 +151,20 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
         #[command(flatten)]
+        dns: DnsArgs,
+        #[command(flatten)]
         sizes: MapSizeArgs,
+    },
+    /// Print the environment variables the kubelet gives a pod of a namespace about its
+    /// Services ({SVC}_SERVICE_HOST, _SERVICE_PORT, _SERVICE_PORT_<NAME> and the
+    /// Docker-link _PORT_… set), as `export` lines, from a running agent's state.
+    Env {
+        /// The pod's namespace.
+        #[arg(long, short, default_value = "default")]
+        namespace: String,
+        /// The running agent's --api-addr.
+        #[arg(long, env = "LB_API_ADDR", value_name = "IP:PORT")]
+        api_addr: std::net::SocketAddr,
     },
     /// List every frontend and its backends, read from the pinned maps (no agent needed).
     Services {
@@ -217,6 +230,108 @@ struct ApiArgs {
     /// what the maps hold).
     #[arg(long, env = "LB_API_ADDR", value_name = "IP:PORT")]
     api_addr: Option<std::net::SocketAddr>,
+}
+
+/// Cluster DNS, answered from the same state as the maps.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Cluster DNS")]
+struct DnsArgs {
+    /// Where to serve cluster DNS (UDP and TCP), following the Kubernetes DNS
+    /// specification for the Services lb knows; `off` (or empty) for none
+    /// [default: 127.0.0.1:53 with --manifests (skipped with a warning when taken), off
+    /// when watching the API server, where CoreDNS serves it].
+    #[arg(long, env = "LB_DNS_ADDR", value_name = "IP:PORT|off")]
+    dns_addr: Option<DnsAddr>,
+    /// The cluster domain: Services are `<svc>.<ns>.svc.<domain>`.
+    #[arg(
+        long,
+        env = "LB_CLUSTER_DOMAIN",
+        value_name = "DOMAIN",
+        default_value = "cluster.local"
+    )]
+    cluster_domain: String,
+    /// TTL of cluster DNS records, in seconds (short: a Service's name follows its
+    /// changes within it).
+    #[arg(long, env = "LB_DNS_TTL", value_name = "SECONDS", default_value_t = 5)]
+    dns_ttl: u32,
+    /// Resolvers for names outside the cluster domain: their `nameserver` lines; with
+    /// --dns-no-forward such names are refused.
+    #[arg(
+        long,
+        env = "LB_DNS_RESOLV_CONF",
+        value_name = "PATH",
+        default_value = "/etc/resolv.conf"
+    )]
+    dns_resolv_conf: PathBuf,
+    /// Refuse names outside the cluster domain instead of forwarding them.
+    #[arg(long, env = "LB_DNS_NO_FORWARD")]
+    dns_no_forward: bool,
+    /// Publish cluster DNS as the Service kube-system/kube-dns with this ClusterIP (port
+    /// 53, UDP and TCP), its endpoint the --dns-addr listener (which must be an address
+    /// pods reach), so a pod's `nameserver 10.96.0.10` is translated to it like any
+    /// Service.
+    #[arg(long, env = "LB_DNS_SERVICE_IP", value_name = "IP")]
+    dns_service_ip: Option<std::net::IpAddr>,
+}
+
+/// `IP:PORT`, or `off`/empty for none.
+#[derive(Clone, Copy, Debug)]
+struct DnsAddr(Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for DnsAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" | "off" => Ok(Self(None)),
+            addr => addr.parse().map(|addr| Self(Some(addr))),
+        }
+    }
+}
+
+impl DnsArgs {
+    /// What `run` serves: `manifests` says which source's default applies.
+    fn run_config(&self, manifests: bool) -> anyhow::Result<Option<agent::DnsRun>> {
+        let (addr, explicit) = match self.dns_addr {
+            Some(DnsAddr(None)) => return Ok(None),
+            Some(DnsAddr(Some(addr))) => (addr, true),
+            None if manifests => ((std::net::Ipv4Addr::LOCALHOST, 53).into(), false),
+            None => return Ok(None),
+        };
+        let domain = self.cluster_domain.trim_matches('.').to_ascii_lowercase();
+        anyhow::ensure!(
+            !domain.is_empty() && hickory_proto::rr::Name::from_ascii(format!("{domain}.")).is_ok(),
+            "--cluster-domain {:?} is not a domain name",
+            self.cluster_domain
+        );
+        let upstreams = if self.dns_no_forward {
+            Vec::new()
+        } else {
+            match lb_agent::dns::forward::upstreams(&self.dns_resolv_conf, Some(addr)) {
+                Ok(upstreams) => upstreams,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        path = %self.dns_resolv_conf.display(),
+                        "no resolvers for names outside the cluster domain: they are refused"
+                    );
+                    Vec::new()
+                }
+            }
+        };
+        Ok(Some(agent::DnsRun {
+            config: lb_agent::dns::server::DnsConfig {
+                addr,
+                zone: lb_agent::dns::answer::Zone {
+                    domain,
+                    ttl: self.dns_ttl,
+                },
+                upstreams,
+            },
+            explicit,
+            service_ip: self.dns_service_ip,
+        }))
+    }
 }
 
 /// `IP:PORT`, or empty for none.
@@ -349,7 +464,9 @@ fn main() -> anyhow::Result<()> {
             sizes,
             pins,
             api,
+            dns,
         } => {
+            let dns = dns.run_config(manifests.is_some())?;
             let nodeport_addresses =
                 ownership::NodePortAddresses::from_elements(&nodeport_addresses)
                     .map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}"))?;
@@ -376,6 +493,7 @@ fn main() -> anyhow::Result<()> {
                 nodeport_addresses,
                 external_ip_cidrs: ownership::ExternalIpCidrs(external_ip_cidrs),
                 capacities: sizes.capacities()?,
+                dns,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -419,6 +537,13 @@ fn main() -> anyhow::Result<()> {
                 "{}",
                 inspect::explain(&pins.bpf_pin_path, api.api_addr, target, from, output)?
             );
+            Ok(())
+        }
+        Command::Env {
+            namespace,
+            api_addr,
+        } => {
+            print!("{}", lb_agent::api::fetch_env(api_addr, &namespace)?);
             Ok(())
         }
         Command::Conntrack { pins, output } => {

@@ -15,6 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     api::SharedStatus,
+    dns::index::SharedDnsIndex,
     health::HealthServers,
     maps::{LbMaps, writer::MapWriter},
     metrics::{Metrics, RejectedLabels},
@@ -67,6 +68,11 @@ pub struct Reconciler<M> {
     stale_cleanup: Option<PathBuf>,
     /// The agent's health: changes queued and synced, this node's eligibility.
     health: Arc<ProxyHealth>,
+    /// Cluster DNS's view, changed in each sync right after the maps.
+    dns: SharedDnsIndex,
+    /// Objects the agent publishes itself (the `kube-dns` Service): a source's object of
+    /// the same kind and name is ignored, and a relist keeps them.
+    own: Vec<(Kind, ObjectRef)>,
     metrics: Arc<Metrics>,
     /// What changed since the last successful sync, for the metrics.
     unsynced: Unsynced,
@@ -113,6 +119,8 @@ impl<M: LbMaps> Reconciler<M> {
             metrics: Arc::default(),
             unsynced: Unsynced::default(),
             started: SystemTime::now(),
+            dns: SharedDnsIndex::default(),
+            own: Vec::new(),
         }
     }
 
@@ -124,6 +132,40 @@ impl<M: LbMaps> Reconciler<M> {
     /// The metrics it records.
     pub const fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Publishes an object of the agent's own (written at the next sync), kept whatever
+    /// the source says.
+    pub fn publish_own(&mut self, origin: &str, object: Object) {
+        self.own.push((object.kind(), object.id()));
+        self.apply_object(Arc::from(origin), object);
+    }
+
+    fn is_own(&self, kind: Kind, id: &ObjectRef) -> bool {
+        self.own.iter().any(|(k, o)| *k == kind && o == id)
+    }
+
+    /// Publishes DNS records to `index` (the DNS server and the API read it).
+    pub fn set_dns_index(&mut self, index: SharedDnsIndex) {
+        self.dns = index;
+    }
+
+    /// Cluster DNS's view of the state.
+    pub const fn dns_index(&self) -> &SharedDnsIndex {
+        &self.dns
+    }
+
+    /// Hands the records of the Services translated in this sync to DNS: after the maps,
+    /// so a name never resolves to a ClusterIP that is not programmed yet.
+    fn publish_dns(&mut self) {
+        let changes = self.state.take_dns_changes();
+        if changes.is_empty() {
+            return;
+        }
+        self.dns
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .apply(changes);
     }
 
     /// Ends UDP traffic pinned to removed backends after each write (pins in `pin_dir`).
@@ -174,18 +216,17 @@ impl<M: LbMaps> Reconciler<M> {
                 if let Some(seen) = self.relists.get_mut(&object.kind()) {
                     seen.insert(object.id());
                 }
-                match object {
-                    Object::Service(o) => self.state.apply_service(Sourced { origin, object: *o }),
-                    Object::EndpointSlice(o) => {
-                        self.state.apply_slice(Sourced { origin, object: *o });
-                    }
-                    Object::Pod(o) => self.state.apply_pod(Sourced { origin, object: *o }),
-                    Object::Node(o) => {
-                        self.node.apply(&o);
-                        self.node_changed();
-                    }
+                if self.is_own(object.kind(), &object.id()) {
+                    warn!(
+                        "{} {} from {origin} ignored: the agent publishes its own",
+                        object.kind(),
+                        object.id()
+                    );
+                    return;
                 }
+                self.apply_object(origin, object);
             }
+            Change::Delete { kind, id } if self.is_own(kind, &id) => {}
             Change::Delete { kind, id } => self.delete(kind, &id),
             Change::Relisting(kind) => {
                 self.relists.insert(kind, HashSet::new());
@@ -202,7 +243,7 @@ impl<M: LbMaps> Reconciler<M> {
                     return;
                 }
                 for id in self.state.ids(kind) {
-                    if !seen.contains(&id) {
+                    if !seen.contains(&id) && !self.is_own(kind, &id) {
                         self.delete(kind, &id);
                     }
                 }
@@ -262,6 +303,20 @@ impl<M: LbMaps> Reconciler<M> {
         self.unsynced.endpoints = 0;
         self.metrics.service_changes_pending.set(0);
         self.metrics.endpoint_changes_pending.set(0);
+    }
+
+    fn apply_object(&mut self, origin: Arc<str>, object: Object) {
+        match object {
+            Object::Service(o) => self.state.apply_service(Sourced { origin, object: *o }),
+            Object::EndpointSlice(o) => {
+                self.state.apply_slice(Sourced { origin, object: *o });
+            }
+            Object::Pod(o) => self.state.apply_pod(Sourced { origin, object: *o }),
+            Object::Node(o) => {
+                self.node.apply(&o);
+                self.node_changed();
+            }
+        }
     }
 
     fn delete(&mut self, kind: Kind, id: &ObjectRef) {
@@ -332,6 +387,7 @@ impl<M: LbMaps> Reconciler<M> {
         // Frontends the maps could not take are tried again on every sync (a rescan, any
         // event): room may have appeared.
         if self.pending.is_empty() && !self.full_pending && self.writer.refused().is_empty() {
+            self.publish_dns();
             self.health.updated(Now::current());
             self.synced(sync_started);
             return Ok(());
@@ -355,6 +411,7 @@ impl<M: LbMaps> Reconciler<M> {
                 if let Err(read) = self.writer.readopt() {
                     error!(error = %read, "reading the maps back failed");
                 }
+                self.publish_dns();
                 return Err(SyncError(e));
             }
         };
@@ -362,6 +419,7 @@ impl<M: LbMaps> Reconciler<M> {
         self.mark_written(&written);
         self.pending.clear();
         self.full_pending = false;
+        self.publish_dns();
         self.health.updated(Now::current());
         self.synced(sync_started);
         crate::api::readiness(&self.status).write_succeeded();

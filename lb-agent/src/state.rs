@@ -17,6 +17,7 @@ use k8s_openapi::api::{
 
 use crate::{
     categorize::NodeTopology,
+    dns::records::{self, ServiceRecords},
     model::{
         DEFAULT_NAMESPACE, DesiredState, Frontend, FrontendKind, HealthCheck, L4Addr, ObjectRef,
     },
@@ -39,6 +40,9 @@ struct SliceEntry {
     resource_version: u64,
     /// File (or `api`) it came from (shared).
     origin: Arc<str>,
+    /// A headless Service's slice: DNS reads it, the proxy ignores it altogether (it does
+    /// not even make the Service one "with slices").
+    headless: bool,
 }
 
 /// A Service that wants a frontend address and does not get it.
@@ -94,6 +98,9 @@ pub struct ClusterState {
     /// Bumped whenever the set of problems may have changed, so reporting can skip the
     /// work when it has not.
     problems_version: u64,
+    /// The DNS records of the Services translated since the index last took them (`None`:
+    /// the Service has no name any more).
+    dns_changes: Vec<(ObjectRef, Option<ServiceRecords>)>,
 }
 
 impl ClusterState {
@@ -194,6 +201,7 @@ impl ClusterState {
     pub(crate) fn apply_slice(&mut self, slice: Sourced<EndpointSlice>) {
         let id = ObjectRef::of(&slice.object.metadata);
         // The Service's own name, shared, when it is known.
+        let headless = is_headless_slice(&slice.object);
         let service = slice_service(&slice.object).map(|s| {
             self.services
                 .get_key_value(&s)
@@ -208,6 +216,7 @@ impl ClusterState {
             && let Some(old) = self.slices.get_mut(&id)
             && old.service == service
             && old.valid == valid
+            && old.headless == headless
         {
             old.resource_version = resource_version;
             old.origin = origin;
@@ -229,6 +238,7 @@ impl ClusterState {
                 valid,
                 resource_version,
                 origin,
+                headless,
             },
         );
     }
@@ -318,6 +328,11 @@ impl ClusterState {
         }
     }
 
+    /// The DNS records of the Services translated since the last call (`None`: no name).
+    pub(crate) fn take_dns_changes(&mut self) -> Vec<(ObjectRef, Option<ServiceRecords>)> {
+        std::mem::take(&mut self.dns_changes)
+    }
+
     /// Translates the Services touched since the last call and updates the desired state.
     /// Returns the frontend addresses whose desired entry changed (added, updated or
     /// removed), sorted.
@@ -326,12 +341,26 @@ impl ClusterState {
         let mut ips = std::mem::take(&mut self.pending_ips);
         for id in std::mem::take(&mut self.dirty) {
             let new = self.services.get(&id).map(|service| {
-                let slices: Option<Vec<&ValidSlice>> = self.slices_by_service.get(&id).map(|ids| {
-                    ids.iter()
-                        .filter_map(|s| self.slices.get(s)?.valid.as_ref())
+                let entries = || {
+                    self.slices_by_service
+                        .get(&id)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|s| self.slices.get(s))
+                };
+                // The proxy's: the Service has slices when it has any but a headless
+                // Service's; DNS reads those too.
+                let slices: Option<Vec<&ValidSlice>> = entries().any(|e| !e.headless).then(|| {
+                    entries()
+                        .filter(|e| !e.headless)
+                        .filter_map(|e| e.valid.as_ref())
                         .collect()
                 });
-                let pods: Vec<&ValidPod> = if slices.is_some() {
+                let dns_slices: Option<Vec<&ValidSlice>> = entries()
+                    .next()
+                    .is_some()
+                    .then(|| entries().filter_map(|e| e.valid.as_ref()).collect());
+                let pods: Vec<&ValidPod> = if slices.is_some() && dns_slices.is_some() {
                     Vec::new()
                 } else {
                     self.pods
@@ -340,6 +369,9 @@ impl ClusterState {
                         .filter_map(|(_, valid)| valid.as_ref())
                         .collect()
                 };
+                let dns = records::build(service, dns_slices.as_deref(), &pods);
+                self.dns_changes.push((id.clone(), dns));
+                let pods: Vec<&ValidPod> = if slices.is_some() { Vec::new() } else { pods };
                 translate_service(
                     service,
                     slices.as_deref(),
@@ -350,6 +382,9 @@ impl ClusterState {
                     },
                 )
             });
+            if new.is_none() {
+                self.dns_changes.push((id.clone(), None));
+            }
             let new = new.unwrap_or_default();
             match new.health_check {
                 Some(check) => self.health_checks.insert(id.clone(), check),
@@ -692,13 +727,18 @@ fn remove_from(by_ip: &mut HashMap<IpAddr, SmallSet<L4Addr>>, address: &L4Addr) 
     }
 }
 
-/// The Service a slice belongs to; `None` also for a headless Service's slice, which the
-/// proxy ignores altogether (it does not even make the Service one "with slices").
+/// Whether a slice is a headless Service's.
+fn is_headless_slice(slice: &EndpointSlice) -> bool {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|labels| labels.contains_key(HEADLESS_LABEL))
+}
+
+/// The Service a slice belongs to.
 fn slice_service(slice: &EndpointSlice) -> Option<ObjectRef> {
     let labels = slice.metadata.labels.as_ref()?;
-    if labels.contains_key(HEADLESS_LABEL) {
-        return None;
-    }
     let name = labels.get(SERVICE_NAME_LABEL)?;
     let namespace = slice.metadata.namespace.as_deref();
     Some(ObjectRef::new(namespace.unwrap_or(DEFAULT_NAMESPACE), name))

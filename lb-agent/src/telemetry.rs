@@ -1,4 +1,5 @@
-//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`), as text or JSON.
+//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`, hickory's line per
+//! DNS query left out), as text or JSON.
 //! Log records from the eBPF programs (aya-log) arrive through the `log` bridge.
 use std::io::IsTerminal as _;
 
@@ -14,7 +15,8 @@ pub enum LogFormat {
 
 /// Installs the global subscriber (once; later calls are ignored).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,hickory_server=warn"));
     let registry = tracing_subscriber::registry().with(filter);
     // Colours only for a person at a terminal, never in a log file.
     let ansi = std::io::stderr().is_terminal();

@@ -259,10 +259,13 @@ pub struct CheckedService {
     /// File (or `api`) it came from.
     pub origin: Arc<str>,
     pub id: ObjectRef,
-    /// `None` when the Service is skipped or invalid.
-    pub valid: Option<ValidService>,
+    /// `None` when the Service is skipped or invalid. Shared with cluster DNS's index.
+    pub valid: Option<Arc<ValidService>>,
     pub problems: Vec<Problem>,
     pub skipped: Vec<Skipped>,
+    /// What cluster DNS answers for a Service the proxy skips (headless, ExternalName,
+    /// another proxy's); DNS reads `valid` for the others.
+    pub dns: Option<Arc<crate::dns::records::DnsService>>,
     /// Where this version came from and when its frontends were written, for `explain`.
     pub stamp: Stamp,
 }
@@ -397,6 +400,19 @@ impl ValidService {
     pub const fn external_local(&self) -> bool {
         self.external_local
     }
+
+    /// The ClusterIPs (`spec.clusterIPs`), primary first.
+    pub(crate) fn cluster_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.frontend_ips
+            .iter()
+            .filter(|f| f.kind == FrontendKind::ClusterIp)
+            .map(|f| f.ip)
+    }
+
+    /// The ports: (name, number, protocol), in `spec.ports` order.
+    pub(crate) fn port_numbers(&self) -> impl Iterator<Item = (&str, u16, Protocol)> + '_ {
+        self.ports.iter().map(|p| (&*p.name, p.port, p.protocol))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -462,7 +478,11 @@ impl<'a> Checker<'a> {
 #[must_use]
 pub fn validate_service(sourced: &Sourced<Service>) -> CheckedService {
     let mut out = Findings::default();
-    let valid = check_service(sourced, &mut out);
+    let valid = check_service(sourced, &mut out).map(Arc::new);
+    let dns = match valid {
+        Some(_) => None,
+        None => crate::dns::records::of_service(&sourced.object).map(Arc::new),
+    };
     CheckedService {
         origin: Arc::clone(&sourced.origin),
         id: object_ref(&sourced.object.metadata),
@@ -470,6 +490,7 @@ pub fn validate_service(sourced: &Sourced<Service>) -> CheckedService {
         problems: out.problems,
         skipped: out.skipped,
         stamp: Stamp::of(&sourced.object.metadata),
+        dns,
     }
 }
 
@@ -950,6 +971,44 @@ pub struct ValidPod {
     node_name: Option<Arc<str>>,
     /// Container ports: (name, number, protocol).
     ports: Vec<(String, u16, Protocol)>,
+    /// `spec.hostname` and `spec.subdomain`, when both are set (the endpoint's hostname
+    /// in the headless Service named by the subdomain).
+    host: Option<Box<(Box<str>, Box<str>)>>,
+}
+
+impl ValidPod {
+    /// Whether its labels match `selector`.
+    pub(crate) fn matches(&self, selector: &[(Box<str>, Box<str>)]) -> bool {
+        selector
+            .iter()
+            .all(|(k, v)| self.labels.get(&**k).map(String::as_str) == Some(&**v))
+    }
+
+    /// Ready and not terminating: what the EndpointSlice controller calls a ready endpoint.
+    pub(crate) const fn is_ready(&self) -> bool {
+        self.serving && !self.terminating
+    }
+
+    /// The number of the container port `name` of `protocol`.
+    pub(crate) fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|(n, _, p)| n == name && *p == protocol)
+            .map(|&(_, number, _)| number)
+    }
+
+    /// Its hostname as an endpoint of the Service `service` (`spec.hostname` when its
+    /// `spec.subdomain` names the Service).
+    pub(crate) fn hostname_in(&self, service: &str) -> Option<&str> {
+        self.host
+            .as_deref()
+            .filter(|(_, subdomain)| **subdomain == *service)
+            .map(|(hostname, _)| &**hostname)
+    }
+
+    pub(crate) fn ips(&self) -> &[IpAddr] {
+        &self.ips
+    }
 }
 
 /// Validates a Pod; `None` when it is no endpoint (finished, no address yet) or invalid.
@@ -1041,6 +1100,12 @@ pub fn validate_pod(sourced: &Sourced<Pod>) -> (Option<ValidPod>, Vec<Problem>) 
                     .and_then(|s| s.node_name.as_deref())
                     .map(intern),
                 ports,
+                host: pod.spec.as_ref().and_then(|s| {
+                    Some(Box::new((
+                        Box::from(s.hostname.as_deref()?),
+                        Box::from(s.subdomain.as_deref()?),
+                    )))
+                }),
             };
             return (Some(valid), problems);
         }
@@ -1057,6 +1122,29 @@ pub struct ValidSlice {
     infos: Box<[Arc<EndpointInfo>]>,
     /// (name, number, protocol); ports without a number are left out.
     ports: Vec<(Box<str>, u16, Protocol)>,
+    /// A headless Service's slice (`service.kubernetes.io/headless`): only DNS reads it.
+    pub(crate) headless: bool,
+    /// The endpoints' `hostname`s, by index in `endpoints` (most slices have none).
+    hostnames: Box<[(u32, Box<str>)]>,
+}
+
+impl ValidSlice {
+    /// The slice's ports: (name, number, protocol).
+    pub(crate) fn ports(&self) -> &[(Box<str>, u16, Protocol)] {
+        &self.ports
+    }
+
+    /// Each endpoint with an address: (address, ready, hostname).
+    pub(crate) fn dns_endpoints(&self) -> impl Iterator<Item = (IpAddr, bool, Option<&str>)> {
+        self.endpoints.iter().enumerate().filter_map(|(i, e)| {
+            let hostname = self
+                .hostnames
+                .iter()
+                .find(|(at, _)| *at as usize == i)
+                .map(|(_, h)| &**h);
+            Some((e.address?, e.ready, hostname))
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1086,10 +1174,9 @@ pub fn validate_slice(
         let Some(service) = label(&slice.metadata, SERVICE_NAME_LABEL) else {
             return (None, problems);
         };
-        if label(&slice.metadata, HEADLESS_LABEL).is_some() {
-            // A headless Service's slice: not the proxy's (kube-proxy never sees one).
-            return (None, problems);
-        }
+        // A headless Service's slice is not the proxy's (kube-proxy never sees one); it is
+        // kept for DNS only.
+        let headless = label(&slice.metadata, HEADLESS_LABEL).is_some();
         let service = ObjectRef::new(
             slice
                 .metadata
@@ -1103,7 +1190,10 @@ pub fn validate_slice(
             endpoints: Vec::new(),
             infos: Box::default(),
             ports: Vec::new(),
+            headless,
+            hostnames: Box::default(),
         };
+        let mut hostnames = Vec::new();
         let mut infos: Vec<Arc<EndpointInfo>> = Vec::new();
         let want_v4 = match slice.address_type.as_str() {
             "IPv4" => true,
@@ -1168,6 +1258,10 @@ pub fn validate_slice(
                     .map(|n| n.name.clone())
                     .collect(),
             };
+            if let Some(hostname) = endpoint.hostname.as_deref().filter(|h| !h.is_empty()) {
+                let at = u32::try_from(valid.endpoints.len()).unwrap_or(u32::MAX);
+                hostnames.push((at, Box::from(hostname)));
+            }
             valid.endpoints.push(ValidEndpoint {
                 address,
                 ready,
@@ -1198,6 +1292,7 @@ pub fn validate_slice(
             ));
         }
         valid.infos = infos.into_boxed_slice();
+        valid.hostnames = hostnames.into_boxed_slice();
         if check.finish(&mut problems) {
             return (Some((service, valid)), problems);
         }

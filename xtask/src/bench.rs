@@ -11,6 +11,7 @@
 //! agent's memory is read. Last, `lb-watch-bench` measures the agent on a (fake) API server at
 //! the largest size. The results go to `docs/benchmarks.md` with
 //! SVG plots in `docs/bench/` (`--quick`: N ∈ {1, 100}, short runs, `target/bench-quick/`).
+//! Then cluster DNS against dnsmasq ([`crate::dns_bench`], `dns.md` beside the report).
 //! [`lab::Lab`] owns everything created (all named `lbbench…`) and removes it on success, error
 //! and Ctrl-C.
 mod agent;
@@ -272,6 +273,13 @@ pub fn run(args: &Args) -> Result<()> {
     save_raw(&outcome)?;
     result?;
     report::write(&out, &outcome)?;
+    // Cluster DNS against dnsmasq, in a lab of its own (one agent at a time).
+    let dns_sizes: &[usize] = if args.quick {
+        &[1000]
+    } else {
+        &[1000, 100_000]
+    };
+    crate::dns_bench::measure(&bin_dir, dns_sizes, args.quick, &out)?;
     println!(
         "\nbench finished in {:.0} s; report: {}",
         outcome.wall_s,

@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the scene of the seed article ("Communication between Microservices in a
 //! Kubernetes cluster") played with the agent on network namespaces instead of a cluster:
-//! a Pod IP, the ClusterIP, the service environment variables, scaling to three replicas, the
+//! a Pod IP, the ClusterIP, the service environment variables (`lb-agent env`), names through
+//! the agent's cluster DNS (a pod resolv.conf naming kube-dns), scaling to three replicas, the
 //! agent's own view, the article's `mysqlauth-service` NodePort reached from outside the node,
 //! and a Service without endpoints refusing connections at once.
 //!
@@ -123,7 +124,12 @@ impl<'a> Scene<'a> {
             service_created: Instant::now(),
             replicas: Vec::new(),
             next_host: FIRST_POD_HOST,
-            client: Client::new(lab, &client_netns),
+            client: Client::with_cluster_dns(
+                lab,
+                &client_netns,
+                manifests::namespace(&client_pod.metadata),
+                agent::DNS_SERVICE_IP,
+            )?,
             client_label: format!(
                 "pod {client_name} in namespace {}",
                 manifests::namespace(&client_pod.metadata)
@@ -149,6 +155,7 @@ impl<'a> Scene<'a> {
         self.pod_ip()?;
         self.cluster_ip()?;
         self.environment()?;
+        self.names()?;
         self.scale_out()?;
         self.inspect()?;
         self.node_port()?;
@@ -188,10 +195,12 @@ impl<'a> Scene<'a> {
         let script =
             "curl -s http://${WEB_APP_SERVICE_SERVICE_HOST}:${WEB_APP_SERVICE_SERVICE_PORT}";
         heading(3, &format!(r#"command: ["/bin/sh", "-c", "{script}"]"#));
-        let env = manifests::service_env(&self.service);
-        println!(
-            "variables the kubelet gives a pod in namespace {} (the Service's):",
-            manifests::namespace(&self.service.metadata)
+        let namespace = manifests::namespace(&self.service.metadata);
+        println!("$ lb-agent env --namespace {namespace}    # what the kubelet gives its pods");
+        let env = agent::env(self.lab, namespace)?;
+        ensure!(
+            env.iter().any(|(k, _)| k == "WEB_APP_SERVICE_SERVICE_HOST"),
+            "lb-agent env printed no WEB_APP_SERVICE_SERVICE_HOST: {env:?}"
         );
         for (key, value) in &env {
             println!("  {key}={value}");
@@ -204,10 +213,36 @@ impl<'a> Scene<'a> {
         expect_host(&reply, &self.replicas[0].name)
     }
 
+    /// Part 3 of the article: names. The agent answers cluster DNS from its own state, as the
+    /// kube-dns Service: a pod of the Service's namespace asks for `web-app-service`, one of
+    /// another namespace for the fully qualified name.
+    fn names(&self) -> Result<()> {
+        let namespace = manifests::namespace(&self.service.metadata).to_owned();
+        heading(4, r#"command: ["curl", "-s", "http://web-app-service"]"#);
+        let netns = lab::pod_netns("curl");
+        self.lab
+            .add_pod_netns(&netns, Ipv4Addr::new(10, 244, 0, 101))?;
+        let local = Client::with_cluster_dns(self.lab, &netns, &namespace, agent::DNS_SERVICE_IP)?;
+        let conf = std::fs::read_to_string(lab::resolv_conf_dir(&netns).join("resolv.conf"))?;
+        println!("/etc/resolv.conf of a pod in namespace {namespace}:");
+        for line in conf.lines() {
+            println!("  {line}");
+        }
+        println!("$ curl -s http://web-app-service    # in a pod of namespace {namespace}");
+        let reply = local.curl("http://web-app-service")?;
+        println!("{}", reply.stdout.trim_end());
+        expect_host(&reply, &self.replicas[0].name)?;
+        let fqdn = format!("http://web-app-service.{namespace}.svc.cluster.local");
+        println!("$ curl -s {fqdn}    # in the {}", self.client_label);
+        let reply = self.client.curl(&fqdn)?;
+        println!("{}", reply.stdout.trim_end());
+        expect_host(&reply, &self.replicas[0].name)
+    }
+
     /// The Deployment scaled to three: every new connection picks one of the ready Pods.
     fn scale_out(&mut self) -> Result<()> {
         heading(
-            4,
+            5,
             &format!("kubectl scale deployment webapp1 --replicas={REPLICAS}"),
         );
         self.scale_to(REPLICAS)?;
@@ -242,7 +277,7 @@ impl<'a> Scene<'a> {
 
     /// The agent's own view of what it programmed.
     fn inspect(&self) -> Result<()> {
-        heading(5, "lb-agent services");
+        heading(6, "lb-agent services");
         println!(
             "{}",
             agent::services_table(&self.lab.paths().agent_bin)?.trim_end()
@@ -256,7 +291,7 @@ impl<'a> Scene<'a> {
     fn node_port(&mut self) -> Result<()> {
         let url = format!("http://{}:32001", lab::NODE_EXT_IP);
         heading(
-            6,
+            7,
             &format!("kubectl apply -f mysql-service.yml; curl {url}"),
         );
         let example = crate::repo_root()
@@ -310,6 +345,12 @@ impl<'a> Scene<'a> {
             body.contains(name),
             "expected an answer from {name} through the NodePort, got {body:?}"
         );
+        // The seed's DB_HOST, from a pod of another namespace, by name.
+        let by_name = "http://mysqlauth-service.production-cloud.svc.cluster.local:3306";
+        println!("$ curl -s {by_name}    # in the {}", self.client_label);
+        let reply = self.client.curl(by_name)?;
+        println!("{}", reply.stdout.trim_end());
+        expect_host(&reply, name)?;
         println!("$ lb-agent conntrack");
         let flows = cmd::output(Command::new(&self.lab.paths().agent_bin).args([
             "conntrack",
@@ -324,7 +365,7 @@ impl<'a> Scene<'a> {
     fn no_endpoints(&mut self) -> Result<()> {
         let url = self.service_url();
         heading(
-            7,
+            8,
             &format!("kubectl scale deployment webapp1 --replicas=0; curl -sS {url}"),
         );
         self.scale_to(0)?;
@@ -477,7 +518,7 @@ impl<'a> Scene<'a> {
 }
 
 fn heading(step: usize, command: &str) {
-    println!("\n== {step}/7  {command}");
+    println!("\n== {step}/8  {command}");
 }
 
 fn expect_host(reply: &Reply, pod: &str) -> Result<()> {

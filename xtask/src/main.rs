@@ -12,6 +12,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod dns_bench;
 mod host;
 mod image;
 mod install;
@@ -49,6 +50,8 @@ enum Command {
     Bench(bench::Args),
     /// Control-plane figures on a (fake) Kubernetes API: sync time, event latency, memory (root).
     WatchBench(watch_bench::Args),
+    /// Cluster DNS against dnsmasq with dnsperf: qps and p99 at 1k and 100k Services (root).
+    DnsBench(dns_bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Image(args) => image::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::WatchBench(args) => watch_bench::run(&args),
+        Command::DnsBench(args) => dns_bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,8 +12,16 @@ use crate::{cmd, host, install};
 const HOST_CRATES: &[&str] = &["--workspace", "--exclude", "lb-ebpf"];
 
 /// What the end-to-end tests run besides the build prerequisites: the container tests run
-/// the agent's image with rootful podman and runc (`tests/tests/container.rs`).
-const TEST_APT_PACKAGES: &[&str] = &["iproute2", "curl", "bpftool", "podman", "runc"];
+/// the agent's image with rootful podman and runc (`tests/tests/container.rs`);
+/// `bind9-dnsutils` is `dig`, the resolver client of the cluster DNS tests.
+const TEST_APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "curl",
+    "bpftool",
+    "podman",
+    "runc",
+    "bind9-dnsutils",
+];
 
 #[derive(clap::Args)]
 pub struct Args {

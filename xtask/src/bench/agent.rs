@@ -79,8 +79,9 @@ impl Agent {
             .args(args)
             .args(["--bpf-pin-path", pin_dir])
             // Two agents (socket and tc variants) share the node namespace: neither serves
-            // kube-proxy's node health port, which only one could bind.
+            // kube-proxy's node health port or metrics port, which only one could bind.
             .arg("--healthz-bind-address=")
+            .arg("--metrics-bind-address=")
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info");
         let started = Instant::now();

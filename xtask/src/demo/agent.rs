@@ -54,6 +54,29 @@ fn same_endpoint(address: &str, port: u16, protocol: &str, ip: Ipv4Addr, want_po
 
 /// `lb-agent run` inside the node namespace (`nsenter --net`, which keeps this machine's
 /// mounts), so whatever it attaches to devices can only reach the demo's own.
+/// The ClusterIP of kube-system/kube-dns, as kubeadm's default.
+pub const DNS_SERVICE_IP: &str = "10.96.0.10";
+/// The agent's API, on the node namespace's loopback.
+const API_ADDR: &str = "127.0.0.1:9902";
+
+/// `lb-agent env --namespace NAMESPACE`: the kubelet's Service variables, as (name, value).
+pub fn env(lab: &Lab, namespace: &str) -> Result<Vec<(String, String)>> {
+    let node = format!("--net={}", lab::netns_path(lab::NODE_NETNS).display());
+    let out = cmd::output(
+        Command::new("nsenter")
+            .arg(node)
+            .arg(&lab.paths().agent_bin)
+            .args(["env", "--namespace", namespace, "--api-addr", API_ADDR]),
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.strip_prefix("export ")?.split_once('=')?;
+            Some((name.to_owned(), value.trim_matches('\'').to_owned()))
+        })
+        .collect())
+}
+
 pub fn start(lab: &Lab) -> Result<()> {
     let paths = lab.paths();
     let mut command = Command::new("nsenter");
@@ -70,6 +93,11 @@ pub fn start(lab: &Lab) -> Result<()> {
         .arg(&paths.cgroup)
         .args(["--bpf-pin-path", PIN_DIR])
         .args(["--devices", lab::EXT_DEVICE])
+        // Cluster DNS on the bridge, published as kube-system/kube-dns (10.96.0.10:53), and
+        // the API `lb-agent env` asks.
+        .args(["--dns-addr", &format!("{}:53", crate::lab::GATEWAY)])
+        .args(["--dns-service-ip", DNS_SERVICE_IP])
+        .args(["--api-addr", API_ADDR])
         .env("NO_COLOR", "1"); // its log goes to a file
     println!("$ {}", cmd::describe(&command));
     let pid = lab.spawn(AGENT, command)?;

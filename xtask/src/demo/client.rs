@@ -13,9 +13,16 @@ use crate::cmd;
 /// Only the network namespace changes: `ip netns exec` would remount /sys and hide the cgroup.
 const ENTER: &str = r#"echo $$ > "$1" && ns="$2" && shift 2 && exec nsenter --net="$ns" "$@""#;
 
+/// The same with `ip netns exec`, which shows the pod its `/etc/netns/<netns>/resolv.conf`
+/// (it remounts /sys too, harmless once the cgroup is joined).
+const ENTER_WITH_RESOLV_CONF: &str =
+    r#"echo $$ > "$1" && ns="$2" && shift 2 && exec ip netns exec "$ns" "$@""#;
+
 pub struct Client {
     cgroup_procs: PathBuf,
     netns: PathBuf,
+    /// The namespace's name, when the pod has a resolv.conf of its own.
+    resolv_conf: Option<String>,
 }
 
 /// What a command printed, how it exited and how long it took.
@@ -43,16 +50,47 @@ impl Client {
         Self {
             cgroup_procs: lab.paths().cgroup.join("cgroup.procs"),
             netns: lab::netns_path(netns),
+            resolv_conf: None,
         }
+    }
+
+    /// A pod in `namespace` whose resolv.conf is the kubelet's (`nameserver` the kube-dns
+    /// Service, the namespace's search path, `ndots:5`), written to
+    /// `/etc/netns/<netns>/resolv.conf`.
+    pub fn with_cluster_dns(
+        lab: &lab::Lab,
+        netns: &str,
+        namespace: &str,
+        nameserver: &str,
+    ) -> Result<Self> {
+        let dir = lab::resolv_conf_dir(netns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!(
+                "nameserver {nameserver}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+            ),
+        )?;
+        Ok(Self {
+            resolv_conf: Some(netns.to_owned()),
+            ..Self::new(lab, netns)
+        })
     }
 
     /// `argv` inside the pod; the environment is only what `env` gives, as in a container.
     pub fn run(&self, argv: &[&str], env: &[(String, String)]) -> Result<Reply> {
         let mut command = Command::new("sh");
+        match &self.resolv_conf {
+            Some(name) => command
+                .args(["-c", ENTER_WITH_RESOLV_CONF, "sh"])
+                .arg(&self.cgroup_procs)
+                .arg(name),
+            None => command
+                .args(["-c", ENTER, "sh"])
+                .arg(&self.cgroup_procs)
+                .arg(&self.netns),
+        };
         command
-            .args(["-c", ENTER, "sh"])
-            .arg(&self.cgroup_procs)
-            .arg(&self.netns)
             .args(argv)
             .env_clear()
             .env(

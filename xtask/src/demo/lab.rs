@@ -89,10 +89,35 @@ impl World for Paths {
         stop_recorded_agent();
     }
 
+    fn remove_last(&self) {
+        remove_resolv_confs();
+    }
+
     /// The logs stay for reading.
     fn clear_run_dir(&self) {
         remove_dir_if_present(&Self::manifests());
         let _ = std::fs::remove_file(Self::run_dir().join(AGENT_PID_FILE));
+    }
+}
+
+/// Where `ip netns exec` finds a pod's own resolv.conf.
+pub fn resolv_conf_dir(netns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(netns)
+}
+
+/// Removes the demo's `/etc/netns/<PREFIX>-*` directories.
+fn remove_resolv_confs() {
+    let Ok(entries) = std::fs::read_dir("/etc/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{PREFIX}-"))
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

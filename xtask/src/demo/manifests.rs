@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodIP, PodStatus, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodIP, PodStatus, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
@@ -201,60 +201,6 @@ fn named_container_port(deployment: &Deployment, name: &str) -> Option<i32> {
         .map(|port| port.container_port)
 }
 
-/// The variables the kubelet gives every container of a Pod in the Service's namespace
-/// (`pkg/kubelet/envvars`): name upper-cased with `-` → `_`.
-pub fn service_env(service: &Service) -> Vec<(String, String)> {
-    let Some(spec) = &service.spec else {
-        return Vec::new();
-    };
-    let Some(ip) = spec
-        .cluster_ip
-        .as_deref()
-        .filter(|ip| !ip.is_empty() && *ip != "None")
-    else {
-        return Vec::new();
-    };
-    let ports = spec.ports.as_deref().unwrap_or_default();
-    let name = env_name(service.metadata.name.as_deref().unwrap_or_default());
-    let mut env = vec![(format!("{name}_SERVICE_HOST"), ip.to_owned())];
-    if let Some(first) = ports.first() {
-        env.push((format!("{name}_SERVICE_PORT"), first.port.to_string()));
-    }
-    for port in ports {
-        if let Some(port_name) = port.name.as_deref().filter(|n| !n.is_empty()) {
-            env.push((
-                format!("{name}_SERVICE_PORT_{}", env_name(port_name)),
-                port.port.to_string(),
-            ));
-        }
-    }
-    for (index, port) in ports.iter().enumerate() {
-        env.extend(link_env(&name, ip, port, index == 0));
-    }
-    env
-}
-
-/// The Docker-links style `<NAME>_PORT*` variables of one port.
-fn link_env(name: &str, ip: &str, port: &ServicePort, first: bool) -> Vec<(String, String)> {
-    let protocol = port.protocol.as_deref().unwrap_or("TCP");
-    let lower = protocol.to_lowercase();
-    let url = format!("{lower}://{ip}:{}", port.port);
-    let prefix = format!("{name}_PORT_{}_{}", port.port, protocol.to_uppercase());
-    let mut env = Vec::new();
-    if first {
-        env.push((format!("{name}_PORT"), url.clone()));
-    }
-    env.push((prefix.clone(), url));
-    env.push((format!("{prefix}_PROTO"), lower));
-    env.push((format!("{prefix}_PORT"), port.port.to_string()));
-    env.push((format!("{prefix}_ADDR"), ip.to_owned()));
-    env
-}
-
-fn env_name(name: &str) -> String {
-    name.to_uppercase().replace('-', "_")
-}
-
 /// A Pod as `kubectl get pods -o wide` shows it.
 pub struct PodRow<'a> {
     pub name: &'a str,
@@ -376,34 +322,6 @@ mod tests {
     }
 
     #[test]
-    fn service_env_matches_what_the_article_saw() {
-        let env = service_env(&example(SERVICE_FILE));
-        let expected = [
-            ("WEB_APP_SERVICE_SERVICE_HOST", "10.111.195.22"),
-            ("WEB_APP_SERVICE_SERVICE_PORT", "80"),
-            ("WEB_APP_SERVICE_PORT", "tcp://10.111.195.22:80"),
-            ("WEB_APP_SERVICE_PORT_80_TCP", "tcp://10.111.195.22:80"),
-            ("WEB_APP_SERVICE_PORT_80_TCP_PROTO", "tcp"),
-            ("WEB_APP_SERVICE_PORT_80_TCP_PORT", "80"),
-            ("WEB_APP_SERVICE_PORT_80_TCP_ADDR", "10.111.195.22"),
-        ];
-        let expected: Vec<_> = expected
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into()))
-            .collect();
-        assert_eq!(env, expected);
-    }
-
-    #[test]
-    fn named_ports_get_their_own_service_port_variable() {
-        let mut service: Service = example(SERVICE_FILE);
-        let spec = service.spec.as_mut().unwrap();
-        spec.ports.as_mut().unwrap()[0].name = Some("web-http".into());
-        let env = service_env(&service);
-        assert!(env.contains(&("WEB_APP_SERVICE_SERVICE_PORT_WEB_HTTP".into(), "80".into())));
-    }
-
-    #[test]
     fn target_ports_resolve_numbers_names_and_defaults() {
         let deployment: Deployment = example(DEPLOYMENT_FILE);
         let mut service: Service = example(SERVICE_FILE);
@@ -417,13 +335,6 @@ mod tests {
         let port = &mut service.spec.as_mut().unwrap().ports.as_mut().unwrap()[0];
         (port.port, port.target_port) = (8080, None);
         assert_eq!(target_port(&service, &deployment).unwrap(), 8080);
-    }
-
-    #[test]
-    fn headless_services_give_no_variables() {
-        let mut service: Service = example(SERVICE_FILE);
-        service.spec.as_mut().unwrap().cluster_ip = Some("None".into());
-        assert!(service_env(&service).is_empty());
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! The read-only view cluster DNS answers from: every Service's records by name, the
+//! namespaces that have Services, and the Services owning each address (for PTR). The
+//! [`Reconciler`](crate::reconcile::Reconciler) changes it in the sync that writes the
+//! maps, Service by Service (a change costs what changed); the DNS server and the API only
+//! read it, under a read lock held for one answer. A Service's entry shares its validated
+//! form with the state: about 150 bytes per Service with a ClusterIP.
+use std::{
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use hashbrown::{Equivalent, HashMap};
+use smallvec::SmallVec;
+
+use super::records::{Answer, ServiceRecords};
+use crate::model::ObjectRef;
+
+/// The index, shared between the reconciler (the one writer) and its readers.
+pub type SharedDnsIndex = Arc<RwLock<DnsIndex>>;
+
+/// Every Service's records.
+#[derive(Debug, Default)]
+pub struct DnsIndex {
+    services: HashMap<ObjectRef, ServiceRecords>,
+    /// Services per namespace: a namespace with none does not exist for DNS.
+    namespaces: HashMap<Arc<str>, u32>,
+    /// The Services whose ClusterIP or ready endpoint each address is.
+    ptr: HashMap<IpAddr, SmallVec<[ObjectRef; 1]>>,
+}
+
+/// A Service's name borrowed from a question: looks up an [`ObjectRef`] without building
+/// one (same fields, same order, so the same hash).
+#[derive(Hash)]
+struct NameRef<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+impl Equivalent<ObjectRef> for NameRef<'_> {
+    fn equivalent(&self, key: &ObjectRef) -> bool {
+        *key.namespace == *self.namespace && *key.name == *self.name
+    }
+}
+
+impl DnsIndex {
+    /// Replaces the records of each Service named (`None`: removes them).
+    pub fn apply(&mut self, changes: Vec<(ObjectRef, Option<ServiceRecords>)>) {
+        for (id, records) in changes {
+            if let Some(old) = self.services.remove(&id) {
+                self.unlink(&id, &old);
+            }
+            if let Some(new) = records {
+                self.link(&id, &new);
+                self.services.insert(id, new);
+            }
+        }
+    }
+
+    fn link(&mut self, id: &ObjectRef, records: &ServiceRecords) {
+        *self
+            .namespaces
+            .entry(Arc::clone(&id.namespace))
+            .or_default() += 1;
+        for ip in ptr_addresses(records) {
+            let owners = self.ptr.entry(ip).or_default();
+            if !owners.contains(id) {
+                owners.push(id.clone());
+            }
+        }
+    }
+
+    fn unlink(&mut self, id: &ObjectRef, records: &ServiceRecords) {
+        if let Some(count) = self.namespaces.get_mut(&*id.namespace) {
+            *count -= 1;
+            if *count == 0 {
+                self.namespaces.remove(&*id.namespace);
+            }
+        }
+        for ip in ptr_addresses(records) {
+            if let Some(owners) = self.ptr.get_mut(&ip) {
+                owners.retain(|o| o != id);
+                if owners.is_empty() {
+                    self.ptr.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// The Service `name` in `namespace`.
+    #[must_use]
+    pub fn service(&self, namespace: &str, name: &str) -> Option<(&ObjectRef, &ServiceRecords)> {
+        self.services.get_key_value(&NameRef { namespace, name })
+    }
+
+    /// Whether `namespace` has any Service.
+    #[must_use]
+    pub fn namespace_exists(&self, namespace: &str) -> bool {
+        self.namespaces.contains_key(namespace)
+    }
+
+    /// The Services `ip` is a ClusterIP or ready endpoint of.
+    pub fn ptr(&self, ip: &IpAddr) -> impl Iterator<Item = (&ObjectRef, &ServiceRecords)> {
+        self.ptr
+            .get(ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.services.get_key_value(id))
+    }
+
+    /// The Services of `namespace`, in no particular order.
+    pub fn in_namespace<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = (&'a ObjectRef, &'a ServiceRecords)> + 'a {
+        self.services
+            .iter()
+            .filter(move |(id, _)| &*id.namespace == namespace)
+    }
+
+    /// How many Services have records.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+}
+
+/// The addresses with a PTR record to a Service's names.
+fn ptr_addresses(records: &ServiceRecords) -> SmallVec<[IpAddr; 2]> {
+    match records.answer() {
+        Answer::ExternalName(_) => SmallVec::new(),
+        _ => records.addresses(),
+    }
+}
