@@ -116,13 +116,11 @@ impl<W: World> Lab<W> {
             _held: Box::new(held),
         });
         let on_signal = Arc::clone(&inner);
-        ctrlc::set_handler(move || {
+        set_signal_teardown(Some(Box::new(move || {
             on_signal.interrupted.store(true, Ordering::SeqCst);
             eprintln!("\ninterrupted: cleaning up");
             on_signal.teardown();
-            std::process::exit(130);
-        })
-        .context("cannot install the Ctrl-C handler")?;
+        })))?;
         let lab = Self { inner };
         lab.prepare()?;
         Ok(lab)
@@ -280,7 +278,41 @@ impl<W: World> Lab<W> {
 impl<W: World> Drop for Lab<W> {
     fn drop(&mut self) {
         self.inner.teardown();
+        // A later lab of the same process (the bench runs the DNS bench after its own)
+        // installs its teardown in turn.
+        let _ = set_signal_teardown(None);
     }
+}
+
+/// What a Ctrl-C tears down: the lab of this process that runs now, if any.
+type Teardown = Box<dyn Fn() + Send>;
+static SIGNAL_TEARDOWN: Mutex<Option<Teardown>> = Mutex::new(None);
+static SIGNAL_HANDLER: std::sync::OnceLock<std::result::Result<(), String>> =
+    std::sync::OnceLock::new();
+
+/// Makes `teardown` what a Ctrl-C runs before the process exits with 130. The handler is
+/// installed once per process (the `ctrlc` crate allows one); the labs take turns in it.
+fn set_signal_teardown(teardown: Option<Teardown>) -> Result<()> {
+    *SIGNAL_TEARDOWN
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = teardown;
+    SIGNAL_HANDLER
+        .get_or_init(|| {
+            ctrlc::set_handler(|| {
+                if let Some(teardown) = SIGNAL_TEARDOWN
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                {
+                    teardown();
+                }
+                std::process::exit(130);
+            })
+            .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+        .context("cannot install the Ctrl-C handler")
 }
 
 impl<W: World> Inner<W> {
