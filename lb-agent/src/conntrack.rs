@@ -156,14 +156,7 @@ pub async fn sweep_forever(pin_dir: std::path::PathBuf) {
 /// # Errors
 /// When the map is not pinned there or cannot be read.
 pub fn read_table(pin_dir: &Path, name: &str) -> anyhow::Result<Vec<(CtKey, CtValue)>> {
-    let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {e} (is an agent running with --bpf-pin-path {}?)",
-            path.display(),
-            pin_dir.display()
-        )
-    })?;
+    let data = crate::summary::open_pin(pin_dir, name)?;
     // aya's HashMap reads LRU hash maps too.
     let map: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data))?;
     Ok(map.iter().filter_map(Result::ok).collect())

@@ -66,14 +66,7 @@ pub fn summary(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
 /// # Errors
 /// When the counters map is not pinned there or cannot be read.
 pub fn counters(pin_dir: &Path) -> anyhow::Result<Vec<(Counter, u64)>> {
-    let path = pin_dir.join(COUNTERS_MAP);
-    let data = MapData::from_pin(&path).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {e} (is an agent running with --bpf-pin-path {}?)",
-            path.display(),
-            pin_dir.display()
-        )
-    })?;
+    let data = open_pin(pin_dir, COUNTERS_MAP)?;
     let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
     Counter::ALL
         .iter()
@@ -82,6 +75,22 @@ pub fn counters(pin_dir: &Path) -> anyhow::Result<Vec<(Counter, u64)>> {
             Ok((counter, per_cpu.iter().sum()))
         })
         .collect()
+}
+
+/// The map `name` pinned under `pin_dir`, for a command run beside the agent: the error
+/// says where it looked and what is probably missing.
+///
+/// # Errors
+/// When no map is pinned there.
+pub fn open_pin(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e} (is an agent running with --bpf-pin-path {}?)",
+            path.display(),
+            pin_dir.display()
+        )
+    })
 }
 
 fn counters_table(counters: &[(Counter, u64)]) -> String {

@@ -373,27 +373,16 @@ impl Agent {
     /// `lb-agent services --summary --output json`: each pinned map's `name`, `entries`,
     /// `capacity` and `memory_bytes`.
     pub fn map_summary(&self) -> Result<Vec<serde_json::Value>, String> {
-        let mut command = Command::new(&self.bin);
-        command
-            .args([
-                "services",
-                "--summary",
-                "--output",
-                "json",
-                "--bpf-pin-path",
-            ])
-            .arg(&self.config.pin_path);
-        let netns = self.enter_netns(&mut command);
-        let out = cmd::run(&mut command, SERVICES_TIMEOUT);
-        drop(netns);
-        let summary: serde_json::Value =
-            serde_json::from_str(&out?).map_err(|e| format!("services --summary: {e}"))?;
-        serde_json::from_value(summary["maps"].clone())
-            .map_err(|e| format!("services --summary: maps: {e}"))
+        self.summary_part("maps")
     }
 
     /// The datapath's counters (`lb-agent services --summary -o json`), by name.
     pub fn counters(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
+        self.summary_part("counters")
+    }
+
+    /// The member `part` of `lb-agent services --summary --output json`.
+    fn summary_part<T: serde::de::DeserializeOwned>(&self, part: &str) -> Result<T, String> {
         let mut command = Command::new(&self.bin);
         command
             .args([
@@ -409,8 +398,8 @@ impl Agent {
         drop(netns);
         let summary: serde_json::Value =
             serde_json::from_str(&out?).map_err(|e| format!("services --summary: {e}"))?;
-        serde_json::from_value(summary["counters"].clone())
-            .map_err(|e| format!("services --summary: counters: {e}"))
+        serde_json::from_value(summary[part].clone())
+            .map_err(|e| format!("services --summary: {part}: {e}"))
     }
 
     /// [`Agent::services_output`] as JSON.

@@ -31,6 +31,47 @@ fn echo(stream: &mut TcpStream, line: &str) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
+/// Waits until the agent's tc programs are attached to the external device (their link
+/// pinned: the maps are written before the programs are attached).
+fn wait_for_tc_programs(env: &TestEnv) {
+    let link = env
+        .pins
+        .path()
+        .join("links")
+        .join(format!("tc-ingress-{EXT_DEVICE}"));
+    let deadline = Instant::now() + APPLY;
+    while !link.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "tc programs attached within {APPLY:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `count` SYNs from `client`'s namespace to `target`, from 10.200.0.0/16 (an address
+/// range nothing answers for): `lb-loadgen syn-flood`'s summary.
+fn syn_flood(client: &lb_tests::Pod, target: &str, count: u64) -> serde_json::Value {
+    let out = cmd::run(
+        Command::new(bins::loadgen()).args([
+            "--netns",
+            client.netns(),
+            "syn-flood",
+            "--target",
+            target,
+            "--sources",
+            "10.200.0.0/16",
+            "--count",
+            &count.to_string(),
+            "--duration-ms",
+            "20000",
+        ]),
+        Duration::from_secs(30),
+    )
+    .expect("lb-loadgen syn-flood");
+    serde_json::from_str(&out).expect("flood summary")
+}
+
 fn entries(agent: &lb_tests::Agent, map: &str) -> u64 {
     agent
         .map_summary()
@@ -80,19 +121,7 @@ fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
         &half_open,
     ]);
     agent.wait_for_frontend("0.0.0.0:30080", 1, APPLY);
-    let link = env
-        .pins
-        .path()
-        .join("links")
-        .join(format!("tc-ingress-{EXT_DEVICE}"));
-    let deadline = Instant::now() + APPLY;
-    while !link.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "tc programs attached within {APPLY:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_tc_programs(&env);
 
     // An established flow from outside, idle through the flood.
     let target = format!("{NODE_EXT_IP}:{NODE_PORT}");
@@ -123,25 +152,7 @@ fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
     );
 
     // Ten times the established table's size (twenty times the half-open one's).
-    let count = (10 * TABLE).to_string();
-    let out = cmd::run(
-        Command::new(bins::loadgen()).args([
-            "--netns",
-            client.netns(),
-            "syn-flood",
-            "--target",
-            &target,
-            "--sources",
-            "10.200.0.0/16",
-            "--count",
-            &count,
-            "--duration-ms",
-            "20000",
-        ]),
-        Duration::from_secs(30),
-    )
-    .expect("lb-loadgen syn-flood");
-    let summary: serde_json::Value = serde_json::from_str(&out).expect("flood summary");
+    let summary = syn_flood(&client, &target, 10 * u64::from(TABLE));
     assert_eq!(summary["sent"], 10 * u64::from(TABLE), "{summary}");
 
     // The established flow survived, idle through the flood.
@@ -214,39 +225,10 @@ fn a_flood_to_a_service_without_endpoints_gets_icmp_replies_at_the_kernels_rate(
     );
     let mut agent = env.agent_with(&["--devices", EXT_DEVICE]);
     agent.wait_for_frontend("0.0.0.0:30080", 0, APPLY);
-    let link = env
-        .pins
-        .path()
-        .join("links")
-        .join(format!("tc-ingress-{EXT_DEVICE}"));
-    let deadline = Instant::now() + APPLY;
-    while !link.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "tc programs attached within {APPLY:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_tc_programs(&env);
     let target = format!("{NODE_EXT_IP}:{NODE_PORT}");
     let sent: u64 = 20_000;
-    let out = cmd::run(
-        Command::new(bins::loadgen()).args([
-            "--netns",
-            client.netns(),
-            "syn-flood",
-            "--target",
-            &target,
-            "--sources",
-            "10.200.0.0/16",
-            "--count",
-            &sent.to_string(),
-            "--duration-ms",
-            "20000",
-        ]),
-        Duration::from_secs(30),
-    )
-    .expect("lb-loadgen syn-flood");
-    let summary: serde_json::Value = serde_json::from_str(&out).expect("flood summary");
+    let summary = syn_flood(&client, &target, sent);
     let elapsed = summary["elapsed_s"].as_f64().expect("elapsed_s");
     let counters = agent.counters().expect("counters");
     assert_eq!(counters["no_endpoints"], sent, "{counters:?}");
