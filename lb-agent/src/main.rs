@@ -354,7 +354,7 @@ impl std::str::FromStr for BindAddress {
 /// cgroup: each hash map takes 16 B per entry of capacity (rounded up to a power of two) up
 /// front, and about 80 B more per entry written; conntrack is allocated whole. At the
 /// defaults, empty: 2 × 32 MiB (services maps), 2 × 16 MiB (backends), 137 MiB
-/// (conntrack), 30 MiB (the fixed reverse-NAT, affinity and other maps): 263 MiB in all; `lb-agent services
+/// (conntrack), 34 MiB (the fixed reverse-NAT, peers, affinity and other maps): 267 MiB in all; `lb-agent services
 /// --summary` shows each map's fill and memory. Changing a capacity needs `lb-agent cleanup`
 /// first (pinned maps keep the size they were created with).
 #[derive(Debug, clap::Args)]
@@ -365,7 +365,7 @@ struct MapSizeArgs {
     /// --max-frontends + --max-backend-slots entries; its memory, charged to the agent's
     /// cgroup: 16 B per entry of capacity, rounded up to a power of two, up front (32 MiB at
     /// the defaults), and about 80 B per entry written. All maps at the defaults take
-    /// 263 MiB empty; `lb-agent services --summary` shows each map's fill and memory.
+    /// 267 MiB empty; `lb-agent services --summary` shows each map's fill and memory.
     #[arg(long, env = "LB_MAX_FRONTENDS", value_name = "N",
           default_value_t = lb_common::MapCapacities::DEFAULT.frontends,
           value_parser = clap::value_parser!(u32).range(1..))]

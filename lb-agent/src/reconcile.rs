@@ -658,6 +658,73 @@ mod tests {
         assert_eq!(reconciler.map_problems.len(), 2);
     }
 
+    fn slice(addresses: &[&str]) -> Change {
+        let endpoints: Vec<_> = addresses
+            .iter()
+            .map(|a| serde_json::json!({"addresses": [a], "conditions": {"ready": true}}))
+            .collect();
+        let object = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "svc-0-1",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "svc-0"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+        .unwrap();
+        Change::Apply {
+            origin: Arc::from("slices.yaml"),
+            object: Object::EndpointSlice(Box::new(object)),
+        }
+    }
+
+    /// The datapath claims a backend for the first frontend whose TCP sockets reach it
+    /// (see `lb_common::PeerKey`): the claim goes when the backend leaves that frontend or
+    /// the frontend goes, and a claim another frontend holds stays.
+    #[test]
+    fn a_backend_that_leaves_its_frontend_loses_the_frontends_claim() {
+        let mut reconciler = reconciler(FakeMaps::default());
+        reconciler.apply(service(0));
+        reconciler.apply(slice(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]));
+        reconciler.sync(SyncKind::Full, Instant::now()).unwrap();
+        let id = reconciler
+            .writer
+            .maps()
+            .services
+            .values()
+            .map(|v| v.rev_nat_id)
+            .max()
+            .unwrap();
+        let backend = |last: u8| L4Addr {
+            address: std::net::Ipv4Addr::new(10, 244, 0, last).into(),
+            port: 80,
+            protocol: crate::model::Protocol::Tcp,
+            scope: crate::model::Scope::External,
+        };
+        let peers = &mut reconciler.writer.maps_mut().peers;
+        peers.insert(backend(1), id);
+        peers.insert(backend(2), id + 1);
+        peers.insert(backend(3), id);
+        reconciler.apply(slice(&["10.244.0.3"]));
+        reconciler.sync(SyncKind::Changes, Instant::now()).unwrap();
+        let claims = |r: &Reconciler<FakeMaps>| r.writer.maps().peers.clone();
+        assert_eq!(
+            claims(&reconciler),
+            [(backend(2), id + 1), (backend(3), id)].into(),
+            "the claim of the backend that left goes; another frontend's stays"
+        );
+        reconciler.apply(Change::Delete {
+            kind: Kind::Service,
+            id: ObjectRef::new("default", "svc-0"),
+        });
+        reconciler.sync(SyncKind::Changes, Instant::now()).unwrap();
+        assert_eq!(claims(&reconciler), [(backend(2), id + 1)].into());
+    }
+
     /// A relist replaces the objects of its kind: what it did not list is gone, what it
     /// listed unchanged causes no write.
     #[test]

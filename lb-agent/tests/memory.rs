@@ -62,6 +62,9 @@ impl LbMaps for NullMaps {
     fn delete_source_range(&mut self, _: FrontendId, _: ipnet::IpNet) -> Result<()> {
         Ok(())
     }
+    fn forget_peer(&mut self, _: &Backend, _: FrontendId) -> Result<()> {
+        Ok(())
+    }
     fn source_ranges(&self) -> Result<Vec<(FrontendId, ipnet::IpNet)>> {
         Ok(Vec::new())
     }

@@ -29,6 +29,9 @@ pub const SERVICES6_MAP: &str = "LB6_SERVICES";
 pub const BACKENDS6_MAP: &str = "LB6_BACKENDS";
 /// Name of the IPv6 reverse-NAT map.
 pub const REVNAT6_MAP: &str = "LB6_REVNAT";
+/// Name of the map of which frontend a backend's TCP sockets dialled, written by the
+/// socket path instead of a per-socket reverse-NAT record (see [`PeerKey`]).
+pub const PEERS_MAP: &str = "LB_PEERS";
 /// Name of the conntrack table of established TCP flows of the tc datapath (both
 /// families): a flow enters it only once its client has completed the handshake.
 pub const CT_TCP_MAP: &str = "LB_CT_TCP";
@@ -111,7 +114,7 @@ impl MapCapacities {
 
     /// Every map the agent pins, with its shape at these capacities.
     #[must_use]
-    pub const fn pinned_maps(&self) -> [MapSpec; 17] {
+    pub const fn pinned_maps(&self) -> [MapSpec; 18] {
         let services = self.services_entries();
         let backends = self.backends as usize;
         [
@@ -121,6 +124,7 @@ impl MapCapacities {
             MapSpec::of::<Service6Key, ServiceValue>(SERVICES6_MAP, services, MAP_F_NO_PREALLOC),
             MapSpec::of::<u32, Backend6>(BACKENDS6_MAP, backends, MAP_F_NO_PREALLOC),
             MapSpec::of::<RevNat6Key, RevNat6Value>(REVNAT6_MAP, REVNAT6_MAX_ENTRIES, 0),
+            MapSpec::of::<PeerKey, PeerValue>(PEERS_MAP, PEERS_MAX_ENTRIES, MAP_F_NO_PREALLOC),
             MapSpec::of::<CtKey, CtValue>(CT_TCP_MAP, self.conntrack as usize, 0),
             MapSpec::of::<CtKey, CtValue>(CT_HALF_OPEN_MAP, self.conntrack_half_open as usize, 0),
             MapSpec::of::<CtKey, CtValue>(CT_OTHER_MAP, self.conntrack_other as usize, 0),
@@ -154,7 +158,7 @@ impl Default for MapCapacities {
 }
 
 /// Every map the agent pins, with its shape at the default capacities.
-pub const PINNED_MAPS: [MapSpec; 17] = MapCapacities::DEFAULT.pinned_maps();
+pub const PINNED_MAPS: [MapSpec; 18] = MapCapacities::DEFAULT.pinned_maps();
 
 /// The shape of a map as the kernel records it: a pinned map is reused only if it has
 /// exactly this shape (the declarations in `lb-ebpf/src/maps.rs` use the same types and
@@ -198,6 +202,10 @@ pub const AFFINITY_MATCH_MAX_ENTRIES: usize = 262_144;
 pub const REVNAT4_MAX_ENTRIES: usize = 131_072;
 /// Capacity of the IPv6 reverse-NAT map.
 pub const REVNAT6_MAX_ENTRIES: usize = 65_536;
+/// Capacity of the peers map: backends whose TCP sockets need no reverse-NAT record
+/// (allocated as written: 4 MiB of buckets). When it is full, a connection to a backend
+/// not in it writes its record, as before.
+pub const PEERS_MAX_ENTRIES: usize = 262_144;
 
 /// `BPF_F_NO_PREALLOC`: the services and backends maps allocate entries as the agent
 /// writes them, so their memory follows the cluster's size instead of their capacity
@@ -578,6 +586,53 @@ pub struct RevNat6Value {
     pub rev_nat_id: FrontendId,
 }
 
+/// Key of the peers map: a backend (both families, IPv4-mapped for IPv4).
+///
+/// A TCP socket needs its reverse translation only for `getpeername()`, and only the
+/// frontend it dialled: a per-socket LRU record costs more than all the lookups of a
+/// `connect()` (the LRU's insert walks its lists). So the first TCP connection to a backend
+/// through a frontend claims the backend here (`BPF_NOEXIST`), and every later TCP
+/// connection to it through the same frontend writes nothing; a connection through another
+/// frontend (two Services sharing a pod and port, or a NodePort beside its ClusterIP)
+/// finds the claim taken and writes its own record, which `getpeername()` reads first.
+///
+/// A socket that dials a claimed backend directly (not through a Service) writes a record
+/// that says so ([`REV_NAT_DIRECT`]). One that dialled a pod directly *before* any
+/// connection through a Service claimed it, and calls `getpeername()` only after, sees the
+/// Service's address: nothing on such a socket tells it apart without a write on every
+/// `connect()` (socket cookies are handed out in per-CPU batches, so they do not order
+/// sockets). The agent deletes a claim when its backend leaves that frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    /// Backend address as four network-order words.
+    pub address: [u32; 4],
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// IP protocol number (only [`PROTO_TCP`] is written).
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub pad: u8,
+}
+
+/// Value of the peers map: the frontend that claimed the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerValue {
+    /// Frontend address as dialled, four network-order words (IPv4-mapped for IPv4).
+    pub address: [u32; 4],
+    /// Frontend port, network byte order.
+    pub port: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
+    /// The frontend's `rev_nat_id`.
+    pub rev_nat_id: FrontendId,
+}
+
+/// [`RevNat4Value::rev_nat_id`] of the record of a TCP socket that dialled a claimed
+/// backend directly: `getpeername()` leaves its address alone (no frontend has id 0).
+pub const REV_NAT_DIRECT: FrontendId = 0;
+
 /// [`AffinityKey::client_kind`]: the client is a network namespace, by its cookie
 /// (`bpf_get_netns_cookie`) in `client[0..2]`: the socket path, which runs before the
 /// socket has a source address. A pod is one network namespace, so this is the pod, as
@@ -873,6 +928,8 @@ const _: () = assert!(core::mem::size_of::<RevNat4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<RevNat4Value>() == 12);
 const _: () = assert!(core::mem::size_of::<RevNat6Key>() == 32);
 const _: () = assert!(core::mem::size_of::<RevNat6Value>() == 24);
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 20);
+const _: () = assert!(core::mem::size_of::<PeerValue>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
 const _: () = assert!(core::mem::size_of::<NodeAddr>() == 8);
@@ -897,6 +954,8 @@ mod pod {
     unsafe impl aya::Pod for super::RevNat4Key {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RevNat4Value {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PeerValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::RevNat6Key {}
     // SAFETY: as above.

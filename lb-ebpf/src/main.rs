@@ -10,6 +10,7 @@ mod family;
 mod fib;
 mod maps;
 mod nat;
+mod peer;
 mod reject;
 mod sock;
 mod tc;

@@ -7,9 +7,10 @@ use aya_ebpf::{
 use lb_common::{
     AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
     BACKENDS_MAX_ENTRIES, Backend4, Backend6, COUNTER_COUNT, CT_MAX_ENTRIES, CtKey, CtValue,
-    MAP_F_NO_PREALLOC, NODE_ADDRS_MAX_ENTRIES, NodeAddr, REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES,
-    RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES,
-    SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue, SourceRange,
+    MAP_F_NO_PREALLOC, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PEERS_MAX_ENTRIES, PeerKey, PeerValue,
+    REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value,
+    SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue,
+    SourceRange,
 };
 
 /// IPv4 frontends and their backend slots (see `lb_common::maps`).
@@ -49,6 +50,12 @@ pub static LB6_BACKENDS: HashMap<u32, Backend6, BACKENDS_MAX_ENTRIES, MAP_F_NO_P
 #[btf_map]
 pub static LB6_REVNAT: LruHashMap<RevNat6Key, RevNat6Value, REVNAT6_MAX_ENTRIES> =
     LruHashMap::new();
+
+/// Backend to the frontend its TCP sockets dialled (both families; see
+/// `lb_common::PeerKey`).
+#[btf_map]
+pub static LB_PEERS: HashMap<PeerKey, PeerValue, PEERS_MAX_ENTRIES, MAP_F_NO_PREALLOC> =
+    HashMap::new();
 
 /// A conntrack table (both directions, both families). The three are declared with one
 /// capacity; the loader gives each its own (`--max-conntrack*`).

@@ -3,9 +3,11 @@
 //! virtual address and need no NAT; `recvmsg()` and `getpeername()` translate back, so the
 //! application only ever sees the Service address it used.
 //!
-//! Every translated socket records `(cookie, backend) -> frontend` in the LRU reverse-NAT map
-//! of the backend's family, as Cilium's `LB4_REVERSE_NAT_SK` does: written once per
-//! connection, never deleted (a closed socket's record ages out of the LRU). Deleting it
+//! A translated UDP socket records `(cookie, backend) -> frontend` in the LRU reverse-NAT
+//! map of the backend's family, as Cilium's `LB4_REVERSE_NAT_SK` does: written once per
+//! connection, never deleted (a closed socket's record ages out of the LRU). A TCP socket
+//! writes one only when its backend's claim in the peers map names another frontend
+//! (`peer.rs`): the LRU insert was most of a `connect()`'s cost. Deleting it
 //! when the socket closes took a `sock_release` program on every socket of the cgroup, as
 //! costly as the record itself; socket-local storage, which the kernel frees with the
 //! socket, costs two accounted allocations per connection, more than both (see
@@ -17,12 +19,13 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use lb_common::{Counter, PROTO_TCP, PROTO_UDP, to_v4_mapped, v4_mapped};
+use lb_common::{Counter, PROTO_TCP, PROTO_UDP, REV_NAT_DIRECT, to_v4_mapped, v4_mapped};
 
 use crate::{
     affinity::Client,
     counters::count,
     family::{Family, V4, V6},
+    peer,
     xlate::{Forward, Pick, forward, frontend_is_current},
 };
 
@@ -181,13 +184,21 @@ fn forward_in<F: Family>(
         } => {
             count(Counter::SockTranslated);
             let backend = F::backend_addr(&backend);
-            let cookie = cookie(ctx);
-            // An unconnected UDP socket runs this for every datagram: the record is
-            // written only when it changes (a lookup is far cheaper than an LRU update).
-            if matches!(hook, Hook::Connect)
-                || F::recall(cookie, backend) != Some((ip, port, rev_nat_id))
-            {
-                F::remember(cookie, backend, (ip, port), rev_nat_id);
+            let record = match hook {
+                // A TCP socket's record serves only getpeername(): none is needed while
+                // the backend's claim names this frontend (see `peer`).
+                Hook::Connect if proto == PROTO_TCP => !peer::claimed_for(
+                    (F::wire(backend.0), backend.1),
+                    (F::wire(ip), port),
+                    rev_nat_id,
+                ),
+                Hook::Connect => true,
+                // An unconnected UDP socket runs this for every datagram: the record is
+                // written only when it changes (a lookup is far cheaper than an LRU update).
+                Hook::SendMsg => F::recall(cookie(ctx), backend) != Some((ip, port, rev_nat_id)),
+            };
+            if record {
+                F::remember(cookie(ctx), backend, (ip, port), rev_nat_id);
             }
             Forward::To {
                 backend,
@@ -198,7 +209,22 @@ fn forward_in<F: Family>(
             count(Counter::NoEndpoints);
             Forward::NoBackends { drop }
         }
-        Forward::Pass => Forward::Pass,
+        Forward::Pass => {
+            if matches!(hook, Hook::Connect) && proto == PROTO_TCP {
+                direct_connect::<F>(ctx, ip, port);
+            }
+            Forward::Pass
+        }
+    }
+}
+
+/// A TCP `connect()` to an address that is no frontend: if it dials a backend some
+/// frontend claimed, it records that `getpeername()` must leave it alone (see
+/// `lb_common::PeerKey`).
+#[inline(always)]
+fn direct_connect<F: Family>(ctx: &SockAddrContext, ip: F::Addr, port: u16) {
+    if peer::is_claimed((F::wire(ip), port)) {
+        F::remember(cookie(ctx), (ip, port), (ip, port), REV_NAT_DIRECT);
     }
 }
 
@@ -211,7 +237,17 @@ fn reverse_in<F: Family>(
     port: u16,
     proto: u8,
 ) -> Option<(F::Addr, u16)> {
-    let (address, port, rev_nat_id) = F::recall(cookie(ctx), (ip, port))?;
+    let (address, port, rev_nat_id) = match F::recall(cookie(ctx), (ip, port)) {
+        Some((_, _, REV_NAT_DIRECT)) => return None,
+        Some(record) => record,
+        // A TCP socket without a record dialled the frontend that claimed its backend
+        // (if these hooks cover it at all).
+        None if proto == PROTO_TCP && covered(ctx) => {
+            let (address, port, id) = peer::claim_of((F::wire(ip), port))?;
+            (F::from_wire(&address), port, id)
+        }
+        None => return None,
+    };
     frontend_is_current(
         F::services(),
         F::find_frontend(address, port, proto),

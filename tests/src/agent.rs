@@ -376,6 +376,15 @@ impl Agent {
         self.summary_part("maps")
     }
 
+    /// How many entries the pinned map `name` holds (`services --summary`).
+    pub fn map_entries(&self, name: &str) -> Result<u64, String> {
+        self.map_summary()?
+            .iter()
+            .find(|m| m["name"] == name)
+            .and_then(|m| m["entries"].as_u64())
+            .ok_or_else(|| format!("{name} is not in the summary"))
+    }
+
     /// The datapath's counters (`lb-agent services --summary -o json`), by name.
     pub fn counters(&self) -> Result<std::collections::BTreeMap<String, u64>, String> {
         self.summary_part("counters")

@@ -73,13 +73,7 @@ fn syn_flood(client: &lb_tests::Pod, target: &str, count: u64) -> serde_json::Va
 }
 
 fn entries(agent: &lb_tests::Agent, map: &str) -> u64 {
-    agent
-        .map_summary()
-        .expect("services --summary")
-        .iter()
-        .find(|m| m["name"] == map)
-        .and_then(|m| m["entries"].as_u64())
-        .unwrap_or_else(|| panic!("{map} in the summary"))
+    agent.map_entries(map).expect("services --summary")
 }
 
 #[test]

@@ -301,14 +301,14 @@ mod tests {
 
     #[test]
     fn the_defaults_take_what_the_agent_states() {
-        // lb-agent's --help: 263 MiB for an empty node at the defaults, measured (262.6).
+        // lb-agent's --help: 267 MiB for an empty node at the defaults, measured (266.6).
         let empty: u64 = MapCapacities::DEFAULT
             .pinned_maps()
             .iter()
             .map(|m| empty_map_bytes(m, 2))
             .sum();
         assert!(
-            (260 * MIB..265 * MIB).contains(&empty),
+            (265 * MIB..270 * MIB).contains(&empty),
             "{} MiB",
             empty / MIB
         );

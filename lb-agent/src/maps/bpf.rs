@@ -8,8 +8,8 @@ use aya::maps::{
 };
 use lb_common::{
     AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS4_MAP,
-    BACKENDS6_MAP, Backend4, Backend6, SERVICES4_MAP, SERVICES6_MAP, SOURCE_RANGES_MAP,
-    Service4Key, Service6Key, ServiceValue, SourceRange, source_range_prefix,
+    BACKENDS6_MAP, Backend4, Backend6, PEERS_MAP, PeerKey, PeerValue, SERVICES4_MAP, SERVICES6_MAP,
+    SOURCE_RANGES_MAP, Service4Key, Service6Key, ServiceValue, SourceRange, source_range_prefix,
 };
 use tracing::warn;
 
@@ -25,6 +25,7 @@ pub struct BpfMaps {
     affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    peers: HashMap<MapData, PeerKey, PeerValue>,
     /// Each map's `max_entries` as the kernel created it (the `--max-*` flags).
     capacities: Vec<(&'static str, usize)>,
 }
@@ -36,7 +37,7 @@ impl std::fmt::Debug for BpfMaps {
 }
 
 /// The maps `BpfMaps` is made of, in this order.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 8] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
     BACKENDS4_MAP,
@@ -44,6 +45,7 @@ pub const MAP_NAMES: [&str; 7] = [
     AFFINITY_MATCH_MAP,
     AFFINITY_MAP,
     SOURCE_RANGES_MAP,
+    PEERS_MAP,
 ];
 
 impl BpfMaps {
@@ -70,6 +72,7 @@ impl BpfMaps {
         let affinity = convert(AFFINITY_MAP, take(AFFINITY_MAP)?)?;
         let source_ranges = LpmTrie::try_from(take(SOURCE_RANGES_MAP)?)
             .map_err(|e| aya_error("open", SOURCE_RANGES_MAP, e))?;
+        let peers = convert(PEERS_MAP, take(PEERS_MAP)?)?;
         Ok(Self {
             services4,
             services6,
@@ -78,6 +81,7 @@ impl BpfMaps {
             affinity_match,
             affinity,
             source_ranges,
+            peers,
             capacities,
         })
     }
@@ -268,6 +272,7 @@ impl LbMaps for BpfMaps {
                 }
                 Op::SetSourceRange(id, range) => self.set_source_range(*id, *range)?,
                 Op::DeleteSourceRange(id, range) => self.delete_source_range(*id, *range)?,
+                Op::ForgetPeer(backend, rev_nat_id) => self.forget_peer(backend, *rev_nat_id)?,
             }
         }
         update_batch(self.services4.map(), SERVICES4_MAP, &s4, &v4)?;
@@ -421,6 +426,17 @@ impl LbMaps for BpfMaps {
             }
         }
         Ok(out)
+    }
+
+    fn forget_peer(&mut self, backend: &Backend, rev_nat_id: lb_common::FrontendId) -> Result<()> {
+        let key = codec::peer_key(backend);
+        match self.peers.get(&key, 0) {
+            Ok(claim) if claim.rev_nat_id == rev_nat_id => {
+                ignore_missing(self.peers.remove(&key), PEERS_MAP)
+            }
+            Ok(_) | Err(AyaMapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(aya_error("lookup", PEERS_MAP, e)),
+        }
     }
 
     fn forget_affinity(

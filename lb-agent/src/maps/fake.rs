@@ -25,6 +25,8 @@ pub struct FakeMaps {
     pub source_ranges: std::collections::BTreeSet<(lb_common::FrontendId, ipnet::IpNet)>,
     /// Frontend ids whose client affinity entries were forgotten, in order.
     pub forgotten_affinity: Vec<lb_common::FrontendId>,
+    /// Claims in the peers map (which the datapath writes): backend to frontend id.
+    pub peers: BTreeMap<L4Addr, lb_common::FrontendId>,
     /// Number of writes and deletes performed, to check that only changes are written.
     pub operations: usize,
     /// Maximum number of entries by map name (unset: unbounded).
@@ -213,6 +215,13 @@ impl LbMaps for FakeMaps {
 
     fn source_ranges(&self) -> Result<Vec<(lb_common::FrontendId, ipnet::IpNet)>> {
         Ok(self.source_ranges.iter().copied().collect())
+    }
+
+    fn forget_peer(&mut self, backend: &Backend, rev_nat_id: lb_common::FrontendId) -> Result<()> {
+        if self.peers.get(&backend.addr) == Some(&rev_nat_id) {
+            self.peers.remove(&backend.addr);
+        }
+        Ok(())
     }
 
     fn capacity(&self, name: &str) -> Option<usize> {

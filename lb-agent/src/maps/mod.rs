@@ -56,6 +56,10 @@ pub enum Op {
     /// (frontend `rev_nat_id`, range): a `loadBalancerSourceRanges` entry.
     SetSourceRange(FrontendId, ipnet::IpNet),
     DeleteSourceRange(FrontendId, ipnet::IpNet),
+    /// (backend, frontend `rev_nat_id`): the backend left the frontend; its claim in the
+    /// peers map goes if it names that frontend (the datapath writes claims, see
+    /// `lb_common::PeerKey`).
+    ForgetPeer(Backend, FrontendId),
 }
 
 /// The load-balancing maps of both families. Implemented by the pinned BPF maps and by
@@ -80,6 +84,7 @@ pub trait LbMaps {
                 }
                 Op::SetSourceRange(id, range) => self.set_source_range(*id, *range)?,
                 Op::DeleteSourceRange(id, range) => self.delete_source_range(*id, *range)?,
+                Op::ForgetPeer(backend, rev_nat_id) => self.forget_peer(backend, *rev_nat_id)?,
             }
         }
         Ok(())
@@ -116,6 +121,9 @@ pub trait LbMaps {
     fn delete_source_range(&mut self, rev_nat_id: FrontendId, range: ipnet::IpNet) -> Result<()>;
     /// Every source-range entry: (frontend `rev_nat_id`, range).
     fn source_ranges(&self) -> Result<Vec<(FrontendId, ipnet::IpNet)>>;
+    /// Deletes `backend`'s claim in the peers map if the frontend `rev_nat_id` holds it
+    /// (absent, or another frontend's, is not an error).
+    fn forget_peer(&mut self, backend: &Backend, rev_nat_id: FrontendId) -> Result<()>;
     /// How many entries the map `name` holds at most, when known (for reports).
     fn capacity(&self, name: &str) -> Option<usize> {
         lb_common::PINNED_MAPS
@@ -334,6 +342,20 @@ pub mod codec {
             },
             key.backend_slot,
         ))
+    }
+
+    /// The peers-map key of a backend (its address in the four-word form).
+    #[must_use]
+    pub fn peer_key(backend: &Backend) -> lb_common::PeerKey {
+        lb_common::PeerKey {
+            address: match backend.addr.address {
+                IpAddr::V4(ip) => lb_common::to_v4_mapped(ip4(ip)),
+                IpAddr::V6(ip) => ip6(ip),
+            },
+            port: backend.addr.port.to_be(),
+            proto: protocol_number(backend.addr.protocol),
+            pad: 0,
+        }
     }
 
     #[must_use]

@@ -262,6 +262,12 @@ impl<M: LbMaps> MapWriter<M> {
         &self.maps
     }
 
+    /// The maps, to play the datapath's part in tests.
+    #[cfg(test)]
+    pub const fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
     /// Makes the maps implement `desired`, writing only what differs; also drops whatever
     /// an adopted map held that `desired` lacks. Used for the first sync.
     ///
@@ -570,6 +576,11 @@ impl<M: LbMaps> MapWriter<M> {
             ));
             stats.map_writes += 1;
         }
+        let wanted: HashSet<L4Addr> = frontend.backends.iter().map(|b| b.addr).collect();
+        let left = old.slots.iter().filter_map(|id| self.backends.get(id));
+        for record in left.filter(|r| !wanted.contains(&r.backend.addr)) {
+            forget_peer(&mut ops, address, record.backend, old.rev_nat_id);
+        }
         let surplus = (slots.len() + 1..=old.slots.len()).map(slot_number_1);
         let stray = old
             .stray_slots
@@ -686,6 +697,9 @@ impl<M: LbMaps> MapWriter<M> {
             self.forget_affinity.insert(old.rev_nat_id);
         }
         plan_source_ranges(&old, &BTreeSet::new(), &mut ops, stats);
+        for record in old.slots.iter().filter_map(|id| self.backends.get(id)) {
+            forget_peer(&mut ops, address, record.backend, old.rev_nat_id);
+        }
         for (phase, op) in ops {
             self.plan[phase].push(op);
         }
@@ -776,6 +790,20 @@ fn master_value(
     match affinity {
         Some(timeout) => ServiceValue::affinity_master(count, rev_nat_id, flags, timeout),
         None => ServiceValue::master(count, rev_nat_id, flags),
+    }
+}
+
+/// A TCP frontend's claim on a backend it stopped using goes after its master stopped
+/// naming the backend (the datapath claims a backend for the first frontend whose sockets
+/// reach it, which then need no reverse-NAT record: see `lb_common::PeerKey`).
+fn forget_peer(
+    ops: &mut Vec<(usize, Op)>,
+    frontend: L4Addr,
+    backend: Backend,
+    rev_nat_id: lb_common::FrontendId,
+) {
+    if frontend.protocol == Protocol::Tcp {
+        ops.push((DROP_BACKENDS, Op::ForgetPeer(backend, rev_nat_id)));
     }
 }
 
@@ -871,7 +899,8 @@ impl FrontendPlan {
             Op::DeleteService(..)
             | Op::DeleteBackend(..)
             | Op::DeleteAffinityMatch(..)
-            | Op::DeleteSourceRange(..) => return None,
+            | Op::DeleteSourceRange(..)
+            | Op::ForgetPeer(..) => return None,
         })
     }
 }
