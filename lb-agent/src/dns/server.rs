@@ -1,8 +1,9 @@
-//! The DNS server (`--dns-addr`): hickory's server on one UDP socket and one TCP listener,
-//! answering the cluster domain from the [`DnsIndex`](super::index::DnsIndex) and sending
-//! other names to the node's resolvers (or refusing them). hickory decodes and encodes
-//! every message: a malformed query gets FORMERR, an answer larger than the client's UDP
-//! buffer is truncated (TC) so the client asks again over TCP.
+//! The DNS server (`--dns-addr`): UDP sockets read by [`super::udp`] and a TCP listener
+//! served by hickory's server, both answering with one [`RequestHandler`]: the cluster
+//! domain from the [`DnsIndex`](super::index::DnsIndex), other names from the node's
+//! resolvers (or refused). hickory decodes and encodes every message: a malformed query
+//! gets FORMERR, an answer larger than the client's UDP buffer is truncated (TC) so the
+//! client asks again over TCP.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hickory_server::{
@@ -39,6 +40,7 @@ pub struct DnsConfig {
     pub upstreams: Vec<SocketAddr>,
 }
 
+#[derive(Clone)]
 struct Handler {
     index: SharedDnsIndex,
     zone: Zone,
@@ -89,12 +91,16 @@ pub async fn serve(
         zone: config.zone,
         upstreams: config.upstreams.into(),
     };
-    let mut server = Server::new(handler);
+    let mut udp_tasks = tokio::task::JoinSet::new();
+    let shared = Arc::new(handler.clone());
     for socket in udp {
-        server.register_socket(socket);
+        udp_tasks.spawn(super::udp::serve(Arc::new(socket), Arc::clone(&shared)));
     }
+    let mut server = Server::new(handler);
     server.register_listener(tcp, TCP_IDLE, 64);
     Ok(tokio::spawn(async move {
+        // Aborting this task drops the set, which aborts the UDP tasks.
+        let _udp = udp_tasks;
         if let Err(e) = server.block_until_done().await {
             tracing::error!(error = %e, "the DNS server stopped");
         }
