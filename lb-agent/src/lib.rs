@@ -17,6 +17,8 @@ pub mod env;
 pub mod explain;
 pub mod health;
 pub mod inspect;
+pub mod layout;
+pub mod links;
 pub mod listen;
 pub mod loader;
 pub mod maps;

@@ -22,7 +22,12 @@ use aya::{
 use lb_common::MapCapacities;
 use tracing::{debug, info, warn};
 
-use crate::maps::bpf::BpfMaps;
+use std::os::fd::AsFd as _;
+
+use crate::{
+    links::{Target, Transaction},
+    maps::bpf::BpfMaps,
+};
 
 /// The eBPF object built from `lb-ebpf` by `build.rs` for this very build of the agent.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -108,6 +113,8 @@ pub enum LoadError {
     Pin { path: PathBuf, message: String },
     #[error(transparent)]
     Map(#[from] crate::maps::MapError),
+    #[error(transparent)]
+    NewerLayout(#[from] crate::layout::NewerLayout),
     #[error("reading the network namespace cookie (SO_NETNS_COOKIE, Linux 5.14+): {source}")]
     Netns { source: io::Error },
 }
@@ -162,6 +169,11 @@ pub fn load(
         path: pin_dir.to_path_buf(),
         source,
     })?;
+    let found = crate::layout::found(pin_dir).map_err(|source| LoadError::Bpffs {
+        path: pin_dir.join(lb_common::LAYOUT_MAP),
+        source,
+    })?;
+    crate::layout::check(pin_dir, found)?;
     let specs = capacities.pinned_maps();
     check_pinned_maps(pin_dir, &specs)?;
     let mut loader = EbpfLoader::new();
@@ -187,6 +199,19 @@ pub fn load(
         Err(e) => {
             warn!(error = %e, "could not move the flows of the old conntrack map; they start afresh")
         }
+    }
+    crate::layout::record(pin_dir).map_err(|source| LoadError::Bpffs {
+        path: pin_dir.join(lb_common::LAYOUT_MAP),
+        source,
+    })?;
+    if let crate::layout::Found::Layout(old) = found
+        && old < lb_common::LAYOUT_VERSION
+    {
+        info!(
+            from = old,
+            to = lb_common::LAYOUT_VERSION,
+            "migrated the pinned maps' layout"
+        );
     }
     let maps = BpfMaps::from_maps(|name| {
         ebpf.take_map(name).ok_or_else(|| crate::maps::MapError {
@@ -231,8 +256,9 @@ fn check_pinned_maps(pin_dir: &Path, specs: &[lb_common::MapSpec]) -> Result<(),
 }
 
 /// Attaches every cgroup program to `cgroup` through a link pinned under `pin_dir/links`.
-/// A link left by a previous agent is replaced only after the new one is attached, so
-/// connects are translated throughout.
+/// A link a previous agent left on the same cgroup keeps its place: its program is swapped
+/// for this agent's in one step (`BPF_LINK_UPDATE`, see [`crate::links`]), so connects are
+/// translated throughout, once. A failure half-way puts the previous programs back.
 ///
 /// # Errors
 /// When the cgroup cannot be opened or the kernel refuses the attachment.
@@ -250,17 +276,33 @@ pub fn attach_cgroup_programs(
         path: cgroup.to_path_buf(),
         source,
     })?;
+    let target = Target::cgroup(cgroup).map_err(|source| LoadError::Cgroup {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    let mut transaction = Transaction::default();
     for (name, pin_name) in CGROUP_PROGRAMS {
         let path = links.join(pin_name);
-        let link = attach_to_cgroup(program_mut(ebpf, name)?, &cgroup_fd).map_err(|e| {
-            LoadError::Attach {
-                name,
-                message: e.to_string(),
+        let attach_error = |e: anyhow::Error| LoadError::Attach {
+            name,
+            message: format!("{e:#}"),
+        };
+        let program = program_mut(ebpf, name)?;
+        let fd = load_cgroup_program(program).map_err(attach_error)?;
+        if path.exists() {
+            match transaction.replace(&path, target, fd.as_fd()) {
+                Ok(()) => continue,
+                Err(e) => {
+                    warn!(link = %path.display(), error = %e, "cannot swap the program in place; attaching anew");
+                }
             }
-        })?;
+        }
+        let link = attach_to_cgroup(program, &cgroup_fd).map_err(attach_error)?;
         replace_pinned_link(&path, link)?;
+        transaction.created(&path);
     }
     detach_retired_links(&links)?;
+    transaction.commit();
     info!(
         programs = CGROUP_PROGRAMS.len(),
         cgroup = %cgroup.display(),
@@ -291,6 +333,7 @@ pub fn attach_tc_programs(
         source,
     })?;
     let mut wanted = std::collections::BTreeSet::new();
+    let mut transaction = Transaction::default();
     let sets = [(&TC_PROGRAMS, external), (&POD_TC_PROGRAMS, pods)];
     for (programs, devices) in sets {
         for (name, attach_type, prefix) in programs {
@@ -313,12 +356,30 @@ pub fn attach_tc_programs(
                     wanted.insert(pin_name);
                     continue;
                 }
-                let link_id = program
-                    .attach(device, *attach_type)
-                    .map_err(program_error)?;
-                let link = program.take_link(link_id).map_err(program_error)?;
-                let link = FdLink::try_from(link).map_err(|e| pin_error(&path, &e))?;
-                replace_pinned_link(&path, link)?;
+                // A previous agent's link on this device keeps its place; its program is
+                // swapped for this one in one step.
+                let swapped = path.exists()
+                    && match nix::net::if_::if_nametoindex(device.as_str())
+                        .map_err(io::Error::from)
+                        .and_then(|index| {
+                            let fd = program.fd().map_err(io::Error::other)?;
+                            transaction.replace(&path, Target::Device(index), fd.as_fd())
+                        }) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            warn!(link = %path.display(), error = %e, "cannot swap the program in place; attaching anew");
+                            false
+                        }
+                    };
+                if !swapped {
+                    let link_id = program
+                        .attach(device, *attach_type)
+                        .map_err(program_error)?;
+                    let link = program.take_link(link_id).map_err(program_error)?;
+                    let link = FdLink::try_from(link).map_err(|e| pin_error(&path, &e))?;
+                    replace_pinned_link(&path, link)?;
+                    transaction.created(&path);
+                }
                 attached.insert(pin_name.clone());
                 wanted.insert(pin_name);
             }
@@ -341,6 +402,7 @@ pub fn attach_tc_programs(
             info!(link = %path.display(), "detached the tc program of a device no longer listed");
         }
     }
+    transaction.commit();
     info!(external = ?external, pods = pods.len(), "attached tc programs");
     Ok(())
 }
@@ -391,18 +453,34 @@ fn unpin_link(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Loads a cgroup program and attaches it to `cgroup` through a link the caller owns.
-fn attach_to_cgroup(program: &mut Program, cgroup: &File) -> anyhow::Result<FdLink> {
-    macro_rules! load_and_attach {
+/// Loads a cgroup program (once) and returns its fd.
+fn load_cgroup_program(program: &mut Program) -> anyhow::Result<std::os::fd::OwnedFd> {
+    macro_rules! load {
         ($program:expr) => {{
-            $program.load()?;
+            if $program.fd().is_err() {
+                $program.load()?;
+            }
+            $program.fd()?.as_fd().try_clone_to_owned()?
+        }};
+    }
+    Ok(match program {
+        Program::CgroupSockAddr(p) => load!(p),
+        Program::CgroupSock(p) => load!(p),
+        other => anyhow::bail!("{:?} is not a cgroup socket program", other.prog_type()),
+    })
+}
+
+/// Attaches a loaded cgroup program to `cgroup` through a link the caller owns.
+fn attach_to_cgroup(program: &mut Program, cgroup: &File) -> anyhow::Result<FdLink> {
+    macro_rules! attach {
+        ($program:expr) => {{
             let id = $program.attach(cgroup, CgroupAttachMode::Single)?;
             FdLink::try_from($program.take_link(id)?)?
         }};
     }
     Ok(match program {
-        Program::CgroupSockAddr(p) => load_and_attach!(p),
-        Program::CgroupSock(p) => load_and_attach!(p),
+        Program::CgroupSockAddr(p) => attach!(p),
+        Program::CgroupSock(p) => attach!(p),
         other => anyhow::bail!("{:?} is not a cgroup socket program", other.prog_type()),
     })
 }

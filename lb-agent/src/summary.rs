@@ -192,7 +192,7 @@ fn count_entries(fd: BorrowedFd<'_>, key_size: usize) -> io::Result<u64> {
         // SAFETY: `attr` is the element member and points at buffers of the map's key size
         // that outlive the call.
         match unsafe { sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
             Err(e) => return Err(e),
         }

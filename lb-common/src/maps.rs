@@ -43,6 +43,16 @@ pub const CT_OTHER_MAP: &str = "LB_CT_OTHER";
 /// Name of the conntrack map of versions before the split into three tables; an agent
 /// migrates its entries and removes it.
 pub const LEGACY_CT_MAP: &str = "LB_CT";
+/// Name of the one-entry map that holds the [`LAYOUT_VERSION`] the pinned maps were
+/// written with.
+pub const LAYOUT_MAP: &str = "LB_LAYOUT";
+/// The version of the pinned maps' layout: raised whenever a pinned map changes its
+/// meaning or shape, so that an agent knows what it adopts. An agent migrates the layouts
+/// before its own (see `lb-agent/src/layout.rs`) and refuses newer ones.
+///
+/// 1: every layout before the version was recorded (up to the three conntrack tables).
+/// 2: `LB_PEERS`, and this map.
+pub const LAYOUT_VERSION: u32 = 2;
 /// Name of the datapath's per-CPU counters ([`Counter`]).
 pub const COUNTERS_MAP: &str = "LB_COUNTERS";
 /// Name of the map of this node's IPv4 addresses (NodePort frontends answer on each).
@@ -114,7 +124,7 @@ impl MapCapacities {
 
     /// Every map the agent pins, with its shape at these capacities.
     #[must_use]
-    pub const fn pinned_maps(&self) -> [MapSpec; 18] {
+    pub const fn pinned_maps(&self) -> [MapSpec; 19] {
         let services = self.services_entries();
         let backends = self.backends as usize;
         [
@@ -129,6 +139,7 @@ impl MapCapacities {
             MapSpec::of::<CtKey, CtValue>(CT_HALF_OPEN_MAP, self.conntrack_half_open as usize, 0),
             MapSpec::of::<CtKey, CtValue>(CT_OTHER_MAP, self.conntrack_other as usize, 0),
             MapSpec::of::<u32, u64>(COUNTERS_MAP, COUNTER_COUNT, 0),
+            MapSpec::of::<u32, u32>(LAYOUT_MAP, 1, 0),
             MapSpec::of::<u32, NodeAddr>(NODE_ADDRS4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
             MapSpec::of::<[u32; 4], NodeAddr>(NODE_ADDRS6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
             MapSpec::of::<u32, u32>(DEVICES4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
@@ -158,7 +169,7 @@ impl Default for MapCapacities {
 }
 
 /// Every map the agent pins, with its shape at the default capacities.
-pub const PINNED_MAPS: [MapSpec; 18] = MapCapacities::DEFAULT.pinned_maps();
+pub const PINNED_MAPS: [MapSpec; 19] = MapCapacities::DEFAULT.pinned_maps();
 
 /// The shape of a map as the kernel records it: a pinned map is reused only if it has
 /// exactly this shape (the declarations in `lb-ebpf/src/maps.rs` use the same types and

@@ -1,7 +1,7 @@
 //! The maps, as BTF maps so `bpftool map dump` prints typed entries. Their layout is
 //! defined in `lb-common`; only the declarations live here.
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -72,6 +72,11 @@ pub static LB_CT_HALF_OPEN: Conntrack = LruHashMap::new();
 /// Flows of the other protocols (UDP).
 #[btf_map]
 pub static LB_CT_OTHER: Conntrack = LruHashMap::new();
+
+/// The layout version of the pinned maps (`lb_common::LAYOUT_VERSION`): written and read
+/// by the agent only.
+#[btf_map]
+pub static LB_LAYOUT: Array<u32, 1> = Array::new();
 
 /// The datapath's counters, one slot per `lb_common::Counter` and CPU.
 #[btf_map]

@@ -54,6 +54,9 @@ pub struct Summary {
     pub rate: f64,
     pub p50_us: u32,
     pub p99_us: u32,
+    /// The slowest operation: the longest stall a client saw.
+    #[serde(default)]
+    pub max_us: u32,
     /// UDP: answers whose source was not the address the request went to.
     pub foreign_replies: u64,
     pub first_error: Option<String>,
@@ -83,6 +86,7 @@ impl Summary {
             rate: if secs > 0.0 { ops as f64 / secs } else { 0.0 },
             p50_us: percentile(&latencies, 50),
             p99_us: percentile(&latencies, 99),
+            max_us: latencies.last().copied().unwrap_or(0),
             foreign_replies: foreign,
             first_error,
         }

@@ -313,6 +313,21 @@ impl Agent {
         None
     }
 
+    /// Waits up to `timeout` for the agent to exit by itself: its status, or `None` (it
+    /// still runs).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let status = self.child.as_mut()?.try_wait().ok().flatten();
+            if status.is_some() {
+                self.child = None;
+                return status;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Whether the process still runs; panics with the log when it exited.
     #[track_caller]
     pub fn assert_running(&mut self) {

@@ -69,3 +69,190 @@ fn killed_agent_leaves_cluster_ips_answering_and_a_restart_catches_up() {
          {attached_after:?}"
     );
 }
+
+/// What a client saw while it connected in a loop: connections made, failures by error,
+/// and the slowest connect.
+#[derive(Debug, Default)]
+struct Load {
+    ok: u32,
+    errors: std::collections::BTreeMap<String, u32>,
+    slowest_ms: f64,
+}
+
+/// Connects from `client` to `target` in batches of 100 until `stop` is set.
+fn connect_until(
+    client: &lb_tests::Pod,
+    cgroup: &lb_tests::TestCgroup,
+    target: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Load {
+    let mut load = Load::default();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let batch = client.client(cgroup, target, 100);
+        load.ok += batch.ok;
+        for (error, n) in batch.errors {
+            *load.errors.entry(error).or_default() += n;
+        }
+        load.slowest_ms = batch
+            .connect_ms
+            .iter()
+            .copied()
+            .fold(load.slowest_ms, f64::max);
+    }
+    load
+}
+
+/// The id of the link pinned at `path` (`bpftool link show pinned`).
+fn link_id(path: &std::path::Path) -> u64 {
+    let out = lb_tests::cmd::run(
+        std::process::Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(path),
+        lb_tests::cmd::PLUMBING_TIMEOUT,
+    )
+    .expect("bpftool link show");
+    let link: serde_json::Value = serde_json::from_str(out.trim()).expect("bpftool json");
+    link["id"].as_u64().expect("link id")
+}
+
+/// SIGKILL the agent under a steady connection load and start it again: no connection
+/// fails, and the restarted agent swaps its programs into the links the first one pinned
+/// (the same links, so the hooks never ran without a program or with two).
+#[test]
+fn killing_and_restarting_the_agent_under_load_fails_no_connection() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let _web2 = env.add_backend("webapp2", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 2, APPLY);
+    let connect4 = agent.config().pin_path.join("links").join("connect4");
+    let link_before = link_id(&connect4);
+    let program_before = env.cgroup.attached_programs();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let load = std::thread::scope(|scope| {
+        let load = scope.spawn(|| connect_until(&client, &env.cgroup, VIP, &stop));
+        std::thread::sleep(Duration::from_secs(1));
+        agent.kill();
+        std::thread::sleep(Duration::from_millis(500));
+        agent.start();
+        agent.wait_for_frontend(VIP, 2, APPLY);
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        load.join().expect("load thread")
+    });
+
+    assert!(load.errors.is_empty(), "{load:?}");
+    assert!(load.ok > 500, "{load:?}");
+    assert_eq!(
+        link_id(&connect4),
+        link_before,
+        "the restarted agent kept the link and swapped its program"
+    );
+    let program_after = env.cgroup.attached_programs();
+    assert_eq!(program_after.len(), program_before.len());
+    assert_ne!(
+        program_after, program_before,
+        "the programs on the cgroup are the restarted agent's"
+    );
+    eprintln!(
+        "kill and restart under load: {} connections, none failed, slowest connect {:.1} ms",
+        load.ok, load.slowest_ms
+    );
+}
+
+/// Sets the layout version recorded with the pinned maps (as another version of lb would).
+fn set_layout(agent: &lb_tests::Agent, version: u32) {
+    let mut command = std::process::Command::new("bpftool");
+    command
+        .args(["map", "update", "pinned"])
+        .arg(agent.config().pin_path.join(lb_common::LAYOUT_MAP))
+        .args(["key", "0", "0", "0", "0", "value"])
+        .args(version.to_le_bytes().map(|b| b.to_string()));
+    lb_tests::cmd::run(&mut command, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map update");
+}
+
+fn layout(agent: &lb_tests::Agent) -> u32 {
+    let mut command = std::process::Command::new("bpftool");
+    command
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(agent.config().pin_path.join(lb_common::LAYOUT_MAP))
+        .args(["key", "0", "0", "0", "0"]);
+    let out = lb_tests::cmd::run(&mut command, lb_tests::cmd::PLUMBING_TIMEOUT).expect("lookup");
+    let entry: serde_json::Value = serde_json::from_str(out.trim()).expect("bpftool json");
+    let bytes: Vec<u8> = entry["value"]
+        .as_array()
+        .expect("value bytes")
+        .iter()
+        .map(|b| {
+            u8::from_str_radix(b.as_str().unwrap_or("0").trim_start_matches("0x"), 16).unwrap()
+        })
+        .collect();
+    u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"))
+}
+
+/// Maps pinned by an older layout are adopted and stamped with this one; maps of a newer
+/// layout than the agent knows are refused with what to do, and the datapath they drive
+/// keeps running.
+#[test]
+fn pinned_maps_of_an_older_layout_are_migrated_and_a_newer_one_refused() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    assert_eq!(layout(&agent), lb_common::LAYOUT_VERSION);
+
+    agent.kill();
+    set_layout(&agent, 1);
+    agent.start();
+    // The frontend is in the pins already: wait for the new agent to have loaded.
+    let deadline = std::time::Instant::now() + APPLY;
+    while layout(&agent) != lb_common::LAYOUT_VERSION {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migrated from layout 1 within {APPLY:?}"
+        );
+        agent.assert_running();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    agent.kill();
+    set_layout(&agent, 99);
+    agent.start();
+    let status = agent.wait_exit(APPLY).expect("the agent refuses to start");
+    assert!(!status.success());
+    let log = agent.log();
+    assert!(
+        log.contains("have layout 99, newer than this agent's")
+            && log.contains("lb-agent cleanup --bpf-pin-path"),
+        "{log}"
+    );
+    assert_eq!(layout(&agent), 99, "the refused maps are left as they are");
+    assert_eq!(
+        client.client(&env.cgroup, VIP, 10).ok,
+        10,
+        "and keep serving"
+    );
+}

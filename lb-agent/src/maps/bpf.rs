@@ -214,16 +214,17 @@ fn update_chunks<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// `bpf(cmd, attr)`, for the commands aya 0.14 does not offer (batch updates, key walks).
+/// `bpf(cmd, attr)`, for the commands aya 0.14 does not offer (batch updates, key walks,
+/// link updates): what the call returns (a new fd for the commands that open one).
 ///
 /// # Safety
 /// `attr` must be the member of `union bpf_attr` that `cmd` reads, and every pointer in it
 /// valid for the call.
-pub(crate) unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+pub(crate) unsafe fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<libc::c_long> {
     // SAFETY: the caller's; the size is the member's, which the kernel accepts.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<A>()) };
-    if rc == 0 {
-        Ok(())
+    if rc >= 0 {
+        Ok(rc)
     } else {
         Err(io::Error::last_os_error())
     }
