@@ -17,6 +17,7 @@
 mod agent;
 mod kubeproxy;
 mod lab;
+mod lifecycle;
 mod plot;
 mod report;
 mod results;
@@ -96,6 +97,17 @@ pub struct Args {
     /// iptables backends to compare (legacy, nft).
     #[arg(long, value_delimiter = ',', default_values = ["legacy"], value_parser = ["legacy", "nft"])]
     iptables: Vec<String>,
+    /// Instead of the sweep: SIGKILL the agent and start it again under a steady connection
+    /// load (`lb-lifecycle`), and report failed connections and the longest one.
+    #[arg(long)]
+    lifecycle: bool,
+    /// Kill-and-start cycles of --lifecycle.
+    #[arg(long, value_name = "N", default_value_t = 6, requires = "lifecycle")]
+    lifecycle_cycles: u32,
+    /// With --lifecycle: another build of lb-agent, started on every other cycle (an
+    /// upgrade, then a downgrade).
+    #[arg(long, value_name = "BIN", requires = "lifecycle")]
+    upgrade_to: Option<PathBuf>,
     /// Measure nothing: write the report again from the raw results of the last run
     /// (target/bench/results.json, or results-quick.json with --quick).
     #[arg(long)]
@@ -218,6 +230,13 @@ pub fn run(args: &Args) -> Result<()> {
         None if args.quick => crate::target_dir().join("bench-quick"),
         None => crate::repo_root().join("docs"),
     };
+    if args.lifecycle {
+        return lifecycle::run(&lifecycle::Settings {
+            quick: args.quick,
+            cycles: args.lifecycle_cycles,
+            upgrade_to: args.upgrade_to.clone(),
+        });
+    }
     if args.report_only {
         let file = raw_file(args.quick);
         let text = std::fs::read_to_string(&file)
