@@ -111,7 +111,7 @@ pub struct MonitorEvent {
 const _: () = assert!(core::mem::size_of::<MonitorSwitch>() == 8);
 const _: () = assert!(core::mem::size_of::<MonitorEvent>() == 120);
 // The ring buffer reserves in 8-byte units: no tail for the kernel to pad.
-const _: () = assert!(core::mem::size_of::<MonitorEvent>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<MonitorEvent>().is_multiple_of(8));
 
 /// The monitor's maps with their shapes (a ring buffer has no key or value size).
 pub const MONITOR_MAPS: [MapSpec; 2] = [

@@ -52,6 +52,7 @@ pub async fn run(options: Options, out: &mut impl Write) -> anyhow::Result<()> {
     // Decisions left from an earlier monitor are not this one's.
     while ring.next().is_some() {}
     switch.renew()?;
+    tracing::info!(pin_dir = %options.pin_dir.display(), "monitor on: streaming decisions until interrupted");
     let mut names = Names::new(&options);
     for service in &options.services {
         if !names.has_service(service) {
