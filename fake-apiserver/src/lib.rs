@@ -59,6 +59,7 @@
 //!   object stop matching a watch's selector is sent to it as `DELETED` (with the previous
 //!   content and the new resourceVersion), one that makes it start matching as `ADDED`.
 
+mod fault;
 mod resource;
 mod routes;
 pub mod selector;
@@ -79,6 +80,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub use fault::Fault;
 pub use resource::{ResourceKind, UnknownKind};
 
 use server::Shared;
@@ -368,6 +370,16 @@ impl FakeApiServer {
         conns.mode = mode;
         if mode.is_some() {
             conns.abort_all();
+        }
+    }
+
+    /// Makes the server misbehave in the given way for every request for a resource
+    /// (`None`: behave again). Setting a fault drops every open connection, so open
+    /// watches end mid-stream and the client comes back to meet it.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *lock(&self.shared.fault) = fault;
+        if fault.is_some() {
+            lock(&self.shared.connections).abort_all();
         }
     }
 
