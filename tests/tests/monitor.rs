@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use lb_tests::agent::AgentConfig;
-use lb_tests::manifests::service;
+use lb_tests::manifests::{pod, service};
 use lb_tests::monitor::{switch_is_on, switch_until_ns};
 use lb_tests::{
     API_ADDR, Agent, BackendPod, EXT_DEVICE, EXTERNAL_CLIENT_IP, NODE_EXT_IP, TestEnv,
@@ -224,4 +224,52 @@ fn a_killed_monitor_leaves_the_switch_to_turn_off_by_itself() {
     assert!(next.wait(SHOW), "stderr: {}", next.stderr());
     assert_eq!(next.decisions().len(), 1, "{:#?}", next.decisions());
     assert_eq!(switch_until_ns(env.pins.path()), 0, "the switch is off");
+}
+
+#[test]
+fn unconnected_udp_decisions_come_from_sendmsg_by_the_sockets_hash() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let dns = env.topo.add_pod("dns1");
+    let _server = dns.spawn_udp_server("dns1", 5353);
+    env.manifests.write(
+        &TestEnv::pod_file("dns1"),
+        &pod("dns1", dns.ip())
+            .label("app", "dns")
+            .container_port_full("dns", 5353, "UDP")
+            .yaml(),
+    );
+    env.manifests.write(
+        "svc-dns.yaml",
+        &service("dns", "10.96.0.53")
+            .selector("app", "dns")
+            .port_full(Some("dns"), 53, "dns", "UDP")
+            .yaml(),
+    );
+    let client = env.topo.add_pod("client");
+    let mut agent = start_agent(&env, false);
+    agent.wait_for_frontend_proto("10.96.0.53:53", "UDP", 1, APPLY);
+
+    let monitor = agent.monitor(&[]);
+    let summary = client
+        .client_with()
+        .cgroup(&env.cgroup)
+        .udp()
+        .count(1)
+        .sends(2)
+        .run("10.96.0.53:53");
+    assert_eq!(summary.ok, 2, "{summary:?}");
+    let d = monitor.wait_for("for the unconnected UDP send", SHOW, |d| {
+        text(d, "frontend") == "10.96.0.53:53/UDP"
+    });
+    assert_eq!(text(&d, "hook"), "sendmsg", "{d:#}");
+    assert_eq!(text(&d, "service"), "default/dns", "{d:#}");
+    assert_eq!(text(&d, "backend"), format!("{}:5353", dns.ip()), "{d:#}");
+    assert_eq!(
+        text(&d, "reason"),
+        "slot 1 of 1, by the socket's hash (unconnected UDP)",
+        "{d:#}"
+    );
 }
