@@ -58,6 +58,10 @@
 //!   filter lists and watches. As in the apiserver's watch cache, an update that makes an
 //!   object stop matching a watch's selector is sent to it as `DELETED` (with the previous
 //!   content and the new resourceVersion), one that makes it start matching as `ADDED`.
+//! * **Faults**, set at run time with [`FakeApiServer::set_fault`] (and cleared with
+//!   `None`): truncated bodies, invalid JSON, objects of the wrong kind, `500`s, `429`s with
+//!   `Retry-After`, and answers held back for a while ([`Fault`]); besides the connection
+//!   resets and `503`s of [`FakeApiServer::set_unavailable_with`].
 
 mod fault;
 mod resource;
