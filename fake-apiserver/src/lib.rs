@@ -58,7 +58,12 @@
 //!   filter lists and watches. As in the apiserver's watch cache, an update that makes an
 //!   object stop matching a watch's selector is sent to it as `DELETED` (with the previous
 //!   content and the new resourceVersion), one that makes it start matching as `ADDED`.
+//! * **Faults**, set at run time with [`FakeApiServer::set_fault`] (and cleared with
+//!   `None`): truncated bodies, invalid JSON, objects of the wrong kind, `500`s, `429`s with
+//!   `Retry-After`, and answers held back for a while ([`Fault`]); besides the connection
+//!   resets and `503`s of [`FakeApiServer::set_unavailable_with`].
 
+mod fault;
 mod resource;
 mod routes;
 pub mod selector;
@@ -79,6 +84,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub use fault::Fault;
 pub use resource::{ResourceKind, UnknownKind};
 
 use server::Shared;
@@ -368,6 +374,16 @@ impl FakeApiServer {
         conns.mode = mode;
         if mode.is_some() {
             conns.abort_all();
+        }
+    }
+
+    /// Makes the server misbehave in the given way for every request for a resource
+    /// (`None`: behave again). Setting a fault drops every open connection, so open
+    /// watches end mid-stream and the client comes back to meet it.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *lock(&self.shared.fault) = fault;
+        if fault.is_some() {
+            lock(&self.shared.connections).abort_all();
         }
     }
 

@@ -182,6 +182,16 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return resp;
     }
+    let fault = *lock(&shared.fault);
+    if let (Some(fault), Some(kind)) = (fault, kind) {
+        if let Some(delay) = fault.delay() {
+            tokio::time::sleep(delay).await;
+        }
+        let resource_version = lock(&shared.store).resource_version();
+        if let Some(answer) = fault.answer(kind, verb, resource_version) {
+            return answer;
+        }
+    }
     if req.method() != Method::GET {
         return status_response(&ApiError::new(
             405,

@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<Mutex<Store>>,
     pub(crate) counters: [Counters; ResourceKind::ALL.len()],
     pub(crate) connections: Mutex<Connections>,
+    /// The misbehaviour in force, if any.
+    pub(crate) fault: Mutex<Option<crate::Fault>>,
     pub(crate) requests: Mutex<VecDeque<RequestRecord>>,
     pub(crate) addr: SocketAddr,
 }
@@ -74,6 +76,7 @@ impl Shared {
             store: Arc::new(Mutex::new(store)),
             counters: Default::default(),
             connections: Mutex::new(Connections::default()),
+            fault: Mutex::new(None),
             requests: Mutex::new(VecDeque::new()),
             addr,
         }

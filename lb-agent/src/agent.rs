@@ -333,11 +333,13 @@ async fn run_kube<M: LbMaps>(
     reconciler: &mut Reconciler<M>,
     datapath: &mut Datapath<'_>,
 ) -> anyhow::Result<()> {
-    let client = kube_source::client(kubeconfig)
+    let held = api::readiness(&datapath.status);
+    let on_hold = move |kind: Kind, until| held.watch_held(kind.name(), until);
+    let (client, guard_reports) = kube_source::client(kubeconfig, on_hold)
         .await
         .context("configuring the Kubernetes client")?;
     let node_name = datapath.config.node_name.clone();
-    let mut updates = kube_source::watch(&client, node_name.as_deref());
+    let mut updates = kube_source::watch(&client, node_name.as_deref(), guard_reports);
     let mut applier = kube_source::WatchApplier::new(node_name.is_some());
     let mut stop = Stop::new()?;
     let mut health = HealthServers::new(Arc::clone(reconciler.health()));

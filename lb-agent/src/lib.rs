@@ -24,6 +24,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod mounts;
 pub mod netlink;
 pub mod node;

@@ -120,7 +120,7 @@ pub enum LoadError {
 }
 
 /// The cookie of the agent's network namespace (the host's, for a node agent).
-fn netns_cookie() -> io::Result<u64> {
+pub fn netns_cookie() -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
     // SAFETY: a socket used only for the getsockopt below and closed after it.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -176,8 +176,9 @@ pub fn load(
     crate::layout::check(pin_dir, found)?;
     let specs = capacities.pinned_maps();
     check_pinned_maps(pin_dir, &specs)?;
+    check_pinned_maps(pin_dir, &lb_common::MONITOR_MAPS)?;
     let mut loader = EbpfLoader::new();
-    for spec in &specs {
+    for spec in specs.iter().chain(&lb_common::MONITOR_MAPS) {
         loader.map_pin_path(spec.name, pin_dir.join(spec.name));
         loader.map_max_entries(
             spec.name,
@@ -553,7 +554,11 @@ pub fn is_agent_link(name: &str) -> bool {
 /// Whether `name` is a map pin the agent creates, or one an earlier version created.
 #[must_use]
 pub fn is_agent_map(name: &str) -> bool {
-    lb_common::PINNED_MAPS.iter().any(|spec| spec.name == name) || name == lb_common::LEGACY_CT_MAP
+    lb_common::PINNED_MAPS
+        .iter()
+        .chain(&lb_common::MONITOR_MAPS)
+        .any(|spec| spec.name == name)
+        || name == lb_common::LEGACY_CT_MAP
 }
 
 /// Detaches the links and removes the maps the agent pins under `pin_dir` (by their
@@ -612,6 +617,7 @@ mod cleanup_tests {
         assert!(is_agent_link("connect4") && is_agent_link("tc-pod-ingress-veth1"));
         assert!(!is_agent_link("tc-ingress-") && !is_agent_link("cilium_connect4"));
         assert!(is_agent_map("LB4_SERVICES") && is_agent_map("LB_CT"));
+        assert!(is_agent_map("LB_MONITOR_SWITCH") && is_agent_map("LB_MONITOR_EVENTS"));
         assert!(!is_agent_map("LB4_SERVICES.old") && !is_agent_map("cilium_lb4_services"));
     }
 

@@ -211,6 +211,42 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Stream the datapath's translation decisions as they happen, until interrupted.
+    ///
+    /// One line per decision: when, the client (at a socket hook its network namespace —
+    /// its addresses, or `node` — cgroup id, process id and name; at tc the packet's
+    /// source), the frontend it dialled and its Service, and the outcome: the backend
+    /// chosen and why (slot k of n at random, by the socket's hash for unconnected UDP,
+    /// kept by session affinity; local endpoints only under a Local traffic policy), or
+    /// refused (no endpoints), dropped (no endpoint on this node) or firewalled. Covers
+    /// connect() and sendmsg() at the socket hooks and the first packet of each flow at tc.
+    ///
+    /// The datapath describes decisions only while a monitor runs: it turns the switch on
+    /// and renews it every second; on exit (also on Ctrl-C or SIGTERM) it turns it off, and
+    /// if killed, the switch goes off by itself within 3 s. Off, it costs the datapath one
+    /// array lookup per decision. One monitor at a time. Reads the pinned maps; Service
+    /// names need --api-addr.
+    Monitor {
+        #[command(flatten)]
+        pins: PinArgs,
+        /// Only decisions for this Service's frontends: NAMESPACE/NAME (NAME alone: in
+        /// `default`); repeatable. Needs --api-addr.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        service: Vec<String>,
+        /// Only decisions for clients with an address in this range: an IP or a CIDR;
+        /// repeatable. At tc the packet's source; at a socket hook an address of the
+        /// client's network namespace.
+        #[arg(long, value_name = "IP|CIDR")]
+        client: Vec<String>,
+        /// Stop after this many decisions.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Output format (json: one object per line).
+        #[arg(long, short, value_enum, default_value_t)]
+        output: inspect::OutputFormat,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Detach the programs and remove the maps the agent pinned under --bpf-pin-path.
     ///
     /// Only the names the agent pins are removed (anything else there is left, and
@@ -545,6 +581,48 @@ fn main() -> anyhow::Result<()> {
         } => {
             print!("{}", lb_agent::api::fetch_env(api_addr, &namespace)?);
             Ok(())
+        }
+        Command::Monitor {
+            pins,
+            service,
+            client,
+            count,
+            output,
+            api,
+        } => {
+            let clients = client
+                .iter()
+                .map(|c| {
+                    c.parse::<ipnet::IpNet>()
+                        .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                        .map_err(|_| anyhow::anyhow!("--client {c:?} is not an IP or a CIDR"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let services = service
+                .iter()
+                .map(|s| {
+                    if s.contains('/') {
+                        s.clone()
+                    } else {
+                        format!("default/{s}")
+                    }
+                })
+                .collect();
+            let options = lb_agent::monitor::Options {
+                pin_dir: pins.bpf_pin_path,
+                api: api.api_addr,
+                services,
+                clients,
+                output,
+                count,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(lb_agent::monitor::run(
+                options,
+                &mut std::io::stdout().lock(),
+            ))
         }
         Command::Conntrack { pins, output } => {
             print!("{}", conntrack::list(&pins.bpf_pin_path, output)?);

@@ -34,10 +34,24 @@ struct Streak {
 }
 
 impl Streak {
-    /// No error for longer than the next retry can take: it succeeded.
-    fn is_over(&self, now: Instant) -> bool {
+    /// No error for longer than the next retry can take: it succeeded. While the API
+    /// server holds the retries back (`held`: its `Retry-After`), the next retry comes
+    /// only after that.
+    fn is_over(&self, now: Instant, held: Option<Instant>) -> bool {
+        if held.is_some_and(|until| now < until + MIN_QUIET) {
+            return false;
+        }
         let quiet = self.gap.mul_f64(QUIET_PER_GAP).clamp(MIN_QUIET, MAX_QUIET);
         now.saturating_duration_since(self.last) > quiet
+    }
+}
+
+impl Inner {
+    fn held(&self, resource: &str) -> Option<Instant> {
+        self.holds
+            .iter()
+            .find(|(r, _)| *r == resource)
+            .map(|(_, until)| *until)
     }
 }
 
@@ -46,6 +60,8 @@ struct Inner {
     attached: bool,
     /// Since when map writes fail (until a write succeeds).
     writes_failing: Option<Instant>,
+    /// Until when the API server asked not to be asked about a resource (`Retry-After`).
+    holds: Vec<(&'static str, Instant)>,
     /// The failing watches, by resource (one resource's events say nothing of another's
     /// watch).
     watches: Vec<(&'static str, Streak)>,
@@ -107,8 +123,9 @@ impl Readiness {
                 last: now,
                 gap: Duration::ZERO,
             };
+            let held = inner.held(resource);
             match inner.watches.iter_mut().find(|(r, _)| *r == resource) {
-                Some((_, streak)) if !streak.is_over(now) => {
+                Some((_, streak)) if !streak.is_over(now, held) => {
                     streak.gap = now.saturating_duration_since(streak.last);
                     streak.last = now;
                 }
@@ -118,9 +135,21 @@ impl Readiness {
         });
     }
 
+    /// The API server asked not to be asked about `resource` before `until` (`Retry-After`
+    /// on a 429 or 503): its watch cannot recover before then.
+    pub fn watch_held(&self, resource: &'static str, until: Instant) {
+        self.with(|inner| {
+            inner.holds.retain(|(r, _)| *r != resource);
+            inner.holds.push((resource, until));
+        });
+    }
+
     /// The watch of `resource` delivered an event: it works.
     pub fn watch_succeeded(&self, resource: &'static str) {
-        self.with(|inner| inner.watches.retain(|(r, _)| *r != resource));
+        self.with(|inner| {
+            inner.watches.retain(|(r, _)| *r != resource);
+            inner.holds.retain(|(r, _)| *r != resource);
+        });
     }
 
     /// `Ok` when ready at `now`, else why not.
@@ -136,7 +165,11 @@ impl Readiness {
                 let secs = now.saturating_duration_since(since).as_secs();
                 return Err(format!("map writes have been failing for {secs} s"));
             }
-            inner.watches.retain(|(_, streak)| !streak.is_over(now));
+            let holds = inner.holds.clone();
+            let held = |resource: &str| holds.iter().find(|(r, _)| *r == resource).map(|(_, t)| *t);
+            inner
+                .watches
+                .retain(|(resource, streak)| !streak.is_over(now, held(resource)));
             for (resource, streak) in &inner.watches {
                 let failing = now.saturating_duration_since(streak.since);
                 if failing > self.stale_after {
@@ -214,5 +247,23 @@ mod tests {
         let last = t - gap / 2;
         assert!(readiness.check(last + 14 * S).is_err());
         assert_eq!(readiness.check(last + 15 * S), Ok(()));
+    }
+
+    /// 429s with `Retry-After: 4`: the errors come 4 s apart from the start (longer than
+    /// the quiet time of a first error), and still make one streak.
+    #[test]
+    fn errors_held_back_by_retry_after_are_one_streak() {
+        let readiness = Readiness::new(5 * S);
+        readiness.attached();
+        let t0 = Instant::now();
+        for i in 0..4 {
+            let t = t0 + i * 4 * S;
+            readiness.watch_held("Service", t + 4 * S);
+            readiness.watch_failed("Service", t);
+        }
+        let why = readiness.check(t0 + 13 * S).unwrap_err();
+        assert!(why.contains("failing for 13 s"), "{why}");
+        readiness.watch_succeeded("Service");
+        assert_eq!(readiness.check(t0 + 14 * S), Ok(()));
     }
 }

@@ -6,5 +6,7 @@
 #![no_std]
 
 pub mod maps;
+pub mod monitor;
 
 pub use maps::*;
+pub use monitor::*;

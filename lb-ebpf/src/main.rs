@@ -9,6 +9,7 @@ mod counters;
 mod family;
 mod fib;
 mod maps;
+mod monitor;
 mod nat;
 mod peer;
 mod reject;

@@ -19,12 +19,17 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use lb_common::{Counter, PROTO_TCP, PROTO_UDP, REV_NAT_DIRECT, to_v4_mapped, v4_mapped};
+use lb_common::{
+    Counter, MON_HOOK_CONNECT, MON_HOOK_SENDMSG, MON_OUT_NO_ENDPOINTS, MON_OUT_NO_LOCAL_ENDPOINTS,
+    MON_OUT_TRANSLATED, MON_PICK_RANDOM, MON_PICK_SOCKET_HASH, PROTO_TCP, PROTO_UDP,
+    REV_NAT_DIRECT, to_v4_mapped, v4_mapped,
+};
 
 use crate::{
     affinity::Client,
     counters::count,
     family::{Family, V4, V6},
+    monitor::{self, Decision},
     peer,
     xlate::{Forward, Pick, forward, frontend_is_current},
 };
@@ -53,6 +58,26 @@ pub enum Hook {
     SendMsg,
 }
 
+impl Hook {
+    /// The hook as the monitor names it.
+    #[inline(always)]
+    fn monitor_hook(self) -> u8 {
+        match self {
+            Self::Connect => MON_HOOK_CONNECT,
+            Self::SendMsg => MON_HOOK_SENDMSG,
+        }
+    }
+
+    /// How the hook picks, as the monitor names it.
+    #[inline(always)]
+    fn monitor_pick(self) -> u8 {
+        match self {
+            Self::Connect => MON_PICK_RANDOM,
+            Self::SendMsg => MON_PICK_SOCKET_HASH,
+        }
+    }
+}
+
 /// Forward translation of an IPv4 `connect()`/`sendmsg()`.
 pub fn forward4(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     if !covered(ctx) {
@@ -76,7 +101,7 @@ pub fn forward4(ctx: &SockAddrContext, hook: Hook) -> Verdict {
             }
             Verdict::Pass
         }
-        Forward::NoBackends { drop } => Verdict::NoBackends { drop },
+        Forward::NoBackends { drop, .. } => Verdict::NoBackends { drop },
         Forward::Pass => Verdict::Pass,
     }
 }
@@ -99,11 +124,13 @@ pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
             Forward::To {
                 backend: (ip, port),
                 rev_nat_id,
+                why,
             } => Forward::To {
                 backend: (to_v4_mapped(ip), port),
                 rev_nat_id,
+                why,
             },
-            Forward::NoBackends { drop } => Forward::NoBackends { drop },
+            Forward::NoBackends { drop, rev_nat_id } => Forward::NoBackends { drop, rev_nat_id },
             Forward::Pass => Forward::Pass,
         },
         None => forward_in::<V6>(ctx, ip, port, proto, hook),
@@ -118,7 +145,7 @@ pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
             unsafe { (*sa).user_port = u32::from(port) };
             Verdict::Pass
         }
-        Forward::NoBackends { drop } => Verdict::NoBackends { drop },
+        Forward::NoBackends { drop, .. } => Verdict::NoBackends { drop },
         Forward::Pass => Verdict::Pass,
     }
 }
@@ -181,9 +208,27 @@ fn forward_in<F: Family>(
         Forward::To {
             backend,
             rev_nat_id,
+            why,
         } => {
             count(Counter::SockTranslated);
             let backend = F::backend_addr(&backend);
+            let decision = Decision {
+                outcome: MON_OUT_TRANSLATED,
+                pick: Decision::pick_kind(why.slot, hook.monitor_pick()),
+                slot: why.slot,
+                count: why.count,
+                svc_flags: why.flags,
+                rev_nat_id,
+                backend: F::wire(backend.0),
+                backend_port: backend.1,
+            };
+            monitor::sock(
+                ctx,
+                hook.monitor_hook(),
+                proto,
+                &(F::wire(ip), port),
+                &decision,
+            );
             let record = match hook {
                 // A TCP socket's record serves only getpeername(): none is needed while
                 // the backend's claim names this frontend (see `peer`).
@@ -203,11 +248,25 @@ fn forward_in<F: Family>(
             Forward::To {
                 backend,
                 rev_nat_id,
+                why,
             }
         }
-        Forward::NoBackends { drop } => {
+        Forward::NoBackends { drop, rev_nat_id } => {
             count(Counter::NoEndpoints);
-            Forward::NoBackends { drop }
+            let outcome = if drop {
+                MON_OUT_NO_LOCAL_ENDPOINTS
+            } else {
+                MON_OUT_NO_ENDPOINTS
+            };
+            let decision = Decision::refused(outcome, rev_nat_id, 0);
+            monitor::sock(
+                ctx,
+                hook.monitor_hook(),
+                proto,
+                &(F::wire(ip), port),
+                &decision,
+            );
+            Forward::NoBackends { drop, rev_nat_id }
         }
         Forward::Pass => {
             if matches!(hook, Hook::Connect) && proto == PROTO_TCP {

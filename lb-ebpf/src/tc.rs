@@ -19,8 +19,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Counter, CtValue, FrontendId, PROTO_TCP,
-    SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
+    BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Counter, CtValue, FrontendId,
+    MON_HOOK_TC_EXTERNAL, MON_HOOK_TC_POD, MON_OUT_FIREWALLED, MON_OUT_NO_ENDPOINTS,
+    MON_OUT_NO_LOCAL_ENDPOINTS, MON_OUT_TRANSLATED, MON_PICK_RANDOM, PROTO_TCP, SNAT_PORT_COUNT,
+    SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
 };
 
 use crate::{
@@ -30,9 +32,10 @@ use crate::{
     family::{Family, V4, V6},
     fib,
     maps::{LB_SOURCE_RANGES, NEW_FLOW, NewFlow},
+    monitor::{self, Decision},
     nat::{Packet, RewriteError, same_addr},
     reject,
-    xlate::{self, Pick, Scope},
+    xlate::{self, Pick, Picked, Scope},
 };
 
 /// `TC_ACT_OK` (linux/pkt_cls.h): let the packet go on (translated or not). Spelled out
@@ -275,12 +278,20 @@ fn new_flow<F: Family>(
     // (kube-proxy masquerades it only with a local-traffic detector or --masquerade-all).
     if master.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(master.rev_nat_id, &packet.saddr)
     {
+        let decision = Decision::refused(MON_OUT_FIREWALLED, master.rev_nat_id, master.flags);
+        monitor_tc(packet, origin, &decision);
         return Err(Error::Firewalled);
     }
     if master.count == 0 {
-        return Err(Error::NoBackends {
-            local: master.flags & SVC_F_NO_LOCAL != 0,
-        });
+        let local = master.flags & SVC_F_NO_LOCAL != 0;
+        let outcome = if local {
+            MON_OUT_NO_LOCAL_ENDPOINTS
+        } else {
+            MON_OUT_NO_ENDPOINTS
+        };
+        let decision = Decision::refused(outcome, master.rev_nat_id, master.flags);
+        monitor_tc(packet, origin, &decision);
+        return Err(Error::NoBackends { local });
     }
     if packet.proto == PROTO_TCP && !was_tracked && !conntrack::is_syn(packet) {
         return Err(Error::OutOfFlow);
@@ -296,10 +307,26 @@ fn new_flow<F: Family>(
         Pick::Random,
         || Client::Addr(packet.saddr),
     );
-    let Some((backend_id, backend)) = picked else {
+    let Some(Picked {
+        id: backend_id,
+        backend,
+        slot,
+    }) = picked
+    else {
         return Ok(None);
     };
     let (address, port) = F::backend_addr(&backend);
+    let decision = Decision {
+        outcome: MON_OUT_TRANSLATED,
+        pick: Decision::pick_kind(slot, MON_PICK_RANDOM),
+        slot,
+        count: master.count,
+        svc_flags: master.flags,
+        rev_nat_id: master.rev_nat_id,
+        backend: F::wire(address),
+        backend_port: port,
+    };
+    monitor_tc(packet, origin, &decision);
     // A backend on another node needs SNAT under `externalTrafficPolicy: Cluster` so its
     // replies come back through this node (under Local there is none, and the client
     // address is kept). A pod's address is routable in the cluster: its flows need none,
@@ -406,6 +433,24 @@ fn translate(ctx: &TcContext, packet: &mut Packet, value: &CtValue) -> Result<i3
         return Ok(fib::redirect(ctx, packet)?);
     }
     Ok(PASS)
+}
+
+/// Describes a new flow's decision to the monitor.
+// Its own BPF function: inlined, it changed `new_flow`'s register allocation enough for the
+// verifier to refuse it ("cannot return stack pointer to the caller").
+#[inline(never)]
+fn monitor_tc(packet: &Packet, origin: Origin, decision: &Decision) {
+    let hook = match origin {
+        Origin::Outside => MON_HOOK_TC_EXTERNAL,
+        Origin::Pod => MON_HOOK_TC_POD,
+    };
+    monitor::tc(
+        hook,
+        packet.proto,
+        &(packet.saddr, packet.sport),
+        &(packet.daddr, packet.dport),
+        decision,
+    );
 }
 
 /// Whether a packet is addressed to the hairpin SNAT source of its family.

@@ -20,9 +20,31 @@ pub enum Forward<B> {
     Pass,
     /// A frontend without endpoints: refuse; `drop` when the Service has endpoints, only
     /// none that its Local traffic policy lets this node use (kube-proxy drops those).
-    NoBackends { drop: bool },
+    NoBackends { drop: bool, rev_nat_id: FrontendId },
     /// Translate to `backend`; `rev_nat_id` identifies the frontend for the reverse path.
-    To { backend: B, rev_nat_id: FrontendId },
+    To {
+        backend: B,
+        rev_nat_id: FrontendId,
+        why: Why,
+    },
+}
+
+/// How a backend was chosen (what the monitor shows).
+#[derive(Clone, Copy)]
+pub struct Why {
+    /// The slot picked, `1..=count`; 0 when session affinity kept the client's backend.
+    pub slot: u16,
+    /// The frontend's backend count.
+    pub count: u16,
+    /// The frontend master's `SVC_F_*` flags.
+    pub flags: u32,
+}
+
+/// A backend picked for a frontend: its id, its value, and its slot (0: kept by affinity).
+pub struct Picked<B> {
+    pub id: u32,
+    pub backend: B,
+    pub slot: u16,
 }
 
 /// Who is asking: clients outside the cluster get a frontend's external scope, clients
@@ -62,12 +84,18 @@ pub fn forward<C: EbpfContext, K: ServiceKey, B: Copy>(
     if master.count == 0 {
         return Forward::NoBackends {
             drop: master.flags & SVC_F_NO_LOCAL != 0,
+            rev_nat_id: master.rev_nat_id,
         };
     }
     match pick_for(ctx, services, backends, &key, &master, pick, client) {
-        Some((_, backend)) => Forward::To {
-            backend,
+        Some(picked) => Forward::To {
+            backend: picked.backend,
             rev_nat_id: master.rev_nat_id,
+            why: Why {
+                slot: picked.slot,
+                count: master.count,
+                flags: master.flags,
+            },
         },
         None => Forward::Pass,
     }
@@ -105,22 +133,25 @@ pub fn pick_for<C: EbpfContext, K: ServiceKey, B: Copy>(
     master: &ServiceValue,
     pick: Pick,
     client: impl FnOnce() -> Client,
-) -> Option<(u32, B)> {
+) -> Option<Picked<B>> {
     if master.flags & SVC_F_AFFINITY == 0 {
         return pick_backend(ctx, services, backends, key, master, pick);
     }
     let affinity_key = affinity::key(client(), master.rev_nat_id);
     let now = affinity::now();
-    if let Some(kept) = affinity::recall(backends, &affinity_key, master, now) {
-        return Some(kept);
+    if let Some((id, backend)) = affinity::recall(backends, &affinity_key, master, now) {
+        return Some(Picked {
+            id,
+            backend,
+            slot: 0,
+        });
     }
     let picked = pick_backend(ctx, services, backends, key, master, pick)?;
-    affinity::remember(&affinity_key, picked.0, now);
+    affinity::remember(&affinity_key, picked.id, now);
     Some(picked)
 }
 
-/// Picks one of the `master.count` (at least one) backends of the frontend `key`: its id
-/// and value.
+/// Picks one of the `master.count` (at least one) backends of the frontend `key`.
 #[inline(always)]
 pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
     ctx: &C,
@@ -129,7 +160,7 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
     key: &K,
     master: &ServiceValue,
     pick: Pick,
-) -> Option<(u32, B)> {
+) -> Option<Picked<B>> {
     let seed = match pick {
         // SAFETY: helper without arguments.
         Pick::Random => unsafe { bpf_get_prandom_u32() },
@@ -149,7 +180,11 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
     };
     // SAFETY: the value is copied out at once.
     let backend = unsafe { backends.get(entry.backend_id) }.copied()?;
-    Some((entry.backend_id, backend))
+    Some(Picked {
+        id: entry.backend_id,
+        backend,
+        slot,
+    })
 }
 
 /// Whether `frontend` (as found, and as a client inside the cluster sees it) still exists

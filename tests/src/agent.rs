@@ -385,6 +385,25 @@ impl Agent {
         out
     }
 
+    /// `lb-agent monitor --output json ARGS --bpf-pin-path PIN` (and the agent's
+    /// `--api-addr`), run in the agent's network namespace, once it says it is on.
+    #[track_caller]
+    pub fn monitor(&self, args: &[&str]) -> crate::monitor::Monitor {
+        let mut command = Command::new(&self.bin);
+        command
+            .args(["monitor", "--output", "json"])
+            .args(args)
+            .arg("--bpf-pin-path")
+            .arg(&self.config.pin_path);
+        if let Some(addr) = self.config.api_addr {
+            command.arg("--api-addr").arg(addr.to_string());
+        }
+        let netns = self.enter_netns(&mut command);
+        let monitor = crate::monitor::Monitor::spawn(command);
+        drop(netns);
+        monitor
+    }
+
     /// `lb-agent services --summary --output json`: each pinned map's `name`, `entries`,
     /// `capacity` and `memory_bytes`.
     pub fn map_summary(&self) -> Result<Vec<serde_json::Value>, String> {

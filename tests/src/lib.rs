@@ -26,6 +26,7 @@ pub mod env;
 pub mod http;
 pub mod leftovers;
 pub mod manifests;
+pub mod monitor;
 pub mod mounts;
 pub mod names;
 pub mod netns;

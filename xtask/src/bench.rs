@@ -53,6 +53,8 @@ const BACKENDS: u8 = 10;
 const FIRST_CLIENT_HOST: u8 = 2;
 /// Bound of one probe or teardown command.
 const PLUMBING_LIMIT: Duration = Duration::from_secs(300);
+/// The lab's name for the `lb-agent monitor` of the monitor-cost runs.
+const MONITOR: &str = "monitor";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -603,6 +605,7 @@ impl<'a> Bench<'a> {
         let began = Instant::now();
         self.data_path(scenario, &active, &ids, config)?;
         config.data_path_s = began.elapsed().as_secs_f64();
+        self.monitor_cost(scenario, &active, &ids, config)?;
         if let (Some(before), Some(after)) = (cpu_before, agent.and_then(Agent::cpu)) {
             config.agent_cpu_s = Some(after.saturating_sub(before).as_secs_f64());
         }
@@ -870,6 +873,76 @@ impl<'a> Bench<'a> {
             self.say(&format!("   round {}/{rounds} done", round + 1));
         }
         Ok(())
+    }
+
+    /// The decision monitor's cost: for each agent variant, a TCP connect/request/close run
+    /// with no monitor, then one with `lb-agent monitor` reading (its output to its log).
+    fn monitor_cost(
+        &self,
+        scenario: &Scenario,
+        active: &[Variant],
+        ids: &BTreeMap<Variant, BTreeSet<u32>>,
+        config: &mut ConfigResult,
+    ) -> Result<()> {
+        for (variant, pin_dir) in [
+            (Variant::Socket, lab::PIN_DIR),
+            (Variant::Tc, lab::TC_PIN_DIR),
+        ] {
+            let Some(programs) = ids.get(&variant).filter(|_| active.contains(&variant)) else {
+                continue;
+            };
+            let mut cost = results::MonitorCost::default();
+            for on in [false, true] {
+                if on {
+                    let mut monitor = Command::new(&self.paths().agent_bin);
+                    monitor
+                        .args(["monitor", "--output", "json", "--bpf-pin-path", pin_dir])
+                        .env("RUST_LOG", "info");
+                    self.lab.spawn(MONITOR, monitor)?;
+                    self.wait_logged(MONITOR, "monitor on")?;
+                }
+                let ms = self.settings.duration_ms(Workload::TcpCrr);
+                let mut command = self.client(variant, scenario, Workload::TcpCrr);
+                command.args(["--duration-ms", &ms.to_string()]);
+                let before = agent::prog_stats(programs)?;
+                self.load(command, Duration::from_millis(ms) + Duration::from_secs(15))?;
+                let during = agent::prog_stats(programs)?.since(&before);
+                if on {
+                    self.lab.stop(MONITOR)?;
+                    let log = std::fs::read_to_string(Paths::log(MONITOR)).unwrap_or_default();
+                    cost.decisions = log.lines().filter(|l| l.starts_with('{')).count() as u64;
+                    cost.on = during;
+                } else {
+                    cost.off = during;
+                }
+            }
+            self.say(&format!(
+                "   {} with the monitor on: {} decisions shown",
+                variant.label(),
+                cost.decisions
+            ));
+            config.monitor.insert(variant, cost);
+        }
+        Ok(())
+    }
+
+    /// Waits until the log of `name` has a line containing `text`.
+    fn wait_logged(&self, name: &str, text: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = std::fs::read_to_string(Paths::log(name)).unwrap_or_default();
+            if log.contains(text) {
+                return Ok(());
+            }
+            if let Some(status) = self.lab.exited(name) {
+                bail!("{name} exited ({status}): {log}");
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{name} did not log {text:?} within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Times single-endpoint changes of Service 0: `settings.agent_changes` through the

@@ -48,7 +48,10 @@ use kube::{
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::source::change::{Change, Kind, Object};
+use crate::source::{
+    api_guard,
+    change::{Change, Kind, Object},
+};
 
 /// The label selector of both watches, as kube-proxy's: Services another proxy owns, and
 /// the EndpointSlices of headless Services, are filtered by the API server.
@@ -80,27 +83,55 @@ pub enum Update {
 }
 
 /// A client from `kubeconfig`, or else as kube-rs infers it (`KUBECONFIG`, `~/.kube/config`,
-/// then the in-cluster service account).
+/// then the in-cluster service account), behind the [`api_guard`](super::api_guard) (which
+/// honours `Retry-After` itself and slows down watches that end at once), and the receiver
+/// of the guard's reports, for [`watch`]; `on_hold` hears of each `Retry-After`.
 ///
 /// # Errors
 /// When no configuration can be found or it is invalid.
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
+pub async fn client(
+    kubeconfig: Option<&Path>,
+    on_hold: impl Fn(Kind, std::time::Instant) + Send + Sync + 'static,
+) -> anyhow::Result<(Client, mpsc::UnboundedReceiver<api_guard::Report>)> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let file = Kubeconfig::read_from(path)?;
             Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?
         }
         None => Config::infer().await?,
     };
-    Ok(Client::try_from(config)?)
+    // A 429 or 503 reaches the watch (and is reported) instead of being retried silently
+    // up to 15 times; the guard holds the next requests back for its Retry-After.
+    config.default_retry = false;
+    let (guard, reports) = api_guard::Guard::new(on_hold);
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&api_guard::GuardLayer(guard))
+        .build();
+    Ok((client, reports))
 }
 
 /// Starts the watches (with kube-rs's default backoff and bookmarks): Services,
 /// EndpointSlices and, with `node_name`, that one Node (a `metadata.name` field selector,
 /// as kube-proxy's node informer). Their events arrive on the returned channel, in order
 /// per resource.
-pub fn watch(client: &Client, node_name: Option<&str>) -> mpsc::Receiver<Update> {
+pub fn watch(
+    client: &Client,
+    node_name: Option<&str>,
+    mut guard_reports: mpsc::UnboundedReceiver<api_guard::Report>,
+) -> mpsc::Receiver<Update> {
     let (tx, rx) = mpsc::channel(4096);
+    let reports_tx = tx.clone();
+    tokio::spawn(async move {
+        while let Some((resource, error)) = guard_reports.recv().await {
+            if reports_tx
+                .send(Update::Error { resource, error })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
     let config = watcher::Config::default().labels(LABEL_SELECTOR);
     let services = watcher(Api::<Service>::all(client.clone()), config.clone()).default_backoff();
     let slices = watcher(Api::<EndpointSlice>::all(client.clone()), config).default_backoff();

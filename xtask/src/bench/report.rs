@@ -555,6 +555,62 @@ fn bpf_tables(out: &mut String, outcome: &Outcome) {
     }
 }
 
+/// What `lb-agent monitor` costs the datapath: each agent's decision program during a TCP
+/// connect/request/close run with the monitor off (the switch's one array lookup) and on.
+fn monitor_cost(out: &mut String, outcome: &Outcome) {
+    if outcome.configs.iter().all(|c| c.monitor.is_empty()) {
+        return;
+    }
+    out.push_str(
+        "## Cost of the decision monitor
+
+Average run time per call (`run_time_ns / run_cnt`) of the program that takes each \
+         translation decision, during one TCP connect/request/close run of each agent with \
+         `lb-agent monitor` off, then one with it on (printing every decision as JSON to a \
+         file). Off, a decision costs one array lookup of the switch; on, it also writes the \
+         decision to the ring buffer. `lb_connect4` decides once per connection; \
+         `lb_tc_from_pod` runs on every packet and decides on the first of a flow.
+
+",
+    );
+    header(
+        out,
+        "Services × endpoints",
+        &[
+            "`lb_connect4` off".into(),
+            "`lb_connect4` on".into(),
+            "`lb_tc_from_pod` off".into(),
+            "`lb_tc_from_pod` on".into(),
+            "decisions shown".into(),
+        ],
+    );
+    let cell = |stats: Option<&ProgStats>, name: &str| {
+        stats
+            .and_then(|s| s.0.get(name))
+            .filter(|(cnt, _)| *cnt > 0)
+            .map_or_else(
+                || "—".into(),
+                |&(cnt, ns)| format!("{:.0} ns", ns as f64 / cnt as f64),
+            )
+    };
+    for config in &outcome.configs {
+        let socket = config.monitor.get(&Variant::Socket);
+        let tc = config.monitor.get(&Variant::Tc);
+        let decisions: u64 = config.monitor.values().map(|m| m.decisions).sum();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            size(config),
+            cell(socket.map(|m| &m.off), "lb_connect4"),
+            cell(socket.map(|m| &m.on), "lb_connect4"),
+            cell(tc.map(|m| &m.off), "lb_tc_from_pod"),
+            cell(tc.map(|m| &m.on), "lb_tc_from_pod"),
+            thousands(decisions as usize),
+        );
+    }
+    out.push('\n');
+}
+
 /// The per-connection and per-packet budget of issue 13, in ns of a program's own run time.
 const PROGRAM_BUDGET_NS: f64 = 250.0;
 /// The tc LB's new-connection rate against the direct path's that issue 13 asks for.
@@ -1049,6 +1105,7 @@ pub fn markdown(outcome: &Outcome) -> String {
     setup(&mut out, outcome);
     data_path_tables(&mut out, outcome);
     datapath_targets(&mut out, outcome);
+    monitor_cost(&mut out, outcome);
     bpf_tables(&mut out, outcome);
     control_plane(&mut out, outcome);
     caveats(&mut out);

@@ -152,6 +152,15 @@ pub struct VariantResult {
     pub runs: Vec<Run>,
 }
 
+/// The programs of one agent with the decision monitor off and on (one run each).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MonitorCost {
+    pub off: ProgStats,
+    pub on: ProgStats,
+    /// Decisions the monitor printed during its run.
+    pub decisions: u64,
+}
+
 /// One size of the sweep.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConfigResult {
@@ -163,6 +172,10 @@ pub struct ConfigResult {
     /// The tc agent's programs during the tc-LB runs.
     #[serde(default)]
     pub bpf_tc: ProgStats,
+    /// The decision monitor's cost, per agent variant: its programs during a TCP
+    /// connect/request/close run without, then with, `lb-agent monitor` reading.
+    #[serde(default)]
+    pub monitor: BTreeMap<Variant, MonitorCost>,
     pub agent_rss_kib: Option<u64>,
     /// The agent's peak RSS (`VmHWM`): the parsed manifests pass through its heap once.
     #[serde(default)]
@@ -186,6 +199,7 @@ impl ConfigResult {
             variants: BTreeMap::new(),
             bpf: ProgStats::default(),
             bpf_tc: ProgStats::default(),
+            monitor: BTreeMap::new(),
             agent_rss_kib: None,
             agent_peak_kib: None,
             agent_cpu_s: None,
