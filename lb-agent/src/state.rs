@@ -391,11 +391,17 @@ impl ClusterState {
                 let pods: Vec<&ValidPod> = if slices.is_some() && dns_slices.is_some() {
                     Vec::new()
                 } else {
-                    self.pods
+                    let mut pods: Vec<&ValidPod> = self
+                        .pods
                         .iter()
                         .filter(|(pod, _)| pod.namespace == id.namespace)
                         .filter_map(|(_, valid)| valid.as_ref())
-                        .collect()
+                        .collect();
+                    // By name, as slices are: when two pods share an address the first
+                    // one's endpoint is used, and that must not depend on the order the
+                    // pods arrived in (found by the property tests).
+                    pods.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+                    pods
                 };
                 let dns = records::build(service, dns_slices.as_deref(), &pods);
                 self.dns_changes.push((id.clone(), dns));

@@ -1592,3 +1592,23 @@ fn frontend_lines(state: &ClusterState) -> Vec<String> {
         })
         .collect()
 }
+
+/// Two pods with one address (found by the property tests): the endpoint is the first pod's
+/// by name, whatever order the state's pod table iterates in (each state hashes
+/// differently).
+#[test]
+fn pods_sharing_an_address_give_the_first_by_names_endpoint() {
+    let yaml = [
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        pod_on("p-a", "10.244.0.4", "node-b"),
+        pod_on("p-b", "10.244.0.4", "node-a"),
+    ]
+    .concat();
+    for _ in 0..16 {
+        let mut state = ClusterState::new(Some("node-a".to_string()));
+        load(&mut state, objects(&yaml));
+        state.recompute();
+        let frontend = state.desired().values().next().expect("one frontend");
+        assert!(frontend.backends[0].remote, "p-a's endpoint, on node-b");
+    }
+}
