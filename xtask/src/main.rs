@@ -6,6 +6,8 @@
 //!   then nextest with the privileged end-to-end tests (the container tests run that image).
 //! - `demo`: the seed article's web-app scene played on network namespaces.
 //! - `image`: the agent's OCI image, built offline, as an archive under `target/image/`.
+//! - `fuzz`: each cargo-fuzz target of `lb-agent/fuzz` for a bounded time (`test` runs each
+//!   briefly).
 //! - `bench`: the socket load balancer against the direct path and kube-proxy's iptables and
 //!   nftables layouts over a sweep of Service counts; writes `docs/benchmarks.md`.
 mod bench;
@@ -13,6 +15,7 @@ mod build;
 mod cmd;
 mod demo;
 mod dns_bench;
+mod fuzz;
 mod host;
 mod image;
 mod install;
@@ -50,6 +53,8 @@ enum Command {
     Bench(bench::Args),
     /// Control-plane figures on a (fake) Kubernetes API: sync time, event latency, memory (root).
     WatchBench(watch_bench::Args),
+    /// Fuzz the manifest parser and the object validation and translation (cargo-fuzz, nightly).
+    Fuzz(fuzz::Args),
     /// Cluster DNS against dnsmasq with dnsperf: qps and p99 at 1k and 100k Services (root).
     DnsBench(dns_bench::Args),
 }
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::WatchBench(args) => watch_bench::run(&args),
         Command::DnsBench(args) => dns_bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
