@@ -3,7 +3,8 @@
 //! - `build-ebpf`: install the eBPF toolchain where missing, then `cargo build -p lb-agent`
 //!   (its `build.rs` builds and embeds `lb-ebpf`).
 //! - `test`: what CI runs (`.ci/run`): fmt, clippy, build, the image around the debug agent,
-//!   then nextest with the privileged end-to-end tests (the container tests run that image).
+//!   then nextest with the privileged end-to-end tests (the container tests run that image),
+//!   each fuzz target for 15 s, and `bench --quick`.
 //! - `demo`: the seed article's web-app scene played on network namespaces.
 //! - `image`: the agent's OCI image, built offline, as an archive under `target/image/`.
 //! - `fuzz`: each cargo-fuzz target of `lb-agent/fuzz` for a bounded time (`test` runs each
