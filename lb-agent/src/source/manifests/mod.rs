@@ -408,6 +408,29 @@ spec:
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// After a restart (a new reader of the same directory) the definition that was in
+    /// effect, in the older file, is still the one seen first: new files are read oldest
+    /// first, by birth time where the filesystem records it.
+    #[test]
+    fn a_restart_keeps_the_older_files_definition() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-born-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("z-web.yaml"), service("web", "10.96.0.10")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(dir.join("a-web.yaml"), service("web", "10.96.0.20")).unwrap();
+        let born = |name: &str| fs::metadata(dir.join(name)).and_then(|m| m.created());
+        let (Ok(z), Ok(a)) = (born("z-web.yaml"), born("a-web.yaml")) else {
+            eprintln!("this filesystem records no birth time: file name order applies");
+            fs::remove_dir_all(&dir).unwrap();
+            return;
+        };
+        assert!(z < a, "z-web.yaml was written first");
+        let mut restarted = ManifestDir::new(&dir);
+        let updates = restarted.refresh().unwrap().unwrap();
+        assert_eq!(applied_ips(&updates), ["10.96.0.10"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// A file over the size cap is not read: reported with its name, its last readable
     /// version staying in effect.
     #[test]
