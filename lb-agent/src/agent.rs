@@ -45,8 +45,8 @@ const RESCAN: Duration = Duration::from_secs(10);
 /// Where the Kubernetes objects come from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
-    /// A directory of YAML, watched.
-    Manifests(PathBuf),
+    /// A directory of YAML, watched; files larger than `max_file_size` bytes are not read.
+    Manifests { dir: PathBuf, max_file_size: u64 },
     /// The API server, through this kubeconfig or else the inferred configuration.
     Kube { kubeconfig: Option<PathBuf> },
 }
@@ -218,7 +218,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         queries,
     };
     let result = match &config.source {
-        SourceConfig::Manifests(dir) => run_manifests(dir, &mut reconciler, &mut datapath).await,
+        SourceConfig::Manifests { dir, max_file_size } => {
+            run_manifests(dir, *max_file_size, &mut reconciler, &mut datapath).await
+        }
         SourceConfig::Kube { kubeconfig } => {
             run_kube(kubeconfig.as_deref(), &mut reconciler, &mut datapath).await
         }
@@ -246,13 +248,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
 /// the node's addresses).
 async fn run_manifests<M: LbMaps>(
     dir: &std::path::Path,
+    max_file_size: u64,
     reconciler: &mut Reconciler<M>,
     datapath: &mut Datapath<'_>,
 ) -> anyhow::Result<()> {
     // Watch before the first read, so a change made in between is not lost.
     let (_watcher, mut changes) =
         manifests::watch(dir).with_context(|| format!("watching {}", dir.display()))?;
-    let mut manifests = ManifestDir::new(dir);
+    let mut manifests = ManifestDir::new(dir).with_max_file_size(max_file_size);
     // `only`: the files a watch event named (each is read whatever its stamp says: a file
     // written in place twice within the clock's granularity keeps its length and mtime);
     // none: every file whose stamp changed.

@@ -49,6 +49,16 @@ enum Command {
             conflicts_with = "kubeconfig"
         )]
         manifests: Option<PathBuf>,
+        /// Largest manifest file read, in bytes: a larger file is reported (naming it) and
+        /// not read, its last readable version staying in effect.
+        #[arg(
+            long,
+            env = "LB_MANIFEST_MAX_FILE_SIZE",
+            value_name = "BYTES",
+            default_value_t = lb_agent::source::manifests::DEFAULT_MAX_FILE_SIZE,
+            requires = "manifests"
+        )]
+        manifest_max_file_size: u64,
         /// kubeconfig for the API server [default: KUBECONFIG, ~/.kube/config, then the
         /// in-cluster service account].
         #[arg(long, value_name = "PATH")]
@@ -486,6 +496,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             manifests,
+            manifest_max_file_size,
             kubeconfig,
             node_name,
             cgroup,
@@ -511,7 +522,10 @@ fn main() -> anyhow::Result<()> {
                 None => mounts::cgroup2_root().context("finding the cgroup2 mount for --cgroup")?,
             };
             let source = match manifests {
-                Some(dir) => agent::SourceConfig::Manifests(dir),
+                Some(dir) => agent::SourceConfig::Manifests {
+                    dir,
+                    max_file_size: manifest_max_file_size,
+                },
                 None => agent::SourceConfig::Kube { kubeconfig },
             };
             let config = agent::RunConfig {

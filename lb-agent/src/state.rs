@@ -152,6 +152,9 @@ impl ClusterState {
     pub(crate) fn apply_service(&mut self, service: Sourced<Service>) {
         let mut checked = validate_service(&service);
         drop(service);
+        if let Some(old) = self.services.get(&checked.id) {
+            keep_last_valid(&mut checked, old);
+        }
         let old = self.services.get_mut(&checked.id);
         if let Some(old) = old {
             // Its entries were written when they last changed, not when it last arrived.
@@ -202,7 +205,10 @@ impl ClusterState {
         let id = ObjectRef::of(&slice.object.metadata);
         // The Service's own name, shared, when it is known.
         let headless = is_headless_slice(&slice.object);
-        let service = slice_service(&slice.object).map(|s| {
+        // An FQDN slice is no slice of its Service's at all (kube-proxy ignores them): the
+        // Service keeps its endpoints from its other slices, or its pods.
+        let fqdn = slice.object.address_type == "FQDN";
+        let service = slice_service(&slice.object).filter(|_| !fqdn).map(|s| {
             self.services
                 .get_key_value(&s)
                 .map_or(s, |(known, _)| known.clone())
@@ -211,7 +217,21 @@ impl ClusterState {
         let resource_version = crate::translate::Stamp::of(&slice.object.metadata).resource_version;
         let origin = Arc::clone(&slice.origin);
         drop(slice);
-        let valid = valid.map(|(_, valid)| valid);
+        let mut valid = valid.map(|(_, valid)| valid);
+        let mut service = service;
+        let mut headless = headless;
+        let mut problems = problems;
+        // An edit that fails validation changes nothing: the last valid version stays.
+        if valid.is_none()
+            && !problems.is_empty()
+            && let Some(old) = self.slices.get(&id)
+            && old.valid.is_some()
+        {
+            valid.clone_from(&old.valid);
+            service.clone_from(&old.service);
+            headless = old.headless;
+            last_valid_stays(&mut problems);
+        }
         if self.has_problems(Kind::EndpointSlice, &id, &problems)
             && let Some(old) = self.slices.get_mut(&id)
             && old.service == service
@@ -264,8 +284,16 @@ impl ClusterState {
     /// validated here, and only its compact form kept.
     pub(crate) fn apply_pod(&mut self, pod: Sourced<Pod>) {
         let id = ObjectRef::of(&pod.object.metadata);
-        let (valid, problems) = validate_pod(&pod);
+        let (mut valid, mut problems) = validate_pod(&pod);
         drop(pod);
+        // An edit that fails validation changes nothing: the last valid version stays.
+        if valid.is_none()
+            && !problems.is_empty()
+            && let Some(Some(old)) = self.pods.get(&id)
+        {
+            valid = Some(old.clone());
+            last_valid_stays(&mut problems);
+        }
         if self.has_problems(Kind::Pod, &id, &problems) && self.pods.get(&id) == Some(&valid) {
             return;
         }
@@ -363,11 +391,17 @@ impl ClusterState {
                 let pods: Vec<&ValidPod> = if slices.is_some() && dns_slices.is_some() {
                     Vec::new()
                 } else {
-                    self.pods
+                    let mut pods: Vec<&ValidPod> = self
+                        .pods
                         .iter()
                         .filter(|(pod, _)| pod.namespace == id.namespace)
                         .filter_map(|(_, valid)| valid.as_ref())
-                        .collect()
+                        .collect();
+                    // By name, as slices are: when two pods share an address the first
+                    // one's endpoint is used, and that must not depend on the order the
+                    // pods arrived in (found by the property tests).
+                    pods.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+                    pods
                 };
                 let dns = records::build(service, dns_slices.as_deref(), &pods);
                 self.dns_changes.push((id.clone(), dns));
@@ -695,6 +729,29 @@ impl ClusterState {
     #[must_use]
     pub const fn problems_version(&self) -> u64 {
         self.problems_version
+    }
+}
+
+/// A Service edit that fails validation (problems, no valid form) keeps the last valid
+/// version in effect, with the new version's problems saying so.
+fn keep_last_valid(checked: &mut CheckedService, old: &CheckedService) {
+    if checked.valid.is_some() || checked.problems.is_empty() || old.valid.is_none() {
+        return;
+    }
+    checked.valid.clone_from(&old.valid);
+    checked.dns.clone_from(&old.dns);
+    checked.origin = Arc::clone(&old.origin);
+    checked.stamp = old.stamp;
+    checked.skipped.clone_from(&old.skipped);
+    last_valid_stays(&mut checked.problems);
+}
+
+/// Says on each problem of a refused edit that the last valid version stays in effect.
+fn last_valid_stays(problems: &mut [Problem]) {
+    for problem in problems {
+        problem
+            .message
+            .push_str("; the last valid version stays in effect");
     }
 }
 

@@ -1041,8 +1041,18 @@ pub fn validate_pod(sourced: &Sourced<Pod>) -> (Option<ValidPod>, Vec<Problem>) 
             listed
         };
         for (field, text) in texts {
-            if let Some(ip) = check.ip(field, text) {
-                ips.push(ip);
+            if let Some(ip) = check.ip(field.clone(), text) {
+                match special_ip(ip) {
+                    None => ips.push(ip),
+                    // As the API server refuses it in an EndpointSlice: this address is
+                    // no endpoint (the Pod's others still are).
+                    Some(reason) => problems.push(Problem {
+                        origin: sourced.origin.to_string(),
+                        object: check.object.clone(),
+                        field,
+                        message: format!("{text:?} {reason}; not used as an endpoint"),
+                    }),
+                }
             }
         }
         let mut ports = Vec::new();
@@ -1195,12 +1205,20 @@ pub fn validate_slice(
         };
         let mut hostnames = Vec::new();
         let mut infos: Vec<Arc<EndpointInfo>> = Vec::new();
+        // Endpoints dropped alone (reported, the slice still valid).
+        let mut dropped = Vec::new();
         let want_v4 = match slice.address_type.as_str() {
             "IPv4" => true,
             "IPv6" => false,
             "FQDN" => {
-                // Counts as "the Service has slices", with no address the proxy can use.
-                return (Some((service, valid)), problems);
+                // kube-proxy ignores FQDN slices altogether (it cannot resolve them): the
+                // Service does not even count as one with slices.
+                check.fail(
+                    "addressType",
+                    "FQDN slices are not proxied (as kube-proxy, which ignores them); skipped",
+                );
+                check.finish(&mut problems);
+                return (None, problems);
             }
             other => {
                 check.fail(
@@ -1217,14 +1235,28 @@ pub fn validate_slice(
             let mut address = None;
             // Only the first address is the endpoint's, as kube-proxy reads it (the API
             // says the others are fungible and consumers use the first); the rest are
-            // ignored, not even validated.
-            for (a, text) in endpoint.addresses.iter().enumerate().take(1) {
-                match text.parse::<IpAddr>() {
-                    Ok(ip) if ip.is_ipv4() == want_v4 => address = Some(ip),
-                    _ => check.fail(
-                        format!("endpoints[{e}].addresses[{a}]"),
-                        format!("{text:?} is not an {} address", slice.address_type),
-                    ),
+            // ignored, not even validated. An endpoint whose address is unusable is
+            // dropped alone, and reported: the rest of the slice stays in effect.
+            if let Some(text) = endpoint.addresses.first() {
+                let field = format!("endpoints[{e}].addresses[0]");
+                let refused = match text.parse::<IpAddr>() {
+                    Ok(ip) if ip.is_ipv4() == want_v4 => match special_ip(ip) {
+                        None => {
+                            address = Some(ip);
+                            None
+                        }
+                        Some(reason) => Some(format!("{text:?} {reason}")),
+                    },
+                    _ => Some(format!("{text:?} is not an {} address", slice.address_type)),
+                };
+                if let Some(message) = refused {
+                    dropped.push(Problem {
+                        origin: sourced.origin.to_string(),
+                        object: check.object.clone(),
+                        field,
+                        message: format!("{message}; this endpoint is dropped, the others stay"),
+                    });
+                    continue;
                 }
             }
             // Unknown readiness is to be read as ready; unknown serving as the readiness
@@ -1294,6 +1326,7 @@ pub fn validate_slice(
         valid.infos = infos.into_boxed_slice();
         valid.hostnames = hostnames.into_boxed_slice();
         if check.finish(&mut problems) {
+            problems.extend(dropped);
             return (Some((service, valid)), problems);
         }
     }
@@ -1398,6 +1431,27 @@ fn pod_hints(hinting: Hinting, node: Option<&str>, zone: Option<&str>) -> Hints 
             nodes: one(node),
         },
     }
+}
+
+/// Why `ip` can be no backend, as the API server's `ValidateNonSpecialIP` refuses it in an
+/// EndpointSlice (unspecified, loopback, link-local), and any multicast address (no
+/// connection can be made to one). An IPv4-mapped IPv6 address is judged as its IPv4.
+#[must_use]
+pub fn special_ip(ip: IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    let reason = match ip {
+        _ if ip.is_unspecified() => "may not be unspecified (0.0.0.0, ::)",
+        _ if ip.is_loopback() => "may not be in the loopback range (127.0.0.0/8, ::1/128)",
+        IpAddr::V4(v4) if v4.is_link_local() => {
+            "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+        }
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+        }
+        _ if ip.is_multicast() => "may not be multicast (224.0.0.0/4, ff00::/8)",
+        _ => return None,
+    };
+    Some(reason)
 }
 
 fn port_number(n: i32) -> Option<u16> {

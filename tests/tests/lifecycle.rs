@@ -1,4 +1,5 @@
-//! Manifest changes while the agent runs: pods leave, Services go, broken files stay contained.
+//! Manifest changes while the agent runs: pods leave, Services go, broken files stay contained,
+//! a second definition of a running Service changes nothing.
 
 use std::time::{Duration, Instant};
 
@@ -300,4 +301,78 @@ fn a_recreated_service_reaches_every_backend_on_its_new_cluster_ip() {
     assert_eq!(summary.ok, 20, "{summary:?}");
     assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
     assert_gone(&old, "the old ClusterIP");
+}
+
+/// A second file redefining a running Service (same name, another ClusterIP, a file name
+/// that sorts first) changes nothing while clients connect: every connection to the running
+/// Service succeeds, the new file is reported naming both files, and only when the first
+/// file is removed does the second definition take effect.
+#[test]
+fn a_second_definition_never_moves_a_running_service() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    let web = |ip: &str| {
+        service("webapp", ip)
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml()
+    };
+    env.manifests.write("z-webapp.yaml", &web("10.96.0.10"));
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+
+    const CONNECTIONS: u32 = 600;
+    let during = std::thread::scope(|scope| {
+        let clients = scope.spawn(|| {
+            client
+                .client_with()
+                .cgroup(&env.cgroup)
+                .count(CONNECTIONS)
+                .interval_ms(5)
+                .timeout_ms(1000)
+                .run(VIP)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        env.manifests.write("a-webapp.yaml", &web("10.96.0.20"));
+        std::thread::sleep(Duration::from_millis(800));
+        // An edit of the duplicate is still a duplicate.
+        env.manifests.write("a-webapp.yaml", &web("10.96.0.21"));
+        clients.join().expect("client thread")
+    });
+    assert_eq!(
+        during.ok,
+        CONNECTIONS,
+        "every connection to the running Service succeeds: {:?}\n{}",
+        during.errors,
+        agent.log_tail(30)
+    );
+    assert_eq!(during.host_names(), ["webapp1"]);
+    let listed: Vec<String> = agent
+        .services()
+        .expect("lb-agent services")
+        .iter()
+        .map(|f| f.addr())
+        .collect();
+    assert_eq!(listed, [VIP], "the first definition stays in effect");
+    let log = agent.log();
+    let reported = log.lines().any(|line| {
+        line.contains("a-webapp.yaml: Service default/webapp: metadata.name: already defined in")
+            && line.contains("z-webapp.yaml")
+    });
+    assert!(
+        reported,
+        "the duplicate is reported naming both files\n{}",
+        agent.log_tail(30)
+    );
+
+    // The first definition goes: the second takes effect.
+    env.manifests.remove("z-webapp.yaml");
+    agent.wait_for_frontend("10.96.0.21:80", 1, APPLY);
+    agent.wait_for_no_frontend(VIP, APPLY);
+    let after = client.client(&env.cgroup, "10.96.0.21:80", 5);
+    assert_eq!(after.ok, 5, "{after:?}");
 }

@@ -133,6 +133,21 @@ fn ensure_bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// cargo-fuzz, which `cargo xtask fuzz` (and `test`) run on the nightly toolchain.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if let Ok(version) = cmd::output(cmd::cargo().args(["fuzz", "--version"])) {
+        println!("found {}", version.trim());
+        return Ok(());
+    }
+    println!("installing cargo-fuzz with cargo (about a minute)");
+    cmd::run(cmd::cargo().args(["install", "cargo-fuzz", "--locked"]))
+        .context("installing cargo-fuzz failed")?;
+    let version = cmd::output(cmd::cargo().args(["fuzz", "--version"]))
+        .context("cargo-fuzz was installed but does not run")?;
+    println!("installed {}", version.trim());
+    Ok(())
+}
+
 /// `~/.cargo/bin` (or `$CARGO_HOME/bin`), where `cargo install` puts bpf-linker.
 pub fn cargo_bin_dir() -> Option<PathBuf> {
     let home = std::env::var_os("CARGO_HOME")

@@ -3,9 +3,12 @@
 //! - `build-ebpf`: install the eBPF toolchain where missing, then `cargo build -p lb-agent`
 //!   (its `build.rs` builds and embeds `lb-ebpf`).
 //! - `test`: what CI runs (`.ci/run`): fmt, clippy, build, the image around the debug agent,
-//!   then nextest with the privileged end-to-end tests (the container tests run that image).
+//!   then nextest with the privileged end-to-end tests (the container tests run that image),
+//!   each fuzz target for 15 s, and `bench --quick`.
 //! - `demo`: the seed article's web-app scene played on network namespaces.
 //! - `image`: the agent's OCI image, built offline, as an archive under `target/image/`.
+//! - `fuzz`: each cargo-fuzz target of `lb-agent/fuzz` for a bounded time (`test` runs each
+//!   briefly).
 //! - `bench`: the socket load balancer against the direct path and kube-proxy's iptables and
 //!   nftables layouts over a sweep of Service counts; writes `docs/benchmarks.md`.
 mod bench;
@@ -13,6 +16,7 @@ mod build;
 mod cmd;
 mod demo;
 mod dns_bench;
+mod fuzz;
 mod host;
 mod image;
 mod install;
@@ -50,6 +54,8 @@ enum Command {
     Bench(bench::Args),
     /// Control-plane figures on a (fake) Kubernetes API: sync time, event latency, memory (root).
     WatchBench(watch_bench::Args),
+    /// Fuzz the manifest parser and the object validation and translation (cargo-fuzz, nightly).
+    Fuzz(fuzz::Args),
     /// Cluster DNS against dnsmasq with dnsperf: qps and p99 at 1k and 100k Services (root).
     DnsBench(dns_bench::Args),
 }
@@ -64,6 +70,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::WatchBench(args) => watch_bench::run(&args),
         Command::DnsBench(args) => dns_bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

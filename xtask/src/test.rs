@@ -23,6 +23,9 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "bind9-dnsutils",
 ];
 
+/// How long `test` runs each fuzz target.
+const FUZZ_SECONDS: u64 = 15;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Skip `cargo fmt --check` and `cargo clippy` (for quick iterations).
@@ -89,6 +92,10 @@ pub fn run(args: &Args) -> Result<()> {
         "tests failed",
     )?;
     if args.nextest_args.is_empty() {
+        // Each fuzz target briefly: a regression in input handling shows at once (the
+        // longer runs are `cargo xtask fuzz`).
+        crate::fuzz::run_targets(crate::fuzz::TARGETS, FUZZ_SECONDS)
+            .context("cargo xtask fuzz found a crash")?;
         // The benchmark is no timed test, but it must keep working: one quick run, in this
         // process (the build above may just have replaced this very executable).
         #[derive(clap::Parser)]

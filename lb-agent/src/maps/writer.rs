@@ -827,8 +827,10 @@ fn plan_source_ranges(
 
 /// Affinity-match entries for the new `slots`: new ones before any slot or master names
 /// them (with the new backends), stale ones after the master stops naming them (with the
-/// surplus slots). Returns whether affinity is turned off, which also forgets the clients'
-/// entries, so turning it on again starts afresh.
+/// surplus slots). When affinity is turned off, the slots change before the master drops
+/// its flag: a backend new to a slot gets a match for that moment too, removed with the
+/// others (found by the property tests). Returns whether affinity is turned off, which
+/// also forgets the clients' entries, so turning it on again starts afresh.
 fn plan_affinity_matches(
     old: &Programmed,
     slots: &[u32],
@@ -845,11 +847,17 @@ fn plan_affinity_matches(
         Some(_) => slots.iter().copied().collect(),
         None => BTreeSet::new(),
     };
-    for backend in wants.difference(&had) {
+    // Named by an affinity master at some point of the write.
+    let during: BTreeSet<u32> = match (old.affinity, affinity) {
+        (Some(_), None) => slots.iter().copied().collect(),
+        _ => wants.clone(),
+    };
+    for backend in during.difference(&had) {
         ops.push((NEW_BACKENDS, Op::SetAffinityMatch(*backend, id)));
         stats.map_writes += 1;
     }
-    for backend in had.difference(&wants) {
+    let stale: BTreeSet<u32> = had.union(&during).copied().collect();
+    for backend in stale.difference(&wants) {
         ops.push((DROP_SLOTS, Op::DeleteAffinityMatch(*backend, id)));
         stats.map_deletes += 1;
     }

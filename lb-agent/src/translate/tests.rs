@@ -1366,3 +1366,249 @@ fn address_fields_name_the_first_entry_with_the_address() {
     );
     assert_eq!(field(FrontendKind::ClusterIp, "10.96.0.1"), None);
 }
+
+/// One unusable address drops its endpoint alone: the slice's other endpoints stay, and the
+/// dropped one is reported with its field and why.
+#[test]
+fn an_invalid_or_special_endpoint_address_drops_only_that_endpoint() {
+    let endpoints = "[{addresses: [10.244.0.2]}, {addresses: [10.244.0]}, {addresses: [127.0.0.1]}, \
+                     {addresses: [169.254.169.254]}, {addresses: [0.0.0.0]}, {addresses: [224.0.0.5]}, \
+                     {addresses: [10.244.0.3]}]";
+    let yaml = [
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        slice("web-1", "default", "web", endpoints, "[{port: 8080}]"),
+    ]
+    .concat();
+    let translation = translate(&objects(&yaml));
+    assert_eq!(
+        render(&translation),
+        ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP,10.244.0.3:8080/TCP"]
+    );
+    let problems: Vec<String> = translation
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let dropped = "; this endpoint is dropped, the others stay";
+    let at = "test.yaml: EndpointSlice default/web-1: endpoints";
+    assert_eq!(
+        problems,
+        [
+            format!("{at}[1].addresses[0]: \"10.244.0\" is not an IPv4 address{dropped}"),
+            format!(
+                "{at}[2].addresses[0]: \"127.0.0.1\" may not be in the loopback range (127.0.0.0/8, ::1/128){dropped}"
+            ),
+            format!(
+                "{at}[3].addresses[0]: \"169.254.169.254\" may not be in the link-local range (169.254.0.0/16, fe80::/10){dropped}"
+            ),
+            format!(
+                "{at}[4].addresses[0]: \"0.0.0.0\" may not be unspecified (0.0.0.0, ::){dropped}"
+            ),
+            format!(
+                "{at}[5].addresses[0]: \"224.0.0.5\" may not be multicast (224.0.0.0/4, ff00::/8){dropped}"
+            ),
+        ]
+    );
+}
+
+/// The API server's `ValidateNonSpecialIP`, and multicast: what can be no backend.
+#[test]
+fn special_addresses_are_refused_as_backends() {
+    let refused = [
+        "0.0.0.0",
+        "::",
+        "127.0.0.1",
+        "127.255.0.9",
+        "::1",
+        "::ffff:127.0.0.1",
+        "169.254.1.1",
+        "fe80::1",
+        "224.0.0.1",
+        "239.1.2.3",
+        "ff02::1",
+        "ff05::2",
+    ];
+    for text in refused {
+        let ip: IpAddr = text.parse().unwrap();
+        assert!(special_ip(ip).is_some(), "{text} must be refused");
+    }
+    for text in [
+        "10.244.0.2",
+        "192.168.1.1",
+        "fd00::1",
+        "2001:db8::1",
+        "100.64.0.1",
+    ] {
+        let ip: IpAddr = text.parse().unwrap();
+        assert_eq!(special_ip(ip), None, "{text} is a backend address");
+    }
+}
+
+/// A Pod's loopback or link-local address is no endpoint, reported; its other address is.
+#[test]
+fn a_pods_special_address_is_no_endpoint() {
+    let yaml = [
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        pod("lo", "default", APP_WEB, "127.0.0.1", true, HTTP_8080),
+        pod("ok", "default", APP_WEB, "10.244.0.2", true, HTTP_8080),
+    ]
+    .concat();
+    let translation = translate(&objects(&yaml));
+    assert_eq!(
+        render(&translation),
+        ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP"]
+    );
+    let problems: Vec<String> = translation
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "test.yaml: Pod default/lo: status.podIP: \"127.0.0.1\" may not be in the loopback range (127.0.0.0/8, ::1/128); not used as an endpoint"
+        ]
+    );
+}
+
+/// An FQDN slice is reported and skipped, as kube-proxy ignores it: the Service's endpoints
+/// still come from its pods (it does not count as a Service with slices).
+#[test]
+fn fqdn_slices_are_reported_and_skipped() {
+    let fqdn = "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-fqdn, labels: {kubernetes.io/service-name: web}}\naddressType: FQDN\nendpoints: [{addresses: [web.example.com]}]\nports: [{port: 8080}]\n";
+    let yaml = [
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        pod("a", "default", APP_WEB, "10.244.0.2", true, HTTP_8080),
+        fqdn.to_string(),
+    ]
+    .concat();
+    let translation = translate(&objects(&yaml));
+    assert_eq!(
+        render(&translation),
+        ["10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP"]
+    );
+    let problems: Vec<String> = translation
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        problems,
+        [
+            "test.yaml: EndpointSlice default/web-fqdn: addressType: FQDN slices are not proxied (as kube-proxy, which ignores them); skipped"
+        ]
+    );
+}
+
+/// An edit of a Service, a slice or a Pod that fails validation changes nothing: the last
+/// valid version stays in effect, and the problem says so. A valid edit then applies.
+#[test]
+fn an_invalid_edit_keeps_the_last_valid_version() {
+    let mut state = ClusterState::new(None);
+    let first = [
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        service(
+            "api",
+            "default",
+            "10.96.0.11",
+            "[{port: 81, targetPort: 8080}]",
+            "{app: api}",
+        ),
+        slice(
+            "web-1",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.2]}]",
+            "[{port: 8080}]",
+        ),
+        pod("p", "default", "{app: api}", "10.244.0.5", true, HTTP_8080),
+    ]
+    .concat();
+    load(&mut state, objects(&first));
+    state.recompute();
+    let before = frontend_lines(&state);
+    assert_eq!(
+        before,
+        [
+            "10.96.0.10:80/TCP -> 10.244.0.2:8080/TCP",
+            "10.96.0.11:81/TCP -> 10.244.0.5:8080/TCP"
+        ]
+    );
+    let broken = [
+        service("web", "default", "10.96.0.20", "[{port: 70000}]", APP_WEB),
+        slice(
+            "web-1",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.3]}]",
+            "[{port: 0}]",
+        ),
+        pod("p", "default", "{app: api}", "10.244.0", true, HTTP_8080),
+    ]
+    .concat();
+    load(&mut state, objects(&broken));
+    state.recompute();
+    assert_eq!(frontend_lines(&state), before, "nothing changed");
+    let problems: Vec<String> = state.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(
+        problems
+            .iter()
+            .all(|p| p.ends_with("; the last valid version stays in effect")),
+        "{problems:#?}"
+    );
+    // A valid edit takes effect and clears the problems.
+    let fixed = [
+        service("web", "default", "10.96.0.20", WEB_PORTS, APP_WEB),
+        slice(
+            "web-1",
+            "default",
+            "web",
+            "[{addresses: [10.244.0.3]}]",
+            "[{port: 8080}]",
+        ),
+        pod("p", "default", "{app: api}", "10.244.0.6", true, HTTP_8080),
+    ]
+    .concat();
+    load(&mut state, objects(&fixed));
+    state.recompute();
+    assert_eq!(
+        frontend_lines(&state),
+        [
+            "10.96.0.11:81/TCP -> 10.244.0.6:8080/TCP",
+            "10.96.0.20:80/TCP -> 10.244.0.3:8080/TCP"
+        ]
+    );
+    assert!(state.problems().is_empty(), "{:?}", state.problems());
+}
+
+fn frontend_lines(state: &ClusterState) -> Vec<String> {
+    state
+        .desired()
+        .values()
+        .map(|f| {
+            let backends: Vec<String> = f.backends.iter().map(ToString::to_string).collect();
+            format!("{} -> {}", f.address, backends.join(","))
+        })
+        .collect()
+}
+
+/// Two pods with one address (found by the property tests): the endpoint is the first pod's
+/// by name, whatever order the state's pod table iterates in (each state hashes
+/// differently).
+#[test]
+fn pods_sharing_an_address_give_the_first_by_names_endpoint() {
+    let yaml = [
+        service("web", "default", "10.96.0.10", WEB_PORTS, APP_WEB),
+        pod_on("p-a", "10.244.0.4", "node-b"),
+        pod_on("p-b", "10.244.0.4", "node-a"),
+    ]
+    .concat();
+    for _ in 0..16 {
+        let mut state = ClusterState::new(Some("node-a".to_string()));
+        load(&mut state, objects(&yaml));
+        state.recompute();
+        let frontend = state.desired().values().next().expect("one frontend");
+        assert!(frontend.backends[0].remote, "p-a's endpoint, on node-b");
+    }
+}

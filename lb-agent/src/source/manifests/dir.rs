@@ -1,8 +1,10 @@
 //! The directory and what is remembered of it: per file its stamp and, per document, the hash
 //! of its text and the identities of its objects — never the objects themselves. A document
 //! whose text did not change is not parsed again; an object whose definition did not change
-//! is not handed out again; when the definition in effect goes away and another file defines
-//! the object too, that file's document is read again.
+//! is not handed out again. An object defined twice (in two files, or twice in one) keeps the
+//! definition seen first in effect until that one goes away, whatever the files are called;
+//! every other definition is reported. When the definition in effect goes away and another
+//! file defines the object too, that file's document is read again.
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fs,
@@ -54,7 +56,13 @@ pub struct ManifestDir {
     shared: HashSet<Arc<Identity>>,
     /// Namespaces, each held once however many objects name it.
     namespaces: HashSet<Arc<str>>,
+    /// A file larger than this is not read (`--manifest-max-file-size`).
+    max_file_size: u64,
 }
+
+/// The default of `--manifest-max-file-size`: 16 MiB, 60 times what 1,000 Services with
+/// their slices take (and 16 times a ConfigMap's limit).
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 16 << 20;
 
 /// What is kept of one file.
 #[derive(Debug)]
@@ -81,7 +89,8 @@ struct DocumentEntry {
 /// The files defining one object, and the definition in effect.
 #[derive(Debug, Default)]
 struct Definitions {
-    /// In file name order (the first counts), each with the hash of its definition.
+    /// In the order they were seen (the first is in effect), each with the hash of its
+    /// definition. A file whose definition changes keeps its place.
     owners: Vec<(Arc<Path>, u64)>,
     /// The definition last handed out, if any.
     applied: Option<(Arc<Path>, u64)>,
@@ -149,7 +158,16 @@ impl ManifestDir {
             objects: HashMap::new(),
             shared: HashSet::new(),
             namespaces: HashSet::new(),
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
         }
+    }
+
+    /// Files larger than `bytes` are not read: each is reported, and its last readable
+    /// version (if any) stays in effect.
+    #[must_use]
+    pub const fn with_max_file_size(mut self, bytes: u64) -> Self {
+        self.max_file_size = bytes;
+        self
     }
 
     #[must_use]
@@ -213,6 +231,7 @@ impl ManifestDir {
         paths.sort();
         let mut seen = HashSet::new();
         let mut to_read = Vec::new();
+        let mut born = HashMap::new();
         for path in paths {
             // `metadata` follows symlinks (ConfigMap volumes are symlinks into `..data`).
             let Ok(metadata) = fs::metadata(&path) else {
@@ -223,10 +242,15 @@ impl ManifestDir {
             }
             let stamp = Stamp::of(&metadata);
             if self.files.get(&path).is_none_or(|old| old.stamp != stamp) {
+                born.insert(path.clone(), metadata.created().ok());
                 to_read.push((path.clone(), stamp));
             }
             seen.insert(path);
         }
+        // New files are read oldest first (by birth time where the filesystem records it,
+        // then by name), so that after a restart the definition that was in effect is still
+        // the one seen first.
+        to_read.sort_by(|(a, _), (b, _)| (born[a], a).cmp(&(born[b], b)));
         let gone = self
             .files
             .keys()
@@ -296,8 +320,9 @@ impl ManifestDir {
     /// Reads one file, parsing only the documents whose text the last read did not have.
     fn read_file(&self, path: &Path, stamp: Stamp) -> FileRead {
         let origin = path.display().to_string();
-        let outcome = match fs::read_to_string(path) {
-            Err(err) => {
+        let outcome = match read_capped(path, self.max_file_size) {
+            Err(ReadError::TooLarge(problem)) => ReadOutcome::Unreadable(problem),
+            Err(ReadError::Io(err)) => {
                 warn!(file = %origin, error = %err, "cannot read manifest");
                 ReadOutcome::Failed
             }
@@ -432,12 +457,14 @@ impl ManifestDir {
         }
         // Each object's first definition in this file, and the later ones as problems.
         let mut defined: HashMap<Arc<Identity>, u64> = HashMap::new();
+        let mut order: Vec<Arc<Identity>> = Vec::new();
         for document in &entries {
             for (i, identity) in document.objects.iter().enumerate() {
                 if defined.contains_key(identity) {
-                    problems.push(duplicate(&path, identity));
+                    problems.push(duplicate(&path, &path, identity));
                 } else {
                     defined.insert(Arc::clone(identity), object_hash(document.hash, i));
+                    order.push(Arc::clone(identity));
                 }
             }
         }
@@ -450,17 +477,19 @@ impl ManifestDir {
                 }
             }
         }
-        for (identity, hash) in defined {
+        for identity in order {
+            let hash = defined[&identity];
             let definitions = self.objects.entry(Arc::clone(&identity)).or_default();
+            // A file new to the object comes after those that defined it already: a second
+            // definition never takes over from the one in effect.
             let at = definitions
                 .owners
-                .binary_search_by(|(owner, _)| (**owner).cmp(&*shared_path));
+                .iter()
+                .position(|(owner, _)| **owner == *shared_path);
             match at {
-                Ok(i) if definitions.owners[i].1 == hash => continue,
-                Ok(i) => definitions.owners[i].1 = hash,
-                Err(i) => definitions
-                    .owners
-                    .insert(i, (Arc::clone(&shared_path), hash)),
+                Some(i) if definitions.owners[i].1 == hash => continue,
+                Some(i) => definitions.owners[i].1 = hash,
+                None => definitions.owners.push((Arc::clone(&shared_path), hash)),
             }
             if definitions.owners.len() > 1 {
                 self.shared.insert(Arc::clone(&identity));
@@ -602,7 +631,7 @@ impl ManifestDir {
         wanted: &[(Arc<Identity>, u64)],
     ) -> HashMap<Arc<Identity>, Object> {
         let mut found = HashMap::new();
-        let Ok(text) = fs::read_to_string(path) else {
+        let Ok(text) = read_capped(path, self.max_file_size) else {
             return found;
         };
         let origin = path.display().to_string();
@@ -639,7 +668,7 @@ impl ManifestDir {
     }
 
     /// The problems of every file: what did not parse or validate as an object, and every
-    /// definition of an object after its first (in file name order).
+    /// definition of an object after the one in effect (the first seen).
     #[must_use]
     pub fn problems(&self) -> Vec<Problem> {
         let mut problems: Vec<Problem> = self
@@ -649,9 +678,11 @@ impl ManifestDir {
             .collect();
         // Defined in several files: every file after the first.
         for identity in &self.shared {
-            if let Some(definitions) = self.objects.get(identity) {
+            if let Some(definitions) = self.objects.get(identity)
+                && let Some((first, _)) = definitions.owners.first()
+            {
                 for (path, _) in definitions.owners.iter().skip(1) {
-                    problems.push(duplicate(path, identity));
+                    problems.push(duplicate(path, first, identity));
                 }
             }
         }
@@ -660,12 +691,55 @@ impl ManifestDir {
     }
 }
 
-fn duplicate(path: &Path, identity: &Identity) -> Problem {
+/// Why a file was not read.
+enum ReadError {
+    Io(std::io::Error),
+    /// Larger than `--manifest-max-file-size`.
+    TooLarge(Problem),
+}
+
+/// The text of the file at `path`, when it holds at most `max` bytes (read through a
+/// bounded reader: a file that grows while it is read is refused too, never read whole).
+fn read_capped(path: &Path, max: u64) -> Result<String, ReadError> {
+    use std::io::Read;
+    let file = fs::File::open(path).map_err(ReadError::Io)?;
+    let mut text = String::new();
+    file.take(max.saturating_add(1))
+        .read_to_string(&mut text)
+        .map_err(ReadError::Io)?;
+    if text.len() as u64 > max {
+        return Err(ReadError::TooLarge(Problem {
+            origin: path.display().to_string(),
+            object: "(file)".to_string(),
+            field: "(size)".to_string(),
+            message: format!(
+                "larger than {max} bytes (--manifest-max-file-size); not read: split it into \
+                 smaller files"
+            ),
+        }));
+    }
+    Ok(text)
+}
+
+/// The definition of `identity` in `path` is ignored: `first` defined it before, and its
+/// definition stays in effect until it goes away.
+fn duplicate(path: &Path, first: &Path, identity: &Identity) -> Problem {
+    let message = if path == first {
+        "defined again later in the same file; the first definition stays in effect and this \
+         one is ignored"
+            .to_string()
+    } else {
+        format!(
+            "already defined in {}; that definition, seen first, stays in effect and this one \
+             is ignored until it is removed",
+            first.display()
+        )
+    };
     Problem {
         origin: path.display().to_string(),
         object: identity.to_string(),
         field: "metadata.name".to_string(),
-        message: "defined more than once; the first definition is used".to_string(),
+        message,
     }
 }
 

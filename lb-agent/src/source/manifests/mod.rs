@@ -12,7 +12,7 @@ mod watch;
 use std::{path::Path, sync::Arc};
 
 pub use self::{
-    dir::ManifestDir,
+    dir::{DEFAULT_MAX_FILE_SIZE, ManifestDir},
     parse::{ParsedFile, parse_manifest},
     watch::{Changed, Changes, DirWatcher, watch},
 };
@@ -337,19 +337,149 @@ spec:
                 .refresh_with_named(std::slice::from_ref(&file))
                 .is_empty()
         );
-        // The same objects moved to another file that sorts first: handed out from there.
-        fs::write(dir.join("a.yaml"), text("10.96.3.7")).unwrap();
+        // The same objects defined again in another file, one that sorts first: the
+        // definitions in effect stay (nothing is handed out), the new file's are reported.
+        fs::write(dir.join("a.yaml"), text("10.96.4.7")).unwrap();
         let updates = manifests.refresh().unwrap().unwrap();
-        assert_eq!(updates.len(), 50);
-        assert_eq!(
-            manifests.problems().len(),
-            50,
-            "many.yaml's are duplicates now"
-        );
+        assert!(updates.is_empty(), "{:?}", names(&updates));
+        let problems = manifests.problems();
+        assert_eq!(problems.len(), 50, "a.yaml's are duplicates");
+        assert!(problems.iter().all(|p| p.origin.ends_with("a.yaml")));
+        // Once the first definitions go, a.yaml's take effect (s7 differs: its ClusterIP).
         fs::remove_file(&file).unwrap();
-        assert!(manifests.refresh().unwrap().unwrap().is_empty());
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(updates.len(), 50, "{:?}", names(&updates));
         assert!(manifests.problems().is_empty());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A second definition of an object in effect, in a file that sorts first, never
+    /// replaces it: it is reported naming both files, and takes effect only when the first
+    /// goes. One defined twice in one file: the first stays, the second is reported.
+    #[test]
+    fn a_second_definition_never_replaces_the_one_in_effect() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-dup-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("z-web.yaml"), service("web", "10.96.0.10")).unwrap();
+        let mut manifests = ManifestDir::new(&dir);
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(names(&updates), ["apply web"]);
+        fs::write(dir.join("a-web.yaml"), service("web", "10.96.0.20")).unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert!(updates.is_empty(), "{:?}", names(&updates));
+        let problems: Vec<String> = manifests
+            .problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let a = dir.join("a-web.yaml").display().to_string();
+        let z = dir.join("z-web.yaml").display().to_string();
+        assert_eq!(
+            problems,
+            [format!(
+                "{a}: Service default/web: metadata.name: already defined in {z}; that \
+                 definition, seen first, stays in effect and this one is ignored until it is \
+                 removed"
+            )]
+        );
+        // Edits of either keep the order: the first file's still counts.
+        fs::write(dir.join("z-web.yaml"), service("web", "10.96.0.11")).unwrap();
+        fs::write(dir.join("a-web.yaml"), service("web", "10.96.0.21")).unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(applied_ips(&updates), ["10.96.0.11"]);
+        // The first goes: the second takes effect.
+        fs::remove_file(dir.join("z-web.yaml")).unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(applied_ips(&updates), ["10.96.0.21"]);
+        assert!(manifests.problems().is_empty());
+        // Twice in one file.
+        let twice = [service("api", "10.96.0.30"), service("api", "10.96.0.31")].concat();
+        fs::write(dir.join("m-api.yaml"), twice).unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert_eq!(applied_ips(&updates), ["10.96.0.30"]);
+        let problems = manifests.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .message
+                .starts_with("defined again later in the same file; the first definition"),
+            "{problems:?}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// After a restart (a new reader of the same directory) the definition that was in
+    /// effect, in the older file, is still the one seen first: new files are read oldest
+    /// first, by birth time where the filesystem records it.
+    #[test]
+    fn a_restart_keeps_the_older_files_definition() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-born-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("z-web.yaml"), service("web", "10.96.0.10")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(dir.join("a-web.yaml"), service("web", "10.96.0.20")).unwrap();
+        let born = |name: &str| fs::metadata(dir.join(name)).and_then(|m| m.created());
+        let (Ok(z), Ok(a)) = (born("z-web.yaml"), born("a-web.yaml")) else {
+            eprintln!("this filesystem records no birth time: file name order applies");
+            fs::remove_dir_all(&dir).unwrap();
+            return;
+        };
+        assert!(z < a, "z-web.yaml was written first");
+        let mut restarted = ManifestDir::new(&dir);
+        let updates = restarted.refresh().unwrap().unwrap();
+        assert_eq!(applied_ips(&updates), ["10.96.0.10"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file over the size cap is not read: reported with its name, its last readable
+    /// version staying in effect.
+    #[test]
+    fn files_over_the_size_cap_are_reported_and_not_read() {
+        let dir = std::env::temp_dir().join(format!("lb-manifests-cap-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("big.yaml");
+        fs::write(&file, service("web", "10.96.0.10")).unwrap();
+        let mut manifests = ManifestDir::new(&dir).with_max_file_size(1000);
+        assert_eq!(names(&manifests.refresh().unwrap().unwrap()), ["apply web"]);
+        let big: String = (0..20)
+            .map(|i| service(&format!("s{i}"), "10.96.1.1"))
+            .collect();
+        assert!(big.len() > 1000);
+        fs::write(&file, &big).unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert!(updates.is_empty(), "web stays: {:?}", names(&updates));
+        let problems: Vec<String> = manifests
+            .problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            problems,
+            [format!(
+                "{}: (file): (size): larger than 1000 bytes (--manifest-max-file-size); not \
+                 read: split it into smaller files; its last readable version stays in effect",
+                file.display()
+            )]
+        );
+        // A new file over the cap: reported, nothing of it applied.
+        fs::write(dir.join("new.yaml"), &big).unwrap();
+        let updates = manifests.refresh().unwrap().unwrap();
+        assert!(updates.is_empty());
+        assert_eq!(manifests.problems().len(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn applied_ips(updates: &[Update]) -> Vec<String> {
+        updates
+            .iter()
+            .map(|u| match u {
+                Update::Apply {
+                    object: Object::Service(s),
+                    ..
+                } => s.spec.as_ref().unwrap().cluster_ip.clone().unwrap(),
+                _ => unreachable!(),
+            })
+            .collect()
     }
 
     impl ManifestDir {
