@@ -447,6 +447,10 @@ fn main() -> anyhow::Result<()> {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    // Built with `--features failpoints`: the map writer's failpoints as `FAILPOINTS` sets
+    // them (`writer::phase=10%return`), for fault-injection runs.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     match cli.command {
         Command::Run {
             manifests,

@@ -38,6 +38,26 @@ use crate::model::{Backend, DesiredState, Frontend, L4Addr, ObjectRef, Protocol}
 use crate::stale::StaleBackend;
 use std::net::SocketAddr;
 
+/// Failpoint before each phase of an apply goes to the maps (see [`fail`]): `return`
+/// makes that phase fail as a refused write would, after the phases before it were written.
+pub const FAIL_PHASE: &str = "writer::phase";
+/// Failpoint before each single operation of the frontend-by-frontend path (after a map
+/// turned out full).
+pub const FAIL_OP: &str = "writer::op";
+
+/// The error an injected failure returns: `EIO`, which no map write means as "full".
+#[allow(
+    dead_code,
+    reason = "called only where fail's `failpoints` feature compiles the failpoints in"
+)]
+fn injected(op: &'static str) -> MapError {
+    MapError {
+        op,
+        map: "failpoint",
+        source: std::io::Error::from_raw_os_error(libc::EIO),
+    }
+}
+
 /// A frontend as it is in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
@@ -426,6 +446,7 @@ impl<M: LbMaps> MapWriter<M> {
     fn flush_plan(&mut self) -> Result<()> {
         for phase in std::mem::take(&mut self.plan) {
             if !phase.is_empty() {
+                fail::fail_point!(FAIL_PHASE, |_| Err(injected("apply_ops")));
                 self.maps.apply_ops(&phase)?;
             }
         }
@@ -437,7 +458,11 @@ impl<M: LbMaps> MapWriter<M> {
     /// is returned as `Ok(Some(_))`; any other failure is an error.
     fn write_one(&mut self, plan: &FrontendPlan, ops: &[(usize, Op)]) -> Result<Option<MapError>> {
         for (done, (_, op)) in ops.iter().enumerate() {
-            let Err(e) = self.maps.apply_ops(std::slice::from_ref(op)) else {
+            let written = (|| {
+                fail::fail_point!(FAIL_OP, |_| Err(injected("apply_ops")));
+                self.maps.apply_ops(std::slice::from_ref(op))
+            })();
+            let Err(e) = written else {
                 continue;
             };
             if !e.is_capacity() {

@@ -94,8 +94,10 @@ fn in_cluster_sees_every_endpoint(maps: &FakeMaps) {
 
 #[test]
 fn switching_the_external_traffic_policy_never_narrows_in_cluster_clients() {
-    let mut maps = FakeMaps::default();
-    maps.check = Some(in_cluster_sees_every_endpoint);
+    let maps = FakeMaps {
+        check: Some(in_cluster_sees_every_endpoint),
+        ..FakeMaps::default()
+    };
     let mut writer = MapWriter::adopt(maps).unwrap();
     writer.apply(&cluster_policy()).unwrap();
     // Cluster -> Local -> Cluster -> Local -> Cluster, checked after every single
