@@ -45,11 +45,15 @@ pub type Lab = crate::lab::Lab<Paths>;
 
 /// Takes the lock (one bench at a time), then starts the lab, which keeps the lock.
 pub fn start(paths: Paths) -> Result<Lab> {
+    Lab::start_holding(paths, lock()?)
+}
+
+/// The bench's lock, held until dropped: one bench (or soak) at a time on a machine.
+pub fn lock() -> Result<Flock<File>> {
     let lock = File::create(LOCK_FILE).with_context(|| format!("cannot create {LOCK_FILE}"))?;
-    let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+    Flock::lock(lock, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         anyhow::anyhow!("another `cargo xtask bench` holds {LOCK_FILE} ({errno})")
-    })?;
-    Lab::start_holding(paths, lock)
+    })
 }
 
 /// Paths the bench works with.
