@@ -389,12 +389,13 @@ impl<M: LbMaps> Reconciler<M> {
         self.retry = Some((Instant::now() + delay, delay));
     }
 
-    /// [`Self::sync`], logging a failure (the next sync retries).
+    /// [`Self::sync`], logging a failure (retried at [`Self::retry_at`], or sooner by the
+    /// next change).
     pub fn sync_or_log(&mut self, kind: SyncKind, started: Instant) {
         if let Err(e) = self.sync(kind, started) {
             error!(
                 error = format!("{:#}", anyhow::Error::new(e)),
-                "writing the maps failed; retrying on the next sync"
+                "writing the maps failed; retrying after a backoff"
             );
         }
     }
