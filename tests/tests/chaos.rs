@@ -251,7 +251,9 @@ fn sigkill_during_a_10k_service_bulk_apply_loses_nothing() {
         write_bulk(&env, 0);
         let full = settle(&mut agent, &desired(0, &kept), "round 0");
         eprintln!("chaos: round 0 (10,000 Services) programmed in {full:?}");
-        let window = u64::try_from(full.as_millis()).unwrap_or(u64::MAX);
+        // Kills within the first 60 % of that: nearly all land in a write (the rounds after
+        // a restart are slower still, the restarted agent reading every file again).
+        let window = u64::try_from(full.as_millis() * 3 / 5).unwrap_or(u64::MAX);
         let mut mid_write = 0;
         for round in 1..=usize::try_from(kills).unwrap_or(usize::MAX) {
             let log_before = agent.log().len();
