@@ -367,7 +367,7 @@ mod tests {
             .agent
             .mounts
             .iter()
-            .find(|m| m.container == "/sys/fs/bpf/lb")
+            .find(|m| m.container == "/run/lb/bpf")
             .expect("pin directory mount");
         assert_eq!(pins.host, PathBuf::from("/tmp/bpf/lb"));
     }
