@@ -308,6 +308,10 @@ async fn run_manifests<M: LbMaps>(
                 reconciler.sync_or_log(SyncKind::Changes, Instant::now());
                 continue;
             }
+            () = reconciler.retry_due() => {
+                reconciler.sync_or_log(SyncKind::Changes, Instant::now());
+                continue;
+            }
             () = stop.wait() => return Ok(()),
         };
         let started = Instant::now();
@@ -359,6 +363,10 @@ async fn run_kube<M: LbMaps>(
                 if datapath.attached {
                     reconciler.sync_or_log(SyncKind::Changes, Instant::now());
                 }
+                continue;
+            }
+            () = reconciler.retry_due(), if datapath.attached => {
+                reconciler.sync_or_log(SyncKind::Changes, Instant::now());
                 continue;
             }
             () = stop.wait() => return Ok(()),

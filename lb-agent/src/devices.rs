@@ -527,22 +527,45 @@ impl AddressMaps {
     }
 }
 
-/// Makes `map` hold exactly `wanted`. Each entry is written before stale ones are removed,
-/// so an address that stays is never missing.
+/// A map of node addresses or devices, as [`sync_map`] sees it (the fake in the tests has
+/// the kernel's capacity limit).
+trait AddressMap<K, V> {
+    fn keys(&self) -> Vec<K>;
+    fn insert(&mut self, key: &K, value: &V) -> Result<(), aya::maps::MapError>;
+    fn remove(&mut self, key: &K) -> Result<(), aya::maps::MapError>;
+}
+
+impl<K: Pod, V: Pod> AddressMap<K, V> for HashMap<MapData, K, V> {
+    fn keys(&self) -> Vec<K> {
+        HashMap::keys(self).filter_map(Result::ok).collect()
+    }
+
+    fn insert(&mut self, key: &K, value: &V) -> Result<(), aya::maps::MapError> {
+        HashMap::insert(self, key, value, 0)
+    }
+
+    fn remove(&mut self, key: &K) -> Result<(), aya::maps::MapError> {
+        HashMap::remove(self, key)
+    }
+}
+
+/// Makes `map` hold exactly `wanted`: entries that stay are overwritten first, then stale
+/// ones removed, then new ones added. An address that stays is never missing, and a full
+/// map (256 entries) still takes a change of addresses, since the stale entries make the
+/// room the new ones need.
 fn sync_map<K: Pod + Ord, V: Pod>(
-    map: &mut HashMap<MapData, K, V>,
+    map: &mut impl AddressMap<K, V>,
     wanted: BTreeMap<K, V>,
 ) -> anyhow::Result<()> {
-    let stale: Vec<K> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !wanted.contains_key(k))
-        .collect();
-    for (key, value) in &wanted {
-        map.insert(key, value, 0)?;
+    let present: std::collections::BTreeSet<K> = map.keys().into_iter().collect();
+    for (key, value) in wanted.iter().filter(|(k, _)| present.contains(k)) {
+        map.insert(key, value)?;
     }
-    for key in stale {
-        map.remove(&key)?;
+    for key in present.iter().filter(|k| !wanted.contains_key(k)) {
+        map.remove(key)?;
+    }
+    for (key, value) in wanted.iter().filter(|(k, _)| !present.contains(k)) {
+        map.insert(key, value)?;
     }
     Ok(())
 }
@@ -550,6 +573,50 @@ fn sync_map<K: Pod + Ord, V: Pod>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A map with the kernel's behaviour when full: adding a key fails with `E2BIG`.
+    struct FullableMap {
+        entries: BTreeMap<u32, u32>,
+        capacity: usize,
+    }
+
+    impl AddressMap<u32, u32> for FullableMap {
+        fn keys(&self) -> Vec<u32> {
+            self.entries.keys().copied().collect()
+        }
+
+        fn insert(&mut self, key: &u32, value: &u32) -> Result<(), aya::maps::MapError> {
+            if !self.entries.contains_key(key) && self.entries.len() >= self.capacity {
+                return Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_elem",
+                    io_error: io::Error::from_raw_os_error(libc::E2BIG),
+                }));
+            }
+            self.entries.insert(*key, *value);
+            Ok(())
+        }
+
+        fn remove(&mut self, key: &u32) -> Result<(), aya::maps::MapError> {
+            self.entries.remove(key);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_node_address_map_takes_a_change_of_addresses() {
+        let capacity = lb_common::NODE_ADDRS_MAX_ENTRIES;
+        let mut map = FullableMap {
+            entries: (0..).take(capacity).map(|k| (k, 1)).collect(),
+            capacity,
+        };
+        // Half the addresses stay (their device changed), half are replaced.
+        let half = u32::try_from(capacity / 2).unwrap();
+        let wanted: BTreeMap<u32, u32> = (half..half + u32::try_from(capacity).unwrap())
+            .map(|k| (k, 2))
+            .collect();
+        sync_map(&mut map, wanted.clone()).unwrap();
+        assert_eq!(map.entries, wanted);
+    }
 
     fn device(name: &str, ifindex: u32, ipv4: &[&str]) -> Device {
         Device {

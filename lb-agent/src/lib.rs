@@ -40,3 +40,8 @@ pub mod state;
 pub mod summary;
 pub mod telemetry;
 pub mod translate;
+
+/// The agent's seccomp profile (`deploy/seccomp/lb-agent.json`, printed by `lb-agent
+/// seccomp-profile`): the container runtimes' default with bpf(2) allowed without
+/// CAP_SYS_ADMIN, which the default allows it only with.
+pub const SECCOMP_PROFILE: &str = include_str!("../../deploy/seccomp/lb-agent.json");

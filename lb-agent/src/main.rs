@@ -257,6 +257,12 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Print the seccomp profile the DaemonSet gives the agent: the container runtimes'
+    /// default profile (containers-common's) with bpf(2) allowed without CAP_SYS_ADMIN.
+    ///
+    /// The DaemonSet's init container writes it where the kubelet looks for `Localhost`
+    /// profiles (/var/lib/kubelet/seccomp/lb-agent.json); docs/deploy.md.
+    SeccompProfile,
     /// Detach the programs and remove the maps the agent pinned under --bpf-pin-path.
     ///
     /// Only the names the agent pins are removed (anything else there is left, and
@@ -493,6 +499,10 @@ fn main() -> anyhow::Result<()> {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
+    // Built with `--features failpoints`: the map writer's failpoints as `FAILPOINTS` sets
+    // them (`writer::phase=10%return`), for fault-injection runs.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     match cli.command {
         Command::Run {
             manifests,
@@ -640,6 +650,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Conntrack { pins, output } => {
             print!("{}", conntrack::list(&pins.bpf_pin_path, output)?);
+            Ok(())
+        }
+        Command::SeccompProfile => {
+            print!("{}", lb_agent::SECCOMP_PROFILE);
             Ok(())
         }
         Command::Cleanup { pins } => {

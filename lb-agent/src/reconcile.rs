@@ -8,7 +8,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tracing::{debug, error, info, warn};
@@ -61,6 +61,9 @@ pub struct Reconciler<M> {
     /// Frontends whose write failed, to retry on the next sync.
     pending: BTreeSet<L4Addr>,
     full_pending: bool,
+    /// After a failed write: when to try again without waiting for a change, and the
+    /// delay that led there (doubled on each failure in a row).
+    retry: Option<(Instant, Duration)>,
     /// The health checks last handed to the servers.
     health_checks: Option<BTreeMap<u16, HealthCheck>>,
     /// The pin directory, when UDP sockets and flows pinned to removed backends are to be
@@ -113,6 +116,7 @@ impl<M: LbMaps> Reconciler<M> {
             reported_version: None,
             pending: BTreeSet::new(),
             full_pending: false,
+            retry: None,
             health_checks: None,
             stale_cleanup: None,
             health,
@@ -360,12 +364,38 @@ impl<M: LbMaps> Reconciler<M> {
         }
     }
 
-    /// [`Self::sync`], logging a failure (the next sync retries).
+    /// When a failed write is to be tried again even if nothing changes (`None`: nothing
+    /// failed). The source loops wait for it beside their changes and call
+    /// [`Self::sync_or_log`] then.
+    #[must_use]
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry.map(|(at, _)| at)
+    }
+
+    /// Waits for [`Self::retry_at`], or for ever when nothing is to be retried.
+    pub async fn retry_due(&self) {
+        match self.retry_at() {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Sets the next retry after a failed write: 100 ms, doubled on each failure in a row,
+    /// at most 10 s.
+    fn schedule_retry(&mut self) {
+        const FIRST: Duration = Duration::from_millis(100);
+        const MOST: Duration = Duration::from_secs(10);
+        let delay = self.retry.map_or(FIRST, |(_, last)| (last * 2).min(MOST));
+        self.retry = Some((Instant::now() + delay, delay));
+    }
+
+    /// [`Self::sync`], logging a failure (retried at [`Self::retry_at`], or sooner by the
+    /// next change).
     pub fn sync_or_log(&mut self, kind: SyncKind, started: Instant) {
         if let Err(e) = self.sync(kind, started) {
             error!(
                 error = format!("{:#}", anyhow::Error::new(e)),
-                "writing the maps failed; retrying on the next sync"
+                "writing the maps failed; retrying after a backoff"
             );
         }
     }
@@ -406,6 +436,7 @@ impl<M: LbMaps> Reconciler<M> {
                 // The record may now be ahead of the maps: read them back, and make the
                 // next sync a full one from what is really there.
                 self.full_pending = true;
+                self.schedule_retry();
                 self.metrics.map_write_failures.inc();
                 crate::api::readiness(&self.status).write_failed(Instant::now());
                 if let Err(read) = self.writer.readopt() {
@@ -419,6 +450,7 @@ impl<M: LbMaps> Reconciler<M> {
         self.mark_written(&written);
         self.pending.clear();
         self.full_pending = false;
+        self.retry = None;
         self.publish_dns();
         self.health.updated(Now::current());
         self.synced(sync_started);
@@ -658,7 +690,7 @@ mod tests {
         assert_eq!(reconciler.map_problems.len(), 2);
     }
 
-    fn slice(addresses: &[&str]) -> Change {
+    fn slice_of(addresses: &[&str]) -> Change {
         let endpoints: Vec<_> = addresses
             .iter()
             .map(|a| serde_json::json!({"addresses": [a], "conditions": {"ready": true}}))
@@ -689,7 +721,7 @@ mod tests {
     fn a_backend_that_leaves_its_frontend_loses_the_frontends_claim() {
         let mut reconciler = reconciler(FakeMaps::default());
         reconciler.apply(service(0));
-        reconciler.apply(slice(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]));
+        reconciler.apply(slice_of(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]));
         reconciler.sync(SyncKind::Full, Instant::now()).unwrap();
         let id = reconciler
             .writer
@@ -709,7 +741,7 @@ mod tests {
         peers.insert(backend(1), id);
         peers.insert(backend(2), id + 1);
         peers.insert(backend(3), id);
-        reconciler.apply(slice(&["10.244.0.3"]));
+        reconciler.apply(slice_of(&["10.244.0.3"]));
         reconciler.sync(SyncKind::Changes, Instant::now()).unwrap();
         let claims = |r: &Reconciler<FakeMaps>| r.writer.maps().peers.clone();
         assert_eq!(
@@ -779,5 +811,146 @@ mod tests {
         reconciler.apply(Change::Relisting(Kind::Node));
         reconciler.apply(Change::Relisted(Kind::Node));
         assert_eq!(reconciler.state().node_zone(), None);
+    }
+
+    /// An EndpointSlice of `svc-{i}` with `n` ready endpoints.
+    fn slice(i: usize, n: usize) -> Change {
+        let endpoints: Vec<_> = (0..n)
+            .map(|e| {
+                serde_json::json!({
+                    "addresses": [format!("10.244.{i}.{}", e + 2)],
+                    "conditions": {"ready": true},
+                })
+            })
+            .collect();
+        let object = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("svc-{i}-abc"),
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": format!("svc-{i}")},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+        .unwrap();
+        Change::Apply {
+            origin: Arc::from("slices.yaml"),
+            object: Object::EndpointSlice(Box::new(object)),
+        }
+    }
+
+    /// What a fresh agent writes for what `reconciler` holds, as [`meaning`] shows it.
+    fn from_scratch(reconciler: &Reconciler<FakeMaps>) -> Vec<String> {
+        let mut fresh = MapWriter::adopt(FakeMaps::default()).unwrap();
+        fresh.apply(reconciler.state.desired()).unwrap();
+        meaning(fresh.maps())
+    }
+
+    fn lines(reconciler: &Reconciler<FakeMaps>) -> Vec<String> {
+        meaning(reconciler.writer.maps())
+    }
+
+    /// The maps with ids left out: each frontend with its flags and backend addresses,
+    /// then each backend entry's address (ids depend on the order of writes, the rest not).
+    fn meaning(maps: &FakeMaps) -> Vec<String> {
+        let contents = crate::maps::dump::read(maps).unwrap();
+        let mut lines: Vec<String> = contents
+            .frontends
+            .iter()
+            .map(|f| {
+                let mut backends: Vec<String> =
+                    f.slots.iter().map(|s| format!("{:?}", s.backend)).collect();
+                backends.sort();
+                format!(
+                    "{} count={} flags={:#x} {backends:?}",
+                    f.address, f.count, f.flags
+                )
+            })
+            .collect();
+        let mut backends: Vec<String> = contents
+            .backends
+            .values()
+            .map(|b| format!("BE {b:?}"))
+            .collect();
+        backends.sort();
+        lines.extend(backends);
+        lines
+    }
+
+    /// A map write that fails part-way (the failpoint before each phase of an apply,
+    /// failing the first, a middle and the last phase in turn) is reported, leaves the
+    /// maps consistent (the fake checks every operation), and is retried on its own,
+    /// after a backoff, until the maps equal what a fresh agent writes.
+    #[test]
+    fn a_failed_map_write_is_reported_and_retried_until_the_maps_are_right() {
+        let scenario = fail::FailScenario::setup();
+        for skip in 0..4 {
+            let mut reconciler = reconciler(FakeMaps::default());
+            for i in 0..3 {
+                reconciler.apply(service(i));
+                reconciler.apply(slice(i, 2));
+            }
+            reconciler.sync(SyncKind::Full, Instant::now()).unwrap();
+            // Scale every Service 2 -> 3 and drop one: new backends, slots, masters,
+            // surplus deletes; the phase `skip` (counted from 0) fails.
+            for i in 0..2 {
+                reconciler.apply(slice(i, 3));
+            }
+            reconciler.apply(Change::Delete {
+                kind: Kind::Service,
+                id: ObjectRef::new("default", "svc-2"),
+            });
+            fail::cfg(
+                crate::maps::writer::FAIL_PHASE,
+                &format!("{skip}*off->1*return->off"),
+            )
+            .unwrap();
+            let failed = reconciler.sync(SyncKind::Changes, Instant::now());
+            assert!(failed.is_err(), "phase {skip} did not fail");
+            assert_eq!(reconciler.metrics.map_write_failures.get(), 1);
+            let retry = reconciler.retry_at().expect("a retry is scheduled");
+            assert!(retry > Instant::now());
+            // The retry, as the agent's loop makes it when `retry_at` comes: nothing else
+            // changed.
+            reconciler.sync(SyncKind::Changes, Instant::now()).unwrap();
+            assert_eq!(reconciler.retry_at(), None);
+            assert_eq!(
+                lines(&reconciler),
+                from_scratch(&reconciler),
+                "phase {skip}"
+            );
+            // A restarted agent adopting these maps has nothing to write.
+            let mut adopted = MapWriter::adopt(reconciler.writer.maps().clone()).unwrap();
+            assert!(adopted.apply(reconciler.state.desired()).unwrap().is_noop());
+        }
+        scenario.teardown();
+    }
+
+    /// Failures in a row back off: 100 ms, 200 ms, 400 ms, ... at most 10 s.
+    #[test]
+    fn failed_writes_in_a_row_back_off() {
+        let scenario = fail::FailScenario::setup();
+        let mut reconciler = reconciler(FakeMaps::default());
+        reconciler.apply(service(0));
+        reconciler.apply(slice(0, 1));
+        fail::cfg(crate::maps::writer::FAIL_PHASE, "return").unwrap();
+        let mut delays = Vec::new();
+        for _ in 0..10 {
+            let before = Instant::now();
+            assert!(reconciler.sync(SyncKind::Full, before).is_err());
+            let after = reconciler.retry_at().unwrap();
+            delays.push((after - before).as_millis() / 100 * 100);
+        }
+        assert_eq!(
+            delays,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000, 10000]
+        );
+        fail::remove(crate::maps::writer::FAIL_PHASE);
+        reconciler.sync(SyncKind::Changes, Instant::now()).unwrap();
+        assert_eq!(lines(&reconciler), from_scratch(&reconciler));
+        scenario.teardown();
     }
 }

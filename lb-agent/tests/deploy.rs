@@ -257,8 +257,8 @@ fn healthz_addr(daemon_set: &DaemonSet) -> SocketAddr {
         .unwrap_or_else(|e| panic!("--healthz-bind-address={addr} is no IP:PORT: {e}"))
 }
 
-/// The long flags `lb-agent run --help` lists.
-fn run_help_flags() -> BTreeSet<String> {
+/// `lb-agent run --help`.
+fn run_help_text() -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_lb-agent"))
         .args(["run", "--help"])
         .output()
@@ -268,7 +268,12 @@ fn run_help_flags() -> BTreeSet<String> {
         "lb-agent run --help failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let help = String::from_utf8(output.stdout).expect("UTF-8 help");
+    String::from_utf8(output.stdout).expect("UTF-8 help")
+}
+
+/// The long flags `lb-agent run --help` lists.
+fn run_help_flags() -> BTreeSet<String> {
+    let help = run_help_text();
     // Option lines are indented by at most 6 columns; descriptions by 10.
     help.lines()
         .filter(|line| {
@@ -470,9 +475,20 @@ fn daemon_set_passes_only_flags_of_lb_agent_run() {
         unknown.is_empty(),
         "flags that `lb-agent run --help` does not list: {unknown:?} (it lists {known:?})"
     );
-    for name in ["node-name", "cgroup", "bpf-pin-path", "api-addr"] {
+    for name in ["node-name", "cgroup", "api-addr"] {
         flag(&flags, name);
     }
+    // --bpf-pin-path comes from its environment variable (which `kubectl exec`'d commands
+    // see too); `lb-agent run --help` must name it.
+    let env_vars = container.env.as_deref().unwrap_or_default();
+    assert!(
+        flags.contains_key("bpf-pin-path") || env_vars.iter().any(|e| e.name == "LB_BPF_PIN_PATH"),
+        "the agent must be given its pin directory"
+    );
+    assert!(
+        run_help_text().contains("LB_BPF_PIN_PATH"),
+        "lb-agent run --help does not name LB_BPF_PIN_PATH"
+    );
     // The API server is the source: no manifests directory, in-cluster config.
     for name in ["manifests", "kubeconfig"] {
         assert!(!flags.contains_key(name), "--{name} must not be set");
@@ -523,34 +539,53 @@ fn daemon_set_mounts_the_host_bpffs_and_cgroup2_where_the_flags_point() {
     let (pod, container) = (pod(daemon_set), agent(daemon_set));
     let flags = run_flags(container);
 
-    // --bpf-pin-path lies in the host's bpffs, mounted so that it survives the pod.
-    let pin_path = flag(&flags, "bpf-pin-path");
-    assert!(
-        Path::new(pin_path).starts_with(HOST_BPFFS) && pin_path != HOST_BPFFS,
-        "--bpf-pin-path={pin_path} must be a directory below {HOST_BPFFS}"
+    // --bpf-pin-path is a directory of the host's bpffs, and only that directory of it is
+    // mounted, so that the pins survive the pod.
+    let pin_path = flags.get("bpf-pin-path").map_or_else(
+        || {
+            container
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == "LB_BPF_PIN_PATH")
+                .and_then(|e| e.value.as_deref())
+                .expect("--bpf-pin-path or LB_BPF_PIN_PATH")
+        },
+        String::as_str,
     );
-    let (mount, volume) = mounted_at(pod, container, HOST_BPFFS)
-        .unwrap_or_else(|| panic!("the agent must mount the host's {HOST_BPFFS}"));
-    assert_eq!(host_path(volume), Some(HOST_BPFFS));
+    let (mount, volume) = mounted_at(pod, container, pin_path)
+        .unwrap_or_else(|| panic!("--bpf-pin-path={pin_path} must be a volume mount"));
+    let host = host_path(volume).unwrap_or_else(|| panic!("{pin_path} must be a hostPath"));
+    assert!(
+        Path::new(host).starts_with(HOST_BPFFS) && host != HOST_BPFFS,
+        "the pins must be a directory below the host's {HOST_BPFFS}, not {host}"
+    );
     assert_ne!(mount.read_only, Some(true), "the agent pins into the bpffs");
     assert_eq!(
         mount.mount_propagation.as_deref(),
         Some("HostToContainer"),
-        "the agent must see the bpffs mounted on the host after it started \
-         (Bidirectional is for privileged containers only)"
+        "Bidirectional is for privileged containers only"
     );
-    // On hosts without bpffs, a privileged init container mounts it on the host.
-    let mounts_bpffs = pod.init_containers.iter().flatten().any(|init| {
-        mounted_at(pod, init, HOST_BPFFS).is_some_and(|(mount, volume)| {
-            mount.mount_propagation.as_deref() == Some("Bidirectional")
-                && host_path(volume) == Some(HOST_BPFFS)
-        })
-    });
-    assert!(
-        mounts_bpffs,
-        "an init container must mount the host's {HOST_BPFFS} with Bidirectional \
-         propagation (to mount bpffs there on hosts without one)"
-    );
+    for other in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+    {
+        let whole_bpffs = other.volume_mounts.iter().flatten().any(|m| {
+            pod.volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == m.name)
+                .and_then(host_path)
+                == Some(HOST_BPFFS)
+        });
+        assert!(
+            !whole_bpffs,
+            "{}: the whole of the host's {HOST_BPFFS} is mounted (only deploy/mount-bpffs, \
+             for hosts without bpffs, may)",
+            other.name
+        );
+    }
 
     // --cgroup is the host's cgroup2 root (without it the agent would attach to the root of
     // the container's own cgroup namespace).
@@ -573,7 +608,13 @@ fn agent_is_not_privileged() {
     let deploy = load();
     let daemon_set = deploy.daemon_set();
     let pod = pod(daemon_set);
-    for container in &pod.containers {
+    // Not even an init container: the privileged one that mounts bpffs is only for hosts
+    // without it (deploy/mount-bpffs/).
+    for container in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+    {
         assert!(
             !is_privileged(container),
             "container {} must not be privileged",
@@ -624,12 +665,69 @@ fn agent_is_not_privileged() {
         BTreeSet::from(CAPABILITIES),
         "the capabilities the agent needs, each explained in deploy/daemonset.yaml"
     );
-    // RuntimeDefault (containers-common) allows bpf(2) only with CAP_SYS_ADMIN.
-    assert_eq!(
-        security.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
-        Some("Unconfined"),
-        "the agent's seccompProfile: the runtime's default refuses bpf(2) without CAP_SYS_ADMIN"
-    );
+    // RuntimeDefault (containers-common) allows bpf(2) only with CAP_SYS_ADMIN: the agent's
+    // own profile, which an init container installs where the kubelet reads it.
+    let profile = security.seccomp_profile.as_ref().expect("a seccompProfile");
+    assert_eq!(profile.type_, "Localhost");
+    let name = profile
+        .localhost_profile
+        .as_deref()
+        .expect("localhostProfile");
+    let installer = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| {
+            c.command
+                .iter()
+                .flatten()
+                .any(|line| line.contains("lb-agent seccomp-profile") && line.contains(name))
+        })
+        .unwrap_or_else(|| panic!("no init container installs the seccomp profile {name}"));
+    let (_, volume) = mounted_at(pod, installer, "/host/seccomp").expect("the kubelet's dir");
+    assert_eq!(host_path(volume), Some("/var/lib/kubelet/seccomp"));
+    assert!(!is_privileged(installer));
+}
+
+/// The seccomp profile is the runtimes' default plus bpf(2): it still refuses by default,
+/// allows bpf(2) without conditions, and still refuses what the default refuses or keeps
+/// for capabilities the agent lacks (CAP_SYS_ADMIN, CAP_SYS_MODULE).
+#[test]
+fn seccomp_profile_adds_only_bpf_to_the_runtime_default() {
+    let profile: Value = serde_json::from_str(lb_agent::SECCOMP_PROFILE).expect("JSON");
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    let unconditional: BTreeSet<&str> = profile["syscalls"]
+        .as_array()
+        .expect("syscalls")
+        .iter()
+        .filter(|rule| {
+            rule["action"] == "SCMP_ACT_ALLOW"
+                && rule["args"].as_array().is_none_or(Vec::is_empty)
+                && rule["includes"]
+                    .as_object()
+                    .is_none_or(serde_json::Map::is_empty)
+        })
+        .flat_map(|rule| rule["names"].as_array().into_iter().flatten())
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(unconditional.contains("bpf"));
+    // What the default refuses, or allows only with a capability the agent lacks.
+    for refused in [
+        "kexec_load",
+        "swapon",
+        "init_module",
+        "perf_event_open",
+        "fanotify_init",
+        "quotactl",
+        "sethostname",
+        "setdomainname",
+        "lookup_dcookie",
+    ] {
+        assert!(
+            !unconditional.contains(refused),
+            "{refused} is allowed without conditions"
+        );
+    }
 }
 
 fn check_probe(container: &Container, probe: Option<&Probe>, path: &str, addr: SocketAddr) {

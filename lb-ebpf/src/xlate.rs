@@ -112,8 +112,9 @@ pub fn in_scope<K: ServiceKey>(
 ) -> (K, ServiceValue) {
     if scope == Scope::Internal && master.flags & SVC_F_TWO_SCOPES != 0 {
         let key = frontend.with_scope(SCOPE_INTERNAL);
-        // The writer puts both masters in one batch: until the in-cluster one is there,
-        // the external one serves.
+        // The writer adds the in-cluster master before the external one names it, and
+        // removes it only after the external one stopped; a foreign writer's missing twin
+        // falls back to the external entry.
         if let Some(internal) = lookup(services, &key) {
             return (key, internal);
         }

@@ -160,6 +160,19 @@ impl SharedMountPoint {
         &self.path
     }
 
+    /// Mounts a bpf filesystem on the directory (mode 0700), as systemd does on a host.
+    #[track_caller]
+    pub fn mount_bpffs(&self) {
+        mount(
+            Some("bpf"),
+            &self.path,
+            Some("bpf"),
+            MsFlags::empty(),
+            Some("mode=0700"),
+        )
+        .unwrap_or_else(|e| panic!("mount -t bpf bpf {}: {e}", self.path.display()));
+    }
+
     /// Whether a bpf filesystem is mounted on the directory.
     pub fn has_bpffs(&self) -> bool {
         mounts::is_mounted(&self.path.to_string_lossy(), "bpf")

@@ -47,9 +47,9 @@ pub struct ContainerRun {
     pub caps_drop: Vec<String>,
     pub caps_add: Vec<String>,
     pub apparmor_unconfined: bool,
-    /// `seccompProfile: Unconfined`; otherwise the runtime's default profile, as a kubelet
+    /// `seccompProfile`; the runtime's default profile when none is named, as a kubelet
     /// with `seccompDefault` gives a container without a profile.
-    pub seccomp_unconfined: bool,
+    pub seccomp: Seccomp,
     /// `seLinuxOptions` as `type:spc_t`, `level:s0`.
     pub selinux: Vec<String>,
     /// `resources.limits.memory` in bytes.
@@ -58,6 +58,19 @@ pub struct ContainerRun {
     pub readiness: Option<HttpProbe>,
     pub liveness: Option<HttpProbe>,
 }
+
+/// A container's seccomp profile as the runtime gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seccomp {
+    RuntimeDefault,
+    Unconfined,
+    /// `Localhost`: the profile file in the stand-in for the kubelet's seccomp directory
+    /// (`/var/lib/kubelet/seccomp`).
+    Localhost(PathBuf),
+}
+
+/// Where the kubelet reads `Localhost` seccomp profiles (its default `--root-dir`).
+pub const KUBELET_SECCOMP: &str = "/var/lib/kubelet/seccomp";
 
 /// A volume mount with its host side resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +105,10 @@ pub fn render(path: &Path, node_name: &str, host_paths: &BTreeMap<&str, PathBuf>
         .spec
         .unwrap_or_else(|| panic!("{}: no spec.template.spec", path.display()));
     let volumes = volume_hosts(&spec, host_paths);
-    let render = |container: &Container| render_container(container, node_name, &volumes);
+    let seccomp_root = host_paths.get(KUBELET_SECCOMP).cloned();
+    let render = |container: &Container| {
+        render_container(container, node_name, &volumes, seccomp_root.as_deref())
+    };
     let mut containers = spec.containers.iter();
     let agent = containers
         .next()
@@ -136,6 +152,7 @@ fn render_container(
     container: &Container,
     node_name: &str,
     volumes: &BTreeMap<String, PathBuf>,
+    seccomp_root: Option<&Path>,
 ) -> ContainerRun {
     let env = environment(container, node_name);
     let expand_all = |items: &Vec<String>| items.iter().map(|s| expand(s, &env)).collect();
@@ -166,9 +183,20 @@ fn render_container(
         apparmor_unconfined: security
             .app_armor_profile
             .is_some_and(|profile| profile.type_ == "Unconfined"),
-        seccomp_unconfined: security
-            .seccomp_profile
-            .is_some_and(|profile| profile.type_ == "Unconfined"),
+        seccomp: match security.seccomp_profile {
+            None => Seccomp::RuntimeDefault,
+            Some(profile) => match profile.type_.as_str() {
+                "Unconfined" => Seccomp::Unconfined,
+                "RuntimeDefault" => Seccomp::RuntimeDefault,
+                "Localhost" => {
+                    let root = seccomp_root.unwrap_or_else(|| {
+                        panic!("{}: a Localhost seccomp profile, but no stand-in for {KUBELET_SECCOMP}", container.name)
+                    });
+                    Seccomp::Localhost(root.join(profile.localhost_profile.unwrap_or_default()))
+                }
+                other => panic!("{}: seccompProfile type {other}", container.name),
+            },
+        },
         selinux,
         memory_limit: container
             .resources
@@ -322,21 +350,25 @@ mod tests {
     #[test]
     fn the_daemonset_renders_with_stand_ins_for_its_host_paths() {
         let host_paths = BTreeMap::from([
-            ("/sys/fs/bpf", PathBuf::from("/tmp/bpf")),
+            ("/sys/fs/bpf/lb", PathBuf::from("/tmp/bpf/lb")),
             ("/sys/fs/cgroup", PathBuf::from("/tmp/cgroup")),
+            (KUBELET_SECCOMP, PathBuf::from("/tmp/seccomp")),
         ]);
         let pod = render(&daemonset_path(), "node-a", &host_paths);
         assert!(pod.host_network);
         assert!(pod.agent.args.contains(&"--node-name=node-a".to_owned()));
-        assert_eq!(pod.init.len(), 1);
-        assert!(pod.init[0].privileged);
+        assert!(pod.init.iter().all(|c| !c.privileged));
         assert!(pod.agent.caps_add.contains(&"BPF".to_owned()));
-        let bpffs = pod
+        assert_eq!(
+            pod.agent.seccomp,
+            Seccomp::Localhost(PathBuf::from("/tmp/seccomp/lb-agent.json"))
+        );
+        let pins = pod
             .agent
             .mounts
             .iter()
-            .find(|m| m.container == "/sys/fs/bpf")
-            .expect("bpffs mount");
-        assert_eq!(bpffs.host, PathBuf::from("/tmp/bpf"));
+            .find(|m| m.container == "/run/lb/bpf")
+            .expect("pin directory mount");
+        assert_eq!(pins.host, PathBuf::from("/tmp/bpf/lb"));
     }
 }

@@ -215,8 +215,14 @@ pub fn run_args(container: &ContainerRun, options: &RunOptions) -> Vec<String> {
     if container.apparmor_unconfined {
         args.push("--security-opt=apparmor=unconfined".into());
     }
-    if container.seccomp_unconfined {
-        args.push("--security-opt=seccomp=unconfined".into());
+    match &container.seccomp {
+        crate::pod_spec::Seccomp::RuntimeDefault => {}
+        crate::pod_spec::Seccomp::Unconfined => {
+            args.push("--security-opt=seccomp=unconfined".into());
+        }
+        crate::pod_spec::Seccomp::Localhost(profile) => {
+            args.push(format!("--security-opt=seccomp={}", profile.display()));
+        }
     }
     for label in &container.selinux {
         args.push(format!("--security-opt=label={label}"));
@@ -275,7 +281,7 @@ mod tests {
             caps_drop: vec!["ALL".into()],
             caps_add: vec!["BPF".into(), "PERFMON".into()],
             apparmor_unconfined: true,
-            seccomp_unconfined: true,
+            seccomp: crate::pod_spec::Seccomp::Unconfined,
             selinux: vec!["type:spc_t".into()],
             memory_limit: Some(1 << 20),
             mounts: vec![MountRun {

@@ -61,10 +61,19 @@ impl ContainerNode {
         let env = TestEnv::new();
         let work = env.manifests.work_dir().to_path_buf();
         let podman = Podman::new(&work);
+        // The host's bpffs, mounted as systemd mounts it at boot; the DaemonSet mounts only
+        // the agent's pin directory of it, which the kubelet creates (DirectoryOrCreate).
         let bpffs = SharedMountPoint::new(&work.join("host-sys-fs-bpf"));
+        bpffs.mount_bpffs();
+        let pins = bpffs.path().join("lb");
+        std::fs::create_dir(&pins).unwrap_or_else(|e| panic!("mkdir {}: {e}", pins.display()));
+        let seccomp = work.join("host-kubelet-seccomp");
+        std::fs::create_dir(&seccomp)
+            .unwrap_or_else(|e| panic!("mkdir {}: {e}", seccomp.display()));
         let host_paths = BTreeMap::from([
-            ("/sys/fs/bpf", bpffs.path().to_path_buf()),
+            ("/sys/fs/bpf/lb", pins),
             ("/sys/fs/cgroup", env.cgroup.path().to_path_buf()),
+            (pod_spec::KUBELET_SECCOMP, seccomp),
         ]);
         let pod = pod_spec::render(&pod_spec::daemonset_path(), NODE, &host_paths);
         assert!(pod.host_network, "the agent runs on the host network");
@@ -103,11 +112,20 @@ impl ContainerNode {
                 .unwrap_or_else(|e| panic!("init container {}: {e}", init.name));
             eprintln!("init container {}: {}", init.name, out.trim());
         }
-        assert!(
-            self.bpffs.has_bpffs(),
-            "the init container mounted no bpffs on the host's /sys/fs/bpf ({})",
-            self.bpffs.path().display()
-        );
+        // The seccomp profile the agent's container names is where the kubelet reads it.
+        if let pod_spec::Seccomp::Localhost(profile) = &self.pod.agent.seccomp {
+            let installed = std::fs::read_to_string(profile).unwrap_or_else(|e| {
+                panic!(
+                    "the init containers installed no {}: {e}",
+                    profile.display()
+                )
+            });
+            assert_eq!(
+                installed,
+                lb_agent_profile(),
+                "the installed seccomp profile"
+            );
+        }
     }
 
     /// Starts the agent's container, leaving out `without_caps`.
@@ -204,6 +222,15 @@ fn image_archive(work: &std::path::Path) -> PathBuf {
     };
     lb_image::build(&spec, &archive).unwrap_or_else(|e| panic!("building the image: {e:#}"));
     archive
+}
+
+/// `deploy/seccomp/lb-agent.json`, which `lb-agent seccomp-profile` prints.
+fn lb_agent_profile() -> String {
+    let path = pod_spec::daemonset_path()
+        .parent()
+        .expect("deploy/")
+        .join("seccomp/lb-agent.json");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn web_service() -> k8s_openapi::api::core::v1::Service {
@@ -326,6 +353,10 @@ fn each_declared_capability_is_needed_and_its_absence_is_named() {
         // What the failed start left (maps created before the refusal) goes before the next.
         if pins.exists() {
             lb_tests::bpffs::agent_cleanup(&pins).unwrap_or_else(|e| panic!("{e}"));
+        }
+        // Cleanup removed the emptied directory; the kubelet creates it for the next pod.
+        if !pins.exists() {
+            std::fs::create_dir(&pins).unwrap_or_else(|e| panic!("mkdir {}: {e}", pins.display()));
         }
     }
 }

@@ -22,6 +22,7 @@ mod plot;
 mod report;
 mod results;
 mod scenario;
+mod soak;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -114,6 +115,20 @@ pub struct Args {
     /// (target/bench/results.json, or results-quick.json with --quick).
     #[arg(long)]
     report_only: bool,
+    /// Instead of the sweep, the churn soak: 10,000 Services under 500 API writes/s for 10
+    /// minutes while clients connect (release agent); fails on any failed connection or
+    /// leaked map entry. With --quick: 1,000 Services, 100/s, 20 s, debug agent.
+    #[arg(long)]
+    soak: bool,
+    /// Soak: Services [default: 10000; --quick: 1000].
+    #[arg(long, value_name = "N", requires = "soak")]
+    soak_services: Option<usize>,
+    /// Soak: API writes per second [default: 500; --quick: 100].
+    #[arg(long, value_name = "N", requires = "soak")]
+    soak_rate: Option<u64>,
+    /// Soak: seconds of changes [default: 600; --quick: 20].
+    #[arg(long, value_name = "SECONDS", requires = "soak")]
+    soak_duration: Option<u64>,
 }
 
 /// The settings of a run, as the report states them.
@@ -227,6 +242,18 @@ pub struct Outcome {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if args.soak {
+        return soak::run(&soak::Settings {
+            quick: args.quick,
+            services: args
+                .soak_services
+                .unwrap_or(if args.quick { 1_000 } else { 10_000 }),
+            rate: args.soak_rate.unwrap_or(if args.quick { 100 } else { 500 }),
+            duration_s: args
+                .soak_duration
+                .unwrap_or(if args.quick { 20 } else { 600 }),
+        });
+    }
     let out = match &args.out {
         Some(dir) => dir.clone(),
         None if args.quick => crate::target_dir().join("bench-quick"),

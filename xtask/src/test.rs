@@ -106,6 +106,10 @@ pub fn run(args: &Args) -> Result<()> {
         println!("==> cargo xtask bench --quick");
         let quick = <Quick as clap::Parser>::parse_from(["bench", "--quick"]);
         crate::bench::run(&quick.args).context("cargo xtask bench --quick failed")?;
+        // The churn soak, briefly (20 s); `cargo xtask bench --soak` is the 10-minute run.
+        println!("==> cargo xtask bench --soak --quick");
+        let soak = <Quick as clap::Parser>::parse_from(["bench", "--soak", "--quick"]);
+        crate::bench::run(&soak.args).context("cargo xtask bench --soak --quick failed")?;
     }
     println!("all steps passed");
     Ok(())

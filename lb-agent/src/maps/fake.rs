@@ -31,6 +31,8 @@ pub struct FakeMaps {
     pub operations: usize,
     /// Maximum number of entries by map name (unset: unbounded).
     pub capacity: BTreeMap<String, usize>,
+    /// A test's own invariant, checked after every single operation as the built-in ones.
+    pub check: Option<fn(&Self)>,
 }
 
 impl FakeMaps {
@@ -118,6 +120,9 @@ impl FakeMaps {
         self.check_source_ranges();
         self.operations += 1;
         self.check_consistent();
+        if let Some(check) = self.check {
+            check(self);
+        }
         Ok(())
     }
 }

@@ -1,11 +1,19 @@
 //! The one writer of the maps: it holds what is programmed, and turns each new desired
 //! state into the smallest ordered set of map operations.
 //!
-//! Order (Cilium's `lb.h` discipline), as six phases over all the frontends of one apply:
+//! Order (Cilium's `lb.h` discipline), as eight phases over all the frontends of one apply:
 //! removed frontends lose their master first (connects stop using them), then new backends
 //! are created, then backend slots `1..=n` written, then masters with their new counts;
 //! only then are surplus slots deleted, and backends no frontend uses last. Within a phase
 //! no operation depends on another, so a phase can go to the kernel as one batch.
+//!
+//! The in-cluster twin of an `externalTrafficPolicy: Local` frontend (its
+//! [`Scope::Internal`](crate::model::Scope) entry, which in-cluster clients use while the
+//! external master says `SVC_F_TWO_SCOPES`) has phases of its own around the masters': it
+//! is written before the external master turns the flag on, and removed only after the
+//! external master turned it off and names every endpoint. So switching the policy either
+//! way never shows in-cluster clients the node-local endpoints only, not even if the agent
+//! dies between two phases.
 //! [`super::fake::FakeMaps`] checks, after every single operation, that no master ever
 //! names a missing slot or backend.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -19,12 +27,36 @@ use super::{LbMaps, MapError, Op, Result, dump};
 const DROP_MASTERS: usize = 0;
 const NEW_BACKENDS: usize = 1;
 const SLOTS: usize = 2;
-const MASTERS: usize = 3;
-const DROP_SLOTS: usize = 4;
-const DROP_BACKENDS: usize = 5;
+const INTERNAL_MASTERS: usize = 3;
+const MASTERS: usize = 4;
+const DROP_INTERNAL_MASTERS: usize = 5;
+const DROP_SLOTS: usize = 6;
+const DROP_BACKENDS: usize = 7;
+/// The number of phases.
+const PHASES: usize = 8;
 use crate::model::{Backend, DesiredState, Frontend, L4Addr, ObjectRef, Protocol};
 use crate::stale::StaleBackend;
 use std::net::SocketAddr;
+
+/// Failpoint before each phase of an apply goes to the maps (see [`fail`]): `return`
+/// makes that phase fail as a refused write would, after the phases before it were written.
+pub const FAIL_PHASE: &str = "writer::phase";
+/// Failpoint before each single operation of the frontend-by-frontend path (after a map
+/// turned out full).
+pub const FAIL_OP: &str = "writer::op";
+
+/// The error an injected failure returns: `EIO`, which no map write means as "full".
+#[allow(
+    dead_code,
+    reason = "called only where fail's `failpoints` feature compiles the failpoints in"
+)]
+fn injected(op: &'static str) -> MapError {
+    MapError {
+        op,
+        map: "failpoint",
+        source: std::io::Error::from_raw_os_error(libc::EIO),
+    }
+}
 
 /// A frontend as it is in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +65,10 @@ struct Programmed {
     flags: u32,
     /// Backend ids by slot, `slots[0]` being slot 1.
     slots: Vec<u32>,
+    /// The backend count the master entry holds: `slots.len()`, except after adopting a
+    /// master whose slots a previous agent did not finish writing (then the master is
+    /// rewritten by the next apply even when the count wanted is what `slots` says).
+    master_count: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds; every slot's backend then has an
     /// affinity-match entry.
     affinity: Option<u32>,
@@ -90,7 +126,7 @@ pub struct MapWriter<M> {
     next_backend_id: u32,
     rev_nat_ids: BTreeSet<lb_common::FrontendId>,
     /// Operations of the apply in progress, by phase.
-    plan: [Vec<Op>; 6],
+    plan: [Vec<Op>; PHASES],
     /// Frontend ids whose clients' affinity entries go at the end of the apply in progress.
     forget_affinity: BTreeSet<lb_common::FrontendId>,
     /// Backends UDP frontends stopped using since [`Self::take_stale_udp`] was last called.
@@ -186,6 +222,7 @@ impl<M: LbMaps> MapWriter<M> {
                     rev_nat_id: entry.rev_nat_id,
                     flags: entry.flags,
                     slots,
+                    master_count: entry.count,
                     affinity: entry.affinity_timeout,
                     source_ranges: BTreeSet::new(),
                     stray_slots,
@@ -415,6 +452,7 @@ impl<M: LbMaps> MapWriter<M> {
     fn flush_plan(&mut self) -> Result<()> {
         for phase in std::mem::take(&mut self.plan) {
             if !phase.is_empty() {
+                fail::fail_point!(FAIL_PHASE, |_| Err(injected("apply_ops")));
                 self.maps.apply_ops(&phase)?;
             }
         }
@@ -426,7 +464,11 @@ impl<M: LbMaps> MapWriter<M> {
     /// is returned as `Ok(Some(_))`; any other failure is an error.
     fn write_one(&mut self, plan: &FrontendPlan, ops: &[(usize, Op)]) -> Result<Option<MapError>> {
         for (done, (_, op)) in ops.iter().enumerate() {
-            let Err(e) = self.maps.apply_ops(std::slice::from_ref(op)) else {
+            let written = (|| {
+                fail::fail_point!(FAIL_OP, |_| Err(injected("apply_ops")));
+                self.maps.apply_ops(std::slice::from_ref(op))
+            })();
+            let Err(e) = written else {
                 continue;
             };
             if !e.is_capacity() {
@@ -519,6 +561,7 @@ impl<M: LbMaps> MapWriter<M> {
                     rev_nat_id,
                     flags,
                     slots: Vec::new(),
+                    master_count: 0,
                     affinity: None,
                     source_ranges: BTreeSet::new(),
                     stray_slots: BTreeSet::new(),
@@ -560,14 +603,15 @@ impl<M: LbMaps> MapWriter<M> {
         let source_ranges: BTreeSet<ipnet::IpNet> =
             frontend.source_ranges.iter().copied().collect();
         plan_source_ranges(&old, &source_ranges, &mut ops, &mut stats);
-        if is_new
-            || slots.len() != old.slots.len()
-            || flags != old.flags
-            || affinity != old.affinity
-        {
-            let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
+        let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
+        if is_new || count != old.master_count || flags != old.flags || affinity != old.affinity {
+            let phase = if address.is_internal() {
+                INTERNAL_MASTERS
+            } else {
+                MASTERS
+            };
             ops.push((
-                MASTERS,
+                phase,
                 Op::SetService(
                     address,
                     0,
@@ -606,6 +650,7 @@ impl<M: LbMaps> MapWriter<M> {
                 rev_nat_id: old.rev_nat_id,
                 flags,
                 slots,
+                master_count: count,
                 affinity,
                 source_ranges,
                 stray_slots: BTreeSet::new(),
@@ -684,7 +729,12 @@ impl<M: LbMaps> MapWriter<M> {
         let Some(old) = self.frontends.remove(&address) else {
             return;
         };
-        let mut ops = vec![(DROP_MASTERS, Op::DeleteService(address, 0))];
+        let phase = if address.is_internal() {
+            DROP_INTERNAL_MASTERS
+        } else {
+            DROP_MASTERS
+        };
+        let mut ops = vec![(phase, Op::DeleteService(address, 0))];
         stats.map_deletes += 1;
         let slots = (1..=old.slots.len())
             .map(slot_number_1)
@@ -888,6 +938,8 @@ impl FrontendPlan {
         let old = &self.old;
         Some(match *op {
             Op::SetService(address, 0, _) if !self.is_new => {
+                // The slots the record holds (an adopted master missing some goes back to
+                // naming only those: never to a count whose slots are gone).
                 let count = u16::try_from(old.slots.len()).unwrap_or(u16::MAX);
                 Op::SetService(
                     address,
@@ -951,3 +1003,6 @@ fn slot_number(index: usize) -> u16 {
 fn slot_number_1(slot: usize) -> u16 {
     u16::try_from(slot).unwrap_or(u16::MAX)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,177 @@
+//! The writer's order and adoption, each against a defect it once had: the fake maps check
+//! after every single operation that a connect could not read a half-written frontend.
+use std::{net::IpAddr, sync::Arc};
+
+use lb_common::ServiceValue;
+
+use super::MapWriter;
+use crate::maps::{dump, fake::FakeMaps};
+use crate::model::{
+    Backend, DesiredState, EndpointState, Frontend, FrontendKind, L4Addr, ObjectRef, Protocol,
+};
+
+const NODE_PORT: u16 = 30080;
+
+fn backend(ip: &str, remote: bool) -> Backend {
+    Backend {
+        addr: L4Addr::new(ip.parse::<IpAddr>().unwrap(), 8080, Protocol::Tcp),
+        state: EndpointState::Ready,
+        remote,
+    }
+}
+
+fn frontend(address: L4Addr, kind: FrontendKind, backends: Vec<Backend>) -> Frontend {
+    Frontend {
+        address,
+        kind,
+        local_only: false,
+        no_local_endpoints: false,
+        affinity_timeout: None,
+        source_ranges: Vec::new(),
+        service: ObjectRef {
+            namespace: Arc::from("default"),
+            name: Arc::from("web"),
+        },
+        port_name: Arc::from("http"),
+        backends,
+        backend_info: Vec::new(),
+    }
+}
+
+fn desired(frontends: impl IntoIterator<Item = Frontend>) -> DesiredState {
+    frontends
+        .into_iter()
+        .map(|f| (f.address, Arc::new(f)))
+        .collect()
+}
+
+/// The NodePort frontend (every node address).
+fn node_port() -> L4Addr {
+    L4Addr::new(IpAddr::from([0, 0, 0, 0]), NODE_PORT, Protocol::Tcp)
+}
+
+/// One local and one remote endpoint.
+fn endpoints() -> Vec<Backend> {
+    vec![backend("10.244.0.2", false), backend("10.244.1.2", true)]
+}
+
+/// `externalTrafficPolicy: Cluster`: one entry with every endpoint.
+fn cluster_policy() -> DesiredState {
+    desired([frontend(node_port(), FrontendKind::NodePort, endpoints())])
+}
+
+/// `externalTrafficPolicy: Local`: the external entry with the local endpoint, and the
+/// in-cluster twin with every endpoint.
+fn local_policy() -> DesiredState {
+    let mut external = frontend(node_port(), FrontendKind::NodePort, vec![endpoints()[0]]);
+    external.local_only = true;
+    let internal = frontend(node_port().internal(), FrontendKind::NodePort, endpoints());
+    desired([external, internal])
+}
+
+/// The number of backends an in-cluster client chooses from, as the datapath's `in_scope`
+/// resolves it (the external master, or its in-cluster twin when the flag says so and
+/// the twin is there).
+fn in_cluster_choice(maps: &FakeMaps) -> Option<u16> {
+    let external = maps.services.get(&(node_port(), 0))?;
+    if external.flags & lb_common::SVC_F_TWO_SCOPES != 0
+        && let Some(internal) = maps.services.get(&(node_port().internal(), 0))
+    {
+        return Some(internal.count);
+    }
+    Some(external.count)
+}
+
+/// In-cluster clients always choose among both endpoints once the Service is there.
+fn in_cluster_sees_every_endpoint(maps: &FakeMaps) {
+    if let Some(count) = in_cluster_choice(maps) {
+        assert_eq!(
+            count, 2,
+            "an in-cluster client would choose among {count} endpoint(s), not both"
+        );
+    }
+}
+
+#[test]
+fn switching_the_external_traffic_policy_never_narrows_in_cluster_clients() {
+    let maps = FakeMaps {
+        check: Some(in_cluster_sees_every_endpoint),
+        ..FakeMaps::default()
+    };
+    let mut writer = MapWriter::adopt(maps).unwrap();
+    writer.apply(&cluster_policy()).unwrap();
+    // Cluster -> Local -> Cluster -> Local -> Cluster, checked after every single
+    // operation: each is also what an agent killed there leaves until it restarts.
+    for policy in [
+        local_policy(),
+        cluster_policy(),
+        local_policy(),
+        cluster_policy(),
+    ] {
+        writer.apply(&policy).unwrap();
+        let adopted = MapWriter::adopt(writer.maps().clone()).unwrap();
+        assert_eq!(
+            dump::lines(&dump::read(adopted.maps()).unwrap()),
+            dump::lines(&dump::read(writer.maps()).unwrap())
+        );
+    }
+    assert_eq!(in_cluster_choice(writer.maps()), Some(2));
+}
+
+#[test]
+fn adoption_rewrites_a_master_whose_slots_are_missing_when_no_backend_is_wanted() {
+    // A previous agent died between writing a master (count 2) and its second slot, or a
+    // foreign writer left it so: slot 2 is missing.
+    let web = L4Addr::new(IpAddr::from([10, 96, 0, 10]), 80, Protocol::Tcp);
+    let mut maps = FakeMaps::default();
+    let mut writer = MapWriter::adopt(maps.clone()).unwrap();
+    writer
+        .apply(&desired([frontend(
+            web,
+            FrontendKind::ClusterIp,
+            endpoints(),
+        )]))
+        .unwrap();
+    maps = writer.maps().clone();
+    maps.services.remove(&(web, 2));
+    // The Service now has no endpoint: its connects must be refused (count 0), and the
+    // master must never name a missing slot meanwhile (the fake checks each operation).
+    let mut writer = MapWriter::adopt(maps).unwrap();
+    writer
+        .apply(&desired([frontend(web, FrontendKind::ClusterIp, vec![])]))
+        .unwrap();
+    let master = writer.maps().services.get(&(web, 0)).copied().unwrap();
+    assert_eq!(master.count, 0, "the adopted master kept its stale count");
+    assert_eq!(
+        writer
+            .maps()
+            .services
+            .keys()
+            .filter(|(a, _)| *a == web)
+            .count(),
+        1,
+        "only the master stays"
+    );
+    // And a fresh agent finds nothing to do.
+    let mut fresh = MapWriter::adopt(writer.maps().clone()).unwrap();
+    let stats = fresh
+        .apply(&desired([frontend(web, FrontendKind::ClusterIp, vec![])]))
+        .unwrap();
+    assert!(stats.is_noop(), "{stats:?}");
+}
+
+#[test]
+fn a_master_written_without_its_slots_is_never_adopted_as_complete() {
+    // The master says 3 but no slot exists: the writer must not leave it so.
+    let web = L4Addr::new(IpAddr::from([10, 96, 0, 10]), 80, Protocol::Tcp);
+    let mut maps = FakeMaps::default();
+    maps.services.insert(
+        (web, 0),
+        ServiceValue::master(3, 1, lb_common::SVC_F_CLUSTER_IP),
+    );
+    let mut writer = MapWriter::adopt(maps).unwrap();
+    writer
+        .apply(&desired([frontend(web, FrontendKind::ClusterIp, vec![])]))
+        .unwrap();
+    assert_eq!(writer.maps().services.get(&(web, 0)).unwrap().count, 0);
+}
