@@ -690,30 +690,6 @@ mod tests {
         assert_eq!(reconciler.map_problems.len(), 2);
     }
 
-    fn slice_of(addresses: &[&str]) -> Change {
-        let endpoints: Vec<_> = addresses
-            .iter()
-            .map(|a| serde_json::json!({"addresses": [a], "conditions": {"ready": true}}))
-            .collect();
-        let object = serde_json::from_value(serde_json::json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "svc-0-1",
-                "namespace": "default",
-                "labels": {"kubernetes.io/service-name": "svc-0"},
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
-            "endpoints": endpoints,
-        }))
-        .unwrap();
-        Change::Apply {
-            origin: Arc::from("slices.yaml"),
-            object: Object::EndpointSlice(Box::new(object)),
-        }
-    }
-
     /// The datapath claims a backend for the first frontend whose TCP sockets reach it
     /// (see `lb_common::PeerKey`): the claim goes when the backend leaves that frontend or
     /// the frontend goes, and a claim another frontend holds stays.
@@ -721,7 +697,7 @@ mod tests {
     fn a_backend_that_leaves_its_frontend_loses_the_frontends_claim() {
         let mut reconciler = reconciler(FakeMaps::default());
         reconciler.apply(service(0));
-        reconciler.apply(slice_of(&["10.244.0.1", "10.244.0.2", "10.244.0.3"]));
+        reconciler.apply(slice_of(0, &["10.244.0.1", "10.244.0.2", "10.244.0.3"]));
         reconciler.sync(SyncKind::Full, Instant::now()).unwrap();
         let id = reconciler
             .writer
@@ -733,7 +709,7 @@ mod tests {
             .unwrap();
         let backend = |last: u8| L4Addr {
             address: std::net::Ipv4Addr::new(10, 244, 0, last).into(),
-            port: 80,
+            port: 8080,
             protocol: crate::model::Protocol::Tcp,
             scope: crate::model::Scope::External,
         };
@@ -741,7 +717,7 @@ mod tests {
         peers.insert(backend(1), id);
         peers.insert(backend(2), id + 1);
         peers.insert(backend(3), id);
-        reconciler.apply(slice_of(&["10.244.0.3"]));
+        reconciler.apply(slice_of(0, &["10.244.0.3"]));
         reconciler.sync(SyncKind::Changes, Instant::now()).unwrap();
         let claims = |r: &Reconciler<FakeMaps>| r.writer.maps().peers.clone();
         assert_eq!(
@@ -814,14 +790,18 @@ mod tests {
     }
 
     /// An EndpointSlice of `svc-{i}` with `n` ready endpoints.
+    /// The EndpointSlice of `svc-i` with `n` ready endpoints (10.244.i.2, …) on port 8080.
     fn slice(i: usize, n: usize) -> Change {
-        let endpoints: Vec<_> = (0..n)
-            .map(|e| {
-                serde_json::json!({
-                    "addresses": [format!("10.244.{i}.{}", e + 2)],
-                    "conditions": {"ready": true},
-                })
-            })
+        let addresses: Vec<String> = (0..n).map(|e| format!("10.244.{i}.{}", e + 2)).collect();
+        slice_of(i, &addresses)
+    }
+
+    /// The EndpointSlice of `svc-i` with a ready endpoint at each of `addresses`, on port
+    /// 8080.
+    fn slice_of(i: usize, addresses: &[impl AsRef<str>]) -> Change {
+        let endpoints: Vec<_> = addresses
+            .iter()
+            .map(|a| serde_json::json!({"addresses": [a.as_ref()], "conditions": {"ready": true}}))
             .collect();
         let object = serde_json::from_value(serde_json::json!({
             "apiVersion": "discovery.k8s.io/v1",
