@@ -54,6 +54,27 @@ impl Transaction {
         Ok(())
     }
 
+    /// Swaps `program` into the link pinned at `path` if there is one on `target` (see
+    /// [`Self::replace`]). `false` when there is none or it cannot be swapped (said in the
+    /// log): the caller attaches anew.
+    pub fn swap_if_pinned(
+        &mut self,
+        path: &Path,
+        target: impl FnOnce() -> io::Result<Target>,
+        program: BorrowedFd<'_>,
+    ) -> bool {
+        if !path.exists() {
+            return false;
+        }
+        match target().and_then(|target| self.replace(path, target, program)) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(link = %path.display(), error = %e, "cannot swap the program in place; attaching anew");
+                false
+            }
+        }
+    }
+
     /// Records a link pinned at `path` by this start, to be removed if it fails.
     pub fn created(&mut self, path: &Path) {
         self.created.push(path.to_path_buf());

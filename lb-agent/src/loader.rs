@@ -290,13 +290,8 @@ pub fn attach_cgroup_programs(
         };
         let program = program_mut(ebpf, name)?;
         let fd = load_cgroup_program(program).map_err(attach_error)?;
-        if path.exists() {
-            match transaction.replace(&path, target, fd.as_fd()) {
-                Ok(()) => continue,
-                Err(e) => {
-                    warn!(link = %path.display(), error = %e, "cannot swap the program in place; attaching anew");
-                }
-            }
+        if transaction.swap_if_pinned(&path, || Ok(target), fd.as_fd()) {
+            continue;
         }
         let link = attach_to_cgroup(program, &cgroup_fd).map_err(attach_error)?;
         replace_pinned_link(&path, link)?;
@@ -359,20 +354,13 @@ pub fn attach_tc_programs(
                 }
                 // A previous agent's link on this device keeps its place; its program is
                 // swapped for this one in one step.
-                let swapped = path.exists()
-                    && match nix::net::if_::if_nametoindex(device.as_str())
+                let device_index = || {
+                    nix::net::if_::if_nametoindex(device.as_str())
+                        .map(Target::Device)
                         .map_err(io::Error::from)
-                        .and_then(|index| {
-                            let fd = program.fd().map_err(io::Error::other)?;
-                            transaction.replace(&path, Target::Device(index), fd.as_fd())
-                        }) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            warn!(link = %path.display(), error = %e, "cannot swap the program in place; attaching anew");
-                            false
-                        }
-                    };
-                if !swapped {
+                };
+                let fd = program.fd().map_err(program_error)?.as_fd();
+                if !transaction.swap_if_pinned(&path, device_index, fd) {
                     let link_id = program
                         .attach(device, *attach_type)
                         .map_err(program_error)?;
