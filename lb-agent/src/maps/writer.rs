@@ -36,6 +36,7 @@ const DROP_BACKENDS: usize = 7;
 const PHASES: usize = 8;
 use crate::model::{Backend, DesiredState, Frontend, L4Addr, ObjectRef, Protocol};
 use crate::stale::StaleBackend;
+use backend_table::{BackendRecord, BackendTable};
 use std::net::SocketAddr;
 
 /// Failpoint before each phase of an apply goes to the maps (see [`fail`]): `return`
@@ -79,13 +80,6 @@ struct Programmed {
     stray_slots: BTreeSet<u16>,
 }
 
-/// A backend in the maps, and the number of slots naming it.
-#[derive(Clone, Copy, Debug)]
-struct BackendRecord {
-    backend: Backend,
-    refs: u32,
-}
-
 /// What one apply changed, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ApplyStats {
@@ -120,9 +114,8 @@ impl ApplyStats {
 pub struct MapWriter<M> {
     maps: M,
     frontends: BTreeMap<L4Addr, Programmed>,
-    backend_ids: HashMap<Backend, u32>,
     /// Each backend by id, with the number of slots naming it.
-    backends: HashMap<u32, BackendRecord>,
+    backends: BackendTable,
     next_backend_id: u32,
     rev_nat_ids: BTreeSet<lb_common::FrontendId>,
     /// Operations of the apply in progress, by phase.
@@ -150,8 +143,7 @@ impl<M: LbMaps> MapWriter<M> {
         let mut writer = Self {
             maps,
             frontends: BTreeMap::new(),
-            backend_ids: HashMap::new(),
-            backends: HashMap::new(),
+            backends: BackendTable::default(),
             next_backend_id: 1,
             rev_nat_ids: BTreeSet::new(),
             plan: Default::default(),
@@ -174,7 +166,6 @@ impl<M: LbMaps> MapWriter<M> {
     pub fn readopt(&mut self) -> Result<()> {
         let contents = dump::read(&self.maps)?;
         self.frontends.clear();
-        self.backend_ids.clear();
         self.backends.clear();
         self.next_backend_id = 1;
         self.rev_nat_ids.clear();
@@ -182,8 +173,7 @@ impl<M: LbMaps> MapWriter<M> {
         for (&id, &backend) in &contents.backends {
             // Two ids for one backend can only come from a foreign writer: keep the first,
             // the other is dropped as unused.
-            self.backend_ids.entry(backend).or_insert(id);
-            self.backends.insert(id, BackendRecord { backend, refs: 0 });
+            self.backends.insert(id, backend);
             self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
         }
         for (frontend, slot) in &contents.stray_slots {
@@ -211,7 +201,7 @@ impl<M: LbMaps> MapWriter<M> {
                 slots.clear();
             }
             for id in &slots {
-                if let Some(record) = self.backends.get_mut(id) {
+                if let Some(record) = self.backends.get_mut(*id) {
                     record.refs += 1;
                 }
             }
@@ -285,7 +275,7 @@ impl<M: LbMaps> MapWriter<M> {
             return;
         }
         for id in ids {
-            if let Some(BackendRecord { backend, .. }) = self.backends.get(&id) {
+            if let Some(BackendRecord { backend, .. }) = self.backends.get(id) {
                 self.stale_udp.push(StaleBackend {
                     rev_nat_id,
                     backend: SocketAddr::new(backend.addr.address, backend.addr.port),
@@ -319,12 +309,7 @@ impl<M: LbMaps> MapWriter<M> {
             .copied();
         let changed: Vec<L4Addr> = stale.chain(desired.keys().copied()).collect();
         // Backends no slot names (left by a previous agent) go too.
-        let unused = self
-            .backends
-            .iter()
-            .filter(|(_, record)| record.refs == 0)
-            .map(|(id, _)| *id);
-        let released = unused.collect();
+        let released = self.backends.unused().collect();
         self.apply_with(desired, &changed, released)
     }
 
@@ -415,12 +400,7 @@ impl<M: LbMaps> MapWriter<M> {
         changed: &BTreeSet<L4Addr>,
     ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
-        let mut released: BTreeSet<u32> = self
-            .backends
-            .iter()
-            .filter(|(_, record)| record.refs == 0)
-            .map(|(id, _)| *id)
-            .collect();
+        let mut released: BTreeSet<u32> = self.backends.unused().collect();
         for address in changed.iter().filter(|a| !desired.contains_key(a)) {
             self.remove_frontend(*address, &mut released, &mut stats);
         }
@@ -573,7 +553,7 @@ impl<M: LbMaps> MapWriter<M> {
         let mut new_backends = Vec::new();
         let mut next_id = self.next_backend_id;
         for backend in &frontend.backends[..count] {
-            if let Some(&id) = self.backend_ids.get(backend) {
+            if let Some(id) = self.backends.id_of(backend) {
                 ids.push(id);
                 continue;
             }
@@ -621,7 +601,7 @@ impl<M: LbMaps> MapWriter<M> {
             stats.map_writes += 1;
         }
         let wanted: HashSet<L4Addr> = frontend.backends.iter().map(|b| b.addr).collect();
-        let left = old.slots.iter().filter_map(|id| self.backends.get(id));
+        let left = old.slots.iter().filter_map(|id| self.backends.get(*id));
         for record in left.filter(|r| !wanted.contains(&r.backend.addr)) {
             forget_peer(&mut ops, address, record.backend, old.rev_nat_id);
         }
@@ -677,8 +657,7 @@ impl<M: LbMaps> MapWriter<M> {
             ..
         } = plan;
         for (id, backend) in new_backends {
-            self.backend_ids.insert(backend, id);
-            self.backends.insert(id, BackendRecord { backend, refs: 0 });
+            self.backends.insert(id, backend);
             self.next_backend_id = if id >= self.max_backend_id { 1 } else { id + 1 };
         }
         self.rev_nat_ids.insert(new.rev_nat_id);
@@ -686,7 +665,7 @@ impl<M: LbMaps> MapWriter<M> {
             self.forget_affinity.insert(new.rev_nat_id);
         }
         for id in &new.slots {
-            if let Some(record) = self.backends.get_mut(id) {
+            if let Some(record) = self.backends.get_mut(*id) {
                 record.refs += 1;
             }
         }
@@ -698,7 +677,7 @@ impl<M: LbMaps> MapWriter<M> {
             .filter(|id| !now.contains(id))
             .filter(|id| {
                 self.backends
-                    .get(id)
+                    .get(**id)
                     .is_none_or(|r| !kept.contains(&r.backend.addr))
             })
             .copied()
@@ -717,7 +696,7 @@ impl<M: LbMaps> MapWriter<M> {
         let slots: HashSet<u32> = programmed.slots.iter().copied().collect();
         wanted
             .iter()
-            .all(|b| self.backend_ids.get(b).is_some_and(|id| slots.contains(id)))
+            .all(|b| self.backends.id_of(b).is_some_and(|id| slots.contains(&id)))
     }
 
     fn remove_frontend(
@@ -747,7 +726,7 @@ impl<M: LbMaps> MapWriter<M> {
             self.forget_affinity.insert(old.rev_nat_id);
         }
         plan_source_ranges(&old, &BTreeSet::new(), &mut ops, stats);
-        for record in old.slots.iter().filter_map(|id| self.backends.get(id)) {
+        for record in old.slots.iter().filter_map(|id| self.backends.get(*id)) {
             forget_peer(&mut ops, address, record.backend, old.rev_nat_id);
         }
         for (phase, op) in ops {
@@ -766,7 +745,7 @@ impl<M: LbMaps> MapWriter<M> {
     /// Drops one reference per slot; ids left without any are candidates for deletion.
     fn release(&mut self, ids: &[u32], released: &mut BTreeSet<u32>) {
         for id in ids {
-            if let Some(record) = self.backends.get_mut(id) {
+            if let Some(record) = self.backends.get_mut(*id) {
                 record.refs = record.refs.saturating_sub(1);
                 if record.refs == 0 {
                     released.insert(*id);
@@ -779,18 +758,15 @@ impl<M: LbMaps> MapWriter<M> {
     /// was written, so a backend moving between Services is never deleted and re-created).
     fn delete_unused_backends(&mut self, released: BTreeSet<u32>, stats: &mut ApplyStats) {
         for id in released {
-            if self.backends.get(&id).is_some_and(|r| r.refs > 0) {
+            if self.backends.get(id).is_some_and(|r| r.refs > 0) {
                 continue;
             }
-            let Some(BackendRecord { backend, .. }) = self.backends.remove(&id) else {
+            let Some(BackendRecord { backend, .. }) = self.backends.remove(id) else {
                 continue;
             };
             self.plan[DROP_BACKENDS].push(Op::DeleteBackend(id, backend));
             stats.map_deletes += 1;
             stats.backends_removed += 1;
-            if self.backend_ids.get(&backend) == Some(&id) {
-                self.backend_ids.remove(&backend);
-            }
         }
     }
 
@@ -822,7 +798,7 @@ impl<M: LbMaps> MapWriter<M> {
         }
         let advance = |id: u32| if id >= max { 1 } else { id + 1 };
         let mut id = if (1..=max).contains(next) { *next } else { 1 };
-        while self.backends.contains_key(&id) {
+        while self.backends.contains(id) {
             id = advance(id);
         }
         *next = advance(id);
@@ -1006,3 +982,5 @@ fn slot_number_1(slot: usize) -> u16 {
 
 #[cfg(test)]
 mod tests;
+
+mod backend_table;
