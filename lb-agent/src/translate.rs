@@ -1126,16 +1126,20 @@ pub fn validate_pod(sourced: &Sourced<Pod>) -> (Option<ValidPod>, Vec<Problem>) 
 /// An EndpointSlice that passed validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValidSlice {
-    endpoints: Vec<ValidEndpoint>,
+    endpoints: Box<[ValidEndpoint]>,
     /// The slice's name, `nodeName` and `zone` of its endpoints: one shared value for all
     /// endpoints of the slice on the same node.
     infos: Box<[Arc<EndpointInfo>]>,
     /// (name, number, protocol); ports without a number are left out.
-    ports: Vec<(Box<str>, u16, Protocol)>,
+    ports: Box<[(Box<str>, u16, Protocol)]>,
     /// A headless Service's slice (`service.kubernetes.io/headless`): only DNS reads it.
     pub(crate) headless: bool,
-    /// The endpoints' `hostname`s, by index in `endpoints` (most slices have none).
+    /// The endpoints' `hostname`s, by index in `endpoints`, ascending (most slices have
+    /// none).
     hostnames: Box<[(u32, Box<str>)]>,
+    /// The endpoints' topology hints, by index in `endpoints`, ascending (most slices have
+    /// none: kept apart so that an endpoint costs 24 bytes).
+    hints: Box<[(u32, Hints)]>,
 }
 
 impl ValidSlice {
@@ -1147,11 +1151,7 @@ impl ValidSlice {
     /// Each endpoint with an address: (address, ready, hostname).
     pub(crate) fn dns_endpoints(&self) -> impl Iterator<Item = (IpAddr, bool, Option<&str>)> {
         self.endpoints.iter().enumerate().filter_map(|(i, e)| {
-            let hostname = self
-                .hostnames
-                .iter()
-                .find(|(at, _)| *at as usize == i)
-                .map(|(_, h)| &**h);
+            let hostname = by_index(&self.hostnames, i).map(|h| &**h);
             Some((e.address?, e.ready, hostname))
         })
     }
@@ -1166,8 +1166,14 @@ struct ValidEndpoint {
     terminating: bool,
     /// Its entry in the slice's `infos`.
     info: u32,
-    /// `None` when it has none (most endpoints).
-    hints: Option<Box<Hints>>,
+}
+
+/// The entry for the endpoint at `index` of a list sorted by index.
+fn by_index<T>(list: &[(u32, T)], index: usize) -> Option<&T> {
+    let index = u32::try_from(index).ok()?;
+    list.binary_search_by_key(&index, |(at, _)| *at)
+        .ok()
+        .map(|found| &list[found].1)
 }
 
 /// Validates an EndpointSlice (named `name`, shared with its endpoints); returns the
@@ -1197,13 +1203,17 @@ pub fn validate_slice(
         );
         let mut check = Checker::new(&sourced.origin, "EndpointSlice", &slice.metadata);
         let mut valid = ValidSlice {
-            endpoints: Vec::new(),
+            endpoints: Box::default(),
             infos: Box::default(),
-            ports: Vec::new(),
+            ports: Box::default(),
             headless,
             hostnames: Box::default(),
+            hints: Box::default(),
         };
+        let mut endpoints = Vec::new();
+        let mut ports = Vec::new();
         let mut hostnames = Vec::new();
+        let mut hints_of = Vec::new();
         let mut infos: Vec<Arc<EndpointInfo>> = Vec::new();
         // Endpoints dropped alone (reported, the slice still valid).
         let mut dropped = Vec::new();
@@ -1228,9 +1238,7 @@ pub fn validate_slice(
                 true
             }
         };
-        valid
-            .endpoints
-            .reserve_exact(slice.endpoints.as_ref().map_or(0, Vec::len));
+        endpoints.reserve_exact(slice.endpoints.as_ref().map_or(0, Vec::len));
         for (e, endpoint) in slice.endpoints.iter().flatten().enumerate() {
             let mut address = None;
             // Only the first address is the endpoint's, as kube-proxy reads it (the API
@@ -1290,17 +1298,19 @@ pub fn validate_slice(
                     .map(|n| n.name.clone())
                     .collect(),
             };
+            let at = u32::try_from(endpoints.len()).unwrap_or(u32::MAX);
             if let Some(hostname) = endpoint.hostname.as_deref().filter(|h| !h.is_empty()) {
-                let at = u32::try_from(valid.endpoints.len()).unwrap_or(u32::MAX);
                 hostnames.push((at, Box::from(hostname)));
             }
-            valid.endpoints.push(ValidEndpoint {
+            if hints != Hints::default() {
+                hints_of.push((at, hints));
+            }
+            endpoints.push(ValidEndpoint {
                 address,
                 ready,
                 serving: conditions.serving.unwrap_or(ready),
                 terminating: conditions.terminating.unwrap_or(false),
                 info,
-                hints: (hints != Hints::default()).then(|| Box::new(hints)),
             });
         }
         for (p, port) in slice.ports.iter().flatten().enumerate() {
@@ -1317,14 +1327,17 @@ pub fn validate_slice(
                 "UDP" => Protocol::Udp,
                 _ => continue,
             };
-            valid.ports.push((
+            ports.push((
                 Box::from(port.name.as_deref().unwrap_or_default()),
                 number,
                 protocol,
             ));
         }
         valid.infos = infos.into_boxed_slice();
+        valid.endpoints = endpoints.into_boxed_slice();
+        valid.ports = ports.into_boxed_slice();
         valid.hostnames = hostnames.into_boxed_slice();
+        valid.hints = hints_of.into_boxed_slice();
         if check.finish(&mut problems) {
             problems.extend(dropped);
             return (Some((service, valid)), problems);
@@ -1345,7 +1358,7 @@ fn candidates_from_slices(port: &ValidPort, slices: &[&ValidSlice]) -> Vec<Candi
         else {
             continue;
         };
-        for endpoint in &slice.endpoints {
+        for (i, endpoint) in slice.endpoints.iter().enumerate() {
             if let Some(ip) = endpoint.address {
                 candidates.push(Candidate {
                     addr: L4Addr::new(ip, number, port.protocol),
@@ -1353,7 +1366,7 @@ fn candidates_from_slices(port: &ValidPort, slices: &[&ValidSlice]) -> Vec<Candi
                     serving: endpoint.serving,
                     terminating: endpoint.terminating,
                     info: Arc::clone(&slice.infos[endpoint.info as usize]),
-                    hints: endpoint.hints.as_deref().cloned().unwrap_or_default(),
+                    hints: by_index(&slice.hints, i).cloned().unwrap_or_default(),
                 });
             }
         }
