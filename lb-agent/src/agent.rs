@@ -19,7 +19,7 @@ use crate::{
     api::{self, SharedStatus},
     devices,
     dns::{
-        index::SharedDnsIndex,
+        index::{DnsIndex, SharedDnsIndex},
         publish,
         server::{self, DnsConfig},
     },
@@ -108,7 +108,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         status.readiness = Arc::new(Readiness::new(config.readyz_stale_after));
         status.explain = Some(explain_tx);
     }
-    let dns_index = SharedDnsIndex::default();
+    // The reverse index only for a DNS server to read.
+    let dns_index = if config.dns.is_some() {
+        SharedDnsIndex::default()
+    } else {
+        Arc::new(std::sync::RwLock::new(DnsIndex::names_only()))
+    };
     let api = match config.api_addr {
         Some(addr) => {
             // Bind before anything else, so a taken port fails the start-up loudly.

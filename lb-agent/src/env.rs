@@ -85,7 +85,8 @@ mod tests {
 
     #[test]
     fn kubelet_variables_of_a_service() {
-        let mut index = DnsIndex::default();
+        // What an agent without a DNS server keeps: the names, no reverse index.
+        let mut index = DnsIndex::names_only();
         let port = |name: &str, port| DnsPort {
             name: Arc::from(name),
             port,

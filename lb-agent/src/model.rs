@@ -310,17 +310,17 @@ pub struct Frontend {
     pub affinity_timeout: Option<u32>,
     /// `loadBalancerSourceRanges` (LoadBalancer IPs only): new flows from other sources
     /// are dropped. Empty: every source.
-    pub source_ranges: Vec<ipnet::IpNet>,
+    pub source_ranges: Box<[ipnet::IpNet]>,
     /// The Service it belongs to.
     pub service: ObjectRef,
     /// `spec.ports[].name` (empty for a single unnamed port).
     pub port_name: Arc<str>,
     /// Backends that take new connections, sorted and without duplicates, all of the
     /// frontend's address family.
-    pub backends: Vec<Backend>,
+    pub backends: Box<[Backend]>,
     /// What is known of each backend, in the same order (shared with the validated
     /// EndpointSlice it came from).
-    pub backend_info: Vec<Arc<EndpointInfo>>,
+    pub backend_info: Box<[Arc<EndpointInfo>]>,
 }
 
 /// A Service's `healthCheckNodePort` (LoadBalancer, `externalTrafficPolicy: Local`): load

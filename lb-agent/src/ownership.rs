@@ -355,11 +355,11 @@ mod tests {
             local_only: false,
             no_local_endpoints: false,
             affinity_timeout: None,
-            source_ranges: Vec::new(),
+            source_ranges: Box::default(),
             service: ObjectRef::new("ns", service),
             port_name: "".into(),
-            backends: Vec::new(),
-            backend_info: Vec::new(),
+            backends: Box::default(),
+            backend_info: Box::default(),
         }
     }
 

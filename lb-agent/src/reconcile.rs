@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     api::SharedStatus,
-    dns::index::SharedDnsIndex,
+    dns::index::{DnsIndex, SharedDnsIndex},
     health::HealthServers,
     maps::{LbMaps, writer::MapWriter},
     metrics::{Metrics, RejectedLabels},
@@ -123,7 +123,7 @@ impl<M: LbMaps> Reconciler<M> {
             metrics: Arc::default(),
             unsynced: Unsynced::default(),
             started: SystemTime::now(),
-            dns: SharedDnsIndex::default(),
+            dns: Arc::new(std::sync::RwLock::new(DnsIndex::names_only())),
             own: Vec::new(),
         }
     }

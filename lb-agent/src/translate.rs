@@ -166,14 +166,14 @@ pub fn translate_service(
                     no_local_endpoints: backends.is_empty() && cats.has_any,
                     affinity_timeout: service.affinity_timeout,
                     source_ranges: if kind == FrontendKind::LoadBalancer {
-                        service.source_ranges.clone()
+                        service.source_ranges.as_slice().into()
                     } else {
-                        Vec::new()
+                        Box::default()
                     },
                     service: id.clone(),
                     port_name: port.name.clone(),
-                    backends,
-                    backend_info,
+                    backends: backends.into_boxed_slice(),
+                    backend_info: backend_info.into_boxed_slice(),
                 })
             };
             if kind == FrontendKind::ClusterIp {

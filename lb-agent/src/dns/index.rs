@@ -3,7 +3,9 @@
 //! [`Reconciler`](crate::reconcile::Reconciler) changes it in the sync that writes the
 //! maps, Service by Service (a change costs what changed); the DNS server and the API only
 //! read it, under a read lock held for one answer. A Service's entry shares its validated
-//! form with the state: about 150 bytes per Service with a ClusterIP.
+//! form with the state: about 100 bytes per Service, and as much again for the reverse
+//! (PTR) index, which only the DNS server reads: without it (`--dns-addr` off, as in the
+//! API mode by default) the index serves `lb-agent env` alone and skips that cost.
 use std::{
     net::IpAddr,
     sync::{Arc, RwLock},
@@ -19,13 +21,25 @@ use crate::model::ObjectRef;
 pub type SharedDnsIndex = Arc<RwLock<DnsIndex>>;
 
 /// Every Service's records.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DnsIndex {
     services: HashMap<ObjectRef, ServiceRecords>,
     /// Services per namespace: a namespace with none does not exist for DNS.
     namespaces: HashMap<Arc<str>, u32>,
-    /// The Services whose ClusterIP or ready endpoint each address is.
-    ptr: HashMap<IpAddr, SmallVec<[ObjectRef; 1]>>,
+    /// The Services whose ClusterIP or ready endpoint each address is (`None`: not kept,
+    /// no DNS server reads it).
+    ptr: Option<HashMap<IpAddr, SmallVec<[ObjectRef; 1]>>>,
+}
+
+/// The index a DNS server reads: names and addresses.
+impl Default for DnsIndex {
+    fn default() -> Self {
+        Self {
+            services: HashMap::new(),
+            namespaces: HashMap::new(),
+            ptr: Some(HashMap::new()),
+        }
+    }
 }
 
 /// A Service's name borrowed from a question: looks up an [`ObjectRef`] without building
@@ -43,6 +57,16 @@ impl Equivalent<ObjectRef> for NameRef<'_> {
 }
 
 impl DnsIndex {
+    /// An index of names only, with no reverse (PTR) index: for `lb-agent env` when no
+    /// DNS server runs.
+    #[must_use]
+    pub fn names_only() -> Self {
+        Self {
+            ptr: None,
+            ..Self::default()
+        }
+    }
+
     /// Replaces the records of each Service named (`None`: removes them).
     pub fn apply(&mut self, changes: Vec<(ObjectRef, Option<ServiceRecords>)>) {
         for (id, records) in changes {
@@ -61,8 +85,9 @@ impl DnsIndex {
             .namespaces
             .entry(Arc::clone(&id.namespace))
             .or_default() += 1;
+        let Some(ptr) = &mut self.ptr else { return };
         for ip in ptr_addresses(records) {
-            let owners = self.ptr.entry(ip).or_default();
+            let owners = ptr.entry(ip).or_default();
             if !owners.contains(id) {
                 owners.push(id.clone());
             }
@@ -76,11 +101,12 @@ impl DnsIndex {
                 self.namespaces.remove(&*id.namespace);
             }
         }
+        let Some(ptr) = &mut self.ptr else { return };
         for ip in ptr_addresses(records) {
-            if let Some(owners) = self.ptr.get_mut(&ip) {
+            if let Some(owners) = ptr.get_mut(&ip) {
                 owners.retain(|o| o != id);
                 if owners.is_empty() {
-                    self.ptr.remove(&ip);
+                    ptr.remove(&ip);
                 }
             }
         }
@@ -101,8 +127,8 @@ impl DnsIndex {
     /// The Services `ip` is a ClusterIP or ready endpoint of.
     pub fn ptr(&self, ip: &IpAddr) -> impl Iterator<Item = (&ObjectRef, &ServiceRecords)> {
         self.ptr
-            .get(ip)
-            .into_iter()
+            .iter()
+            .filter_map(|ptr| ptr.get(ip))
             .flatten()
             .filter_map(|id| self.services.get_key_value(id))
     }
@@ -134,5 +160,45 @@ fn ptr_addresses(records: &ServiceRecords) -> SmallVec<[IpAddr; 2]> {
     match records.answer() {
         Answer::ExternalName(_) => SmallVec::new(),
         _ => records.addresses(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::records::{DnsService, Facts, ServiceKind};
+
+    fn apply_one(index: &mut DnsIndex, ip: &str) {
+        let dns = DnsService {
+            kind: ServiceKind::ClusterIps(Box::new([ip.parse().unwrap()])),
+            ports: Box::default(),
+        };
+        let records = ServiceRecords {
+            facts: Facts::Own(Arc::new(dns)),
+            endpoints: Box::default(),
+        };
+        index.apply(vec![(ObjectRef::new("ns", "web"), Some(records))]);
+    }
+
+    #[test]
+    fn only_the_dns_servers_index_answers_for_addresses() {
+        let ip: IpAddr = "10.96.0.20".parse().unwrap();
+        let mut full = DnsIndex::default();
+        apply_one(&mut full, "10.96.0.20");
+        assert_eq!(
+            full.ptr(&ip)
+                .map(|(id, _)| id.to_string())
+                .collect::<Vec<_>>(),
+            ["ns/web"]
+        );
+        let mut names = DnsIndex::names_only();
+        apply_one(&mut names, "10.96.0.20");
+        assert!(names.service("ns", "web").is_some());
+        assert!(names.namespace_exists("ns"));
+        assert_eq!(names.ptr(&ip).count(), 0);
+        // Removal unlinks in both.
+        full.apply(vec![(ObjectRef::new("ns", "web"), None)]);
+        assert_eq!(full.ptr(&ip).count(), 0);
+        assert!(!full.namespace_exists("ns"));
     }
 }

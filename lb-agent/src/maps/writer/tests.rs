@@ -27,14 +27,14 @@ fn frontend(address: L4Addr, kind: FrontendKind, backends: Vec<Backend>) -> Fron
         local_only: false,
         no_local_endpoints: false,
         affinity_timeout: None,
-        source_ranges: Vec::new(),
+        source_ranges: Box::default(),
         service: ObjectRef {
             namespace: Arc::from("default"),
             name: Arc::from("web"),
         },
         port_name: Arc::from("http"),
-        backends,
-        backend_info: Vec::new(),
+        backends: backends.into(),
+        backend_info: Box::default(),
     }
 }
 
