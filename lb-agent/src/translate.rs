@@ -166,7 +166,7 @@ pub fn translate_service(
                     no_local_endpoints: backends.is_empty() && cats.has_any,
                     affinity_timeout: service.affinity_timeout,
                     source_ranges: if kind == FrontendKind::LoadBalancer {
-                        service.source_ranges.as_slice().into()
+                        service.source_ranges.clone()
                     } else {
                         Box::default()
                     },
@@ -368,8 +368,8 @@ struct FrontendIp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValidService {
     /// Every virtual address: ClusterIPs, external IPs, LoadBalancer ingress IPs.
-    frontend_ips: Vec<FrontendIp>,
-    ports: Vec<ValidPort>,
+    frontend_ips: Box<[FrontendIp]>,
+    ports: Box<[ValidPort]>,
     /// `spec.selector`, as (key, value) pairs sorted by key.
     selector: Option<Selector>,
     publish_not_ready: bool,
@@ -380,7 +380,7 @@ pub struct ValidService {
     /// `sessionAffinity: ClientIP`: its `timeoutSeconds`.
     affinity_timeout: Option<u32>,
     /// `loadBalancerSourceRanges` (or its annotation), of a LoadBalancer Service.
-    source_ranges: Vec<ipnet::IpNet>,
+    source_ranges: Box<[ipnet::IpNet]>,
     /// The hints the EndpointSlice controller would give endpoints derived from Pods
     /// (`trafficDistribution`, or the `service.kubernetes.io/topology-mode` annotation).
     hinting: Hinting,
@@ -636,8 +636,8 @@ fn check_service(sourced: &Sourced<Service>, out: &mut Findings) -> Option<Valid
         return None;
     }
     Some(ValidService {
-        frontend_ips,
-        ports,
+        frontend_ips: frontend_ips.into_boxed_slice(),
+        ports: ports.into_boxed_slice(),
         selector: spec.selector.as_ref().map(|selector| {
             selector
                 .iter()
@@ -648,7 +648,7 @@ fn check_service(sourced: &Sourced<Service>, out: &mut Findings) -> Option<Valid
         external_local,
         internal_local,
         affinity_timeout,
-        source_ranges,
+        source_ranges: source_ranges.into_boxed_slice(),
         hinting,
         health_check_node_port,
     })
