@@ -19,7 +19,7 @@ pub fn variables(index: &DnsIndex, namespace: &str) -> Vec<(String, String)> {
     {
         services.push(master);
     }
-    services.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    services.sort_by(|a, b| a.0.name().cmp(b.0.name()));
     services
         .into_iter()
         .flat_map(|(id, records)| service_variables(id, records))
@@ -33,7 +33,7 @@ fn service_variables(id: &ObjectRef, service: &ServiceRecords) -> Vec<(String, S
         return out;
     };
     let ports = service.ports();
-    let prefix = variable_name(&id.name);
+    let prefix = variable_name(id.name());
     out.push((format!("{prefix}_SERVICE_HOST"), ip.to_string()));
     if let Some((_, number, _)) = ports.first() {
         out.push((format!("{prefix}_SERVICE_PORT"), number.to_string()));

@@ -273,7 +273,7 @@ fn entry(state: &ClusterState, f: &Frontend, from: Option<IpAddr>) -> Entry {
                 .filter_map(|s| s.strip_prefix("pod/"))
                 .map(|pod| ObjectStamp {
                     kind: "Pod".into(),
-                    name: ObjectRef::new(&f.service.namespace, pod).to_string(),
+                    name: ObjectRef::new(f.service.namespace(), pod).to_string(),
                     resource_version: None,
                     origin: String::new(),
                 }),

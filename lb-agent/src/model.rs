@@ -105,14 +105,83 @@ impl fmt::Display for L4Addr {
     }
 }
 
-/// `namespace/name` of a Kubernetes object. Both are shared: a clone costs no allocation,
-/// and namespaces are interned ([`intern`]).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-pub struct ObjectRef {
-    #[serde(serialize_with = "shared_str")]
-    pub namespace: Arc<str>,
-    #[serde(serialize_with = "shared_str")]
-    pub name: Arc<str>,
+/// `namespace/name` of a Kubernetes object: one shared allocation (the namespace in it
+/// interned, [`intern`]), so a reference costs 8 bytes wherever it is held (the model
+/// holds each Service's in a dozen indexes) and a clone costs no allocation. Equality,
+/// order and hash are those of the (namespace, name) pair.
+#[derive(Clone)]
+pub struct ObjectRef(Arc<Names>);
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Names {
+    namespace: Arc<str>,
+    name: Arc<str>,
+}
+
+impl ObjectRef {
+    /// The namespace (interned: shared by every object of the namespace).
+    #[must_use]
+    pub fn namespace(&self) -> &Arc<str> {
+        &self.0.namespace
+    }
+
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The name, to share (an EndpointSlice's endpoints name their slice).
+    #[must_use]
+    pub fn shared_name(&self) -> &Arc<str> {
+        &self.0.name
+    }
+}
+
+impl PartialEq for ObjectRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for ObjectRef {}
+
+impl PartialOrd for ObjectRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ObjectRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+/// As the pair of strings (namespace, name): a borrowed pair with the same fields in the
+/// same order finds it in a map ([`crate::dns::index`]).
+impl std::hash::Hash for ObjectRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl fmt::Debug for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectRef")
+            .field("namespace", &self.namespace())
+            .field("name", &self.name())
+            .finish()
+    }
+}
+
+impl serde::Serialize for ObjectRef {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("ObjectRef", 2)?;
+        s.serialize_field("namespace", &**self.namespace())?;
+        s.serialize_field("name", self.name())?;
+        s.end()
+    }
 }
 
 /// Serializes a shared string as the string (serde's `rc` feature would rebuild every
@@ -144,10 +213,10 @@ impl ObjectRef {
     /// `namespace/name`, the namespace interned.
     #[must_use]
     pub fn new(namespace: &str, name: &str) -> Self {
-        Self {
+        Self(Arc::new(Names {
             namespace: intern(namespace),
             name: Arc::from(name),
-        }
+        }))
     }
 }
 
@@ -193,7 +262,7 @@ impl Interned {
 
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        write!(f, "{}/{}", self.namespace(), self.name())
     }
 }
 

@@ -239,7 +239,7 @@ impl<M: LbMaps> Reconciler<M> {
                 let seen = self.relists.remove(&kind).unwrap_or_default();
                 if kind == Kind::Node {
                     let name = self.node.name().unwrap_or_default();
-                    if !seen.iter().any(|id| &*id.name == name) {
+                    if !seen.iter().any(|id| id.name() == name) {
                         // Not in the list: gone (its last state unknown).
                         let id = ObjectRef::new("", name);
                         self.delete(Kind::Node, &id);
@@ -329,7 +329,7 @@ impl<M: LbMaps> Reconciler<M> {
             Kind::EndpointSlice => self.state.delete_slice(id),
             Kind::Pod => self.state.delete_pod(id),
             Kind::Node => {
-                self.node.delete(&id.name, None);
+                self.node.delete(id.name(), None);
                 self.node_changed();
             }
         }

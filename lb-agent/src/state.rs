@@ -169,7 +169,7 @@ impl ClusterState {
         let changed = old.map_or(NONE, findings) != findings(&checked);
         self.note_problems(&id, changed, findings(&checked) != NONE);
         self.services_by_namespace
-            .entry(Arc::clone(&id.namespace))
+            .entry(Arc::clone(id.namespace()))
             .or_default()
             .insert(id.clone());
         self.services.insert(id.clone(), checked);
@@ -180,7 +180,7 @@ impl ClusterState {
     pub(crate) fn delete_service(&mut self, id: &ObjectRef) {
         if let Some(old) = self.services.remove(id) {
             self.note_problems(id, findings(&old) != NONE, false);
-            if let Some(set) = self.services_by_namespace.get_mut(&id.namespace) {
+            if let Some(set) = self.services_by_namespace.get_mut(id.namespace()) {
                 set.remove(id);
             }
             self.dirty.insert(id.clone());
@@ -213,7 +213,7 @@ impl ClusterState {
                 .get_key_value(&s)
                 .map_or(s, |(known, _)| known.clone())
         });
-        let (valid, problems) = validate_slice(&slice, &id.name);
+        let (valid, problems) = validate_slice(&slice, id.shared_name());
         let resource_version = crate::translate::Stamp::of(&slice.object.metadata).resource_version;
         let origin = Arc::clone(&slice.origin);
         drop(slice);
@@ -299,14 +299,14 @@ impl ClusterState {
         }
         self.set_problems(Kind::Pod, &id, problems);
         self.pods.insert(id.clone(), valid);
-        self.namespace_dirty(&id.namespace);
+        self.namespace_dirty(id.namespace());
     }
 
     /// Removes a Pod.
     pub(crate) fn delete_pod(&mut self, id: &ObjectRef) {
         self.set_problems(Kind::Pod, id, Vec::new());
         if self.pods.remove(id).is_some() {
-            self.namespace_dirty(&id.namespace);
+            self.namespace_dirty(id.namespace());
         }
     }
 
@@ -394,7 +394,7 @@ impl ClusterState {
                     let mut pods: Vec<&ValidPod> = self
                         .pods
                         .iter()
-                        .filter(|(pod, _)| pod.namespace == id.namespace)
+                        .filter(|(pod, _)| pod.namespace() == id.namespace())
                         .filter_map(|(_, valid)| valid.as_ref())
                         .collect();
                     // By name, as slices are: when two pods share an address the first

@@ -98,7 +98,7 @@ impl Zone {
     }
 
     fn service_name(&self, id: &ObjectRef) -> String {
-        format!("{}.{}.svc.{}", id.name, id.namespace, self.domain).to_ascii_lowercase()
+        format!("{}.{}.svc.{}", id.name(), id.namespace(), self.domain).to_ascii_lowercase()
     }
 
     fn record(&self, name: &Name, rdata: RData) -> Record {

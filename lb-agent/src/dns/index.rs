@@ -52,7 +52,7 @@ struct NameRef<'a> {
 
 impl Equivalent<ObjectRef> for NameRef<'_> {
     fn equivalent(&self, key: &ObjectRef) -> bool {
-        *key.namespace == *self.namespace && *key.name == *self.name
+        **key.namespace() == *self.namespace && key.name() == self.name
     }
 }
 
@@ -83,7 +83,7 @@ impl DnsIndex {
     fn link(&mut self, id: &ObjectRef, records: &ServiceRecords) {
         *self
             .namespaces
-            .entry(Arc::clone(&id.namespace))
+            .entry(Arc::clone(id.namespace()))
             .or_default() += 1;
         let Some(ptr) = &mut self.ptr else { return };
         for ip in ptr_addresses(records) {
@@ -95,10 +95,10 @@ impl DnsIndex {
     }
 
     fn unlink(&mut self, id: &ObjectRef, records: &ServiceRecords) {
-        if let Some(count) = self.namespaces.get_mut(&*id.namespace) {
+        if let Some(count) = self.namespaces.get_mut(id.namespace()) {
             *count -= 1;
             if *count == 0 {
-                self.namespaces.remove(&*id.namespace);
+                self.namespaces.remove(id.namespace());
             }
         }
         let Some(ptr) = &mut self.ptr else { return };
@@ -140,7 +140,7 @@ impl DnsIndex {
     ) -> impl Iterator<Item = (&'a ObjectRef, &'a ServiceRecords)> + 'a {
         self.services
             .iter()
-            .filter(move |(id, _)| &*id.namespace == namespace)
+            .filter(move |(id, _)| **id.namespace() == *namespace)
     }
 
     /// How many Services have records.

@@ -276,7 +276,7 @@ pub fn build(
                         Some((Box::from(&*p.name), number, p.protocol))
                     })
                     .collect();
-                let hostname = pod.hostname_in(&service.id.name);
+                let hostname = pod.hostname_in(service.id.name());
                 for &ip in pod.ips() {
                     endpoints.push(Endpoint {
                         ip,

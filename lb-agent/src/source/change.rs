@@ -66,10 +66,7 @@ impl Object {
             Self::Service(o) => ObjectRef::of(&o.metadata),
             Self::EndpointSlice(o) => ObjectRef::of(&o.metadata),
             Self::Pod(o) => ObjectRef::of(&o.metadata),
-            Self::Node(o) => ObjectRef {
-                namespace: Arc::from(""),
-                name: Arc::from(o.metadata.name.as_deref().unwrap_or_default()),
-            },
+            Self::Node(o) => ObjectRef::new("", o.metadata.name.as_deref().unwrap_or_default()),
         }
     }
 }

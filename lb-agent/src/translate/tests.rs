@@ -684,7 +684,7 @@ fn two_services_on_one_node_port_first_by_name_wins() {
     );
     let owner = &translation.frontends
         [&L4Addr::new("0.0.0.0".parse::<IpAddr>().unwrap(), 30080, Protocol::Tcp)];
-    assert_eq!(&*owner.service.name, "a");
+    assert_eq!(owner.service.name(), "a");
     assert_eq!(owner.address.port, 30080);
 }
 
@@ -1053,7 +1053,7 @@ fn owners(state: &ClusterState) -> Vec<String> {
     state
         .desired()
         .values()
-        .map(|f| format!("{} {}", f.address, f.service.name))
+        .map(|f| format!("{} {}", f.address, f.service.name()))
         .collect()
 }
 

@@ -28,10 +28,7 @@ fn frontend(address: L4Addr, kind: FrontendKind, backends: Vec<Backend>) -> Fron
         no_local_endpoints: false,
         affinity_timeout: None,
         source_ranges: Box::default(),
-        service: ObjectRef {
-            namespace: Arc::from("default"),
-            name: Arc::from("web"),
-        },
+        service: ObjectRef::new("default", "web"),
         port_name: Arc::from("http"),
         backends: backends.into(),
         backend_info: Box::default(),

@@ -274,7 +274,7 @@ spec:
             .iter()
             .map(|u| match u {
                 Update::Apply { object, .. } => format!("apply {}", id(object).2),
-                Update::Delete { id, .. } => format!("delete {}", id.name),
+                Update::Delete { id, .. } => format!("delete {}", id.name()),
                 Update::Relisting(_) | Update::Relisted(_) => unreachable!(),
             })
             .collect()
