@@ -20,6 +20,7 @@ use crate::{
     dns::records::{self, ServiceRecords},
     model::{
         DEFAULT_NAMESPACE, DesiredState, Frontend, FrontendKind, HealthCheck, L4Addr, ObjectRef,
+        Protocol,
     },
     ownership::{self, ExternalIpCidrs},
     small_set::SmallSet,
@@ -77,11 +78,9 @@ pub struct ClusterState {
     /// The Services with a `healthCheckNodePort`, and it.
     health_checks: BTreeMap<ObjectRef, HealthCheck>,
     /// The Services that want each frontend address; [`ClusterState::decide`] says which
-    /// gets it.
-    contenders: HashMap<L4Addr, SmallSet<ObjectRef>>,
-    /// The addresses in `contenders`, by IP (a ClusterIP appearing refuses external IPs
-    /// equal to it on every port).
-    by_ip: HashMap<IpAddr, SmallSet<L4Addr>>,
+    /// gets it. Ordered, so the addresses on one IP are a range (a ClusterIP appearing
+    /// refuses external IPs equal to it on every port).
+    contenders: BTreeMap<L4Addr, SmallSet<ObjectRef>>,
     /// The Services holding each ClusterIP.
     cluster_ips: HashMap<IpAddr, SmallSet<ObjectRef>>,
     /// `--external-ip-cidrs`.
@@ -127,7 +126,8 @@ impl ClusterState {
     pub(crate) fn set_external_ip_cidrs(&mut self, cidrs: ExternalIpCidrs) {
         if self.external_ip_cidrs != cidrs {
             self.external_ip_cidrs = cidrs;
-            self.pending_ips.extend(self.by_ip.keys().copied());
+            self.pending_ips
+                .extend(self.contenders.keys().map(|a| a.address));
         }
     }
 
@@ -450,7 +450,6 @@ impl ClusterState {
                     set.remove(&id);
                     if set.is_empty() {
                         self.contenders.remove(&f.address);
-                        remove_from(&mut self.by_ip, &f.address);
                     }
                 }
                 touched.insert(f.address);
@@ -460,16 +459,12 @@ impl ClusterState {
                     .entry(f.address)
                     .or_default()
                     .insert(id.clone());
-                self.by_ip
-                    .entry(f.address.address)
-                    .or_default()
-                    .insert(f.address);
                 touched.insert(f.address);
             }
         }
         // A ClusterIP that came or went, or a node address: every frontend on that IP.
         for ip in &ips {
-            touched.extend(self.by_ip.get(ip).into_iter().flatten().copied());
+            touched.extend(addresses_on(&self.contenders, *ip));
         }
         // A NodePort that came or went: the external IPs on node addresses on its port.
         let node_ports: Vec<L4Addr> = touched
@@ -480,12 +475,8 @@ impl ClusterState {
         for node_port in node_ports {
             for ip in &self.node_addresses {
                 touched.extend(
-                    self.by_ip
-                        .get(ip)
-                        .into_iter()
-                        .flatten()
-                        .filter(|a| a.port == node_port.port && a.protocol == node_port.protocol)
-                        .copied(),
+                    addresses_on(&self.contenders, *ip)
+                        .filter(|a| a.port == node_port.port && a.protocol == node_port.protocol),
                 );
             }
         }
@@ -774,14 +765,16 @@ fn findings(service: &CheckedService) -> Findings<'_> {
     (&service.problems, &service.skipped)
 }
 
-/// Removes `address` from the index by IP.
-fn remove_from(by_ip: &mut HashMap<IpAddr, SmallSet<L4Addr>>, address: &L4Addr) {
-    if let Some(set) = by_ip.get_mut(&address.address) {
-        set.remove(address);
-        if set.is_empty() {
-            by_ip.remove(&address.address);
-        }
-    }
+/// The frontend addresses wanted on `ip`, every port, protocol and scope: the map is
+/// ordered by IP first, and `ip`'s first possible address is port 0, TCP, external.
+fn addresses_on<V>(
+    contenders: &BTreeMap<L4Addr, V>,
+    ip: IpAddr,
+) -> impl Iterator<Item = L4Addr> + '_ {
+    contenders
+        .range(L4Addr::new(ip, 0, Protocol::Tcp)..)
+        .map(|(address, _)| *address)
+        .take_while(move |address| address.address == ip)
 }
 
 /// Whether a slice is a headless Service's.
@@ -855,5 +848,33 @@ pub fn translate_on(
         frontends: state.desired().clone(),
         problems: state.problems(),
         skipped: state.skipped(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Scope;
+
+    #[test]
+    fn the_addresses_on_an_ip_are_every_port_protocol_and_scope_of_it_alone() {
+        let ip = |last: u8| IpAddr::from([10, 96, 0, last]);
+        let mut contenders = BTreeMap::new();
+        let wanted = [
+            L4Addr::new(ip(2), 0, Protocol::Tcp),
+            L4Addr::new(ip(2), 53, Protocol::Udp),
+            L4Addr::new(ip(2), 65535, Protocol::Udp).internal(),
+        ];
+        let others = [
+            L4Addr::new(ip(1), 65535, Protocol::Udp).internal(),
+            L4Addr::new(ip(3), 0, Protocol::Tcp),
+            L4Addr::new(std::net::Ipv6Addr::LOCALHOST, 0, Protocol::Tcp),
+        ];
+        for address in wanted.iter().chain(&others) {
+            contenders.insert(*address, ());
+        }
+        assert_eq!(wanted[2].scope, Scope::Internal);
+        let on: Vec<L4Addr> = addresses_on(&contenders, ip(2)).collect();
+        assert_eq!(on, wanted);
     }
 }
