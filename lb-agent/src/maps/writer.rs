@@ -59,13 +59,13 @@ fn injected(op: &'static str) -> MapError {
     }
 }
 
-/// A frontend as it is in the maps.
+/// A frontend as it is in the maps: 48 bytes, one per frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
     rev_nat_id: lb_common::FrontendId,
     flags: u32,
     /// Backend ids by slot, `slots[0]` being slot 1.
-    slots: Vec<u32>,
+    slots: Box<[u32]>,
     /// The backend count the master entry holds: `slots.len()`, except after adopting a
     /// master whose slots a previous agent did not finish writing (then the master is
     /// rewritten by the next apply even when the count wanted is what `slots` says).
@@ -73,11 +73,61 @@ struct Programmed {
     /// `sessionAffinity: ClientIP` timeout in seconds; every slot's backend then has an
     /// affinity-match entry.
     affinity: Option<u32>,
+    /// What few frontends have (`None`: nothing).
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a programmed frontend that few have.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rare {
     /// `loadBalancerSourceRanges` entries of the frontend.
     source_ranges: BTreeSet<ipnet::IpNet>,
     /// Slots beyond `slots.len()` that exist in the map (only after adopting a map that a
     /// previous agent left half-written); deleted on the next apply.
     stray_slots: BTreeSet<u16>,
+}
+
+static NO_SOURCE_RANGES: BTreeSet<ipnet::IpNet> = BTreeSet::new();
+static NO_STRAY_SLOTS: BTreeSet<u16> = BTreeSet::new();
+
+impl Programmed {
+    /// A frontend whose master is not written yet.
+    fn new(rev_nat_id: lb_common::FrontendId, flags: u32) -> Self {
+        Self {
+            rev_nat_id,
+            flags,
+            slots: Box::default(),
+            master_count: 0,
+            affinity: None,
+            rare: None,
+        }
+    }
+
+    fn source_ranges(&self) -> &BTreeSet<ipnet::IpNet> {
+        self.rare
+            .as_ref()
+            .map_or(&NO_SOURCE_RANGES, |r| &r.source_ranges)
+    }
+
+    fn stray_slots(&self) -> &BTreeSet<u16> {
+        self.rare
+            .as_ref()
+            .map_or(&NO_STRAY_SLOTS, |r| &r.stray_slots)
+    }
+
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_default()
+    }
+
+    /// Sets what few frontends have, holding nothing when it is nothing.
+    fn set_rare(&mut self, source_ranges: BTreeSet<ipnet::IpNet>, stray_slots: BTreeSet<u16>) {
+        self.rare = (!source_ranges.is_empty() || !stray_slots.is_empty()).then(|| {
+            Box::new(Rare {
+                source_ranges,
+                stray_slots,
+            })
+        });
+    }
 }
 
 /// What one apply changed, for logs and metrics.
@@ -206,18 +256,14 @@ impl<M: LbMaps> MapWriter<M> {
                 }
             }
             self.rev_nat_ids.insert(entry.rev_nat_id);
-            self.frontends.insert(
-                entry.address,
-                Programmed {
-                    rev_nat_id: entry.rev_nat_id,
-                    flags: entry.flags,
-                    slots,
-                    master_count: entry.count,
-                    affinity: entry.affinity_timeout,
-                    source_ranges: BTreeSet::new(),
-                    stray_slots,
-                },
-            );
+            let mut programmed = Programmed {
+                slots: slots.into_boxed_slice(),
+                master_count: entry.count,
+                affinity: entry.affinity_timeout,
+                ..Programmed::new(entry.rev_nat_id, entry.flags)
+            };
+            programmed.set_rare(BTreeSet::new(), stray_slots);
+            self.frontends.insert(entry.address, programmed);
         }
         // The affinity-match map must hold exactly the slots of the affinity frontends
         // adopted; a missing entry only costs a client its affinity, so the fix-up order
@@ -245,7 +291,7 @@ impl<M: LbMaps> MapWriter<M> {
         for (rev_nat_id, range) in contents.source_ranges {
             match by_id.get_mut(&rev_nat_id) {
                 Some(p) => {
-                    p.source_ranges.insert(range);
+                    p.rare_mut().source_ranges.insert(range);
                 }
                 None => self.maps.delete_source_range(rev_nat_id, range)?,
             }
@@ -516,10 +562,10 @@ impl<M: LbMaps> MapWriter<M> {
         let mut stats = ApplyStats::default();
         let old = match self.frontends.get(&address) {
             Some(old)
-                if old.stray_slots.is_empty()
+                if old.stray_slots().is_empty()
                     && old.flags == flags
                     && old.affinity == affinity
-                    && old.source_ranges.iter().eq(frontend.source_ranges.iter())
+                    && old.source_ranges().iter().eq(frontend.source_ranges.iter())
                     && self.same_backends(old, &frontend.backends) =>
             {
                 return Ok(None);
@@ -537,15 +583,7 @@ impl<M: LbMaps> MapWriter<M> {
                         self.max_rev_nat_id
                     ));
                 };
-                Programmed {
-                    rev_nat_id,
-                    flags,
-                    slots: Vec::new(),
-                    master_count: 0,
-                    affinity: None,
-                    source_ranges: BTreeSet::new(),
-                    stray_slots: BTreeSet::new(),
-                }
+                Programmed::new(rev_nat_id, flags)
             }
         };
         let mut ops = Vec::new();
@@ -571,7 +609,8 @@ impl<M: LbMaps> MapWriter<M> {
         }
         let slots = assign_slots(&old.slots, &ids);
         for (index, &id) in slots.iter().enumerate() {
-            if old.slots.get(index) != Some(&id) || old.stray_slots.contains(&slot_number(index)) {
+            if old.slots.get(index) != Some(&id) || old.stray_slots().contains(&slot_number(index))
+            {
                 ops.push((
                     SLOTS,
                     Op::SetService(address, slot_number(index), ServiceValue::slot(id)),
@@ -607,7 +646,7 @@ impl<M: LbMaps> MapWriter<M> {
         }
         let surplus = (slots.len() + 1..=old.slots.len()).map(slot_number_1);
         let stray = old
-            .stray_slots
+            .stray_slots()
             .iter()
             .copied()
             .filter(|&s| usize::from(s) > slots.len());
@@ -623,18 +662,17 @@ impl<M: LbMaps> MapWriter<M> {
             stats.frontends_updated += 1;
         }
         debug!(%address, service = %frontend.service, backends = slots.len(), "planned frontend");
+        let mut new = Programmed {
+            slots: slots.into_boxed_slice(),
+            master_count: count,
+            affinity,
+            ..Programmed::new(old.rev_nat_id, flags)
+        };
+        new.set_rare(source_ranges, BTreeSet::new());
         Ok(Some(FrontendPlan {
             address,
             is_new,
-            new: Programmed {
-                rev_nat_id: old.rev_nat_id,
-                flags,
-                slots,
-                master_count: count,
-                affinity,
-                source_ranges,
-                stray_slots: BTreeSet::new(),
-            },
+            new,
             old,
             kept: frontend.backends.iter().map(|b| b.addr).collect(),
             new_backends,
@@ -717,7 +755,7 @@ impl<M: LbMaps> MapWriter<M> {
         stats.map_deletes += 1;
         let slots = (1..=old.slots.len())
             .map(slot_number_1)
-            .chain(old.stray_slots.iter().copied());
+            .chain(old.stray_slots().iter().copied());
         for slot in slots.collect::<BTreeSet<_>>() {
             ops.push((DROP_SLOTS, Op::DeleteService(address, slot)));
             stats.map_deletes += 1;
@@ -841,11 +879,11 @@ fn plan_source_ranges(
     ops: &mut Vec<(usize, Op)>,
     stats: &mut ApplyStats,
 ) {
-    for range in wanted.difference(&old.source_ranges) {
+    for range in wanted.difference(old.source_ranges()) {
         ops.push((NEW_BACKENDS, Op::SetSourceRange(old.rev_nat_id, *range)));
         stats.map_writes += 1;
     }
-    for range in old.source_ranges.difference(wanted) {
+    for range in old.source_ranges().difference(wanted) {
         ops.push((DROP_SLOTS, Op::DeleteSourceRange(old.rev_nat_id, *range)));
         stats.map_deletes += 1;
     }
