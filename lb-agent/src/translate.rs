@@ -352,7 +352,8 @@ impl CheckedService {
 }
 
 /// A label selector: (key, value) pairs sorted by key.
-type Selector = Box<[(Box<str>, Box<str>)]>;
+/// (key, value) pairs; the keys recur ("app") and are shared ([`intern`]).
+type Selector = Box<[(Arc<str>, Box<str>)]>;
 
 /// A virtual address of a Service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -641,7 +642,7 @@ fn check_service(sourced: &Sourced<Service>, out: &mut Findings) -> Option<Valid
         selector: spec.selector.as_ref().map(|selector| {
             selector
                 .iter()
-                .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_str())))
+                .map(|(k, v)| (intern(k), Box::from(v.as_str())))
                 .collect()
         }),
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
@@ -950,7 +951,8 @@ fn validate_service_port(
     };
     Some(ValidPort {
         index: u16::try_from(index).unwrap_or(u16::MAX),
-        name: Arc::from(port.name.as_deref().unwrap_or_default()),
+        // Port names recur ("http"): shared, as namespaces are.
+        name: intern(port.name.as_deref().unwrap_or_default()),
         port: number?,
         protocol,
         target: target?,
