@@ -68,7 +68,8 @@ pub struct ClusterState {
     slices: HashMap<ObjectRef, SliceEntry>,
     slices_by_service: HashMap<ObjectRef, SmallSet<ObjectRef>>,
     /// Pods (the manifests source's endpoints): `None` for one that is no endpoint.
-    pods: HashMap<ObjectRef, Option<ValidPod>>,
+    /// Ordered by namespace then name, so a namespace's pods are a range, in name order.
+    pods: BTreeMap<ObjectRef, Option<ValidPod>>,
     /// Problems of invalid slices and pods, by (kind, object).
     object_problems: BTreeMap<(Kind, ObjectRef), Vec<Problem>>,
     /// The frontends every Service translates to.
@@ -391,17 +392,15 @@ impl ClusterState {
                 let pods: Vec<&ValidPod> = if slices.is_some() && dns_slices.is_some() {
                     Vec::new()
                 } else {
-                    let mut pods: Vec<&ValidPod> = self
-                        .pods
-                        .iter()
-                        .filter(|(pod, _)| pod.namespace() == id.namespace())
+                    // The namespace's pods only, by name, as slices are: when two pods
+                    // share an address the first one's endpoint is used, and that must
+                    // not depend on the order the pods arrived in (found by the property
+                    // tests).
+                    self.pods
+                        .range(ObjectRef::new(id.namespace(), "")..)
+                        .take_while(|(pod, _)| pod.namespace() == id.namespace())
                         .filter_map(|(_, valid)| valid.as_ref())
-                        .collect();
-                    // By name, as slices are: when two pods share an address the first
-                    // one's endpoint is used, and that must not depend on the order the
-                    // pods arrived in (found by the property tests).
-                    pods.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-                    pods
+                        .collect()
                 };
                 let dns = records::build(service, dns_slices.as_deref(), &pods);
                 self.dns_changes.push((id.clone(), dns));
