@@ -3,13 +3,15 @@
 //! an external client namespace joined to the node's `ext0` (192.168.50.1), the agent in
 //! the node namespace with `--devices ext0`.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lb_tests::manifests::{pod, service};
+use lb_tests::testkit::enter_netns;
 use lb_tests::{
-    EXT_DEVICE, EXTERNAL_CLIENT_IP, NODE_EXT_IP, PEER_DEVICE, TestEnv, require_privileges,
+    EXT_DEVICE, EXTERNAL_CLIENT_IP, EXTERNAL_CLIENT_IP6, Listen, NODE_EXT_IP, NODE_EXT_IP6,
+    PEER_DEVICE, TestEnv, require_privileges,
 };
 
 const APPLY: Duration = Duration::from_secs(10);
@@ -84,6 +86,22 @@ fn ip_in_node(env: &TestEnv, args: &[&str]) {
     assert!(status.success(), "ip {args:?}");
 }
 
+/// Makes `pod`'s `eth0` send complete TCP/UDP checksums, as packets arrive from a wire
+/// (over veth they would otherwise carry only the pseudo-header's part, which the receiver
+/// never checks): a checksum XDP fixed wrongly then makes the backend drop the packet.
+fn full_checksums(pod: &lb_tests::Pod) {
+    let status = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", pod.netns()))
+        .args(["ethtool", "-K", "eth0", "tx", "off"])
+        .status()
+        .expect("running ethtool (apt-get install ethtool)");
+    assert!(
+        status.success(),
+        "ethtool -K eth0 tx off in {}",
+        pod.netns()
+    );
+}
+
 fn text<'a>(d: &'a serde_json::Value, field: &str) -> &'a str {
     d[field].as_str().unwrap_or_default()
 }
@@ -115,6 +133,7 @@ fn native_xdp_translates_node_ports_survives_a_restart_and_cleanup_detaches_it()
     );
 
     let mut monitor = agent.monitor(&[]);
+    full_checksums(&client);
     let summary = client.client_with().count(30).run(&node_port_target());
     assert_eq!(summary.ok, 30, "every connection answered: {summary:?}");
     assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
@@ -410,5 +429,128 @@ fn best_effort_leaves_a_device_without_native_xdp_on_tc_and_native_names_it() {
         log.contains("device lbdum0 cannot take a native (driver) XDP program"),
         "the error names the device: {}",
         agent.log_tail(30)
+    );
+}
+
+/// `--devices ext0 --nodeport-acceleration native`.
+const NATIVE: [&str; 4] = ["--devices", EXT_DEVICE, "--nodeport-acceleration", "native"];
+
+#[test]
+fn native_xdp_leaves_the_reject_of_a_node_port_without_endpoints_to_tc() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let client = env.topo.add_external_client("outside");
+    // The selector matches no pod.
+    env.manifests
+        .write("svc.yaml", &node_port_service("Cluster"));
+    // The node's own stack listens on the NodePort: passed on untranslated by both hooks,
+    // the connection would succeed; dropped, it would time out. Only tc's ICMP port
+    // unreachable makes it fail with ECONNREFUSED.
+    let netns = env.topo.node().name().to_owned();
+    let _stack = std::thread::spawn(move || {
+        enter_netns(&netns).expect("entering the node namespace");
+        TcpListener::bind((NODE_EXT_IP, NODE_PORT)).expect("listening on the node")
+    })
+    .join()
+    .unwrap();
+    let mut agent = start_agent(&env, &NATIVE, &format!("xdp-{EXT_DEVICE}"));
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 0, APPLY);
+
+    let summary = client
+        .client_with()
+        .count(5)
+        .timeout_ms(3000)
+        .run(&node_port_target());
+
+    assert_eq!(summary.errors_of("ECONNREFUSED"), 5, "{summary:?}");
+    assert!(
+        summary.connect_ms.iter().all(|ms| *ms < 500.0),
+        "refused at once, not after a timeout: {:?}",
+        summary.connect_ms
+    );
+}
+
+#[test]
+fn native_xdp_translates_an_ipv6_node_port() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _backends = ["webapp1", "webapp2"]
+        .map(|name| env.add_dual_stack_backend(name, "webapp", 8080, Listen::Ipv6Only));
+    env.manifests.write(
+        "svc.yaml",
+        &service("webapp", "fd00:96::10")
+            .type_("NodePort")
+            .ip_families(&["IPv6"])
+            .ip_family_policy("SingleStack")
+            .selector("app", "webapp")
+            .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+            .yaml(),
+    );
+    let client = env.topo.add_external_client("outside");
+    let mut agent = start_agent(&env, &NATIVE, &format!("xdp-{EXT_DEVICE}"));
+    agent.wait_for_frontend("[::]:30080", 2, APPLY);
+    let mut monitor = agent.monitor(&[]);
+
+    full_checksums(&client);
+    let target = format!("[{NODE_EXT_IP6}]:{NODE_PORT}");
+    let summary = client.client_with().count(20).run(&target);
+
+    assert_eq!(summary.ok, 20, "every connection answered: {summary:?}");
+    assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
+    let prefix = format!("[{EXTERNAL_CLIENT_IP6}]:");
+    assert!(
+        summary.remote_addrs.iter().all(|a| a.starts_with(&prefix)),
+        "{summary:?}"
+    );
+    let d = monitor.wait_for("for the IPv6 NodePort", SHOW, |d| {
+        text(d, "frontend") == format!("{target}/TCP")
+    });
+    assert_eq!(text(&d, "hook"), "xdp", "{d:#}");
+    assert!(monitor.interrupt(), "stderr: {}", monitor.stderr());
+}
+
+#[test]
+fn native_xdp_drops_sources_outside_load_balancer_source_ranges() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    // The client (192.168.50.2) is outside the only range.
+    let mut svc = service("webapp", "10.96.0.10")
+        .selector("app", "webapp")
+        .node_port(80, 8080, i32::from(NODE_PORT), "TCP")
+        .load_balancer_ingress("192.168.60.20", None)
+        .build();
+    svc.spec.as_mut().unwrap().load_balancer_source_ranges =
+        Some(vec!["203.0.113.0/24".to_owned()]);
+    env.manifests
+        .write("svc.yaml", &lb_tests::manifests::to_yaml(&svc));
+    let mut agent = start_agent(&env, &NATIVE, &format!("xdp-{EXT_DEVICE}"));
+    agent.wait_for_frontend("192.168.60.20:80", 1, APPLY);
+    let mut monitor = agent.monitor(&[]);
+
+    let dropped = client
+        .client_with()
+        .count(3)
+        .timeout_ms(300)
+        .run("192.168.60.20:80");
+
+    assert_eq!(dropped.errors_of("ETIMEDOUT"), 3, "dropped: {dropped:?}");
+    let d = monitor.wait_for("for the LoadBalancer IP", SHOW, |d| {
+        text(d, "frontend") == "192.168.60.20:80/TCP"
+    });
+    assert_eq!(text(&d, "hook"), "xdp", "dropped at XDP: {d:#}");
+    assert_eq!(text(&d, "outcome"), "firewalled", "{d:#}");
+    assert!(monitor.interrupt(), "stderr: {}", monitor.stderr());
+    let node_port = client.client_with().count(3).run(&node_port_target());
+    assert_eq!(
+        node_port.ok, 3,
+        "the NodePort is not guarded: {node_port:?}"
     );
 }
