@@ -190,19 +190,28 @@ fn report(
 const BEGIN: &str = "<!-- nodeport-acceleration:begin (cargo xtask bench --nodeport) -->";
 const END: &str = "<!-- nodeport-acceleration:end -->";
 
+/// The section of `text` between the markers, markers included.
+pub fn section(text: &str) -> Option<&str> {
+    section_bounds(text).map(|(begin, end)| &text[begin..end])
+}
+
+fn section_bounds(text: &str) -> Option<(usize, usize)> {
+    let begin = text.find(BEGIN)?;
+    let end = text[begin..].find(END)? + begin + END.len();
+    Some((begin, end))
+}
+
 /// Puts `table` between the markers of `file` (appended with them when they are missing).
 fn write_section(file: &Path, table: &str) -> Result<()> {
     let text = std::fs::read_to_string(file).unwrap_or_default();
     let section = format!("{BEGIN}\n{table}{END}\n");
-    let new = match (text.find(BEGIN), text.find(END)) {
-        (Some(begin), Some(end)) if begin < end => {
-            format!(
-                "{}{section}{}",
-                &text[..begin],
-                &text[end + END.len()..].trim_start_matches('\n')
-            )
-        }
-        _ => format!("{}\n{section}", text.trim_end()),
+    let new = match section_bounds(&text) {
+        Some((begin, end)) => format!(
+            "{}{section}{}",
+            &text[..begin],
+            text[end..].trim_start_matches('\n')
+        ),
+        None => format!("{}\n\n{section}", text.trim_end()),
     };
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -532,5 +541,29 @@ impl StatsOn {
 impl Drop for StatsOn {
     fn drop(&mut self) {
         let _ = std::fs::write(Self::KEY, &self.before);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_section_is_replaced_in_place_and_kept_by_its_markers() {
+        let file = std::env::temp_dir().join(format!("lb-np-{}.md", std::process::id()));
+        std::fs::write(&file, "# Bench\n\nsweep\n").unwrap();
+        write_section(&file, "first\n").unwrap();
+        std::fs::write(&file, std::fs::read_to_string(&file).unwrap() + "\nafter\n").unwrap();
+        write_section(&file, "second\n").unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(
+            text,
+            format!("# Bench\n\nsweep\n\n{BEGIN}\nsecond\n{END}\nafter\n")
+        );
+        assert_eq!(
+            section(&text),
+            Some(format!("{BEGIN}\nsecond\n{END}").as_str())
+        );
     }
 }
