@@ -3,7 +3,7 @@
 //! hides. Headers are read straight from the packet's linear data (one bounds check, no
 //! helper call: every packet of the device runs this), or through `bpf_skb_load_bytes` when
 //! they are not all in the linear part; writes go through `bpf_skb_store_bytes` (tc) or
-//! `bpf_xdp_store_bytes` (XDP). Checksums are fixed incrementally, with the L4 checksum's
+//! direct writes (XDP). Checksums are fixed incrementally, with the L4 checksum's
 //! own offset (never a port's offset) and the pseudo-header flag for addresses.
 //!
 //! Addresses are held as four network-order words whatever the family, IPv4 ones

@@ -17,11 +17,9 @@
 //! tc as the skb's `data_meta`): tc ingress lets such a packet through untouched, so no
 //! packet is translated twice. A driver without metadata support gets no XDP translation
 //! at all (everything goes on to tc).
-use core::ffi::c_void;
-
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, xdp_action},
-    helpers::generated::{bpf_xdp_adjust_meta, bpf_xdp_load_bytes, bpf_xdp_store_bytes},
+    helpers::generated::bpf_xdp_adjust_meta,
     programs::{TcContext, XdpContext},
 };
 use lb_common::MON_HOOK_XDP;
@@ -117,34 +115,27 @@ impl Frame for XdpContext {
         false
     }
 
+    /// Read straight from the packet (no helper call) when the bytes are in the first
+    /// buffer, as the headers are.
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
-        let mut value = core::mem::MaybeUninit::<T>::uninit();
-        // SAFETY: a stack buffer of the size passed.
-        let rc = unsafe {
-            bpf_xdp_load_bytes(
-                self.ctx,
-                off as u32,
-                value.as_mut_ptr().cast::<c_void>(),
-                size_of::<T>() as u32,
-            )
-        };
-        // SAFETY: the helper filled it in.
-        (rc == 0).then(|| unsafe { value.assume_init() })
+        let at = direct::<T>(self, off)?;
+        // SAFETY: within [data, data_end), checked by `direct`; headers are not aligned.
+        Some(unsafe { (at as *const T).read_unaligned() })
     }
 
     #[inline(always)]
     fn store<T>(&self, off: usize, value: &T) -> Result<(), RewriteError> {
-        // SAFETY: the helper only reads `size_of::<T>()` bytes from `value`.
-        let rc = unsafe {
-            bpf_xdp_store_bytes(
-                self.ctx,
-                off as u32,
-                core::ptr::from_ref(value).cast_mut().cast::<c_void>(),
-                size_of::<T>() as u32,
-            )
-        };
-        if rc == 0 { Ok(()) } else { Err(RewriteError) }
+        let at = direct::<T>(self, off).ok_or(RewriteError)?;
+        // SAFETY: as in `load`; `value` is a valid `T`, copied byte for byte.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                core::ptr::from_ref(value).cast::<u8>(),
+                at as *mut u8,
+                size_of::<T>(),
+            );
+        }
+        Ok(())
     }
 
     #[inline(always)]
@@ -179,6 +170,19 @@ impl Frame for XdpContext {
     fn redirect(&self, _packet: &Packet) -> Result<i32, RewriteError> {
         Err(RewriteError)
     }
+}
+
+/// The address of the `T` at `off` bytes into the packet, if it lies within the first
+/// buffer. Every offset of the datapath is below 256 (Ethernet, at most 60 bytes of IPv4
+/// header or the fixed IPv6 one, then the L4 fields used): the mask shows the verifier the
+/// bound it needs for a variable offset from the packet pointer.
+#[inline(always)]
+fn direct<T>(ctx: &XdpContext, off: usize) -> Option<usize> {
+    let at = ctx.data() + (off & 0xff);
+    if off > 0xff || at + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(at)
 }
 
 /// The kernel's `bpf_l4_csum_replace` for a packet whose checksums are complete (what a
