@@ -76,6 +76,7 @@ pub fn run(settings: &Settings) -> Result<()> {
     }
     println!("==> {}", cmd::describe(&build));
     cmd::run(&mut build)?;
+    let load_before = load_average();
     let bins = crate::target_dir().join(if settings.quick { "debug" } else { "release" });
     let mut lab = Lab::new(&bins)?;
     lab.set_up()?;
@@ -107,7 +108,14 @@ pub fn run(settings: &Settings) -> Result<()> {
         .map(|path| lab.program_costs(path, settings).map(|c| (path, c)))
         .collect::<Result<Vec<_>>>()?;
     drop(lab);
-    let table = report(settings, &results, &costs);
+    let mut table = report(settings, &results, &costs);
+    let _ = writeln!(
+        table,
+        "\nLoad average (1 min) before and after the run: {load_before} and {} on {} CPUs: \
+         on a busy machine the absolute rates move run to run; compare the ratios.",
+        load_average(),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+    );
     print!("\n{table}");
     write_section(&settings.out.join("benchmarks.md"), &table)?;
     println!(
@@ -115,6 +123,14 @@ pub fn run(settings: &Settings) -> Result<()> {
         settings.out.join("benchmarks.md").display()
     );
     Ok(())
+}
+
+/// The 1-minute load average (`/proc/loadavg`), as text.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
 }
 
 /// The median rate of `runs`.
@@ -249,6 +265,10 @@ impl Lab {
             ip_in(netns, &["link", "set", "lo", "up"])?;
         }
         sysctl_in(NODE, "net.ipv4.ip_forward", "1")?;
+        // As the sweep's clients: thousands of connections a second to one address would
+        // otherwise run out of ports not in TIME_WAIT within a few runs.
+        sysctl_in(CLIENT, "net.ipv4.tcp_tw_reuse", "1")?;
+        sysctl_in(CLIENT, "net.ipv4.ip_local_port_range", "1024 65535")?;
         for (dev, peer, far, node_addr, far_addr) in [
             (EXT, "eth0", CLIENT, NODE_IP, CLIENT_IP),
             (POD_DEV, "eth0", POD, POD_GW, POD_IP),
