@@ -72,6 +72,8 @@ pub struct RunConfig {
     pub devices: Vec<String>,
     /// Where socket translation runs.
     pub socket_lb: loader::SocketLb,
+    /// Whether the external devices translate at XDP too.
+    pub nodeport_acceleration: loader::NodePortAcceleration,
     /// Pod-facing devices for the per-packet path (empty: detected, see
     /// [`devices::resolve`]); only with `socket_lb` other than `all`.
     pub pod_devices: Vec<String>,
@@ -430,7 +432,7 @@ struct Datapath<'a> {
     status: SharedStatus,
     /// Whether [`Datapath::attach`] ran (after the first sync: maps before programs).
     attached: bool,
-    /// The tc links this agent attached (their pin names).
+    /// The tc and XDP links this agent attached (their pin names).
     tc_links: std::collections::BTreeSet<String>,
     /// `/v1/explain` questions, answered from the model between changes.
     queries: tokio::sync::mpsc::Receiver<crate::explain::Query>,
@@ -453,14 +455,25 @@ impl Datapath<'_> {
         Ok(())
     }
 
+    /// Attaches the tc programs, then (or, with acceleration off, takes away) the XDP one
+    /// of the external devices: tc is in place before XDP hands packets to it.
     fn attach_tc(&mut self) -> Result<(), loader::LoadError> {
+        let external = self.node.external();
         loader::attach_tc_programs(
             &mut self.ebpf,
-            &self.node.external(),
+            &external,
             self.node.pods(),
             &self.config.pin_dir,
             &mut self.tc_links,
+        )?;
+        loader::attach_xdp_programs(
+            &mut self.ebpf,
+            &external,
+            self.config.nodeport_acceleration,
+            &self.config.pin_dir,
+            &mut self.tc_links,
         )
+        .map(drop)
     }
 
     /// After links or addresses changed: the addresses follow, and so do the tc programs

@@ -111,7 +111,7 @@ impl Drop for Transaction {
 pub enum Target {
     /// A cgroup, by its id (the inode number of its cgroup2 directory).
     Cgroup(u64),
-    /// A network device's tcx hook, by its ifindex.
+    /// A network device's tcx or XDP hook, by its ifindex (the pin's name says which).
     Device(u32),
 }
 
@@ -150,6 +150,7 @@ fn open_pin(path: &Path) -> io::Result<OwnedFd> {
 /// An fd of the program the link `link` runs, and what the link is attached to.
 fn link_info(link: &OwnedFd) -> io::Result<(OwnedFd, Target)> {
     const BPF_LINK_TYPE_CGROUP: u32 = 3;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
     const BPF_LINK_TYPE_TCX: u32 = 11;
     /// The head of `struct bpf_link_info`, zero-padded (the kernel checks the tail is zero).
     #[repr(C)]
@@ -179,15 +180,15 @@ fn link_info(link: &OwnedFd) -> io::Result<(OwnedFd, Target)> {
     // SAFETY: the `info` member; `info` outlives the call and is `info_len` bytes.
     unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     // The union after `prog_id` starts at byte 16 (`rest[1]`): `cgroup.cgroup_id` (u64),
-    // `tcx.ifindex` (u32).
+    // `tcx.ifindex` and `xdp.ifindex` (u32).
     let target = match info.link_type {
         BPF_LINK_TYPE_CGROUP => {
             Target::Cgroup(u64::from(info.rest[1]) | u64::from(info.rest[2]) << 32)
         }
-        BPF_LINK_TYPE_TCX => Target::Device(info.rest[1]),
+        BPF_LINK_TYPE_TCX | BPF_LINK_TYPE_XDP => Target::Device(info.rest[1]),
         other => {
             return Err(io::Error::other(format!(
-                "link type {other}, not a cgroup or tcx link"
+                "link type {other}, not a cgroup, tcx or XDP link"
             )));
         }
     };

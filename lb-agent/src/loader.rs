@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        Program, SchedClassifier, TcAttachType,
+        Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{CgroupAttachMode, FdLink, PinnedLink},
     },
 };
@@ -64,6 +64,26 @@ pub const POD_TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("lb_tc_egress", TcAttachType::Egress, "tc-pod-egress-"),
 ];
 
+/// The XDP program of the external devices (`--nodeport-acceleration`): (program name,
+/// pin name prefix; the device's name follows).
+pub const XDP_PROGRAM: (&str, &str) = ("lb_xdp", "xdp-");
+
+/// Whether packets from outside to NodePorts, external and LoadBalancer IPs are translated
+/// at XDP on the external devices (`--nodeport-acceleration`, Cilium's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NodePortAcceleration {
+    /// Native (driver) XDP on every external device; the agent fails, naming the device,
+    /// where a device cannot take it.
+    Native,
+    /// Native XDP where a device supports it; the others keep tc only (said in the log and
+    /// in `services --summary`).
+    BestEffort,
+    /// No XDP: tc ingress translates (and XDP programs a previous agent attached are
+    /// detached).
+    #[default]
+    Off,
+}
+
 /// Where connect-time (socket) translation runs (`--socket-lb`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SocketLb {
@@ -109,6 +129,11 @@ pub enum LoadError {
     Attach { name: &'static str, message: String },
     #[error("cgroup {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
+    #[error(
+        "--nodeport-acceleration native: device {device} cannot take a native (driver) XDP \
+         program: {message}; use best-effort to keep tc only on such devices, or off"
+    )]
+    NativeXdp { device: String, message: String },
     #[error("pinning link {path}: {message}")]
     Pin { path: PathBuf, message: String },
     #[error(transparent)]
@@ -396,6 +421,108 @@ pub fn attach_tc_programs(
     Ok(())
 }
 
+/// Attaches the XDP program to each external device in native (driver) mode through a link
+/// pinned as `pin_dir/links/xdp-<dev>` (a previous agent's link on the same device has its
+/// program swapped in place), and detaches the XDP links of devices no longer listed, or
+/// all of them with `--nodeport-acceleration off`. Returns the devices that run it; with
+/// `best-effort`, a device that refuses native XDP is left on tc only (and logged).
+/// `attached` holds the pin names this agent attached already: they are kept.
+///
+/// # Errors
+/// With `native`, when a device cannot take native XDP; when the kernel refuses the
+/// program, or a pin cannot be written.
+pub fn attach_xdp_programs(
+    ebpf: &mut Ebpf,
+    external: &[String],
+    mode: NodePortAcceleration,
+    pin_dir: &Path,
+    attached: &mut std::collections::BTreeSet<String>,
+) -> Result<Vec<String>, LoadError> {
+    let links = pin_dir.join(LINKS_DIR);
+    let (name, prefix) = XDP_PROGRAM;
+    let mut wanted = std::collections::BTreeSet::new();
+    let mut transaction = Transaction::default();
+    let mut on_xdp = Vec::new();
+    if mode != NodePortAcceleration::Off {
+        fs::create_dir_all(&links).map_err(|source| LoadError::Bpffs {
+            path: links.clone(),
+            source,
+        })?;
+        let program_error = |e: aya::programs::ProgramError| LoadError::Attach {
+            name,
+            message: error_chain(&e),
+        };
+        let program: &mut Xdp = program_mut(ebpf, name)?.try_into().map_err(program_error)?;
+        if program.fd().is_err() {
+            program.load().map_err(program_error)?;
+        }
+        for device in external {
+            let pin_name = format!("{prefix}{device}");
+            let path = links.join(&pin_name);
+            if wanted.contains(&pin_name) {
+                continue;
+            }
+            if !(attached.contains(&pin_name) && path.exists()) {
+                let device_index = || {
+                    nix::net::if_::if_nametoindex(device.as_str())
+                        .map(Target::Device)
+                        .map_err(io::Error::from)
+                };
+                let fd = program.fd().map_err(program_error)?.as_fd();
+                if !transaction.swap_if_pinned(&path, device_index, fd) {
+                    let attach = program
+                        .attach(device, XdpMode::Driver)
+                        .map_err(|e| error_chain(&e))
+                        .and_then(|id| program.take_link(id).map_err(|e| error_chain(&e)))
+                        .and_then(|link| FdLink::try_from(link).map_err(|e| error_chain(&e)));
+                    let link = match (attach, mode) {
+                        (Ok(link), _) => link,
+                        (Err(message), NodePortAcceleration::Native) => {
+                            return Err(LoadError::NativeXdp {
+                                device: device.clone(),
+                                message,
+                            });
+                        }
+                        (Err(message), _) => {
+                            warn!(
+                                device = %device,
+                                error = %message,
+                                "no native XDP on this device; it keeps tc only (--nodeport-acceleration best-effort)"
+                            );
+                            continue;
+                        }
+                    };
+                    replace_pinned_link(&path, link)?;
+                    transaction.created(&path);
+                }
+            }
+            attached.insert(pin_name.clone());
+            wanted.insert(pin_name);
+            on_xdp.push(device.clone());
+        }
+    }
+    if links.is_dir() {
+        let stale = fs::read_dir(&links).map_err(|source| LoadError::Bpffs {
+            path: links.clone(),
+            source,
+        })?;
+        for entry in stale.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(prefix) && !wanted.contains(&name) {
+                attached.remove(&name);
+                let path = entry.path();
+                drop(unpin_link(&path));
+                info!(link = %path.display(), "detached the XDP program of a device no longer accelerated");
+            }
+        }
+    }
+    transaction.commit();
+    if mode != NodePortAcceleration::Off {
+        info!(devices = ?on_xdp, mode = ?mode, "attached the XDP program");
+    }
+    Ok(on_xdp)
+}
+
 /// Detaches the cgroup programs a previous agent pinned (`--socket-lb off`).
 ///
 /// # Errors
@@ -536,7 +663,9 @@ pub fn is_agent_link(name: &str) -> bool {
         || TC_PROGRAMS
             .iter()
             .chain(&POD_TC_PROGRAMS)
-            .any(|(_, _, prefix)| name.strip_prefix(prefix).is_some_and(|dev| !dev.is_empty()))
+            .map(|(_, _, prefix)| *prefix)
+            .chain([XDP_PROGRAM.1])
+            .any(|prefix| name.strip_prefix(prefix).is_some_and(|dev| !dev.is_empty()))
 }
 
 /// Whether `name` is a map pin the agent creates, or one an earlier version created.
@@ -603,6 +732,7 @@ mod cleanup_tests {
     #[test]
     fn only_the_names_the_agent_pins_are_its_own() {
         assert!(is_agent_link("connect4") && is_agent_link("tc-pod-ingress-veth1"));
+        assert!(is_agent_link("xdp-eth0") && !is_agent_link("xdp-"));
         assert!(!is_agent_link("tc-ingress-") && !is_agent_link("cilium_connect4"));
         assert!(is_agent_map("LB4_SERVICES") && is_agent_map("LB_CT"));
         assert!(is_agent_map("LB_MONITOR_SWITCH") && is_agent_map("LB_MONITOR_EVENTS"));

@@ -90,6 +90,20 @@ enum Command {
         /// socket translation, pods per packet, the node's own processes none.
         #[arg(long, env = "LB_SOCKET_LB", value_enum, default_value_t)]
         socket_lb: loader::SocketLb,
+        /// Translate NodePort, external-IP and LoadBalancer-IP packets from outside at XDP
+        /// on the --devices, before the kernel builds a socket buffer for them (same
+        /// conntrack, SNAT and policies as tc; SNATed packets and rejects are finished at
+        /// tc): `native` driver-mode XDP on every device, failing on a device that cannot
+        /// take it; `best-effort` native where supported, tc only elsewhere (logged);
+        /// `off` tc only.
+        #[arg(
+            long,
+            env = "LB_NODEPORT_ACCELERATION",
+            value_enum,
+            default_value_t,
+            value_name = "MODE"
+        )]
+        nodeport_acceleration: loader::NodePortAcceleration,
         /// Pod-facing devices (comma-separated) that get the per-packet path when
         /// --socket-lb is `host-only` or `off` [default: every veth without a global address
         /// that is not one of the --devices, followed as pods come and go].
@@ -512,6 +526,7 @@ fn main() -> anyhow::Result<()> {
             cgroup,
             devices,
             socket_lb,
+            nodeport_acceleration,
             pod_devices,
             nodeport_addresses,
             external_ip_cidrs,
@@ -549,6 +564,7 @@ fn main() -> anyhow::Result<()> {
                 readyz_stale_after: std::time::Duration::from_secs(readyz_stale_after),
                 devices,
                 socket_lb,
+                nodeport_acceleration,
                 pod_devices,
                 nodeport_addresses,
                 external_ip_cidrs: ownership::ExternalIpCidrs(external_ip_cidrs),

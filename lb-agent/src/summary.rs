@@ -1,7 +1,8 @@
 //! `lb-agent services --summary`: how full each pinned map is and what it costs the kernel,
 //! read from the pins without the agent (the first thing to look at when a Service is
-//! reported "not programmed: … is full"), and the datapath's counters (`LB_COUNTERS`,
-//! summed over the CPUs).
+//! reported "not programmed: … is full"), the datapath's counters (`LB_COUNTERS`,
+//! summed over the CPUs), and where the programs are attached (the pinned links: the
+//! socket hooks, `tc-*-<dev>` and `xdp-<dev>`).
 use std::{
     fmt::Write as _,
     io,
@@ -48,6 +49,7 @@ pub fn summary(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let counters = counters(pin_dir)?;
+    let links = links(pin_dir);
     Ok(match format {
         OutputFormat::Json => {
             let counters: std::collections::BTreeMap<&str, u64> =
@@ -55,10 +57,39 @@ pub fn summary(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "maps": fills,
                 "counters": counters,
+                "links": links,
             }))? + "\n"
         }
-        OutputFormat::Table => table(&fills) + "\n" + &counters_table(&counters),
+        OutputFormat::Table => {
+            table(&fills) + "\n" + &counters_table(&counters) + "\n" + &links_table(&links)
+        }
     })
+}
+
+/// The agent's links pinned under `pin_dir` (pin names, sorted): where its programs run.
+#[must_use]
+pub fn links(pin_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(pin_dir.join(crate::loader::LINKS_DIR))
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| crate::loader::is_agent_link(name))
+        .collect();
+    names.sort();
+    names
+}
+
+fn links_table(links: &[String]) -> String {
+    let xdp: Vec<&str> = links
+        .iter()
+        .filter_map(|l| l.strip_prefix(crate::loader::XDP_PROGRAM.1))
+        .collect();
+    let xdp = if xdp.is_empty() {
+        "none".to_owned()
+    } else {
+        xdp.join(", ")
+    };
+    format!("LINKS {}\nXDP (native) on: {xdp}\n", links.join(" "))
 }
 
 /// The datapath's counters pinned under `pin_dir`, each summed over the CPUs.

@@ -42,6 +42,8 @@ pub const MON_HOOK_SENDMSG: u8 = 2;
 pub const MON_HOOK_TC_EXTERNAL: u8 = 3;
 /// tc ingress of a pod-facing device: a pod on the per-packet path.
 pub const MON_HOOK_TC_POD: u8 = 4;
+/// XDP on an external device (`--nodeport-acceleration`): a client outside the node.
+pub const MON_HOOK_XDP: u8 = 5;
 
 /// What was decided ([`MonitorEvent::outcome`]): translated to the backend in the event.
 pub const MON_OUT_TRANSLATED: u8 = 1;

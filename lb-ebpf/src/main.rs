@@ -15,12 +15,13 @@ mod peer;
 mod reject;
 mod sock;
 mod tc;
+mod xdp;
 mod xlate;
 
 use aya_ebpf::{
     helpers::generated::bpf_set_retval,
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 use sock::{Hook, Verdict};
@@ -101,10 +102,21 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// tc ingress of an external device: NodePort, external and LoadBalancer IPs from outside.
+/// tc ingress of an external device: NodePort, external and LoadBalancer IPs from outside
+/// (what XDP translated already goes on untouched).
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    if xdp::translated(&ctx) {
+        return tc::PASS;
+    }
     tc::action(&ctx, tc::ingress(&ctx, tc::Origin::Outside))
+}
+
+/// XDP of an external device (`--nodeport-acceleration`): tc ingress's translation, in the
+/// driver.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    xdp::ingress(&ctx)
 }
 
 /// tc ingress of a pod-facing device (packets from the pod): every frontend, per packet,

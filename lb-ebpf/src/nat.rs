@@ -1,13 +1,15 @@
-//! Packet parsing and rewriting for the tc datapath (IPv4 and IPv6 over Ethernet). Headers
-//! are read straight from the packet's linear data (one bounds check, no helper call: every
-//! packet of the device runs this), or through `bpf_skb_load_bytes` when they are not all in
-//! the linear part; writes go through `bpf_skb_store_bytes`. Checksums are fixed
-//! incrementally, with the L4 checksum's own offset (never a port's offset) and the
-//! pseudo-header flag for addresses.
+//! Packet parsing and rewriting for the per-packet datapath (IPv4 and IPv6 over Ethernet), at
+//! tc and at XDP alike: the hooks differ only in how they reach the packet, which [`Frame`]
+//! hides. Headers are read straight from the packet's linear data (one bounds check, no
+//! helper call: every packet of the device runs this), or through `bpf_skb_load_bytes` when
+//! they are not all in the linear part; writes go through `bpf_skb_store_bytes` (tc) or
+//! direct writes (XDP). Checksums are fixed incrementally, with the L4 checksum's
+//! own offset (never a port's offset) and the pseudo-header flag for addresses.
 //!
 //! Addresses are held as four network-order words whatever the family, IPv4 ones
 //! IPv4-mapped, as the conntrack map keys them.
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::generated::bpf_csum_diff,
     programs::TcContext,
@@ -28,6 +30,116 @@ const IP_MF_OFFSET: u16 = 0x3fff;
 
 /// An error of a helper that rewrote part of a packet: the packet must not go on.
 pub struct RewriteError;
+
+/// How a hook reaches its packet: tc's socket buffer, or XDP's frame (`xdp.rs`). The
+/// translation is written once over this; the helpers' flags keep tc's meaning.
+pub trait Frame: EbpfContext {
+    /// Whether the hook forwards SNATed packets itself: their source becomes a node
+    /// address, which the kernel's input path would drop as a martian, so tc redirects them
+    /// to their next hop. XDP leaves them to tc (see `xdp.rs`).
+    const SNAT: bool;
+    /// Whether the hook answers a packet for a Service without endpoints with an ICMP
+    /// reject itself (a new packet: tc only).
+    const REJECT: bool;
+    /// The monitor's `MON_HOOK_*` for a flow from outside the node started here.
+    const OUTSIDE_HOOK: u8;
+    /// Start and end of the packet's directly readable (linear) data.
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Whether some of the packet lies beyond [`Frame::data_end`].
+    fn beyond_linear(&self) -> bool;
+    /// The `T` at `off` bytes into the packet, read through a helper.
+    fn load<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Writes `value` at `off` bytes into the packet.
+    fn store<T>(&self, off: usize, value: &T) -> Result<(), RewriteError>;
+    /// `bpf_l3_csum_replace`: the checksum at `off` for `from` becoming `to` (`size` 2 or 4
+    /// bytes).
+    fn l3_csum_replace(
+        &self,
+        off: usize,
+        from: u64,
+        to: u64,
+        size: u64,
+    ) -> Result<(), RewriteError>;
+    /// `bpf_l4_csum_replace`: as [`Frame::l3_csum_replace`], `flags` holding the size (0:
+    /// `to` is a `bpf_csum_diff` result), `BPF_F_PSEUDO_HDR` and `BPF_F_MARK_MANGLED_0`.
+    fn l4_csum_replace(
+        &self,
+        off: usize,
+        from: u64,
+        to: u64,
+        flags: u64,
+    ) -> Result<(), RewriteError>;
+    /// The device the packet arrived on.
+    fn ifindex(&self) -> u32;
+    /// Sends the (translated) packet to its next hop; the hook's action. Asked only when
+    /// [`Frame::SNAT`].
+    fn redirect(&self, packet: &Packet) -> Result<i32, RewriteError>;
+}
+
+impl Frame for TcContext {
+    const SNAT: bool = true;
+    const REJECT: bool = true;
+    const OUTSIDE_HOOK: u8 = lb_common::MON_HOOK_TC_EXTERNAL;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn beyond_linear(&self) -> bool {
+        TcContext::data(self) + self.len() as usize > TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        TcContext::load(self, off).ok()
+    }
+
+    #[inline(always)]
+    fn store<T>(&self, off: usize, value: &T) -> Result<(), RewriteError> {
+        TcContext::store(self, off, value, 0).map_err(|_| RewriteError)
+    }
+
+    #[inline(always)]
+    fn l3_csum_replace(
+        &self,
+        off: usize,
+        from: u64,
+        to: u64,
+        size: u64,
+    ) -> Result<(), RewriteError> {
+        TcContext::l3_csum_replace(self, off, from, to, size).map_err(|_| RewriteError)
+    }
+
+    #[inline(always)]
+    fn l4_csum_replace(
+        &self,
+        off: usize,
+        from: u64,
+        to: u64,
+        flags: u64,
+    ) -> Result<(), RewriteError> {
+        TcContext::l4_csum_replace(self, off, from, to, flags).map_err(|_| RewriteError)
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        // SAFETY: the skb context is valid for the run of the program.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+
+    #[inline(always)]
+    fn redirect(&self, packet: &Packet) -> Result<i32, RewriteError> {
+        crate::fib::redirect(self, packet)
+    }
+}
 
 /// The `T` at `off` bytes into the packet data starting at `data`.
 ///
@@ -76,10 +188,10 @@ impl Packet {
     /// one's flow would need reassembly state this datapath does not keep), and for IPv6
     /// packets with extension headers before TCP/UDP (they pass untranslated too).
     #[inline(always)]
-    pub fn parse(ctx: &TcContext) -> Option<Self> {
+    pub fn parse<C: Frame>(ctx: &C) -> Option<Self> {
         let packet = Self::parse_linear(ctx);
         // Headers may lie beyond the linear data only when there is data beyond it.
-        if packet.is_none() && ctx.data() + ctx.len() as usize > ctx.data_end() {
+        if packet.is_none() && ctx.beyond_linear() {
             return Self::parse_loaded(ctx);
         }
         packet
@@ -88,7 +200,7 @@ impl Packet {
     /// [`Packet::parse`] from the linear data: `None` also when the headers are not all in
     /// it.
     #[inline(always)]
-    fn parse_linear(ctx: &TcContext) -> Option<Self> {
+    fn parse_linear<C: Frame>(ctx: &C) -> Option<Self> {
         let data = ctx.data();
         let end = ctx.data_end();
         // The Ethernet header and a fixed IPv4 header (an IPv6 one is checked below).
@@ -167,8 +279,8 @@ impl Packet {
     /// (Inlined: as a BPF function its `Option<Packet>` result would put a Rust enum's
     /// union, with its tag at a non-zero offset, into the BTF, which the kernel refuses.)
     #[inline(always)]
-    fn parse_loaded(ctx: &TcContext) -> Option<Self> {
-        match u16::from_be(ctx.load::<u16>(12).ok()?) {
+    fn parse_loaded<C: Frame>(ctx: &C) -> Option<Self> {
+        match u16::from_be(ctx.load::<u16>(12)?) {
             ETH_P_IP => Self::parse4(ctx),
             ETH_P_IPV6 => Self::parse6(ctx),
             _ => None,
@@ -176,8 +288,8 @@ impl Packet {
     }
 
     #[inline(always)]
-    fn parse4(ctx: &TcContext) -> Option<Self> {
-        let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    fn parse4<C: Frame>(ctx: &C) -> Option<Self> {
+        let version_ihl: u8 = ctx.load(ETH_HLEN)?;
         if version_ihl >> 4 != 4 {
             return None;
         }
@@ -185,42 +297,42 @@ impl Packet {
         if ihl < 5 {
             return None;
         }
-        let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+        let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6)?);
         if frag & IP_MF_OFFSET != 0 {
             return None;
         }
-        let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+        let proto: u8 = ctx.load(ETH_HLEN + 9)?;
         Self::with_ports(
             ctx,
             proto,
             ETH_HLEN + ihl * 4,
-            to_v4_mapped(ctx.load(IP_SRC_OFF).ok()?),
-            to_v4_mapped(ctx.load(IP_DST_OFF).ok()?),
+            to_v4_mapped(ctx.load(IP_SRC_OFF)?),
+            to_v4_mapped(ctx.load(IP_DST_OFF)?),
             false,
         )
     }
 
     #[inline(always)]
-    fn parse6(ctx: &TcContext) -> Option<Self> {
-        let version: u8 = ctx.load(ETH_HLEN).ok()?;
+    fn parse6<C: Frame>(ctx: &C) -> Option<Self> {
+        let version: u8 = ctx.load(ETH_HLEN)?;
         if version >> 4 != 6 {
             return None;
         }
-        let next_header: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+        let next_header: u8 = ctx.load(ETH_HLEN + 6)?;
         Self::with_ports(
             ctx,
             next_header,
             ETH_HLEN + IP6_HLEN,
-            ctx.load(IP6_SRC_OFF).ok()?,
-            ctx.load(IP6_DST_OFF).ok()?,
+            ctx.load(IP6_SRC_OFF)?,
+            ctx.load(IP6_DST_OFF)?,
             true,
         )
     }
 
     /// The packet, with the ports and TCP flags of the L4 header at `l4_off`.
     #[inline(always)]
-    fn with_ports(
-        ctx: &TcContext,
+    fn with_ports<C: Frame>(
+        ctx: &C,
         proto: u8,
         l4_off: usize,
         saddr: [u32; 4],
@@ -231,15 +343,15 @@ impl Packet {
             return None;
         }
         let tcp_flags = if proto == PROTO_TCP {
-            ctx.load::<u8>(l4_off + 13).ok()?
+            ctx.load::<u8>(l4_off + 13)?
         } else {
             0
         };
         Some(Self {
             saddr,
             daddr,
-            sport: ctx.load(l4_off).ok()?,
-            dport: ctx.load(l4_off + 2).ok()?,
+            sport: ctx.load(l4_off)?,
+            dport: ctx.load(l4_off + 2)?,
             proto,
             tcp_flags,
             v6,
@@ -271,9 +383,9 @@ impl Packet {
     /// Rewrites the destination to `addr:port` (network order; `addr` of the packet's
     /// family, IPv4-mapped for IPv4).
     #[inline(always)]
-    pub fn set_dst(
+    pub fn set_dst<C: Frame>(
         &mut self,
-        ctx: &TcContext,
+        ctx: &C,
         addr: [u32; 4],
         port: u16,
     ) -> Result<(), RewriteError> {
@@ -287,9 +399,9 @@ impl Packet {
 
     /// Rewrites the source to `addr:port` (as [`Packet::set_dst`]).
     #[inline(always)]
-    pub fn set_src(
+    pub fn set_src<C: Frame>(
         &mut self,
-        ctx: &TcContext,
+        ctx: &C,
         addr: [u32; 4],
         port: u16,
     ) -> Result<(), RewriteError> {
@@ -302,9 +414,9 @@ impl Packet {
     }
 
     #[inline(always)]
-    fn set_addr(
+    fn set_addr<C: Frame>(
         &self,
-        ctx: &TcContext,
+        ctx: &C,
         off: usize,
         old: &[u32; 4],
         new: &[u32; 4],
@@ -315,11 +427,9 @@ impl Packet {
         if !self.v6 {
             let (old, new) = (old[3], new[3]);
             let flags = u64::from(BPF_F_PSEUDO_HDR) | self.l4_flags() | 4;
-            ctx.l4_csum_replace(self.csum_off(), u64::from(old), u64::from(new), flags)
-                .map_err(|_| RewriteError)?;
-            ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)
-                .map_err(|_| RewriteError)?;
-            return ctx.store(off, &new, 0).map_err(|_| RewriteError);
+            ctx.l4_csum_replace(self.csum_off(), u64::from(old), u64::from(new), flags)?;
+            ctx.l3_csum_replace(IP_CSUM_OFF, u64::from(old), u64::from(new), 4)?;
+            return ctx.store(off, &new);
         }
         // IPv6 has no header checksum; the L4 one covers both addresses through the
         // pseudo-header: fold the 16-byte difference in.
@@ -331,15 +441,14 @@ impl Packet {
             return Err(RewriteError);
         }
         let flags = u64::from(BPF_F_PSEUDO_HDR) | self.l4_flags();
-        ctx.l4_csum_replace(self.csum_off(), 0, diff as u64, flags)
-            .map_err(|_| RewriteError)?;
-        ctx.store(off, new, 0).map_err(|_| RewriteError)
+        ctx.l4_csum_replace(self.csum_off(), 0, diff as u64, flags)?;
+        ctx.store(off, new)
     }
 
     #[inline(always)]
-    fn set_port(
+    fn set_port<C: Frame>(
         &self,
-        ctx: &TcContext,
+        ctx: &C,
         off: usize,
         old: u16,
         new: u16,
@@ -348,8 +457,7 @@ impl Packet {
             return Ok(());
         }
         let flags = self.l4_flags() | 2;
-        ctx.l4_csum_replace(self.csum_off(), u64::from(old), u64::from(new), flags)
-            .map_err(|_| RewriteError)?;
-        ctx.store(off, &new, 0).map_err(|_| RewriteError)
+        ctx.l4_csum_replace(self.csum_off(), u64::from(old), u64::from(new), flags)?;
+        ctx.store(off, &new)
     }
 }

@@ -1,5 +1,5 @@
-//! The tc datapath (after Cilium's `nodeport.h` and `bpf_lxc.c`, without the XDP and DSR
-//! variants), for IPv4 and IPv6 alike:
+//! The tc datapath (after Cilium's `nodeport.h` and `bpf_lxc.c`, without the DSR variant),
+//! for IPv4 and IPv6 alike:
 //! - on the external devices' ingress, a packet from outside the node to a NodePort on a
 //!   node address, to an external IP or to a LoadBalancer IP is DNATed to a backend
 //!   (SNATed too when the backend is on another node under `externalTrafficPolicy:
@@ -13,6 +13,10 @@
 //! Every flow is tracked in the conntrack tables (`conntrack.rs`): only a TCP SYN starts a
 //! TCP flow, and it counts as established once its client completes the handshake; the
 //! kernel routes the translated packets.
+//!
+//! The ingress path is written over [`Frame`], so the XDP program of the external devices
+//! (`xdp.rs`, `--nodeport-acceleration`) runs this same code on the same maps; what XDP
+//! leaves to tc ends in [`Error::LeftToTc`].
 use aya_ebpf::{
     bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_get_prandom_u32,
     programs::TcContext,
@@ -20,9 +24,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use lb_common::{
     BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Counter, CtValue, FrontendId,
-    MON_HOOK_TC_EXTERNAL, MON_HOOK_TC_POD, MON_OUT_FIREWALLED, MON_OUT_NO_ENDPOINTS,
-    MON_OUT_NO_LOCAL_ENDPOINTS, MON_OUT_TRANSLATED, MON_PICK_RANDOM, PROTO_TCP, SNAT_PORT_COUNT,
-    SNAT_PORT_MIN, SVC_F_LOCAL, SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
+    MON_HOOK_TC_POD, MON_OUT_FIREWALLED, MON_OUT_NO_ENDPOINTS, MON_OUT_NO_LOCAL_ENDPOINTS,
+    MON_OUT_TRANSLATED, MON_PICK_RANDOM, PROTO_TCP, SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_F_LOCAL,
+    SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
 };
 
 use crate::{
@@ -30,10 +34,9 @@ use crate::{
     conntrack,
     counters::count,
     family::{Family, V4, V6},
-    fib,
     maps::{LB_SOURCE_RANGES, NEW_FLOW, NewFlow},
     monitor::{self, Decision},
-    nat::{Packet, RewriteError, same_addr},
+    nat::{Frame, Packet, RewriteError, same_addr},
     reject,
     xlate::{self, Pick, Picked, Scope},
 };
@@ -62,6 +65,19 @@ pub enum Error {
     NoBackends { local: bool },
     /// A TCP packet to a frontend that is no SYN and belongs to no tracked flow.
     OutOfFlow,
+    /// Something the hook does not do itself (XDP: SNATed packets, rejects): the packet
+    /// goes on untranslated to tc ingress, which does it with the same maps.
+    LeftToTc,
+}
+
+/// What became of a packet the datapath let go on.
+pub enum Outcome {
+    /// Not for the datapath (or nothing to change): it goes on as it is.
+    Untouched,
+    /// Translated: the kernel routes it.
+    Translated,
+    /// Translated and redirected to its next hop: the helper's action.
+    Redirected(i32),
 }
 
 impl From<RewriteError> for Error {
@@ -72,17 +88,14 @@ impl From<RewriteError> for Error {
 
 /// Maps an outcome to the tc action, logging what is not a plain drop by policy.
 #[inline(always)]
-pub fn action(ctx: &TcContext, result: Result<i32, Error>) -> i32 {
+pub fn action(ctx: &TcContext, result: Result<Outcome, Error>) -> i32 {
     match result {
-        Ok(action) => action,
-        // kube-proxy drops traffic to a Local-policy frontend without local endpoints
-        // while the Service has endpoints elsewhere...
-        Err(Error::NoBackends { local: true }) => {
-            count(Counter::NoEndpoints);
-            SHOT
-        }
-        // ...and rejects traffic to a Service without endpoints: ICMP port unreachable, so
-        // the client fails at once instead of after its timeout (at most
+        Ok(Outcome::Untouched | Outcome::Translated) => PASS,
+        Ok(Outcome::Redirected(action)) => action,
+        // Never at tc itself.
+        Err(Error::LeftToTc) => PASS,
+        // kube-proxy rejects traffic to a Service without endpoints: ICMP port unreachable,
+        // so the client fails at once instead of after its timeout (at most
         // `lb_common::ICMP_PER_SEC` replies per second and CPU, as the kernel limits its own).
         Err(Error::NoBackends { local: false }) => {
             count(Counter::NoEndpoints);
@@ -95,32 +108,35 @@ pub fn action(ctx: &TcContext, result: Result<i32, Error>) -> i32 {
                 SHOT
             })
         }
-        // kube-proxy drops conntrack's INVALID packets, silently.
-        Err(Error::OutOfFlow) => {
-            count(Counter::TcpOutOfFlowDropped);
-            SHOT
-        }
-        Err(Error::Rewrite) => {
-            count(Counter::RewriteFailed);
-            warn!(ctx, "lb tc: rewriting a packet failed; dropped");
-            SHOT
-        }
-        // Counted, not logged: a full table is what a flood looks like, and a log line per
-        // packet would be the flood's second victim.
-        Err(Error::Conntrack) => {
-            count(Counter::ConntrackFull);
-            SHOT
-        }
-        // kube-proxy's firewall chain drops, silently.
-        Err(Error::Firewalled) => {
-            count(Counter::Firewalled);
-            SHOT
-        }
-        Err(Error::NoSnatPort) => {
-            count(Counter::SnatPortsExhausted);
+        Err(error) => {
+            dropped(ctx, &error);
             SHOT
         }
     }
+}
+
+/// Counts why a packet is dropped (a failed rewrite is logged too), at tc or XDP.
+#[inline(always)]
+pub fn dropped<C: Frame>(ctx: &C, error: &Error) {
+    let counter = match error {
+        // kube-proxy drops traffic to a Local-policy frontend without local endpoints
+        // while the Service has endpoints elsewhere.
+        Error::NoBackends { .. } => Counter::NoEndpoints,
+        // kube-proxy drops conntrack's INVALID packets, silently.
+        Error::OutOfFlow => Counter::TcpOutOfFlowDropped,
+        Error::Rewrite => {
+            warn!(ctx, "lb: rewriting a packet failed; dropped");
+            Counter::RewriteFailed
+        }
+        // Counted, not logged: a full table is what a flood looks like, and a log line per
+        // packet would be the flood's second victim.
+        Error::Conntrack => Counter::ConntrackFull,
+        // kube-proxy's firewall chain drops, silently.
+        Error::Firewalled => Counter::Firewalled,
+        Error::NoSnatPort => Counter::SnatPortsExhausted,
+        Error::LeftToTc => return,
+    };
+    count(counter);
 }
 
 /// Where the packets a program sees come from, which decides what they may reach.
@@ -136,9 +152,9 @@ pub enum Origin {
 /// Ingress: replies of SNATed flows back to their client, packets of tracked flows on to
 /// their backend, and the first packet of a flow to a frontend to a backend chosen now.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, Error> {
+pub fn ingress<C: Frame>(ctx: &C, origin: Origin) -> Result<Outcome, Error> {
     let Some(mut packet) = Packet::parse(ctx) else {
-        return Ok(PASS);
+        return Ok(Outcome::Untouched);
     };
     let now = conntrack::now();
     // Replies to SNATed flows: from backends on other nodes (outside), or from a pod to
@@ -154,21 +170,21 @@ pub fn ingress(ctx: &TcContext, origin: Origin) -> Result<i32, Error> {
         Tracked::No => false,
     };
     let flow = if packet.v6 {
-        new_flow::<V6>(ctx, &packet, origin, was_tracked)?
+        new_flow::<V6, C>(ctx, &packet, origin, was_tracked)?
     } else {
-        new_flow::<V4>(ctx, &packet, origin, was_tracked)?
+        new_flow::<V4, C>(ctx, &packet, origin, was_tracked)?
     };
     match flow {
         // SAFETY: this CPU's scratch slot, ours until the program returns.
         Some(flow) => start_flow(ctx, &mut packet, unsafe { &mut *flow }, now),
-        None => Ok(PASS),
+        None => Ok(Outcome::Untouched),
     }
 }
 
 /// What [`tracked`] found for a packet.
 enum Tracked {
-    /// The packet belongs to a tracked flow and was translated: this is its action.
-    Translated(i32),
+    /// The packet belongs to a tracked flow and was translated: this is what became of it.
+    Translated(Outcome),
     /// It belonged to a flow whose backend is gone (or whose connection closed while a new
     /// one reuses its ports): the flow starts again, whatever the packet.
     BackendGone,
@@ -179,7 +195,7 @@ enum Tracked {
 /// A packet of a tracked flow goes on to the flow's backend.
 // Its own BPF function: the stack of each call stays within the 512-byte limit.
 #[inline(never)]
-fn tracked(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Tracked, Error> {
+fn tracked<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Tracked, Error> {
     let orig_key = conntrack::key(packet, CT_DIR_ORIG);
     let Some(entry) = conntrack::lookup(&orig_key, now) else {
         return Ok(Tracked::No);
@@ -195,6 +211,10 @@ fn tracked(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Tracked, Er
         conntrack::remove(&orig_key, entry.table);
         return Ok(Tracked::BackendGone);
     }
+    // SAFETY: as above.
+    if !C::SNAT && unsafe { (*entry.value).flags } & CT_F_SNAT != 0 {
+        return Err(Error::LeftToTc);
+    }
     let mut entry = entry;
     conntrack::touch(&mut entry, &orig_key, packet, CT_DIR_ORIG, now);
     // SAFETY: as above.
@@ -205,7 +225,7 @@ fn tracked(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Tracked, Er
 /// frontend it dialled; `None` when the packet is not one.
 // Its own BPF function: the stack of each call stays within the 512-byte limit.
 #[inline(never)]
-fn snat_reply(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Option<i32>, Error> {
+fn snat_reply<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Option<Outcome>, Error> {
     let reply_key = conntrack::key(packet, CT_DIR_REPLY);
     let Some(entry) = conntrack::lookup(&reply_key, now) else {
         return Ok(None);
@@ -214,6 +234,9 @@ fn snat_reply(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Option<i
     if unsafe { (*entry.value).flags } & CT_F_SNAT == 0 {
         return Ok(None);
     }
+    if !C::SNAT {
+        return Err(Error::LeftToTc);
+    }
     let mut entry = entry;
     conntrack::touch(&mut entry, &reply_key, packet, CT_DIR_REPLY, now);
     // SAFETY: as above; read in place, as the stack is tight.
@@ -221,32 +244,32 @@ fn snat_reply(ctx: &TcContext, packet: &mut Packet, now: u64) -> Result<Option<i
     packet.set_dst(ctx, value.snat_addr, value.snat_port)?;
     packet.set_src(ctx, value.nat_addr, value.nat_port)?;
     // Its source is now a node address: the stack would drop it as a martian.
-    Ok(Some(fib::redirect(ctx, packet)?))
+    Ok(Some(Outcome::Redirected(ctx.redirect(packet)?)))
 }
 
 /// Egress: a backend's reply of a tracked flow leaves with the frontend the client dialled
 /// as its source (towards a client outside the node, or a pod of this node).
 #[inline(always)]
-pub fn egress(ctx: &TcContext) -> Result<i32, Error> {
+pub fn egress(ctx: &TcContext) -> Result<Outcome, Error> {
     let Some(mut packet) = Packet::parse(ctx) else {
-        return Ok(PASS);
+        return Ok(Outcome::Untouched);
     };
     let now = conntrack::now();
     let key = conntrack::key(&packet, CT_DIR_REPLY);
     let Some(entry) = conntrack::lookup(&key, now) else {
-        return Ok(PASS);
+        return Ok(Outcome::Untouched);
     };
     // SAFETY: a map value pointer, valid for the run of the program.
     if unsafe { (*entry.value).flags } & CT_F_SNAT != 0 {
         // Replies of SNATed flows come in through ingress, never out here.
-        return Ok(PASS);
+        return Ok(Outcome::Untouched);
     }
     let mut entry = entry;
     conntrack::touch(&mut entry, &key, &packet, CT_DIR_REPLY, now);
     // SAFETY: as above.
     let (address, port) = unsafe { ((*entry.value).nat_addr, (*entry.value).nat_port) };
     packet.set_src(ctx, address, port)?;
-    Ok(PASS)
+    Ok(Outcome::Translated)
 }
 
 /// The first packet of a flow: if it is addressed to a frontend it may reach, picks a
@@ -256,8 +279,8 @@ pub fn egress(ctx: &TcContext) -> Result<i32, Error> {
 /// (`was_tracked`): it starts again, so the client hears from a live backend (a reset).
 // Its own BPF function: the stack of each call stays within the 512-byte limit.
 #[inline(never)]
-fn new_flow<F: Family>(
-    ctx: &TcContext,
+fn new_flow<F: Family, C: Frame>(
+    ctx: &C,
     packet: &Packet,
     origin: Origin,
     was_tracked: bool,
@@ -279,18 +302,22 @@ fn new_flow<F: Family>(
     if master.flags & SVC_F_SOURCE_RANGES != 0 && !source_allowed(master.rev_nat_id, &packet.saddr)
     {
         let decision = Decision::refused(MON_OUT_FIREWALLED, master.rev_nat_id, master.flags);
-        monitor_tc(packet, origin, &decision);
+        monitor_tc::<C>(packet, origin, &decision);
         return Err(Error::Firewalled);
     }
     if master.count == 0 {
         let local = master.flags & SVC_F_NO_LOCAL != 0;
+        // The reject is a new packet: tc ingress answers it (and tells the monitor).
+        if !local && !C::REJECT {
+            return Err(Error::LeftToTc);
+        }
         let outcome = if local {
             MON_OUT_NO_LOCAL_ENDPOINTS
         } else {
             MON_OUT_NO_ENDPOINTS
         };
         let decision = Decision::refused(outcome, master.rev_nat_id, master.flags);
-        monitor_tc(packet, origin, &decision);
+        monitor_tc::<C>(packet, origin, &decision);
         return Err(Error::NoBackends { local });
     }
     if packet.proto == PROTO_TCP && !was_tracked && !conntrack::is_syn(packet) {
@@ -326,7 +353,7 @@ fn new_flow<F: Family>(
         backend: F::wire(address),
         backend_port: port,
     };
-    monitor_tc(packet, origin, &decision);
+    monitor_tc::<C>(packet, origin, &decision);
     // A backend on another node needs SNAT under `externalTrafficPolicy: Cluster` so its
     // replies come back through this node (under Local there is none, and the client
     // address is kept). A pod's address is routable in the cluster: its flows need none,
@@ -345,7 +372,7 @@ fn new_flow<F: Family>(
     orig.snat_addr = if hairpin {
         F::hairpin()
     } else if snat {
-        snat_address::<F>(ctx, packet)
+        snat_address::<F, C>(ctx, packet)
     } else {
         [0; 4]
     };
@@ -366,12 +393,12 @@ fn new_flow<F: Family>(
 /// SNAT port yet) and translates its first packet.
 // Its own BPF function: the stack of each call stays within the 512-byte limit.
 #[inline(never)]
-fn start_flow(
-    ctx: &TcContext,
+fn start_flow<C: Frame>(
+    ctx: &C,
     packet: &mut Packet,
     flow: &mut NewFlow,
     now: u64,
-) -> Result<i32, Error> {
+) -> Result<Outcome, Error> {
     flow.orig_key = conntrack::key(packet, CT_DIR_ORIG);
     // The reply restores the frontend as the client dialled it (a NodePort: this node's
     // address it was sent to).
@@ -424,24 +451,28 @@ fn start_flow(
 
 /// Applies the original direction's translation of a tracked flow; an SNATed packet is
 /// redirected to its next hop (its source is a node address now), the others are routed
-/// by the kernel.
+/// by the kernel. A hook that does not forward SNATed packets leaves them untouched to tc.
 #[inline(always)]
-fn translate(ctx: &TcContext, packet: &mut Packet, value: &CtValue) -> Result<i32, Error> {
-    packet.set_dst(ctx, value.nat_addr, value.nat_port)?;
-    if value.flags & CT_F_SNAT != 0 {
-        packet.set_src(ctx, value.snat_addr, value.snat_port)?;
-        return Ok(fib::redirect(ctx, packet)?);
+fn translate<C: Frame>(ctx: &C, packet: &mut Packet, value: &CtValue) -> Result<Outcome, Error> {
+    let snat = value.flags & CT_F_SNAT != 0;
+    if snat && !C::SNAT {
+        return Err(Error::LeftToTc);
     }
-    Ok(PASS)
+    packet.set_dst(ctx, value.nat_addr, value.nat_port)?;
+    if snat {
+        packet.set_src(ctx, value.snat_addr, value.snat_port)?;
+        return Ok(Outcome::Redirected(ctx.redirect(packet)?));
+    }
+    Ok(Outcome::Translated)
 }
 
 /// Describes a new flow's decision to the monitor.
 // Its own BPF function: inlined, it changed `new_flow`'s register allocation enough for the
 // verifier to refuse it ("cannot return stack pointer to the caller").
 #[inline(never)]
-fn monitor_tc(packet: &Packet, origin: Origin, decision: &Decision) {
+fn monitor_tc<C: Frame>(packet: &Packet, origin: Origin, decision: &Decision) {
     let hook = match origin {
-        Origin::Outside => MON_HOOK_TC_EXTERNAL,
+        Origin::Outside => C::OUTSIDE_HOOK,
         Origin::Pod => MON_HOOK_TC_POD,
     };
     monitor::tc(
@@ -488,13 +519,11 @@ fn backend_is_current_in<F: Family>(value: &CtValue) -> bool {
 /// The SNAT source: the node address the packet was sent to, else the address of the
 /// device it arrived on.
 #[inline(always)]
-fn snat_address<F: Family>(ctx: &TcContext, packet: &Packet) -> [u32; 4] {
+fn snat_address<F: Family, C: Frame>(ctx: &C, packet: &Packet) -> [u32; 4] {
     if F::is_node_addr(F::from_wire(&packet.daddr)) {
         return packet.daddr;
     }
-    // SAFETY: the skb context is valid for the run of the program.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    F::device_addr(ifindex).unwrap_or(packet.daddr)
+    F::device_addr(ctx.ifindex()).unwrap_or(packet.daddr)
 }
 
 /// Whether `saddr` (wire form) is inside one of the `loadBalancerSourceRanges` of the

@@ -424,6 +424,12 @@ impl Agent {
         self.summary_part("counters")
     }
 
+    /// The agent's pinned links (`lb-agent services --summary -o json`): `connect4`,
+    /// `tc-ingress-ext0`, `xdp-ext0`...
+    pub fn links(&self) -> Result<Vec<String>, String> {
+        self.summary_part("links")
+    }
+
     /// The member `part` of `lb-agent services --summary --output json`.
     fn summary_part<T: serde::de::DeserializeOwned>(&self, part: &str) -> Result<T, String> {
         let mut command = Command::new(&self.bin);

@@ -18,6 +18,7 @@ mod agent;
 mod kubeproxy;
 mod lab;
 mod lifecycle;
+mod nodeport;
 mod plot;
 mod report;
 mod results;
@@ -111,6 +112,12 @@ pub struct Args {
     /// upgrade, then a downgrade).
     #[arg(long, value_name = "BIN", requires = "lifecycle")]
     upgrade_to: Option<PathBuf>,
+    /// Instead of the sweep: a client outside the node against a NodePort, direct to the pod,
+    /// through tc and through XDP (`--nodeport-acceleration native`) in the same run, with
+    /// each program's ns per run; the table goes into benchmarks.md (--rounds, --crr-ms as
+    /// the run length, --workers, --out apply).
+    #[arg(long)]
+    nodeport: bool,
     /// Measure nothing: write the report again from the raw results of the last run
     /// (target/bench/results.json, or results-quick.json with --quick).
     #[arg(long)]
@@ -259,6 +266,15 @@ pub fn run(args: &Args) -> Result<()> {
         None if args.quick => crate::target_dir().join("bench-quick"),
         None => crate::repo_root().join("docs"),
     };
+    if args.nodeport {
+        return nodeport::run(&nodeport::Settings {
+            quick: args.quick,
+            rounds: args.rounds.unwrap_or(if args.quick { 2 } else { 5 }),
+            duration_ms: args.crr_ms.unwrap_or(if args.quick { 300 } else { 2000 }),
+            workers: args.workers,
+            out: out.clone(),
+        });
+    }
     if args.lifecycle {
         return lifecycle::run(&lifecycle::Settings {
             quick: args.quick,

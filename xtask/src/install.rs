@@ -20,6 +20,8 @@ pub const BUILD_APT_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
     "curl",
+    // The XDP tests turn the client's checksum offload off (full checksums on the wire).
+    "ethtool",
 ];
 
 /// bpf-linker links against this LLVM (`--features llvm-22`).

@@ -6,9 +6,9 @@ use std::{
 };
 
 use lb_common::{
-    MON_HOOK_CONNECT, MON_HOOK_SENDMSG, MON_HOOK_TC_EXTERNAL, MON_HOOK_TC_POD, MON_OUT_FIREWALLED,
-    MON_OUT_NO_ENDPOINTS, MON_OUT_NO_LOCAL_ENDPOINTS, MON_OUT_TRANSLATED, MON_PICK_AFFINITY,
-    MON_PICK_SOCKET_HASH, MonitorEvent, SVC_F_LOCAL, v4_mapped,
+    MON_HOOK_CONNECT, MON_HOOK_SENDMSG, MON_HOOK_TC_EXTERNAL, MON_HOOK_TC_POD, MON_HOOK_XDP,
+    MON_OUT_FIREWALLED, MON_OUT_NO_ENDPOINTS, MON_OUT_NO_LOCAL_ENDPOINTS, MON_OUT_TRANSLATED,
+    MON_PICK_AFFINITY, MON_PICK_SOCKET_HASH, MonitorEvent, SVC_F_LOCAL, v4_mapped,
 };
 use serde::Serialize;
 
@@ -101,6 +101,7 @@ pub fn decode(event: &MonitorEvent, wall: std::time::SystemTime) -> Decision {
         MON_HOOK_CONNECT => "connect",
         MON_HOOK_SENDMSG => "sendmsg",
         MON_HOOK_TC_EXTERNAL => "tc-external",
+        MON_HOOK_XDP => "xdp",
         MON_HOOK_TC_POD => "tc-pod",
         _ => "unknown",
     };

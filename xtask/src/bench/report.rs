@@ -95,8 +95,13 @@ pub fn write(dir: &Path, outcome: &Outcome) -> Result<()> {
     plot::connections(&plots.join("tcp-crr.svg"), outcome)?;
     plot::sync(&plots.join("sync.svg"), outcome)?;
     let file = dir.join("benchmarks.md");
-    std::fs::write(&file, markdown(outcome))
-        .with_context(|| format!("cannot write {}", file.display()))
+    // The `--nodeport` run's section is its own: a sweep keeps it.
+    let old = std::fs::read_to_string(&file).unwrap_or_default();
+    let mut text = markdown(outcome);
+    if let Some(section) = super::nodeport::section(&old) {
+        text = format!("{}\n\n{section}\n", text.trim_end());
+    }
+    std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))
 }
 
 /// The variants of the run that measure a data path, in table order.
