@@ -26,6 +26,9 @@ pub struct DnsIndex {
     namespaces: HashMap<Arc<str>, u32>,
     /// The Services whose ClusterIP or ready endpoint each address is.
     ptr: HashMap<IpAddr, SmallVec<[ObjectRef; 1]>>,
+    /// Counts the changes: an answer encoded from one generation is the answer to the
+    /// same question as long as the generation is the same (the server's answer cache).
+    generation: u64,
 }
 
 /// A Service's name borrowed from a question: looks up an [`ObjectRef`] without building
@@ -45,6 +48,9 @@ impl Equivalent<ObjectRef> for NameRef<'_> {
 impl DnsIndex {
     /// Replaces the records of each Service named (`None`: removes them).
     pub fn apply(&mut self, changes: Vec<(ObjectRef, Option<ServiceRecords>)>) {
+        // Before the writer's lock is released, so no reader sees the new records under
+        // the old generation.
+        self.generation = self.generation.wrapping_add(1);
         for (id, records) in changes {
             if let Some(old) = self.services.remove(&id) {
                 self.unlink(&id, &old);
@@ -115,6 +121,12 @@ impl DnsIndex {
         self.services
             .iter()
             .filter(move |(id, _)| &*id.namespace == namespace)
+    }
+
+    /// Which state of the index this is: it changes with every [`apply`](Self::apply).
+    #[must_use]
+    pub const fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// How many Services have records.

@@ -1,76 +1,148 @@
-//! The UDP side of the DNS server: one task per socket reads a query, answers it in place
-//! and sends the answer, with no task, channel or lock per message.
+//! The UDP side of the DNS server: one socket read by one thread per core, each reading a
+//! query, answering it in place and sending the answer, with no task, channel or lock per
+//! message, and off the agent's runtime, whose work (a sync, a conntrack sweep) never
+//! delays an answer.
 //!
 //! hickory's server spawns a task per UDP message and sends its answer through a channel
 //! to the socket's task, which cost a quarter of the answering rate (dnsmasq answered
-//! 1 / 0.78 as many queries). Here the same [`RequestHandler`] answers each query, polled
-//! once on the reading task: an answer from the index completes at once; only a query that
-//! waits for an upstream (a forwarded name, an ExternalName target) becomes a task of its
-//! own. Decoding, encoding and truncation stay hickory's: an undecodable query with a
-//! header gets FORMERR, an answer that does not fit the client's buffer is truncated (TC).
+//! 1 / 0.78 as many queries). Here [`Handler::answer_udp`] answers each query on the
+//! reading thread: from the answer cache, or decoded, resolved and encoded by hickory; only
+//! a query that waits for an upstream (a forwarded name, an ExternalName target) becomes a
+//! task of the agent's runtime.
+//!
+//! One socket for all threads rather than one `SO_REUSEPORT` socket each: the kernel hashes
+//! a client's address to one of those sockets, so a few busy clients (a node's resolvers,
+//! dnsperf's four) could all land on one thread while the other idles; threads reading one
+//! socket each take the next query.
 use std::{
     future::Future,
-    net::SocketAddr,
-    sync::Arc,
+    io,
+    net::{SocketAddr, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll, Waker},
+    time::Duration,
 };
 
 use hickory_server::{
-    net::{NetError, runtime::TokioTime, xfer::Protocol},
-    proto::{
-        op::{Header, Message, MessageType, ResponseCode},
-        rr::Record,
-        serialize::binary::{BinDecodable as _, BinDecoder, BinEncoder},
-    },
-    server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
+    net::{NetError, runtime::TokioTime},
+    proto::rr::Record,
+    server::{RequestHandler as _, ResponseHandler, ResponseInfo},
     zone_handler::MessageResponse,
 };
-use tokio::net::UdpSocket;
+use socket2::{SockAddr, SockRef};
 use tracing::{debug, warn};
+
+use super::server::{Handler, Udp, encode_udp};
 
 /// The largest query lb reads (EDNS allows more, but a question fits far below this).
 const MAX_QUERY: usize = 4096;
 
-/// Answers the queries arriving on `socket` with `handler` until the task is aborted.
-pub async fn serve<H: RequestHandler>(socket: Arc<UdpSocket>, handler: Arc<H>) {
+/// How often an idle thread looks whether it should stop.
+const STOP_POLL: Duration = Duration::from_millis(500);
+
+/// The most threads reading the socket.
+const MAX_THREADS: usize = 8;
+
+/// The threads answering on a socket; dropping this stops them (within [`STOP_POLL`]).
+pub struct UdpThreads {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for UdpThreads {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts one thread per core answering the queries on `socket` with `handler`. Called
+/// from the agent's runtime, which runs the answers that wait for an upstream.
+///
+/// # Errors
+/// When the socket cannot be set up or a thread cannot be started.
+pub(super) fn start(socket: UdpSocket, handler: Arc<Handler>) -> io::Result<UdpThreads> {
+    socket.set_read_timeout(Some(STOP_POLL))?;
+    let socket = Arc::new(socket);
+    let stop = Arc::new(AtomicBool::new(false));
+    let runtime = tokio::runtime::Handle::current();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
+    for i in 0..threads {
+        let (socket, handler, stop, runtime) = (
+            Arc::clone(&socket),
+            Arc::clone(&handler),
+            Arc::clone(&stop),
+            runtime.clone(),
+        );
+        std::thread::Builder::new()
+            .name(format!("lb-dns-udp-{i}"))
+            .spawn(move || {
+                // Upstream sockets and timers of the answers that wait belong to the runtime.
+                let _runtime = runtime.enter();
+                serve(&socket, &handler, &stop);
+            })?;
+    }
+    Ok(UdpThreads { stop })
+}
+
+/// Answers the queries arriving on `socket` until `stop`.
+fn serve(socket: &Arc<UdpSocket>, handler: &Arc<Handler>, stop: &AtomicBool) {
     let mut buf = vec![0u8; MAX_QUERY];
-    loop {
-        let (len, src) = match socket.recv_from(&mut buf).await {
+    let mut out = Vec::with_capacity(512);
+    while !stop.load(Ordering::Relaxed) {
+        let (len, src) = match socket.recv_from(&mut buf) {
             Ok(received) => received,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 warn!(error = %e, "reading a DNS query failed");
+                // Not a busy loop if the error repeats.
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
         if !can_answer(src) {
             continue;
         }
-        let request = match Request::from_bytes(buf[..len].to_vec(), src, Protocol::Udp) {
-            Ok(request) => request,
-            Err(e) => {
-                form_error(&socket, &buf[..len], src, &e);
-                continue;
+        match handler.answer_udp(&buf[..len], src, &mut out) {
+            Udp::Answer => send(socket, &out, src),
+            Udp::Nothing => {}
+            Udp::Later(request) => {
+                let reply = UdpReply {
+                    socket: Arc::clone(socket),
+                    dst: src,
+                };
+                let handler = Arc::clone(handler);
+                let answer = Box::pin(async move {
+                    handler
+                        .handle_request::<_, TokioTime>(&request, reply)
+                        .await;
+                });
+                answer_now_or_later(answer);
             }
-        };
-        if request.metadata.message_type == MessageType::Response {
-            // Never answer an answer (reflection).
-            continue;
         }
-        let reply = UdpReply {
-            socket: Arc::clone(&socket),
-            dst: src,
-        };
-        let handler = Arc::clone(&handler);
-        let answer = Box::pin(async move {
-            handler
-                .handle_request::<_, TokioTime>(&request, reply)
-                .await;
-        });
-        answer_now_or_later(answer);
     }
 }
 
-/// Polls `answer` once; if it waits (for an upstream), it goes on as a task of its own.
+/// Sends an answer without waiting: a full socket buffer drops it, as it would drop the
+/// query, and the client asks again.
+fn send(socket: &UdpSocket, answer: &[u8], dst: SocketAddr) {
+    if let Err(e) =
+        SockRef::from(socket).send_to_with_flags(answer, &SockAddr::from(dst), libc::MSG_DONTWAIT)
+    {
+        debug!(error = %e, %dst, "sending a DNS answer failed");
+    }
+}
+
+/// Polls `answer` once; if it waits (for an upstream), it goes on as a task of the runtime.
 fn answer_now_or_later(mut answer: std::pin::Pin<Box<impl Future<Output = ()> + Send + 'static>>) {
     let mut cx = Context::from_waker(Waker::noop());
     if answer.as_mut().poll(&mut cx) == Poll::Pending {
@@ -89,24 +161,7 @@ fn can_answer(src: SocketAddr) -> bool {
     }
 }
 
-/// A query that does not decode: FORMERR if its header does (a message shorter than a
-/// header is not a query, and gets nothing).
-fn form_error(socket: &UdpSocket, bytes: &[u8], src: SocketAddr, error: &dyn std::fmt::Display) {
-    let Ok(header) = Header::read(&mut BinDecoder::new(bytes)) else {
-        return;
-    };
-    debug!(%src, %error, "undecodable DNS query");
-    let answer = Message::error_msg(
-        header.metadata.id,
-        header.metadata.op_code,
-        ResponseCode::FormErr,
-    );
-    if let Ok(bytes) = answer.to_vec() {
-        let _ = socket.try_send_to(&bytes, src);
-    }
-}
-
-/// Sends an answer straight from the task that produced it.
+/// Sends an answer that waited for an upstream, from the task that produced it.
 #[derive(Clone)]
 struct UdpReply {
     socket: Arc<UdpSocket>,
@@ -127,16 +182,8 @@ impl ResponseHandler for UdpReply {
         >,
     ) -> Result<ResponseInfo, NetError> {
         let mut bytes = Vec::with_capacity(512);
-        let mut encoder = BinEncoder::new(&mut bytes);
-        // RFC 1035 4.2.1: 512 bytes unless the client offered more with EDNS; what does
-        // not fit is left out and the answer marked truncated.
-        encoder.set_max_size(response.edns().map_or(512, |edns| edns.max_payload()));
-        let info = response.destructive_emit(&mut encoder)?;
-        // A full socket buffer drops the answer, as it would drop the query: the client
-        // asks again.
-        if let Err(e) = self.socket.try_send_to(&bytes, self.dst) {
-            debug!(error = %e, dst = %self.dst, "sending a DNS answer failed");
-        }
+        let info = encode_udp(response, &mut bytes)?;
+        send(&self.socket, &bytes, self.dst);
         Ok(info)
     }
 }
