@@ -26,11 +26,17 @@ use std::{
     time::Duration,
 };
 
+use std::{io::IoSliceMut, os::fd::AsRawFd as _};
+
 use hickory_server::{
     net::{NetError, runtime::TokioTime},
     proto::rr::Record,
     server::{RequestHandler as _, ResponseHandler, ResponseInfo},
     zone_handler::MessageResponse,
+};
+use nix::{
+    errno::Errno,
+    sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg},
 };
 use socket2::{SockAddr, SockRef};
 use tracing::{debug, warn};
@@ -39,6 +45,9 @@ use super::server::{Handler, Udp, encode_udp};
 
 /// The largest query lb reads (EDNS allows more, but a question fits far below this).
 const MAX_QUERY: usize = 4096;
+
+/// The most queries read at once.
+const BATCH: usize = 32;
 
 /// How often an idle thread looks whether it should stop.
 const STOP_POLL: Duration = Duration::from_millis(500);
@@ -86,48 +95,90 @@ pub(super) fn start(socket: UdpSocket, handler: Arc<Handler>) -> io::Result<UdpT
     Ok(UdpThreads { stop })
 }
 
-/// Answers the queries arriving on `socket` until `stop`.
+/// Answers the queries arriving on `socket` until `stop`: a batch at a time, all that are
+/// waiting (up to [`BATCH`]) in one `recvmmsg`, which saves a call into the kernel per
+/// query and a wake-up per query on a busy socket.
 fn serve(socket: &Arc<UdpSocket>, handler: &Arc<Handler>, stop: &AtomicBool) {
-    let mut buf = vec![0u8; MAX_QUERY];
+    let mut bufs = vec![[0u8; MAX_QUERY]; BATCH];
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut received: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
     let mut out = Vec::with_capacity(512);
     while !stop.load(Ordering::Relaxed) {
-        let (len, src) = match socket.recv_from(&mut buf) {
-            Ok(received) => received,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
+        if let Err(e) = receive(socket, &mut bufs, &mut headers, &mut received) {
+            match e {
+                // The read timeout (to look at `stop`), or a signal.
+                Errno::EAGAIN | Errno::EINTR => {}
+                e => {
+                    warn!(error = %e, "reading DNS queries failed");
+                    // Not a busy loop if the error repeats.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                warn!(error = %e, "reading a DNS query failed");
-                // Not a busy loop if the error repeats.
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        if !can_answer(src) {
             continue;
         }
-        match handler.answer_udp(&buf[..len], src, &mut out) {
-            Udp::Answer => send(socket, &out, src),
-            Udp::Nothing => {}
-            Udp::Later(request) => {
-                let reply = UdpReply {
-                    socket: Arc::clone(socket),
-                    dst: src,
-                };
-                let handler = Arc::clone(handler);
-                let answer = Box::pin(async move {
-                    handler
-                        .handle_request::<_, TokioTime>(&request, reply)
-                        .await;
-                });
-                answer_now_or_later(answer);
-            }
+        for (buf, &(len, src)) in bufs.iter().zip(&received) {
+            let Some(src) = src.filter(|&src| can_answer(src)) else {
+                continue;
+            };
+            answer(socket, handler, &buf[..len], src, &mut out);
+        }
+    }
+}
+
+/// Reads the queries waiting on `socket` (at least one: blocks until one arrives or the
+/// read timeout) into `bufs`, their lengths and sources into `received`.
+fn receive(
+    socket: &UdpSocket,
+    bufs: &mut [[u8; MAX_QUERY]],
+    headers: &mut MultiHeaders<SockaddrStorage>,
+    received: &mut Vec<(usize, Option<SocketAddr>)>,
+) -> nix::Result<()> {
+    received.clear();
+    let mut slices: Vec<[IoSliceMut<'_>; 1]> =
+        bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+    let messages = recvmmsg(
+        socket.as_raw_fd(),
+        headers,
+        slices.iter_mut(),
+        MsgFlags::MSG_WAITFORONE,
+        None,
+    )?;
+    received.extend(messages.map(|m| (m.bytes, m.address.and_then(socket_addr))));
+    Ok(())
+}
+
+/// A source address as std has it.
+fn socket_addr(addr: SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6((*v6).into()))
+}
+
+/// Answers one query: at once when no upstream is needed, else as a task of the runtime.
+fn answer(
+    socket: &Arc<UdpSocket>,
+    handler: &Arc<Handler>,
+    query: &[u8],
+    src: SocketAddr,
+    out: &mut Vec<u8>,
+) {
+    match handler.answer_udp(query, src, out) {
+        Udp::Answer => send(socket, out, src),
+        Udp::Nothing => {}
+        Udp::Later(request) => {
+            let reply = UdpReply {
+                socket: Arc::clone(socket),
+                dst: src,
+            };
+            let handler = Arc::clone(handler);
+            let answer = Box::pin(async move {
+                handler
+                    .handle_request::<_, TokioTime>(&request, reply)
+                    .await;
+            });
+            answer_now_or_later(answer);
         }
     }
 }
