@@ -1,6 +1,6 @@
 //! The UDP side of the DNS server: one socket read by one thread per core, each reading a
-//! query, answering it in place and sending the answer, with no task, channel or lock per
-//! message, and off the agent's runtime, whose work (a sync, a conntrack sweep) never
+//! query, answering it in place and sending the answer, with no task or channel per message,
+//! and off the agent's runtime, whose work (a sync, a conntrack sweep) never
 //! delays an answer.
 //!
 //! hickory's server spawns a task per UDP message and sends its answer through a channel
@@ -74,14 +74,17 @@ impl Drop for UdpThreads {
 pub(super) fn start(socket: UdpSocket, handler: Arc<Handler>) -> io::Result<UdpThreads> {
     socket.set_read_timeout(Some(STOP_POLL))?;
     let socket = Arc::new(socket);
-    let stop = Arc::new(AtomicBool::new(false));
+    // Made first: a thread that cannot start drops it, which stops those that did.
+    let threads = UdpThreads {
+        stop: Arc::new(AtomicBool::new(false)),
+    };
     let runtime = tokio::runtime::Handle::current();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
-    for i in 0..threads {
+    let count = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS));
+    for i in 0..count {
         let (socket, handler, stop, runtime) = (
             Arc::clone(&socket),
             Arc::clone(&handler),
-            Arc::clone(&stop),
+            Arc::clone(&threads.stop),
             runtime.clone(),
         );
         std::thread::Builder::new()
@@ -92,7 +95,7 @@ pub(super) fn start(socket: UdpSocket, handler: Arc<Handler>) -> io::Result<UdpT
                 serve(&socket, &handler, &stop);
             })?;
     }
-    Ok(UdpThreads { stop })
+    Ok(threads)
 }
 
 /// Answers the queries arriving on `socket` until `stop`: a batch at a time, all that are
