@@ -29,6 +29,9 @@ pub struct DnsIndex {
     /// The Services whose ClusterIP or ready endpoint each address is (`None`: not kept,
     /// no DNS server reads it).
     ptr: Option<HashMap<IpAddr, SmallVec<[ObjectRef; 1]>>>,
+    /// Counts the changes: an answer encoded from one generation is the answer to the
+    /// same question as long as the generation is the same (the server's answer cache).
+    generation: u64,
 }
 
 /// The index a DNS server reads: names and addresses.
@@ -38,6 +41,7 @@ impl Default for DnsIndex {
             services: HashMap::new(),
             namespaces: HashMap::new(),
             ptr: Some(HashMap::new()),
+            generation: 0,
         }
     }
 }
@@ -69,6 +73,9 @@ impl DnsIndex {
 
     /// Replaces the records of each Service named (`None`: removes them).
     pub fn apply(&mut self, changes: Vec<(ObjectRef, Option<ServiceRecords>)>) {
+        // Before the writer's lock is released, so no reader sees the new records under
+        // the old generation.
+        self.generation = self.generation.wrapping_add(1);
         for (id, records) in changes {
             if let Some(old) = self.services.remove(&id) {
                 self.unlink(&id, &old);
@@ -141,6 +148,12 @@ impl DnsIndex {
         self.services
             .iter()
             .filter(move |(id, _)| **id.namespace() == *namespace)
+    }
+
+    /// Which state of the index this is: it changes with every [`apply`](Self::apply).
+    #[must_use]
+    pub const fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// How many Services have records.
