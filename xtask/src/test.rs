@@ -110,6 +110,11 @@ pub fn run(args: &Args) -> Result<()> {
         println!("==> cargo xtask bench --soak --quick");
         let soak = <Quick as clap::Parser>::parse_from(["bench", "--soak", "--quick"]);
         crate::bench::run(&soak.args).context("cargo xtask bench --soak --quick failed")?;
+        // The NodePort bench (direct, tc, XDP) briefly, so the XDP path's bench keeps
+        // working too (about a minute).
+        println!("==> cargo xtask bench --nodeport --quick");
+        let nodeport = <Quick as clap::Parser>::parse_from(["bench", "--nodeport", "--quick"]);
+        crate::bench::run(&nodeport.args).context("cargo xtask bench --nodeport --quick failed")?;
     }
     println!("all steps passed");
     Ok(())
