@@ -70,7 +70,11 @@ impl BackendTable {
     /// already recorded under another id, that one stays its id.
     pub(super) fn insert(&mut self, id: u32, backend: Backend) {
         debug_assert!(!self.records.contains_key(&id), "backend id {id} is taken");
-        let known = self.id_of(&backend).is_some();
+        let hash = self.hasher.hash_one(backend);
+        let known = self
+            .ids
+            .find(hash, |other| self.records[other].backend == backend)
+            .is_some();
         self.records.insert(id, BackendRecord { backend, refs: 0 });
         if !known {
             let Self {
@@ -78,7 +82,6 @@ impl BackendTable {
                 ids,
                 hasher,
             } = self;
-            let hash = hasher.hash_one(backend);
             ids.insert_unique(hash, id, |id| hasher.hash_one(records[id].backend));
         }
     }
