@@ -377,6 +377,19 @@ fn build_binaries(settings: &Settings) -> Result<PathBuf> {
     Ok(crate::target_dir().join(profile))
 }
 
+/// `lb-agent` and `lb-loadgen`, release unless `quick` (which only keeps a bench working);
+/// returns their directory. For the benches beside the sweep (lifecycle, NodePort).
+fn build_agent_and_loadgen(quick: bool) -> Result<PathBuf> {
+    let mut build = cmd::cargo();
+    build.args(["build", "-p", "lb-agent", "-p", "loadgen"]);
+    if !quick {
+        build.arg("--release");
+    }
+    println!("==> {}", cmd::describe(&build));
+    cmd::run(&mut build)?;
+    Ok(crate::target_dir().join(if quick { "debug" } else { "release" }))
+}
+
 /// The agent on the (fake) API server at `settings.api_services` × `api_endpoints`:
 /// `lb-watch-bench --json` (tests crate) in namespaces of its own, bounded in time.
 fn run_api_bench(settings: &Settings, bin_dir: &Path) -> Result<Option<ApiResult>> {

@@ -20,13 +20,7 @@ pub fn run(settings: &Settings) -> Result<()> {
     let _lock = super::lab::lock()?;
     install::ensure_build_prereqs()?;
     install::ensure_apt(&["iproute2", "bpftool"])?;
-    let mut build = cmd::cargo();
-    build.args(["build", "-p", "lb-agent", "-p", "loadgen"]);
-    if !settings.quick {
-        build.arg("--release");
-    }
-    println!("==> {}", cmd::describe(&build));
-    cmd::run(&mut build)?;
+    let bins = super::build_agent_and_loadgen(settings.quick)?;
     let mut bench = cmd::cargo();
     bench.args(["build", "-p", "lb-tests", "--bin", "lb-lifecycle"]);
     println!("==> {}", cmd::describe(&bench));
@@ -36,8 +30,8 @@ pub fn run(settings: &Settings) -> Result<()> {
     let mut command = Command::new(target.join("debug").join("lb-lifecycle"));
     command
         .args(["--cycles", &settings.cycles.to_string()])
-        .env("LB_AGENT_BIN", target.join(profile).join("lb-agent"))
-        .env("LB_LOADGEN_BIN", target.join(profile).join("lb-loadgen"));
+        .env("LB_AGENT_BIN", bins.join("lb-agent"))
+        .env("LB_LOADGEN_BIN", bins.join("lb-loadgen"));
     if let Some(bin) = &settings.upgrade_to {
         command.arg("--upgrade-to").arg(bin);
     }

@@ -69,15 +69,8 @@ pub fn run(settings: &Settings) -> Result<()> {
     let _lock = super::lab::lock()?;
     install::ensure_build_prereqs()?;
     install::ensure_apt(&["iproute2", "curl", "procps"])?;
-    let mut build = cmd::cargo();
-    build.args(["build", "-p", "lb-agent", "-p", "loadgen"]);
-    if !settings.quick {
-        build.arg("--release");
-    }
-    println!("==> {}", cmd::describe(&build));
-    cmd::run(&mut build)?;
+    let bins = super::build_agent_and_loadgen(settings.quick)?;
     let load_before = load_average();
-    let bins = crate::target_dir().join(if settings.quick { "debug" } else { "release" });
     let mut lab = Lab::new(&bins)?;
     lab.set_up()?;
     let mut results: Vec<(Path3, &str, Vec<Summary>)> = Vec::new();
