@@ -15,6 +15,7 @@ pub mod devices;
 pub mod dns;
 pub mod env;
 pub mod explain;
+pub mod fast_hash;
 pub mod health;
 pub mod inspect;
 pub mod layout;

@@ -17,14 +17,10 @@
 //!   an external or LoadBalancer IP, and between equals the first by namespace/name wins.
 //!
 //! Pure: [`crate::state::ClusterState`] keeps the indexes and calls these.
-use std::{
-    collections::{BTreeSet, HashMap},
-    fmt,
-    net::IpAddr,
-    str::FromStr,
-};
+use std::{collections::BTreeSet, fmt, net::IpAddr, str::FromStr};
 
 use crate::{
+    fast_hash::HashMap,
     model::{Frontend, FrontendKind, L4Addr, ObjectRef},
     small_set::SmallSet,
 };
@@ -365,7 +361,7 @@ mod tests {
 
     #[test]
     fn refusal_table() {
-        let mut cluster_ips = HashMap::new();
+        let mut cluster_ips = HashMap::default();
         let mut dns = SmallSet::default();
         dns.insert(ObjectRef::new("ns", "dns"));
         cluster_ips.insert(ip("10.96.0.10"), dns);

@@ -5,7 +5,7 @@
 //! the Services they touch are translated again, so a watch event costs one Service, and
 //! [`ClusterState::recompute`] says exactly which frontends changed.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::Arc,
 };
@@ -18,6 +18,7 @@ use k8s_openapi::api::{
 use crate::{
     categorize::NodeTopology,
     dns::records::{self, ServiceRecords},
+    fast_hash::HashMap,
     model::{
         DEFAULT_NAMESPACE, DesiredState, Frontend, FrontendKind, HealthCheck, L4Addr, ObjectRef,
         Protocol,

@@ -16,7 +16,9 @@
 //! dies between two phases.
 //! [`super::fake::FakeMaps`] checks, after every single operation, that no master ever
 //! names a missing slot or backend.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::fast_hash::{HashMap, HashSet};
 
 use lb_common::ServiceValue;
 use tracing::{debug, warn};

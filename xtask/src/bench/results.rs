@@ -304,7 +304,14 @@ pub struct ApiResult {
     pub frontends: u64,
     /// Agent start → every frontend in the maps.
     pub sync_s: f64,
+    /// Of which: start → both lists in the model.
+    #[serde(default)]
+    pub listed_s: f64,
+    /// Of which: lists complete → every frontend written (translation and map writes).
     pub sync_write_s: f64,
+    /// The agent's CPU time at that first write, every thread.
+    #[serde(default)]
+    pub sync_cpu_s: f64,
     pub rss_empty_kib: u64,
     pub rss_sync_kib: u64,
     pub rss_after_kib: u64,

@@ -4,14 +4,11 @@
 //! A million backends (100,000 Services × 10) make this the largest part of the writer's
 //! record, so the lookup by backend is an index of ids into the records (4 bytes a
 //! backend) rather than a second map holding each 24-byte backend again.
-use std::{
-    collections::HashMap,
-    hash::{BuildHasher, RandomState},
-};
+use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
-use crate::model::Backend;
+use crate::{fast_hash::HashMap, model::Backend};
 
 /// A backend in the maps, and the number of slots naming it.
 #[derive(Clone, Copy, Debug)]
@@ -25,7 +22,7 @@ pub(super) struct BackendTable {
     records: HashMap<u32, BackendRecord>,
     /// The id of each backend (the first one recorded when a foreign writer left two).
     ids: HashTable<u32>,
-    hasher: RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl BackendTable {
