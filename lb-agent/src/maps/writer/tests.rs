@@ -172,3 +172,59 @@ fn a_master_written_without_its_slots_is_never_adopted_as_complete() {
         .unwrap();
     assert_eq!(writer.maps().services.get(&(web, 0)).unwrap().count, 0);
 }
+
+/// Twenty ClusterIP frontends behind the `externalTrafficPolicy: Local` NodePort twins;
+/// `shift` moves each ClusterIP's local endpoint, and `count` drops the last frontends.
+fn many_frontends(shift: u8, count: u8) -> DesiredState {
+    let mut state = local_policy();
+    for i in 0..count {
+        let address = L4Addr::new(IpAddr::from([10, 96, 0, i]), 80, Protocol::Tcp);
+        let local = backend(&format!("10.244.0.{}", 10 + i + shift), false);
+        let f = frontend(
+            address,
+            FrontendKind::ClusterIp,
+            vec![local, endpoints()[1]],
+        );
+        state.insert(address, Arc::new(f));
+    }
+    state
+}
+
+#[test]
+fn a_large_apply_written_as_it_is_planned_ends_as_one_written_at_once() {
+    // A large apply writes its upserts every `flush_every` planned operations. Whatever
+    // the chunk size, every single operation leaves the maps consistent (the fake checks
+    // masters, slots and backends, and that an in-cluster client of the NodePort always
+    // has both endpoints: its twins are never written apart), and the maps end as those
+    // of one write at the end.
+    let states = [
+        many_frontends(0, 20),
+        many_frontends(1, 15),
+        many_frontends(1, 20),
+    ];
+    let maps = FakeMaps {
+        check: Some(in_cluster_sees_every_endpoint),
+        ..FakeMaps::default()
+    };
+    let mut whole = MapWriter::adopt(maps.clone()).unwrap();
+    let written: Vec<_> = states
+        .iter()
+        .map(|state| {
+            whole.apply(state).unwrap();
+            dump::lines(&dump::read(whole.maps()).unwrap())
+        })
+        .collect();
+    for flush_every in 1..=12 {
+        let mut chunked = MapWriter::adopt(maps.clone()).unwrap();
+        chunked.flush_every = flush_every;
+        for (state, expected) in states.iter().zip(&written) {
+            chunked.apply(state).unwrap();
+            assert_eq!(
+                &dump::lines(&dump::read(chunked.maps()).unwrap()),
+                expected,
+                "flush_every = {flush_every}"
+            );
+        }
+        assert_eq!(chunked.maps().operations, whole.maps().operations);
+    }
+}
