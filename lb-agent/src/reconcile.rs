@@ -422,6 +422,7 @@ impl<M: LbMaps> Reconciler<M> {
             self.synced(sync_started);
             return Ok(());
         }
+        let translated = Instant::now();
         let desired = self.state.desired();
         let frontends = desired.len();
         let result = if self.full_pending {
@@ -457,6 +458,9 @@ impl<M: LbMaps> Reconciler<M> {
         crate::api::readiness(&self.status).write_succeeded();
         self.end_stale_udp();
         let elapsed_us = started.elapsed().as_micros();
+        // Of which: translating what changed (and the reports), then the map writes.
+        let translate_us = translated.duration_since(sync_started).as_micros();
+        let write_us = translated.elapsed().as_micros();
         if stats.is_noop() {
             debug!(elapsed_us, "nothing to write");
         } else {
@@ -468,6 +472,8 @@ impl<M: LbMaps> Reconciler<M> {
                 map_writes = stats.map_writes,
                 map_deletes = stats.map_deletes,
                 elapsed_us,
+                translate_us,
+                write_us,
                 "maps updated"
             );
         }
