@@ -43,12 +43,12 @@ pub const NODE_CPUS: u64 = 128;
 
 /// What the bench measured (`cargo xtask bench`, "DaemonSet memory limit"), on the API
 /// server source as the DaemonSet runs it, at 100,000 Services × 10 endpoints (release
-/// build, 2026-12-03, main at the compact state and two-thread map writes:
-/// `lb-watch-bench --services 100000 --endpoints 10`): RSS 18,204 KiB empty, 569,836 KiB at
-/// its peak; maps 150,624 KiB empty, 315,468 KiB holding the Services.
+/// build, 2026-12-05, main with the writer flushing a large apply as it plans it:
+/// `lb-watch-bench --services 100000 --endpoints 10`): RSS 20,440 KiB empty, 381,020 KiB at
+/// its peak; maps 273,265 KiB empty, 438,108 KiB holding the Services.
 pub const MEASURED: Figures = Figures {
-    empty_agent_bytes: 18 * MIB,
-    agent_bytes_per_service: 4_535,
+    empty_agent_bytes: 20 * MIB,
+    agent_bytes_per_service: 3_692,
     map_bytes_per_service: 1_688,
 };
 
