@@ -494,7 +494,22 @@ pub struct Service6Key {
 }
 
 /// Value of both services maps. The master entry (slot 0) uses `count`, `rev_nat_id` and
-/// `flags`; a backend slot uses `backend_id` only.
+/// `flags`; a backend slot uses `backend_id`, and an IPv4 slot carries its backend inline
+/// in the fields a master uses for itself, so a connection needs one lookup fewer:
+///
+/// ```text
+///            backend_id   rev_nat_id          flags             count          pad
+/// master     [affinity s] this frontend's id  SVC_F_*           backend slots  0
+/// IPv4 slot  backend id   peer mark (below)   backend address   backend port   proto | BE_F_* << 8
+/// IPv6 slot  backend id   peer mark (below)   0                 0              0
+/// ```
+///
+/// The peer mark is written by the socket datapath, never by the agent (whose writes of a
+/// slot set it to 0): the frontend's id once the backend's claim in the peers map was found
+/// to name this frontend (see [`PeerKey`]), so later TCP connections through the slot skip
+/// that lookup. The agent forgets a claim only after rewriting the slots that named the
+/// backend, which clears their marks. A slot with proto 0 (written by an older agent, or
+/// by an undone write) names its backend by id only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceValue {
@@ -502,14 +517,14 @@ pub struct ServiceValue {
     /// timeout in seconds with [`SVC_F_AFFINITY`], else 0 (Cilium's union of the two).
     pub backend_id: u32,
     /// Master: id of this frontend, unique per frontend; reverse-NAT entries carry it so a
-    /// stale entry (of a frontend since deleted) is never used. Backend slot: 0.
+    /// stale entry (of a frontend since deleted) is never used. Backend slot: the peer mark.
     pub rev_nat_id: FrontendId,
-    /// Master: `SVC_F_*` flags. Backend slot: 0.
+    /// Master: `SVC_F_*` flags. IPv4 backend slot: the backend's address.
     pub flags: u32,
     /// Master: number of backend slots. 0 means the Service has no endpoints and a connect
-    /// to it is refused. Backend slot: 0.
+    /// to it is refused. IPv4 backend slot: the backend's port.
     pub count: u16,
-    /// Explicit padding, always zero.
+    /// Master: 0. IPv4 backend slot: the backend's protocol, its `BE_F_*` flags above it.
     pub pad: u16,
 }
 
@@ -898,7 +913,8 @@ impl ServiceValue {
         }
     }
 
-    /// A backend slot pointing at `backend_id`.
+    /// A backend slot pointing at `backend_id` (an IPv6 slot; or an IPv4 one without its
+    /// backend inline, which the datapath then reads from the backends map).
     #[must_use]
     pub const fn slot(backend_id: u32) -> Self {
         Self {
@@ -908,6 +924,40 @@ impl ServiceValue {
             count: 0,
             pad: 0,
         }
+    }
+
+    /// An IPv4 backend slot pointing at `backend_id`, `backend`, with the backend inline.
+    #[must_use]
+    pub const fn slot4(backend_id: u32, backend: Backend4) -> Self {
+        Self {
+            backend_id,
+            rev_nat_id: 0,
+            flags: backend.address,
+            count: backend.port,
+            pad: backend.proto as u16 | (backend.flags as u16) << 8,
+        }
+    }
+
+    /// The backend an IPv4 slot holds inline, if it holds one.
+    #[must_use]
+    pub const fn inline_backend4(&self) -> Option<Backend4> {
+        let proto = self.pad as u8;
+        if proto == 0 {
+            return None;
+        }
+        Some(Backend4 {
+            address: self.flags,
+            port: self.count,
+            proto,
+            flags: (self.pad >> 8) as u8,
+        })
+    }
+
+    /// Whether the datapath marked this slot: its backend's peer claim names the frontend
+    /// `rev_nat_id` (see the type's documentation).
+    #[must_use]
+    pub const fn peer_marked_for(&self, rev_nat_id: FrontendId) -> bool {
+        rev_nat_id != 0 && self.rev_nat_id == rev_nat_id
     }
 }
 
@@ -996,5 +1046,28 @@ mod tests {
         let ip = u32::from_be_bytes([10, 96, 0, 10]).to_be();
         assert_eq!(v4_mapped(&to_v4_mapped(ip)), Some(ip));
         assert_eq!(v4_mapped(&[0, 0, 0, ip]), None);
+    }
+
+    #[test]
+    fn an_ipv4_slot_gives_back_the_backend_it_holds_inline() {
+        let backend = Backend4 {
+            address: u32::from_be_bytes([10, 244, 1, 7]).to_be(),
+            port: 8080u16.to_be(),
+            proto: PROTO_UDP,
+            flags: BE_F_TERMINATING | BE_F_REMOTE,
+        };
+        let slot = ServiceValue::slot4(42, backend);
+        assert_eq!(slot.backend_id, 42);
+        assert_eq!(slot.inline_backend4(), Some(backend));
+        // A slot by id only (older agents, IPv6) holds none, and no slot starts marked.
+        assert_eq!(ServiceValue::slot(42).inline_backend4(), None);
+        assert!(!slot.peer_marked_for(7));
+        assert!(!slot.peer_marked_for(0));
+        let marked = ServiceValue {
+            rev_nat_id: 7,
+            ..slot
+        };
+        assert!(marked.peer_marked_for(7));
+        assert!(!marked.peer_marked_for(8));
     }
 }

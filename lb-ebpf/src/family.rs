@@ -10,7 +10,7 @@ use crate::{
         LB4_BACKENDS, LB4_DEVICES, LB4_NODE_ADDRS, LB4_REVNAT, LB4_SERVICES, LB6_BACKENDS,
         LB6_DEVICES, LB6_NODE_ADDRS, LB6_REVNAT, LB6_SERVICES,
     },
-    xlate::{Backends, Services},
+    xlate::{Backends, Services, SlotBackend},
 };
 
 /// An address family's types and maps.
@@ -18,7 +18,7 @@ pub trait Family {
     /// An address as `bpf_sock_addr` holds it (network order).
     type Addr: Copy + PartialEq;
     type SvcKey: ServiceKey + 'static;
-    type Backend: Copy + 'static;
+    type Backend: SlotBackend + 'static;
 
     fn services() -> &'static Services<Self::SvcKey>;
     fn backends() -> &'static Backends<Self::Backend>;

@@ -7,7 +7,9 @@
 //! map of the backend's family, as Cilium's `LB4_REVERSE_NAT_SK` does: written once per
 //! connection, never deleted (a closed socket's record ages out of the LRU). A TCP socket
 //! writes one only when its backend's claim in the peers map names another frontend
-//! (`peer.rs`): the LRU insert was most of a `connect()`'s cost. Deleting it
+//! (`peer.rs`): the LRU insert was most of a `connect()`'s cost. A slot whose claim was
+//! found for its frontend carries the peer mark (`lb_common::ServiceValue`), so later
+//! connections through it skip the peers map too. Deleting it
 //! when the socket closes took a `sock_release` program on every socket of the cgroup, as
 //! costly as the record itself; socket-local storage, which the kernel frees with the
 //! socket, costs two accounted allocations per connection, more than both (see
@@ -79,6 +81,7 @@ impl Hook {
 }
 
 /// Forward translation of an IPv4 `connect()`/`sendmsg()`.
+#[inline(always)]
 pub fn forward4(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     if !covered(ctx) {
         return Verdict::Pass;
@@ -108,6 +111,7 @@ pub fn forward4(ctx: &SockAddrContext, hook: Hook) -> Verdict {
 
 /// Forward translation of an IPv6 `connect()`/`sendmsg()`, including IPv4 Services dialled
 /// through an IPv4-mapped address (`::ffff:10.96.0.10`).
+#[inline(always)]
 pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
     if !covered(ctx) {
         return Verdict::Pass;
@@ -125,10 +129,12 @@ pub fn forward6(ctx: &SockAddrContext, hook: Hook) -> Verdict {
                 backend: (ip, port),
                 rev_nat_id,
                 why,
+                claimed,
             } => Forward::To {
                 backend: (to_v4_mapped(ip), port),
                 rev_nat_id,
                 why,
+                claimed,
             },
             Forward::NoBackends { drop, rev_nat_id } => Forward::NoBackends { drop, rev_nat_id },
             Forward::Pass => Forward::Pass,
@@ -204,11 +210,24 @@ fn forward_in<F: Family>(
         // kube-proxy sees a pod by its one address), or the node's own processes.
         // SAFETY: helper on the program's own context.
         || Client::Netns(unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }),
+        // A TCP socket's record serves only getpeername(): none is needed while the
+        // backend's claim names this frontend (see `peer`).
+        |backend, rev_nat_id| {
+            let backend = F::backend_addr(backend);
+            matches!(hook, Hook::Connect)
+                && proto == PROTO_TCP
+                && peer::claimed_for(
+                    (F::wire(backend.0), backend.1),
+                    (F::wire(ip), port),
+                    rev_nat_id,
+                )
+        },
     ) {
         Forward::To {
             backend,
             rev_nat_id,
             why,
+            claimed,
         } => {
             count(Counter::SockTranslated);
             let backend = F::backend_addr(&backend);
@@ -230,13 +249,7 @@ fn forward_in<F: Family>(
                 &decision,
             );
             let record = match hook {
-                // A TCP socket's record serves only getpeername(): none is needed while
-                // the backend's claim names this frontend (see `peer`).
-                Hook::Connect if proto == PROTO_TCP => !peer::claimed_for(
-                    (F::wire(backend.0), backend.1),
-                    (F::wire(ip), port),
-                    rev_nat_id,
-                ),
+                Hook::Connect if proto == PROTO_TCP => !claimed,
                 Hook::Connect => true,
                 // An unconnected UDP socket runs this for every datagram: the record is
                 // written only when it changes (a lookup is far cheaper than an LRU update).
@@ -249,6 +262,7 @@ fn forward_in<F: Family>(
                 backend,
                 rev_nat_id,
                 why,
+                claimed,
             }
         }
         Forward::NoBackends { drop, rev_nat_id } => {

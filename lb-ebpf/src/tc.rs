@@ -338,6 +338,7 @@ fn new_flow<F: Family, C: Frame>(
         id: backend_id,
         backend,
         slot,
+        ..
     }) = picked
     else {
         return Ok(None);

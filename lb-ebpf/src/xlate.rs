@@ -3,8 +3,9 @@
 use aya_ebpf::{EbpfContext, btf_maps::HashMap, helpers::bpf_get_prandom_u32};
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, FrontendId, MAP_F_NO_PREALLOC, SCOPE_INTERNAL, SERVICES_MAX_ENTRIES,
-    SVC_F_AFFINITY, SVC_F_NO_LOCAL, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
+    BACKENDS_MAX_ENTRIES, Backend4, Backend6, FrontendId, MAP_F_NO_PREALLOC, SCOPE_INTERNAL,
+    SERVICES_MAX_ENTRIES, SVC_F_AFFINITY, SVC_F_NO_LOCAL, SVC_F_TWO_SCOPES, ServiceKey,
+    ServiceValue,
 };
 
 use crate::affinity::{self, Client};
@@ -14,6 +15,26 @@ pub type Services<K> = HashMap<K, ServiceValue, SERVICES_MAX_ENTRIES, MAP_F_NO_P
 /// A family's backends map.
 pub type Backends<B> = HashMap<u32, B, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC>;
 
+/// A family's backend value, as a backend slot may hold it inline (`ServiceValue`).
+pub trait SlotBackend: Copy {
+    /// The backend `slot` holds inline, if it holds one (then the backends map is not read).
+    fn inline(slot: &ServiceValue) -> Option<Self>;
+}
+
+impl SlotBackend for Backend4 {
+    #[inline(always)]
+    fn inline(slot: &ServiceValue) -> Option<Self> {
+        slot.inline_backend4()
+    }
+}
+
+impl SlotBackend for Backend6 {
+    #[inline(always)]
+    fn inline(_: &ServiceValue) -> Option<Self> {
+        None
+    }
+}
+
 /// The outcome of a forward lookup.
 pub enum Forward<B> {
     /// Not a Service frontend, or one in an inconsistent state: leave the call alone.
@@ -21,11 +42,13 @@ pub enum Forward<B> {
     /// A frontend without endpoints: refuse; `drop` when the Service has endpoints, only
     /// none that its Local traffic policy lets this node use (kube-proxy drops those).
     NoBackends { drop: bool, rev_nat_id: FrontendId },
-    /// Translate to `backend`; `rev_nat_id` identifies the frontend for the reverse path.
+    /// Translate to `backend`; `rev_nat_id` identifies the frontend for the reverse path;
+    /// `claimed`: the backend's peer claim names this frontend (the `claim` of [`forward`]).
     To {
         backend: B,
         rev_nat_id: FrontendId,
         why: Why,
+        claimed: bool,
     },
 }
 
@@ -40,11 +63,13 @@ pub struct Why {
     pub flags: u32,
 }
 
-/// A backend picked for a frontend: its id, its value, and its slot (0: kept by affinity).
+/// A backend picked for a frontend: its id, its value, and its slot (0: kept by affinity);
+/// `peer_marked`: the slot carries the frontend's peer mark (see `ServiceValue`).
 pub struct Picked<B> {
     pub id: u32,
     pub backend: B,
     pub slot: u16,
+    pub peer_marked: bool,
 }
 
 /// Who is asking: clients outside the cluster get a frontend's external scope, clients
@@ -67,15 +92,19 @@ pub enum Pick {
 }
 
 /// Picks one of the backends of `frontend` (a master key and its entry, as found), for a
-/// client inside the cluster.
+/// client inside the cluster. `claim` is asked, unless the picked slot carries the peer mark
+/// already, whether the backend's peer claim names this frontend (the socket path's TCP
+/// connects take it; others answer false); a yes marks the slot, so the next connection
+/// through it need not ask.
 #[inline(always)]
-pub fn forward<C: EbpfContext, K: ServiceKey, B: Copy>(
+pub fn forward<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
     ctx: &C,
     services: &Services<K>,
     backends: &Backends<B>,
     frontend: Option<(K, ServiceValue)>,
     pick: Pick,
     client: impl FnOnce() -> Client,
+    claim: impl FnOnce(&B, FrontendId) -> bool,
 ) -> Forward<B> {
     let Some((key, master)) = frontend.map(|(k, m)| in_scope(services, k, m, Scope::Internal))
     else {
@@ -88,15 +117,25 @@ pub fn forward<C: EbpfContext, K: ServiceKey, B: Copy>(
         };
     }
     match pick_for(ctx, services, backends, &key, &master, pick, client) {
-        Some(picked) => Forward::To {
-            backend: picked.backend,
-            rev_nat_id: master.rev_nat_id,
-            why: Why {
-                slot: picked.slot,
-                count: master.count,
-                flags: master.flags,
-            },
-        },
+        Some(picked) => {
+            let claimed = picked.peer_marked || {
+                let claimed = claim(&picked.backend, master.rev_nat_id);
+                if claimed && picked.slot > 0 {
+                    mark_peer(services, &key.with_slot(picked.slot), master.rev_nat_id);
+                }
+                claimed
+            };
+            Forward::To {
+                backend: picked.backend,
+                rev_nat_id: master.rev_nat_id,
+                why: Why {
+                    slot: picked.slot,
+                    count: master.count,
+                    flags: master.flags,
+                },
+                claimed,
+            }
+        }
         None => Forward::Pass,
     }
 }
@@ -126,7 +165,7 @@ pub fn in_scope<K: ServiceKey>(
 /// affinity, else one of [`pick_backend`] (then remembered when the frontend has affinity).
 /// `client` is asked only under affinity.
 #[inline(always)]
-pub fn pick_for<C: EbpfContext, K: ServiceKey, B: Copy>(
+pub fn pick_for<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
     ctx: &C,
     services: &Services<K>,
     backends: &Backends<B>,
@@ -145,6 +184,7 @@ pub fn pick_for<C: EbpfContext, K: ServiceKey, B: Copy>(
             id,
             backend,
             slot: 0,
+            peer_marked: false,
         });
     }
     let picked = pick_backend(ctx, services, backends, key, master, pick)?;
@@ -154,7 +194,7 @@ pub fn pick_for<C: EbpfContext, K: ServiceKey, B: Copy>(
 
 /// Picks one of the `master.count` (at least one) backends of the frontend `key`.
 #[inline(always)]
-pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
+pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
     ctx: &C,
     services: &Services<K>,
     backends: &Backends<B>,
@@ -172,20 +212,40 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: Copy>(
     // refuses ("last insn is not an exit or jmp").
     let slot = seed.checked_rem(u32::from(master.count))? as u16 + 1;
     let Some(entry) = lookup(services, &key.with_slot(slot)) else {
-        // The writer never leaves a slot below the count missing: say so if it happens.
-        warn!(
-            ctx,
-            "lb: frontend has count {} but slot {} is missing", master.count, slot
-        );
+        slot_missing(ctx, master.count, slot);
         return None;
     };
-    // SAFETY: the value is copied out at once.
-    let backend = unsafe { backends.get(entry.backend_id) }.copied()?;
+    let backend = match B::inline(&entry) {
+        Some(backend) => backend,
+        // SAFETY: the value is copied out at once.
+        None => unsafe { backends.get(entry.backend_id) }.copied()?,
+    };
     Some(Picked {
         id: entry.backend_id,
         backend,
         slot,
+        peer_marked: entry.peer_marked_for(master.rev_nat_id),
     })
+}
+
+/// The writer never leaves a slot below the count missing: say so if it happens. Not
+/// inlined: the log call's code stays out of the connect path.
+#[inline(never)]
+fn slot_missing<C: EbpfContext>(ctx: &C, count: u16, slot: u16) {
+    warn!(
+        ctx,
+        "lb: frontend has count {} but slot {} is missing", count, slot
+    );
+}
+
+/// Puts the peer mark of frontend `rev_nat_id` on its backend slot `slot_key` (a slot the
+/// agent rewrote meanwhile keeps the agent's value: the update replaced the element).
+#[inline(always)]
+fn mark_peer<K: ServiceKey>(services: &Services<K>, slot_key: &K, rev_nat_id: FrontendId) {
+    if let Some(entry) = services.get_ptr_mut(slot_key) {
+        // SAFETY: a map value; a concurrent reader sees the old or the new word.
+        unsafe { core::ptr::write_volatile(&raw mut (*entry).rev_nat_id, rev_nat_id) };
+    }
 }
 
 /// Whether `frontend` (as found, and as a client inside the cluster sees it) still exists

@@ -203,3 +203,62 @@ fn a_backend_that_leaves_its_service_loses_the_claim() {
         "the claim went with the backend"
     );
 }
+
+/// The datapath marks a backend slot once its backend's claim names the slot's frontend,
+/// and later connections through the slot skip the claim. A backend that leaves its
+/// Service, is claimed by another one meanwhile and comes back must not be taken for the
+/// first one's: its sockets keep records again, and each client sees what it dialled.
+#[test]
+fn a_backend_claimed_elsewhere_while_it_was_away_is_not_taken_for_its_own() {
+    if !require_privileges() {
+        return;
+    }
+    const OTHER: &str = "10.96.0.20:80";
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    let write = |name: &str, ip: &str, selector: &str| {
+        env.manifests.write(
+            &format!("svc-{name}.yaml"),
+            &service(name, ip)
+                .selector("app", selector)
+                .port(80, 8080)
+                .yaml(),
+        );
+    };
+    write("webapp", "10.96.0.10", "webapp");
+    write("other", "10.96.0.20", "nothing");
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    let claimed = client.client(&env.cgroup, VIP, 5);
+    assert_eq!(claimed.peers(), BTreeSet::from([VIP]), "{claimed:?}");
+
+    // The backend leaves, the other Service claims it, then it comes back.
+    write("webapp", "10.96.0.10", "nothing");
+    write("other", "10.96.0.20", "webapp");
+    agent.wait_for_frontend(VIP, 0, APPLY);
+    agent.wait_for_frontend(OTHER, 1, APPLY);
+    let other = client.client(&env.cgroup, OTHER, 5);
+    write("webapp", "10.96.0.10", "webapp");
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    let back = client.client(&env.cgroup, VIP, 5);
+    let other_again = client.client(&env.cgroup, OTHER, 5);
+
+    assert_eq!(other.peers(), BTreeSet::from([OTHER]), "{other:?}");
+    assert_eq!(back.ok, 5, "{back:?}");
+    assert_eq!(
+        back.peers(),
+        BTreeSet::from([VIP]),
+        "the claim names the other Service now: {back:?}"
+    );
+    assert_eq!(
+        other_again.peers(),
+        BTreeSet::from([OTHER]),
+        "{other_again:?}"
+    );
+    assert_eq!(
+        agent.map_entries("LB4_REVNAT").unwrap(),
+        5,
+        "only the connections through the frontend without the claim have records"
+    );
+}

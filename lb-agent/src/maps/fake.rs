@@ -85,11 +85,20 @@ impl FakeMaps {
                     )
                 });
                 let family = frontend.address.is_ipv6();
+                let backend = self.backends.get(&(family, entry.backend_id));
                 assert!(
-                    self.backends.contains_key(&(family, entry.backend_id)),
+                    backend.is_some(),
                     "slot {slot} of {frontend} names backend {} which its family's map lacks",
                     entry.backend_id
                 );
+                if let Some(inline) = entry.inline_backend4() {
+                    assert_eq!(
+                        backend.and_then(super::codec::backend4),
+                        Some(inline),
+                        "slot {slot} of {frontend} holds another backend inline than {}",
+                        entry.backend_id
+                    );
+                }
                 if master.flags & lb_common::SVC_F_AFFINITY != 0 {
                     assert!(
                         self.affinity_matches

@@ -138,7 +138,7 @@ pub trait LbMaps {
 pub mod codec {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-    use lb_common::{Backend4, Backend6, Service4Key, Service6Key, ServiceKey as _};
+    use lb_common::{Backend4, Backend6, Service4Key, Service6Key, ServiceKey as _, ServiceValue};
 
     use crate::model::{Backend, EndpointState, Frontend, FrontendKind, L4Addr, Protocol, Scope};
 
@@ -356,6 +356,12 @@ pub mod codec {
             proto: protocol_number(backend.addr.protocol),
             pad: 0,
         }
+    }
+
+    /// The backend slot naming backend `id`, `backend`: an IPv4 one holds it inline.
+    #[must_use]
+    pub fn slot(id: u32, backend: &Backend) -> ServiceValue {
+        backend4(backend).map_or(ServiceValue::slot(id), |b| ServiceValue::slot4(id, b))
     }
 
     #[must_use]

@@ -652,13 +652,21 @@ impl<M: LbMaps> MapWriter<M> {
             ids.push(id);
         }
         let slots = assign_slots(&old.slots, &ids);
+        // Each slot holds its backend (inline for IPv4): found by id, sorted once.
+        let mut backend_of: Vec<(u32, &Backend)> = ids
+            .iter()
+            .copied()
+            .zip(&frontend.backends[..count])
+            .collect();
+        backend_of.sort_unstable_by_key(|&(id, _)| id);
         for (index, &id) in slots.iter().enumerate() {
             if old.slots.get(index) != Some(&id) || old.stray_slots().contains(&slot_number(index))
             {
-                ops.push((
-                    SLOTS,
-                    Op::SetService(address, slot_number(index), ServiceValue::slot(id)),
-                ));
+                let value = match backend_of.binary_search_by_key(&id, |&(id, _)| id) {
+                    Ok(at) => super::codec::slot(id, backend_of[at].1),
+                    Err(_) => ServiceValue::slot(id),
+                };
+                ops.push((SLOTS, Op::SetService(address, slot_number(index), value)));
                 stats.map_writes += 1;
             }
         }
@@ -1006,6 +1014,7 @@ impl FrontendPlan {
                 )
             }
             Op::SetService(address, slot, _) => {
+                // By id only: the datapath then reads the backend from the backends map.
                 match old.slots.get(usize::from(slot).wrapping_sub(1)) {
                     Some(&id) if slot > 0 => Op::SetService(address, slot, ServiceValue::slot(id)),
                     _ => Op::DeleteService(address, slot),
