@@ -31,7 +31,7 @@ pub struct Flow {
 }
 
 /// The flows of `entries` as of `now_ns` (`CLOCK_MONOTONIC`, the clock of
-/// `bpf_ktime_get_ns`), sorted by client.
+/// `bpf_ktime_get_coarse_ns`, which is at most a tick behind it), sorted by client.
 #[must_use]
 pub fn flows(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<Flow> {
     let addr = |ip: [u32; 4], port: u16| {
@@ -94,7 +94,8 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
     })
 }
 
-/// Now in `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns` the entries carry.
+/// Now in `CLOCK_MONOTONIC`, the clock the entries carry (read by the datapath as of its last
+/// tick, `bpf_ktime_get_coarse_ns`).
 fn monotonic_now_ns() -> anyhow::Result<u64> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
     Ok(
