@@ -79,6 +79,8 @@ pub struct RunConfig {
     pub socket_lb: loader::SocketLb,
     /// Whether the external devices translate at XDP too.
     pub nodeport_acceleration: loader::NodePortAcceleration,
+    /// Whether packets translated at tc ingress skip the node's forward path.
+    pub bpf_host_routing: bool,
     /// Pod-facing devices for the per-packet path (empty: detected, see
     /// [`devices::resolve`]); only with `socket_lb` other than `all`.
     pub pod_devices: Vec<String>,
@@ -167,13 +169,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             .with_context(|| format!("binding the healthz address {addr}"))?,
         None => Vec::new(),
     };
-    let loader::Loaded { mut ebpf, maps } =
-        loader::load(&config.pin_dir, config.socket_lb, &config.capacities).with_context(|| {
-            format!(
-                "loading the datapath (pins in {})",
-                config.pin_dir.display()
-            )
-        })?;
+    let loader::Loaded { mut ebpf, maps } = loader::load(
+        &config.pin_dir,
+        config.socket_lb,
+        config.bpf_host_routing,
+        &config.capacities,
+    )
+    .with_context(|| {
+        format!(
+            "loading the datapath (pins in {})",
+            config.pin_dir.display()
+        )
+    })?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(logger) => Some(tokio::spawn(forward_ebpf_logs(logger))),
         Err(e) => {
@@ -218,6 +225,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     info!(
         node = config.node_name.as_deref().unwrap_or("(unset)"),
         socket_lb = ?config.socket_lb,
+        bpf_host_routing = config.bpf_host_routing,
         "starting"
     );
     let mut datapath = Datapath {

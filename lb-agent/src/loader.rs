@@ -188,6 +188,7 @@ pub struct Loaded {
 pub fn load(
     pin_dir: &Path,
     socket_lb: SocketLb,
+    host_routing: bool,
     capacities: &MapCapacities,
 ) -> Result<Loaded, LoadError> {
     crate::mounts::ensure_bpffs(pin_dir).map_err(|source| LoadError::Bpffs {
@@ -215,6 +216,8 @@ pub fn load(
         SocketLb::All | SocketLb::Off => 0,
     };
     loader.override_global("HOST_NETNS_COOKIE", &host_netns_cookie, true);
+    let host_routing = u8::from(host_routing);
+    loader.override_global("HOST_ROUTING", &host_routing, true);
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     match crate::conntrack::migrate_legacy_table(pin_dir) {
         Ok(0) => {}

@@ -104,6 +104,12 @@ enum Command {
             value_name = "MODE"
         )]
         nodeport_acceleration: loader::NodePortAcceleration,
+        /// Send the packets tc translates (pods' per-packet path, NodePorts and external IPs
+        /// from outside) straight to their next hop with a FIB lookup, skipping the node's
+        /// input and forward paths (Cilium's eBPF host routing). Faster, but netfilter's
+        /// FORWARD chain, and so a CNI's iptables NetworkPolicy there, no longer sees them.
+        #[arg(long, env = "LB_BPF_HOST_ROUTING")]
+        bpf_host_routing: bool,
         /// Pod-facing devices (comma-separated) that get the per-packet path when
         /// --socket-lb is `host-only` or `off` [default: every veth without a global address
         /// that is not one of the --devices, followed as pods come and go].
@@ -527,6 +533,7 @@ fn main() -> anyhow::Result<()> {
             devices,
             socket_lb,
             nodeport_acceleration,
+            bpf_host_routing,
             pod_devices,
             nodeport_addresses,
             external_ip_cidrs,
@@ -565,6 +572,7 @@ fn main() -> anyhow::Result<()> {
                 devices,
                 socket_lb,
                 nodeport_acceleration,
+                bpf_host_routing,
                 pod_devices,
                 nodeport_addresses,
                 external_ip_cidrs: ownership::ExternalIpCidrs(external_ip_cidrs),

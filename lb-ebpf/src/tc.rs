@@ -464,7 +464,24 @@ fn translate<C: Frame>(ctx: &C, packet: &mut Packet, value: &CtValue) -> Result<
         packet.set_src(ctx, value.snat_addr, value.snat_port)?;
         return Ok(Outcome::Redirected(ctx.redirect(packet)?));
     }
+    if C::SNAT && host_routing() {
+        return Ok(Outcome::Redirected(ctx.redirect(packet)?));
+    }
     Ok(Outcome::Translated)
+}
+
+/// `--bpf-host-routing`: set by the agent when it loads the object. Then a packet
+/// translated at tc ingress goes straight to its next hop (`fib::redirect`), skipping the
+/// node's input and forward paths (netfilter included) as Cilium's eBPF host routing
+/// does; 0: the kernel routes it.
+#[unsafe(no_mangle)]
+static HOST_ROUTING: u8 = 0;
+
+#[inline(always)]
+fn host_routing() -> bool {
+    // SAFETY: a read of a global the loader may have set; volatile so it is not folded.
+    let on = unsafe { core::ptr::read_volatile(&raw const HOST_ROUTING) };
+    on != 0
 }
 
 /// Describes a new flow's decision to the monitor.

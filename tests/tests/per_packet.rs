@@ -243,3 +243,59 @@ fn a_pod_reaches_a_service_it_backs_itself_per_packet() {
         assert!(summary.peer_addrs.iter().all(|a| a == vip), "{summary:?}");
     }
 }
+
+/// `--bpf-host-routing`: the packets tc translates go straight to their next hop, so the
+/// node's forward path never sees them. A FORWARD rule that drops everything to the
+/// backends' port cuts the ClusterIP off without it, and not with it (the trade the flag's
+/// help states: a CNI's iptables NetworkPolicy there no longer applies).
+#[test]
+fn bpf_host_routing_sends_translated_packets_past_the_nodes_forward_path() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (_backends, client) = webapp_setup(&env);
+    let node = env.topo.node().name().to_owned();
+    let nft = |script: &str| {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "exec", &node, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write as _;
+                child.stdin.take().unwrap().write_all(script.as_bytes())?;
+                child.wait()
+            })
+            .expect("running nft in the node's namespace");
+        assert!(status.success(), "nft -f failed: {script}");
+    };
+    nft(
+        "table inet lbtest {\n chain forward {\n  type filter hook forward priority 0; policy accept;\n  tcp dport 8080 drop\n }\n}\n",
+    );
+
+    let mut routed = env.agent_with(&["--socket-lb", "off"]);
+    routed.wait_for_frontend(VIP, 2, APPLY);
+    let dropped = client.client_with().count(2).timeout_ms(500).run(VIP);
+    drop(routed);
+    let mut agent = env.agent_with(&["--socket-lb", "off", "--bpf-host-routing"]);
+    agent.wait_for_frontend(VIP, 2, APPLY);
+    let summary = client.client_with().count(20).run(VIP);
+
+    assert_eq!(
+        dropped.ok, 0,
+        "routed by the node, the FORWARD rule drops them: {dropped:?}"
+    );
+    assert_eq!(summary.ok, 20, "every request answered: {summary:?}");
+    assert_eq!(summary.host_names(), ["webapp1", "webapp2"], "{summary:?}");
+    assert!(
+        summary.peer_addrs.iter().all(|a| a == VIP),
+        "replies come back from the ClusterIP: {:?}",
+        summary.peer_addrs
+    );
+    let prefix = format!("{}:", client.ip());
+    assert!(
+        summary.remote_addrs.iter().all(|a| a.starts_with(&prefix)),
+        "backends see the client pod's own address: {:?}",
+        summary.remote_addrs
+    );
+}
