@@ -106,6 +106,16 @@ pub fn is_syn(packet: &Packet) -> bool {
     packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// The state both entries of a new flow start in: what its first packet (from the client)
+/// says, so creating the flow needs no second look at the entries.
+#[inline(always)]
+pub fn first_state(packet: &Packet) -> u8 {
+    if packet.proto != PROTO_TCP {
+        return 0;
+    }
+    state_bits(packet, CT_DIR_ORIG, 0)
+}
+
 /// The state bits a packet of direction `dir` adds to an entry in `state`.
 #[inline(always)]
 fn state_bits(packet: &Packet, dir: u8, state: u8) -> u8 {

@@ -2,9 +2,12 @@
 //! tc and at XDP alike: the hooks differ only in how they reach the packet, which [`Frame`]
 //! hides. Headers are read straight from the packet's linear data (one bounds check, no
 //! helper call: every packet of the device runs this), or through `bpf_skb_load_bytes` when
-//! they are not all in the linear part; writes go through `bpf_skb_store_bytes` (tc) or
-//! direct writes (XDP). Checksums are fixed incrementally, with the L4 checksum's
-//! own offset (never a port's offset) and the pseudo-header flag for addresses.
+//! they are not all in the linear part. Writes and the IPv4 header checksum are direct too
+//! when the bytes are linear (at tc, `bpf_skb_store_bytes` and `bpf_l3_csum_replace`
+//! otherwise); at tc the L4 checksum always goes through `bpf_l4_csum_replace`, the one
+//! that knows a locally sent packet's partial checksum (`CHECKSUM_PARTIAL`) from a
+//! complete one. Checksums are fixed incrementally, with the L4 checksum's own offset
+//! (never a port's offset) and the pseudo-header flag for addresses.
 //!
 //! Addresses are held as four network-order words whatever the family, IPv4 ones
 //! IPv4-mapped, as the conntrack map keys them.
@@ -102,11 +105,19 @@ impl Frame for TcContext {
         TcContext::load(self, off).ok()
     }
 
+    /// A direct write when the bytes are linear (the verifier then unclones a cloned
+    /// packet once, before the program runs), else `bpf_skb_store_bytes`.
     #[inline(always)]
     fn store<T>(&self, off: usize, value: &T) -> Result<(), RewriteError> {
+        if let Some(at) = direct::<T, _>(self, off) {
+            write_at(at, value);
+            return Ok(());
+        }
         TcContext::store(self, off, value, 0).map_err(|_| RewriteError)
     }
 
+    /// In the program when the checksum is linear: an IPv4 header checksum is always
+    /// complete, and the header's sum stays the same, so `skb->csum` needs no fixing.
     #[inline(always)]
     fn l3_csum_replace(
         &self,
@@ -115,6 +126,9 @@ impl Frame for TcContext {
         to: u64,
         size: u64,
     ) -> Result<(), RewriteError> {
+        if direct::<u16, _>(self, off).is_some() {
+            return csum_replace(self, off, from, to, size);
+        }
         TcContext::l3_csum_replace(self, off, from, to, size).map_err(|_| RewriteError)
     }
 
@@ -460,4 +474,84 @@ impl Packet {
         ctx.l4_csum_replace(self.csum_off(), u64::from(old), u64::from(new), flags)?;
         ctx.store(off, &new)
     }
+}
+
+/// The address of the `T` at `off` bytes into the packet, if it lies within the linear
+/// data (XDP: the first buffer). Every offset of the datapath is below 256 (Ethernet, at most 60 bytes of IPv4
+/// header or the fixed IPv6 one, then the L4 fields used): the mask shows the verifier the
+/// bound it needs for a variable offset from the packet pointer.
+#[inline(always)]
+pub fn direct<T, C: Frame>(ctx: &C, off: usize) -> Option<usize> {
+    let at = ctx.data() + (off & 0xff);
+    if off > 0xff || at + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(at)
+}
+
+/// The kernel's `bpf_l4_csum_replace` for a checksum that is complete (an IPv4 header's;
+/// any at XDP, where packets come from the wire), in software (RFC 1624: `HC' = ~(~HC + ~m + m')`): the
+/// checksum at `off` for the `flags & 0xf` bytes (2 or 4) `from` becoming `to`, or with a
+/// size of 0 for the `bpf_csum_diff` result `to`. Values stay in memory order throughout:
+/// the one's-complement sum is the same in either byte order.
+#[inline(always)]
+pub fn csum_replace<C: Frame>(
+    ctx: &C,
+    off: usize,
+    from: u64,
+    to: u64,
+    flags: u64,
+) -> Result<(), RewriteError> {
+    let at = direct::<u16, C>(ctx, off).ok_or(RewriteError)?;
+    // SAFETY: within the linear data, checked by `direct`; headers are not aligned.
+    let old = unsafe { (at as *const u16).read_unaligned() };
+    let mangled_0 = flags & u64::from(BPF_F_MARK_MANGLED_0) != 0;
+    // A UDP checksum of 0: none was computed (IPv4), and none is.
+    if mangled_0 && old == 0 {
+        return Ok(());
+    }
+    let word = |v: u64, shift: u32| u64::from((v >> shift) as u16);
+    let mut sum = u64::from(!old);
+    match flags & 0xf {
+        0 => sum += to & 0xffff_ffff,
+        2 => sum += u64::from(!(from as u16)) + word(to, 0),
+        4 => {
+            sum += u64::from(!(from as u16))
+                + u64::from(!((from >> 16) as u16))
+                + word(to, 0)
+                + word(to, 16);
+        }
+        _ => return Err(RewriteError),
+    }
+    let mut new = !fold(sum);
+    if mangled_0 && new == 0 {
+        new = 0xffff;
+    }
+    write_at(at, &new);
+    Ok(())
+}
+
+/// Copies `value` to the packet at `at`, an address [`direct`] gave for a `T` (after the
+/// last helper that could move the packet's data).
+#[inline(always)]
+pub fn write_at<T>(at: usize, value: &T) {
+    // SAFETY: within the linear data, checked by `direct`; `value` is a valid `T`, copied
+    // byte for byte (headers are not aligned).
+    unsafe {
+        core::ptr::copy_nonoverlapping(
+            core::ptr::from_ref(value).cast::<u8>(),
+            at as *mut u8,
+            size_of::<T>(),
+        );
+    }
+}
+
+/// Folds a one's-complement sum to 16 bits.
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
 }

@@ -176,7 +176,7 @@ pub fn ingress<C: Frame>(ctx: &C, origin: Origin) -> Result<Outcome, Error> {
     };
     match flow {
         // SAFETY: this CPU's scratch slot, ours until the program returns.
-        Some(flow) => start_flow(ctx, &mut packet, unsafe { &mut *flow }, now),
+        Some(flow) => start_flow(ctx, &mut packet, unsafe { &mut *flow }),
         None => Ok(Outcome::Untouched),
     }
 }
@@ -381,7 +381,8 @@ fn new_flow<F: Family, C: Frame>(
     orig.snat_port = 0;
     orig.rev_nat_id = master.rev_nat_id;
     orig.flags = if snat { CT_F_SNAT } else { 0 };
-    orig.tcp_state = 0;
+    // The first packet's state, as `conntrack::touch` would record it on both entries.
+    orig.tcp_state = conntrack::first_state(packet);
     orig.backend_id = backend_id;
     orig.pad = [0; 2];
     let now = conntrack::now();
@@ -398,7 +399,6 @@ fn start_flow<C: Frame>(
     ctx: &C,
     packet: &mut Packet,
     flow: &mut NewFlow,
-    now: u64,
 ) -> Result<Outcome, Error> {
     flow.orig_key = conntrack::key(packet, CT_DIR_ORIG);
     // The reply restores the frontend as the client dialled it (a NodePort: this node's
@@ -444,9 +444,8 @@ fn start_flow<C: Frame>(
             .map_err(|_| Error::Conntrack)?;
     }
     count(Counter::TcFlowsStarted);
-    if let Some(mut entry) = conntrack::lookup(&flow.orig_key, now) {
-        conntrack::touch(&mut entry, &flow.orig_key, packet, CT_DIR_ORIG, now);
-    }
+    // Both entries were created with the first packet's state and time (`new_flow`): no
+    // touch, which would look both up again to record the same.
     translate(ctx, packet, &flow.orig)
 }
 

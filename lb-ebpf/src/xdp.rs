@@ -18,14 +18,14 @@
 //! packet is translated twice. A driver without metadata support gets no XDP translation
 //! at all (everything goes on to tc).
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, xdp_action},
+    bindings::xdp_action,
     helpers::generated::bpf_xdp_adjust_meta,
     programs::{TcContext, XdpContext},
 };
 use lb_common::MON_HOOK_XDP;
 
 use crate::{
-    nat::{Frame, Packet, RewriteError},
+    nat::{Frame, Packet, RewriteError, csum_replace, direct, write_at},
     tc::{self, Error, Origin, Outcome},
 };
 
@@ -119,22 +119,15 @@ impl Frame for XdpContext {
     /// buffer, as the headers are.
     #[inline(always)]
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
-        let at = direct::<T>(self, off)?;
+        let at = direct::<T, _>(self, off)?;
         // SAFETY: within [data, data_end), checked by `direct`; headers are not aligned.
         Some(unsafe { (at as *const T).read_unaligned() })
     }
 
     #[inline(always)]
     fn store<T>(&self, off: usize, value: &T) -> Result<(), RewriteError> {
-        let at = direct::<T>(self, off).ok_or(RewriteError)?;
-        // SAFETY: as in `load`; `value` is a valid `T`, copied byte for byte.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                core::ptr::from_ref(value).cast::<u8>(),
-                at as *mut u8,
-                size_of::<T>(),
-            );
-        }
+        let at = direct::<T, _>(self, off).ok_or(RewriteError)?;
+        write_at(at, value);
         Ok(())
     }
 
@@ -170,66 +163,4 @@ impl Frame for XdpContext {
     fn redirect(&self, _packet: &Packet) -> Result<i32, RewriteError> {
         Err(RewriteError)
     }
-}
-
-/// The address of the `T` at `off` bytes into the packet, if it lies within the first
-/// buffer. Every offset of the datapath is below 256 (Ethernet, at most 60 bytes of IPv4
-/// header or the fixed IPv6 one, then the L4 fields used): the mask shows the verifier the
-/// bound it needs for a variable offset from the packet pointer.
-#[inline(always)]
-fn direct<T>(ctx: &XdpContext, off: usize) -> Option<usize> {
-    let at = ctx.data() + (off & 0xff);
-    if off > 0xff || at + size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some(at)
-}
-
-/// The kernel's `bpf_l4_csum_replace` for a packet whose checksums are complete (what a
-/// device receives from the wire), in software (RFC 1624: `HC' = ~(~HC + ~m + m')`): the
-/// checksum at `off` for the `flags & 0xf` bytes (2 or 4) `from` becoming `to`, or with a
-/// size of 0 for the `bpf_csum_diff` result `to`. Values stay in memory order throughout:
-/// the one's-complement sum is the same in either byte order.
-#[inline(always)]
-fn csum_replace(
-    ctx: &XdpContext,
-    off: usize,
-    from: u64,
-    to: u64,
-    flags: u64,
-) -> Result<(), RewriteError> {
-    let old: u16 = ctx.load(off).ok_or(RewriteError)?;
-    let mangled_0 = flags & u64::from(BPF_F_MARK_MANGLED_0) != 0;
-    // A UDP checksum of 0: none was computed (IPv4), and none is.
-    if mangled_0 && old == 0 {
-        return Ok(());
-    }
-    let word = |v: u64, shift: u32| u64::from((v >> shift) as u16);
-    let mut sum = u64::from(!old);
-    match flags & 0xf {
-        0 => sum += to & 0xffff_ffff,
-        2 => sum += u64::from(!(from as u16)) + word(to, 0),
-        4 => {
-            sum += u64::from(!(from as u16))
-                + u64::from(!((from >> 16) as u16))
-                + word(to, 0)
-                + word(to, 16);
-        }
-        _ => return Err(RewriteError),
-    }
-    let mut new = !fold(sum);
-    if mangled_0 && new == 0 {
-        new = 0xffff;
-    }
-    ctx.store(off, &new)
-}
-
-/// Folds a one's-complement sum to 16 bits.
-#[inline(always)]
-fn fold(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
