@@ -686,9 +686,11 @@ fn datapath_targets(out: &mut String, outcome: &Outcome) {
         "\nWhere the time goes, from `perf record -a -g` during such runs on this shared \
          2-CPU virtual machine: the hash lookups' bucket walks (`lookup_nulls_elem_raw`: \
          cache and TLB misses on the buckets, since other work evicts the maps between \
-         connections) and, on the socket path, the LRU insert of the reverse-NAT record \
-         (Cilium's `LB4_REVERSE_NAT_SK` design; socket-local storage costs more: two \
-         memory-cgroup-accounted allocations per connection).\n\n",
+         connections). A TCP connect reads two hash entries (the frontend and its slot, \
+         which holds an IPv4 backend inline and the peer mark) and writes none; a tc \
+         packet of a tracked flow does one conntrack lookup and, from the pod, one \
+         backend check, then the rewrite (two helper calls per address and port: the L4 \
+         checksum; the writes and the IPv4 header checksum are direct).\n\n",
     );
 }
 
