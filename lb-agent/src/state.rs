@@ -27,8 +27,9 @@ use crate::{
     small_set::SmallSet,
     source::change::Kind,
     translate::{
-        CheckedService, HEADLESS_LABEL, Problem, SERVICE_NAME_LABEL, Skipped, Sourced, ValidPod,
-        ValidSlice, translate_service, validate_pod, validate_service, validate_slice,
+        CheckedService, HEADLESS_LABEL, Problem, SERVICE_NAME_LABEL, ServiceTranslation, Skipped,
+        Sourced, ValidPod, ValidSlice, translate_service, validate_pod, validate_service,
+        validate_slice,
     },
 };
 
@@ -37,7 +38,9 @@ struct SliceEntry {
     /// The Service named by its label, valid or not. (Its problems are in
     /// `object_problems`.)
     service: Option<ObjectRef>,
-    valid: Option<ValidSlice>,
+    /// Boxed: a slice entry sits in a hash table, where every bucket is as large as an
+    /// entry, full or not.
+    valid: Option<Box<ValidSlice>>,
     /// `metadata.resourceVersion` (0: none).
     resource_version: u64,
     /// File (or `api`) it came from (shared).
@@ -64,7 +67,8 @@ pub struct ClusterState {
     /// This node's `topology.kubernetes.io/zone` label (from its Node object): endpoints
     /// hinted for this zone are preferred (topology hints, `trafficDistribution`).
     node_zone: Option<String>,
-    services: HashMap<ObjectRef, CheckedService>,
+    /// Boxed, as the slices' entries.
+    services: HashMap<ObjectRef, Box<CheckedService>>,
     services_by_namespace: HashMap<Arc<str>, BTreeSet<ObjectRef>>,
     slices: HashMap<ObjectRef, SliceEntry>,
     slices_by_service: HashMap<ObjectRef, SmallSet<ObjectRef>>,
@@ -161,20 +165,20 @@ impl ClusterState {
         if let Some(old) = old {
             // Its entries were written when they last changed, not when it last arrived.
             checked.stamp.written_at = old.stamp.written_at;
-            if *old == checked {
+            if **old == checked {
                 old.stamp = checked.stamp;
                 return;
             }
         }
         let old = self.services.get(&checked.id);
         let id = checked.id.clone();
-        let changed = old.map_or(NONE, findings) != findings(&checked);
+        let changed = old.map_or(NONE, |old| findings(old)) != findings(&checked);
         self.note_problems(&id, changed, findings(&checked) != NONE);
         self.services_by_namespace
             .entry(Arc::clone(id.namespace()))
             .or_default()
             .insert(id.clone());
-        self.services.insert(id.clone(), checked);
+        self.services.insert(id.clone(), Box::new(checked));
         self.dirty.insert(id);
     }
 
@@ -219,7 +223,7 @@ impl ClusterState {
         let resource_version = crate::translate::Stamp::of(&slice.object.metadata).resource_version;
         let origin = Arc::clone(&slice.origin);
         drop(slice);
-        let mut valid = valid.map(|(_, valid)| valid);
+        let mut valid = valid.map(|(_, valid)| Box::new(valid));
         let mut service = service;
         let mut headless = headless;
         let mut problems = problems;
@@ -315,7 +319,7 @@ impl ClusterState {
     /// A Service as validated, with its stamp.
     #[must_use]
     pub fn service(&self, id: &ObjectRef) -> Option<&CheckedService> {
-        self.services.get(id)
+        self.services.get(id).map(AsRef::as_ref)
     }
 
     /// The EndpointSlices of a Service, with their resourceVersions (0: none) and origins,
@@ -363,6 +367,58 @@ impl ClusterState {
         std::mem::take(&mut self.dns_changes)
     }
 
+    /// The DNS records and the translation of Service `id` as the state has it (`None`:
+    /// no such Service). Reads the state only.
+    fn translate_one(
+        &self,
+        id: &ObjectRef,
+    ) -> Option<(Option<ServiceRecords>, ServiceTranslation)> {
+        let service = self.services.get(id)?;
+        let entries = || {
+            self.slices_by_service
+                .get(id)
+                .into_iter()
+                .flatten()
+                .filter_map(|s| self.slices.get(s))
+        };
+        // The proxy's: the Service has slices when it has any but a headless Service's;
+        // DNS reads those too.
+        let slices: Option<Vec<&ValidSlice>> = entries().any(|e| !e.headless).then(|| {
+            entries()
+                .filter(|e| !e.headless)
+                .filter_map(|e| e.valid.as_deref())
+                .collect()
+        });
+        let dns_slices: Option<Vec<&ValidSlice>> = entries()
+            .next()
+            .is_some()
+            .then(|| entries().filter_map(|e| e.valid.as_deref()).collect());
+        let pods: Vec<&ValidPod> = if slices.is_some() && dns_slices.is_some() {
+            Vec::new()
+        } else {
+            // The namespace's pods only, by name, as slices are: when two pods share an
+            // address the first one's endpoint is used, and that must not depend on the
+            // order the pods arrived in (found by the property tests).
+            self.pods
+                .range(ObjectRef::new(id.namespace(), "")..)
+                .take_while(|(pod, _)| pod.namespace() == id.namespace())
+                .filter_map(|(_, valid)| valid.as_ref())
+                .collect()
+        };
+        let dns = records::build(service, dns_slices.as_deref(), &pods);
+        let pods: Vec<&ValidPod> = if slices.is_some() { Vec::new() } else { pods };
+        let translation = translate_service(
+            service,
+            slices.as_deref(),
+            &pods,
+            NodeTopology {
+                name: self.node_name.as_deref(),
+                zone: self.node_zone.as_deref(),
+            },
+        );
+        Some((dns, translation))
+    }
+
     /// Translates the Services touched since the last call and updates the desired state.
     /// Returns the frontend addresses whose desired entry changed (added, updated or
     /// removed), sorted.
@@ -370,56 +426,8 @@ impl ClusterState {
         let mut touched = BTreeSet::new();
         let mut ips = std::mem::take(&mut self.pending_ips);
         for id in std::mem::take(&mut self.dirty) {
-            let new = self.services.get(&id).map(|service| {
-                let entries = || {
-                    self.slices_by_service
-                        .get(&id)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|s| self.slices.get(s))
-                };
-                // The proxy's: the Service has slices when it has any but a headless
-                // Service's; DNS reads those too.
-                let slices: Option<Vec<&ValidSlice>> = entries().any(|e| !e.headless).then(|| {
-                    entries()
-                        .filter(|e| !e.headless)
-                        .filter_map(|e| e.valid.as_ref())
-                        .collect()
-                });
-                let dns_slices: Option<Vec<&ValidSlice>> = entries()
-                    .next()
-                    .is_some()
-                    .then(|| entries().filter_map(|e| e.valid.as_ref()).collect());
-                let pods: Vec<&ValidPod> = if slices.is_some() && dns_slices.is_some() {
-                    Vec::new()
-                } else {
-                    // The namespace's pods only, by name, as slices are: when two pods
-                    // share an address the first one's endpoint is used, and that must
-                    // not depend on the order the pods arrived in (found by the property
-                    // tests).
-                    self.pods
-                        .range(ObjectRef::new(id.namespace(), "")..)
-                        .take_while(|(pod, _)| pod.namespace() == id.namespace())
-                        .filter_map(|(_, valid)| valid.as_ref())
-                        .collect()
-                };
-                let dns = records::build(service, dns_slices.as_deref(), &pods);
-                self.dns_changes.push((id.clone(), dns));
-                let pods: Vec<&ValidPod> = if slices.is_some() { Vec::new() } else { pods };
-                translate_service(
-                    service,
-                    slices.as_deref(),
-                    &pods,
-                    NodeTopology {
-                        name: self.node_name.as_deref(),
-                        zone: self.node_zone.as_deref(),
-                    },
-                )
-            });
-            if new.is_none() {
-                self.dns_changes.push((id.clone(), None));
-            }
-            let new = new.unwrap_or_default();
+            let (dns, new) = self.translate_one(&id).unwrap_or_default();
+            self.dns_changes.push((id.clone(), dns));
             match new.health_check {
                 Some(check) => self.health_checks.insert(id.clone(), check),
                 None => self.health_checks.remove(&id),

@@ -261,8 +261,8 @@ pub struct CheckedService {
     pub id: ObjectRef,
     /// `None` when the Service is skipped or invalid. Shared with cluster DNS's index.
     pub valid: Option<Arc<ValidService>>,
-    pub problems: Vec<Problem>,
-    pub skipped: Vec<Skipped>,
+    pub problems: Box<[Problem]>,
+    pub skipped: Box<[Skipped]>,
     /// What cluster DNS answers for a Service the proxy skips (headless, ExternalName,
     /// another proxy's); DNS reads `valid` for the others.
     pub dns: Option<Arc<crate::dns::records::DnsService>>,
@@ -488,8 +488,8 @@ pub fn validate_service(sourced: &Sourced<Service>) -> CheckedService {
         origin: Arc::clone(&sourced.origin),
         id: object_ref(&sourced.object.metadata),
         valid,
-        problems: out.problems,
-        skipped: out.skipped,
+        problems: out.problems.into_boxed_slice(),
+        skipped: out.skipped.into_boxed_slice(),
         stamp: Stamp::of(&sourced.object.metadata),
         dns,
     }
@@ -1132,8 +1132,9 @@ pub struct ValidSlice {
     /// The slice's name, `nodeName` and `zone` of its endpoints: one shared value for all
     /// endpoints of the slice on the same node.
     infos: Box<[Arc<EndpointInfo>]>,
-    /// (name, number, protocol); ports without a number are left out.
-    ports: Box<[(Box<str>, u16, Protocol)]>,
+    /// (name, number, protocol); ports without a number are left out. The names are
+    /// interned: every slice of a Service repeats them.
+    ports: Box<[(Arc<str>, u16, Protocol)]>,
     /// A headless Service's slice (`service.kubernetes.io/headless`): only DNS reads it.
     pub(crate) headless: bool,
     /// The endpoints' `hostname`s, by index in `endpoints`, ascending (most slices have
@@ -1146,7 +1147,7 @@ pub struct ValidSlice {
 
 impl ValidSlice {
     /// The slice's ports: (name, number, protocol).
-    pub(crate) fn ports(&self) -> &[(Box<str>, u16, Protocol)] {
+    pub(crate) fn ports(&self) -> &[(Arc<str>, u16, Protocol)] {
         &self.ports
     }
 
@@ -1330,7 +1331,7 @@ pub fn validate_slice(
                 _ => continue,
             };
             ports.push((
-                Box::from(port.name.as_deref().unwrap_or_default()),
+                intern(port.name.as_deref().unwrap_or_default()),
                 number,
                 protocol,
             ));

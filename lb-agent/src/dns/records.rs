@@ -151,7 +151,7 @@ pub struct Endpoint {
     /// The endpoint's `hostname`, or one made of its address (`10-244-0-5`).
     pub hostname: Box<str>,
     /// The endpoint's ports: (name, number, protocol), shared by a slice's endpoints.
-    pub ports: Arc<[(Box<str>, u16, Protocol)]>,
+    pub ports: Arc<[(Arc<str>, u16, Protocol)]>,
 }
 
 /// The hostname of an endpoint without one: its address with dashes, unique in the
@@ -243,7 +243,7 @@ pub fn build(
     match slices {
         Some(slices) => {
             for slice in slices {
-                let ports: Arc<[(Box<str>, u16, Protocol)]> = Arc::from(slice.ports());
+                let ports: Arc<[(Arc<str>, u16, Protocol)]> = Arc::from(slice.ports());
                 for (ip, ready, hostname) in slice.dns_endpoints() {
                     if ready || *publish_not_ready {
                         endpoints.push(Endpoint {
@@ -264,7 +264,7 @@ pub fn build(
                 if !(*publish_not_ready || pod.is_ready()) {
                     continue;
                 }
-                let ports: Arc<[(Box<str>, u16, Protocol)]> = dns
+                let ports: Arc<[(Arc<str>, u16, Protocol)]> = dns
                     .ports
                     .iter()
                     .filter_map(|p| {
@@ -273,7 +273,7 @@ pub fn build(
                             Some(Target::Number(n)) => *n,
                             Some(Target::Name(name)) => pod.named_port(name, p.protocol)?,
                         };
-                        Some((Box::from(&*p.name), number, p.protocol))
+                        Some((Arc::clone(&p.name), number, p.protocol))
                     })
                     .collect();
                 let hostname = pod.hostname_in(service.id.name());

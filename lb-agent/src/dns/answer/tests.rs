@@ -34,8 +34,8 @@ fn own(kind: ServiceKind, ports: Vec<DnsPort>, endpoints: Vec<Endpoint>) -> Opti
 
 fn index() -> DnsIndex {
     let mut index = DnsIndex::default();
-    let ports: Arc<[(Box<str>, u16, Protocol)]> =
-        Arc::from(vec![(Box::from("sql"), 3306, Protocol::Tcp)]);
+    let ports: Arc<[(Arc<str>, u16, Protocol)]> =
+        Arc::from(vec![(Arc::from("sql"), 3306, Protocol::Tcp)]);
     let headless = ServiceKind::Headless {
         publish_not_ready: false,
         selector: None,
