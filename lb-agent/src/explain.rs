@@ -256,7 +256,11 @@ fn entry(state: &ClusterState, f: &Frontend, from: Option<IpAddr>) -> Entry {
         resource_version: (stamp.resource_version != 0).then_some(stamp.resource_version),
         origin,
     };
-    let mut used: Vec<&str> = f.backend_info.iter().map(|i| &*i.source).collect();
+    let mut used: Vec<String> = f
+        .backend_info
+        .iter()
+        .map(|i| i.source.to_string())
+        .collect();
     used.sort_unstable();
     used.dedup();
     let slices = state

@@ -2,6 +2,8 @@
 //! (manifests or the API server) and of how the maps encode it.
 use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
+use triomphe::ThinArc;
+
 /// A transport protocol the load balancer programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -105,41 +107,43 @@ impl fmt::Display for L4Addr {
     }
 }
 
-/// `namespace/name` of a Kubernetes object: one shared allocation (the namespace in it
-/// interned, [`intern`]), so a reference costs 8 bytes wherever it is held (the model
-/// holds each Service's in a dozen indexes) and a clone costs no allocation. Equality,
-/// order and hash are those of the (namespace, name) pair.
+/// `namespace/name` of a Kubernetes object: one shared allocation holding both strings
+/// behind an 8-byte pointer (the model holds each Service's reference in a dozen indexes,
+/// and a clone costs no allocation). Equality, order and hash are those of the
+/// (namespace, name) pair.
 #[derive(Clone)]
-pub struct ObjectRef(Arc<Names>);
-
-#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Names {
-    namespace: Arc<str>,
-    name: Arc<str>,
-}
+pub struct ObjectRef(ThinArc<u32, u8>);
 
 impl ObjectRef {
-    /// The namespace (interned: shared by every object of the namespace).
+    /// The namespace (empty for a cluster-scoped object).
     #[must_use]
-    pub fn namespace(&self) -> &Arc<str> {
-        &self.0.namespace
+    pub fn namespace(&self) -> &str {
+        self.parts().0
     }
 
     #[must_use]
     pub fn name(&self) -> &str {
-        &self.0.name
+        self.parts().1
     }
 
-    /// The name, to share (an EndpointSlice's endpoints name their slice).
-    #[must_use]
-    pub fn shared_name(&self) -> &Arc<str> {
-        &self.0.name
+    /// (namespace, name).
+    fn parts(&self) -> (&str, &str) {
+        let split = self.0.header.header as usize;
+        let (namespace, name) = self.0.slice.split_at(split);
+        // SAFETY: the bytes are the namespace's then the name's, copied from two `&str` in
+        // `new`, and `split` is the namespace's length: each part is valid UTF-8.
+        unsafe {
+            (
+                std::str::from_utf8_unchecked(namespace),
+                std::str::from_utf8_unchecked(name),
+            )
+        }
     }
 }
 
 impl PartialEq for ObjectRef {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+        std::ptr::eq(&*self.0, &*other.0) || self.parts() == other.parts()
     }
 }
 
@@ -153,7 +157,7 @@ impl PartialOrd for ObjectRef {
 
 impl Ord for ObjectRef {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0.cmp(&other.0)
+        self.parts().cmp(&other.parts())
     }
 }
 
@@ -161,7 +165,9 @@ impl Ord for ObjectRef {
 /// same order finds it in a map ([`crate::dns::index`]).
 impl std::hash::Hash for ObjectRef {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.hash(state);
+        let (namespace, name) = self.parts();
+        namespace.hash(state);
+        name.hash(state);
     }
 }
 
@@ -178,7 +184,7 @@ impl serde::Serialize for ObjectRef {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let mut s = serializer.serialize_struct("ObjectRef", 2)?;
-        s.serialize_field("namespace", &**self.namespace())?;
+        s.serialize_field("namespace", self.namespace())?;
         s.serialize_field("name", self.name())?;
         s.end()
     }
@@ -186,10 +192,6 @@ impl serde::Serialize for ObjectRef {
 
 /// Serializes a shared string as the string (serde's `rc` feature would rebuild every
 /// crate that uses serde for this one).
-fn shared_str<S: serde::Serializer>(text: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(text)
-}
-
 fn shared_opt_str<S: serde::Serializer>(
     text: &Option<Arc<str>>,
     serializer: S,
@@ -210,15 +212,42 @@ impl ObjectRef {
         )
     }
 
-    /// `namespace/name`, the namespace interned.
+    /// `namespace/name`.
+    ///
+    /// # Panics
+    /// When the namespace is longer than 4 GiB.
     #[must_use]
     pub fn new(namespace: &str, name: &str) -> Self {
-        Self(Arc::new(Names {
-            namespace: intern(namespace),
-            name: Arc::from(name),
-        }))
+        let split = u32::try_from(namespace.len()).expect("a namespace shorter than 4 GiB");
+        let bytes = Counted {
+            bytes: namespace.bytes().chain(name.bytes()),
+            left: namespace.len() + name.len(),
+        };
+        Self(ThinArc::from_header_and_iter(split, bytes))
     }
 }
+
+/// The bytes of both strings, with their count (as the allocation needs it up front).
+struct Counted<I> {
+    bytes: I,
+    left: usize,
+}
+
+impl<I: Iterator<Item = u8>> Iterator for Counted<I> {
+    type Item = u8;
+
+    fn next(&mut self) -> Option<u8> {
+        let byte = self.bytes.next()?;
+        self.left -= 1;
+        Some(byte)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl<I: Iterator<Item = u8>> ExactSizeIterator for Counted<I> {}
 
 /// The namespace of an object that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -351,15 +380,44 @@ impl fmt::Display for Backend {
 /// node-local traffic policies.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EndpointInfo {
-    /// The EndpointSlice, or `pod/<name>` when the endpoint was derived from a Pod.
-    #[serde(serialize_with = "shared_str")]
-    pub source: Arc<str>,
+    /// The EndpointSlice, or the Pod the endpoint was derived from (shown as `pod/<name>`).
+    pub source: EndpointSource,
     /// `nodeName` of the endpoint (or the Pod's `spec.nodeName`), interned.
     #[serde(serialize_with = "shared_opt_str")]
     pub node_name: Option<Arc<str>>,
     /// `zone` of the endpoint, interned.
     #[serde(serialize_with = "shared_opt_str")]
     pub zone: Option<Arc<str>>,
+}
+
+/// Where an endpoint came from: its EndpointSlice (the slice's own reference, shared), or
+/// the Pod it was derived from (manifests without slices). Shown as the slice's name, or
+/// `pod/<name>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointSource {
+    Slice(ObjectRef),
+    Pod(ObjectRef),
+}
+
+impl Default for EndpointSource {
+    fn default() -> Self {
+        Self::Slice(ObjectRef::new("", ""))
+    }
+}
+
+impl fmt::Display for EndpointSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Slice(id) => f.write_str(id.name()),
+            Self::Pod(id) => write!(f, "pod/{}", id.name()),
+        }
+    }
+}
+
+impl serde::Serialize for EndpointSource {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// One Service port on one virtual address, and the backends that serve it.
@@ -405,3 +463,31 @@ pub struct HealthCheck {
 /// Every frontend the node should serve, by virtual address. Frontends are shared (the
 /// model, the API's view and each Service's translation hold the same one).
 pub type DesiredState = BTreeMap<L4Addr, Arc<Frontend>>;
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher as _;
+
+    use super::*;
+
+    /// One allocation holds both strings; they come back as given, and the reference
+    /// orders, compares and hashes as the (namespace, name) pair, whatever the bytes
+    /// joined would say ("a-b" sorts after "a" though '-' sorts before '/').
+    #[test]
+    fn an_object_ref_is_its_namespace_and_name_pair() {
+        let id = ObjectRef::new("kube-system", "coredns");
+        assert_eq!((id.namespace(), id.name()), ("kube-system", "coredns"));
+        assert_eq!(id.to_string(), "kube-system/coredns");
+        assert_eq!(ObjectRef::new("", "node-1").namespace(), "");
+        let (a, ab) = (ObjectRef::new("a", "x"), ObjectRef::new("a-b", "x"));
+        assert!(a < ab);
+        assert_eq!(a, ObjectRef::new("a", "x"));
+        assert_ne!(ObjectRef::new("ab", "c"), ObjectRef::new("a", "bc"));
+        let hasher = foldhash::fast::FixedState::default();
+        assert_eq!(
+            hasher.hash_one(&ab),
+            hasher.hash_one(("a-b", "x")),
+            "a borrowed pair must find it in a map"
+        );
+    }
+}

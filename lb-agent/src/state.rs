@@ -175,7 +175,7 @@ impl ClusterState {
         let changed = old.map_or(NONE, |old| findings(old)) != findings(&checked);
         self.note_problems(&id, changed, findings(&checked) != NONE);
         self.services_by_namespace
-            .entry(Arc::clone(id.namespace()))
+            .entry(crate::model::intern(id.namespace()))
             .or_default()
             .insert(id.clone());
         self.services.insert(id.clone(), Box::new(checked));
@@ -219,7 +219,7 @@ impl ClusterState {
                 .get_key_value(&s)
                 .map_or(s, |(known, _)| known.clone())
         });
-        let (valid, problems) = validate_slice(&slice, id.shared_name());
+        let (valid, problems) = validate_slice(&slice, &id);
         let resource_version = crate::translate::Stamp::of(&slice.object.metadata).resource_version;
         let origin = Arc::clone(&slice.origin);
         drop(slice);
@@ -700,7 +700,7 @@ impl ClusterState {
         (self.services.len(), self.slices.len(), self.pods.len())
     }
 
-    fn namespace_dirty(&mut self, namespace: &Arc<str>) {
+    fn namespace_dirty(&mut self, namespace: &str) {
         if let Some(services) = self.services_by_namespace.get(namespace) {
             self.dirty.extend(services.iter().cloned());
         }

@@ -15,8 +15,8 @@ use k8s_openapi::{
 
 use crate::categorize::{Candidate, Hints, NodeTopology, Policies, categorize};
 use crate::model::{
-    Backend, DEFAULT_NAMESPACE, EndpointInfo, EndpointState, Frontend, FrontendKind, HealthCheck,
-    L4Addr, ObjectRef, Protocol, intern,
+    Backend, DEFAULT_NAMESPACE, EndpointInfo, EndpointSource, EndpointState, Frontend,
+    FrontendKind, HealthCheck, L4Addr, ObjectRef, Protocol, intern,
 };
 
 /// Label that ties an EndpointSlice to its Service.
@@ -101,7 +101,7 @@ pub fn translate_service(
     for port in &service.ports {
         let candidates = match slices {
             Some(slices) => candidates_from_slices(port, slices),
-            None => candidates_from_pods(service, port, pods, node),
+            None => candidates_from_pods(checked.id.namespace(), service, port, pods, node),
         };
         let mut addresses: Vec<(IpAddr, u16, FrontendKind)> = service
             .frontend_ips
@@ -1179,13 +1179,13 @@ fn by_index<T>(list: &[(u32, T)], index: usize) -> Option<&T> {
         .map(|found| &list[found].1)
 }
 
-/// Validates an EndpointSlice (named `name`, shared with its endpoints); returns the
+/// Validates an EndpointSlice (`id`, shared with its endpoints); returns the
 /// Service it belongs to with it, `None` when it has no `kubernetes.io/service-name` label
 /// or is invalid.
 #[must_use]
 pub fn validate_slice(
     sourced: &Sourced<EndpointSlice>,
-    name: &Arc<str>,
+    id: &ObjectRef,
 ) -> (Option<(ObjectRef, ValidSlice)>, Vec<Problem>) {
     let mut problems = Vec::new();
     {
@@ -1275,7 +1275,7 @@ pub fn validate_slice(
             let conditions = endpoint.conditions.clone().unwrap_or_default();
             let ready = conditions.ready.unwrap_or(true);
             let info = EndpointInfo {
-                source: Arc::clone(name),
+                source: EndpointSource::Slice(id.clone()),
                 node_name: endpoint.node_name.as_deref().map(intern),
                 zone: endpoint.zone.as_deref().map(intern),
             };
@@ -1380,6 +1380,7 @@ fn candidates_from_slices(port: &ValidPort, slices: &[&ValidSlice]) -> Vec<Candi
 /// What the EndpointSlice controller would publish: the pods of the Service's own
 /// namespace that its selector matches, on the resolved target port, with its conditions.
 fn candidates_from_pods(
+    namespace: &str,
     service: &ValidService,
     port: &ValidPort,
     pods: &[&ValidPod],
@@ -1420,7 +1421,7 @@ fn candidates_from_pods(
                 serving: pod.serving,
                 terminating: pod.terminating,
                 info: Arc::new(EndpointInfo {
-                    source: Arc::from(format!("pod/{}", pod.name)),
+                    source: EndpointSource::Pod(ObjectRef::new(namespace, &pod.name)),
                     node_name: pod.node_name.clone(),
                     zone: zone.map(intern),
                 }),

@@ -18,7 +18,7 @@ fn ep(ip: &str, conditions: &str, node: &str, zones: &str, nodes: &str) -> Candi
         serving: conditions.contains('S'),
         terminating: conditions.contains('T'),
         info: std::sync::Arc::new(EndpointInfo {
-            source: "".into(),
+            source: crate::model::EndpointSource::default(),
             node_name: (!node.is_empty()).then(|| node.into()),
             zone: None,
         }),

@@ -56,7 +56,7 @@ struct NameRef<'a> {
 
 impl Equivalent<ObjectRef> for NameRef<'_> {
     fn equivalent(&self, key: &ObjectRef) -> bool {
-        **key.namespace() == *self.namespace && key.name() == self.name
+        key.namespace() == self.namespace && key.name() == self.name
     }
 }
 
@@ -90,7 +90,7 @@ impl DnsIndex {
     fn link(&mut self, id: &ObjectRef, records: &ServiceRecords) {
         *self
             .namespaces
-            .entry(Arc::clone(id.namespace()))
+            .entry(crate::model::intern(id.namespace()))
             .or_default() += 1;
         let Some(ptr) = &mut self.ptr else { return };
         for ip in ptr_addresses(records) {
@@ -147,7 +147,7 @@ impl DnsIndex {
     ) -> impl Iterator<Item = (&'a ObjectRef, &'a ServiceRecords)> + 'a {
         self.services
             .iter()
-            .filter(move |(id, _)| **id.namespace() == *namespace)
+            .filter(move |(id, _)| id.namespace() == namespace)
     }
 
     /// Which state of the index this is: it changes with every [`apply`](Self::apply).
