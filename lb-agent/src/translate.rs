@@ -1180,10 +1180,11 @@ impl Conditions {
     const TERMINATING: u8 = 4;
 
     fn new(ready: bool, serving: bool, terminating: bool) -> Self {
+        let bit = |set: bool, bit: u8| if set { bit } else { 0 };
         Self(
-            u8::from(ready) * Self::READY
-                | u8::from(serving) * Self::SERVING
-                | u8::from(terminating) * Self::TERMINATING,
+            bit(ready, Self::READY)
+                | bit(serving, Self::SERVING)
+                | bit(terminating, Self::TERMINATING),
         )
     }
 
