@@ -1201,6 +1201,55 @@ impl Conditions {
     }
 }
 
+/// The distinct (slice, node, zone) infos of a slice's endpoints, each endpoint naming
+/// its own by a 16-bit index. Found by a scan while there are few (most slices: one node
+/// or a handful), through an index beyond that, so a slice of 1,000 endpoints on as many
+/// nodes is not quadratic.
+#[derive(Default)]
+struct SliceInfos {
+    list: Vec<Arc<EndpointInfo>>,
+    /// (node, zone) → index, built once the list outgrows [`Self::SCAN`].
+    index: Option<crate::fast_hash::HashMap<NodeZone, u16>>,
+}
+
+/// An endpoint's `nodeName` and `zone`, interned.
+type NodeZone = (Option<Arc<str>>, Option<Arc<str>>);
+
+impl SliceInfos {
+    /// Up to this many infos are found by a scan.
+    const SCAN: usize = 16;
+
+    /// The index of `info` (of this slice), added when new; `None` when 65,536 are taken.
+    fn index_of(&mut self, info: EndpointInfo) -> Option<u16> {
+        let key = (info.node_name.clone(), info.zone.clone());
+        let found = match &self.index {
+            Some(index) => index.get(&key).copied(),
+            None => self
+                .list
+                .iter()
+                .position(|i| **i == info)
+                .and_then(|at| u16::try_from(at).ok()),
+        };
+        if found.is_some() {
+            return found;
+        }
+        let at = u16::try_from(self.list.len()).ok()?;
+        self.list.push(Arc::new(info));
+        if let Some(index) = &mut self.index {
+            index.insert(key, at);
+        } else if self.list.len() > Self::SCAN {
+            let index = self
+                .list
+                .iter()
+                .zip(0..)
+                .map(|(i, at)| ((i.node_name.clone(), i.zone.clone()), at))
+                .collect();
+            self.index = Some(index);
+        }
+        Some(at)
+    }
+}
+
 /// The entry for the endpoint at `index` of a list sorted by index.
 fn by_index<T>(list: &[(u32, T)], index: usize) -> Option<&T> {
     let index = u32::try_from(index).ok()?;
@@ -1247,7 +1296,7 @@ pub fn validate_slice(
         let mut ports = Vec::new();
         let mut hostnames = Vec::new();
         let mut hints_of = Vec::new();
-        let mut infos: Vec<Arc<EndpointInfo>> = Vec::new();
+        let mut infos = SliceInfos::default();
         // Endpoints dropped alone (reported, the slice still valid).
         let mut dropped = Vec::new();
         let want_v4 = match slice.address_type.as_str() {
@@ -1309,25 +1358,17 @@ pub fn validate_slice(
                 node_name: endpoint.node_name.as_deref().map(intern),
                 zone: endpoint.zone.as_deref().map(intern),
             };
-            let info = match infos.iter().position(|i| **i == info) {
-                Some(shared) => shared,
-                None if infos.len() <= usize::from(u16::MAX) => {
-                    infos.push(Arc::new(info));
-                    infos.len() - 1
-                }
-                None => {
-                    dropped.push(Problem {
-                        origin: sourced.origin.to_string(),
-                        object: check.object.clone(),
-                        field: format!("endpoints[{e}].nodeName"),
-                        message: "more than 65,536 distinct nodes and zones in one slice; \
-                                  this endpoint is dropped, the others stay"
-                            .to_owned(),
-                    });
-                    continue;
-                }
+            let Some(info) = infos.index_of(info) else {
+                dropped.push(Problem {
+                    origin: sourced.origin.to_string(),
+                    object: check.object.clone(),
+                    field: format!("endpoints[{e}].nodeName"),
+                    message: "more than 65,536 distinct nodes and zones in one slice; \
+                              this endpoint is dropped, the others stay"
+                        .to_owned(),
+                });
+                continue;
             };
-            let info = u16::try_from(info).unwrap_or(u16::MAX);
             let hints = Hints {
                 zones: endpoint
                     .hints
@@ -1379,7 +1420,7 @@ pub fn validate_slice(
                 protocol,
             ));
         }
-        valid.infos = infos.into_boxed_slice();
+        valid.infos = infos.list.into_boxed_slice();
         valid.endpoints = endpoints.into_boxed_slice();
         valid.ports = ports.into_boxed_slice();
         valid.hostnames = hostnames.into_boxed_slice();

@@ -1612,3 +1612,25 @@ fn pods_sharing_an_address_give_the_first_by_names_endpoint() {
         assert!(frontend.backends[0].remote, "p-a's endpoint, on node-b");
     }
 }
+
+/// A slice's endpoints name their node and zone through a shared list: past the first few
+/// (found by a scan) an index takes over, and either way an info already listed keeps its
+/// place and a new one is added once.
+#[test]
+fn slice_infos_are_listed_once_each_past_the_scan() {
+    let id = ObjectRef::new("default", "web-1");
+    let info = |node: usize| EndpointInfo {
+        source: EndpointSource::Slice(id.clone()),
+        node_name: Some(intern(&format!("node-{node}"))),
+        zone: Some(intern("zone-a")),
+    };
+    let mut infos = SliceInfos::default();
+    for round in 0..2 {
+        for node in 0..40 {
+            let at = infos.index_of(info(node)).unwrap();
+            assert_eq!(usize::from(at), node, "round {round}");
+        }
+    }
+    assert_eq!(infos.list.len(), 40);
+    assert_eq!(infos.list[33].node_name.as_deref(), Some("node-33"));
+}
