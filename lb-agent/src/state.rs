@@ -14,6 +14,7 @@ use k8s_openapi::api::{
     core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
 };
+use smallvec::SmallVec;
 
 use crate::{
     categorize::NodeTopology,
@@ -78,7 +79,8 @@ pub struct ClusterState {
     /// Problems of invalid slices and pods, by (kind, object).
     object_problems: BTreeMap<(Kind, ObjectRef), Vec<Problem>>,
     /// The frontends every Service translates to.
-    results: HashMap<ObjectRef, Box<[Arc<Frontend>]>>,
+    /// Most Services have one frontend: held in place, not in an allocation of its own.
+    results: HashMap<ObjectRef, SmallVec<[Arc<Frontend>; 1]>>,
     /// The Services with problems or skipped parts.
     with_problems: BTreeSet<ObjectRef>,
     /// The Services with a `healthCheckNodePort`, and it.
@@ -435,11 +437,11 @@ impl ClusterState {
             let old = if new.frontends.is_empty() {
                 self.results.remove(&id)
             } else {
-                let frontends = new.frontends.into_boxed_slice();
+                let frontends = new.frontends.into_iter().collect();
                 self.results.insert(id.clone(), frontends)
             };
             let old_ips = cluster_ips_of(old.as_deref());
-            let new_ips = cluster_ips_of(self.results.get(&id).map(AsRef::as_ref));
+            let new_ips = cluster_ips_of(self.results.get(&id).map(SmallVec::as_slice));
             for ip in old_ips.difference(&new_ips) {
                 if let Some(set) = self.cluster_ips.get_mut(ip) {
                     set.remove(&id);

@@ -1137,11 +1137,17 @@ pub struct ValidSlice {
     ports: Box<[(Arc<str>, u16, Protocol)]>,
     /// A headless Service's slice (`service.kubernetes.io/headless`): only DNS reads it.
     pub(crate) headless: bool,
-    /// The endpoints' `hostname`s, by index in `endpoints`, ascending (most slices have
-    /// none).
+    /// What few slices' endpoints have (`None`: nothing).
+    rare: Option<Box<SliceRare>>,
+}
+
+/// The parts of a slice's endpoints that most slices lack, kept apart so that an endpoint
+/// costs 20 bytes and a slice without them 16 fewer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct SliceRare {
+    /// The endpoints' `hostname`s, by index in `endpoints`, ascending.
     hostnames: Box<[(u32, Box<str>)]>,
-    /// The endpoints' topology hints, by index in `endpoints`, ascending (most slices have
-    /// none: kept apart so that an endpoint costs 24 bytes).
+    /// The endpoints' topology hints, by index in `endpoints`, ascending.
     hints: Box<[(u32, Hints)]>,
 }
 
@@ -1151,10 +1157,20 @@ impl ValidSlice {
         &self.ports
     }
 
+    /// The endpoints' hostnames, by index (ascending).
+    fn hostnames(&self) -> &[(u32, Box<str>)] {
+        self.rare.as_ref().map_or(&[], |r| &r.hostnames)
+    }
+
+    /// The endpoints' topology hints, by index (ascending).
+    fn hints(&self) -> &[(u32, Hints)] {
+        self.rare.as_ref().map_or(&[], |r| &r.hints)
+    }
+
     /// Each endpoint with an address: (address, ready, hostname).
     pub(crate) fn dns_endpoints(&self) -> impl Iterator<Item = (IpAddr, bool, Option<&str>)> {
         self.endpoints.iter().enumerate().filter_map(|(i, e)| {
-            let hostname = by_index(&self.hostnames, i).map(|h| &**h);
+            let hostname = by_index(self.hostnames(), i).map(|h| &**h);
             Some((e.address?, e.conditions.ready(), hostname))
         })
     }
@@ -1289,8 +1305,7 @@ pub fn validate_slice(
             infos: Box::default(),
             ports: Box::default(),
             headless,
-            hostnames: Box::default(),
-            hints: Box::default(),
+            rare: None,
         };
         let mut endpoints = Vec::new();
         let mut ports = Vec::new();
@@ -1423,8 +1438,12 @@ pub fn validate_slice(
         valid.infos = infos.list.into_boxed_slice();
         valid.endpoints = endpoints.into_boxed_slice();
         valid.ports = ports.into_boxed_slice();
-        valid.hostnames = hostnames.into_boxed_slice();
-        valid.hints = hints_of.into_boxed_slice();
+        valid.rare = (!hostnames.is_empty() || !hints_of.is_empty()).then(|| {
+            Box::new(SliceRare {
+                hostnames: hostnames.into_boxed_slice(),
+                hints: hints_of.into_boxed_slice(),
+            })
+        });
         if check.finish(&mut problems) {
             problems.extend(dropped);
             return (Some((service, valid)), problems);
@@ -1453,7 +1472,7 @@ fn candidates_from_slices(port: &ValidPort, slices: &[&ValidSlice]) -> Vec<Candi
                     serving: endpoint.conditions.serving(),
                     terminating: endpoint.conditions.terminating(),
                     info: Arc::clone(&slice.infos[usize::from(endpoint.info)]),
-                    hints: by_index(&slice.hints, i).cloned().unwrap_or_default(),
+                    hints: by_index(slice.hints(), i).cloned().unwrap_or_default(),
                 });
             }
         }
