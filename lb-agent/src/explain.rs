@@ -13,7 +13,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::{EndpointState, Frontend, FrontendKind, L4Addr, ObjectRef, Protocol},
+    model::{EndpointSource, EndpointState, Frontend, FrontendKind, L4Addr, ObjectRef, Protocol},
     state::ClusterState,
 };
 
@@ -256,13 +256,17 @@ fn entry(state: &ClusterState, f: &Frontend, from: Option<IpAddr>) -> Entry {
         resource_version: (stamp.resource_version != 0).then_some(stamp.resource_version),
         origin,
     };
-    let mut used: Vec<String> = f
+    // The Pods its backends were derived from (manifests without slices).
+    let mut pods: Vec<&ObjectRef> = f
         .backend_info
         .iter()
-        .map(|i| i.source.to_string())
+        .filter_map(|i| match &i.source {
+            EndpointSource::Pod(pod) => Some(pod),
+            EndpointSource::Slice(_) => None,
+        })
         .collect();
-    used.sort_unstable();
-    used.dedup();
+    pods.sort_unstable();
+    pods.dedup();
     let slices = state
         .slices_of(&f.service)
         .into_iter()
@@ -272,16 +276,12 @@ fn entry(state: &ClusterState, f: &Frontend, from: Option<IpAddr>) -> Entry {
             resource_version: (version != 0).then_some(version),
             origin: origin.to_string(),
         })
-        .chain(
-            used.iter()
-                .filter_map(|s| s.strip_prefix("pod/"))
-                .map(|pod| ObjectStamp {
-                    kind: "Pod".into(),
-                    name: ObjectRef::new(f.service.namespace(), pod).to_string(),
-                    resource_version: None,
-                    origin: String::new(),
-                }),
-        )
+        .chain(pods.into_iter().map(|pod| ObjectStamp {
+            kind: "Pod".into(),
+            name: pod.to_string(),
+            resource_version: None,
+            origin: String::new(),
+        }))
         .collect();
     Entry {
         frontend: f.address.to_string(),

@@ -1634,3 +1634,31 @@ fn slice_infos_are_listed_once_each_past_the_scan() {
     assert_eq!(infos.list.len(), 40);
     assert_eq!(infos.list[33].node_name.as_deref(), Some("node-33"));
 }
+
+/// `explain` names the Pods a Service's endpoints were derived from (manifests without
+/// slices), each once, in the Service's namespace, and the endpoints' source as `pod/NAME`.
+#[test]
+fn explain_names_the_pods_the_endpoints_come_from() {
+    let yaml = [
+        service("web", "shop", "10.96.0.10", WEB_PORTS, APP_WEB),
+        pod("web-b", "shop", APP_WEB, "10.244.0.3", true, HTTP_8080),
+        pod("web-a", "shop", APP_WEB, "10.244.0.2", true, HTTP_8080),
+    ]
+    .concat();
+    let mut state = ClusterState::new(None);
+    load(&mut state, objects(&yaml));
+    state.recompute();
+    let target = "10.96.0.10:80/TCP".parse().unwrap();
+    let explanation = crate::explain::explain(&state, target, None);
+    let [entry] = explanation.entries.as_slice() else {
+        panic!("one entry: {explanation:#?}");
+    };
+    let objects: Vec<(&str, &str)> = entry
+        .slices
+        .iter()
+        .map(|o| (o.kind.as_str(), o.name.as_str()))
+        .collect();
+    assert_eq!(objects, [("Pod", "shop/web-a"), ("Pod", "shop/web-b")]);
+    let sources: Vec<&str> = entry.backends.iter().map(|b| b.source.as_str()).collect();
+    assert_eq!(sources, ["pod/web-a", "pod/web-b"]);
+}
