@@ -1237,9 +1237,10 @@ impl SliceInfos {
 
     /// The index of `info` (of this slice), added when new; `None` when 65,536 are taken.
     fn index_of(&mut self, info: EndpointInfo) -> Option<u16> {
-        let key = (info.node_name.clone(), info.zone.clone());
+        // Built only with the index (most slices never have one).
+        let key = |info: &EndpointInfo| (info.node_name.clone(), info.zone.clone());
         let found = match &self.index {
-            Some(index) => index.get(&key).copied(),
+            Some(index) => index.get(&key(&info)).copied(),
             None => self
                 .list
                 .iter()
@@ -1250,16 +1251,12 @@ impl SliceInfos {
             return found;
         }
         let at = u16::try_from(self.list.len()).ok()?;
-        self.list.push(Arc::new(info));
         if let Some(index) = &mut self.index {
-            index.insert(key, at);
-        } else if self.list.len() > Self::SCAN {
-            let index = self
-                .list
-                .iter()
-                .zip(0..)
-                .map(|(i, at)| ((i.node_name.clone(), i.zone.clone()), at))
-                .collect();
+            index.insert(key(&info), at);
+        }
+        self.list.push(Arc::new(info));
+        if self.index.is_none() && self.list.len() > Self::SCAN {
+            let index = self.list.iter().map(|i| key(i)).zip(0..).collect();
             self.index = Some(index);
         }
         Some(at)
