@@ -305,7 +305,7 @@ async fn run_manifests<M: LbMaps>(
         .sync(SyncKind::Full, Instant::now())
         .context("initial sync")?;
     // The files' objects passed through the heap once: hand the pages back.
-    release_free_memory();
+    crate::allocator::release_free_memory();
     datapath.attach()?;
     let mut health = HealthServers::new(Arc::clone(reconciler.health()));
     reconciler.update_health(&mut health).await;
@@ -417,7 +417,7 @@ async fn run_kube<M: LbMaps>(
                     .sync(SyncKind::Full, started)
                     .context("initial sync")?;
                 datapath.attach()?;
-                release_free_memory();
+                crate::allocator::release_free_memory();
             }
             true => reconciler.sync_or_log(SyncKind::Changes, started),
         }
@@ -527,14 +527,6 @@ impl Stop {
             _ = self.sigterm.recv() => {}
         }
     }
-}
-
-/// Hands the heap's free pages back to the kernel. The initial list passes through the heap
-/// once (kube-rs pages, our relist buffer): without this the agent's RSS would keep that
-/// peak for the rest of its life.
-fn release_free_memory() {
-    // SAFETY: glibc's malloc_trim has no preconditions.
-    unsafe { libc::malloc_trim(0) };
 }
 
 /// Forwards aya-log records from the eBPF programs to the log bridge as they arrive.

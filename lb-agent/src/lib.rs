@@ -6,6 +6,7 @@
 //! ([`model`]); [`maps::writer`] writes the differences into the BPF maps that the programs
 //! loaded by [`loader`] read.
 pub mod agent;
+pub mod allocator;
 pub mod api;
 pub mod capabilities;
 pub mod categorize;

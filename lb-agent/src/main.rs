@@ -512,11 +512,22 @@ struct PinArgs {
     bpf_pin_path: PathBuf,
 }
 
+#[global_allocator]
+static ALLOCATOR: lb_agent::allocator::Allocator = mimalloc::MiMalloc;
+
+/// The allocator's options set before its own start-up reads them (an ELF constructor with a
+/// priority runs before the unprioritised one mimalloc starts from, and before `main`, whose
+/// runtime has already allocated by then).
+#[used]
+#[unsafe(link_section = ".init_array.00100")]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = {
+    extern "C" fn configure() {
+        lb_agent::allocator::configure();
+    }
+    configure
+};
+
 fn main() -> anyhow::Result<()> {
-    // One malloc arena: the agent is not allocation-bound, and per-thread arenas keep the
-    // initial list's peak resident long after it is freed (about 40 MB at 10k Services).
-    // SAFETY: mallopt is called before any other thread exists.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     // Built with `--features failpoints`: the map writer's failpoints as `FAILPOINTS` sets
