@@ -229,7 +229,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         "starting"
     );
     let mut datapath = Datapath {
-        ebpf,
+        object: EbpfObject::loading(ebpf, config.socket_lb, config.nodeport_acceleration)?,
         node,
         config: &config,
         status: status.clone(),
@@ -444,7 +444,7 @@ fn observe(update: &kube_source::Update, metrics: &Metrics, readiness: &Readines
 /// The loaded programs and the node's devices: what attaching the programs, and keeping
 /// the tc ones on the right devices, needs.
 struct Datapath<'a> {
-    ebpf: aya::Ebpf,
+    object: EbpfObject,
     node: devices::NodeDevices,
     config: &'a RunConfig,
     status: SharedStatus,
@@ -456,6 +456,52 @@ struct Datapath<'a> {
     queries: tokio::sync::mpsc::Receiver<crate::explain::Query>,
 }
 
+/// The eBPF object, whose programs are verified on a thread of their own while the source
+/// is read and the maps written (see [`loader::load_programs`]).
+struct EbpfObject {
+    /// The object, once the loading thread handed it back.
+    ebpf: Option<aya::Ebpf>,
+    loading: Option<std::thread::JoinHandle<aya::Ebpf>>,
+}
+
+impl EbpfObject {
+    /// Starts verifying the programs `run` will attach.
+    fn loading(
+        mut ebpf: aya::Ebpf,
+        socket_lb: loader::SocketLb,
+        acceleration: loader::NodePortAcceleration,
+    ) -> std::io::Result<Self> {
+        let loading = std::thread::Builder::new()
+            .name("load-programs".into())
+            .spawn(move || {
+                let started = Instant::now();
+                loader::load_programs(&mut ebpf, socket_lb, acceleration);
+                debug!(
+                    elapsed_us = started.elapsed().as_micros(),
+                    "programs loaded ahead of attaching"
+                );
+                ebpf
+            })?;
+        Ok(Self {
+            ebpf: None,
+            loading: Some(loading),
+        })
+    }
+
+    /// The object, waiting for the loading thread if it has not finished.
+    fn get(&mut self) -> &mut aya::Ebpf {
+        if let Some(loading) = self.loading.take() {
+            let ebpf = loading
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            self.ebpf = Some(ebpf);
+        }
+        self.ebpf
+            .as_mut()
+            .expect("the eBPF object is either here or on the loading thread")
+    }
+}
+
 impl Datapath<'_> {
     /// Attaches the socket programs (or, with `--socket-lb off`, detaches a previous
     /// agent's) and the tc programs, then reports the agent ready.
@@ -464,7 +510,7 @@ impl Datapath<'_> {
         if config.socket_lb == loader::SocketLb::Off {
             loader::detach_cgroup_programs(&config.pin_dir)?;
         } else {
-            loader::attach_cgroup_programs(&mut self.ebpf, &config.cgroup, &config.pin_dir)?;
+            loader::attach_cgroup_programs(self.object.get(), &config.cgroup, &config.pin_dir)?;
         }
         self.attach_tc()?;
         self.attached = true;
@@ -478,14 +524,14 @@ impl Datapath<'_> {
     fn attach_tc(&mut self) -> Result<(), loader::LoadError> {
         let external = self.node.external();
         loader::attach_tc_programs(
-            &mut self.ebpf,
+            self.object.get(),
             &external,
             self.node.pods(),
             &self.config.pin_dir,
             &mut self.tc_links,
         )?;
         loader::attach_xdp_programs(
-            &mut self.ebpf,
+            self.object.get(),
             &external,
             self.config.nodeport_acceleration,
             &self.config.pin_dir,
