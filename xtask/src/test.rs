@@ -21,6 +21,10 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "bind9-dnsutils",
+    // The node's own resolver in the DNS tests (names outside the cluster domain go to it).
+    "dnsmasq-base",
+    // per_packet.rs loads a netfilter ruleset with nft.
+    "nftables",
 ];
 
 /// How long `test` runs each fuzz target.
