@@ -16,9 +16,6 @@ use std::ffi::c_long;
 const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// The global allocator of the `lb-agent` binary.
-pub type Allocator = mimalloc::MiMalloc;
-
 /// Sets the allocator's options; call before mimalloc starts (the binary does it from an ELF
 /// constructor), when no other thread exists.
 /// - No eager commit of the arenas mimalloc reserves: memory is committed as it is used

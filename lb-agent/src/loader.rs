@@ -337,7 +337,7 @@ pub fn attach_cgroup_programs(
 
 /// Loads (has the kernel verify) every program that attaching with this configuration will
 /// need, without attaching any: the attach functions then find them loaded. Verification is
-/// most of a first attach's time (~150 ms of CPU for this object), and it needs no Service,
+/// most of a first attach's time (~135 ms of CPU for this object), and it needs no Service,
 /// so the agent runs this on a thread of its own while it reads its source and writes the
 /// maps. A program that fails to load is left unloaded: attaching loads it again and reports
 /// the error with its name.
@@ -358,21 +358,12 @@ pub fn load_programs(ebpf: &mut Ebpf, socket_lb: SocketLb, acceleration: NodePor
     names.sort_unstable();
     names.dedup();
     for name in names {
-        let Some(program) = ebpf.program_mut(name) else {
-            continue;
-        };
-        let loaded = match program {
-            Program::SchedClassifier(p) if p.fd().is_err() => p.load().map_err(anyhow::Error::from),
-            Program::Xdp(p) if p.fd().is_err() => p.load().map_err(anyhow::Error::from),
-            Program::CgroupSockAddr(_) | Program::CgroupSock(_) => {
-                load_cgroup_program(program).map(drop)
-            }
-            _ => Ok(()),
-        };
-        if let Err(e) = loaded {
+        if let Some(program) = ebpf.program_mut(name)
+            && let Err(e) = load_once(program)
+        {
             debug!(
                 program = name,
-                error = format!("{e:#}"),
+                error = error_chain(&e),
                 "loading ahead failed; attaching will say why"
             );
         }
@@ -409,11 +400,9 @@ pub fn attach_tc_programs(
                 name,
                 message: error_chain(&e),
             };
-            let program: &mut SchedClassifier =
-                program_mut(ebpf, name)?.try_into().map_err(program_error)?;
-            if program.fd().is_err() {
-                program.load().map_err(program_error)?;
-            }
+            let program = program_mut(ebpf, name)?;
+            load_once(program).map_err(program_error)?;
+            let program: &mut SchedClassifier = program.try_into().map_err(program_error)?;
             for device in devices {
                 let pin_name = format!("{prefix}{device}");
                 let path = links.join(&pin_name);
@@ -499,10 +488,9 @@ pub fn attach_xdp_programs(
             name,
             message: error_chain(&e),
         };
-        let program: &mut Xdp = program_mut(ebpf, name)?.try_into().map_err(program_error)?;
-        if program.fd().is_err() {
-            program.load().map_err(program_error)?;
-        }
+        let program = program_mut(ebpf, name)?;
+        load_once(program).map_err(program_error)?;
+        let program: &mut Xdp = program.try_into().map_err(program_error)?;
         for device in external {
             let pin_name = format!("{prefix}{device}");
             let path = links.join(&pin_name);
@@ -616,21 +604,39 @@ fn unpin_link(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Loads a cgroup program (once) and returns its fd.
-fn load_cgroup_program(program: &mut Program) -> anyhow::Result<std::os::fd::OwnedFd> {
-    macro_rules! load {
-        ($program:expr) => {{
+/// Loads (has the kernel verify) `program` unless it is loaded already: the attach
+/// functions and [`load_programs`] ahead of them share it, so a program is verified once.
+/// Program types the agent does not attach are left as they are.
+fn load_once(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
+    macro_rules! once {
+        ($program:expr) => {
             if $program.fd().is_err() {
                 $program.load()?;
             }
-            $program.fd()?.as_fd().try_clone_to_owned()?
-        }};
+        };
     }
-    Ok(match program {
-        Program::CgroupSockAddr(p) => load!(p),
-        Program::CgroupSock(p) => load!(p),
-        other => anyhow::bail!("{:?} is not a cgroup socket program", other.prog_type()),
-    })
+    match program {
+        Program::CgroupSockAddr(p) => once!(p),
+        Program::CgroupSock(p) => once!(p),
+        Program::SchedClassifier(p) => once!(p),
+        Program::Xdp(p) => once!(p),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Loads a cgroup program (once) and returns its fd.
+fn load_cgroup_program(program: &mut Program) -> anyhow::Result<std::os::fd::OwnedFd> {
+    if !matches!(program, Program::CgroupSockAddr(_) | Program::CgroupSock(_)) {
+        anyhow::bail!("{:?} is not a cgroup socket program", program.prog_type());
+    }
+    load_once(program)?;
+    let fd = match program {
+        Program::CgroupSockAddr(p) => p.fd()?,
+        Program::CgroupSock(p) => p.fd()?,
+        _ => unreachable!("checked above"),
+    };
+    Ok(fd.as_fd().try_clone_to_owned()?)
 }
 
 /// Attaches a loaded cgroup program to `cgroup` through a link the caller owns.

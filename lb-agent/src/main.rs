@@ -513,7 +513,7 @@ struct PinArgs {
 }
 
 #[global_allocator]
-static ALLOCATOR: lb_agent::allocator::Allocator = mimalloc::MiMalloc;
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The allocator's options set before its own start-up reads them (an ELF constructor with a
 /// priority runs before the unprioritised one mimalloc starts from, and before `main`, whose
