@@ -96,7 +96,7 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
 
 /// Now in `CLOCK_MONOTONIC`, the clock the entries carry (read by the datapath as of its last
 /// tick, `bpf_ktime_get_coarse_ns`).
-fn monotonic_now_ns() -> anyhow::Result<u64> {
+pub(crate) fn monotonic_now_ns() -> std::io::Result<u64> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
     Ok(
         u64::try_from(now.tv_sec()).unwrap_or_default() * 1_000_000_000

@@ -249,6 +249,16 @@ pub fn load(
             source: io::Error::new(io::ErrorKind::NotFound, "missing from the eBPF object"),
         })
     })?;
+    let removed = ebpf
+        .take_map(lb_common::BACKENDS_REMOVED_MAP)
+        .ok_or_else(|| crate::maps::MapError {
+            op: "take",
+            map: lb_common::BACKENDS_REMOVED_MAP,
+            source: io::Error::new(io::ErrorKind::NotFound, "missing from the eBPF object"),
+        })?;
+    // Before the programs run: every tracked flow checks its backend once (those a previous
+    // agent deleted included), then only after the deletions this agent stamps.
+    let maps = maps.with_backends_removed(removed)?;
     Ok(Loaded { ebpf, maps })
 }
 

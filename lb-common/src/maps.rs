@@ -40,6 +40,10 @@ pub const CT_TCP_MAP: &str = "LB_CT_TCP";
 pub const CT_HALF_OPEN_MAP: &str = "LB_CT_HALF_OPEN";
 /// Name of the conntrack table of the other protocols' flows (UDP).
 pub const CT_OTHER_MAP: &str = "LB_CT_OTHER";
+/// Name of the one-entry array holding when the agent last deleted a backend
+/// (`CLOCK_MONOTONIC` ns): a tracked flow checks that its backend still exists only when its
+/// last packet came before then. Not pinned: each agent writes it when it loads the object.
+pub const BACKENDS_REMOVED_MAP: &str = "LB_BACKENDS_REMOVED";
 /// Name of the conntrack map of versions before the split into three tables; an agent
 /// migrates its entries and removes it.
 pub const LEGACY_CT_MAP: &str = "LB_CT";

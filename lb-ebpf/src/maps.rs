@@ -73,6 +73,10 @@ pub static LB_CT_HALF_OPEN: Conntrack = LruHashMap::new();
 #[btf_map]
 pub static LB_CT_OTHER: Conntrack = LruHashMap::new();
 
+/// When the agent last deleted a backend (`lb_common::BACKENDS_REMOVED_MAP`). Not pinned.
+#[btf_map]
+pub static LB_BACKENDS_REMOVED: Array<u64, 1> = Array::new();
+
 /// The layout version of the pinned maps (`lb_common::LAYOUT_VERSION`): written and read
 /// by the agent only.
 #[btf_map]

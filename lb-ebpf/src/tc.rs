@@ -34,7 +34,7 @@ use crate::{
     conntrack,
     counters::count,
     family::{Family, V4, V6},
-    maps::{LB_SOURCE_RANGES, NEW_FLOW, NewFlow},
+    maps::{LB_BACKENDS_REMOVED, LB_SOURCE_RANGES, NEW_FLOW, NewFlow},
     monitor::{self, Decision},
     nat::{Frame, Packet, RewriteError, same_addr},
     reject,
@@ -204,7 +204,7 @@ fn tracked<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Tracked, 
     // program), not copied: the stack is tight.
     let reusable = {
         let value = unsafe { &*entry.value };
-        backend_is_current(packet, value)
+        (!backend_may_be_gone(value) || backend_is_current(packet, value))
             && !(conntrack::is_syn(packet) && conntrack::is_closing(value.tcp_state))
     };
     if !reusable {
@@ -510,6 +510,18 @@ fn is_hairpin(packet: &Packet) -> bool {
         V4::hairpin()
     };
     same_addr(&packet.daddr, &hairpin)
+}
+
+/// Whether the agent deleted a backend since the flow's last packet: only then can its
+/// backend be gone, and [`backend_is_current`] is asked. Most packets thus skip the backends
+/// map (a lookup that misses the cache on a busy node) for a read of one array entry.
+/// The agent stamps the time after its deletions, so a packet that sees the old stamp
+/// raced with them, as it would have raced with the lookup.
+#[inline(always)]
+fn backend_may_be_gone(value: &CtValue) -> bool {
+    LB_BACKENDS_REMOVED
+        .get(0)
+        .is_none_or(|&removed| value.last_seen_ns <= removed)
 }
 
 /// Whether the flow's backend still exists as it was chosen: a removed backend's flows

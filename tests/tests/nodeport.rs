@@ -208,6 +208,64 @@ fn established_flows_keep_their_backend_when_a_backend_is_added() {
     );
 }
 
+/// The tc datapath checks a tracked flow's backend only on the first packet after the
+/// agent deleted a backend (`backend_may_be_gone`): the agent must say it did, or a flow
+/// would go on to a pod that no longer backs the Service.
+#[test]
+fn a_flow_whose_backend_is_removed_is_reset_instead_of_going_on_to_it() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web2 = env.add_backend("webapp2", "webapp", 8080);
+    let client = env.topo.add_external_client("outside");
+    env.manifests.write("svc.yaml", &webapp_node_port());
+    let mut agent = start_agent(&env, &[]);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+
+    let target: SocketAddr = node_port_target().parse().unwrap();
+    let netns = client.netns().to_owned();
+    let (open_tx, open_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let flows = std::thread::spawn(move || {
+        enter_netns(&netns).unwrap();
+        let mut streams: Vec<TcpStream> = (0..4)
+            .map(|_| {
+                let s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s
+            })
+            .collect();
+        open_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        streams
+            .iter_mut()
+            .map(|s| get(s).map(|a| host_of(&a)).map_err(|e| e.kind()))
+            .collect::<Vec<_>>()
+    });
+    open_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("flows open");
+    // webapp2's server keeps running: only the Service loses it.
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 2, APPLY);
+    env.manifests.remove(&TestEnv::pod_file("webapp2"));
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    go_tx.send(()).unwrap();
+    let answers = flows.join().unwrap();
+
+    for answer in &answers {
+        assert_eq!(
+            answer.as_ref().map(|_| ()),
+            Err(&std::io::ErrorKind::ConnectionReset),
+            "a flow of the removed backend is reset by the one left: {answers:?}"
+        );
+    }
+    let summary = client.client_with().count(10).run(&node_port_target());
+    assert_eq!(summary.ok, 10, "{summary:?}");
+    assert_eq!(summary.host_names(), ["webapp1"], "{summary:?}");
+}
+
 #[test]
 fn a_removed_backend_gets_no_new_flows() {
     if !require_privileges() {

@@ -4,7 +4,7 @@ use std::{io, path::Path};
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{
-    HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError as AyaMapError, lpm_trie::Key,
+    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError as AyaMapError, lpm_trie::Key,
 };
 use lb_common::{
     AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS4_MAP,
@@ -28,6 +28,9 @@ pub struct BpfMaps {
     peers: HashMap<MapData, PeerKey, PeerValue>,
     /// Each map's `max_entries` as the kernel created it (the `--max-*` flags).
     capacities: Vec<(&'static str, usize)>,
+    /// When a backend was last deleted, for the datapath (`lb_common::BACKENDS_REMOVED_MAP`):
+    /// only the loaded object has it (it is not pinned).
+    backends_removed: Option<Array<MapData, u64>>,
 }
 
 impl std::fmt::Debug for BpfMaps {
@@ -83,7 +86,45 @@ impl BpfMaps {
             source_ranges,
             peers,
             capacities,
+            backends_removed: None,
         })
+    }
+
+    /// These maps with the loaded object's backend-removal stamp, stamped now.
+    ///
+    /// # Errors
+    /// When the map is not the expected array, or cannot be written.
+    pub fn with_backends_removed(mut self, map: Map) -> Result<Self> {
+        let array = Array::try_from(map)
+            .map_err(|e| aya_error("open", lb_common::BACKENDS_REMOVED_MAP, e))?;
+        self.backends_removed = Some(array);
+        self.stamp_backends_removed()?;
+        Ok(self)
+    }
+
+    /// Tells the datapath that backends were deleted until now: the tracked flows check
+    /// their backend on their next packet (`backend_may_be_gone` in `lb-ebpf/src/tc.rs`).
+    fn stamp_backends_removed(&mut self) -> Result<()> {
+        let Some(array) = &mut self.backends_removed else {
+            return Ok(());
+        };
+        let ns = crate::conntrack::monotonic_now_ns().map_err(|source| MapError {
+            op: "stamp",
+            map: lb_common::BACKENDS_REMOVED_MAP,
+            source,
+        })?;
+        array
+            .set(0, ns, 0)
+            .map_err(|e| aya_error("update", lb_common::BACKENDS_REMOVED_MAP, e))
+    }
+
+    /// Deletes backend `id` of `backend`'s family without stamping.
+    fn remove_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        if backend.addr.address.is_ipv4() {
+            ignore_missing(self.backends4.remove(&id), BACKENDS4_MAP)
+        } else {
+            ignore_missing(self.backends6.remove(&id), BACKENDS6_MAP)
+        }
     }
 
     /// Opens the maps pinned under `dir` (no agent needs to run).
@@ -240,7 +281,9 @@ impl LbMaps for BpfMaps {
 
     /// Sets go to the kernel as batches, one per map; deletes one by one (a batch delete
     /// stops at the first absent key).
+    /// Deleted backends are stamped once, after all of them.
     fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
+        let mut backend_deleted = false;
         let (mut s4, mut v4, mut s6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut b4, mut bv4, mut b6, mut bv6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for op in ops {
@@ -264,7 +307,10 @@ impl LbMaps for BpfMaps {
                     }
                 }
                 Op::DeleteService(frontend, slot) => self.delete_service(frontend, *slot)?,
-                Op::DeleteBackend(id, backend) => self.delete_backend(*id, backend)?,
+                Op::DeleteBackend(id, backend) => {
+                    backend_deleted = true;
+                    self.remove_backend(*id, backend)?;
+                }
                 Op::SetAffinityMatch(id, rev_nat_id) => {
                     self.set_affinity_match(*id, *rev_nat_id)?
                 }
@@ -279,7 +325,11 @@ impl LbMaps for BpfMaps {
         update_batch(self.services4.map(), SERVICES4_MAP, &s4, &v4)?;
         update_batch(self.services6.map(), SERVICES6_MAP, &s6, &v6)?;
         update_batch(self.backends4.map(), BACKENDS4_MAP, &b4, &bv4)?;
-        update_batch(self.backends6.map(), BACKENDS6_MAP, &b6, &bv6)
+        update_batch(self.backends6.map(), BACKENDS6_MAP, &b6, &bv6)?;
+        if backend_deleted {
+            self.stamp_backends_removed()?;
+        }
+        Ok(())
     }
 
     fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> Result<()> {
@@ -321,11 +371,8 @@ impl LbMaps for BpfMaps {
     }
 
     fn delete_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        if backend.addr.address.is_ipv4() {
-            ignore_missing(self.backends4.remove(&id), BACKENDS4_MAP)
-        } else {
-            ignore_missing(self.backends6.remove(&id), BACKENDS6_MAP)
-        }
+        self.remove_backend(id, backend)?;
+        self.stamp_backends_removed()
     }
 
     fn services(&self) -> Result<Vec<ServiceEntry>> {

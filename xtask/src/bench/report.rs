@@ -688,8 +688,8 @@ fn datapath_targets(out: &mut String, outcome: &Outcome) {
          cache and TLB misses on the buckets, since other work evicts the maps between \
          connections). A TCP connect reads two hash entries (the frontend and its slot, \
          which holds an IPv4 backend inline and the peer mark) and writes none; a tc \
-         packet of a tracked flow does one conntrack lookup and, from the pod, one \
-         backend check, then the rewrite (two helper calls per address and port: the L4 \
+         packet of a tracked flow does one conntrack lookup (and looks its backend up \
+         only if the agent deleted a backend since the flow's last packet), then the rewrite (two helper calls per address and port: the L4 \
          checksum; the writes and the IPv4 header checksum are direct).\n\n",
     );
 }
