@@ -188,6 +188,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             None
         }
     };
+    let pods = config
+        .socket_lb
+        .per_packet_for_pods()
+        .then_some(config.pod_devices.as_slice());
+    let node = devices::NodeDevices::start(
+        &mut ebpf,
+        &config.devices,
+        pods,
+        config.nodeport_addresses.clone(),
+    )?;
+    // The kernel verifies the programs from here on, while the pinned maps are adopted and
+    // the source is read.
+    let object = EbpfObject::loading(ebpf, config.socket_lb, config.nodeport_acceleration)?;
     let sweeper = tokio::spawn(crate::conntrack::sweep_forever(config.pin_dir.clone()));
     let writer = MapWriter::adopt(maps).context("reading the pinned maps")?;
     let mut reconciler = Reconciler::new(
@@ -210,16 +223,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
         info!(%service_ip, listener = %dns_run.config.addr, "kube-system/kube-dns published");
     }
-    let pods = config
-        .socket_lb
-        .per_packet_for_pods()
-        .then_some(config.pod_devices.as_slice());
-    let node = devices::NodeDevices::start(
-        &mut ebpf,
-        &config.devices,
-        pods,
-        config.nodeport_addresses.clone(),
-    )?;
     reconciler.set_external_ip_cidrs(config.external_ip_cidrs.clone());
     reconciler.set_node_addresses(node.node_addresses());
     info!(
@@ -229,7 +232,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         "starting"
     );
     let mut datapath = Datapath {
-        object: EbpfObject::loading(ebpf, config.socket_lb, config.nodeport_acceleration)?,
+        object,
         node,
         config: &config,
         status: status.clone(),
@@ -304,9 +307,10 @@ async fn run_manifests<M: LbMaps>(
     reconciler
         .sync(SyncKind::Full, Instant::now())
         .context("initial sync")?;
-    // The files' objects passed through the heap once: hand the pages back.
-    crate::allocator::release_free_memory();
     datapath.attach()?;
+    // The files' objects, and the verifier's logs, passed through the heap once: hand the
+    // pages back.
+    crate::allocator::release_free_memory();
     let mut health = HealthServers::new(Arc::clone(reconciler.health()));
     reconciler.update_health(&mut health).await;
     let mut rescan = tokio::time::interval(RESCAN);
