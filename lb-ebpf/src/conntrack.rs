@@ -65,12 +65,19 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// The live entry of `key`, in whichever table holds it (expired entries are deleted and
-/// not returned). Established flows, the most packets, are looked up first.
+/// The live entry of `packet`'s `key`, in whichever table holds it (expired entries are
+/// deleted and not returned). Established flows, the most packets, are looked up first;
+/// a packet with SYN set (a client's SYN, a backend's SYN-ACK) belongs to a half-open flow
+/// if to any, so for it the half-open table comes first and a handshake's packets do not
+/// each miss in the established table.
 #[inline(always)]
-pub fn lookup(key: &CtKey, now: u64) -> Option<Entry> {
+pub fn lookup(key: &CtKey, packet: &Packet, now: u64) -> Option<Entry> {
     if key.proto != PROTO_TCP {
         return lookup_in(Table::Other, key, now);
+    }
+    if packet.tcp_flags & TCP_SYN != 0 {
+        return lookup_in(Table::HalfOpen, key, now)
+            .or_else(|| lookup_in(Table::Established, key, now));
     }
     lookup_in(Table::Established, key, now).or_else(|| lookup_in(Table::HalfOpen, key, now))
 }

@@ -197,7 +197,7 @@ enum Tracked {
 #[inline(never)]
 fn tracked<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Tracked, Error> {
     let orig_key = conntrack::key(packet, CT_DIR_ORIG);
-    let Some(entry) = conntrack::lookup(&orig_key, now) else {
+    let Some(entry) = conntrack::lookup(&orig_key, packet, now) else {
         return Ok(Tracked::No);
     };
     // The entry is read in place (SAFETY: a map value pointer, valid for the run of the
@@ -227,7 +227,7 @@ fn tracked<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Tracked, 
 #[inline(never)]
 fn snat_reply<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Option<Outcome>, Error> {
     let reply_key = conntrack::key(packet, CT_DIR_REPLY);
-    let Some(entry) = conntrack::lookup(&reply_key, now) else {
+    let Some(entry) = conntrack::lookup(&reply_key, packet, now) else {
         return Ok(None);
     };
     // SAFETY: a map value pointer, valid for the run of the program.
@@ -256,7 +256,7 @@ pub fn egress(ctx: &TcContext) -> Result<Outcome, Error> {
     };
     let now = conntrack::now();
     let key = conntrack::key(&packet, CT_DIR_REPLY);
-    let Some(entry) = conntrack::lookup(&key, now) else {
+    let Some(entry) = conntrack::lookup(&key, &packet, now) else {
         return Ok(Outcome::Untouched);
     };
     // SAFETY: a map value pointer, valid for the run of the program.
