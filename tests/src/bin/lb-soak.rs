@@ -158,7 +158,13 @@ impl Rng {
 }
 
 fn main() {
-    let args = Args::parse();
+    let passed = soak(Args::parse());
+    std::process::exit(i32::from(!passed));
+}
+
+/// The soak; whether it passed. Its namespaces, pins and cgroup go when it returns (the
+/// guards drop here, which `process::exit` would skip).
+fn soak(args: Args) -> bool {
     assert!(
         require_privileges(),
         "run as root (network namespaces, cgroups, bpffs)"
@@ -310,7 +316,7 @@ fn main() {
     }
     drop(agent);
     drop(api);
-    std::process::exit(i32::from(!figures.passed));
+    figures.passed
 }
 
 /// Makes `args.rate` API writes per second for `args.duration` seconds, sampling the
