@@ -96,6 +96,49 @@ fn get(stream: &mut TcpStream) -> std::io::Result<String> {
     Ok(answer)
 }
 
+/// TCP flows from a client namespace to the NodePort, opened and then held idle until
+/// [`OpenFlows::answers`] makes one GET on each.
+struct OpenFlows {
+    go: std::sync::mpsc::Sender<()>,
+    flows: std::thread::JoinHandle<Vec<std::io::Result<Option<String>>>>,
+}
+
+impl OpenFlows {
+    /// Opens `count` flows from `netns`; returns once all are established.
+    fn open(netns: &str, count: usize) -> Self {
+        let target: SocketAddr = node_port_target().parse().unwrap();
+        let netns = netns.to_owned();
+        let (open_tx, open_rx) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let flows = std::thread::spawn(move || {
+            enter_netns(&netns).unwrap();
+            let mut streams: Vec<TcpStream> = (0..count)
+                .map(|_| {
+                    let s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                    s
+                })
+                .collect();
+            open_tx.send(()).unwrap();
+            go_rx.recv().unwrap();
+            streams
+                .iter_mut()
+                .map(|s| get(s).map(|a| host_of(&a)))
+                .collect()
+        });
+        open_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("flows open");
+        Self { go, flows }
+    }
+
+    /// The host that answered each flow's GET, or the error it got.
+    fn answers(self) -> Vec<std::io::Result<Option<String>>> {
+        self.go.send(()).unwrap();
+        self.flows.join().unwrap()
+    }
+}
+
 #[test]
 fn node_port_from_outside_reaches_local_backends_with_the_client_address() {
     if !require_privileges() {
@@ -164,33 +207,10 @@ fn established_flows_keep_their_backend_when_a_backend_is_added() {
     let mut agent = start_agent(&env, &[]);
     agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
 
-    let target: SocketAddr = node_port_target().parse().unwrap();
-    let netns = client.netns().to_owned();
-    let (open_tx, open_rx) = std::sync::mpsc::channel();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let flows = std::thread::spawn(move || {
-        enter_netns(&netns).unwrap();
-        let mut streams: Vec<TcpStream> = (0..8)
-            .map(|_| {
-                let s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                s
-            })
-            .collect();
-        open_tx.send(()).unwrap();
-        go_rx.recv().unwrap();
-        streams
-            .iter_mut()
-            .map(|s| get(s).map(|a| host_of(&a)).map_err(|e| e.to_string()))
-            .collect::<Vec<_>>()
-    });
-    open_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("flows open");
+    let flows = OpenFlows::open(client.netns(), 8);
     let _web2 = env.add_backend("webapp2", "webapp", 8080);
     agent.wait_for_frontend(NODE_PORT_FRONTEND, 2, APPLY);
-    go_tx.send(()).unwrap();
-    let answers = flows.join().unwrap();
+    let answers = flows.answers();
 
     for answer in &answers {
         assert_eq!(
@@ -223,41 +243,18 @@ fn a_flow_whose_backend_is_removed_is_reset_instead_of_going_on_to_it() {
     let mut agent = start_agent(&env, &[]);
     agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
 
-    let target: SocketAddr = node_port_target().parse().unwrap();
-    let netns = client.netns().to_owned();
-    let (open_tx, open_rx) = std::sync::mpsc::channel();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let flows = std::thread::spawn(move || {
-        enter_netns(&netns).unwrap();
-        let mut streams: Vec<TcpStream> = (0..4)
-            .map(|_| {
-                let s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                s
-            })
-            .collect();
-        open_tx.send(()).unwrap();
-        go_rx.recv().unwrap();
-        streams
-            .iter_mut()
-            .map(|s| get(s).map(|a| host_of(&a)).map_err(|e| e.kind()))
-            .collect::<Vec<_>>()
-    });
-    open_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("flows open");
+    let flows = OpenFlows::open(client.netns(), 4);
     // webapp2's server keeps running: only the Service loses it.
     let _web1 = env.add_backend("webapp1", "webapp", 8080);
     agent.wait_for_frontend(NODE_PORT_FRONTEND, 2, APPLY);
     env.manifests.remove(&TestEnv::pod_file("webapp2"));
     agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
-    go_tx.send(()).unwrap();
-    let answers = flows.join().unwrap();
+    let answers = flows.answers();
 
     for answer in &answers {
         assert_eq!(
-            answer.as_ref().map(|_| ()),
-            Err(&std::io::ErrorKind::ConnectionReset),
+            answer.as_ref().map(|_| ()).map_err(std::io::Error::kind),
+            Err(std::io::ErrorKind::ConnectionReset),
             "a flow of the removed backend is reset by the one left: {answers:?}"
         );
     }
