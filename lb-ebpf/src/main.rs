@@ -106,9 +106,6 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
 /// (what XDP translated already goes on untouched).
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
-    if xdp::translated(&ctx) {
-        return tc::PASS;
-    }
     tc::action(&ctx, tc::ingress(&ctx, tc::Origin::Outside))
 }
 

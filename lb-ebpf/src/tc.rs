@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Counter, CtValue, FrontendId,
+    BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Counter, CtKey, CtValue, FrontendId,
     MON_HOOK_TC_POD, MON_OUT_FIREWALLED, MON_OUT_NO_ENDPOINTS, MON_OUT_NO_LOCAL_ENDPOINTS,
     MON_OUT_TRANSLATED, MON_PICK_RANDOM, PROTO_TCP, SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_F_LOCAL,
     SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
@@ -295,6 +295,9 @@ fn new_flow<F: Family, C: Frame>(
     else {
         return Ok(None);
     };
+    if C::SNAT && origin == Origin::Outside && translated_already(packet) {
+        return Ok(None);
+    }
     // A ClusterIP reached from outside the node (a route to the Service CIDR through this
     // node) is served as kube-proxy serves it, like an external IP under
     // `externalTrafficPolicy: Cluster`: SNATed only to reach a backend on another node
@@ -499,6 +502,27 @@ fn monitor_tc<C: Frame>(packet: &Packet, origin: Origin, decision: &Decision) {
         &(packet.daddr, packet.dport),
         decision,
     );
+}
+
+/// Whether `packet`, to a frontend, is the translated form of a tracked flow (client →
+/// backend), which XDP translated and passed on: its backend is itself a frontend (a
+/// host-network pod on a node port, say), and it must not be translated again. Found by
+/// the flow's reply entry (backend → client), which only a translation made.
+// Its own BPF function: the stack of each call stays within the 512-byte limit.
+#[inline(never)]
+fn translated_already(packet: &Packet) -> bool {
+    let key = CtKey {
+        saddr: packet.daddr,
+        daddr: packet.saddr,
+        sport: packet.dport,
+        dport: packet.sport,
+        proto: packet.proto,
+        dir: CT_DIR_REPLY,
+        pad: [0; 2],
+    };
+    // SAFETY: a map value pointer, valid for the run of the program.
+    conntrack::lookup(&key, packet, conntrack::now())
+        .is_some_and(|entry| unsafe { (*entry.value).flags } & CT_F_SNAT == 0)
 }
 
 /// Whether a packet is addressed to the hairpin SNAT source of its family.

@@ -13,15 +13,12 @@
 //!   (backend, SNAT port) and tc, finding it tracked, rewrites and redirects it.
 //! - Rejects of a Service without endpoints: the ICMP reply is a new packet.
 //!
-//! A packet XDP translated carries a mark in its XDP metadata (which the kernel hands to
-//! tc as the skb's `data_meta`): tc ingress lets such a packet through untouched, so no
-//! packet is translated twice. A driver without metadata support gets no XDP translation
-//! at all (everything goes on to tc).
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::generated::bpf_xdp_adjust_meta,
-    programs::{TcContext, XdpContext},
-};
+//! XDP needs no mark to tell tc what it translated: a translated packet is addressed to its
+//! backend, which is no frontend, and `tc::ingress` recognises the rare backend that is one
+//! (a host-network pod on a node port) by the flow's reply entry (`tc::translated_already`).
+//! (A mark in the XDP metadata would spare tc ingress its lookups, but kernels may refuse
+//! `bpf_xdp_adjust_meta` to XDP programs altogether: this machine's 6.18 does.)
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::MON_HOOK_XDP;
 
 use crate::{
@@ -29,69 +26,19 @@ use crate::{
     tc::{self, Error, Origin, Outcome},
 };
 
-/// The mark of a packet translated at XDP, in its first 4 bytes of metadata ("LBXD").
-const TRANSLATED: u32 = 0x4c42_5844;
-/// Bytes of metadata reserved for the mark.
-const META_LEN: i32 = 4;
-
 /// Runs tc's ingress translation on a packet from outside the node; the XDP action.
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> u32 {
-    // Room for the mark first: without it, tc could not tell a translated packet.
-    // SAFETY: helper on the program's own context.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -META_LEN) } != 0 {
-        return xdp_action::XDP_PASS;
-    }
-    let result = tc::ingress(ctx, Origin::Outside);
-    match result {
-        Ok(Outcome::Translated) => {
-            if mark(ctx) {
-                xdp_action::XDP_PASS
-            } else {
-                // Cannot happen (the room was made above); translated but unmarked, the
-                // packet could be translated again at tc.
-                tc::dropped(ctx, &Error::Rewrite);
-                xdp_action::XDP_DROP
-            }
-        }
-        // Replies of SNATed flows are redirected at tc, never here.
-        Ok(Outcome::Untouched | Outcome::Redirected(_))
-        | Err(Error::LeftToTc | Error::NoBackends { local: false }) => {
-            // The packet goes on as it came.
-            // SAFETY: helper on the program's own context; gives back what was reserved.
-            unsafe { bpf_xdp_adjust_meta(ctx.ctx, META_LEN) };
-            xdp_action::XDP_PASS
-        }
+    match tc::ingress(ctx, Origin::Outside) {
+        // Translated, or left (untranslated) to tc: the kernel takes it on. Replies of
+        // SNATed flows are redirected at tc, never here.
+        Ok(Outcome::Translated | Outcome::Untouched | Outcome::Redirected(_))
+        | Err(Error::LeftToTc | Error::NoBackends { local: false }) => xdp_action::XDP_PASS,
         Err(error) => {
             tc::dropped(ctx, &error);
             xdp_action::XDP_DROP
         }
     }
-}
-
-/// Writes the mark into the metadata reserved by [`ingress`].
-#[inline(always)]
-fn mark(ctx: &XdpContext) -> bool {
-    let meta = ctx.metadata();
-    if meta + META_LEN as usize > ctx.data() {
-        return false;
-    }
-    // SAFETY: within [data_meta, data), checked just above.
-    unsafe { (meta as *mut u32).write_unaligned(TRANSLATED) };
-    true
-}
-
-/// Whether XDP translated this packet already (tc ingress then leaves it alone).
-#[inline(always)]
-pub fn translated(ctx: &TcContext) -> bool {
-    // SAFETY: the skb context is valid for the run of the program.
-    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta, (*ctx.skb.skb).data) };
-    let (meta, data) = (meta as usize, data as usize);
-    if meta + META_LEN as usize > data {
-        return false;
-    }
-    // SAFETY: within [data_meta, data), checked just above.
-    unsafe { (meta as *const u32).read_unaligned() == TRANSLATED }
 }
 
 impl Frame for XdpContext {

@@ -590,14 +590,19 @@ pub struct Server {
 impl Server {
     #[track_caller]
     fn spawn(pod: &Pod, name: &str, listen: SocketAddr, udp: bool) -> Self {
+        Self::spawn_in(&pod.netns, name, listen, udp)
+    }
+
+    /// An HTTP backend on `listen` in the namespace `netns` (a node's, for a host-network
+    /// pod) answering as `name`; killed on drop.
+    #[track_caller]
+    pub fn spawn_in(netns: &str, name: &str, listen: SocketAddr, udp: bool) -> Self {
         let addr = listen.to_string();
         let bin = bins::testkit();
         bins::require(&bin, "cargo build -p lb-tests, or set LB_TESTKIT_BIN");
         let mut command = Command::new(&bin);
         command
-            .args([
-                "--netns", &pod.netns, "serve", "--listen", &addr, "--name", name,
-            ])
+            .args(["--netns", netns, "serve", "--listen", &addr, "--name", name])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

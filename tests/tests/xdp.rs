@@ -554,3 +554,53 @@ fn native_xdp_drops_sources_outside_load_balancer_source_ranges() {
         "the NodePort is not guarded: {node_port:?}"
     );
 }
+
+#[test]
+fn native_xdp_does_not_translate_twice_a_backend_that_is_itself_a_node_port() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let client = env.topo.add_external_client("outside");
+    // A host-network pod on the node answers on 30081, which is also another Service's
+    // NodePort: XDP's translation to it must reach it, not be translated again at tc to
+    // that Service's backend.
+    let _host = lb_tests::Server::spawn_in(
+        env.topo.node().name(),
+        "host-net",
+        (NODE_EXT_IP, 30081).into(),
+        false,
+    );
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    env.manifests.write(
+        "svc.yaml",
+        &lb_tests::manifests::documents(&[
+            service("hostnet", "10.96.0.11")
+                .type_("NodePort")
+                .node_port(80, 30081, i32::from(NODE_PORT), "TCP")
+                .yaml(),
+            lb_tests::manifests::endpoint_slice("hostnet-1", "hostnet")
+                .endpoint(NODE_EXT_IP, true)
+                .port(None, 30081, "TCP")
+                .yaml(),
+            service("webapp", "10.96.0.10")
+                .type_("NodePort")
+                .selector("app", "webapp")
+                .node_port(80, 8080, 30081, "TCP")
+                .yaml(),
+        ]),
+    );
+    let mut agent = start_agent(&env, &NATIVE, &format!("xdp-{EXT_DEVICE}"));
+    agent.wait_for_frontend(NODE_PORT_FRONTEND, 1, APPLY);
+    agent.wait_for_frontend("0.0.0.0:30081", 1, APPLY);
+    full_checksums(&client);
+
+    let summary = client.client_with().count(10).run(&node_port_target());
+
+    assert_eq!(summary.ok, 10, "every connection answered: {summary:?}");
+    assert_eq!(
+        summary.host_names(),
+        ["host-net"],
+        "the host-network backend answers, never the other NodePort's: {summary:?}"
+    );
+}
