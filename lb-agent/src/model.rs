@@ -4,6 +4,9 @@ use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use triomphe::ThinArc;
 
+mod backend_list;
+pub use backend_list::BackendList;
+
 /// A transport protocol the load balancer programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -434,7 +437,7 @@ pub struct Frontend {
     pub no_local_endpoints: bool,
     /// `sessionAffinity: ClientIP`: how long, in seconds, a client keeps its backend after
     /// its last new connection.
-    pub affinity_timeout: Option<u32>,
+    pub affinity_timeout: Option<std::num::NonZeroU32>,
     /// `loadBalancerSourceRanges` (LoadBalancer IPs only): new flows from other sources
     /// are dropped. Empty: every source.
     pub source_ranges: Box<[ipnet::IpNet]>,
@@ -443,8 +446,8 @@ pub struct Frontend {
     /// `spec.ports[].name` (empty for a single unnamed port).
     pub port_name: Arc<str>,
     /// Backends that take new connections, sorted and without duplicates, all of the
-    /// frontend's address family.
-    pub backends: Box<[Backend]>,
+    /// frontend's address family and protocol.
+    pub backends: BackendList,
     /// What is known of each backend, in the same order (shared with the validated
     /// EndpointSlice it came from).
     pub backend_info: Box<[Arc<EndpointInfo>]>,

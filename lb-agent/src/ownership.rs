@@ -354,7 +354,7 @@ mod tests {
             source_ranges: Box::default(),
             service: ObjectRef::new("ns", service),
             port_name: "".into(),
-            backends: Box::default(),
+            backends: crate::model::BackendList::default(),
             backend_info: Box::default(),
         }
     }

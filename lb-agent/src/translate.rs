@@ -164,7 +164,7 @@ pub fn translate_service(
                     kind,
                     local_only,
                     no_local_endpoints: backends.is_empty() && cats.has_any,
-                    affinity_timeout: service.affinity_timeout,
+                    affinity_timeout: service.affinity_timeout.and_then(std::num::NonZeroU32::new),
                     source_ranges: if kind == FrontendKind::LoadBalancer {
                         service.source_ranges.clone()
                     } else {
@@ -172,7 +172,7 @@ pub fn translate_service(
                     },
                     service: id.clone(),
                     port_name: port.name.clone(),
-                    backends: backends.into_boxed_slice(),
+                    backends: backends.into(),
                     backend_info: backend_info.into_boxed_slice(),
                 })
             };

@@ -484,7 +484,7 @@ fn check_synced(reconciler: &Reconciler<CheckedMaps>) {
         assert_eq!(slots, expected, "{}: slots exactly 1..=count", f.address);
         let mut got: Vec<Backend> = f.slots.iter().filter_map(|s| s.backend).collect();
         got.sort();
-        let mut want_backends = want.backends.to_vec();
+        let mut want_backends = want.backends.iter().collect::<Vec<_>>();
         want_backends.sort();
         assert_eq!(got, want_backends, "{}: backends", f.address);
         used.extend(f.slots.iter().map(|s| s.backend_id));

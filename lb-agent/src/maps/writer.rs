@@ -41,7 +41,7 @@ const UPSERT_PHASES: std::ops::RangeInclusive<usize> = DROP_MASTERS..=MASTERS;
 /// Planned operations at which a large apply writes the upserts planned so far: about
 /// 3 MiB of operations instead of 90 MiB for a first sync of 100,000 Services × 10.
 const FLUSH_EVERY: usize = 65_536;
-use crate::model::{Backend, DesiredState, Frontend, L4Addr, ObjectRef, Protocol};
+use crate::model::{Backend, BackendList, DesiredState, Frontend, L4Addr, ObjectRef, Protocol};
 use crate::stale::StaleBackend;
 use backend_table::{BackendRecord, BackendTable};
 use std::net::SocketAddr;
@@ -602,7 +602,7 @@ impl<M: LbMaps> MapWriter<M> {
             warn!(%address, backends = frontend.backends.len(), "more backends than slots; using the first 65535");
         }
         let flags = super::codec::frontend_flags(frontend);
-        let affinity = frontend.affinity_timeout;
+        let affinity = frontend.affinity_timeout.map(std::num::NonZeroU32::get);
         let mut stats = ApplyStats::default();
         let old = match self.frontends.get(&address) {
             Some(old)
@@ -634,8 +634,8 @@ impl<M: LbMaps> MapWriter<M> {
         let mut ids = Vec::with_capacity(count);
         let mut new_backends = Vec::new();
         let mut next_id = self.next_backend_id;
-        for backend in &frontend.backends[..count] {
-            if let Some(id) = self.backends.id_of(backend) {
+        for backend in frontend.backends.iter().take(count) {
+            if let Some(id) = self.backends.id_of(&backend) {
                 ids.push(id);
                 continue;
             }
@@ -645,25 +645,25 @@ impl<M: LbMaps> MapWriter<M> {
                     self.max_backend_id
                 ));
             };
-            ops.push((NEW_BACKENDS, Op::SetBackend(id, *backend)));
+            ops.push((NEW_BACKENDS, Op::SetBackend(id, backend)));
             stats.map_writes += 1;
             stats.backends_added += 1;
-            new_backends.push((id, *backend));
+            new_backends.push((id, backend));
             ids.push(id);
         }
         let slots = assign_slots(&old.slots, &ids);
         // Each slot holds its backend (inline for IPv4): found by id, sorted once.
-        let mut backend_of: Vec<(u32, &Backend)> = ids
+        let mut backend_of: Vec<(u32, Backend)> = ids
             .iter()
             .copied()
-            .zip(&frontend.backends[..count])
+            .zip(frontend.backends.iter().take(count))
             .collect();
         backend_of.sort_unstable_by_key(|&(id, _)| id);
         for (index, &id) in slots.iter().enumerate() {
             if old.slots.get(index) != Some(&id) || old.stray_slots().contains(&slot_number(index))
             {
                 let value = match backend_of.binary_search_by_key(&id, |&(id, _)| id) {
-                    Ok(at) => super::codec::slot(id, backend_of[at].1),
+                    Ok(at) => super::codec::slot(id, &backend_of[at].1),
                     Err(_) => ServiceValue::slot(id),
                 };
                 ops.push((SLOTS, Op::SetService(address, slot_number(index), value)));
@@ -779,14 +779,16 @@ impl<M: LbMaps> MapWriter<M> {
     }
 
     /// Whether `programmed` already holds exactly `wanted` (in any slot order).
-    fn same_backends(&self, programmed: &Programmed, wanted: &[Backend]) -> bool {
+    fn same_backends(&self, programmed: &Programmed, wanted: &BackendList) -> bool {
         if programmed.slots.len() != wanted.len() {
             return false;
         }
         let slots: HashSet<u32> = programmed.slots.iter().copied().collect();
-        wanted
-            .iter()
-            .all(|b| self.backends.id_of(b).is_some_and(|id| slots.contains(&id)))
+        wanted.iter().all(|b| {
+            self.backends
+                .id_of(&b)
+                .is_some_and(|id| slots.contains(&id))
+        })
     }
 
     fn remove_frontend(

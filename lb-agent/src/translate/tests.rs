@@ -61,7 +61,7 @@ fn render(translation: &Translation) -> Vec<String> {
         .frontends
         .values()
         .map(|f| {
-            let backends: Vec<String> = f.backends.iter().map(ToString::to_string).collect();
+            let backends: Vec<String> = f.backends.iter().map(|b| b.to_string()).collect();
             format!("{} -> {}", f.address, backends.join(","))
         })
         .collect()
@@ -588,7 +588,7 @@ fn frontends_on(yaml: &str, node: Option<&str>) -> Vec<String> {
         .frontends
         .values()
         .map(|f| {
-            let backends: Vec<String> = f.backends.iter().map(ToString::to_string).collect();
+            let backends: Vec<String> = f.backends.iter().map(|b| b.to_string()).collect();
             format!(
                 "{} {:?} {:#x} -> {}",
                 f.address,
@@ -864,7 +864,7 @@ fn session_affinity_sets_the_flag_and_timeout_on_every_frontend() {
     let translation = translate_for_node(&objects(&yaml), Some("node-a"));
     assert_eq!(translation.frontends.len(), 2);
     for f in translation.frontends.values() {
-        assert_eq!(f.affinity_timeout, Some(60), "{}", f.address);
+        assert_eq!(f.affinity_timeout.map(u32::from), Some(60), "{}", f.address);
         assert_ne!(
             crate::maps::codec::frontend_flags(f) & lb_common::SVC_F_AFFINITY,
             0
@@ -879,7 +879,7 @@ fn session_affinity_sets_the_flag_and_timeout_on_every_frontend() {
         translation
             .frontends
             .values()
-            .all(|f| f.affinity_timeout == Some(10_800)),
+            .all(|f| f.affinity_timeout.map(u32::from) == Some(10_800)),
         "kube-proxy's default: 3 hours"
     );
 }
@@ -1587,7 +1587,7 @@ fn frontend_lines(state: &ClusterState) -> Vec<String> {
         .desired()
         .values()
         .map(|f| {
-            let backends: Vec<String> = f.backends.iter().map(ToString::to_string).collect();
+            let backends: Vec<String> = f.backends.iter().map(|b| b.to_string()).collect();
             format!("{} -> {}", f.address, backends.join(","))
         })
         .collect()
@@ -1609,7 +1609,10 @@ fn pods_sharing_an_address_give_the_first_by_names_endpoint() {
         load(&mut state, objects(&yaml));
         state.recompute();
         let frontend = state.desired().values().next().expect("one frontend");
-        assert!(frontend.backends[0].remote, "p-a's endpoint, on node-b");
+        assert!(
+            frontend.backends.get(0).unwrap().remote,
+            "p-a's endpoint, on node-b"
+        );
     }
 }
 
