@@ -173,6 +173,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         &config.pin_dir,
         config.socket_lb,
         config.bpf_host_routing,
+        config.nodeport_acceleration,
         &config.capacities,
     )
     .with_context(|| {

@@ -189,6 +189,7 @@ pub fn load(
     pin_dir: &Path,
     socket_lb: SocketLb,
     host_routing: bool,
+    acceleration: NodePortAcceleration,
     capacities: &MapCapacities,
 ) -> Result<Loaded, LoadError> {
     crate::mounts::ensure_bpffs(pin_dir).map_err(|source| LoadError::Bpffs {
@@ -218,6 +219,8 @@ pub fn load(
     loader.override_global("HOST_NETNS_COOKIE", &host_netns_cookie, true);
     let host_routing = u8::from(host_routing);
     loader.override_global("HOST_ROUTING", &host_routing, true);
+    let xdp_on = u8::from(acceleration != NodePortAcceleration::Off);
+    loader.override_global("XDP_ON", &xdp_on, true);
     let mut ebpf = loader.load(EBPF_OBJECT)?;
     match crate::conntrack::migrate_legacy_table(pin_dir) {
         Ok(0) => {}

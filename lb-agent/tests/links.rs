@@ -73,7 +73,14 @@ fn a_failed_start_puts_the_previous_programs_back_and_a_good_one_keeps_its_own()
         conntrack_half_open: 1024,
         ..MapCapacities::DEFAULT
     };
-    let mut first = loader::load(&scratch.pins, SocketLb::All, false, &capacities).expect("load");
+    let mut first = loader::load(
+        &scratch.pins,
+        SocketLb::All,
+        false,
+        loader::NodePortAcceleration::Off,
+        &capacities,
+    )
+    .expect("load");
     loader::attach_cgroup_programs(&mut first.ebpf, &scratch.cgroup, &scratch.pins)
         .expect("attach");
     let links: Vec<PathBuf> = CGROUP_PROGRAMS
@@ -83,7 +90,14 @@ fn a_failed_start_puts_the_previous_programs_back_and_a_good_one_keeps_its_own()
     let before: Vec<u64> = links.iter().map(|l| prog_id(l)).collect();
 
     // A second agent's programs, swapped into the first two links, then the start fails.
-    let mut second = loader::load(&scratch.pins, SocketLb::All, false, &capacities).expect("load");
+    let mut second = loader::load(
+        &scratch.pins,
+        SocketLb::All,
+        false,
+        loader::NodePortAcceleration::Off,
+        &capacities,
+    )
+    .expect("load");
     let target = Target::cgroup(&scratch.cgroup).expect("cgroup id");
     let mut failed = Transaction::default();
     swap(&mut second.ebpf, &mut failed, &links[0], target, 0);

@@ -295,7 +295,7 @@ fn new_flow<F: Family, C: Frame>(
     else {
         return Ok(None);
     };
-    if C::SNAT && origin == Origin::Outside && translated_already(packet) {
+    if C::SNAT && origin == Origin::Outside && xdp_on() && translated_already(packet) {
         return Ok(None);
     }
     // A ClusterIP reached from outside the node (a route to the Service CIDR through this
@@ -483,6 +483,19 @@ static HOST_ROUTING: u8 = 0;
 fn host_routing() -> bool {
     // SAFETY: a read of a global the loader may have set; volatile so it is not folded.
     let on = unsafe { core::ptr::read_volatile(&raw const HOST_ROUTING) };
+    on != 0
+}
+
+/// `--nodeport-acceleration native|best-effort`: set by the agent when it loads the object.
+/// Only then can tc ingress see a packet XDP translated ([`translated_already`]); without
+/// XDP a new flow from outside skips that check.
+#[unsafe(no_mangle)]
+static XDP_ON: u8 = 0;
+
+#[inline(always)]
+fn xdp_on() -> bool {
+    // SAFETY: a read of a global the loader may have set; volatile so it is not folded.
+    let on = unsafe { core::ptr::read_volatile(&raw const XDP_ON) };
     on != 0
 }
 
