@@ -73,14 +73,18 @@ fn a_failed_start_puts_the_previous_programs_back_and_a_good_one_keeps_its_own()
         conntrack_half_open: 1024,
         ..MapCapacities::DEFAULT
     };
-    let mut first = loader::load(
-        &scratch.pins,
-        SocketLb::All,
-        false,
-        loader::NodePortAcceleration::Off,
-        &capacities,
-    )
-    .expect("load");
+    // The object as an agent loads it, on the scratch pins.
+    let load = || {
+        loader::load(
+            &scratch.pins,
+            SocketLb::All,
+            false,
+            loader::NodePortAcceleration::Off,
+            &capacities,
+        )
+        .expect("load")
+    };
+    let mut first = load();
     loader::attach_cgroup_programs(&mut first.ebpf, &scratch.cgroup, &scratch.pins)
         .expect("attach");
     let links: Vec<PathBuf> = CGROUP_PROGRAMS
@@ -90,14 +94,7 @@ fn a_failed_start_puts_the_previous_programs_back_and_a_good_one_keeps_its_own()
     let before: Vec<u64> = links.iter().map(|l| prog_id(l)).collect();
 
     // A second agent's programs, swapped into the first two links, then the start fails.
-    let mut second = loader::load(
-        &scratch.pins,
-        SocketLb::All,
-        false,
-        loader::NodePortAcceleration::Off,
-        &capacities,
-    )
-    .expect("load");
+    let mut second = load();
     let target = Target::cgroup(&scratch.cgroup).expect("cgroup id");
     let mut failed = Transaction::default();
     swap(&mut second.ebpf, &mut failed, &links[0], target, 0);

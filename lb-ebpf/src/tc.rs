@@ -481,9 +481,15 @@ static HOST_ROUTING: u8 = 0;
 
 #[inline(always)]
 fn host_routing() -> bool {
-    // SAFETY: a read of a global the loader may have set; volatile so it is not folded.
-    let on = unsafe { core::ptr::read_volatile(&raw const HOST_ROUTING) };
-    on != 0
+    loader_flag(&raw const HOST_ROUTING)
+}
+
+/// A flag global the loader may have set (non-zero: on).
+#[inline(always)]
+fn loader_flag(flag: *const u8) -> bool {
+    // SAFETY: a read of a global of this object; volatile so it is not folded to its
+    // compiled-in 0.
+    unsafe { core::ptr::read_volatile(flag) != 0 }
 }
 
 /// `--nodeport-acceleration native|best-effort`: set by the agent when it loads the object.
@@ -494,9 +500,7 @@ static XDP_ON: u8 = 0;
 
 #[inline(always)]
 fn xdp_on() -> bool {
-    // SAFETY: a read of a global the loader may have set; volatile so it is not folded.
-    let on = unsafe { core::ptr::read_volatile(&raw const XDP_ON) };
-    on != 0
+    loader_flag(&raw const XDP_ON)
 }
 
 /// Describes a new flow's decision to the monitor.

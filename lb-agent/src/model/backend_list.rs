@@ -2,7 +2,7 @@
 //! each keeps only its address, port and two flags: 8 bytes for IPv4 (a [`Backend`] takes
 //! 24), 20 for IPv6. At 100,000 Services × 10 endpoints that is 160 bytes a Service less,
 //! more with a NodePort (issue 12's memory target).
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{Backend, EndpointState, L4Addr, Protocol};
 
@@ -47,7 +47,7 @@ impl<A> Compact<A> {
         }
     }
 
-    fn backend(&self, address: std::net::IpAddr, protocol: Protocol) -> Backend {
+    fn backend(&self, address: IpAddr, protocol: Protocol) -> Backend {
         let state = if self.flags & TERMINATING == 0 {
             EndpointState::Ready
         } else {
@@ -73,25 +73,17 @@ impl From<Vec<Backend>> for BackendList {
             return Self::default();
         };
         let protocol = first.addr.protocol;
-        // What the compact forms can give back: the list's protocol, the external scope.
-        let plain = |b: &Backend| b.addr.protocol == protocol && !b.addr.is_internal();
-        let v4: Option<Box<[_]>> = backends
-            .iter()
-            .map(|b| match b.addr.address {
-                std::net::IpAddr::V4(a) if plain(b) => Some(Compact::new(a.octets(), b)),
-                _ => None,
-            })
-            .collect();
+        let v4 = compact(&backends, protocol, |address| match address {
+            IpAddr::V4(a) => Some(a.octets()),
+            IpAddr::V6(_) => None,
+        });
         if let Some(v4) = v4 {
             return Self(Repr::V4(protocol, v4));
         }
-        let v6: Option<Box<[_]>> = backends
-            .iter()
-            .map(|b| match b.addr.address {
-                std::net::IpAddr::V6(a) if plain(b) => Some(Compact::new(a.octets(), b)),
-                _ => None,
-            })
-            .collect();
+        let v6 = compact(&backends, protocol, |address| match address {
+            IpAddr::V6(a) => Some(a.octets()),
+            IpAddr::V4(_) => None,
+        });
         match v6 {
             Some(v6) => Self(Repr::V6(protocol, v6)),
             None => Self(Repr::Mixed(backends.into_boxed_slice())),
@@ -99,10 +91,23 @@ impl From<Vec<Backend>> for BackendList {
     }
 }
 
-impl<const N: usize> From<[Backend; N]> for BackendList {
-    fn from(backends: [Backend; N]) -> Self {
-        Vec::from(backends).into()
-    }
+/// `backends` in the compact form whose address `address` gives, if every one of them fits
+/// it: an address of its family, the list's protocol, the external scope.
+fn compact<A>(
+    backends: &[Backend],
+    protocol: Protocol,
+    address: impl Fn(IpAddr) -> Option<A>,
+) -> Option<Box<[Compact<A>]>> {
+    backends
+        .iter()
+        .map(|b| {
+            let plain = b.addr.protocol == protocol && !b.addr.is_internal();
+            plain
+                .then(|| address(b.addr.address))
+                .flatten()
+                .map(|a| Compact::new(a, b))
+        })
+        .collect()
 }
 
 impl BackendList {
@@ -183,7 +188,7 @@ mod tests {
 
     fn backend(address: &str, port: u16, protocol: Protocol) -> Backend {
         Backend::new(
-            L4Addr::new(address.parse::<std::net::IpAddr>().unwrap(), port, protocol),
+            L4Addr::new(address.parse::<IpAddr>().unwrap(), port, protocol),
             EndpointState::Ready,
         )
     }
