@@ -173,7 +173,6 @@ pub struct MapWriter<M> {
     frontends: BTreeMap<L4Addr, Programmed>,
     /// Each backend by id, with the number of slots naming it.
     backends: BackendTable,
-    next_backend_id: u32,
     rev_nat_ids: BTreeSet<lb_common::FrontendId>,
     /// Operations of the apply in progress, by phase.
     plan: [Vec<Op>; PHASES],
@@ -203,7 +202,6 @@ impl<M: LbMaps> MapWriter<M> {
             maps,
             frontends: BTreeMap::new(),
             backends: BackendTable::default(),
-            next_backend_id: 1,
             rev_nat_ids: BTreeSet::new(),
             plan: Default::default(),
             forget_affinity: BTreeSet::new(),
@@ -227,14 +225,12 @@ impl<M: LbMaps> MapWriter<M> {
         let contents = dump::read(&self.maps)?;
         self.frontends.clear();
         self.backends.clear();
-        self.next_backend_id = 1;
         self.rev_nat_ids.clear();
         self.plan = Default::default();
         for (&id, &backend) in &contents.backends {
             // Two ids for one backend can only come from a foreign writer: keep the first,
             // the other is dropped as unused.
             self.backends.insert(id, backend);
-            self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
         }
         for (frontend, slot) in &contents.stray_slots {
             self.maps.delete_service(frontend, *slot)?;
@@ -633,13 +629,12 @@ impl<M: LbMaps> MapWriter<M> {
         let mut ops = Vec::new();
         let mut ids = Vec::with_capacity(count);
         let mut new_backends = Vec::new();
-        let mut next_id = self.next_backend_id;
         for backend in frontend.backends.iter().take(count) {
             if let Some(id) = self.backends.id_of(&backend) {
                 ids.push(id);
                 continue;
             }
-            let Some(id) = self.free_backend_id(&mut next_id, new_backends.len()) else {
+            let Some(id) = self.free_backend_id(new_backends.len()) else {
                 return Err(format!(
                     "no free backend id (all {} in use)",
                     self.max_backend_id
@@ -748,7 +743,6 @@ impl<M: LbMaps> MapWriter<M> {
         } = plan;
         for (id, backend) in new_backends {
             self.backends.insert(id, backend);
-            self.next_backend_id = if id >= self.max_backend_id { 1 } else { id + 1 };
         }
         self.rev_nat_ids.insert(new.rev_nat_id);
         if forget_affinity {
@@ -880,21 +874,16 @@ impl<M: LbMaps> MapWriter<M> {
         }
     }
 
-    /// The next backend id not in use from `*next` on (wrapping at the limit), when fewer
-    /// than all are taken (`planned`: ids this plan already took after the record's).
-    fn free_backend_id(&self, next: &mut u32, planned: usize) -> Option<u32> {
-        let max = self.max_backend_id;
+    /// A free backend id, the lowest first (`planned`: ids this plan already took after
+    /// the record's), when fewer than all are taken. An id freed in an apply is handed out
+    /// from the next one on: its backend's entry is deleted at the end of the apply that
+    /// freed it, and a tracked flow that still names it finds another backend there.
+    fn free_backend_id(&self, planned: usize) -> Option<u32> {
         let taken = self.backends.len().saturating_add(planned);
-        if u32::try_from(taken).map_or(true, |taken| taken >= max) {
+        if u32::try_from(taken).map_or(true, |taken| taken >= self.max_backend_id) {
             return None;
         }
-        let advance = |id: u32| if id >= max { 1 } else { id + 1 };
-        let mut id = if (1..=max).contains(next) { *next } else { 1 };
-        while self.backends.contains(id) {
-            id = advance(id);
-        }
-        *next = advance(id);
-        Some(id)
+        self.backends.free_id(planned)
     }
 }
 

@@ -2,13 +2,16 @@
 //! and the id of each backend, held once.
 //!
 //! A million backends (100,000 Services × 10) make this the largest part of the writer's
-//! record, so the lookup by backend is an index of ids into the records (4 bytes a
-//! backend) rather than a second map holding each 24-byte backend again.
-use std::hash::BuildHasher;
+//! record. Ids are handed out lowest free first, so they stay dense and the records are a
+//! vector indexed by id (28 bytes a backend; a hash table keyed by id cost 33 bytes a
+//! bucket at half its buckets full, once its million entries had doubled it to 2^21).
+//! The lookup by backend is an index of ids into the records (4 bytes a backend) rather
+//! than a second map holding each 24-byte backend again.
+use std::{collections::BTreeSet, hash::BuildHasher};
 
 use hashbrown::HashTable;
 
-use crate::{fast_hash::HashMap, model::Backend};
+use crate::model::Backend;
 
 /// A backend in the maps, and the number of slots naming it.
 #[derive(Clone, Copy, Debug)]
@@ -19,7 +22,12 @@ pub(super) struct BackendRecord {
 
 #[derive(Debug, Default)]
 pub(super) struct BackendTable {
-    records: HashMap<u32, BackendRecord>,
+    /// By id; id 0 is never handed out (the vector is empty or starts with `None`).
+    records: Vec<Option<BackendRecord>>,
+    /// How many ids hold a record.
+    live: usize,
+    /// The ids below `records.len()` (0 aside) that hold none: handed out first.
+    free: BTreeSet<u32>,
     /// The id of each backend (the first one recorded when a foreign writer left two).
     ids: HashTable<u32>,
     hasher: foldhash::fast::RandomState,
@@ -27,71 +35,120 @@ pub(super) struct BackendTable {
 
 impl BackendTable {
     pub(super) fn clear(&mut self) {
-        self.records.clear();
+        self.records = Vec::new();
+        self.live = 0;
+        self.free.clear();
         self.ids.clear();
     }
 
-    pub(super) fn len(&self) -> usize {
-        self.records.len()
+    pub(super) const fn len(&self) -> usize {
+        self.live
     }
 
     pub(super) fn contains(&self, id: u32) -> bool {
-        self.records.contains_key(&id)
+        self.get(id).is_some()
     }
 
     pub(super) fn get(&self, id: u32) -> Option<&BackendRecord> {
-        self.records.get(&id)
+        self.records.get(index(id))?.as_ref()
     }
 
     pub(super) fn get_mut(&mut self, id: u32) -> Option<&mut BackendRecord> {
-        self.records.get_mut(&id)
+        self.records.get_mut(index(id))?.as_mut()
     }
 
     /// The ids of the backends no slot names.
     pub(super) fn unused(&self) -> impl Iterator<Item = u32> + '_ {
         self.records
             .iter()
-            .filter(|(_, record)| record.refs == 0)
-            .map(|(id, _)| *id)
+            .enumerate()
+            .filter(|(_, record)| record.is_some_and(|r| r.refs == 0))
+            .filter_map(|(id, _)| u32::try_from(id).ok())
     }
 
     /// The id `backend` is recorded under.
     pub(super) fn id_of(&self, backend: &Backend) -> Option<u32> {
         let hash = self.hasher.hash_one(backend);
         self.ids
-            .find(hash, |id| self.records[id].backend == *backend)
+            .find(hash, |&id| self.backend(id) == Some(backend))
             .copied()
+    }
+
+    /// The free id `taken` ids after the lowest (ids a plan took before recording them):
+    /// the holes left by removed backends first, then the ids past the highest.
+    pub(super) fn free_id(&self, taken: usize) -> Option<u32> {
+        if let Some(&id) = self.free.iter().nth(taken) {
+            return Some(id);
+        }
+        let past = self.records.len().max(1) + (taken - self.free.len());
+        u32::try_from(past).ok()
     }
 
     /// Records `backend` under the free `id`, named by no slot yet. When the backend is
     /// already recorded under another id, that one stays its id.
     pub(super) fn insert(&mut self, id: u32, backend: Backend) {
-        debug_assert!(!self.records.contains_key(&id), "backend id {id} is taken");
+        debug_assert!(!self.contains(id), "backend id {id} is taken");
+        let at = index(id);
+        if at >= self.records.len() {
+            let holes = self.records.len().max(1)..at;
+            self.free
+                .extend(holes.clone().filter_map(|i| u32::try_from(i).ok()));
+            self.records.resize(at + 1, None);
+        } else {
+            self.free.remove(&id);
+        }
         let hash = self.hasher.hash_one(backend);
         let known = self
             .ids
-            .find(hash, |other| self.records[other].backend == backend)
+            .find(hash, |&other| self.backend(other) == Some(&backend))
             .is_some();
-        self.records.insert(id, BackendRecord { backend, refs: 0 });
+        self.records[at] = Some(BackendRecord { backend, refs: 0 });
+        self.live += 1;
         if !known {
             let Self {
                 records,
                 ids,
                 hasher,
+                ..
             } = self;
-            ids.insert_unique(hash, id, |id| hasher.hash_one(records[id].backend));
+            // Rehashing finds every id's backend: only ids with a record are in the index.
+            ids.insert_unique(hash, id, |&id| match &records[index(id)] {
+                Some(record) => hasher.hash_one(record.backend),
+                None => 0,
+            });
         }
     }
 
-    /// Forgets the backend of `id`.
+    /// Forgets the backend of `id`; its id is free again.
     pub(super) fn remove(&mut self, id: u32) -> Option<BackendRecord> {
-        let record = *self.records.get(&id)?;
+        let record = self.records.get_mut(index(id))?.take()?;
+        self.live -= 1;
         let hash = self.hasher.hash_one(record.backend);
         if let Ok(entry) = self.ids.find_entry(hash, |&other| other == id) {
             entry.remove();
         }
-        self.records.remove(&id)
+        self.free.insert(id);
+        // Ids past the highest recorded are free without being listed.
+        while self.records.len() > 1 && self.records.last().is_some_and(Option::is_none) {
+            self.records.pop();
+            if let Ok(top) = u32::try_from(self.records.len()) {
+                self.free.remove(&top);
+            }
+        }
+        if self.live == 0 {
+            self.clear();
+        }
+        Some(record)
     }
+
+    fn backend(&self, id: u32) -> Option<&Backend> {
+        self.get(id).map(|r| &r.backend)
+    }
+}
+
+/// The vector index of `id`.
+fn index(id: u32) -> usize {
+    usize::try_from(id).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
@@ -128,5 +185,54 @@ mod tests {
         assert_eq!(table.id_of(&backend(1)), Some(3));
         table.remove(3);
         assert_eq!(table.id_of(&backend(1)), None);
+    }
+
+    #[test]
+    fn ids_are_handed_out_lowest_free_first_so_they_stay_dense() {
+        let mut table = BackendTable::default();
+        assert_eq!((table.free_id(0), table.free_id(2)), (Some(1), Some(3)));
+        for id in 1..=5 {
+            table.insert(id, backend(u8::try_from(id).unwrap()));
+        }
+        assert_eq!(table.free_id(0), Some(6));
+        table.remove(2);
+        table.remove(4);
+        assert_eq!(
+            (table.free_id(0), table.free_id(1), table.free_id(2)),
+            (Some(2), Some(4), Some(6)),
+            "the holes first, then past the highest"
+        );
+        table.insert(4, backend(40));
+        assert_eq!(table.free_id(0), Some(2));
+        assert_eq!(table.free_id(1), Some(6));
+        // Removing the highest ids shrinks the record; holes below stay listed.
+        table.remove(5);
+        table.remove(4);
+        assert_eq!((table.free_id(0), table.free_id(1)), (Some(2), Some(4)));
+        // An adopted id far past the rest leaves the ids between free.
+        table.insert(9, backend(9));
+        assert_eq!(
+            (0..5).map(|n| table.free_id(n)).collect::<Vec<_>>(),
+            [Some(2), Some(4), Some(5), Some(6), Some(7)]
+        );
+        assert_eq!(table.unused().collect::<Vec<_>>(), [1, 3, 9]);
+        for id in [1, 3, 9] {
+            table.remove(id);
+        }
+        assert_eq!((table.len(), table.free_id(0)), (0, Some(1)));
+    }
+
+    /// The index of ids grows (and rehashes) as backends come: every one stays found.
+    #[test]
+    fn every_backend_is_found_after_the_index_grew() {
+        let mut table = BackendTable::default();
+        let backend = |i: u32| {
+            let addr = L4Addr::new(std::net::Ipv4Addr::from(0x0a00_0000 + i), 80, Protocol::Tcp);
+            Backend::new(addr, EndpointState::Ready)
+        };
+        for id in 1..=5_000 {
+            table.insert(id, backend(id));
+        }
+        assert!((1..=5_000).all(|id| table.id_of(&backend(id)) == Some(id)));
     }
 }
