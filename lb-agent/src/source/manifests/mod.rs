@@ -185,6 +185,72 @@ spec:
         );
     }
 
+    /// Anchors and merge keys work as kubectl has them (within a document): a Service's
+    /// ports shared through an alias, a metadata block merged in with its own fields winning.
+    #[test]
+    fn anchors_and_merge_keys_are_resolved() {
+        let text = "\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: &meta {name: a, namespace: shop, labels: {tier: web}}
+  spec: {clusterIP: 10.96.0.1, ports: &ports [{name: http, port: 80}]}
+- apiVersion: v1
+  kind: Service
+  metadata:
+    <<: *meta
+    name: b
+  spec: {clusterIP: 10.96.0.2, ports: *ports}
+";
+        let parsed = parse_manifest("f.yaml", text);
+        assert!(parsed.problems.is_empty(), "{:?}", parsed.problems);
+        let services: Vec<_> = parsed
+            .objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Service(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let b = services[1];
+        assert_eq!(
+            (b.metadata.name.as_deref(), b.metadata.namespace.as_deref()),
+            (Some("b"), Some("shop"))
+        );
+        let port = |s: &k8s_openapi::api::core::v1::Service| {
+            s.spec.as_ref().and_then(|s| s.ports.clone()).unwrap()[0].port
+        };
+        assert_eq!((port(services[0]), port(b)), (80, 80));
+    }
+
+    /// Hostile YAML is refused as unreadable, at once: an alias bomb (a billion laughs) and
+    /// nesting deeper than the parser's limit.
+    #[test]
+    fn alias_bombs_and_deep_nesting_are_refused() {
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (level, prev) in ["b", "c", "d", "e", "f", "g", "h", "i"]
+            .iter()
+            .zip("abcdefgh".chars())
+        {
+            bomb.push_str(&format!(
+                "{level}: &{level} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+            ));
+        }
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        for text in [bomb, deep] {
+            let started = std::time::Instant::now();
+            let found = problems(&text);
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert!(
+                found[0].starts_with("f.yaml: (file): (yaml): "),
+                "{found:?}"
+            );
+            assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        }
+    }
+
     #[test]
     fn large_generated_files_parse() {
         let one = "---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n";

@@ -2,7 +2,7 @@
 //! change detection keeps instead of the object), and the problems of what does not parse.
 use std::hash::{Hash as _, Hasher as _};
 
-use k8s_openapi::serde::de::DeserializeOwned;
+use k8s_openapi::serde::{Deserialize as _, de::DeserializeOwned};
 use serde_json::Value;
 use tracing::debug;
 
@@ -19,19 +19,6 @@ pub struct ParsedFile {
 /// The field a problem names when a file is not YAML at all.
 pub(super) const UNREADABLE_FIELD: &str = "(yaml)";
 
-/// The YAML parser's limits. Its defaults guard against hostile input with small caps (1,024
-/// documents, 250k nodes per file) that a generated manifest of a few thousand Services
-/// exceeds; these admit files of up to about a million objects, still bounded.
-fn yaml_options() -> serde_saphyr::Options {
-    serde_saphyr::options! {
-        budget: serde_saphyr::budget! {
-            max_documents: 1_000_000,
-            max_nodes: 100_000_000,
-            max_events: 200_000_000,
-        },
-    }
-}
-
 /// Parses the text of one manifest file; `origin` names it in problems.
 #[must_use]
 pub fn parse_manifest(origin: &str, text: &str) -> ParsedFile {
@@ -39,14 +26,14 @@ pub fn parse_manifest(origin: &str, text: &str) -> ParsedFile {
 }
 
 /// Parses `text`, a run of whole documents of a file whose first is its document number
-/// `first + 1`; also returns how many (non-empty) documents it held.
+/// `first + 1`; also returns how many (non-empty) documents it held. A text that is not
+/// all YAML is one problem, and none of its objects is taken.
 pub(super) fn parse_documents(origin: &str, text: &str, first: usize) -> (ParsedFile, usize) {
     let mut parsed = ParsedFile::default();
-    let documents: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, yaml_options())
-    {
+    let documents = match yaml_documents(text) {
         Ok(documents) => documents,
         Err(err) => {
-            parsed.problems.push(unreadable(origin, &err.to_string()));
+            parsed.problems.push(unreadable(origin, &err));
             return (parsed, 0);
         }
     };
@@ -55,6 +42,30 @@ pub(super) fn parse_documents(origin: &str, text: &str, first: usize) -> (Parsed
         parse_document(origin, first + index, document, &mut parsed);
     }
     (parsed, count)
+}
+
+/// The non-empty documents of `text`, merge keys (`<<: *anchor`) applied as kubectl
+/// applies them. libyaml (through `serde_norway`) parses a manifest about three times as
+/// fast as `serde-saphyr` did (13 against 36 ms for 500 Services and their slices), and
+/// bounds what hostile input can cost: nesting at 128 levels, and alias expansion.
+fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
+    // Merging needs YAML's own values (a key may be any value); a text without a merge key
+    // goes straight to JSON values, which costs a third less.
+    let merges = text.contains("<<");
+    let mut documents = Vec::new();
+    for document in serde_norway::Deserializer::from_str(text) {
+        let json = if merges {
+            let mut yaml = serde_norway::Value::deserialize(document).map_err(|e| e.to_string())?;
+            yaml.apply_merge().map_err(|e| e.to_string())?;
+            serde_json::to_value(yaml).map_err(|e| e.to_string())?
+        } else {
+            Value::deserialize(document).map_err(|e| e.to_string())?
+        };
+        if !json.is_null() {
+            documents.push(json);
+        }
+    }
+    Ok(documents)
 }
 
 /// The problem of a text that is not YAML.
