@@ -202,15 +202,21 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
     master: &ServiceValue,
     pick: Pick,
 ) -> Option<Picked<B>> {
-    let seed = match pick {
-        // SAFETY: helper without arguments.
-        Pick::Random => unsafe { bpf_get_prandom_u32() },
-        Pick::Hash(hash) => hash,
+    // A frontend with one backend needs no draw: the random helper is a tenth of what a
+    // `connect()` costs the programs.
+    let slot = if master.count == 1 {
+        1
+    } else {
+        let seed = match pick {
+            // SAFETY: helper without arguments.
+            Pick::Random => unsafe { bpf_get_prandom_u32() },
+            Pick::Hash(hash) => hash,
+        };
+        // `checked_rem`: the callers checked the count, but a division the compiler cannot
+        // prove safe would leave a panic call at the end of the function, which the
+        // verifier refuses ("last insn is not an exit or jmp").
+        seed.checked_rem(u32::from(master.count))? as u16 + 1
     };
-    // `checked_rem`: the callers checked the count, but a division the compiler cannot
-    // prove safe would leave a panic call at the end of the function, which the verifier
-    // refuses ("last insn is not an exit or jmp").
-    let slot = seed.checked_rem(u32::from(master.count))? as u16 + 1;
     let Some(entry) = lookup(services, &key.with_slot(slot)) else {
         slot_missing(ctx, master.count, slot);
         return None;
