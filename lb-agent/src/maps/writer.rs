@@ -629,12 +629,13 @@ impl<M: LbMaps> MapWriter<M> {
         let mut ops = Vec::new();
         let mut ids = Vec::with_capacity(count);
         let mut new_backends = Vec::new();
+        let mut free_ids = self.backends.free_ids();
         for backend in frontend.backends.iter().take(count) {
             if let Some(id) = self.backends.id_of(&backend) {
                 ids.push(id);
                 continue;
             }
-            let Some(id) = self.free_backend_id(new_backends.len()) else {
+            let Some(id) = self.free_backend_id(&mut free_ids, new_backends.len()) else {
                 return Err(format!(
                     "no free backend id (all {} in use)",
                     self.max_backend_id
@@ -874,16 +875,21 @@ impl<M: LbMaps> MapWriter<M> {
         }
     }
 
-    /// A free backend id, the lowest first (`planned`: ids this plan already took after
-    /// the record's), when fewer than all are taken. An id freed in an apply is handed out
-    /// from the next one on: its backend's entry is deleted at the end of the apply that
-    /// freed it, and a tracked flow that still names it finds another backend there.
-    fn free_backend_id(&self, planned: usize) -> Option<u32> {
+    /// The next of `free_ids` (the record's free ids, lowest first), when fewer than all
+    /// ids are taken (`planned`: ids this plan already took from it). An id freed in an
+    /// apply is handed out from the next one on: its backend's entry is deleted at the end
+    /// of the apply that freed it, and a tracked flow that still names it finds another
+    /// backend there.
+    fn free_backend_id(
+        &self,
+        free_ids: &mut impl Iterator<Item = u32>,
+        planned: usize,
+    ) -> Option<u32> {
         let taken = self.backends.len().saturating_add(planned);
         if u32::try_from(taken).map_or(true, |taken| taken >= self.max_backend_id) {
             return None;
         }
-        self.backends.free_id(planned)
+        free_ids.next()
     }
 }
 

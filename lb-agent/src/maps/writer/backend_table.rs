@@ -74,14 +74,12 @@ impl BackendTable {
             .copied()
     }
 
-    /// The free id `taken` ids after the lowest (ids a plan took before recording them):
-    /// the holes left by removed backends first, then the ids past the highest.
-    pub(super) fn free_id(&self, taken: usize) -> Option<u32> {
-        if let Some(&id) = self.free.iter().nth(taken) {
-            return Some(id);
-        }
-        let past = self.records.len().max(1) + (taken - self.free.len());
-        u32::try_from(past).ok()
+    /// The free ids, lowest first: the holes left by removed backends, then the ids past
+    /// the highest. A plan takes them one by one as it needs them, so handing out a
+    /// frontend's new backends is linear in their number.
+    pub(super) fn free_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        let past = u32::try_from(self.records.len().max(1)).unwrap_or(u32::MAX);
+        self.free.iter().copied().chain(past..)
     }
 
     /// Records `backend` under the free `id`, named by no slot yet. When the backend is
@@ -92,7 +90,7 @@ impl BackendTable {
         if at >= self.records.len() {
             let holes = self.records.len().max(1)..at;
             self.free
-                .extend(holes.clone().filter_map(|i| u32::try_from(i).ok()));
+                .extend(holes.filter_map(|i| u32::try_from(i).ok()));
             self.records.resize(at + 1, None);
         } else {
             self.free.remove(&id);
@@ -190,36 +188,33 @@ mod tests {
     #[test]
     fn ids_are_handed_out_lowest_free_first_so_they_stay_dense() {
         let mut table = BackendTable::default();
-        assert_eq!((table.free_id(0), table.free_id(2)), (Some(1), Some(3)));
+        let first = |table: &BackendTable, n: usize| table.free_ids().take(n).collect::<Vec<_>>();
+        assert_eq!(first(&table, 3), [1, 2, 3]);
         for id in 1..=5 {
             table.insert(id, backend(u8::try_from(id).unwrap()));
         }
-        assert_eq!(table.free_id(0), Some(6));
+        assert_eq!(first(&table, 1), [6]);
         table.remove(2);
         table.remove(4);
         assert_eq!(
-            (table.free_id(0), table.free_id(1), table.free_id(2)),
-            (Some(2), Some(4), Some(6)),
+            first(&table, 3),
+            [2, 4, 6],
             "the holes first, then past the highest"
         );
         table.insert(4, backend(40));
-        assert_eq!(table.free_id(0), Some(2));
-        assert_eq!(table.free_id(1), Some(6));
+        assert_eq!(first(&table, 2), [2, 6]);
         // Removing the highest ids shrinks the record; holes below stay listed.
         table.remove(5);
         table.remove(4);
-        assert_eq!((table.free_id(0), table.free_id(1)), (Some(2), Some(4)));
+        assert_eq!(first(&table, 2), [2, 4]);
         // An adopted id far past the rest leaves the ids between free.
         table.insert(9, backend(9));
-        assert_eq!(
-            (0..5).map(|n| table.free_id(n)).collect::<Vec<_>>(),
-            [Some(2), Some(4), Some(5), Some(6), Some(7)]
-        );
+        assert_eq!(first(&table, 5), [2, 4, 5, 6, 7]);
         assert_eq!(table.unused().collect::<Vec<_>>(), [1, 3, 9]);
         for id in [1, 3, 9] {
             table.remove(id);
         }
-        assert_eq!((table.len(), table.free_id(0)), (0, Some(1)));
+        assert_eq!((table.len(), first(&table, 1)), (0, vec![1]));
     }
 
     /// The index of ids grows (and rehashes) as backends come: every one stays found.

@@ -51,7 +51,7 @@ pub(super) fn parse_documents(origin: &str, text: &str, first: usize) -> (Parsed
 /// alias expansion.
 fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
     // Merging needs YAML's own values (a key may be any value); a text without a merge key
-    // goes straight to JSON values, which costs a third less.
+    // goes straight to JSON values, which costs a quarter less (13 against 17 ms).
     let merges = text.contains("<<");
     let mut documents = Vec::new();
     for document in serde_norway::Deserializer::from_str(text) {
