@@ -1,12 +1,15 @@
 //! The layout version of the pinned maps (`LB_LAYOUT`, `lb_common::LAYOUT_VERSION`): an
 //! agent adopts the maps a previous agent pinned only if it knows what they mean. Layouts
 //! before its own are migrated (the steps are in [`crate::loader::load`]: old conntrack
-//! entries moved into the three tables, retired links detached, new maps created); a
+//! entries moved into the three tables, backends moved from hash maps into arrays, retired
+//! links detached, new maps created); a
 //! newer layout is refused with what to do, never read with the wrong meaning.
 use std::path::Path;
 
-use aya::maps::{Array, Map, MapData};
-use lb_common::{LAYOUT_MAP, LAYOUT_VERSION, PINNED_MAPS};
+use aya::maps::{Array, HashMap, Map, MapData};
+use lb_common::{
+    BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, LAYOUT_MAP, LAYOUT_VERSION, PINNED_MAPS,
+};
 
 /// What the pin directory holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +81,57 @@ pub fn record(pin_dir: &Path) -> std::io::Result<()> {
     array
         .set(0, LAYOUT_VERSION, 0)
         .map_err(std::io::Error::other)
+}
+
+/// The backends an agent of layout 2 or earlier kept in hash maps keyed by id, taken out
+/// of their pins so that the loader creates the arrays of this layout in their place.
+#[derive(Debug, Default)]
+pub struct HashedBackends {
+    pub v4: Vec<(u32, Backend4)>,
+    pub v6: Vec<(u32, Backend6)>,
+}
+
+/// The first layout whose backends maps are arrays.
+const ARRAY_BACKENDS: u32 = 3;
+
+/// Takes the backends out of hash-map pins of an earlier layout and removes those pins
+/// (the programs of the running agent keep the maps they use until they are replaced);
+/// the loader then writes them into the new arrays under the same ids
+/// (`BpfMaps::restore_backends`). Nothing when the layout has arrays already.
+///
+/// # Errors
+/// When a pin cannot be read or removed.
+pub fn take_hashed_backends(pin_dir: &Path, found: Found) -> std::io::Result<HashedBackends> {
+    let mut taken = HashedBackends::default();
+    if !matches!(found, Found::Layout(n) if n < ARRAY_BACKENDS) {
+        return Ok(taken);
+    }
+    taken.v4 = take_hashed(pin_dir, BACKENDS4_MAP)?;
+    taken.v6 = take_hashed(pin_dir, BACKENDS6_MAP)?;
+    Ok(taken)
+}
+
+fn take_hashed<V: aya::Pod>(pin_dir: &Path, name: &str) -> std::io::Result<Vec<(u32, V)>> {
+    let path = pin_dir.join(name);
+    let Ok(data) = MapData::from_pin(&path) else {
+        return Ok(Vec::new());
+    };
+    let is_hash = data
+        .info()
+        .map_err(std::io::Error::other)?
+        .map_type()
+        .is_ok_and(|t| t == aya::maps::MapType::Hash);
+    if !is_hash {
+        return Ok(Vec::new());
+    }
+    let map: HashMap<MapData, u32, V> =
+        HashMap::try_from(Map::HashMap(data)).map_err(std::io::Error::other)?;
+    let entries = map
+        .iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(std::io::Error::other)?;
+    std::fs::remove_file(&path)?;
+    Ok(entries)
 }
 
 fn open(path: &Path) -> std::io::Result<Array<MapData, u32>> {

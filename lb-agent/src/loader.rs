@@ -201,6 +201,11 @@ pub fn load(
         source,
     })?;
     crate::layout::check(pin_dir, found)?;
+    let hashed_backends =
+        crate::layout::take_hashed_backends(pin_dir, found).map_err(|source| LoadError::Bpffs {
+            path: pin_dir.join(lb_common::BACKENDS4_MAP),
+            source,
+        })?;
     let specs = capacities.pinned_maps();
     check_pinned_maps(pin_dir, &specs)?;
     check_pinned_maps(pin_dir, &lb_common::MONITOR_MAPS)?;
@@ -232,6 +237,14 @@ pub fn load(
             warn!(error = %e, "could not move the flows of the old conntrack map; they start afresh")
         }
     }
+    let mut maps = BpfMaps::from_maps(|name| {
+        ebpf.take_map(name).ok_or_else(|| crate::maps::MapError {
+            op: "take",
+            map: name,
+            source: io::Error::new(io::ErrorKind::NotFound, "missing from the eBPF object"),
+        })
+    })?;
+    maps.restore_backends(&hashed_backends)?;
     crate::layout::record(pin_dir).map_err(|source| LoadError::Bpffs {
         path: pin_dir.join(lb_common::LAYOUT_MAP),
         source,
@@ -245,13 +258,6 @@ pub fn load(
             "migrated the pinned maps' layout"
         );
     }
-    let maps = BpfMaps::from_maps(|name| {
-        ebpf.take_map(name).ok_or_else(|| crate::maps::MapError {
-            op: "take",
-            map: name,
-            source: io::Error::new(io::ErrorKind::NotFound, "missing from the eBPF object"),
-        })
-    })?;
     let removed = ebpf
         .take_map(lb_common::BACKENDS_REMOVED_MAP)
         .ok_or_else(|| crate::maps::MapError {
@@ -273,11 +279,13 @@ fn check_pinned_maps(pin_dir: &Path, specs: &[lb_common::MapSpec]) -> Result<(),
         if !path.exists() {
             continue;
         }
-        let shape = |k: usize, v: usize, n: usize, f: usize| {
-            format!("key {k} B, value {v} B, {n} entries, flags {f:#x}")
+        let shape = |t: String, k: usize, v: usize, n: usize, f: usize| {
+            format!("{t}, key {k} B, value {v} B, {n} entries, flags {f:#x}")
         };
         let found = match MapData::from_pin(&path).and_then(|m| m.info()) {
             Ok(i) => shape(
+                i.map_type()
+                    .map_or_else(|_| "unknown type".to_string(), |t| format!("{t:?}")),
                 i.key_size() as usize,
                 i.value_size() as usize,
                 i.max_entries() as usize,
@@ -285,7 +293,13 @@ fn check_pinned_maps(pin_dir: &Path, specs: &[lb_common::MapSpec]) -> Result<(),
             ),
             Err(e) => format!("unreadable: {e}"),
         };
-        let expected = shape(spec.key_size, spec.value_size, spec.max_entries, spec.flags);
+        let expected = shape(
+            format!("{:?}", map_type(spec.kind)),
+            spec.key_size,
+            spec.value_size,
+            spec.max_entries,
+            spec.flags,
+        );
         if found != expected {
             return Err(LoadError::IncompatiblePin {
                 path,
@@ -295,6 +309,20 @@ fn check_pinned_maps(pin_dir: &Path, specs: &[lb_common::MapSpec]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// aya's name of a map kind, as [`check_pinned_maps`] reads it back from the kernel.
+const fn map_type(kind: lb_common::MapKind) -> aya::maps::MapType {
+    use aya::maps::MapType;
+    use lb_common::MapKind;
+    match kind {
+        MapKind::Hash => MapType::Hash,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::Array => MapType::Array,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::LpmTrie => MapType::LpmTrie,
+        MapKind::RingBuf => MapType::RingBuf,
+    }
 }
 
 /// Attaches every cgroup program to `cgroup` through a link pinned under `pin_dir/links`.

@@ -448,9 +448,10 @@ struct MapSizeArgs {
           default_value_t = lb_common::MapCapacities::DEFAULT.backend_slots,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_backend_slots: u32,
-    /// Distinct backends (endpoint address, port and protocol) per family: 16 B per entry of
-    /// capacity, rounded up to a power of two, up front (16 MiB per family at the default),
-    /// and about 70 B per backend written.
+    /// Backend ids, both families together: each distinct backend (endpoint address, port
+    /// and protocol) takes one, and id 0 none, so N-1 backends fit. Each family's backends
+    /// map is an array indexed by id, allocated up front: 8 B per id for IPv4 and 24 B for
+    /// IPv6 (32 MiB together at the default).
     #[arg(long, env = "LB_MAX_BACKENDS", value_name = "N",
           default_value_t = lb_common::MapCapacities::DEFAULT.backends,
           value_parser = clap::value_parser!(u32).range(1..))]

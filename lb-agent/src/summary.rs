@@ -13,7 +13,10 @@ use std::{
 use aya::maps::{Map, MapData, PerCpuArray};
 use lb_common::{COUNTERS_MAP, Counter, PINNED_MAPS};
 
-use crate::{inspect::OutputFormat, maps::bpf::sys_bpf};
+use crate::{
+    inspect::OutputFormat,
+    maps::bpf::{present_backends, sys_bpf},
+};
 
 /// One pinned map's fill.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -185,10 +188,20 @@ fn table(fills: &[MapFill]) -> String {
 fn fill(name: &'static str, path: &Path) -> io::Result<MapFill> {
     let map = MapData::from_pin(path).map_err(io::Error::other)?;
     let info = map.info().map_err(io::Error::other)?;
+    let entries = match name {
+        // Arrays indexed by backend id: the ids a backend holds.
+        lb_common::BACKENDS4_MAP => present_backends::<lb_common::Backend4>(&map, name)
+            .map_err(|e| e.source)?
+            .len() as u64,
+        lb_common::BACKENDS6_MAP => present_backends::<lb_common::Backend6>(&map, name)
+            .map_err(|e| e.source)?
+            .len() as u64,
+        _ => count_entries(map.fd().as_fd(), info.key_size() as usize)?,
+    };
     let fd = map.fd().as_fd();
     Ok(MapFill {
         name,
-        entries: count_entries(fd, info.key_size() as usize)?,
+        entries,
         capacity: u64::from(info.max_entries()),
         memory_bytes: memlock(fd)?,
     })

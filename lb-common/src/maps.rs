@@ -2,8 +2,10 @@
 //!
 //! A Service frontend (virtual address, port, protocol) occupies `count + 1` entries of the
 //! services map of its family: slot 0 is the *master* entry holding the backend count,
-//! slots `1..=count` each hold one backend id. The backends map of the family resolves an id
-//! to an address and port. Backend ids are one space across both families.
+//! slots `1..=count` each hold one backend id. The backends map of the family, an array
+//! indexed by id, resolves an id to an address and port (an id no backend holds is all
+//! zeros). Backend ids are one space across both families, handed out lowest free first so
+//! they stay dense.
 //!
 //! Write order (the agent's job, see `lb-agent/src/maps/writer.rs`): backends first, then the
 //! backend slots, then the master with the new count, and only then are surplus slots and
@@ -56,7 +58,8 @@ pub const LAYOUT_MAP: &str = "LB_LAYOUT";
 ///
 /// 1: every layout before the version was recorded (up to the three conntrack tables).
 /// 2: `LB_PEERS`, and this map.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: the backends maps are arrays indexed by backend id (they were hash maps).
+pub const LAYOUT_VERSION: u32 = 3;
 /// Name of the datapath's per-CPU counters ([`Counter`]).
 pub const COUNTERS_MAP: &str = "LB_COUNTERS";
 /// Name of the map of this node's IPv4 addresses (NodePort frontends answer on each).
@@ -95,7 +98,9 @@ pub struct MapCapacities {
     /// Backend slots per family (`--max-backend-slots`): one services-map entry per
     /// endpoint of each frontend.
     pub backend_slots: u32,
-    /// Distinct backends (address, port, protocol) per family (`--max-backends`).
+    /// Backend ids (`--max-backends`): each backends map is an array of this many entries,
+    /// indexed by id, and id 0 is never used, so this many distinct backends (address,
+    /// port, protocol) of both families together, less one, fit.
     pub backends: u32,
     /// Conntrack entries of established TCP flows (`--max-conntrack`), two per flow.
     pub conntrack: u32,
@@ -132,30 +137,77 @@ impl MapCapacities {
         let services = self.services_entries();
         let backends = self.backends as usize;
         [
-            MapSpec::of::<Service4Key, ServiceValue>(SERVICES4_MAP, services, MAP_F_NO_PREALLOC),
-            MapSpec::of::<u32, Backend4>(BACKENDS4_MAP, backends, MAP_F_NO_PREALLOC),
-            MapSpec::of::<RevNat4Key, RevNat4Value>(REVNAT4_MAP, REVNAT4_MAX_ENTRIES, 0),
-            MapSpec::of::<Service6Key, ServiceValue>(SERVICES6_MAP, services, MAP_F_NO_PREALLOC),
-            MapSpec::of::<u32, Backend6>(BACKENDS6_MAP, backends, MAP_F_NO_PREALLOC),
-            MapSpec::of::<RevNat6Key, RevNat6Value>(REVNAT6_MAP, REVNAT6_MAX_ENTRIES, 0),
-            MapSpec::of::<PeerKey, PeerValue>(PEERS_MAP, PEERS_MAX_ENTRIES, MAP_F_NO_PREALLOC),
-            MapSpec::of::<CtKey, CtValue>(CT_TCP_MAP, self.conntrack as usize, 0),
-            MapSpec::of::<CtKey, CtValue>(CT_HALF_OPEN_MAP, self.conntrack_half_open as usize, 0),
-            MapSpec::of::<CtKey, CtValue>(CT_OTHER_MAP, self.conntrack_other as usize, 0),
-            MapSpec::of::<u32, u64>(COUNTERS_MAP, COUNTER_COUNT, 0),
-            MapSpec::of::<u32, u32>(LAYOUT_MAP, 1, 0),
-            MapSpec::of::<u32, NodeAddr>(NODE_ADDRS4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
-            MapSpec::of::<[u32; 4], NodeAddr>(NODE_ADDRS6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
-            MapSpec::of::<u32, u32>(DEVICES4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
-            MapSpec::of::<u32, [u32; 4]>(DEVICES6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
-            MapSpec::of::<AffinityKey, AffinityValue>(AFFINITY_MAP, AFFINITY_MAX_ENTRIES, 0),
+            MapSpec::of::<Service4Key, ServiceValue>(
+                MapKind::Hash,
+                SERVICES4_MAP,
+                services,
+                MAP_F_NO_PREALLOC,
+            ),
+            MapSpec::of::<u32, Backend4>(MapKind::Array, BACKENDS4_MAP, backends, 0),
+            MapSpec::of::<RevNat4Key, RevNat4Value>(
+                MapKind::LruHash,
+                REVNAT4_MAP,
+                REVNAT4_MAX_ENTRIES,
+                0,
+            ),
+            MapSpec::of::<Service6Key, ServiceValue>(
+                MapKind::Hash,
+                SERVICES6_MAP,
+                services,
+                MAP_F_NO_PREALLOC,
+            ),
+            MapSpec::of::<u32, Backend6>(MapKind::Array, BACKENDS6_MAP, backends, 0),
+            MapSpec::of::<RevNat6Key, RevNat6Value>(
+                MapKind::LruHash,
+                REVNAT6_MAP,
+                REVNAT6_MAX_ENTRIES,
+                0,
+            ),
+            MapSpec::of::<PeerKey, PeerValue>(
+                MapKind::Hash,
+                PEERS_MAP,
+                PEERS_MAX_ENTRIES,
+                MAP_F_NO_PREALLOC,
+            ),
+            MapSpec::of::<CtKey, CtValue>(MapKind::LruHash, CT_TCP_MAP, self.conntrack as usize, 0),
+            MapSpec::of::<CtKey, CtValue>(
+                MapKind::LruHash,
+                CT_HALF_OPEN_MAP,
+                self.conntrack_half_open as usize,
+                0,
+            ),
+            MapSpec::of::<CtKey, CtValue>(
+                MapKind::LruHash,
+                CT_OTHER_MAP,
+                self.conntrack_other as usize,
+                0,
+            ),
+            MapSpec::of::<u32, u64>(MapKind::PerCpuArray, COUNTERS_MAP, COUNTER_COUNT, 0),
+            MapSpec::of::<u32, u32>(MapKind::Array, LAYOUT_MAP, 1, 0),
+            MapSpec::of::<u32, NodeAddr>(MapKind::Hash, NODE_ADDRS4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+            MapSpec::of::<[u32; 4], NodeAddr>(
+                MapKind::Hash,
+                NODE_ADDRS6_MAP,
+                NODE_ADDRS_MAX_ENTRIES,
+                0,
+            ),
+            MapSpec::of::<u32, u32>(MapKind::Hash, DEVICES4_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+            MapSpec::of::<u32, [u32; 4]>(MapKind::Hash, DEVICES6_MAP, NODE_ADDRS_MAX_ENTRIES, 0),
+            MapSpec::of::<AffinityKey, AffinityValue>(
+                MapKind::LruHash,
+                AFFINITY_MAP,
+                AFFINITY_MAX_ENTRIES,
+                0,
+            ),
             MapSpec::of::<AffinityMatchKey, u32>(
+                MapKind::Hash,
                 AFFINITY_MATCH_MAP,
                 AFFINITY_MATCH_MAX_ENTRIES,
                 MAP_F_NO_PREALLOC,
             ),
             // An LPM trie key is the prefix length (a `u32`) followed by the data.
             MapSpec {
+                kind: MapKind::LpmTrie,
                 name: SOURCE_RANGES_MAP,
                 key_size: 4 + core::mem::size_of::<SourceRange>(),
                 value_size: 4,
@@ -180,6 +232,7 @@ pub const PINNED_MAPS: [MapSpec; 19] = MapCapacities::DEFAULT.pinned_maps();
 /// constants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSpec {
+    pub kind: MapKind,
     /// Name, and the file name of its pin.
     pub name: &'static str,
     pub key_size: usize,
@@ -189,11 +242,28 @@ pub struct MapSpec {
     pub flags: usize,
 }
 
+/// The kernel's map types the agent pins (`BPF_MAP_TYPE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Hash,
+    LruHash,
+    Array,
+    PerCpuArray,
+    LpmTrie,
+    RingBuf,
+}
+
 impl MapSpec {
     /// The spec of a map with keys `K` and values `V`.
     #[must_use]
-    pub const fn of<K, V>(name: &'static str, max_entries: usize, flags: usize) -> Self {
+    pub const fn of<K, V>(
+        kind: MapKind,
+        name: &'static str,
+        max_entries: usize,
+        flags: usize,
+    ) -> Self {
         Self {
+            kind,
             name,
             key_size: core::mem::size_of::<K>(),
             value_size: core::mem::size_of::<V>(),
@@ -206,7 +276,8 @@ impl MapSpec {
 /// Declared capacity of each services map (one entry per frontend plus one per backend
 /// slot): the default [`MapCapacities`]; the loader sets the configured one.
 pub const SERVICES_MAX_ENTRIES: usize = MapCapacities::DEFAULT.services_entries();
-/// Declared capacity of each backends map (distinct backend address/port/protocol).
+/// Declared capacity of each backends map: backend ids, both families' (an array, allocated
+/// up front: 8 B an entry for IPv4, 24 B for IPv6, 32 MiB together at the default).
 pub const BACKENDS_MAX_ENTRIES: usize = MapCapacities::DEFAULT.backends as usize;
 /// Capacity of the affinity-match map: one entry per backend slot of the frontends with
 /// `sessionAffinity: ClientIP` (allocated as written; 4 MiB of buckets).
@@ -222,10 +293,9 @@ pub const REVNAT6_MAX_ENTRIES: usize = 65_536;
 /// not in it writes its record, as before.
 pub const PEERS_MAX_ENTRIES: usize = 262_144;
 
-/// `BPF_F_NO_PREALLOC`: the services and backends maps allocate entries as the agent
-/// writes them, so their memory follows the cluster's size instead of their capacity
-/// (preallocated, the four would take about 80 MiB). Only the agent writes them, so the
-/// datapath never pays for an allocation.
+/// `BPF_F_NO_PREALLOC`: the services maps allocate entries as the agent writes them, so
+/// their memory follows the cluster's size instead of their capacity. Only the agent
+/// writes them, so the datapath never pays for an allocation.
 pub const MAP_F_NO_PREALLOC: usize = 1;
 
 /// Declared capacity of the established-TCP conntrack table: two entries (original and
@@ -532,9 +602,10 @@ pub struct ServiceValue {
     pub pad: u16,
 }
 
-/// Value of the IPv4 backends map, keyed by a `u32` backend id (never 0).
+/// Value of the IPv4 backends map, at the index of its backend id (never 0). All zeros
+/// (protocol 0) where no backend holds the id: see [`Backend4::is_present`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend4 {
     /// Backend (pod) IPv4 address, network byte order.
     pub address: u32,
@@ -546,9 +617,10 @@ pub struct Backend4 {
     pub flags: u8,
 }
 
-/// Value of the IPv6 backends map, keyed by a `u32` backend id (never 0).
+/// Value of the IPv6 backends map, at the index of its backend id (never 0); all zeros
+/// where no backend holds the id.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend6 {
     /// Backend (pod) IPv6 address as four network-order words.
     pub address: [u32; 4],
@@ -558,6 +630,23 @@ pub struct Backend6 {
     pub proto: u8,
     /// `BE_F_*` flags.
     pub flags: u8,
+}
+
+impl Backend4 {
+    /// Whether a backend holds this entry's id: the agent writes every backend with its
+    /// protocol and an id it frees as all zeros.
+    #[must_use]
+    pub const fn is_present(&self) -> bool {
+        self.proto != 0
+    }
+}
+
+impl Backend6 {
+    /// Whether a backend holds this entry's id (see [`Backend4::is_present`]).
+    #[must_use]
+    pub const fn is_present(&self) -> bool {
+        self.proto != 0
+    }
 }
 
 /// Key of the IPv4 reverse-NAT map: a translated socket and the backend it talks to.

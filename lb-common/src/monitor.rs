@@ -11,7 +11,7 @@
 //! verifier inlines into a load) and a compare; an expired lease adds one clock read.
 //!
 //! Both maps are pinned beside the others, so the monitor finds them without the agent.
-use crate::{FrontendId, MapSpec};
+use crate::{FrontendId, MapKind, MapSpec};
 
 /// Name of the one-entry array holding the [`MonitorSwitch`].
 pub const MONITOR_SWITCH_MAP: &str = "LB_MONITOR_SWITCH";
@@ -117,8 +117,9 @@ const _: () = assert!(core::mem::size_of::<MonitorEvent>().is_multiple_of(8));
 
 /// The monitor's maps with their shapes (a ring buffer has no key or value size).
 pub const MONITOR_MAPS: [MapSpec; 2] = [
-    MapSpec::of::<u32, MonitorSwitch>(MONITOR_SWITCH_MAP, 1, 0),
+    MapSpec::of::<u32, MonitorSwitch>(MapKind::Array, MONITOR_SWITCH_MAP, 1, 0),
     MapSpec {
+        kind: MapKind::RingBuf,
         name: MONITOR_EVENTS_MAP,
         key_size: 0,
         value_size: 0,

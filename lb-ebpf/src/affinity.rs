@@ -8,7 +8,7 @@ use lb_common::{AffinityKey, AffinityMatchKey, AffinityValue, Counter, FrontendI
 use crate::{
     counters::count,
     maps::{LB_AFFINITY, LB_AFFINITY_MATCH},
-    xlate::Backends,
+    xlate::{self, Backends, SlotBackend},
 };
 
 /// Who the client is.
@@ -51,7 +51,7 @@ pub fn now() -> u64 {
 /// backend still serves the frontend; refreshes the entry's time (kube-proxy's `recent`
 /// list is updated by every new connection through it).
 #[inline(always)]
-pub fn recall<B: Copy>(
+pub fn recall<B: SlotBackend>(
     backends: &Backends<B>,
     key: &AffinityKey,
     master: &ServiceValue,
@@ -71,8 +71,7 @@ pub fn recall<B: Copy>(
     };
     // SAFETY: presence only.
     unsafe { LB_AFFINITY_MATCH.get(serves) }?;
-    // SAFETY: copied out at once.
-    let backend = unsafe { backends.get(backend_id) }.copied()?;
+    let backend = xlate::backend(backends, backend_id)?;
     // SAFETY: as above; a plain store into the value.
     unsafe { (*entry).last_used_ns = now };
     count(Counter::AffinityHits);

@@ -22,10 +22,9 @@ pub static LB4_SERVICES: HashMap<
     MAP_F_NO_PREALLOC,
 > = HashMap::new();
 
-/// Backend id to IPv4 backend.
+/// IPv4 backends, indexed by backend id.
 #[btf_map]
-pub static LB4_BACKENDS: HashMap<u32, Backend4, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC> =
-    HashMap::new();
+pub static LB4_BACKENDS: Array<Backend4, BACKENDS_MAX_ENTRIES> = Array::new();
 
 /// (socket, IPv4 backend) to the frontend it dialled.
 #[btf_map]
@@ -41,10 +40,9 @@ pub static LB6_SERVICES: HashMap<
     MAP_F_NO_PREALLOC,
 > = HashMap::new();
 
-/// Backend id to IPv6 backend.
+/// IPv6 backends, indexed by backend id.
 #[btf_map]
-pub static LB6_BACKENDS: HashMap<u32, Backend6, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC> =
-    HashMap::new();
+pub static LB6_BACKENDS: Array<Backend6, BACKENDS_MAX_ENTRIES> = Array::new();
 
 /// (socket, IPv6 backend) to the frontend it dialled.
 #[btf_map]

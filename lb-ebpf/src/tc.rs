@@ -579,9 +579,8 @@ fn backend_is_current(packet: &Packet, value: &CtValue) -> bool {
 
 #[inline(always)]
 fn backend_is_current_in<F: Family>(value: &CtValue) -> bool {
-    // SAFETY: copied out at once.
-    unsafe { F::backends().get(value.backend_id) }.is_some_and(|b| {
-        let (address, port) = F::backend_addr(b);
+    crate::xlate::backend(F::backends(), value.backend_id).is_some_and(|b| {
+        let (address, port) = F::backend_addr(&b);
         same_addr(&F::wire(address), &value.nat_addr) && port == value.nat_port
     })
 }

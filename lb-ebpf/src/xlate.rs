@@ -1,6 +1,10 @@
 //! Family-independent service lookup: frontend key in, backend out. The socket hooks in
 //! `sock.rs` read and write the addresses; this module only decides.
-use aya_ebpf::{EbpfContext, btf_maps::HashMap, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{
+    EbpfContext,
+    btf_maps::{Array, HashMap},
+    helpers::bpf_get_prandom_u32,
+};
 use aya_log_ebpf::warn;
 use lb_common::{
     BACKENDS_MAX_ENTRIES, Backend4, Backend6, FrontendId, MAP_F_NO_PREALLOC, SCOPE_INTERNAL,
@@ -12,19 +16,27 @@ use crate::affinity::{self, Client};
 
 /// A family's services map.
 pub type Services<K> = HashMap<K, ServiceValue, SERVICES_MAX_ENTRIES, MAP_F_NO_PREALLOC>;
-/// A family's backends map.
-pub type Backends<B> = HashMap<u32, B, BACKENDS_MAX_ENTRIES, MAP_F_NO_PREALLOC>;
+/// A family's backends map: an array indexed by backend id (a lookup the verifier inlines,
+/// no hashing).
+pub type Backends<B> = Array<B, BACKENDS_MAX_ENTRIES>;
 
 /// A family's backend value, as a backend slot may hold it inline (`ServiceValue`).
 pub trait SlotBackend: Copy {
     /// The backend `slot` holds inline, if it holds one (then the backends map is not read).
     fn inline(slot: &ServiceValue) -> Option<Self>;
+    /// Whether a backend holds the entry (a freed id's entry is all zeros).
+    fn is_present(&self) -> bool;
 }
 
 impl SlotBackend for Backend4 {
     #[inline(always)]
     fn inline(slot: &ServiceValue) -> Option<Self> {
         slot.inline_backend4()
+    }
+
+    #[inline(always)]
+    fn is_present(&self) -> bool {
+        Backend4::is_present(self)
     }
 }
 
@@ -33,6 +45,17 @@ impl SlotBackend for Backend6 {
     fn inline(_: &ServiceValue) -> Option<Self> {
         None
     }
+
+    #[inline(always)]
+    fn is_present(&self) -> bool {
+        Backend6::is_present(self)
+    }
+}
+
+/// The backend holding `id`, if one does.
+#[inline(always)]
+pub fn backend<B: SlotBackend>(backends: &Backends<B>, id: u32) -> Option<B> {
+    backends.get(id).copied().filter(SlotBackend::is_present)
 }
 
 /// The outcome of a forward lookup.
@@ -223,8 +246,7 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
     };
     let backend = match B::inline(&entry) {
         Some(backend) => backend,
-        // SAFETY: the value is copied out at once.
-        None => unsafe { backends.get(entry.backend_id) }.copied()?,
+        None => backend(backends, entry.backend_id)?,
     };
     Some(Picked {
         id: entry.backend_id,

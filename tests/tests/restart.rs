@@ -184,22 +184,112 @@ fn set_layout(agent: &lb_tests::Agent, version: u32) {
 }
 
 fn layout(agent: &lb_tests::Agent) -> u32 {
+    let bytes = lookup(agent, lb_common::LAYOUT_MAP, 0);
+    u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"))
+}
+
+/// The value bytes of entry `key` (a `u32`) of the pinned map `map`.
+fn lookup(agent: &lb_tests::Agent, map: &str, key: u32) -> Vec<u8> {
     let mut command = std::process::Command::new("bpftool");
     command
         .args(["-j", "map", "lookup", "pinned"])
-        .arg(agent.config().pin_path.join(lb_common::LAYOUT_MAP))
-        .args(["key", "0", "0", "0", "0"]);
+        .arg(agent.config().pin_path.join(map))
+        .arg("key")
+        .args(key.to_le_bytes().map(|b| b.to_string()));
     let out = lb_tests::cmd::run(&mut command, lb_tests::cmd::PLUMBING_TIMEOUT).expect("lookup");
     let entry: serde_json::Value = serde_json::from_str(out.trim()).expect("bpftool json");
-    let bytes: Vec<u8> = entry["value"]
+    entry["value"]
         .as_array()
         .expect("value bytes")
         .iter()
         .map(|b| {
             u8::from_str_radix(b.as_str().unwrap_or("0").trim_start_matches("0x"), 16).unwrap()
         })
-        .collect();
-    u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"))
+        .collect()
+}
+
+/// The kernel's type of the pinned map `map` (`bpftool map show`: "hash", "array").
+fn map_type(agent: &lb_tests::Agent, map: &str) -> String {
+    let mut command = std::process::Command::new("bpftool");
+    command
+        .args(["-j", "map", "show", "pinned"])
+        .arg(agent.config().pin_path.join(map));
+    let out = lb_tests::cmd::run(&mut command, lb_tests::cmd::PLUMBING_TIMEOUT).expect("show");
+    let info: serde_json::Value = serde_json::from_str(out.trim()).expect("bpftool json");
+    info["type"].as_str().unwrap_or_default().to_string()
+}
+
+/// An agent of layout 2 kept the backends in hash maps keyed by id; this one keeps them in
+/// arrays indexed by id. Upgrading moves every backend into the array under the id the
+/// slots name, so the adopted frontends are complete (not rewritten) and keep serving.
+#[test]
+fn backends_of_the_hash_map_layout_move_into_the_arrays_under_their_ids() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    assert_eq!(map_type(&agent, lb_common::BACKENDS4_MAP), "array");
+    // The one backend holds the lowest id.
+    let backend = lookup(&agent, lb_common::BACKENDS4_MAP, 1);
+    assert_eq!(backend[6], 6, "id 1 holds the TCP backend: {backend:?}");
+
+    // What an agent of layout 2 left: the same backend in a hash map pinned in its place.
+    agent.kill();
+    let pin = agent.config().pin_path.join(lb_common::BACKENDS4_MAP);
+    std::fs::remove_file(&pin).expect("remove the array's pin");
+    let entries = lb_common::MapCapacities::DEFAULT.backends.to_string();
+    let mut create = std::process::Command::new("bpftool");
+    create
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type", "hash", "key", "4", "value", "8", "entries", &entries,
+        ])
+        .args(["name", lb_common::BACKENDS4_MAP, "flags", "1"]);
+    lb_tests::cmd::run(&mut create, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map create");
+    let mut update = std::process::Command::new("bpftool");
+    update
+        .args(["map", "update", "pinned"])
+        .arg(&pin)
+        .args(["key", "1", "0", "0", "0", "value"])
+        .args(backend.iter().map(u8::to_string));
+    lb_tests::cmd::run(&mut update, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map update");
+    set_layout(&agent, 2);
+
+    agent.start();
+    let deadline = std::time::Instant::now() + APPLY;
+    while layout(&agent) != lb_common::LAYOUT_VERSION {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migrated from layout 2 within {APPLY:?}: {}",
+            agent.log()
+        );
+        agent.assert_running();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(map_type(&agent, lb_common::BACKENDS4_MAP), "array");
+    assert_eq!(
+        lookup(&agent, lb_common::BACKENDS4_MAP, 1),
+        backend,
+        "the backend keeps its id"
+    );
+    assert_eq!(client.client(&env.cgroup, VIP, 10).ok, 10);
+    let log = agent.log();
+    assert!(
+        log.contains("migrated the pinned maps' layout") && !log.contains("missing backend slots"),
+        "the adopted frontend named a backend the migration kept: {log}"
+    );
 }
 
 /// Maps pinned by an older layout are adopted and stamped with this one; maps of a newer

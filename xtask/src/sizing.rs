@@ -15,15 +15,15 @@
 //! The empty maps are the kernel's own accounting (`memlock` of `bpftool map show`) worked
 //! out from the maps' shapes and capacities in `lb-common`: a hash map's bucket array is
 //! allocated when the map is created (16 bytes × the next power of two of `max_entries`),
-//! preallocated and LRU maps hold every element from the start, a `BPF_F_NO_PREALLOC` hash
-//! map and an LPM trie add their elements as they are written (that is the "map bytes per
+//! arrays, preallocated and LRU maps hold every element from the start, a
+//! `BPF_F_NO_PREALLOC` hash map and an LPM trie add their elements as they are written (that is the "map bytes per
 //! Service"). The bench prints the same figure for the maps it measured, so the model is
 //! checked on every run.
 //!
 //! The per-Service figures here are the ones the bench measured; when a run finds others, it
 //! prints the limit they give, and this file and the manifest are changed together (the unit
 //! test below fails until both agree).
-use lb_common::{MAP_F_NO_PREALLOC, MapCapacities, MapSpec, SOURCE_RANGES_MAP};
+use lb_common::{MAP_F_NO_PREALLOC, MapCapacities, MapKind, MapSpec};
 
 const MIB: u64 = 1 << 20;
 
@@ -99,11 +99,16 @@ pub fn daemonset_limit(capacities: &MapCapacities) -> Limit {
 /// (`htab_map_mem_usage`, `trie_mem_usage` in Linux 6.x; the few hundred bytes of the map's
 /// own struct left out).
 pub fn empty_map_bytes(spec: &MapSpec, cpus: u64) -> u64 {
-    if spec.name == SOURCE_RANGES_MAP {
-        // An LPM trie: nodes only, allocated as written.
-        return 0;
-    }
     let max_entries = spec.max_entries as u64;
+    match spec.kind {
+        // Nodes only, allocated as written.
+        MapKind::LpmTrie => return 0,
+        // Every element, the value rounded to 8 bytes (`array_map_mem_usage`).
+        MapKind::Array => return round8(spec.value_size as u64) * max_entries,
+        MapKind::PerCpuArray => return round8(spec.value_size as u64) * max_entries * cpus,
+        MapKind::RingBuf => return max_entries,
+        MapKind::Hash | MapKind::LruHash => {}
+    }
     let buckets = 16 * max_entries.next_power_of_two();
     let locks = 4 * 8 * cpus;
     if spec.flags & MAP_F_NO_PREALLOC != 0 {
@@ -257,6 +262,7 @@ mod tests {
     #[test]
     fn empty_maps_as_the_kernel_accounts_them() {
         let spec = |max_entries, flags| MapSpec {
+            kind: MapKind::Hash,
             name: "M",
             key_size: 12,
             value_size: 12,
@@ -274,10 +280,17 @@ mod tests {
             16 * 1024 + 32 + 80 * 1025 + 8
         );
         let trie = MapSpec {
-            name: SOURCE_RANGES_MAP,
+            kind: MapKind::LpmTrie,
             ..spec(16_384, MAP_F_NO_PREALLOC)
         };
         assert_eq!(empty_map_bytes(&trie, 2), 0);
+        // An array: every value, rounded to 8 bytes (20-byte IPv6 backends take 24).
+        let array = MapSpec {
+            kind: MapKind::Array,
+            value_size: 20,
+            ..spec(1_048_576, 0)
+        };
+        assert_eq!(empty_map_bytes(&array, 2), 24 * 1_048_576);
     }
 
     #[test]

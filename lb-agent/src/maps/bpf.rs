@@ -20,8 +20,9 @@ use crate::model::{Backend, L4Addr};
 pub struct BpfMaps {
     services4: HashMap<MapData, Service4Key, ServiceValue>,
     services6: HashMap<MapData, Service6Key, ServiceValue>,
-    backends4: HashMap<MapData, u32, Backend4>,
-    backends6: HashMap<MapData, u32, Backend6>,
+    /// Backends by id: arrays, an id no backend holds is all zeros.
+    backends4: Array<MapData, Backend4>,
+    backends6: Array<MapData, Backend6>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u32>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
@@ -60,7 +61,10 @@ impl BpfMaps {
         let mut capacities = Vec::new();
         let mut take = |name: &'static str| {
             let map = take(name)?;
-            if let Map::HashMap(data) | Map::LruHashMap(data) | Map::LpmTrie(data) = &map
+            if let Map::HashMap(data)
+            | Map::LruHashMap(data)
+            | Map::LpmTrie(data)
+            | Map::Array(data) = &map
                 && let Ok(info) = data.info()
             {
                 capacities.push((name, info.max_entries() as usize));
@@ -69,8 +73,10 @@ impl BpfMaps {
         };
         let services4 = convert(SERVICES4_MAP, take(SERVICES4_MAP)?)?;
         let services6 = convert(SERVICES6_MAP, take(SERVICES6_MAP)?)?;
-        let backends4 = convert(BACKENDS4_MAP, take(BACKENDS4_MAP)?)?;
-        let backends6 = convert(BACKENDS6_MAP, take(BACKENDS6_MAP)?)?;
+        let backends4 = Array::try_from(take(BACKENDS4_MAP)?)
+            .map_err(|e| aya_error("open", BACKENDS4_MAP, e))?;
+        let backends6 = Array::try_from(take(BACKENDS6_MAP)?)
+            .map_err(|e| aya_error("open", BACKENDS6_MAP, e))?;
         let affinity_match = convert(AFFINITY_MATCH_MAP, take(AFFINITY_MATCH_MAP)?)?;
         let affinity = convert(AFFINITY_MAP, take(AFFINITY_MAP)?)?;
         let source_ranges = LpmTrie::try_from(take(SOURCE_RANGES_MAP)?)
@@ -118,13 +124,39 @@ impl BpfMaps {
             .map_err(|e| aya_error("update", lb_common::BACKENDS_REMOVED_MAP, e))
     }
 
-    /// Deletes backend `id` of `backend`'s family without stamping.
+    /// Frees backend `id` of `backend`'s family (all zeros) without stamping.
     fn remove_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
         if backend.addr.address.is_ipv4() {
-            ignore_missing(self.backends4.remove(&id), BACKENDS4_MAP)
+            set_array(&mut self.backends4, BACKENDS4_MAP, id, Backend4::default())
         } else {
-            ignore_missing(self.backends6.remove(&id), BACKENDS6_MAP)
+            set_array(&mut self.backends6, BACKENDS6_MAP, id, Backend6::default())
         }
+    }
+
+    /// Writes backends that an agent of an earlier layout kept in hash maps (see
+    /// `crate::layout::take_hashed_backends`) under the same ids: the slots name them.
+    /// Those whose id is past the arrays' end are left out and reported; the frontends
+    /// naming them are rewritten when the writer adopts the maps.
+    ///
+    /// # Errors
+    /// When the arrays cannot be written.
+    pub fn restore_backends(&mut self, old: &crate::layout::HashedBackends) -> Result<()> {
+        let capacity = self.backends4.len();
+        let fits = |id: &u32| *id < capacity;
+        let (ids4, values4): (Vec<u32>, Vec<Backend4>) =
+            old.v4.iter().copied().filter(|(id, _)| fits(id)).unzip();
+        let (ids6, values6): (Vec<u32>, Vec<Backend6>) =
+            old.v6.iter().copied().filter(|(id, _)| fits(id)).unzip();
+        let dropped = old.v4.len() + old.v6.len() - ids4.len() - ids6.len();
+        if dropped > 0 {
+            warn!(
+                dropped,
+                capacity,
+                "backends of the earlier layout with ids past --max-backends were not kept"
+            );
+        }
+        update_batch(self.backends4.map(), BACKENDS4_MAP, &ids4, &values4)?;
+        update_batch(self.backends6.map(), BACKENDS6_MAP, &ids6, &values6)
     }
 
     /// Opens the maps pinned under `dir` (no agent needs to run).
@@ -136,6 +168,7 @@ impl BpfMaps {
             let wrap = match name {
                 AFFINITY_MAP => Map::LruHashMap,
                 SOURCE_RANGES_MAP => Map::LpmTrie,
+                BACKENDS4_MAP | BACKENDS6_MAP => Map::Array,
                 _ => Map::HashMap,
             };
             MapData::from_pin(dir.join(name))
@@ -160,6 +193,94 @@ fn aya_error(op: &'static str, map: &'static str, err: AyaMapError) -> MapError 
     MapError { op, map, source }
 }
 
+/// `array[index] = value`; an index past the end is a full map (`E2BIG`, as the kernel
+/// answers a batch), not a broken one.
+fn set_array<V: aya::Pod>(
+    array: &mut Array<MapData, V>,
+    name: &'static str,
+    index: u32,
+    value: V,
+) -> Result<()> {
+    match array.set(index, value, 0) {
+        Err(AyaMapError::OutOfBounds { .. }) => Err(MapError {
+            op: "update",
+            map: name,
+            source: io::Error::from_raw_os_error(libc::E2BIG),
+        }),
+        other => other.map_err(|e| aya_error("update", name, e)),
+    }
+}
+
+/// The entries of `array` that hold a backend, with their ids, read `BATCH` at a time
+/// (`BPF_MAP_LOOKUP_BATCH`: a million entries in a few hundred system calls).
+pub(crate) fn present_backends<V: aya::Pod + Present>(
+    array: &MapData,
+    name: &'static str,
+) -> Result<Vec<(u32, V)>> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let fd = array.fd().as_fd().as_raw_fd();
+    let mut present = Vec::new();
+    let mut keys = vec![0u32; BATCH];
+    let mut values: Vec<V> = Vec::with_capacity(BATCH);
+    let (mut token, mut next_token) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            // A null token asks for the first batch.
+            in_batch: if first { 0 } else { (&raw const token) as u64 },
+            out_batch: (&raw mut next_token) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is the batch member; `keys` and `values` have room for `count`
+        // entries of the map's key and value size (the types are the map's).
+        let rc = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let got = (attr.count as usize).min(BATCH);
+        // SAFETY: the kernel wrote `got` values.
+        unsafe { values.set_len(got) };
+        present.extend(
+            keys[..got]
+                .iter()
+                .zip(&values)
+                .filter(|(_, v)| v.is_present())
+                .map(|(k, v)| (*k, *v)),
+        );
+        match rc {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(present),
+            Err(source) => {
+                return Err(MapError {
+                    op: "batch lookup",
+                    map: name,
+                    source,
+                });
+            }
+        }
+        token = next_token;
+        first = false;
+    }
+}
+
+/// A backends-array value: whether a backend holds its id.
+pub(crate) trait Present: Copy {
+    fn is_present(&self) -> bool;
+}
+
+impl Present for Backend4 {
+    fn is_present(&self) -> bool {
+        Backend4::is_present(self)
+    }
+}
+
+impl Present for Backend6 {
+    fn is_present(&self) -> bool {
+        Backend6::is_present(self)
+    }
+}
+
 /// Deleting an absent key is fine: the writer's record and the map agree on the outcome.
 fn ignore_missing(result: Result<(), AyaMapError>, map: &'static str) -> Result<()> {
     match result {
@@ -176,7 +297,21 @@ fn undecodable(map: &'static str, what: &dyn std::fmt::Debug) {
     warn!(map, entry = ?what, "undecodable map entry ignored");
 }
 
-/// Entries per `BPF_MAP_UPDATE_BATCH` call.
+/// `union bpf_attr`'s `batch` member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Entries per `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_LOOKUP_BATCH` call.
 const BATCH: usize = 4096;
 
 /// `bpf(BPF_MAP_UPDATE_BATCH)`: writes `keys[i] -> values[i]` in as few system calls as the
@@ -222,19 +357,6 @@ fn update_chunks<K: aya::Pod, V: aya::Pod>(
     keys: &[K],
     values: &[V],
 ) -> Result<()> {
-    /// `union bpf_attr`'s `batch` member.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     for (keys, values) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
         let mut attr = BatchAttr {
@@ -279,9 +401,9 @@ impl LbMaps for BpfMaps {
             .map(|(_, entries)| *entries)
     }
 
-    /// Sets go to the kernel as batches, one per map; deletes one by one (a batch delete
-    /// stops at the first absent key).
-    /// Deleted backends are stamped once, after all of them.
+    /// Sets go to the kernel as batches, one per map, and so do freed backends (zeros
+    /// written to their array entries); deletes one by one (a batch delete stops at the
+    /// first absent key). Deleted backends are stamped once, after all of them.
     fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
         let mut backend_deleted = false;
         let (mut s4, mut v4, mut s6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -309,7 +431,13 @@ impl LbMaps for BpfMaps {
                 Op::DeleteService(frontend, slot) => self.delete_service(frontend, *slot)?,
                 Op::DeleteBackend(id, backend) => {
                     backend_deleted = true;
-                    self.remove_backend(*id, backend)?;
+                    if backend.addr.address.is_ipv4() {
+                        b4.push(*id);
+                        bv4.push(Backend4::default());
+                    } else {
+                        b6.push(*id);
+                        bv6.push(Backend6::default());
+                    }
                 }
                 Op::SetAffinityMatch(id, rev_nat_id) => {
                     self.set_affinity_match(*id, *rev_nat_id)?
@@ -358,13 +486,9 @@ impl LbMaps for BpfMaps {
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
         if let Some(value) = codec::backend4(backend) {
-            self.backends4
-                .insert(id, value, 0)
-                .map_err(|e| aya_error("update", BACKENDS4_MAP, e))
+            set_array(&mut self.backends4, BACKENDS4_MAP, id, value)
         } else if let Some(value) = codec::backend6(backend) {
-            self.backends6
-                .insert(id, value, 0)
-                .map_err(|e| aya_error("update", BACKENDS6_MAP, e))
+            set_array(&mut self.backends6, BACKENDS6_MAP, id, value)
         } else {
             Ok(())
         }
@@ -404,15 +528,13 @@ impl LbMaps for BpfMaps {
 
     fn backends(&self) -> Result<Vec<(u32, Backend)>> {
         let mut backends = Vec::new();
-        for item in self.backends4.iter() {
-            let (id, value) = item.map_err(|e| aya_error("dump", BACKENDS4_MAP, e))?;
+        for (id, value) in present_backends::<Backend4>(self.backends4.map(), BACKENDS4_MAP)? {
             match codec::from_backend4(&value) {
                 Some(backend) => backends.push((id, backend)),
                 None => undecodable(BACKENDS4_MAP, &value),
             }
         }
-        for item in self.backends6.iter() {
-            let (id, value) = item.map_err(|e| aya_error("dump", BACKENDS6_MAP, e))?;
+        for (id, value) in present_backends::<Backend6>(self.backends6.map(), BACKENDS6_MAP)? {
             match codec::from_backend6(&value) {
                 Some(backend) => backends.push((id, backend)),
                 None => undecodable(BACKENDS6_MAP, &value),
