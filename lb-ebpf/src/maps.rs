@@ -1,16 +1,16 @@
 //! The maps, as BTF maps so `bpftool map dump` prints typed entries. Their layout is
 //! defined in `lb-common`; only the declarations live here.
+use crate::xlate::Backends;
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
-    BACKENDS_MAX_ENTRIES, Backend4, Backend6, COUNTER_COUNT, CT_MAX_ENTRIES, CtKey, CtValue,
-    MAP_F_NO_PREALLOC, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PEERS_MAX_ENTRIES, PeerKey, PeerValue,
-    REVNAT4_MAX_ENTRIES, REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value,
-    SERVICES_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue,
-    SourceRange,
+    Backend4, Backend6, COUNTER_COUNT, CT_MAX_ENTRIES, CtKey, CtValue, MAP_F_NO_PREALLOC,
+    NODE_ADDRS_MAX_ENTRIES, NodeAddr, PEERS_MAX_ENTRIES, PeerKey, PeerValue, REVNAT4_MAX_ENTRIES,
+    REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue, SourceRange,
 };
 
 /// IPv4 frontends and their backend slots (see `lb_common::maps`).
@@ -24,7 +24,7 @@ pub static LB4_SERVICES: HashMap<
 
 /// IPv4 backends, indexed by backend id.
 #[btf_map]
-pub static LB4_BACKENDS: Array<Backend4, BACKENDS_MAX_ENTRIES> = Array::new();
+pub static LB4_BACKENDS: Backends<Backend4> = Array::new();
 
 /// (socket, IPv4 backend) to the frontend it dialled.
 #[btf_map]
@@ -42,7 +42,7 @@ pub static LB6_SERVICES: HashMap<
 
 /// IPv6 backends, indexed by backend id.
 #[btf_map]
-pub static LB6_BACKENDS: Array<Backend6, BACKENDS_MAX_ENTRIES> = Array::new();
+pub static LB6_BACKENDS: Backends<Backend6> = Array::new();
 
 /// (socket, IPv6 backend) to the frontend it dialled.
 #[btf_map]

@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, Backend4, Backend6, FrontendId, MAP_F_NO_PREALLOC, SCOPE_INTERNAL,
-    SERVICES_MAX_ENTRIES, SVC_F_AFFINITY, SVC_F_NO_LOCAL, SVC_F_TWO_SCOPES, ServiceKey,
-    ServiceValue,
+    BACKENDS_MAX_ENTRIES, Backend4, Backend6, FrontendId, MAP_F_MMAPABLE, MAP_F_NO_PREALLOC,
+    SCOPE_INTERNAL, SERVICES_MAX_ENTRIES, SVC_F_AFFINITY, SVC_F_NO_LOCAL, SVC_F_TWO_SCOPES,
+    ServiceKey, ServiceValue,
 };
 
 use crate::affinity::{self, Client};
@@ -18,7 +18,7 @@ use crate::affinity::{self, Client};
 pub type Services<K> = HashMap<K, ServiceValue, SERVICES_MAX_ENTRIES, MAP_F_NO_PREALLOC>;
 /// A family's backends map: an array indexed by backend id (a lookup the verifier inlines,
 /// no hashing).
-pub type Backends<B> = Array<B, BACKENDS_MAX_ENTRIES>;
+pub type Backends<B> = Array<B, BACKENDS_MAX_ENTRIES, MAP_F_MMAPABLE>;
 
 /// A family's backend value, as a backend slot may hold it inline (`ServiceValue`).
 pub trait SlotBackend: Copy {

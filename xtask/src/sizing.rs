@@ -43,13 +43,14 @@ pub const NODE_CPUS: u64 = 128;
 
 /// What the bench measured (`cargo xtask bench`, "DaemonSet memory limit"), on the API
 /// server source as the DaemonSet runs it, at 100,000 Services × 10 endpoints (release
-/// build, 2026-12-05, main with the writer flushing a large apply as it plans it:
-/// `lb-watch-bench --services 100000 --endpoints 10`): RSS 20,440 KiB empty, 381,020 KiB at
-/// its peak; maps 273,265 KiB empty, 438,108 KiB holding the Services.
+/// build, 2026-12-07, main with the backends maps as arrays and dense backend ids:
+/// `cargo xtask watch-bench -- --services 100000 --endpoints 10 --events 20`): RSS
+/// 19,028 KiB empty, 270,948 KiB at its peak; maps 273,263 KiB empty, 367,795 KiB holding
+/// the Services.
 pub const MEASURED: Figures = Figures {
     empty_agent_bytes: 20 * MIB,
-    agent_bytes_per_service: 3_692,
-    map_bytes_per_service: 1_688,
+    agent_bytes_per_service: 2_580,
+    map_bytes_per_service: 968,
 };
 
 /// The measured inputs of the formula.

@@ -211,57 +211,68 @@ fn set_array<V: aya::Pod>(
     }
 }
 
-/// The entries of `array` that hold a backend, with their ids, read `BATCH` at a time
-/// (`BPF_MAP_LOOKUP_BATCH`: a million entries in a few hundred system calls).
+/// The entries of `array` (a `BPF_F_MMAPABLE` array of `V`) that hold a backend, with
+/// their ids. The array is mapped into memory a window at a time and scanned: reading a
+/// million entries through `BPF_MAP_LOOKUP_BATCH` copies each one out of the kernel and
+/// cost a third of a second for the two arrays, empty; a scan takes milliseconds, and the
+/// window keeps the agent's resident memory from growing by the arrays' size.
 pub(crate) fn present_backends<V: aya::Pod + Present>(
     array: &MapData,
     name: &'static str,
 ) -> Result<Vec<(u32, V)>> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    /// Entries per window: a whole number of pages for any stride that is a multiple of 8.
+    const WINDOW: usize = 65_536;
+    let error = |op: &'static str| {
+        let source = io::Error::last_os_error();
+        MapError {
+            op,
+            map: name,
+            source,
+        }
+    };
+    let info = array.info().map_err(|e| aya_error("info", name, e))?;
+    let entries = info.max_entries() as usize;
+    // The kernel lays the values out 8-byte aligned (`elem_size`).
+    let stride = size_of::<V>().next_multiple_of(8);
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let fd = array.fd().as_fd().as_raw_fd();
     let mut present = Vec::new();
-    let mut keys = vec![0u32; BATCH];
-    let mut values: Vec<V> = Vec::with_capacity(BATCH);
-    let (mut token, mut next_token) = (0u32, 0u32);
-    let mut first = true;
-    loop {
-        let mut attr = BatchAttr {
-            // A null token asks for the first batch.
-            in_batch: if first { 0 } else { (&raw const token) as u64 },
-            out_batch: (&raw mut next_token) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH as u32,
-            map_fd: fd as u32,
-            ..BatchAttr::default()
+    for first in (0..entries).step_by(WINDOW) {
+        let count = WINDOW.min(entries - first);
+        let len = (count * stride).next_multiple_of(page);
+        let offset = libc::off_t::try_from(first * stride).unwrap_or(libc::off_t::MAX);
+        // SAFETY: a fresh shared read-only mapping of the map's values from `offset`, which
+        // is page-aligned (`WINDOW * stride` is a multiple of the page size); the kernel
+        // refuses a range past the values' end.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                offset,
+            )
         };
-        // SAFETY: `attr` is the batch member; `keys` and `values` have room for `count`
-        // entries of the map's key and value size (the types are the map's).
-        let rc = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
-        let got = (attr.count as usize).min(BATCH);
-        // SAFETY: the kernel wrote `got` values.
-        unsafe { values.set_len(got) };
-        present.extend(
-            keys[..got]
-                .iter()
-                .zip(&values)
-                .filter(|(_, v)| v.is_present())
-                .map(|(k, v)| (*k, *v)),
-        );
-        match rc {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(present),
-            Err(source) => {
-                return Err(MapError {
-                    op: "batch lookup",
-                    map: name,
-                    source,
-                });
+        if base == libc::MAP_FAILED {
+            return Err(error("mmap"));
+        }
+        for i in 0..count {
+            // SAFETY: entry `i` lies inside the mapping; the agent alone writes these maps,
+            // and `V` is plain data of the map's value size.
+            let value: V =
+                unsafe { std::ptr::read_unaligned(base.cast::<u8>().add(i * stride).cast()) };
+            if value.is_present() {
+                present.push((u32::try_from(first + i).unwrap_or(u32::MAX), value));
             }
         }
-        token = next_token;
-        first = false;
+        // SAFETY: the mapping made above, no longer used.
+        if unsafe { libc::munmap(base, len) } != 0 {
+            return Err(error("munmap"));
+        }
     }
+    Ok(present)
 }
 
 /// A backends-array value: whether a backend holds its id.
@@ -311,7 +322,7 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Entries per `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_LOOKUP_BATCH` call.
+/// Entries per `BPF_MAP_UPDATE_BATCH` call.
 const BATCH: usize = 4096;
 
 /// `bpf(BPF_MAP_UPDATE_BATCH)`: writes `keys[i] -> values[i]` in as few system calls as the
