@@ -608,7 +608,7 @@ pub struct ServiceValue {
 }
 
 /// Value of the IPv4 backends map, at the index of its backend id (never 0). All zeros
-/// (protocol 0) where no backend holds the id: see [`Backend4::is_present`].
+/// (protocol 0) where no backend holds the id: see [`BackendEntry::is_present`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend4 {
@@ -637,19 +637,23 @@ pub struct Backend6 {
     pub flags: u8,
 }
 
-impl Backend4 {
+/// An entry of a backends array, either family.
+pub trait BackendEntry: Copy {
     /// Whether a backend holds this entry's id: the agent writes every backend with its
-    /// protocol and an id it frees as all zeros.
-    #[must_use]
-    pub const fn is_present(&self) -> bool {
+    /// protocol, and an id it frees as all zeros.
+    fn is_present(&self) -> bool;
+}
+
+impl BackendEntry for Backend4 {
+    #[inline(always)]
+    fn is_present(&self) -> bool {
         self.proto != 0
     }
 }
 
-impl Backend6 {
-    /// Whether a backend holds this entry's id (see [`Backend4::is_present`]).
-    #[must_use]
-    pub const fn is_present(&self) -> bool {
+impl BackendEntry for Backend6 {
+    #[inline(always)]
+    fn is_present(&self) -> bool {
         self.proto != 0
     }
 }

@@ -3,12 +3,14 @@
 //! timeout passes between them, and while the backend still serves the frontend (the
 //! agent's affinity-match entries say so). Otherwise it picks afresh and is remembered.
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
-use lb_common::{AffinityKey, AffinityMatchKey, AffinityValue, Counter, FrontendId, ServiceValue};
+use lb_common::{
+    AffinityKey, AffinityMatchKey, AffinityValue, BackendEntry, Counter, FrontendId, ServiceValue,
+};
 
 use crate::{
     counters::count,
     maps::{LB_AFFINITY, LB_AFFINITY_MATCH},
-    xlate::{self, Backends, SlotBackend},
+    xlate::{self, Backends},
 };
 
 /// Who the client is.
@@ -51,7 +53,7 @@ pub fn now() -> u64 {
 /// backend still serves the frontend; refreshes the entry's time (kube-proxy's `recent`
 /// list is updated by every new connection through it).
 #[inline(always)]
-pub fn recall<B: SlotBackend>(
+pub fn recall<B: BackendEntry>(
     backends: &Backends<B>,
     key: &AffinityKey,
     master: &ServiceValue,

@@ -1,6 +1,5 @@
 //! The maps, as BTF maps so `bpftool map dump` prints typed entries. Their layout is
 //! defined in `lb-common`; only the declarations live here.
-use crate::xlate::Backends;
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
@@ -12,6 +11,8 @@ use lb_common::{
     REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES,
     SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue, SourceRange,
 };
+
+use crate::xlate::Backends;
 
 /// IPv4 frontends and their backend slots (see `lb_common::maps`).
 #[btf_map]

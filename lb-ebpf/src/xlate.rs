@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKENDS_MAX_ENTRIES, Backend4, Backend6, FrontendId, MAP_F_MMAPABLE, MAP_F_NO_PREALLOC,
-    SCOPE_INTERNAL, SERVICES_MAX_ENTRIES, SVC_F_AFFINITY, SVC_F_NO_LOCAL, SVC_F_TWO_SCOPES,
-    ServiceKey, ServiceValue,
+    BACKENDS_MAX_ENTRIES, Backend4, Backend6, BackendEntry, FrontendId, MAP_F_MMAPABLE,
+    MAP_F_NO_PREALLOC, SCOPE_INTERNAL, SERVICES_MAX_ENTRIES, SVC_F_AFFINITY, SVC_F_NO_LOCAL,
+    SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
 };
 
 use crate::affinity::{self, Client};
@@ -21,22 +21,15 @@ pub type Services<K> = HashMap<K, ServiceValue, SERVICES_MAX_ENTRIES, MAP_F_NO_P
 pub type Backends<B> = Array<B, BACKENDS_MAX_ENTRIES, MAP_F_MMAPABLE>;
 
 /// A family's backend value, as a backend slot may hold it inline (`ServiceValue`).
-pub trait SlotBackend: Copy {
+pub trait SlotBackend: BackendEntry {
     /// The backend `slot` holds inline, if it holds one (then the backends map is not read).
     fn inline(slot: &ServiceValue) -> Option<Self>;
-    /// Whether a backend holds the entry (a freed id's entry is all zeros).
-    fn is_present(&self) -> bool;
 }
 
 impl SlotBackend for Backend4 {
     #[inline(always)]
     fn inline(slot: &ServiceValue) -> Option<Self> {
         slot.inline_backend4()
-    }
-
-    #[inline(always)]
-    fn is_present(&self) -> bool {
-        Backend4::is_present(self)
     }
 }
 
@@ -45,17 +38,12 @@ impl SlotBackend for Backend6 {
     fn inline(_: &ServiceValue) -> Option<Self> {
         None
     }
-
-    #[inline(always)]
-    fn is_present(&self) -> bool {
-        Backend6::is_present(self)
-    }
 }
 
 /// The backend holding `id`, if one does.
 #[inline(always)]
-pub fn backend<B: SlotBackend>(backends: &Backends<B>, id: u32) -> Option<B> {
-    backends.get(id).copied().filter(SlotBackend::is_present)
+pub fn backend<B: BackendEntry>(backends: &Backends<B>, id: u32) -> Option<B> {
+    backends.get(id).copied().filter(BackendEntry::is_present)
 }
 
 /// The outcome of a forward lookup.

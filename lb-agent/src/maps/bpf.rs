@@ -8,8 +8,9 @@ use aya::maps::{
 };
 use lb_common::{
     AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS4_MAP,
-    BACKENDS6_MAP, Backend4, Backend6, PEERS_MAP, PeerKey, PeerValue, SERVICES4_MAP, SERVICES6_MAP,
-    SOURCE_RANGES_MAP, Service4Key, Service6Key, ServiceValue, SourceRange, source_range_prefix,
+    BACKENDS6_MAP, Backend4, Backend6, BackendEntry, PEERS_MAP, PeerKey, PeerValue, SERVICES4_MAP,
+    SERVICES6_MAP, SOURCE_RANGES_MAP, Service4Key, Service6Key, ServiceValue, SourceRange,
+    source_range_prefix,
 };
 use tracing::warn;
 
@@ -216,7 +217,7 @@ fn set_array<V: aya::Pod>(
 /// million entries through `BPF_MAP_LOOKUP_BATCH` copies each one out of the kernel and
 /// cost a third of a second for the two arrays, empty; a scan takes milliseconds, and the
 /// window keeps the agent's resident memory from growing by the arrays' size.
-pub(crate) fn present_backends<V: aya::Pod + Present>(
+pub(crate) fn present_backends<V: aya::Pod + BackendEntry>(
     array: &MapData,
     name: &'static str,
 ) -> Result<Vec<(u32, V)>> {
@@ -273,23 +274,6 @@ pub(crate) fn present_backends<V: aya::Pod + Present>(
         }
     }
     Ok(present)
-}
-
-/// A backends-array value: whether a backend holds its id.
-pub(crate) trait Present: Copy {
-    fn is_present(&self) -> bool;
-}
-
-impl Present for Backend4 {
-    fn is_present(&self) -> bool {
-        Backend4::is_present(self)
-    }
-}
-
-impl Present for Backend6 {
-    fn is_present(&self) -> bool {
-        Backend6::is_present(self)
-    }
 }
 
 /// Deleting an absent key is fine: the writer's record and the map agree on the outcome.
