@@ -8,9 +8,9 @@ use aya::maps::{
 };
 use lb_common::{
     AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS4_MAP,
-    BACKENDS6_MAP, Backend4, Backend6, BackendEntry, PEERS_MAP, PeerKey, PeerValue, SERVICES4_MAP,
-    SERVICES6_MAP, SOURCE_RANGES_MAP, Service4Key, Service6Key, ServiceValue, SourceRange,
-    source_range_prefix,
+    BACKENDS6_MAP, Backend4, Backend6, BackendEntry, MapKind, PEERS_MAP, PeerKey, PeerValue,
+    SERVICES4_MAP, SERVICES6_MAP, SOURCE_RANGES_MAP, Service4Key, Service6Key, ServiceValue,
+    SourceRange, source_range_prefix,
 };
 use tracing::warn;
 
@@ -125,15 +125,6 @@ impl BpfMaps {
             .map_err(|e| aya_error("update", lb_common::BACKENDS_REMOVED_MAP, e))
     }
 
-    /// Frees backend `id` of `backend`'s family (all zeros) without stamping.
-    fn remove_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        if backend.addr.address.is_ipv4() {
-            set_array(&mut self.backends4, BACKENDS4_MAP, id, Backend4::default())
-        } else {
-            set_array(&mut self.backends6, BACKENDS6_MAP, id, Backend6::default())
-        }
-    }
-
     /// Writes backends that an agent of an earlier layout kept in hash maps (see
     /// `crate::layout::take_hashed_backends`) under the same ids: the slots name them.
     /// Those whose id is past the arrays' end are left out and reported; the frontends
@@ -166,16 +157,26 @@ impl BpfMaps {
     /// When a pin is missing or is not the expected map.
     pub fn open_pinned(dir: &Path) -> Result<Self> {
         Self::from_maps(|name| {
-            let wrap = match name {
-                AFFINITY_MAP => Map::LruHashMap,
-                SOURCE_RANGES_MAP => Map::LpmTrie,
-                BACKENDS4_MAP | BACKENDS6_MAP => Map::Array,
-                _ => Map::HashMap,
-            };
+            let kind = lb_common::PINNED_MAPS
+                .iter()
+                .find(|spec| spec.name == name)
+                .map_or(MapKind::Hash, |spec| spec.kind);
             MapData::from_pin(dir.join(name))
-                .map(wrap)
+                .map(|data| aya_map(kind, data))
                 .map_err(|e| aya_error("open pinned", name, e))
         })
+    }
+}
+
+/// A map of `kind` as aya wraps it.
+fn aya_map(kind: MapKind, data: MapData) -> Map {
+    match kind {
+        MapKind::Hash => Map::HashMap(data),
+        MapKind::LruHash => Map::LruHashMap(data),
+        MapKind::Array => Map::Array(data),
+        MapKind::PerCpuArray => Map::PerCpuArray(data),
+        MapKind::LpmTrie => Map::LpmTrie(data),
+        MapKind::RingBuf => Map::RingBuf(data),
     }
 }
 
@@ -490,8 +491,7 @@ impl LbMaps for BpfMaps {
     }
 
     fn delete_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.remove_backend(id, backend)?;
-        self.stamp_backends_removed()
+        self.apply_ops(&[Op::DeleteBackend(id, *backend)])
     }
 
     fn services(&self) -> Result<Vec<ServiceEntry>> {
