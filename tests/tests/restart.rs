@@ -20,13 +20,7 @@ fn killed_agent_leaves_cluster_ips_answering_and_a_restart_catches_up() {
     let web2_pod = env.topo.add_pod("webapp2");
     let _web2_server = web2_pod.spawn_server("webapp2", 8080);
     let client = env.topo.add_pod("client");
-    env.manifests.write(
-        "svc-webapp.yaml",
-        &service("webapp", "10.96.0.10")
-            .selector("app", "webapp")
-            .port(80, 8080)
-            .yaml(),
-    );
+    write_webapp(&env);
     let mut agent = env.agent();
     agent.wait_for_frontend(VIP, 1, APPLY);
     let attached_before = env.cgroup.attached_programs();
@@ -127,13 +121,7 @@ fn killing_and_restarting_the_agent_under_load_fails_no_connection() {
     let _web1 = env.add_backend("webapp1", "webapp", 8080);
     let _web2 = env.add_backend("webapp2", "webapp", 8080);
     let client = env.topo.add_pod("client");
-    env.manifests.write(
-        "svc-webapp.yaml",
-        &service("webapp", "10.96.0.10")
-            .selector("app", "webapp")
-            .port(80, 8080)
-            .yaml(),
-    );
+    write_webapp(&env);
     let mut agent = env.agent();
     agent.wait_for_frontend(VIP, 2, APPLY);
     let connect4 = agent.config().pin_path.join("links").join("connect4");
@@ -174,13 +162,45 @@ fn killing_and_restarting_the_agent_under_load_fails_no_connection() {
 
 /// Sets the layout version recorded with the pinned maps (as another version of lb would).
 fn set_layout(agent: &lb_tests::Agent, version: u32) {
+    update(agent, lb_common::LAYOUT_MAP, 0, &version.to_le_bytes());
+}
+
+/// Writes `value` at `key` (a `u32`) of the pinned map `map`.
+fn update(agent: &lb_tests::Agent, map: &str, key: u32, value: &[u8]) {
     let mut command = std::process::Command::new("bpftool");
     command
         .args(["map", "update", "pinned"])
-        .arg(agent.config().pin_path.join(lb_common::LAYOUT_MAP))
-        .args(["key", "0", "0", "0", "0", "value"])
-        .args(version.to_le_bytes().map(|b| b.to_string()));
+        .arg(agent.config().pin_path.join(map))
+        .arg("key")
+        .args(key.to_le_bytes().map(|b| b.to_string()))
+        .arg("value")
+        .args(value.iter().map(u8::to_string));
     lb_tests::cmd::run(&mut command, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map update");
+}
+
+/// Waits for the restarted `agent` to have migrated the pins from layout `from` to this one.
+fn wait_for_migration(agent: &mut lb_tests::Agent, from: u32) {
+    let deadline = std::time::Instant::now() + APPLY;
+    while layout(agent) != lb_common::LAYOUT_VERSION {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "migrated from layout {from} within {APPLY:?}: {}",
+            agent.log()
+        );
+        agent.assert_running();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The Service of these tests, `webapp` at [`VIP`] (port 80 to 8080), in the manifests.
+fn write_webapp(env: &TestEnv) {
+    env.manifests.write(
+        "svc-webapp.yaml",
+        &service("webapp", "10.96.0.10")
+            .selector("app", "webapp")
+            .port(80, 8080)
+            .yaml(),
+    );
 }
 
 fn layout(agent: &lb_tests::Agent) -> u32 {
@@ -230,13 +250,7 @@ fn backends_of_the_hash_map_layout_move_into_the_arrays_under_their_ids() {
     let env = TestEnv::new();
     let _web1 = env.add_backend("webapp1", "webapp", 8080);
     let client = env.topo.add_pod("client");
-    env.manifests.write(
-        "svc-webapp.yaml",
-        &service("webapp", "10.96.0.10")
-            .selector("app", "webapp")
-            .port(80, 8080)
-            .yaml(),
-    );
+    write_webapp(&env);
     let mut agent = env.agent();
     agent.wait_for_frontend(VIP, 1, APPLY);
     assert_eq!(map_type(&agent, lb_common::BACKENDS4_MAP), "array");
@@ -258,26 +272,11 @@ fn backends_of_the_hash_map_layout_move_into_the_arrays_under_their_ids() {
         ])
         .args(["name", lb_common::BACKENDS4_MAP, "flags", "1"]);
     lb_tests::cmd::run(&mut create, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map create");
-    let mut update = std::process::Command::new("bpftool");
-    update
-        .args(["map", "update", "pinned"])
-        .arg(&pin)
-        .args(["key", "1", "0", "0", "0", "value"])
-        .args(backend.iter().map(u8::to_string));
-    lb_tests::cmd::run(&mut update, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map update");
+    update(&agent, lb_common::BACKENDS4_MAP, 1, &backend);
     set_layout(&agent, 2);
 
     agent.start();
-    let deadline = std::time::Instant::now() + APPLY;
-    while layout(&agent) != lb_common::LAYOUT_VERSION {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "migrated from layout 2 within {APPLY:?}: {}",
-            agent.log()
-        );
-        agent.assert_running();
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_migration(&mut agent, 2);
     assert_eq!(map_type(&agent, lb_common::BACKENDS4_MAP), "array");
     assert_eq!(
         lookup(&agent, lb_common::BACKENDS4_MAP, 1),
@@ -303,13 +302,7 @@ fn pinned_maps_of_an_older_layout_are_migrated_and_a_newer_one_refused() {
     let env = TestEnv::new();
     let _web1 = env.add_backend("webapp1", "webapp", 8080);
     let client = env.topo.add_pod("client");
-    env.manifests.write(
-        "svc-webapp.yaml",
-        &service("webapp", "10.96.0.10")
-            .selector("app", "webapp")
-            .port(80, 8080)
-            .yaml(),
-    );
+    write_webapp(&env);
     let mut agent = env.agent();
     agent.wait_for_frontend(VIP, 1, APPLY);
     assert_eq!(layout(&agent), lb_common::LAYOUT_VERSION);
@@ -318,15 +311,7 @@ fn pinned_maps_of_an_older_layout_are_migrated_and_a_newer_one_refused() {
     set_layout(&agent, 1);
     agent.start();
     // The frontend is in the pins already: wait for the new agent to have loaded.
-    let deadline = std::time::Instant::now() + APPLY;
-    while layout(&agent) != lb_common::LAYOUT_VERSION {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "migrated from layout 1 within {APPLY:?}"
-        );
-        agent.assert_running();
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_migration(&mut agent, 1);
 
     agent.kill();
     set_layout(&agent, 99);
