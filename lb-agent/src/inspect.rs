@@ -175,11 +175,12 @@ pub fn table(contents: &MapContents, views: &HashMap<String, FrontendView>) -> S
         );
         let _ = writeln!(out, "{}", line.trim_end());
     }
-    if !contents.stray_slots.is_empty() {
+    if !contents.overlapping.is_empty() {
         let _ = writeln!(
             out,
-            "\n{} backend slots without a frontend (the next agent sync removes them)",
-            contents.stray_slots.len()
+            "\n{} frontends name backend slots another frontend names too (the next agent \
+             sync rewrites them)",
+            contents.overlapping.len()
         );
     }
     out

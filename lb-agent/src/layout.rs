@@ -1,14 +1,16 @@
 //! The layout version of the pinned maps (`LB_LAYOUT`, `lb_common::LAYOUT_VERSION`): an
 //! agent adopts the maps a previous agent pinned only if it knows what they mean. Layouts
 //! before its own are migrated (the steps are in [`crate::loader::load`]: old conntrack
-//! entries moved into the three tables, backends moved from hash maps into arrays, retired
-//! links detached, new maps created); a
+//! entries moved into the three tables, backends moved from hash maps into arrays, backend
+//! slots moved from the services maps into the slots array, retired links detached, new
+//! maps created); a
 //! newer layout is refused with what to do, never read with the wrong meaning.
 use std::path::Path;
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
-    BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, LAYOUT_MAP, LAYOUT_VERSION, PINNED_MAPS,
+    BACKENDS4_MAP, BACKENDS6_MAP, Backend4, Backend6, LAYOUT_MAP, LAYOUT_VERSION, MASTER_SLOT,
+    PINNED_MAPS, SERVICES4_MAP, SERVICES6_MAP, Service4Key, Service6Key, ServiceValue, SlotValue,
 };
 
 /// What the pin directory holds.
@@ -111,20 +113,25 @@ pub fn take_hashed_backends(pin_dir: &Path, found: Found) -> std::io::Result<Has
     Ok(taken)
 }
 
-fn take_hashed<V: aya::Pod>(pin_dir: &Path, name: &str) -> std::io::Result<Vec<(u32, V)>> {
+/// The entries of the hash map pinned as `name` (nothing if it is not a hash map of `K`
+/// to `V`), its pin removed.
+fn take_hashed<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &str,
+) -> std::io::Result<Vec<(K, V)>> {
     let path = pin_dir.join(name);
     let Ok(data) = MapData::from_pin(&path) else {
         return Ok(Vec::new());
     };
-    let is_hash = data
-        .info()
-        .map_err(std::io::Error::other)?
-        .map_type()
-        .is_ok_and(|t| t == aya::maps::MapType::Hash);
-    if !is_hash {
+    let info = data.info().map_err(std::io::Error::other)?;
+    let is_hash = info.map_type().is_ok_and(|t| t == aya::maps::MapType::Hash);
+    if !is_hash
+        || info.key_size() as usize != size_of::<K>()
+        || info.value_size() as usize != size_of::<V>()
+    {
         return Ok(Vec::new());
     }
-    let map: HashMap<MapData, u32, V> =
+    let map: HashMap<MapData, K, V> =
         HashMap::try_from(Map::HashMap(data)).map_err(std::io::Error::other)?;
     let entries = map
         .iter()
@@ -132,6 +139,132 @@ fn take_hashed<V: aya::Pod>(pin_dir: &Path, name: &str) -> std::io::Result<Vec<(
         .map_err(std::io::Error::other)?;
     std::fs::remove_file(&path)?;
     Ok(entries)
+}
+
+/// A services-map value of the layouts before 4 (16 bytes): a master, or a backend slot
+/// (`backend_slot` 1..=count of its key) holding an IPv4 backend inline in the fields a
+/// master uses for itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SlottedValue {
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub flags: u32,
+    pub count: u16,
+    pub pad: u16,
+}
+
+// SAFETY: plain `#[repr(C)]` integers without padding; every bit pattern is valid.
+unsafe impl aya::Pod for SlottedValue {}
+
+impl SlottedValue {
+    /// This slot as the slots array holds it (its peer mark cleared).
+    #[must_use]
+    pub const fn slot(&self) -> SlotValue {
+        SlotValue {
+            backend_id: self.backend_id,
+            peer_mark: 0,
+            backend: Backend4 {
+                address: self.flags,
+                port: self.count,
+                proto: self.pad as u8,
+                flags: (self.pad >> 8) as u8,
+            },
+        }
+    }
+
+    /// This master, naming `count` slots from `base`.
+    #[must_use]
+    pub const fn master(&self, base: u32) -> ServiceValue {
+        ServiceValue {
+            backend_id: self.backend_id,
+            rev_nat_id: self.rev_nat_id,
+            flags: self.flags,
+            count: self.count,
+            pad: 0,
+            base,
+        }
+    }
+}
+
+/// The services maps of a layout before 4, masters and slots together, taken out of their
+/// pins so that the loader creates this layout's maps in their place.
+#[derive(Debug, Default)]
+pub struct SlottedServices {
+    pub v4: Vec<(Service4Key, SlottedValue)>,
+    pub v6: Vec<(Service6Key, SlottedValue)>,
+}
+
+/// The first layout whose backend slots are in the slots array.
+const SLOTS_ARRAY: u32 = 4;
+
+/// Takes the masters and slots out of the services-map pins of an earlier layout and
+/// removes those pins (the running agent's programs keep their maps until replaced); the
+/// loader then writes them into this layout's maps (`BpfMaps::restore_services`), so the
+/// frontends keep working while the agent's first sync runs. Nothing when the layout has
+/// the slots array already.
+///
+/// # Errors
+/// When a pin cannot be read or removed.
+pub fn take_slotted_services(pin_dir: &Path, found: Found) -> std::io::Result<SlottedServices> {
+    let mut taken = SlottedServices::default();
+    if !matches!(found, Found::Layout(n) if n < SLOTS_ARRAY) {
+        return Ok(taken);
+    }
+    taken.v4 = take_hashed(pin_dir, SERVICES4_MAP)?;
+    taken.v6 = take_hashed(pin_dir, SERVICES6_MAP)?;
+    Ok(taken)
+}
+
+/// The masters of `entries` (a services map of a layout before 4) whose slots `1..=count`
+/// are all there, each with its slots in order.
+pub fn whole_frontends<K: Copy + Ord + SlotKey>(
+    entries: &[(K, SlottedValue)],
+) -> Vec<(K, SlottedValue, Vec<SlotValue>)> {
+    let by_key: std::collections::BTreeMap<K, SlottedValue> = entries.iter().copied().collect();
+    let mut whole = Vec::new();
+    for (key, master) in entries.iter().filter(|(k, _)| k.slot() == MASTER_SLOT) {
+        let slots: Option<Vec<SlotValue>> = (1..=master.count)
+            .map(|n| by_key.get(&key.at_slot(n)).map(SlottedValue::slot))
+            .collect();
+        if let Some(slots) = slots {
+            whole.push((*key, *master, slots));
+        }
+    }
+    whole
+}
+
+/// The slot number in a services-map key of a layout before 4.
+pub trait SlotKey {
+    fn slot(&self) -> u16;
+    #[must_use]
+    fn at_slot(&self, slot: u16) -> Self;
+}
+
+impl SlotKey for Service4Key {
+    fn slot(&self) -> u16 {
+        self.backend_slot
+    }
+
+    fn at_slot(&self, slot: u16) -> Self {
+        Self {
+            backend_slot: slot,
+            ..*self
+        }
+    }
+}
+
+impl SlotKey for Service6Key {
+    fn slot(&self) -> u16 {
+        self.backend_slot
+    }
+
+    fn at_slot(&self, slot: u16) -> Self {
+        Self {
+            backend_slot: slot,
+            ..*self
+        }
+    }
 }
 
 fn open(path: &Path) -> std::io::Result<Array<MapData, u32>> {
@@ -142,6 +275,52 @@ fn open(path: &Path) -> std::io::Result<Array<MapData, u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_of_the_services_map_become_array_entries_of_whole_frontends_only() {
+        let web = Service4Key::new(u32::from_ne_bytes([10, 96, 0, 10]), 80u16.to_be(), 6);
+        let broken = Service4Key::new(u32::from_ne_bytes([10, 96, 0, 11]), 80u16.to_be(), 6);
+        let master = |count| SlottedValue {
+            backend_id: 0,
+            rev_nat_id: 7,
+            flags: lb_common::SVC_F_CLUSTER_IP,
+            count,
+            pad: 0,
+        };
+        let slot = |id, last_octet| SlottedValue {
+            backend_id: id,
+            rev_nat_id: 7,
+            flags: u32::from_ne_bytes([10, 244, 0, last_octet]),
+            count: 8080u16.to_be(),
+            pad: 6,
+        };
+        let entries = vec![
+            (web, master(2)),
+            (web.at_slot(2), slot(4, 4)),
+            (web.at_slot(1), slot(3, 3)),
+            (broken, master(2)),
+            (broken.at_slot(1), slot(3, 3)),
+        ];
+        let whole = whole_frontends(&entries);
+        assert_eq!(
+            whole.len(),
+            1,
+            "the frontend missing slot 2 is left to the sync"
+        );
+        let (key, value, slots) = &whole[0];
+        assert_eq!(*key, web);
+        assert_eq!(value.master(40).base, 40);
+        assert_eq!(value.master(40).count, 2);
+        let ids: Vec<u32> = slots.iter().map(|s| s.backend_id).collect();
+        assert_eq!(ids, [3, 4], "in slot order");
+        assert_eq!(slots[0].peer_mark, 0, "peer marks are not carried over");
+        assert_eq!(
+            slots[0]
+                .inline_backend4()
+                .map(|b| (b.address, b.port, b.proto)),
+            Some((u32::from_ne_bytes([10, 244, 0, 3]), 8080u16.to_be(), 6))
+        );
+    }
 
     #[test]
     fn a_newer_layout_is_refused_with_what_to_do() {

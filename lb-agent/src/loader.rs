@@ -206,6 +206,13 @@ pub fn load(
             path: pin_dir.join(lb_common::BACKENDS4_MAP),
             source,
         })?;
+    let slotted_services =
+        crate::layout::take_slotted_services(pin_dir, found).map_err(|source| {
+            LoadError::Bpffs {
+                path: pin_dir.join(lb_common::SERVICES4_MAP),
+                source,
+            }
+        })?;
     let specs = capacities.pinned_maps();
     check_pinned_maps(pin_dir, &specs)?;
     check_pinned_maps(pin_dir, &lb_common::MONITOR_MAPS)?;
@@ -245,6 +252,7 @@ pub fn load(
         })
     })?;
     maps.restore_backends(&hashed_backends)?;
+    maps.restore_services(&slotted_services)?;
     crate::layout::record(pin_dir).map_err(|source| LoadError::Bpffs {
         path: pin_dir.join(lb_common::LAYOUT_MAP),
         source,

@@ -424,26 +424,30 @@ impl std::str::FromStr for BindAddress {
 /// The capacities of the maps that grow with the cluster. The defaults fit 100,000 Services
 /// × 10 endpoints in one family. Memory is the kernel's, charged to the agent's memory
 /// cgroup: each hash map takes 16 B per entry of capacity (rounded up to a power of two) up
-/// front, and about 80 B more per entry written; conntrack is allocated whole. At the
-/// defaults, empty: 2 × 32 MiB (services maps), 2 × 16 MiB (backends), 137 MiB
-/// (conntrack), 34 MiB (the fixed reverse-NAT, peers, affinity and other maps): 267 MiB in all; `lb-agent services
-/// --summary` shows each map's fill and memory. Changing a capacity needs `lb-agent cleanup`
+/// front, and about 80 B more per entry written; arrays and conntrack are allocated whole.
+/// At the defaults, empty: 2 × 4 MiB (services maps), 28 MiB (slots), 2 × 16 MiB
+/// (backends), 137 MiB (conntrack), 34 MiB (the fixed reverse-NAT, peers, affinity and
+/// other maps): 239 MiB in all; `lb-agent services --summary` shows each map's fill and
+/// memory. Changing a capacity needs `lb-agent cleanup`
 /// first (pinned maps keep the size they were created with).
 #[derive(Debug, clap::Args)]
 #[command(next_help_heading = "Map capacities")]
 struct MapSizeArgs {
     /// Frontends per family (a Service's address, port and protocol; two for an
-    /// externalTrafficPolicy: Local frontend). Each services map (one per family) has
-    /// --max-frontends + --max-backend-slots entries; its memory, charged to the agent's
-    /// cgroup: 16 B per entry of capacity, rounded up to a power of two, up front (32 MiB at
-    /// the defaults), and about 80 B per entry written. All maps at the defaults take
-    /// 267 MiB empty; `lb-agent services --summary` shows each map's fill and memory.
+    /// externalTrafficPolicy: Local frontend): one master entry each in the services map of
+    /// its family. Its memory, charged to the agent's cgroup: 16 B per entry of capacity,
+    /// rounded up to a power of two, up front (4 MiB at the default), and about 90 B per
+    /// entry written. All maps at the defaults take 239 MiB empty; `lb-agent services
+    /// --summary` shows each map's fill and memory.
     #[arg(long, env = "LB_MAX_FRONTENDS", value_name = "N",
           default_value_t = lb_common::MapCapacities::DEFAULT.frontends,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_frontends: u32,
-    /// Backend slots per family: one per endpoint of each frontend (a Service with a
-    /// ClusterIP and a NodePort and 10 endpoints takes 20); memory as --max-frontends.
+    /// Backend slots, both families together: one per endpoint of each frontend (a Service
+    /// with a ClusterIP and a NodePort and 10 endpoints takes 20), each frontend's in one
+    /// range of the slots array. A change of a frontend's endpoints writes a new range
+    /// before the old one is freed, so keep room for the largest Service's. 16 B per slot,
+    /// allocated up front (28 MiB at the default).
     #[arg(long, env = "LB_MAX_BACKEND_SLOTS", value_name = "N",
           default_value_t = lb_common::MapCapacities::DEFAULT.backend_slots,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -479,24 +483,15 @@ struct MapSizeArgs {
 }
 
 impl MapSizeArgs {
-    fn capacities(&self) -> anyhow::Result<lb_common::MapCapacities> {
-        if self
-            .max_frontends
-            .checked_add(self.max_backend_slots)
-            .is_none()
-        {
-            anyhow::bail!(
-                "--max-frontends + --max-backend-slots must be below 2^32 (the services map's size)"
-            );
-        }
-        Ok(lb_common::MapCapacities {
+    const fn capacities(&self) -> lb_common::MapCapacities {
+        lb_common::MapCapacities {
             frontends: self.max_frontends,
             backend_slots: self.max_backend_slots,
             backends: self.max_backends,
             conntrack: self.max_conntrack,
             conntrack_other: self.max_conntrack_other,
             conntrack_half_open: self.max_conntrack_half_open,
-        })
+        }
     }
 }
 
@@ -588,7 +583,7 @@ fn main() -> anyhow::Result<()> {
                 pod_devices,
                 nodeport_addresses,
                 external_ip_cidrs: ownership::ExternalIpCidrs(external_ip_cidrs),
-                capacities: sizes.capacities()?,
+                capacities: sizes.capacities(),
                 dns,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -196,6 +196,11 @@ fn fill(name: &'static str, path: &Path) -> io::Result<MapFill> {
         lb_common::BACKENDS6_MAP => present_backends::<lb_common::Backend6>(&map, name)
             .map_err(|e| e.source)?
             .len() as u64,
+        // The slots array: the slots the masters name (retired ranges keep their values).
+        lb_common::SLOTS_MAP => match path.parent() {
+            Some(dir) => named_slots(dir)?,
+            None => 0,
+        },
         _ => count_entries(map.fd().as_fd(), info.key_size() as usize)?,
     };
     let fd = map.fd().as_fd();
@@ -205,6 +210,13 @@ fn fill(name: &'static str, path: &Path) -> io::Result<MapFill> {
         capacity: u64::from(info.max_entries()),
         memory_bytes: memlock(fd)?,
     })
+}
+
+/// The slots the masters of both services maps pinned under `dir` name (their counts).
+fn named_slots(dir: &Path) -> io::Result<u64> {
+    let maps = crate::maps::bpf::BpfMaps::open_pinned(dir).map_err(|e| e.source)?;
+    let masters = crate::maps::LbMaps::services(&maps).map_err(|e| e.source)?;
+    Ok(masters.iter().map(|m| u64::from(m.value.count)).sum())
 }
 
 /// The number of keys in the map, by walking them (`BPF_MAP_GET_NEXT_KEY`): the kernel

@@ -25,11 +25,17 @@ use lb_common::FrontendId;
 struct NullMaps;
 
 impl LbMaps for NullMaps {
-    fn set_service(&mut self, _: &L4Addr, _: u16, _: lb_common::ServiceValue) -> Result<()> {
+    fn set_master(&mut self, _: &L4Addr, _: lb_common::ServiceValue) -> Result<()> {
         Ok(())
     }
-    fn delete_service(&mut self, _: &L4Addr, _: u16) -> Result<()> {
+    fn delete_master(&mut self, _: &L4Addr) -> Result<()> {
         Ok(())
+    }
+    fn set_slot(&mut self, _: u32, _: lb_common::SlotValue) -> Result<()> {
+        Ok(())
+    }
+    fn slots(&self, _: &[(u32, u16)]) -> Result<Vec<lb_common::SlotValue>> {
+        Ok(Vec::new())
     }
     fn set_backend(&mut self, _: u32, _: &Backend) -> Result<()> {
         Ok(())

@@ -3,10 +3,11 @@
 //! agent's sources hand them over (a few changes, then a sync).
 //!
 //! - After every single map operation: every master's slots `1..=count` exist and name a
-//!   backend of their family (the fake itself checks this), and no frontend id is held by
-//!   two frontend addresses.
+//!   backend of their family, no two masters name one slot, no slot a master names is
+//!   written (the fake itself checks these), and no frontend id is held by two frontend
+//!   addresses.
 //! - After every sync: the maps hold exactly the desired state (counts match the desired
-//!   backends, no slot beyond a count, no stray slot), every backend is used by a slot, every
+//!   backends, no overlapping slot ranges), every backend is used by a slot, every
 //!   affinity-match entry names a live backend and frontend.
 //! - After the sequence: the maps equal what a fresh agent writes for the final objects
 //!   (incremental = from scratch, ids aside), and a fresh agent adopting them writes nothing.
@@ -26,7 +27,7 @@ use lb_agent::{
     reconcile::{Reconciler, SyncKind},
     source::change::{Change, Kind, Object},
 };
-use lb_common::{FrontendId, ServiceValue};
+use lb_common::{FrontendId, ServiceValue, SlotValue};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -321,10 +322,7 @@ struct CheckedMaps(FakeMaps);
 impl CheckedMaps {
     fn check(&self) {
         let mut owners: BTreeMap<FrontendId, (std::net::IpAddr, u16, u8)> = BTreeMap::new();
-        for ((frontend, slot), value) in &self.0.services {
-            if *slot != 0 {
-                continue;
-            }
+        for (frontend, value) in &self.0.services {
             // The two scopes of one address share its id.
             let address = (frontend.address, frontend.port, frontend.protocol as u8);
             if let Some(other) = owners.insert(value.rev_nat_id, address) {
@@ -339,15 +337,21 @@ impl CheckedMaps {
 }
 
 impl LbMaps for CheckedMaps {
-    fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> MapResult<()> {
-        self.0.set_service(frontend, slot, value)?;
+    fn set_master(&mut self, frontend: &L4Addr, value: ServiceValue) -> MapResult<()> {
+        self.0.set_master(frontend, value)?;
         self.check();
         Ok(())
     }
-    fn delete_service(&mut self, frontend: &L4Addr, slot: u16) -> MapResult<()> {
-        self.0.delete_service(frontend, slot)?;
+    fn delete_master(&mut self, frontend: &L4Addr) -> MapResult<()> {
+        self.0.delete_master(frontend)?;
         self.check();
         Ok(())
+    }
+    fn set_slot(&mut self, index: u32, value: SlotValue) -> MapResult<()> {
+        self.0.set_slot(index, value)
+    }
+    fn slots(&self, ranges: &[(u32, u16)]) -> MapResult<Vec<SlotValue>> {
+        self.0.slots(ranges)
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> MapResult<()> {
         self.0.set_backend(id, backend)
@@ -459,9 +463,9 @@ fn check_synced(reconciler: &Reconciler<CheckedMaps>) {
     let maps = &reconciler.writer().maps().0;
     let contents = dump::read(maps).expect("fake maps are read");
     assert!(
-        contents.stray_slots.is_empty(),
-        "stray slots: {:?}",
-        contents.stray_slots
+        contents.overlapping.is_empty(),
+        "overlapping slot ranges: {:?}",
+        contents.overlapping
     );
     let desired = reconciler.state().desired();
     let programmed: BTreeSet<L4Addr> = contents.frontends.iter().map(|f| f.address).collect();

@@ -1,17 +1,22 @@
-//! Service load-balancing maps, modelled on Cilium's `lb4_key`/`lb4_service`/`lb4_backend`.
+//! Service load-balancing maps, modelled on Cilium's `lb4_key`/`lb4_service`/`lb4_backend`
+//! and Katran's arrays.
 //!
-//! A Service frontend (virtual address, port, protocol) occupies `count + 1` entries of the
-//! services map of its family: slot 0 is the *master* entry holding the backend count,
-//! slots `1..=count` each hold one backend id. The backends map of the family, an array
-//! indexed by id, resolves an id to an address and port (an id no backend holds is all
-//! zeros). Backend ids are one space across both families, handed out lowest free first so
-//! they stay dense.
+//! A Service frontend (virtual address, port, protocol) has one *master* entry in the
+//! services map of its family, holding its backend count and where its backend slots
+//! start: the slots are `count` consecutive entries of the slots array ([`SLOTS_MAP`], one
+//! for both families), each naming one backend id, the IPv4 ones holding the backend
+//! inline. The backends map of the family, an array indexed by id, resolves an id to an
+//! address and port (an id no backend holds is all zeros). Backend ids are one space across
+//! both families, handed out lowest free first so they stay dense.
 //!
-//! Write order (the agent's job, see `lb-agent/src/maps/writer.rs`): backends first, then the
-//! backend slots, then the master with the new count, and only then are surplus slots and
-//! unused backends deleted. A connect that reads the master at any moment therefore finds
-//! every slot `1..=count` filled with a live backend, and a Service whose backends change
-//! never looks empty in between.
+//! Write order (the agent's job, see `lb-agent/src/maps/writer.rs`): backends first, then
+//! the frontend's slots into a range of the slots array that no master names, then the
+//! master naming that range with the new count; only then are the old range (after a grace
+//! period, for connects that read the old master) and unused backends freed. A slot a
+//! master names is never written in place (an array entry is copied in place, so a reader
+//! could see half of a write). A connect that reads the master at any moment therefore
+//! finds every slot of its range filled with a live backend, and a Service whose backends
+//! change never looks empty in between.
 //!
 //! The reverse-NAT maps are written by the datapath itself: when a socket is translated,
 //! `(socket cookie, backend)` records the frontend it dialled, so `recvmsg` and
@@ -31,6 +36,9 @@ pub const SERVICES6_MAP: &str = "LB6_SERVICES";
 pub const BACKENDS6_MAP: &str = "LB6_BACKENDS";
 /// Name of the IPv6 reverse-NAT map.
 pub const REVNAT6_MAP: &str = "LB6_REVNAT";
+/// Name of the backend slots array of both families ([`SlotValue`]): each master names
+/// the range of it that holds its frontend's slots.
+pub const SLOTS_MAP: &str = "LB_SLOTS";
 /// Name of the map of which frontend a backend's TCP sockets dialled, written by the
 /// socket path instead of a per-socket reverse-NAT record (see [`PeerKey`]).
 pub const PEERS_MAP: &str = "LB_PEERS";
@@ -59,7 +67,9 @@ pub const LAYOUT_MAP: &str = "LB_LAYOUT";
 /// 1: every layout before the version was recorded (up to the three conntrack tables).
 /// 2: `LB_PEERS`, and this map.
 /// 3: the backends maps are arrays indexed by backend id (they were hash maps).
-pub const LAYOUT_VERSION: u32 = 3;
+/// 4: backend slots live in the slots array (they were services-map entries under slot
+///    numbers `1..=count`); a master names its range (`ServiceValue::base`).
+pub const LAYOUT_VERSION: u32 = 4;
 /// Name of the datapath's per-CPU counters ([`Counter`]).
 pub const COUNTERS_MAP: &str = "LB_COUNTERS";
 /// Name of the map of this node's IPv4 addresses (NodePort frontends answer on each).
@@ -87,16 +97,17 @@ pub type FrontendId = u32;
 ///
 /// Memory (the kernel's own accounting, charged to the agent's memory cgroup): a hash map
 /// allocates 16 B per bucket up front, one bucket per entry rounded up to a power of two
-/// (the services map at the defaults: 2^21 buckets, 32 MiB per family), and then each entry
-/// as it is written (about 64–96 B). LRU maps (conntrack) are allocated whole up front.
+/// (the services map at the defaults: 2^18 buckets, 4 MiB per family), and then each entry
+/// as it is written (about 64–96 B). Arrays and LRU maps (conntrack) are allocated whole
+/// up front.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapCapacities {
     /// Frontends per family (`--max-frontends`): one master entry in the services map each
     /// (an address, port and protocol of a Service, two for an `externalTrafficPolicy:
     /// Local` frontend with its in-cluster entry).
     pub frontends: u32,
-    /// Backend slots per family (`--max-backend-slots`): one services-map entry per
-    /// endpoint of each frontend.
+    /// Backend slots of both families (`--max-backend-slots`): the slots array's entries,
+    /// one per endpoint of each frontend (16 B each, allocated whole).
     pub backend_slots: u32,
     /// Backend ids (`--max-backends`): each backends map is an array of this many entries,
     /// indexed by id, and id 0 is never used, so this many distinct backends (address,
@@ -113,8 +124,7 @@ pub struct MapCapacities {
 
 impl MapCapacities {
     /// Room for 100,000 Services × 10 endpoints in one family with a ClusterIP each, and
-    /// for NodePorts and external addresses beside them: the services map fills its 2^21
-    /// buckets exactly.
+    /// for NodePorts and external addresses beside them (the slots array: 28 MiB).
     pub const DEFAULT: Self = Self {
         frontends: 262_144,
         backend_slots: 1_835_008,
@@ -125,16 +135,10 @@ impl MapCapacities {
         conntrack_half_open: 65_536,
     };
 
-    /// Entries of each services map: the masters and their slots.
-    #[must_use]
-    pub const fn services_entries(&self) -> usize {
-        self.frontends as usize + self.backend_slots as usize
-    }
-
     /// Every map the agent pins, with its shape at these capacities.
     #[must_use]
-    pub const fn pinned_maps(&self) -> [MapSpec; 19] {
-        let services = self.services_entries();
+    pub const fn pinned_maps(&self) -> [MapSpec; 20] {
+        let services = self.frontends as usize;
         let backends = self.backends as usize;
         [
             MapSpec::of::<Service4Key, ServiceValue>(
@@ -142,6 +146,12 @@ impl MapCapacities {
                 SERVICES4_MAP,
                 services,
                 MAP_F_NO_PREALLOC,
+            ),
+            MapSpec::of::<u32, SlotValue>(
+                MapKind::Array,
+                SLOTS_MAP,
+                self.backend_slots as usize,
+                MAP_F_MMAPABLE,
             ),
             MapSpec::of::<u32, Backend4>(MapKind::Array, BACKENDS4_MAP, backends, MAP_F_MMAPABLE),
             MapSpec::of::<RevNat4Key, RevNat4Value>(
@@ -225,7 +235,7 @@ impl Default for MapCapacities {
 }
 
 /// Every map the agent pins, with its shape at the default capacities.
-pub const PINNED_MAPS: [MapSpec; 19] = MapCapacities::DEFAULT.pinned_maps();
+pub const PINNED_MAPS: [MapSpec; 20] = MapCapacities::DEFAULT.pinned_maps();
 
 /// The shape of a map as the kernel records it: a pinned map is reused only if it has
 /// exactly this shape (the declarations in `lb-ebpf/src/maps.rs` use the same types and
@@ -273,9 +283,11 @@ impl MapSpec {
     }
 }
 
-/// Declared capacity of each services map (one entry per frontend plus one per backend
-/// slot): the default [`MapCapacities`]; the loader sets the configured one.
-pub const SERVICES_MAX_ENTRIES: usize = MapCapacities::DEFAULT.services_entries();
+/// Declared capacity of each services map (one master entry per frontend): the default
+/// [`MapCapacities`]; the loader sets the configured one.
+pub const SERVICES_MAX_ENTRIES: usize = MapCapacities::DEFAULT.frontends as usize;
+/// Declared capacity of the slots array (backend slots of both families).
+pub const SLOTS_MAX_ENTRIES: usize = MapCapacities::DEFAULT.backend_slots as usize;
 /// Declared capacity of each backends map: backend ids, both families' (an array, allocated
 /// up front: 8 B an entry for IPv4, 24 B for IPv6, 32 MiB together at the default).
 pub const BACKENDS_MAX_ENTRIES: usize = MapCapacities::DEFAULT.backends as usize;
@@ -298,9 +310,9 @@ pub const PEERS_MAX_ENTRIES: usize = 262_144;
 /// writes them, so the datapath never pays for an allocation.
 pub const MAP_F_NO_PREALLOC: usize = 1;
 
-/// `BPF_F_MMAPABLE`: the backends arrays can be mapped into the agent's memory, so that
-/// reading a million ids at start is a scan of memory, not a million copies through
-/// `bpf()` (which cost a third of a second for the two empty arrays).
+/// `BPF_F_MMAPABLE`: the backends and slots arrays can be mapped into the agent's memory,
+/// so that reading a million entries at start is a scan of memory, not a million copies
+/// through `bpf()` (which cost a third of a second for the two empty backends arrays).
 pub const MAP_F_MMAPABLE: usize = 1 << 10;
 
 /// Declared capacity of the established-TCP conntrack table: two entries (original and
@@ -323,7 +335,8 @@ pub const SOURCE_RANGES_MAX_ENTRIES: usize = 16_384;
 /// Capacity of the node-address map (addresses of the `--devices`).
 pub const NODE_ADDRS_MAX_ENTRIES: usize = 256;
 
-/// The slot number of a frontend's master entry.
+/// The `backend_slot` of every services-map key: the master's. Slot keys `1..=count` of
+/// layouts before 4 are migrated into the slots array.
 pub const MASTER_SLOT: u16 = 0;
 
 /// IANA protocol numbers as the socket hooks see them in `bpf_sock_addr.protocol`.
@@ -544,7 +557,8 @@ pub struct Service4Key {
     pub address: u32,
     /// Frontend port, network byte order.
     pub dport: u16,
-    /// 0 for the master entry, `1..=count` for backend slots.
+    /// Always [`MASTER_SLOT`]: the key keeps the field of layouts before 4, whose backend
+    /// slots were entries of this map under `1..=count`.
     pub backend_slot: u16,
     /// IP protocol number ([`PROTO_TCP`], [`PROTO_UDP`]).
     pub proto: u8,
@@ -562,7 +576,8 @@ pub struct Service6Key {
     pub address: [u32; 4],
     /// Frontend port, network byte order.
     pub dport: u16,
-    /// 0 for the master entry, `1..=count` for backend slots.
+    /// Always [`MASTER_SLOT`]: the key keeps the field of layouts before 4, whose backend
+    /// slots were entries of this map under `1..=count`.
     pub backend_slot: u16,
     /// IP protocol number.
     pub proto: u8,
@@ -572,39 +587,51 @@ pub struct Service6Key {
     pub pad: [u8; 2],
 }
 
-/// Value of both services maps. The master entry (slot 0) uses `count`, `rev_nat_id` and
-/// `flags`; a backend slot uses `backend_id`, and an IPv4 slot carries its backend inline
-/// in the fields a master uses for itself, so a connection needs one lookup fewer:
+/// Value of both services maps: a frontend's master entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceValue {
+    /// The session-affinity timeout in seconds with [`SVC_F_AFFINITY`], else 0 (Cilium's
+    /// union of the two; the field names a backend in no entry since layout 4).
+    pub backend_id: u32,
+    /// Id of this frontend, unique per frontend; reverse-NAT entries carry it so a stale
+    /// entry (of a frontend since deleted) is never used.
+    pub rev_nat_id: FrontendId,
+    /// `SVC_F_*` flags.
+    pub flags: u32,
+    /// Number of backend slots. 0 means the Service has no endpoints and a connect to it is
+    /// refused.
+    pub count: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
+    /// Index in the slots array ([`SLOTS_MAP`]) of the first of the `count` slots (slot
+    /// `n`, `1..=count`, is entry `base + n - 1`); 0 when `count` is 0.
+    pub base: u32,
+}
+
+/// Value of the slots array: one backend slot of a frontend, naming its backend by id, and
+/// an IPv4 slot holding it inline as well, so a connection needs no second lookup:
 ///
 /// ```text
-///            backend_id   rev_nat_id          flags             count          pad
-/// master     [affinity s] this frontend's id  SVC_F_*           backend slots  0
-/// IPv4 slot  backend id   peer mark (below)   backend address   backend port   proto | BE_F_* << 8
-/// IPv6 slot  backend id   peer mark (below)   0                 0              0
+///            backend_id   peer_mark           backend
+/// IPv4 slot  backend id   peer mark (below)   the backend (Backend4, protocol ≠ 0)
+/// IPv6 slot  backend id   peer mark (below)   zeros
 /// ```
 ///
 /// The peer mark is written by the socket datapath, never by the agent (whose writes of a
 /// slot set it to 0): the frontend's id once the backend's claim in the peers map was found
 /// to name this frontend (see [`PeerKey`]), so later TCP connections through the slot skip
-/// that lookup. The agent forgets a claim only after rewriting the slots that named the
-/// backend, which clears their marks. A slot with proto 0 (written by an older agent, or
-/// by an undone write) names its backend by id only.
+/// that lookup. The agent forgets a claim only after its frontend's master stopped naming
+/// the slots that named the backend. The bytes are those of a layout-3 slot entry.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceValue {
-    /// Backend slot: id of the backend in the backends map. Master: the session-affinity
-    /// timeout in seconds with [`SVC_F_AFFINITY`], else 0 (Cilium's union of the two).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotValue {
+    /// Id of the backend in its family's backends map.
     pub backend_id: u32,
-    /// Master: id of this frontend, unique per frontend; reverse-NAT entries carry it so a
-    /// stale entry (of a frontend since deleted) is never used. Backend slot: the peer mark.
-    pub rev_nat_id: FrontendId,
-    /// Master: `SVC_F_*` flags. IPv4 backend slot: the backend's address.
-    pub flags: u32,
-    /// Master: number of backend slots. 0 means the Service has no endpoints and a connect
-    /// to it is refused. IPv4 backend slot: the backend's port.
-    pub count: u16,
-    /// Master: 0. IPv4 backend slot: the backend's protocol, its `BE_F_*` flags above it.
-    pub pad: u16,
+    /// The peer mark: 0, or the id of the frontend the backend's claim names.
+    pub peer_mark: FrontendId,
+    /// An IPv4 slot's backend inline; zeros (protocol 0) in an IPv6 slot.
+    pub backend: Backend4,
 }
 
 /// Value of the IPv4 backends map, at the index of its backend id (never 0). All zeros
@@ -899,11 +926,6 @@ pub struct NodeAddr {
 
 /// What both services-map key types offer the datapath and the agent.
 pub trait ServiceKey: Copy {
-    /// The same frontend's entry for `slot`.
-    #[must_use]
-    fn with_slot(&self, slot: u16) -> Self;
-    /// Whether this is a master entry.
-    fn is_master(&self) -> bool;
     /// The same frontend's entry in `scope`.
     #[must_use]
     fn with_scope(&self, scope: u8) -> Self;
@@ -913,16 +935,16 @@ impl Service4Key {
     /// The master key of the NodePort frontend `nodePort/proto` (port in network order).
     #[must_use]
     pub const fn node_port(dport: u16, proto: u8) -> Self {
-        Self::new(0, dport, proto, MASTER_SLOT)
+        Self::new(0, dport, proto)
     }
 
-    /// The key of `slot` of the frontend `address:dport/proto` (both in network order).
+    /// The master key of the frontend `address:dport/proto` (both in network order).
     #[must_use]
-    pub const fn new(address: u32, dport: u16, proto: u8, backend_slot: u16) -> Self {
+    pub const fn new(address: u32, dport: u16, proto: u8) -> Self {
         Self {
             address,
             dport,
-            backend_slot,
+            backend_slot: MASTER_SLOT,
             proto,
             scope: SCOPE_EXTERNAL,
             pad: [0; 2],
@@ -934,16 +956,16 @@ impl Service6Key {
     /// The master key of the NodePort frontend `nodePort/proto` (port in network order).
     #[must_use]
     pub const fn node_port(dport: u16, proto: u8) -> Self {
-        Self::new([0; 4], dport, proto, MASTER_SLOT)
+        Self::new([0; 4], dport, proto)
     }
 
-    /// The key of `slot` of the frontend `address:dport/proto` (both in network order).
+    /// The master key of the frontend `address:dport/proto` (both in network order).
     #[must_use]
-    pub const fn new(address: [u32; 4], dport: u16, proto: u8, backend_slot: u16) -> Self {
+    pub const fn new(address: [u32; 4], dport: u16, proto: u8) -> Self {
         Self {
             address,
             dport,
-            backend_slot,
+            backend_slot: MASTER_SLOT,
             proto,
             scope: SCOPE_EXTERNAL,
             pad: [0; 2],
@@ -952,49 +974,28 @@ impl Service6Key {
 }
 
 impl ServiceKey for Service4Key {
-    fn with_slot(&self, slot: u16) -> Self {
-        Self {
-            backend_slot: slot,
-            ..*self
-        }
-    }
-
-    fn is_master(&self) -> bool {
-        self.backend_slot == MASTER_SLOT
-    }
-
     fn with_scope(&self, scope: u8) -> Self {
         Self { scope, ..*self }
     }
 }
 
 impl ServiceKey for Service6Key {
-    fn with_slot(&self, slot: u16) -> Self {
-        Self {
-            backend_slot: slot,
-            ..*self
-        }
-    }
-
-    fn is_master(&self) -> bool {
-        self.backend_slot == MASTER_SLOT
-    }
-
     fn with_scope(&self, scope: u8) -> Self {
         Self { scope, ..*self }
     }
 }
 
 impl ServiceValue {
-    /// A master entry with `count` backend slots.
+    /// A master entry with `count` backend slots from `base` of the slots array.
     #[must_use]
-    pub const fn master(count: u16, rev_nat_id: FrontendId, flags: u32) -> Self {
+    pub const fn master(count: u16, rev_nat_id: FrontendId, flags: u32, base: u32) -> Self {
         Self {
             backend_id: 0,
             rev_nat_id,
             flags,
             count,
             pad: 0,
+            base,
         }
     }
 
@@ -1004,62 +1005,63 @@ impl ServiceValue {
         count: u16,
         rev_nat_id: FrontendId,
         flags: u32,
+        base: u32,
         timeout_s: u32,
     ) -> Self {
         Self {
             backend_id: timeout_s,
-            rev_nat_id,
-            flags,
-            count,
-            pad: 0,
+            ..Self::master(count, rev_nat_id, flags, base)
         }
     }
 
-    /// A backend slot pointing at `backend_id` (an IPv6 slot; or an IPv4 one without its
-    /// backend inline, which the datapath then reads from the backends map).
+    /// The slots-array index of slot `slot` (`1..=count`).
     #[must_use]
-    pub const fn slot(backend_id: u32) -> Self {
+    pub const fn slot_index(&self, slot: u16) -> u32 {
+        self.base.wrapping_add(slot as u32).wrapping_sub(1)
+    }
+}
+
+impl SlotValue {
+    /// A slot naming `backend_id` only (an IPv6 slot).
+    #[must_use]
+    pub const fn by_id(backend_id: u32) -> Self {
         Self {
             backend_id,
-            rev_nat_id: 0,
-            flags: 0,
-            count: 0,
-            pad: 0,
+            peer_mark: 0,
+            backend: Backend4 {
+                address: 0,
+                port: 0,
+                proto: 0,
+                flags: 0,
+            },
         }
     }
 
-    /// An IPv4 backend slot pointing at `backend_id`, `backend`, with the backend inline.
+    /// An IPv4 slot naming `backend_id`, `backend`, with the backend inline.
     #[must_use]
-    pub const fn slot4(backend_id: u32, backend: Backend4) -> Self {
+    pub const fn inline4(backend_id: u32, backend: Backend4) -> Self {
         Self {
             backend_id,
-            rev_nat_id: 0,
-            flags: backend.address,
-            count: backend.port,
-            pad: backend.proto as u16 | (backend.flags as u16) << 8,
+            peer_mark: 0,
+            backend,
         }
     }
 
     /// The backend an IPv4 slot holds inline, if it holds one.
     #[must_use]
     pub const fn inline_backend4(&self) -> Option<Backend4> {
-        let proto = self.pad as u8;
-        if proto == 0 {
-            return None;
+        if self.backend.proto == 0 {
+            None
+        } else {
+            Some(self.backend)
         }
-        Some(Backend4 {
-            address: self.flags,
-            port: self.count,
-            proto,
-            flags: (self.pad >> 8) as u8,
-        })
     }
 
     /// Whether the datapath marked this slot: its backend's peer claim names the frontend
     /// `rev_nat_id` (see the type's documentation).
     #[must_use]
     pub const fn peer_marked_for(&self, rev_nat_id: FrontendId) -> bool {
-        rev_nat_id != 0 && self.rev_nat_id == rev_nat_id
+        rev_nat_id != 0 && self.peer_mark == rev_nat_id
     }
 }
 
@@ -1084,7 +1086,8 @@ pub const fn to_v4_mapped(address: u32) -> [u32; 4] {
 // change here must be deliberate.
 const _: () = assert!(core::mem::size_of::<Service4Key>() == 12);
 const _: () = assert!(core::mem::size_of::<Service6Key>() == 24);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 20);
+const _: () = assert!(core::mem::size_of::<SlotValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
 const _: () = assert!(core::mem::size_of::<RevNat4Key>() == 16);
@@ -1109,6 +1112,8 @@ mod pod {
     unsafe impl aya::Pod for super::Service6Key {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SlotValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Backend4 {}
     // SAFETY: as above.
@@ -1158,18 +1163,25 @@ mod tests {
             proto: PROTO_UDP,
             flags: BE_F_TERMINATING | BE_F_REMOTE,
         };
-        let slot = ServiceValue::slot4(42, backend);
+        let slot = SlotValue::inline4(42, backend);
         assert_eq!(slot.backend_id, 42);
         assert_eq!(slot.inline_backend4(), Some(backend));
-        // A slot by id only (older agents, IPv6) holds none, and no slot starts marked.
-        assert_eq!(ServiceValue::slot(42).inline_backend4(), None);
+        // A slot by id only (IPv6) holds none, and no slot starts marked.
+        assert_eq!(SlotValue::by_id(42).inline_backend4(), None);
         assert!(!slot.peer_marked_for(7));
         assert!(!slot.peer_marked_for(0));
-        let marked = ServiceValue {
-            rev_nat_id: 7,
+        let marked = SlotValue {
+            peer_mark: 7,
             ..slot
         };
         assert!(marked.peer_marked_for(7));
         assert!(!marked.peer_marked_for(8));
+    }
+
+    #[test]
+    fn a_master_names_its_slots_from_its_base() {
+        let master = ServiceValue::master(3, 1, SVC_F_CLUSTER_IP, 100);
+        assert_eq!(master.slot_index(1), 100);
+        assert_eq!(master.slot_index(3), 102);
     }
 }

@@ -98,7 +98,7 @@ impl Family for V4 {
 
     #[inline(always)]
     fn key(addr: u32, port: u16, proto: u8) -> Service4Key {
-        Service4Key::new(addr, port, proto, 0)
+        Service4Key::new(addr, port, proto)
     }
 
     #[inline(always)]
@@ -192,7 +192,7 @@ impl Family for V6 {
 
     #[inline(always)]
     fn key(addr: [u32; 4], port: u16, proto: u8) -> Service6Key {
-        Service6Key::new(addr, port, proto, 0)
+        Service6Key::new(addr, port, proto)
     }
 
     #[inline(always)]

@@ -12,9 +12,9 @@ use lb_common::{
     SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue, SourceRange,
 };
 
-use crate::xlate::Backends;
+use crate::xlate::{Backends, Slots};
 
-/// IPv4 frontends and their backend slots (see `lb_common::maps`).
+/// IPv4 frontends: their master entries (see `lb_common::maps`).
 #[btf_map]
 pub static LB4_SERVICES: HashMap<
     Service4Key,
@@ -22,6 +22,10 @@ pub static LB4_SERVICES: HashMap<
     SERVICES_MAX_ENTRIES,
     MAP_F_NO_PREALLOC,
 > = HashMap::new();
+
+/// The backend slots of both families' frontends: each master names its range.
+#[btf_map]
+pub static LB_SLOTS: Slots = Array::new();
 
 /// IPv4 backends, indexed by backend id.
 #[btf_map]
@@ -32,7 +36,7 @@ pub static LB4_BACKENDS: Backends<Backend4> = Array::new();
 pub static LB4_REVNAT: LruHashMap<RevNat4Key, RevNat4Value, REVNAT4_MAX_ENTRIES> =
     LruHashMap::new();
 
-/// IPv6 frontends and their backend slots.
+/// IPv6 frontends: their master entries.
 #[btf_map]
 pub static LB6_SERVICES: HashMap<
     Service6Key,

@@ -289,7 +289,7 @@ fn new_flow<F: Family, C: Frame>(
         Origin::Outside => Scope::External,
         Origin::Pod => Scope::Internal,
     };
-    let Some((key, master)) =
+    let Some((_, master)) =
         F::find_frontend(F::from_wire(&packet.daddr), packet.dport, packet.proto)
             .map(|(key, master)| xlate::in_scope(F::services(), key, master, scope))
     else {
@@ -328,15 +328,9 @@ fn new_flow<F: Family, C: Frame>(
     }
     // The client of session affinity is the packet's source: a client outside the node,
     // or a pod by its address.
-    let picked = xlate::pick_for(
-        ctx,
-        F::services(),
-        F::backends(),
-        &key,
-        &master,
-        Pick::Random,
-        || Client::Addr(packet.saddr),
-    );
+    let picked = xlate::pick_for(ctx, F::backends(), &master, Pick::Random, || {
+        Client::Addr(packet.saddr)
+    });
     let Some(Picked {
         id: backend_id,
         backend,

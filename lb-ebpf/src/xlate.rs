@@ -8,34 +8,39 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use lb_common::{
     BACKENDS_MAX_ENTRIES, Backend4, Backend6, BackendEntry, FrontendId, MAP_F_MMAPABLE,
-    MAP_F_NO_PREALLOC, SCOPE_INTERNAL, SERVICES_MAX_ENTRIES, SVC_F_AFFINITY, SVC_F_NO_LOCAL,
-    SVC_F_TWO_SCOPES, ServiceKey, ServiceValue,
+    MAP_F_NO_PREALLOC, SCOPE_INTERNAL, SERVICES_MAX_ENTRIES, SLOTS_MAX_ENTRIES, SVC_F_AFFINITY,
+    SVC_F_NO_LOCAL, SVC_F_TWO_SCOPES, ServiceKey, ServiceValue, SlotValue,
 };
 
-use crate::affinity::{self, Client};
+use crate::{
+    affinity::{self, Client},
+    maps::LB_SLOTS,
+};
 
 /// A family's services map.
 pub type Services<K> = HashMap<K, ServiceValue, SERVICES_MAX_ENTRIES, MAP_F_NO_PREALLOC>;
 /// A family's backends map: an array indexed by backend id (a lookup the verifier inlines,
 /// no hashing).
 pub type Backends<B> = Array<B, BACKENDS_MAX_ENTRIES, MAP_F_MMAPABLE>;
+/// The slots array of both families: each master names its range of it.
+pub type Slots = Array<SlotValue, SLOTS_MAX_ENTRIES, MAP_F_MMAPABLE>;
 
-/// A family's backend value, as a backend slot may hold it inline (`ServiceValue`).
+/// A family's backend value, as a backend slot may hold it inline (`SlotValue`).
 pub trait SlotBackend: BackendEntry {
     /// The backend `slot` holds inline, if it holds one (then the backends map is not read).
-    fn inline(slot: &ServiceValue) -> Option<Self>;
+    fn inline(slot: &SlotValue) -> Option<Self>;
 }
 
 impl SlotBackend for Backend4 {
     #[inline(always)]
-    fn inline(slot: &ServiceValue) -> Option<Self> {
+    fn inline(slot: &SlotValue) -> Option<Self> {
         slot.inline_backend4()
     }
 }
 
 impl SlotBackend for Backend6 {
     #[inline(always)]
-    fn inline(_: &ServiceValue) -> Option<Self> {
+    fn inline(_: &SlotValue) -> Option<Self> {
         None
     }
 }
@@ -74,12 +79,14 @@ pub struct Why {
     pub flags: u32,
 }
 
-/// A backend picked for a frontend: its id, its value, and its slot (0: kept by affinity);
-/// `peer_marked`: the slot carries the frontend's peer mark (see `ServiceValue`).
+/// A backend picked for a frontend: its id, its value, and its slot (0: kept by affinity)
+/// at `index` of the slots array; `peer_marked`: the slot carries the frontend's peer mark
+/// (see `SlotValue`).
 pub struct Picked<B> {
     pub id: u32,
     pub backend: B,
     pub slot: u16,
+    pub index: u32,
     pub peer_marked: bool,
 }
 
@@ -117,8 +124,7 @@ pub fn forward<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
     client: impl FnOnce() -> Client,
     claim: impl FnOnce(&B, FrontendId) -> bool,
 ) -> Forward<B> {
-    let Some((key, master)) = frontend.map(|(k, m)| in_scope(services, k, m, Scope::Internal))
-    else {
+    let Some((_, master)) = frontend.map(|(k, m)| in_scope(services, k, m, Scope::Internal)) else {
         return Forward::Pass;
     };
     if master.count == 0 {
@@ -127,12 +133,12 @@ pub fn forward<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
             rev_nat_id: master.rev_nat_id,
         };
     }
-    match pick_for(ctx, services, backends, &key, &master, pick, client) {
+    match pick_for(ctx, backends, &master, pick, client) {
         Some(picked) => {
             let claimed = picked.peer_marked || {
                 let claimed = claim(&picked.backend, master.rev_nat_id);
                 if claimed && picked.slot > 0 {
-                    mark_peer(services, &key.with_slot(picked.slot), master.rev_nat_id);
+                    mark_peer(&LB_SLOTS, picked.index, master.rev_nat_id);
                 }
                 claimed
             };
@@ -172,21 +178,19 @@ pub fn in_scope<K: ServiceKey>(
     (frontend, master)
 }
 
-/// Picks a backend of the frontend `key` for `client`: the one it keeps under session
-/// affinity, else one of [`pick_backend`] (then remembered when the frontend has affinity).
-/// `client` is asked only under affinity.
+/// Picks a backend of the frontend of `master` for `client`: the one it keeps under
+/// session affinity, else one of [`pick_backend`] (then remembered when the frontend has
+/// affinity). `client` is asked only under affinity.
 #[inline(always)]
-pub fn pick_for<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
+pub fn pick_for<C: EbpfContext, B: SlotBackend>(
     ctx: &C,
-    services: &Services<K>,
     backends: &Backends<B>,
-    key: &K,
     master: &ServiceValue,
     pick: Pick,
     client: impl FnOnce() -> Client,
 ) -> Option<Picked<B>> {
     if master.flags & SVC_F_AFFINITY == 0 {
-        return pick_backend(ctx, services, backends, key, master, pick);
+        return pick_backend(ctx, backends, master, pick);
     }
     let affinity_key = affinity::key(client(), master.rev_nat_id);
     let now = affinity::now();
@@ -195,21 +199,21 @@ pub fn pick_for<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
             id,
             backend,
             slot: 0,
+            index: 0,
             peer_marked: false,
         });
     }
-    let picked = pick_backend(ctx, services, backends, key, master, pick)?;
+    let picked = pick_backend(ctx, backends, master, pick)?;
     affinity::remember(&affinity_key, picked.id, now);
     Some(picked)
 }
 
-/// Picks one of the `master.count` (at least one) backends of the frontend `key`.
+/// Picks one of the `master.count` (at least one) backends of the frontend of `master`:
+/// its slot is an entry of the slots array, read at an offset the verifier inlines.
 #[inline(always)]
-pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
+pub fn pick_backend<C: EbpfContext, B: SlotBackend>(
     ctx: &C,
-    services: &Services<K>,
     backends: &Backends<B>,
-    key: &K,
     master: &ServiceValue,
     pick: Pick,
 ) -> Option<Picked<B>> {
@@ -228,7 +232,8 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
         // verifier refuses ("last insn is not an exit or jmp").
         seed.checked_rem(u32::from(master.count))? as u16 + 1
     };
-    let Some(entry) = lookup(services, &key.with_slot(slot)) else {
+    let index = master.slot_index(slot);
+    let Some(entry) = LB_SLOTS.get(index).copied() else {
         slot_missing(ctx, master.count, slot);
         return None;
     };
@@ -240,12 +245,13 @@ pub fn pick_backend<C: EbpfContext, K: ServiceKey, B: SlotBackend>(
         id: entry.backend_id,
         backend,
         slot,
+        index,
         peer_marked: entry.peer_marked_for(master.rev_nat_id),
     })
 }
 
-/// The writer never leaves a slot below the count missing: say so if it happens. Not
-/// inlined: the log call's code stays out of the connect path.
+/// A master never names slots past the array's end: say so if it happens. Not inlined:
+/// the log call's code stays out of the connect path.
 #[inline(never)]
 fn slot_missing<C: EbpfContext>(ctx: &C, count: u16, slot: u16) {
     warn!(
@@ -254,13 +260,14 @@ fn slot_missing<C: EbpfContext>(ctx: &C, count: u16, slot: u16) {
     );
 }
 
-/// Puts the peer mark of frontend `rev_nat_id` on its backend slot `slot_key` (a slot the
-/// agent rewrote meanwhile keeps the agent's value: the update replaced the element).
+/// Puts the peer mark of frontend `rev_nat_id` on its backend slot at `index` of the slots
+/// array. The agent writes a new range for each change and never writes a slot a master
+/// names, so the mark lands on the slot it was meant for, or on a retired one.
 #[inline(always)]
-fn mark_peer<K: ServiceKey>(services: &Services<K>, slot_key: &K, rev_nat_id: FrontendId) {
-    if let Some(entry) = services.get_ptr_mut(slot_key) {
+fn mark_peer(slots: &Slots, index: u32, rev_nat_id: FrontendId) {
+    if let Some(entry) = slots.get_ptr_mut(index) {
         // SAFETY: a map value; a concurrent reader sees the old or the new word.
-        unsafe { core::ptr::write_volatile(&raw mut (*entry).rev_nat_id, rev_nat_id) };
+        unsafe { core::ptr::write_volatile(&raw mut (*entry).peer_mark, rev_nat_id) };
     }
 }
 

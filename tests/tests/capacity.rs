@@ -60,7 +60,7 @@ fn a_service_too_large_to_fit_is_reported_while_another_follows_its_endpoints() 
             .port(80, 8080)
             .yaml(),
     );
-    // 1 + 12 entries: more than the whole map.
+    // 12 slots: more than the whole slots array.
     write_big(&env, 12);
     let mut agent = env.agent_with(&CAPACITY_ARGS);
     agent.wait_for_frontend(SMALL, 1, APPLY);
@@ -69,7 +69,7 @@ fn a_service_too_large_to_fit_is_reported_while_another_follows_its_endpoints() 
     assert!(
         log.contains(
             "svc-big.yaml: Service default/big: spec.ports[0]: not programmed: \
-             LB4_SERVICES is full (10 entries"
+             LB_SLOTS is full (8 entries, 1 in use; 12 wanted"
         ),
         "the Service that does not fit is reported on its port:\n{}",
         agent.log_tail(30)
@@ -78,7 +78,8 @@ fn a_service_too_large_to_fit_is_reported_while_another_follows_its_endpoints() 
         agent.frontend(BIG).expect("services").is_none(),
         "nothing of it is programmed"
     );
-    assert_eq!(fill(&agent, "LB4_SERVICES"), (2, 10));
+    assert_eq!(fill(&agent, "LB4_SERVICES"), (1, 2));
+    assert_eq!(fill(&agent, "LB_SLOTS"), (1, 8));
 
     // The other Service keeps following its endpoints, and serves them.
     let _web2 = env.add_backend("webapp2", "webapp", 8080);
@@ -90,7 +91,8 @@ fn a_service_too_large_to_fit_is_reported_while_another_follows_its_endpoints() 
     // Scaled down, the big Service fits beside it and its problem is resolved.
     write_big(&env, 5);
     agent.wait_for_frontend(BIG, 5, APPLY);
-    assert_eq!(fill(&agent, "LB4_SERVICES"), (3 + 6, 10));
+    assert_eq!(fill(&agent, "LB4_SERVICES"), (2, 2));
+    assert_eq!(fill(&agent, "LB_SLOTS"), (2 + 5, 8));
     agent.wait_until("the problem resolved in the log", APPLY, |_| {
         agent_log_has_resolved(&env)
     });

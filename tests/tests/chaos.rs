@@ -320,6 +320,7 @@ fn sigkill_during_a_10k_service_bulk_apply_loses_nothing() {
         "LB4_BACKENDS",
         "LB6_SERVICES",
         "LB6_BACKENDS",
+        "LB_SLOTS",
     ] {
         assert_eq!(
             survived_entries.get(map),

@@ -71,8 +71,13 @@ fn readyz_is_false_while_the_api_server_is_gone_longer_than_the_threshold() {
     let metrics = scrape(&node);
     assert_eq!(
         sample(&metrics, "lb_map_entries", Some(("map", "LB4_SERVICES"))),
-        Some(2.0),
-        "the ClusterIP's master entry and one backend slot"
+        Some(1.0),
+        "the ClusterIP's master entry"
+    );
+    assert_eq!(
+        sample(&metrics, "lb_map_entries", Some(("map", "LB_SLOTS"))),
+        Some(1.0),
+        "its one backend slot"
     );
     assert!(
         sample(

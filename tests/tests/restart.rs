@@ -162,17 +162,22 @@ fn killing_and_restarting_the_agent_under_load_fails_no_connection() {
 
 /// Sets the layout version recorded with the pinned maps (as another version of lb would).
 fn set_layout(agent: &lb_tests::Agent, version: u32) {
-    update(agent, lb_common::LAYOUT_MAP, 0, &version.to_le_bytes());
+    update(
+        agent,
+        lb_common::LAYOUT_MAP,
+        &0u32.to_le_bytes(),
+        &version.to_le_bytes(),
+    );
 }
 
-/// Writes `value` at `key` (a `u32`) of the pinned map `map`.
-fn update(agent: &lb_tests::Agent, map: &str, key: u32, value: &[u8]) {
+/// Writes `value` at `key` of the pinned map `map`.
+fn update(agent: &lb_tests::Agent, map: &str, key: &[u8], value: &[u8]) {
     let mut command = std::process::Command::new("bpftool");
     command
         .args(["map", "update", "pinned"])
         .arg(agent.config().pin_path.join(map))
         .arg("key")
-        .args(key.to_le_bytes().map(|b| b.to_string()))
+        .args(key.iter().map(u8::to_string))
         .arg("value")
         .args(value.iter().map(u8::to_string));
     lb_tests::cmd::run(&mut command, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map update");
@@ -210,12 +215,17 @@ fn layout(agent: &lb_tests::Agent) -> u32 {
 
 /// The value bytes of entry `key` (a `u32`) of the pinned map `map`.
 fn lookup(agent: &lb_tests::Agent, map: &str, key: u32) -> Vec<u8> {
+    lookup_bytes(agent, map, &key.to_le_bytes())
+}
+
+/// The value bytes of entry `key` of the pinned map `map`.
+fn lookup_bytes(agent: &lb_tests::Agent, map: &str, key: &[u8]) -> Vec<u8> {
     let mut command = std::process::Command::new("bpftool");
     command
         .args(["-j", "map", "lookup", "pinned"])
         .arg(agent.config().pin_path.join(map))
         .arg("key")
-        .args(key.to_le_bytes().map(|b| b.to_string()));
+        .args(key.iter().map(u8::to_string));
     let out = lb_tests::cmd::run(&mut command, lb_tests::cmd::PLUMBING_TIMEOUT).expect("lookup");
     let entry: serde_json::Value = serde_json::from_str(out.trim()).expect("bpftool json");
     entry["value"]
@@ -272,7 +282,12 @@ fn backends_of_the_hash_map_layout_move_into_the_arrays_under_their_ids() {
         ])
         .args(["name", lb_common::BACKENDS4_MAP, "flags", "1"]);
     lb_tests::cmd::run(&mut create, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map create");
-    update(&agent, lb_common::BACKENDS4_MAP, 1, &backend);
+    update(
+        &agent,
+        lb_common::BACKENDS4_MAP,
+        &1u32.to_le_bytes(),
+        &backend,
+    );
     set_layout(&agent, 2);
 
     agent.start();
@@ -286,8 +301,81 @@ fn backends_of_the_hash_map_layout_move_into_the_arrays_under_their_ids() {
     assert_eq!(client.client(&env.cgroup, VIP, 10).ok, 10);
     let log = agent.log();
     assert!(
-        log.contains("migrated the pinned maps' layout") && !log.contains("missing backend slots"),
+        log.contains("migrated the pinned maps' layout") && !log.contains("slots are unusable"),
         "the adopted frontend named a backend the migration kept: {log}"
+    );
+}
+
+/// The services-map key of `VIP`'s slot `slot` (a layout-3 key: slot 0 is the master).
+fn vip_key(slot: u16) -> Vec<u8> {
+    let mut key = vec![10, 96, 0, 10];
+    key.extend(80u16.to_be_bytes());
+    key.extend(slot.to_le_bytes());
+    key.extend([lb_common::PROTO_TCP, lb_common::SCOPE_EXTERNAL, 0, 0]);
+    key
+}
+
+/// An agent of layout 3 kept each frontend's backend slots in the services map beside its
+/// master; this one keeps them in the slots array, which the master names. Upgrading moves
+/// every whole frontend's slots into the array and its master after them, so the adopted
+/// frontend is complete (not rewritten) and keeps serving.
+#[test]
+fn slots_of_the_services_map_layout_move_into_the_slots_array() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    let client = env.topo.add_pod("client");
+    write_webapp(&env);
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    let backend = lookup(&agent, lb_common::BACKENDS4_MAP, 1);
+
+    // What an agent of layout 3 left: a services map of 16-byte values holding the master
+    // (frontend id 7, one slot) and slot 1 (backend id 1, inline).
+    agent.kill();
+    let pin = agent.config().pin_path.join(lb_common::SERVICES4_MAP);
+    std::fs::remove_file(&pin).expect("remove the services map's pin");
+    let entries = lb_common::MapCapacities::DEFAULT.frontends.to_string();
+    let mut create = std::process::Command::new("bpftool");
+    create
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type", "hash", "key", "12", "value", "16", "entries", &entries,
+        ])
+        .args(["name", lb_common::SERVICES4_MAP, "flags", "1"]);
+    lb_tests::cmd::run(&mut create, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map create");
+    let mut master = vec![0; 4];
+    master.extend(7u32.to_le_bytes());
+    master.extend(lb_common::SVC_F_CLUSTER_IP.to_le_bytes());
+    master.extend([1, 0, 0, 0]);
+    let mut slot = 1u32.to_le_bytes().to_vec();
+    slot.extend([0; 4]);
+    slot.extend(&backend);
+    update(&agent, lb_common::SERVICES4_MAP, &vip_key(0), &master);
+    update(&agent, lb_common::SERVICES4_MAP, &vip_key(1), &slot);
+    set_layout(&agent, 3);
+
+    agent.start();
+    wait_for_migration(&mut agent, 3);
+    let master = lookup_bytes(&agent, lb_common::SERVICES4_MAP, &vip_key(0));
+    assert_eq!(master.len(), 20, "the master of this layout: {master:?}");
+    assert_eq!(
+        master[4..8],
+        7u32.to_le_bytes(),
+        "the frontend keeps its id"
+    );
+    let base = u32::from_le_bytes(master[16..20].try_into().expect("4 bytes"));
+    let moved = lookup(&agent, lb_common::SLOTS_MAP, base);
+    assert_eq!(moved[..4], 1u32.to_le_bytes(), "the slot names backend 1");
+    assert_eq!(moved[8..], backend[..], "with the backend inline");
+    assert_eq!(client.client(&env.cgroup, VIP, 10).ok, 10);
+    let log = agent.log();
+    assert!(
+        log.contains("migrated the pinned maps' layout") && !log.contains("slots are unusable"),
+        "the adopted frontend is whole: {log}"
     );
 }
 

@@ -43,14 +43,14 @@ pub const NODE_CPUS: u64 = 128;
 
 /// What the bench measured (`cargo xtask bench`, "DaemonSet memory limit"), on the API
 /// server source as the DaemonSet runs it, at 100,000 Services × 10 endpoints (release
-/// build, 2026-12-07, main with the backends maps as arrays and dense backend ids:
+/// build, 2026-12-07, main with the slots array (layout 4):
 /// `cargo xtask watch-bench -- --services 100000 --endpoints 10 --events 20`): RSS
-/// 19,028 KiB empty, 270,948 KiB at its peak; maps 273,263 KiB empty, 367,795 KiB holding
-/// the Services.
+/// 19,108 KiB empty, 272,324 KiB at its peak; maps 244,603 KiB empty, 253,978 KiB holding
+/// the Services (only the masters grow: slots and backends are arrays).
 pub const MEASURED: Figures = Figures {
     empty_agent_bytes: 20 * MIB,
-    agent_bytes_per_service: 2_580,
-    map_bytes_per_service: 968,
+    agent_bytes_per_service: 2_593,
+    map_bytes_per_service: 96,
 };
 
 /// The measured inputs of the formula.
@@ -315,14 +315,14 @@ mod tests {
 
     #[test]
     fn the_defaults_take_what_the_agent_states() {
-        // lb-agent's --help: 267 MiB for an empty node at the defaults, measured (266.6).
+        // lb-agent's --help: 239 MiB for an empty node at the defaults, measured (238.9).
         let empty: u64 = MapCapacities::DEFAULT
             .pinned_maps()
             .iter()
             .map(|m| empty_map_bytes(m, 2))
             .sum();
         assert!(
-            (265 * MIB..270 * MIB).contains(&empty),
+            (237 * MIB..241 * MIB).contains(&empty),
             "{} MiB",
             empty / MIB
         );

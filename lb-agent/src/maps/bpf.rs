@@ -9,8 +9,8 @@ use aya::maps::{
 use lb_common::{
     AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityKey, AffinityMatchKey, AffinityValue, BACKENDS4_MAP,
     BACKENDS6_MAP, Backend4, Backend6, BackendEntry, MapKind, PEERS_MAP, PeerKey, PeerValue,
-    SERVICES4_MAP, SERVICES6_MAP, SOURCE_RANGES_MAP, Service4Key, Service6Key, ServiceValue,
-    SourceRange, source_range_prefix,
+    SERVICES4_MAP, SERVICES6_MAP, SLOTS_MAP, SOURCE_RANGES_MAP, Service4Key, Service6Key,
+    ServiceValue, SlotValue, SourceRange, source_range_prefix,
 };
 use tracing::warn;
 
@@ -21,6 +21,8 @@ use crate::model::{Backend, L4Addr};
 pub struct BpfMaps {
     services4: HashMap<MapData, Service4Key, ServiceValue>,
     services6: HashMap<MapData, Service6Key, ServiceValue>,
+    /// The backend slots of both families, in the ranges the masters name.
+    slots: Array<MapData, SlotValue>,
     /// Backends by id: arrays, an id no backend holds is all zeros.
     backends4: Array<MapData, Backend4>,
     backends6: Array<MapData, Backend6>,
@@ -42,9 +44,10 @@ impl std::fmt::Debug for BpfMaps {
 }
 
 /// The maps `BpfMaps` is made of, in this order.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     SERVICES4_MAP,
     SERVICES6_MAP,
+    SLOTS_MAP,
     BACKENDS4_MAP,
     BACKENDS6_MAP,
     AFFINITY_MATCH_MAP,
@@ -74,6 +77,8 @@ impl BpfMaps {
         };
         let services4 = convert(SERVICES4_MAP, take(SERVICES4_MAP)?)?;
         let services6 = convert(SERVICES6_MAP, take(SERVICES6_MAP)?)?;
+        let slots =
+            Array::try_from(take(SLOTS_MAP)?).map_err(|e| aya_error("open", SLOTS_MAP, e))?;
         let backends4 = Array::try_from(take(BACKENDS4_MAP)?)
             .map_err(|e| aya_error("open", BACKENDS4_MAP, e))?;
         let backends6 = Array::try_from(take(BACKENDS6_MAP)?)
@@ -86,6 +91,7 @@ impl BpfMaps {
         Ok(Self {
             services4,
             services6,
+            slots,
             backends4,
             backends6,
             affinity_match,
@@ -149,6 +155,51 @@ impl BpfMaps {
         }
         update_batch(self.backends4.map(), BACKENDS4_MAP, &ids4, &values4)?;
         update_batch(self.backends6.map(), BACKENDS6_MAP, &ids6, &values6)
+    }
+
+    /// Writes the frontends an agent of an earlier layout kept with their slots in the
+    /// services maps (see `crate::layout::take_slotted_services`): each whole frontend's
+    /// slots into the next range of the slots array, then its master naming them. Those
+    /// missing a slot, or past the array's end, are left to the writer's first sync.
+    ///
+    /// # Errors
+    /// When the maps cannot be written.
+    pub fn restore_services(&mut self, old: &crate::layout::SlottedServices) -> Result<()> {
+        let capacity = self.slots.len();
+        let mut next: u32 = 0;
+        let mut indices = Vec::new();
+        let mut values = Vec::new();
+        let mut place = |master: &crate::layout::SlottedValue, slots: Vec<SlotValue>| {
+            let len = u32::try_from(slots.len()).ok()?;
+            let base = next;
+            next = next.checked_add(len).filter(|&end| end <= capacity)?;
+            indices.extend(base..next);
+            values.extend(slots);
+            Some(master.master(if len == 0 { 0 } else { base }))
+        };
+        let (mut k4, mut m4, mut k6, mut m6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (key, master, slots) in crate::layout::whole_frontends(&old.v4) {
+            if let Some(value) = place(&master, slots) {
+                k4.push(key);
+                m4.push(value);
+            }
+        }
+        for (key, master, slots) in crate::layout::whole_frontends(&old.v6) {
+            if let Some(value) = place(&master, slots) {
+                k6.push(key);
+                m6.push(value);
+            }
+        }
+        let left = old.v4.len() + old.v6.len() - k4.len() - k6.len() - indices.len();
+        if left > 0 {
+            warn!(
+                entries = left,
+                "services-map entries of the earlier layout left to the first sync"
+            );
+        }
+        update_batch(self.slots.map(), SLOTS_MAP, &indices, &values)?;
+        update_batch(self.services4.map(), SERVICES4_MAP, &k4, &m4)?;
+        update_batch(self.services6.map(), SERVICES6_MAP, &k6, &m6)
     }
 
     /// Opens the maps pinned under `dir` (no agent needs to run).
@@ -222,6 +273,22 @@ pub(crate) fn present_backends<V: aya::Pod + BackendEntry>(
     array: &MapData,
     name: &'static str,
 ) -> Result<Vec<(u32, V)>> {
+    let mut present = Vec::new();
+    scan_array::<V>(array, name, |index, value| {
+        if value.is_present() {
+            present.push((index, value));
+        }
+    })?;
+    Ok(present)
+}
+
+/// Calls `each` with every entry of `array` (a `BPF_F_MMAPABLE` array of `V`) and its
+/// index, in order, reading the array through a window mapped into memory.
+fn scan_array<V: aya::Pod>(
+    array: &MapData,
+    name: &'static str,
+    mut each: impl FnMut(u32, V),
+) -> Result<()> {
     /// Entries per window: a whole number of pages for any stride that is a multiple of 8.
     const WINDOW: usize = 65_536;
     let error = |op: &'static str| {
@@ -239,7 +306,6 @@ pub(crate) fn present_backends<V: aya::Pod + BackendEntry>(
     // SAFETY: sysconf has no preconditions.
     let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let fd = array.fd().as_fd().as_raw_fd();
-    let mut present = Vec::new();
     for first in (0..entries).step_by(WINDOW) {
         let count = WINDOW.min(entries - first);
         let len = (count * stride).next_multiple_of(page);
@@ -265,16 +331,14 @@ pub(crate) fn present_backends<V: aya::Pod + BackendEntry>(
             // and `V` is plain data of the map's value size.
             let value: V =
                 unsafe { std::ptr::read_unaligned(base.cast::<u8>().add(i * stride).cast()) };
-            if value.is_present() {
-                present.push((u32::try_from(first + i).unwrap_or(u32::MAX), value));
-            }
+            each(u32::try_from(first + i).unwrap_or(u32::MAX), value);
         }
         // SAFETY: the mapping made above, no longer used.
         if unsafe { libc::munmap(base, len) } != 0 {
             return Err(error("munmap"));
         }
     }
-    Ok(present)
+    Ok(())
 }
 
 /// Deleting an absent key is fine: the writer's record and the map agree on the outcome.
@@ -403,17 +467,22 @@ impl LbMaps for BpfMaps {
     fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
         let mut backend_deleted = false;
         let (mut s4, mut v4, mut s6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut slots, mut slot_values) = (Vec::new(), Vec::new());
         let (mut b4, mut bv4, mut b6, mut bv6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for op in ops {
             match op {
-                Op::SetService(frontend, slot, value) => {
-                    if let Some(key) = codec::service4_key(frontend, *slot) {
+                Op::SetMaster(frontend, value) => {
+                    if let Some(key) = codec::service4_key(frontend) {
                         s4.push(key);
                         v4.push(*value);
-                    } else if let Some(key) = codec::service6_key(frontend, *slot) {
+                    } else if let Some(key) = codec::service6_key(frontend) {
                         s6.push(key);
                         v6.push(*value);
                     }
+                }
+                Op::SetSlot(index, value) => {
+                    slots.push(*index);
+                    slot_values.push(*value);
                 }
                 Op::SetBackend(id, backend) => {
                     if let Some(value) = codec::backend4(backend) {
@@ -424,7 +493,7 @@ impl LbMaps for BpfMaps {
                         bv6.push(value);
                     }
                 }
-                Op::DeleteService(frontend, slot) => self.delete_service(frontend, *slot)?,
+                Op::DeleteMaster(frontend) => self.delete_master(frontend)?,
                 Op::DeleteBackend(id, backend) => {
                     backend_deleted = true;
                     if backend.addr.address.is_ipv4() {
@@ -446,6 +515,14 @@ impl LbMaps for BpfMaps {
                 Op::ForgetPeer(backend, rev_nat_id) => self.forget_peer(backend, *rev_nat_id)?,
             }
         }
+        if slots.last().is_some_and(|&last| last >= self.slots.len()) {
+            return Err(MapError {
+                op: "batch update",
+                map: SLOTS_MAP,
+                source: io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        update_batch(self.slots.map(), SLOTS_MAP, &slots, &slot_values)?;
         update_batch(self.services4.map(), SERVICES4_MAP, &s4, &v4)?;
         update_batch(self.services6.map(), SERVICES6_MAP, &s6, &v6)?;
         update_batch(self.backends4.map(), BACKENDS4_MAP, &b4, &bv4)?;
@@ -456,12 +533,12 @@ impl LbMaps for BpfMaps {
         Ok(())
     }
 
-    fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> Result<()> {
-        if let Some(key) = codec::service4_key(frontend, slot) {
+    fn set_master(&mut self, frontend: &L4Addr, value: ServiceValue) -> Result<()> {
+        if let Some(key) = codec::service4_key(frontend) {
             self.services4
                 .insert(key, value, 0)
                 .map_err(|e| aya_error("update", SERVICES4_MAP, e))
-        } else if let Some(key) = codec::service6_key(frontend, slot) {
+        } else if let Some(key) = codec::service6_key(frontend) {
             self.services6
                 .insert(key, value, 0)
                 .map_err(|e| aya_error("update", SERVICES6_MAP, e))
@@ -470,14 +547,18 @@ impl LbMaps for BpfMaps {
         }
     }
 
-    fn delete_service(&mut self, frontend: &L4Addr, slot: u16) -> Result<()> {
-        if let Some(key) = codec::service4_key(frontend, slot) {
+    fn delete_master(&mut self, frontend: &L4Addr) -> Result<()> {
+        if let Some(key) = codec::service4_key(frontend) {
             ignore_missing(self.services4.remove(&key), SERVICES4_MAP)
-        } else if let Some(key) = codec::service6_key(frontend, slot) {
+        } else if let Some(key) = codec::service6_key(frontend) {
             ignore_missing(self.services6.remove(&key), SERVICES6_MAP)
         } else {
             Ok(())
         }
+    }
+
+    fn set_slot(&mut self, index: u32, value: SlotValue) -> Result<()> {
+        set_array(&mut self.slots, SLOTS_MAP, index, value)
     }
 
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
@@ -499,26 +580,46 @@ impl LbMaps for BpfMaps {
         for item in self.services4.iter() {
             let (key, value) = item.map_err(|e| aya_error("dump", SERVICES4_MAP, e))?;
             match codec::from_service4_key(&key) {
-                Some((frontend, slot)) => entries.push(ServiceEntry {
-                    frontend,
-                    slot,
-                    value,
-                }),
+                Some(frontend) => entries.push(ServiceEntry { frontend, value }),
                 None => undecodable(SERVICES4_MAP, &key),
             }
         }
         for item in self.services6.iter() {
             let (key, value) = item.map_err(|e| aya_error("dump", SERVICES6_MAP, e))?;
             match codec::from_service6_key(&key) {
-                Some((frontend, slot)) => entries.push(ServiceEntry {
-                    frontend,
-                    slot,
-                    value,
-                }),
+                Some(frontend) => entries.push(ServiceEntry { frontend, value }),
                 None => undecodable(SERVICES6_MAP, &key),
             }
         }
         Ok(entries)
+    }
+
+    /// One pass over the mapped array, whatever the number of ranges.
+    fn slots(&self, ranges: &[(u32, u16)]) -> Result<Vec<SlotValue>> {
+        let total: usize = ranges.iter().map(|&(_, count)| usize::from(count)).sum();
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        // Where each wanted index goes in the answer, in index order.
+        let mut wanted: Vec<(u32, usize)> = Vec::with_capacity(total);
+        for &(base, count) in ranges {
+            for i in 0..u32::from(count) {
+                wanted.push((base.wrapping_add(i), wanted.len()));
+            }
+        }
+        wanted.sort_unstable();
+        let mut out = vec![SlotValue::default(); total];
+        let mut next = wanted.iter().peekable();
+        scan_array::<SlotValue>(self.slots.map(), SLOTS_MAP, |index, value| {
+            while let Some(&&(at, position)) = next.peek() {
+                if at != index {
+                    break;
+                }
+                out[position] = value;
+                next.next();
+            }
+        })?;
+        Ok(out)
     }
 
     fn backends(&self) -> Result<Vec<(u32, Backend)>> {

@@ -18,10 +18,12 @@ pub struct FrontendEntry {
     pub flags: u32,
     /// The master's backend count.
     pub count: u16,
+    /// Where its slots start in the slots array.
+    pub slot_base: u32,
     /// `sessionAffinity: ClientIP` timeout in seconds (master flag `SVC_F_AFFINITY`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_timeout: Option<u32>,
-    /// Backend slots present in the map, in slot order (normally exactly `1..=count`).
+    /// Backend slots `1..=count`, as the slots array holds them.
     #[serde(rename = "backends")]
     pub slots: Vec<SlotEntry>,
 }
@@ -41,8 +43,9 @@ pub struct SlotEntry {
 pub struct MapContents {
     pub frontends: Vec<FrontendEntry>,
     pub backends: BTreeMap<u32, Backend>,
-    /// Backend slots without a master entry.
-    pub stray_slots: Vec<(L4Addr, u16)>,
+    /// Frontends whose slot range overlaps another's (only a foreign writer leaves one):
+    /// the later of the two in address order.
+    pub overlapping: Vec<L4Addr>,
     /// Affinity-match entries: (backend id, frontend `rev_nat_id`), sorted.
     pub affinity_matches: Vec<(u32, lb_common::FrontendId)>,
     /// Source-range entries: (frontend `rev_nat_id`, range), sorted.
@@ -54,7 +57,12 @@ pub struct MapContents {
 /// # Errors
 /// When a map cannot be read.
 pub fn read(maps: &impl LbMaps) -> Result<MapContents> {
-    let mut contents = decode(&maps.services()?, &maps.backends()?);
+    let masters = maps.services()?;
+    let ranges: Vec<(u32, u16)> = masters
+        .iter()
+        .map(|m| (m.value.base, m.value.count))
+        .collect();
+    let mut contents = decode(&masters, &maps.slots(&ranges)?, &maps.backends()?);
     contents.affinity_matches = maps.affinity_matches()?;
     contents.affinity_matches.sort_unstable();
     contents.source_ranges = maps.source_ranges()?;
@@ -62,44 +70,55 @@ pub fn read(maps: &impl LbMaps) -> Result<MapContents> {
     Ok(contents)
 }
 
-/// Decodes entries.
+/// Decodes entries: `slots` holds the slots of each master of `masters` in turn.
 #[must_use]
-pub fn decode(services: &[ServiceEntry], backends: &[(u32, Backend)]) -> MapContents {
+pub fn decode(
+    masters: &[ServiceEntry],
+    slots: &[lb_common::SlotValue],
+    backends: &[(u32, Backend)],
+) -> MapContents {
     let mut contents = MapContents {
         backends: backends.iter().copied().collect(),
         ..MapContents::default()
     };
     let mut frontends: BTreeMap<L4Addr, FrontendEntry> = BTreeMap::new();
-    for entry in services.iter().filter(|e| e.slot == 0) {
-        frontends.insert(
-            entry.frontend,
-            FrontendEntry {
-                address: entry.frontend,
-                kind: super::codec::kind(entry.value.flags),
-                rev_nat_id: entry.value.rev_nat_id,
-                flags: entry.value.flags,
-                count: entry.value.count,
-                affinity_timeout: (entry.value.flags & lb_common::SVC_F_AFFINITY != 0)
-                    .then_some(entry.value.backend_id),
-                slots: Vec::new(),
-            },
-        );
+    let mut slots = slots.iter();
+    for entry in masters {
+        let value = &entry.value;
+        let frontend = FrontendEntry {
+            address: entry.frontend,
+            kind: super::codec::kind(value.flags),
+            rev_nat_id: value.rev_nat_id,
+            flags: value.flags,
+            count: value.count,
+            slot_base: value.base,
+            affinity_timeout: (value.flags & lb_common::SVC_F_AFFINITY != 0)
+                .then_some(value.backend_id),
+            slots: (1..=value.count)
+                .zip(slots.by_ref())
+                .map(|(slot, s)| SlotEntry {
+                    slot,
+                    backend_id: s.backend_id,
+                    backend: contents.backends.get(&s.backend_id).copied(),
+                })
+                .collect(),
+        };
+        frontends.insert(entry.frontend, frontend);
     }
-    for entry in services.iter().filter(|e| e.slot != 0) {
-        match frontends.get_mut(&entry.frontend) {
-            Some(frontend) => frontend.slots.push(SlotEntry {
-                slot: entry.slot,
-                backend_id: entry.value.backend_id,
-                backend: contents.backends.get(&entry.value.backend_id).copied(),
-            }),
-            None => contents.stray_slots.push((entry.frontend, entry.slot)),
+    let mut taken: BTreeMap<u32, u32> = BTreeMap::new();
+    for frontend in frontends.values().filter(|f| f.count > 0) {
+        let (start, end) = (
+            frontend.slot_base,
+            frontend.slot_base + u32::from(frontend.count),
+        );
+        let before = taken.range(..end).next_back();
+        if before.is_some_and(|(_, &before_end)| before_end > start) {
+            contents.overlapping.push(frontend.address);
+        } else {
+            taken.insert(start, end);
         }
     }
-    for frontend in frontends.values_mut() {
-        frontend.slots.sort_by_key(|s| s.slot);
-    }
     contents.frontends = frontends.into_values().collect();
-    contents.stray_slots.sort();
     contents
 }
 
@@ -140,8 +159,8 @@ pub fn lines(contents: &MapContents) -> Vec<String> {
     for (rev_nat_id, range) in &contents.source_ranges {
         out.push(format!("SOURCE-RANGE REVNAT={rev_nat_id} {range}"));
     }
-    for (frontend, slot) in &contents.stray_slots {
-        out.push(format!("STRAY SVC {frontend} SLOT={slot}"));
+    for frontend in &contents.overlapping {
+        out.push(format!("OVERLAPPING SLOTS SVC {frontend}"));
     }
     out
 }

@@ -1,13 +1,15 @@
-//! An in-memory [`LbMaps`] that also checks, after every single operation, the invariant the
-//! datapath relies on: a master entry with `count = n` always has slots `1..=n`, each naming
-//! a backend that exists. A writer that ever leaves a half-written Service fails the test.
+//! An in-memory [`LbMaps`] that also checks, after every single operation, the invariants the
+//! datapath relies on: a master entry with `count = n` always names `n` written slots, each
+//! naming a backend that exists, in a range no other master names; and no slot a master
+//! names is ever written (an array entry is written in place, so a connect could read half
+//! of it). A writer that ever leaves a half-written Service fails the test.
 //! A map can be given a capacity ([`FakeMaps::set_capacity`]): adding an entry to a full
 //! map then fails with `E2BIG`, as the kernel's hash maps do.
 use std::collections::BTreeMap;
 
 use lb_common::{
-    AFFINITY_MATCH_MAP, BACKENDS4_MAP, BACKENDS6_MAP, SERVICES4_MAP, SERVICES6_MAP,
-    SOURCE_RANGES_MAP, ServiceValue,
+    AFFINITY_MATCH_MAP, BACKENDS4_MAP, BACKENDS6_MAP, SERVICES4_MAP, SERVICES6_MAP, SLOTS_MAP,
+    SOURCE_RANGES_MAP, ServiceValue, SlotValue,
 };
 
 use super::{LbMaps, MapError, Result, ServiceEntry};
@@ -15,8 +17,10 @@ use crate::model::{Backend, L4Addr};
 
 #[derive(Debug, Default, Clone)]
 pub struct FakeMaps {
-    /// (frontend, slot) to value, both families.
-    pub services: BTreeMap<(L4Addr, u16), ServiceValue>,
+    /// Frontend to master entry, both families.
+    pub services: BTreeMap<L4Addr, ServiceValue>,
+    /// The slots array: the entries ever written (the rest read as zeros).
+    pub slots: BTreeMap<u32, SlotValue>,
     /// (is IPv6, id) to backend: like the real maps, one backends map per family.
     pub backends: BTreeMap<(bool, u32), Backend>,
     /// Affinity-match entries: (backend id, frontend `rev_nat_id`).
@@ -48,7 +52,7 @@ impl FakeMaps {
                 let v6 = name == SERVICES6_MAP;
                 self.services
                     .keys()
-                    .filter(|(f, _)| f.address.is_ipv6() == v6)
+                    .filter(|f| f.address.is_ipv6() == v6)
                     .count()
             }
             BACKENDS4_MAP | BACKENDS6_MAP => {
@@ -74,13 +78,19 @@ impl FakeMaps {
     }
 
     /// Panics if a connect could, at this instant, read a master whose slots or backends
-    /// are missing.
+    /// are missing, or slots another master names too.
     fn check_consistent(&self) {
-        for ((frontend, _), master) in self.services.iter().filter(|((_, slot), _)| *slot == 0) {
+        let mut named: BTreeMap<u32, L4Addr> = BTreeMap::new();
+        for (frontend, master) in &self.services {
             for slot in 1..=master.count {
-                let entry = self.services.get(&(*frontend, slot)).unwrap_or_else(|| {
+                let index = master.slot_index(slot);
+                if let Some(other) = named.insert(index, *frontend) {
+                    panic!("{frontend} and {other} both name slot index {index}");
+                }
+                let entry = self.slots.get(&index).unwrap_or_else(|| {
                     panic!(
-                        "master {frontend} has count {} but slot {slot} is missing",
+                        "master {frontend} has count {} but slot {slot} (index {index}) was \
+                         never written",
                         master.count
                     )
                 });
@@ -111,9 +121,18 @@ impl FakeMaps {
         }
     }
 
+    /// The master naming slot `index`, if one does.
+    fn named_by(&self, index: u32) -> Option<&L4Addr> {
+        self.services.iter().find_map(|(frontend, master)| {
+            let first = master.base;
+            (master.count > 0 && index >= first && index - first < u32::from(master.count))
+                .then_some(frontend)
+        })
+    }
+
     /// Panics if a frontend guarded by source ranges has none (it would drop everything).
     fn check_source_ranges(&self) {
-        for ((frontend, _), master) in self.services.iter().filter(|((_, slot), _)| *slot == 0) {
+        for (frontend, master) in &self.services {
             if master.flags & lb_common::SVC_F_SOURCE_RANGES != 0 {
                 assert!(
                     self.source_ranges
@@ -137,19 +156,38 @@ impl FakeMaps {
 }
 
 impl LbMaps for FakeMaps {
-    fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> Result<()> {
+    fn set_master(&mut self, frontend: &L4Addr, value: ServiceValue) -> Result<()> {
         let map = if frontend.address.is_ipv6() {
             SERVICES6_MAP
         } else {
             SERVICES4_MAP
         };
-        self.room(map, self.services.contains_key(&(*frontend, slot)))?;
-        self.services.insert((*frontend, slot), value);
+        self.room(map, self.services.contains_key(frontend))?;
+        self.services.insert(*frontend, value);
         self.done()
     }
 
-    fn delete_service(&mut self, frontend: &L4Addr, slot: u16) -> Result<()> {
-        self.services.remove(&(*frontend, slot));
+    fn delete_master(&mut self, frontend: &L4Addr) -> Result<()> {
+        self.services.remove(frontend);
+        self.done()
+    }
+
+    fn set_slot(&mut self, index: u32, value: SlotValue) -> Result<()> {
+        if let Some(frontend) = self.named_by(index) {
+            panic!("slot index {index} written in place while {frontend}'s master names it");
+        }
+        if self
+            .capacity
+            .get(SLOTS_MAP)
+            .is_some_and(|&cap| index as usize >= cap)
+        {
+            return Err(MapError {
+                op: "update",
+                map: SLOTS_MAP,
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        self.slots.insert(index, value);
         self.done()
     }
 
@@ -171,11 +209,15 @@ impl LbMaps for FakeMaps {
         Ok(self
             .services
             .iter()
-            .map(|(&(frontend, slot), &value)| ServiceEntry {
-                frontend,
-                slot,
-                value,
-            })
+            .map(|(&frontend, &value)| ServiceEntry { frontend, value })
+            .collect())
+    }
+
+    fn slots(&self, ranges: &[(u32, u16)]) -> Result<Vec<SlotValue>> {
+        Ok(ranges
+            .iter()
+            .flat_map(|&(base, count)| (0..u32::from(count)).map(move |i| base.wrapping_add(i)))
+            .map(|index| self.slots.get(&index).copied().unwrap_or_default())
             .collect())
     }
 

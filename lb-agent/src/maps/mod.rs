@@ -7,7 +7,7 @@ pub mod dump;
 pub mod fake;
 pub mod writer;
 
-use lb_common::{FrontendId, ServiceValue};
+use lb_common::{FrontendId, ServiceValue, SlotValue};
 
 use crate::model::{Backend, L4Addr};
 
@@ -35,19 +35,21 @@ impl MapError {
 
 pub type Result<T, E = MapError> = std::result::Result<T, E>;
 
-/// One entry of a services map: `slot` 0 is the frontend's master.
+/// One entry of a services map: a frontend's master.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
     pub frontend: L4Addr,
-    pub slot: u16,
     pub value: ServiceValue,
 }
 
 /// One map operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    SetService(L4Addr, u16, ServiceValue),
-    DeleteService(L4Addr, u16),
+    /// A frontend's master entry (in its family's services map).
+    SetMaster(L4Addr, ServiceValue),
+    DeleteMaster(L4Addr),
+    /// An entry of the slots array, by index: only ever one no master names.
+    SetSlot(u32, SlotValue),
     SetBackend(u32, Backend),
     DeleteBackend(u32, Backend),
     /// (backend id, frontend `rev_nat_id`): the backend may keep affinity clients.
@@ -70,10 +72,9 @@ pub trait LbMaps {
     fn apply_ops(&mut self, ops: &[Op]) -> Result<()> {
         for op in ops {
             match op {
-                Op::SetService(frontend, slot, value) => {
-                    self.set_service(frontend, *slot, *value)?
-                }
-                Op::DeleteService(frontend, slot) => self.delete_service(frontend, *slot)?,
+                Op::SetMaster(frontend, value) => self.set_master(frontend, *value)?,
+                Op::DeleteMaster(frontend) => self.delete_master(frontend)?,
+                Op::SetSlot(index, value) => self.set_slot(*index, *value)?,
                 Op::SetBackend(id, backend) => self.set_backend(*id, backend)?,
                 Op::DeleteBackend(id, backend) => self.delete_backend(*id, backend)?,
                 Op::SetAffinityMatch(id, rev_nat_id) => {
@@ -90,16 +91,21 @@ pub trait LbMaps {
         Ok(())
     }
 
-    /// Creates or overwrites a services map entry (in the frontend's family's map).
-    fn set_service(&mut self, frontend: &L4Addr, slot: u16, value: ServiceValue) -> Result<()>;
-    /// Deletes a services map entry (absent is not an error).
-    fn delete_service(&mut self, frontend: &L4Addr, slot: u16) -> Result<()>;
+    /// Creates or overwrites a frontend's master entry (in its family's services map).
+    fn set_master(&mut self, frontend: &L4Addr, value: ServiceValue) -> Result<()>;
+    /// Deletes a frontend's master entry (absent is not an error).
+    fn delete_master(&mut self, frontend: &L4Addr) -> Result<()>;
+    /// Writes entry `index` of the slots array (past its end: `E2BIG`, a full map).
+    fn set_slot(&mut self, index: u32, value: SlotValue) -> Result<()>;
     /// Creates or overwrites a backend (in its family's map).
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
     /// Deletes the backend `id` of `backend`'s family (absent is not an error).
     fn delete_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
-    /// Every services map entry of both families.
+    /// Every master entry of both families.
     fn services(&self) -> Result<Vec<ServiceEntry>>;
+    /// The slots of the ranges `(base, count)`, one after the other; a slot past the
+    /// array's end reads as zeros (backend id 0, which no backend has).
+    fn slots(&self, ranges: &[(u32, u16)]) -> Result<Vec<SlotValue>>;
     /// Every backend of both families.
     fn backends(&self) -> Result<Vec<(u32, Backend)>>;
     /// Records that backend `id` serves the affinity frontend `rev_nat_id`.
@@ -138,7 +144,7 @@ pub trait LbMaps {
 pub mod codec {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-    use lb_common::{Backend4, Backend6, Service4Key, Service6Key, ServiceKey as _, ServiceValue};
+    use lb_common::{Backend4, Backend6, Service4Key, Service6Key, ServiceKey as _, SlotValue};
 
     use crate::model::{Backend, EndpointState, Frontend, FrontendKind, L4Addr, Protocol, Scope};
 
@@ -282,16 +288,15 @@ pub mod codec {
         Ipv6Addr::from(octets)
     }
 
-    /// The key of `slot` of an IPv4 frontend (`None` for an IPv6 one).
+    /// The master key of an IPv4 frontend (`None` for an IPv6 one).
     #[must_use]
-    pub fn service4_key(frontend: &L4Addr, slot: u16) -> Option<Service4Key> {
+    pub fn service4_key(frontend: &L4Addr) -> Option<Service4Key> {
         match frontend.address {
             IpAddr::V4(ip) => Some(
                 Service4Key::new(
                     ip4(ip),
                     frontend.port.to_be(),
                     protocol_number(frontend.protocol),
-                    slot,
                 )
                 .with_scope(scope_byte(frontend.scope)),
             ),
@@ -299,16 +304,15 @@ pub mod codec {
         }
     }
 
-    /// The key of `slot` of an IPv6 frontend (`None` for an IPv4 one).
+    /// The master key of an IPv6 frontend (`None` for an IPv4 one).
     #[must_use]
-    pub fn service6_key(frontend: &L4Addr, slot: u16) -> Option<Service6Key> {
+    pub fn service6_key(frontend: &L4Addr) -> Option<Service6Key> {
         match frontend.address {
             IpAddr::V6(ip) => Some(
                 Service6Key::new(
                     ip6(ip),
                     frontend.port.to_be(),
                     protocol_number(frontend.protocol),
-                    slot,
                 )
                 .with_scope(scope_byte(frontend.scope)),
             ),
@@ -316,32 +320,28 @@ pub mod codec {
         }
     }
 
-    /// The frontend and slot of an IPv4 key (`None` for a protocol never written).
+    /// The frontend of an IPv4 master key (`None` for a protocol or slot never written).
     #[must_use]
-    pub fn from_service4_key(key: &Service4Key) -> Option<(L4Addr, u16)> {
+    pub fn from_service4_key(key: &Service4Key) -> Option<L4Addr> {
         let protocol = protocol(key.proto)?;
         let frontend = L4Addr::new(from_ip4(key.address), u16::from_be(key.dport), protocol);
-        Some((
-            L4Addr {
-                scope: scope(key.scope)?,
-                ..frontend
-            },
-            key.backend_slot,
-        ))
+        (key.backend_slot == lb_common::MASTER_SLOT).then_some(())?;
+        Some(L4Addr {
+            scope: scope(key.scope)?,
+            ..frontend
+        })
     }
 
-    /// The frontend and slot of an IPv6 key.
+    /// The frontend of an IPv6 master key.
     #[must_use]
-    pub fn from_service6_key(key: &Service6Key) -> Option<(L4Addr, u16)> {
+    pub fn from_service6_key(key: &Service6Key) -> Option<L4Addr> {
         let protocol = protocol(key.proto)?;
         let frontend = L4Addr::new(from_ip6(key.address), u16::from_be(key.dport), protocol);
-        Some((
-            L4Addr {
-                scope: scope(key.scope)?,
-                ..frontend
-            },
-            key.backend_slot,
-        ))
+        (key.backend_slot == lb_common::MASTER_SLOT).then_some(())?;
+        Some(L4Addr {
+            scope: scope(key.scope)?,
+            ..frontend
+        })
     }
 
     /// The peers-map key of a backend (its address in the four-word form).
@@ -360,8 +360,8 @@ pub mod codec {
 
     /// The backend slot naming backend `id`, `backend`: an IPv4 one holds it inline.
     #[must_use]
-    pub fn slot(id: u32, backend: &Backend) -> ServiceValue {
-        backend4(backend).map_or(ServiceValue::slot(id), |b| ServiceValue::slot4(id, b))
+    pub fn slot(id: u32, backend: &Backend) -> SlotValue {
+        backend4(backend).map_or(SlotValue::by_id(id), |b| SlotValue::inline4(id, b))
     }
 
     #[must_use]

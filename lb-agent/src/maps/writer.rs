@@ -3,9 +3,12 @@
 //!
 //! Order (Cilium's `lb.h` discipline), as eight phases over all the frontends of one apply:
 //! removed frontends lose their master first (connects stop using them), then new backends
-//! are created, then backend slots `1..=n` written, then masters with their new counts;
-//! only then are surplus slots deleted, and backends no frontend uses last. Within a phase
-//! no operation depends on another, so a phase can go to the kernel as one batch.
+//! are created, then each changed frontend's slots are written into a new range of the
+//! slots array (copy-on-write: a slot a master names is never written), then masters naming
+//! their new ranges and counts; only then do stale affinity-match and source-range entries
+//! go, and backends no frontend uses last. The ranges masters stopped naming are freed
+//! after a grace period ([`slot_ranges`]). Within a phase no operation depends on another,
+//! so a phase can go to the kernel as one batch.
 //!
 //! The in-cluster twin of an `externalTrafficPolicy: Local` frontend (its
 //! [`Scope::Internal`](crate::model::Scope) entry, which in-cluster clients use while the
@@ -15,12 +18,12 @@
 //! way never shows in-cluster clients the node-local endpoints only, not even if the agent
 //! dies between two phases.
 //! [`super::fake::FakeMaps`] checks, after every single operation, that no master ever
-//! names a missing slot or backend.
+//! names a missing slot or backend, and that no slot a master names is written.
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::fast_hash::{HashMap, HashSet};
 
-use lb_common::ServiceValue;
+use lb_common::{SLOTS_MAP, ServiceValue};
 use tracing::{debug, warn};
 
 use super::{LbMaps, MapError, Op, Result, dump};
@@ -32,7 +35,8 @@ const SLOTS: usize = 2;
 const INTERNAL_MASTERS: usize = 3;
 const MASTERS: usize = 4;
 const DROP_INTERNAL_MASTERS: usize = 5;
-const DROP_SLOTS: usize = 6;
+/// Affinity-match and source-range entries no master needs any more.
+const DROP_STALE: usize = 6;
 const DROP_BACKENDS: usize = 7;
 /// The number of phases.
 const PHASES: usize = 8;
@@ -44,6 +48,7 @@ const FLUSH_EVERY: usize = 65_536;
 use crate::model::{Backend, BackendList, DesiredState, Frontend, L4Addr, ObjectRef, Protocol};
 use crate::stale::StaleBackend;
 use backend_table::{BackendRecord, BackendTable};
+use slot_ranges::SlotRanges;
 use std::net::SocketAddr;
 
 /// Failpoint before each phase of an apply goes to the maps (see [`fail`]): `return`
@@ -71,11 +76,14 @@ fn injected(op: &'static str) -> MapError {
 struct Programmed {
     rev_nat_id: lb_common::FrontendId,
     flags: u32,
-    /// Backend ids by slot, `slots[0]` being slot 1.
+    /// Backend ids by slot, `slots[0]` being slot 1: entries `base..base + slots.len()` of
+    /// the slots array, a range this frontend owns.
     slots: Box<[u32]>,
+    /// Where the master's range starts (0 with no slots).
+    base: u32,
     /// The backend count the master entry holds: `slots.len()`, except after adopting a
-    /// master whose slots a previous agent did not finish writing (then the master is
-    /// rewritten by the next apply even when the count wanted is what `slots` says).
+    /// master whose slots name missing backends or another frontend's range (then `slots`
+    /// is empty, and the next apply writes a new range even when nothing else changed).
     master_count: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds; every slot's backend then has an
     /// affinity-match entry.
@@ -89,13 +97,9 @@ struct Programmed {
 struct Rare {
     /// `loadBalancerSourceRanges` entries of the frontend.
     source_ranges: BTreeSet<ipnet::IpNet>,
-    /// Slots beyond `slots.len()` that exist in the map (only after adopting a map that a
-    /// previous agent left half-written); deleted on the next apply.
-    stray_slots: BTreeSet<u16>,
 }
 
 static NO_SOURCE_RANGES: BTreeSet<ipnet::IpNet> = BTreeSet::new();
-static NO_STRAY_SLOTS: BTreeSet<u16> = BTreeSet::new();
 
 impl Programmed {
     /// A frontend whose master is not written yet.
@@ -104,6 +108,7 @@ impl Programmed {
             rev_nat_id,
             flags,
             slots: Box::default(),
+            base: 0,
             master_count: 0,
             affinity: None,
             rare: None,
@@ -116,24 +121,19 @@ impl Programmed {
             .map_or(&NO_SOURCE_RANGES, |r| &r.source_ranges)
     }
 
-    fn stray_slots(&self) -> &BTreeSet<u16> {
-        self.rare
-            .as_ref()
-            .map_or(&NO_STRAY_SLOTS, |r| &r.stray_slots)
-    }
-
     fn rare_mut(&mut self) -> &mut Rare {
         self.rare.get_or_insert_default()
     }
 
     /// Sets what few frontends have, holding nothing when it is nothing.
-    fn set_rare(&mut self, source_ranges: BTreeSet<ipnet::IpNet>, stray_slots: BTreeSet<u16>) {
-        self.rare = (!source_ranges.is_empty() || !stray_slots.is_empty()).then(|| {
-            Box::new(Rare {
-                source_ranges,
-                stray_slots,
-            })
-        });
+    fn set_rare(&mut self, source_ranges: BTreeSet<ipnet::IpNet>) {
+        self.rare = (!source_ranges.is_empty()).then(|| Box::new(Rare { source_ranges }));
+    }
+
+    /// Whether the master names exactly the slots recorded (not so after adopting a
+    /// master whose slots could not be used).
+    fn intact(&self) -> bool {
+        usize::from(self.master_count) == self.slots.len()
     }
 }
 
@@ -173,6 +173,8 @@ pub struct MapWriter<M> {
     frontends: BTreeMap<L4Addr, Programmed>,
     /// Each backend by id, with the number of slots naming it.
     backends: BackendTable,
+    /// The slots array's space.
+    slot_ranges: SlotRanges,
     rev_nat_ids: BTreeSet<lb_common::FrontendId>,
     /// Operations of the apply in progress, by phase.
     plan: [Vec<Op>; PHASES],
@@ -198,10 +200,14 @@ impl<M: LbMaps> MapWriter<M> {
     /// # Errors
     /// When the maps cannot be read.
     pub fn adopt(maps: M) -> Result<Self> {
+        let slot_capacity = maps
+            .capacity(SLOTS_MAP)
+            .map_or(u32::MAX, |n| u32::try_from(n).unwrap_or(u32::MAX));
         let mut writer = Self {
             maps,
             frontends: BTreeMap::new(),
             backends: BackendTable::default(),
+            slot_ranges: SlotRanges::new(slot_capacity),
             rev_nat_ids: BTreeSet::new(),
             plan: Default::default(),
             forget_affinity: BTreeSet::new(),
@@ -227,33 +233,30 @@ impl<M: LbMaps> MapWriter<M> {
         self.backends.clear();
         self.rev_nat_ids.clear();
         self.plan = Default::default();
+        self.slot_ranges.reset();
         for (&id, &backend) in &contents.backends {
             // Two ids for one backend can only come from a foreign writer: keep the first,
             // the other is dropped as unused.
             self.backends.insert(id, backend);
         }
-        for (frontend, slot) in &contents.stray_slots {
-            self.maps.delete_service(frontend, *slot)?;
-        }
         for entry in contents.frontends {
-            let count = usize::from(entry.count);
-            let mut slots = Vec::with_capacity(count);
-            let mut stray_slots = BTreeSet::new();
-            for slot in &entry.slots {
-                if usize::from(slot.slot) == slots.len() + 1
-                    && slots.len() < count
-                    && slot.backend.is_some()
-                {
-                    slots.push(slot.backend_id);
-                } else {
-                    stray_slots.insert(slot.slot);
+            let mut slots: Vec<u32> = entry
+                .slots
+                .iter()
+                .map_while(|slot| slot.backend.map(|_| slot.backend_id))
+                .collect();
+            let whole = slots.len() == usize::from(entry.count);
+            let reserved = self
+                .slot_ranges
+                .reserve(entry.slot_base, u32::from(entry.count));
+            if !(whole && reserved) {
+                // Slots naming missing backends, or a range another master names too (only a
+                // foreign writer leaves either): the next apply writes a new range.
+                warn!(frontend = %entry.address, "adopted frontend's backend slots are unusable");
+                if reserved {
+                    self.slot_ranges
+                        .retire(entry.slot_base, u32::from(entry.count));
                 }
-            }
-            if slots.len() < count {
-                // A master whose slots are missing: make the next apply rewrite all of it.
-                warn!(frontend = %entry.address, "adopted frontend is missing backend slots");
-                stray_slots.extend(entry.slots.iter().map(|s| s.slot));
-                stray_slots.extend(1..=entry.count);
                 slots.clear();
             }
             for id in &slots {
@@ -262,15 +265,17 @@ impl<M: LbMaps> MapWriter<M> {
                 }
             }
             self.rev_nat_ids.insert(entry.rev_nat_id);
-            let mut programmed = Programmed {
+            let programmed = Programmed {
                 slots: slots.into_boxed_slice(),
+                base: entry.slot_base,
                 master_count: entry.count,
                 affinity: entry.affinity_timeout,
                 ..Programmed::new(entry.rev_nat_id, entry.flags)
             };
-            programmed.set_rare(BTreeSet::new(), stray_slots);
             self.frontends.insert(entry.address, programmed);
         }
+        // Ranges retired before (by this writer) stay out of use for their grace period.
+        self.slot_ranges.reserve_cooling();
         // The affinity-match map must hold exactly the slots of the affinity frontends
         // adopted; a missing entry only costs a client its affinity, so the fix-up order
         // does not matter.
@@ -402,6 +407,9 @@ impl<M: LbMaps> MapWriter<M> {
             }
             other => other,
         };
+        // The masters of this apply are written (or the maps re-read): the slot ranges they
+        // stopped naming start their grace period.
+        self.slot_ranges.end_apply(std::time::Instant::now());
         let freed_ids = !std::mem::take(&mut self.cooling_rev_nat_ids).is_empty();
         if freed_ids && !self.refused.is_empty() {
             // The frontend ids this apply freed may be handed out now that their entries
@@ -476,6 +484,9 @@ impl<M: LbMaps> MapWriter<M> {
                     match self.write_one(&plan, &ops)? {
                         None => self.commit(plan, &mut released, &mut stats),
                         Some(e) => {
+                            if let Some((base, len)) = plan.range {
+                                self.slot_ranges.free_now(base, len);
+                            }
                             let reason = self.full_reason(&e);
                             self.refuse(frontend, reason);
                         }
@@ -589,9 +600,10 @@ impl<M: LbMaps> MapWriter<M> {
         self.max_backend_id = backends.max(1);
     }
 
-    /// What writing `frontend` takes, without changing anything (`None`: nothing to do;
-    /// an error: the ids it needs are not free).
-    fn plan_upsert(&self, frontend: &Frontend) -> Result<Option<FrontendPlan>, String> {
+    /// What writing `frontend` takes (`None`: nothing to do; an error: the ids or slots it
+    /// needs are not free). Nothing changes but the slots range it takes, which the plan
+    /// gives back if it is not written ([`FrontendPlan::range`]).
+    fn plan_upsert(&mut self, frontend: &Frontend) -> Result<Option<FrontendPlan>, String> {
         let address = frontend.address;
         let count = frontend.backends.len().min(usize::from(u16::MAX));
         if count < frontend.backends.len() {
@@ -602,7 +614,7 @@ impl<M: LbMaps> MapWriter<M> {
         let mut stats = ApplyStats::default();
         let old = match self.frontends.get(&address) {
             Some(old)
-                if old.stray_slots().is_empty()
+                if old.intact()
                     && old.flags == flags
                     && old.affinity == affinity
                     && old.source_ranges().iter().eq(frontend.source_ranges.iter())
@@ -647,31 +659,45 @@ impl<M: LbMaps> MapWriter<M> {
             new_backends.push((id, backend));
             ids.push(id);
         }
+        drop(free_ids);
         let slots = assign_slots(&old.slots, &ids);
-        // Each slot holds its backend (inline for IPv4): found by id, sorted once.
-        let mut backend_of: Vec<(u32, Backend)> = ids
-            .iter()
-            .copied()
-            .zip(frontend.backends.iter().take(count))
-            .collect();
-        backend_of.sort_unstable_by_key(|&(id, _)| id);
-        for (index, &id) in slots.iter().enumerate() {
-            if old.slots.get(index) != Some(&id) || old.stray_slots().contains(&slot_number(index))
-            {
+        let new_range = old.slots[..] != slots[..] || !old.intact();
+        let base = if !new_range || slots.is_empty() {
+            if slots.is_empty() { 0 } else { old.base }
+        } else {
+            let len = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+            let Some(base) = self.slot_ranges.allocate(len, std::time::Instant::now()) else {
+                return Err(format!(
+                    "{SLOTS_MAP} is full ({} entries, {} in use; {len} wanted, the largest free \
+                     range is {})",
+                    self.slot_ranges.capacity(),
+                    self.slot_ranges.used(),
+                    self.slot_ranges.largest_free()
+                ));
+            };
+            // Each slot holds its backend (inline for IPv4): found by id, sorted once.
+            let mut backend_of: Vec<(u32, Backend)> = ids
+                .iter()
+                .copied()
+                .zip(frontend.backends.iter().take(count))
+                .collect();
+            backend_of.sort_unstable_by_key(|&(id, _)| id);
+            for (index, &id) in (base..).zip(slots.iter()) {
                 let value = match backend_of.binary_search_by_key(&id, |&(id, _)| id) {
                     Ok(at) => super::codec::slot(id, &backend_of[at].1),
-                    Err(_) => ServiceValue::slot(id),
+                    Err(_) => lb_common::SlotValue::by_id(id),
                 };
-                ops.push((SLOTS, Op::SetService(address, slot_number(index), value)));
+                ops.push((SLOTS, Op::SetSlot(index, value)));
                 stats.map_writes += 1;
             }
-        }
+            base
+        };
         let forget_affinity = plan_affinity_matches(&old, &slots, affinity, &mut ops, &mut stats);
         let source_ranges: BTreeSet<ipnet::IpNet> =
             frontend.source_ranges.iter().copied().collect();
         plan_source_ranges(&old, &source_ranges, &mut ops, &mut stats);
         let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
-        if is_new || count != old.master_count || flags != old.flags || affinity != old.affinity {
+        if is_new || new_range || flags != old.flags || affinity != old.affinity {
             let phase = if address.is_internal() {
                 INTERNAL_MASTERS
             } else {
@@ -679,10 +705,9 @@ impl<M: LbMaps> MapWriter<M> {
             };
             ops.push((
                 phase,
-                Op::SetService(
+                Op::SetMaster(
                     address,
-                    0,
-                    master_value(count, old.rev_nat_id, flags, affinity),
+                    master_value(count, old.rev_nat_id, flags, base, affinity),
                 ),
             ));
             stats.map_writes += 1;
@@ -691,16 +716,6 @@ impl<M: LbMaps> MapWriter<M> {
         let left = old.slots.iter().filter_map(|id| self.backends.get(*id));
         for record in left.filter(|r| !wanted.contains(&r.backend.addr)) {
             forget_peer(&mut ops, address, record.backend, old.rev_nat_id);
-        }
-        let surplus = (slots.len() + 1..=old.slots.len()).map(slot_number_1);
-        let stray = old
-            .stray_slots()
-            .iter()
-            .copied()
-            .filter(|&s| usize::from(s) > slots.len());
-        for slot in surplus.chain(stray).collect::<BTreeSet<_>>() {
-            ops.push((DROP_SLOTS, Op::DeleteService(address, slot)));
-            stats.map_deletes += 1;
         }
         // Each frontend's operations in phase order (the sort is stable).
         ops.sort_by_key(|(phase, _)| *phase);
@@ -712,14 +727,20 @@ impl<M: LbMaps> MapWriter<M> {
         debug!(%address, service = %frontend.service, backends = slots.len(), "planned frontend");
         let mut new = Programmed {
             slots: slots.into_boxed_slice(),
+            base,
             master_count: count,
             affinity,
             ..Programmed::new(old.rev_nat_id, flags)
         };
-        new.set_rare(source_ranges, BTreeSet::new());
+        new.set_rare(source_ranges);
+        let range = (new_range && !new.slots.is_empty()).then(|| {
+            let len = u32::try_from(new.slots.len()).unwrap_or(u32::MAX);
+            (new.base, len)
+        });
         Ok(Some(FrontendPlan {
             address,
             is_new,
+            range,
             new,
             old,
             kept: frontend.backends.iter().map(|b| b.addr).collect(),
@@ -740,8 +761,13 @@ impl<M: LbMaps> MapWriter<M> {
             new_backends,
             stats: delta,
             forget_affinity,
+            range,
             ..
         } = plan;
+        if range.is_some() || new.slots.is_empty() {
+            // The master stops naming the old range when this apply writes it.
+            self.slot_ranges.retire(old.base, owned_len(&old));
+        }
         for (id, backend) in new_backends {
             self.backends.insert(id, backend);
         }
@@ -800,15 +826,9 @@ impl<M: LbMaps> MapWriter<M> {
         } else {
             DROP_MASTERS
         };
-        let mut ops = vec![(phase, Op::DeleteService(address, 0))];
+        let mut ops = vec![(phase, Op::DeleteMaster(address))];
         stats.map_deletes += 1;
-        let slots = (1..=old.slots.len())
-            .map(slot_number_1)
-            .chain(old.stray_slots().iter().copied());
-        for slot in slots.collect::<BTreeSet<_>>() {
-            ops.push((DROP_SLOTS, Op::DeleteService(address, slot)));
-            stats.map_deletes += 1;
-        }
+        self.slot_ranges.retire(old.base, owned_len(&old));
         if plan_affinity_matches(&old, &[], None, &mut ops, stats) {
             self.forget_affinity.insert(old.rev_nat_id);
         }
@@ -898,12 +918,18 @@ fn master_value(
     count: u16,
     rev_nat_id: lb_common::FrontendId,
     flags: u32,
+    base: u32,
     affinity: Option<u32>,
 ) -> ServiceValue {
     match affinity {
-        Some(timeout) => ServiceValue::affinity_master(count, rev_nat_id, flags, timeout),
-        None => ServiceValue::master(count, rev_nat_id, flags),
+        Some(timeout) => ServiceValue::affinity_master(count, rev_nat_id, flags, base, timeout),
+        None => ServiceValue::master(count, rev_nat_id, flags, base),
     }
+}
+
+/// The length of the slots range `programmed` owns (from its `base`).
+fn owned_len(programmed: &Programmed) -> u32 {
+    u32::try_from(programmed.slots.len()).unwrap_or(u32::MAX)
 }
 
 /// A TCP frontend's claim on a backend it stopped using goes after its master stopped
@@ -933,7 +959,7 @@ fn plan_source_ranges(
         stats.map_writes += 1;
     }
     for range in old.source_ranges().difference(wanted) {
-        ops.push((DROP_SLOTS, Op::DeleteSourceRange(old.rev_nat_id, *range)));
+        ops.push((DROP_STALE, Op::DeleteSourceRange(old.rev_nat_id, *range)));
         stats.map_deletes += 1;
     }
 }
@@ -971,7 +997,7 @@ fn plan_affinity_matches(
     }
     let stale: BTreeSet<u32> = had.union(&during).copied().collect();
     for backend in stale.difference(&wants) {
-        ops.push((DROP_SLOTS, Op::DeleteAffinityMatch(*backend, id)));
+        ops.push((DROP_STALE, Op::DeleteAffinityMatch(*backend, id)));
         stats.map_deletes += 1;
     }
     old.affinity.is_some() && affinity.is_none()
@@ -981,6 +1007,8 @@ fn plan_affinity_matches(
 struct FrontendPlan {
     address: L4Addr,
     is_new: bool,
+    /// The new slots range it writes, (base, length): given back if the plan is undone.
+    range: Option<(u32, u32)>,
     old: Programmed,
     new: Programmed,
     /// The addresses of the wanted backends (a backend whose state changed stays).
@@ -996,31 +1024,27 @@ struct FrontendPlan {
 
 impl FrontendPlan {
     /// What puts back what `op`, one of this plan's writes, replaced (`None` for a delete:
-    /// deletes come after every write of a frontend, so they are never undone).
+    /// deletes come after every write of a frontend, so they are never undone; and for a
+    /// slot: the new range was never named).
     fn undo(&self, op: &Op) -> Option<Op> {
         let old = &self.old;
         Some(match *op {
-            Op::SetService(address, 0, _) if !self.is_new => {
-                // The slots the record holds (an adopted master missing some goes back to
-                // naming only those: never to a count whose slots are gone).
+            Op::SetMaster(address, _) if !self.is_new => {
+                // The slots the record holds (an adopted master with unusable slots goes
+                // back to naming none: never to a range that is not its own).
                 let count = u16::try_from(old.slots.len()).unwrap_or(u16::MAX);
-                Op::SetService(
+                let base = if count == 0 { 0 } else { old.base };
+                Op::SetMaster(
                     address,
-                    0,
-                    master_value(count, old.rev_nat_id, old.flags, old.affinity),
+                    master_value(count, old.rev_nat_id, old.flags, base, old.affinity),
                 )
             }
-            Op::SetService(address, slot, _) => {
-                // By id only: the datapath then reads the backend from the backends map.
-                match old.slots.get(usize::from(slot).wrapping_sub(1)) {
-                    Some(&id) if slot > 0 => Op::SetService(address, slot, ServiceValue::slot(id)),
-                    _ => Op::DeleteService(address, slot),
-                }
-            }
+            Op::SetMaster(address, _) => Op::DeleteMaster(address),
+            Op::SetSlot(..) => return None,
             Op::SetBackend(id, backend) => Op::DeleteBackend(id, backend),
             Op::SetAffinityMatch(id, rev_nat_id) => Op::DeleteAffinityMatch(id, rev_nat_id),
             Op::SetSourceRange(id, range) => Op::DeleteSourceRange(id, range),
-            Op::DeleteService(..)
+            Op::DeleteMaster(..)
             | Op::DeleteBackend(..)
             | Op::DeleteAffinityMatch(..)
             | Op::DeleteSourceRange(..)
@@ -1059,16 +1083,8 @@ fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-/// The slot number of `slots[index]`.
-fn slot_number(index: usize) -> u16 {
-    slot_number_1(index + 1)
-}
-
-fn slot_number_1(slot: usize) -> u16 {
-    u16::try_from(slot).unwrap_or(u16::MAX)
-}
-
 #[cfg(test)]
 mod tests;
 
 mod backend_table;
+pub mod slot_ranges;

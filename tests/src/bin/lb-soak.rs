@@ -289,6 +289,7 @@ fn soak(args: Args) -> bool {
     figures.entries_fresh = entries(&agent);
     for map in [
         "LB4_SERVICES",
+        "LB_SLOTS",
         "LB4_BACKENDS",
         "LB_AFFINITY_MATCH",
         "LB_SOURCE_RANGES",
@@ -431,10 +432,11 @@ fn programmed(agent: &Agent) -> Result<Table, String> {
 /// frontend, one backend entry per distinct backend, no tracked flow (the socket path keeps
 /// none), and at most one reverse-NAT entry per probe connection made.
 fn check_entries(want: &Table, entries: &BTreeMap<String, u64>, when: &str, f: &mut Figures) {
-    let slots: usize = want.values().map(|b| 1 + b.len()).sum();
+    let slots: usize = want.values().map(Vec::len).sum();
     let backends: std::collections::BTreeSet<&String> = want.values().flatten().collect();
     let expect = [
-        ("LB4_SERVICES", slots as u64),
+        ("LB4_SERVICES", want.len() as u64),
+        ("LB_SLOTS", slots as u64),
         ("LB4_BACKENDS", backends.len() as u64),
         ("LB_AFFINITY_MATCH", 0),
         ("LB_SOURCE_RANGES", 0),
