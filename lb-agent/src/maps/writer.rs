@@ -260,9 +260,7 @@ impl<M: LbMaps> MapWriter<M> {
                 slots.clear();
             }
             for id in &slots {
-                if let Some(record) = self.backends.get_mut(*id) {
-                    record.refs += 1;
-                }
+                self.backends.add_ref(*id);
             }
             self.rev_nat_ids.insert(entry.rev_nat_id);
             let programmed = Programmed {
@@ -776,9 +774,7 @@ impl<M: LbMaps> MapWriter<M> {
             self.forget_affinity.insert(new.rev_nat_id);
         }
         for id in &new.slots {
-            if let Some(record) = self.backends.get_mut(*id) {
-                record.refs += 1;
-            }
+            self.backends.add_ref(*id);
         }
         // A backend whose id changed with its state (ready to terminating) is still used.
         let now: HashSet<u32> = new.slots.iter().copied().collect();
@@ -852,11 +848,8 @@ impl<M: LbMaps> MapWriter<M> {
     /// Drops one reference per slot; ids left without any are candidates for deletion.
     fn release(&mut self, ids: &[u32], released: &mut BTreeSet<u32>) {
         for id in ids {
-            if let Some(record) = self.backends.get_mut(*id) {
-                record.refs = record.refs.saturating_sub(1);
-                if record.refs == 0 {
-                    released.insert(*id);
-                }
+            if self.backends.drop_ref(*id) == Some(0) {
+                released.insert(*id);
             }
         }
     }

@@ -3,15 +3,19 @@
 //!
 //! A million backends (100,000 Services × 10) make this the largest part of the writer's
 //! record. Ids are handed out lowest free first, so they stay dense and the records are a
-//! vector indexed by id (28 bytes a backend; a hash table keyed by id cost 33 bytes a
-//! bucket at half its buckets full, once its million entries had doubled it to 2^21).
-//! The lookup by backend is an index of ids into the records (4 bytes a backend) rather
-//! than a second map holding each 24-byte backend again.
-use std::{collections::BTreeSet, hash::BuildHasher};
+//! vector indexed by id; each is packed into 12 bytes (an IPv4 address inline, an IPv6 one
+//! as an index into a side vector), where a [`Backend`] and its count took 28. The lookup
+//! by backend is an index of ids into the records (4 bytes a backend) rather than a second
+//! map holding each backend again.
+use std::{
+    collections::BTreeSet,
+    hash::BuildHasher,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use hashbrown::HashTable;
 
-use crate::model::Backend;
+use crate::model::{Backend, EndpointState, L4Addr, Protocol};
 
 /// A backend in the maps, and the number of slots naming it.
 #[derive(Clone, Copy, Debug)]
@@ -20,10 +24,34 @@ pub(super) struct BackendRecord {
     pub(super) refs: u32,
 }
 
+/// A record as the table keeps it: 12 bytes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Packed {
+    /// IPv4: the address's bits; IPv6: its index in [`BackendTable::v6`].
+    address: u32,
+    port: u16,
+    /// `TCP` or `UDP` (0: no backend holds the id), `IPV6`, `TERMINATING`, `REMOTE`.
+    meta: u8,
+    refs: u32,
+}
+
+const TCP: u8 = 1;
+const UDP: u8 = 2;
+const PROTOCOL: u8 = TCP | UDP;
+const IPV6: u8 = 1 << 2;
+const TERMINATING: u8 = 1 << 3;
+const REMOTE: u8 = 1 << 4;
+
+const _: () = assert!(size_of::<Packed>() == 12);
+
 #[derive(Debug, Default)]
 pub(super) struct BackendTable {
-    /// By id; id 0 is never handed out (the vector is empty or starts with `None`).
-    records: Vec<Option<BackendRecord>>,
+    /// By id; id 0 is never handed out (the vector is empty or starts with an empty one).
+    records: Vec<Packed>,
+    /// The addresses of the IPv6 backends, by the index their records hold.
+    v6: Vec<Ipv6Addr>,
+    /// Indices of `v6` no record holds.
+    v6_free: Vec<u32>,
     /// How many ids hold a record.
     live: usize,
     /// The ids below `records.len()` (0 aside) that hold none: handed out first.
@@ -36,6 +64,8 @@ pub(super) struct BackendTable {
 impl BackendTable {
     pub(super) fn clear(&mut self) {
         self.records = Vec::new();
+        self.v6 = Vec::new();
+        self.v6_free = Vec::new();
         self.live = 0;
         self.free.clear();
         self.ids.clear();
@@ -46,15 +76,29 @@ impl BackendTable {
     }
 
     pub(super) fn contains(&self, id: u32) -> bool {
-        self.get(id).is_some()
+        self.packed(id).is_some()
     }
 
-    pub(super) fn get(&self, id: u32) -> Option<&BackendRecord> {
-        self.records.get(index(id))?.as_ref()
+    pub(super) fn get(&self, id: u32) -> Option<BackendRecord> {
+        let packed = self.packed(id)?;
+        Some(BackendRecord {
+            backend: self.unpack(packed),
+            refs: packed.refs,
+        })
     }
 
-    pub(super) fn get_mut(&mut self, id: u32) -> Option<&mut BackendRecord> {
-        self.records.get_mut(index(id))?.as_mut()
+    /// One more slot names `id`.
+    pub(super) fn add_ref(&mut self, id: u32) {
+        if let Some(packed) = self.packed_mut(id) {
+            packed.refs += 1;
+        }
+    }
+
+    /// One slot fewer names `id`: how many still do (`None`: no backend holds it).
+    pub(super) fn drop_ref(&mut self, id: u32) -> Option<u32> {
+        let packed = self.packed_mut(id)?;
+        packed.refs = packed.refs.saturating_sub(1);
+        Some(packed.refs)
     }
 
     /// The ids of the backends no slot names.
@@ -62,7 +106,7 @@ impl BackendTable {
         self.records
             .iter()
             .enumerate()
-            .filter(|(_, record)| record.is_some_and(|r| r.refs == 0))
+            .filter(|(_, r)| r.meta & PROTOCOL != 0 && r.refs == 0)
             .filter_map(|(id, _)| u32::try_from(id).ok())
     }
 
@@ -70,7 +114,7 @@ impl BackendTable {
     pub(super) fn id_of(&self, backend: &Backend) -> Option<u32> {
         let hash = self.hasher.hash_one(backend);
         self.ids
-            .find(hash, |&id| self.backend(id) == Some(backend))
+            .find(hash, |&id| self.backend(id).as_ref() == Some(backend))
             .copied()
     }
 
@@ -91,35 +135,31 @@ impl BackendTable {
             let holes = self.records.len().max(1)..at;
             self.free
                 .extend(holes.filter_map(|i| u32::try_from(i).ok()));
-            self.records.resize(at + 1, None);
+            self.records.resize(at + 1, Packed::default());
         } else {
             self.free.remove(&id);
         }
         let hash = self.hasher.hash_one(backend);
-        let known = self
-            .ids
-            .find(hash, |&other| self.backend(other) == Some(&backend))
-            .is_some();
-        self.records[at] = Some(BackendRecord { backend, refs: 0 });
+        let known = self.id_of(&backend).is_some();
+        self.records[at] = self.pack(&backend);
         self.live += 1;
         if !known {
-            let Self {
-                records,
-                ids,
-                hasher,
-                ..
-            } = self;
             // Rehashing finds every id's backend: only ids with a record are in the index.
-            ids.insert_unique(hash, id, |&id| match &records[index(id)] {
-                Some(record) => hasher.hash_one(record.backend),
-                None => 0,
+            let mut ids = std::mem::take(&mut self.ids);
+            ids.insert_unique(hash, id, |&id| {
+                self.backend(id).map_or(0, |b| self.hasher.hash_one(b))
             });
+            self.ids = ids;
         }
     }
 
     /// Forgets the backend of `id`; its id is free again.
     pub(super) fn remove(&mut self, id: u32) -> Option<BackendRecord> {
-        let record = self.records.get_mut(index(id))?.take()?;
+        let record = self.get(id)?;
+        let packed = std::mem::take(&mut self.records[index(id)]);
+        if packed.meta & IPV6 != 0 {
+            self.v6_free.push(packed.address);
+        }
         self.live -= 1;
         let hash = self.hasher.hash_one(record.backend);
         if let Ok(entry) = self.ids.find_entry(hash, |&other| other == id) {
@@ -127,7 +167,7 @@ impl BackendTable {
         }
         self.free.insert(id);
         // Ids past the highest recorded are free without being listed.
-        while self.records.len() > 1 && self.records.last().is_some_and(Option::is_none) {
+        while self.records.len() > 1 && self.records.last().is_some_and(|r| r.meta == 0) {
             self.records.pop();
             if let Ok(top) = u32::try_from(self.records.len()) {
                 self.free.remove(&top);
@@ -139,8 +179,78 @@ impl BackendTable {
         Some(record)
     }
 
-    fn backend(&self, id: u32) -> Option<&Backend> {
-        self.get(id).map(|r| &r.backend)
+    fn backend(&self, id: u32) -> Option<Backend> {
+        self.packed(id).map(|p| self.unpack(p))
+    }
+
+    fn packed(&self, id: u32) -> Option<Packed> {
+        self.records
+            .get(index(id))
+            .copied()
+            .filter(|r| r.meta & PROTOCOL != 0)
+    }
+
+    fn packed_mut(&mut self, id: u32) -> Option<&mut Packed> {
+        self.records
+            .get_mut(index(id))
+            .filter(|r| r.meta & PROTOCOL != 0)
+    }
+
+    /// `backend` packed, its IPv6 address (if any) stored aside.
+    fn pack(&mut self, backend: &Backend) -> Packed {
+        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
+        let protocol = match backend.addr.protocol {
+            Protocol::Tcp => TCP,
+            Protocol::Udp => UDP,
+        };
+        let (address, family) = match backend.addr.address {
+            IpAddr::V4(ip) => (u32::from(ip), 0),
+            IpAddr::V6(ip) => {
+                let at = match self.v6_free.pop() {
+                    Some(at) => {
+                        self.v6[index(at)] = ip;
+                        at
+                    }
+                    None => {
+                        self.v6.push(ip);
+                        u32::try_from(self.v6.len() - 1).unwrap_or(u32::MAX)
+                    }
+                };
+                (at, IPV6)
+            }
+        };
+        Packed {
+            address,
+            port: backend.addr.port,
+            meta: protocol
+                | family
+                | flag(backend.state == EndpointState::Terminating, TERMINATING)
+                | flag(backend.remote, REMOTE),
+            refs: 0,
+        }
+    }
+
+    fn unpack(&self, packed: Packed) -> Backend {
+        let address = if packed.meta & IPV6 == 0 {
+            IpAddr::V4(Ipv4Addr::from(packed.address))
+        } else {
+            IpAddr::V6(self.v6[index(packed.address)])
+        };
+        let protocol = if packed.meta & PROTOCOL == TCP {
+            Protocol::Tcp
+        } else {
+            Protocol::Udp
+        };
+        let state = if packed.meta & TERMINATING == 0 {
+            EndpointState::Ready
+        } else {
+            EndpointState::Terminating
+        };
+        Backend {
+            addr: L4Addr::new(address, packed.port, protocol),
+            state,
+            remote: packed.meta & REMOTE != 0,
+        }
     }
 }
 
@@ -215,6 +325,41 @@ mod tests {
             table.remove(id);
         }
         assert_eq!((table.len(), first(&table, 1)), (0, vec![1]));
+    }
+
+    #[test]
+    fn a_backend_comes_back_as_it_went_in_whatever_its_family_and_state() {
+        let mut table = BackendTable::default();
+        let mut v6 = Backend::new(
+            L4Addr::new(
+                "fd00::7".parse::<std::net::IpAddr>().unwrap(),
+                53,
+                Protocol::Udp,
+            ),
+            EndpointState::Terminating,
+        );
+        v6.remote = true;
+        table.insert(1, v6);
+        table.insert(2, backend(2));
+        assert_eq!(table.get(1).map(|r| r.backend), Some(v6));
+        assert_eq!(table.id_of(&v6), Some(1));
+        table.remove(1);
+        // Its address's place is reused by the next IPv6 backend.
+        let other = Backend::new(
+            L4Addr::new(
+                "fd00::8".parse::<std::net::IpAddr>().unwrap(),
+                80,
+                Protocol::Tcp,
+            ),
+            EndpointState::Ready,
+        );
+        table.insert(3, other);
+        assert_eq!(table.v6.len(), 1);
+        assert_eq!(table.get(3).map(|r| r.backend), Some(other));
+        assert_eq!(table.get(2).map(|r| r.backend), Some(backend(2)));
+        table.add_ref(3);
+        assert_eq!(table.drop_ref(3), Some(0));
+        assert_eq!(table.drop_ref(1), None, "no backend holds it");
     }
 
     /// The index of ids grows (and rehashes) as backends come: every one stays found.
