@@ -686,8 +686,9 @@ fn datapath_targets(out: &mut String, outcome: &Outcome) {
         "\nWhere the time goes, from `perf record -a -g` during such runs on this shared \
          2-CPU virtual machine: the hash lookups' bucket walks (`lookup_nulls_elem_raw`: \
          cache and TLB misses on the buckets, since other work evicts the maps between \
-         connections). A TCP connect reads two hash entries (the frontend and its slot, \
-         which holds an IPv4 backend inline and the peer mark) and writes none; a tc \
+         connections). A TCP connect reads one hash entry (the frontend's master) and one \
+         entry of the slots array (its slot, which holds an IPv4 backend inline and the \
+         peer mark) and writes none; a tc \
          packet of a tracked flow does one conntrack lookup (and looks its backend up \
          only if the agent deleted a backend since the flow's last packet), then the rewrite (two helper calls per address and port: the L4 \
          checksum; the writes and the IPv4 header checksum are direct).\n\n",
