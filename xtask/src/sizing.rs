@@ -43,13 +43,13 @@ pub const NODE_CPUS: u64 = 128;
 
 /// What the bench measured (`cargo xtask bench`, "DaemonSet memory limit"), on the API
 /// server source as the DaemonSet runs it, at 100,000 Services × 10 endpoints (release
-/// build, 2026-12-07, main with the slots array (layout 4):
-/// `cargo xtask watch-bench -- --services 100000 --endpoints 10 --events 20`): RSS
-/// 19,108 KiB empty, 272,324 KiB at its peak; maps 244,603 KiB empty, 253,978 KiB holding
-/// the Services (only the masters grow: slots and backends are arrays).
+/// build, 2026-12-07, main with the slots array (layout 4) and the writer's backend
+/// records packed: `cargo xtask watch-bench -- --services 100000 --endpoints 10 --events
+/// 20`): RSS 19,252 KiB empty, 257,252 KiB at its peak; maps 244,603 KiB empty, 253,978 KiB
+/// holding the Services (only the masters grow: slots and backends are arrays).
 pub const MEASURED: Figures = Figures {
     empty_agent_bytes: 20 * MIB,
-    agent_bytes_per_service: 2_593,
+    agent_bytes_per_service: 2_437,
     map_bytes_per_service: 96,
 };
 
