@@ -241,31 +241,25 @@ pub trait SlotKey {
     fn at_slot(&self, slot: u16) -> Self;
 }
 
-impl SlotKey for Service4Key {
-    fn slot(&self) -> u16 {
-        self.backend_slot
-    }
+macro_rules! slot_key {
+    ($key:ty) => {
+        impl SlotKey for $key {
+            fn slot(&self) -> u16 {
+                self.backend_slot
+            }
 
-    fn at_slot(&self, slot: u16) -> Self {
-        Self {
-            backend_slot: slot,
-            ..*self
+            fn at_slot(&self, slot: u16) -> Self {
+                Self {
+                    backend_slot: slot,
+                    ..*self
+                }
+            }
         }
-    }
+    };
 }
 
-impl SlotKey for Service6Key {
-    fn slot(&self) -> u16 {
-        self.backend_slot
-    }
-
-    fn at_slot(&self, slot: u16) -> Self {
-        Self {
-            backend_slot: slot,
-            ..*self
-        }
-    }
-}
+slot_key!(Service4Key);
+slot_key!(Service6Key);
 
 fn open(path: &Path) -> std::io::Result<Array<MapData, u32>> {
     let data = MapData::from_pin(path).map_err(std::io::Error::other)?;

@@ -424,7 +424,7 @@ impl std::str::FromStr for BindAddress {
 /// The capacities of the maps that grow with the cluster. The defaults fit 100,000 Services
 /// × 10 endpoints in one family. Memory is the kernel's, charged to the agent's memory
 /// cgroup: each hash map takes 16 B per entry of capacity (rounded up to a power of two) up
-/// front, and about 80 B more per entry written; arrays and conntrack are allocated whole.
+/// front, and about 90 B more per entry written; arrays and conntrack are allocated whole.
 /// At the defaults, empty: 2 × 4 MiB (services maps), 28 MiB (slots), 2 × 16 MiB
 /// (backends), 137 MiB (conntrack), 34 MiB (the fixed reverse-NAT, peers, affinity and
 /// other maps): 239 MiB in all; `lb-agent services --summary` shows each map's fill and
@@ -446,8 +446,9 @@ struct MapSizeArgs {
     /// Backend slots, both families together: one per endpoint of each frontend (a Service
     /// with a ClusterIP and a NodePort and 10 endpoints takes 20), each frontend's in one
     /// range of the slots array. A change of a frontend's endpoints writes a new range
-    /// before the old one is freed, so keep room for the largest Service's. 16 B per slot,
-    /// allocated up front (28 MiB at the default).
+    /// before the old one is freed (after the sync), so keep room for the endpoints that
+    /// change in one sync, at least the largest Service's. 16 B per slot, allocated up
+    /// front (28 MiB at the default).
     #[arg(long, env = "LB_MAX_BACKEND_SLOTS", value_name = "N",
           default_value_t = lb_common::MapCapacities::DEFAULT.backend_slots,
           value_parser = clap::value_parser!(u32).range(1..))]

@@ -881,7 +881,7 @@ mod tests {
             }
             reconciler.sync(SyncKind::Full, Instant::now()).unwrap();
             // Scale every Service 2 -> 3 and drop one: new backends, slots, masters,
-            // surplus deletes; the phase `skip` (counted from 0) fails.
+            // deletes; the phase `skip` (counted from 0) fails.
             for i in 0..2 {
                 reconciler.apply(slice(i, 3));
             }

@@ -12,8 +12,8 @@
 //! Write order (the agent's job, see `lb-agent/src/maps/writer.rs`): backends first, then
 //! the frontend's slots into a range of the slots array that no master names, then the
 //! master naming that range with the new count; only then are the old range (after a grace
-//! period, for connects that read the old master) and unused backends freed. A slot a
-//! master names is never written in place (an array entry is copied in place, so a reader
+//! period, for connects that read the old master, unless the array has no other room) and
+//! unused backends freed. A slot a master names is never written in place (an array entry is copied in place, so a reader
 //! could see half of a write). A connect that reads the master at any moment therefore
 //! finds every slot of its range filled with a live backend, and a Service whose backends
 //! change never looks empty in between.

@@ -256,13 +256,15 @@ pub fn pick_backend<C: EbpfContext, B: SlotBackend>(
 fn slot_missing<C: EbpfContext>(ctx: &C, count: u16, slot: u16) {
     warn!(
         ctx,
-        "lb: frontend has count {} but slot {} is missing", count, slot
+        "lb: slot {} of a frontend's {} is past the slots array", slot, count
     );
 }
 
 /// Puts the peer mark of frontend `rev_nat_id` on its backend slot at `index` of the slots
 /// array. The agent writes a new range for each change and never writes a slot a master
-/// names, so the mark lands on the slot it was meant for, or on a retired one.
+/// names, so the mark lands on the slot it was meant for, or on a retired one (should that
+/// be handed out again, a mark naming another frontend means nothing there: a slot counts
+/// as marked only for the frontend whose id it holds).
 #[inline(always)]
 fn mark_peer(slots: &Slots, index: u32, rev_nat_id: FrontendId) {
     if let Some(entry) = slots.get_ptr_mut(index) {

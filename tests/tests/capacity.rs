@@ -12,7 +12,7 @@ use lb_tests::{TestEnv, require_privileges};
 const APPLY: Duration = Duration::from_secs(10);
 const SMALL: &str = "10.96.0.10:80";
 const BIG: &str = "10.96.0.20:80";
-/// Each services map holds 2 + 8 = 10 entries: a master and a slot per endpoint.
+/// Each services map holds 2 masters, the slots array 8 slots (one per endpoint).
 const CAPACITY_ARGS: [&str; 4] = ["--max-frontends", "2", "--max-backend-slots", "8"];
 
 /// The `big` Service with `n` endpoints (addresses nothing answers on: only the maps matter).

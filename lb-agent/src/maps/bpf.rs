@@ -160,44 +160,39 @@ impl BpfMaps {
     /// Writes the frontends an agent of an earlier layout kept with their slots in the
     /// services maps (see `crate::layout::take_slotted_services`): each whole frontend's
     /// slots into the next range of the slots array, then its master naming them. Those
-    /// missing a slot, or past the array's end, are left to the writer's first sync.
+    /// missing a slot or a backend (one past `--max-backends` that
+    /// [`Self::restore_backends`] left out), or past the array's end, are left to the
+    /// writer's first sync.
     ///
     /// # Errors
-    /// When the maps cannot be written.
+    /// When the maps cannot be read or written.
     pub fn restore_services(&mut self, old: &crate::layout::SlottedServices) -> Result<()> {
-        let capacity = self.slots.len();
-        let mut next: u32 = 0;
-        let mut indices = Vec::new();
-        let mut values = Vec::new();
-        let mut place = |master: &crate::layout::SlottedValue, slots: Vec<SlotValue>| {
-            let len = u32::try_from(slots.len()).ok()?;
-            let base = next;
-            next = next.checked_add(len).filter(|&end| end <= capacity)?;
-            indices.extend(base..next);
-            values.extend(slots);
-            Some(master.master(if len == 0 { 0 } else { base }))
+        let present: crate::fast_hash::HashSet<u32> =
+            present_backends::<Backend4>(self.backends4.map(), BACKENDS4_MAP)?
+                .into_iter()
+                .map(|(id, _)| id)
+                .chain(
+                    present_backends::<Backend6>(self.backends6.map(), BACKENDS6_MAP)?
+                        .into_iter()
+                        .map(|(id, _)| id),
+                )
+                .collect();
+        let mut placed = PlacedSlots {
+            capacity: self.slots.len(),
+            present: &present,
+            indices: Vec::new(),
+            values: Vec::new(),
         };
-        let (mut k4, mut m4, mut k6, mut m6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (key, master, slots) in crate::layout::whole_frontends(&old.v4) {
-            if let Some(value) = place(&master, slots) {
-                k4.push(key);
-                m4.push(value);
-            }
-        }
-        for (key, master, slots) in crate::layout::whole_frontends(&old.v6) {
-            if let Some(value) = place(&master, slots) {
-                k6.push(key);
-                m6.push(value);
-            }
-        }
-        let left = old.v4.len() + old.v6.len() - k4.len() - k6.len() - indices.len();
+        let (k4, m4) = placed.masters(&old.v4);
+        let (k6, m6) = placed.masters(&old.v6);
+        let left = old.v4.len() + old.v6.len() - k4.len() - k6.len() - placed.indices.len();
         if left > 0 {
             warn!(
                 entries = left,
                 "services-map entries of the earlier layout left to the first sync"
             );
         }
-        update_batch(self.slots.map(), SLOTS_MAP, &indices, &values)?;
+        update_batch(self.slots.map(), SLOTS_MAP, &placed.indices, &placed.values)?;
         update_batch(self.services4.map(), SERVICES4_MAP, &k4, &m4)?;
         update_batch(self.services6.map(), SERVICES6_MAP, &k6, &m6)
     }
@@ -216,6 +211,43 @@ impl BpfMaps {
                 .map(|data| aya_map(kind, data))
                 .map_err(|e| aya_error("open pinned", name, e))
         })
+    }
+}
+
+/// The slots of migrated frontends, placed one range after the other from index 0.
+struct PlacedSlots<'a> {
+    capacity: u32,
+    /// The backend ids the backends arrays hold.
+    present: &'a crate::fast_hash::HashSet<u32>,
+    indices: Vec<u32>,
+    values: Vec<SlotValue>,
+}
+
+impl PlacedSlots<'_> {
+    /// The keys and masters, naming their placed ranges, of the whole frontends of
+    /// `entries` whose backends are all present and whose slots fit.
+    fn masters<K: Copy + Ord + crate::layout::SlotKey>(
+        &mut self,
+        entries: &[(K, crate::layout::SlottedValue)],
+    ) -> (Vec<K>, Vec<ServiceValue>) {
+        let mut placed = (Vec::new(), Vec::new());
+        for (key, master, slots) in crate::layout::whole_frontends(entries) {
+            if !slots.iter().all(|s| self.present.contains(&s.backend_id)) {
+                continue;
+            }
+            let base = u32::try_from(self.indices.len()).unwrap_or(u32::MAX);
+            let len = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+            let Some(end) = base.checked_add(len).filter(|&end| end <= self.capacity) else {
+                continue;
+            };
+            self.indices.extend(base..end);
+            self.values.extend(slots);
+            placed.0.push(key);
+            placed
+                .1
+                .push(master.master(if len == 0 { 0 } else { base }));
+        }
+        placed
     }
 }
 
@@ -515,7 +547,7 @@ impl LbMaps for BpfMaps {
                 Op::ForgetPeer(backend, rev_nat_id) => self.forget_peer(backend, *rev_nat_id)?,
             }
         }
-        if slots.last().is_some_and(|&last| last >= self.slots.len()) {
+        if slots.iter().any(|&index| index >= self.slots.len()) {
             return Err(MapError {
                 op: "batch update",
                 map: SLOTS_MAP,

@@ -109,7 +109,7 @@ pub fn decode(
     for frontend in frontends.values().filter(|f| f.count > 0) {
         let (start, end) = (
             frontend.slot_base,
-            frontend.slot_base + u32::from(frontend.count),
+            frontend.slot_base.saturating_add(u32::from(frontend.count)),
         );
         let before = taken.range(..end).next_back();
         if before.is_some_and(|(_, &before_end)| before_end > start) {

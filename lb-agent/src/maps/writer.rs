@@ -97,6 +97,10 @@ struct Programmed {
 struct Rare {
     /// `loadBalancerSourceRanges` entries of the frontend.
     source_ranges: BTreeSet<ipnet::IpNet>,
+    /// An adopted master whose slots are unusable (`slots` empty) still names its range,
+    /// `base..base + unusable_range`: the frontend owns it until a new master stops naming
+    /// it (0: no such range, or one another master named first).
+    unusable_range: u32,
 }
 
 static NO_SOURCE_RANGES: BTreeSet<ipnet::IpNet> = BTreeSet::new();
@@ -127,7 +131,22 @@ impl Programmed {
 
     /// Sets what few frontends have, holding nothing when it is nothing.
     fn set_rare(&mut self, source_ranges: BTreeSet<ipnet::IpNet>) {
-        self.rare = (!source_ranges.is_empty()).then(|| Box::new(Rare { source_ranges }));
+        self.rare = (!source_ranges.is_empty()).then(|| {
+            Box::new(Rare {
+                source_ranges,
+                unusable_range: 0,
+            })
+        });
+    }
+
+    /// The length of the slots range this frontend owns, from `base`: its slots', or an
+    /// adopted unusable one's.
+    fn owned_len(&self) -> u32 {
+        if self.intact() {
+            u32::try_from(self.slots.len()).unwrap_or(u32::MAX)
+        } else {
+            self.rare.as_ref().map_or(0, |r| r.unusable_range)
+        }
     }
 
     /// Whether the master names exactly the slots recorded (not so after adopting a
@@ -249,13 +268,14 @@ impl<M: LbMaps> MapWriter<M> {
             let reserved = self
                 .slot_ranges
                 .reserve(entry.slot_base, u32::from(entry.count));
+            let mut unusable_range = 0;
             if !(whole && reserved) {
                 // Slots naming missing backends, or a range another master names too (only a
-                // foreign writer leaves either): the next apply writes a new range.
+                // foreign writer leaves either): the next apply writes a new range. The old
+                // one stays reserved while the master names it.
                 warn!(frontend = %entry.address, "adopted frontend's backend slots are unusable");
                 if reserved {
-                    self.slot_ranges
-                        .retire(entry.slot_base, u32::from(entry.count));
+                    unusable_range = u32::from(entry.count);
                 }
                 slots.clear();
             }
@@ -263,13 +283,16 @@ impl<M: LbMaps> MapWriter<M> {
                 self.backends.add_ref(*id);
             }
             self.rev_nat_ids.insert(entry.rev_nat_id);
-            let programmed = Programmed {
+            let mut programmed = Programmed {
                 slots: slots.into_boxed_slice(),
                 base: entry.slot_base,
                 master_count: entry.count,
                 affinity: entry.affinity_timeout,
                 ..Programmed::new(entry.rev_nat_id, entry.flags)
             };
+            if unusable_range > 0 {
+                programmed.rare_mut().unusable_range = unusable_range;
+            }
             self.frontends.insert(entry.address, programmed);
         }
         // Ranges retired before (by this writer) stay out of use for their grace period.
@@ -731,10 +754,7 @@ impl<M: LbMaps> MapWriter<M> {
             ..Programmed::new(old.rev_nat_id, flags)
         };
         new.set_rare(source_ranges);
-        let range = (new_range && !new.slots.is_empty()).then(|| {
-            let len = u32::try_from(new.slots.len()).unwrap_or(u32::MAX);
-            (new.base, len)
-        });
+        let range = (new_range && !new.slots.is_empty()).then(|| (new.base, new.owned_len()));
         Ok(Some(FrontendPlan {
             address,
             is_new,
@@ -764,7 +784,7 @@ impl<M: LbMaps> MapWriter<M> {
         } = plan;
         if range.is_some() || new.slots.is_empty() {
             // The master stops naming the old range when this apply writes it.
-            self.slot_ranges.retire(old.base, owned_len(&old));
+            self.slot_ranges.retire(old.base, old.owned_len());
         }
         for (id, backend) in new_backends {
             self.backends.insert(id, backend);
@@ -824,7 +844,7 @@ impl<M: LbMaps> MapWriter<M> {
         };
         let mut ops = vec![(phase, Op::DeleteMaster(address))];
         stats.map_deletes += 1;
-        self.slot_ranges.retire(old.base, owned_len(&old));
+        self.slot_ranges.retire(old.base, old.owned_len());
         if plan_affinity_matches(&old, &[], None, &mut ops, stats) {
             self.forget_affinity.insert(old.rev_nat_id);
         }
@@ -920,11 +940,6 @@ fn master_value(
     }
 }
 
-/// The length of the slots range `programmed` owns (from its `base`).
-fn owned_len(programmed: &Programmed) -> u32 {
-    u32::try_from(programmed.slots.len()).unwrap_or(u32::MAX)
-}
-
 /// A TCP frontend's claim on a backend it stopped using goes after its master stopped
 /// naming the backend (the datapath claims a backend for the first frontend whose sockets
 /// reach it, which then need no reverse-NAT record: see `lb_common::PeerKey`).
@@ -959,7 +974,7 @@ fn plan_source_ranges(
 
 /// Affinity-match entries for the new `slots`: new ones before any slot or master names
 /// them (with the new backends), stale ones after the master stops naming them (with the
-/// surplus slots). When affinity is turned off, the slots change before the master drops
+/// stale source ranges). When affinity is turned off, the slots change before the master drops
 /// its flag: a backend new to a slot gets a match for that moment too, removed with the
 /// others (found by the property tests). Returns whether affinity is turned off, which
 /// also forgets the clients' entries, so turning it on again starts afresh.
@@ -1059,7 +1074,8 @@ pub struct Refused {
 }
 
 /// Places the wanted backend ids in slots: a backend that stays keeps its slot if that slot
-/// still exists, the others fill the free slots in order. This keeps writes to what changed.
+/// still exists, the others fill the free slots in order. This keeps slot numbers stable (an
+/// unconnected UDP socket picks its slot by hash), though every change writes a new range.
 fn assign_slots(old: &[u32], wanted: &[u32]) -> Vec<u32> {
     let wanted_set: BTreeSet<u32> = wanted.iter().copied().collect();
     let mut slots: Vec<Option<u32>> = vec![None; wanted.len()];

@@ -148,6 +148,38 @@ fn adoption_rewrites_a_master_whose_slots_are_missing_when_no_backend_is_wanted(
 }
 
 #[test]
+fn an_adopted_range_that_cannot_be_used_stays_reserved_while_its_master_names_it() {
+    // A master naming slots 0..2 whose second slot names a backend that is gone (a foreign
+    // writer's doing), in a slots array of 3. Its rewrite needs 2 free slots and may be
+    // refused; until a new master stops naming 0..2, no other frontend may get them, not
+    // even from a full array (which hands out retired ranges before their grace period).
+    let web = L4Addr::new(IpAddr::from([10, 96, 0, 10]), 80, Protocol::Tcp);
+    let mut maps = FakeMaps::default();
+    maps.set_capacity(lb_common::SLOTS_MAP, 3);
+    let mut writer = MapWriter::adopt(maps).unwrap();
+    writer
+        .apply(&desired([frontend(
+            web,
+            FrontendKind::ClusterIp,
+            endpoints(),
+        )]))
+        .unwrap();
+    let mut maps = writer.maps().clone();
+    let gone = maps.slots[&maps.services[&web].slot_index(2)].backend_id;
+    maps.backends.retain(|&(_, id), _| id != gone);
+    let mut writer = MapWriter::adopt(maps).unwrap();
+    assert_eq!(writer.frontends[&web].owned_len(), 2);
+    let later = std::time::Instant::now() + super::slot_ranges::GRACE;
+    writer.slot_ranges.end_apply(later);
+    assert_eq!(
+        writer.slot_ranges.allocate(2, later),
+        None,
+        "0..2 is still named"
+    );
+    assert_eq!(writer.slot_ranges.allocate(1, later), Some(2));
+}
+
+#[test]
 fn a_master_written_without_its_slots_is_never_adopted_as_complete() {
     // The master says 3 but no slot exists: the writer must not leave it so.
     let web = L4Addr::new(IpAddr::from([10, 96, 0, 10]), 80, Protocol::Tcp);
