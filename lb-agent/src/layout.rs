@@ -85,13 +85,26 @@ pub fn record(pin_dir: &Path) -> std::io::Result<()> {
         .map_err(std::io::Error::other)
 }
 
-/// The backends an agent of layout 2 or earlier kept in hash maps keyed by id, taken out
-/// of their pins so that the loader creates the arrays of this layout in their place.
-#[derive(Debug, Default)]
-pub struct HashedBackends {
-    pub v4: Vec<(u32, Backend4)>,
-    pub v6: Vec<(u32, Backend6)>,
+/// The entries of a pair of hash maps (the IPv4 one's, the IPv6 one's) an agent of an
+/// earlier layout pinned, taken out of their pins so that the loader creates this layout's
+/// maps in their place.
+#[derive(Debug)]
+pub struct Taken<T4, T6> {
+    pub v4: Vec<T4>,
+    pub v6: Vec<T6>,
 }
+
+impl<T4, T6> Default for Taken<T4, T6> {
+    fn default() -> Self {
+        Self {
+            v4: Vec::new(),
+            v6: Vec::new(),
+        }
+    }
+}
+
+/// The backends an agent of layout 2 or earlier kept in hash maps keyed by id.
+pub type HashedBackends = Taken<(u32, Backend4), (u32, Backend6)>;
 
 /// The first layout whose backends maps are arrays.
 const ARRAY_BACKENDS: u32 = 3;
@@ -104,13 +117,29 @@ const ARRAY_BACKENDS: u32 = 3;
 /// # Errors
 /// When a pin cannot be read or removed.
 pub fn take_hashed_backends(pin_dir: &Path, found: Found) -> std::io::Result<HashedBackends> {
-    let mut taken = HashedBackends::default();
-    if !matches!(found, Found::Layout(n) if n < ARRAY_BACKENDS) {
-        return Ok(taken);
+    take_before(
+        pin_dir,
+        found,
+        ARRAY_BACKENDS,
+        [BACKENDS4_MAP, BACKENDS6_MAP],
+    )
+}
+
+/// The hash maps `[IPv4 one, IPv6 one]` pinned under `pin_dir`, taken out of their pins
+/// when `found` is a layout before `changed_in` (nothing otherwise).
+fn take_before<K4: aya::Pod, V4: aya::Pod, K6: aya::Pod, V6: aya::Pod>(
+    pin_dir: &Path,
+    found: Found,
+    changed_in: u32,
+    [map4, map6]: [&str; 2],
+) -> std::io::Result<Taken<(K4, V4), (K6, V6)>> {
+    if !matches!(found, Found::Layout(n) if n < changed_in) {
+        return Ok(Taken::default());
     }
-    taken.v4 = take_hashed(pin_dir, BACKENDS4_MAP)?;
-    taken.v6 = take_hashed(pin_dir, BACKENDS6_MAP)?;
-    Ok(taken)
+    Ok(Taken {
+        v4: take_hashed(pin_dir, map4)?,
+        v6: take_hashed(pin_dir, map6)?,
+    })
 }
 
 /// The entries of the hash map pinned as `name` (nothing if it is not a hash map of `K`
@@ -187,13 +216,8 @@ impl SlottedValue {
     }
 }
 
-/// The services maps of a layout before 4, masters and slots together, taken out of their
-/// pins so that the loader creates this layout's maps in their place.
-#[derive(Debug, Default)]
-pub struct SlottedServices {
-    pub v4: Vec<(Service4Key, SlottedValue)>,
-    pub v6: Vec<(Service6Key, SlottedValue)>,
-}
+/// The services maps of a layout before 4, masters and slots together.
+pub type SlottedServices = Taken<(Service4Key, SlottedValue), (Service6Key, SlottedValue)>;
 
 /// The first layout whose backend slots are in the slots array.
 const SLOTS_ARRAY: u32 = 4;
@@ -207,13 +231,7 @@ const SLOTS_ARRAY: u32 = 4;
 /// # Errors
 /// When a pin cannot be read or removed.
 pub fn take_slotted_services(pin_dir: &Path, found: Found) -> std::io::Result<SlottedServices> {
-    let mut taken = SlottedServices::default();
-    if !matches!(found, Found::Layout(n) if n < SLOTS_ARRAY) {
-        return Ok(taken);
-    }
-    taken.v4 = take_hashed(pin_dir, SERVICES4_MAP)?;
-    taken.v6 = take_hashed(pin_dir, SERVICES6_MAP)?;
-    Ok(taken)
+    take_before(pin_dir, found, SLOTS_ARRAY, [SERVICES4_MAP, SERVICES6_MAP])
 }
 
 /// The masters of `entries` (a services map of a layout before 4) whose slots `1..=count`

@@ -343,6 +343,38 @@ impl Backend {
             remote: false,
         }
     }
+
+    /// Its state and whether it is remote as two bits ([`Self::TERMINATING`],
+    /// [`Self::REMOTE`]): how the compact forms hold them (`model::BackendList`, the
+    /// writer's backend table).
+    #[must_use]
+    pub const fn condition_bits(&self) -> u8 {
+        let terminating = match self.state {
+            EndpointState::Ready => 0,
+            EndpointState::Terminating => Self::TERMINATING,
+        };
+        terminating | if self.remote { Self::REMOTE } else { 0 }
+    }
+
+    /// The backend at `addr` whose state and place `bits` give ([`Self::condition_bits`];
+    /// other bits are ignored).
+    #[must_use]
+    pub const fn with_condition_bits(addr: L4Addr, bits: u8) -> Self {
+        Self {
+            addr,
+            state: if bits & Self::TERMINATING == 0 {
+                EndpointState::Ready
+            } else {
+                EndpointState::Terminating
+            },
+            remote: bits & Self::REMOTE != 0,
+        }
+    }
+
+    /// [`Self::condition_bits`] of a terminating backend.
+    pub const TERMINATING: u8 = 1 << 0;
+    /// [`Self::condition_bits`] of a remote backend.
+    pub const REMOTE: u8 = 1 << 1;
 }
 
 impl serde::Serialize for Backend {

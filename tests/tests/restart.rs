@@ -183,6 +183,28 @@ fn update(agent: &lb_tests::Agent, map: &str, key: &[u8], value: &[u8]) {
     lb_tests::cmd::run(&mut command, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map update");
 }
 
+/// Replaces the pin of `map` with an empty `BPF_F_NO_PREALLOC` hash map of `entries`
+/// entries, keys and values of the `(key, value)` sizes: the shape an earlier layout gave
+/// it.
+fn pin_hash_map(agent: &lb_tests::Agent, map: &str, (key, value): (usize, usize), entries: u32) {
+    let pin = agent.config().pin_path.join(map);
+    std::fs::remove_file(&pin).expect("remove the pin");
+    let mut create = std::process::Command::new("bpftool");
+    create
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "hash",
+            "key",
+            &key.to_string(),
+            "value",
+            &value.to_string(),
+        ])
+        .args(["entries", &entries.to_string(), "name", map, "flags", "1"]);
+    lb_tests::cmd::run(&mut create, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map create");
+}
+
 /// Waits for the restarted `agent` to have migrated the pins from layout `from` to this one.
 fn wait_for_migration(agent: &mut lb_tests::Agent, from: u32) {
     let deadline = std::time::Instant::now() + APPLY;
@@ -270,18 +292,12 @@ fn backends_of_the_hash_map_layout_move_into_the_arrays_under_their_ids() {
 
     // What an agent of layout 2 left: the same backend in a hash map pinned in its place.
     agent.kill();
-    let pin = agent.config().pin_path.join(lb_common::BACKENDS4_MAP);
-    std::fs::remove_file(&pin).expect("remove the array's pin");
-    let entries = lb_common::MapCapacities::DEFAULT.backends.to_string();
-    let mut create = std::process::Command::new("bpftool");
-    create
-        .args(["map", "create"])
-        .arg(&pin)
-        .args([
-            "type", "hash", "key", "4", "value", "8", "entries", &entries,
-        ])
-        .args(["name", lb_common::BACKENDS4_MAP, "flags", "1"]);
-    lb_tests::cmd::run(&mut create, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map create");
+    pin_hash_map(
+        &agent,
+        lb_common::BACKENDS4_MAP,
+        (4, 8),
+        lb_common::MapCapacities::DEFAULT.backends,
+    );
     update(
         &agent,
         lb_common::BACKENDS4_MAP,
@@ -335,18 +351,12 @@ fn slots_of_the_services_map_layout_move_into_the_slots_array() {
     // What an agent of layout 3 left: a services map of 16-byte values holding the master
     // (frontend id 7, one slot) and slot 1 (backend id 1, inline).
     agent.kill();
-    let pin = agent.config().pin_path.join(lb_common::SERVICES4_MAP);
-    std::fs::remove_file(&pin).expect("remove the services map's pin");
-    let entries = lb_common::MapCapacities::DEFAULT.frontends.to_string();
-    let mut create = std::process::Command::new("bpftool");
-    create
-        .args(["map", "create"])
-        .arg(&pin)
-        .args([
-            "type", "hash", "key", "12", "value", "16", "entries", &entries,
-        ])
-        .args(["name", lb_common::SERVICES4_MAP, "flags", "1"]);
-    lb_tests::cmd::run(&mut create, lb_tests::cmd::PLUMBING_TIMEOUT).expect("bpftool map create");
+    pin_hash_map(
+        &agent,
+        lb_common::SERVICES4_MAP,
+        (12, 16),
+        lb_common::MapCapacities::DEFAULT.frontends,
+    );
     let mut master = vec![0; 4];
     master.extend(7u32.to_le_bytes());
     master.extend(lb_common::SVC_F_CLUSTER_IP.to_le_bytes());

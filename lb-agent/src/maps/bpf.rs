@@ -167,6 +167,10 @@ impl BpfMaps {
     /// # Errors
     /// When the maps cannot be read or written.
     pub fn restore_services(&mut self, old: &crate::layout::SlottedServices) -> Result<()> {
+        if old.v4.is_empty() && old.v6.is_empty() {
+            // Nothing to migrate (every start but one): no scan of the backends arrays.
+            return Ok(());
+        }
         let present: crate::fast_hash::HashSet<u32> =
             present_backends::<Backend4>(self.backends4.map(), BACKENDS4_MAP)?
                 .into_iter()

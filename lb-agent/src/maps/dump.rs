@@ -43,8 +43,8 @@ pub struct SlotEntry {
 pub struct MapContents {
     pub frontends: Vec<FrontendEntry>,
     pub backends: BTreeMap<u32, Backend>,
-    /// Frontends whose slot range overlaps another's (only a foreign writer leaves one):
-    /// the later of the two in address order.
+    /// Frontends whose slot range overlaps another's, or ends past the array's indices
+    /// (only a foreign writer leaves one): the later of the two in address order.
     pub overlapping: Vec<L4Addr>,
     /// Affinity-match entries: (backend id, frontend `rev_nat_id`), sorted.
     pub affinity_matches: Vec<(u32, lb_common::FrontendId)>,
@@ -105,17 +105,11 @@ pub fn decode(
         };
         frontends.insert(entry.frontend, frontend);
     }
-    let mut taken: BTreeMap<u32, u32> = BTreeMap::new();
-    for frontend in frontends.values().filter(|f| f.count > 0) {
-        let (start, end) = (
-            frontend.slot_base,
-            frontend.slot_base.saturating_add(u32::from(frontend.count)),
-        );
-        let before = taken.range(..end).next_back();
-        if before.is_some_and(|(_, &before_end)| before_end > start) {
+    // The writer's own test of an adopted range: taken in address order, as it adopts them.
+    let mut taken = super::writer::slot_ranges::SlotRanges::new(u32::MAX);
+    for frontend in frontends.values() {
+        if !taken.reserve(frontend.slot_base, u32::from(frontend.count)) {
             contents.overlapping.push(frontend.address);
-        } else {
-            taken.insert(start, end);
         }
     }
     contents.frontends = frontends.into_values().collect();

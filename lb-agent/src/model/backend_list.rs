@@ -4,7 +4,7 @@
 //! more with a NodePort (issue 12's memory target).
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::{Backend, EndpointState, L4Addr, Protocol};
+use super::{Backend, L4Addr, Protocol};
 
 /// The backends of one frontend, in order. Built from a list of [`Backend`]s and read back
 /// as [`Backend`]s; a list mixing families or protocols (which translation never makes) is
@@ -24,40 +24,21 @@ enum Repr {
 struct Compact<A> {
     address: A,
     port: u16,
-    /// [`TERMINATING`] and [`REMOTE`].
+    /// [`Backend::condition_bits`].
     flags: u8,
 }
 
-const TERMINATING: u8 = 1 << 0;
-const REMOTE: u8 = 1 << 1;
-
 impl<A> Compact<A> {
-    fn new(address: A, backend: &Backend) -> Self {
-        let mut flags = 0;
-        if backend.state == EndpointState::Terminating {
-            flags |= TERMINATING;
-        }
-        if backend.remote {
-            flags |= REMOTE;
-        }
+    const fn new(address: A, backend: &Backend) -> Self {
         Self {
             address,
             port: backend.addr.port,
-            flags,
+            flags: backend.condition_bits(),
         }
     }
 
     fn backend(&self, address: IpAddr, protocol: Protocol) -> Backend {
-        let state = if self.flags & TERMINATING == 0 {
-            EndpointState::Ready
-        } else {
-            EndpointState::Terminating
-        };
-        Backend {
-            addr: L4Addr::new(address, self.port, protocol),
-            state,
-            remote: self.flags & REMOTE != 0,
-        }
+        Backend::with_condition_bits(L4Addr::new(address, self.port, protocol), self.flags)
     }
 }
 
@@ -185,6 +166,7 @@ impl<'a> IntoIterator for &'a BackendList {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::EndpointState;
 
     fn backend(address: &str, port: u16, protocol: Protocol) -> Backend {
         Backend::new(

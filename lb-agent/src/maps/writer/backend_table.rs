@@ -15,7 +15,7 @@ use std::{
 
 use hashbrown::HashTable;
 
-use crate::model::{Backend, EndpointState, L4Addr, Protocol};
+use crate::model::{Backend, L4Addr, Protocol};
 
 /// A backend in the maps, and the number of slots naming it.
 #[derive(Clone, Copy, Debug)]
@@ -30,7 +30,8 @@ struct Packed {
     /// IPv4: the address's bits; IPv6: its index in [`BackendTable::v6`].
     address: u32,
     port: u16,
-    /// `TCP` or `UDP` (0: no backend holds the id), `IPV6`, `TERMINATING`, `REMOTE`.
+    /// `TCP` or `UDP` (0: no backend holds the id), `IPV6`, and the backend's
+    /// [`Backend::condition_bits`] from `CONDITION_SHIFT` on.
     meta: u8,
     refs: u32,
 }
@@ -39,8 +40,7 @@ const TCP: u8 = 1;
 const UDP: u8 = 2;
 const PROTOCOL: u8 = TCP | UDP;
 const IPV6: u8 = 1 << 2;
-const TERMINATING: u8 = 1 << 3;
-const REMOTE: u8 = 1 << 4;
+const CONDITION_SHIFT: u8 = 3;
 
 const _: () = assert!(size_of::<Packed>() == 12);
 
@@ -198,7 +198,6 @@ impl BackendTable {
 
     /// `backend` packed, its IPv6 address (if any) stored aside.
     fn pack(&mut self, backend: &Backend) -> Packed {
-        let flag = |on: bool, bit: u8| if on { bit } else { 0 };
         let protocol = match backend.addr.protocol {
             Protocol::Tcp => TCP,
             Protocol::Udp => UDP,
@@ -222,10 +221,7 @@ impl BackendTable {
         Packed {
             address,
             port: backend.addr.port,
-            meta: protocol
-                | family
-                | flag(backend.state == EndpointState::Terminating, TERMINATING)
-                | flag(backend.remote, REMOTE),
+            meta: protocol | family | backend.condition_bits() << CONDITION_SHIFT,
             refs: 0,
         }
     }
@@ -241,16 +237,10 @@ impl BackendTable {
         } else {
             Protocol::Udp
         };
-        let state = if packed.meta & TERMINATING == 0 {
-            EndpointState::Ready
-        } else {
-            EndpointState::Terminating
-        };
-        Backend {
-            addr: L4Addr::new(address, packed.port, protocol),
-            state,
-            remote: packed.meta & REMOTE != 0,
-        }
+        Backend::with_condition_bits(
+            L4Addr::new(address, packed.port, protocol),
+            packed.meta >> CONDITION_SHIFT,
+        )
     }
 }
 

@@ -115,12 +115,9 @@ fn switching_the_external_traffic_policy_never_narrows_in_cluster_clients() {
     assert_eq!(in_cluster_choice(writer.maps()), Some(2));
 }
 
-#[test]
-fn adoption_rewrites_a_master_whose_slots_are_missing_when_no_backend_is_wanted() {
-    // A foreign writer left a master (count 2) whose second slot was never written.
-    let web = L4Addr::new(IpAddr::from([10, 96, 0, 10]), 80, Protocol::Tcp);
-    let mut maps = FakeMaps::default();
-    let mut writer = MapWriter::adopt(maps.clone()).unwrap();
+/// `maps` after a writer programmed the ClusterIP `web` with [`endpoints`].
+fn with_web(maps: FakeMaps, web: L4Addr) -> FakeMaps {
+    let mut writer = MapWriter::adopt(maps).unwrap();
     writer
         .apply(&desired([frontend(
             web,
@@ -128,7 +125,14 @@ fn adoption_rewrites_a_master_whose_slots_are_missing_when_no_backend_is_wanted(
             endpoints(),
         )]))
         .unwrap();
-    maps = writer.maps().clone();
+    writer.maps().clone()
+}
+
+#[test]
+fn adoption_rewrites_a_master_whose_slots_are_missing_when_no_backend_is_wanted() {
+    // A foreign writer left a master (count 2) whose second slot was never written.
+    let web = L4Addr::new(IpAddr::from([10, 96, 0, 10]), 80, Protocol::Tcp);
+    let mut maps = with_web(FakeMaps::default(), web);
     let second = maps.services[&web].slot_index(2);
     maps.slots.remove(&second);
     // The Service now has no endpoint: its connects must be refused (count 0), and the
@@ -156,15 +160,7 @@ fn an_adopted_range_that_cannot_be_used_stays_reserved_while_its_master_names_it
     let web = L4Addr::new(IpAddr::from([10, 96, 0, 10]), 80, Protocol::Tcp);
     let mut maps = FakeMaps::default();
     maps.set_capacity(lb_common::SLOTS_MAP, 3);
-    let mut writer = MapWriter::adopt(maps).unwrap();
-    writer
-        .apply(&desired([frontend(
-            web,
-            FrontendKind::ClusterIp,
-            endpoints(),
-        )]))
-        .unwrap();
-    let mut maps = writer.maps().clone();
+    let mut maps = with_web(maps, web);
     let gone = maps.slots[&maps.services[&web].slot_index(2)].backend_id;
     maps.backends.retain(|&(_, id), _| id != gone);
     let mut writer = MapWriter::adopt(maps).unwrap();
