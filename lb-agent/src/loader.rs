@@ -51,17 +51,20 @@ pub const CGROUP_PROGRAMS: [(&str, &str); 8] = [
 const RETIRED_CGROUP_LINKS: [&str; 1] = ["sock_release"];
 
 /// The tc programs of the external devices: (program name, attach point, pin name prefix;
-/// the device's name follows).
+/// the device's name follows). Attached in this order: the reply path (egress) runs before
+/// the path that translates (ingress), so no connection is translated on a device whose
+/// replies would still pass untranslated.
 pub const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
-    ("lb_tc_ingress", TcAttachType::Ingress, "tc-ingress-"),
     ("lb_tc_egress", TcAttachType::Egress, "tc-egress-"),
+    ("lb_tc_ingress", TcAttachType::Ingress, "tc-ingress-"),
 ];
 
 /// The tc programs of the pod-facing devices (with `--socket-lb host-only|off`): ingress is
-/// what the pod sends, egress what it receives.
+/// what the pod sends, egress what it receives. Egress first, as for [`TC_PROGRAMS`]: a
+/// new pod's first connection must not be translated before its reply can be.
 pub const POD_TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
-    ("lb_tc_from_pod", TcAttachType::Ingress, "tc-pod-ingress-"),
     ("lb_tc_egress", TcAttachType::Egress, "tc-pod-egress-"),
+    ("lb_tc_from_pod", TcAttachType::Ingress, "tc-pod-ingress-"),
 ];
 
 /// The XDP program of the external devices (`--nodeport-acceleration`): (program name,

@@ -174,10 +174,17 @@ fn a_pod_created_after_the_agent_started_gets_the_per_packet_path() {
     let late = env.topo.add_pod("late");
     let links = env.pins.path().join("links");
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    // A device is ready once both of its programs are: the count of devices with each.
     let attached = || {
-        std::fs::read_dir(&links)
-            .map(|d| d.count())
-            .unwrap_or_default()
+        let names: Vec<String> = std::fs::read_dir(&links)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let with = |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();
+        with("tc-pod-ingress-").min(with("tc-pod-egress-"))
     };
     let before = attached();
     while attached() == before {
