@@ -305,6 +305,9 @@ async fn run_manifests<M: LbMaps>(
         Ok(())
     };
     read(&mut manifests, reconciler, None)?;
+    // The parsed files are garbage now: purged before the translation's memory comes on
+    // top of them (the agent's peak).
+    crate::allocator::release_free_memory();
     reconciler
         .sync(SyncKind::Full, Instant::now())
         .context("initial sync")?;
@@ -418,6 +421,9 @@ async fn run_kube<M: LbMaps>(
             false => {
                 let (services, slices, _) = reconciler.state().counts();
                 info!(services, slices, "initial lists complete");
+                // The decoded pages are garbage now: purged before the translation's
+                // memory comes on top of them (the agent's peak).
+                crate::allocator::release_free_memory();
                 reconciler
                     .sync(SyncKind::Full, started)
                     .context("initial sync")?;

@@ -1,14 +1,18 @@
-//! The agent's memory allocator: mimalloc, set up to hand freed memory back to the kernel at
-//! once.
+//! The agent's memory allocator: mimalloc, set up to hand freed memory back to the kernel
+//! once the initial lists are read, and at once from then on.
 //!
 //! glibc's malloc had to be held to one arena (`M_ARENA_MAX=1`), or per-thread arenas kept
 //! the initial list's peak resident long after it was freed; with one arena, the threads
 //! that parse manifests and decode the API server's lists queued on its lock (a sixth of
-//! their time in futex waits). mimalloc gives each thread its own heap, and with the two
+//! their time in futex waits). mimalloc gives each thread its own heap, and with the
 //! options below its resident memory stays at or below glibc's single arena: measured with
 //! `lb-watch-bench --services 100000 --endpoints 10` and 10,000 / 100,000 Services from
 //! YAML (docs/architecture.md, "Memory").
-use std::ffi::c_long;
+use std::{
+    cell::Cell,
+    ffi::c_long,
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 /// `mi_option_arena_eager_commit` and `mi_option_purge_delay`: their places in
 /// `mi_option_e` (mimalloc.h, v2 and v3 alike); libmimalloc-sys names only the older
@@ -16,29 +20,66 @@ use std::ffi::c_long;
 const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// How long freed pages stay committed before they are purged while the initial lists are
+/// read: they pass through the heap page after page (kube-rs decodes each list page
+/// whole), and purging each page's memory at once made the next one fault it in again — a
+/// fifth of the agent's CPU time at 100,000 Services × 10. With the delay the agent took
+/// 3.6–4.1 s of CPU to its first write instead of 5.0–6.3, and its first write came after
+/// 2.9–3.0 s instead of 3.7 (`lb-watch-bench`), at the same RSS after the sync and peak.
+const STARTUP_PURGE_DELAY_MS: c_long = 1_000;
+
 /// Sets the allocator's options; call before mimalloc starts (the binary does it from an ELF
 /// constructor), when no other thread exists.
 /// - No eager commit of the arenas mimalloc reserves: memory is committed as it is used
 ///   (an empty agent otherwise holds ~48 MiB instead of ~19 MiB).
-/// - Freed pages are purged (returned to the kernel) at once instead of after a delay, so
-///   the initial sync's transient objects do not stay resident.
+/// - Freed pages are purged (returned to the kernel) after [`STARTUP_PURGE_DELAY_MS`]
+///   until [`release_free_memory`] runs, when the initial lists are read; from then on at
+///   once, so the translation's memory does not come on top of the lists' and a relist's
+///   transient objects do not stay resident.
 pub fn configure() {
     set(ARENA_EAGER_COMMIT, 0);
-    set(PURGE_DELAY, 0);
+    set(PURGE_DELAY, STARTUP_PURGE_DELAY_MS);
 }
 
 fn set(option: libmimalloc_sys::mi_option_t, value: c_long) {
-    // SAFETY: mi_option_set takes any option number and value; called before other threads
-    // allocate (mimalloc's options are not synchronised).
+    // SAFETY: mi_option_set takes any option number and value. Options are plain words
+    // mimalloc reads as it goes (not synchronised): the purge delay set while other
+    // threads run is seen by each at its next purge decision.
     unsafe { libmimalloc_sys::mi_option_set(option, value) };
 }
 
 /// Hands the heap's free pages back to the kernel. The initial list passes through the heap
 /// once (kube-rs pages, our relist buffer, the parsed manifests): without this the agent's
-/// RSS could keep that peak for the rest of its life.
+/// RSS could keep that peak for the rest of its life. From here on freed pages are purged
+/// at once (the first sync's delay ends), and each runtime worker hands back its own heap's
+/// free pages the next time it goes idle ([`on_worker_park`]).
 pub fn release_free_memory() {
-    // SAFETY: mi_collect has no preconditions; `true` also collects other threads'
-    // abandoned pages.
+    COLLECT_EPOCH.fetch_add(1, Ordering::Relaxed);
+    collect();
+    set(PURGE_DELAY, 0);
+}
+
+/// Bumped by [`release_free_memory`]: each worker collects once per bump.
+static COLLECT_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static COLLECTED_EPOCH: Cell<u64> = const { Cell::new(0) };
+}
+
+/// For the runtime's `on_thread_park`: a worker about to idle hands its heap's free pages
+/// back when [`release_free_memory`] asked for it since it last did (a heap is the
+/// thread's own: the decoding workers' pages are out of reach of the thread that asks).
+pub fn on_worker_park() {
+    let epoch = COLLECT_EPOCH.load(Ordering::Relaxed);
+    if COLLECTED_EPOCH.replace(epoch) != epoch {
+        collect();
+    }
+}
+
+fn collect() {
+    // SAFETY: mi_collect has no preconditions; `true` also collects abandoned pages and
+    // purges what waits for its delay (which it does only while the delay is not 0: hence
+    // the order in `release_free_memory`).
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 

@@ -589,6 +589,7 @@ fn main() -> anyhow::Result<()> {
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .on_thread_park(lb_agent::allocator::on_worker_park)
                 .enable_all()
                 .build()?;
             // A step the kernel refused for lack of a capability says which one.
