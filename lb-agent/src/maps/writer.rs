@@ -450,6 +450,7 @@ impl<M: LbMaps> MapWriter<M> {
         mut released: BTreeSet<u32>,
     ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
+        self.backends.expect(backends_to_come(desired, changed));
         // Removals first: an address that moves between Services is freed before reuse.
         for address in changed.iter().filter(|a| !desired.contains_key(a)) {
             self.remove_frontend(*address, &mut released, &mut stats);
@@ -787,7 +788,7 @@ impl<M: LbMaps> MapWriter<M> {
             self.slot_ranges.retire(old.base, old.owned_len());
         }
         for (id, backend) in new_backends {
-            self.backends.insert(id, backend);
+            self.backends.insert_new(id, backend);
         }
         self.rev_nat_ids.insert(new.rev_nat_id);
         if forget_affinity {
@@ -924,6 +925,19 @@ impl<M: LbMaps> MapWriter<M> {
         }
         free_ids.next()
     }
+}
+
+/// About how many distinct backends the `changed` frontends name: those of their ClusterIP
+/// frontends (a Service's other frontends name the same endpoints, or a node-local subset of
+/// them). A first sync's count, for [`BackendTable::expect`]; an undercount only leaves the
+/// rest to grow as it comes.
+fn backends_to_come(desired: &DesiredState, changed: &BTreeSet<L4Addr>) -> usize {
+    changed
+        .iter()
+        .filter_map(|a| desired.get(a))
+        .filter(|f| f.kind == crate::model::FrontendKind::ClusterIp)
+        .map(|f| f.backends.len())
+        .sum()
 }
 
 /// A master entry.
