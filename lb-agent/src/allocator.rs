@@ -24,9 +24,17 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// read: they pass through the heap page after page (kube-rs decodes each list page
 /// whole), and purging each page's memory at once made the next one fault it in again — a
 /// fifth of the agent's CPU time at 100,000 Services × 10. With the delay the agent took
-/// 3.6–4.1 s of CPU to its first write instead of 5.0–6.3, and its first write came after
-/// 2.9–3.0 s instead of 3.7 (`lb-watch-bench`), at the same RSS after the sync and peak.
+/// 3.6–4.1 s of CPU to its first write instead of 5.0–6.3 (`lb-watch-bench`, the runs of
+/// 2026-12-07 that measured both), at the same RSS after the sync and peak.
 const STARTUP_PURGE_DELAY_MS: c_long = 1_000;
+
+/// The purge delay once the lists are read: none, so an idle agent holds no freed page.
+/// At 0 mimalloc no longer purges what the startup delay scheduled (it expects nothing to
+/// be), so [`release_free_memory`] purges that first; what another thread frees between
+/// the two steps stays committed until it is reused, a few pages at most. (A delay of
+/// 1 ms instead left whatever was freed last before idling resident: 240–256 MB after the
+/// same 20 events, against 240–245 MB at 0.)
+const PURGE_DELAY_MS: c_long = 0;
 
 /// Sets the allocator's options; call before mimalloc starts (the binary does it from an ELF
 /// constructor), when no other thread exists.
@@ -34,29 +42,32 @@ const STARTUP_PURGE_DELAY_MS: c_long = 1_000;
 ///   (an empty agent otherwise holds ~48 MiB instead of ~19 MiB).
 /// - Freed pages are purged (returned to the kernel) after [`STARTUP_PURGE_DELAY_MS`]
 ///   until [`release_free_memory`] runs, when the initial lists are read; from then on at
-///   once, so the translation's memory does not come on top of the lists' and a relist's
-///   transient objects do not stay resident.
+///   once ([`PURGE_DELAY_MS`]), so the translation's memory does not come on top of the
+///   lists' and a relist's transient objects do not stay resident.
 pub fn configure() {
     set(ARENA_EAGER_COMMIT, 0);
     set(PURGE_DELAY, STARTUP_PURGE_DELAY_MS);
 }
 
 fn set(option: libmimalloc_sys::mi_option_t, value: c_long) {
-    // SAFETY: mi_option_set takes any option number and value. Options are plain words
-    // mimalloc reads as it goes (not synchronised): the purge delay set while other
-    // threads run is seen by each at its next purge decision.
+    // SAFETY: mi_option_set takes any option number and value. An option is a plain
+    // aligned `long` that mimalloc stores and reads without atomics, so setting one while
+    // other threads allocate is formally a data race in C11; mimalloc has no atomic setter,
+    // and on the targets the agent runs on (x86-64, arm64) such a word is read whole, old
+    // or new, at each thread's next purge decision.
     unsafe { libmimalloc_sys::mi_option_set(option, value) };
 }
 
-/// Hands the heap's free pages back to the kernel. The initial list passes through the heap
-/// once (kube-rs pages, our relist buffer, the parsed manifests): without this the agent's
-/// RSS could keep that peak for the rest of its life. From here on freed pages are purged
-/// at once (the first sync's delay ends), and each runtime worker hands back its own heap's
-/// free pages the next time it goes idle ([`on_worker_park`]).
+/// Hands the calling thread's free pages back to the kernel, with every page waiting for
+/// its purge delay. The initial list passes through the heap once (kube-rs pages, our
+/// relist buffer, the parsed manifests): without this the agent's RSS could keep that peak
+/// for the rest of its life. From here on freed pages are purged at once, and each runtime
+/// worker hands back its own heap's free pages the next time it goes idle
+/// ([`on_worker_park`]).
 pub fn release_free_memory() {
-    COLLECT_EPOCH.fetch_add(1, Ordering::Relaxed);
     collect();
-    set(PURGE_DELAY, 0);
+    set(PURGE_DELAY, PURGE_DELAY_MS);
+    COLLECT_EPOCH.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Bumped by [`release_free_memory`]: each worker collects once per bump.
@@ -67,8 +78,9 @@ thread_local! {
 }
 
 /// For the runtime's `on_thread_park`: a worker about to idle hands its heap's free pages
-/// back when [`release_free_memory`] asked for it since it last did (a heap is the
-/// thread's own: the decoding workers' pages are out of reach of the thread that asks).
+/// back when [`release_free_memory`] asked for it since it last did (`mi_collect` reaches
+/// the calling thread's pages only: the decoding workers' are out of reach of the thread
+/// that asks).
 pub fn on_worker_park() {
     let epoch = COLLECT_EPOCH.load(Ordering::Relaxed);
     if COLLECTED_EPOCH.replace(epoch) != epoch {
@@ -77,9 +89,9 @@ pub fn on_worker_park() {
 }
 
 fn collect() {
-    // SAFETY: mi_collect has no preconditions; `true` also collects abandoned pages and
-    // purges what waits for its delay (which it does only while the delay is not 0: hence
-    // the order in `release_free_memory`).
+    // SAFETY: mi_collect has no preconditions. `true` frees the calling thread's empty
+    // pages and purges what waits for its delay (while the delay is not 0, and unless
+    // another thread is purging at that moment: mimalloc runs one purge at a time).
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
 

@@ -123,7 +123,7 @@ static ALLOCATOR: Counting = Counting;
 const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
 /// What a Service may cost here: today's figure (2,317 bytes; 2,350 before a first sync
-/// sized the writer's backend records exactly, 2,560 before the writer's
+/// sized the writer's backend records to its backends, 2,560 before the writer's
 /// backend records were packed into 12 bytes, 2,638 before the writer's
 /// backends were a vector indexed by dense ids, 2,766 before the compact
 /// backend lists of 2026-12-06; 2,790 charged as glibc's

@@ -171,9 +171,7 @@ fn a_pod_created_after_the_agent_started_gets_the_per_packet_path() {
     agent.wait_for_frontend(VIP, 2, APPLY);
 
     // A new pod's veth appears: the agent hears of it from netlink and attaches to it.
-    let late = env.topo.add_pod("late");
     let links = env.pins.path().join("links");
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
     // A device is ready once both of its programs are: the count of devices with each.
     let attached = || {
         let names: Vec<String> = std::fs::read_dir(&links)
@@ -186,7 +184,10 @@ fn a_pod_created_after_the_agent_started_gets_the_per_packet_path() {
         let with = |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();
         with("tc-pod-ingress-").min(with("tc-pod-egress-"))
     };
+    // Counted before the pod exists: the agent may attach while its veth is set up.
     let before = attached();
+    let late = env.topo.add_pod("late");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while attached() == before {
         agent.assert_running();
         assert!(

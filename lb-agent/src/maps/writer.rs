@@ -450,7 +450,9 @@ impl<M: LbMaps> MapWriter<M> {
         mut released: BTreeSet<u32>,
     ) -> Result<ApplyStats> {
         let mut stats = ApplyStats::default();
-        self.backends.expect(backends_to_come(desired, changed));
+        let max = usize::try_from(self.max_backend_id).unwrap_or(usize::MAX);
+        self.backends
+            .expect(backends_to_come(desired, changed).min(max));
         // Removals first: an address that moves between Services is freed before reuse.
         for address in changed.iter().filter(|a| !desired.contains_key(a)) {
             self.remove_frontend(*address, &mut released, &mut stats);
@@ -479,6 +481,7 @@ impl<M: LbMaps> MapWriter<M> {
             }
         }
         self.delete_unused_backends(released, &mut stats);
+        self.backends.trim();
         self.flush_plan()?;
         let forget = std::mem::take(&mut self.forget_affinity);
         self.maps.forget_affinity(&forget)?;
@@ -518,6 +521,7 @@ impl<M: LbMaps> MapWriter<M> {
             }
         }
         self.delete_unused_backends(released, &mut stats);
+        self.backends.trim();
         self.flush_plan()?;
         let forget = std::mem::take(&mut self.forget_affinity);
         self.maps.forget_affinity(&forget)?;
@@ -929,8 +933,9 @@ impl<M: LbMaps> MapWriter<M> {
 
 /// About how many distinct backends the `changed` frontends name: those of their ClusterIP
 /// frontends (a Service's other frontends name the same endpoints, or a node-local subset of
-/// them). A first sync's count, for [`BackendTable::expect`]; an undercount only leaves the
-/// rest to grow as it comes.
+/// them; endpoints several Services share are counted once each). For
+/// [`BackendTable::expect`], which uses it on a first sync only: an undercount leaves the
+/// rest to grow as it comes, an overcount is trimmed after the apply.
 fn backends_to_come(desired: &DesiredState, changed: &BTreeSet<L4Addr>) -> usize {
     changed
         .iter()

@@ -59,6 +59,8 @@ pub(super) struct BackendTable {
     /// The id of each backend (the first one recorded when a foreign writer left two).
     ids: HashTable<u32>,
     hasher: foldhash::fast::RandomState,
+    /// [`Self::expect`] sized the table for an apply in progress.
+    sized_ahead: bool,
 }
 
 impl BackendTable {
@@ -143,18 +145,38 @@ impl BackendTable {
         self.record(id, backend, hash, true);
     }
 
-    /// About `backends` backends are coming (a first sync's): the index grows to hold them
-    /// now, instead of doubling its way there and finding every id's backend again at each
-    /// step. Nothing changes when it holds that many already.
+    /// About `backends` backends are coming into an empty table (a first sync's): the
+    /// index grows to hold them now, instead of doubling its way there and finding every
+    /// id's backend again at each step. A table holding any backend is left to grow as it
+    /// goes, and [`Self::trim`] gives back what an overestimate took.
     pub(super) fn expect(&mut self, backends: usize) {
-        let more = backends.saturating_sub(self.ids.len());
-        if more > 0 {
+        if self.live > 0 || backends == 0 {
+            return;
+        }
+        let mut ids = std::mem::take(&mut self.ids);
+        ids.reserve(backends, |&id| self.hash_of(id));
+        self.ids = ids;
+        // Ids start at 1: the vector holds one more record than there are ids.
+        self.records
+            .reserve_exact((backends + 1).saturating_sub(self.records.len()));
+        self.sized_ahead = true;
+    }
+
+    /// After the apply [`Self::expect`] sized: an estimate that counted backends shared by
+    /// several Services more than once leaves the index and the records larger than what
+    /// they hold; they shrink to it (the index to no less than it would have grown to).
+    pub(super) fn trim(&mut self) {
+        if !std::mem::take(&mut self.sized_ahead) {
+            return;
+        }
+        // Growing on its own the index is at least 7/16 full.
+        if self.ids.len() * 8 < self.ids.capacity() * 3 {
             let mut ids = std::mem::take(&mut self.ids);
-            ids.reserve(more, |&id| self.hash_of(id));
+            ids.shrink_to_fit(|&id| self.hash_of(id));
             self.ids = ids;
-            // Ids start at 1: the vector holds one more record than there are ids.
-            let records = self.records.len().max(1) + more;
-            self.records.reserve_exact(records - self.records.len());
+        }
+        if self.records.len() * 3 < self.records.capacity() * 2 {
+            self.records.shrink_to_fit();
         }
     }
 
@@ -414,12 +436,35 @@ mod tests {
         for id in 1..=3_000 {
             table.insert_new(id, backend(id));
         }
-        // An estimate is no limit, and one below what is held changes nothing.
+        // An estimate is no limit, and a table holding backends is not sized again.
         table.expect(10);
         for id in 3_001..=5_000 {
             table.insert_new(id, backend(id));
         }
+        table.trim();
         assert!((1..=5_000).all(|id| table.id_of(&backend(id)) == Some(id)));
         assert_eq!(table.free_ids().next(), Some(5_001), "ids stay dense");
+    }
+
+    #[test]
+    fn an_overestimate_is_given_back_after_the_apply() {
+        let mut table = BackendTable::default();
+        let backend = |i: u32| {
+            let addr = L4Addr::new(std::net::Ipv4Addr::from(0x0a00_0000 + i), 80, Protocol::Tcp);
+            Backend::new(addr, EndpointState::Ready)
+        };
+        // Four Services selecting the same pods: their endpoints counted four times.
+        table.expect(4_000);
+        for id in 1..=1_000 {
+            table.insert_new(id, backend(id));
+        }
+        table.trim();
+        assert!(
+            table.ids.capacity() < 2_000 && table.records.capacity() < 1_500,
+            "index for {} and records for {} after trimming, holding 1,000",
+            table.ids.capacity(),
+            table.records.capacity()
+        );
+        assert!((1..=1_000).all(|id| table.id_of(&backend(id)) == Some(id)));
     }
 }
