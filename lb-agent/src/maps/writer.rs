@@ -452,7 +452,7 @@ impl<M: LbMaps> MapWriter<M> {
         let mut stats = ApplyStats::default();
         let max = usize::try_from(self.max_backend_id).unwrap_or(usize::MAX);
         self.backends
-            .expect(backends_to_come(desired, changed).min(max));
+            .expect(|| backends_to_come(desired, changed).min(max));
         // Removals first: an address that moves between Services is freed before reuse.
         for address in changed.iter().filter(|a| !desired.contains_key(a)) {
             self.remove_frontend(*address, &mut released, &mut stats);

@@ -145,17 +145,20 @@ impl BackendTable {
         self.record(id, backend, hash, true);
     }
 
-    /// About `backends` backends are coming into an empty table (a first sync's): the
+    /// About `backends()` backends are coming into an empty table (a first sync's): the
     /// index grows to hold them now, instead of doubling its way there and finding every
     /// id's backend again at each step. A table holding any backend is left to grow as it
-    /// goes, and [`Self::trim`] gives back what an overestimate took.
-    pub(super) fn expect(&mut self, backends: usize) {
-        if self.live > 0 || backends == 0 {
+    /// goes (the estimate, a pass over the apply's frontends, is not even made), and
+    /// [`Self::trim`] gives back what an overestimate took.
+    pub(super) fn expect(&mut self, backends: impl FnOnce() -> usize) {
+        if self.live > 0 {
             return;
         }
-        let mut ids = std::mem::take(&mut self.ids);
-        ids.reserve(backends, |&id| self.hash_of(id));
-        self.ids = ids;
+        let backends = backends();
+        if backends == 0 {
+            return;
+        }
+        self.with_index(|ids, table| ids.reserve(backends, |&id| table.hash_of(id)));
         // Ids start at 1: the vector holds one more record than there are ids.
         self.records
             .reserve_exact((backends + 1).saturating_sub(self.records.len()));
@@ -171,9 +174,7 @@ impl BackendTable {
         }
         // Growing on its own the index is at least 7/16 full.
         if self.ids.len() * 8 < self.ids.capacity() * 3 {
-            let mut ids = std::mem::take(&mut self.ids);
-            ids.shrink_to_fit(|&id| self.hash_of(id));
-            self.ids = ids;
+            self.with_index(|ids, table| ids.shrink_to_fit(|&id| table.hash_of(id)));
         }
         if self.records.len() * 3 < self.records.capacity() * 2 {
             self.records.shrink_to_fit();
@@ -194,10 +195,18 @@ impl BackendTable {
         self.records[at] = self.pack(&backend);
         self.live += 1;
         if index_it {
-            let mut ids = std::mem::take(&mut self.ids);
-            ids.insert_unique(hash, id, |&id| self.hash_of(id));
-            self.ids = ids;
+            self.with_index(|ids, table| {
+                ids.insert_unique(hash, id, |&id| table.hash_of(id));
+            });
         }
+    }
+
+    /// Changes the index with the rest of the table at hand: growing or shrinking it
+    /// rehashes every id, finding its backend in the records.
+    fn with_index(&mut self, change: impl FnOnce(&mut HashTable<u32>, &Self)) {
+        let mut ids = std::mem::take(&mut self.ids);
+        change(&mut ids, self);
+        self.ids = ids;
     }
 
     /// The hash of the backend `id` holds, for the index when it grows: only ids with a
@@ -313,6 +322,12 @@ mod tests {
     use super::*;
     use crate::model::{EndpointState, L4Addr, Protocol};
 
+    /// Backend `i` of many: 10.0.0.0 + i, port 80.
+    fn numbered(i: u32) -> Backend {
+        let addr = L4Addr::new(std::net::Ipv4Addr::from(0x0a00_0000 + i), 80, Protocol::Tcp);
+        Backend::new(addr, EndpointState::Ready)
+    }
+
     fn backend(last: u8) -> Backend {
         let addr = L4Addr::new([10, 0, 0, last], 80, Protocol::Tcp);
         Backend::new(addr, EndpointState::Ready)
@@ -415,48 +430,36 @@ mod tests {
     #[test]
     fn every_backend_is_found_after_the_index_grew() {
         let mut table = BackendTable::default();
-        let backend = |i: u32| {
-            let addr = L4Addr::new(std::net::Ipv4Addr::from(0x0a00_0000 + i), 80, Protocol::Tcp);
-            Backend::new(addr, EndpointState::Ready)
-        };
         for id in 1..=5_000 {
-            table.insert(id, backend(id));
+            table.insert(id, numbered(id));
         }
-        assert!((1..=5_000).all(|id| table.id_of(&backend(id)) == Some(id)));
+        assert!((1..=5_000).all(|id| table.id_of(&numbered(id)) == Some(id)));
     }
 
     #[test]
     fn a_first_sync_sized_in_advance_finds_every_backend_and_grows_past_its_estimate() {
         let mut table = BackendTable::default();
-        let backend = |i: u32| {
-            let addr = L4Addr::new(std::net::Ipv4Addr::from(0x0a00_0000 + i), 80, Protocol::Tcp);
-            Backend::new(addr, EndpointState::Ready)
-        };
-        table.expect(3_000);
+        table.expect(|| 3_000);
         for id in 1..=3_000 {
-            table.insert_new(id, backend(id));
+            table.insert_new(id, numbered(id));
         }
         // An estimate is no limit, and a table holding backends is not sized again.
-        table.expect(10);
+        table.expect(|| 10);
         for id in 3_001..=5_000 {
-            table.insert_new(id, backend(id));
+            table.insert_new(id, numbered(id));
         }
         table.trim();
-        assert!((1..=5_000).all(|id| table.id_of(&backend(id)) == Some(id)));
+        assert!((1..=5_000).all(|id| table.id_of(&numbered(id)) == Some(id)));
         assert_eq!(table.free_ids().next(), Some(5_001), "ids stay dense");
     }
 
     #[test]
     fn an_overestimate_is_given_back_after_the_apply() {
         let mut table = BackendTable::default();
-        let backend = |i: u32| {
-            let addr = L4Addr::new(std::net::Ipv4Addr::from(0x0a00_0000 + i), 80, Protocol::Tcp);
-            Backend::new(addr, EndpointState::Ready)
-        };
         // Four Services selecting the same pods: their endpoints counted four times.
-        table.expect(4_000);
+        table.expect(|| 4_000);
         for id in 1..=1_000 {
-            table.insert_new(id, backend(id));
+            table.insert_new(id, numbered(id));
         }
         table.trim();
         assert!(
@@ -465,6 +468,6 @@ mod tests {
             table.ids.capacity(),
             table.records.capacity()
         );
-        assert!((1..=1_000).all(|id| table.id_of(&backend(id)) == Some(id)));
+        assert!((1..=1_000).all(|id| table.id_of(&numbered(id)) == Some(id)));
     }
 }
