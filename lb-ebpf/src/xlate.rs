@@ -227,10 +227,7 @@ pub fn pick_backend<C: EbpfContext, B: SlotBackend>(
             Pick::Random => unsafe { bpf_get_prandom_u32() },
             Pick::Hash(hash) => hash,
         };
-        // `checked_rem`: the callers checked the count, but a division the compiler cannot
-        // prove safe would leave a panic call at the end of the function, which the
-        // verifier refuses ("last insn is not an exit or jmp").
-        seed.checked_rem(u32::from(master.count))? as u16 + 1
+        master.slot_for(seed)
     };
     let index = master.slot_index(slot);
     let Some(entry) = LB_SLOTS.get(index).copied() else {
