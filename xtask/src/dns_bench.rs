@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::lab::{World, in_netns};
+use crate::lab::{Lab, World, in_netns};
 use crate::{cmd, host, install};
 
 const PREFIX: &str = "lbdns";
@@ -209,12 +209,19 @@ fn measure_size(
     lab.spawn("dnsmasq", dnsmasq)?;
     let last = &names[services - 1];
     let started = Instant::now();
-    wait_for_answer(AGENT_PORT, &last.0, &last.1, READY_LIMIT)?;
+    wait_for_answer(lab, "agent", AGENT_PORT, &last.0, &last.1, READY_LIMIT)?;
     println!(
         "the agent answers all {services} names {:.1} s after it started",
         started.elapsed().as_secs_f64()
     );
-    wait_for_answer(DNSMASQ_PORT, &last.0, &last.1, Duration::from_secs(60))?;
+    wait_for_answer(
+        lab,
+        "dnsmasq",
+        DNSMASQ_PORT,
+        &last.0,
+        &last.1,
+        Duration::from_secs(60),
+    )?;
 
     let mut lb = Vec::new();
     let mut masq = Vec::new();
@@ -254,9 +261,24 @@ fn cluster_ip(i: usize) -> String {
     format!("10.{}.{}.{}", 96 + (n >> 16), (n >> 8) & 0xff, n & 0xff)
 }
 
-fn wait_for_answer(port: u16, name: &str, ip: &str, limit: Duration) -> Result<()> {
+/// Waits until the server started as `server` on `port` answers `name` with `ip`; fails
+/// at once if the server exits (its log is in the run directory).
+fn wait_for_answer<W: World>(
+    lab: &Lab<W>,
+    server: &str,
+    port: u16,
+    name: &str,
+    ip: &str,
+    limit: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
+        if let Some(status) = lab.exited(server) {
+            bail!(
+                "the {server} exited ({status}) before it answered {name}; see {}",
+                Paths::log(server).display()
+            );
+        }
         let out = cmd::capture(in_netns(NODE_NETNS, "dig").args([
             "@127.0.0.1",
             "-p",
