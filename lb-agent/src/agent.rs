@@ -491,6 +491,7 @@ impl EbpfObject {
                     elapsed_us = started.elapsed().as_micros(),
                     "programs loaded ahead of attaching"
                 );
+                crate::clock::calibrate_in_background(&mut ebpf);
                 ebpf
             })?;
         Ok(Self {

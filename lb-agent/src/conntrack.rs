@@ -30,8 +30,8 @@ pub struct Flow {
     pub state: String,
 }
 
-/// The flows of `entries` as of `now_ns` (`CLOCK_MONOTONIC`, the clock of
-/// `bpf_ktime_get_coarse_ns`, which is at most a tick behind it), sorted by client.
+/// The flows of `entries` as of `now_ns` (`CLOCK_MONOTONIC`; the datapath's clock is at
+/// most two ticks behind it, `lb_common::Clock`), sorted by client.
 #[must_use]
 pub fn flows(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<Flow> {
     let addr = |ip: [u32; 4], port: u16| {
@@ -95,7 +95,7 @@ pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
 }
 
 /// Now in `CLOCK_MONOTONIC`, the clock the entries carry (read by the datapath as of its last
-/// tick, `bpf_ktime_get_coarse_ns`).
+/// tick, from `jiffies` or `bpf_ktime_get_coarse_ns`: `lb_common::Clock`).
 pub(crate) fn monotonic_now_ns() -> std::io::Result<u64> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
     Ok(

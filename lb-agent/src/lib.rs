@@ -10,6 +10,7 @@ pub mod allocator;
 pub mod api;
 pub mod capabilities;
 pub mod categorize;
+pub mod clock;
 pub mod conntrack;
 pub mod datapath_counters;
 pub mod devices;

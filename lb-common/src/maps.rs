@@ -54,6 +54,12 @@ pub const CT_OTHER_MAP: &str = "LB_CT_OTHER";
 /// (`CLOCK_MONOTONIC` ns): a tracked flow checks that its backend still exists only when its
 /// last packet came before then. Not pinned: each agent writes it when it loads the object.
 pub const BACKENDS_REMOVED_MAP: &str = "LB_BACKENDS_REMOVED";
+/// Name of the one-entry array holding the datapath's clock calibration ([`Clock`]). Not
+/// pinned: each agent measures the kernel's tick and writes it once its programs are loaded.
+pub const CLOCK_MAP: &str = "LB_CLOCK";
+/// Name of the program that reads the kernel's two clocks for that calibration (run by
+/// the agent through `BPF_PROG_TEST_RUN`, never attached; see [`ClockSample`]).
+pub const CLOCK_PROBE_PROGRAM: &str = "lb_clock_probe";
 /// Name of the conntrack map of versions before the split into three tables; an agent
 /// migrates its entries and removes it.
 pub const LEGACY_CT_MAP: &str = "LB_CT";
@@ -907,11 +913,47 @@ pub struct CtValue {
     pub tcp_state: u8,
     /// Explicit padding, always zero.
     pub pad: [u8; 2],
-    /// `bpf_ktime_get_ns` when the flow was created.
+    /// When the flow was created: `CLOCK_MONOTONIC` ns as of the last tick (the datapath's
+    /// clock, [`Clock`]).
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns` of the last packet of this direction.
+    /// The same clock at the last packet of this direction.
     pub last_seen_ns: u64,
 }
+
+/// Value of the clock array ([`CLOCK_MAP`]): how the datapath reads `CLOCK_MONOTONIC`
+/// (the clock of the conntrack entries' times) from `jiffies`, a load the verifier inlines,
+/// instead of calling `bpf_ktime_get_coarse_ns` on every packet (as Cilium's datapath
+/// reads jiffies when it can):
+///
+/// ```text
+/// now_ns = jiffies × ns_per_jiffy + offset_ns      (wrapping u64)
+/// ```
+///
+/// `ns_per_jiffy` 0: not calibrated yet (the agent measures the tick after loading its
+/// programs); the datapath then calls the helper. A calibrated clock runs at most two ticks
+/// behind `CLOCK_MONOTONIC`, never ahead of it, as `bpf_ktime_get_coarse_ns` does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Clock {
+    /// The kernel's tick in nanoseconds (`TICK_NSEC`), 0 when not calibrated.
+    pub ns_per_jiffy: u64,
+    /// `CLOCK_MONOTONIC` minus `jiffies × ns_per_jiffy`, wrapping.
+    pub offset_ns: u64,
+}
+
+/// What [`CLOCK_PROBE_PROGRAM`] writes into its test packet, 14 bytes in (after the
+/// Ethernet header), native byte order: both clocks read at one instant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockSample {
+    /// `jiffies_64`.
+    pub jiffies: u64,
+    /// `bpf_ktime_get_coarse_ns`: `CLOCK_MONOTONIC` as of the last tick.
+    pub ns: u64,
+}
+
+/// Offset of [`ClockSample`] in the probe's test packet.
+pub const CLOCK_SAMPLE_OFFSET: usize = 14;
 
 /// Value of the node-address maps, keyed by an address in network byte order (IPv4: a
 /// `u32`, IPv6: four words).
@@ -1108,6 +1150,8 @@ const _: () = assert!(core::mem::size_of::<PeerKey>() == 20);
 const _: () = assert!(core::mem::size_of::<PeerValue>() == 24);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 64);
+const _: () = assert!(core::mem::size_of::<Clock>() == 16);
+const _: () = assert!(core::mem::size_of::<ClockSample>() == 16);
 const _: () = assert!(core::mem::size_of::<NodeAddr>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
@@ -1142,6 +1186,8 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CtValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Clock {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeAddr {}
     // SAFETY: as above.
@@ -1208,7 +1254,10 @@ mod tests {
             hits[usize::from(master.slot_for(seed))] += 1;
         }
         assert_eq!(hits[0], 0);
-        assert!(hits[1..].iter().all(|n| n.abs_diff(10_000) <= 1), "{hits:?}");
+        assert!(
+            hits[1..].iter().all(|n| n.abs_diff(10_000) <= 1),
+            "{hits:?}"
+        );
         // One slot: always slot 1.
         let single = ServiceValue::master(1, 7, 0, 100);
         assert_eq!(single.slot_for(u32::MAX), 1);

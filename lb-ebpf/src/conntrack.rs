@@ -9,7 +9,6 @@
 //! SYN flood, whose handshakes never complete, therefore only ever fills the half-open
 //! table: established flows, and the SNAT ports they hold, are never evicted for it. Other
 //! protocols (UDP) have their own table.
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CT_TCP_ESTABLISHED, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY,
     CT_TCP_RST, CT_TCP_SEEN_REPLY, CT_TCP_SYN, Counter, CtKey, CtValue, PROTO_TCP,
@@ -57,12 +56,10 @@ pub fn key(packet: &Packet, dir: u8) -> CtKey {
 }
 
 /// Now, in the clock the entries use: `CLOCK_MONOTONIC` as of the last tick (at most a few
-/// milliseconds behind, against lifetimes of seconds), which costs a fraction of a precise
-/// reading on every packet.
+/// milliseconds behind, against lifetimes of seconds), read from `jiffies` (`clock.rs`).
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    crate::clock::now()
 }
 
 /// The live entry of `packet`'s `key`, in whichever table holds it (expired entries are

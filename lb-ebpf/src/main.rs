@@ -4,6 +4,7 @@
 #![no_main]
 
 mod affinity;
+mod clock;
 mod conntrack;
 mod counters;
 mod family;
@@ -128,6 +129,14 @@ pub fn lb_tc_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     tc::action(&ctx, tc::egress(&ctx))
+}
+
+/// Never attached: the agent runs it on a test packet to read the kernel's clocks, and
+/// calibrates the datapath's clock from two such readings (`clock.rs`).
+#[classifier]
+pub fn lb_clock_probe(ctx: TcContext) -> i32 {
+    clock::probe(&ctx);
+    tc::PASS
 }
 
 #[cfg(not(test))]

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
-    Backend4, Backend6, COUNTER_COUNT, CT_MAX_ENTRIES, CtKey, CtValue, MAP_F_NO_PREALLOC,
+    Backend4, Backend6, COUNTER_COUNT, CT_MAX_ENTRIES, Clock, CtKey, CtValue, MAP_F_NO_PREALLOC,
     NODE_ADDRS_MAX_ENTRIES, NodeAddr, PEERS_MAX_ENTRIES, PeerKey, PeerValue, REVNAT4_MAX_ENTRIES,
     REVNAT6_MAX_ENTRIES, RevNat4Key, RevNat4Value, RevNat6Key, RevNat6Value, SERVICES_MAX_ENTRIES,
     SOURCE_RANGES_MAX_ENTRIES, Service4Key, Service6Key, ServiceValue, SourceRange,
@@ -79,6 +79,10 @@ pub static LB_CT_OTHER: Conntrack = LruHashMap::new();
 /// When the agent last deleted a backend (`lb_common::BACKENDS_REMOVED_MAP`). Not pinned.
 #[btf_map]
 pub static LB_BACKENDS_REMOVED: Array<u64, 1> = Array::new();
+
+/// The datapath clock's calibration (`lb_common::CLOCK_MAP`). Not pinned.
+#[btf_map]
+pub static LB_CLOCK: Array<Clock, 1> = Array::new();
 
 /// The layout version of the pinned maps (`lb_common::LAYOUT_VERSION`): written and read
 /// by the agent only.

@@ -307,3 +307,47 @@ fn bpf_host_routing_sends_translated_packets_past_the_nodes_forward_path() {
         summary.remote_addrs
     );
 }
+
+#[test]
+fn flow_ages_follow_the_node_clock_once_the_datapath_reads_jiffies() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (_backends, client) = webapp_setup(&env);
+    let mut agent = env.agent_with(&["--socket-lb", "off"]);
+    agent.wait_for_frontend(VIP, 2, APPLY);
+    // The agent calibrates the datapath's clock a quarter of a second after loading it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !agent
+        .log()
+        .contains("the datapath reads its clock from jiffies")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock was not calibrated: {}",
+            agent.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let summary = client.client_with().cgroup(&env.cgroup).count(1).run(VIP);
+    assert_eq!(summary.ok, 1, "{summary:?}");
+    let prefix = format!("{}:", client.ip());
+    let flow = |agent: &lb_tests::Agent| {
+        agent
+            .conntrack()
+            .into_iter()
+            .find(|f| f["client"].as_str().is_some_and(|c| c.starts_with(&prefix)))
+            .unwrap_or_else(|| panic!("no flow of {prefix} in the conntrack"))
+    };
+    // The entries' times come from the datapath's clock, the ages from the agent's
+    // CLOCK_MONOTONIC: they agree, and advance together.
+    let fresh = flow(&agent);
+    assert_eq!(fresh["age_s"], 0, "a flow made now is 0 s old: {fresh}");
+    assert_eq!(fresh["idle_s"], 0, "{fresh}");
+    std::thread::sleep(Duration::from_millis(2_200));
+    let later = flow(&agent);
+    assert_eq!(later["age_s"], 2, "2.2 s later: {later}");
+    assert_eq!(later["idle_s"], 2, "{later}");
+}
