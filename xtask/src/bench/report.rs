@@ -683,15 +683,24 @@ fn datapath_targets(out: &mut String, outcome: &Outcome) {
         );
     }
     out.push_str(
-        "\nWhere the time goes, from `perf record -a -g` during such runs on this shared \
-         2-CPU virtual machine: the hash lookups' bucket walks (`lookup_nulls_elem_raw`: \
-         cache and TLB misses on the buckets, since other work evicts the maps between \
-         connections). A TCP connect reads one hash entry (the frontend's master) and one \
-         entry of the slots array (its slot, which holds an IPv4 backend inline and the \
-         peer mark) and writes none; a tc \
-         packet of a tracked flow does one conntrack lookup (and looks its backend up \
-         only if the agent deleted a backend since the flow's last packet), then the rewrite (two helper calls per address and port: the L4 \
-         checksum; the writes and the IPv4 header checksum are direct).\n\n",
+        "\nWhere the time goes, from `perf record -a -g` during a 1 × 10 run on this shared \
+         2-CPU virtual machine (2026-12-07): in `lb_tc_from_pod`, a fifth is the two \
+         inserts that move a flow from the half-open to the established table when its \
+         handshake completes (the LRU's free-node refill, `bpf_lru_pop_free`, touches cold \
+         nodes of the 512k-entry table), a sixth the conntrack lookups' bucket walks \
+         (`lookup_nulls_elem_raw`: cache and TLB misses, since other work evicts the maps \
+         between packets), a tenth the L4 checksum helper; in `lb_tc_egress`, a fifth each \
+         the lookup and the checksum helper (two calls, for the address and the port: only \
+         the helper knows a locally sent packet's partial checksum from a complete one). \
+         Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`, Cilium's distributed LRU) made \
+         `lb_tc_from_pod` slower here, by about 70 ns: every pop rotates the CPU's lists. The \
+         clock is a load of `jiffies`, calibrated by the agent (the coarse-clock helper was \
+         8% of `lb_tc_egress`). A TCP connect reads one hash entry (the frontend's master) \
+         and one entry of the slots array (its slot, which holds an IPv4 backend inline \
+         and the peer mark) and writes none; a tc packet of a tracked flow does one \
+         conntrack lookup (and looks its backend up only if the agent deleted a backend \
+         since the flow's last packet), then the rewrite (the L4 checksum through the \
+         helper; the writes and the IPv4 header checksum are direct).\n\n",
     );
 }
 
