@@ -1073,6 +1073,21 @@ impl ServiceValue {
     }
 }
 
+/// One step of the datapath's backend draw: Vigna's xorshift64* generator, from a non-zero
+/// `state` to the next state (never zero) and a 32-bit output (the product's high half,
+/// its best-mixed bits). Cheap enough to run in the program itself on a per-CPU state,
+/// where `bpf_get_prandom_u32` is a helper call per connection.
+#[must_use]
+pub const fn draw_step(mut state: u64) -> (u64, u32) {
+    state ^= state >> 12;
+    state ^= state << 25;
+    state ^= state >> 27;
+    (
+        state,
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32,
+    )
+}
+
 impl SlotValue {
     /// A slot naming `backend_id` only (an IPv6 slot).
     #[must_use]
@@ -1261,5 +1276,38 @@ mod tests {
         // One slot: always slot 1.
         let single = ServiceValue::master(1, 7, 0, 100);
         assert_eq!(single.slot_for(u32::MAX), 1);
+    }
+
+    #[test]
+    fn the_draw_spreads_connections_evenly_over_the_slots() {
+        let master = ServiceValue::master(10, 7, 0, 100);
+        let mut hits = [0u32; 11];
+        let mut state = 0x1234_5678_u64 | 1 << 32;
+        for _ in 0..100_000 {
+            let (next, drawn) = draw_step(state);
+            assert_ne!(next, 0, "the state never falls to zero");
+            state = next;
+            hits[usize::from(master.slot_for(drawn))] += 1;
+        }
+        assert_eq!(hits[0], 0);
+        // 10,000 each expected; a standard deviation is about 95.
+        assert!(
+            hits[1..].iter().all(|n| n.abs_diff(10_000) < 500),
+            "{hits:?}"
+        );
+        // Consecutive draws are not correlated slot to slot (no fixed cycle over slots).
+        let mut same = 0;
+        let (mut state, mut last) = (state, 0);
+        for _ in 0..10_000 {
+            let (next, drawn) = draw_step(state);
+            state = next;
+            let slot = master.slot_for(drawn);
+            same += u32::from(slot == last);
+            last = slot;
+        }
+        assert!(
+            same.abs_diff(1_000) < 150,
+            "{same} repeats of the previous slot"
+        );
     }
 }

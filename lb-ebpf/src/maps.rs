@@ -100,6 +100,11 @@ pub struct IcmpBudget {
     pub refilled_ns: u64,
 }
 
+/// This CPU's state of the backend draw (`xlate::draw`): xorshift64*, seeded from
+/// `bpf_get_prandom_u32` on first use. Not pinned.
+#[btf_map]
+pub static LB_DRAW: PerCpuArray<u64, 1> = PerCpuArray::new();
+
 /// One [`IcmpBudget`] per CPU. Not pinned: a new agent starts with a full budget.
 #[btf_map]
 pub static ICMP_BUDGET: PerCpuArray<IcmpBudget, 1> = PerCpuArray::new();

@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     affinity::{self, Client},
-    maps::LB_SLOTS,
+    maps::{LB_DRAW, LB_SLOTS},
 };
 
 /// A family's services map.
@@ -223,8 +223,7 @@ pub fn pick_backend<C: EbpfContext, B: SlotBackend>(
         1
     } else {
         let seed = match pick {
-            // SAFETY: helper without arguments.
-            Pick::Random => unsafe { bpf_get_prandom_u32() },
+            Pick::Random => draw(),
             Pick::Hash(hash) => hash,
         };
         master.slot_for(seed)
@@ -245,6 +244,29 @@ pub fn pick_backend<C: EbpfContext, B: SlotBackend>(
         index,
         peer_marked: entry.peer_marked_for(master.rev_nat_id),
     })
+}
+
+/// A random 32-bit number for a backend draw: a step of this CPU's xorshift64* generator
+/// (`lb_common::draw_step`) on a per-CPU array entry the verifier inlines, where
+/// `bpf_get_prandom_u32` is a helper call on every connection. Seeded by the helper on a
+/// CPU's first draw. (A program interrupting another on the same CPU may draw the same
+/// number: two connections then share a backend, which a random draw may do anyway.)
+#[inline(always)]
+fn draw() -> u32 {
+    let Some(state) = LB_DRAW.get_ptr_mut(0) else {
+        // SAFETY: helper without arguments.
+        return unsafe { bpf_get_prandom_u32() };
+    };
+    // SAFETY: this CPU's entry, valid for the run of the program.
+    let mut x = unsafe { *state };
+    if x == 0 {
+        // SAFETY: helper without arguments. The high half keeps the state non-zero.
+        x = u64::from(unsafe { bpf_get_prandom_u32() }) | 1 << 32;
+    }
+    let (next, drawn) = lb_common::draw_step(x);
+    // SAFETY: as above.
+    unsafe { *state = next };
+    drawn
 }
 
 /// A master never names slots past the array's end: say so if it happens. Not inlined:
