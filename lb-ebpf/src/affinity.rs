@@ -2,7 +2,6 @@
 //! an affinity frontend keeps it for its next connections while less than the frontend's
 //! timeout passes between them, and while the backend still serves the frontend (the
 //! agent's affinity-match entries say so). Otherwise it picks afresh and is remembered.
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, BackendEntry, Counter, FrontendId, ServiceValue,
 };
@@ -41,12 +40,10 @@ pub fn key(client: Client, rev_nat_id: FrontendId) -> AffinityKey {
 }
 
 /// Now, in the clock affinity entries use: `CLOCK_MONOTONIC` as of the last tick (at most a few
-/// milliseconds behind, against lifetimes of seconds), which costs a fraction of a precise
-/// reading on every packet.
+/// milliseconds behind, against timeouts of seconds): the datapath's clock (`clock.rs`).
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    crate::clock::now()
 }
 
 /// The backend `key`'s client kept for the frontend `master`, if the entry is fresh and the

@@ -17,10 +17,7 @@
 //! The ingress path is written over [`Frame`], so the XDP program of the external devices
 //! (`xdp.rs`, `--nodeport-acceleration`) runs this same code on the same maps; what XDP
 //! leaves to tc ends in [`Error::LeftToTc`].
-use aya_ebpf::{
-    bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_get_prandom_u32,
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, programs::TcContext};
 use aya_log_ebpf::warn;
 use lb_common::{
     BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Counter, CtKey, CtValue, FrontendId,
@@ -414,9 +411,8 @@ fn start_flow<C: Frame>(
         flow.reply_key.daddr = flow.orig.snat_addr;
         let mut created = false;
         for _ in 0..SNAT_TRIES {
-            // SAFETY: helper without arguments.
-            let r = unsafe { bpf_get_prandom_u32() };
-            let port = (SNAT_PORT_MIN + (r % u32::from(SNAT_PORT_COUNT)) as u16).to_be();
+            let r = u64::from(xlate::draw());
+            let port = (SNAT_PORT_MIN + ((r * u64::from(SNAT_PORT_COUNT)) >> 32) as u16).to_be();
             flow.reply_key.dport = port;
             flow.orig.snat_port = port;
             let flags = u64::from(BPF_NOEXIST);

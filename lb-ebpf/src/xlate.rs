@@ -252,7 +252,7 @@ pub fn pick_backend<C: EbpfContext, B: SlotBackend>(
 /// CPU's first draw. (A program interrupting another on the same CPU may draw the same
 /// number: two connections then share a backend, which a random draw may do anyway.)
 #[inline(always)]
-fn draw() -> u32 {
+pub fn draw() -> u32 {
     let Some(state) = LB_DRAW.get_ptr_mut(0) else {
         // SAFETY: helper without arguments.
         return unsafe { bpf_get_prandom_u32() };
