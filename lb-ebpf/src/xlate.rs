@@ -217,8 +217,7 @@ pub fn pick_backend<C: EbpfContext, B: SlotBackend>(
     master: &ServiceValue,
     pick: Pick,
 ) -> Option<Picked<B>> {
-    // A frontend with one backend needs no draw: the random helper is a tenth of what a
-    // `connect()` costs the programs.
+    // A frontend with one backend needs no draw.
     let slot = if master.count == 1 {
         1
     } else {
