@@ -126,7 +126,9 @@ struct TestRunAttr {
     pad: u32,
 }
 
-/// Runs the probe once on a test packet and reads what it wrote there.
+/// Runs the probe once on a test packet and reads what it wrote there. Through the raw
+/// syscall, not aya's `TestRun`: the calibration thread holds only the program's fd, while
+/// the object stays with the agent for attaching.
 fn sample(probe: &ProgramFd) -> std::io::Result<ClockSample> {
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     const LEN: usize = CLOCK_SAMPLE_OFFSET + size_of::<ClockSample>();

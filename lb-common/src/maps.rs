@@ -1062,15 +1062,20 @@ impl ServiceValue {
         self.base.wrapping_add(slot as u32).wrapping_sub(1)
     }
 
-    /// The slot (`1..=count`, `count` at least 1) a 32-bit `seed` draws: the seed's place
-    /// in `[0, 2^32)` scaled to `[0, count)` by a multiply and a shift (Lemire's range
-    /// reduction), as uniform as a modulo for a uniform seed and a multiply instead of a
-    /// division on the connect path. It reads the seed's high bits, which a multiplicative
-    /// hash mixes best.
+    /// The slot (`1..=count`, `count` at least 1) a 32-bit `seed` draws ([`scale_draw`]).
     #[must_use]
     pub const fn slot_for(&self, seed: u32) -> u16 {
-        ((seed as u64 * self.count as u64) >> 32) as u16 + 1
+        scale_draw(seed, self.count as u32) as u16 + 1
     }
+}
+
+/// A 32-bit `seed` scaled to `[0, n)`: its place in `[0, 2^32)` times `n`, by a multiply
+/// and a shift (Lemire's range reduction), as uniform as a modulo for a uniform seed and a
+/// multiply instead of a division on the datapath. It reads the seed's high bits, which a
+/// multiplicative hash mixes best.
+#[must_use]
+pub const fn scale_draw(seed: u32, n: u32) -> u32 {
+    ((seed as u64 * n as u64) >> 32) as u32
 }
 
 /// One step of the datapath's backend draw: Vigna's xorshift64* generator, from a non-zero

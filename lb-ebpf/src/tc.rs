@@ -23,7 +23,7 @@ use lb_common::{
     BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Counter, CtKey, CtValue, FrontendId,
     MON_HOOK_TC_POD, MON_OUT_FIREWALLED, MON_OUT_NO_ENDPOINTS, MON_OUT_NO_LOCAL_ENDPOINTS,
     MON_OUT_TRANSLATED, MON_PICK_RANDOM, PROTO_TCP, SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_F_LOCAL,
-    SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange,
+    SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange, scale_draw,
 };
 
 use crate::{
@@ -411,8 +411,8 @@ fn start_flow<C: Frame>(
         flow.reply_key.daddr = flow.orig.snat_addr;
         let mut created = false;
         for _ in 0..SNAT_TRIES {
-            let r = u64::from(xlate::draw());
-            let port = (SNAT_PORT_MIN + ((r * u64::from(SNAT_PORT_COUNT)) >> 32) as u16).to_be();
+            let offset = scale_draw(xlate::draw(), u32::from(SNAT_PORT_COUNT)) as u16;
+            let port = (SNAT_PORT_MIN + offset).to_be();
             flow.reply_key.dport = port;
             flow.orig.snat_port = port;
             let flags = u64::from(BPF_NOEXIST);
