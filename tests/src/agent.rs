@@ -642,6 +642,21 @@ impl Agent {
         );
     }
 
+    /// Waits until the agent's log contains `needle`; panics with the log's tail after
+    /// `timeout`.
+    #[track_caller]
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not report {needle:?} within {timeout:?}\n{}",
+                self.log_tail(20)
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The whole log of all runs.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.config.log).unwrap_or_default()

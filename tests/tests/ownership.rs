@@ -2,26 +2,13 @@
 //! Service's ClusterIP does not take that ClusterIP's traffic, and the agent says so;
 //! `--external-ip-cidrs` limits the external IPs that are taken.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lb_tests::manifests::service;
 use lb_tests::{TestEnv, require_privileges};
 
 /// How long the agent may take to start and apply the manifests.
 const APPLY: Duration = Duration::from_secs(10);
-
-/// Waits until the agent's log contains `needle`.
-#[track_caller]
-fn wait_for_log(agent: &lb_tests::Agent, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !agent.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not report {needle:?} within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn an_external_ip_equal_to_another_services_cluster_ip_does_not_hijack_it() {
@@ -51,8 +38,7 @@ fn an_external_ip_equal_to_another_services_cluster_ip_does_not_hijack_it() {
     let mut agent = env.agent_with_api();
     agent.wait_for_frontend("10.96.0.20:80", 1, APPLY);
     let owner = agent.wait_for_frontend("10.96.0.10:80", 1, APPLY);
-    wait_for_log(
-        &agent,
+    agent.wait_for_log(
         "Service default/a-hijack: spec.externalIPs[0]: 10.96.0.10 is the ClusterIP of Service default/victim; not taken",
         APPLY,
     );
@@ -89,8 +75,7 @@ fn external_ips_outside_the_allowed_cidrs_are_not_translated() {
     );
     let mut agent = env.agent_with(&["--external-ip-cidrs", "192.168.77.0/24"]);
     agent.wait_for_frontend("192.168.77.10:80", 1, APPLY);
-    wait_for_log(
-        &agent,
+    agent.wait_for_log(
         "spec.externalIPs[1]: 192.168.88.10 is outside --external-ip-cidrs (192.168.77.0/24); not taken",
         APPLY,
     );

@@ -318,18 +318,10 @@ fn flow_ages_follow_the_node_clock_once_the_datapath_reads_jiffies() {
     let mut agent = env.agent_with(&["--socket-lb", "off"]);
     agent.wait_for_frontend(VIP, 2, APPLY);
     // The agent calibrates the datapath's clock a quarter of a second after loading it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !agent
-        .log()
-        .contains("the datapath reads its clock from jiffies")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the clock was not calibrated: {}",
-            agent.log_tail(20)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_log(
+        "the datapath reads its clock from jiffies",
+        Duration::from_secs(10),
+    );
 
     let started = std::time::Instant::now();
     let summary = client.client_with().cgroup(&env.cgroup).count(1).run(VIP);
