@@ -915,14 +915,19 @@ impl<'a> Bench<'a> {
                     let before = programs.map(agent::prog_stats).transpose()?;
                     let summary =
                         self.load(command, Duration::from_millis(ms) + Duration::from_secs(15))?;
-                    if let (Some(programs), Some(before)) = (programs, before) {
-                        let during = agent::prog_stats(programs)?.since(&before);
-                        config.bpf_mut(variant).add(&during);
-                    }
+                    let bpf = match (programs, before) {
+                        (Some(programs), Some(before)) => {
+                            let during = agent::prog_stats(programs)?.since(&before);
+                            config.bpf_mut(variant).add(&during);
+                            Some(during)
+                        }
+                        _ => None,
+                    };
                     config.variant(variant).runs.push(Run {
                         round,
                         workload,
                         summary,
+                        bpf,
                     });
                 }
             }

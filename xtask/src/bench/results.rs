@@ -131,6 +131,10 @@ pub struct Run {
     pub round: usize,
     pub workload: Workload,
     pub summary: Summary,
+    /// The variant's own programs during this run (agent variants only): what one
+    /// workload costs them, apart from the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpf: Option<ProgStats>,
 }
 
 /// A variant at one size.
@@ -234,6 +238,22 @@ impl ConfigResult {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// `variant`'s program statistics summed over its `workload` runs, with the operations
+    /// those runs made; `None` without statistics.
+    pub fn bpf_of(&self, variant: Variant, workload: Workload) -> Option<(ProgStats, u64)> {
+        let mut total = ProgStats::default();
+        let mut ops = 0;
+        let mut any = false;
+        for run in self.variants.get(&variant)?.runs.iter() {
+            if let (true, Some(stats)) = (run.workload == workload, &run.bpf) {
+                total.add(stats);
+                ops += run.summary.ops;
+                any = true;
+            }
+        }
+        any.then_some((total, ops))
     }
 
     /// Median, min and max rate.
@@ -387,6 +407,7 @@ mod tests {
                 foreign_replies: 0,
                 first_error: None,
             },
+            bpf: None,
         }
     }
 
