@@ -152,21 +152,23 @@ fn state_bits(packet: &Packet, dir: u8, state: u8) -> u8 {
 /// Records a packet of `dir` (whose key is `key`) on its entry, and on the other
 /// direction's entry when the TCP state changes (so both directions expire together once
 /// the connection closes). The packet that completes a handshake moves both entries to
-/// the established table, and `entry` to where its value is now.
+/// the established table: then this returns true, and `entry`'s half-open value, still
+/// valid, is the caller's to translate the packet with and then delete
+/// ([`finish_move`]), which spares a lookup of the copy just inserted.
 // Its own BPF function: the stack of each call stays within the 512-byte limit. Keys and
 // values go to the helpers by reference, from the stack or the map itself, never copied.
 #[inline(never)]
 #[allow(clippy::needless_borrows_for_generic_args)]
-pub fn touch(entry: &mut Entry, key: &CtKey, packet: &Packet, dir: u8, now: u64) {
+pub fn touch(entry: &Entry, key: &CtKey, packet: &Packet, dir: u8, now: u64) -> bool {
     // SAFETY: a map value pointer, valid for the run of the program.
     let value = unsafe { &mut *entry.value };
     value.last_seen_ns = now;
     if packet.proto != PROTO_TCP {
-        return;
+        return false;
     }
     let bits = state_bits(packet, dir, value.tcp_state);
     if value.tcp_state | bits == value.tcp_state {
-        return;
+        return false;
     }
     value.tcp_state |= bits;
     let state = value.tcp_state;
@@ -177,28 +179,29 @@ pub fn touch(entry: &mut Entry, key: &CtKey, packet: &Packet, dir: u8, now: u64)
         unsafe { (*other).tcp_state |= state };
     }
     if entry.table != Table::HalfOpen || state & CT_TCP_ESTABLISHED == 0 {
-        return;
+        return false;
     }
     // Established: both entries move. The copies are made from the map values themselves
     // (no stack copy); a refused insert (the table cannot be full for long: LRU) leaves the
     // flow half-open, where it keeps working until it idles out.
     if LB_CT_TCP.insert(key, value, 0).is_err() {
         count(Counter::ConntrackFull);
-        return;
+        return false;
     }
     if let Some(other) = peer_value {
         // SAFETY: as above.
         let _ = LB_CT_TCP.insert(&peer, unsafe { &*other }, 0);
         let _ = LB_CT_HALF_OPEN.remove(&peer);
     }
-    let _ = LB_CT_HALF_OPEN.remove(key);
     count(Counter::TcFlowsEstablished);
-    if let Some(value) = LB_CT_TCP.get_ptr_mut(key) {
-        *entry = Entry {
-            value,
-            table: Table::Established,
-        };
-    }
+    true
+}
+
+/// Deletes the half-open entry `key` of a flow [`touch`] moved, once its packet is
+/// translated.
+#[inline(always)]
+pub fn finish_move(key: &CtKey) {
+    let _ = LB_CT_HALF_OPEN.remove(key);
 }
 
 /// The key of the other direction's entry of the flow `packet` belongs to (as the packet is

@@ -212,10 +212,13 @@ fn tracked<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Tracked, 
     if !C::SNAT && unsafe { (*entry.value).flags } & CT_F_SNAT != 0 {
         return Err(Error::LeftToTc);
     }
-    let mut entry = entry;
-    conntrack::touch(&mut entry, &orig_key, packet, CT_DIR_ORIG, now);
-    // SAFETY: as above.
-    translate(ctx, packet, unsafe { &*entry.value }).map(Tracked::Translated)
+    let moved = conntrack::touch(&entry, &orig_key, packet, CT_DIR_ORIG, now);
+    // SAFETY: as above (a moved flow's half-open value stays until `finish_move`).
+    let outcome = translate(ctx, packet, unsafe { &*entry.value });
+    if moved {
+        conntrack::finish_move(&orig_key);
+    }
+    outcome.map(Tracked::Translated)
 }
 
 /// A backend's reply to a flow SNATed to this node goes back to the client, from the
@@ -234,8 +237,8 @@ fn snat_reply<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Option
     if !C::SNAT {
         return Err(Error::LeftToTc);
     }
-    let mut entry = entry;
-    conntrack::touch(&mut entry, &reply_key, packet, CT_DIR_REPLY, now);
+    // A reply never completes a handshake: nothing moves.
+    let _ = conntrack::touch(&entry, &reply_key, packet, CT_DIR_REPLY, now);
     // SAFETY: as above; read in place, as the stack is tight.
     let value = unsafe { &*entry.value };
     packet.set_dst(ctx, value.snat_addr, value.snat_port)?;
@@ -261,8 +264,8 @@ pub fn egress(ctx: &TcContext) -> Result<Outcome, Error> {
         // Replies of SNATed flows come in through ingress, never out here.
         return Ok(Outcome::Untouched);
     }
-    let mut entry = entry;
-    conntrack::touch(&mut entry, &key, &packet, CT_DIR_REPLY, now);
+    // A reply never completes a handshake: nothing moves.
+    let _ = conntrack::touch(&entry, &key, &packet, CT_DIR_REPLY, now);
     // SAFETY: as above.
     let (address, port) = unsafe { ((*entry.value).nat_addr, (*entry.value).nat_port) };
     packet.set_src(ctx, address, port)?;
