@@ -547,6 +547,13 @@ pub const SNAT_PORT_MIN: u16 = 32_768;
 /// Number of SNAT ports, from [`SNAT_PORT_MIN`] (to 60999, clear of the NodePort range).
 pub const SNAT_PORT_COUNT: u16 = 28_232;
 
+/// Whether `port` (host byte order) is one the tc datapath SNATs to: only a packet to such
+/// a port can be a reply of an SNATed flow, so no other packet looks for one.
+#[must_use]
+pub const fn is_snat_port(port: u16) -> bool {
+    port >= SNAT_PORT_MIN && port - SNAT_PORT_MIN < SNAT_PORT_COUNT
+}
+
 /// The source a pod's flow to a Service it backs itself (hairpin) is SNATed to, IPv4
 /// (Cilium's `IPV4_LOOPBACK`, link-local): the pod answers it through its default route,
 /// so the reply comes back through the pod's own device to be translated back.
@@ -1259,6 +1266,16 @@ mod tests {
         let master = ServiceValue::master(3, 1, SVC_F_CLUSTER_IP, 100);
         assert_eq!(master.slot_index(1), 100);
         assert_eq!(master.slot_index(3), 102);
+    }
+
+    #[test]
+    fn snat_ports_are_the_range_the_datapath_draws_from() {
+        let last = SNAT_PORT_MIN + scale_draw(u32::MAX, u32::from(SNAT_PORT_COUNT)) as u16;
+        assert_eq!(last, 60_999);
+        assert!(is_snat_port(SNAT_PORT_MIN) && is_snat_port(last));
+        assert!(!is_snat_port(SNAT_PORT_MIN - 1) && !is_snat_port(last + 1));
+        // NodePorts (30000-32767 by default) are never taken for SNAT replies.
+        assert!(!is_snat_port(30_080) && !is_snat_port(32_767));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use lb_common::{
     BE_F_REMOTE, CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, Counter, CtKey, CtValue, FrontendId,
     MON_HOOK_TC_POD, MON_OUT_FIREWALLED, MON_OUT_NO_ENDPOINTS, MON_OUT_NO_LOCAL_ENDPOINTS,
     MON_OUT_TRANSLATED, MON_PICK_RANDOM, PROTO_TCP, SNAT_PORT_COUNT, SNAT_PORT_MIN, SVC_F_LOCAL,
-    SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange, scale_draw,
+    SVC_F_NO_LOCAL, SVC_F_SOURCE_RANGES, SourceRange, is_snat_port, scale_draw,
 };
 
 use crate::{
@@ -155,8 +155,11 @@ pub fn ingress<C: Frame>(ctx: &C, origin: Origin) -> Result<Outcome, Error> {
     };
     let now = conntrack::now();
     // Replies to SNATed flows: from backends on other nodes (outside), or from a pod to
-    // the hairpin address (a pod that reached itself through a Service).
+    // the hairpin address (a pod that reached itself through a Service). They come back
+    // to a port of the SNAT range, which spares every other packet (a client's to a
+    // NodePort, one XDP translated) the lookups.
     if (origin == Origin::Outside || is_hairpin(&packet))
+        && is_snat_port(u16::from_be(packet.dport))
         && let Some(action) = snat_reply(ctx, &mut packet, now)?
     {
         return Ok(action);
