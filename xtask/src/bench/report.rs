@@ -706,24 +706,28 @@ fn datapath_targets(out: &mut String, outcome: &Outcome) {
         );
     }
     out.push_str(
-        "\nWhere the time goes, from `perf record -a -g` during a 1 × 10 run on this shared \
-         2-CPU virtual machine (2026-12-07): in `lb_tc_from_pod`, a fifth is the two \
-         inserts that move a flow from the half-open to the established table when its \
-         handshake completes (the LRU's free-node refill, `bpf_lru_pop_free`, touches cold \
-         nodes of the 512k-entry table), a sixth the conntrack lookups' bucket walks \
-         (`lookup_nulls_elem_raw`: cache and TLB misses, since other work evicts the maps \
-         between packets), a tenth the L4 checksum helper; in `lb_tc_egress`, a fifth each \
-         the lookup and the checksum helper (two calls, for the address and the port: only \
-         the helper knows a locally sent packet's partial checksum from a complete one). \
-         Per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`, Cilium's distributed LRU) made \
-         `lb_tc_from_pod` slower here, by about 70 ns: every pop rotates the CPU's lists. The \
-         clock is a load of `jiffies`, calibrated by the agent (the coarse-clock helper was \
-         8% of `lb_tc_egress`). A TCP connect reads one hash entry (the frontend's master) \
-         and one entry of the slots array (its slot, which holds an IPv4 backend inline \
-         and the peer mark) and writes none; a tc packet of a tracked flow does one \
-         conntrack lookup (and looks its backend up only if the agent deleted a backend \
-         since the flow's last packet), then the rewrite (the L4 checksum through the \
-         helper; the writes and the IPv4 header checksum are direct).\n\n",
+        "\nWhere the time goes, from `perf record -a -g` during 1 × 10 runs of one workload \
+         at a time on this shared 2-CPU virtual machine (2026-12-07). On kept connections a \
+         tc packet is one established-table lookup (a sixth of either program), the L4 \
+         checksum helper (a quarter: two calls, for the address and the port, as only the \
+         helper knows a locally sent packet's partial checksum from a complete one), \
+         unsharing the headers of a packet TCP still holds for retransmission \
+         (`bpf_skb_pull_data`, a tenth: any NAT of a cloned packet pays it) and the programs' \
+         own instructions (the other half). On new connections the cost is the connection's: \
+         in `lb_tc_from_pod` a third is the handshake's move of both entries into the \
+         512k-entry established table (the LRU hands out nodes no packet touched recently: \
+         cache misses), a fifth the lookups' bucket walks, a tenth the SYN's two half-open \
+         inserts, and the per-packet work above the rest. Per-CPU LRU lists \
+         (`BPF_F_NO_COMMON_LRU`, Cilium's distributed LRU) made `lb_tc_from_pod` slower here, \
+         by about 70 ns: every pop rotates the CPU's lists. The clock is a load of `jiffies`, \
+         calibrated by the agent (the coarse-clock helper was 8% of `lb_tc_egress`), and the \
+         backend draw a per-CPU xorshift step (the random-number helper was a call per \
+         connection). A TCP connect reads one hash entry (the frontend's master) and one \
+         entry of the slots array (its slot, which holds an IPv4 backend inline and the peer \
+         mark) and writes none; a tc packet of a tracked flow does one conntrack lookup (and \
+         looks its backend up only if the agent deleted a backend since the flow's last \
+         packet), then the rewrite (the L4 checksum through the helper; the writes and the \
+         IPv4 header checksum are direct).\n\n",
     );
 }
 
