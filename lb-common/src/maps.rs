@@ -832,10 +832,21 @@ pub struct AffinityValue {
     pub backend_id: u32,
     /// Explicit padding, always zero.
     pub pad: u32,
-    /// `bpf_ktime_get_ns` of the client's last new connection to the frontend: the entry
-    /// holds while less than the frontend's timeout has passed since (kube-proxy's
-    /// `recent --rcheck --seconds`).
+    /// The datapath's clock ([`Clock`]) at the client's last new connection to the
+    /// frontend: the entry holds while less than the frontend's timeout has passed since
+    /// (kube-proxy's `recent --rcheck --seconds`; [`AffinityValue::expired`]).
     pub last_used_ns: u64,
+}
+
+impl AffinityValue {
+    /// Whether more than `timeout_s` seconds passed between the entry's last use and `now`.
+    /// A last use after `now` is recent, not a wrap: the datapath's clock steps back by up
+    /// to a tick when the agent calibrates it (the coarse-clock helper until then, which
+    /// runs up to a tick ahead of `jiffies`) or a restarted agent calibrates it again.
+    #[must_use]
+    pub const fn expired(&self, now: u64, timeout_s: u32) -> bool {
+        now.saturating_sub(self.last_used_ns) > timeout_s as u64 * 1_000_000_000
+    }
 }
 
 /// Key of the affinity-match map, written by the agent for every backend slot of a frontend
@@ -1276,6 +1287,19 @@ mod tests {
         assert!(!is_snat_port(SNAT_PORT_MIN - 1) && !is_snat_port(last + 1));
         // NodePorts (30000-32767 by default) are never taken for SNAT replies.
         assert!(!is_snat_port(30_080) && !is_snat_port(32_767));
+    }
+
+    #[test]
+    fn affinity_lasts_its_timeout_and_a_stamp_ahead_of_the_clock_is_recent() {
+        let entry = AffinityValue {
+            backend_id: 7,
+            pad: 0,
+            last_used_ns: 50_000_000_000,
+        };
+        assert!(!entry.expired(60_000_000_000, 10));
+        assert!(entry.expired(60_000_000_001, 10));
+        // The clock stepped back a tick (4 ms) after the entry was written.
+        assert!(!entry.expired(49_996_000_000, 10));
     }
 
     #[test]

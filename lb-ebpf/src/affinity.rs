@@ -58,12 +58,12 @@ pub fn recall<B: BackendEntry>(
 ) -> Option<(u32, B)> {
     let entry = LB_AFFINITY.get_ptr_mut(key)?;
     // SAFETY: a map value pointer, valid for the run of the program.
-    let (backend_id, last_used) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+    let value = unsafe { *entry };
     // The master's `backend_id` field holds the timeout in seconds.
-    let timeout_ns = u64::from(master.backend_id) * 1_000_000_000;
-    if now.wrapping_sub(last_used) > timeout_ns {
+    if value.expired(now, master.backend_id) {
         return None;
     }
+    let backend_id = value.backend_id;
     let serves = AffinityMatchKey {
         backend_id,
         rev_nat_id: key.rev_nat_id,
