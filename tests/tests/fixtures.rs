@@ -311,14 +311,18 @@ fn leftovers_of_dead_processes_are_removed() {
     child.wait().unwrap();
     let name = format!("lbt{dead}-0");
 
-    let ip = |args: &[&str]| lb_tests::cmd::ip(args);
-    ip(&["netns", "add", &name]);
     let cgroup = cgroup2_root().unwrap().join(&name);
-    std::fs::create_dir(&cgroup).unwrap();
     let pins = Path::new(lb_tests::bpffs::BPFFS).join(&name);
-    std::fs::create_dir(&pins).unwrap();
     let tmp = std::env::temp_dir().join(&name);
-    std::fs::create_dir_all(tmp.join("manifests")).unwrap();
+    {
+        // A test starting in parallel sweeps leftovers too: under the lock it cannot find
+        // these half made (it removed the netns between `ip netns add`'s steps once).
+        let _lock = lb_tests::names::global_lock();
+        lb_tests::cmd::ip(&["netns", "add", &name]);
+        std::fs::create_dir(&cgroup).unwrap();
+        std::fs::create_dir(&pins).unwrap();
+        std::fs::create_dir_all(tmp.join("manifests")).unwrap();
+    }
     // Our own objects must survive: our pid is alive.
     let own_cgroup = TestCgroup::new();
     let own_pins = PinDir::new();
