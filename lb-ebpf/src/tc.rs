@@ -385,6 +385,7 @@ fn new_flow<F: Family, C: Frame>(
     orig.tcp_state = conntrack::first_state(packet);
     orig.backend_id = backend_id;
     orig.pad = [0; 2];
+    // Read again, not passed in: BPF functions take at most five arguments.
     let now = conntrack::now();
     orig.created_ns = now;
     orig.last_seen_ns = now;
