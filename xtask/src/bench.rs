@@ -15,6 +15,7 @@
 //! [`lab::Lab`] owns everything created (all named `lbbench…`) and removes it on success, error
 //! and Ctrl-C.
 mod agent;
+mod empty_programs;
 mod kubeproxy;
 mod lab;
 mod lifecycle;
@@ -38,6 +39,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use self::agent::Agent;
+use self::empty_programs::EmptyPrograms;
 use self::kubeproxy::IptablesBackend;
 use self::lab::{Lab, Paths};
 use self::results::{ApiResult, ConfigResult, EmptyAgent, Run, Summary, Variant, Workload};
@@ -242,6 +244,9 @@ pub struct Outcome {
     /// The agent holding no Service (manifests source).
     #[serde(default)]
     pub empty_agent: Option<EmptyAgent>,
+    /// What programs that do nothing cost at the datapath's hooks.
+    #[serde(default)]
+    pub empty_programs: Option<EmptyPrograms>,
     /// The agent on the (fake) API server.
     #[serde(default)]
     pub api: Option<ApiResult>,
@@ -314,6 +319,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let configs = std::mem::take(&mut bench.results);
     let empty_agent = bench.empty_agent.take();
+    let empty_programs = bench.empty_programs.take();
     drop(bench);
     drop(lab);
     if result.is_ok() {
@@ -331,6 +337,7 @@ pub fn run(args: &Args) -> Result<()> {
         machine,
         configs,
         empty_agent,
+        empty_programs,
         api,
         wall_s: started.elapsed().as_secs_f64(),
     };
@@ -464,8 +471,12 @@ struct Bench<'a> {
     /// Variants stopped at (services, endpoints), and why: they are skipped at every size at
     /// least as large.
     stopped: Vec<(Variant, usize, usize, String)>,
+    /// The direct client pod's veth (node end), where the empty tc program is measured.
+    direct_device: Option<String>,
     /// The agent with no Service, measured by `set_up`.
     empty_agent: Option<EmptyAgent>,
+    /// What empty programs cost at the datapath's hooks, measured by `set_up`.
+    empty_programs: Option<EmptyPrograms>,
     started: Instant,
 }
 
@@ -479,8 +490,10 @@ impl<'a> Bench<'a> {
                 .collect(),
             results: Vec::new(),
             tc_device: None,
+            direct_device: None,
             stopped: Vec::new(),
             empty_agent: None,
+            empty_programs: None,
             started: Instant::now(),
         }
     }
@@ -517,8 +530,10 @@ impl<'a> Bench<'a> {
             let device = self
                 .lab
                 .add_pod_netns(netns, Ipv4Addr::new(10, 244, 0, host))?;
-            if variant == Variant::Tc {
-                self.tc_device = Some(device);
+            match variant {
+                Variant::Tc => self.tc_device = Some(device),
+                Variant::Direct => self.direct_device = Some(device),
+                _ => {}
             }
             // Many short connections from one address: reuse TIME_WAIT ports, use them all.
             lab::sysctl_in(netns, "net.ipv4.tcp_tw_reuse", "1")?;
@@ -526,7 +541,40 @@ impl<'a> Bench<'a> {
         }
         lab::enable_forwarding()?;
         lab::enable_bpf_stats()?;
-        self.measure_empty_agent()
+        self.measure_empty_agent()?;
+        self.measure_empty_programs()
+    }
+
+    /// Empty programs at the hooks of the datapath's, during a second of direct connections:
+    /// what the kernel charges any program there (see `empty_programs`).
+    fn measure_empty_programs(&mut self) -> Result<()> {
+        let Some(device) = self.direct_device.clone() else {
+            return Ok(());
+        };
+        let attached = empty_programs::Attached::attach(
+            &Path::new(lab::PIN_DIR).join("empty-programs"),
+            &self.paths().plain_cgroup,
+            lab::NODE_NETNS,
+            &device,
+        )?;
+        let scenario = Scenario::new(1, 1, &self.backends);
+        let mut command = self.client(Variant::Direct, &scenario, Workload::TcpCrr);
+        command.args(["--duration-ms", "1000"]);
+        let before = attached.stats()?;
+        let summary = self.load(command, Duration::from_secs(20))?;
+        ensure!(
+            summary.errors == 0,
+            "direct connections with the empty programs failed: {}",
+            summary.first_error.unwrap_or_default()
+        );
+        let cost = empty_programs::per_call(&attached.stats()?.since(&before))?;
+        drop(attached);
+        self.say(&format!(
+            "   empty programs: connect4 {:.0} ns per call, tc {:.0} ns per packet",
+            cost.connect4_ns, cost.tc_ns
+        ));
+        self.empty_programs = Some(cost);
+        Ok(())
     }
 
     /// The socket LB's agent on an empty manifests directory: its RSS and map memory once

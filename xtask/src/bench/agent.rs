@@ -349,6 +349,18 @@ pub fn linked_programs(pin_dir: &Path) -> Result<BTreeSet<u32>> {
     Ok(ids)
 }
 
+/// The id of the program pinned at `pin` (`bpftool prog show pinned`).
+pub fn pinned_program(pin: &Path) -> Result<u32> {
+    let out = cmd::output(
+        Command::new("bpftool")
+            .args(["-j", "prog", "show", "pinned"])
+            .arg(pin),
+    )?;
+    let program: ProgInfo = serde_json::from_str(out.trim())
+        .with_context(|| format!("unexpected `bpftool prog show` output: {out}"))?;
+    Ok(program.id)
+}
+
 /// Ids of the programs attached to `cgroup` (`bpftool cgroup show`).
 pub fn attached_programs(cgroup: &Path) -> Result<BTreeSet<u32>> {
     let out = cmd::output(
