@@ -82,6 +82,9 @@ struct ServeArgs {
     /// Worker threads of the server.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Seconds after which an idle TCP connection is closed.
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    idle_s: u64,
 }
 
 /// What one operation is.
@@ -148,7 +151,12 @@ fn start(cli: Cli) -> Result<()> {
         enter_netns(netns)?;
     }
     match cli.command {
-        Command::Serve(args) => serve::run(args.tcp, args.udp, args.threads),
+        Command::Serve(args) => serve::run(
+            args.tcp,
+            args.udp,
+            args.threads,
+            Duration::from_secs(args.idle_s),
+        ),
         Command::Run(args) => {
             let summary = run::run(&args)?;
             println!("{}", serde_json::to_string(&summary)?);

@@ -8,10 +8,9 @@ use anyhow::{Context as _, Result, bail};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-/// How long an idle TCP connection is kept (the clients close theirs; this bounds leaks).
-const IDLE: Duration = Duration::from_secs(30);
-
-pub fn run(tcp: Option<u16>, udp: Option<u16>, threads: usize) -> Result<()> {
+/// Echoes TCP and UDP on the given ports; an idle TCP connection is closed after `idle`
+/// (the clients close theirs; this bounds leaks).
+pub fn run(tcp: Option<u16>, udp: Option<u16>, threads: usize, idle: Duration) -> Result<()> {
     if tcp.is_none() && udp.is_none() {
         bail!("nothing to serve: give --tcp PORT and/or --udp PORT");
     }
@@ -26,7 +25,7 @@ pub fn run(tcp: Option<u16>, udp: Option<u16>, threads: usize) -> Result<()> {
             let listener = TcpListener::bind(any(port))
                 .await
                 .with_context(|| format!("binding TCP port {port}"))?;
-            tasks.push(tokio::spawn(accept(listener)));
+            tasks.push(tokio::spawn(accept(listener, idle)));
         }
         if let Some(port) = udp {
             let socket = Arc::new(
@@ -51,11 +50,11 @@ fn any(port: u16) -> SocketAddr {
     (Ipv4Addr::UNSPECIFIED, port).into()
 }
 
-async fn accept(listener: TcpListener) {
+async fn accept(listener: TcpListener, idle: Duration) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(echo_stream(stream));
+                tokio::spawn(echo_stream(stream, idle));
             }
             Err(error) => {
                 // Out of descriptors or similar: back off instead of spinning.
@@ -66,11 +65,11 @@ async fn accept(listener: TcpListener) {
     }
 }
 
-async fn echo_stream(mut stream: TcpStream) {
+async fn echo_stream(mut stream: TcpStream, idle: Duration) {
     let _ = stream.set_nodelay(true);
     let mut buf = [0u8; 2048];
     loop {
-        let read = tokio::time::timeout(IDLE, stream.read(&mut buf)).await;
+        let read = tokio::time::timeout(idle, stream.read(&mut buf)).await;
         let n = match read {
             Ok(Ok(n)) if n > 0 => n,
             _ => return,

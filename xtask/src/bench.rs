@@ -16,6 +16,7 @@
 //! and Ctrl-C.
 mod agent;
 mod empty_programs;
+mod flood;
 mod kubeproxy;
 mod lab;
 mod lifecycle;
@@ -24,6 +25,7 @@ mod plot;
 mod report;
 mod results;
 mod scenario;
+mod sections;
 mod soak;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -120,6 +122,12 @@ pub struct Args {
     /// the run length, --workers, --out apply).
     #[arg(long)]
     nodeport: bool,
+    /// Instead of the sweep: the tc datapath's conntrack under a spoofed SYN flood of ten
+    /// times the established table, at the agent's default table sizes (--quick: small
+    /// ones): idle connections' survival, new connections meanwhile, the tables and
+    /// counters after, how long the junk lasts; the table goes into benchmarks.md.
+    #[arg(long)]
+    flood: bool,
     /// Measure nothing: write the report again from the raw results of the last run
     /// (target/bench/results.json, or results-quick.json with --quick).
     #[arg(long)]
@@ -277,6 +285,12 @@ pub fn run(args: &Args) -> Result<()> {
             rounds: args.rounds.unwrap_or(if args.quick { 2 } else { 5 }),
             duration_ms: args.crr_ms.unwrap_or(if args.quick { 300 } else { 2000 }),
             workers: args.workers,
+            out: out.clone(),
+        });
+    }
+    if args.flood {
+        return flood::run(&flood::Settings {
+            quick: args.quick,
             out: out.clone(),
         });
     }

@@ -119,6 +119,10 @@ pub fn run(args: &Args) -> Result<()> {
         println!("==> cargo xtask bench --nodeport --quick");
         let nodeport = <Quick as clap::Parser>::parse_from(["bench", "--nodeport", "--quick"]);
         crate::bench::run(&nodeport.args).context("cargo xtask bench --nodeport --quick failed")?;
+        // The SYN flood bench with small tables (about half a minute).
+        println!("==> cargo xtask bench --flood --quick");
+        let flood = <Quick as clap::Parser>::parse_from(["bench", "--flood", "--quick"]);
+        crate::bench::run(&flood.args).context("cargo xtask bench --flood --quick failed")?;
     }
     println!("all steps passed");
     Ok(())

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 
 use super::results::Summary;
+use super::sections::Marked;
 use crate::lab::{in_netns, ip, ip_in, sysctl_in};
 use crate::{cmd, host, install};
 
@@ -110,7 +111,7 @@ pub fn run(settings: &Settings) -> Result<()> {
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     print!("\n{table}");
-    write_section(&settings.out.join("benchmarks.md"), &table)?;
+    SECTION.write(&settings.out.join("benchmarks.md"), &table)?;
     println!(
         "written to {}",
         settings.out.join("benchmarks.md").display()
@@ -196,40 +197,15 @@ fn report(
     out
 }
 
-const BEGIN: &str = "<!-- nodeport-acceleration:begin (cargo xtask bench --nodeport) -->";
-const END: &str = "<!-- nodeport-acceleration:end -->";
+/// This bench's section of benchmarks.md.
+pub const SECTION: Marked = Marked {
+    begin: "<!-- nodeport-acceleration:begin (cargo xtask bench --nodeport) -->",
+    end: "<!-- nodeport-acceleration:end -->",
+};
 
-/// The section of `text` between the markers, markers included.
-pub fn section(text: &str) -> Option<&str> {
-    section_bounds(text).map(|(begin, end)| &text[begin..end])
-}
-
-fn section_bounds(text: &str) -> Option<(usize, usize)> {
-    let begin = text.find(BEGIN)?;
-    let end = text[begin..].find(END)? + begin + END.len();
-    Some((begin, end))
-}
-
-/// Puts `table` between the markers of `file` (appended with them when they are missing).
-fn write_section(file: &Path, table: &str) -> Result<()> {
-    let text = std::fs::read_to_string(file).unwrap_or_default();
-    let section = format!("{BEGIN}\n{table}{END}\n");
-    let new = match section_bounds(&text) {
-        Some((begin, end)) => format!(
-            "{}{section}{}",
-            &text[..begin],
-            text[end..].trim_start_matches('\n')
-        ),
-        None => format!("{}\n\n{section}", text.trim_end()),
-    };
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(file, new).with_context(|| format!("writing {}", file.display()))
-}
-
-/// The bench's namespaces, processes and pins; all removed on drop.
-struct Lab {
+/// The bench's namespaces, processes and pins; all removed on drop. The SYN flood bench
+/// (`flood.rs`) runs in it too.
+pub(super) struct Lab {
     agent_bin: PathBuf,
     loadgen_bin: PathBuf,
     dir: PathBuf,
@@ -238,7 +214,7 @@ struct Lab {
 }
 
 impl Lab {
-    fn new(bins: &Path) -> Result<Self> {
+    pub(super) fn new(bins: &Path) -> Result<Self> {
         let dir = crate::target_dir().join("bench-nodeport");
         let lab = Self {
             agent_bin: bins.join("lb-agent"),
@@ -252,7 +228,7 @@ impl Lab {
         Ok(lab)
     }
 
-    fn set_up(&mut self) -> Result<()> {
+    pub(super) fn set_up(&mut self) -> Result<()> {
         for netns in [NODE, CLIENT, POD] {
             ip(&["netns", "add", netns])?;
             ip_in(netns, &["link", "set", "lo", "up"])?;
@@ -287,6 +263,8 @@ impl Lab {
         let mut server = Command::new(&self.loadgen_bin);
         server
             .args(["--netns", POD, "serve", "--tcp", "8080", "--udp", "8080"])
+            // Longer than the flood bench keeps its connections idle (`flood.rs`).
+            .args(["--idle-s", "900"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut server = server.spawn().context("starting the echo server")?;
@@ -315,14 +293,18 @@ impl Lab {
     /// takes them).
     fn switch_to(&mut self, path: Path3) -> Result<()> {
         self.stop_agent();
-        let mode = match path {
-            Path3::Direct => {
-                self.cleanup();
-                return self.probe(path);
-            }
-            Path3::Tc => "off",
-            Path3::Xdp => "native",
-        };
+        if path == Path3::Direct {
+            self.cleanup();
+            return self.probe(path);
+        }
+        self.start_agent(path == Path3::Xdp, &[])?;
+        self.probe(path)
+    }
+
+    /// Starts the agent on the node (`--nodeport-acceleration native` when `xdp`, else
+    /// `off`) with `extra` arguments, and waits until its programs are attached.
+    pub(super) fn start_agent(&mut self, xdp: bool, extra: &[&str]) -> Result<()> {
+        let mode = if xdp { "native" } else { "off" };
         let log = std::fs::File::create(self.dir.join("agent.log"))?;
         let mut agent = in_netns(NODE, &self.agent_bin);
         agent
@@ -344,14 +326,15 @@ impl Lab {
                 "--nodeport-acceleration",
                 mode,
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log);
         self.agent = Some(agent.spawn().context("starting lb-agent")?);
         let links = Path::new(PIN_DIR).join("links");
         let wanted = links.join(format!("tc-ingress-{EXT}"));
-        let xdp = links.join(format!("xdp-{EXT}"));
+        let xdp_link = links.join(format!("xdp-{EXT}"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !(wanted.exists() && (xdp.exists() == (path == Path3::Xdp))) {
+        while !(wanted.exists() && (xdp_link.exists() == xdp)) {
             if let Some(agent) = &mut self.agent
                 && let Some(status) = agent.try_wait()?
             {
@@ -366,18 +349,27 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.probe(path)
+        Ok(())
+    }
+
+    /// The NodePort as the client outside dials it.
+    pub(super) fn node_port() -> String {
+        format!("{NODE_IP}:{NODE_PORT}")
     }
 
     fn target(path: Path3) -> String {
         match path {
             Path3::Direct => format!("{POD_IP}:8080"),
-            Path3::Tc | Path3::Xdp => format!("{NODE_IP}:{NODE_PORT}"),
+            Path3::Tc | Path3::Xdp => Self::node_port(),
         }
     }
 
     /// 50 connections that must all succeed (and warm ARP up); retried while the agent
     /// writes its maps.
+    pub(super) fn probe_node_port(&self) -> Result<()> {
+        self.probe(Path3::Tc)
+    }
+
     fn probe(&self, path: Path3) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -416,6 +408,25 @@ impl Lab {
             summary.first_error
         );
         Ok(summary)
+    }
+
+    /// `lb-loadgen` with `args`, in the client's namespace.
+    pub(super) fn loadgen_in_client(&self) -> Command {
+        let mut command = Command::new(&self.loadgen_bin);
+        command.args(["--netns", CLIENT]);
+        command
+    }
+
+    /// The client's network namespace.
+    pub(super) fn client_netns() -> PathBuf {
+        crate::lab::netns_path(CLIENT)
+    }
+
+    /// `lb-agent` with `args` on the bench's pins.
+    pub(super) fn agent_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.agent_bin);
+        command.args(args).args(["--bpf-pin-path", PIN_DIR]);
+        command
     }
 
     fn loadgen(&self, path: Path3, workload: &str, args: &[&str]) -> Result<Summary> {
@@ -554,29 +565,5 @@ impl StatsOn {
 impl Drop for StatsOn {
     fn drop(&mut self) {
         let _ = std::fs::write(Self::KEY, &self.before);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_section_is_replaced_in_place_and_kept_by_its_markers() {
-        let file = std::env::temp_dir().join(format!("lb-np-{}.md", std::process::id()));
-        std::fs::write(&file, "# Bench\n\nsweep\n").unwrap();
-        write_section(&file, "first\n").unwrap();
-        std::fs::write(&file, std::fs::read_to_string(&file).unwrap() + "\nafter\n").unwrap();
-        write_section(&file, "second\n").unwrap();
-        let text = std::fs::read_to_string(&file).unwrap();
-        std::fs::remove_file(&file).unwrap();
-        assert_eq!(
-            text,
-            format!("# Bench\n\nsweep\n\n{BEGIN}\nsecond\n{END}\nafter\n")
-        );
-        assert_eq!(
-            section(&text),
-            Some(format!("{BEGIN}\nsecond\n{END}").as_str())
-        );
     }
 }
