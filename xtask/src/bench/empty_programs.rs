@@ -118,6 +118,9 @@ impl Drop for Attached {
         let _ = self.tc(&["qdisc", "del", "dev", &self.device, "clsact"]);
         let _ = std::fs::remove_file(&self.connect4_pin);
         let _ = std::fs::remove_file(&self.tc_pin);
+        if let Some(dir) = self.tc_pin.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

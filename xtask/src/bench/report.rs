@@ -95,11 +95,14 @@ pub fn write(dir: &Path, outcome: &Outcome) -> Result<()> {
     plot::connections(&plots.join("tcp-crr.svg"), outcome)?;
     plot::sync(&plots.join("sync.svg"), outcome)?;
     let file = dir.join("benchmarks.md");
-    // The `--nodeport` run's section is its own: a sweep keeps it.
+    // The sections of the other benches (`--nodeport`, `--flood`) are theirs: a sweep
+    // keeps them.
     let old = std::fs::read_to_string(&file).unwrap_or_default();
     let mut text = markdown(outcome);
-    if let Some(section) = super::nodeport::section(&old) {
-        text = format!("{}\n\n{section}\n", text.trim_end());
+    for marked in super::sections::ALL {
+        if let Some(section) = marked.find(&old) {
+            text = format!("{}\n\n{section}\n", text.trim_end());
+        }
     }
     std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))
 }
@@ -116,7 +119,7 @@ fn size(config: &ConfigResult) -> String {
     format!("{} × {}", thousands(config.services), config.endpoints)
 }
 
-fn thousands(n: usize) -> String {
+pub(super) fn thousands(n: impl ToString) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -621,6 +624,15 @@ const PROGRAM_BUDGET_NS: f64 = 250.0;
 /// The tc LB's new-connection rate against the direct path's that issue 13 asks for.
 const TC_RATIO_TARGET: f64 = 0.95;
 
+/// `ratio` to two decimals, or three where two would round it up to the target it misses.
+fn ratio_shown(ratio: f64) -> String {
+    let two = format!("{ratio:.2}");
+    if ratio < TC_RATIO_TARGET && two == format!("{TC_RATIO_TARGET:.2}") {
+        return format!("{ratio:.3}");
+    }
+    two
+}
+
 /// Issue 13's datapath targets beside what this run measured, per size: every program a
 /// TCP connection runs on the socket path, each tc program per packet, and the tc LB's rate
 /// against the direct path's.
@@ -705,7 +717,13 @@ fn datapath_targets(out: &mut String, outcome: &Outcome) {
         );
         let ratio = config.ratio(Variant::Tc, Workload::TcpCrr).map_or_else(
             || "—".into(),
-            |r| format!("{:.2}× {}", r.median, mark(r.median >= TC_RATIO_TARGET)),
+            |r| {
+                format!(
+                    "{}× {}",
+                    ratio_shown(r.median),
+                    mark(r.median >= TC_RATIO_TARGET)
+                )
+            },
         );
         let _ = writeln!(
             out,
@@ -1112,6 +1130,8 @@ fn reproduce(out: &mut String, outcome: &Outcome) {
          cargo xtask bench            # this report: docs/benchmarks.md and docs/bench/*.svg (about an hour)\n\
          cargo xtask bench --quick    # N ∈ {1, 100}, short runs: target/bench-quick/ (~1 min)\n\
          cargo xtask bench --services 1,1000 --endpoints 1 --iptables legacy,nft --cap 60\n\
+         cargo xtask bench --nodeport   # NodePort from outside: direct, tc, XDP (section below)\n\
+         cargo xtask bench --flood      # conntrack under a spoofed SYN flood (section below)\n\
          ```\n\n",
     );
     out.push_str(
@@ -1348,6 +1368,14 @@ mod tests {
             targets.contains("took 72 ns per `connect()` at the cgroup `connect4` hook and 67 ns"),
             "{targets}"
         );
+    }
+
+    #[test]
+    fn a_ratio_just_under_the_target_does_not_read_as_the_target() {
+        assert_eq!(ratio_shown(0.948), "0.948");
+        assert_eq!(ratio_shown(0.95), "0.95");
+        assert_eq!(ratio_shown(0.9449), "0.94");
+        assert_eq!(ratio_shown(0.97), "0.97");
     }
 
     #[test]
