@@ -475,8 +475,9 @@ struct MapSizeArgs {
           default_value_t = lb_common::MapCapacities::DEFAULT.conntrack_other,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_conntrack_other: u32,
-    /// Conntrack entries of TCP flows in their handshake (half-open), two per flow: what a
-    /// SYN flood fills; each lives 10 s idle. 11 MiB at the default.
+    /// Conntrack entries of TCP flows in their handshake (half-open) or closed (for their
+    /// last 10 s), two per flow: what a SYN flood fills; each lives 10 s idle. 11 MiB at the
+    /// default.
     #[arg(long, env = "LB_MAX_CONNTRACK_HALF_OPEN", value_name = "N",
           default_value_t = lb_common::MapCapacities::DEFAULT.conntrack_half_open,
           value_parser = clap::value_parser!(u32).range(1..))]

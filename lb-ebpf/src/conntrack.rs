@@ -7,8 +7,11 @@
 //! half-open table (only a SYN starts one) and moves to the established table when its
 //! client acknowledges the backend's SYN-ACK; half-open entries live seconds. A spoofed
 //! SYN flood, whose handshakes never complete, therefore only ever fills the half-open
-//! table: established flows, and the SNAT ports they hold, are never evicted for it. Other
-//! protocols (UDP) have their own table.
+//! table: established flows, and the SNAT ports they hold, are never evicted for it. A
+//! flow that closes (RST, or a FIN from each side) moves back to the half-open table for
+//! its last seconds, so the established table holds live connections only and a churn of
+//! short ones cannot evict a long-idle one either. Other protocols (UDP) have their own
+//! table.
 use lb_common::{
     CT_DIR_ORIG, CT_DIR_REPLY, CT_F_SNAT, CT_TCP_ESTABLISHED, CT_TCP_FIN_ORIG, CT_TCP_FIN_REPLY,
     CT_TCP_RST, CT_TCP_SEEN_REPLY, CT_TCP_SYN, Counter, CtKey, CtValue, PROTO_TCP,
@@ -152,9 +155,13 @@ fn state_bits(packet: &Packet, dir: u8, state: u8) -> u8 {
 /// Records a packet of `dir` (whose key is `key`) on its entry, and on the other
 /// direction's entry when the TCP state changes (so both directions expire together once
 /// the connection closes). The packet that completes a handshake moves both entries to
-/// the established table: then this returns true, and `entry`'s half-open value, still
-/// valid, is the caller's to translate the packet with and then delete
-/// ([`finish_move`]), which spares a lookup of the copy just inserted.
+/// the established table, and the one that closes the connection (an RST, or the second
+/// side's FIN) moves them back to the half-open table, where closed flows spend their last
+/// seconds among the handshakes: the established table holds live connections only, so a
+/// churn of short connections cannot make its LRU evict a long-idle live one. After a move
+/// this returns true, and `entry`'s value, still valid, is the caller's to translate the
+/// packet with and then delete from `entry.table` ([`finish_move`]), which spares a lookup
+/// of the copy just inserted.
 // Its own BPF function: the stack of each call stays within the 512-byte limit. Keys and
 // values go to the helpers by reference, from the stack or the map itself, never copied.
 #[inline(never)]
@@ -183,30 +190,35 @@ pub fn touch(entry: &Entry, key: &CtKey, packet: &Packet, dir: u8, now: u64) -> 
         // SAFETY: as above.
         unsafe { (*other).tcp_state |= state };
     }
-    if entry.table != Table::HalfOpen || state & CT_TCP_ESTABLISHED == 0 {
-        return false;
-    }
-    // Established: both entries move. The copies are made from the map values themselves
-    // (no stack copy); a refused insert (the table cannot be full for long: LRU) leaves the
-    // flow half-open, where it keeps working until it idles out.
-    if LB_CT_TCP.insert(key, value, 0).is_err() {
+    let closing = is_closing(state);
+    let to = match entry.table {
+        Table::HalfOpen if state & CT_TCP_ESTABLISHED != 0 && !closing => Table::Established,
+        Table::Established if closing => Table::HalfOpen,
+        _ => return false,
+    };
+    // Both entries move. The copies are made from the map values themselves (no stack
+    // copy); a refused insert (an LRU table cannot be full for long) leaves the flow where
+    // it is, where it keeps working until it idles out.
+    if map(to).insert(key, value, 0).is_err() {
         count(Counter::ConntrackFull);
         return false;
     }
     if let Some(other) = peer_value {
         // SAFETY: as above.
-        let _ = LB_CT_TCP.insert(&peer, unsafe { &*other }, 0);
-        let _ = LB_CT_HALF_OPEN.remove(&peer);
+        let _ = map(to).insert(&peer, unsafe { &*other }, 0);
+        let _ = map(entry.table).remove(&peer);
     }
-    count(Counter::TcFlowsEstablished);
+    if to == Table::Established {
+        count(Counter::TcFlowsEstablished);
+    }
     true
 }
 
-/// Deletes the half-open entry `key` of a flow [`touch`] moved, once its packet is
+/// Deletes the entry `key` of a flow [`touch`] moved out of `from`, once its packet is
 /// translated.
 #[inline(always)]
-pub fn finish_move(key: &CtKey) {
-    let _ = LB_CT_HALF_OPEN.remove(key);
+pub fn finish_move(key: &CtKey, from: Table) {
+    let _ = map(from).remove(key);
 }
 
 /// The key of the other direction's entry of the flow `packet` belongs to (as the packet is

@@ -216,10 +216,10 @@ fn tracked<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Tracked, 
         return Err(Error::LeftToTc);
     }
     let moved = conntrack::touch(&entry, &orig_key, packet, CT_DIR_ORIG, now);
-    // SAFETY: as above (a moved flow's half-open value stays until `finish_move`).
+    // SAFETY: as above (a moved flow's old value stays until `finish_move`).
     let outcome = translate(ctx, packet, unsafe { &*entry.value });
     if moved {
-        conntrack::finish_move(&orig_key);
+        conntrack::finish_move(&orig_key, entry.table);
     }
     outcome.map(Tracked::Translated)
 }
@@ -240,12 +240,16 @@ fn snat_reply<C: Frame>(ctx: &C, packet: &mut Packet, now: u64) -> Result<Option
     if !C::SNAT {
         return Err(Error::LeftToTc);
     }
-    // A reply never completes a handshake: nothing moves.
-    let _ = conntrack::touch(&entry, &reply_key, packet, CT_DIR_REPLY, now);
+    // A reply never completes a handshake, but may close the connection (its move is
+    // finished once the packet is translated).
+    let moved = conntrack::touch(&entry, &reply_key, packet, CT_DIR_REPLY, now);
     // SAFETY: as above; read in place, as the stack is tight.
     let value = unsafe { &*entry.value };
     packet.set_dst(ctx, value.snat_addr, value.snat_port)?;
     packet.set_src(ctx, value.nat_addr, value.nat_port)?;
+    if moved {
+        conntrack::finish_move(&reply_key, entry.table);
+    }
     // Its source is now a node address: the stack would drop it as a martian.
     Ok(Some(Outcome::Redirected(ctx.redirect(packet)?)))
 }
@@ -267,11 +271,14 @@ pub fn egress(ctx: &TcContext) -> Result<Outcome, Error> {
         // Replies of SNATed flows come in through ingress, never out here.
         return Ok(Outcome::Untouched);
     }
-    // A reply never completes a handshake: nothing moves.
-    let _ = conntrack::touch(&entry, &key, &packet, CT_DIR_REPLY, now);
+    // A reply never completes a handshake, but may close the connection.
+    let moved = conntrack::touch(&entry, &key, &packet, CT_DIR_REPLY, now);
     // SAFETY: as above.
     let (address, port) = unsafe { ((*entry.value).nat_addr, (*entry.value).nat_port) };
     packet.set_src(ctx, address, port)?;
+    if moved {
+        conntrack::finish_move(&key, entry.table);
+    }
     Ok(Outcome::Translated)
 }
 

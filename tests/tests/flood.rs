@@ -2,7 +2,8 @@
 //! established only once its client completes the handshake, so a flood of SYNs from made-up
 //! sources fills only the half-open table; an established flow survives a flood of ten
 //! times the tables' size, new real connections still get through, and once the flood
-//! stops the junk is gone.
+//! stops the junk is gone. Closed flows leave the established table, so a churn of short
+//! connections cannot evict an idle one either.
 //!
 //! The node's external device `ext0` (192.168.50.1) carries a NodePort; the external client
 //! namespace (192.168.50.2) opens a connection, then floods the NodePort with SYNs from
@@ -10,12 +11,12 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use lb_tests::manifests::{endpoint_slice, service};
 use lb_tests::testkit::enter_netns;
-use lb_tests::{EXT_DEVICE, NODE_EXT_IP, TestEnv, bins, cmd, require_privileges};
+use lb_tests::{Agent, EXT_DEVICE, NODE_EXT_IP, TestEnv, bins, cmd, require_privileges};
 
 const APPLY: Duration = Duration::from_secs(10);
 const NODE_PORT: u16 = 30080;
@@ -76,15 +77,12 @@ fn entries(agent: &lb_tests::Agent, map: &str) -> u64 {
     agent.map_entries(map).expect("services --summary")
 }
 
-#[test]
-fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
-    if !require_privileges() {
-        return;
-    }
-    let env = TestEnv::new();
-    // The backend: an echo server (it keeps idle connections open, unlike the HTTP one).
+/// An echo server behind NodePort 30080 (it keeps idle connections open, unlike the HTTP
+/// one), a client outside the node, and the agent with conntrack tables of `table`
+/// (established) and `half_open` entries, its tc programs attached.
+fn echo_node_port(env: &TestEnv, table: u32, half_open: u32) -> (Child, lb_tests::Pod, Agent) {
     let web = env.topo.add_pod("web");
-    let mut echo_server = Command::new(bins::loadgen())
+    let echo_server = Command::new(bins::loadgen())
         .args(["--netns", web.netns(), "serve", "--tcp", "8080"])
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -104,8 +102,8 @@ fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
             .endpoint(web.ip(), true)
             .yaml(),
     );
-    let table = TABLE.to_string();
-    let half_open = HALF_OPEN_TABLE.to_string();
+    let table = table.to_string();
+    let half_open = half_open.to_string();
     let mut agent = env.agent_with(&[
         "--devices",
         EXT_DEVICE,
@@ -115,30 +113,54 @@ fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
         &half_open,
     ]);
     agent.wait_for_frontend("0.0.0.0:30080", 1, APPLY);
-    wait_for_tc_programs(&env);
+    wait_for_tc_programs(env);
+    (echo_server, client, agent)
+}
 
-    // An established flow from outside, idle through the flood.
-    let target = format!("{NODE_EXT_IP}:{NODE_PORT}");
+/// Opens a connection to `target` from `client`'s namespace that echoes a line, then,
+/// once told, echoes another: an established flow kept idle in between. Returns the
+/// channel that tells it and the thread, which yields the second echo.
+fn idle_connection(
+    client: &lb_tests::Pod,
+    target: &str,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<std::io::Result<String>>,
+) {
     let netns = client.netns().to_owned();
-    let (to_flood, flooded) = std::sync::mpsc::channel::<()>();
+    let (wake, woken) = std::sync::mpsc::channel::<()>();
     let (established_tx, established) = std::sync::mpsc::channel::<()>();
-    let target_in = target.clone();
+    let target = target.to_owned();
     let kept = std::thread::spawn(move || {
         enter_netns(&netns).expect("entering the client namespace");
         let mut stream =
-            TcpStream::connect_timeout(&target_in.parse().unwrap(), Duration::from_secs(2))
-                .expect("connecting to the NodePort before the flood");
+            TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_secs(2))
+                .expect("connecting to the NodePort");
         stream
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
         assert_eq!(echo(&mut stream, "before\n").unwrap(), "before\n");
         established_tx.send(()).unwrap();
-        flooded.recv().unwrap();
+        woken.recv().unwrap();
         echo(&mut stream, "after\n")
     });
     established
         .recv()
         .expect("the kept connection's first echo");
+    (wake, kept)
+}
+
+#[test]
+fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (mut echo_server, client, mut agent) = echo_node_port(&env, TABLE, HALF_OPEN_TABLE);
+
+    // An established flow from outside, idle through the flood.
+    let target = format!("{NODE_EXT_IP}:{NODE_PORT}");
+    let (to_flood, kept) = idle_connection(&client, &target);
     let flows = agent.conntrack();
     assert!(
         flows.iter().any(|f| f["state"] == "ESTABLISHED"),
@@ -171,10 +193,10 @@ fn established_flows_and_new_ones_survive_a_syn_flood_of_ten_times_the_table() {
     assert_eq!(fresh.expect("a new connection after the flood"), "fresh\n");
 
     // Only real flows ever entered the established table: the kept one and the new one,
-    // two entries each.
+    // two entries each (none once they closed: closed flows move to the half-open table).
     let established_entries = entries(&agent, "LB_CT_TCP");
     assert!(
-        (2..=4).contains(&established_entries),
+        established_entries <= 4,
         "LB_CT_TCP holds {established_entries} entries: only the two real flows'"
     );
     let counters = agent.counters().expect("counters");
@@ -239,4 +261,55 @@ fn a_flood_to_a_service_without_endpoints_gets_icmp_replies_at_the_kernels_rate(
         answered >= lb_common::ICMP_BURST,
         "the burst is answered: {counters:?}"
     );
+}
+
+#[test]
+fn an_idle_connection_outlives_a_churn_of_closed_ones_larger_than_the_established_table() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let (mut echo_server, client, mut agent) = echo_node_port(&env, TABLE, HALF_OPEN_TABLE);
+    let target = format!("{NODE_EXT_IP}:{NODE_PORT}");
+    let (wake, kept) = idle_connection(&client, &target);
+
+    // Ten times as many short connections as the established table has flows: each
+    // closed one leaves its entries for 10 s, in the half-open table.
+    let churn = 10 * TABLE / 2;
+    let out = cmd::run(
+        Command::new(bins::loadgen()).args([
+            "--netns",
+            client.netns(),
+            "run",
+            "--workload",
+            "tcp-crr",
+            "--target",
+            &target,
+            "--count",
+            &churn.to_string(),
+            "--duration-ms",
+            "30000",
+        ]),
+        Duration::from_secs(40),
+    )
+    .expect("lb-loadgen run");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("run summary");
+    assert_eq!(summary["ops"], u64::from(churn), "{summary}");
+    assert_eq!(summary["errors"], 0, "{summary}");
+
+    wake.send(()).unwrap();
+    assert_eq!(
+        kept.join()
+            .expect("kept connection thread")
+            .expect("the idle connection after the churn"),
+        "after\n"
+    );
+    let counters = agent.counters().expect("counters");
+    assert!(
+        counters["tc_flows_established"] > u64::from(churn),
+        "{counters:?}"
+    );
+    agent.assert_running();
+    let _ = echo_server.kill();
+    let _ = echo_server.wait();
 }

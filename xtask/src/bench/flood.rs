@@ -172,9 +172,7 @@ fn flood(lab: &Lab, shape: &Shape) -> Result<Outcome> {
         .spawn()
         .context("starting lb-loadgen syn-flood")?;
     // New connections while the flood runs, a hundred at a time until it ends: what a
-    // client sees, not a second load (a churn of closed flows beyond the established
-    // table's size would itself evict idle flows: each keeps its entries for its close
-    // lifetime).
+    // client sees, not a second load competing with the flood for the CPUs.
     let mut during = Vec::new();
     let flood_out = loop {
         let mut command = lab.loadgen_in_client();
