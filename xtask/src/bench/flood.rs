@@ -16,14 +16,14 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
-use lb_common::Counter;
+use lb_common::{Counter, CtTable};
 use serde::Deserialize;
 
 use super::nodeport::Lab;
 use super::report::thousands;
 use super::results::Summary;
 use super::sections::Marked;
-use crate::{cmd, host, install};
+use crate::{cmd, host};
 
 /// This bench's section of benchmarks.md.
 pub const SECTION: Marked = Marked {
@@ -102,13 +102,8 @@ struct Tables {
 
 pub fn run(settings: &Settings) -> Result<()> {
     host::require_root("`cargo xtask bench --flood` (network namespaces, eBPF, raw sockets)")?;
-    let _lock = super::lab::lock()?;
-    install::ensure_build_prereqs()?;
-    install::ensure_apt(&["iproute2", "curl", "procps"])?;
-    let bins = super::build_agent_and_loadgen(settings.quick)?;
     let shape = Shape::of(settings.quick);
-    let mut lab = Lab::new(&bins)?;
-    lab.set_up()?;
+    let (_lock, mut lab) = Lab::open(settings.quick)?;
     let mut extra = Vec::new();
     if let Some((established, half_open)) = shape.tables {
         extra = vec![
@@ -142,15 +137,9 @@ pub fn run(settings: &Settings) -> Result<()> {
 }
 
 fn flood(lab: &Lab, shape: &Shape) -> Result<Outcome> {
-    let capacity = |name: &str| -> Result<u64> {
-        map_summary(lab)?
-            .iter()
-            .find(|m| m.name == name)
-            .map(|m| m.capacity)
-            .with_context(|| format!("{name} is not in `lb-agent services --summary`"))
-    };
-    let established_capacity = capacity("LB_CT_TCP")?;
-    let half_open_capacity = capacity("LB_CT_HALF_OPEN")?;
+    let before = agent_summary(lab)?;
+    let established_capacity = before.map(CtTable::Established)?.capacity;
+    let half_open_capacity = before.map(CtTable::HalfOpen)?.capacity;
     println!(
         "tables: {established_capacity} established, {half_open_capacity} half-open entries; \
          opening {} connections",
@@ -199,14 +188,12 @@ fn flood(lab: &Lab, shape: &Shape) -> Result<Outcome> {
         "lb-loadgen syn-flood failed: {}",
         String::from_utf8_lossy(&flood_out.stderr)
     );
+    let during = total(&during);
     let flood: FloodSummary =
         serde_json::from_slice(&flood_out.stdout).context("lb-loadgen syn-flood's summary")?;
     println!(
         "flood: {} SYNs in {:.1} s; new connections meanwhile: {} ok, {} failed",
-        flood.sent,
-        flood.elapsed_s,
-        during.iter().map(|s| s.ops).sum::<u64>(),
-        during.iter().map(|s| s.errors).sum::<u64>()
+        flood.sent, flood.elapsed_s, during.ops, during.errors
     );
 
     let answers: Vec<Result<()>> = kept
@@ -217,11 +204,11 @@ fn flood(lab: &Lab, shape: &Shape) -> Result<Outcome> {
     let first_failure = answers
         .into_iter()
         .find_map(|a| a.err().map(|e| format!("{e:#}")));
-    let after_flood = tables(lab)?;
-    let counters = counters(lab)?;
+    let after = agent_summary(lab)?;
+    let after_flood = after.tables()?;
     let stopped = Instant::now();
     let junk_gone_after = loop {
-        if tables(lab)?.half_open == 0 {
+        if agent_summary(lab)?.tables()?.half_open == 0 {
             break Some(stopped.elapsed());
         }
         if stopped.elapsed() > Duration::from_secs(60) {
@@ -238,10 +225,10 @@ fn flood(lab: &Lab, shape: &Shape) -> Result<Outcome> {
         flood,
         survived,
         first_failure,
-        during: total(&during),
+        during,
         after_flood,
         junk_gone_after,
-        counters,
+        counters: after.counters,
     })
 }
 
@@ -291,31 +278,29 @@ struct AgentSummary {
     counters: std::collections::BTreeMap<String, u64>,
 }
 
+/// One reading of `lb-agent services --summary --output json` (it walks every pinned
+/// map: read once for all that is wanted of it).
 fn agent_summary(lab: &Lab) -> Result<AgentSummary> {
     let out = cmd::output(&mut lab.agent_command(&["services", "--summary", "--output", "json"]))?;
     serde_json::from_str(out.trim()).context("`lb-agent services --summary --output json`")
 }
 
-fn map_summary(lab: &Lab) -> Result<Vec<MapEntry>> {
-    Ok(agent_summary(lab)?.maps)
-}
-
-fn counters(lab: &Lab) -> Result<std::collections::BTreeMap<String, u64>> {
-    Ok(agent_summary(lab)?.counters)
-}
-
-fn tables(lab: &Lab) -> Result<Tables> {
-    let maps = map_summary(lab)?;
-    let entries = |name: &str| -> Result<u64> {
-        match maps.iter().find(|m| m.name == name) {
-            Some(map) => Ok(map.entries),
+impl AgentSummary {
+    /// The conntrack table `table`'s map.
+    fn map(&self, table: CtTable) -> Result<&MapEntry> {
+        let name = table.map_name();
+        match self.maps.iter().find(|m| m.name == name) {
+            Some(map) => Ok(map),
             None => bail!("{name} is not in `lb-agent services --summary`"),
         }
-    };
-    Ok(Tables {
-        established: entries("LB_CT_TCP")?,
-        half_open: entries("LB_CT_HALF_OPEN")?,
-    })
+    }
+
+    fn tables(&self) -> Result<Tables> {
+        Ok(Tables {
+            established: self.map(CtTable::Established)?.entries,
+            half_open: self.map(CtTable::HalfOpen)?.entries,
+        })
+    }
 }
 
 /// The runs' operations and failures added up (the runs are paced: no rate).

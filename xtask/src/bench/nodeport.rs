@@ -12,11 +12,13 @@
 //! client `192.168.150.2` ─veth─ `lbbnpext` `192.168.150.1` [node] `10.244.150.1`
 //! `lbbnppod` ─veth─ pod `10.244.150.2` (the `lb-loadgen serve` backend).
 use std::fmt::Write as _;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
+use nix::fcntl::Flock;
 
 use super::results::Summary;
 use super::sections::Marked;
@@ -67,13 +69,8 @@ impl Path3 {
 
 pub fn run(settings: &Settings) -> Result<()> {
     host::require_root("`cargo xtask bench --nodeport` (network namespaces, eBPF)")?;
-    let _lock = super::lab::lock()?;
-    install::ensure_build_prereqs()?;
-    install::ensure_apt(&["iproute2", "curl", "procps"])?;
-    let bins = super::build_agent_and_loadgen(settings.quick)?;
+    let (_lock, mut lab) = Lab::open(settings.quick)?;
     let load_before = load_average();
-    let mut lab = Lab::new(&bins)?;
-    lab.set_up()?;
     let mut results: Vec<(Path3, &str, Vec<Summary>)> = Vec::new();
     for round in 0..settings.rounds {
         for i in 0..Path3::ALL.len() {
@@ -214,7 +211,19 @@ pub(super) struct Lab {
 }
 
 impl Lab {
-    pub(super) fn new(bins: &Path) -> Result<Self> {
+    /// Takes the benches' lock, installs and builds what the lab needs (debug binaries when
+    /// `quick`), then sets the lab up; the lock is held until the first value is dropped.
+    pub(super) fn open(quick: bool) -> Result<(Flock<File>, Self)> {
+        let lock = super::lab::lock()?;
+        install::ensure_build_prereqs()?;
+        install::ensure_apt(&["iproute2", "curl", "procps"])?;
+        let bins = super::build_agent_and_loadgen(quick)?;
+        let mut lab = Self::new(&bins)?;
+        lab.set_up()?;
+        Ok((lock, lab))
+    }
+
+    fn new(bins: &Path) -> Result<Self> {
         let dir = crate::target_dir().join("bench-nodeport");
         let lab = Self {
             agent_bin: bins.join("lb-agent"),
@@ -228,7 +237,7 @@ impl Lab {
         Ok(lab)
     }
 
-    pub(super) fn set_up(&mut self) -> Result<()> {
+    fn set_up(&mut self) -> Result<()> {
         for netns in [NODE, CLIENT, POD] {
             ip(&["netns", "add", netns])?;
             ip_in(netns, &["link", "set", "lo", "up"])?;
@@ -410,7 +419,7 @@ impl Lab {
         Ok(summary)
     }
 
-    /// `lb-loadgen` with `args`, in the client's namespace.
+    /// `lb-loadgen` in the client's namespace (its subcommand and arguments to follow).
     pub(super) fn loadgen_in_client(&self) -> Command {
         let mut command = Command::new(&self.loadgen_bin);
         command.args(["--netns", CLIENT]);
@@ -430,9 +439,9 @@ impl Lab {
     }
 
     fn loadgen(&self, path: Path3, workload: &str, args: &[&str]) -> Result<Summary> {
-        let mut command = Command::new(&self.loadgen_bin);
+        let mut command = self.loadgen_in_client();
         command
-            .args(["--netns", CLIENT, "run", "--workload", workload])
+            .args(["run", "--workload", workload])
             .args(["--target", &Self::target(path)])
             .args(args);
         let out = cmd::output(&mut command)?;
@@ -518,8 +527,8 @@ impl Lab {
 
     fn cleanup(&self) {
         if Path::new(PIN_DIR).exists() {
-            let _ = Command::new(&self.agent_bin)
-                .args(["cleanup", "--bpf-pin-path", PIN_DIR])
+            let _ = self
+                .agent_command(&["cleanup"])
                 .stdout(Stdio::null())
                 .status();
         }
