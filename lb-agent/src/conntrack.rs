@@ -123,19 +123,36 @@ pub fn sweep(pin_dir: &Path, table: CtTable) -> anyhow::Result<usize> {
     Ok(expired.iter().filter(|k| map.remove(k).is_ok()).count())
 }
 
-/// Sweeps the half-open table every 5 s and the other table every minute, for ever: their
-/// entries live seconds and a minute; the established table's live hours and LRU eviction
-/// bounds it.
+/// How often the sweeper wakes: the half-open table's entries live 10 s idle.
+const SWEEP_TICK: Duration = Duration::from_secs(5);
+
+/// The tables to sweep at wake-up `round` (every [`SWEEP_TICK`], the first at start): the
+/// half-open table every time, the other table every minute, and the established table
+/// at start and every hour. Its entries live six hours idle, so without a sweep a flow that
+/// ended without FIN or RST (its client vanished with its pod, say) would hold its two
+/// entries until the LRU evicted them; a restarted agent also clears what expired while
+/// none ran.
+#[must_use]
+pub const fn tables_due(round: u64) -> &'static [CtTable] {
+    const MINUTE: u64 = 60 / SWEEP_TICK.as_secs();
+    const HOUR: u64 = 60 * MINUTE;
+    if round.is_multiple_of(HOUR) {
+        &[CtTable::HalfOpen, CtTable::Other, CtTable::Established]
+    } else if round.is_multiple_of(MINUTE) {
+        &[CtTable::HalfOpen, CtTable::Other]
+    } else {
+        &[CtTable::HalfOpen]
+    }
+}
+
+/// Sweeps the conntrack tables for ever, each as often as its entries expire
+/// ([`tables_due`]).
 pub async fn sweep_forever(pin_dir: std::path::PathBuf) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut tick = tokio::time::interval(SWEEP_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for round in 0u64.. {
         tick.tick().await;
-        let tables: &[CtTable] = if round % 12 == 0 {
-            &[CtTable::HalfOpen, CtTable::Other]
-        } else {
-            &[CtTable::HalfOpen]
-        };
+        let tables = tables_due(round);
         for &table in tables {
             let dir = pin_dir.clone();
             match tokio::task::spawn_blocking(move || sweep(&dir, table)).await {
@@ -333,6 +350,23 @@ mod tests {
                 "UDP 192.168.50.2:5000 -> 192.168.50.1:30053 -> 10.244.0.2:5353 snat=None age=10 idle=2 ",
                 "TCP [fd00:50::2]:41000 -> [fd00:50::1]:30080 -> [fd00:244::2]:8080 snat=None age=10 idle=2 CLOSING",
             ]
+        );
+    }
+
+    #[test]
+    fn each_table_is_swept_as_often_as_its_entries_expire() {
+        let count = |table: CtTable| {
+            (0..2 * 720)
+                .filter(|&r| tables_due(r).contains(&table))
+                .count()
+        };
+        // Two hours of wake-ups every 5 s.
+        assert_eq!(count(CtTable::HalfOpen), 1440, "every 5 s");
+        assert_eq!(count(CtTable::Other), 120, "every minute");
+        assert_eq!(count(CtTable::Established), 2, "every hour");
+        assert!(
+            tables_due(0).contains(&CtTable::Established),
+            "and at start, for what expired while no agent ran"
         );
     }
 }

@@ -160,6 +160,108 @@ fn killing_and_restarting_the_agent_under_load_fails_no_connection() {
     );
 }
 
+/// Entries of the established table expire (six hours idle, or seconds once the flow
+/// closed) without a packet to find them: an agent sweeps the expired ones when it starts
+/// (and every hour after), and leaves live flows alone. The expired entry here is one of a
+/// flow reset a minute ago, as a machine up for less than six hours cannot date an entry
+/// six hours back on `CLOCK_MONOTONIC`.
+#[test]
+fn a_starting_agent_sweeps_the_expired_entries_of_the_established_table() {
+    if !require_privileges() {
+        return;
+    }
+    let env = TestEnv::new();
+    let _web1 = env.add_backend("webapp1", "webapp", 8080);
+    write_webapp(&env);
+    let mut agent = env.agent();
+    agent.wait_for_frontend(VIP, 1, APPLY);
+    agent.kill();
+
+    let minute_ago = monotonic_now_ns()
+        .checked_sub(60_000_000_000)
+        .expect("up for a minute");
+    let established = lb_common::CT_TCP_SEEN_REPLY | lb_common::CT_TCP_ESTABLISHED;
+    let reset = established | lb_common::CT_TCP_RST;
+    let expired = established_key(41000);
+    let live = established_key(41001);
+    let map = lb_common::CT_TCP_MAP;
+    let value = |tcp_state| bytes_of(&flow_value(tcp_state, minute_ago));
+    update(&agent, map, &bytes_of(&expired), &value(reset));
+    update(&agent, map, &bytes_of(&live), &value(established));
+    assert!(holds(&agent, map, &expired) && holds(&agent, map, &live));
+
+    agent.start();
+    let deadline = std::time::Instant::now() + APPLY;
+    while holds(&agent, map, &expired) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired entry swept within {APPLY:?}: {}",
+            agent.log()
+        );
+        agent.assert_running();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(holds(&agent, map, &live), "the live flow's entry stays");
+}
+
+/// The original-direction key of a TCP flow from a client pod's `sport` to [`VIP`].
+fn established_key(sport: u16) -> lb_common::CtKey {
+    lb_common::CtKey {
+        saddr: lb_common::to_v4_mapped(u32::from_ne_bytes([10, 0, 0, 9])),
+        daddr: lb_common::to_v4_mapped(u32::from_ne_bytes([10, 96, 0, 10])),
+        sport: sport.to_be(),
+        dport: 80u16.to_be(),
+        proto: lb_common::PROTO_TCP,
+        dir: lb_common::CT_DIR_ORIG,
+        pad: [0; 2],
+    }
+}
+
+/// A flow's entry (to a backend at 10.0.0.2:8080) in TCP state `tcp_state`, last seen at
+/// `last_seen_ns`.
+fn flow_value(tcp_state: u8, last_seen_ns: u64) -> lb_common::CtValue {
+    lb_common::CtValue {
+        nat_addr: lb_common::to_v4_mapped(u32::from_ne_bytes([10, 0, 0, 2])),
+        snat_addr: [0; 4],
+        nat_port: 8080u16.to_be(),
+        snat_port: 0,
+        rev_nat_id: 1,
+        backend_id: 1,
+        flags: 0,
+        tcp_state,
+        pad: [0; 2],
+        created_ns: last_seen_ns,
+        last_seen_ns,
+    }
+}
+
+/// The bytes of a map key or value (`lb_common`'s types have no implicit padding).
+fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+    // SAFETY: `T` is one of lb_common's `repr(C)` map types, every byte initialised.
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>()) }
+        .to_vec()
+}
+
+/// Whether the pinned map `map` holds an entry at `key`.
+fn holds<T: Copy>(agent: &lb_tests::Agent, map: &str, key: &T) -> bool {
+    std::process::Command::new("bpftool")
+        .args(["map", "lookup", "pinned"])
+        .arg(agent.config().pin_path.join(map))
+        .arg("key")
+        .args(bytes_of(key).iter().map(u8::to_string))
+        .output()
+        .expect("bpftool map lookup")
+        .status
+        .success()
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of the conntrack entries.
+fn monotonic_now_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
+    u64::try_from(now.tv_sec()).expect("after boot") * 1_000_000_000
+        + u64::try_from(now.tv_nsec()).expect("nanoseconds")
+}
+
 /// Sets the layout version recorded with the pinned maps (as another version of lb would).
 fn set_layout(agent: &lb_tests::Agent, version: u32) {
     update(
