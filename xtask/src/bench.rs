@@ -129,7 +129,8 @@ pub struct Args {
     #[arg(long)]
     flood: bool,
     /// Measure nothing: write the report again from the raw results of the last run
-    /// (target/bench/results.json, or results-quick.json with --quick).
+    /// (target/bench/results.json, or results-quick.json with --quick; with --out, the
+    /// results.json there).
     #[arg(long)]
     report_only: bool,
     /// Instead of the sweep, the churn soak: 10,000 Services under 500 API writes/s for 10
@@ -302,7 +303,7 @@ pub fn run(args: &Args) -> Result<()> {
         });
     }
     if args.report_only {
-        let file = raw_file(args.quick);
+        let file = raw_file(args.out.as_deref(), args.quick);
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("cannot read {} (run the bench first)", file.display()))?;
         let outcome: Outcome = serde_json::from_str(&text)
@@ -355,7 +356,7 @@ pub fn run(args: &Args) -> Result<()> {
         api,
         wall_s: started.elapsed().as_secs_f64(),
     };
-    save_raw(&outcome)?;
+    save_raw(&outcome, args.out.as_deref())?;
     result?;
     report::write(&out, &outcome)?;
     // Cluster DNS against dnsmasq, in a lab of its own (one agent at a time).
@@ -454,8 +455,13 @@ fn run_api_bench(settings: &Settings, bin_dir: &Path) -> Result<Option<ApiResult
     Ok(Some(result))
 }
 
-/// Where the raw results of a run go: next to the build output, not in docs/.
-fn raw_file(quick: bool) -> PathBuf {
+/// Where the raw results of a run go: next to the build output, not in docs/; a run with
+/// its own `--out` keeps them beside its report, so a trial run leaves the last sweep's
+/// results (what `--report-only` rebuilds docs/benchmarks.md from) as they were.
+fn raw_file(out: Option<&Path>, quick: bool) -> PathBuf {
+    if let Some(dir) = out {
+        return dir.join("results.json");
+    }
     let name = if quick {
         "results-quick.json"
     } else {
@@ -464,8 +470,8 @@ fn raw_file(quick: bool) -> PathBuf {
     crate::target_dir().join("bench").join(name)
 }
 
-fn save_raw(outcome: &Outcome) -> Result<()> {
-    let file = raw_file(outcome.settings.quick);
+fn save_raw(outcome: &Outcome, out: Option<&Path>) -> Result<()> {
+    let file = raw_file(out, outcome.settings.quick);
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

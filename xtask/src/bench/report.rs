@@ -1144,8 +1144,9 @@ fn reproduce(out: &mut String, outcome: &Outcome) {
          ```\n\n",
     );
     out.push_str(
-        "The raw numbers of every run are in `target/bench/results.json`; \
-         `cargo xtask bench --report-only` writes the report again from them. Absolute rates \
+        "The raw numbers of every run are in `target/bench/results.json` (a run with `--out \
+         DIR`: `DIR/results.json`); `cargo xtask bench --report-only` writes the report again \
+         from them. Absolute rates \
          vary by ±15 % between runs on these small VMs even when idle, and much more when the \
          machine is shared (see \"other load\" above): compare the ratios, which are measured \
          back to back within a round, and read differences smaller than their min–max range as \
