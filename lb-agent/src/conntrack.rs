@@ -83,11 +83,13 @@ pub fn flows(entries: &[(CtKey, CtValue)], now_ns: u64) -> Vec<Flow> {
 /// # Errors
 /// When the map is not pinned under `pin_dir` or cannot be read.
 pub fn list(pin_dir: &Path, format: OutputFormat) -> anyhow::Result<String> {
+    let now = monotonic_now_ns()?;
     let mut entries = Vec::new();
-    for name in [CT_TCP_MAP, CT_HALF_OPEN_MAP, CT_OTHER_MAP] {
-        entries.extend(read_table(pin_dir, name)?);
+    for table in [CtTable::Established, CtTable::HalfOpen, CtTable::Other] {
+        let read = read_table(pin_dir, table.map_name())?;
+        entries.extend(read.into_iter().filter(|(_, v)| !expired(table, v, now)));
     }
-    let flows = flows(&entries, monotonic_now_ns()?);
+    let flows = flows(&entries, now);
     Ok(match format {
         OutputFormat::Json => serde_json::to_string_pretty(&flows)? + "\n",
         OutputFormat::Table => table(&flows),
@@ -104,6 +106,12 @@ pub(crate) fn monotonic_now_ns() -> std::io::Result<u64> {
     )
 }
 
+/// Whether the entry `value` of `table` has expired as of `now_ns`: the datapath deletes it
+/// at its next packet instead of using it, and the sweep deletes it.
+fn expired(table: CtTable, value: &CtValue, now_ns: u64) -> bool {
+    now_ns.saturating_sub(value.last_seen_ns) > table.lifetime_ns(value.tcp_state)
+}
+
 /// Deletes the expired entries of `table` (pinned under `pin_dir`), as the datapath would
 /// on their next packet, so a table a flood filled holds no junk once the flood stops.
 /// Returns how many were deleted.
@@ -117,7 +125,7 @@ pub fn sweep(pin_dir: &Path, table: CtTable) -> anyhow::Result<usize> {
     let expired: Vec<CtKey> = map
         .iter()
         .filter_map(Result::ok)
-        .filter(|(_, v)| now.saturating_sub(v.last_seen_ns) > table.lifetime_ns(v.tcp_state))
+        .filter(|(_, v)| expired(table, v, now))
         .map(|(k, _)| k)
         .collect();
     Ok(expired.iter().filter(|k| map.remove(k).is_ok()).count())

@@ -210,7 +210,8 @@ enum Command {
         api: ApiArgs,
     },
     /// List the flows the tc datapath tracks (client, frontend,
-    /// backend, SNAT, age, idle time, TCP state), read from the pinned conntrack map.
+    /// backend, SNAT, age, idle time, TCP state), read from the pinned conntrack maps;
+    /// entries past their lifetime, which the datapath would drop, are left out.
     Conntrack {
         #[command(flatten)]
         pins: PinArgs,

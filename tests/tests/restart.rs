@@ -161,12 +161,12 @@ fn killing_and_restarting_the_agent_under_load_fails_no_connection() {
 }
 
 /// Entries of the established table expire (six hours idle, or seconds once the flow
-/// closed) without a packet to find them: an agent sweeps the expired ones when it starts
-/// (and every hour after), and leaves live flows alone. The expired entry here is one of a
+/// closed) without a packet to find them: `lb-agent conntrack` no longer lists them, an
+/// agent sweeps them when it starts (and every hour after), and live flows stay. The expired entry here is one of a
 /// flow reset a minute ago, as a machine up for less than six hours cannot date an entry
 /// six hours back on `CLOCK_MONOTONIC`.
 #[test]
-fn a_starting_agent_sweeps_the_expired_entries_of_the_established_table() {
+fn expired_established_entries_are_not_listed_and_a_starting_agent_sweeps_them() {
     if !require_privileges() {
         return;
     }
@@ -189,6 +189,16 @@ fn a_starting_agent_sweeps_the_expired_entries_of_the_established_table() {
     update(&agent, map, &bytes_of(&expired), &value(reset));
     update(&agent, map, &bytes_of(&live), &value(established));
     assert!(holds(&agent, map, &expired) && holds(&agent, map, &live));
+    let clients: Vec<String> = agent
+        .conntrack()
+        .iter()
+        .map(|flow| flow["client"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        clients,
+        ["10.0.0.9:41001"],
+        "lb-agent conntrack lists the live flow, not the expired one the datapath would drop"
+    );
 
     agent.start();
     let deadline = std::time::Instant::now() + APPLY;
