@@ -122,13 +122,13 @@ pub fn sweep(pin_dir: &Path, table: CtTable) -> anyhow::Result<usize> {
     let data = MapData::from_pin(pin_dir.join(table.map_name()))?;
     let mut map: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data))?;
     let now = monotonic_now_ns()?;
-    let expired: Vec<CtKey> = map
+    let stale: Vec<CtKey> = map
         .iter()
         .filter_map(Result::ok)
         .filter(|(_, v)| expired(table, v, now))
         .map(|(k, _)| k)
         .collect();
-    Ok(expired.iter().filter(|k| map.remove(k).is_ok()).count())
+    Ok(stale.iter().filter(|k| map.remove(k).is_ok()).count())
 }
 
 /// How often the sweeper wakes: the half-open table's entries live 10 s idle.

@@ -456,10 +456,10 @@ fn run_api_bench(settings: &Settings, bin_dir: &Path) -> Result<Option<ApiResult
 }
 
 /// Where the raw results of a run go: next to the build output, not in docs/; a run with
-/// its own `--out` keeps them beside its report, so a trial run leaves the last sweep's
-/// results (what `--report-only` rebuilds docs/benchmarks.md from) as they were.
+/// its own `--out` (not docs/) keeps them beside its report, so a trial run leaves the last
+/// sweep's results (what `--report-only` rebuilds docs/benchmarks.md from) as they were.
 fn raw_file(out: Option<&Path>, quick: bool) -> PathBuf {
-    if let Some(dir) = out {
+    if let Some(dir) = out.filter(|dir| *dir != crate::repo_root().join("docs")) {
         return dir.join("results.json");
     }
     let name = if quick {
