@@ -168,7 +168,5 @@ pub fn switch_until_ns(pin_dir: &Path) -> u64 {
 /// Whether the monitor switch pinned in `pin_dir` is on now.
 #[track_caller]
 pub fn switch_is_on(pin_dir: &Path) -> bool {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
-    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-    switch_until_ns(pin_dir) > now_ns
+    switch_until_ns(pin_dir) > crate::clock::monotonic_ns()
 }

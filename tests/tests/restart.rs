@@ -162,9 +162,9 @@ fn killing_and_restarting_the_agent_under_load_fails_no_connection() {
 
 /// Entries of the established table expire (six hours idle, or seconds once the flow
 /// closed) without a packet to find them: `lb-agent conntrack` no longer lists them, an
-/// agent sweeps them when it starts (and every hour after), and live flows stay. The expired entry here is one of a
-/// flow reset a minute ago, as a machine up for less than six hours cannot date an entry
-/// six hours back on `CLOCK_MONOTONIC`.
+/// agent sweeps them when it starts (and every hour after), and live flows stay. The expired
+/// entry here is one of a flow reset a minute ago, as a machine up for less than six hours
+/// cannot date an entry six hours back on `CLOCK_MONOTONIC`.
 #[test]
 fn expired_established_entries_are_not_listed_and_a_starting_agent_sweeps_them() {
     if !require_privileges() {
@@ -177,7 +177,7 @@ fn expired_established_entries_are_not_listed_and_a_starting_agent_sweeps_them()
     agent.wait_for_frontend(VIP, 1, APPLY);
     agent.kill();
 
-    let minute_ago = monotonic_now_ns()
+    let minute_ago = lb_tests::clock::monotonic_ns()
         .checked_sub(60_000_000_000)
         .expect("up for a minute");
     let established = lb_common::CT_TCP_SEEN_REPLY | lb_common::CT_TCP_ESTABLISHED;
@@ -201,16 +201,9 @@ fn expired_established_entries_are_not_listed_and_a_starting_agent_sweeps_them()
     );
 
     agent.start();
-    let deadline = std::time::Instant::now() + APPLY;
-    while holds(&agent, map, &expired) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the expired entry swept within {APPLY:?}: {}",
-            agent.log()
-        );
-        agent.assert_running();
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(&mut agent, "the expired entry swept", |agent| {
+        !holds(agent, map, &expired)
+    });
     assert!(holds(&agent, map, &live), "the live flow's entry stays");
 }
 
@@ -254,22 +247,11 @@ fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
 
 /// Whether the pinned map `map` holds an entry at `key`.
 fn holds<T: Copy>(agent: &lb_tests::Agent, map: &str, key: &T) -> bool {
-    std::process::Command::new("bpftool")
-        .args(["map", "lookup", "pinned"])
-        .arg(agent.config().pin_path.join(map))
-        .arg("key")
-        .args(bytes_of(key).iter().map(u8::to_string))
+    lookup_command(agent, map, &bytes_of(key))
         .output()
         .expect("bpftool map lookup")
         .status
         .success()
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds, the clock of the conntrack entries.
-fn monotonic_now_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
-    u64::try_from(now.tv_sec()).expect("after boot") * 1_000_000_000
-        + u64::try_from(now.tv_nsec()).expect("nanoseconds")
 }
 
 /// Sets the layout version recorded with the pinned maps (as another version of lb would).
@@ -319,11 +301,20 @@ fn pin_hash_map(agent: &lb_tests::Agent, map: &str, (key, value): (usize, usize)
 
 /// Waits for the restarted `agent` to have migrated the pins from layout `from` to this one.
 fn wait_for_migration(agent: &mut lb_tests::Agent, from: u32) {
+    wait_for(agent, &format!("migrated from layout {from}"), |agent| {
+        layout(agent) == lb_common::LAYOUT_VERSION
+    });
+}
+
+/// Polls `done` while `agent` keeps running; panics with `what` and the agent's log if it
+/// does not hold within [`APPLY`].
+#[track_caller]
+fn wait_for(agent: &mut lb_tests::Agent, what: &str, done: impl Fn(&lb_tests::Agent) -> bool) {
     let deadline = std::time::Instant::now() + APPLY;
-    while layout(agent) != lb_common::LAYOUT_VERSION {
+    while !done(agent) {
         assert!(
             std::time::Instant::now() < deadline,
-            "migrated from layout {from} within {APPLY:?}: {}",
+            "{what} within {APPLY:?}: {}",
             agent.log()
         );
         agent.assert_running();
@@ -354,12 +345,7 @@ fn lookup(agent: &lb_tests::Agent, map: &str, key: u32) -> Vec<u8> {
 
 /// The value bytes of entry `key` of the pinned map `map`.
 fn lookup_bytes(agent: &lb_tests::Agent, map: &str, key: &[u8]) -> Vec<u8> {
-    let mut command = std::process::Command::new("bpftool");
-    command
-        .args(["-j", "map", "lookup", "pinned"])
-        .arg(agent.config().pin_path.join(map))
-        .arg("key")
-        .args(key.iter().map(u8::to_string));
+    let mut command = lookup_command(agent, map, key);
     let out = lb_tests::cmd::run(&mut command, lb_tests::cmd::PLUMBING_TIMEOUT).expect("lookup");
     let entry: serde_json::Value = serde_json::from_str(out.trim()).expect("bpftool json");
     entry["value"]
@@ -370,6 +356,17 @@ fn lookup_bytes(agent: &lb_tests::Agent, map: &str, key: &[u8]) -> Vec<u8> {
             u8::from_str_radix(b.as_str().unwrap_or("0").trim_start_matches("0x"), 16).unwrap()
         })
         .collect()
+}
+
+/// `bpftool -j map lookup` of entry `key` of the pinned map `map`.
+fn lookup_command(agent: &lb_tests::Agent, map: &str, key: &[u8]) -> std::process::Command {
+    let mut command = std::process::Command::new("bpftool");
+    command
+        .args(["-j", "map", "lookup", "pinned"])
+        .arg(agent.config().pin_path.join(map))
+        .arg("key")
+        .args(key.iter().map(u8::to_string));
+    command
 }
 
 /// The kernel's type of the pinned map `map` (`bpftool map show`: "hash", "array").
